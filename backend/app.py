@@ -1,0 +1,163 @@
+"""Builds the FastAPI app: routes, middleware, error handlers; the lifespan owns every client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from opentelemetry.sdk.trace import SpanProcessor
+from redis.asyncio import Redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backend import __version__
+from backend.config import Settings
+from backend.core.asgi import BodySizeLimitMiddleware, ObservabilityMiddleware
+from backend.core.db import Database
+from backend.core.metrics import Metrics
+from backend.core.migrations import is_current
+from backend.core.redis import ping_redis
+from backend.core.state import AppState
+from backend.core.telemetry import build_tracer_provider, configure_logging
+from backend.errors import AppError
+from backend.graphql.router import graphql_router
+from backend.graphql.schema import SCHEMA_FILE, schema_sdl
+
+__all__ = ["SCHEMA_FILE", "create_app", "schema_sdl"]
+
+log = logging.getLogger(__name__)
+
+READINESS_TIMEOUT_S = 2.0
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    db: Database | None = None,
+    redis: Redis | None = None,
+    span_processors: Sequence[SpanProcessor] = (),
+) -> FastAPI:
+    """The ASGI app. `uvicorn --factory backend.app:create_app` reads settings from the env.
+
+    Args:
+        db, redis: clients to use instead of opening new ones (tests); the app then does not
+            close them and does not migrate.
+        span_processors: extra span processors (tests collect spans in memory).
+    """
+    settings = settings or Settings()
+    metrics = Metrics(max_operation_names=settings.graphql.max_operation_names)
+    tracer_provider = build_tracer_provider(settings.telemetry, span_processors)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        configure_logging(settings.telemetry)
+        state = await AppState.open(
+            settings, metrics=metrics, tracer_provider=tracer_provider, db=db, redis=redis
+        )
+        log.info("sightline %s ready (%s)", __version__, settings.env.value)
+        try:
+            yield {"sightline": state}
+        finally:
+            await state.close()
+
+    app = FastAPI(
+        title="Sightline",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.include_router(graphql_router(settings))
+    _add_probes(app, metrics, settings)
+    _add_error_handlers(app)
+
+    # Added last = outermost: observability sees 413s and CORS preflights too.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.server.max_body_bytes)
+    if settings.server.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.server.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics, tracer_provider=tracer_provider)
+    return app
+
+
+def _add_probes(app: FastAPI, metrics: Metrics, settings: Settings) -> None:
+    @app.get("/healthz", include_in_schema=True, tags=["probes"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["probes"])
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: PostgreSQL and Redis answer and the schema is at the code's migration."""
+        state: AppState = request.state.sightline
+        checks = await asyncio.gather(
+            _check(state.db.ping(READINESS_TIMEOUT_S)),
+            _check(ping_redis(state.redis, READINESS_TIMEOUT_S)),
+            _check(_migrations_current(state)),
+        )
+        body = dict(zip(("database", "redis", "migrations"), checks, strict=True))
+        ready = all(value == "ok" for value in checks)
+        return JSONResponse(
+            {"status": "ready" if ready else "not_ready", "checks": body},
+            status_code=200 if ready else 503,
+        )
+
+    if settings.telemetry.metrics_enabled:
+
+        @app.get("/metrics", tags=["probes"])
+        async def prometheus_metrics() -> Response:
+            """Prometheus text exposition."""
+            body, content_type = metrics.exposition()
+            return Response(body, media_type=content_type)
+
+
+async def _migrations_current(state: AppState) -> None:
+    async with asyncio.timeout(READINESS_TIMEOUT_S):
+        if not await is_current(state.db.engine):
+            raise RuntimeError("schema is behind the code; run `sightline migrate`")
+
+
+async def _check(probe: Any) -> str:
+    try:
+        await probe
+    except Exception as exc:  # a probe reports, it never raises
+        return f"failed: {exc}".splitlines()[0][:200]
+    return "ok"
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AppError)
+    async def app_error(_: Request, exc: AppError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, **exc.extensions)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, "BAD_USER_INPUT", "invalid request", details=exc.errors())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST"}
+        response = _error(
+            exc.status_code, codes.get(exc.status_code, "HTTP_ERROR"), str(exc.detail)
+        )
+        response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        return _error(500, "INTERNAL_SERVER_ERROR", "Internal server error.")

@@ -1,0 +1,325 @@
+"""The `sightline` command: serve, migrate, doctor, schema, config, version."""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from backend import __version__
+from backend.config import Settings, settings_table
+from backend.core.db import Database, DatabaseUnreachable
+from backend.core.embedded import resolve_services
+from backend.core.migrations import current_revisions, head_revisions, upgrade_to_head
+from backend.core.redis import RedisUnreachable, connect_redis, ping_redis
+from backend.core.telemetry import configure_logging
+from backend.inference.catalog import PACKAGED_MODELS
+
+app = typer.Typer(help="Sightline: real-time AI backend.", no_args_is_help=True)
+schema_app = typer.Typer(help="The GraphQL schema file (schema.graphql).", no_args_is_help=True)
+app.add_typer(schema_app, name="schema")
+
+out = Console()
+err = Console(stderr=True)
+
+TESSDATA_DIR = Path("/usr/share/tesseract-ocr/5/tessdata")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _settings() -> Settings:
+    """Settings from the environment; an invalid one is one clear line, not a traceback."""
+    try:
+        return Settings()
+    except (ValidationError, ValueError) as exc:
+        raise _fail(f"invalid configuration: {exc}".replace("\n", " ")) from None
+
+
+async def _preflight(settings: Settings) -> None:
+    """Fails fast (one line) when a configured database or Redis does not answer."""
+    if settings.database.url is not None:
+        db = Database.connect(settings.database.url.get_secret_value(), settings.database)
+        try:
+            await db.ping(settings.database.connect_timeout_s)
+        finally:
+            await db.dispose()
+    if settings.redis.url is not None:
+        client = connect_redis(settings.redis.url.get_secret_value(), settings.redis)
+        try:
+            await ping_redis(client, settings.redis.connect_timeout_s)
+        finally:
+            await client.aclose()
+
+
+def _run_checked(coro: Awaitable[None]) -> None:
+    try:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    except (DatabaseUnreachable, RedisUnreachable) as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Bind port.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes.")] = None,
+) -> None:
+    """Start the API server (embedded PostgreSQL and Valkey when no URLs are configured)."""
+    import uvicorn
+
+    settings = _settings()
+    configure_logging(settings.telemetry)
+    server = settings.server.model_copy(
+        update={
+            k: v
+            for k, v in {"host": host, "port": port, "workers": workers}.items()
+            if v is not None
+        }
+    )
+    _run_checked(_preflight(settings))
+    common = {
+        "host": server.host,
+        "port": server.port,
+        "log_config": None,
+        "ws_max_size": server.max_ws_message_bytes,
+        "timeout_graceful_shutdown": int(server.graceful_shutdown_s),
+        "proxy_headers": True,
+    }
+    if server.workers == 1:
+        # One process: the app's lifespan starts, migrates and stops the embedded servers.
+        from backend.app import create_app
+
+        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+        return
+
+    # Several workers share one set of embedded servers, started (and migrated) here.
+    services = resolve_services(
+        settings.data_dir,
+        settings.database.url.get_secret_value() if settings.database.url else None,
+        settings.redis.url.get_secret_value() if settings.redis.url else None,
+    )
+    metrics_dir = tempfile.mkdtemp(prefix="sightline-metrics-")
+    try:
+        assert services.database_url
+        assert services.redis_url
+        os.environ["SIGHTLINE_DATABASE_URL"] = services.database_url
+        os.environ["SIGHTLINE_REDIS_URL"] = services.redis_url
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        if settings.should_migrate_on_start:
+            _run_checked(_migrate(services.database_url, settings))
+        os.environ["SIGHTLINE_DATABASE_MIGRATE_ON_START"] = "false"
+        uvicorn.run("backend.app:create_app", factory=True, workers=server.workers, **common)  # type: ignore[arg-type]
+    finally:
+        services.stop()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+async def _migrate(url: str, settings: Settings) -> None:
+    db = Database.connect(url, settings.database)
+    try:
+        await db.ping(settings.database.connect_timeout_s)
+        await upgrade_to_head(db.engine)
+        revisions = await current_revisions(db.engine)
+        out.print(f"database at revision {', '.join(sorted(revisions))}")
+    finally:
+        await db.dispose()
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending database migrations (to the embedded database when no URL is set)."""
+    settings = _settings()
+    configure_logging(settings.telemetry)
+    url = settings.database.url.get_secret_value() if settings.database.url else None
+    services = resolve_services(settings.data_dir, url, None, want_redis=False)
+    try:
+        assert services.database_url is not None
+        _run_checked(_migrate(services.database_url, settings))
+    finally:
+        services.stop()
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+async def _service_checks(database_url: str, redis_url: str, settings: Settings) -> list[Check]:
+    checks: list[Check] = []
+    db = Database.connect(database_url, settings.database)
+    try:
+        await db.ping(settings.database.connect_timeout_s)
+        facts = await db.facts()
+        checks.append(Check("PostgreSQL", True, facts.version))
+        if facts.pgvector_installed:
+            checks.append(Check("pgvector", True, f"{facts.pgvector_installed} installed"))
+        elif facts.pgvector_available:
+            checks.append(
+                Check("pgvector", True, f"{facts.pgvector_available} available; run migrate")
+            )
+        else:
+            checks.append(Check("pgvector", False, "extension not available on this server"))
+        current = await current_revisions(db.engine)
+        heads = head_revisions()
+        at, wants = ",".join(sorted(current)) or "nothing", ",".join(sorted(heads))
+        checks.append(Check("migrations", current == heads, f"at {at}, code wants {wants}"))
+    except DatabaseUnreachable as exc:
+        checks.append(Check("PostgreSQL", False, str(exc)))
+    finally:
+        await db.dispose()
+
+    client = connect_redis(redis_url, settings.redis)
+    try:
+        await ping_redis(client, settings.redis.connect_timeout_s)
+        info = await client.info("server")
+        name = "valkey" if "valkey_version" in info else "redis"
+        checks.append(
+            Check("Redis", True, f"{name} {info.get('valkey_version') or info['redis_version']}")
+        )
+    except RedisUnreachable as exc:
+        checks.append(Check("Redis", False, str(exc)))
+    finally:
+        await client.aclose()
+    return checks
+
+
+def _gpu_check() -> Check:
+    try:
+        import torch  # optional: only the inference pool needs it
+    except ImportError:
+        return Check("GPU", False, "torch not installed (CPU inference only)", required=False)
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return Check("GPU", True, ", ".join(names), required=False)
+    return Check("GPU", False, f"none visible to torch {torch.__version__}", required=False)
+
+
+@app.command()
+def doctor() -> None:
+    """Check the database, pgvector, Redis, OCR data, packaged models and GPU; print a table."""
+    settings = _settings()
+    configure_logging(settings.telemetry.model_copy(update={"log_level": "WARNING"}))
+    db_url = settings.database.url.get_secret_value() if settings.database.url else None
+    redis_url = settings.redis.url.get_secret_value() if settings.redis.url else None
+    checks = [Check("Python", True, f"{platform.python_version()} ({sys.executable})")]
+    try:
+        services = resolve_services(settings.data_dir, db_url, redis_url)
+    except Exception as exc:  # report it in the table like every other failed check
+        checks.append(Check("embedded services", False, str(exc).splitlines()[0]))
+    else:
+        try:
+            assert services.database_url
+            assert services.redis_url
+            checks += asyncio.run(
+                _service_checks(services.database_url, services.redis_url, settings)
+            )
+        finally:
+            services.stop()
+    tessdata = TESSDATA_DIR / "eng.traineddata"
+    checks.append(
+        Check(
+            "tessdata",
+            tessdata.exists(),
+            str(tessdata)
+            if tessdata.exists()
+            else f"missing {tessdata} (apt-get install tesseract-ocr-eng)",
+            required=False,
+        )
+    )
+    for model in PACKAGED_MODELS:
+        installed = model.installed()
+        checks.append(
+            Check(
+                f"model {model.name}",
+                installed,
+                f"{model.task.value} from {model.package}"
+                + ("" if installed else " (not installed)"),
+                required=False,
+            )
+        )
+    checks.append(_gpu_check())
+
+    table = Table(title=f"sightline {__version__} doctor")
+    table.add_column("check")
+    table.add_column("status")
+    table.add_column("detail", overflow="fold")
+    for check in checks:
+        status = (
+            "[green]ok[/green]"
+            if check.ok
+            else ("[red]FAIL[/red]" if check.required else "[yellow]missing[/yellow]")
+        )
+        table.add_row(check.name, status, check.detail)
+    out.print(table)
+    if any(not c.ok and c.required for c in checks):
+        raise typer.Exit(1)
+
+
+def _schema_paths() -> tuple[Callable[[], str], Path]:
+    from backend.app import SCHEMA_FILE, schema_sdl
+
+    return schema_sdl, SCHEMA_FILE
+
+
+@schema_app.command("export")
+def schema_export(
+    path: Annotated[Path | None, typer.Option(help="Where to write it.")] = None,
+) -> None:
+    """Write the SDL of the code's schema to schema.graphql."""
+    sdl, default = _schema_paths()
+    target = path or default
+    target.write_text(sdl(), encoding="utf-8")
+    out.print(f"wrote {target}")
+
+
+@schema_app.command("check")
+def schema_check(
+    path: Annotated[Path | None, typer.Option(help="The file to compare.")] = None,
+) -> None:
+    """Exit 1 (with a diff) when schema.graphql differs from the code's schema."""
+    sdl, default = _schema_paths()
+    target = path or default
+    expected = sdl()
+    actual = target.read_text(encoding="utf-8") if target.exists() else ""
+    if actual == expected:
+        out.print(f"{target} is up to date")
+        return
+    diff = difflib.unified_diff(
+        actual.splitlines(keepends=True),
+        expected.splitlines(keepends=True),
+        fromfile=str(target),
+        tofile="schema from code",
+    )
+    sys.stderr.writelines(diff)
+    raise _fail(f"{target} is stale: run `sightline schema export`")
+
+
+@app.command()
+def config() -> None:
+    """Print every setting with its default and meaning (Markdown)."""
+    out.print(settings_table(), markup=False, highlight=False, soft_wrap=True)

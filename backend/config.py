@@ -1,0 +1,273 @@
+"""Settings for every area of Sightline, from SIGHTLINE_* environment variables and secret files."""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+# The one default secret shipped in the code; production refuses to start with it.
+DEV_SECRET_KEY = "sightline-development-only-secret"  # noqa: S105
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
+class _FileSecretsSource(PydanticBaseSettingsSource):
+    """Reads `<PREFIX><NAME>_FILE` variables: the value is the path of a file holding the setting.
+
+    The Docker/Kubernetes secrets convention: `SIGHTLINE_DATABASE_URL_FILE=/run/secrets/db`.
+    A plain environment variable of the same name wins over the file.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        prefix = str(self.config.get("env_prefix", ""))
+        path = os.environ.get(f"{prefix}{field_name}_FILE".upper())
+        if not path:
+            return None, field_name, False
+        try:
+            return Path(path).read_text(encoding="utf-8").strip(), field_name, False
+        except OSError as exc:
+            # A named secret file that cannot be read is a deployment error, not a silent default.
+            raise ValueError(f"cannot read {prefix}{field_name}_FILE={path}: {exc}") from exc
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(field, name)
+            if value is not None:
+                values[key] = value
+        return values
+
+
+class _Section(BaseSettings):
+    """Base of every settings area: its own env prefix, `_FILE` secrets, unknown keys ignored."""
+
+    model_config = SettingsConfigDict(extra="ignore", env_file=None)
+    # One line per setting for the README table; filled by each subclass's field descriptions.
+    doc_prefix: ClassVar[str] = "SIGHTLINE_"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSecretsSource(settings_cls), file_secret_settings)
+
+
+class ServerSettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_SERVER_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address `sightline serve` binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port `sightline serve` binds.")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes.")
+    max_body_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted (413 above)."
+    )
+    max_ws_message_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest WebSocket message accepted (close 1009 above)."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS and for cross-origin WebSockets (JSON list).",
+    )
+    graceful_shutdown_s: float = Field(
+        10.0, gt=0, description="Seconds open connections get to finish on shutdown."
+    )
+
+
+class DatabaseSettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_DATABASE_", extra="ignore")
+
+    url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL URL (`postgresql+asyncpg://...`). Unset: embedded PostgreSQL.",
+    )
+    pool_size: int = Field(10, ge=1, description="Connections kept open per process.")
+    max_overflow: int = Field(10, ge=0, description="Extra connections allowed under load.")
+    pool_timeout_s: float = Field(10.0, gt=0, description="Wait for a free pooled connection.")
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="Give up connecting after this long (startup fails fast)."
+    )
+    statement_timeout_ms: int = Field(
+        30_000, ge=0, description="Server-side statement timeout; 0 disables."
+    )
+    migrate_on_start: bool | None = Field(
+        None,
+        description="Apply pending migrations at startup. Unset: only on the embedded database.",
+    )
+    echo: bool = Field(False, description="Log every SQL statement (development only).")
+
+    @field_validator("url")
+    @classmethod
+    def _async_driver(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        raw = value.get_secret_value()
+        for plain in ("postgresql://", "postgres://"):
+            if raw.startswith(plain):
+                raw = "postgresql+asyncpg://" + raw[len(plain) :]
+        if not raw.startswith("postgresql+asyncpg://"):
+            raise ValueError("database url must be a postgresql:// or postgresql+asyncpg:// URL")
+        return SecretStr(raw)
+
+
+class RedisSettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_REDIS_", extra="ignore")
+
+    url: SecretStr | None = Field(
+        None,
+        description="Redis URL. Unset: 127.0.0.1:6379 if it answers, else embedded Valkey.",
+    )
+    key_prefix: str = Field("sl:", description="Prefix of every key Sightline writes.")
+    connect_timeout_s: float = Field(2.0, gt=0, description="Give up connecting after this long.")
+    socket_timeout_s: float = Field(5.0, gt=0, description="Timeout of one Redis command.")
+    max_connections: int = Field(100, ge=1, description="Connection pool size per process.")
+
+
+class GraphQLSettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_GRAPHQL_", extra="ignore")
+
+    graphiql: bool = Field(True, description="Serve GraphiQL on GET /graphql from a browser.")
+    introspection: bool = Field(True, description="Allow schema introspection.")
+    max_depth: int = Field(12, ge=1, description="Deepest selection set accepted.")
+    max_tokens: int = Field(4000, ge=10, description="Most tokens in one GraphQL document.")
+    max_aliases: int = Field(30, ge=1, description="Most aliases in one GraphQL document.")
+    max_subscriptions_per_connection: int = Field(
+        100, ge=1, description="Concurrent subscriptions on one WebSocket."
+    )
+    connection_init_timeout_s: float = Field(
+        10.0, gt=0, description="Close a WebSocket that sends no connection_init in time (4408)."
+    )
+    keepalive_interval_s: float = Field(
+        15.0, gt=0, description="Ping interval on graphql-ws/graphql-transport-ws sockets."
+    )
+    heartbeat_min_interval_ms: int = Field(
+        100, ge=1, description="Shortest `heartbeat(intervalMs)` a client may ask for."
+    )
+    heartbeat_max_interval_ms: int = Field(
+        60_000, ge=1, description="Longest `heartbeat(intervalMs)` a client may ask for."
+    )
+    max_operation_names: int = Field(
+        500, ge=1, description="Distinct operation names tracked in metrics; others are 'other'."
+    )
+
+
+class TelemetrySettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_TELEMETRY_", extra="ignore")
+
+    service_name: str = Field("sightline", description="service.name on traces and metrics.")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint (`http://collector:4318`). Unset: no export."
+    )
+    log_level: str = Field("INFO", description="Root log level.")
+    log_format: LogFormat = Field(LogFormat.JSON, description="`json` or `text` logs.")
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics on /metrics.")
+
+
+class SecuritySettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_SECURITY_", extra="ignore")
+
+    secret_key: SecretStr = Field(
+        SecretStr(DEV_SECRET_KEY),
+        description="Key for signed values (cursors, tokens). Required in production.",
+    )
+
+
+class Settings(_Section):
+    """All of Sightline's settings. `Settings()` reads the environment; tests pass sections in."""
+
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_", extra="ignore")
+
+    env: Environment = Field(
+        Environment.DEVELOPMENT, description="development, test or production."
+    )
+    data_dir: Path = Field(
+        Path(".sightline"),
+        description="Where embedded PostgreSQL and Valkey keep their data (survives restarts).",
+    )
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    graphql: GraphQLSettings = Field(default_factory=GraphQLSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+
+    @model_validator(mode="after")
+    def _production_is_explicit(self) -> Settings:
+        if self.env is not Environment.PRODUCTION:
+            return self
+        problems = []
+        key = self.security.secret_key.get_secret_value()
+        if key == DEV_SECRET_KEY or len(key) < 32:
+            problems.append("SIGHTLINE_SECURITY_SECRET_KEY must be set (32+ characters)")
+        if self.database.url is None:
+            problems.append("SIGHTLINE_DATABASE_URL must be set (no embedded database)")
+        if self.redis.url is None:
+            problems.append("SIGHTLINE_REDIS_URL must be set (no embedded Redis)")
+        if problems:
+            raise ValueError("refusing to start in production: " + "; ".join(problems))
+        return self
+
+    @property
+    def should_migrate_on_start(self) -> bool:
+        if self.database.migrate_on_start is not None:
+            return self.database.migrate_on_start
+        return self.database.url is None
+
+
+SECTIONS: tuple[type[_Section], ...] = (
+    Settings,
+    ServerSettings,
+    DatabaseSettings,
+    RedisSettings,
+    GraphQLSettings,
+    TelemetrySettings,
+    SecuritySettings,
+)
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table row: variable, default, meaning (the README's table)."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for section in SECTIONS:
+        prefix = str(section.model_config.get("env_prefix", ""))
+        for name, field in section.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, _Section):
+                continue
+            if field.default_factory is not None:
+                default: Any = field.default_factory()  # type: ignore[call-arg]
+            else:
+                default = field.default
+            if isinstance(default, SecretStr):
+                default = "(dev only)"
+            elif isinstance(default, StrEnum):
+                default = default.value
+            shown = "unset" if default is None else f"`{default}`"
+            if default == []:
+                shown = "`[]`"
+            rows.append(f"| `{prefix}{name.upper()}` | {shown} | {field.description or ''} |")
+    rows.append("")
+    rows.append("Any setting can also come from a file: `<VARIABLE>_FILE=/run/secrets/name`.")
+    return "\n".join(rows)

@@ -1,0 +1,1 @@
+"""Infrastructure that knows no domain: database, Redis, telemetry, metrics, embedded servers."""

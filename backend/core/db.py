@@ -1,0 +1,161 @@
+"""The PostgreSQL engine, units of work, and DB spans on the trace."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from backend.config import DatabaseSettings
+
+_SPAN_KEY = "sightline.span"
+_MAX_STATEMENT_CHARS = 2000
+
+
+class DatabaseUnreachable(RuntimeError):
+    """PostgreSQL did not answer; the message is one line an operator can act on."""
+
+
+def redacted(url: str) -> str:
+    """The URL with its password hidden: the only form that may reach a log line."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    version: str
+    pgvector_installed: str | None
+    pgvector_available: str | None
+
+
+class Database:
+    """Owns the async engine and hands out sessions (one unit of work each)."""
+
+    def __init__(self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.engine = engine
+        self._sessions = sessions
+
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        settings: DatabaseSettings,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> Database:
+        """Builds the engine (no connection is opened until first use)."""
+        server_settings = {"application_name": "sightline"}
+        if settings.statement_timeout_ms:
+            server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
+        engine = create_async_engine(
+            url,
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
+            pool_timeout=settings.pool_timeout_s,
+            pool_pre_ping=True,
+            echo=settings.echo,
+            connect_args={
+                "timeout": settings.connect_timeout_s,
+                "server_settings": server_settings,
+            },
+        )
+        if tracer_provider is not None:
+            instrument_engine(engine, tracer_provider)
+        return cls(engine, async_sessionmaker(engine, expire_on_commit=False))
+
+    @classmethod
+    def bound_to(cls, connection: AsyncConnection) -> Database:
+        """Sessions joining `connection`'s open transaction through savepoints (test isolation)."""
+        sessions = async_sessionmaker(
+            bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
+        )
+        return cls(connection.engine, sessions)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work: commits when the block succeeds, rolls back when it raises."""
+        async with self._sessions() as session:
+            try:
+                yield session
+            except BaseException:
+                await session.rollback()
+                raise
+            await session.commit()
+
+    async def ping(self, timeout_s: float) -> None:
+        """Raises DatabaseUnreachable unless `SELECT 1` answers within `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s), self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:  # any failure to answer is 'unreachable' to an operator
+            where = redacted(self.engine.url.render_as_string(hide_password=False))
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DatabaseUnreachable(f"cannot reach PostgreSQL at {where}: {reason}") from exc
+
+    async def facts(self) -> ServerFacts:
+        """Server version and the pgvector extension's installed and available versions."""
+        async with self.engine.connect() as conn:
+            version = (await conn.execute(text("SHOW server_version"))).scalar_one()
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT installed_version, default_version FROM pg_available_extensions"
+                        " WHERE name = 'vector'"
+                    )
+                )
+            ).first()
+        return ServerFacts(
+            version=str(version),
+            pgvector_installed=row[0] if row else None,
+            pgvector_available=row[1] if row else None,
+        )
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def instrument_engine(engine: AsyncEngine, tracer_provider: trace.TracerProvider) -> None:
+    """A client span per statement, child of whatever span is current (HTTP, GraphQL)."""
+    tracer = tracer_provider.get_tracer("sightline.db")
+    url = engine.url
+    base_attributes: dict[str, Any] = {
+        "db.system": "postgresql",
+        "db.name": url.database or "",
+        "server.address": url.host or url.query.get("host", "") or "",
+    }
+
+    def before(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        verb = statement.lstrip().split(" ", 1)[0].upper() or "SQL"
+        span = tracer.start_span(f"db {verb}", kind=SpanKind.CLIENT, attributes=base_attributes)
+        span.set_attribute("db.statement", statement[:_MAX_STATEMENT_CHARS])
+        conn.info.setdefault(_SPAN_KEY, []).append(span)
+
+    def after(conn: Any, *_: Any) -> None:
+        spans = conn.info.get(_SPAN_KEY)
+        if spans:
+            spans.pop().end()
+
+    def failed(context: Any) -> None:
+        spans = context.connection.info.get(_SPAN_KEY) if context.connection else None
+        if spans:
+            span = spans.pop()
+            span.record_exception(context.original_exception)
+            span.set_status(Status(StatusCode.ERROR, type(context.original_exception).__name__))
+            span.end()
+
+    event.listen(engine.sync_engine, "before_cursor_execute", before)
+    event.listen(engine.sync_engine, "after_cursor_execute", after)
+    event.listen(engine.sync_engine, "handle_error", failed)

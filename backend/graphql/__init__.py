@@ -1,0 +1,1 @@
+"""The Strawberry schema: a thin adapter from GraphQL to the domain services."""

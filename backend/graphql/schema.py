@@ -1,0 +1,65 @@
+"""Builds the Strawberry schema with its limits, and prints it as SDL (schema.graphql)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.extensions import (
+    DisableIntrospection,
+    MaxAliasesLimiter,
+    MaxTokensLimiter,
+    QueryDepthLimiter,
+    SchemaExtension,
+    ValidationCache,
+)
+from strawberry.types.execution import ExecutionContext
+
+from backend.config import GraphQLSettings
+from backend.graphql.extensions import OperationObservability, is_unexpected
+from backend.graphql.queries import Query
+from backend.graphql.subscriptions import Subscription
+
+log = logging.getLogger("backend.graphql")
+
+SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schema.graphql"
+
+
+class SightlineSchema(strawberry.Schema):
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        """Logs bugs with their traceback; expected and client errors are not server problems."""
+        for error in errors:
+            if is_unexpected(error):
+                log.error(
+                    "unexpected error in %s at %s",
+                    (execution_context and execution_context.operation_name) or "anonymous",
+                    ".".join(str(p) for p in error.path or ()),
+                    exc_info=error.original_error,
+                )
+
+
+def build_schema(settings: GraphQLSettings) -> strawberry.Schema:
+    # Factories, not instances: Strawberry stores the operation on the extension, so a shared
+    # instance would mix up concurrent operations. (ParserCache is left out: it raises syntax
+    # errors outside Strawberry's error handling, turning them into an uncoded error.)
+    extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
+        OperationObservability,
+        partial(ValidationCache, maxsize=1024),
+        partial(QueryDepthLimiter, max_depth=settings.max_depth),
+        partial(MaxTokensLimiter, max_token_count=settings.max_tokens),
+        partial(MaxAliasesLimiter, max_alias_count=settings.max_aliases),
+    ]
+    if not settings.introspection:
+        extensions.append(DisableIntrospection)
+    return SightlineSchema(query=Query, subscription=Subscription, extensions=extensions)
+
+
+def schema_sdl() -> str:
+    """The SDL that `schema.graphql` must equal (limits do not change the SDL)."""
+    return build_schema(GraphQLSettings()).as_str().rstrip() + "\n"

@@ -1,0 +1,1 @@
+"""Model registry, worker pool, batcher, runtimes: only torch/torchvision/numpy/onnxruntime."""
