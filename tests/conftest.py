@@ -1,0 +1,181 @@
+"""Shared fixtures: one embedded PostgreSQL per session (migrated once), a rolled-back
+transaction per test, the real Redis at 6379 with a key prefix per test, the app over ASGI,
+and a real uvicorn server for WebSocket tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import uvicorn
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from httpx import ASGITransport, AsyncClient
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pydantic import SecretStr
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from backend.app import create_app
+from backend.config import (
+    DatabaseSettings,
+    Environment,
+    LogFormat,
+    RedisSettings,
+    Settings,
+    TelemetrySettings,
+)
+from backend.core.db import Database
+from backend.core.embedded import EmbeddedPostgres
+from backend.core.migrations import upgrade_to_head
+
+REDIS_URL = os.environ.get("SIGHTLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """SIGHTLINE_TEST_DATABASE_URL, or an embedded PostgreSQL with pgvector for this session."""
+    configured = os.environ.get("SIGHTLINE_TEST_DATABASE_URL")
+    if configured:
+        yield DatabaseSettings(url=SecretStr(configured)).url.get_secret_value()  # type: ignore[union-attr]
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres") / "data")
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """The session's engine, after migrations were applied once."""
+    engine = create_async_engine(database_url)
+    await upgrade_to_head(engine)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def db_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection inside a transaction that is rolled back after the test."""
+    async with engine.connect() as connection:
+        transaction = await connection.begin()
+        try:
+            yield connection
+        finally:
+            await transaction.rollback()
+
+
+@pytest.fixture
+def db(db_connection: AsyncConnection) -> Database:
+    """Sessions that commit into savepoints of the test's transaction (nothing outlives it)."""
+    return Database.bound_to(db_connection)
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+async def redis(key_prefix: str) -> AsyncIterator[Redis]:
+    """The real Redis; every key this test wrote under its prefix is deleted afterwards."""
+    client = Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"{key_prefix}*", count=500)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.fixture
+def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> Settings:
+    return Settings(
+        env=Environment.TEST,
+        data_dir=tmp_path,
+        database=DatabaseSettings(url=SecretStr(database_url), migrate_on_start=False),
+        redis=RedisSettings(url=SecretStr(REDIS_URL), key_prefix=key_prefix),
+        telemetry=TelemetrySettings(log_format=LogFormat.TEXT),
+    )
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+async def app(
+    settings: Settings, db: Database, redis: Redis, spans: InMemorySpanExporter
+) -> AsyncIterator[FastAPI]:
+    """The app with its lifespan running, on the test's transaction and Redis prefix."""
+    application = create_app(
+        settings, db=db, redis=redis, span_processors=[SimpleSpanProcessor(spans)]
+    )
+    async with LifespanManager(application) as manager:
+        application.state.asgi = manager.app
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[AsyncClient]:
+    transport = ASGITransport(app=app.state.asgi)
+    async with AsyncClient(transport=transport, base_url="http://sightline.test") as http:
+        yield http
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    http_url: str
+    ws_url: str
+    app: FastAPI
+
+
+@asynccontextmanager
+async def serve_live(settings: Settings) -> AsyncIterator[LiveServer]:
+    """A real uvicorn server on a free port, with its own connection pool."""
+    application = create_app(settings)
+    port = free_port()
+    config = uvicorn.Config(
+        application,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        lifespan="on",
+        ws_max_size=settings.server.max_ws_message_bytes,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(20):
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.02)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/graphql", application)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 20)
+
+
+@pytest.fixture
+async def live_server(settings: Settings, engine: AsyncEngine) -> AsyncIterator[LiveServer]:
+    """`serve_live` on the test's settings (the engine fixture has migrated the database)."""
+    async with serve_live(settings) as server:
+        yield server

@@ -1,0 +1,37 @@
+"""A small graphql-transport-ws / graphql-ws client for tests (what an app's client library does)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+TRANSPORT_WS = "graphql-transport-ws"
+LEGACY_WS = "graphql-ws"
+
+
+async def open_socket(url: str, protocol: str = TRANSPORT_WS, **kwargs: Any) -> ClientConnection:
+    return await connect(url, subprotocols=[protocol], open_timeout=10, **kwargs)  # type: ignore[list-item]
+
+
+async def send(ws: ClientConnection, message: dict[str, Any]) -> None:
+    await ws.send(json.dumps(message))
+
+
+async def receive(ws: ClientConnection, timeout: float = 10) -> dict[str, Any]:
+    """The next message that is not a keep-alive ping/pong."""
+    import asyncio
+
+    while True:
+        raw = await asyncio.wait_for(ws.recv(), timeout)
+        message = json.loads(raw)
+        if message.get("type") in {"ping", "pong", "ka"}:
+            continue
+        return message
+
+
+async def init(ws: ClientConnection, payload: dict[str, Any] | None = None) -> None:
+    await send(ws, {"type": "connection_init", "payload": payload or {}})
+    ack = await receive(ws)
+    assert ack["type"] == "connection_ack", ack
