@@ -38,15 +38,15 @@ class _FileSecretsSource(PydanticBaseSettingsSource):
     """
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        prefix = str(self.config.get("env_prefix", ""))
-        path = os.environ.get(f"{prefix}{field_name}_FILE".upper())
+        variable = f"{self.config.get('env_prefix', '')}{field_name}_FILE".upper()
+        path = os.environ.get(variable)
         if not path:
             return None, field_name, False
         try:
             return Path(path).read_text(encoding="utf-8").strip(), field_name, False
         except OSError as exc:
             # A named secret file that cannot be read is a deployment error, not a silent default.
-            raise ValueError(f"cannot read {prefix}{field_name}_FILE={path}: {exc}") from exc
+            raise ValueError(f"cannot read {variable}={path}: {exc.strerror}") from exc
 
     def __call__(self) -> dict[str, Any]:
         values: dict[str, Any] = {}

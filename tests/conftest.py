@@ -123,7 +123,8 @@ async def app(
         settings, db=db, redis=redis, span_processors=[SimpleSpanProcessor(spans)]
     )
     async with LifespanManager(application) as manager:
-        application.state.asgi = manager.app
+        application.state.asgi = manager.app  # the app with the lifespan state injected
+        application.state.sightline = manager._state["sightline"]
         yield application
 
 

@@ -25,6 +25,7 @@ class TraceContextFilter(logging.Filter):
         ctx = trace.get_current_span().get_span_context()
         record.trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else ""
         record.span_id = format(ctx.span_id, "016x") if ctx.is_valid else ""
+        record.__dict__.pop("color_message", None)  # uvicorn's ANSI copy of the message
         return True
 
 

@@ -1,0 +1,108 @@
+"""The database: migrations, pgvector, constraints, units of work, and test isolation itself."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from backend.core.db import Database
+from backend.core.migrations import current_revisions, head_revisions, is_current, upgrade_to_head
+from backend.core.models import Tenant, User
+
+
+def tenant(slug: str | None = None) -> Tenant:
+    return Tenant(slug=slug or f"t-{uuid.uuid4().hex[:10]}", name="Acme")
+
+
+async def test_schema_is_at_head_with_pgvector(engine: AsyncEngine, db: Database) -> None:
+    assert await is_current(engine)
+    facts = await db.facts()
+    assert facts.pgvector_installed is not None
+    async with db.session() as session:
+        distance = await session.scalar(text("SELECT '[1,0]'::vector <=> '[0,1]'::vector"))
+    assert distance == pytest.approx(1.0)
+
+
+async def test_migrations_apply_to_an_empty_database(engine: AsyncEngine) -> None:
+    name = f"migrate_{uuid.uuid4().hex[:8]}"
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    fresh = create_async_engine(engine.url.set(database=name))
+    try:
+        assert await current_revisions(fresh) == frozenset()
+        assert not await is_current(fresh)
+        await upgrade_to_head(fresh)
+        await upgrade_to_head(fresh)  # idempotent
+        assert await current_revisions(fresh) == head_revisions()
+    finally:
+        await fresh.dispose()
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+async def test_unit_of_work_commits_or_rolls_back(db: Database) -> None:
+    async with db.session() as session:
+        session.add(kept := tenant())
+    with pytest.raises(RuntimeError):
+        async with db.session() as session:
+            session.add(tenant("dropped-one"))
+            await session.flush()
+            raise RuntimeError("business rule failed")
+    async with db.session() as session:
+        slugs = set(await session.scalars(select(Tenant.slug)))
+    assert kept.slug in slugs
+    assert "dropped-one" not in slugs
+
+
+async def test_user_email_is_unique_per_tenant_whatever_its_case(db: Database) -> None:
+    async with db.session() as session:
+        acme, other = tenant(), tenant()
+        session.add_all([acme, other])
+        await session.flush()
+        session.add_all(
+            [
+                User(tenant_id=acme.id, email="Ada@example.com"),
+                User(tenant_id=other.id, email="ada@example.com"),  # another tenant: fine
+            ]
+        )
+    with pytest.raises(IntegrityError):
+        async with db.session() as session:
+            session.add(User(tenant_id=acme.id, email="ADA@example.com"))
+
+
+async def test_deleting_a_tenant_deletes_its_users(db: Database) -> None:
+    async with db.session() as session:
+        acme = tenant()
+        session.add(acme)
+        await session.flush()
+        session.add(User(tenant_id=acme.id, email="a@example.com"))
+    async with db.session() as session:
+        await session.execute(text("DELETE FROM tenants WHERE id = :id"), {"id": acme.id})
+        count = await session.scalar(
+            select(func.count()).select_from(User).where(User.tenant_id == acme.id)
+        )
+    assert count == 0
+
+
+async def test_a_tests_writes_are_rolled_back(engine: AsyncEngine) -> None:
+    """The isolation every test relies on: what a test commits is gone after it."""
+    slug = f"iso-{uuid.uuid4().hex[:8]}"
+    async with engine.connect() as connection:
+        transaction = await connection.begin()
+        db = Database.bound_to(connection)
+        async with db.session() as session:  # commits (into a savepoint)
+            session.add(tenant(slug))
+        async with db.session() as session:
+            assert await session.scalar(select(Tenant.slug).where(Tenant.slug == slug)) == slug
+        # Another connection cannot see the uncommitted outer transaction.
+        async with engine.connect() as other:
+            assert await other.scalar(select(Tenant.slug).where(Tenant.slug == slug)) is None
+        await transaction.rollback()
+    async with engine.connect() as after:
+        assert await after.scalar(select(Tenant.slug).where(Tenant.slug == slug)) is None

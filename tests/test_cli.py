@@ -1,0 +1,131 @@
+"""The `sightline` command, in-process and (for `serve`) as the real process an operator runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from backend import __version__
+from backend.app import SCHEMA_FILE, schema_sdl
+from backend.cli import app
+from tests.conftest import REDIS_URL, free_port
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    values = {"SIGHTLINE_DATABASE_URL": database_url, "SIGHTLINE_REDIS_URL": REDIS_URL}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return values
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == __version__
+
+
+def test_config_prints_every_setting() -> None:
+    result = runner.invoke(app, ["config"])
+    assert result.exit_code == 0
+    assert "SIGHTLINE_DATABASE_URL" in result.stdout
+    assert "SIGHTLINE_GRAPHQL_MAX_DEPTH" in result.stdout
+
+
+def test_committed_schema_file_is_current() -> None:
+    result = runner.invoke(app, ["schema", "check"])
+    assert result.exit_code == 0, result.output
+    assert SCHEMA_FILE.read_text(encoding="utf-8") == schema_sdl()
+
+
+def test_schema_check_fails_when_the_schema_changes(tmp_path: Path) -> None:
+    stale = tmp_path / "schema.graphql"
+    stale.write_text(schema_sdl().replace("uptimeSeconds: Float!\n", ""), encoding="utf-8")
+    result = runner.invoke(app, ["schema", "check", "--path", str(stale)])
+    assert result.exit_code == 1
+    assert "stale" in result.output
+    assert "+  uptimeSeconds: Float!" in result.output  # the diff shows what changed
+
+    exported = runner.invoke(app, ["schema", "export", "--path", str(stale)])
+    assert exported.exit_code == 0
+    assert runner.invoke(app, ["schema", "check", "--path", str(stale)]).exit_code == 0
+
+
+def test_migrate_is_idempotent(env: dict[str, str], engine: object) -> None:
+    for _ in range(2):
+        result = runner.invoke(app, ["migrate"])
+        assert result.exit_code == 0, result.output
+        assert "database at revision 0001" in result.output
+
+
+def test_doctor_reports_services(env: dict[str, str], engine: object) -> None:
+    result = runner.invoke(app, ["doctor"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for check in ("PostgreSQL", "pgvector", "migrations", "Redis", "tessdata", "GPU"):
+        assert check in result.output
+
+
+def test_doctor_fails_when_the_database_is_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGHTLINE_DATABASE_URL", f"postgresql://x@127.0.0.1:{free_port()}/x")
+    monkeypatch.setenv("SIGHTLINE_REDIS_URL", REDIS_URL)
+    result = runner.invoke(app, ["doctor"], terminal_width=200)
+    assert result.exit_code == 1
+    assert "FAIL" in result.output
+
+
+def test_serve_fails_fast_on_an_unreachable_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGHTLINE_DATABASE_URL", f"postgresql://x:pw@127.0.0.1:{free_port()}/x")
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 1
+    assert "cannot reach PostgreSQL" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_serve_on_embedded_defaults(tmp_path: Path) -> None:
+    """The README's run command: no configuration, embedded PostgreSQL, serves, stops cleanly."""
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SIGHTLINE_")}
+    environment["SIGHTLINE_DATA_DIR"] = str(tmp_path / "data")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "backend", "serve", "--port", str(port)],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+        response = httpx.post(f"{base}/graphql", json={"query": "{ serverInfo { features { name enabled } } }"})
+        features = {f["name"]: f["enabled"] for f in response.json()["data"]["serverInfo"]["features"]}
+        assert features["database.embedded"] is True
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    # uvicorn re-raises the signal it handled once shutdown is complete.
+    assert process.returncode in {0, -signal.SIGTERM}, output
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    messages = [line["message"] for line in lines]
+    assert any(m.startswith("using embedded PostgreSQL at") for m in messages)
+    assert any(m.startswith("stopped embedded postgresql") for m in messages)
+    assert not (tmp_path / "data" / "postgres" / "postmaster.pid").exists()

@@ -1,0 +1,85 @@
+"""Settings: env prefixes, secret files, production refusals, and the README's table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from backend.config import DEV_SECRET_KEY, Environment, Settings, settings_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("SIGHTLINE_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_are_embedded_development() -> None:
+    settings = Settings()
+    assert settings.env is Environment.DEVELOPMENT
+    assert settings.database.url is None
+    assert settings.redis.url is None
+    assert settings.should_migrate_on_start  # embedded database: migrate at start
+
+
+def test_nested_settings_read_their_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGHTLINE_DATABASE_URL", "postgresql://u:p@db:5432/app")
+    monkeypatch.setenv("SIGHTLINE_GRAPHQL_MAX_DEPTH", "7")
+    monkeypatch.setenv("SIGHTLINE_SERVER_CORS_ORIGINS", '["https://app.example"]')
+    settings = Settings()
+    assert settings.database.url is not None
+    assert settings.database.url.get_secret_value() == "postgresql+asyncpg://u:p@db:5432/app"
+    assert settings.graphql.max_depth == 7
+    assert settings.server.cors_origins == ["https://app.example"]
+    assert not settings.should_migrate_on_start  # an external database is migrated explicitly
+    assert "p@db" not in repr(settings)  # secrets do not print
+
+
+def test_secret_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    secret = tmp_path / "key"
+    secret.write_text("k" * 40 + "\n")
+    monkeypatch.setenv("SIGHTLINE_SECURITY_SECRET_KEY_FILE", str(secret))
+    assert Settings().security.secret_key.get_secret_value() == "k" * 40
+
+
+def test_unreadable_secret_file_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SIGHTLINE_SECURITY_SECRET_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="cannot read SIGHTLINE_SECURITY_SECRET_KEY_FILE"):
+        Settings()
+
+
+def test_production_refuses_default_secret_and_embedded_services(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SIGHTLINE_ENV", "production")
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    message = str(error.value)
+    assert "SIGHTLINE_SECURITY_SECRET_KEY" in message
+    assert "SIGHTLINE_DATABASE_URL" in message
+    assert DEV_SECRET_KEY not in message
+
+    monkeypatch.setenv("SIGHTLINE_SECURITY_SECRET_KEY", "s" * 48)
+    monkeypatch.setenv("SIGHTLINE_DATABASE_URL", "postgresql://db/app")
+    monkeypatch.setenv("SIGHTLINE_REDIS_URL", "redis://cache:6379/0")
+    assert Settings().env is Environment.PRODUCTION
+
+
+@pytest.mark.parametrize("url", ["mysql://db/app", "sqlite:///x.db"])
+def test_only_postgresql_urls(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("SIGHTLINE_DATABASE_URL", url)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_readme_lists_every_setting() -> None:
+    assert settings_table() in README.read_text(encoding="utf-8"), (
+        "README's configuration table is stale: paste `sightline config` into it"
+    )
