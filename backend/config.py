@@ -164,7 +164,7 @@ class GraphQLSettings(_Section):
         15.0, gt=0, description="Ping interval on graphql-ws/graphql-transport-ws sockets."
     )
     heartbeat_min_interval_ms: int = Field(
-        100, ge=1, description="Shortest `heartbeat(intervalMs)` a client may ask for."
+        100, ge=0, description="Shortest `heartbeat(intervalMs)` a client may ask for."
     )
     heartbeat_max_interval_ms: int = Field(
         60_000, ge=1, description="Longest `heartbeat(intervalMs)` a client may ask for."

@@ -116,8 +116,12 @@ def test_serve_on_embedded_defaults(tmp_path: Path) -> None:
                 pass
             assert time.monotonic() < deadline, "server did not become ready"
             time.sleep(0.2)
-        response = httpx.post(f"{base}/graphql", json={"query": "{ serverInfo { features { name enabled } } }"})
-        features = {f["name"]: f["enabled"] for f in response.json()["data"]["serverInfo"]["features"]}
+        response = httpx.post(
+            f"{base}/graphql", json={"query": "{ serverInfo { features { name enabled } } }"}
+        )
+        features = {
+            f["name"]: f["enabled"] for f in response.json()["data"]["serverInfo"]["features"]
+        }
         assert features["database.embedded"] is True
     finally:
         process.send_signal(signal.SIGTERM)

@@ -49,7 +49,9 @@ def test_secret_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert Settings().security.secret_key.get_secret_value() == "k" * 40
 
 
-def test_unreadable_secret_file_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_unreadable_secret_file_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("SIGHTLINE_SECURITY_SECRET_KEY_FILE", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="cannot read SIGHTLINE_SECURITY_SECRET_KEY_FILE"):
         Settings()

@@ -8,14 +8,13 @@ from typing import Any
 from cross_web import HTTPException
 from fastapi.responses import JSONResponse
 from strawberry.fastapi import GraphQLRouter
-from strawberry.types.unset import UNSET
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
+from strawberry.types.unset import UNSET
 
 from backend.config import Settings
 from backend.graphql.context import get_context
 from backend.graphql.protocols import LegacyWSHandler, TransportWSHandler
 from backend.graphql.schema import build_schema
-
 
 _HTTP_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
 

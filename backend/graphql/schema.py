@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
 import strawberry
 from graphql import GraphQLError
 from strawberry.extensions import (
+    AddValidationRules,
     DisableIntrospection,
     MaxAliasesLimiter,
-    MaxTokensLimiter,
     QueryDepthLimiter,
     SchemaExtension,
     ValidationCache,
@@ -44,6 +44,29 @@ class SightlineSchema(strawberry.Schema):
                 )
 
 
+def document_limits(settings: GraphQLSettings) -> type[SchemaExtension]:
+    """Depth, alias and token limits as one extension whose rules are built once.
+
+    Strawberry's QueryDepthLimiter and MaxAliasesLimiter build their rule classes per instance
+    (so per operation), and every extension costs every subscription message a few hooks.
+    """
+    rules = [
+        *QueryDepthLimiter(max_depth=settings.max_depth).validation_rules,
+        *MaxAliasesLimiter(max_alias_count=settings.max_aliases).validation_rules,
+    ]
+    max_tokens = settings.max_tokens
+
+    class DocumentLimits(AddValidationRules):
+        def __init__(self) -> None:
+            super().__init__(rules)
+
+        def on_operation(self) -> Iterator[None]:
+            self.execution_context.parse_options["max_tokens"] = max_tokens
+            yield from super().on_operation()
+
+    return DocumentLimits
+
+
 def build_schema(settings: GraphQLSettings) -> strawberry.Schema:
     # Factories, not instances: Strawberry stores the operation on the extension, so a shared
     # instance would mix up concurrent operations. (ParserCache is left out: it raises syntax
@@ -51,9 +74,7 @@ def build_schema(settings: GraphQLSettings) -> strawberry.Schema:
     extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
         OperationObservability,
         partial(ValidationCache, maxsize=1024),
-        partial(QueryDepthLimiter, max_depth=settings.max_depth),
-        partial(MaxTokensLimiter, max_token_count=settings.max_tokens),
-        partial(MaxAliasesLimiter, max_alias_count=settings.max_aliases),
+        document_limits(settings),
     ]
     if not settings.introspection:
         extensions.append(DisableIntrospection)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 import strawberry
+from strawberry.types import Info
+
+from backend import __version__
+from backend.core.state import AppState
+from backend.inference.catalog import PACKAGED_MODELS
 
 
 @strawberry.type(description="A capability and whether this server has it switched on.")
@@ -23,17 +28,89 @@ class ModelInfo:
     installed: bool
 
 
-@strawberry.type(description="What this server is and what it can do.")
-class ServerInfo:
-    version: str
-    environment: str
-    uptime_seconds: float
-    server_time: datetime
-    features: list[Feature]
-    models: list[ModelInfo]
-
-
 @strawberry.type(description="One tick of the heartbeat subscription.")
 class Heartbeat:
     seq: int = strawberry.field(description="0 for the first tick, then +1 per tick.")
     at: datetime = strawberry.field(description="Server time of the tick (UTC).")
+
+
+def _state(info: Info) -> AppState:
+    return info.context.state  # type: ignore[no-any-return]
+
+
+@strawberry.type(description="What this server is and what it can do.")
+class ServerInfo:
+    """Each field is computed only when selected."""
+
+    @strawberry.field
+    def version(self) -> str:
+        return __version__
+
+    @strawberry.field
+    def environment(self, info: Info) -> str:
+        return _state(info).settings.env.value
+
+    @strawberry.field
+    def uptime_seconds(self, info: Info) -> float:
+        return round(_state(info).uptime_s, 3)
+
+    @strawberry.field
+    def server_time(self) -> datetime:
+        return datetime.now(UTC)
+
+    @strawberry.field
+    def features(self, info: Info) -> list[Feature]:
+        state = _state(info)
+        telemetry = state.settings.telemetry
+        return [
+            Feature(
+                name="subscriptions.graphql-transport-ws",
+                enabled=True,
+                description="Subscriptions over WebSocket, graphql-transport-ws protocol.",
+            ),
+            Feature(
+                name="subscriptions.graphql-ws",
+                enabled=True,
+                description="Subscriptions over WebSocket, legacy graphql-ws protocol.",
+            ),
+            Feature(
+                name="database.embedded",
+                enabled=state.embedded_database,
+                description="PostgreSQL runs embedded in this server.",
+            ),
+            Feature(
+                name="redis.embedded",
+                enabled=state.embedded_redis,
+                description="Valkey runs embedded in this server.",
+            ),
+            Feature(
+                name="tracing.otlp",
+                enabled=bool(telemetry.otlp_endpoint),
+                description="Traces are exported over OTLP.",
+            ),
+            Feature(
+                name="metrics.prometheus",
+                enabled=telemetry.metrics_enabled,
+                description="Prometheus metrics on /metrics.",
+            ),
+            Feature(name="chat", enabled=False, description="Streaming chat (not yet built)."),
+            Feature(name="knowledge", enabled=False, description="Knowledge base (not yet built)."),
+            Feature(
+                name="vision",
+                enabled=False,
+                description="OCR, detection, classification (not yet built).",
+            ),
+        ]
+
+    @strawberry.field
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                name=model.name,
+                task=model.task.value,
+                version=model.version,
+                package=model.package,
+                installed=model.installed(),
+            )
+            for model in PACKAGED_MODELS
+        ]

@@ -12,10 +12,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from backend import __version__
+from backend.config import GraphQLSettings, Settings
 from backend.core.metrics import Metrics
 from backend.errors import NotFound
 from backend.graphql.extensions import MASKED_MESSAGE, OperationObservability
-from backend.config import GraphQLSettings, Settings
 from backend.graphql.schema import SightlineSchema, build_schema
 
 
@@ -117,8 +117,9 @@ async def test_alias_and_token_limits(client: AsyncClient) -> None:
     assert response.json()["errors"]
 
 
-async def test_oversized_body_is_413_and_server_keeps_serving(client: AsyncClient,
-                                                               settings: Any) -> None:
+async def test_oversized_body_is_413_and_server_keeps_serving(
+    client: AsyncClient, settings: Any
+) -> None:
     big = "x" * (settings.server.max_body_bytes + 10)
     response = await client.post("/graphql", json={"query": big})
     assert response.status_code == 413

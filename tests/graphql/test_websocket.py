@@ -18,8 +18,14 @@ HEARTBEAT = "subscription Beat($n: Int) { heartbeat(intervalMs: 100, count: $n) 
 async def test_heartbeat_ticks_over_graphql_transport_ws(live_server: LiveServer) -> None:
     async with await open_socket(live_server.ws_url) as ws:
         await init(ws)
-        await send(ws, {"id": "1", "type": "subscribe",
-                        "payload": {"query": HEARTBEAT, "variables": {"n": 3}}})
+        await send(
+            ws,
+            {
+                "id": "1",
+                "type": "subscribe",
+                "payload": {"query": HEARTBEAT, "variables": {"n": 3}},
+            },
+        )
         ticks = [await receive(ws) for _ in range(3)]
         assert [t["type"] for t in ticks] == ["next"] * 3
         assert [t["payload"]["data"]["heartbeat"]["seq"] for t in ticks] == [0, 1, 2]
@@ -29,8 +35,9 @@ async def test_heartbeat_ticks_over_graphql_transport_ws(live_server: LiveServer
 async def test_heartbeat_ticks_over_legacy_graphql_ws(live_server: LiveServer) -> None:
     async with await open_socket(live_server.ws_url, LEGACY_WS) as ws:
         await init(ws)
-        await send(ws, {"id": "a", "type": "start",
-                        "payload": {"query": HEARTBEAT, "variables": {"n": 2}}})
+        await send(
+            ws, {"id": "a", "type": "start", "payload": {"query": HEARTBEAT, "variables": {"n": 2}}}
+        )
         first, second = await receive(ws), await receive(ws)
         assert first["type"] == second["type"] == "data"
         assert second["payload"]["data"]["heartbeat"]["seq"] == 1
@@ -40,8 +47,14 @@ async def test_heartbeat_ticks_over_legacy_graphql_ws(live_server: LiveServer) -
 async def test_invalid_interval_is_a_typed_error(live_server: LiveServer) -> None:
     async with await open_socket(live_server.ws_url) as ws:
         await init(ws)
-        await send(ws, {"id": "1", "type": "subscribe",
-                        "payload": {"query": "subscription { heartbeat(intervalMs: 1) { seq } }"}})
+        await send(
+            ws,
+            {
+                "id": "1",
+                "type": "subscribe",
+                "payload": {"query": "subscription { heartbeat(intervalMs: 1) { seq } }"},
+            },
+        )
         message = await receive(ws)
         errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
         assert errors[0]["extensions"]["code"] == "BAD_USER_INPUT"
@@ -73,8 +86,14 @@ async def test_malformed_messages_close_4400_and_others_keep_working(
             await init(bad)
             await bad.send(raw)
             assert await _close_code(bad) == 4400
-        await send(healthy, {"id": "1", "type": "subscribe",
-                             "payload": {"query": HEARTBEAT, "variables": {"n": 1}}})
+        await send(
+            healthy,
+            {
+                "id": "1",
+                "type": "subscribe",
+                "payload": {"query": HEARTBEAT, "variables": {"n": 1}},
+            },
+        )
         assert (await receive(healthy))["type"] == "next"
 
 
@@ -91,8 +110,14 @@ async def test_client_that_leaves_ends_its_subscription(live_server: LiveServer)
     gauge = live_server.app.state.metrics.subscriptions_active
     async with await open_socket(live_server.ws_url) as ws:
         await init(ws)
-        await send(ws, {"id": "1", "type": "subscribe",
-                        "payload": {"query": HEARTBEAT, "operationName": "Beat"}})
+        await send(
+            ws,
+            {
+                "id": "1",
+                "type": "subscribe",
+                "payload": {"query": HEARTBEAT, "operationName": "Beat"},
+            },
+        )
         assert (await receive(ws))["type"] == "next"
         assert gauge.labels("Beat")._value.get() == 1
     async with asyncio.timeout(5):
@@ -123,6 +148,7 @@ async def test_legacy_protocol_answers_malformed_messages_with_error(
         await init(ws)
         await ws.send(raw)
         assert (await receive(ws))["type"] == "error"
-        await send(ws, {"id": "a", "type": "start",
-                        "payload": {"query": HEARTBEAT, "variables": {"n": 1}}})
+        await send(
+            ws, {"id": "a", "type": "start", "payload": {"query": HEARTBEAT, "variables": {"n": 1}}}
+        )
         assert (await receive(ws))["type"] == "data"

@@ -1,4 +1,4 @@
-"""A small graphql-transport-ws / graphql-ws client for tests (what an app's client library does)."""
+"""A small graphql-transport-ws / graphql-ws client for tests, as an app's client library does."""
 
 from __future__ import annotations
 
