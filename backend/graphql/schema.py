@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from functools import partial
+from contextlib import suppress
+from functools import lru_cache, partial
 from pathlib import Path
 
 import strawberry
-from graphql import GraphQLError
+from graphql import GraphQLError, parse
 from strawberry.extensions import (
     AddValidationRules,
     DisableIntrospection,
@@ -44,6 +45,25 @@ class SightlineSchema(strawberry.Schema):
                 )
 
 
+_parse = lru_cache(maxsize=1024)(parse)
+
+
+class CachedParse(SchemaExtension):
+    """Reuses the parsed document of a query text seen before (clients repeat their queries).
+
+    A document that does not parse is left to Strawberry, which reports it as a GraphQL error;
+    Strawberry's own ParserCache raises instead, which loses the error's code.
+    """
+
+    def on_parse(self) -> Iterator[None]:
+        ctx = self.execution_context
+        if ctx.query and ctx.graphql_document is None:
+            options = ctx.parse_options
+            with suppress(GraphQLError):
+                ctx.graphql_document = _parse(ctx.query, max_tokens=options.get("max_tokens"))
+        yield
+
+
 def document_limits(settings: GraphQLSettings) -> type[SchemaExtension]:
     """Depth, alias and token limits as one extension whose rules are built once.
 
@@ -69,12 +89,13 @@ def document_limits(settings: GraphQLSettings) -> type[SchemaExtension]:
 
 def build_schema(settings: GraphQLSettings) -> strawberry.Schema:
     # Factories, not instances: Strawberry stores the operation on the extension, so a shared
-    # instance would mix up concurrent operations. (ParserCache is left out: it raises syntax
-    # errors outside Strawberry's error handling, turning them into an uncoded error.)
+    # instance would mix up concurrent operations. Limits come before the parse cache: they set
+    # the parser's token limit.
     extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
         OperationObservability,
-        partial(ValidationCache, maxsize=1024),
         document_limits(settings),
+        CachedParse,
+        partial(ValidationCache, maxsize=1024),
     ]
     if not settings.introspection:
         extensions.append(DisableIntrospection)
