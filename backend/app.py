@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from opentelemetry.sdk.trace import SpanProcessor
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 from backend import __version__
 from backend.config import Settings
@@ -26,7 +27,7 @@ from backend.core.redis import ping_redis
 from backend.core.state import AppState
 from backend.core.telemetry import build_tracer_provider, configure_logging
 from backend.errors import AppError
-from backend.graphql.router import graphql_router
+from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
 
 __all__ = ["SCHEMA_FILE", "create_app", "schema_sdl"]
@@ -75,6 +76,8 @@ def create_app(
     )
     app.state.metrics = metrics  # for operators' introspection and tests; not a service locator
     app.include_router(graphql_router(settings))
+    if settings.graphql.graphiql:
+        app.mount(GRAPHIQL_URL, StaticFiles(directory=GRAPHIQL_ASSETS), name="graphiql")
     _add_probes(app, metrics, settings)
     _add_error_handlers(app)
 

@@ -123,6 +123,7 @@ def test_serve_on_embedded_defaults(tmp_path: Path) -> None:
             f["name"]: f["enabled"] for f in response.json()["data"]["serverInfo"]["features"]
         }
         assert features["database.embedded"] is True
+        assert features["redis.embedded"] is False  # the Redis at 6379 answered
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)

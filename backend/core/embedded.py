@@ -97,6 +97,11 @@ class ResolvedServices:
     redis_url: str | None
     started: list[EmbeddedServer] = field(default_factory=list)
 
+    @property
+    def embedded(self) -> frozenset[str]:
+        """Names of the embedded servers this process runs ("postgresql", "valkey")."""
+        return frozenset(server.name for server in self.started)
+
     def stop(self) -> None:
         for server in reversed(self.started):
             try:

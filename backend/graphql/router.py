@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from cross_web import HTTPException
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from strawberry.fastapi import GraphQLRouter
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 from strawberry.types.unset import UNSET
@@ -16,12 +18,24 @@ from backend.graphql.context import get_context
 from backend.graphql.protocols import LegacyWSHandler, TransportWSHandler
 from backend.graphql.schema import build_schema
 
+GRAPHIQL_ASSETS = Path(__file__).resolve().parent / "static" / "graphiql"
+GRAPHIQL_URL = "/static/graphiql/"
+_CDN = "https://unpkg.com/"
+
 _HTTP_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
 
 
 class SightlineGraphQLRouter(GraphQLRouter[Any, None]):
     graphql_transport_ws_handler_class = TransportWSHandler
     graphql_ws_handler_class = LegacyWSHandler
+
+    @cached_property
+    def _offline_ide_html(self) -> str:
+        # Same files, same integrity hashes, served by us: GraphiQL works without internet.
+        return self.graphql_ide_html.replace(_CDN, GRAPHIQL_URL)
+
+    async def render_graphql_ide(self, request: Any) -> HTMLResponse:
+        return HTMLResponse(self._offline_ide_html)
 
     async def run(self, request: Any, context: Any = UNSET, root_value: Any = UNSET) -> Any:
         """Requests refused before execution get a GraphQL-shaped JSON body, not plain text."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -46,10 +47,16 @@ async def test_query_over_get(client: AsyncClient) -> None:
     assert response.json()["data"]["serverInfo"]["version"] == __version__
 
 
-async def test_graphiql_is_served_to_browsers(client: AsyncClient) -> None:
+async def test_graphiql_is_served_to_browsers_without_a_cdn(client: AsyncClient) -> None:
     response = await client.get("/graphql", headers={"accept": "text/html"})
     assert response.status_code == 200
-    assert "graphiql" in response.text.lower()
+    assert "unpkg.com" not in response.text
+    assets = re.findall(r'(?:src|href)="(/static/graphiql/[^"]+)"', response.text)
+    assert len(assets) == 7
+    for asset in assets:
+        served = await client.get(asset)
+        assert served.status_code == 200, asset
+        assert len(served.content) > 500
 
 
 @pytest.mark.parametrize(
