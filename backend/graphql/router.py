@@ -10,7 +10,12 @@ from typing import Any
 from cross_web import HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse
 from strawberry.fastapi import GraphQLRouter
-from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
+from strawberry.subscriptions import (
+    GRAPHQL_SSE_PROTOCOL,
+    GRAPHQL_TRANSPORT_WS_PROTOCOL,
+    GRAPHQL_WS_PROTOCOL,
+    MULTIPART_SUBSCRIPTION_PROTOCOL,
+)
 from strawberry.types.unset import UNSET
 
 from backend.config import Settings
@@ -56,7 +61,12 @@ def graphql_router(settings: Settings) -> GraphQLRouter[Any, None]:
         path="/graphql",
         graphql_ide="graphiql" if gql.graphiql else None,
         context_getter=get_context,
-        subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL),
+        subscription_protocols=(
+            GRAPHQL_TRANSPORT_WS_PROTOCOL,
+            GRAPHQL_WS_PROTOCOL,
+            MULTIPART_SUBSCRIPTION_PROTOCOL,
+            GRAPHQL_SSE_PROTOCOL,
+        ),
         connection_init_wait_timeout=timedelta(seconds=gql.connection_init_timeout_s),
         max_subscriptions_per_connection=gql.max_subscriptions_per_connection,
         keep_alive=True,

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import Any
 
 import strawberry
 from graphql import GraphQLError, parse
@@ -18,7 +19,9 @@ from strawberry.extensions import (
     SchemaExtension,
     ValidationCache,
 )
-from strawberry.types.execution import ExecutionContext
+from strawberry.schema.schema import DEFAULT_ALLOWED_OPERATION_TYPES
+from strawberry.types.execution import ExecutionContext, ExecutionResult
+from strawberry.types.graphql import OperationType
 
 from backend.config import GraphQLSettings
 from backend.graphql.extensions import OperationObservability, is_unexpected
@@ -31,6 +34,17 @@ SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schema.graphql"
 
 
 class SightlineSchema(strawberry.Schema):
+    async def execute(self, *args: Any, **kwargs: Any) -> ExecutionResult:
+        """Runs a query or mutation; a subscription here is refused with a coded error.
+
+        `execute` serves plain request/response HTTP, which cannot carry a stream. Strawberry
+        would run the subscription resolver as a query field and fail on its async generator.
+        Over HTTP, subscriptions use the multipart or SSE transports, which call `subscribe`.
+        """
+        allowed = kwargs.get("allowed_operation_types") or DEFAULT_ALLOWED_OPERATION_TYPES
+        kwargs["allowed_operation_types"] = set(allowed) - {OperationType.SUBSCRIPTION}
+        return await super().execute(*args, **kwargs)
+
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from httpx import AsyncClient
@@ -14,7 +16,7 @@ from sqlalchemy import text
 
 from backend.config import DatabaseSettings, LogFormat, TelemetrySettings
 from backend.core.db import Database
-from backend.core.telemetry import configure_logging
+from backend.core.telemetry import build_tracer_provider, configure_logging
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
@@ -72,3 +74,36 @@ def test_json_logs_carry_the_trace_id(capsys: pytest.CaptureFixture[str]) -> Non
     assert record["message"] == "inside a span"
     assert record["level"] == "WARNING"
     assert record["trace_id"] == format(span.get_span_context().trace_id, "032x")
+
+
+def test_spans_are_exported_over_otlp_http_when_an_endpoint_is_set() -> None:
+    received: list[tuple[str, str, int]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            self.rfile.read(length)
+            received.append((self.path, self.headers["Content-Type"], length))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        provider = build_tracer_provider(TelemetrySettings(otlp_endpoint=endpoint))
+        with provider.get_tracer("test").start_as_current_span("exported"):
+            pass
+        assert provider.force_flush(5_000)
+        provider.shutdown()
+    finally:
+        server.shutdown()
+    assert received
+    path, content_type, length = received[0]
+    assert path == "/v1/traces"
+    assert content_type == "application/x-protobuf"
+    assert length > 0

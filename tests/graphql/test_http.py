@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -18,6 +19,7 @@ from backend.core.metrics import Metrics
 from backend.errors import NotFound
 from backend.graphql.extensions import MASKED_MESSAGE, OperationObservability
 from backend.graphql.schema import SightlineSchema, build_schema
+from tests.conftest import LiveServer
 
 
 async def gql(client: AsyncClient, query: str, **body: Any) -> dict[str, Any]:
@@ -194,3 +196,51 @@ async def test_expected_errors_keep_their_code_and_bugs_are_masked() -> None:
     assert any(e.name == "exception" for e in span.events)  # the bug is on the trace
     samples = context.state.metrics.graphql_operations.labels("Mixed", "query", "server_error")
     assert samples._value.get() == 1
+
+
+SUBSCRIBE = "subscription { heartbeat(intervalMs: 100, count: 2) { seq } }"
+
+
+async def test_subscription_over_plain_http_is_refused(client: AsyncClient) -> None:
+    response = await client.post("/graphql", json={"query": SUBSCRIBE})
+    assert response.status_code == 400
+    error = response.json()["errors"][0]
+    assert error["extensions"]["code"] == "BAD_REQUEST"
+    assert "subscription" in error["message"].lower()
+
+
+async def test_subscription_over_http_multipart(live_server: LiveServer) -> None:
+    accept = 'multipart/mixed;subscriptionSpec="1.0",application/json'
+    async with AsyncClient() as http:
+        response = await http.post(
+            f"{live_server.http_url}/graphql",
+            json={"query": SUBSCRIBE},
+            headers={"accept": accept},
+            timeout=10,
+        )
+    assert response.headers["content-type"].startswith("multipart/mixed")
+    payloads = [
+        json.loads(part[part.index("{") :])
+        for part in response.text.split("--graphql")
+        if "{" in part
+    ]
+    seqs = [p["payload"]["data"]["heartbeat"]["seq"] for p in payloads if p.get("payload")]
+    assert seqs == [0, 1]
+
+
+async def test_subscription_over_http_sse(live_server: LiveServer) -> None:
+    async with AsyncClient() as http:
+        response = await http.post(
+            f"{live_server.http_url}/graphql",
+            json={"query": SUBSCRIBE},
+            headers={"accept": "text/event-stream"},
+            timeout=10,
+        )
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [
+        json.loads(line[len("data:") :])
+        for line in response.text.splitlines()
+        if line.startswith("data:") and line[len("data:") :].strip()
+    ]
+    seqs = [e["data"]["heartbeat"]["seq"] for e in events if "data" in e]
+    assert seqs == [0, 1]
