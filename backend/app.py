@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from backend import __version__
+from backend.auth.endpoints import oauth_router
+from backend.auth.service import AuthService
+from backend.auth.signing import TokenSigner
 from backend.config import Settings
 from backend.core.asgi import BodySizeLimitMiddleware, ObservabilityMiddleware
 from backend.core.db import Database
@@ -29,12 +33,65 @@ from backend.core.telemetry import build_tracer_provider, configure_logging
 from backend.errors import AppError
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
+from backend.limits.budgets import Budgets
+from backend.limits.ratelimit import RateLimiter
 
 __all__ = ["SCHEMA_FILE", "create_app", "schema_sdl"]
 
 log = logging.getLogger(__name__)
 
 READINESS_TIMEOUT_S = 2.0
+INITIAL_PASSWORD_FILE = "initial-admin-password"  # noqa: S105 (a file name)
+
+
+@dataclass
+class Services:
+    """The domain services of one app instance, built on its state by the lifespan."""
+
+    auth: AuthService
+    limiter: RateLimiter
+    budgets: Budgets
+
+
+async def build_services(state: AppState) -> Services:
+    settings = state.settings
+    signer = TokenSigner(
+        secret_key=settings.security.secret_key.get_secret_value(),
+        issuer=settings.auth.issuer,
+        audience=settings.auth.audience,
+        access_ttl_s=settings.auth.access_token_ttl_s,
+        clock_skew_s=settings.auth.clock_skew_s,
+        grace_s=settings.auth.signing_key_grace_s + settings.auth.access_token_ttl_s,
+    )
+    async with state.db.session() as session:
+        await signer.load(session)
+    auth = AuthService(state.db, signer, state.redis, state.keys, settings.auth)
+    if state.embedded_database or settings.auth.bootstrap_admin_password:
+        password = await auth.bootstrap_admin()
+        if password is not None:
+            _announce_first_admin(settings, password)
+    return Services(
+        auth=auth,
+        limiter=RateLimiter(state.redis, state.keys, settings.limits),
+        budgets=Budgets(state.redis, state.keys, settings.limits),
+    )
+
+
+def _announce_first_admin(settings: Settings, password: str) -> None:
+    """The generated password goes to a private file, never into a log line."""
+    path = settings.data_dir / INITIAL_PASSWORD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(password + "\n", encoding="utf-8")
+    log.warning(
+        "first admin created: tenant %r, email %r, password in %s. Sign in: POST /oauth/token "
+        "grant_type=password tenant=%s username=%s password=...",
+        settings.auth.bootstrap_tenant,
+        settings.auth.bootstrap_admin_email,
+        path.resolve(),
+        settings.auth.bootstrap_tenant,
+        settings.auth.bootstrap_admin_email,
+    )
 
 
 def create_app(
@@ -61,9 +118,14 @@ def create_app(
         state = await AppState.open(
             settings, metrics=metrics, tracer_provider=tracer_provider, db=db, redis=redis
         )
+        try:
+            services = await build_services(state)
+        except BaseException:
+            await state.close()
+            raise
         log.info("sightline %s ready (%s)", __version__, settings.env.value)
         try:
-            yield {"sightline": state}
+            yield {"sightline": state, "services": services}
         finally:
             await state.close()
 
@@ -76,6 +138,7 @@ def create_app(
     )
     app.state.metrics = metrics  # for operators' introspection and tests; not a service locator
     app.include_router(graphql_router(settings))
+    app.include_router(oauth_router(lambda request: request.state.services.auth))
     if settings.graphql.graphiql:
         app.mount(GRAPHIQL_URL, StaticFiles(directory=GRAPHIQL_ASSETS), name="graphiql")
     _add_probes(app, metrics, settings)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, TypeAdapter, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -118,6 +119,11 @@ class DatabaseSettings(_Section):
         description="Apply pending migrations at startup. Unset: only on the embedded database.",
     )
     echo: bool = Field(False, description="Log every SQL statement (development only).")
+    app_role: str = Field(
+        "sightline_app",
+        description="Role every transaction runs as (row-level security applies to it); "
+        "empty: the login role.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -195,6 +201,100 @@ class SecuritySettings(_Section):
     )
 
 
+class AuthSettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_AUTH_", extra="ignore")
+
+    issuer: str = Field("sightline", description="`iss` of issued tokens (checked on every token).")
+    audience: str = Field("sightline-api", description="`aud` of issued tokens (checked).")
+    access_token_ttl_s: int = Field(900, ge=30, description="Access token lifetime.")
+    refresh_token_ttl_s: int = Field(
+        30 * 24 * 3600, ge=60, description="Refresh token lifetime (rotated at every use)."
+    )
+    clock_skew_s: int = Field(30, ge=0, le=300, description="Leeway for exp/nbf/iat checks.")
+    signing_key_grace_s: int = Field(
+        3600, ge=0, description="A retired signing key still verifies this long past rotation."
+    )
+    bootstrap_tenant: str = Field("default", description="Slug of the tenant made at first start.")
+    bootstrap_admin_email: str = Field(
+        "admin@sightline.local", description="Email of the first admin (embedded default)."
+    )
+    bootstrap_admin_password: SecretStr | None = Field(
+        None, description="First admin's password. Unset: generated and printed once."
+    )
+    login_attempts_per_15m: int = Field(
+        10, ge=1, description="Failed logins per email and per IP before 429 (15 min window)."
+    )
+    api_key_touch_interval_s: int = Field(
+        60, ge=1, description="How often an API key's last-used time is written."
+    )
+
+
+class RateSpec(BaseModel):
+    rate_per_s: float = Field(gt=0)
+    burst: int = Field(ge=1)
+
+
+class BudgetSpec(BaseModel):
+    """Limits of one resource (0 = unlimited), per tenant and per user, per day and month."""
+
+    tenant_day: float = Field(0, ge=0)
+    tenant_month: float = Field(0, ge=0)
+    user_day: float = Field(0, ge=0)
+    user_month: float = Field(0, ge=0)
+
+
+OPERATION_CLASSES = ("query", "mutation", "subscription", "chat_run", "vision_job", "ingestion")
+
+
+def _default_rates() -> dict[str, dict[str, RateSpec]]:
+    free = {
+        "query": (20, 100),
+        "mutation": (5, 20),
+        "subscription": (2, 20),
+        "chat_run": (0.5, 5),
+        "vision_job": (2, 10),
+        "ingestion": (0.5, 5),
+    }
+    return {
+        "free": {k: RateSpec(rate_per_s=r, burst=b) for k, (r, b) in free.items()},
+        "pro": {k: RateSpec(rate_per_s=r * 10, burst=b * 5) for k, (r, b) in free.items()},
+    }
+
+
+def _default_budgets() -> dict[str, dict[str, BudgetSpec]]:
+    return {
+        "free": {
+            "llm_tokens": BudgetSpec(
+                tenant_day=200_000, tenant_month=2_000_000, user_day=50_000, user_month=500_000
+            ),
+            "compute_seconds": BudgetSpec(
+                tenant_day=600, tenant_month=6_000, user_day=120, user_month=1_200
+            ),
+        },
+        "pro": {
+            "llm_tokens": BudgetSpec(tenant_day=5_000_000, tenant_month=100_000_000),
+            "compute_seconds": BudgetSpec(tenant_day=36_000, tenant_month=720_000),
+        },
+    }
+
+
+class LimitsSettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_LIMITS_", extra="ignore")
+
+    enabled: bool = Field(True, description="Enforce rate limits and budgets.")
+    default_plan: str = Field("free", description="Plan of tenants whose plan is not listed.")
+    rates: dict[str, dict[str, RateSpec]] = Field(
+        default_factory=_default_rates,
+        description="Per plan and operation class (query, mutation, subscription, chat_run, "
+        "vision_job, ingestion): `rate_per_s` and `burst` per principal (JSON).",
+    )
+    budgets: dict[str, dict[str, BudgetSpec]] = Field(
+        default_factory=_default_budgets,
+        description="Per plan and resource (llm_tokens, compute_seconds): day/month limits "
+        "per tenant and per user, 0 = unlimited (JSON).",
+    )
+
+
 class Settings(_Section):
     """All of Sightline's settings. `Settings()` reads the environment; tests pass sections in."""
 
@@ -213,6 +313,8 @@ class Settings(_Section):
     graphql: GraphQLSettings = Field(default_factory=GraphQLSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
@@ -245,12 +347,15 @@ SECTIONS: tuple[type[_Section], ...] = (
     GraphQLSettings,
     TelemetrySettings,
     SecuritySettings,
+    AuthSettings,
+    LimitsSettings,
 )
 
 
 def settings_table() -> str:
     """Every setting as a Markdown table row: variable, default, meaning (the README's table)."""
     rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    structured: list[str] = []
     for section in SECTIONS:
         prefix = str(section.model_config.get("env_prefix", ""))
         for name, field in section.model_fields.items():
@@ -260,6 +365,12 @@ def settings_table() -> str:
                 default: Any = field.default_factory()  # type: ignore[call-arg]
             else:
                 default = field.default
+            variable = f"{prefix}{name.upper()}"
+            if isinstance(default, dict):
+                dumped = json.dumps(TypeAdapter(Any).dump_python(default, mode="json"))
+                structured.append(f"`{variable}` default: `{dumped}`")
+                rows.append(f"| `{variable}` | (JSON, below) | {field.description or ''} |")
+                continue
             if isinstance(default, SecretStr):
                 default = "(dev only)"
             elif isinstance(default, StrEnum):
@@ -269,5 +380,6 @@ def settings_table() -> str:
                 shown = "`[]`"
             rows.append(f"| `{prefix}{name.upper()}` | {shown} | {field.description or ''} |")
     rows.append("")
+    rows.extend(f"{line}\n" for line in structured)
     rows.append("Any setting can also come from a file: `<VARIABLE>_FILE=/run/secrets/name`.")
     return "\n".join(rows)

@@ -77,7 +77,7 @@ async def db_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
 @pytest.fixture
 def db(db_connection: AsyncConnection) -> Database:
     """Sessions that commit into savepoints of the test's transaction (nothing outlives it)."""
-    return Database.bound_to(db_connection)
+    return Database.bound_to(db_connection, app_role=DatabaseSettings().app_role)
 
 
 @pytest.fixture
@@ -125,6 +125,7 @@ async def app(
     async with LifespanManager(application) as manager:
         application.state.asgi = manager.app  # the app with the lifespan state injected
         application.state.sightline = manager._state["sightline"]
+        application.state.services = manager._state["services"]
         yield application
 
 

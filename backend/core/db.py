@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,11 +44,27 @@ class ServerFacts:
 
 
 class Database:
-    """Owns the async engine and hands out sessions (one unit of work each)."""
+    """Owns the async engine and hands out sessions (one unit of work each).
 
-    def __init__(self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
+    Every unit of work runs as `app_role` (which cannot bypass row-level security) with
+    `app.tenant_id` set for its transaction: tenant tables show only that tenant's rows, and
+    none at all when no tenant is given.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        sessions: async_sessionmaker[AsyncSession],
+        app_role: str = "",
+    ) -> None:
         self.engine = engine
         self._sessions = sessions
+        self._scope = text(
+            "SELECT set_config('role', :role, true), set_config('app.tenant_id', :tenant, true)"
+            if app_role
+            else "SELECT set_config('app.tenant_id', :tenant, true)"
+        )
+        self._role = app_role
 
     @classmethod
     def connect(
@@ -74,20 +91,24 @@ class Database:
         )
         if tracer_provider is not None:
             instrument_engine(engine, tracer_provider)
-        return cls(engine, async_sessionmaker(engine, expire_on_commit=False))
+        return cls(engine, async_sessionmaker(engine, expire_on_commit=False), settings.app_role)
 
     @classmethod
-    def bound_to(cls, connection: AsyncConnection) -> Database:
+    def bound_to(cls, connection: AsyncConnection, app_role: str = "") -> Database:
         """Sessions joining `connection`'s open transaction through savepoints (test isolation)."""
         sessions = async_sessionmaker(
             bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
         )
-        return cls(connection.engine, sessions)
+        return cls(connection.engine, sessions, app_role)
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
-        """One unit of work: commits when the block succeeds, rolls back when it raises."""
+    async def session(self, tenant_id: uuid.UUID | None = None) -> AsyncIterator[AsyncSession]:
+        """One unit of work in `tenant_id`: commits when the block succeeds, else rolls back."""
         async with self._sessions() as session:
+            params = {"tenant": str(tenant_id) if tenant_id else ""}
+            if self._role:
+                params["role"] = self._role
+            await session.execute(self._scope, params)
             try:
                 yield session
             except BaseException:

@@ -1,34 +1,81 @@
-"""The typed context every resolver receives."""
+"""The typed context every resolver receives: state, services, and who is calling."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 from strawberry.fastapi import BaseContext
 
+from backend.auth.errors import InvalidToken
+from backend.auth.principal import Principal
 from backend.core.state import AppState
+from backend.errors import Unauthenticated
+
+if TYPE_CHECKING:
+    from backend.app import Services
 
 
 class Context(BaseContext):
-    """Per operation: the app's state; on a WebSocket also the `connection_init` payload."""
+    """Per operation (HTTP) or per connection (WebSocket)."""
 
     connection_params: dict[str, Any] | None = None
 
-    def __init__(self, state: AppState) -> None:
+    def __init__(
+        self,
+        state: AppState,
+        services: Services,
+        principal: Principal | None = None,
+        auth_error: InvalidToken | None = None,
+        client_ip: str | None = None,
+    ) -> None:
         super().__init__()
         self.state = state
+        self.services = services
+        self.principal = principal
+        self.auth_error = auth_error
+        self.client_ip = client_ip
+        self.rate_limit: dict[str, Any] | None = None  # reported in response extensions
+
+    def require_principal(self) -> Principal:
+        """The caller, or the reason there is none (a bad credential, or no credential)."""
+        if self.principal is not None:
+            return self.principal
+        if self.auth_error is not None:
+            raise self.auth_error
+        raise Unauthenticated("authentication required")
+
+    @property
+    def rate_subject(self) -> str:
+        return self.principal.subject if self.principal else f"ip:{self.client_ip or 'unknown'}"
 
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[AsyncSession]:
-        """One transaction: a mutation, or one message of a subscription."""
-        async with self.state.db.session() as session:
+        """One transaction in the caller's tenant: a mutation, or one subscription message."""
+        async with self.state.db.session(self.require_principal().tenant_id) as session:
             yield session
 
 
+def credential_of(connection: HTTPConnection) -> str | None:
+    header = connection.headers.get("authorization") or connection.headers.get("x-api-key")
+    return header or None
+
+
 async def get_context(connection: HTTPConnection) -> Context:
-    """FastAPI dependency: the lifespan put the app state on the connection's state."""
-    return Context(state=connection.state.sightline)
+    """FastAPI dependency: the lifespan put state and services on the connection's state."""
+    services = connection.state.services
+    context = Context(
+        state=connection.state.sightline,
+        services=services,
+        client_ip=connection.client.host if connection.client else None,
+    )
+    credential = credential_of(connection)
+    if credential is not None and connection.scope["type"] == "http":
+        try:
+            context.principal = await services.auth.authenticate(credential)
+        except InvalidToken as exc:
+            context.auth_error = exc
+    return context

@@ -70,7 +70,7 @@ def shape_error(error: GraphQLError) -> GraphQLError:
     )
 
 
-def _operation_type(ctx: ExecutionContext) -> str:
+def operation_type(ctx: ExecutionContext) -> str:
     """query/mutation/subscription; "unknown" when the document did not parse or name one."""
     if ctx.graphql_document is None:
         return "unknown"
@@ -115,26 +115,26 @@ class OperationObservability(SchemaExtension):
         finally:
             otel_context.detach(token)
             ctx = self.execution_context
-            operation_type = _operation_type(ctx)
+            kind = operation_type(ctx)
             label = state.metrics.operation_label(ctx.operation_name)
-            span.update_name(f"graphql.{operation_type} {ctx.operation_name or 'anonymous'}")
+            span.update_name(f"graphql.{kind} {ctx.operation_name or 'anonymous'}")
             span.set_attribute("graphql.operation.name", ctx.operation_name or "")
-            span.set_attribute("graphql.operation.type", operation_type)
+            span.set_attribute("graphql.operation.type", kind)
             outcome = _outcome(self._errors)
             if outcome == "server_error":
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
-            state.metrics.graphql_operations.labels(label, operation_type, outcome).inc()
+            state.metrics.graphql_operations.labels(label, kind, outcome).inc()
             if self._subscription_label is not None:
                 state.metrics.subscriptions_active.labels(self._subscription_label).dec()
             else:
-                state.metrics.graphql_latency.labels(label, operation_type).observe(
+                state.metrics.graphql_latency.labels(label, kind).observe(
                     time.perf_counter() - started
                 )
 
     def on_execute(self) -> Iterator[None]:
         ctx = self.execution_context
-        if _operation_type(ctx) != OperationType.SUBSCRIPTION.value:
+        if operation_type(ctx) != OperationType.SUBSCRIPTION.value:
             yield
             return
         started = time.perf_counter()

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import strawberry
 
+from backend.graphql.auth import AuthMutation, AuthQuery
 from backend.graphql.types import ServerInfo
 
 
 @strawberry.type
-class Query:
+class PlatformQuery:
     @strawberry.field(description="Version, enabled features and packaged models of this server.")
     def server_info(self) -> ServerInfo:
         return ServerInfo()
+
+
+@strawberry.type
+class Query(PlatformQuery, AuthQuery):
+    pass
+
+
+@strawberry.type
+class Mutation(AuthMutation):
+    pass

@@ -9,6 +9,7 @@ from typing import Any
 
 from cross_web import HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse
+from strawberry.exceptions import ConnectionRejectionError
 from strawberry.fastapi import GraphQLRouter
 from strawberry.subscriptions import (
     GRAPHQL_SSE_PROTOCOL,
@@ -18,8 +19,9 @@ from strawberry.subscriptions import (
 )
 from strawberry.types.unset import UNSET
 
+from backend.auth.errors import InvalidToken
 from backend.config import Settings
-from backend.graphql.context import get_context
+from backend.graphql.context import Context, get_context
 from backend.graphql.protocols import LegacyWSHandler, TransportWSHandler
 from backend.graphql.schema import build_schema
 
@@ -41,6 +43,24 @@ class SightlineGraphQLRouter(GraphQLRouter[Any, None]):
 
     async def render_graphql_ide(self, request: Any) -> HTMLResponse:
         return HTMLResponse(self._offline_ide_html)
+
+    async def on_ws_connect(self, context: Context) -> Any:
+        """Authenticates a socket from `connection_init`: `{"authorization": "Bearer ..."}`.
+
+        A bad credential closes the socket with 4403; no credential leaves it anonymous
+        (public fields only).
+        """
+        params = context.connection_params or {}
+        credential = params.get("authorization") or params.get("Authorization")
+        if credential is None:
+            return UNSET
+        if not isinstance(credential, str):
+            raise ConnectionRejectionError
+        try:
+            context.principal = await context.services.auth.authenticate(credential)
+        except InvalidToken as exc:
+            raise ConnectionRejectionError({"code": exc.code, "message": exc.message}) from None
+        return UNSET
 
     async def run(self, request: Any, context: Any = UNSET, root_value: Any = UNSET) -> Any:
         """Requests refused before execution get a GraphQL-shaped JSON body, not plain text."""

@@ -25,7 +25,8 @@ from strawberry.types.graphql import OperationType
 
 from backend.config import GraphQLSettings
 from backend.graphql.extensions import OperationObservability, is_unexpected
-from backend.graphql.queries import Query
+from backend.graphql.queries import Mutation, Query
+from backend.graphql.ratelimits import RateLimits
 from backend.graphql.subscriptions import Subscription
 
 log = logging.getLogger("backend.graphql")
@@ -107,13 +108,16 @@ def build_schema(settings: GraphQLSettings) -> strawberry.Schema:
     # the parser's token limit.
     extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
         OperationObservability,
+        RateLimits,
         document_limits(settings),
         CachedParse,
         partial(ValidationCache, maxsize=1024),
     ]
     if not settings.introspection:
         extensions.append(DisableIntrospection)
-    return SightlineSchema(query=Query, subscription=Subscription, extensions=extensions)
+    return SightlineSchema(
+        query=Query, mutation=Mutation, subscription=Subscription, extensions=extensions
+    )
 
 
 def schema_sdl() -> str:

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 from sqlalchemy import func, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from backend.core.db import Database
@@ -60,34 +60,57 @@ async def test_unit_of_work_commits_or_rolls_back(db: Database) -> None:
     assert "dropped-one" not in slugs
 
 
-async def test_user_email_is_unique_per_tenant_whatever_its_case(db: Database) -> None:
+async def _tenants(db: Database, count: int) -> list[Tenant]:
     async with db.session() as session:
-        acme, other = tenant(), tenant()
-        session.add_all([acme, other])
-        await session.flush()
-        session.add_all(
-            [
-                User(tenant_id=acme.id, email="Ada@example.com"),
-                User(tenant_id=other.id, email="ada@example.com"),  # another tenant: fine
-            ]
-        )
+        tenants = [tenant() for _ in range(count)]
+        session.add_all(tenants)
+    return tenants
+
+
+async def test_user_email_is_unique_per_tenant_whatever_its_case(db: Database) -> None:
+    acme, other = await _tenants(db, 2)
+    async with db.session(acme.id) as session:
+        session.add(User(tenant_id=acme.id, email="Ada@example.com"))
+    async with db.session(other.id) as session:
+        session.add(User(tenant_id=other.id, email="ada@example.com"))  # another tenant: fine
     with pytest.raises(IntegrityError):
-        async with db.session() as session:
+        async with db.session(acme.id) as session:
             session.add(User(tenant_id=acme.id, email="ADA@example.com"))
 
 
 async def test_deleting_a_tenant_deletes_its_users(db: Database) -> None:
-    async with db.session() as session:
-        acme = tenant()
-        session.add(acme)
-        await session.flush()
+    (acme,) = await _tenants(db, 1)
+    async with db.session(acme.id) as session:
         session.add(User(tenant_id=acme.id, email="a@example.com"))
     async with db.session() as session:
         await session.execute(text("DELETE FROM tenants WHERE id = :id"), {"id": acme.id})
+    async with db.session(acme.id) as session:
         count = await session.scalar(
             select(func.count()).select_from(User).where(User.tenant_id == acme.id)
         )
     assert count == 0
+
+
+async def test_row_level_security_hides_other_tenants_rows(db: Database) -> None:
+    """Isolation by PostgreSQL itself: a query with no tenant filter still sees one tenant."""
+    acme, other = await _tenants(db, 2)
+    for t in (acme, other):
+        async with db.session(t.id) as session:
+            session.add(User(tenant_id=t.id, email=f"someone@{t.slug}.example"))
+    async with db.session(acme.id) as session:
+        emails = set(await session.scalars(select(User.email)))  # no WHERE clause at all
+        assert emails == {f"someone@{acme.slug}.example"}
+        # Writing into another tenant is refused too.
+        with pytest.raises(ProgrammingError, match="row-level security"):
+            async with session.begin_nested():
+                session.add(User(tenant_id=other.id, email="intruder@example.com"))
+    async with db.session() as session:  # no tenant: no rows
+        assert list(await session.scalars(select(User.email))) == []
+    async with db.session(acme.id) as session:  # and the role cannot switch it off
+        with pytest.raises(ProgrammingError):
+            async with session.begin_nested():
+                await session.execute(text("SET LOCAL row_security = off"))
+                await session.execute(select(User.email))
 
 
 async def test_a_tests_writes_are_rolled_back(engine: AsyncEngine) -> None:

@@ -55,7 +55,9 @@ async def test_statements_are_client_spans(database_url: str) -> None:
                 await session.execute(text("SELECT 1"))
     finally:
         await db.dispose()
-    statement = next(s for s in exporter.get_finished_spans() if s.name == "db SELECT")
+    statement = next(
+        s for s in exporter.get_finished_spans() if s.attributes["db.statement"] == "SELECT 1"
+    )
     assert statement.attributes["db.system"] == "postgresql"
     assert statement.attributes["db.statement"] == "SELECT 1"
     assert statement.parent is not None

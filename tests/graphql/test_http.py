@@ -17,6 +17,7 @@ from backend import __version__
 from backend.config import GraphQLSettings, Settings
 from backend.core.metrics import Metrics
 from backend.errors import NotFound
+from backend.graphql.context import Context
 from backend.graphql.extensions import MASKED_MESSAGE, OperationObservability
 from backend.graphql.schema import SightlineSchema, build_schema
 from tests.conftest import LiveServer
@@ -107,11 +108,12 @@ async def test_invalid_request_bodies_are_400(client: AsyncClient, body: bytes) 
     assert response.json()["errors"][0]["extensions"]["code"] == "BAD_REQUEST"
 
 
-async def test_depth_limit_is_a_setting() -> None:
+async def test_depth_limit_is_a_setting(app: Any) -> None:
     schema = build_schema(GraphQLSettings(max_depth=1))
-    shallow = await schema.execute("{ serverInfo { version } }", context_value=_Context())
+    context = Context(state=app.state.sightline, services=app.state.services)
+    shallow = await schema.execute("{ serverInfo { version } }", context_value=context)
     assert not shallow.errors
-    deep = await schema.execute("{ serverInfo { features { name } } }", context_value=_Context())
+    deep = await schema.execute("{ serverInfo { features { name } } }", context_value=context)
     assert deep.errors
     assert "exceeds maximum operation depth" in deep.errors[0].message
     assert deep.errors[0].extensions["code"] == "GRAPHQL_VALIDATION_FAILED"

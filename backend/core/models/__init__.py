@@ -1,6 +1,37 @@
 """Tables. Every table lives here (one module per area) so Alembic sees one metadata."""
 
 from backend.core.models.base import Base
-from backend.core.models.tenancy import Tenant, User, UserRole
+from backend.core.models.identity import (
+    ApiKey,
+    AuditEvent,
+    OAuthClient,
+    RefreshToken,
+    SigningKey,
+    UsageRecord,
+)
+from backend.core.models.tenancy import Tenant, User, UserKind, UserRole
 
-__all__ = ["Base", "Tenant", "User", "UserRole"]
+# Tables whose rows belong to one tenant: row-level security limits them to `app.tenant_id`.
+TENANT_TABLES = (
+    "users",
+    "refresh_tokens",
+    "api_keys",
+    "oauth_clients",
+    "audit_events",
+    "usage_records",
+)
+
+__all__ = [
+    "TENANT_TABLES",
+    "ApiKey",
+    "AuditEvent",
+    "Base",
+    "OAuthClient",
+    "RefreshToken",
+    "SigningKey",
+    "Tenant",
+    "UsageRecord",
+    "User",
+    "UserKind",
+    "UserRole",
+]

@@ -18,6 +18,11 @@ class UserRole(StrEnum):
     VIEWER = "viewer"
 
 
+class UserKind(StrEnum):
+    HUMAN = "human"
+    SERVICE = "service"
+
+
 class Tenant(UUIDKey, Timestamps, Base):
     __tablename__ = "tenants"
     __table_args__ = (CheckConstraint("slug ~ '^[a-z0-9][a-z0-9-]{1,62}$'", name="slug_format"),)
@@ -47,6 +52,11 @@ class User(UUIDKey, Timestamps, Base):
         Enum(UserRole, name="user_role", values_callable=lambda e: [m.value for m in e]),
         default=UserRole.MEMBER,
         server_default=UserRole.MEMBER.value,
+    )
+    kind: Mapped[UserKind] = mapped_column(
+        Enum(UserKind, name="user_kind", values_callable=lambda e: [m.value for m in e]),
+        default=UserKind.HUMAN,
+        server_default=UserKind.HUMAN.value,
     )
     password_hash: Mapped[str | None] = mapped_column(String(255))
     is_active: Mapped[bool] = mapped_column(default=True, server_default="true")

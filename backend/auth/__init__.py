@@ -1,0 +1,1 @@
+"""Identity: passwords, signed access tokens, refresh rotation, API keys, scopes, audit."""

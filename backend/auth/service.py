@@ -1,0 +1,610 @@
+"""Identity logic: grants, credential checks, API keys, users. No SQL here, no web framework."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from redis.asyncio import Redis
+from sqlalchemy.exc import IntegrityError
+
+from backend.auth import repository as repo
+from backend.auth.audit import Outcome, record
+from backend.auth.credentials import (
+    api_key_prefix,
+    digest,
+    matches,
+    new_api_key,
+    new_client,
+    new_refresh_token,
+)
+from backend.auth.errors import (
+    InvalidClient,
+    InvalidGrant,
+    InvalidRequest,
+    InvalidScope,
+    InvalidToken,
+    MissingScope,
+)
+from backend.auth.passwords import MIN_PASSWORD_LENGTH, hash_password, verify_password
+from backend.auth.principal import CredentialKind, Principal
+from backend.auth.scopes import Scope, grant, parse_scopes
+from backend.auth.signing import TokenSigner
+from backend.config import AuthSettings
+from backend.core.db import Database
+from backend.core.models import (
+    ApiKey,
+    AuditEvent,
+    OAuthClient,
+    RefreshToken,
+    Tenant,
+    User,
+    UserKind,
+    UserRole,
+)
+from backend.core.redis import KeySpace
+from backend.errors import Conflict, NotFound, RateLimited, ValidationFailed
+
+_LOGIN_WINDOW_S = 15 * 60
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    """RFC 6749 section 5.1."""
+
+    access_token: str
+    expires_in: int
+    scope: str
+    refresh_token: str | None = None
+    token_type: str = "Bearer"  # noqa: S105 (a token type name, not a secret)
+
+    def as_json(self) -> dict[str, str | int]:
+        body: dict[str, str | int] = {
+            "access_token": self.access_token,
+            "token_type": self.token_type,
+            "expires_in": self.expires_in,
+            "scope": self.scope,
+        }
+        if self.refresh_token:
+            body["refresh_token"] = self.refresh_token
+        return body
+
+
+@dataclass(frozen=True)
+class CreatedApiKey:
+    key: ApiKey
+    secret: str  # the whole key, shown once
+
+
+class AuthService:
+    def __init__(
+        self,
+        db: Database,
+        signer: TokenSigner,
+        redis: Redis,
+        keys: KeySpace,
+        settings: AuthSettings,
+    ) -> None:
+        self._db = db
+        self.signer = signer
+        self._redis = redis
+        self._keys = keys.child("login")
+        self._settings = settings
+
+    # -- token endpoint grants ------------------------------------------------------------
+
+    async def password_grant(
+        self, tenant_slug: str, email: str, password: str, scope: str | None, ip: str | None
+    ) -> TokenResponse:
+        await self._throttle_login(email, ip)
+        async with self._db.session() as session:
+            tenant = await repo.tenant_by_slug(session, tenant_slug)
+        tenant_id = tenant.id if tenant and tenant.is_active else None
+        user = None
+        if tenant_id is not None:
+            async with self._db.session(tenant_id) as session:
+                user = await repo.user_by_email(session, email)
+        usable = user is not None and user.is_active and user.kind is UserKind.HUMAN
+        ok = await verify_password(user.password_hash if usable and user else None, password)
+        if not ok or user is None or tenant_id is None:
+            await self._login_failed(email, ip, tenant_id, user.id if user else None)
+            raise InvalidGrant("invalid username or password")
+        scopes = self._scopes_for(user.role, scope)
+        async with self._db.session(tenant_id) as session:
+            refresh = await self._new_refresh(session, user, scopes, family_id=uuid.uuid4())
+            await record(
+                session,
+                "login",
+                Outcome.SUCCESS,
+                tenant_id=tenant_id,
+                actor_id=user.id,
+                ip=ip,
+                grant="password",
+            )
+        return self._tokens(user, scopes, refresh, tenant.plan if tenant else "")
+
+    async def client_credentials_grant(
+        self, client_id: str, client_secret: str, scope: str | None, ip: str | None
+    ) -> TokenResponse:
+        async with self._db.session() as session:
+            tenant_id = await repo.tenant_of(session, "sightline_find_oauth_client", client_id)
+        if tenant_id is None:
+            raise InvalidClient("unknown client or wrong secret")
+        async with self._db.session(tenant_id) as session:
+            client = await repo.client_by_id(session, client_id)
+            user = await repo.user_by_id(session, client.user_id) if client else None
+            if (
+                client is None
+                or client.revoked_at is not None
+                or user is None
+                or not user.is_active
+                or not matches(client_secret, client.secret_hash)
+            ):
+                await record(
+                    session,
+                    "login",
+                    Outcome.FAILURE,
+                    tenant_id=tenant_id,
+                    ip=ip,
+                    grant="client_credentials",
+                    client_id=client_id,
+                )
+                raise InvalidClient("unknown client or wrong secret")
+            allowed = grant(user.role, frozenset(Scope(s) for s in client.scopes))
+            scopes = self._narrow(allowed, scope)
+            await record(
+                session,
+                "login",
+                Outcome.SUCCESS,
+                tenant_id=tenant_id,
+                actor_id=user.id,
+                ip=ip,
+                grant="client_credentials",
+            )
+            plan = await repo.plan_of(session, tenant_id)
+        return self._tokens(user, scopes, None, plan)
+
+    async def refresh_grant(
+        self, refresh_token: str, scope: str | None, ip: str | None
+    ) -> TokenResponse:
+        token_hash = digest(refresh_token)
+        async with self._db.session() as session:
+            tenant_id = await repo.tenant_of(session, "sightline_find_refresh_token", token_hash)
+        if tenant_id is None:
+            raise InvalidGrant("invalid refresh token")
+        reused = False
+        async with self._db.session(tenant_id) as session:
+            row = await repo.refresh_token_by_hash(session, token_hash)
+            if row is None:
+                raise InvalidGrant("invalid refresh token")
+            if row.used_at is not None or row.revoked_at is not None:
+                # A used token presented again: stolen or replayed. Revoke the whole family.
+                await repo.revoke_family(session, row.family_id)
+                await record(
+                    session,
+                    "refresh_token.reuse",
+                    Outcome.DENIED,
+                    tenant_id=tenant_id,
+                    actor_id=row.user_id,
+                    ip=ip,
+                    family=str(row.family_id),
+                )
+                reused = True
+            elif row.expires_at <= datetime.now(UTC):
+                raise InvalidGrant("refresh token expired")
+            else:
+                user = await repo.user_by_id(session, row.user_id)
+                if user is None or not user.is_active:
+                    raise InvalidGrant("account disabled")
+                row.used_at = datetime.now(UTC)
+                kept = grant(user.role, frozenset(Scope(s) for s in row.scopes))
+                scopes = self._narrow(kept, scope)
+                refresh = await self._new_refresh(session, user, scopes, family_id=row.family_id)
+                plan = await repo.plan_of(session, tenant_id)
+        if reused:  # committed above: the family stays revoked
+            raise InvalidGrant("refresh token was already used; all its sessions are revoked")
+        return self._tokens(user, scopes, refresh, plan)
+
+    async def revoke_refresh(self, refresh_token: str) -> None:
+        """Logout: the token's family ends (RFC 7009 semantics: unknown tokens are fine)."""
+        token_hash = digest(refresh_token)
+        async with self._db.session() as session:
+            tenant_id = await repo.tenant_of(session, "sightline_find_refresh_token", token_hash)
+        if tenant_id is None:
+            return
+        async with self._db.session(tenant_id) as session:
+            row = await repo.refresh_token_by_hash(session, token_hash)
+            if row is not None:
+                await repo.revoke_family(session, row.family_id)
+                await record(
+                    session, "logout", Outcome.SUCCESS, tenant_id=tenant_id, actor_id=row.user_id
+                )
+
+    # -- authenticating requests ------------------------------------------------------------
+
+    async def authenticate(self, credential: str) -> Principal:
+        """A bearer access token or an API key (`sl_...`), or raises InvalidToken."""
+        credential = credential.strip()
+        if credential.lower().startswith("bearer "):
+            credential = credential[7:].strip()
+        if not credential:
+            raise InvalidToken("empty credential")
+        if api_key_prefix(credential) is not None:
+            return await self._authenticate_api_key(credential)
+        await self.signer.refresh_if_unknown(credential, self._db.session)
+        claims = self.signer.verify(credential)
+        try:
+            role = UserRole(claims.role)
+        except ValueError:
+            raise InvalidToken("invalid token: role") from None
+        return Principal(
+            user_id=claims.subject,
+            tenant_id=claims.tenant_id,
+            role=role,
+            scopes=parse_scopes(claims.scopes),
+            credential=CredentialKind.ACCESS_TOKEN,
+            expires_at=claims.expires_at,
+            plan=claims.plan,
+        )
+
+    async def _authenticate_api_key(self, key: str) -> Principal:
+        prefix = api_key_prefix(key)
+        assert prefix is not None
+        async with self._db.session() as session:
+            tenant_id = await repo.tenant_of(session, "sightline_find_api_key", prefix)
+        if tenant_id is None:
+            raise InvalidToken("invalid API key")
+        async with self._db.session(tenant_id) as session:
+            row = await repo.api_key_by_prefix(session, prefix)
+            if row is None or not matches(key, row.secret_hash):
+                raise InvalidToken("invalid API key")
+            now = datetime.now(UTC)
+            if row.revoked_at is not None or (row.expires_at and row.expires_at <= now):
+                await record(
+                    session,
+                    "api_key.rejected",
+                    Outcome.DENIED,
+                    tenant_id=tenant_id,
+                    actor_id=row.user_id,
+                    key=row.prefix,
+                    reason="revoked" if row.revoked_at else "expired",
+                )
+                rejected = True
+            else:
+                rejected = False
+                user = await repo.user_by_id(session, row.user_id)
+                if user is None or not user.is_active:
+                    raise InvalidToken("invalid API key")
+                plan = await repo.plan_of(session, tenant_id)
+                touch_after = timedelta(seconds=self._settings.api_key_touch_interval_s)
+                if row.last_used_at is None or now - row.last_used_at > touch_after:
+                    await repo.touch_api_key(session, row.id)
+        if rejected:
+            raise InvalidToken("API key revoked or expired")
+        return Principal(
+            user_id=row.user_id,
+            tenant_id=tenant_id,
+            role=user.role,
+            scopes=grant(user.role, frozenset(Scope(s) for s in row.scopes)),
+            credential=CredentialKind.API_KEY,
+            expires_at=row.expires_at.timestamp() if row.expires_at else None,
+            api_key_id=row.id,
+            plan=plan,
+        )
+
+    # -- API keys ---------------------------------------------------------------------------
+
+    async def create_api_key(
+        self,
+        principal: Principal,
+        name: str,
+        scopes: list[str] | None,
+        expires_in_days: int | None,
+    ) -> CreatedApiKey:
+        name = name.strip()
+        if not 1 <= len(name) <= 100:
+            raise ValidationFailed("name must be 1 to 100 characters", field="name")
+        if expires_in_days is not None and not 1 <= expires_in_days <= 3650:
+            raise ValidationFailed("expiresInDays must be 1 to 3650", field="expiresInDays")
+        requested = parse_scopes(scopes) if scopes is not None else principal.scopes
+        if scopes is not None and len(requested) != len(set(scopes)):
+            raise ValidationFailed("unknown scope", field="scopes")
+        if not requested <= principal.scopes:  # a key never holds more than its creator
+            raise MissingScope("a key cannot have scopes its creator does not hold")
+        secret, prefix = new_api_key()
+        expires = datetime.now(UTC) + timedelta(days=expires_in_days) if expires_in_days else None
+        async with self._db.session(principal.tenant_id) as session:
+            row = ApiKey(
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                name=name,
+                prefix=prefix,
+                secret_hash=digest(secret),
+                scopes=sorted(requested),
+                expires_at=expires,
+                created_at=datetime.now(UTC),
+            )
+            session.add(row)
+            await session.flush()
+            await record(
+                session,
+                "api_key.created",
+                Outcome.SUCCESS,
+                tenant_id=principal.tenant_id,
+                actor_id=principal.user_id,
+                key=prefix,
+                scopes=sorted(requested),
+            )
+        return CreatedApiKey(row, secret)
+
+    async def revoke_api_key(self, principal: Principal, key_id: uuid.UUID) -> ApiKey:
+        async with self._db.session(principal.tenant_id) as session:
+            keys = await repo.api_keys_of(session, None)
+            row = next((k for k in keys if k.id == key_id), None)
+            # Another tenant's key is invisible (RLS); another user's needs the admin scope.
+            if row is None or (row.user_id != principal.user_id and not principal.has(Scope.ADMIN)):
+                raise NotFound("no such API key", id=str(key_id))
+            if row.revoked_at is None:
+                row.revoked_at = datetime.now(UTC)
+                await record(
+                    session,
+                    "api_key.revoked",
+                    Outcome.SUCCESS,
+                    tenant_id=principal.tenant_id,
+                    actor_id=principal.user_id,
+                    key=row.prefix,
+                )
+        return row
+
+    async def api_keys(self, principal: Principal, all_users: bool) -> list[ApiKey]:
+        async with self._db.session(principal.tenant_id) as session:
+            return await repo.api_keys_of(session, None if all_users else principal.user_id)
+
+    # -- users and clients ------------------------------------------------------------------
+
+    async def create_user(
+        self,
+        *,
+        tenant_id: uuid.UUID,
+        email: str,
+        password: str | None,
+        role: UserRole,
+        kind: UserKind = UserKind.HUMAN,
+        display_name: str = "",
+    ) -> User:
+        email = email.strip()
+        if "@" not in email[1:] or len(email) > 320:
+            raise ValidationFailed("not an email address", field="email")
+        if password is not None and len(password) < MIN_PASSWORD_LENGTH:
+            raise ValidationFailed(
+                f"password must have at least {MIN_PASSWORD_LENGTH} characters", field="password"
+            )
+        password_hash = await hash_password(password) if password else None
+        try:
+            async with self._db.session(tenant_id) as session:
+                user = User(
+                    tenant_id=tenant_id,
+                    email=email,
+                    role=role,
+                    kind=kind,
+                    display_name=display_name,
+                    password_hash=password_hash,
+                )
+                session.add(user)
+                await session.flush()
+        except IntegrityError:
+            raise Conflict("a user with this email exists", field="email") from None
+        return user
+
+    async def list_users(self, principal: Principal) -> list[User]:
+        async with self._db.session(principal.tenant_id) as session:
+            return await repo.users(session)
+
+    async def invite_user(
+        self, principal: Principal, email: str, role: UserRole, display_name: str = ""
+    ) -> tuple[User, str]:
+        """A new user with a one-time password to hand over (no mail server is assumed)."""
+        if role is UserRole.OWNER and principal.role is not UserRole.OWNER:
+            raise MissingScope("only an owner can make an owner")
+        password = secrets.token_urlsafe(12)
+        user = await self.create_user(
+            tenant_id=principal.tenant_id,
+            email=email,
+            password=password,
+            role=role,
+            display_name=display_name,
+        )
+        async with self._db.session(principal.tenant_id) as session:
+            await record(
+                session,
+                "user.invited",
+                Outcome.SUCCESS,
+                tenant_id=principal.tenant_id,
+                actor_id=principal.user_id,
+                user=str(user.id),
+                role=role.value,
+            )
+        return user, password
+
+    async def set_role(self, principal: Principal, user_id: uuid.UUID, role: UserRole) -> User:
+        async with self._db.session(principal.tenant_id) as session:
+            user = await repo.user_by_id(session, user_id)
+            if user is None:
+                raise NotFound("no such user", id=str(user_id))
+            touches_owner = UserRole.OWNER in (role, user.role)
+            if touches_owner and principal.role is not UserRole.OWNER:
+                raise MissingScope("only an owner can grant or remove the owner role")
+            if (
+                user.role is UserRole.OWNER
+                and role is not UserRole.OWNER
+                and await repo.owners_count(session) <= 1
+            ):
+                raise Conflict("a tenant keeps at least one owner")
+            previous, user.role = user.role, role
+            await record(
+                session,
+                "user.role_changed",
+                Outcome.SUCCESS,
+                tenant_id=principal.tenant_id,
+                actor_id=principal.user_id,
+                user=str(user.id),
+                role=role.value,
+                previous=previous.value,
+            )
+        return user
+
+    async def audit_events(
+        self, principal: Principal, first: int, event: str | None, before_id: int | None
+    ) -> list[AuditEvent]:
+        if not 1 <= first <= 500:
+            raise ValidationFailed("first must be 1 to 500", field="first")
+        async with self._db.session(principal.tenant_id) as session:
+            return await repo.audit_events(session, first, event, before_id)
+
+    async def record_denial(self, principal: Principal | None, what: str, ip: str | None) -> None:
+        async with self._db.session(principal.tenant_id if principal else None) as session:
+            await record(
+                session,
+                "permission.denied",
+                Outcome.DENIED,
+                tenant_id=principal.tenant_id if principal else None,
+                actor_id=principal.user_id if principal else None,
+                ip=ip,
+                what=what,
+            )
+
+    async def create_client(
+        self, tenant_id: uuid.UUID, user_id: uuid.UUID, scopes: list[str]
+    ) -> tuple[OAuthClient, str]:
+        client_id, secret = new_client()
+        async with self._db.session(tenant_id) as session:
+            client = OAuthClient(
+                tenant_id=tenant_id,
+                user_id=user_id,
+                client_id=client_id,
+                secret_hash=digest(secret),
+                scopes=sorted(parse_scopes(scopes)),
+            )
+            session.add(client)
+            await session.flush()
+        return client, secret
+
+    async def ensure_tenant(self, slug: str, name: str, plan: str = "free") -> Tenant:
+        async with self._db.session() as session:
+            tenant = await repo.tenant_by_slug(session, slug)
+            if tenant is None:
+                tenant = Tenant(slug=slug, name=name, plan=plan)
+                session.add(tenant)
+                await session.flush()
+        return tenant
+
+    async def bootstrap_admin(self) -> str | None:
+        """The first tenant and admin, on a database with no tenant. Returns a generated
+        password to show once (None when the settings supplied one or nothing was made)."""
+        async with self._db.session() as session:
+            if await repo.tenant_by_slug(session, self._settings.bootstrap_tenant) is not None:
+                return None
+        tenant = await self.ensure_tenant(self._settings.bootstrap_tenant, "Default")
+        configured = self._settings.bootstrap_admin_password
+        password = configured.get_secret_value() if configured else secrets.token_urlsafe(12)
+        await self.create_user(
+            tenant_id=tenant.id,
+            email=self._settings.bootstrap_admin_email,
+            password=password,
+            role=UserRole.OWNER,
+            display_name="Administrator",
+        )
+        return None if configured else password
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _scopes_for(self, role: UserRole, scope: str | None) -> frozenset[Scope]:
+        return self._narrow(grant(role, None), scope)
+
+    @staticmethod
+    def _narrow(allowed: frozenset[Scope], scope: str | None) -> frozenset[Scope]:
+        if scope is None or not scope.strip():
+            return allowed
+        requested = scope.split()
+        if any(name not in Scope._value2member_map_ for name in requested):
+            raise InvalidScope("unknown scope requested")
+        narrowed = allowed & parse_scopes(requested)
+        if not narrowed:
+            raise InvalidScope("none of the requested scopes is allowed")
+        return narrowed
+
+    async def _new_refresh(
+        self, session: object, user: User, scopes: frozenset[Scope], family_id: uuid.UUID
+    ) -> str:
+        token = new_refresh_token()
+        row = RefreshToken(
+            tenant_id=user.tenant_id,
+            user_id=user.id,
+            family_id=family_id,
+            token_hash=digest(token),
+            scopes=sorted(scopes),
+            expires_at=datetime.now(UTC) + timedelta(seconds=self._settings.refresh_token_ttl_s),
+        )
+        session.add(row)  # type: ignore[attr-defined]
+        await session.flush()  # type: ignore[attr-defined]
+        return token
+
+    def _tokens(
+        self, user: User, scopes: frozenset[Scope], refresh: str | None, plan: str
+    ) -> TokenResponse:
+        access, ttl = self.signer.issue(
+            user_id=user.id,
+            tenant_id=user.tenant_id,
+            role=user.role.value,
+            scopes=sorted(scopes),
+            plan=plan,
+        )
+        return TokenResponse(
+            access_token=access,
+            expires_in=ttl,
+            scope=" ".join(sorted(scopes)),
+            refresh_token=refresh,
+        )
+
+    async def _throttle_login(self, email: str, ip: str | None) -> None:
+        limit = self._settings.login_attempts_per_15m
+        keys = [self._keys("email", email.lower())] + ([self._keys("ip", ip)] if ip else [])
+        counts = await self._redis.mget(keys)
+        if any(int(c or 0) >= limit for c in counts):
+            ttl = max([await self._redis.ttl(k) for k in keys] + [1])
+            async with self._db.session() as session:
+                await record(session, "login.throttled", Outcome.DENIED, ip=ip, email=email)
+            raise RateLimited("too many failed logins; try again later", retry_after_s=ttl)
+
+    async def _login_failed(
+        self, email: str, ip: str | None, tenant_id: uuid.UUID | None, user_id: uuid.UUID | None
+    ) -> None:
+        keys = [self._keys("email", email.lower())] + ([self._keys("ip", ip)] if ip else [])
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for key in keys:
+                pipe.incr(key)
+                pipe.expire(key, _LOGIN_WINDOW_S, nx=True)
+            await pipe.execute()
+        async with self._db.session(tenant_id) as session:
+            await record(
+                session,
+                "login",
+                Outcome.FAILURE,
+                tenant_id=tenant_id,
+                actor_id=user_id,
+                ip=ip,
+                email=email,
+            )
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+
+def require_request_field(value: str | None, name: str) -> str:
+    if not value:
+        raise InvalidRequest(f"missing {name}")
+    return value

@@ -1,0 +1,36 @@
+"""Every operation takes from its caller's allowance; the remainder is reported in extensions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from strawberry.extensions import SchemaExtension
+
+from backend.graphql.extensions import operation_type
+
+
+class RateLimits(SchemaExtension):
+    """Per principal (or client IP when anonymous) and operation class: query, mutation,
+    subscription. Costlier classes (chat runs, vision jobs, ingestion) are taken by the
+    services that start them."""
+
+    async def on_execute(self) -> AsyncIterator[None]:
+        kind = operation_type(self.execution_context)
+        context = self.execution_context.context
+        if kind != "unknown":
+            principal = context.principal
+            plan = principal.plan if principal else context.state.settings.limits.default_plan
+            decision = await context.services.limiter.enforce(context.rate_subject, plan, kind)
+            if decision is not None:
+                context.rate_limit = {
+                    "class": kind,
+                    "limit": decision.limit,
+                    "remaining": decision.remaining,
+                    "resetAfter": round(decision.reset_after_s, 3),
+                }
+        yield
+
+    def get_results(self) -> dict[str, Any]:
+        rate_limit = getattr(self.execution_context.context, "rate_limit", None)
+        return {"rateLimit": rate_limit} if rate_limit else {}
