@@ -6,6 +6,7 @@ import uuid
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.core.models import AuditEvent
@@ -27,8 +28,10 @@ async def record(
     ip: str | None = None,
     **details: Any,
 ) -> None:
-    session.add(
-        AuditEvent(
+    # A plain INSERT (no RETURNING): events with no tenant yet (a login for an unknown tenant)
+    # may be written by the app role, though row-level security does not let it read them back.
+    await session.execute(
+        insert(AuditEvent).values(
             tenant_id=tenant_id,
             actor_id=actor_id,
             event=event,
@@ -37,4 +40,3 @@ async def record(
             details={k: v for k, v in details.items() if v is not None},
         )
     )
-    await session.flush()

@@ -180,7 +180,7 @@ class AuthService:
             row = await repo.refresh_token_by_hash(session, token_hash)
             if row is None:
                 raise InvalidGrant("invalid refresh token")
-            if row.used_at is not None or row.revoked_at is not None:
+            if row.used_at is not None:
                 # A used token presented again: stolen or replayed. Revoke the whole family.
                 await repo.revoke_family(session, row.family_id)
                 await record(
@@ -193,6 +193,8 @@ class AuthService:
                     family=str(row.family_id),
                 )
                 reused = True
+            elif row.revoked_at is not None:
+                raise InvalidGrant("refresh token revoked")
             elif row.expires_at <= datetime.now(UTC):
                 raise InvalidGrant("refresh token expired")
             else:

@@ -92,6 +92,8 @@ class AuditEvent(Base):
     """A security event: logins, failures, token reuse, key changes, permission denials."""
 
     __tablename__ = "audit_events"
+    # No RETURNING: rows without a tenant are writable but not readable by the app role.
+    __table_args__ = {"implicit_returning": False}  # noqa: RUF012
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     tenant_id: Mapped[uuid.UUID | None] = mapped_column(
