@@ -33,7 +33,7 @@ class _HasScope(BasePermission):
         principal: Principal = info.context.require_principal()
         if not principal.has(self.scope):
             await info.context.services.auth.record_denial(
-                principal, f"{info.parent_type.name}.{info.field_name}", info.context.client_ip
+                principal, f"{info.path.typename}.{info.field_name}", info.context.client_ip
             )
             raise MissingScope(self.message, scope=self.scope.value)
         return True

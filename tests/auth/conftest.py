@@ -34,13 +34,22 @@ async def token(client: AsyncClient, **form: str) -> dict:
 
 
 async def sign_in(client: AsyncClient, tenant: Tenant, email: str) -> Account:
-    body = await token(client, grant_type="password", tenant=tenant.slug, username=email,
-                       password=PASSWORD)
+    body = await token(
+        client, grant_type="password", tenant=tenant.slug, username=email, password=PASSWORD
+    )
     assert body["status"] == 200, body
-    me = await client.post("/graphql", json={"query": "{ me { userId } }"},
-                           headers={"authorization": f"Bearer {body['access_token']}"})
-    return Account(tenant, email, uuid.UUID(me.json()["data"]["me"]["userId"]),
-                   body["access_token"], body["refresh_token"])
+    me = await client.post(
+        "/graphql",
+        json={"query": "{ me { userId } }"},
+        headers={"authorization": f"Bearer {body['access_token']}"},
+    )
+    return Account(
+        tenant,
+        email,
+        uuid.UUID(me.json()["data"]["me"]["userId"]),
+        body["access_token"],
+        body["refresh_token"],
+    )
 
 
 @pytest.fixture
@@ -53,8 +62,9 @@ async def make_tenant(services: Services, *roles: UserRole) -> tuple[Tenant, lis
     emails = []
     for i, role in enumerate(roles):
         email = f"{role.value}{i}@{tenant.slug}.example"
-        await services.auth.create_user(tenant_id=tenant.id, email=email, password=PASSWORD,
-                                        role=role)
+        await services.auth.create_user(
+            tenant_id=tenant.id, email=email, password=PASSWORD, role=role
+        )
         emails.append(email)
     return tenant, emails
 
@@ -68,8 +78,9 @@ async def owner(client: AsyncClient, services: Services) -> Account:
 @pytest.fixture
 async def member(client: AsyncClient, services: Services, owner: Account) -> Account:
     email = f"member@{owner.tenant.slug}.example"
-    await services.auth.create_user(tenant_id=owner.tenant.id, email=email, password=PASSWORD,
-                                    role=UserRole.MEMBER)
+    await services.auth.create_user(
+        tenant_id=owner.tenant.id, email=email, password=PASSWORD, role=UserRole.MEMBER
+    )
     return await sign_in(client, owner.tenant, email)
 
 

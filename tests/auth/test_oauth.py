@@ -10,8 +10,9 @@ from tests.auth.conftest import PASSWORD, Account, make_tenant, token
 
 
 async def test_password_grant_issues_tokens(client: AsyncClient, owner: Account) -> None:
-    response = await client.post("/graphql", json={"query": "{ me { role scopes credential } }"},
-                                 headers=owner.headers)
+    response = await client.post(
+        "/graphql", json={"query": "{ me { role scopes credential } }"}, headers=owner.headers
+    )
     me = response.json()["data"]["me"]
     assert me["role"] == "OWNER"
     assert "admin" in me["scopes"]
@@ -21,12 +22,27 @@ async def test_password_grant_issues_tokens(client: AsyncClient, owner: Account)
 async def test_wrong_password_and_unknown_user_look_the_same(
     client: AsyncClient, owner: Account
 ) -> None:
-    wrong = await token(client, grant_type="password", tenant=owner.tenant.slug,
-                        username=owner.email, password="nope-nope-nope")
-    unknown = await token(client, grant_type="password", tenant=owner.tenant.slug,
-                          username="ghost@example.com", password=PASSWORD)
-    unknown_tenant = await token(client, grant_type="password", tenant="no-such-tenant",
-                                 username=owner.email, password=PASSWORD)
+    wrong = await token(
+        client,
+        grant_type="password",
+        tenant=owner.tenant.slug,
+        username=owner.email,
+        password="nope-nope-nope",
+    )
+    unknown = await token(
+        client,
+        grant_type="password",
+        tenant=owner.tenant.slug,
+        username="ghost@example.com",
+        password=PASSWORD,
+    )
+    unknown_tenant = await token(
+        client,
+        grant_type="password",
+        tenant="no-such-tenant",
+        username=owner.email,
+        password=PASSWORD,
+    )
     for body in (wrong, unknown, unknown_tenant):
         assert body["status"] == 400
         assert body["error"] == "invalid_grant"
@@ -40,11 +56,23 @@ async def test_unsupported_grant_and_missing_fields(client: AsyncClient) -> None
 
 
 async def test_scope_can_be_narrowed_not_widened(client: AsyncClient, member: Account) -> None:
-    narrowed = await token(client, grant_type="password", tenant=member.tenant.slug,
-                           username=member.email, password=PASSWORD, scope="chat")
+    narrowed = await token(
+        client,
+        grant_type="password",
+        tenant=member.tenant.slug,
+        username=member.email,
+        password=PASSWORD,
+        scope="chat",
+    )
     assert narrowed["scope"] == "chat"
-    widened = await token(client, grant_type="password", tenant=member.tenant.slug,
-                          username=member.email, password=PASSWORD, scope="admin")
+    widened = await token(
+        client,
+        grant_type="password",
+        tenant=member.tenant.slug,
+        username=member.email,
+        password=PASSWORD,
+        scope="admin",
+    )
     assert widened["error"] == "invalid_scope"
 
 
@@ -72,8 +100,9 @@ async def test_refresh_rotates_and_reuse_revokes_the_family(
 
 
 async def test_logout_ends_the_session(client: AsyncClient, owner: Account) -> None:
-    assert (await client.post("/oauth/revoke", data={"token": owner.refresh_token})).status_code \
-        == 200
+    assert (
+        await client.post("/oauth/revoke", data={"token": owner.refresh_token})
+    ).status_code == 200
     body = await token(client, grant_type="refresh_token", refresh_token=owner.refresh_token)
     assert body["error"] == "invalid_grant"
 
@@ -83,17 +112,28 @@ async def test_brute_force_is_throttled_and_audited(
 ) -> None:
     limit = services.auth._settings.login_attempts_per_15m
     for _ in range(limit):
-        body = await token(client, grant_type="password", tenant=owner.tenant.slug,
-                           username=owner.email, password="guess-guess-guess")
+        body = await token(
+            client,
+            grant_type="password",
+            tenant=owner.tenant.slug,
+            username=owner.email,
+            password="guess-guess-guess",
+        )
         assert body["status"] == 400
-    blocked = await token(client, grant_type="password", tenant=owner.tenant.slug,
-                          username=owner.email, password=PASSWORD)  # even the right one
+    blocked = await token(
+        client,
+        grant_type="password",
+        tenant=owner.tenant.slug,
+        username=owner.email,
+        password=PASSWORD,
+    )  # even the right one
     assert blocked["status"] == 429
     assert blocked["error"] == "slow_down"
     assert blocked["retry_after"] > 0
 
     audit = await client.post(
-        "/graphql", json={"query": '{ auditEvents(event: "login", first: 100) { outcome } }'},
+        "/graphql",
+        json={"query": '{ auditEvents(event: "login", first: 100) { outcome } }'},
         headers=owner.headers,
     )
     outcomes = [e["outcome"] for e in audit.json()["data"]["auditEvents"]]
@@ -105,21 +145,33 @@ async def test_client_credentials_for_a_service_account(
 ) -> None:
     tenant, _ = await make_tenant(services)
     robot = await services.auth.create_user(
-        tenant_id=tenant.id, email=f"robot@{tenant.slug}.example", password=None,
-        role=UserRole.MEMBER, kind=UserKind.SERVICE,
+        tenant_id=tenant.id,
+        email=f"robot@{tenant.slug}.example",
+        password=None,
+        role=UserRole.MEMBER,
+        kind=UserKind.SERVICE,
     )
     client_row, secret = await services.auth.create_client(tenant.id, robot.id, ["vision"])
-    body = await token(client, grant_type="client_credentials",
-                       client_id=client_row.client_id, client_secret=secret)
+    body = await token(
+        client,
+        grant_type="client_credentials",
+        client_id=client_row.client_id,
+        client_secret=secret,
+    )
     assert body["status"] == 200
     assert body["scope"] == "vision"
     assert "refresh_token" not in body
-    bad = await token(client, grant_type="client_credentials",
-                      client_id=client_row.client_id, client_secret=secret + "x")
+    bad = await token(
+        client,
+        grant_type="client_credentials",
+        client_id=client_row.client_id,
+        client_secret=secret + "x",
+    )
     assert (bad["status"], bad["error"]) == (401, "invalid_client")
     # A service account cannot use the password grant.
-    nopw = await token(client, grant_type="password", tenant=tenant.slug,
-                       username=robot.email, password="")
+    nopw = await token(
+        client, grant_type="password", tenant=tenant.slug, username=robot.email, password=""
+    )
     assert nopw["status"] == 400
 
 

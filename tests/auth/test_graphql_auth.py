@@ -1,0 +1,263 @@
+"""Identity through GraphQL: API keys, roles and scopes, tenant isolation, audit, WebSockets."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+from httpx import AsyncClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend.auth.principal import CredentialKind, Principal
+from backend.auth.scopes import Scope
+from backend.auth.signing import TokenSigner
+from backend.config import Settings
+from backend.core.db import Database
+from backend.core.models import UserRole
+from backend.graphql.permissions import until_credential_expires
+from tests.auth.conftest import Account
+from tests.conftest import LiveServer
+from tests.graphql.ws import init, open_socket, receive, send
+
+
+async def gql(
+    client: AsyncClient, query: str, headers: dict[str, str] | None = None, **variables: Any
+) -> dict[str, Any]:
+    response = await client.post(
+        "/graphql", json={"query": query, "variables": variables}, headers=headers or {}
+    )
+    return response.json()
+
+
+def code(body: dict[str, Any]) -> str:
+    return body["errors"][0]["extensions"]["code"]
+
+
+CREATE_KEY = """mutation($name: String!, $scopes: [String!]) {
+  createApiKey(name: $name, scopes: $scopes) { secret apiKey { id prefix scopes } } }"""
+
+
+async def test_api_key_lifecycle(client: AsyncClient, member: Account) -> None:
+    created = await gql(client, CREATE_KEY, member.headers, name="ci", scopes=["chat"])
+    key = created["data"]["createApiKey"]
+    assert key["secret"].startswith(key["apiKey"]["prefix"] + "_")
+    assert key["apiKey"]["scopes"] == ["chat"]
+
+    as_key = {"authorization": f"Bearer {key['secret']}"}
+    me = await gql(client, "{ me { credential scopes } }", as_key)
+    assert me["data"]["me"] == {"credential": "api_key", "scopes": ["chat"]}
+    also = await gql(client, "{ me { credential } }", {"x-api-key": key["secret"]})
+    assert also["data"]["me"]["credential"] == "api_key"
+
+    listed = await gql(client, "{ apiKeys { prefix lastUsedAt } }", member.headers)
+    assert listed["data"]["apiKeys"][0]["lastUsedAt"] is not None  # use was recorded
+
+    revoked = await gql(
+        client,
+        "mutation($id: ID!) { revokeApiKey(id: $id) { revokedAt } }",
+        member.headers,
+        id=key["apiKey"]["id"],
+    )
+    assert revoked["data"]["revokeApiKey"]["revokedAt"]
+    assert code(await gql(client, "{ me { userId } }", as_key)) == "UNAUTHENTICATED"
+
+
+async def test_a_key_never_exceeds_its_creator(client: AsyncClient, member: Account) -> None:
+    body = await gql(client, CREATE_KEY, member.headers, name="x", scopes=["admin"])
+    assert code(body) == "FORBIDDEN"
+    body = await gql(client, CREATE_KEY, member.headers, name="x", scopes=["no-such-scope"])
+    assert code(body) == "BAD_USER_INPUT"
+    body = await gql(client, CREATE_KEY, member.headers, name="  ")
+    assert code(body) == "BAD_USER_INPUT"
+
+
+async def test_malformed_and_unknown_api_keys(client: AsyncClient) -> None:
+    for bad in ("sl_0123456789ab_" + "x" * 43, "sl_short", "Bearer ", "sl_" + "z" * 80):
+        body = await gql(client, "{ me { userId } }", {"authorization": bad})
+        assert code(body) == "UNAUTHENTICATED", bad
+
+
+async def test_anonymous_callers_get_public_fields_only(client: AsyncClient) -> None:
+    assert (await gql(client, "{ serverInfo { version } }"))["data"]
+    assert code(await gql(client, "{ me { userId } }")) == "UNAUTHENTICATED"
+    assert code(await gql(client, "{ users { id } }")) == "UNAUTHENTICATED"
+
+
+async def test_scopes_and_roles_are_enforced_and_denials_audited(
+    client: AsyncClient, owner: Account, member: Account
+) -> None:
+    assert code(await gql(client, "{ users { email } }", member.headers)) == "FORBIDDEN"
+    body = await gql(
+        client,
+        'mutation { inviteUser(email: "x@y.example") { temporaryPassword } }',
+        member.headers,
+    )
+    assert code(body) == "FORBIDDEN"
+    audit = await gql(
+        client, '{ auditEvents(event: "permission.denied") { actorId details } }', owner.headers
+    )
+    events = audit["data"]["auditEvents"]
+    assert {e["details"]["what"] for e in events} == {"Query.users", "Mutation.inviteUser"}
+    assert {e["actorId"] for e in events} == {str(member.user_id)}
+
+
+async def test_admin_manages_users(client: AsyncClient, owner: Account) -> None:
+    invited = await gql(
+        client,
+        'mutation { inviteUser(email: "new@x.example", role: VIEWER) '
+        "{ temporaryPassword user { id role } } }",
+        owner.headers,
+    )
+    user = invited["data"]["inviteUser"]["user"]
+    assert user["role"] == "VIEWER"
+    changed = await gql(
+        client,
+        "mutation($id: ID!) { setUserRole(userId: $id, role: ADMIN) { role } }",
+        owner.headers,
+        id=user["id"],
+    )
+    assert changed["data"]["setUserRole"]["role"] == "ADMIN"
+    # The last owner cannot be demoted.
+    last = await gql(
+        client,
+        "mutation($id: ID!) { setUserRole(userId: $id, role: MEMBER) { role } }",
+        owner.headers,
+        id=str(owner.user_id),
+    )
+    assert code(last) == "CONFLICT"
+    dup = await gql(
+        client, 'mutation { inviteUser(email: "NEW@x.example") { user { id } } }', owner.headers
+    )
+    assert code(dup) == "CONFLICT"
+
+
+async def test_other_tenants_ids_are_not_found(
+    client: AsyncClient, owner: Account, stranger: Account
+) -> None:
+    """Every field taking an id, called with an id from another tenant."""
+    key = (await gql(client, CREATE_KEY, stranger.headers, name="theirs"))["data"]
+    their_key = key["createApiKey"]["apiKey"]["id"]
+    calls = {
+        "revokeApiKey": ("mutation($id: ID!) { revokeApiKey(id: $id) { id } }", {"id": their_key}),
+        "setUserRole": (
+            "mutation($id: ID!) { setUserRole(userId: $id, role: VIEWER) { id } }",
+            {"id": str(stranger.user_id)},
+        ),
+    }
+    for name, (query, variables) in calls.items():
+        body = await gql(client, query, owner.headers, **variables)
+        assert code(body) == "NOT_FOUND", name
+    users = (await gql(client, "{ users { id } }", owner.headers))["data"]["users"]
+    assert str(stranger.user_id) not in {u["id"] for u in users}
+    keys = (await gql(client, "{ apiKeys(allUsers: true) { id } }", owner.headers))["data"]
+    assert their_key not in {k["id"] for k in keys["apiKeys"]}
+    # The stranger's key still works: nothing was revoked across the tenant boundary.
+    me = await gql(
+        client, "{ me { tenantId } }", {"authorization": f"Bearer {key['createApiKey']['secret']}"}
+    )
+    assert me["data"]["me"]["tenantId"] == str(stranger.tenant.id)
+
+
+async def test_invalid_ids_are_bad_input(client: AsyncClient, owner: Account) -> None:
+    body = await gql(client, 'mutation { revokeApiKey(id: "not-a-uuid") { id } }', owner.headers)
+    assert code(body) == "BAD_USER_INPUT"
+
+
+async def test_login_mutation_for_the_demo_ui(client: AsyncClient, owner: Account) -> None:
+    from tests.auth.conftest import PASSWORD
+
+    body = await gql(
+        client,
+        "mutation($t: String!, $e: String!, $p: String!) "
+        "{ login(tenant: $t, email: $e, password: $p) { accessToken refreshToken } }",
+        t=owner.tenant.slug,
+        e=owner.email,
+        p=PASSWORD,
+    )
+    assert body["data"]["login"]["accessToken"]
+    body = await gql(
+        client,
+        "mutation($t: String!, $e: String!) "
+        '{ login(tenant: $t, email: $e, password: "wrong-wrong") { accessToken } }',
+        t=owner.tenant.slug,
+        e=owner.email,
+    )
+    assert code(body) == "INVALID_GRANT"
+
+
+# -- WebSockets --------------------------------------------------------------------------------
+
+
+async def test_socket_with_a_bad_token_closes_4403(live_server: LiveServer) -> None:
+    from websockets.exceptions import ConnectionClosed
+
+    async with await open_socket(live_server.ws_url) as ws:
+        await send(ws, {"type": "connection_init", "payload": {"authorization": "Bearer nope"}})
+        with pytest.raises(ConnectionClosed) as closed:
+            await receive(ws)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 4403
+
+
+async def test_socket_authenticates_in_connection_init(
+    live_server: LiveServer, settings: Settings, engine: AsyncEngine
+) -> None:
+    # Access tokens need no database: sign one with the key the live server made and published.
+    signer = TokenSigner(
+        secret_key=settings.security.secret_key.get_secret_value(),
+        issuer=settings.auth.issuer,
+        audience=settings.auth.audience,
+        access_ttl_s=60,
+        clock_skew_s=0,
+        grace_s=60,
+    )
+    db = Database.connect(engine.url.render_as_string(hide_password=False), settings.database)
+    try:
+        async with db.session() as session:
+            await signer.load(session)
+    finally:
+        await db.dispose()
+    token, _ = signer.issue(
+        user_id=uuid.uuid4(), tenant_id=uuid.uuid4(), role="member", scopes=["chat"], plan="free"
+    )
+    async with await open_socket(live_server.ws_url) as ws:
+        await init(ws, {"authorization": f"Bearer {token}"})
+        await send(
+            ws,
+            {
+                "id": "1",
+                "type": "subscribe",
+                "payload": {
+                    "query": "subscription { heartbeat(intervalMs: 100, count: 1) { seq } }"
+                },
+            },
+        )
+        assert (await receive(ws))["type"] == "next"
+
+
+async def test_stream_ends_when_the_credential_expires() -> None:
+    principal = Principal(
+        user_id=__import__("uuid").uuid4(),
+        tenant_id=__import__("uuid").uuid4(),
+        role=UserRole.MEMBER,
+        scopes=frozenset({Scope.CHAT}),
+        credential=CredentialKind.ACCESS_TOKEN,
+        expires_at=time.time() + 0.3,
+    )
+
+    async def forever() -> Any:
+        n = 0
+        while True:
+            yield n
+            n += 1
+            await __import__("asyncio").sleep(0.05)
+
+    seen = []
+    from backend.auth.errors import InvalidToken
+
+    with pytest.raises(InvalidToken, match="expired"):
+        async for item in until_credential_expires(principal, forever()):
+            seen.append(item)
+    assert 3 <= len(seen) <= 8
