@@ -209,7 +209,7 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message, **exc.extensions)
+        return _error(exc.status, exc.code, exc.message, **exc.details)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -15,14 +15,22 @@ class AppError(Exception):
     code: ClassVar[str] = "INTERNAL"
     status: ClassVar[int] = 500
 
-    def __init__(self, message: str, **extensions: Any) -> None:
+    def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
         self.message = message
-        self.extensions = extensions
+        self.details = details
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        """What GraphQL puts under `extensions` and REST under `error`: the code plus details.
+
+        graphql-core copies `extensions` from an exception it wraps, so even an error raised
+        outside a resolver (an extension hook) reaches the client with its code.
+        """
+        return {"code": self.code, **self.details}
 
     def to_extensions(self) -> dict[str, Any]:
-        """What GraphQL puts under `extensions` and REST under `error`: the code plus details."""
-        return {"code": self.code, **self.extensions}
+        return self.extensions
 
 
 class ValidationFailed(AppError):

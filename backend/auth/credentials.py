@@ -35,10 +35,12 @@ def new_api_key() -> tuple[str, str]:
 
 def api_key_prefix(key: str) -> str | None:
     """The prefix of a well-formed API key, else None."""
-    if not key.startswith(API_KEY_PREFIX):
+    # Split by position: the secret part is URL-safe base64 and may itself contain "_".
+    cut = len(API_KEY_PREFIX) + _ID_CHARS
+    head, sep, secret = key[:cut], key[cut : cut + 1], key[cut + 1 :]
+    if not key.startswith(API_KEY_PREFIX) or sep != "_" or len(secret) < 32:
         return None
-    head, sep, secret = key.rpartition("_")
-    if not sep or len(head) != len(API_KEY_PREFIX) + _ID_CHARS or len(secret) < 32:
+    if any(c not in "0123456789abcdef" for c in head[len(API_KEY_PREFIX) :]):
         return None
     return head
 

@@ -112,6 +112,13 @@ class OperationObservability(SchemaExtension):
         try:
             yield
             self._finish_result(self.execution_context.result)
+        except Exception as exc:
+            # Raised by a hook (a rate limit, say): Strawberry turns it into the result after
+            # this operation ends; count it here with the code the client will see.
+            self._errors.append(shape_error(GraphQLError(str(exc), original_error=exc)))
+            if not isinstance(exc, AppError):
+                span.record_exception(exc)
+            raise
         finally:
             otel_context.detach(token)
             ctx = self.execution_context
