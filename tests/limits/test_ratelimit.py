@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from asgi_lifespan import LifespanManager
 from httpx import ASGITransport, AsyncClient
 from redis.asyncio import Redis
@@ -30,13 +31,10 @@ async def test_burst_then_refused_with_retry_after(redis: Redis, key_prefix: str
     # Another subject and another class have their own allowance.
     assert (await limiter.check("user:b", "free", "query")).allowed  # type: ignore[union-attr]
     assert (await limiter.check("user:a", "free", "mutation")).allowed  # type: ignore[union-attr]
-    try:
+    with pytest.raises(RateLimited) as limited:
         await limiter.enforce("user:a", "free", "query")
-    except RateLimited as exc:
-        assert exc.code == "RATE_LIMITED"
-        assert exc.extensions["retryAfter"] > 0
-    else:
-        raise AssertionError("not limited")
+    assert limited.value.code == "RATE_LIMITED"
+    assert limited.value.extensions["retryAfter"] > 0
 
 
 async def test_allowance_refills_at_the_rate(redis: Redis, key_prefix: str) -> None:
