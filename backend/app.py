@@ -36,7 +36,7 @@ from backend.graphql.schema import SCHEMA_FILE, schema_sdl
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
 
-__all__ = ["SCHEMA_FILE", "create_app", "schema_sdl"]
+__all__ = ["SCHEMA_FILE", "build_signer", "create_app", "schema_sdl"]
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,8 @@ class Services:
     budgets: Budgets
 
 
-async def build_services(state: AppState) -> Services:
-    settings = state.settings
-    signer = TokenSigner(
+def build_signer(settings: Settings) -> TokenSigner:
+    return TokenSigner(
         secret_key=settings.security.secret_key.get_secret_value(),
         issuer=settings.auth.issuer,
         audience=settings.auth.audience,
@@ -63,6 +62,11 @@ async def build_services(state: AppState) -> Services:
         clock_skew_s=settings.auth.clock_skew_s,
         grace_s=settings.auth.signing_key_grace_s + settings.auth.access_token_ttl_s,
     )
+
+
+async def build_services(state: AppState) -> Services:
+    settings = state.settings
+    signer = build_signer(settings)
     async with state.db.session() as session:
         await signer.load(session)
     auth = AuthService(state.db, signer, state.redis, state.keys, settings.auth)

@@ -9,7 +9,8 @@ import platform
 import shutil
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -20,12 +21,15 @@ from rich.console import Console
 from rich.table import Table
 
 from backend import __version__
+from backend.auth.service import AuthService
 from backend.config import Settings, settings_table
 from backend.core.db import Database, DatabaseUnreachable
 from backend.core.embedded import resolve_services
 from backend.core.migrations import current_revisions, head_revisions, upgrade_to_head
-from backend.core.redis import RedisUnreachable, connect_redis, ping_redis
+from backend.core.models import UserRole
+from backend.core.redis import KeySpace, RedisUnreachable, connect_redis, ping_redis
 from backend.core.telemetry import configure_logging
+from backend.errors import AppError
 from backend.inference.catalog import PACKAGED_MODELS
 
 app = typer.Typer(help="Sightline: real-time AI backend.", no_args_is_help=True)
@@ -326,3 +330,108 @@ def schema_check(
 def config() -> None:
     """Print every setting with its default and meaning (Markdown)."""
     out.print(settings_table(), markup=False, highlight=False, soft_wrap=True)
+
+
+# -- identity administration ---------------------------------------------------------------
+
+users_app = typer.Typer(help="Tenants' users.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys and token signing keys.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
+
+
+@asynccontextmanager
+async def _auth(settings: Settings) -> AsyncIterator[AuthService]:
+    """An AuthService on the configured (or embedded) database and Redis."""
+    from backend.app import build_signer
+
+    db_url = settings.database.url.get_secret_value() if settings.database.url else None
+    redis_url = settings.redis.url.get_secret_value() if settings.redis.url else None
+    services = await asyncio.to_thread(resolve_services, settings.data_dir, db_url, redis_url)
+    assert services.database_url
+    assert services.redis_url
+    db = Database.connect(services.database_url, settings.database)
+    redis = connect_redis(services.redis_url, settings.redis)
+    try:
+        await db.ping(settings.database.connect_timeout_s)
+        if settings.should_migrate_on_start:
+            await upgrade_to_head(db.engine)
+        signer = build_signer(settings)
+        async with db.session() as session:
+            await signer.load(session)
+        yield AuthService(db, signer, redis, KeySpace(settings.redis.key_prefix), settings.auth)
+    finally:
+        await redis.aclose()
+        await db.dispose()
+        await asyncio.to_thread(services.stop)
+
+
+def _run_admin(work: Callable[[AuthService], Awaitable[None]]) -> None:
+    settings = _settings()
+    configure_logging(settings.telemetry.model_copy(update={"log_level": "WARNING"}))
+
+    async def main() -> None:
+        async with _auth(settings) as auth:
+            await work(auth)
+
+    try:
+        asyncio.run(main())
+    except (DatabaseUnreachable, RedisUnreachable) as exc:
+        raise _fail(str(exc)) from None
+    except AppError as exc:
+        raise _fail(f"{exc.code}: {exc.message}") from None
+
+
+@users_app.command("create")
+def users_create(
+    tenant: Annotated[str, typer.Option(help="Tenant slug (created when missing).")],
+    email: Annotated[str, typer.Option(help="Email, the sign-in name.")],
+    role: Annotated[UserRole, typer.Option(help="Role in the tenant.")] = UserRole.MEMBER,
+    password_file: Annotated[
+        Path | None, typer.Option(help="Read the password from this file (else prompted).")
+    ] = None,
+) -> None:
+    """Create a user (and the tenant when it does not exist yet)."""
+    if password_file is not None:
+        password = password_file.read_text(encoding="utf-8").strip()
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+    async def work(auth: AuthService) -> None:
+        row = await auth.ensure_tenant(tenant, tenant)
+        user = await auth.create_user(tenant_id=row.id, email=email, password=password, role=role)
+        out.print(f"created {user.email} ({role.value}) in tenant {tenant}: {user.id}")
+
+    _run_admin(work)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant slug.")],
+    email: Annotated[str, typer.Option(help="The user the key acts for.")],
+    name: Annotated[str, typer.Option(help="A name to recognise the key by.")],
+    scope: Annotated[
+        list[str] | None, typer.Option(help="Scopes (repeat); default: all of the user's.")
+    ] = None,
+    expires_in_days: Annotated[int | None, typer.Option(help="Lifetime in days.")] = None,
+) -> None:
+    """Create an API key for a user; the key is printed once."""
+
+    async def work(auth: AuthService) -> None:
+        principal = await auth.principal_for(tenant, email)
+        created = await auth.create_api_key(principal, name, scope, expires_in_days)
+        err.print(f"key {created.key.prefix} for {email}; store it now, it is not kept:")
+        out.print(created.secret, highlight=False)
+
+    _run_admin(work)
+
+
+@keys_app.command("rotate-signing")
+def keys_rotate_signing() -> None:
+    """Start signing access tokens with a new key; old tokens stay valid until they expire."""
+
+    async def work(auth: AuthService) -> None:
+        kid = await auth.rotate_signing_key()
+        out.print(f"now signing with {kid}; replicas pick it up at the first token naming it")
+
+    _run_admin(work)

@@ -125,6 +125,20 @@ def test_serve_on_embedded_defaults(tmp_path: Path) -> None:
         }
         assert features["database.embedded"] is True
         assert features["redis.embedded"] is False  # the Redis at 6379 answered
+        # The first admin was made; its password is in a private file, never in the log.
+        password_file = tmp_path / "data" / "initial-admin-password"
+        assert oct(password_file.stat().st_mode & 0o777) == "0o600"
+        password = password_file.read_text().strip()
+        signed_in = httpx.post(
+            f"{base}/oauth/token",
+            data={
+                "grant_type": "password",
+                "tenant": "default",
+                "username": "admin@sightline.local",
+                "password": password,
+            },
+        )
+        assert signed_in.status_code == 200, signed_in.text
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
@@ -134,4 +148,71 @@ def test_serve_on_embedded_defaults(tmp_path: Path) -> None:
     messages = [line["message"] for line in lines]
     assert any(m.startswith("using embedded PostgreSQL at") for m in messages)
     assert any(m.startswith("stopped embedded postgresql") for m in messages)
+    assert any(m.startswith("first admin created") for m in messages)
+    assert password not in output
     assert not (tmp_path / "data" / "postgres" / "postmaster.pid").exists()
+
+
+def test_users_keys_and_signing_rotation(
+    env: dict[str, str], engine: object, tmp_path: Path
+) -> None:
+    import uuid
+
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    secret = tmp_path / "pw"
+    secret.write_text("a long enough password\n")
+    created = runner.invoke(
+        app,
+        [
+            "users",
+            "create",
+            "--tenant",
+            tenant,
+            "--email",
+            "ops@cli.example",
+            "--role",
+            "admin",
+            "--password-file",
+            str(secret),
+        ],
+    )
+    assert created.exit_code == 0, created.output
+    assert f"in tenant {tenant}" in created.output
+
+    again = runner.invoke(
+        app,
+        [
+            "users",
+            "create",
+            "--tenant",
+            tenant,
+            "--email",
+            "OPS@cli.example",
+            "--password-file",
+            str(secret),
+        ],
+    )
+    assert again.exit_code == 1
+    assert "CONFLICT" in again.output
+
+    key = runner.invoke(
+        app,
+        [
+            "keys",
+            "create",
+            "--tenant",
+            tenant,
+            "--email",
+            "ops@cli.example",
+            "--name",
+            "deploy",
+            "--scope",
+            "chat",
+        ],
+    )
+    assert key.exit_code == 0, key.output
+    assert key.stdout.strip().startswith("sl_")
+
+    rotated = runner.invoke(app, ["keys", "rotate-signing"])
+    assert rotated.exit_code == 0, rotated.output
+    assert "now signing with" in rotated.output

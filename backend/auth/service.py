@@ -478,6 +478,33 @@ class AuthService:
                 what=what,
             )
 
+    async def principal_for(self, tenant_slug: str, email: str) -> Principal:
+        """The principal of a user, for administration from the CLI."""
+        async with self._db.session() as session:
+            tenant = await repo.tenant_by_slug(session, tenant_slug)
+        if tenant is None:
+            raise NotFound(f"no tenant {tenant_slug!r}")
+        async with self._db.session(tenant.id) as session:
+            user = await repo.user_by_email(session, email)
+        if user is None:
+            raise NotFound(f"no user {email!r} in tenant {tenant_slug!r}")
+        return Principal(
+            user_id=user.id,
+            tenant_id=tenant.id,
+            role=user.role,
+            scopes=grant(user.role, None),
+            credential=CredentialKind.ACCESS_TOKEN,
+            plan=tenant.plan,
+        )
+
+    async def rotate_signing_key(self) -> str:
+        async with self._db.session() as session:
+            row = await self.signer.rotate(session)
+            await record(session, "signing_key.rotated", Outcome.SUCCESS, kid=row.kid)
+        async with self._db.session() as session:
+            await self.signer.load(session)
+        return row.kid
+
     async def create_client(
         self, tenant_id: uuid.UUID, user_id: uuid.UUID, scopes: list[str]
     ) -> tuple[OAuthClient, str]:
