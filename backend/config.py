@@ -156,7 +156,18 @@ class GraphQLSettings(_Section):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_GRAPHQL_", extra="ignore")
 
     graphiql: bool = Field(True, description="Serve GraphiQL on GET /graphql from a browser.")
-    introspection: bool = Field(True, description="Allow schema introspection.")
+    introspection: bool | None = Field(
+        None, description="Allow schema introspection. Unset: on, except in production."
+    )
+    max_cost: int = Field(
+        5000, ge=1, description="Most fields one document may resolve (page sizes multiply)."
+    )
+    max_batch_operations: int = Field(
+        10, ge=0, description="Operations in one batched HTTP request; 0 disables batching."
+    )
+    persisted_query_ttl_s: int = Field(
+        7 * 86400, ge=60, description="How long an automatic persisted query is kept."
+    )
     max_depth: int = Field(12, ge=1, description="Deepest selection set accepted.")
     max_tokens: int = Field(4000, ge=10, description="Most tokens in one GraphQL document.")
     max_aliases: int = Field(30, ge=1, description="Most aliases in one GraphQL document.")
@@ -175,6 +186,10 @@ class GraphQLSettings(_Section):
     heartbeat_max_interval_ms: int = Field(
         60_000, ge=1, description="Longest `heartbeat(intervalMs)` a client may ask for."
     )
+
+    def introspection_enabled(self, production: bool) -> bool:
+        return self.introspection if self.introspection is not None else not production
+
     max_operation_names: int = Field(
         500, ge=1, description="Distinct operation names tracked in metrics; others are 'other'."
     )

@@ -20,7 +20,7 @@ from strawberry.subscriptions import (
 from strawberry.types.unset import UNSET
 
 from backend.auth.errors import InvalidToken
-from backend.config import Settings
+from backend.config import Environment, Settings
 from backend.graphql.context import Context, get_context
 from backend.graphql.protocols import LegacyWSHandler, TransportWSHandler
 from backend.graphql.schema import build_schema
@@ -40,6 +40,17 @@ class SightlineGraphQLRouter(GraphQLRouter[Any, None]):
     def _offline_ide_html(self) -> str:
         # Same files, same integrity hashes, served by us: GraphiQL works without internet.
         return self.graphql_ide_html.replace(_CDN, GRAPHIQL_URL)
+
+    def should_render_graphql_ide(self, request: Any) -> bool:
+        """Browsers (asking for HTML) get GraphiQL; a GET with only a persisted-query hash, or
+        from a client that accepts anything, is an operation."""
+        params = request.query_params
+        return (
+            request.method == "GET"
+            and params.get("query") is None
+            and params.get("extensions") is None
+            and "text/html" in request.headers.get("accept", "")
+        )
 
     async def render_graphql_ide(self, request: Any) -> HTMLResponse:
         return HTMLResponse(self._offline_ide_html)
@@ -77,7 +88,7 @@ class SightlineGraphQLRouter(GraphQLRouter[Any, None]):
 def graphql_router(settings: Settings) -> GraphQLRouter[Any, None]:
     gql = settings.graphql
     return SightlineGraphQLRouter(
-        build_schema(gql),
+        build_schema(gql, production=settings.env is Environment.PRODUCTION),
         path="/graphql",
         graphql_ide="graphiql" if gql.graphiql else None,
         context_getter=get_context,

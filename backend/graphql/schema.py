@@ -19,12 +19,15 @@ from strawberry.extensions import (
     SchemaExtension,
     ValidationCache,
 )
+from strawberry.schema.config import BatchingConfig, StrawberryConfig
 from strawberry.schema.schema import DEFAULT_ALLOWED_OPERATION_TYPES
 from strawberry.types.execution import ExecutionContext, ExecutionResult
 from strawberry.types.graphql import OperationType
 
 from backend.config import GraphQLSettings
+from backend.graphql.complexity import complexity_rule
 from backend.graphql.extensions import OperationObservability, is_unexpected
+from backend.graphql.persisted import PersistedQueries
 from backend.graphql.queries import Mutation, Query
 from backend.graphql.ratelimits import RateLimits
 from backend.graphql.subscriptions import Subscription
@@ -88,6 +91,7 @@ def document_limits(settings: GraphQLSettings) -> type[SchemaExtension]:
     rules = [
         *QueryDepthLimiter(max_depth=settings.max_depth).validation_rules,
         *MaxAliasesLimiter(max_alias_count=settings.max_aliases).validation_rules,
+        complexity_rule(settings.max_cost),
     ]
     max_tokens = settings.max_tokens
 
@@ -102,21 +106,31 @@ def document_limits(settings: GraphQLSettings) -> type[SchemaExtension]:
     return DocumentLimits
 
 
-def build_schema(settings: GraphQLSettings) -> strawberry.Schema:
+def build_schema(settings: GraphQLSettings, *, production: bool = False) -> strawberry.Schema:
     # Factories, not instances: Strawberry stores the operation on the extension, so a shared
     # instance would mix up concurrent operations. Limits come before the parse cache: they set
     # the parser's token limit.
     extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
         OperationObservability,
+        PersistedQueries,
         RateLimits,
         document_limits(settings),
         CachedParse,
         partial(ValidationCache, maxsize=1024),
     ]
-    if not settings.introspection:
+    if not settings.introspection_enabled(production):
         extensions.append(DisableIntrospection)
+    batching = (
+        BatchingConfig(max_operations=settings.max_batch_operations)
+        if settings.max_batch_operations
+        else None
+    )
     return SightlineSchema(
-        query=Query, mutation=Mutation, subscription=Subscription, extensions=extensions
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        extensions=extensions,
+        config=StrawberryConfig(batching_config=batching),
     )
 
 
