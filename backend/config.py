@@ -239,6 +239,12 @@ class AuthSettings(_Section):
     login_attempts_per_15m: int = Field(
         10, ge=1, description="Failed logins per email and per IP before 429 (15 min window)."
     )
+    api_key_cache_ttl_s: int = Field(
+        60,
+        ge=0,
+        description="A verified API key is trusted from Redis this long (revocation "
+        "clears it at once; role changes reach keys within it). 0: every request reads the DB.",
+    )
     api_key_touch_interval_s: int = Field(
         60, ge=1, description="How often an API key's last-used time is written."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 import uuid
@@ -92,6 +93,7 @@ class AuthService:
         self.signer = signer
         self._redis = redis
         self._keys = keys.child("login")
+        self._cache_keys = keys.child("auth")
         self._settings = settings
 
     # -- token endpoint grants ------------------------------------------------------------
@@ -252,7 +254,28 @@ class AuthService:
             plan=claims.plan,
         )
 
+    def _api_key_cache(self, secret_hash: bytes) -> str:
+        return self._cache_keys("apikey", secret_hash.hex())
+
     async def _authenticate_api_key(self, key: str) -> Principal:
+        ttl = self._settings.api_key_cache_ttl_s
+        cache_key = self._api_key_cache(digest(key))
+        if ttl and (cached := await self._redis.get(cache_key)) is not None:
+            principal = _principal_from_json(cached)
+            if principal.expires_at is None or principal.expires_at > time.time():
+                return principal
+        principal = await self._authenticate_api_key_in_db(key)
+        if ttl:
+            lifetime = (
+                ttl
+                if principal.expires_at is None
+                else min(ttl, int(principal.expires_at - time.time()))
+            )
+            if lifetime > 0:
+                await self._redis.set(cache_key, _principal_to_json(principal), ex=lifetime)
+        return principal
+
+    async def _authenticate_api_key_in_db(self, key: str) -> Principal:
         prefix = api_key_prefix(key)
         assert prefix is not None
         async with self._db.session() as session:
@@ -351,6 +374,7 @@ class AuthService:
                 raise NotFound("no such API key", id=str(key_id))
             if row.revoked_at is None:
                 row.revoked_at = datetime.now(UTC)
+                await self._redis.delete(self._api_key_cache(row.secret_hash))
                 await record(
                     session,
                     "api_key.revoked",
@@ -637,3 +661,32 @@ def require_request_field(value: str | None, name: str) -> str:
     if not value:
         raise InvalidRequest(f"missing {name}")
     return value
+
+
+def _principal_to_json(principal: Principal) -> str:
+    return json.dumps(
+        {
+            "user_id": str(principal.user_id),
+            "tenant_id": str(principal.tenant_id),
+            "role": principal.role.value,
+            "scopes": sorted(principal.scopes),
+            "credential": principal.credential.value,
+            "expires_at": principal.expires_at,
+            "api_key_id": str(principal.api_key_id) if principal.api_key_id else None,
+            "plan": principal.plan,
+        }
+    )
+
+
+def _principal_from_json(raw: bytes) -> Principal:
+    data = json.loads(raw)
+    return Principal(
+        user_id=uuid.UUID(data["user_id"]),
+        tenant_id=uuid.UUID(data["tenant_id"]),
+        role=UserRole(data["role"]),
+        scopes=parse_scopes(data["scopes"]),
+        credential=CredentialKind(data["credential"]),
+        expires_at=data["expires_at"],
+        api_key_id=uuid.UUID(data["api_key_id"]) if data["api_key_id"] else None,
+        plan=data["plan"],
+    )
