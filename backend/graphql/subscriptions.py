@@ -11,6 +11,7 @@ from strawberry.types import Info
 
 from backend.errors import ValidationFailed
 from backend.graphql.context import Context
+from backend.graphql.permissions import until_credential_expires
 from backend.graphql.types import Heartbeat
 
 MAX_HEARTBEAT_COUNT = 1_000_000
@@ -50,4 +51,5 @@ class Subscription:
             raise ValidationFailed(
                 f"count must be between 1 and {MAX_HEARTBEAT_COUNT}", field="count"
             )
-        return _ticks(interval_ms / 1000, count)
+        # On an authenticated socket the stream ends (UNAUTHENTICATED) when the token expires.
+        return until_credential_expires(info.context.principal, _ticks(interval_ms / 1000, count))

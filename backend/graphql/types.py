@@ -93,6 +93,16 @@ class ServerInfo:
                 enabled=telemetry.metrics_enabled,
                 description="Prometheus metrics on /metrics.",
             ),
+            Feature(
+                name="auth",
+                enabled=True,
+                description="OAuth 2.0 tokens (Ed25519 JWT), API keys, row-level security.",
+            ),
+            Feature(
+                name="limits",
+                enabled=state.settings.limits.enabled,
+                description="Rate limits and token/compute budgets across replicas.",
+            ),
             Feature(name="chat", enabled=False, description="Streaming chat (not yet built)."),
             Feature(name="knowledge", enabled=False, description="Knowledge base (not yet built)."),
             Feature(

@@ -146,6 +146,23 @@ async def test_other_tenants_ids_are_not_found(
             {"id": str(stranger.user_id)},
         ),
     }
+    # Every field that takes an id must be in `calls`: a new one fails here until it is.
+    schema = (
+        await gql(
+            client,
+            "{ __schema { queryType { fields { name args { type { name "
+            "ofType { name } } } } } mutationType { fields { name args { type { "
+            "name ofType { name } } } } } } }",
+        )
+    )["data"]["__schema"]
+    taking_ids = {
+        field["name"]
+        for root in (schema["queryType"], schema["mutationType"])
+        for field in root["fields"]
+        for arg in field["args"]
+        if "ID" in (arg["type"]["name"], (arg["type"]["ofType"] or {}).get("name"))
+    }
+    assert taking_ids - {"auditEvents"} == set(calls)  # auditEvents' id is a cursor, below
     for name, (query, variables) in calls.items():
         body = await gql(client, query, owner.headers, **variables)
         assert code(body) == "NOT_FOUND", name
@@ -261,3 +278,47 @@ async def test_stream_ends_when_the_credential_expires() -> None:
         async for item in until_credential_expires(principal, forever()):
             seen.append(item)
     assert 3 <= len(seen) <= 8
+
+
+async def test_subscription_ends_typed_when_the_token_expires(
+    live_server: LiveServer, settings: Settings, engine: AsyncEngine
+) -> None:
+    signer = TokenSigner(
+        secret_key=settings.security.secret_key.get_secret_value(),
+        issuer=settings.auth.issuer,
+        audience=settings.auth.audience,
+        access_ttl_s=2,
+        clock_skew_s=0,
+        grace_s=60,
+    )
+    db = Database.connect(engine.url.render_as_string(hide_password=False), settings.database)
+    try:
+        async with db.session() as session:
+            await signer.load(session)
+    finally:
+        await db.dispose()
+    token, _ = signer.issue(
+        user_id=uuid.uuid4(), tenant_id=uuid.uuid4(), role="member", scopes=["chat"], plan="free"
+    )
+    async with await open_socket(live_server.ws_url) as ws:
+        await init(ws, {"authorization": f"Bearer {token}"})
+        await send(
+            ws,
+            {
+                "id": "1",
+                "type": "subscribe",
+                "payload": {"query": "subscription { heartbeat(intervalMs: 200) { seq } }"},
+            },
+        )
+        messages = []
+        while True:
+            message = await receive(ws, timeout=10)
+            messages.append(message)
+            if message["type"] in {"error", "complete"} or message["payload"].get("errors"):
+                break
+    ticks = [m for m in messages if m["type"] == "next" and m["payload"].get("data")]
+    assert 3 <= len(ticks) <= 15
+    last = messages[-1]
+    errors = last["payload"] if last["type"] == "error" else last["payload"]["errors"]
+    assert errors[0]["extensions"]["code"] == "UNAUTHENTICATED"
+    assert "expired" in errors[0]["message"]
