@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -20,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 
 from backend import __version__
 from backend.auth.endpoints import oauth_router
+from backend.auth.oidc import OIDCLogin
 from backend.auth.service import AuthService
 from backend.auth.signing import TokenSigner
 from backend.config import Settings
@@ -51,6 +53,11 @@ class Services:
     auth: AuthService
     limiter: RateLimiter
     budgets: Budgets
+    http: httpx.AsyncClient  # outbound calls (the OIDC provider); closed with the app
+    oidc: OIDCLogin | None = None
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
 
 
 def build_signer(settings: Settings) -> TokenSigner:
@@ -74,10 +81,18 @@ async def build_services(state: AppState) -> Services:
         password = await auth.bootstrap_admin()
         if password is not None:
             _announce_first_admin(settings, password)
+    http = httpx.AsyncClient(timeout=httpx.Timeout(10.0), follow_redirects=False)
+    oidc = (
+        OIDCLogin(settings.auth, state.redis, state.keys, http)
+        if settings.auth.oidc_issuer
+        else None
+    )
     return Services(
         auth=auth,
         limiter=RateLimiter(state.redis, state.keys, settings.limits),
         budgets=Budgets(state.redis, state.keys, settings.limits),
+        http=http,
+        oidc=oidc,
     )
 
 
@@ -131,6 +146,7 @@ def create_app(
         try:
             yield {"sightline": state, "services": services}
         finally:
+            await services.aclose()
             await state.close()
 
     app = FastAPI(
@@ -142,7 +158,12 @@ def create_app(
     )
     app.state.metrics = metrics  # for operators' introspection and tests; not a service locator
     app.include_router(graphql_router(settings))
-    app.include_router(oauth_router(lambda request: request.state.services.auth))
+    app.include_router(
+        oauth_router(
+            lambda request: request.state.services.auth,
+            lambda request: request.state.services.oidc,
+        )
+    )
     if settings.graphql.graphiql:
         app.mount(GRAPHIQL_URL, StaticFiles(directory=GRAPHIQL_ASSETS), name="graphiql")
     _add_probes(app, metrics, settings)

@@ -239,6 +239,35 @@ class AuthSettings(_Section):
     login_attempts_per_15m: int = Field(
         10, ge=1, description="Failed logins per email and per IP before 429 (15 min window)."
     )
+    oidc_issuer: str | None = Field(
+        None, description="External OpenID Connect provider (issuer URL). Unset: no OIDC login."
+    )
+    oidc_client_id: str | None = Field(None, description="Client id registered at the provider.")
+    oidc_client_secret: SecretStr | None = Field(None, description="Client secret at the provider.")
+    oidc_redirect_url: str | None = Field(
+        None, description="This server's callback as registered: https://host/oauth/oidc/callback"
+    )
+    oidc_tenant: str = Field("default", description="Tenant that OIDC users sign in to.")
+    oidc_default_role: str = Field(
+        "member", description="Role of a user created at first OIDC sign-in (empty: no creation)."
+    )
+    oidc_scopes: str = Field("openid email profile", description="Scopes asked of the provider.")
+    oidc_return_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins the OIDC login may send the browser back to with its tokens (JSON).",
+    )
+
+    @model_validator(mode="after")
+    def _oidc_is_complete(self) -> AuthSettings:
+        if self.oidc_issuer and not (self.oidc_client_id and self.oidc_redirect_url):
+            raise ValueError(
+                "SIGHTLINE_AUTH_OIDC_ISSUER needs SIGHTLINE_AUTH_OIDC_CLIENT_ID and "
+                "SIGHTLINE_AUTH_OIDC_REDIRECT_URL"
+            )
+        if self.oidc_default_role not in {"", "owner", "admin", "member", "viewer"}:
+            raise ValueError("SIGHTLINE_AUTH_OIDC_DEFAULT_ROLE must be a role or empty")
+        return self
+
     api_key_cache_ttl_s: int = Field(
         60,
         ge=0,

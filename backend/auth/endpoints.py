@@ -4,20 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Annotated
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from backend.auth.errors import OAuthError, UnsupportedGrantType
+from backend.auth.errors import InvalidGrant, OAuthError, UnsupportedGrantType
+from backend.auth.oidc import OIDCLogin
 from backend.auth.service import AuthService, require_request_field
-from backend.errors import RateLimited
+from backend.errors import NotFound, RateLimited
 
 FormField = Annotated[str | None, Form()]
 
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-def oauth_router(auth_of: Callable[[Request], AuthService]) -> APIRouter:
+def _oauth_error(exc: OAuthError) -> JSONResponse:
+    return JSONResponse(
+        {"error": exc.error, "error_description": exc.message},
+        status_code=exc.status,
+        headers=_NO_STORE,
+    )
+
+
+def oauth_router(
+    auth_of: Callable[[Request], AuthService],
+    oidc_of: Callable[[Request], OIDCLogin | None],
+) -> APIRouter:
     router = APIRouter(tags=["oauth"])
 
     @router.post("/oauth/token")
@@ -58,11 +71,7 @@ def oauth_router(auth_of: Callable[[Request], AuthService]) -> APIRouter:
             else:
                 raise UnsupportedGrantType(f"grant_type {grant_type!r} is not supported")
         except OAuthError as exc:
-            return JSONResponse(
-                {"error": exc.error, "error_description": exc.message},
-                status_code=exc.status,
-                headers=_NO_STORE,
-            )
+            return _oauth_error(exc)
         except RateLimited as exc:
             return JSONResponse(
                 {
@@ -74,6 +83,46 @@ def oauth_router(auth_of: Callable[[Request], AuthService]) -> APIRouter:
                 headers={**_NO_STORE, "Retry-After": str(max(1, round(exc.retry_after_s)))},
             )
         return JSONResponse(result.as_json(), headers=_NO_STORE)
+
+    @router.get("/oauth/oidc/login", include_in_schema=True)
+    async def oidc_login(request: Request, return_to: str | None = None) -> Response:
+        """Redirects to the external OpenID Connect provider (404 when none is configured)."""
+        oidc = oidc_of(request)
+        if oidc is None:
+            raise NotFound("OIDC sign-in is not configured")
+        try:
+            return RedirectResponse(await oidc.start(return_to), status_code=302)
+        except OAuthError as exc:
+            return _oauth_error(exc)
+
+    @router.get("/oauth/oidc/callback")
+    async def oidc_callback(
+        request: Request,
+        code: str | None = None,
+        state: str | None = None,
+        error: str | None = None,
+    ) -> Response:
+        """The provider sends the browser back here; answers our tokens (or redirects with
+        them in the URL fragment to the `return_to` the login started with)."""
+        oidc = oidc_of(request)
+        if oidc is None:
+            raise NotFound("OIDC sign-in is not configured")
+        try:
+            if error:
+                raise InvalidGrant(f"the identity provider answered {error[:100]}")
+            identity = await oidc.finish(
+                require_request_field(code, "code"), require_request_field(state, "state")
+            )
+            ip = request.client.host if request.client else None
+            tokens = await auth_of(request).external_sign_in(identity, ip)
+        except OAuthError as exc:
+            return _oauth_error(exc)
+        if identity.return_to:
+            fragment = urlencode({k: str(v) for k, v in tokens.as_json().items()})
+            return RedirectResponse(
+                f"{identity.return_to}#{fragment}", status_code=303, headers=_NO_STORE
+            )
+        return JSONResponse(tokens.as_json(), headers=_NO_STORE)
 
     @router.post("/oauth/revoke")
     async def revoke(request: Request, token: FormField = None) -> JSONResponse:

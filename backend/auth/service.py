@@ -30,6 +30,7 @@ from backend.auth.errors import (
     InvalidToken,
     MissingScope,
 )
+from backend.auth.oidc import ExternalIdentity
 from backend.auth.passwords import MIN_PASSWORD_LENGTH, hash_password, verify_password
 from backend.auth.principal import CredentialKind, Principal
 from backend.auth.scopes import Scope, grant, parse_scopes
@@ -211,6 +212,41 @@ class AuthService:
         if reused:  # committed above: the family stays revoked
             raise InvalidGrant("refresh token was already used; all its sessions are revoked")
         return self._tokens(user, scopes, refresh, plan)
+
+    async def external_sign_in(self, identity: ExternalIdentity, ip: str | None) -> TokenResponse:
+        """Tokens for a user the OIDC provider vouched for; made at first sign-in if allowed."""
+        async with self._db.session() as session:
+            tenant = await repo.tenant_by_slug(session, self._settings.oidc_tenant)
+        if tenant is None or not tenant.is_active:
+            raise InvalidGrant("the OIDC tenant does not exist")
+        async with self._db.session(tenant.id) as session:
+            user = await repo.user_by_email(session, identity.email)
+        if user is None:
+            if not self._settings.oidc_default_role:
+                raise InvalidGrant("no account for this identity")
+            user = await self.create_user(
+                tenant_id=tenant.id,
+                email=identity.email,
+                password=None,
+                role=UserRole(self._settings.oidc_default_role),
+                display_name=identity.name[:200],
+            )
+        if not user.is_active or user.kind is not UserKind.HUMAN:
+            raise InvalidGrant("account disabled")
+        scopes = grant(user.role, None)
+        async with self._db.session(tenant.id) as session:
+            refresh = await self._new_refresh(session, user, scopes, family_id=uuid.uuid4())
+            await record(
+                session,
+                "login",
+                Outcome.SUCCESS,
+                tenant_id=tenant.id,
+                actor_id=user.id,
+                ip=ip,
+                grant="oidc",
+                subject=identity.subject,
+            )
+        return self._tokens(user, scopes, refresh, tenant.plan)
 
     async def revoke_refresh(self, refresh_token: str) -> None:
         """Logout: the token's family ends (RFC 7009 semantics: unknown tokens are fine)."""
