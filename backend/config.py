@@ -234,7 +234,9 @@ class AuthSettings(_Section):
         "admin@sightline.local", description="Email of the first admin (embedded default)."
     )
     bootstrap_admin_password: SecretStr | None = Field(
-        None, description="First admin's password. Unset: generated and printed once."
+        None,
+        description="First admin's password (also makes the admin on an external database). "
+        "Unset: generated into DATA_DIR/initial-admin-password on the embedded database.",
     )
     login_attempts_per_15m: int = Field(
         10, ge=1, description="Failed logins per email and per IP before 429 (15 min window)."

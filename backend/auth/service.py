@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.auth import repository as repo
 from backend.auth.audit import Outcome, record
@@ -626,7 +627,7 @@ class AuthService:
         return narrowed
 
     async def _new_refresh(
-        self, session: object, user: User, scopes: frozenset[Scope], family_id: uuid.UUID
+        self, session: AsyncSession, user: User, scopes: frozenset[Scope], family_id: uuid.UUID
     ) -> str:
         token = new_refresh_token()
         row = RefreshToken(
@@ -637,8 +638,8 @@ class AuthService:
             scopes=sorted(scopes),
             expires_at=datetime.now(UTC) + timedelta(seconds=self._settings.refresh_token_ttl_s),
         )
-        session.add(row)  # type: ignore[attr-defined]
-        await session.flush()  # type: ignore[attr-defined]
+        session.add(row)
+        await session.flush()
         return token
 
     def _tokens(
@@ -687,10 +688,6 @@ class AuthService:
                 ip=ip,
                 email=email,
             )
-
-    @staticmethod
-    def now() -> float:
-        return time.time()
 
 
 def require_request_field(value: str | None, name: str) -> str:

@@ -204,6 +204,29 @@ async def test_login_mutation_for_the_demo_ui(client: AsyncClient, owner: Accoun
     assert code(body) == "INVALID_GRANT"
 
 
+async def live_token(settings: Settings, engine: AsyncEngine, ttl_s: int) -> str:
+    """An access token the live server accepts: access tokens need no database, only the
+    signing key the live server made (read here from the shared database)."""
+    signer = TokenSigner(
+        secret_key=settings.security.secret_key.get_secret_value(),
+        issuer=settings.auth.issuer,
+        audience=settings.auth.audience,
+        access_ttl_s=ttl_s,
+        clock_skew_s=0,
+        grace_s=60,
+    )
+    db = Database.connect(engine.url.render_as_string(hide_password=False), settings.database)
+    try:
+        async with db.session() as session:
+            await signer.load(session)
+    finally:
+        await db.dispose()
+    token, _ = signer.issue(
+        user_id=uuid.uuid4(), tenant_id=uuid.uuid4(), role="member", scopes=["chat"], plan="free"
+    )
+    return token
+
+
 # -- WebSockets --------------------------------------------------------------------------------
 
 
@@ -221,24 +244,7 @@ async def test_socket_with_a_bad_token_closes_4403(live_server: LiveServer) -> N
 async def test_socket_authenticates_in_connection_init(
     live_server: LiveServer, settings: Settings, engine: AsyncEngine
 ) -> None:
-    # Access tokens need no database: sign one with the key the live server made and published.
-    signer = TokenSigner(
-        secret_key=settings.security.secret_key.get_secret_value(),
-        issuer=settings.auth.issuer,
-        audience=settings.auth.audience,
-        access_ttl_s=60,
-        clock_skew_s=0,
-        grace_s=60,
-    )
-    db = Database.connect(engine.url.render_as_string(hide_password=False), settings.database)
-    try:
-        async with db.session() as session:
-            await signer.load(session)
-    finally:
-        await db.dispose()
-    token, _ = signer.issue(
-        user_id=uuid.uuid4(), tenant_id=uuid.uuid4(), role="member", scopes=["chat"], plan="free"
-    )
+    token = await live_token(settings, engine, ttl_s=60)
     async with await open_socket(live_server.ws_url) as ws:
         await init(ws, {"authorization": f"Bearer {token}"})
         await send(
@@ -283,23 +289,7 @@ async def test_stream_ends_when_the_credential_expires() -> None:
 async def test_subscription_ends_typed_when_the_token_expires(
     live_server: LiveServer, settings: Settings, engine: AsyncEngine
 ) -> None:
-    signer = TokenSigner(
-        secret_key=settings.security.secret_key.get_secret_value(),
-        issuer=settings.auth.issuer,
-        audience=settings.auth.audience,
-        access_ttl_s=2,
-        clock_skew_s=0,
-        grace_s=60,
-    )
-    db = Database.connect(engine.url.render_as_string(hide_password=False), settings.database)
-    try:
-        async with db.session() as session:
-            await signer.load(session)
-    finally:
-        await db.dispose()
-    token, _ = signer.issue(
-        user_id=uuid.uuid4(), tenant_id=uuid.uuid4(), role="member", scopes=["chat"], plan="free"
-    )
+    token = await live_token(settings, engine, ttl_s=2)
     async with await open_socket(live_server.ws_url) as ws:
         await init(ws, {"authorization": f"Bearer {token}"})
         await send(
