@@ -259,6 +259,11 @@ class AuthSettings(_Section):
         description="Origins the OIDC login may send the browser back to with its tokens (JSON).",
     )
 
+    @field_validator("bootstrap_admin_password", "oidc_client_secret")
+    @classmethod
+    def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
     @model_validator(mode="after")
     def _oidc_is_complete(self) -> AuthSettings:
         if self.oidc_issuer and not (self.oidc_client_id and self.oidc_redirect_url):

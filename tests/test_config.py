@@ -85,3 +85,17 @@ def test_readme_lists_every_setting() -> None:
     assert settings_table() in README.read_text(encoding="utf-8"), (
         "README's configuration table is stale: paste `sightline config` into it"
     )
+
+
+def test_empty_secret_variables_count_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGHTLINE_AUTH_BOOTSTRAP_ADMIN_PASSWORD", "")
+    monkeypatch.setenv("SIGHTLINE_DATABASE_URL", "")
+    settings = Settings()
+    assert settings.auth.bootstrap_admin_password is None
+    assert settings.database.url is None
+
+
+def test_incomplete_oidc_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGHTLINE_AUTH_OIDC_ISSUER", "https://idp.example")
+    with pytest.raises(ValidationError, match="OIDC_CLIENT_ID"):
+        Settings()
