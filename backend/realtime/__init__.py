@@ -1,0 +1,1 @@
+"""Run event logs (Redis Streams), resumable subscriptions with durable cursors."""

@@ -1,0 +1,164 @@
+"""A run's events in a Redis Stream: append with a durable cursor, replay after a cursor, tail live.
+
+Every event gets the stream entry id as its position. A client that reconnects, to any replica,
+reads from its last cursor: XRANGE replays what it missed, then XREAD blocks for what comes
+next, starting exactly after the last entry delivered, so nothing is skipped or repeated.
+When a consumer falls behind, consecutive token deltas waiting for it are merged into one
+event (text joined, the last cursor kept): slow clients get fewer, larger deltas, never gaps.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+from backend.core.redis import KeySpace
+from backend.errors import AppError, ValidationFailed
+
+TOKEN_DELTA = "TokenDelta"  # noqa: S105 (an event type)
+TERMINAL_TYPES = frozenset({"RunCompleted", "RunFailed", "RunCancelled"})
+_ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+
+class EventsExpired(AppError):
+    """The run's log is gone (finished longer ago than its TTL): read the stored message."""
+
+    code = "RUN_EVENTS_EXPIRED"
+    status = 410
+
+
+@dataclass(frozen=True, slots=True)
+class RunEvent:
+    run_id: str
+    entry_id: str
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cursor(self) -> str:
+        return encode_cursor(self.run_id, self.entry_id)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+
+def encode_cursor(run_id: str, entry_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{run_id}|{entry_id}".encode()).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str, run_id: str) -> str:
+    """The stream entry id a cursor names; refuses malformed cursors and other runs' cursors."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        owner, entry_id = raw.rsplit("|", 1)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValidationFailed("malformed cursor", field="after") from None
+    if owner != run_id:
+        raise ValidationFailed("cursor belongs to another run", field="after")
+    if not _ENTRY_ID.match(entry_id):
+        raise ValidationFailed("malformed cursor", field="after")
+    return entry_id
+
+
+class RunEventLog:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: KeySpace,
+        *,
+        max_events: int = 20_000,
+        ttl_after_end_s: int = 3600,
+        block_ms: int = 15_000,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys.child("run")
+        self.max_events = max_events
+        self.ttl_after_end_s = ttl_after_end_s
+        self._block_ms = block_ms
+
+    def _key(self, run_id: str) -> str:
+        return self._keys(f"{{{run_id}}}", "events")  # hash tag: one slot per run
+
+    async def append(self, run_id: str, type_: str, data: dict[str, Any] | None = None) -> RunEvent:
+        """Adds an event; a terminal event starts the log's expiry."""
+        key = self._key(run_id)
+        fields = {"t": type_, "d": json.dumps(data or {}, separators=(",", ":"))}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(key, fields, maxlen=self.max_events, approximate=True)
+            if type_ in TERMINAL_TYPES:
+                pipe.expire(key, self.ttl_after_end_s)
+            result = await pipe.execute()
+        entry_id = _text(result[0])
+        return RunEvent(run_id, entry_id, type_, data or {})
+
+    async def exists(self, run_id: str) -> bool:
+        return bool(await self._redis.exists(self._key(run_id)))
+
+    async def read(
+        self, run_id: str, after: str | None = None, *, follow: bool = True
+    ) -> AsyncIterator[RunEvent]:
+        """Events after the cursor `after` (all when None), then live ones until a terminal event.
+
+        Raises EventsExpired when the log does not exist (never started, or expired).
+        """
+        key = self._key(run_id)
+        last = decode_cursor(after, run_id) if after else "0-0"
+        if not await self._redis.exists(key):
+            raise EventsExpired("this run's events are no longer kept; read its message instead")
+        while True:
+            batch = await self._redis.xrange(key, min=f"({last}", count=500)
+            if not batch:
+                break
+            for event in _coalesce(run_id, batch):
+                yield event
+                if event.terminal:
+                    return
+            last = _text(batch[-1][0])
+        if not follow:
+            return
+        while True:
+            response = await self._redis.xread({key: last}, block=self._block_ms, count=500)
+            if not response:
+                if not await self._redis.exists(key):  # expired while we waited
+                    raise EventsExpired("this run's events are no longer kept")
+                continue
+            entries = response[0][1]
+            for event in _coalesce(run_id, entries):
+                yield event
+                if event.terminal:
+                    return
+            last = _text(entries[-1][0])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _coalesce(run_id: str, entries: Iterable[tuple[Any, dict[Any, Any]]]) -> list[RunEvent]:
+    """Decodes entries; consecutive token deltas become one (joined text, last position)."""
+    events: list[RunEvent] = []
+    for entry_id, fields in entries:
+        type_ = _text(fields[b"t"] if b"t" in fields else fields["t"])
+        raw = fields[b"d"] if b"d" in fields else fields["d"]
+        data = json.loads(raw)
+        event = RunEvent(run_id, _text(entry_id), type_, data)
+        previous = events[-1] if events else None
+        if type_ == TOKEN_DELTA and previous is not None and previous.type == TOKEN_DELTA:
+            merged = {
+                **data,
+                "text": previous.data.get("text", "") + data.get("text", ""),
+                "index": data.get("index"),
+                "merged": previous.data.get("merged", 1) + 1,
+            }
+            events[-1] = RunEvent(run_id, event.entry_id, TOKEN_DELTA, merged)
+        else:
+            events.append(event)
+    return events

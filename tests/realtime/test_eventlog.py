@@ -1,0 +1,130 @@
+"""The run event log on the real Redis: cursors, replay + tail, resume with no gap or duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from backend.core.redis import KeySpace
+from backend.errors import ValidationFailed
+from backend.realtime.eventlog import EventsExpired, RunEventLog, encode_cursor
+
+
+@pytest.fixture
+def log(redis: Redis, key_prefix: str) -> RunEventLog:
+    return RunEventLog(redis, KeySpace(key_prefix), block_ms=200, ttl_after_end_s=60)
+
+
+async def _produce(log: RunEventLog, run: str, tokens: list[str], delay: float = 0) -> None:
+    await log.append(run, "RunStarted", {})
+    for i, token in enumerate(tokens):
+        await log.append(run, "TokenDelta", {"text": token, "index": i})
+        if delay:
+            await asyncio.sleep(delay)
+    await log.append(run, "RunCompleted", {"tokens": len(tokens)})
+
+
+async def test_replay_then_tail_until_the_terminal_event(log: RunEventLog) -> None:
+    run = uuid.uuid4().hex
+    await log.append(run, "RunStarted", {})
+    received: list[str] = []
+
+    async def consume() -> None:
+        async for event in log.read(run):
+            received.append(event.type)
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)  # the consumer is now tailing live
+    await log.append(run, "TokenDelta", {"text": "Hi", "index": 0})
+    await log.append(run, "RunCompleted", {})
+    await asyncio.wait_for(consumer, 5)
+    assert received[0] == "RunStarted"
+    assert received[-1] == "RunCompleted"
+    assert "TokenDelta" in received
+
+
+async def test_a_slow_reader_gets_merged_deltas_never_fewer_tokens(log: RunEventLog) -> None:
+    run = uuid.uuid4().hex
+    tokens = [f"t{i} " for i in range(50)]
+    await _produce(log, run, tokens)
+    events = [e async for e in log.read(run)]
+    deltas = [e for e in events if e.type == "TokenDelta"]
+    assert len(deltas) == 1  # all 50 were waiting: one merged delta
+    assert deltas[0].data["text"] == "".join(tokens)
+    assert deltas[0].data["index"] == 49
+    assert deltas[0].data["merged"] == 50
+
+
+async def test_cursors_are_checked(log: RunEventLog) -> None:
+    run, other = uuid.uuid4().hex, uuid.uuid4().hex
+    await _produce(log, run, ["a"])
+    with pytest.raises(ValidationFailed, match="another run"):
+        [e async for e in log.read(run, encode_cursor(other, "1-0"))]
+    for bad in ("%%%", "bm9wZQ", encode_cursor(run, "not-an-id")):
+        with pytest.raises(ValidationFailed, match="malformed"):
+            [e async for e in log.read(run, bad)]
+
+
+async def test_unknown_or_expired_runs_are_a_typed_error(log: RunEventLog) -> None:
+    with pytest.raises(EventsExpired) as expired:
+        [e async for e in log.read(uuid.uuid4().hex)]
+    assert expired.value.code == "RUN_EVENTS_EXPIRED"
+
+
+async def test_a_finished_log_expires(redis: Redis, key_prefix: str) -> None:
+    log = RunEventLog(redis, KeySpace(key_prefix), ttl_after_end_s=1)
+    run = uuid.uuid4().hex
+    await _produce(log, run, ["x"])
+    assert await log.exists(run)
+    await asyncio.sleep(1.2)
+    assert not await log.exists(run)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    tokens=st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=40),
+    cuts=st.lists(st.integers(min_value=1, max_value=6), min_size=0, max_size=8),
+)
+async def test_disconnect_anywhere_and_resume_with_no_gap_or_duplicate(
+    log: RunEventLog, tokens: list[str], cuts: list[int]
+) -> None:
+    """A client that drops after any number of events and resumes from its last cursor gets
+    exactly the rest, while the producer keeps going."""
+    run = uuid.uuid4().hex
+    producer = asyncio.create_task(_produce(log, run, tokens, delay=0.001))
+    await asyncio.sleep(0)
+    while not await log.exists(run):
+        await asyncio.sleep(0.001)
+    text, indexes, types, cursor = "", [], [], None
+    remaining_cuts = list(cuts)
+    done = False
+    while not done:
+        budget = remaining_cuts.pop(0) if remaining_cuts else None
+        stream = log.read(run, cursor)
+        seen = 0
+        async for event in stream:
+            types.append(event.type)
+            if event.type == "TokenDelta":
+                text += event.data["text"]
+                indexes.append(event.data["index"])
+            cursor = event.cursor
+            seen += 1
+            if event.terminal:
+                done = True
+                break
+            if budget is not None and seen >= budget:
+                break  # the client disconnects here
+        await stream.aclose()
+    await producer
+    assert text == "".join(tokens)
+    assert indexes == sorted(set(indexes))  # increasing, no index twice
+    assert indexes[-1] == len(tokens) - 1
+    assert types.count("RunStarted") == 1
+    assert types[-1] == "RunCompleted"
