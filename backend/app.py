@@ -25,6 +25,7 @@ from backend.auth.oidc import OIDCLogin
 from backend.auth.service import AuthService
 from backend.auth.signing import TokenSigner
 from backend.config import Settings
+from backend.conversations.service import ConversationService
 from backend.core.asgi import BodySizeLimitMiddleware, ObservabilityMiddleware
 from backend.core.db import Database
 from backend.core.metrics import Metrics
@@ -51,6 +52,7 @@ class Services:
     """The domain services of one app instance, built on its state by the lifespan."""
 
     auth: AuthService
+    conversations: ConversationService
     limiter: RateLimiter
     budgets: Budgets
     http: httpx.AsyncClient  # outbound calls (the OIDC provider); closed with the app
@@ -89,6 +91,7 @@ async def build_services(state: AppState) -> Services:
     )
     return Services(
         auth=auth,
+        conversations=ConversationService(state.db),
         limiter=RateLimiter(state.redis, state.keys, settings.limits),
         budgets=Budgets(state.redis, state.keys, settings.limits),
         http=http,

@@ -36,6 +36,9 @@ from backend.core.db import Database
 from backend.core.embedded import EmbeddedPostgres
 from backend.core.migrations import upgrade_to_head
 
+# Signed-in accounts (owner, member, stranger) for any test package.
+pytest_plugins = ("tests.accounts",)
+
 REDIS_URL = os.environ.get("SIGHTLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 

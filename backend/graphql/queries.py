@@ -5,6 +5,7 @@ from __future__ import annotations
 import strawberry
 
 from backend.graphql.auth import AuthMutation, AuthQuery
+from backend.graphql.chat import ChatMutation, ChatQuery
 from backend.graphql.types import ServerInfo
 
 
@@ -16,10 +17,10 @@ class PlatformQuery:
 
 
 @strawberry.type
-class Query(PlatformQuery, AuthQuery):
+class Query(PlatformQuery, AuthQuery, ChatQuery):
     pass
 
 
 @strawberry.type
-class Mutation(AuthMutation):
+class Mutation(AuthMutation, ChatMutation):
     pass

@@ -17,7 +17,7 @@ from backend.config import Settings
 from backend.core.db import Database
 from backend.core.models import UserRole
 from backend.graphql.permissions import until_credential_expires
-from tests.auth.conftest import Account
+from tests.accounts import Account
 from tests.conftest import LiveServer
 from tests.graphql.ws import init, open_socket, receive, send
 
@@ -139,8 +139,22 @@ async def test_other_tenants_ids_are_not_found(
     """Every field taking an id, called with an id from another tenant."""
     key = (await gql(client, CREATE_KEY, stranger.headers, name="theirs"))["data"]
     their_key = key["createApiKey"]["apiKey"]["id"]
+    theirs = await gql(
+        client, 'mutation { createConversation(title: "t") { id } }', stranger.headers
+    )
+    their_chat = {"id": theirs["data"]["createConversation"]["id"]}
     calls = {
         "revokeApiKey": ("mutation($id: ID!) { revokeApiKey(id: $id) { id } }", {"id": their_key}),
+        "conversation": ("query($id: ID!) { conversation(id: $id) { id } }", their_chat),
+        "renameConversation": (
+            'mutation($id: ID!) { renameConversation(id: $id, title: "x") { id } }',
+            their_chat,
+        ),
+        "archiveConversation": (
+            "mutation($id: ID!) { archiveConversation(id: $id) { id } }",
+            their_chat,
+        ),
+        "deleteConversation": ("mutation($id: ID!) { deleteConversation(id: $id) }", their_chat),
         "setUserRole": (
             "mutation($id: ID!) { setUserRole(userId: $id, role: VIEWER) { id } }",
             {"id": str(stranger.user_id)},
@@ -183,7 +197,7 @@ async def test_invalid_ids_are_bad_input(client: AsyncClient, owner: Account) ->
 
 
 async def test_login_mutation_for_the_demo_ui(client: AsyncClient, owner: Account) -> None:
-    from tests.auth.conftest import PASSWORD
+    from tests.accounts import PASSWORD
 
     body = await gql(
         client,

@@ -6,7 +6,7 @@ from httpx import AsyncClient
 
 from backend.app import Services
 from backend.core.models import UserKind, UserRole
-from tests.auth.conftest import PASSWORD, Account, make_tenant, token
+from tests.accounts import PASSWORD, Account, make_tenant, token
 
 
 async def test_password_grant_issues_tokens(client: AsyncClient, owner: Account) -> None:

@@ -15,7 +15,7 @@ from joserfc import jwt
 from joserfc.jwk import OKPKey
 
 from backend.app import Services
-from tests.auth.conftest import Account
+from tests.accounts import Account
 
 ME = {"query": "{ me { userId } }"}
 

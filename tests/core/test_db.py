@@ -129,3 +129,21 @@ async def test_a_tests_writes_are_rolled_back(engine: AsyncEngine) -> None:
         await transaction.rollback()
     async with engine.connect() as after:
         assert await after.scalar(select(Tenant.slug).where(Tenant.slug == slug)) is None
+
+
+async def test_every_tenant_table_has_row_level_security(engine: AsyncEngine) -> None:
+    from backend.core.models import TENANT_TABLES
+
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT relname, relrowsecurity FROM pg_class WHERE relname = ANY(:names)"),
+            {"names": list(TENANT_TABLES)},
+        )
+        flags = dict(rows.all())
+        policies = set(
+            await conn.scalars(
+                text("SELECT tablename FROM pg_policies WHERE policyname = 'tenant_isolation'")
+            )
+        )
+    assert flags == dict.fromkeys(TENANT_TABLES, True)
+    assert policies >= set(TENANT_TABLES)

@@ -1,6 +1,7 @@
 """Tables. Every table lives here (one module per area) so Alembic sees one metadata."""
 
 from backend.core.models.base import Base
+from backend.core.models.chat import Conversation, Message, MessageRole, Run, RunStatus
 from backend.core.models.identity import (
     ApiKey,
     AuditEvent,
@@ -19,6 +20,9 @@ TENANT_TABLES = (
     "oauth_clients",
     "audit_events",
     "usage_records",
+    "conversations",
+    "messages",
+    "runs",
 )
 
 __all__ = [
@@ -26,8 +30,13 @@ __all__ = [
     "ApiKey",
     "AuditEvent",
     "Base",
+    "Conversation",
+    "Message",
+    "MessageRole",
     "OAuthClient",
     "RefreshToken",
+    "Run",
+    "RunStatus",
     "SigningKey",
     "Tenant",
     "UsageRecord",

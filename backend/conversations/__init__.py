@@ -1,0 +1,1 @@
+"""Durable conversation and message history."""

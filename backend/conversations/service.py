@@ -1,0 +1,150 @@
+"""Conversations of a user: create, list, rename, archive, delete; append messages."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.auth.principal import Principal
+from backend.conversations import repository as repo
+from backend.core import pagination
+from backend.core.db import Database
+from backend.core.models import Conversation, Message, MessageRole
+from backend.errors import NotFound, ValidationFailed
+
+MAX_TITLE = 200
+
+
+def _title(title: str) -> str:
+    title = " ".join(title.split())
+    if len(title) > MAX_TITLE:
+        raise ValidationFailed(f"title is longer than {MAX_TITLE} characters", field="title")
+    return title
+
+
+class ConversationService:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def create(self, principal: Principal, title: str = "") -> Conversation:
+        async with self._db.session(principal.tenant_id) as session:
+            now = datetime.now(UTC)  # not now(): that is the transaction's start, shared by many
+            conversation = Conversation(
+                tenant_id=principal.tenant_id,
+                owner_id=principal.user_id,
+                title=_title(title),
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(conversation)
+            await session.flush()
+            await session.refresh(conversation)
+        return conversation
+
+    async def get(self, principal: Principal, conversation_id: uuid.UUID) -> Conversation:
+        async with self._db.session(principal.tenant_id) as session:
+            return await self._owned(session, principal, conversation_id)
+
+    async def list(
+        self, principal: Principal, first: int, after: str | None, archived: bool
+    ) -> pagination.Page[Conversation]:
+        limit = pagination.page_size(first)
+        key = None
+        if after:
+            updated, ident = pagination.decode(after, "conversation", 2)
+            try:
+                key = (datetime.fromisoformat(updated), uuid.UUID(ident))
+            except (TypeError, ValueError):
+                raise ValidationFailed("malformed cursor", field="after") from None
+        async with self._db.session(principal.tenant_id) as session:
+            rows = await repo.list_owned(session, principal.user_id, limit + 1, archived, key)
+        items = rows[:limit]
+        return pagination.Page(
+            items=items,
+            cursors=[
+                pagination.encode("conversation", c.updated_at.isoformat(), c.id) for c in items
+            ],
+            has_next=len(rows) > limit,
+        )
+
+    async def rename(
+        self, principal: Principal, conversation_id: uuid.UUID, title: str
+    ) -> Conversation:
+        async with self._db.session(principal.tenant_id) as session:
+            conversation = await self._owned(session, principal, conversation_id)
+            conversation.title = _title(title)
+            conversation.updated_at = datetime.now(UTC)
+        return conversation
+
+    async def archive(
+        self, principal: Principal, conversation_id: uuid.UUID, archived: bool
+    ) -> Conversation:
+        async with self._db.session(principal.tenant_id) as session:
+            conversation = await self._owned(session, principal, conversation_id)
+            conversation.archived_at = datetime.now(UTC) if archived else None
+        return conversation
+
+    async def delete(self, principal: Principal, conversation_id: uuid.UUID) -> None:
+        async with self._db.session(principal.tenant_id) as session:
+            conversation = await self._owned(session, principal, conversation_id)
+            await session.delete(conversation)
+
+    async def messages(
+        self, principal: Principal, conversation_id: uuid.UUID, first: int, after: str | None
+    ) -> pagination.Page[Message]:
+        limit = pagination.page_size(first)
+        after_seq = 0
+        if after:
+            (after_seq,) = pagination.decode(after, f"messages:{conversation_id}", 1)
+            if not isinstance(after_seq, int):
+                raise ValidationFailed("malformed cursor", field="after")
+        async with self._db.session(principal.tenant_id) as session:
+            await self._owned(session, principal, conversation_id)
+            rows = await repo.messages_after(session, conversation_id, after_seq, limit + 1)
+        items = rows[:limit]
+        return pagination.Page(
+            items=items,
+            cursors=[pagination.encode(f"messages:{conversation_id}", m.seq) for m in items],
+            has_next=len(rows) > limit,
+        )
+
+    @staticmethod
+    async def append(
+        session: AsyncSession,
+        conversation: Conversation,
+        role: MessageRole,
+        content: str,
+        *,
+        author_id: uuid.UUID | None = None,
+        run_id: uuid.UUID | None = None,
+        complete: bool = True,
+    ) -> Message:
+        """Adds a message at the end (the caller's unit of work; the conversation is locked)."""
+        locked = await repo.lock(session, conversation.id)
+        if locked is None:
+            raise NotFound("no such conversation", id=str(conversation.id))
+        message = Message(
+            tenant_id=conversation.tenant_id,
+            conversation_id=conversation.id,
+            seq=await repo.next_seq(session, conversation.id),
+            role=role,
+            author_id=author_id,
+            content=content,
+            run_id=run_id,
+            complete=complete,
+        )
+        session.add(message)
+        locked.updated_at = datetime.now(UTC)
+        await session.flush()
+        return message
+
+    @staticmethod
+    async def _owned(
+        session: AsyncSession, principal: Principal, conversation_id: uuid.UUID
+    ) -> Conversation:
+        conversation = await repo.owned(session, conversation_id, principal.user_id)
+        if conversation is None:  # another user's, another tenant's (RLS), or none at all
+            raise NotFound("no such conversation", id=str(conversation_id))
+        return conversation

@@ -1,0 +1,181 @@
+"""Conversations and messages in the schema (Relay-style connections)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Generic, TypeVar
+
+import strawberry
+from strawberry.types import Info
+
+from backend.auth.scopes import Scope
+from backend.core import models
+from backend.core.pagination import Page
+from backend.errors import ValidationFailed
+from backend.graphql.context import Context
+from backend.graphql.permissions import HasScope
+
+MessageRole = strawberry.enum(models.MessageRole, name="MessageRole")
+N = TypeVar("N")
+
+
+def parse_id(value: strawberry.ID, field: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise ValidationFailed(f"{field} is not a valid id", field=field) from None
+
+
+@strawberry.type
+class PageInfo:
+    has_next_page: bool
+    end_cursor: str | None
+
+
+@strawberry.type
+class Edge(Generic[N]):
+    node: N
+    cursor: str
+
+
+@strawberry.type(name="Message")
+class MessageType:
+    id: strawberry.ID
+    role: MessageRole  # type: ignore[valid-type]
+    content: str
+    complete: bool = strawberry.field(description="False when generation stopped early.")
+    run_id: strawberry.ID | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, m: models.Message) -> MessageType:
+        return cls(
+            id=strawberry.ID(str(m.id)),
+            role=m.role,
+            content=m.content,
+            complete=m.complete,
+            run_id=strawberry.ID(str(m.run_id)) if m.run_id else None,
+            created_at=m.created_at,
+        )
+
+
+@strawberry.type
+class MessageConnection:
+    edges: list[Edge[MessageType]]
+    page_info: PageInfo
+
+
+@strawberry.type(name="Conversation")
+class ConversationType:
+    id: strawberry.ID
+    title: str
+    archived: bool
+    created_at: datetime
+    updated_at: datetime
+
+    @strawberry.field
+    async def messages(
+        self, info: Info[Context, None], first: int = 50, after: str | None = None
+    ) -> MessageConnection:
+        page = await info.context.services.conversations.messages(
+            info.context.require_principal(), parse_id(self.id, "id"), first, after
+        )
+        return MessageConnection(
+            edges=[
+                Edge(node=MessageType.of(m), cursor=c)
+                for m, c in zip(page.items, page.cursors, strict=True)
+            ],
+            page_info=PageInfo(has_next_page=page.has_next, end_cursor=page.end_cursor),
+        )
+
+    @classmethod
+    def of(cls, c: models.Conversation) -> ConversationType:
+        return cls(
+            id=strawberry.ID(str(c.id)),
+            title=c.title,
+            archived=c.archived_at is not None,
+            created_at=c.created_at,
+            updated_at=c.updated_at,
+        )
+
+
+@strawberry.type
+class ConversationConnection:
+    edges: list[Edge[ConversationType]]
+    page_info: PageInfo
+
+
+def _connection(page: Page[models.Conversation]) -> ConversationConnection:
+    return ConversationConnection(
+        edges=[
+            Edge(node=ConversationType.of(c), cursor=cursor)
+            for c, cursor in zip(page.items, page.cursors, strict=True)
+        ],
+        page_info=PageInfo(has_next_page=page.has_next, end_cursor=page.end_cursor),
+    )
+
+
+CHAT = [HasScope(Scope.CHAT)]
+
+
+@strawberry.type
+class ChatQuery:
+    @strawberry.field(
+        permission_classes=CHAT, description="The caller's conversations, newest first."
+    )
+    async def conversations(
+        self,
+        info: Info[Context, None],
+        first: int = 20,
+        after: str | None = None,
+        archived: bool = False,
+    ) -> ConversationConnection:
+        page = await info.context.services.conversations.list(
+            info.context.require_principal(), first, after, archived
+        )
+        return _connection(page)
+
+    @strawberry.field(permission_classes=CHAT)
+    async def conversation(self, info: Info[Context, None], id: strawberry.ID) -> ConversationType:
+        conversation = await info.context.services.conversations.get(
+            info.context.require_principal(), parse_id(id, "id")
+        )
+        return ConversationType.of(conversation)
+
+
+@strawberry.type
+class ChatMutation:
+    @strawberry.mutation(permission_classes=CHAT)
+    async def create_conversation(
+        self, info: Info[Context, None], title: str = ""
+    ) -> ConversationType:
+        conversation = await info.context.services.conversations.create(
+            info.context.require_principal(), title
+        )
+        return ConversationType.of(conversation)
+
+    @strawberry.mutation(permission_classes=CHAT)
+    async def rename_conversation(
+        self, info: Info[Context, None], id: strawberry.ID, title: str
+    ) -> ConversationType:
+        conversation = await info.context.services.conversations.rename(
+            info.context.require_principal(), parse_id(id, "id"), title
+        )
+        return ConversationType.of(conversation)
+
+    @strawberry.mutation(permission_classes=CHAT)
+    async def archive_conversation(
+        self, info: Info[Context, None], id: strawberry.ID, archived: bool = True
+    ) -> ConversationType:
+        conversation = await info.context.services.conversations.archive(
+            info.context.require_principal(), parse_id(id, "id"), archived
+        )
+        return ConversationType.of(conversation)
+
+    @strawberry.mutation(permission_classes=CHAT)
+    async def delete_conversation(self, info: Info[Context, None], id: strawberry.ID) -> bool:
+        await info.context.services.conversations.delete(
+            info.context.require_principal(), parse_id(id, "id")
+        )
+        return True
