@@ -1,0 +1,1 @@
+"""LLM providers behind one streaming interface: OpenAI-compatible endpoints, a local model."""

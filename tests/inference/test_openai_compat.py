@@ -1,0 +1,94 @@
+"""The OpenAI-compatible provider against a real HTTP stub: streaming, retries, failures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import uvicorn
+
+from backend.inference.llm.base import (
+    ChatMessage,
+    LLMProtocolError,
+    LLMTimeout,
+    LLMUnavailable,
+)
+from backend.inference.llm.openai_compat import OpenAICompatibleProvider
+from tests.conftest import free_port
+from tests.llm_stub import LLMStub
+
+HELLO = [ChatMessage("user", "hello there general kenobi")]
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[tuple[LLMStub, str]]:
+    llm = LLMStub(tokens_per_s=200)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(llm.app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    yield llm, f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    await task
+
+
+def provider(url: str, model: str = "echo", **kwargs: float) -> OpenAICompatibleProvider:
+    return OpenAICompatibleProvider(
+        base_url=url, model=model, api_key=None, backoff_s=0.01, **kwargs
+    )
+
+
+async def test_streams_text_and_usage(stub: tuple[LLMStub, str]) -> None:
+    _, url = stub
+    chunks = [c async for c in provider(url).stream(HELLO, max_tokens=50, temperature=0)]
+    assert "".join(c.text for c in chunks) == "hello there general kenobi "
+    assert chunks[-1].completion_tokens == 4
+    assert any(c.finish_reason == "stop" for c in chunks)
+
+
+async def test_retries_before_the_first_token(stub: tuple[LLMStub, str]) -> None:
+    llm, url = stub
+    chunks = [c async for c in provider(url, "fail-2").stream(HELLO, max_tokens=5, temperature=0)]
+    assert "".join(c.text for c in chunks)
+    assert llm.calls == 3
+
+
+@pytest.mark.parametrize(
+    ("model", "error"),
+    [
+        ("fail-9", LLMUnavailable),
+        ("rate-limited", LLMUnavailable),
+        ("garbage", LLMProtocolError),
+        ("cut", LLMProtocolError),
+    ],
+)
+async def test_failures_are_typed(
+    stub: tuple[LLMStub, str], model: str, error: type[Exception]
+) -> None:
+    _, url = stub
+    with pytest.raises(error):
+        [c async for c in provider(url, model).stream(HELLO, max_tokens=5, temperature=0)]
+
+
+async def test_a_stalled_stream_times_out(stub: tuple[LLMStub, str]) -> None:
+    _, url = stub
+    slow = provider(url, "stall", timeout_s=0.5, first_token_timeout_s=2)
+    with pytest.raises(LLMTimeout):
+        [c async for c in slow.stream(HELLO, max_tokens=5, temperature=0)]
+
+
+async def test_closing_the_iterator_closes_the_upstream_stream(stub: tuple[LLMStub, str]) -> None:
+    llm, url = stub
+    llm.answer_tokens = 1000
+    stream = provider(url).stream(HELLO, max_tokens=1000, temperature=0)
+    async for _ in stream:
+        break
+    await stream.aclose()  # what a cancelled run does
+    async with asyncio.timeout(2):
+        while llm.open_streams:
+            await asyncio.sleep(0.01)
+    assert llm.closed_early == 1

@@ -1,0 +1,103 @@
+"""An OpenAI-compatible chat endpoint for tests and benchmarks: streams tokens at a set rate.
+
+The model name picks a behaviour: `echo` (answers the last user message word by word),
+`fail-<n>` (HTTP 503 for the first n calls, then echo), `rate-limited` (always 429),
+`garbage` (a malformed chunk), `cut` (closes mid-stream without finishing), `stall` (sends
+headers, then nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+class LLMStub:
+    def __init__(self, tokens_per_s: float = 1000.0, answer_tokens: int | None = None) -> None:
+        self.interval = 1.0 / tokens_per_s
+        self.answer_tokens = answer_tokens
+        self.calls = 0
+        self.failures: dict[str, int] = {}
+        self.open_streams = 0
+        self.closed_early = 0
+        self.app = Starlette(
+            routes=[Route("/v1/chat/completions", self.complete, methods=["POST"])]
+        )
+
+    def _words(self, body: dict[str, Any]) -> list[str]:
+        last = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
+        words = [w + " " for w in str(last).split()] or ["ok "]
+        if self.answer_tokens:
+            words = (words * (self.answer_tokens // len(words) + 1))[: self.answer_tokens]
+        return words
+
+    async def complete(self, request: Request) -> Response:
+        self.calls += 1
+        body = await request.json()
+        model = str(body.get("model", "echo"))
+        if model.startswith("fail-"):
+            seen = self.failures.get(model, 0)
+            if seen < int(model.split("-")[1]):
+                self.failures[model] = seen + 1
+                return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+        if model == "rate-limited":
+            return JSONResponse({"error": {"message": "slow down"}}, status_code=429)
+        return StreamingResponse(
+            self._sse(model, self._words(body)), media_type="text/event-stream"
+        )
+
+    async def _sse(self, model: str, words: list[str]) -> AsyncIterator[bytes]:
+        self.open_streams += 1
+        finished = False
+        try:
+            if model == "stall":
+                await asyncio.sleep(3600)
+            for i, word in enumerate(words):
+                if model == "garbage" and i == 1:
+                    yield b"data: {not json\n\n"
+                    return
+                if model == "cut" and i == len(words) // 2:
+                    return
+                chunk = {
+                    "id": "c",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}],
+                    "emitted_at": time.time(),
+                }
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+                await asyncio.sleep(self.interval)
+            done = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            }
+            usage = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 7,
+                    "completion_tokens": len(words),
+                    "total_tokens": 7 + len(words),
+                },
+            }
+            yield f"data: {json.dumps(done)}\n\ndata: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode()
+            finished = True
+        finally:
+            self.open_streams -= 1
+            if not finished:
+                self.closed_early += 1
