@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from backend import __version__
+from backend.agents.runs import RunService
 from backend.auth.endpoints import oauth_router
 from backend.auth.oidc import OIDCLogin
 from backend.auth.service import AuthService
@@ -36,8 +37,10 @@ from backend.core.telemetry import build_tracer_provider, configure_logging
 from backend.errors import AppError
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
+from backend.inference.llm.openai_compat import OpenAICompatibleProvider
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
+from backend.realtime.eventlog import RunEventLog
 
 __all__ = ["SCHEMA_FILE", "build_signer", "create_app", "schema_sdl"]
 
@@ -55,10 +58,16 @@ class Services:
     conversations: ConversationService
     limiter: RateLimiter
     budgets: Budgets
+    runs: RunService
     http: httpx.AsyncClient  # outbound calls (the OIDC provider); closed with the app
     oidc: OIDCLogin | None = None
+    llm: OpenAICompatibleProvider | None = None
+    grace_s: float = 10.0
 
     async def aclose(self) -> None:
+        await self.runs.close(self.grace_s)
+        if self.llm is not None:
+            await self.llm.aclose()
         await self.http.aclose()
 
 
@@ -89,13 +98,44 @@ async def build_services(state: AppState) -> Services:
         if settings.auth.oidc_issuer
         else None
     )
+    chat = settings.chat
+    llm = (
+        OpenAICompatibleProvider(
+            base_url=chat.llm_base_url,
+            model=chat.llm_model,
+            api_key=chat.llm_api_key.get_secret_value() if chat.llm_api_key else None,
+            timeout_s=chat.llm_timeout_s,
+            first_token_timeout_s=chat.llm_first_token_timeout_s,
+            retries=chat.llm_retries,
+        )
+        if chat.llm_base_url
+        else None
+    )
+    conversations = ConversationService(state.db)
+    limiter = RateLimiter(state.redis, state.keys, settings.limits)
+    budgets = Budgets(state.redis, state.keys, settings.limits)
+    runs = RunService(
+        db=state.db,
+        redis=state.redis,
+        keys=state.keys,
+        events=RunEventLog(state.redis, state.keys, ttl_after_end_s=chat.events_ttl_s),
+        conversations=conversations,
+        limiter=limiter,
+        budgets=budgets,
+        provider=lambda: llm,
+        settings=chat,
+    )
+    await runs.start()
     return Services(
         auth=auth,
-        conversations=ConversationService(state.db),
-        limiter=RateLimiter(state.redis, state.keys, settings.limits),
-        budgets=Budgets(state.redis, state.keys, settings.limits),
+        conversations=conversations,
+        limiter=limiter,
+        budgets=budgets,
+        runs=runs,
         http=http,
         oidc=oidc,
+        llm=llm,
+        grace_s=settings.server.graceful_shutdown_s,
     )
 
 

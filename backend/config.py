@@ -352,6 +352,43 @@ class LimitsSettings(_Section):
     )
 
 
+class ChatSettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_CHAT_", extra="ignore")
+
+    llm_base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint (`http://vllm:8000/v1`). Unset: no chat."
+    )
+    llm_model: str = Field("default", description="Model name sent to the endpoint.")
+    llm_api_key: SecretStr | None = Field(None, description="API key of the endpoint.")
+    llm_timeout_s: float = Field(60.0, gt=0, description="Longest silence within a stream.")
+    llm_first_token_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for the endpoint to start answering."
+    )
+    llm_retries: int = Field(
+        3, ge=0, description="Retries on connect errors, 429 and 5xx, before the first token."
+    )
+    max_message_chars: int = Field(32_000, ge=1, description="Longest user message.")
+    max_tokens: int = Field(512, ge=1, description="Most tokens one answer may have.")
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
+    history_messages: int = Field(20, ge=0, description="Earlier messages sent with a turn.")
+    system_prompt: str = Field(
+        "You are a helpful assistant.", description="System message of every turn."
+    )
+    max_active_runs_per_user: int = Field(3, ge=1, description="Runs one user may have going.")
+    run_lease_s: float = Field(
+        15.0, ge=1, description="A run whose replica stops renewing this lease is WORKER_LOST."
+    )
+    events_ttl_s: int = Field(
+        3600, ge=60, description="How long a finished run's events can still be replayed."
+    )
+    cost_per_1k_tokens: float = Field(0.0, ge=0, description="Price recorded per 1,000 tokens.")
+
+    @field_validator("llm_api_key")
+    @classmethod
+    def _empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
+
 class Settings(_Section):
     """All of Sightline's settings. `Settings()` reads the environment; tests pass sections in."""
 
@@ -372,6 +409,7 @@ class Settings(_Section):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    chat: ChatSettings = Field(default_factory=ChatSettings)
 
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
@@ -406,6 +444,7 @@ SECTIONS: tuple[type[_Section], ...] = (
     SecuritySettings,
     AuthSettings,
     LimitsSettings,
+    ChatSettings,
 )
 
 

@@ -95,7 +95,8 @@ class LLMStub:
                     "total_tokens": 7 + len(words),
                 },
             }
-            yield f"data: {json.dumps(done)}\n\ndata: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode()
+            tail = f"data: {json.dumps(done)}\n\ndata: {json.dumps(usage)}\n\ndata: [DONE]\n\n"
+            yield tail.encode()
             finished = True
         finally:
             self.open_streams -= 1

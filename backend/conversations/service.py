@@ -110,6 +110,15 @@ class ConversationService:
             has_next=len(rows) > limit,
         )
 
+    async def owned_for_update(
+        self, session: AsyncSession, principal: Principal, conversation_id: uuid.UUID
+    ) -> Conversation:
+        """The caller's conversation, locked for the rest of the unit of work."""
+        conversation = await repo.lock(session, conversation_id)
+        if conversation is None or conversation.owner_id != principal.user_id:
+            raise NotFound("no such conversation", id=str(conversation_id))
+        return conversation
+
     @staticmethod
     async def append(
         session: AsyncSession,

@@ -6,6 +6,7 @@ import strawberry
 
 from backend.graphql.auth import AuthMutation, AuthQuery
 from backend.graphql.chat import ChatMutation, ChatQuery
+from backend.graphql.runs import RunMutation, RunQuery
 from backend.graphql.types import ServerInfo
 
 
@@ -17,10 +18,10 @@ class PlatformQuery:
 
 
 @strawberry.type
-class Query(PlatformQuery, AuthQuery, ChatQuery):
+class Query(PlatformQuery, AuthQuery, ChatQuery, RunQuery):
     pass
 
 
 @strawberry.type
-class Mutation(AuthMutation, ChatMutation):
+class Mutation(AuthMutation, ChatMutation, RunMutation):
     pass

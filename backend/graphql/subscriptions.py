@@ -12,6 +12,7 @@ from strawberry.types import Info
 from backend.errors import ValidationFailed
 from backend.graphql.context import Context
 from backend.graphql.permissions import until_credential_expires
+from backend.graphql.runs import RunSubscription
 from backend.graphql.types import Heartbeat
 
 MAX_HEARTBEAT_COUNT = 1_000_000
@@ -30,7 +31,7 @@ async def _ticks(interval_s: float, count: int | None) -> AsyncGenerator[Heartbe
 
 
 @strawberry.type
-class Subscription:
+class PlatformSubscription:
     @strawberry.subscription(
         description="Ticks every `intervalMs` until `count` ticks (or forever): proves the socket."
     )
@@ -53,3 +54,8 @@ class Subscription:
             )
         # On an authenticated socket the stream ends (UNAUTHENTICATED) when the token expires.
         return until_credential_expires(info.context.principal, _ticks(interval_ms / 1000, count))
+
+
+@strawberry.type
+class Subscription(PlatformSubscription, RunSubscription):
+    pass

@@ -116,6 +116,17 @@ class Reservation:
             )
         return left
 
+    async def release(self) -> None:
+        """Gives the whole hold back, recording nothing (the run never started)."""
+        if self.settled:
+            return
+        self.settled = True
+        unused = max(0.0, self.held - self.charged)
+        if unused:
+            await self.budgets._charge(
+                keys=self.keys, args=[*self.limits, 0, unused, _DAY_TTL_S, _MONTH_TTL_S]
+            )
+
     async def settle(self, session: AsyncSession, cost_per_unit: Decimal = Decimal(0)) -> None:
         """Releases the unused hold and records the usage (in the caller's unit of work)."""
         if self.settled:

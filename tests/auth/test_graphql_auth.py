@@ -15,7 +15,7 @@ from backend.auth.scopes import Scope
 from backend.auth.signing import TokenSigner
 from backend.config import Settings
 from backend.core.db import Database
-from backend.core.models import UserRole
+from backend.core.models import Run, RunStatus, UserRole
 from backend.graphql.permissions import until_credential_expires
 from tests.accounts import Account
 from tests.conftest import LiveServer
@@ -134,7 +134,7 @@ async def test_admin_manages_users(client: AsyncClient, owner: Account) -> None:
 
 
 async def test_other_tenants_ids_are_not_found(
-    client: AsyncClient, owner: Account, stranger: Account
+    client: AsyncClient, owner: Account, stranger: Account, app: Any
 ) -> None:
     """Every field taking an id, called with an id from another tenant."""
     key = (await gql(client, CREATE_KEY, stranger.headers, name="theirs"))["data"]
@@ -143,7 +143,25 @@ async def test_other_tenants_ids_are_not_found(
         client, 'mutation { createConversation(title: "t") { id } }', stranger.headers
     )
     their_chat = {"id": theirs["data"]["createConversation"]["id"]}
+    async with app.state.sightline.db.session(stranger.tenant.id) as session:
+        their_run = Run(
+            tenant_id=stranger.tenant.id,
+            conversation_id=uuid.UUID(their_chat["id"]),
+            user_id=stranger.user_id,
+            status=RunStatus.RUNNING,
+            model="m",
+        )
+        session.add(their_run)
     calls = {
+        "sendMessage": (
+            'mutation($id: ID!) { sendMessage(conversationId: $id, content: "hi") { run { id } } }',
+            their_chat,
+        ),
+        "run": ("query($id: ID!) { run(id: $id) { id } }", {"id": str(their_run.id)}),
+        "cancelRun": (
+            "mutation($id: ID!) { cancelRun(runId: $id) { id } }",
+            {"id": str(their_run.id)},
+        ),
         "revokeApiKey": ("mutation($id: ID!) { revokeApiKey(id: $id) { id } }", {"id": their_key}),
         "conversation": ("query($id: ID!) { conversation(id: $id) { id } }", their_chat),
         "renameConversation": (

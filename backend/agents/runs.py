@@ -1,0 +1,404 @@
+"""Chat runs: one agent turn each, executed as owned background tasks with a lease in Redis.
+
+A run appends its events to the run's event log (so any replica can stream them), persists the
+answer, and settles the caller's token budget. `cancel` reaches the replica that owns the run
+through Redis pub/sub and stops generation (the provider's HTTP stream is closed). A replica that
+dies stops renewing its leases; any other replica then fails those runs with WORKER_LOST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from redis.asyncio import Redis
+from sqlalchemy import select
+
+from backend.auth.principal import Principal
+from backend.config import ChatSettings
+from backend.conversations.service import ConversationService
+from backend.core.db import Database
+from backend.core.models import Message, MessageRole, Run, RunStatus
+from backend.core.redis import KeySpace
+from backend.errors import AppError, Conflict, NotFound, ServiceUnavailable, ValidationFailed
+from backend.inference.llm.base import ChatMessage, LLMError, LLMProvider
+from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
+from backend.limits.ratelimit import RateLimiter
+from backend.realtime.eventlog import RunEvent, RunEventLog
+
+log = logging.getLogger(__name__)
+
+CANCEL_CHANNEL = "runs:cancel"
+CHARGE_EVERY = 16  # tokens charged to the budget per Redis call while streaming
+WORKER_LOST = "WORKER_LOST"
+
+
+class RunInProgress(Conflict):
+    code = "RUN_IN_PROGRESS"
+
+
+@dataclass
+class _Turn:
+    """What one executing run has produced so far."""
+
+    principal: Principal
+    run: Run
+    reservation: Reservation
+    active_key: str
+    text: list[str] = field(default_factory=list)
+    usage: tuple[int, int] = (0, 0)
+    uncharged: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    run: Run
+    user_message: Message
+
+
+class RunService:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        redis: Redis,
+        keys: KeySpace,
+        events: RunEventLog,
+        conversations: ConversationService,
+        limiter: RateLimiter,
+        budgets: Budgets,
+        provider: Callable[[], LLMProvider | None],
+        settings: ChatSettings,
+    ) -> None:
+        self._db = db
+        self._redis = redis
+        self._keys = keys.child("runs")
+        self.events = events
+        self._conversations = conversations
+        self._limiter = limiter
+        self._budgets = budgets
+        self._provider = provider
+        self._settings = settings
+        self.replica = uuid.uuid4().hex
+        self._tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._members: dict[uuid.UUID, str] = {}  # lease entries of the runs this replica owns
+        self._background: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    # -- lifecycle of the supervisor (owned by the app's lifespan) ---------------------------
+
+    async def start(self) -> None:
+        self._background = [
+            asyncio.create_task(self._listen_for_cancels(), name="runs-cancel-listener"),
+            asyncio.create_task(self._keep_leases(), name="runs-lease-keeper"),
+        ]
+
+    async def close(self, grace_s: float) -> None:
+        """Lets running turns finish for `grace_s`, then cancels them (RunFailed SHUTDOWN)."""
+        self._closing = True
+        pending = list(self._tasks.values())
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace_s)
+            for task in still:
+                task.cancel("shutdown")
+            await asyncio.gather(*still, return_exceptions=True)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- API --------------------------------------------------------------------------------
+
+    async def send_message(
+        self, principal: Principal, conversation_id: uuid.UUID, content: str
+    ) -> StartedRun:
+        content = content.strip()
+        if not content:
+            raise ValidationFailed("content is empty", field="content")
+        if len(content) > self._settings.max_message_chars:
+            raise ValidationFailed(
+                f"content is longer than {self._settings.max_message_chars} characters",
+                field="content",
+            )
+        await self._conversations.get(principal, conversation_id)  # NOT_FOUND before anything
+        provider = self._provider()
+        if provider is None or self._closing:
+            raise ServiceUnavailable("no language model is configured on this server")
+        await self._limiter.enforce(principal.subject, principal.plan, "chat_run")
+        active_key = self._keys("active", str(principal.user_id))
+        if await self._redis.scard(active_key) >= self._settings.max_active_runs_per_user:
+            raise RunInProgress("too many runs going at once; wait for one to finish")
+        reservation = await self._budgets.reserve(
+            tenant_id=principal.tenant_id,
+            user_id=principal.user_id,
+            plan=principal.plan,
+            resource=Resource.LLM_TOKENS,
+            amount=self._settings.max_tokens,
+            subject="run",
+        )
+        try:
+            async with self._db.session(principal.tenant_id) as session:
+                conversation = await self._conversations.owned_for_update(
+                    session, principal, conversation_id
+                )
+                busy = await session.scalar(
+                    select(Run.id)
+                    .where(
+                        Run.conversation_id == conversation.id,
+                        Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]),
+                    )
+                    .limit(1)
+                )
+                if busy is not None:  # double-texting policy: reject
+                    raise RunInProgress(
+                        "this conversation already has a run going", runId=str(busy)
+                    )
+                run = Run(
+                    tenant_id=principal.tenant_id,
+                    conversation_id=conversation.id,
+                    user_id=principal.user_id,
+                    status=RunStatus.QUEUED,
+                    model=provider.name,
+                )
+                session.add(run)
+                await session.flush()
+                message = await self._conversations.append(
+                    session,
+                    conversation,
+                    MessageRole.USER,
+                    content,
+                    author_id=principal.user_id,
+                    run_id=run.id,
+                )
+        except BaseException:
+            await reservation.release()
+            raise
+        reservation.subject = f"run:{run.id}"
+        await self.events.append(
+            str(run.id), "RunStarted", {"conversationId": str(conversation_id), "model": run.model}
+        )
+        await self._redis.sadd(active_key, str(run.id))
+        self._tasks[run.id] = asyncio.create_task(
+            self._execute(principal, run, provider, reservation, active_key),
+            name=f"run-{run.id}",
+        )
+        return StartedRun(run, message)
+
+    async def cancel(self, principal: Principal, run_id: uuid.UUID) -> Run:
+        run = await self.get(principal, run_id)
+        if run.status in {RunStatus.QUEUED, RunStatus.RUNNING}:
+            await self._redis.publish(self._keys(CANCEL_CHANNEL), str(run.id))
+        return run
+
+    async def get(self, principal: Principal, run_id: uuid.UUID) -> Run:
+        async with self._db.session(principal.tenant_id) as session:
+            run = await session.get(Run, run_id)
+        if run is None or run.user_id != principal.user_id:
+            raise NotFound("no such run", id=str(run_id))
+        return run
+
+    async def stream(
+        self, principal: Principal, run_id: uuid.UUID, after: str | None
+    ) -> AsyncIterator[RunEvent]:
+        await self.get(principal, run_id)  # authorisation: the caller's own run
+        return self.events.read(str(run_id), after)
+
+    # -- execution ----------------------------------------------------------------------------
+
+    async def _execute(
+        self,
+        principal: Principal,
+        run: Run,
+        provider: LLMProvider,
+        reservation: Reservation,
+        active_key: str,
+    ) -> None:
+        turn = _Turn(principal, run, reservation, active_key)
+        self._members[run.id] = self._member(run)
+        await self._redis.zadd(self._keys("leases"), {self._member(run): self._deadline()})
+        outcome, code, detail = RunStatus.COMPLETED, None, ""
+        try:
+            await self._generate(turn, provider)
+        except asyncio.CancelledError:
+            outcome = RunStatus.CANCELLED
+            if self._closing:
+                outcome, code, detail = RunStatus.FAILED, "SERVER_SHUTDOWN", "server shut down"
+        except (BudgetExceeded, AppError) as exc:
+            outcome, code, detail = RunStatus.FAILED, exc.code, exc.message
+        except LLMError as exc:
+            outcome, code, detail = RunStatus.FAILED, exc.code, str(exc)
+        except Exception:
+            log.exception("run %s failed", run.id)
+            outcome, code, detail = RunStatus.FAILED, "INTERNAL_SERVER_ERROR", "internal error"
+        finally:
+            await asyncio.shield(self._finish(turn, outcome, code, detail))
+
+    async def _generate(self, turn: _Turn, provider: LLMProvider) -> None:
+        run_key = str(turn.run.id)
+        history = await self._history(turn.principal, turn.run)
+        await self._set_status(turn.principal, turn.run.id, RunStatus.RUNNING)
+        stream = provider.stream(
+            history, max_tokens=self._settings.max_tokens, temperature=self._settings.temperature
+        )
+        try:
+            async for chunk in stream:
+                if chunk.text:
+                    turn.text.append(chunk.text)
+                    turn.uncharged += 1
+                    await self.events.append(
+                        run_key, "TokenDelta", {"text": chunk.text, "index": len(turn.text) - 1}
+                    )
+                    if turn.uncharged >= CHARGE_EVERY:
+                        turn.uncharged = 0
+                        await turn.reservation.charge(CHARGE_EVERY)
+                if chunk.completion_tokens is not None:
+                    turn.usage = (chunk.prompt_tokens or 0, chunk.completion_tokens)
+        finally:
+            await stream.aclose()  # stops the model (closes its HTTP stream)
+        if turn.uncharged:
+            amount, turn.uncharged = turn.uncharged, 0
+            await turn.reservation.charge(amount)
+
+    async def _finish(self, turn: _Turn, outcome: RunStatus, code: str | None, detail: str) -> None:
+        run, reservation, principal = turn.run, turn.reservation, turn.principal
+        run_key = str(run.id)
+        answer = "".join(turn.text)
+        prompt_tokens, reported = turn.usage
+        try:
+            if turn.uncharged:
+                with contextlib.suppress(BudgetExceeded):
+                    await reservation.charge(turn.uncharged)
+            completion_tokens = reported or int(reservation.charged)
+            cost = Decimal(str(self._settings.cost_per_1k_tokens)) / 1000
+            async with self._db.session(principal.tenant_id) as session:
+                row = await session.get(Run, run.id, with_for_update=True)
+                conversation = await self._conversations.owned_for_update(
+                    session, principal, run.conversation_id
+                )
+                message = None
+                if answer or outcome is RunStatus.COMPLETED:
+                    message = await self._conversations.append(
+                        session,
+                        conversation,
+                        MessageRole.ASSISTANT,
+                        answer,
+                        run_id=run.id,
+                        complete=outcome is RunStatus.COMPLETED,
+                    )
+                if row is not None:
+                    row.status = outcome
+                    row.error_code = code
+                    row.message_id = message.id if message else None
+                    row.prompt_tokens = prompt_tokens
+                    row.completion_tokens = completion_tokens
+                    row.updated_at = datetime.now(UTC)
+                await reservation.settle(session, cost_per_unit=cost)
+            body = {
+                "messageId": str(message.id) if message else None,
+                "usage": {
+                    "promptTokens": prompt_tokens,
+                    "completionTokens": completion_tokens,
+                    "cost": float(cost * Decimal(str(reservation.charged))),
+                },
+                "latencyMs": round((time.perf_counter() - turn.started) * 1000, 1),
+            }
+            if outcome is RunStatus.COMPLETED:
+                await self.events.append(run_key, "RunCompleted", body)
+            elif outcome is RunStatus.CANCELLED:
+                await self.events.append(run_key, "RunCancelled", body)
+            else:
+                await self.events.append(
+                    run_key, "RunFailed", {**body, "code": code, "message": detail}
+                )
+        except Exception:
+            log.exception("could not record the end of run %s", run.id)
+            await self.events.append(
+                run_key,
+                "RunFailed",
+                {"code": "INTERNAL_SERVER_ERROR", "message": "could not store the answer"},
+            )
+        finally:
+            self._tasks.pop(run.id, None)
+            self._members.pop(run.id, None)
+            await self._redis.srem(turn.active_key, run_key)
+            await self._redis.zrem(self._keys("leases"), self._member(run))
+
+    async def _history(self, principal: Principal, run: Run) -> list[ChatMessage]:
+        async with self._db.session(principal.tenant_id) as session:
+            rows = list(
+                await session.scalars(
+                    select(Message)
+                    .where(Message.conversation_id == run.conversation_id)
+                    .order_by(Message.seq.desc())
+                    .limit(self._settings.history_messages + 1)
+                )
+            )
+        turns = [ChatMessage(m.role.value, m.content) for m in reversed(rows) if m.content]
+        return [ChatMessage("system", self._settings.system_prompt), *turns]
+
+    async def _set_status(self, principal: Principal, run_id: uuid.UUID, status: RunStatus) -> None:
+        async with self._db.session(principal.tenant_id) as session:
+            row = await session.get(Run, run_id)
+            if row is not None:
+                row.status = status
+
+    # -- cancellation and leases ------------------------------------------------------------
+
+    def _member(self, run: Run) -> str:
+        return f"{run.tenant_id}:{run.id}:{run.user_id or ''}"
+
+    def _deadline(self) -> float:
+        return time.time() + self._settings.run_lease_s
+
+    async def _listen_for_cancels(self) -> None:
+        pubsub = self._redis.pubsub()
+        await pubsub.subscribe(self._keys(CANCEL_CHANNEL))
+        try:
+            async for message in pubsub.listen():
+                if message.get("type") != "message":
+                    continue
+                with contextlib.suppress(ValueError):
+                    task = self._tasks.get(uuid.UUID(message["data"].decode()))
+                    if task is not None:
+                        task.cancel("cancelled by the client")
+        finally:
+            await pubsub.aclose()
+
+    async def _keep_leases(self) -> None:
+        """Renews this replica's leases; fails runs whose replica stopped renewing theirs."""
+        key = self._keys("leases")
+        while True:
+            await asyncio.sleep(self._settings.run_lease_s / 3)
+            try:
+                if self._members:
+                    deadline = self._deadline()
+                    await self._redis.zadd(
+                        key, dict.fromkeys(self._members.values(), deadline), xx=True
+                    )
+                lost = await self._redis.zrangebyscore(key, "-inf", time.time())
+                for raw in lost:
+                    if await self._redis.zrem(key, raw):  # one replica wins the claim
+                        await self._fail_lost(raw.decode())
+            except Exception:  # a Redis hiccup must not end the upkeep loop
+                log.exception("lease upkeep failed")
+
+    async def _fail_lost(self, member: str) -> None:
+        tenant, run_id, _user = member.split(":")
+        async with self._db.session(uuid.UUID(tenant)) as session:
+            row = await session.get(Run, uuid.UUID(run_id), with_for_update=True)
+            if row is None or row.status not in {RunStatus.QUEUED, RunStatus.RUNNING}:
+                return
+            row.status = RunStatus.FAILED
+            row.error_code = WORKER_LOST
+        await self.events.append(
+            run_id,
+            "RunFailed",
+            {"code": WORKER_LOST, "message": "the server running this turn stopped"},
+        )
