@@ -87,6 +87,10 @@ class RunCancelled(RunEvent):
     message_id: strawberry.ID | None
 
 
+# Listed for the schema: they are only reachable through the RunEvent interface.
+RUN_EVENT_TYPES = (RunStarted, TokenDelta, RunCompleted, RunFailed, RunCancelled)
+
+
 def _usage(data: dict) -> Usage:
     usage = data.get("usage") or {}
     return Usage(

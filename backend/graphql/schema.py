@@ -30,6 +30,7 @@ from backend.graphql.extensions import OperationObservability, is_unexpected
 from backend.graphql.persisted import PersistedQueries
 from backend.graphql.queries import Mutation, Query
 from backend.graphql.ratelimits import RateLimits
+from backend.graphql.runs import RUN_EVENT_TYPES
 from backend.graphql.subscriptions import Subscription
 
 log = logging.getLogger("backend.graphql")
@@ -130,6 +131,7 @@ def build_schema(settings: GraphQLSettings, *, production: bool = False) -> stra
         mutation=Mutation,
         subscription=Subscription,
         extensions=extensions,
+        types=RUN_EVENT_TYPES,
         config=StrawberryConfig(batching_config=batching),
     )
 

@@ -1,0 +1,378 @@
+"""Chat runs end to end: real uvicorn servers, real WebSockets, an OpenAI-compatible stub LLM,
+real PostgreSQL and Redis. Accounts are committed (the servers have their own pools)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend.auth.passwords import hash_password
+from backend.config import ChatSettings, Settings
+from backend.core.db import Database
+from backend.core.models import Message, Run, RunStatus, Tenant, User, UserRole
+from tests.conftest import LiveServer, free_port, serve_live
+from tests.graphql.ws import init, open_socket, receive, send
+from tests.llm_stub import LLMStub
+
+PASSWORD = "a good long password"
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[tuple[LLMStub, str]]:
+    stub = LLMStub(tokens_per_s=200)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(stub.app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    yield stub, f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    await task
+
+
+@pytest.fixture
+def chat_settings(settings: Settings, llm: tuple[LLMStub, str]) -> Settings:
+    settings.chat = ChatSettings(
+        llm_base_url=llm[1], llm_model="echo", run_lease_s=1, llm_retries=1
+    )
+    return settings
+
+
+@pytest.fixture
+async def server(chat_settings: Settings, engine: AsyncEngine) -> AsyncIterator[LiveServer]:
+    async with serve_live(chat_settings) as live:
+        yield live
+
+
+@pytest.fixture
+async def account(chat_settings: Settings, engine: AsyncEngine) -> dict[str, Any]:
+    """A committed tenant and member (the live servers cannot see rolled-back rows)."""
+    db = Database.connect(engine.url.render_as_string(hide_password=False), chat_settings.database)
+    try:
+        slug = f"chat-{secrets.token_hex(4)}"
+        async with db.session() as session:
+            tenant = Tenant(slug=slug, name="Chat")
+            session.add(tenant)
+        async with db.session(tenant.id) as session:
+            session.add(
+                User(
+                    tenant_id=tenant.id,
+                    email="u@chat.example",
+                    role=UserRole.MEMBER,
+                    password_hash=await hash_password(PASSWORD),
+                )
+            )
+    finally:
+        await db.dispose()
+    return {"tenant": slug, "tenant_id": tenant.id}
+
+
+async def sign_in(server: LiveServer, account: dict[str, Any]) -> str:
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        response = await http.post(
+            "/oauth/token",
+            data={
+                "grant_type": "password",
+                "tenant": account["tenant"],
+                "username": "u@chat.example",
+                "password": PASSWORD,
+            },
+        )
+    return response.json()["access_token"]
+
+
+async def gql(server: LiveServer, token: str, query: str, **variables: Any) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        response = await http.post(
+            "/graphql",
+            json={"query": query, "variables": variables},
+            headers={"authorization": f"Bearer {token}"},
+        )
+    return response.json()
+
+
+async def start_run(server: LiveServer, token: str, content: str) -> tuple[str, str]:
+    created = await gql(server, token, 'mutation { createConversation(title: "t") { id } }')
+    conversation = created["data"]["createConversation"]["id"]
+    sent = await gql(
+        server,
+        token,
+        "mutation($c: ID!, $m: String!) { sendMessage("
+        "conversationId: $c, content: $m) { run { id status } message { role } } }",
+        c=conversation,
+        m=content,
+    )
+    assert "errors" not in sent, sent
+    return conversation, sent["data"]["sendMessage"]["run"]["id"]
+
+
+EVENTS = """subscription($r: ID!, $a: String, $c: Boolean) {
+  runEvents(runId: $r, after: $a, cancelOnDisconnect: $c) {
+    __typename cursor
+    ... on TokenDelta { text index }
+    ... on RunCompleted { messageId usage { completionTokens } }
+    ... on RunFailed { code message }
+  } }"""
+
+
+async def collect(
+    server: LiveServer,
+    token: str,
+    run_id: str,
+    *,
+    after: str | None = None,
+    stop_after: int | None = None,
+    cancel_on_disconnect: bool = False,
+) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    async with await open_socket(server.ws_url) as ws:
+        await init(ws, {"authorization": f"Bearer {token}"})
+        await send(
+            ws,
+            {
+                "id": "1",
+                "type": "subscribe",
+                "payload": {
+                    "query": EVENTS,
+                    "variables": {"r": run_id, "a": after, "c": cancel_on_disconnect},
+                },
+            },
+        )
+        while True:
+            message = await receive(ws, timeout=20)
+            if message["type"] == "complete":
+                break
+            assert message["type"] == "next", message
+            assert "errors" not in message["payload"], message
+            events.append(message["payload"]["data"]["runEvents"])
+            if stop_after is not None and len(events) >= stop_after:
+                break  # leaving the block disconnects
+    return events
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    return "".join(e["text"] for e in events if e["__typename"] == "TokenDelta")
+
+
+async def test_a_streamed_answer_is_persisted(server: LiveServer, account: dict[str, Any]) -> None:
+    token = await sign_in(server, account)
+    conversation, run_id = await start_run(server, token, "the quick brown fox")
+    events = await collect(server, token, run_id)
+    assert events[0]["__typename"] == "RunStarted"
+    assert events[-1]["__typename"] == "RunCompleted"
+    assert text_of(events) == "the quick brown fox "
+    history = await gql(
+        server,
+        token,
+        "query($c: ID!) { conversation(id: $c) { messages "
+        "{ edges { node { role content complete } } } } }",
+        c=conversation,
+    )
+    nodes = [e["node"] for e in history["data"]["conversation"]["messages"]["edges"]]
+    assert nodes == [
+        {"role": "USER", "content": "the quick brown fox", "complete": True},
+        {"role": "ASSISTANT", "content": "the quick brown fox ", "complete": True},
+    ]
+    run = await gql(server, token, "query($r: ID!) { run(id: $r) { status } }", r=run_id)
+    assert run["data"]["run"]["status"] == "COMPLETED"
+
+
+async def test_resume_after_disconnects_has_no_gap_or_duplicate(
+    server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    llm[0].answer_tokens = 60
+    token = await sign_in(server, account)
+    _, run_id = await start_run(server, token, "one two three four five six")
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    for stop in (3, 5, 2, 7, None):  # drop the socket four times, then read to the end
+        part = await collect(server, token, run_id, after=cursor, stop_after=stop)
+        seen += part
+        cursor = part[-1]["cursor"] if part else cursor
+        if part and part[-1]["__typename"] == "RunCompleted":
+            break
+    deltas = [e for e in seen if e["__typename"] == "TokenDelta"]
+    assert len(text_of(seen).split()) == 60
+    indexes = [d["index"] for d in deltas]
+    assert indexes == sorted(set(indexes))
+    assert indexes[-1] == 59
+    assert [e["__typename"] for e in seen].count("RunStarted") == 1
+
+
+async def test_cancel_stops_the_model_quickly(
+    server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    stub = llm[0]
+    stub.answer_tokens = 10_000
+    token = await sign_in(server, account)
+    conversation, run_id = await start_run(server, token, "go on forever")
+    async with await open_socket(server.ws_url) as ws:
+        await init(ws, {"authorization": f"Bearer {token}"})
+        await send(
+            ws,
+            {
+                "id": "1",
+                "type": "subscribe",
+                "payload": {"query": EVENTS, "variables": {"r": run_id}},
+            },
+        )
+        while (await receive(ws))["payload"]["data"]["runEvents"]["__typename"] != "TokenDelta":
+            pass
+        started = time.perf_counter()
+        cancelled = await gql(
+            server, token, "mutation($r: ID!) { cancelRun(runId: $r) { status } }", r=run_id
+        )
+        assert "errors" not in cancelled
+        while True:
+            event = (await receive(ws))["payload"]["data"]["runEvents"]
+            if event["__typename"] != "TokenDelta":
+                break
+        elapsed = time.perf_counter() - started
+    assert event["__typename"] == "RunCancelled"
+    assert elapsed < 1.0  # includes the HTTP mutation round trip; the stop itself is faster
+    async with asyncio.timeout(2):
+        while stub.open_streams:  # the model's stream was closed, not left running
+            await asyncio.sleep(0.01)
+    history = await gql(
+        server,
+        token,
+        "query($c: ID!) { conversation(id: $c) { messages { edges { node { role complete } } } } }",
+        c=conversation,
+    )
+    last = history["data"]["conversation"]["messages"]["edges"][-1]["node"]
+    assert last == {"role": "ASSISTANT", "complete": False}
+
+
+async def test_double_texting_is_rejected(
+    server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    llm[0].answer_tokens = 400
+    token = await sign_in(server, account)
+    conversation, run_id = await start_run(server, token, "long answer please")
+    again = await gql(
+        server,
+        token,
+        'mutation($c: ID!) { sendMessage(conversationId: $c, content: "again") { run { id } } }',
+        c=conversation,
+    )
+    assert again["errors"][0]["extensions"]["code"] == "RUN_IN_PROGRESS"
+    await gql(server, token, "mutation($r: ID!) { cancelRun(runId: $r) { id } }", r=run_id)
+
+
+async def test_bad_input_is_typed(server: LiveServer, account: dict[str, Any]) -> None:
+    token = await sign_in(server, account)
+    created = await gql(server, token, "mutation { createConversation { id } }")
+    conversation = created["data"]["createConversation"]["id"]
+    for content, code in (("   ", "BAD_USER_INPUT"), ("x" * 40_000, "BAD_USER_INPUT")):
+        body = await gql(
+            server,
+            token,
+            "mutation($c: ID!, $m: String!) { sendMessage("
+            "conversationId: $c, content: $m) { run { id } } }",
+            c=conversation,
+            m=content,
+        )
+        assert body["errors"][0]["extensions"]["code"] == code
+    body = await gql(
+        server,
+        token,
+        'mutation($c: ID!) { sendMessage(conversationId: $c, content: "hi") { run { id } } }',
+        c=str(uuid.uuid4()),
+    )
+    assert body["errors"][0]["extensions"]["code"] == "NOT_FOUND"
+    _, run_id = await start_run(server, token, "hello")
+    await collect(server, token, run_id)
+    async with await open_socket(server.ws_url) as ws:
+        await init(ws, {"authorization": f"Bearer {token}"})
+        await send(
+            ws,
+            {
+                "id": "1",
+                "type": "subscribe",
+                "payload": {"query": EVENTS, "variables": {"r": run_id, "a": "garbage"}},
+            },
+        )
+        message = await receive(ws)
+        errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
+        assert errors[0]["extensions"]["code"] == "BAD_USER_INPUT"
+
+
+async def test_llm_failure_ends_the_run_with_a_typed_event(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any]
+) -> None:
+    chat_settings.chat = chat_settings.chat.model_copy(update={"llm_model": "fail-99"})
+    async with serve_live(chat_settings) as server:
+        token = await sign_in(server, account)
+        _, run_id = await start_run(server, token, "hello")
+        events = await collect(server, token, run_id)
+    assert events[-1]["__typename"] == "RunFailed"
+    assert events[-1]["code"] == "LLM_UNAVAILABLE"
+
+
+async def test_a_run_is_streamed_from_another_replica(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    llm[0].answer_tokens = 40
+    async with serve_live(chat_settings) as first, serve_live(chat_settings) as second:
+        token = await sign_in(first, account)
+        _, run_id = await start_run(first, token, "replicated words")
+        events = await collect(second, token, run_id)  # started on one, read from the other
+    assert events[-1]["__typename"] == "RunCompleted"
+    assert len(text_of(events).split()) == 40
+
+
+async def test_a_run_whose_replica_died_fails_with_worker_lost(
+    server: LiveServer, account: dict[str, Any], chat_settings: Settings, engine: AsyncEngine
+) -> None:
+    """A run row left RUNNING with a lease nobody renews (its replica was killed)."""
+    token = await sign_in(server, account)
+    created = await gql(server, token, "mutation { createConversation { id } }")
+    conversation = uuid.UUID(created["data"]["createConversation"]["id"])
+    db = Database.connect(engine.url.render_as_string(hide_password=False), chat_settings.database)
+    try:
+        async with db.session(account["tenant_id"]) as session:
+            user = await session.scalar(select(User.id))
+            run = Run(
+                tenant_id=account["tenant_id"],
+                conversation_id=conversation,
+                user_id=user,
+                status=RunStatus.RUNNING,
+                model="echo",
+            )
+            session.add(run)
+        from redis.asyncio import Redis
+
+        from backend.core.redis import KeySpace
+        from backend.realtime.eventlog import RunEventLog
+
+        redis = Redis.from_url(str(chat_settings.redis.url.get_secret_value()))  # type: ignore[union-attr]
+        keys = KeySpace(chat_settings.redis.key_prefix)
+        await RunEventLog(redis, keys).append(str(run.id), "RunStarted", {"model": "echo"})
+        await redis.zadd(
+            keys.child("runs")("leases"),
+            {f"{account['tenant_id']}:{run.id}:{user}": time.time() - 1},
+        )
+        await redis.aclose()
+        events = await collect(server, token, str(run.id))
+        assert events[-1]["__typename"] == "RunFailed"
+        assert events[-1]["code"] == "WORKER_LOST"
+        async with db.session(account["tenant_id"]) as session:
+            row = await session.get(Run, run.id)
+            assert row is not None
+            assert row.status is RunStatus.FAILED
+            assert row.error_code == "WORKER_LOST"
+            assert await session.scalar(select(Message.id).where(Message.run_id == run.id)) is None
+    finally:
+        await db.dispose()
