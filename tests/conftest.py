@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from backend.app import create_app
 from backend.config import (
+    ChatSettings,
     DatabaseSettings,
     Environment,
     LogFormat,
@@ -109,6 +110,8 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         database=DatabaseSettings(url=SecretStr(database_url), migrate_on_start=False),
         redis=RedisSettings(url=SecretStr(REDIS_URL), key_prefix=key_prefix),
         telemetry=TelemetrySettings(log_format=LogFormat.TEXT),
+        # The packaged model is loaded only by the tests about it (tests/agents).
+        chat=ChatSettings(local_model=False),
     )
 
 

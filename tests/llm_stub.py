@@ -102,3 +102,52 @@ class LLMStub:
             self.open_streams -= 1
             if not finished:
                 self.closed_early += 1
+
+
+class ClockStub(LLMStub):
+    """Every token is the time it was emitted (`1732612345.123456 `): latency can be measured
+    at the receiving end, through any number of hops."""
+
+    def _words(self, body: dict[str, Any]) -> list[str]:
+        return [""] * (self.answer_tokens or 50)
+
+    async def _sse(self, model: str, words: list[str]) -> AsyncIterator[bytes]:
+        self.open_streams += 1
+        try:
+            for _ in words:
+                chunk = {
+                    "id": "c",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"content": f"{time.time():.6f} "},
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+                await asyncio.sleep(self.interval)
+            done = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            }
+            yield f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode()
+        finally:
+            self.open_streams -= 1
+
+
+def bench_app() -> Starlette:
+    """`uvicorn --factory tests.llm_stub:bench_app` (rate and length from the environment)."""
+    import os
+
+    stub = ClockStub(
+        tokens_per_s=float(os.environ.get("STUB_TOKENS_PER_S", "20")),
+        answer_tokens=int(os.environ.get("STUB_ANSWER_TOKENS", "100")),
+    )
+    return stub.app

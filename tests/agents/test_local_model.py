@@ -1,0 +1,99 @@
+"""The embedded default model (SmolLM2-135M-Instruct on llama.cpp), for real."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend.config import ChatSettings, Settings
+from backend.inference.llm import local
+from backend.inference.llm.base import ChatMessage
+from tests.agents.test_runs import collect, gql, sign_in, start_run, text_of
+from tests.conftest import LiveServer, serve_live
+
+
+@pytest.fixture(scope="module")
+async def model() -> AsyncIterator[local.LocalLlamaProvider]:
+    assert local.available(), "the packaged model is part of the install: pip install -e ."
+    provider = local.LocalLlamaProvider()
+    await provider.load()
+    yield provider
+    await provider.aclose()
+
+
+async def test_the_packaged_model_answers(model: local.LocalLlamaProvider) -> None:
+    chunks = [
+        c
+        async for c in model.stream(
+            [ChatMessage("user", "What is the capital of France? Answer in one word.")],
+            max_tokens=16,
+            temperature=0,
+        )
+    ]
+    text = "".join(c.text for c in chunks)
+    assert text.strip()
+    assert any(c.finish_reason for c in chunks)
+
+
+async def test_closing_the_stream_stops_the_model_within_100_ms(
+    model: local.LocalLlamaProvider,
+) -> None:
+    stream = model.stream(
+        [ChatMessage("user", "Tell a very long story about a dragon.")],
+        max_tokens=400,
+        temperature=0.8,
+    )
+    received = 0
+    async for chunk in stream:
+        received += bool(chunk.text)
+        if received == 3:
+            break
+    started = time.perf_counter()
+    await stream.aclose()  # returns once the generation thread has stopped
+    assert time.perf_counter() - started < 0.1
+    # The model is free again at once: another turn gets it.
+    again = [
+        c async for c in model.stream([ChatMessage("user", "Hi")], max_tokens=4, temperature=0)
+    ]
+    assert again
+
+
+@pytest.fixture
+async def local_server(settings: Settings, engine: AsyncEngine) -> AsyncIterator[LiveServer]:
+    settings.chat = ChatSettings(local_model=True, max_tokens=48)
+    async with serve_live(settings) as live:
+        yield live
+
+
+async def test_end_to_end_with_the_real_model(
+    local_server: LiveServer, account: dict[str, Any]
+) -> None:
+    token = await sign_in(local_server, account)
+    conversation, run_id = await start_run(local_server, token, "Say hello to Ada.")
+    events = await collect(local_server, token, run_id)
+    assert events[-1]["__typename"] == "RunCompleted", events[-1]
+    answer = text_of(events)
+    assert answer.strip()
+    history = await gql(
+        local_server,
+        token,
+        "query($c: ID!) { conversation(id: $c) { messages "
+        "{ edges { node { role content complete } } } } }",
+        c=conversation,
+    )
+    last = history["data"]["conversation"]["messages"]["edges"][-1]["node"]
+    assert last == {"role": "ASSISTANT", "content": answer, "complete": True}
+
+    # And a cancelled turn of the real model ends promptly.
+    _, run_id = await start_run(local_server, token, "Write a long essay about the sea.")
+    await asyncio.sleep(0.2)
+    started = time.perf_counter()
+    await gql(local_server, token, "mutation($r: ID!) { cancelRun(runId: $r) { id } }", r=run_id)
+    events = await collect(local_server, token, run_id)
+    assert events[-1]["__typename"] in {"RunCancelled", "RunCompleted"}
+    assert time.perf_counter() - started < 2.0
