@@ -107,6 +107,8 @@ async def through_sightline(base: str, token: str) -> tuple[list[float], int]:
                 break
             if message["type"] != "next":
                 continue
+            if message["payload"].get("errors"):
+                raise SystemExit(f"subscription error: {message['payload']['errors']}")
             event = message["payload"]["data"]["runEvents"]
             if event["__typename"] == "TokenDelta":
                 latencies += stamps(event["text"], received)
@@ -173,9 +175,15 @@ async def main() -> None:
         ],
         **quiet,
     )  # type: ignore[call-overload]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "backend", "serve", "--port", str(port)], **quiet
-    )  # type: ignore[call-overload]
+    log = (data / "server.log").open("w")
+    server = subprocess.Popen(  # its log stays in the data dir for a look after a failure
+        [sys.executable, "-m", "backend", "serve", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+    )
+    print(f"server log: {data / 'server.log'}", file=sys.stderr)
     try:
         await wait_ready(f"{base}/readyz")
         await wait_ready(f"{stub_url}/v1/chat/completions")

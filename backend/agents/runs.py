@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CANCEL_CHANNEL = "runs:cancel"
 CHARGE_EVERY = 16  # tokens charged to the budget per Redis call while streaming
+CANCEL_CHECK_S = 0.05  # how often a streaming run looks at its cancel flag
 WORKER_LOST = "WORKER_LOST"
 
 
@@ -113,6 +114,7 @@ class RunService:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.events.close()
 
     # -- API --------------------------------------------------------------------------------
 
@@ -194,6 +196,11 @@ class RunService:
     async def cancel(self, principal: Principal, run_id: uuid.UUID) -> Run:
         run = await self.get(principal, run_id)
         if run.status in {RunStatus.QUEUED, RunStatus.RUNNING}:
+            # The flag is what counts (the run checks it while streaming); the message only
+            # makes the owning replica react at once. Pub/sub alone can be missed.
+            await self._redis.set(
+                self._keys("cancel", str(run.id)), 1, ex=int(self._settings.run_lease_s * 4) + 60
+            )
             await self._redis.publish(self._keys(CANCEL_CHANNEL), str(run.id))
         return run
 
@@ -247,8 +254,14 @@ class RunService:
         stream = provider.stream(
             history, max_tokens=self._settings.max_tokens, temperature=self._settings.temperature
         )
+        cancel_flag = self._keys("cancel", run_key)
+        checked = time.perf_counter()
         try:
             async for chunk in stream:
+                if time.perf_counter() - checked > CANCEL_CHECK_S:
+                    checked = time.perf_counter()
+                    if await self._redis.exists(cancel_flag):
+                        raise asyncio.CancelledError("cancelled by the client")
                 if chunk.text:
                     turn.text.append(chunk.text)
                     turn.uncharged += 1
@@ -358,18 +371,31 @@ class RunService:
         return time.time() + self._settings.run_lease_s
 
     async def _listen_for_cancels(self) -> None:
-        pubsub = self._redis.pubsub()
-        await pubsub.subscribe(self._keys(CANCEL_CHANNEL))
-        try:
-            async for message in pubsub.listen():
-                if message.get("type") != "message":
-                    continue
-                with contextlib.suppress(ValueError):
-                    task = self._tasks.get(uuid.UUID(message["data"].decode()))
-                    if task is not None:
-                        task.cancel("cancelled by the client")
-        finally:
-            await pubsub.aclose()
+        """Cancels the runs this replica owns when any replica publishes their id.
+
+        Polls with a short timeout (below the socket timeout) and resubscribes after any error:
+        a listener that died silently would make cancelRun a no-op.
+        """
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self._keys(CANCEL_CHANNEL))
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    with contextlib.suppress(ValueError):
+                        task = self._tasks.get(uuid.UUID(message["data"].decode()))
+                        if task is not None:
+                            task.cancel("cancelled by the client")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis restarted, connection dropped: subscribe again
+                log.warning("cancel listener: %s; resubscribing", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     async def _keep_leases(self) -> None:
         """Renews this replica's leases; fails runs whose replica stopped renewing theirs."""

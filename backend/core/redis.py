@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from backend.config import RedisSettings
 
@@ -15,14 +15,18 @@ class RedisUnreachable(RuntimeError):
 
 def connect_redis(url: str, settings: RedisSettings) -> Redis:
     """A pooled client (no connection is opened until first use)."""
-    return Redis.from_url(
+    # A blocking pool: at the connection limit a command waits for a free connection (up to
+    # the socket timeout) instead of failing at once.
+    pool = BlockingConnectionPool.from_url(
         url,
         socket_connect_timeout=settings.connect_timeout_s,
         socket_timeout=settings.socket_timeout_s,
         max_connections=settings.max_connections,
+        timeout=settings.socket_timeout_s,
         health_check_interval=30,
         decode_responses=False,
     )
+    return Redis(connection_pool=pool)
 
 
 async def ping_redis(client: Redis, timeout_s: float) -> None:

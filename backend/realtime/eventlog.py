@@ -9,10 +9,14 @@ event (text joined, the last cursor kept): slow clients get fewer, larger deltas
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
+import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +25,8 @@ from redis.asyncio import Redis
 
 from backend.core.redis import KeySpace
 from backend.errors import AppError, ValidationFailed
+
+log = logging.getLogger(__name__)
 
 TOKEN_DELTA = "TokenDelta"  # noqa: S105 (an event type)
 TERMINAL_TYPES = frozenset({"RunCompleted", "RunFailed", "RunCancelled"})
@@ -68,6 +74,96 @@ def decode_cursor(cursor: str, run_id: str) -> str:
     return entry_id
 
 
+def _position(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class _Subscriber:
+    __slots__ = ("key", "last", "queue")
+
+    def __init__(self, key: str, last: str) -> None:
+        self.key = key
+        self.last = last
+        self.queue: asyncio.Queue[list[Any]] = asyncio.Queue()
+
+
+class LiveTail:
+    """One blocking XREAD per replica for every run someone here is watching live.
+
+    A connection blocked in XREAD serves one caller, so a blocking read per subscriber would
+    need as many Redis connections as open streams. Here one task waits on all watched streams
+    at once (each from the oldest position any of its subscribers needs) and hands entries to
+    the subscribers' queues; a subscriber skips entries it already has. A new stream joins the
+    wait at once: registering writes to this replica's wake-up stream, which the XREAD includes.
+    """
+
+    def __init__(self, redis: Redis, keys: KeySpace, block_ms: int = 2_000) -> None:
+        self._redis = redis
+        self._wake = keys("tail-wake", uuid.uuid4().hex)
+        self._block_ms = block_ms
+        self._subscribers: dict[str, set[_Subscriber]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._waiting = asyncio.Event()
+
+    async def register(self, key: str, last: str) -> _Subscriber:
+        subscriber = _Subscriber(key, last)
+        fresh = key not in self._subscribers
+        self._subscribers.setdefault(key, set()).add(subscriber)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="run-events-tail")
+        self._waiting.set()
+        if fresh:  # wakes the XREAD in progress so it starts waiting on this stream too
+            await self._redis.xadd(self._wake, {"k": key}, maxlen=16, approximate=True)
+            await self._redis.expire(self._wake, 3600)
+        return subscriber
+
+    def unregister(self, subscriber: _Subscriber) -> None:
+        watchers = self._subscribers.get(subscriber.key)
+        if watchers is not None:
+            watchers.discard(subscriber)
+            if not watchers:
+                del self._subscribers[subscriber.key]
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._redis.delete(self._wake)
+
+    async def _run(self) -> None:
+        wake_last = "0-0"
+        while True:
+            if not self._subscribers:
+                self._waiting.clear()
+                await self._waiting.wait()
+            streams = {
+                key: min((s.last for s in watchers), key=_position)
+                for key, watchers in self._subscribers.items()
+            }
+            streams[self._wake] = wake_last
+            try:
+                response = await self._redis.xread(streams, block=self._block_ms, count=500)
+            except (ConnectionError, OSError, TimeoutError) as exc:
+                log.warning("live tail: %s; retrying", exc)
+                await asyncio.sleep(0.2)
+                continue
+            for raw_key, entries in response or ():
+                key = _text(raw_key)
+                if key == self._wake:
+                    wake_last = _text(entries[-1][0])
+                    continue
+                for subscriber in list(self._subscribers.get(key, ())):
+                    fresh = [
+                        e for e in entries if _position(_text(e[0])) > _position(subscriber.last)
+                    ]
+                    if fresh:
+                        subscriber.last = _text(fresh[-1][0])
+                        subscriber.queue.put_nowait(fresh)
+
+
 class RunEventLog:
     def __init__(
         self,
@@ -76,13 +172,17 @@ class RunEventLog:
         *,
         max_events: int = 20_000,
         ttl_after_end_s: int = 3600,
-        block_ms: int = 15_000,
+        block_ms: int = 2_000,  # below the Redis socket timeout, or every wait would time out
     ) -> None:
         self._redis = redis
         self._keys = keys.child("run")
         self.max_events = max_events
         self.ttl_after_end_s = ttl_after_end_s
         self._block_ms = block_ms
+        self._tail = LiveTail(redis, self._keys, block_ms)
+
+    async def close(self) -> None:
+        await self._tail.close()
 
     def _key(self, run_id: str) -> str:
         return self._keys(f"{{{run_id}}}", "events")  # hash tag: one slot per run
@@ -113,29 +213,45 @@ class RunEventLog:
         last = decode_cursor(after, run_id) if after else "0-0"
         if not await self._redis.exists(key):
             raise EventsExpired("this run's events are no longer kept; read its message instead")
+        async for event in self._replay(run_id, key, last):
+            yield event
+            last = event.entry_id
+            if event.terminal:
+                return
+        if not follow:
+            return
+        async for event in self._follow(run_id, key, last):
+            yield event
+            if event.terminal:
+                return
+
+    async def _replay(self, run_id: str, key: str, last: str) -> AsyncIterator[RunEvent]:
         while True:
             batch = await self._redis.xrange(key, min=f"({last}", count=500)
             if not batch:
-                break
+                return
             for event in _coalesce(run_id, batch):
                 yield event
-                if event.terminal:
-                    return
             last = _text(batch[-1][0])
-        if not follow:
-            return
-        while True:
-            response = await self._redis.xread({key: last}, block=self._block_ms, count=500)
-            if not response:
-                if not await self._redis.exists(key):  # expired while we waited
-                    raise EventsExpired("this run's events are no longer kept")
-                continue
-            entries = response[0][1]
-            for event in _coalesce(run_id, entries):
-                yield event
-                if event.terminal:
-                    return
-            last = _text(entries[-1][0])
+
+    async def _follow(self, run_id: str, key: str, last: str) -> AsyncIterator[RunEvent]:
+        subscriber = await self._tail.register(key, last)
+        try:
+            while True:
+                try:
+                    batch = await asyncio.wait_for(
+                        subscriber.queue.get(), self._block_ms * 6 / 1000
+                    )
+                except TimeoutError:
+                    if not await self._redis.exists(key):  # expired while we waited
+                        raise EventsExpired("this run's events are no longer kept") from None
+                    continue
+                while not subscriber.queue.empty():  # a slow reader takes all that waits
+                    batch += subscriber.queue.get_nowait()
+                for event in _coalesce(run_id, batch):
+                    yield event
+        finally:
+            self._tail.unregister(subscriber)
 
 
 def _text(value: bytes | str) -> str:

@@ -376,3 +376,19 @@ async def test_a_run_whose_replica_died_fails_with_worker_lost(
             assert await session.scalar(select(Message.id).where(Message.run_id == run.id)) is None
     finally:
         await db.dispose()
+
+
+async def test_cancel_still_reaches_runs_after_the_server_sat_idle(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    """Idle longer than the Redis socket timeout: the cancel listener must still be there."""
+    llm[0].answer_tokens = 5_000
+    chat_settings.redis.socket_timeout_s = 0.5
+    async with serve_live(chat_settings) as server:
+        await asyncio.sleep(1.5)
+        token = await sign_in(server, account)
+        _, run_id = await start_run(server, token, "keep going")
+        await asyncio.sleep(0.3)
+        await gql(server, token, "mutation($r: ID!) { cancelRun(runId: $r) { id } }", r=run_id)
+        events = await collect(server, token, run_id)
+    assert events[-1]["__typename"] == "RunCancelled"

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from backend.core.redis import KeySpace
+from backend.config import RedisSettings
+from backend.core.redis import KeySpace, connect_redis
 from backend.errors import ValidationFailed
 from backend.realtime.eventlog import EventsExpired, RunEventLog, encode_cursor
+from tests.conftest import REDIS_URL
 
 
 @pytest.fixture
-def log(redis: Redis, key_prefix: str) -> RunEventLog:
-    return RunEventLog(redis, KeySpace(key_prefix), block_ms=200, ttl_after_end_s=60)
+async def log(redis: Redis, key_prefix: str) -> AsyncIterator[RunEventLog]:
+    events = RunEventLog(redis, KeySpace(key_prefix), block_ms=200, ttl_after_end_s=60)
+    yield events
+    await events.close()
 
 
 async def _produce(log: RunEventLog, run: str, tokens: list[str], delay: float = 0) -> None:
@@ -128,3 +133,35 @@ async def test_disconnect_anywhere_and_resume_with_no_gap_or_duplicate(
     assert indexes[-1] == len(tokens) - 1
     assert types.count("RunStarted") == 1
     assert types[-1] == "RunCompleted"
+
+
+async def test_many_live_readers_share_one_blocking_read(redis: Redis, key_prefix: str) -> None:
+    """200 readers tailing 50 runs at once hold one blocking Redis connection, not 200."""
+    client = connect_redis(REDIS_URL, RedisSettings(max_connections=20))
+    log = RunEventLog(client, KeySpace(key_prefix), block_ms=500)
+    runs = [uuid.uuid4().hex for _ in range(50)]
+    for run in runs:
+        await log.append(run, "RunStarted", {})
+    texts: dict[int, str] = {}
+
+    async def reader(i: int) -> None:
+        text = ""
+        async for event in log.read(runs[i % 50]):
+            if event.type == "TokenDelta":
+                text += event.data["text"]
+        texts[i] = text
+
+    readers = [asyncio.create_task(reader(i)) for i in range(200)]
+    await asyncio.sleep(0.3)
+    clients = await redis.client_list()
+    blocked = [c for c in clients if c.get("cmd") == "xread"]
+    assert len(blocked) <= 2
+    for round_ in range(5):
+        for run in runs:
+            await log.append(run, "TokenDelta", {"text": str(round_), "index": round_})
+    for run in runs:
+        await log.append(run, "RunCompleted", {})
+    await asyncio.wait_for(asyncio.gather(*readers), 10)
+    await log.close()
+    await client.aclose()
+    assert set(texts.values()) == {"01234"}
