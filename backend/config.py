@@ -89,6 +89,10 @@ class ServerSettings(_Section):
     max_ws_message_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest WebSocket message accepted (close 1009 above)."
     )
+    ws_compression: bool = Field(
+        False,
+        description="permessage-deflate on WebSockets (small token frames gain little; costs CPU).",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Origins allowed by CORS and for cross-origin WebSockets (JSON list).",

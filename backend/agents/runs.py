@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CANCEL_CHANNEL = "runs:cancel"
 CHARGE_EVERY = 16  # tokens charged to the budget per Redis call while streaming
-CANCEL_CHECK_S = 0.05  # how often a streaming run looks at its cancel flag
+CANCEL_CHECK_S = 0.25  # how often a streaming run looks at its cancel flag (pub/sub is faster)
 WORKER_LOST = "WORKER_LOST"
 
 

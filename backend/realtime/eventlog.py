@@ -191,12 +191,16 @@ class RunEventLog:
         """Adds an event; a terminal event starts the log's expiry."""
         key = self._key(run_id)
         fields = {"t": type_, "d": json.dumps(data or {}, separators=(",", ":"))}
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(key, fields, maxlen=self.max_events, approximate=True)
-            if type_ in TERMINAL_TYPES:
+        if type_ in TERMINAL_TYPES:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(key, fields, maxlen=self.max_events, approximate=True)
                 pipe.expire(key, self.ttl_after_end_s)
-            result = await pipe.execute()
-        entry_id = _text(result[0])
+                result = await pipe.execute()
+            entry_id = _text(result[0])
+        else:  # the hot path (every token): one command, no MULTI/EXEC
+            entry_id = _text(
+                await self._redis.xadd(key, fields, maxlen=self.max_events, approximate=True)
+            )
         return RunEvent(run_id, entry_id, type_, data or {})
 
     async def exists(self, run_id: str) -> bool:
