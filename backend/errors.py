@@ -82,3 +82,15 @@ class InternalError(AppError):
 
     code = "INTERNAL_SERVER_ERROR"
     status = 500
+
+
+def is_overload(exc: BaseException) -> bool:
+    """A backing service (PostgreSQL, Redis) unreachable or saturated: retryable, not a bug."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeout
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    return isinstance(
+        exc, RedisConnectionError | RedisTimeout | PoolTimeout | OperationalError | ConnectionError
+    )

@@ -61,25 +61,33 @@ def stamps(text: str, received: float) -> list[float]:
     return [received - float(word) for word in text.split()]
 
 
-async def through_sightline(base: str, token: str) -> tuple[list[float], int]:
+async def call(http: httpx.AsyncClient, query: str, **variables: str) -> dict:
+    """A GraphQL call that retries SERVICE_UNAVAILABLE with backoff, as a client should."""
+    for attempt in range(8):
+        body = (await http.post("/graphql", json={"query": query, "variables": variables})).json()
+        errors = body.get("errors")
+        if not errors:
+            return body["data"]
+        if errors[0].get("extensions", {}).get("code") != "SERVICE_UNAVAILABLE":
+            raise SystemExit(f"request failed: {errors}")
+        await asyncio.sleep(0.2 * 2**attempt)
+    raise SystemExit("server stayed unavailable")
+
+
+async def through_sightline(base: str, token: str, delay: float) -> tuple[list[float], int]:
+    await asyncio.sleep(delay)  # clients arrive over the ramp-up, not all in one instant
     headers = {"authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
-        created = (
-            await http.post("/graphql", json={"query": "mutation { createConversation { id } }"})
-        ).json()
-        conversation = created["data"]["createConversation"]["id"]
-        sent = (
-            await http.post(
-                "/graphql",
-                json={
-                    "query": 'mutation($c: ID!) { sendMessage(conversationId: $c, content: "go") '
-                    "{ run { id } } }",
-                    "variables": {"c": conversation},
-                },
+        created = await call(http, "mutation { createConversation { id } }")
+        conversation = created["createConversation"]["id"]
+        sent = {
+            "data": await call(
+                http,
+                'mutation($c: ID!) { sendMessage(conversationId: $c, content: "go") '
+                "{ run { id } } }",
+                c=conversation,
             )
-        ).json()
-    if "errors" in sent:
-        raise SystemExit(f"sendMessage failed: {sent['errors']}")
+        }
     run_id = sent["data"]["sendMessage"]["run"]["id"]
     latencies: list[float] = []
     async with connect(
@@ -142,6 +150,7 @@ async def main() -> None:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--rate", type=float, default=20.0, help="tokens/s per stream")
     parser.add_argument("--tokens", type=int, default=100, help="tokens per answer")
+    parser.add_argument("--ramp", type=float, default=2.0, help="seconds over which clients start")
     args = parser.parse_args()
 
     data = Path(tempfile.mkdtemp(prefix="sightline-bench-chat-"))
@@ -200,10 +209,15 @@ async def main() -> None:
                     },
                 )
             ).json()["access_token"]
-        await asyncio.gather(*(through_sightline(base, token) for _ in range(5)))  # warm-up
+        await asyncio.gather(*(through_sightline(base, token, 0) for _ in range(5)))  # warm-up
 
         cpu_before, started = cpu_seconds(server.pid), time.perf_counter()
-        ours = await asyncio.gather(*(through_sightline(base, token) for _ in range(args.clients)))
+        ours = await asyncio.gather(
+            *(
+                through_sightline(base, token, args.ramp * i / args.clients)
+                for i in range(args.clients)
+            )
+        )
         ours_s, cpu = time.perf_counter() - started, cpu_seconds(server.pid) - cpu_before
         started = time.perf_counter()
         theirs = await asyncio.gather(*(direct(stub_url, args.tokens) for _ in range(args.clients)))

@@ -27,7 +27,14 @@ from backend.conversations.service import ConversationService
 from backend.core.db import Database
 from backend.core.models import Message, MessageRole, Run, RunStatus
 from backend.core.redis import KeySpace
-from backend.errors import AppError, Conflict, NotFound, ServiceUnavailable, ValidationFailed
+from backend.errors import (
+    AppError,
+    Conflict,
+    NotFound,
+    ServiceUnavailable,
+    ValidationFailed,
+    is_overload,
+)
 from backend.inference.llm.base import ChatMessage, LLMError, LLMProvider
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
@@ -241,9 +248,13 @@ class RunService:
             outcome, code, detail = RunStatus.FAILED, exc.code, exc.message
         except LLMError as exc:
             outcome, code, detail = RunStatus.FAILED, exc.code, str(exc)
-        except Exception:
-            log.exception("run %s failed", run.id)
-            outcome, code, detail = RunStatus.FAILED, "INTERNAL_SERVER_ERROR", "internal error"
+        except Exception as exc:
+            if is_overload(exc):
+                outcome, code = RunStatus.FAILED, ServiceUnavailable.code
+                detail = "a backing service is busy or unreachable"
+            else:
+                log.exception("run %s failed", run.id)
+                outcome, code, detail = RunStatus.FAILED, "INTERNAL_SERVER_ERROR", "internal error"
         finally:
             await asyncio.shield(self._finish(turn, outcome, code, detail))
 

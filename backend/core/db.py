@@ -13,6 +13,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -22,6 +23,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from backend.config import DatabaseSettings
+from backend.errors import ServiceUnavailable
 
 _SPAN_KEY = "sightline.span"
 _MAX_STATEMENT_CHARS = 2000
@@ -108,7 +110,13 @@ class Database:
             params = {"tenant": str(tenant_id) if tenant_id else ""}
             if self._role:
                 params["role"] = self._role
-            await session.execute(self._scope, params)
+            try:
+                await session.execute(self._scope, params)
+            except PoolTimeout:
+                # Every pooled connection stayed busy for pool_timeout_s: overload, not a bug.
+                raise ServiceUnavailable(
+                    "the database is busy; retry shortly", retryAfter=1
+                ) from None
             try:
                 yield session
             except BaseException:
