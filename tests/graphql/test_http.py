@@ -246,3 +246,18 @@ async def test_subscription_over_http_sse(live_server: LiveServer) -> None:
     ]
     seqs = [e["data"]["heartbeat"]["seq"] for e in events if "data" in e]
     assert seqs == [0, 1]
+
+
+def test_an_unreachable_backing_service_is_service_unavailable_not_a_bug() -> None:
+    from graphql import GraphQLError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from backend.graphql.extensions import is_unexpected, shape_error
+
+    for exc in (RedisConnectionError("No connection available."), PoolTimeout("pool")):
+        error = GraphQLError("x", path=["field"], original_error=exc)
+        assert not is_unexpected(error)
+        shaped = shape_error(error)
+        assert shaped.extensions == {"code": "SERVICE_UNAVAILABLE"}
+        assert "retry" in shaped.message
