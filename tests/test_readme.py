@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +17,13 @@ def _sh_blocks(text: str) -> list[str]:
 def test_ci_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    (command,) = re.findall(r'^TEST_COMMAND="(.*)"$', ci, flags=re.MULTILINE)
+    assignment = next(line for line in ci.splitlines() if line.startswith("TEST_COMMAND="))
+    command = subprocess.run(  # let bash undo the quoting, as .ci/run does
+        ["bash", "-c", f'{assignment}\nprintf %s "$TEST_COMMAND"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert command in _sh_blocks(readme)
     assert 'bash -c "$TEST_COMMAND"' in ci
 
