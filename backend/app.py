@@ -109,12 +109,18 @@ async def build_services(state: AppState) -> Services:
         db=state.db,
         redis=state.redis,
         keys=state.keys,
-        events=RunEventLog(state.redis, state.keys, ttl_after_end_s=chat.events_ttl_s),
+        events=RunEventLog(
+            state.redis,
+            state.keys,
+            ttl_after_end_s=chat.events_ttl_s,
+            on_lag=state.metrics.stream_lag.observe,
+        ),
         conversations=conversations,
         limiter=limiter,
         budgets=budgets,
         provider=lambda: llm,
         settings=chat,
+        metrics=state.metrics,
     )
     await runs.start()
     return Services(

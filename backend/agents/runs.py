@@ -25,6 +25,7 @@ from backend.auth.principal import Principal
 from backend.config import ChatSettings
 from backend.conversations.service import ConversationService
 from backend.core.db import Database
+from backend.core.metrics import Metrics
 from backend.core.models import Message, MessageRole, Run, RunStatus
 from backend.core.redis import KeySpace
 from backend.errors import (
@@ -85,7 +86,9 @@ class RunService:
         budgets: Budgets,
         provider: Callable[[], LLMProvider | None],
         settings: ChatSettings,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._db = db
         self._redis = redis
         self._keys = keys.child("runs")
@@ -235,6 +238,7 @@ class RunService:
         active_key: str,
     ) -> None:
         turn = _Turn(principal, run, reservation, active_key)
+        self._metrics.chat_active_runs.inc()
         self._members[run.id] = self._member(run)
         await self._redis.zadd(self._keys("leases"), {self._member(run): self._deadline()})
         outcome, code, detail = RunStatus.COMPLETED, None, ""
@@ -268,7 +272,16 @@ class RunService:
         cancel_flag = self._keys("cancel", run_key)
         checked = time.perf_counter()
         try:
+            model = turn.run.model
+            last_token = None
             async for chunk in stream:
+                if chunk.text:
+                    now = time.perf_counter()
+                    if last_token is None:
+                        self._metrics.chat_ttft.labels(model).observe(now - turn.started)
+                    else:
+                        self._metrics.chat_inter_token.labels(model).observe(now - last_token)
+                    last_token = now
                 if time.perf_counter() - checked > CANCEL_CHECK_S:
                     checked = time.perf_counter()
                     if await self._redis.exists(cancel_flag):
@@ -349,6 +362,14 @@ class RunService:
                 {"code": "INTERNAL_SERVER_ERROR", "message": "could not store the answer"},
             )
         finally:
+            elapsed = time.perf_counter() - turn.started
+            self._metrics.chat_active_runs.dec()
+            self._metrics.chat_runs.labels(outcome.value, run.model).inc()
+            self._metrics.chat_tokens.labels(run.model).inc(len(turn.text))
+            if outcome is RunStatus.COMPLETED and turn.text and elapsed > 0:
+                self._metrics.chat_tokens_per_second.labels(run.model).observe(
+                    len(turn.text) / elapsed
+                )
             self._tasks.pop(run.id, None)
             self._members.pop(run.id, None)
             await self._redis.srem(turn.active_key, run_key)

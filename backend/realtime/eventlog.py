@@ -16,8 +16,9 @@ import contextlib
 import json
 import logging
 import re
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,7 +174,9 @@ class RunEventLog:
         max_events: int = 20_000,
         ttl_after_end_s: int = 3600,
         block_ms: int = 2_000,  # below the Redis socket timeout, or every wait would time out
+        on_lag: Callable[[float], None] | None = None,
     ) -> None:
+        self._on_lag = on_lag
         self._redis = redis
         self._keys = keys.child("run")
         self.max_events = max_events
@@ -252,6 +255,9 @@ class RunEventLog:
                     continue
                 while not subscriber.queue.empty():  # a slow reader takes all that waits
                     batch += subscriber.queue.get_nowait()
+                if self._on_lag is not None:  # stream ids are the append time in milliseconds
+                    appended_ms = _position(_text(batch[-1][0]))[0]
+                    self._on_lag(max(0.0, time.time() - appended_ms / 1000))
                 for event in _coalesce(run_id, batch):
                     yield event
         finally:

@@ -187,6 +187,13 @@ async def test_a_streamed_answer_is_persisted(server: LiveServer, account: dict[
     ]
     run = await gql(server, token, "query($r: ID!) { run(id: $r) { status } }", r=run_id)
     assert run["data"]["run"]["status"] == "COMPLETED"
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        metrics = (await http.get("/metrics")).text
+    assert 'sightline_chat_runs_total{model="echo",outcome="completed"} 1.0' in metrics
+    assert 'sightline_chat_tokens_total{model="echo"} 4.0' in metrics
+    assert 'sightline_chat_time_to_first_token_seconds_count{model="echo"} 1.0' in metrics
+    assert "sightline_run_stream_lag_seconds_count" in metrics
+    assert "sightline_chat_active_runs 0.0" in metrics
 
 
 async def test_resume_after_disconnects_has_no_gap_or_duplicate(
