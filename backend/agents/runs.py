@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from enum import StrEnum
 
 from redis.asyncio import Redis
 from sqlalchemy import select
@@ -45,12 +46,21 @@ log = logging.getLogger(__name__)
 
 CANCEL_CHANNEL = "runs:cancel"
 CHARGE_EVERY = 16  # tokens charged to the budget per Redis call while streaming
+QUEUE_POLL_S = 0.1  # how often a queued run looks whether its turn has come
 CANCEL_CHECK_S = 0.25  # how often a streaming run looks at its cancel flag (pub/sub is faster)
 WORKER_LOST = "WORKER_LOST"
 
 
 class RunInProgress(Conflict):
     code = "RUN_IN_PROGRESS"
+
+
+class OnBusy(StrEnum):
+    """Double-texting policy: what a new message does while a turn is still running."""
+
+    REJECT = "reject"
+    INTERRUPT = "interrupt"
+    ENQUEUE = "enqueue"
 
 
 @dataclass
@@ -129,8 +139,15 @@ class RunService:
     # -- API --------------------------------------------------------------------------------
 
     async def send_message(
-        self, principal: Principal, conversation_id: uuid.UUID, content: str
+        self,
+        principal: Principal,
+        conversation_id: uuid.UUID,
+        content: str,
+        on_busy: OnBusy = OnBusy.REJECT,
     ) -> StartedRun:
+        """Starts a turn. When the conversation already has one going (double texting):
+        REJECT refuses with RUN_IN_PROGRESS, INTERRUPT cancels it first, ENQUEUE runs this one
+        after it. The user's message is stored at once in every case."""
         content = content.strip()
         if not content:
             raise ValidationFailed("content is empty", field="content")
@@ -168,16 +185,21 @@ class RunService:
                     )
                     .limit(1)
                 )
-                if busy is not None:  # double-texting policy: reject
+                if busy is not None and on_busy is OnBusy.REJECT:
                     raise RunInProgress(
                         "this conversation already has a run going", runId=str(busy)
                     )
+                if busy is not None and on_busy is OnBusy.INTERRUPT:
+                    await self._request_cancel(busy)
+                now = datetime.now(UTC)  # precise: queued runs go in this order
                 run = Run(
                     tenant_id=principal.tenant_id,
                     conversation_id=conversation.id,
                     user_id=principal.user_id,
                     status=RunStatus.QUEUED,
                     model=provider.name,
+                    created_at=now,
+                    updated_at=now,
                 )
                 session.add(run)
                 await session.flush()
@@ -206,13 +228,36 @@ class RunService:
     async def cancel(self, principal: Principal, run_id: uuid.UUID) -> Run:
         run = await self.get(principal, run_id)
         if run.status in {RunStatus.QUEUED, RunStatus.RUNNING}:
-            # The flag is what counts (the run checks it while streaming); the message only
-            # makes the owning replica react at once. Pub/sub alone can be missed.
-            await self._redis.set(
-                self._keys("cancel", str(run.id)), 1, ex=int(self._settings.run_lease_s * 4) + 60
-            )
-            await self._redis.publish(self._keys(CANCEL_CHANNEL), str(run.id))
+            await self._request_cancel(run.id)
         return run
+
+    async def _request_cancel(self, run_id: uuid.UUID) -> None:
+        # The flag is what counts (the run checks it while streaming and while queued); the
+        # message only makes the owning replica react at once. Pub/sub alone can be missed.
+        await self._redis.set(
+            self._keys("cancel", str(run_id)), 1, ex=int(self._settings.run_lease_s * 4) + 60
+        )
+        await self._redis.publish(self._keys(CANCEL_CHANNEL), str(run_id))
+
+    async def _wait_for_turn(self, turn: _Turn) -> None:
+        """A queued (or interrupting) run waits until earlier runs of its conversation end."""
+        cancel_flag = self._keys("cancel", str(turn.run.id))
+        while True:
+            async with self._db.session(turn.principal.tenant_id) as session:
+                earlier = await session.scalar(
+                    select(Run.id)
+                    .where(
+                        Run.conversation_id == turn.run.conversation_id,
+                        Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]),
+                        Run.created_at < turn.run.created_at,
+                    )
+                    .limit(1)
+                )
+            if earlier is None:
+                return
+            if await self._redis.exists(cancel_flag):
+                raise asyncio.CancelledError("cancelled while queued")
+            await asyncio.sleep(QUEUE_POLL_S)
 
     async def get(self, principal: Principal, run_id: uuid.UUID) -> Run:
         async with self._db.session(principal.tenant_id) as session:
@@ -264,6 +309,7 @@ class RunService:
 
     async def _generate(self, turn: _Turn, provider: LLMProvider) -> None:
         run_key = str(turn.run.id)
+        await self._wait_for_turn(turn)
         history = await self._history(turn.principal, turn.run)
         await self._set_status(turn.principal, turn.run.id, RunStatus.RUNNING)
         stream = provider.stream(

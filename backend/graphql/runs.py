@@ -9,6 +9,7 @@ from datetime import datetime
 import strawberry
 from strawberry.types import Info
 
+from backend.agents import runs
 from backend.core import models
 from backend.graphql.chat import CHAT, MessageType, parse_id
 from backend.graphql.context import Context
@@ -16,6 +17,12 @@ from backend.graphql.permissions import until_credential_expires
 from backend.realtime.eventlog import RunEvent as LoggedEvent
 
 RunStatus = strawberry.enum(models.RunStatus, name="RunStatus")
+OnBusy = strawberry.enum(
+    runs.OnBusy,
+    name="OnBusy",
+    description="Double texting: REJECT (RUN_IN_PROGRESS), INTERRUPT the running turn, or "
+    "ENQUEUE after it.",
+)
 
 
 @strawberry.type
@@ -131,12 +138,17 @@ class RunMutation:
         description="Starts a turn; subscribe to runEvents(runId) for the answer.",
     )
     async def send_message(
-        self, info: Info[Context, None], conversation_id: strawberry.ID, content: str
+        self,
+        info: Info[Context, None],
+        conversation_id: strawberry.ID,
+        content: str,
+        on_busy: OnBusy = runs.OnBusy.REJECT,  # type: ignore[valid-type]
     ) -> SentMessage:
         started = await info.context.services.runs.send_message(
             info.context.require_principal(),
             parse_id(conversation_id, "conversationId"),
             content,
+            on_busy,
         )
         return SentMessage(
             run=ChatRun.of(started.run), message=MessageType.of(started.user_message)

@@ -399,3 +399,38 @@ async def test_cancel_still_reaches_runs_after_the_server_sat_idle(
         await gql(server, token, "mutation($r: ID!) { cancelRun(runId: $r) { id } }", r=run_id)
         events = await collect(server, token, run_id)
     assert events[-1]["__typename"] == "RunCancelled"
+
+
+async def test_double_texting_interrupt_and_enqueue(
+    server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    llm[0].answer_tokens = 300  # 1.5 s per answer at the stub's 200 tokens/s
+    token = await sign_in(server, account)
+    conversation, first = await start_run(server, token, "first question")
+    send = (
+        "mutation($c: ID!, $m: String!, $b: OnBusy!) { sendMessage(conversationId: $c, "
+        "content: $m, onBusy: $b) { run { id } } }"
+    )
+
+    interrupting = await gql(server, token, send, c=conversation, m="actually, this", b="INTERRUPT")
+    second = interrupting["data"]["sendMessage"]["run"]["id"]
+    assert (await collect(server, token, first))[-1]["__typename"] == "RunCancelled"
+
+    queued = await gql(server, token, send, c=conversation, m="and then this", b="ENQUEUE")
+    third = queued["data"]["sendMessage"]["run"]["id"]
+    second_events = await collect(server, token, second)
+    third_events = await collect(server, token, third)
+    assert second_events[-1]["__typename"] == "RunCompleted"
+    assert third_events[-1]["__typename"] == "RunCompleted"
+    history = await gql(
+        server,
+        token,
+        "query($c: ID!) { conversation(id: $c) { messages "
+        "{ edges { node { role content complete } } } } }",
+        c=conversation,
+    )
+    nodes = [e["node"] for e in history["data"]["conversation"]["messages"]["edges"]]
+    users = [n["content"] for n in nodes if n["role"] == "USER"]
+    assert users == ["first question", "actually, this", "and then this"]  # nothing lost
+    assistants = [n["complete"] for n in nodes if n["role"] == "ASSISTANT"]
+    assert assistants == [False, True, True]  # the interrupted answer is kept, marked
