@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import uvicorn
@@ -153,6 +154,25 @@ class LiveServer:
     http_url: str
     ws_url: str
     app: FastAPI
+
+
+@asynccontextmanager
+async def serve_asgi(app: Any, port: int | None = None) -> AsyncIterator[int]:
+    """Any ASGI app (a stub LLM, an identity provider) on a loopback port (free by default)."""
+    port = port or free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await task
 
 
 @asynccontextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import date, datetime
 from enum import Enum
 
@@ -13,18 +12,12 @@ from backend.auth.scopes import Scope
 from backend.core import models
 from backend.errors import ValidationFailed
 from backend.graphql.context import Context
+from backend.graphql.ids import parse_id
 from backend.graphql.permissions import HasScope, IsAuthenticated
 from backend.limits.usage import usage_by_day
 
 Role = strawberry.enum(models.UserRole, name="Role")
 UserKind = strawberry.enum(models.UserKind, name="UserKind")
-
-
-def _uuid(value: strawberry.ID, field: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise ValidationFailed(f"{field} is not a valid id", field=field) from None
 
 
 @strawberry.type(name="User")
@@ -251,7 +244,7 @@ class AuthMutation:
     @strawberry.mutation(permission_classes=[HasScope(Scope.KEYS)])
     async def revoke_api_key(self, info: Info[Context, None], id: strawberry.ID) -> ApiKeyType:
         key = await info.context.services.auth.revoke_api_key(
-            info.context.require_principal(), _uuid(id, "id")
+            info.context.require_principal(), parse_id(id, "id")
         )
         return ApiKeyType.of(key)
 
@@ -273,6 +266,6 @@ class AuthMutation:
         self, info: Info[Context, None], user_id: strawberry.ID, role: Role
     ) -> UserType:  # type: ignore[valid-type]
         user = await info.context.services.auth.set_role(
-            info.context.require_principal(), _uuid(user_id, "userId"), role
+            info.context.require_principal(), parse_id(user_id, "userId"), role
         )
         return UserType.of(user)

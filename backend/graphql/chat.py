@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from typing import Generic, TypeVar
 
@@ -12,19 +11,12 @@ from strawberry.types import Info
 from backend.auth.scopes import Scope
 from backend.core import models
 from backend.core.pagination import Page
-from backend.errors import ValidationFailed
 from backend.graphql.context import Context
+from backend.graphql.ids import parse_id
 from backend.graphql.permissions import HasScope
 
 MessageRole = strawberry.enum(models.MessageRole, name="MessageRole")
 N = TypeVar("N")
-
-
-def parse_id(value: strawberry.ID, field: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise ValidationFailed(f"{field} is not a valid id", field=field) from None
 
 
 @strawberry.type

@@ -11,8 +11,9 @@ from strawberry.types import Info
 
 from backend.agents import runs
 from backend.core import models
-from backend.graphql.chat import CHAT, MessageType, parse_id
+from backend.graphql.chat import CHAT, MessageType
 from backend.graphql.context import Context
+from backend.graphql.ids import parse_id
 from backend.graphql.permissions import until_credential_expires
 from backend.realtime.eventlog import RunEvent as LoggedEvent
 

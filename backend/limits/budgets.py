@@ -116,27 +116,22 @@ class Reservation:
             )
         return left
 
-    async def release(self) -> None:
-        """Gives the whole hold back, recording nothing (the run never started)."""
+    async def release(self) -> bool:
+        """Gives back what is held and not used, once; records nothing (True the first time)."""
         if self.settled:
-            return
+            return False
         self.settled = True
         unused = max(0.0, self.held - self.charged)
         if unused:
             await self.budgets._charge(
                 keys=self.keys, args=[*self.limits, 0, unused, _DAY_TTL_S, _MONTH_TTL_S]
             )
+        return True
 
     async def settle(self, session: AsyncSession, cost_per_unit: Decimal = Decimal(0)) -> None:
         """Releases the unused hold and records the usage (in the caller's unit of work)."""
-        if self.settled:
+        if not await self.release():
             return
-        self.settled = True
-        unused = max(0.0, self.held - self.charged)
-        if unused:
-            await self.budgets._charge(
-                keys=self.keys, args=[*self.limits, 0, unused, _DAY_TTL_S, _MONTH_TTL_S]
-            )
         amount = Decimal(str(self.charged))
         session.add(
             UsageRecord(

@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,7 +19,7 @@ from backend.auth.passwords import hash_password
 from backend.config import ChatSettings, Settings
 from backend.core.db import Database
 from backend.core.models import Message, Run, RunStatus, Tenant, User, UserRole
-from tests.conftest import LiveServer, free_port, serve_live
+from tests.conftest import LiveServer, serve_asgi, serve_live
 from tests.graphql.ws import init, open_socket, receive, send
 from tests.llm_stub import LLMStub
 
@@ -30,16 +29,8 @@ PASSWORD = "a good long password"
 @pytest.fixture
 async def llm() -> AsyncIterator[tuple[LLMStub, str]]:
     stub = LLMStub(tokens_per_s=200)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(stub.app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    yield stub, f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    await task
+    async with serve_asgi(stub.app) as port:
+        yield stub, f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.fixture
@@ -412,6 +403,7 @@ async def test_double_texting_interrupt_and_enqueue(
         "content: $m, onBusy: $b) { run { id } } }"
     )
 
+    await collect(server, token, first, stop_after=2)  # it is answering (a token arrived)
     interrupting = await gql(server, token, send, c=conversation, m="actually, this", b="INTERRUPT")
     second = interrupting["data"]["sendMessage"]["run"]["id"]
     assert (await collect(server, token, first))[-1]["__typename"] == "RunCancelled"

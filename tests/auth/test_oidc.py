@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import secrets
@@ -13,7 +12,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from asgi_lifespan import LifespanManager
 from joserfc import jwt
 from joserfc.jwk import RSAKey
@@ -26,7 +24,7 @@ from starlette.routing import Route
 from backend.app import create_app
 from backend.config import AuthSettings, Settings
 from backend.core.db import Database
-from tests.conftest import free_port
+from tests.conftest import free_port, serve_asgi
 
 CLIENT_ID, CLIENT_SECRET = "sightline-test", "provider-secret"
 
@@ -101,17 +99,11 @@ class Provider:
 
 @pytest.fixture
 async def provider() -> AsyncIterator[Provider]:
+    # The provider must know its own URL (the issuer) before it serves.
     port = free_port()
     stub = Provider(port)
-    server = uvicorn.Server(
-        uvicorn.Config(stub.app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    yield stub
-    server.should_exit = True
-    await task
+    async with serve_asgi(stub.app, port):
+        yield stub
 
 
 @pytest.fixture

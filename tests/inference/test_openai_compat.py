@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 
 from backend.inference.llm.base import (
     ChatMessage,
@@ -15,7 +14,7 @@ from backend.inference.llm.base import (
     LLMUnavailable,
 )
 from backend.inference.llm.openai_compat import OpenAICompatibleProvider
-from tests.conftest import free_port
+from tests.conftest import serve_asgi
 from tests.llm_stub import LLMStub
 
 HELLO = [ChatMessage("user", "hello there general kenobi")]
@@ -24,16 +23,8 @@ HELLO = [ChatMessage("user", "hello there general kenobi")]
 @pytest.fixture
 async def stub() -> AsyncIterator[tuple[LLMStub, str]]:
     llm = LLMStub(tokens_per_s=200)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(llm.app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    yield llm, f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    await task
+    async with serve_asgi(llm.app) as port:
+        yield llm, f"http://127.0.0.1:{port}/v1"
 
 
 def provider(url: str, model: str = "echo", **kwargs: float) -> OpenAICompatibleProvider:
