@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 _hasher = PasswordHasher()  # argon2id, library defaults (RFC 9106 low-memory profile)
-# Verified when the user does not exist, so an unknown email costs as much as a wrong password.
-_DUMMY_HASH = _hasher.hash("sightline-timing-equaliser")
+
+
+@cache
+def _dummy_hash() -> str:
+    """Verified when the user does not exist, so an unknown email costs as much as a wrong
+    password. Made on first use, not at import (hashing takes tens of milliseconds)."""
+    return _hasher.hash("sightline-timing-equaliser")
+
 
 MIN_PASSWORD_LENGTH = 10
 MAX_PASSWORD_LENGTH = 1024  # argon2 handles any length; this bounds the work per attempt
@@ -21,7 +28,7 @@ async def hash_password(password: str) -> str:
 
 def _verify(stored: str | None, password: str) -> bool:
     try:
-        return _hasher.verify(stored or _DUMMY_HASH, password) and stored is not None
+        return _hasher.verify(stored or _dummy_hash(), password) and stored is not None
     except (VerificationError, InvalidHashError):
         return False
 
