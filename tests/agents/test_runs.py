@@ -20,7 +20,7 @@ from backend.config import ChatSettings, Settings
 from backend.core.db import Database
 from backend.core.models import Message, Run, RunStatus, Tenant, User, UserRole
 from tests.conftest import LiveServer, serve_asgi, serve_live
-from tests.graphql.ws import init, open_socket, receive, send
+from tests.graphql.ws import init, open_socket, receive, subscribe
 from tests.llm_stub import LLMStub
 
 PASSWORD = "a good long password"
@@ -130,17 +130,7 @@ async def collect(
     events: list[dict[str, Any]] = []
     async with await open_socket(server.ws_url) as ws:
         await init(ws, {"authorization": f"Bearer {token}"})
-        await send(
-            ws,
-            {
-                "id": "1",
-                "type": "subscribe",
-                "payload": {
-                    "query": EVENTS,
-                    "variables": {"r": run_id, "a": after, "c": cancel_on_disconnect},
-                },
-            },
-        )
+        await subscribe(ws, EVENTS, {"r": run_id, "a": after, "c": cancel_on_disconnect})
         while True:
             message = await receive(ws, timeout=20)
             if message["type"] == "complete":
@@ -218,14 +208,7 @@ async def test_cancel_stops_the_model_quickly(
     conversation, run_id = await start_run(server, token, "go on forever")
     async with await open_socket(server.ws_url) as ws:
         await init(ws, {"authorization": f"Bearer {token}"})
-        await send(
-            ws,
-            {
-                "id": "1",
-                "type": "subscribe",
-                "payload": {"query": EVENTS, "variables": {"r": run_id}},
-            },
-        )
+        await subscribe(ws, EVENTS, {"r": run_id})
         while (await receive(ws))["payload"]["data"]["runEvents"]["__typename"] != "TokenDelta":
             pass
         started = time.perf_counter()
@@ -294,14 +277,7 @@ async def test_bad_input_is_typed(server: LiveServer, account: dict[str, Any]) -
     await collect(server, token, run_id)
     async with await open_socket(server.ws_url) as ws:
         await init(ws, {"authorization": f"Bearer {token}"})
-        await send(
-            ws,
-            {
-                "id": "1",
-                "type": "subscribe",
-                "payload": {"query": EVENTS, "variables": {"r": run_id, "a": "garbage"}},
-            },
-        )
+        await subscribe(ws, EVENTS, {"r": run_id, "a": "garbage"})
         message = await receive(ws)
         errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
         assert errors[0]["extensions"]["code"] == "BAD_USER_INPUT"

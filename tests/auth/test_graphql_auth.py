@@ -19,7 +19,7 @@ from backend.core.models import Run, RunStatus, UserRole
 from backend.graphql.permissions import until_credential_expires
 from tests.accounts import Account
 from tests.conftest import LiveServer
-from tests.graphql.ws import init, open_socket, receive, send
+from tests.graphql.ws import init, open_socket, receive, send, subscribe
 
 
 async def gql(
@@ -279,16 +279,7 @@ async def test_socket_authenticates_in_connection_init(
     token = await live_token(settings, engine, ttl_s=60)
     async with await open_socket(live_server.ws_url) as ws:
         await init(ws, {"authorization": f"Bearer {token}"})
-        await send(
-            ws,
-            {
-                "id": "1",
-                "type": "subscribe",
-                "payload": {
-                    "query": "subscription { heartbeat(intervalMs: 100, count: 1) { seq } }"
-                },
-            },
-        )
+        await subscribe(ws, "subscription { heartbeat(intervalMs: 100, count: 1) { seq } }")
         assert (await receive(ws))["type"] == "next"
 
 
@@ -324,14 +315,7 @@ async def test_subscription_ends_typed_when_the_token_expires(
     token = await live_token(settings, engine, ttl_s=2)
     async with await open_socket(live_server.ws_url) as ws:
         await init(ws, {"authorization": f"Bearer {token}"})
-        await send(
-            ws,
-            {
-                "id": "1",
-                "type": "subscribe",
-                "payload": {"query": "subscription { heartbeat(intervalMs: 200) { seq } }"},
-            },
-        )
+        await subscribe(ws, "subscription { heartbeat(intervalMs: 200) { seq } }")
         messages = []
         while True:
             message = await receive(ws, timeout=10)

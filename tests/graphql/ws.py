@@ -35,3 +35,13 @@ async def init(ws: ClientConnection, payload: dict[str, Any] | None = None) -> N
     await send(ws, {"type": "connection_init", "payload": payload or {}})
     ack = await receive(ws)
     assert ack["type"] == "connection_ack", ack
+
+
+async def subscribe(
+    ws: ClientConnection, query: str, variables: dict[str, Any] | None = None, op_id: str = "1"
+) -> None:
+    """Starts an operation on a graphql-transport-ws socket."""
+    payload: dict[str, Any] = {"query": query}
+    if variables is not None:
+        payload["variables"] = variables
+    await send(ws, {"id": op_id, "type": "subscribe", "payload": payload})
