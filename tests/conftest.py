@@ -176,9 +176,10 @@ async def serve_asgi(app: Any, port: int | None = None) -> AsyncIterator[int]:
 
 
 @asynccontextmanager
-async def serve_live(settings: Settings) -> AsyncIterator[LiveServer]:
-    """A real uvicorn server on a free port, with its own connection pool."""
-    application = create_app(settings)
+async def serve_live(settings: Settings, **app_options: Any) -> AsyncIterator[LiveServer]:
+    """A real uvicorn server on a free port, with its own connection pool (`app_options` go
+    to `create_app`: the agent's tools and rails)."""
+    application = create_app(settings, **app_options)
     port = free_port()
     config = uvicorn.Config(
         application,

@@ -3,7 +3,9 @@
 The model name picks a behaviour: `echo` (answers the last user message word by word),
 `fail-<n>` (HTTP 503 for the first n calls, then echo), `rate-limited` (always 429),
 `garbage` (a malformed chunk), `cut` (closes mid-stream without finishing), `stall` (sends
-headers, then nothing).
+headers, then nothing), `tools` (when offered tools, calls the first one with the last user
+message as `query`; given the tool's result, answers "Found it [1] and [2]."). Every request
+body is kept in `requests`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class LLMStub:
         self.failures: dict[str, int] = {}
         self.open_streams = 0
         self.closed_early = 0
+        self.requests: list[dict[str, Any]] = []
         self.app = Starlette(
             routes=[Route("/v1/chat/completions", self.complete, methods=["POST"])]
         )
@@ -42,7 +45,10 @@ class LLMStub:
     async def complete(self, request: Request) -> Response:
         self.calls += 1
         body = await request.json()
+        self.requests.append(body)
         model = str(body.get("model", "echo"))
+        if model == "tools":
+            return StreamingResponse(self._tool_sse(body), media_type="text/event-stream")
         if model.startswith("fail-"):
             seen = self.failures.get(model, 0)
             if seen < int(model.split("-")[1]):
@@ -102,6 +108,43 @@ class LLMStub:
             self.open_streams -= 1
             if not finished:
                 self.closed_early += 1
+
+    async def _tool_sse(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        last = body["messages"][-1]
+        if body.get("tools") and last["role"] == "user":
+            name = body["tools"][0]["function"]["name"]
+            arguments = json.dumps({"query": last["content"]})
+            deltas = [
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": name, "arguments": ""},
+                        }
+                    ]
+                },
+                {"tool_calls": [{"index": 0, "function": {"arguments": arguments[:5]}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": arguments[5:]}}]},
+            ]
+            finish = "tool_calls"
+        else:
+            deltas = [{"content": w} for w in ("Found ", "it ", "[1", "] ", "and ", "[2].")]
+            finish = "stop"
+        for delta in [*deltas, {}]:
+            chunk = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "tools",
+                "choices": [
+                    {"index": 0, "delta": delta, "finish_reason": None if delta else finish}
+                ],
+            }
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+            await asyncio.sleep(self.interval)
+        yield b"data: [DONE]\n\n"
 
 
 class ClockStub(LLMStub):

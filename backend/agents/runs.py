@@ -13,15 +13,16 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from enum import StrEnum
 
 from redis.asyncio import Redis
 from sqlalchemy import select
 
+from backend.agents.graph import Agent, StoredMessage, TurnContext
+from backend.agents.models import ChatModel, ModelRegistry
 from backend.auth.principal import Principal
 from backend.config import ChatSettings
 from backend.conversations.service import ConversationService
@@ -37,7 +38,7 @@ from backend.errors import (
     ValidationFailed,
     is_overload,
 )
-from backend.inference.llm.base import ChatMessage, LLMError, LLMProvider
+from backend.inference.llm.base import LLMError
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
@@ -69,12 +70,18 @@ class _Turn:
 
     principal: Principal
     run: Run
+    model: ChatModel
+    message: Message  # the user's
     reservation: Reservation
     active_key: str
     text: list[str] = field(default_factory=list)
-    usage: tuple[int, int] = (0, 0)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # as the model reported them (all calls of the turn)
     uncharged: int = 0
+    answer_id: uuid.UUID | None = None  # set once the complete answer is stored
     started: float = field(default_factory=time.perf_counter)
+    last_token: float | None = None
+    cancel_checked: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,8 @@ class RunService:
         conversations: ConversationService,
         limiter: RateLimiter,
         budgets: Budgets,
-        provider: Callable[[], LLMProvider | None],
+        models: ModelRegistry,
+        agent: Agent,
         settings: ChatSettings,
         metrics: Metrics | None = None,
     ) -> None:
@@ -106,7 +114,8 @@ class RunService:
         self._conversations = conversations
         self._limiter = limiter
         self._budgets = budgets
-        self._provider = provider
+        self.models = models
+        self.agent = agent
         self._settings = settings
         self.replica = uuid.uuid4().hex
         self._tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
@@ -144,6 +153,7 @@ class RunService:
         conversation_id: uuid.UUID,
         content: str,
         on_busy: OnBusy = OnBusy.REJECT,
+        model: str | None = None,
     ) -> StartedRun:
         """Starts a turn. When the conversation already has one going (double texting):
         REJECT refuses with RUN_IN_PROGRESS, INTERRUPT cancels it first, ENQUEUE runs this one
@@ -157,9 +167,9 @@ class RunService:
                 field="content",
             )
         await self._conversations.get(principal, conversation_id)  # NOT_FOUND before anything
-        provider = self._provider()
-        if provider is None or self._closing:
-            raise ServiceUnavailable("no language model is configured on this server")
+        chat_model = self.models.resolve(model)
+        if self._closing:
+            raise ServiceUnavailable("the server is shutting down")
         await self._limiter.enforce(principal.subject, principal.plan, "chat_run")
         active_key = self._keys("active", str(principal.user_id))
         if await self._redis.scard(active_key) >= self._settings.max_active_runs_per_user:
@@ -197,7 +207,7 @@ class RunService:
                     conversation_id=conversation.id,
                     user_id=principal.user_id,
                     status=RunStatus.QUEUED,
-                    model=provider.name,
+                    model=chat_model.name,
                     created_at=now,
                     updated_at=now,
                 )
@@ -220,7 +230,7 @@ class RunService:
         )
         await self._redis.sadd(active_key, str(run.id))
         self._tasks[run.id] = asyncio.create_task(
-            self._execute(principal, run, provider, reservation, active_key),
+            self._execute(_Turn(principal, run, chat_model, message, reservation, active_key)),
             name=f"run-{run.id}",
         )
         return StartedRun(run, message)
@@ -274,21 +284,23 @@ class RunService:
 
     # -- execution ----------------------------------------------------------------------------
 
-    async def _execute(
-        self,
-        principal: Principal,
-        run: Run,
-        provider: LLMProvider,
-        reservation: Reservation,
-        active_key: str,
-    ) -> None:
-        turn = _Turn(principal, run, reservation, active_key)
+    async def _execute(self, turn: _Turn) -> None:
+        run = turn.run
         self._metrics.chat_active_runs.inc()
         self._members[run.id] = self._member(run)
         await self._redis.zadd(self._keys("leases"), {self._member(run): self._deadline()})
         outcome, code, detail = RunStatus.COMPLETED, None, ""
         try:
-            await self._generate(turn, provider)
+            await self._wait_for_turn(turn)
+            await self._set_status(turn.principal, run.id, RunStatus.RUNNING)
+            context = TurnContext(
+                hooks=_Hooks(self, turn),
+                model=turn.model,
+                message_id=str(turn.message.id),
+                content=turn.message.content,
+                run_id=str(run.id),
+            )
+            await self.agent.run(context, run.conversation_id)
         except asyncio.CancelledError:
             outcome = RunStatus.CANCELLED
             if self._closing:
@@ -307,88 +319,88 @@ class RunService:
         finally:
             await asyncio.shield(self._finish(turn, outcome, code, detail))
 
-    async def _generate(self, turn: _Turn, provider: LLMProvider) -> None:
-        run_key = str(turn.run.id)
-        await self._wait_for_turn(turn)
-        history = await self._history(turn.principal, turn.run)
-        await self._set_status(turn.principal, turn.run.id, RunStatus.RUNNING)
-        stream = provider.stream(
-            history, max_tokens=self._settings.max_tokens, temperature=self._settings.temperature
+    async def _deliver(self, turn: _Turn, text: str) -> None:
+        """One piece of the answer: metrics, a cancel check, the event, the budget."""
+        now = time.perf_counter()
+        model = turn.run.model
+        if turn.last_token is None:
+            self._metrics.chat_ttft.labels(model).observe(now - turn.started)
+        else:
+            self._metrics.chat_inter_token.labels(model).observe(now - turn.last_token)
+        turn.last_token = now
+        if now - turn.cancel_checked > CANCEL_CHECK_S:
+            turn.cancel_checked = now
+            if await self._redis.exists(self._keys("cancel", str(turn.run.id))):
+                raise asyncio.CancelledError("cancelled by the client")
+        turn.text.append(text)
+        turn.uncharged += 1
+        await self.events.append(
+            str(turn.run.id), "TokenDelta", {"text": text, "index": len(turn.text) - 1}
         )
-        cancel_flag = self._keys("cancel", run_key)
-        checked = time.perf_counter()
-        try:
-            model = turn.run.model
-            last_token = None
-            async for chunk in stream:
-                if chunk.text:
-                    now = time.perf_counter()
-                    if last_token is None:
-                        self._metrics.chat_ttft.labels(model).observe(now - turn.started)
-                    else:
-                        self._metrics.chat_inter_token.labels(model).observe(now - last_token)
-                    last_token = now
-                if time.perf_counter() - checked > CANCEL_CHECK_S:
-                    checked = time.perf_counter()
-                    if await self._redis.exists(cancel_flag):
-                        raise asyncio.CancelledError("cancelled by the client")
-                if chunk.text:
-                    turn.text.append(chunk.text)
-                    turn.uncharged += 1
-                    await self.events.append(
-                        run_key, "TokenDelta", {"text": chunk.text, "index": len(turn.text) - 1}
-                    )
-                    if turn.uncharged >= CHARGE_EVERY:
-                        turn.uncharged = 0
-                        await turn.reservation.charge(CHARGE_EVERY)
-                if chunk.completion_tokens is not None:
-                    turn.usage = (chunk.prompt_tokens or 0, chunk.completion_tokens)
-        finally:
-            await stream.aclose()  # stops the model (closes its HTTP stream)
-        if turn.uncharged:
-            amount, turn.uncharged = turn.uncharged, 0
-            await turn.reservation.charge(amount)
+        if turn.uncharged >= CHARGE_EVERY:
+            turn.uncharged = 0
+            await turn.reservation.charge(CHARGE_EVERY)
+
+    async def _store_answer(self, turn: _Turn, answer: str, notes: dict) -> None:
+        async with self._db.session(turn.principal.tenant_id) as session:
+            conversation = await self._conversations.owned_for_update(
+                session, turn.principal, turn.run.conversation_id
+            )
+            message = await self._conversations.append(
+                session,
+                conversation,
+                MessageRole.ASSISTANT,
+                answer,
+                run_id=turn.run.id,
+                complete=True,
+                meta=notes,
+            )
+        turn.answer_id = message.id
 
     async def _finish(self, turn: _Turn, outcome: RunStatus, code: str | None, detail: str) -> None:
         run, reservation, principal = turn.run, turn.reservation, turn.principal
         run_key = str(run.id)
         answer = "".join(turn.text)
-        prompt_tokens, reported = turn.usage
+        prompt_tokens = turn.prompt_tokens
         try:
-            if turn.uncharged:
+            # Charge what the model reported (summaries and tool rounds included) or, when it
+            # reported nothing, the pieces delivered; never less than what was already charged.
+            completion_tokens = max(turn.completion_tokens, len(turn.text))
+            owed = completion_tokens - int(reservation.charged)
+            if owed > 0:
                 with contextlib.suppress(BudgetExceeded):
-                    await reservation.charge(turn.uncharged)
-            completion_tokens = reported or int(reservation.charged)
-            cost = Decimal(str(self._settings.cost_per_1k_tokens)) / 1000
+                    await reservation.charge(owed)
+            cost = turn.model.cost(prompt_tokens, completion_tokens)
+            message_id = turn.answer_id
             async with self._db.session(principal.tenant_id) as session:
                 row = await session.get(Run, run.id, with_for_update=True)
-                conversation = await self._conversations.owned_for_update(
-                    session, principal, run.conversation_id
-                )
-                message = None
-                if answer or outcome is RunStatus.COMPLETED:
-                    message = await self._conversations.append(
+                if message_id is None and answer:  # a partial answer (cancelled, failed)
+                    conversation = await self._conversations.owned_for_update(
+                        session, principal, run.conversation_id
+                    )
+                    partial = await self._conversations.append(
                         session,
                         conversation,
                         MessageRole.ASSISTANT,
                         answer,
                         run_id=run.id,
-                        complete=outcome is RunStatus.COMPLETED,
+                        complete=False,
                     )
+                    message_id = partial.id
                 if row is not None:
                     row.status = outcome
                     row.error_code = code
-                    row.message_id = message.id if message else None
+                    row.message_id = message_id
                     row.prompt_tokens = prompt_tokens
                     row.completion_tokens = completion_tokens
                     row.updated_at = datetime.now(UTC)
-                await reservation.settle(session, cost_per_unit=cost)
+                await reservation.settle(session, cost=cost)
             body = {
-                "messageId": str(message.id) if message else None,
+                "messageId": str(message_id) if message_id else None,
                 "usage": {
                     "promptTokens": prompt_tokens,
                     "completionTokens": completion_tokens,
-                    "cost": float(cost * Decimal(str(reservation.charged))),
+                    "cost": float(cost),
                 },
                 "latencyMs": round((time.perf_counter() - turn.started) * 1000, 1),
             }
@@ -421,18 +433,20 @@ class RunService:
             await self._redis.srem(turn.active_key, run_key)
             await self._redis.zrem(self._keys("leases"), self._member(run))
 
-    async def _history(self, principal: Principal, run: Run) -> list[ChatMessage]:
-        async with self._db.session(principal.tenant_id) as session:
+    async def _history(self, turn: _Turn) -> list[StoredMessage]:
+        async with self._db.session(turn.principal.tenant_id) as session:
             rows = list(
                 await session.scalars(
                     select(Message)
-                    .where(Message.conversation_id == run.conversation_id)
+                    .where(
+                        Message.conversation_id == turn.run.conversation_id,
+                        Message.seq <= turn.message.seq,
+                    )
                     .order_by(Message.seq.desc())
                     .limit(self._settings.history_messages + 1)
                 )
             )
-        turns = [ChatMessage(m.role.value, m.content) for m in reversed(rows) if m.content]
-        return [ChatMessage("system", self._settings.system_prompt), *turns]
+        return [StoredMessage(str(m.id), m.role.value, m.content) for m in reversed(rows)]
 
     async def _set_status(self, principal: Principal, run_id: uuid.UUID, status: RunStatus) -> None:
         async with self._db.session(principal.tenant_id) as session:
@@ -506,3 +520,28 @@ class RunService:
             "RunFailed",
             {"code": WORKER_LOST, "message": "the server running this turn stopped"},
         )
+
+
+class _Hooks:
+    """The agent's view of the run executing it (see `TurnHooks`)."""
+
+    def __init__(self, service: RunService, turn: _Turn) -> None:
+        self._service = service
+        self._turn = turn
+        self.principal = turn.principal
+
+    async def token(self, text: str) -> None:
+        await self._service._deliver(self._turn, text)
+
+    async def event(self, kind: str, body: dict) -> None:
+        await self._service.events.append(str(self._turn.run.id), kind, body)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self._turn.prompt_tokens += prompt_tokens
+        self._turn.completion_tokens += completion_tokens
+
+    async def history(self) -> list[StoredMessage]:
+        return await self._service._history(self._turn)
+
+    async def persist(self, answer: str, notes: dict) -> None:
+        await self._service._store_answer(self._turn, answer, notes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -129,6 +130,7 @@ class ConversationService:
         author_id: uuid.UUID | None = None,
         run_id: uuid.UUID | None = None,
         complete: bool = True,
+        meta: dict[str, Any] | None = None,
     ) -> Message:
         """Adds a message at the end (the caller's unit of work; the conversation is locked)."""
         locked = await repo.lock(session, conversation.id)
@@ -143,6 +145,7 @@ class ConversationService:
             content=content,
             run_id=run_id,
             complete=complete,
+            meta=meta or {},
         )
         session.add(message)
         locked.updated_at = datetime.now(UTC)

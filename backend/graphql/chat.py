@@ -167,7 +167,8 @@ class ChatMutation:
 
     @strawberry.mutation(permission_classes=CHAT)
     async def delete_conversation(self, info: Info[Context, None], id: strawberry.ID) -> bool:
-        await info.context.services.conversations.delete(
-            info.context.require_principal(), parse_id(id, "id")
-        )
+        conversation_id = parse_id(id, "id")
+        services = info.context.services
+        await services.conversations.delete(info.context.require_principal(), conversation_id)
+        await services.runs.agent.forget(conversation_id)  # its memory goes with it
         return True

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from datetime import datetime
+from typing import Annotated
 
 import strawberry
 from strawberry.types import Info
@@ -95,8 +97,69 @@ class RunCancelled(RunEvent):
     message_id: strawberry.ID | None
 
 
+@strawberry.type(description="The agent called a tool (`arguments` as JSON).")
+class ToolCallStarted(RunEvent):
+    call_id: str
+    name: str
+    arguments: str
+
+
+@strawberry.type
+class ToolCallFinished(RunEvent):
+    call_id: str
+    name: str
+    ok: bool
+    result_count: int = strawberry.field(description="Sources known to the turn so far.")
+
+
+@strawberry.type(
+    description="The answer cited a source: `answerStart`/`answerEnd` are character offsets "
+    "of the `[n]` marker in the answer; the chunk and its span in the document are linked."
+)
+class CitationAdded(RunEvent):
+    index: int
+    chunk_id: strawberry.ID
+    document_id: strawberry.ID
+    title: str
+    answer_start: int
+    answer_end: int
+    page: int | None
+    char_start: int | None
+    char_end: int | None
+
+
+@strawberry.type(
+    description="A rail acted: `stage` input, retrieval or output; `action` block, redact or warn."
+)
+class GuardrailTriggered(RunEvent):
+    stage: str
+    rail: str
+    action: str
+    reason: str
+
+
 # Listed for the schema: they are only reachable through the RunEvent interface.
-RUN_EVENT_TYPES = (RunStarted, TokenDelta, RunCompleted, RunFailed, RunCancelled)
+RUN_EVENT_TYPES = (
+    RunStarted,
+    TokenDelta,
+    ToolCallStarted,
+    ToolCallFinished,
+    CitationAdded,
+    GuardrailTriggered,
+    RunCompleted,
+    RunFailed,
+    RunCancelled,
+)
+
+
+@strawberry.type(description="A model alias `sendMessage(model:)` accepts, with its prices.")
+class ChatModelInfo:
+    alias: str
+    name: str
+    context_tokens: int
+    prompt_price_per_1k: float
+    completion_price_per_1k: float
+    supports_tools: bool
 
 
 def _usage(data: dict) -> Usage:
@@ -108,27 +171,64 @@ def _usage(data: dict) -> Usage:
     )
 
 
+def _message_id(data: dict) -> strawberry.ID | None:
+    return strawberry.ID(data["messageId"]) if data.get("messageId") else None
+
+
+_BUILDERS: dict[str, Callable[[str, dict], RunEvent]] = {
+    "TokenDelta": lambda c, d: TokenDelta(cursor=c, text=d["text"], index=int(d["index"])),
+    "RunStarted": lambda c, d: RunStarted(cursor=c, model=str(d.get("model", ""))),
+    "RunCompleted": lambda c, d: RunCompleted(
+        cursor=c,
+        message_id=_message_id(d),
+        usage=_usage(d),
+        latency_ms=float(d.get("latencyMs", 0)),
+    ),
+    "RunCancelled": lambda c, d: RunCancelled(cursor=c, message_id=_message_id(d)),
+    "ToolCallStarted": lambda c, d: ToolCallStarted(
+        cursor=c,
+        call_id=str(d["callId"]),
+        name=str(d["name"]),
+        arguments=json.dumps(d.get("arguments") or {}),
+    ),
+    "ToolCallFinished": lambda c, d: ToolCallFinished(
+        cursor=c,
+        call_id=str(d["callId"]),
+        name=str(d["name"]),
+        ok=bool(d.get("ok")),
+        result_count=int(d.get("resultCount", 0)),
+    ),
+    "CitationAdded": lambda c, d: CitationAdded(
+        cursor=c,
+        index=int(d["index"]),
+        chunk_id=strawberry.ID(str(d["chunkId"])),
+        document_id=strawberry.ID(str(d["documentId"])),
+        title=str(d.get("title", "")),
+        answer_start=int(d["answerStart"]),
+        answer_end=int(d["answerEnd"]),
+        page=(d.get("span") or {}).get("page"),
+        char_start=(d.get("span") or {}).get("charStart"),
+        char_end=(d.get("span") or {}).get("charEnd"),
+    ),
+    "GuardrailTriggered": lambda c, d: GuardrailTriggered(
+        cursor=c,
+        stage=str(d["stage"]),
+        rail=str(d["rail"]),
+        action=str(d["action"]),
+        reason=str(d.get("reason", "")),
+    ),
+}
+
+
 def _event(event: LoggedEvent) -> RunEvent:
-    data, cursor = event.data, event.cursor
-    message_id = strawberry.ID(data["messageId"]) if data.get("messageId") else None
-    if event.type == "TokenDelta":
-        return TokenDelta(cursor=cursor, text=data["text"], index=int(data["index"]))
-    if event.type == "RunStarted":
-        return RunStarted(cursor=cursor, model=str(data.get("model", "")))
-    if event.type == "RunCompleted":
-        return RunCompleted(
-            cursor=cursor,
-            message_id=message_id,
-            usage=_usage(data),
-            latency_ms=float(data.get("latencyMs", 0)),
-        )
-    if event.type == "RunCancelled":
-        return RunCancelled(cursor=cursor, message_id=message_id)
+    build = _BUILDERS.get(event.type)
+    if build is not None:
+        return build(event.cursor, event.data)
     return RunFailed(
-        cursor=cursor,
-        code=str(data.get("code", "INTERNAL_SERVER_ERROR")),
-        message=str(data.get("message", "")),
-        message_id=message_id,
+        cursor=event.cursor,
+        code=str(event.data.get("code", "INTERNAL_SERVER_ERROR")),
+        message=str(event.data.get("message", "")),
+        message_id=_message_id(event.data),
     )
 
 
@@ -144,12 +244,17 @@ class RunMutation:
         conversation_id: strawberry.ID,
         content: str,
         on_busy: OnBusy = runs.OnBusy.REJECT,  # type: ignore[valid-type]
+        model: Annotated[
+            str | None,
+            strawberry.argument(description="A model alias (see chatModels); null: `default`."),
+        ] = None,
     ) -> SentMessage:
         started = await info.context.services.runs.send_message(
             info.context.require_principal(),
             parse_id(conversation_id, "conversationId"),
             content,
             on_busy,
+            model=model,
         )
         return SentMessage(
             run=ChatRun.of(started.run), message=MessageType.of(started.user_message)
@@ -168,6 +273,20 @@ class RunMutation:
 
 @strawberry.type
 class RunQuery:
+    @strawberry.field(permission_classes=CHAT, description="The model aliases of this server.")
+    def chat_models(self, info: Info[Context, None]) -> list[ChatModelInfo]:
+        return [
+            ChatModelInfo(
+                alias=m.alias,
+                name=m.name,
+                context_tokens=m.context_tokens,
+                prompt_price_per_1k=float(m.prompt_price_per_1k),
+                completion_price_per_1k=float(m.completion_price_per_1k),
+                supports_tools=m.provider.supports_tools,
+            )
+            for m in info.context.services.runs.models.aliases
+        ]
+
     @strawberry.field(permission_classes=CHAT)
     async def run(self, info: Info[Context, None], id: strawberry.ID) -> ChatRun:
         run = await info.context.services.runs.get(

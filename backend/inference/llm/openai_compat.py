@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from typing import Any
 
 import openai
 
@@ -19,6 +20,9 @@ from backend.inference.llm.base import (
     LLMProtocolError,
     LLMTimeout,
     LLMUnavailable,
+    ToolCall,
+    ToolSpec,
+    estimate_tokens,
 )
 
 _RETRYABLE = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
@@ -36,8 +40,10 @@ class OpenAICompatibleProvider:
         first_token_timeout_s: float = 30.0,
         retries: int = 3,
         backoff_s: float = 0.5,
+        supports_tools: bool = True,
     ) -> None:
         self.name = model
+        self.supports_tools = supports_tools
         self._model = model
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
@@ -52,11 +58,21 @@ class OpenAICompatibleProvider:
     async def aclose(self) -> None:
         await self._client.close()
 
+    async def count_tokens(self, messages: list[ChatMessage]) -> int:
+        return estimate_tokens(messages)  # the endpoint's tokenizer is not reachable offline
+
     async def stream(
-        self, messages: list[ChatMessage], *, max_tokens: int, temperature: float
+        self,
+        messages: list[ChatMessage],
+        *,
+        max_tokens: int,
+        temperature: float,
+        tools: list[ToolSpec] | None = None,
     ) -> AsyncIterator[Chunk]:
-        response = await self._open(messages, max_tokens, temperature)
+        offered = tools if tools and self.supports_tools else None
+        response = await self._open(messages, max_tokens, temperature, offered)
         finished = False
+        calls: dict[int, list[str]] = {}  # index -> [id, name, arguments so far]
         try:
             async for event in response:
                 if event.usage is not None:
@@ -65,12 +81,23 @@ class OpenAICompatibleProvider:
                         completion_tokens=event.usage.completion_tokens,
                     )
                 for choice in event.choices or ():
-                    text = choice.delta.content if choice.delta else None
-                    if text:
-                        yield Chunk(text=text)
+                    delta = choice.delta
+                    if delta is not None and delta.content:
+                        yield Chunk(text=delta.content)
+                    for part in (delta.tool_calls if delta is not None else None) or ():
+                        call = calls.setdefault(part.index, ["", "", ""])
+                        call[0] = part.id or call[0]
+                        if part.function is not None:
+                            call[1] = part.function.name or call[1]
+                            call[2] += part.function.arguments or ""
                     if choice.finish_reason:
                         finished = True
-                        yield Chunk(finish_reason=choice.finish_reason)
+                        made = tuple(
+                            ToolCall(id=c[0] or f"call_{i}", name=c[1], arguments=c[2])
+                            for i, c in sorted(calls.items())
+                            if c[1]
+                        )
+                        yield Chunk(finish_reason=choice.finish_reason, tool_calls=made)
         except openai.APITimeoutError as exc:
             raise LLMTimeout("the model stopped answering") from exc
         except (openai.APIError, ValueError) as exc:
@@ -81,18 +108,36 @@ class OpenAICompatibleProvider:
             raise LLMProtocolError("the model's stream ended before it finished")
 
     async def _open(
-        self, messages: list[ChatMessage], max_tokens: int, temperature: float
+        self,
+        messages: list[ChatMessage],
+        max_tokens: int,
+        temperature: float,
+        tools: list[ToolSpec] | None,
     ) -> openai.AsyncStream:
+        extra: dict[str, Any] = {}
+        if tools:
+            extra["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters,
+                    },
+                }
+                for t in tools
+            ]
         for attempt in range(self._retries + 1):
             try:
                 async with asyncio.timeout(self._first_token_timeout_s):
                     return await self._client.chat.completions.create(
                         model=self._model,
-                        messages=[{"role": m.role, "content": m.content} for m in messages],
+                        messages=[_wire(m) for m in messages],
                         max_tokens=max_tokens,
                         temperature=temperature,
                         stream=True,
                         stream_options={"include_usage": True},
+                        **extra,
                     )
             except TimeoutError as exc:
                 raise LLMTimeout("the model did not start answering in time") from exc
@@ -108,3 +153,16 @@ class OpenAICompatibleProvider:
             except openai.APIStatusError as exc:
                 raise LLMUnavailable(f"model endpoint refused: HTTP {exc.status_code}") from exc
         raise AssertionError("unreachable")
+
+
+def _wire(message: ChatMessage) -> dict[str, Any]:
+    """One message in the Chat Completions format."""
+    wire: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        wire["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id:
+        wire["tool_call_id"] = message.tool_call_id
+    return wire

