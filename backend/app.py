@@ -42,6 +42,8 @@ from backend.core.telemetry import build_tracer_provider, configure_logging
 from backend.errors import AppError
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
+from backend.knowledge.embeddings import Embedder, build_embedder
+from backend.knowledge.service import KnowledgeService
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEventLog
@@ -63,6 +65,7 @@ class Services:
     limiter: RateLimiter
     budgets: Budgets
     runs: RunService
+    knowledge: KnowledgeService
     http: httpx.AsyncClient  # outbound calls (the OIDC provider); closed with the app
     oidc: OIDCLogin | None = None
     grace_s: float = 10.0
@@ -70,6 +73,7 @@ class Services:
     async def aclose(self) -> None:
         await self.runs.close(self.grace_s)
         await self.runs.models.aclose()
+        await self.knowledge.close(self.grace_s)
         await self.http.aclose()
 
 
@@ -85,7 +89,11 @@ def build_signer(settings: Settings) -> TokenSigner:
 
 
 async def build_services(
-    state: AppState, *, tools: AgentTools | None = None, guards: Guards | None = None
+    state: AppState,
+    *,
+    tools: AgentTools | None = None,
+    guards: Guards | None = None,
+    embedder: Embedder | None = None,
 ) -> Services:
     settings = state.settings
     signer = build_signer(settings)
@@ -104,6 +112,20 @@ async def build_services(
     )
     chat = settings.chat
     models = await ModelRegistry.from_settings(chat)
+    limiter = RateLimiter(state.redis, state.keys, settings.limits)
+    knowledge = KnowledgeService(
+        db=state.db,
+        redis=state.redis,
+        keys=state.keys,
+        embedder=embedder or build_embedder(settings.knowledge),
+        limiter=limiter,
+        settings=settings.knowledge,
+        own_embedder=embedder is None,
+    )
+    if tools is None:
+        tools = AgentTools(
+            search_knowledge=knowledge.search_knowledge, has_knowledge=knowledge.has_documents
+        )
     agent = Agent(
         checkpointer=RedisCheckpointSaver(
             state.redis, state.keys.child("agent"), ttl_s=chat.memory_ttl_s
@@ -113,7 +135,6 @@ async def build_services(
         guards=guards,
     )
     conversations = ConversationService(state.db)
-    limiter = RateLimiter(state.redis, state.keys, settings.limits)
     budgets = Budgets(state.redis, state.keys, settings.limits)
     runs = RunService(
         db=state.db,
@@ -140,6 +161,7 @@ async def build_services(
         limiter=limiter,
         budgets=budgets,
         runs=runs,
+        knowledge=knowledge,
         http=http,
         oidc=oidc,
         grace_s=settings.server.graceful_shutdown_s,
@@ -171,6 +193,7 @@ def create_app(
     span_processors: Sequence[SpanProcessor] = (),
     agent_tools: AgentTools | None = None,
     guards: Guards | None = None,
+    embedder: Embedder | None = None,
 ) -> FastAPI:
     """The ASGI app. `uvicorn --factory backend.app:create_app` reads settings from the env.
 
@@ -178,7 +201,9 @@ def create_app(
         db, redis: clients to use instead of opening new ones (tests); the app then does not
             close them and does not migrate.
         span_processors: extra span processors (tests collect spans in memory).
-        agent_tools, guards: the chat agent's tools and rails (default: none, pass-through).
+        agent_tools, guards: the chat agent's tools and rails (default: the knowledge base;
+            pass-through rails).
+        embedder: the knowledge base's embedder (default: from settings; tests share one).
     """
     settings = settings or Settings()
     metrics = Metrics(max_operation_names=settings.graphql.max_operation_names)
@@ -191,7 +216,9 @@ def create_app(
             settings, metrics=metrics, tracer_provider=tracer_provider, db=db, redis=redis
         )
         try:
-            services = await build_services(state, tools=agent_tools, guards=guards)
+            services = await build_services(
+                state, tools=agent_tools, guards=guards, embedder=embedder
+            )
         except BaseException:
             await state.close()
             raise

@@ -438,6 +438,71 @@ class ChatSettings(_Section):
         return value if value is not None and value.get_secret_value() else None
 
 
+class KnowledgeSettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_KNOWLEDGE_", extra="ignore")
+
+    embedding_base_url: str | None = Field(
+        None,
+        description="OpenAI-compatible `/v1/embeddings` endpoint; unset: the packaged "
+        "all-MiniLM-L6-v2 in a worker process.",
+    )
+    embedding_model: str = Field(
+        "all-minilm-l6-v2", description="Model name sent to the embedding endpoint."
+    )
+    embedding_api_key: SecretStr | None = Field(None, description="Key of the embedding endpoint.")
+    embedding_threads: int = Field(2, ge=1, description="CPU threads of the local embedder.")
+    embedding_retries: int = Field(
+        5, ge=0, description="Times a job retries the embedder (with backoff) before failing."
+    )
+    embedding_retry_base_s: float = Field(
+        1.0, gt=0, description="First wait before a job retries the embedder (doubles each time)."
+    )
+    max_document_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1,
+        description="Largest document accepted for ingestion (an upload must also fit "
+        "`SIGHTLINE_SERVER_MAX_BODY_BYTES`).",
+    )
+    max_pages: int = Field(1000, ge=1, description="Most pages of one PDF.")
+    max_chunks_per_document: int = Field(
+        20_000, ge=1, description="Most chunks one document may produce."
+    )
+    chunk_tokens: int = Field(180, ge=16, le=256, description="Target size of a chunk.")
+    chunk_overlap_tokens: int = Field(
+        30, ge=0, description="Tokens repeated between neighbouring chunks."
+    )
+    embed_batch: int = Field(64, ge=1, description="Chunks embedded per call.")
+    max_concurrent_jobs: int = Field(
+        2, ge=1, description="Ingestion jobs one replica runs at once (others wait)."
+    )
+    job_timeout_s: float = Field(1800.0, gt=0, description="Longest an ingestion job may run.")
+    jobs_ttl_s: int = Field(
+        24 * 3600, ge=60, description="How long a finished job's progress events can be replayed."
+    )
+    ef_search: int = Field(80, ge=1, le=1000, description="Default HNSW ef_search of a query.")
+    candidates: int = Field(
+        40, ge=1, le=1000, description="Candidates each ranking (vector, text) gives the fusion."
+    )
+    rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant.")
+    common_word_share: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Words in more than this share of a tenant's chunks are left out of the "
+        "text ranking (too common to tell passages apart).",
+    )
+    max_k: int = Field(50, ge=1, description="Most results one search returns.")
+    max_query_chars: int = Field(2000, ge=1, description="Longest search query.")
+    query_cache_ttl_s: int = Field(
+        86400, ge=0, description="How long query embeddings stay cached in Redis (0: off)."
+    )
+
+    @field_validator("embedding_api_key")
+    @classmethod
+    def _empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
+
 class Settings(_Section):
     """All of Sightline's settings. `Settings()` reads the environment; tests pass sections in."""
 
@@ -459,6 +524,7 @@ class Settings(_Section):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
+    knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
 
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
@@ -494,6 +560,7 @@ SECTIONS: tuple[type[_Section], ...] = (
     AuthSettings,
     LimitsSettings,
     ChatSettings,
+    KnowledgeSettings,
 )
 
 

@@ -203,13 +203,13 @@ class Agent:
             update["messages"] = [HumanMessage(verdict.text, id=ctx.message_id)]
         return update
 
-    def _after_guard(self, state: AgentState, runtime: Runtime[TurnContext]) -> str:
+    async def _after_guard(self, state: AgentState, runtime: Runtime[TurnContext]) -> str:
         if state.get("blocked"):
             return "persist"
-        wants_retrieval = self._tools.search_knowledge is not None
-        if wants_retrieval and not runtime.context.model.provider.supports_tools:
-            return "retrieve"
-        return "generate"
+        ctx = runtime.context
+        if ctx.model.provider.supports_tools:
+            return "generate"
+        return "retrieve" if await self._tools.knowledge_for(ctx.hooks.principal) else "generate"
 
     async def _retrieve(self, state: AgentState, runtime: Runtime[TurnContext]) -> dict:
         ctx = runtime.context
@@ -228,7 +228,7 @@ class Agent:
         prompt = await self._prompt(state, model)
         rounds = state.get("tool_rounds", 0)
         offer = model.provider.supports_tools and rounds < settings.max_tool_rounds
-        tools = self._tools.specs() if offer else None
+        tools = await self._tools.specs(ctx.hooks.principal) if offer else None
         sources = state.get("sources", [])
         result = _Stream()
         answer_so_far = state.get("answer", "")

@@ -3,6 +3,7 @@ fill these interfaces; an absent tool is simply not offered to the model."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,10 +39,18 @@ class ImageAnalysis(Protocol):
 class AgentTools:
     search_knowledge: KnowledgeSearch | None = None
     analyze_image: ImageAnalysis | None = None
+    # Whether the caller's tenant has anything to search (None: assume so). Saves a query
+    # embedding, and tool noise in the stream, for tenants without documents.
+    has_knowledge: Callable[[Principal], Awaitable[bool]] | None = None
 
-    def specs(self) -> list[ToolSpec]:
+    async def knowledge_for(self, principal: Principal) -> bool:
+        if self.search_knowledge is None:
+            return False
+        return self.has_knowledge is None or await self.has_knowledge(principal)
+
+    async def specs(self, principal: Principal) -> list[ToolSpec]:
         specs = []
-        if self.search_knowledge is not None:
+        if await self.knowledge_for(principal):
             specs.append(SEARCH_KNOWLEDGE)
         if self.analyze_image is not None:
             specs.append(ANALYZE_IMAGE)

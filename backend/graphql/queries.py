@@ -6,6 +6,7 @@ import strawberry
 
 from backend.graphql.auth import AuthMutation, AuthQuery
 from backend.graphql.chat import ChatMutation, ChatQuery
+from backend.graphql.knowledge import KnowledgeMutation, KnowledgeQuery
 from backend.graphql.runs import RunMutation, RunQuery
 from backend.graphql.types import ServerInfo
 
@@ -18,10 +19,10 @@ class PlatformQuery:
 
 
 @strawberry.type
-class Query(PlatformQuery, AuthQuery, ChatQuery, RunQuery):
+class Query(PlatformQuery, AuthQuery, ChatQuery, RunQuery, KnowledgeQuery):
     pass
 
 
 @strawberry.type
-class Mutation(AuthMutation, ChatMutation, RunMutation):
+class Mutation(AuthMutation, ChatMutation, RunMutation, KnowledgeMutation):
     pass

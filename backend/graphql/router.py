@@ -103,5 +103,6 @@ def graphql_router(settings: Settings) -> GraphQLRouter[Any, None]:
         keep_alive=True,
         keep_alive_interval=gql.keepalive_interval_s,
         allowed_origins=settings.server.cors_origins,
-        multipart_uploads_enabled=False,
+        # Uploads (ingestDocument). Safe from CSRF: credentials are bearer tokens, never cookies.
+        multipart_uploads_enabled=True,
     )

@@ -27,6 +27,7 @@ from strawberry.types.graphql import OperationType
 from backend.config import GraphQLSettings
 from backend.graphql.complexity import complexity_rule
 from backend.graphql.extensions import OperationObservability, is_unexpected
+from backend.graphql.knowledge import INGESTION_EVENT_TYPES
 from backend.graphql.persisted import PersistedQueries
 from backend.graphql.queries import Mutation, Query
 from backend.graphql.ratelimits import RateLimits
@@ -131,7 +132,7 @@ def build_schema(settings: GraphQLSettings, *, production: bool = False) -> stra
         mutation=Mutation,
         subscription=Subscription,
         extensions=extensions,
-        types=RUN_EVENT_TYPES,
+        types=(*RUN_EVENT_TYPES, *INGESTION_EVENT_TYPES),
         config=StrawberryConfig(batching_config=batching),
     )
 

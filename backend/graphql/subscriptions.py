@@ -11,6 +11,7 @@ from strawberry.types import Info
 
 from backend.errors import ValidationFailed
 from backend.graphql.context import Context
+from backend.graphql.knowledge import KnowledgeSubscription
 from backend.graphql.permissions import until_credential_expires
 from backend.graphql.runs import RunSubscription
 from backend.graphql.types import Heartbeat
@@ -57,5 +58,5 @@ class PlatformSubscription:
 
 
 @strawberry.type
-class Subscription(PlatformSubscription, RunSubscription):
+class Subscription(PlatformSubscription, RunSubscription, KnowledgeSubscription):
     pass

@@ -112,7 +112,11 @@ class ServerInfo:
                 enabled=state_has_llm(info),
                 description="Streaming chat runs (resumable, cancellable).",
             ),
-            Feature(name="knowledge", enabled=False, description="Knowledge base (not yet built)."),
+            Feature(
+                name="knowledge",
+                enabled=True,
+                description="Knowledge base: ingestion, hybrid search, cited answers.",
+            ),
             Feature(
                 name="vision",
                 enabled=False,

