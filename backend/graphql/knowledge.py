@@ -302,7 +302,11 @@ class KnowledgeMutation:
         *,
         file: Upload | None = None,
         text: str | None = None,
-        source: str | None = None,
+        # `source` (the API's name) would clash with Strawberry's resolver arguments
+        document_source: Annotated[
+            str | None,
+            strawberry.argument(name="source", description="Key of the document (file name)."),
+        ] = None,
         title: str | None = None,
         metadata: JSON | None = None,
     ) -> IngestionJobType:
@@ -321,7 +325,7 @@ class KnowledgeMutation:
             info.context.require_principal(),
             data,
             filename=filename,
-            source=source,
+            source=document_source,
             title=title,
             meta=metadata,
         )

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from backend.knowledge.embeddings import EmbeddingUnavailable, LocalEmbedder
+from tests.agents.test_runs import account, chat_settings, llm  # noqa: F401 (accounts, LLM stub)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,137 @@
+"""The knowledge base through the API, as a client uses it: a multipart upload, the job's
+progress over a WebSocket subscription, search, and a chat answer citing the uploaded text."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend.config import ChatSettings, Settings
+from backend.knowledge.embeddings import LocalEmbedder
+from tests.agents.test_agent import events_of, kinds, text
+from tests.agents.test_runs import gql, sign_in, start_run
+from tests.conftest import LiveServer, serve_live
+from tests.graphql.ws import init, open_socket, receive, subscribe
+from tests.llm_stub import LLMStub
+
+HANDBOOK = b"""# Handbook
+
+## Refunds
+
+Refunds are paid within fourteen days of the return reaching our warehouse in Lyon.
+
+## Support
+
+Support answers every ticket within one working day.
+"""
+
+INGEST = """mutation($file: Upload!, $source: String) {
+  ingestDocument(file: $file, source: $source) { id status source } }"""
+
+JOB_EVENTS = """subscription($id: ID!) { ingestionJobEvents(id: $id) {
+  __typename cursor
+  ... on IngestionProgress { status done total }
+  ... on IngestionCompleted { status documentId chunks }
+  ... on IngestionFailed { code message } } }"""
+
+
+async def upload(
+    server: LiveServer, token: str, name: str, data: bytes, source: str | None = None
+) -> dict[str, Any]:
+    operations = {"query": INGEST, "variables": {"file": None, "source": source}}
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        response = await http.post(
+            "/graphql",
+            data={
+                "operations": json.dumps(operations),
+                "map": json.dumps({"0": ["variables.file"]}),
+            },
+            files={"0": (name, data, "application/octet-stream")},
+            headers={"authorization": f"Bearer {token}"},
+        )
+    return response.json()
+
+
+async def job_events(server: LiveServer, token: str, job_id: str) -> list[dict[str, Any]]:
+    events = []
+    async with await open_socket(server.ws_url) as ws:
+        await init(ws, {"authorization": f"Bearer {token}"})
+        await subscribe(ws, JOB_EVENTS, {"id": job_id})
+        while True:
+            message = await receive(ws, timeout=60)
+            if message["type"] == "complete":
+                return events
+            assert "errors" not in message["payload"], message
+            events.append(message["payload"]["data"]["ingestionJobEvents"])
+
+
+async def test_upload_follow_search_and_cite(
+    settings: Settings,
+    engine: AsyncEngine,
+    account: dict,
+    llm: tuple[LLMStub, str],
+    embedder: LocalEmbedder,
+) -> None:
+    _, url = llm
+    settings.chat = ChatSettings(llm_base_url=url, llm_model="tools", run_lease_s=1)
+    async with serve_live(settings, embedder=embedder) as server:
+        token = await sign_in(server, account)
+        sent = await upload(server, token, "handbook.md", HANDBOOK)
+        assert "errors" not in sent, sent
+        job = sent["data"]["ingestDocument"]
+        assert job["source"] == "handbook.md"
+        events = await job_events(server, token, job["id"])
+        assert events[-1]["__typename"] == "IngestionCompleted", events
+        assert events[-1]["chunks"] >= 2
+        assert any(e.get("status") == "running" for e in events)
+
+        found = await gql(
+            server,
+            token,
+            "query($q: String!) { search(query: $q, k: 2) "
+            "{ chunkId documentTitle heading text score vectorRank textRank } }",
+            q="how long until I get my money back",
+        )
+        top = found["data"]["search"][0]
+        assert "fourteen days" in top["text"]
+        assert top["heading"] == "Handbook > Refunds"
+        assert top["documentTitle"] == "Handbook"
+
+        # The same bytes again: nothing to do.
+        again = await upload(server, token, "handbook.md", HANDBOOK)
+        events = await job_events(server, token, again["data"]["ingestDocument"]["id"])
+        assert events[-1]["status"] == "UNCHANGED".lower()
+
+        # The agent searches it and cites it; the citation opens the chunk.
+        _, run_id = await start_run(server, token, "refund time")
+        answer = await events_of(server, token, run_id)
+        assert "CitationAdded" in kinds(answer)
+        assert text(answer) == "Found it [1] and [2]."
+        citation = next(e for e in answer if e["__typename"] == "CitationAdded")
+        opened = await gql(
+            server,
+            token,
+            "query($id: ID!) { chunk(id: $id) { text heading documentId } }",
+            id=citation["chunkId"],
+        )
+        assert opened["data"]["chunk"]["documentId"] == citation["documentId"]
+
+        # Bad input: typed errors, never a 500.
+        image = await upload(server, token, "notes.md", b"\x89PNG\r\n\x1a\n" + bytes(64))
+        assert image["errors"][0]["extensions"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
+        blank = await gql(server, token, 'mutation { ingestDocument(text: "  ") { id } }')
+        assert blank["errors"][0]["extensions"]["code"] == "UNREADABLE_DOCUMENT"
+        neither = await gql(server, token, "mutation { ingestDocument { id } }")
+        assert neither["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+        empty = await gql(server, token, '{ search(query: "   ") { chunkId } }')
+        assert empty["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+        foreign = await gql(
+            server,
+            token,
+            "query($id: ID!) { document(id: $id) { id } }",
+            id="00000000-0000-0000-0000-000000000000",
+        )
+        assert foreign["errors"][0]["extensions"]["code"] == "NOT_FOUND"
