@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import json
 import os
 import platform
 import shutil
@@ -17,10 +18,13 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from redis.asyncio import Redis
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from backend import __version__
+from backend.auth.principal import Principal
 from backend.auth.service import AuthService
 from backend.config import Settings, settings_table
 from backend.core.db import Database, DatabaseUnreachable
@@ -31,6 +35,8 @@ from backend.core.redis import KeySpace, RedisUnreachable, connect_redis, ping_r
 from backend.core.telemetry import configure_logging
 from backend.errors import AppError
 from backend.inference.catalog import PACKAGED_MODELS
+from backend.knowledge.service import KnowledgeService
+from backend.limits.ratelimit import RateLimiter
 
 app = typer.Typer(help="Sightline: real-time AI backend.", no_args_is_help=True)
 schema_app = typer.Typer(help="The GraphQL schema file (schema.graphql).", no_args_is_help=True)
@@ -343,7 +349,13 @@ app.add_typer(keys_app, name="keys")
 
 @asynccontextmanager
 async def _auth(settings: Settings) -> AsyncIterator[AuthService]:
-    """An AuthService on the configured (or embedded) database and Redis."""
+    async with _backends(settings) as (_db, _redis, auth):
+        yield auth
+
+
+@asynccontextmanager
+async def _backends(settings: Settings) -> AsyncIterator[tuple[Database, Redis, AuthService]]:
+    """The configured (or embedded) database and Redis, and an AuthService on them."""
     from backend.app import build_signer
 
     db_url = settings.database.url.get_secret_value() if settings.database.url else None
@@ -360,7 +372,8 @@ async def _auth(settings: Settings) -> AsyncIterator[AuthService]:
         signer = build_signer(settings)
         async with db.session() as session:
             await signer.load(session)
-        yield AuthService(db, signer, redis, KeySpace(settings.redis.key_prefix), settings.auth)
+        keys = KeySpace(settings.redis.key_prefix)
+        yield db, redis, AuthService(db, signer, redis, keys, settings.auth)
     finally:
         await redis.aclose()
         await db.dispose()
@@ -425,6 +438,102 @@ def keys_create(
         out.print(created.secret, highlight=False)
 
     _run_admin(work)
+
+
+INGESTIBLE = (".md", ".markdown", ".txt", ".rst", ".html", ".htm", ".pdf")
+
+
+@app.command()
+def ingest(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files, or folders (searched for documents).")
+    ],
+    tenant: Annotated[str, typer.Option(help="Tenant slug.")],
+    email: Annotated[str, typer.Option(help="The user the documents are ingested as.")],
+    metadata: Annotated[
+        str | None, typer.Option(help='JSON object stored with each document, e.g. {"team": "a"}.')
+    ] = None,
+) -> None:
+    """Ingest documents into a tenant's knowledge base, with a progress bar per document.
+
+    Each file's path is its source key: ingesting it again replaces it (or does nothing when it
+    has not changed)."""
+    from backend.knowledge.embeddings import build_embedder
+
+    meta = json.loads(metadata) if metadata else {}
+    if not isinstance(meta, dict):
+        raise _fail("--metadata must be a JSON object")
+    files = _documents(paths)
+    if not files:
+        raise _fail("no documents found")
+    settings = _settings()
+    configure_logging(settings.telemetry.model_copy(update={"log_level": "WARNING"}))
+    failed = 0
+
+    async def main() -> None:
+        nonlocal failed
+        async with _backends(settings) as (db, redis, auth):
+            principal = await auth.principal_for(tenant, email)
+            limits = settings.limits.model_copy(update={"enabled": False})  # an operator's run
+            service = KnowledgeService(
+                db=db,
+                redis=redis,
+                keys=KeySpace(settings.redis.key_prefix),
+                embedder=build_embedder(settings.knowledge),
+                limiter=RateLimiter(redis, KeySpace(settings.redis.key_prefix), limits),
+                settings=settings.knowledge,
+            )
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+            try:
+                with Progress(*columns, console=err) as progress:
+                    for path in files:
+                        failed += not await _ingest_one(service, principal, path, meta, progress)
+            finally:
+                await service.close(5)
+
+    try:
+        asyncio.run(main())
+    except (DatabaseUnreachable, RedisUnreachable) as exc:
+        raise _fail(str(exc)) from None
+    except AppError as exc:
+        raise _fail(f"{exc.code}: {exc.message}") from None
+    out.print(f"{len(files) - failed} of {len(files)} documents ingested")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _documents(paths: list[Path]) -> list[Path]:
+    """The files named, and the documents (by extension) inside the folders named."""
+    found: set[Path] = set()
+    for path in paths:
+        if path.is_file():
+            found.add(path)
+        elif path.is_dir():
+            found.update(f for f in path.rglob("*") if f.suffix.lower() in INGESTIBLE)
+    return sorted(found)
+
+
+async def _ingest_one(
+    service: KnowledgeService, principal: Principal, path: Path, meta: dict, progress: Progress
+) -> bool:
+    bar = progress.add_task(path.name, total=None)
+    data = await asyncio.to_thread(path.read_bytes)
+    source = str(await asyncio.to_thread(path.resolve))
+    try:
+        job = await service.ingest(principal, data, filename=path.name, source=source, meta=meta)
+    except AppError as exc:
+        progress.update(bar, description=f"{path.name}: {exc.code}")
+        return False
+    async for event in await service.job_events(principal, job.id, None):
+        data = event.data
+        if "total" in data:
+            progress.update(bar, total=data["total"], completed=data["done"])
+        if event.type == "IngestionCompleted":
+            progress.update(bar, description=f"{path.name}: {data['status']}")
+        elif event.type == "IngestionFailed":
+            progress.update(bar, description=f"{path.name}: {data['code']} {data['message']}")
+            return False
+    return True
 
 
 @keys_app.command("rotate-signing")

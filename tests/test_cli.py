@@ -216,3 +216,46 @@ def test_users_keys_and_signing_rotation(
     rotated = runner.invoke(app, ["keys", "rotate-signing"])
     assert rotated.exit_code == 0, rotated.output
     assert "now signing with" in rotated.output
+
+
+def test_ingest_reports_each_document(env: dict[str, str], engine: object, tmp_path: Path) -> None:
+    import uuid
+
+    tenant = f"kb-{uuid.uuid4().hex[:8]}"
+    secret = tmp_path / "pw"
+    secret.write_text("a long enough password\n")
+    made = runner.invoke(
+        app,
+        [
+            "users",
+            "create",
+            "--tenant",
+            tenant,
+            "--email",
+            "kb@cli.example",
+            "--password-file",
+            str(secret),
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    docs = tmp_path / "docs"
+    (docs / "guide").mkdir(parents=True)
+    (docs / "guide" / "intro.md").write_text("# Intro\n\nSightline ingests documents.\n")
+    (docs / "photo.md").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # lies about its type
+    (docs / "ignored.bin").write_bytes(b"\x00\x01")  # not a document extension: skipped
+    result = runner.invoke(
+        app,
+        [
+            "ingest",
+            str(docs),
+            "--tenant",
+            tenant,
+            "--email",
+            "kb@cli.example",
+            "--metadata",
+            '{"team": "docs"}',
+        ],
+    )
+    assert result.exit_code == 1, result.output  # one document failed
+    assert "1 of 2 documents ingested" in result.output
+    assert "UNSUPPORTED_MEDIA_TYPE" in result.output
