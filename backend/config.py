@@ -484,6 +484,9 @@ class KnowledgeSettings(_Section):
         40, ge=1, le=1000, description="Candidates each ranking (vector, text) gives the fusion."
     )
     rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant.")
+    text_terms: int = Field(
+        5, ge=1, le=64, description="Rarest words of a query the text ranking matches on."
+    )
     common_word_share: float = Field(
         0.1,
         gt=0,

@@ -444,10 +444,22 @@ class KnowledgeService:
         if document_ids:
             filters += " AND c.document_id = ANY(:docs)"
             params["docs"] = document_ids
-        sql = _search_sql(mode, filters)
         async with self._db.session(principal.tenant_id) as session:
-            await session.execute(text(f"SET LOCAL hnsw.ef_search = {int(ef)}"))
-            await session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+            prepared = await session.execute(
+                text(_PREPARE),
+                {
+                    "q": query,
+                    "ef": str(int(ef)),
+                    "common": params["common"],
+                    "terms": settings.text_terms,
+                },
+            )
+            params["tsq"] = prepared.one().tsq
+            if params["tsq"] is None and mode is not SearchMode.VECTOR:
+                mode = SearchMode.VECTOR if mode is SearchMode.HYBRID else mode
+                if mode is SearchMode.TEXT:
+                    return []  # only stop words: nothing for the text ranking to match
+            sql = _search_sql(mode, filters)
             rows = (await session.execute(text(sql), params)).mappings().all()
         hits = [
             SearchHit(
@@ -544,6 +556,25 @@ async def _insert_chunks(
         await session.execute(insert(Chunk), rows[start : start + 1000])
 
 
+# One round trip before the search: the session's HNSW settings, and the text query made of
+# the question's rarest lexemes (at most `terms`), leaving out those in more than `common` of
+# the tenant's chunks (all of them when every one is common). Bound into the search as a
+# constant, so GIN can serve it; few, rare terms keep the rows to rank few.
+_PREPARE = """
+    WITH terms AS (SELECT lexeme FROM unnest(to_tsvector('english', :q))),
+         rare AS (
+            SELECT t.lexeme FROM terms t LEFT JOIN lexeme_stats s ON s.lexeme = t.lexeme
+            WHERE coalesce(s.ndoc, 0) <= greatest(
+                3, :common * (SELECT coalesce(sum(chunk_count), 0) FROM documents))
+            ORDER BY coalesce(s.ndoc, 0) LIMIT :terms
+         )
+    SELECT set_config('hnsw.ef_search', :ef, true),
+           set_config('hnsw.iterative_scan', 'relaxed_order', true),
+           coalesce((SELECT string_agg(quote_literal(lexeme), ' | ') FROM rare),
+                    (SELECT string_agg(quote_literal(lexeme), ' | ') FROM terms)) AS tsq
+"""
+
+
 def _search_sql(mode: SearchMode, filters: str) -> str:
     """The query for a mode. `filters` is built from constant SQL only (values are bound)."""
     vector = f"""
@@ -551,22 +582,16 @@ def _search_sql(mode: SearchMode, filters: str) -> str:
             SELECT c.id, c.embedding <=> CAST(:v AS vector) AS dist FROM chunks c
             WHERE {filters} ORDER BY dist LIMIT :n
         ) c"""  # noqa: S608
+    # The lexemes are stemmed already: the 'simple' configuration takes them as they are.
     full_text = f"""
-        SELECT c.id, row_number() OVER (ORDER BY ts_rank_cd(c.tsv, tq.q) DESC, c.id) AS r
-        FROM chunks c, (SELECT to_tsquery('english', coalesce(
-            (SELECT string_agg(quote_literal(lexeme), ' | ') FROM rare),
-            (SELECT string_agg(quote_literal(lexeme), ' | ') FROM terms), '')) AS q) tq
-        WHERE c.tsv @@ tq.q AND {filters}
-        ORDER BY ts_rank_cd(c.tsv, tq.q) DESC, c.id LIMIT :n"""  # noqa: S608
+        SELECT c.id, row_number() OVER (ORDER BY c.rank DESC, c.id) AS r FROM (
+            SELECT c.id, ts_rank_cd(c.tsv, to_tsquery('simple', :tsq)) AS rank FROM chunks c
+            WHERE c.tsv @@ to_tsquery('simple', :tsq) AND {filters}
+            ORDER BY rank DESC, c.id LIMIT :n
+        ) c"""  # noqa: S608
     empty = "SELECT NULL::uuid AS id, NULL::bigint AS r WHERE false"
     return f"""
-        WITH terms AS (SELECT lexeme FROM unnest(to_tsvector('english', :q))),
-             rare AS (
-                SELECT t.lexeme FROM terms t LEFT JOIN lexeme_stats s ON s.lexeme = t.lexeme
-                WHERE coalesce(s.ndoc, 0) <= greatest(
-                    3, :common * (SELECT coalesce(sum(chunk_count), 0) FROM documents))
-             ),
-             v AS ({vector if mode is not SearchMode.TEXT else empty}),
+        WITH v AS ({vector if mode is not SearchMode.TEXT else empty}),
              t AS ({full_text if mode is not SearchMode.VECTOR else empty}),
              fused AS (
                 SELECT id, min(vr) AS vrank, min(tr) AS trank,

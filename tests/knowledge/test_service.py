@@ -203,7 +203,7 @@ async def test_bad_input_is_refused_with_typed_errors(
 
 
 async def test_metadata_filters_and_the_query_cache(
-    kb: KnowledgeService, database: Database, redis: Redis
+    kb: KnowledgeService, database: Database, redis: Redis, key_prefix: str
 ) -> None:
     principal = await new_principal(database)
     for team in ("red", "blue"):
@@ -216,10 +216,10 @@ async def test_metadata_filters_and_the_query_cache(
         await finished(kb, principal, job.id)
     hits = await kb.search(principal, "who deploys on Fridays", k=5, metadata={"team": "blue"})
     assert [h.source for h in hits] == ["blue.txt"]
-    cached = [k async for k in redis.scan_iter(match="*qemb*")]
+    cached = [k async for k in redis.scan_iter(match=f"{key_prefix}*qemb*")]
     assert len(cached) == 1  # the query's embedding, reused by the next identical query
     await kb.search(principal, "who deploys on Fridays", k=5)
-    assert len([k async for k in redis.scan_iter(match="*qemb*")]) == 1
+    assert len([k async for k in redis.scan_iter(match=f"{key_prefix}*qemb*")]) == 1
 
 
 async def chunk_ids(database: Database, principal: Principal) -> set[uuid.UUID]:

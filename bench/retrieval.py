@@ -1,0 +1,319 @@
+"""The knowledge base at 100k chunks: ingestion throughput, search latency, HNSW recall.
+
+One run, each figure next to its baseline:
+
+1. Ingestion: real documents (docstrings of the Python standard library, as Markdown) go
+   through the whole pipeline (sniff, chunk, embed with the packaged MiniLM in its worker
+   process, one transaction per document, progress events) -> chunks/s. Baseline: the same
+   chunk texts embedded by the same model in a plain loop, nothing else.
+2. Scale: the table is filled to --chunks chunks of the same kind of text. Embedding 100k chunks
+   on this machine would take about half an hour, so these bulk chunks are windows of three
+   sentences whose vector is the normalised mean of the sentences' real MiniLM vectors (mean
+   pooling over the chunk, approximately); the text, tsvector and lexeme statistics are real.
+3. Search: held-out sentences as queries, through KnowledgeService.search (RLS, filters,
+   fusion, the query-embedding cache warm): p50/p99 for vector, text and hybrid. Baseline: an
+   exact k-NN scan (no index) of the same queries. Recall@10 of HNSW against that exact scan.
+
+Needs the Redis at 127.0.0.1:6379 and an embedded PostgreSQL (or SIGHTLINE_DATABASE_URL).
+Usage: python bench/retrieval.py [--chunks 100000] [--queries 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import os
+import pkgutil
+import random
+import re
+import statistics
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+from pydantic import SecretStr
+from redis.asyncio import Redis
+from sqlalchemy import insert, text
+
+from backend.auth.principal import CredentialKind, Principal
+from backend.auth.scopes import ALL_SCOPES
+from backend.config import DatabaseSettings, KnowledgeSettings, LimitsSettings
+from backend.core.db import Database
+from backend.core.embedded import EmbeddedPostgres
+from backend.core.migrations import upgrade_to_head
+from backend.core.models import Chunk, Document, Tenant, UserRole
+from backend.core.redis import KeySpace
+from backend.knowledge.embeddings import LocalEmbedder
+from backend.knowledge.service import KnowledgeService, SearchMode, _count_lexemes
+from backend.limits.ratelimit import RateLimiter
+
+SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+HNSW = (
+    "CREATE INDEX ix_chunks_embedding ON chunks "
+    "USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
+)
+
+
+def stdlib_docs() -> list[tuple[str, str]]:
+    """(module, Markdown) for the standard library's documented modules."""
+    warnings.filterwarnings("ignore")
+    docs = []
+    skip = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "ensurepip")
+    for info in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
+        if info.name.startswith(("_", *skip)) or not getattr(info.module_finder, "path", ""):
+            continue
+        if "site-packages" in str(info.module_finder.path):
+            continue
+        try:
+            module = __import__(info.name)
+        except Exception:
+            continue
+        parts = [f"# {info.name}\n\n{inspect.getdoc(module) or ''}"]
+        for name, member in inspect.getmembers(module):
+            doc = inspect.getdoc(member) if not name.startswith("_") else None
+            if doc and (inspect.isfunction(member) or inspect.isclass(member)):
+                parts.append(f"## {info.name}.{name}\n\n{doc}")
+        body = "\n\n".join(parts)
+        if len(body) > 2000:
+            docs.append((info.name, body))
+    return docs
+
+
+def sentences_of(docs: list[tuple[str, str]]) -> list[str]:
+    seen, out = set(), []
+    for _, body in docs:
+        for paragraph in body.split("\n\n"):
+            if paragraph.startswith("#") or ">>>" in paragraph:
+                continue
+            for sentence in SENTENCE.split(" ".join(paragraph.split())):
+                words = len(sentence.split())
+                if 6 <= words <= 60 and sentence not in seen:
+                    seen.add(sentence)
+                    out.append(sentence)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def main(args: argparse.Namespace) -> None:
+    random.seed(7)
+    workdir = Path(tempfile.mkdtemp(prefix="sightline-bench-kb-"))
+    url, pg = os.environ.get("SIGHTLINE_DATABASE_URL"), None
+    if url is None:
+        pg = EmbeddedPostgres(workdir / "postgres")
+        url = await asyncio.to_thread(pg.start)
+    db = Database.connect(url, DatabaseSettings(url=SecretStr(url), pool_size=5))
+    redis = Redis.from_url(os.environ.get("SIGHTLINE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    prefix = f"bench-kb-{uuid.uuid4().hex[:6]}:"
+    embedder = LocalEmbedder()
+    settings = KnowledgeSettings()
+    service = KnowledgeService(
+        db=db,
+        redis=redis,
+        keys=KeySpace(prefix),
+        embedder=embedder,
+        limiter=RateLimiter(redis, KeySpace(prefix), LimitsSettings(enabled=False)),
+        settings=settings,
+        own_embedder=False,
+    )
+    try:
+        await upgrade_to_head(db.engine)
+        async with db.session() as session:
+            tenant = Tenant(slug=f"bench-{uuid.uuid4().hex[:6]}", name="Bench")
+            session.add(tenant)
+        principal = Principal(
+            user_id=None,  # type: ignore[arg-type]
+            tenant_id=tenant.id,
+            role=UserRole.OWNER,
+            scopes=ALL_SCOPES,
+            credential=CredentialKind.API_KEY,
+        )
+        await embedder.load()
+        docs = stdlib_docs()
+        random.shuffle(docs)
+        sentences = sentences_of(docs)
+        random.shuffle(sentences)
+        queries, pool = sentences[: args.queries], sentences[args.queries :][: args.sentences]
+
+        # 1. ingestion through the real pipeline, against the bare embedder
+        started, chunks = time.perf_counter(), 0
+        ingest_docs = []
+        for name, body in docs:
+            if chunks >= args.ingest_chunks:
+                break
+            job = await service.ingest(principal, body.encode(), filename=f"{name}.md")
+            events = [e async for e in await service.job_events(principal, job.id, None)]
+            if events[-1].type == "IngestionCompleted":
+                chunks += int(events[-1].data["total"])
+                ingest_docs.append(name)
+        pipeline_s = time.perf_counter() - started
+        async with db.session(tenant.id) as session:
+            texts = list((await session.execute(text("SELECT text FROM chunks"))).scalars())
+        started = time.perf_counter()
+        for i in range(0, len(texts), settings.embed_batch):
+            await embedder.embed(texts[i : i + settings.embed_batch])
+        bare_s = time.perf_counter() - started
+
+        # 2. fill to --chunks (vectors from real sentence embeddings, see the docstring)
+        started = time.perf_counter()
+        vectors = np.asarray(await embedder.embed(pool), dtype=np.float32)
+        sentence_embed_s = time.perf_counter() - started
+        started = time.perf_counter()
+        total = await fill(db, principal, pool, vectors, args.chunks - len(texts))
+        fill_s = time.perf_counter() - started
+
+        if os.environ.get("BENCH_EXPLAIN"):
+            await explain(db, principal, service, queries[0])
+
+        # 3. search latency and recall
+        for q in queries:  # warm the query-embedding cache: latency below is the search itself
+            await service.query_vector(q)
+        latency: dict[str, list[float]] = {m.value: [] for m in SearchMode}
+        latency["exact k-NN scan"] = []
+        recall = []
+        for q in queries:
+            for mode in SearchMode:
+                t0 = time.perf_counter()
+                hits = await service.search(principal, q, 10, mode=mode)
+                latency[mode.value].append((time.perf_counter() - t0) * 1000)
+                if mode is SearchMode.VECTOR:
+                    approx = {h.chunk_id for h in hits}
+            t0 = time.perf_counter()
+            exact = await exact_knn(db, principal, await service.query_vector(q), 10)
+            latency["exact k-NN scan"].append((time.perf_counter() - t0) * 1000)
+            recall.append(len(approx & exact) / max(1, len(exact)))
+
+        print(
+            f"retrieval: {os.cpu_count()} CPUs, {total:,} chunks, {len(queries)} queries, "
+            f"MiniLM-L6 (384-d) on the CPU, HNSW m=16 ef_construction=64 ef_search="
+            f"{settings.ef_search}"
+        )
+        print(f"{'measure':44}{'value':>12}{'baseline':>12}{'ratio':>8}")
+        pipe_rate, bare_rate = len(texts) / pipeline_s, len(texts) / bare_s
+        print(
+            f"{'ingestion chunks/s (pipeline vs embed only)':44}{pipe_rate:12.1f}"
+            f"{bare_rate:12.1f}{pipe_rate / bare_rate:8.2f}"
+        )
+        base = latency["exact k-NN scan"]
+        for name in ("vector", "text", "hybrid"):
+            for q, label in ((0.5, "p50"), (0.99, "p99")):
+                value, ref = pct(latency[name], q), pct(base, q)
+                print(
+                    f"{name + ' search ' + label + ' ms (vs exact scan)':44}"
+                    f"{value:12.1f}{ref:12.1f}{value / ref:8.2f}"
+                )
+        print(f"{'HNSW recall@10 vs exact scan':44}{statistics.mean(recall):12.3f}")
+        print(
+            f"({len(texts)} chunks from {len(ingest_docs)} documents ingested for real; "
+            f"{len(pool):,} sentences embedded in {sentence_embed_s:.0f} s; bulk fill and HNSW "
+            f"build {fill_s:.0f} s)"
+        )
+    finally:
+        await service.close(5)
+        await embedder.aclose()
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+        await db.dispose()
+        if pg is not None:
+            await asyncio.to_thread(pg.stop)
+
+
+async def fill(
+    db: Database, principal: Principal, pool: list[str], vectors: np.ndarray, count: int
+) -> int:
+    """Adds `count` chunks (three-sentence windows) in documents of 1,000, then rebuilds HNSW."""
+    per_doc, made = 1000, 0
+    async with db.engine.begin() as owner:  # DDL as the table owner, not the app role
+        await owner.execute(text("DROP INDEX IF EXISTS ix_chunks_embedding"))
+    while made < count:
+        async with db.session(principal.tenant_id) as session:
+            document = Document(
+                tenant_id=principal.tenant_id,
+                source=f"bulk-{made}",
+                title=f"Bulk {made}",
+                media_type="text/plain",
+                content_hash=uuid.uuid4().hex,
+                size_bytes=0,
+                embedding_model=LocalEmbedder.name,
+                chunk_count=min(per_doc, count - made),
+            )
+            session.add(document)
+            await session.flush()
+            rows = []
+            for i in range(document.chunk_count):
+                picks = random.sample(range(len(pool)), 3)
+                vector = vectors[picks].mean(axis=0)
+                vector /= np.linalg.norm(vector)
+                body = " ".join(pool[p] for p in picks)
+                rows.append(
+                    {
+                        "tenant_id": principal.tenant_id,
+                        "document_id": document.id,
+                        "ord": i,
+                        "text": body,
+                        "embedding": vector.tolist(),
+                        "embedding_model": LocalEmbedder.name,
+                        "char_start": 0,
+                        "char_end": len(body),
+                        "content_hash": uuid.uuid4().hex,
+                    }
+                )
+            await session.execute(insert(Chunk), rows)
+            await _count_lexemes(session, principal.tenant_id, document.id, sign=1)
+            made += document.chunk_count
+    async with db.engine.begin() as owner:
+        await owner.execute(text("SET LOCAL maintenance_work_mem = '512MB'"))
+        await owner.execute(text(HNSW))
+        await owner.execute(text("ANALYZE chunks"))
+        total = await owner.scalar(text("SELECT count(*) FROM chunks"))
+    return int(total or 0)
+
+
+async def explain(
+    db: Database, principal: Principal, service: KnowledgeService, query: str
+) -> None:
+    """EXPLAIN ANALYZE of each mode's query (BENCH_EXPLAIN=1), to see where time goes."""
+    from backend.knowledge.service import _PREPARE, _search_sql, _vector_literal
+
+    vector = _vector_literal(await service.query_vector(query))
+    params = {"model": LocalEmbedder.name, "n": 40, "k": 10, "rrf": 60}
+    for mode in SearchMode:
+        async with db.session(principal.tenant_id) as session:
+            prepared = await session.execute(
+                text(_PREPARE), {"q": query, "ef": "80", "common": 0.1, "terms": 5}
+            )
+            tsq = prepared.one().tsq
+            sql = "EXPLAIN (ANALYZE, BUFFERS) " + _search_sql(mode, "c.embedding_model = :model")
+            rows = await session.execute(text(sql), {**params, "tsq": tsq, "v": vector})
+            print(f"-- {mode.value}\n" + "\n".join(r[0] for r in rows))
+
+
+async def exact_knn(
+    db: Database, principal: Principal, vector: list[float], k: int
+) -> set[uuid.UUID]:
+    literal = "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+    async with db.session(principal.tenant_id) as session:
+        await session.execute(text("SET LOCAL enable_indexscan = off"))
+        rows = await session.execute(
+            text("SELECT id FROM chunks ORDER BY embedding <=> CAST(:v AS vector) LIMIT :k"),
+            {"v": literal, "k": k},
+        )
+        return {r.id for r in rows}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chunks", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--ingest-chunks", type=int, default=600, help="ingested for real")
+    parser.add_argument("--sentences", type=int, default=4000, help="sentence pool for the fill")
+    asyncio.run(main(parser.parse_args()))
