@@ -487,6 +487,9 @@ class KnowledgeSettings(_Section):
     text_terms: int = Field(
         5, ge=1, le=64, description="Rarest words of a query the text ranking matches on."
     )
+    text_max_matches: int = Field(
+        1000, ge=10, description="Most matching passages the text ranking scores per query."
+    )
     common_word_share: float = Field(
         0.1,
         gt=0,

@@ -27,6 +27,7 @@ import os
 import pkgutil
 import random
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -225,6 +226,7 @@ async def main(args: argparse.Namespace) -> None:
         await db.dispose()
         if pg is not None:
             await asyncio.to_thread(pg.stop)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def fill(
@@ -271,6 +273,7 @@ async def fill(
             await _count_lexemes(session, principal.tenant_id, document.id, sign=1)
             made += document.chunk_count
     async with db.engine.begin() as owner:
+        await owner.execute(text("SET LOCAL statement_timeout = 0"))  # the build takes minutes
         await owner.execute(text("SET LOCAL maintenance_work_mem = '512MB'"))
         await owner.execute(text(HNSW))
         await owner.execute(text("ANALYZE chunks"))
@@ -285,7 +288,7 @@ async def explain(
     from backend.knowledge.service import _PREPARE, _search_sql, _vector_literal
 
     vector = _vector_literal(await service.query_vector(query))
-    params = {"model": LocalEmbedder.name, "n": 40, "k": 10, "rrf": 60}
+    params = {"model": LocalEmbedder.name, "n": 40, "k": 10, "rrf": 60, "m": 1000}
     for mode in SearchMode:
         async with db.session(principal.tenant_id) as session:
             prepared = await session.execute(
@@ -315,5 +318,5 @@ if __name__ == "__main__":
     parser.add_argument("--chunks", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--ingest-chunks", type=int, default=600, help="ingested for real")
-    parser.add_argument("--sentences", type=int, default=4000, help="sentence pool for the fill")
+    parser.add_argument("--sentences", type=int, default=6000, help="sentence pool for the fill")
     asyncio.run(main(parser.parse_args()))

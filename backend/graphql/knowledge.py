@@ -331,6 +331,14 @@ class KnowledgeMutation:
         )
         return IngestionJobType.of(job)
 
+    @strawberry.mutation(
+        permission_classes=WRITE,
+        description="Re-embeds documents embedded by an earlier model (search leaves them out "
+        "until then); returns how many were updated.",
+    )
+    async def reembed_documents(self, info: Info[Context, None]) -> int:
+        return await info.context.services.knowledge.reembed_stale(info.context.require_principal())
+
     @strawberry.mutation(permission_classes=WRITE, description="Deletes a document and its chunks.")
     async def delete_document(self, info: Info[Context, None], id: strawberry.ID) -> bool:
         await info.context.services.knowledge.delete(

@@ -145,39 +145,47 @@ class LocalEmbedder:
     async def _batch_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
-            group, size = [first], len(first.texts)
-            deadline = loop.time() + self._max_delay_s
-            while size < self._max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-                group.append(item)
-                size += len(item.texts)
+            group = await self._gather_batch(loop)
             texts = [t for item in group for t in item.texts]
             try:
                 vectors = await asyncio.wait_for(
                     loop.run_in_executor(self._executor(), _encode, texts), self._timeout_s
                 )
-            except (BrokenProcessPool, TimeoutError, OSError) as exc:
-                self._restart()
+            except asyncio.CancelledError:
+                for item in group:
+                    item.future.cancel()
+                raise
+            except Exception as exc:  # every waiter must hear of it: never leave one hanging
+                if isinstance(exc, (BrokenProcessPool, TimeoutError, OSError)):
+                    self._restart()  # a dead or stuck worker: the next batch starts a fresh one
+                log.warning("embedding batch failed: %r", exc)
+                failure = EmbeddingUnavailable(f"the embedding worker failed: {type(exc).__name__}")
                 for item in group:
                     if not item.future.done():
-                        item.future.set_exception(
-                            EmbeddingUnavailable(
-                                f"the embedding worker failed: {type(exc).__name__}"
-                            )
-                        )
+                        item.future.set_exception(failure)
                 continue
             position = 0
             for item in group:
                 if not item.future.done():
                     item.future.set_result(vectors[position : position + len(item.texts)])
                 position += len(item.texts)
+
+    async def _gather_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
+        """The first waiting request, and those arriving within `max_delay_s` (up to a batch)."""
+        first = await self._queue.get()
+        group, size = [first], len(first.texts)
+        deadline = loop.time() + self._max_delay_s
+        while size < self._max_batch:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                item = await asyncio.wait_for(self._queue.get(), remaining)
+            except TimeoutError:
+                break
+            group.append(item)
+            size += len(item.texts)
+        return group
 
     def _restart(self) -> None:
         if self._pool is not None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 from redis.asyncio import Redis
-from sqlalchemy import delete, insert, select, text
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.agents.tools import Source
@@ -282,7 +282,7 @@ class KnowledgeService:
         }
 
     async def _embed_with_retries(
-        self, principal: Principal, job_id: uuid.UUID, texts: list[str]
+        self, principal: Principal, job_id: uuid.UUID | None, texts: list[str]
     ) -> list[list[float]]:
         """The job pauses (status RETRYING, with events) while the embedder is down."""
         for attempt in range(self._settings.embedding_retries + 1):
@@ -293,14 +293,16 @@ class KnowledgeService:
                     raise
                 delay = min(RETRY_MAX_S, self._settings.embedding_retry_base_s * 2**attempt)
                 log.warning("job %s: embedder down (%s); retrying in %.1fs", job_id, exc, delay)
-                await self._update_job(principal, job_id, status=JobStatus.RETRYING)
-                await self.events.append(
-                    str(job_id),
-                    "IngestionProgress",
-                    {"status": "retrying", "retryInS": delay, "reason": exc.message},
-                )
+                if job_id is not None:
+                    await self._update_job(principal, job_id, status=JobStatus.RETRYING)
+                    await self.events.append(
+                        str(job_id),
+                        "IngestionProgress",
+                        {"status": "retrying", "retryInS": delay, "reason": exc.message},
+                    )
                 await asyncio.sleep(delay)
-                await self._update_job(principal, job_id, status=JobStatus.RUNNING)
+                if job_id is not None:
+                    await self._update_job(principal, job_id, status=JobStatus.RUNNING)
         raise AssertionError("unreachable")
 
     async def _update_job(self, principal: Principal, job_id: uuid.UUID, **values: Any) -> None:
@@ -334,6 +336,41 @@ class KnowledgeService:
     ) -> AsyncIterator[RunEvent]:
         await self.job(principal, job_id)  # authorisation: a job of the caller's tenant
         return self.events.read(str(job_id), after)
+
+    async def reembed_stale(self, principal: Principal) -> int:
+        """Re-embeds, from their stored text, the chunks of documents embedded by another model
+        (until then search leaves them out: vector spaces never mix). One transaction per
+        document; returns how many documents were brought up to date."""
+        model = self.embedder.name
+        async with self._db.session(principal.tenant_id) as session:
+            stale = list(
+                await session.scalars(select(Document.id).where(Document.embedding_model != model))
+            )
+        for document_id in stale:
+            async with self._db.session(principal.tenant_id) as session:
+                rows = list(
+                    await session.execute(
+                        select(Chunk.id, Chunk.text)
+                        .where(Chunk.document_id == document_id)
+                        .order_by(Chunk.ord)
+                    )
+                )
+            vectors: list[list[float]] = []
+            batch = self._settings.embed_batch
+            for start in range(0, len(rows), batch):
+                texts = [r.text for r in rows[start : start + batch]]
+                vectors += await self._embed_with_retries(principal, None, texts)
+            async with self._db.session(principal.tenant_id) as session:
+                for row, vector in zip(rows, vectors, strict=True):
+                    await session.execute(
+                        update(Chunk)
+                        .where(Chunk.id == row.id)
+                        .values(embedding=vector, embedding_model=model)
+                    )
+                document = await session.get(Document, document_id, with_for_update=True)
+                if document is not None:
+                    document.embedding_model = model
+        return len(stale)
 
     # -- documents -----------------------------------------------------------------------------
 
@@ -434,10 +471,12 @@ class KnowledgeService:
             "k": k * 4 if rescore else k,
             "rrf": settings.rrf_k,
             "common": settings.common_word_share,
+            "m": settings.text_max_matches,
             "q": query,
             "v": _vector_literal(vector) if vector is not None else None,
         }
         filters = "c.embedding_model = :model"
+        params["meta"], params["docs"] = None, None
         if metadata:
             filters += " AND c.meta @> CAST(:meta AS jsonb)"
             params["meta"] = _json(metadata)
@@ -570,6 +609,9 @@ _PREPARE = """
          )
     SELECT set_config('hnsw.ef_search', :ef, true),
            set_config('hnsw.iterative_scan', 'relaxed_order', true),
+           -- every step of a search is meant to run on an index (HNSW, GIN, primary keys);
+           -- left to itself the planner scans the table for text matches it guesses common
+           set_config('enable_seqscan', 'off', true),
            coalesce((SELECT string_agg(quote_literal(lexeme), ' | ') FROM rare),
                     (SELECT string_agg(quote_literal(lexeme), ' | ') FROM terms)) AS tsq
 """
@@ -583,12 +625,15 @@ def _search_sql(mode: SearchMode, filters: str) -> str:
             WHERE {filters} ORDER BY dist LIMIT :n
         ) c"""  # noqa: S608
     # The lexemes are stemmed already: the 'simple' configuration takes them as they are.
-    full_text = f"""
-        SELECT c.id, row_number() OVER (ORDER BY c.rank DESC, c.id) AS r FROM (
-            SELECT c.id, ts_rank_cd(c.tsv, to_tsquery('simple', :tsq)) AS rank FROM chunks c
-            WHERE c.tsv @@ to_tsquery('simple', :tsq) AND {filters}
-            ORDER BY rank DESC, c.id LIMIT :n
-        ) c"""  # noqa: S608
+    # At most `:m` matching rows are ranked: words that match more than that many passages
+    # say little about which one is meant, and ranking is the costly part. The matching runs
+    # in sightline_match_chunks (migration 0004): under row-level security `@@` cannot use GIN.
+    full_text = """
+        SELECT m.id, row_number() OVER (ORDER BY m.rank DESC, m.id) AS r
+        FROM sightline_match_chunks(
+            to_tsquery('simple', :tsq), :model, CAST(:meta AS jsonb), CAST(:docs AS uuid[]), :m
+        ) m
+        ORDER BY m.rank DESC, m.id LIMIT :n"""
     empty = "SELECT NULL::uuid AS id, NULL::bigint AS r WHERE false"
     return f"""
         WITH v AS ({vector if mode is not SearchMode.TEXT else empty}),

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from backend.core.redis import KeySpace
 from backend.errors import AppError, ValidationFailed
@@ -108,6 +109,7 @@ class LiveTail:
         self._subscribers: dict[str, set[_Subscriber]] = {}
         self._task: asyncio.Task[None] | None = None
         self._waiting = asyncio.Event()
+        self._closing = False
 
     async def register(self, key: str, last: str) -> _Subscriber:
         subscriber = _Subscriber(key, last)
@@ -129,19 +131,31 @@ class LiveTail:
                 del self._subscribers[subscriber.key]
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stops the tail without cancelling it inside XREAD: a command cancelled mid-reply can
+        leave its pooled connection unusable for the next user. The wake-up stream makes a
+        blocked XREAD return at once; cancelling is the fallback."""
+        self._closing = True
+        task = self._task
+        if task is not None and not task.done():
+            self._waiting.set()
+            with contextlib.suppress(Exception):
+                await self._redis.xadd(self._wake, {"k": ""}, maxlen=16, approximate=True)
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self._block_ms / 1000 + 1)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         with contextlib.suppress(Exception):
             await self._redis.delete(self._wake)
 
     async def _run(self) -> None:
         wake_last = "0-0"
-        while True:
+        while not self._closing:
             if not self._subscribers:
                 self._waiting.clear()
                 await self._waiting.wait()
+                continue
             streams = {
                 key: min((s.last for s in watchers), key=_position)
                 for key, watchers in self._subscribers.items()
@@ -149,7 +163,9 @@ class LiveTail:
             streams[self._wake] = wake_last
             try:
                 response = await self._redis.xread(streams, block=self._block_ms, count=500)
-            except (ConnectionError, OSError, TimeoutError) as exc:
+            except (RedisError, ConnectionError, OSError, TimeoutError) as exc:
+                # redis-py's ConnectionError is not the builtin one: without RedisError here a
+                # dropped connection ended this task, and every live reader waited forever.
                 log.warning("live tail: %s; retrying", exc)
                 await asyncio.sleep(0.2)
                 continue

@@ -103,6 +103,28 @@ def upgrade() -> None:
         sa.Column("ndoc", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("tenant_id", "lexeme"),
     )
+    # Full-text matching under row-level security cannot use the GIN index: `@@` is not
+    # leakproof, so PostgreSQL checks the policy first, row by row. This function (run as the
+    # table owner) restricts to the caller's tenant itself, from the same per-transaction
+    # setting the policies read, and lets the index find the matches. Nothing else is exposed.
+    op.execute("""
+        CREATE FUNCTION sightline_match_chunks(
+            p_query tsquery, p_model text, p_meta jsonb, p_docs uuid[], p_max integer
+        ) RETURNS TABLE (id uuid, rank real)
+        LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public AS $$
+            SELECT m.id, ts_rank_cd(m.tsv, p_query) FROM (
+                SELECT c.id, c.tsv FROM chunks c
+                WHERE c.tsv @@ p_query
+                  AND c.tenant_id = sightline_current_tenant()
+                  AND c.embedding_model = p_model
+                  AND (p_meta IS NULL OR c.meta @> p_meta)
+                  AND (p_docs IS NULL OR c.document_id = ANY(p_docs))
+                LIMIT p_max
+            ) m
+        $$
+    """)
+    op.execute("REVOKE ALL ON FUNCTION sightline_match_chunks FROM PUBLIC")
+    op.execute("GRANT EXECUTE ON FUNCTION sightline_match_chunks TO sightline_app")
     for table in TABLES:
         op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
         op.execute(
@@ -113,5 +135,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.execute("DROP FUNCTION IF EXISTS sightline_match_chunks")
     for table in reversed(TABLES):
         op.drop_table(table)

@@ -12,11 +12,13 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.auth.passwords import hash_password
-from backend.config import ChatSettings, Settings
+from backend.config import ChatSettings, LimitsSettings, Settings
 from backend.core.db import Database
 from backend.core.models import Message, Run, RunStatus, Tenant, User, UserRole
 from tests.conftest import LiveServer, serve_asgi, serve_live
@@ -402,3 +404,42 @@ async def test_double_texting_interrupt_and_enqueue(
     assert users == ["first question", "actually, this", "and then this"]  # nothing lost
     assistants = [n["complete"] for n in nodes if n["role"] == "ASSISTANT"]
     assert assistants == [False, True, True]  # the interrupted answer is kept, marked
+
+
+@pytest.fixture
+async def unlimited_server(
+    chat_settings: Settings, engine: AsyncEngine
+) -> AsyncIterator[LiveServer]:
+    """A server whose rate limits never refuse (a property test starts many runs)."""
+    chat_settings.limits = LimitsSettings(enabled=False)
+    async with serve_live(chat_settings) as live:
+        yield live
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=6))
+async def test_random_disconnects_over_the_websocket_lose_and_repeat_nothing(
+    unlimited_server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str], cuts: list[int]
+) -> None:
+    """Property: whatever points a client drops its socket at, resuming from its last cursor
+    (on a new socket) yields every token exactly once, in order."""
+    server = unlimited_server
+    llm[0].answer_tokens = 40
+    token = await sign_in(server, account)
+    _, run_id = await start_run(server, token, "alpha beta gamma delta")
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    for stop in [*cuts, None]:
+        part = await collect(server, token, run_id, after=cursor, stop_after=stop)
+        seen += part
+        cursor = part[-1]["cursor"] if part else cursor
+        if part and part[-1]["__typename"] == "RunCompleted":
+            break
+    else:
+        seen += await collect(server, token, run_id, after=cursor)
+    indexes = [e["index"] for e in seen if e["__typename"] == "TokenDelta"]
+    assert indexes == sorted(set(indexes))  # no duplicate, in order
+    assert len(text_of(seen).split()) == 40  # no gap (deltas may arrive merged)
+    assert seen[-1]["__typename"] == "RunCompleted"

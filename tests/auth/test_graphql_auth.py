@@ -15,7 +15,7 @@ from backend.auth.scopes import Scope
 from backend.auth.signing import TokenSigner
 from backend.config import Settings
 from backend.core.db import Database
-from backend.core.models import Run, RunStatus, UserRole
+from backend.core.models import Chunk, Document, IngestionJob, Run, RunStatus, UserRole
 from backend.graphql.permissions import until_credential_expires
 from tests.accounts import Account
 from tests.conftest import LiveServer
@@ -152,7 +152,38 @@ async def test_other_tenants_ids_are_not_found(
             model="m",
         )
         session.add(their_run)
+        their_document = Document(
+            tenant_id=stranger.tenant.id,
+            source="theirs.md",
+            title="Theirs",
+            media_type="text/markdown",
+            content_hash="0" * 64,
+            size_bytes=1,
+            embedding_model="m",
+        )
+        session.add(their_document)
+        await session.flush()
+        their_chunk = Chunk(
+            tenant_id=stranger.tenant.id,
+            document_id=their_document.id,
+            ord=0,
+            text="secret",
+            embedding_model="m",
+            char_start=0,
+            char_end=6,
+            content_hash="0" * 64,
+        )
+        their_job = IngestionJob(tenant_id=stranger.tenant.id, source="theirs.md", status="queued")
+        session.add_all([their_chunk, their_job])
+    document = {"id": str(their_document.id)}
     calls = {
+        "document": ("query($id: ID!) { document(id: $id) { id } }", document),
+        "chunk": ("query($id: ID!) { chunk(id: $id) { id } }", {"id": str(their_chunk.id)}),
+        "ingestionJob": (
+            "query($id: ID!) { ingestionJob(id: $id) { id } }",
+            {"id": str(their_job.id)},
+        ),
+        "deleteDocument": ("mutation($id: ID!) { deleteDocument(id: $id) }", document),
         "sendMessage": (
             'mutation($id: ID!) { sendMessage(conversationId: $id, content: "hi") { run { id } } }',
             their_chat,

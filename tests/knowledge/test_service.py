@@ -139,12 +139,14 @@ async def test_reingesting_is_idempotent_and_changes_replace_chunks_atomically(
     assert result["last"]["code"] == "EMBEDDINGS_UNAVAILABLE"
     assert [e.data.get("status") for e in result["events"]].count("retrying") == 2
     assert await chunk_ids(database, principal) == chunks_before
+    await broken.close(1)
 
     # It comes back after two failures: the job waits, retries, and replaces in one go.
     flaky = knowledge(database, redis, key_prefix, FlakyEmbedder(embedder, failures=2))
     job = await flaky.ingest(principal, changed.encode(), source="policy.md")
     result = await finished(flaky, principal, job.id)
     assert result["types"][-1] == "IngestionCompleted"
+    await flaky.close(1)
     after = await chunk_ids(database, principal)
     assert after
     assert not after & chunks_before
@@ -225,3 +227,30 @@ async def test_metadata_filters_and_the_query_cache(
 async def chunk_ids(database: Database, principal: Principal) -> set[uuid.UUID]:
     async with database.session(principal.tenant_id) as session:
         return set(await session.scalars(select(Chunk.id)))
+
+
+class OldModel(FlakyEmbedder):
+    """The same vectors under another model's name: as if the model had been changed since."""
+
+    def __init__(self, inner: LocalEmbedder) -> None:
+        super().__init__(inner, failures=0)
+        self.name = "old-model@1"
+
+
+async def test_a_new_embedding_model_never_mixes_vector_spaces(
+    kb: KnowledgeService, database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
+) -> None:
+    principal = await new_principal(database)
+    old = knowledge(database, redis, key_prefix, OldModel(embedder))
+    job = await old.ingest(principal, b"Invoices are sent on the first of the month.", source="a")
+    await finished(old, principal, job.id)
+    await old.close(1)
+    question = "when are invoices sent"
+    assert await kb.search(principal, question, k=3, mode=SearchMode.VECTOR) == []
+    document = (await kb.documents(principal, 1, None)).items[0]
+    assert document.embedding_model == "old-model@1"  # visibly stale
+    assert await kb.reembed_stale(principal) == 1
+    hits = await kb.search(principal, question, k=3, mode=SearchMode.VECTOR)
+    assert [h.document_id for h in hits] == [document.id]
+    assert (await kb.document(principal, document.id)).embedding_model == embedder.name
+    assert await kb.reembed_stale(principal) == 0
