@@ -30,6 +30,7 @@ from backend.core.db import Database
 from backend.core.metrics import Metrics
 from backend.core.models import Message, MessageRole, Run, RunStatus
 from backend.core.redis import KeySpace
+from backend.core.tasks import drain
 from backend.errors import (
     AppError,
     Conflict,
@@ -134,12 +135,7 @@ class RunService:
     async def close(self, grace_s: float) -> None:
         """Lets running turns finish for `grace_s`, then cancels them (RunFailed SHUTDOWN)."""
         self._closing = True
-        pending = list(self._tasks.values())
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=grace_s)
-            for task in still:
-                task.cancel("shutdown")
-            await asyncio.gather(*still, return_exceptions=True)
+        await drain(self._tasks.values(), grace_s)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -37,6 +37,7 @@ from backend.core import pagination
 from backend.core.db import Database
 from backend.core.models import Chunk, Document, IngestionJob, JobStatus
 from backend.core.redis import KeySpace
+from backend.core.tasks import drain
 from backend.errors import AppError, NotFound, PayloadTooLarge, ValidationFailed
 from backend.knowledge.chunking import chunk
 from backend.knowledge.embeddings import Embedder, EmbeddingUnavailable
@@ -107,12 +108,7 @@ class KnowledgeService:
     async def close(self, grace_s: float) -> None:
         """Lets jobs finish for `grace_s`, then cancels them (they fail, nothing half-written)."""
         self._closing = True
-        pending = list(self._jobs.values())
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=grace_s)
-            for task in still:
-                task.cancel("shutdown")
-            await asyncio.gather(*still, return_exceptions=True)
+        await drain(self._jobs.values(), grace_s)
         await self.events.close()
         if self._own_embedder:
             await self.embedder.aclose()

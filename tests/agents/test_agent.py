@@ -31,7 +31,7 @@ from backend.core.models import Message, UsageRecord
 from backend.core.redis import KeySpace
 from tests.agents.test_runs import gql, sign_in, start_run
 from tests.conftest import LiveServer, serve_live
-from tests.graphql.ws import init, open_socket, receive, subscribe
+from tests.graphql.ws import results
 from tests.llm_stub import LLMStub
 
 EVENTS = """subscription($r: ID!) {
@@ -48,16 +48,7 @@ EVENTS = """subscription($r: ID!) {
 
 
 async def events_of(server: LiveServer, token: str, run_id: str) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
-    async with await open_socket(server.ws_url) as ws:
-        await init(ws, {"authorization": f"Bearer {token}"})
-        await subscribe(ws, EVENTS, {"r": run_id})
-        while True:
-            message = await receive(ws, timeout=20)
-            if message["type"] == "complete":
-                return events
-            assert "errors" not in message["payload"], message
-            events.append(message["payload"]["data"]["runEvents"])
+    return await results(server.ws_url, token, EVENTS, {"r": run_id}, "runEvents")
 
 
 def kinds(events: list[dict[str, Any]]) -> list[str]:

@@ -45,3 +45,20 @@ async def subscribe(
     if variables is not None:
         payload["variables"] = variables
     await send(ws, {"id": op_id, "type": "subscribe", "payload": payload})
+
+
+async def results(
+    url: str, token: str, query: str, variables: dict[str, Any], field: str, timeout: float = 20
+) -> list[dict[str, Any]]:
+    """Every `next` of one subscription, signed in with `token`, until it completes."""
+    values: list[dict[str, Any]] = []
+    async with await open_socket(url) as ws:
+        await init(ws, {"authorization": f"Bearer {token}"})
+        await subscribe(ws, query, variables)
+        while True:
+            message = await receive(ws, timeout=timeout)
+            if message["type"] == "complete":
+                return values
+            assert message["type"] == "next", message
+            assert "errors" not in message["payload"], message
+            values.append(message["payload"]["data"][field])

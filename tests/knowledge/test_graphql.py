@@ -14,7 +14,7 @@ from backend.knowledge.embeddings import LocalEmbedder
 from tests.agents.test_agent import events_of, kinds, text
 from tests.agents.test_runs import gql, sign_in, start_run
 from tests.conftest import LiveServer, serve_live
-from tests.graphql.ws import init, open_socket, receive, subscribe
+from tests.graphql.ws import results
 from tests.llm_stub import LLMStub
 
 HANDBOOK = b"""# Handbook
@@ -56,16 +56,9 @@ async def upload(
 
 
 async def job_events(server: LiveServer, token: str, job_id: str) -> list[dict[str, Any]]:
-    events = []
-    async with await open_socket(server.ws_url) as ws:
-        await init(ws, {"authorization": f"Bearer {token}"})
-        await subscribe(ws, JOB_EVENTS, {"id": job_id})
-        while True:
-            message = await receive(ws, timeout=60)
-            if message["type"] == "complete":
-                return events
-            assert "errors" not in message["payload"], message
-            events.append(message["payload"]["data"]["ingestionJobEvents"])
+    return await results(
+        server.ws_url, token, JOB_EVENTS, {"id": job_id}, "ingestionJobEvents", timeout=60
+    )
 
 
 async def test_upload_follow_search_and_cite(
