@@ -479,23 +479,17 @@ class KnowledgeService:
         if document_ids:
             filters += " AND c.document_id = ANY(:docs)"
             params["docs"] = document_ids
-        async with self._db.session(principal.tenant_id) as session:
-            prepared = await session.execute(
-                text(_PREPARE),
-                {
-                    "q": query,
-                    "ef": str(int(ef)),
-                    "common": params["common"],
-                    "terms": settings.text_terms,
-                },
+        if mode is SearchMode.HYBRID:
+            # The two rankings run at once on two connections (PostgreSQL serves them on two
+            # cores), each returning its candidates; they are fused here.
+            every = {**params, "k": candidates}
+            ranked = await asyncio.gather(
+                self._ranked(principal, SearchMode.VECTOR, filters, every, ef),
+                self._ranked(principal, SearchMode.TEXT, filters, every, ef),
             )
-            params["tsq"] = prepared.one().tsq
-            if params["tsq"] is None and mode is not SearchMode.VECTOR:
-                mode = SearchMode.VECTOR if mode is SearchMode.HYBRID else mode
-                if mode is SearchMode.TEXT:
-                    return []  # only stop words: nothing for the text ranking to match
-            sql = _search_sql(mode, filters)
-            rows = (await session.execute(text(sql), params)).mappings().all()
+            rows = _fuse(ranked[0] + ranked[1], settings.rrf_k, params["k"])
+        else:
+            rows = await self._ranked(principal, mode, filters, params, ef)
         hits = [
             SearchHit(
                 chunk_id=r["id"],
@@ -516,6 +510,31 @@ class KnowledgeService:
         if rescore and vector is not None and hits:
             hits = await self._rescore(principal, hits, vector, k)
         return hits[:k]
+
+    async def _ranked(
+        self,
+        principal: Principal,
+        mode: SearchMode,
+        filters: str,
+        params: dict[str, Any],
+        ef: int,
+    ) -> list[dict[str, Any]]:
+        """One ranking (vector or text) in its own session: rows with their rank."""
+        async with self._db.session(principal.tenant_id) as session:
+            prepared = await session.execute(
+                text(_PREPARE),
+                {
+                    "q": params["q"],
+                    "ef": str(int(ef)),
+                    "common": params["common"],
+                    "terms": self._settings.text_terms,
+                },
+            )
+            tsq = prepared.one().tsq
+            if mode is SearchMode.TEXT and tsq is None:
+                return []  # only stop words: nothing for the text ranking to match
+            result = await session.execute(text(_search_sql(mode, filters)), {**params, "tsq": tsq})
+            return [dict(r) for r in result.mappings().all()]
 
     async def _rescore(
         self, principal: Principal, hits: list[SearchHit], vector: list[float], k: int
@@ -661,6 +680,19 @@ async def _count_lexemes(
         ),
         {"tenant": tenant_id, "sign": sign, "chunks": chunks},
     )
+
+
+def _fuse(rows: list[dict[str, Any]], rrf_k: int, k: int) -> list[dict[str, Any]]:
+    """Reciprocal rank fusion of single-ranking rows (each has `vrank` or `trank`)."""
+    fused: dict[uuid.UUID, dict[str, Any]] = {}
+    for row in rows:
+        entry = fused.setdefault(row["id"], {**row, "vrank": None, "trank": None, "score": 0.0})
+        for rank in ("vrank", "trank"):
+            if row[rank] is not None:
+                entry[rank] = row[rank]
+                entry["score"] += 1.0 / (rrf_k + row[rank])
+    ordered = sorted(fused.values(), key=lambda r: (-r["score"], str(r["id"])))
+    return ordered[:k]
 
 
 def _vector_literal(vector: list[float]) -> str:
