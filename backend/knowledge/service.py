@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from redis.asyncio import Redis
@@ -48,6 +48,7 @@ from backend.realtime.eventlog import RunEvent, RunEventLog
 log = logging.getLogger(__name__)
 
 RETRY_MAX_S = 30.0
+T = TypeVar("T")
 
 
 class SearchMode(StrEnum):
@@ -75,6 +76,7 @@ class SearchHit:
 @dataclass
 class _Upload:
     data: bytes
+    content_hash: str
     media_type: str
     source: str
     title: str | None
@@ -131,9 +133,11 @@ class KnowledgeService:
                 f"the document is over {self._settings.max_document_bytes} bytes",
                 limit=self._settings.max_document_bytes,
             )
+        # hashed once, off the event loop (documents run to megabytes)
+        content_hash = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
         key = (source or filename or "").strip()[:500]
         if not key:
-            key = "text:" + hashlib.sha256(data).hexdigest()[:16]
+            key = "text:" + content_hash[:16]
         media_type = sniff(data, filename or key)
         await self._limiter.enforce(principal.subject, principal.plan, "ingestion")
         async with self._db.session(principal.tenant_id) as session:
@@ -145,7 +149,7 @@ class KnowledgeService:
             )
             session.add(job)
             await session.flush()
-        upload = _Upload(data, media_type, key, title, meta or {})
+        upload = _Upload(data, content_hash, media_type, key, title, meta or {})
         await self.events.append(str(job.id), "IngestionQueued", {"source": key})
         self._jobs[job.id] = asyncio.create_task(
             self._run(principal, job.id, upload), name=f"ingest-{job.id}"
@@ -177,7 +181,7 @@ class KnowledgeService:
         self, principal: Principal, job_id: uuid.UUID, upload: _Upload
     ) -> dict[str, Any]:
         job_key = str(job_id)
-        content_hash = hashlib.sha256(upload.data).hexdigest()
+        content_hash = upload.content_hash
         model = self.embedder.name
         async with self._db.session(principal.tenant_id) as session:
             existing = await session.scalar(
@@ -321,11 +325,7 @@ class KnowledgeService:
             )
 
     async def job(self, principal: Principal, job_id: uuid.UUID) -> IngestionJob:
-        async with self._db.session(principal.tenant_id) as session:
-            job = await session.get(IngestionJob, job_id)
-        if job is None:
-            raise NotFound("no such ingestion job", id=str(job_id))
-        return job
+        return await self._get(principal, IngestionJob, job_id, "ingestion job")
 
     async def job_events(
         self, principal: Principal, job_id: uuid.UUID, after: str | None
@@ -395,17 +395,17 @@ class KnowledgeService:
         )
 
     async def document(self, principal: Principal, document_id: uuid.UUID) -> Document:
-        async with self._db.session(principal.tenant_id) as session:
-            document = await session.get(Document, document_id)
-        if document is None:
-            raise NotFound("no such document", id=str(document_id))
-        return document
+        return await self._get(principal, Document, document_id, "document")
 
     async def chunk(self, principal: Principal, chunk_id: uuid.UUID) -> Chunk:
+        return await self._get(principal, Chunk, chunk_id, "chunk")
+
+    async def _get(self, principal: Principal, model: type[T], ident: uuid.UUID, what: str) -> T:
+        """A row of the caller's tenant, or NOT_FOUND (another tenant's rows are invisible)."""
         async with self._db.session(principal.tenant_id) as session:
-            row = await session.get(Chunk, chunk_id)
+            row = await session.get(model, ident)
         if row is None:
-            raise NotFound("no such chunk", id=str(chunk_id))
+            raise NotFound(f"no such {what}", id=str(ident))
         return row
 
     async def delete(self, principal: Principal, document_id: uuid.UUID) -> None:
