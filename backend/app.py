@@ -42,6 +42,7 @@ from backend.core.telemetry import build_tracer_provider, configure_logging
 from backend.errors import AppError
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
+from backend.guardrails.service import GuardrailService, build_guardrails
 from backend.knowledge.embeddings import Embedder, build_embedder
 from backend.knowledge.service import KnowledgeService
 from backend.limits.budgets import Budgets
@@ -68,12 +69,15 @@ class Services:
     knowledge: KnowledgeService
     http: httpx.AsyncClient  # outbound calls (the OIDC provider); closed with the app
     oidc: OIDCLogin | None = None
+    guardrails: GuardrailService | None = None  # None: rails off, or the caller's own `Guards`
     grace_s: float = 10.0
 
     async def aclose(self) -> None:
         await self.runs.close(self.grace_s)
         await self.runs.models.aclose()
         await self.knowledge.close(self.grace_s)
+        if self.guardrails is not None:
+            await self.guardrails.close(self.grace_s)
         await self.http.aclose()
 
 
@@ -113,11 +117,12 @@ async def build_services(
     chat = settings.chat
     models = await ModelRegistry.from_settings(chat)
     limiter = RateLimiter(state.redis, state.keys, settings.limits)
+    shared_embedder = embedder or build_embedder(settings.knowledge)
     knowledge = KnowledgeService(
         db=state.db,
         redis=state.redis,
         keys=state.keys,
-        embedder=embedder or build_embedder(settings.knowledge),
+        embedder=shared_embedder,
         limiter=limiter,
         settings=settings.knowledge,
         own_embedder=embedder is None,
@@ -126,6 +131,13 @@ async def build_services(
         tools = AgentTools(
             search_knowledge=knowledge.search_knowledge, has_knowledge=knowledge.has_documents
         )
+    guardrails: GuardrailService | None = None
+    if guards is None and settings.guardrails.enabled:
+        guardrails = build_guardrails(
+            state.db, settings.guardrails, embedder=shared_embedder, metrics=state.metrics
+        )
+        await guardrails.warm()
+        guards = guardrails
     agent = Agent(
         checkpointer=RedisCheckpointSaver(
             state.redis, state.keys.child("agent"), ttl_s=chat.memory_ttl_s
@@ -164,6 +176,7 @@ async def build_services(
         knowledge=knowledge,
         http=http,
         oidc=oidc,
+        guardrails=guardrails,
         grace_s=settings.server.graceful_shutdown_s,
     )
 

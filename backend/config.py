@@ -509,6 +509,47 @@ class KnowledgeSettings(_Section):
         return value if value is not None and value.get_secret_value() else None
 
 
+class GuardrailEngine(StrEnum):
+    LOCAL = "local"
+    NEMO = "nemo"
+
+
+class GuardrailSettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_GUARDRAILS_", extra="ignore")
+
+    enabled: bool = Field(True, description="Run the rails on chat input, retrieval and output.")
+    engine: GuardrailEngine = Field(
+        GuardrailEngine.LOCAL,
+        description="`local`: the fast checks called directly; `nemo`: the same checks as "
+        "actions of the NeMo Guardrails flows in backend/guardrails/config (plus self-check "
+        "rails when on).",
+    )
+    policy: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Default policy of every tenant (JSON, merged over the built-in one; "
+        "tenants override it with `updateGuardrailPolicy`).",
+    )
+    policy_cache_s: float = Field(
+        10.0, ge=0, description="How long a replica keeps a tenant's policy before re-reading it."
+    )
+    check_timeout_s: float = Field(
+        2.0, gt=0, description="Longest the input rails may take; then the message is refused."
+    )
+    output_hold_chars: int = Field(
+        64,
+        ge=8,
+        le=1024,
+        description="Most characters of a streamed answer held back while they may still "
+        "become personal data.",
+    )
+    image_threads: int = Field(1, ge=1, description="CPU threads of the NSFW image classifier.")
+    self_check: bool = Field(
+        False,
+        description="`nemo` engine: also ask the chat model to judge input and output "
+        "(NeMo's self-check rails; one more LLM call per message).",
+    )
+
+
 class Settings(_Section):
     """All of Sightline's settings. `Settings()` reads the environment; tests pass sections in."""
 
@@ -531,6 +572,7 @@ class Settings(_Section):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
+    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
 
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
@@ -567,6 +609,7 @@ SECTIONS: tuple[type[_Section], ...] = (
     LimitsSettings,
     ChatSettings,
     KnowledgeSettings,
+    GuardrailSettings,
 )
 
 

@@ -37,6 +37,7 @@ from backend.config import (
 from backend.core.db import Database
 from backend.core.embedded import EmbeddedPostgres
 from backend.core.migrations import upgrade_to_head
+from backend.knowledge.embeddings import LocalEmbedder
 
 # Signed-in accounts (owner, member, stranger) for any test package.
 pytest_plugins = ("tests.accounts",)
@@ -83,6 +84,15 @@ async def db_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
 def db(db_connection: AsyncConnection) -> Database:
     """Sessions that commit into savepoints of the test's transaction (nothing outlives it)."""
     return Database.bound_to(db_connection, app_role=DatabaseSettings().app_role)
+
+
+@pytest.fixture(scope="session")
+async def embedder() -> AsyncIterator[LocalEmbedder]:
+    """One real MiniLM embedder for the session (its worker process takes seconds to start)."""
+    model = LocalEmbedder()
+    await model.load()
+    yield model
+    await model.aclose()
 
 
 @pytest.fixture

@@ -138,6 +138,19 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.guardrail_decisions = Counter(
+            "sightline_guardrail_decisions",
+            "Decisions the guardrails took (a block, a redaction, a warning).",
+            ["stage", "rail", "action", "tenant"],
+            registry=r,
+        )
+        self.guardrail_seconds = Histogram(
+            "sightline_guardrail_check_seconds",
+            "Time the rails of one stage took on one message, chunk set or image.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._names: set[str] = set()
         self._max_names = max_operation_names
         self._lock = threading.Lock()
@@ -155,6 +168,12 @@ class Metrics:
                 return OTHER
             self._names.add(name)
         return name
+
+    def guardrail_decision(self, stage: str, rail: str, action: str, tenant: str) -> None:
+        self.guardrail_decisions.labels(stage, rail, action, tenant).inc()
+
+    def guardrail_latency(self, stage: str, seconds: float) -> None:
+        self.guardrail_seconds.labels(stage).observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format for /metrics (summed over workers in multiprocess mode)."""

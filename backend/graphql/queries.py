@@ -6,6 +6,7 @@ import strawberry
 
 from backend.graphql.auth import AuthMutation, AuthQuery
 from backend.graphql.chat import ChatMutation, ChatQuery
+from backend.graphql.guardrails import GuardrailMutation, GuardrailQuery
 from backend.graphql.knowledge import KnowledgeMutation, KnowledgeQuery
 from backend.graphql.runs import RunMutation, RunQuery
 from backend.graphql.types import ServerInfo
@@ -19,10 +20,10 @@ class PlatformQuery:
 
 
 @strawberry.type
-class Query(PlatformQuery, AuthQuery, ChatQuery, RunQuery, KnowledgeQuery):
+class Query(PlatformQuery, AuthQuery, ChatQuery, RunQuery, KnowledgeQuery, GuardrailQuery):
     pass
 
 
 @strawberry.type
-class Mutation(AuthMutation, ChatMutation, RunMutation, KnowledgeMutation):
+class Mutation(AuthMutation, ChatMutation, RunMutation, KnowledgeMutation, GuardrailMutation):
     pass

@@ -1,22 +1,11 @@
-"""One real MiniLM embedder for the whole session (its worker process takes seconds to start),
-and embedders that fail on purpose."""
+"""Embedders that fail on purpose (the real one, `embedder`, is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-
-import pytest
+from collections.abc import Sequence
 
 from backend.knowledge.embeddings import EmbeddingUnavailable, LocalEmbedder
 from tests.agents.test_runs import account, chat_settings, llm  # noqa: F401 (accounts, LLM stub)
-
-
-@pytest.fixture(scope="session")
-async def embedder() -> AsyncIterator[LocalEmbedder]:
-    model = LocalEmbedder()
-    await model.load()
-    yield model
-    await model.aclose()
 
 
 class FlakyEmbedder:

@@ -2,6 +2,7 @@
 
 from backend.core.models.base import Base
 from backend.core.models.chat import Conversation, Message, MessageRole, Run, RunStatus
+from backend.core.models.guardrails import GuardrailPolicyRow
 from backend.core.models.identity import (
     ApiKey,
     AuditEvent,
@@ -28,6 +29,7 @@ TENANT_TABLES = (
     "chunks",
     "ingestion_jobs",
     "lexeme_stats",
+    "guardrail_policies",
 )
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "Chunk",
     "Conversation",
     "Document",
+    "GuardrailPolicyRow",
     "IngestionJob",
     "JobStatus",
     "LexemeStat",

@@ -1,0 +1,99 @@
+"""What each rail does for a tenant: on or off, its threshold and its action. A tenant's stored
+policy is a partial document merged over the operator's defaults, so new rails reach every
+tenant with their defaults and a tenant only records what it changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backend.agents.guards import GuardAction
+from backend.guardrails.pii import PiiKind
+
+
+class _Rail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+
+
+class InjectionRail(_Rail):
+    """Jailbreaks and prompt injection in what the user sends."""
+
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    action: GuardAction = GuardAction.BLOCK
+    history_turns: int = Field(3, ge=0, le=20, description="earlier user turns read with this one")
+
+
+class PiiRail(_Rail):
+    kinds: list[PiiKind] = Field(default_factory=lambda: list(PiiKind))
+    input_action: GuardAction = GuardAction.REDACT
+    output_action: GuardAction = GuardAction.REDACT
+
+
+class ProfanityRail(_Rail):
+    input_action: GuardAction = GuardAction.WARN
+    output_action: GuardAction = GuardAction.REDACT
+
+
+class TopicRail(_Rail):
+    """Allowed and denied topics, matched by embedding similarity (off until topics are set)."""
+
+    enabled: bool = False
+    allowed: list[str] = Field(default_factory=list, max_length=50)
+    denied: list[str] = Field(default_factory=list, max_length=50)
+    threshold: float = Field(0.45, ge=0.0, le=1.0)
+    action: GuardAction = GuardAction.BLOCK
+
+
+class LengthRail(_Rail):
+    max_chars: int = Field(16_000, ge=1)
+
+
+class RetrievalRail(_Rail):
+    """Instructions hidden in retrieved chunks: REDACT neutralises the chunk, BLOCK drops it."""
+
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    action: GuardAction = GuardAction.REDACT
+
+
+class OutputRail(_Rail):
+    """Checks the answer as it streams; `injection` also stops an answer that starts to recite
+    jailbreak text (a model that fell for an attack the input rail missed)."""
+
+    injection: bool = True
+
+
+class ImageRail(_Rail):
+    threshold: float = Field(0.8, ge=0.0, le=1.0)
+    action: GuardAction = GuardAction.BLOCK
+
+
+class GuardrailPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    injection: InjectionRail = Field(default_factory=InjectionRail)
+    pii: PiiRail = Field(default_factory=PiiRail)
+    profanity: ProfanityRail = Field(default_factory=ProfanityRail)
+    topics: TopicRail = Field(default_factory=TopicRail)
+    length: LengthRail = Field(default_factory=LengthRail)
+    retrieval: RetrievalRail = Field(default_factory=RetrievalRail)
+    output: OutputRail = Field(default_factory=OutputRail)
+    image: ImageRail = Field(default_factory=ImageRail)
+    safe_reply: str = Field("I can't help with that request.", min_length=1, max_length=500)
+
+
+def merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """`change` over `base`, recursively for nested objects (lists are replaced whole)."""
+    out = dict(base)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def effective(defaults: dict[str, Any], stored: dict[str, Any] | None) -> GuardrailPolicy:
+    """The policy a tenant runs under. Raises pydantic's ValidationError on a bad document."""
+    return GuardrailPolicy.model_validate(merge(defaults, stored or {}))

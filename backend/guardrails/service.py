@@ -1,0 +1,505 @@
+"""The rails the chat agent calls (`Guards`): fast local checks on input, retrieved chunks, the
+output stream and images, under each tenant's policy; every decision is counted and audited."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+
+from backend.agents.guards import (
+    GuardAction,
+    GuardDecision,
+    InputVerdict,
+    OutputPiece,
+    RetrievalVerdict,
+)
+from backend.agents.tools import Source
+from backend.auth import audit
+from backend.auth.principal import Principal
+from backend.config import GuardrailEngine, GuardrailSettings
+from backend.core.db import Database
+from backend.core.models import GuardrailPolicyRow
+from backend.core.tasks import drain
+from backend.errors import ValidationFailed
+from backend.guardrails.errors import GuardrailUnavailable
+from backend.guardrails.images import ImageClassifier, OpenNsfwClassifier
+from backend.guardrails.injection import InjectionDetector
+from backend.guardrails.normalize import Normalised, normalise
+from backend.guardrails.pii import find_pii, redact
+from backend.guardrails.policy import GuardrailPolicy, effective, merge
+from backend.guardrails.profanity import find_profanity, mask
+from backend.guardrails.topics import TextEmbedder, TopicMatcher
+
+log = logging.getLogger(__name__)
+
+
+class GuardrailMetrics(Protocol):
+    def guardrail_decision(self, stage: str, rail: str, action: str, tenant: str) -> None: ...
+
+    def guardrail_latency(self, stage: str, seconds: float) -> None: ...
+
+
+_AUDIT_BATCH = 200
+_MAX_UNAUDITED = 10_000
+_SENTENCE = re.compile(r"(?<=[.!?\n])\s+")
+# The end of a streamed answer that may still grow into personal data: a number being written
+# (card, phone, IBAN, id), or the word in progress (an e-mail address, a profane word).
+_NUMBERISH_TAIL = re.compile(r"[+(]?[0-9A-Z][0-9A-Z()\-. /]*$")
+
+
+@dataclass(frozen=True)
+class ImageVerdict:
+    nsfw: float
+    decision: GuardDecision | None
+
+    @property
+    def blocked(self) -> bool:
+        return self.decision is not None and self.decision.action is GuardAction.BLOCK
+
+
+class GuardrailService:
+    """Implements the agent's `Guards` protocol, plus policies and the image rail."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        defaults: dict[str, Any] | None = None,
+        detector: InjectionDetector | None = None,
+        topics: TopicMatcher | None = None,
+        images: ImageClassifier | None = None,
+        metrics: GuardrailMetrics | None = None,
+        policy_cache_s: float = 10.0,
+        check_timeout_s: float = 2.0,
+        output_hold_chars: int = 64,
+        audit_timeout_s: float = 5.0,
+    ) -> None:
+        self._db = db
+        self._defaults = GuardrailPolicy.model_validate(defaults or {}).model_dump(mode="json")
+        self._detector = detector or InjectionDetector()
+        self._topics = topics
+        self._images = images
+        self._metrics = metrics
+        self._policy_cache_s = policy_cache_s
+        self._cache: dict[uuid.UUID, tuple[float, GuardrailPolicy]] = {}
+        self._timeout_s = check_timeout_s
+        self._hold = output_hold_chars
+        self._audit_timeout_s = audit_timeout_s
+        # Decisions wait here for one writer task that records them in batches (one
+        # transaction per tenant per batch), so a burst of redactions costs few round trips.
+        self._unaudited: list[tuple[Principal, str, GuardDecision]] = []
+        self._auditor: asyncio.Task[None] | None = None
+
+    async def warm(self) -> None:
+        """Loads the classifier before the first message needs it (off the event loop)."""
+        await asyncio.to_thread(self._detector.warm)
+
+    async def flush(self) -> None:
+        """Waits until every decision so far is in the audit log."""
+        while self._auditor is not None and not self._auditor.done():
+            await asyncio.shield(self._auditor)
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        if self._auditor is not None:
+            await drain([self._auditor], grace_s)
+
+    # -- policies ---------------------------------------------------------------------------
+
+    async def policy(self, principal: Principal) -> GuardrailPolicy:
+        cached = self._cache.get(principal.tenant_id)
+        now = time.monotonic()
+        if cached and cached[0] > now:
+            return cached[1]
+        async with self._db.session(principal.tenant_id) as session:
+            row = await session.scalar(
+                select(GuardrailPolicyRow.policy).where(
+                    GuardrailPolicyRow.tenant_id == principal.tenant_id
+                )
+            )
+        try:
+            policy = effective(self._defaults, row)
+        except ValidationError:  # a stored policy the current code no longer accepts
+            log.exception("stored guardrail policy of tenant %s is invalid", principal.tenant_id)
+            policy = effective(self._defaults, None)
+        self._cache[principal.tenant_id] = (now + self._policy_cache_s, policy)
+        return policy
+
+    async def update_policy(
+        self, principal: Principal, change: dict[str, Any], *, replace: bool = False
+    ) -> GuardrailPolicy:
+        """Merges `change` into the tenant's stored policy (or replaces it) after validating."""
+        async with self._db.session(principal.tenant_id) as session:
+            stored = await session.scalar(
+                select(GuardrailPolicyRow.policy)
+                .where(GuardrailPolicyRow.tenant_id == principal.tenant_id)
+                .with_for_update()
+            )
+            document = change if replace else merge(stored or {}, change)
+            try:
+                policy = effective(self._defaults, document)
+            except ValidationError as exc:
+                raise ValidationFailed(
+                    "invalid guardrail policy",
+                    problems=[
+                        {"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                        for e in exc.errors()
+                    ],
+                ) from exc
+            await session.execute(
+                insert(GuardrailPolicyRow)
+                .values(
+                    tenant_id=principal.tenant_id, policy=document, updated_by=principal.user_id
+                )
+                .on_conflict_do_update(
+                    index_elements=[GuardrailPolicyRow.tenant_id],
+                    set_={"policy": document, "updated_by": principal.user_id},
+                )
+            )
+            await audit.record(
+                session,
+                "guardrails.policy_updated",
+                audit.Outcome.SUCCESS,
+                tenant_id=principal.tenant_id,
+                actor_id=principal.user_id,
+                change=change,
+                replace=replace or None,
+            )
+        self._cache[principal.tenant_id] = (time.monotonic() + self._policy_cache_s, policy)
+        return policy
+
+    # -- input --------------------------------------------------------------------------------
+
+    async def check_input(
+        self, principal: Principal, text: str, history: list[str]
+    ) -> InputVerdict:
+        started = time.perf_counter()
+        try:
+            policy = await self.policy(principal)
+            async with asyncio.timeout(self._timeout_s):
+                text, decisions = await asyncio.to_thread(self._input_rails, policy, text, history)
+                topic = await self._topic_rail(policy, text)
+        except TimeoutError as exc:
+            raise GuardrailUnavailable("the input rails took too long") from exc
+        except GuardrailUnavailable:
+            raise
+        except Exception as exc:  # fail closed: an input rail that breaks blocks the message
+            log.exception("input rails failed")
+            raise GuardrailUnavailable("the input rails failed") from exc
+        if topic is not None:
+            decisions.append(topic)
+        self._decided(principal, "input", decisions, time.perf_counter() - started)
+        return InputVerdict(text=text, decisions=tuple(decisions), safe_reply=policy.safe_reply)
+
+    def _input_rails(
+        self, policy: GuardrailPolicy, text: str, history: list[str]
+    ) -> tuple[str, list[GuardDecision]]:
+        decisions: list[GuardDecision] = []
+        if policy.length.enabled and len(text) > policy.length.max_chars:
+            decisions.append(
+                GuardDecision(
+                    "length", GuardAction.BLOCK, f"message over {policy.length.max_chars} chars"
+                )
+            )
+            return text, decisions
+        normal = normalise(text)
+        injection = self._injection_rail(policy, normal, text, history)
+        if injection is not None:
+            decisions.append(injection)
+            if injection.action is GuardAction.BLOCK:
+                return text, decisions
+        if policy.pii.enabled and (matches := find_pii(text, policy.pii.kinds)):
+            action = policy.pii.input_action
+            kinds = ", ".join(sorted({m.kind.value for m in matches}))
+            decisions.append(GuardDecision("pii", action, kinds))
+            if action is GuardAction.BLOCK:
+                return text, decisions
+            if action is GuardAction.REDACT:
+                text = redact(text, matches)
+        if policy.profanity.enabled and (spans := find_profanity(normal.text)):
+            action = policy.profanity.input_action
+            decisions.append(GuardDecision("profanity", action, f"{len(spans)} word(s)"))
+            if action is GuardAction.REDACT:
+                text = mask(text, find_profanity(text))
+        return text, decisions
+
+    def _injection_rail(
+        self, policy: GuardrailPolicy, normal: Normalised, text: str, history: list[str]
+    ) -> GuardDecision | None:
+        rail = policy.injection
+        if not rail.enabled:
+            return None
+        found = self._detector.score(normal)
+        if found.score < rail.threshold and rail.history_turns and history:
+            # an attack split across turns: read the recent turns together
+            split = self._detector.score(
+                normalise(" ".join([*history[-rail.history_turns :], text]))
+            )
+            if split.score >= rail.threshold:
+                found = split
+        if found.score < rail.threshold:
+            return None
+        how = f" ({', '.join(sorted(normal.signals))})" if normal.signals else ""
+        return GuardDecision("injection", rail.action, f"{found.source} {found.score:.2f}{how}")
+
+    async def _topic_rail(self, policy: GuardrailPolicy, text: str) -> GuardDecision | None:
+        rail = policy.topics
+        if not rail.enabled or self._topics is None or not (rail.allowed or rail.denied):
+            return None
+        match = await self._topics.match(text, rail.allowed, rail.denied, rail.threshold)
+        if match.denied is not None:
+            return GuardDecision("topic", rail.action, f"denied topic: {match.denied}")
+        if match.off_topic:
+            return GuardDecision(
+                "topic", rail.action, f"off topic (similarity {match.best_allowed:.2f})"
+            )
+        return None
+
+    # -- retrieved chunks ----------------------------------------------------------------------
+
+    async def check_retrieved(
+        self, principal: Principal, sources: list[Source]
+    ) -> RetrievalVerdict:
+        policy = await self.policy(principal)
+        if not policy.retrieval.enabled or not sources:
+            return RetrievalVerdict(sources=sources)
+        started = time.perf_counter()
+        kept, decisions = await asyncio.to_thread(self._retrieval_rail, policy, sources)
+        self._decided(principal, "retrieval", decisions, time.perf_counter() - started)
+        return RetrievalVerdict(sources=kept, decisions=tuple(decisions))
+
+    def _retrieval_rail(
+        self, policy: GuardrailPolicy, sources: list[Source]
+    ) -> tuple[list[Source], list[GuardDecision]]:
+        rail = policy.retrieval
+        kept: list[Source] = []
+        decisions: list[GuardDecision] = []
+        for source in sources:
+            if self._detector.score(normalise(source.text)).score < rail.threshold:
+                kept.append(source)
+                continue
+            where = f"chunk {source.chunk_id} of {source.title!r}"
+            if rail.action is GuardAction.BLOCK:
+                decisions.append(
+                    GuardDecision("retrieval_injection", rail.action, f"{where} dropped")
+                )
+                continue
+            # neutralise: keep the passage's sentences that carry no instruction to the model
+            sentences = _SENTENCE.split(source.text)
+            clean = [
+                s for s in sentences if self._detector.score(normalise(s)).score < rail.threshold
+            ]
+            removed = len(sentences) - len(clean)
+            text = " ".join(clean) if clean else ""
+            if text:
+                text += f" [{removed} sentence(s) addressed to the assistant removed]"
+                kept.append(
+                    Source(
+                        chunk_id=source.chunk_id,
+                        document_id=source.document_id,
+                        title=source.title,
+                        text=text,
+                        score=source.score,
+                        span=source.span,
+                    )
+                )
+            decisions.append(
+                GuardDecision(
+                    "retrieval_injection",
+                    rail.action if text else GuardAction.BLOCK,
+                    f"{where}: {removed} sentence(s) removed" if text else f"{where} dropped",
+                )
+            )
+        return kept, decisions
+
+    # -- output stream -------------------------------------------------------------------------
+
+    async def check_output_stream(
+        self, principal: Principal, tokens: AsyncIterator[str]
+    ) -> AsyncIterator[OutputPiece]:
+        """Streams the answer through PII redaction and the profanity rail. Text that may still
+        grow into personal data (a number being written, the word in progress) is held back
+        until it is complete, at most `output_hold_chars`."""
+        policy = await self.policy(principal)
+        if not policy.output.enabled:
+            async for token in tokens:
+                yield OutputPiece(token)
+            return
+        pending = ""
+        reported: set[str] = set()
+        async for token in tokens:
+            pending += token
+            cut = self._safe_cut(pending)
+            if cut <= 0:
+                continue
+            piece, used, decision = self._screen(principal, policy, pending, cut, reported)
+            pending = pending[used:]
+            yield OutputPiece(piece, decision)
+            if decision is not None and decision.action is GuardAction.BLOCK:
+                return
+        if pending:
+            piece, _, decision = self._screen(principal, policy, pending, len(pending), reported)
+            yield OutputPiece(piece, decision)
+
+    def _safe_cut(self, pending: str) -> int:
+        """How much of `pending` can go out now."""
+        last_space = max(pending.rfind(" "), pending.rfind("\n"))
+        cut = last_space + 1 if last_space >= 0 else 0
+        tail = _NUMBERISH_TAIL.search(pending[:cut].rstrip())
+        if tail is not None and any(ch.isdigit() for ch in tail.group(0)):
+            cut = tail.start()
+        if len(pending) - cut > self._hold:  # never hold more than this
+            cut = len(pending) - self._hold
+        return cut
+
+    def _screen(
+        self,
+        principal: Principal,
+        policy: GuardrailPolicy,
+        pending: str,
+        cut: int,
+        reported: set[str],
+    ) -> tuple[str, int, GuardDecision | None]:
+        """The first `cut` characters of `pending`, screened (a match that straddles the cut is
+        taken whole), and how many characters of `pending` that used."""
+        decision: GuardDecision | None = None
+        piece = pending[:cut]
+        if policy.pii.enabled:
+            matches = [m for m in find_pii(pending, policy.pii.kinds) if m.start < cut]
+            if matches:
+                action = policy.pii.output_action
+                kinds = ", ".join(sorted({m.kind.value for m in matches}))
+                decision = GuardDecision("pii", action, kinds)
+                if action is GuardAction.BLOCK:
+                    return "\n\n" + policy.safe_reply, cut, self._once(principal, decision, None)
+                if action is GuardAction.REDACT:
+                    cut = max(cut, matches[-1].end)
+                    piece = redact(pending[:cut], matches)
+        if policy.profanity.enabled:
+            spans = find_profanity(piece)
+            if spans:
+                action = policy.profanity.output_action
+                found = GuardDecision("profanity", action, f"{len(spans)} word(s)")
+                if action is GuardAction.BLOCK:
+                    return "\n\n" + policy.safe_reply, cut, self._once(principal, found, None)
+                if action is GuardAction.REDACT:
+                    piece = mask(piece, spans)
+                decision = decision or found
+        return piece, cut, self._once(principal, decision, reported)
+
+    def _once(
+        self, principal: Principal, decision: GuardDecision | None, reported: set[str] | None
+    ) -> GuardDecision | None:
+        """Reports each (rail, reason) once per answer; a block always."""
+        if decision is None:
+            return None
+        key = f"{decision.rail}:{decision.reason}"
+        if reported is not None:
+            if key in reported:
+                return None
+            reported.add(key)
+        self._decided(principal, "output", [decision], None)
+        return decision
+
+    # -- images --------------------------------------------------------------------------------
+
+    async def check_image(self, principal: Principal, data: bytes) -> ImageVerdict:
+        policy = await self.policy(principal)
+        if not policy.image.enabled or self._images is None:
+            return ImageVerdict(nsfw=0.0, decision=None)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout_s * 5):
+                score = await self._images.nsfw_probability(data)
+        except TimeoutError as exc:
+            raise GuardrailUnavailable("the image rail took too long") from exc
+        decision = None
+        if score >= policy.image.threshold:
+            decision = GuardDecision("nsfw_image", policy.image.action, f"score {score:.2f}")
+        self._decided(
+            principal, "image", [decision] if decision else [], time.perf_counter() - started
+        )
+        return ImageVerdict(nsfw=score, decision=decision)
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def _decided(
+        self,
+        principal: Principal,
+        stage: str,
+        decisions: list[GuardDecision],
+        seconds: float | None,
+    ) -> None:
+        if self._metrics is not None:
+            if seconds is not None:
+                self._metrics.guardrail_latency(stage, seconds)
+            for d in decisions:
+                self._metrics.guardrail_decision(
+                    stage, d.rail, d.action.value, str(principal.tenant_id)
+                )
+        if not decisions:
+            return
+        room = _MAX_UNAUDITED - len(self._unaudited)
+        if room < len(decisions):
+            log.warning("audit backlog full: %d guardrail decisions not audited", len(decisions))
+        self._unaudited += [(principal, stage, d) for d in decisions[: max(room, 0)]]
+        if self._auditor is None or self._auditor.done():
+            self._auditor = asyncio.create_task(self._audit(), name="guardrail-audit")
+
+    async def _audit(self) -> None:
+        while self._unaudited:
+            batch, self._unaudited = self._unaudited[:_AUDIT_BATCH], self._unaudited[_AUDIT_BATCH:]
+            tenants: dict[uuid.UUID, list[tuple[Principal, str, GuardDecision]]] = {}
+            for entry in batch:
+                tenants.setdefault(entry[0].tenant_id, []).append(entry)
+            for tenant_id, entries in tenants.items():
+                try:
+                    async with asyncio.timeout(self._audit_timeout_s):
+                        async with self._db.session(tenant_id) as session:
+                            for principal, stage, d in entries:
+                                await audit.record(
+                                    session,
+                                    f"guardrails.{stage}.{d.rail}",
+                                    audit.Outcome.DENIED
+                                    if d.action is GuardAction.BLOCK
+                                    else audit.Outcome.SUCCESS,
+                                    tenant_id=tenant_id,
+                                    actor_id=principal.user_id,
+                                    action=d.action.value,
+                                    reason=d.reason,
+                                )
+                except Exception:  # the audit trail must not break the chat; metrics still count
+                    log.exception("could not record %d guardrail decisions", len(entries))
+
+
+def build_guardrails(
+    db: Database,
+    settings: GuardrailSettings,
+    *,
+    embedder: TextEmbedder | None = None,
+    metrics: GuardrailMetrics | None = None,
+) -> GuardrailService:
+    """The rails the settings ask for: local checks, or the same checks run by NeMo's flows."""
+    options: dict[str, Any] = {
+        "defaults": settings.policy,
+        "topics": TopicMatcher(embedder) if embedder is not None else None,
+        "images": OpenNsfwClassifier(threads=settings.image_threads),
+        "metrics": metrics,
+        "policy_cache_s": settings.policy_cache_s,
+        "check_timeout_s": settings.check_timeout_s,
+        "output_hold_chars": settings.output_hold_chars,
+    }
+    if settings.engine is GuardrailEngine.NEMO:
+        from backend.guardrails.nemo import NemoGuardrailService
+
+        return NemoGuardrailService(db, embedder=embedder, **options)
+    return GuardrailService(db, **options)
