@@ -240,11 +240,13 @@ class GuardrailService:
             return None
         found = self._detector.score(normal)
         if found.score < rail.threshold and rail.history_turns and history:
-            # an attack split across turns: read the recent turns together
-            split = self._detector.score(
-                normalise(" ".join([*history[-rail.history_turns :], text]))
-            )
-            if split.score >= rail.threshold:
+            # an attack split across turns: the recent turns read together score, though no
+            # turn does alone (an earlier attack was handled when it came)
+            recent = history[-rail.history_turns :]
+            split = self._detector.score(normalise(" ".join([*recent, text])))
+            if split.score >= rail.threshold and all(
+                self._detector.score(normalise(turn)).score < rail.threshold for turn in recent
+            ):
                 found = split
         if found.score < rail.threshold:
             return None
