@@ -521,8 +521,8 @@ class GuardrailSettings(_Section):
     engine: GuardrailEngine = Field(
         GuardrailEngine.LOCAL,
         description="`local`: the fast checks called directly; `nemo`: the same checks as "
-        "actions of the NeMo Guardrails flows in backend/guardrails/config (plus self-check "
-        "rails when on).",
+        "actions of the NeMo Guardrails flows in backend/guardrails/config (its streaming "
+        "output rails check the answer chunk by chunk).",
     )
     policy: dict[str, Any] = Field(
         default_factory=dict,
@@ -543,11 +543,6 @@ class GuardrailSettings(_Section):
         "become personal data.",
     )
     image_threads: int = Field(1, ge=1, description="CPU threads of the NSFW image classifier.")
-    self_check: bool = Field(
-        False,
-        description="`nemo` engine: also ask the chat model to judge input and output "
-        "(NeMo's self-check rails; one more LLM call per message).",
-    )
 
 
 class Settings(_Section):

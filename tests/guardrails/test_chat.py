@@ -119,7 +119,9 @@ async def test_output_rails_redact_and_stop_the_stream(
             ("output", "pii"),
         ]
 
-        words = "one two three four five six seven eight nine ten shit eleven twelve"
+        # longer than a NeMo chunk (12 tokens), so earlier chunks pass before the violation
+        words = " ".join(["one two three four five six"] + [f"w{i}" for i in range(20)])
+        words += " shit eleven twelve"
         stopped = await turn(server, token, conversation, words)
         said = text(stopped)
         assert said.startswith("one two three four five six")

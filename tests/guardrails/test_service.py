@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from backend.errors import ValidationFailed
 from backend.guardrails.errors import GuardrailUnavailable
 from backend.guardrails.images import OpenNsfwClassifier
 from backend.guardrails.injection import InjectionDetector
+from backend.guardrails.nemo import NemoGuardrailService
 from backend.guardrails.normalize import Normalised
 from backend.guardrails.service import GuardrailService
 from backend.guardrails.topics import TopicMatcher
@@ -44,11 +45,26 @@ async def principal_of(db: Database) -> Principal:
     )
 
 
+Make = Callable[..., GuardrailService]
+
+
+@pytest.fixture(params=["local", "nemo"])
+def make(request: pytest.FixtureRequest, db: Database) -> Make:
+    """Builds the rails on either engine: every test here runs on both."""
+
+    def build(**options: Any) -> GuardrailService:
+        if request.param == "nemo":
+            return NemoGuardrailService(db, **options)
+        return GuardrailService(db, **options)
+
+    return build
+
+
 @pytest.fixture
-async def rails(db: Database) -> AsyncIterator[GuardrailService]:
+async def rails(make: Make) -> AsyncIterator[GuardrailService]:
     # one test connection: policies come from the cache after the first read, so that the
     # audit writer is the only other user of it
-    service = GuardrailService(db, images=OpenNsfwClassifier())
+    service = make(images=OpenNsfwClassifier())
     yield service
     await service.close()
 
@@ -158,17 +174,17 @@ class BrokenDetector(InjectionDetector):
         raise RuntimeError("model file corrupt")
 
 
-async def test_a_broken_input_rail_fails_closed(db: Database, who: Principal) -> None:
-    rails = GuardrailService(db, detector=BrokenDetector())
+async def test_a_broken_input_rail_fails_closed(make: Make, who: Principal) -> None:
+    rails = make(detector=BrokenDetector())
     with pytest.raises(GuardrailUnavailable) as failed:
         await rails.check_input(who, "hello", [])
     assert failed.value.code == "GUARDRAIL_UNAVAILABLE"
 
 
 async def test_topics_by_embedding_similarity(
-    db: Database, who: Principal, embedder: LocalEmbedder
+    make: Make, who: Principal, embedder: LocalEmbedder
 ) -> None:
-    rails = GuardrailService(db, topics=TopicMatcher(embedder))
+    rails = make(topics=TopicMatcher(embedder))
     await rails.update_policy(
         who,
         {
@@ -240,8 +256,9 @@ async def test_a_violation_stops_the_stream_after_earlier_tokens(
     rails: GuardrailService, who: Principal
 ) -> None:
     await rails.update_policy(who, {"profanity": {"output_action": "block"}})
-    tokens = ["Here ", "is ", "the ", "answer ", "you ", "asked ", "for, ", "you ", "shit ",
-              "head ", "and ", "more."]  # fmt: skip
+    # longer than a NeMo chunk (12 tokens), so the first chunks pass before the violation
+    tokens = ["Here ", "is ", "the ", "answer ", "you ", "asked ", "for: "]
+    tokens += [f"point{i} " for i in range(20)] + ["shit ", "head ", "and ", "more."]
     pieces = await screened(rails, who, tokens)
     *before, last = pieces
     assert "".join(p.text for p in before).startswith("Here is the answer")
