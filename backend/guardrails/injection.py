@@ -69,6 +69,44 @@ _SIGNATURES: tuple[tuple[float, str, tuple[str, ...], str], ...] = (
     (
         0.85,
         "leak",
+        ("prompt", "instruction", "config", "message", "string"),
+        r"\b(?:repeat|print|output|show|reveal|display|dump|leak|encode|decode|translate|spell|recite|give|tell|share|complete|console\.log)\b[^.?!\n]{0,60}?\b(?:system|initial|initialization|hidden|secret|original|starting|pre)[\s_-]*(?:prompt|instructions?|configuration|config|message|string)s?\b",
+    ),
+    (
+        0.85,
+        "leak",
+        ("you were", "you have been", "i was instructed", "what are you", "what were you"),
+        r"\b(?:instructions|text|rules|prompt)\s+you\s+(?:were|have\s+been)\s+(?:given|told|provided)|\byou\s+were\s+(?:told|instructed|given|programmed)\s+(?:before|at\s+the\s+(?:start|beginning)|initially)|\bi\s+was\s+instructed\s+to\b|\bwhat\s+(?:are|were)\s+you\s+(?:not\s+supposed|told|instructed)\b",
+    ),
+    (
+        0.85,
+        "persona",
+        ("filter", "censor", "moral", "ethic", "polic", "bound by"),
+        r"\b(?:(?:has|have|with)\s+no|(?:does\s+not|doesn\'t|do\s+not|don\'t)\s+have\s+(?:a|any)|no|without|free\s+(?:of|from))\s+(?:any\s+)?(?:(?:content\s+)?filters?|filtering|censorship|morals?|morality|ethics|(?:moral|ethical)\s+(?:or\s+ethical\s+)?(?:restrictions|guidelines|constraints|limits|boundaries)|content\s+polic(?:y|ies))\b|\bnot\s+bound\s+by\s+any\s+(?:limits|rules|restrictions|guidelines|policies)\b",
+    ),
+    (
+        0.8,
+        "leak",
+        ("your", "see", "read", "view", "access"),
+        r"\byour\s+(?:system|initial|hidden|secret|original|pre)[\s-]*(?:prompt|instructions)\b|\b(?:see|read|view|access)\s+(?:the|your)\s+system\s+prompt\b",
+    ),
+    (0.8, "persona", ("mode",), r"\b(?:stay|remain)\s+in\s+(?-i:[A-Z][A-Z0-9]{2,})\s+mode\b"),
+    (0.8, "leak", ("systemprompt", "system_prompt"), r"\bsystem_?prompt\b"),
+    (
+        0.9,
+        "override",
+        ("forget",),
+        r"\bforget\s+(?:everything|all)\s+(?:that\s+)?(?:you\s+)?(?:have\s+)?(?:learned|learnt|were\s+told|know|knew|been\s+told)\b",
+    ),
+    (
+        0.9,
+        "override",
+        ("void", "deleted", "removed", "disabled", "lifted", "suspended", "revoked", "no longer"),
+        r"\b(?:policy|policies|rules|guidelines|restrictions|filters)\s+(?:is|are|was|were|has\s+been|have\s+been)\s+(?:now\s+)?(?:void|deleted|removed|disabled|lifted|suspended|revoked|no\s+longer\s+(?:valid|apply|applies|in\s+effect))\b",
+    ),
+    (
+        0.85,
+        "leak",
         ("above", "before"),
         r"\b(?:text|everything|words|instructions)\s+(?:above|before)\s+(?:this|here|starting|in\s+full)",
     ),
@@ -76,13 +114,13 @@ _SIGNATURES: tuple[tuple[float, str, tuple[str, ...], str], ...] = (
         0.95,
         "persona",
         ("dan", "stan", "dude", "aim", "antigpt", "devmode", "anything now", "jailbr", "mode"),
-        r"\b(?:DAN|STAN|DUDE|AIM|BetterDAN|AntiGPT|DevMode|Developer\s+Mode\s+(?:enabled|output|v\d|activated)|do\s+anything\s+now|jailbr(?:o|ea)ken|god\s*mode|evil\s*mode|unhinged\s+mode|chaos\s+mode)\b",
+        r"\b(?:(?-i:DAN|STAN|DUDE|AIM)|BetterDAN|AntiGPT|DevMode|Developer\s+Mode\s+(?:enabled|output|v\d|activated)|do\s+anything\s+now|jailbr(?:o|ea)ken|god\s*mode|evil\s*mode|unhinged\s+mode|chaos\s+mode)\b",
     ),
     (
         0.9,
         "persona",
         ("no", "without", "free", "beyond", "outside", "ignoring", "bound", "don", "doesn"),
-        rf"\b{_NO}{_W}(?:any{_W})?(?:of{_W})?(?:(?:the|your|its|openai'?s?|moral|ethical|usual|typical|normal|standard){_W}){{0,2}}{_LIMITS}\b",
+        rf"\b(?:you|ai|assistant|chatbot|bot|model|gpt|chatgpt|character|persona|version|mode|he|she)\b[^.\n]{{0,80}}?\b{_NO}{_W}(?:any{_W})?(?:of{_W})?(?:(?:the|your|its|openai'?s?|moral|ethical|usual|typical|normal|standard){_W}){{0,2}}{_LIMITS}\b",
     ),
     (
         0.9,
@@ -137,7 +175,7 @@ _SIGNATURES: tuple[tuple[float, str, tuple[str, ...], str], ...] = (
         0.8,
         "persona",
         ("response", "answer", "personalit", "persona", "character"),
-        r"\b(?:two|2|dual|both)\s+(?:different\s+|separate\s+)?(?:responses|answers|personalities|personas|characters)\b",
+        r"\b(?:two|2|dual|both)\s+(?:different\s+|separate\s+)?(?:responses|answers|personalities|personas|characters|entities)\b",
     ),
     (
         0.8,
@@ -161,7 +199,7 @@ _SIGNATURES: tuple[tuple[float, str, tuple[str, ...], str], ...] = (
         0.9,
         "role",
         ("mode", "override", "safety"),
-        r"\b(?:system\s+override|maintenance\s+mode|debug(?:ging)?\s+mode\s+(?:enabled|activated|on)|admin(?:istrator)?\s+mode|sudo\s+mode|safety\s+(?:mode\s+)?(?:off|disabled))\b",
+        r"\b(?:system\s+override|maintenance\s+mode|debug(?:ging)?\s+mode\s+(?:enabled|activated|on)|admin(?:istrator)?\s+(?:mode|override)|sudo\s+mode|safety\s+(?:mode\s+)?(?:off|disabled))\b",
     ),
     (0.9, "role", ("</",), r"</\s*(?:document|context|system|instructions?|user|data)\s*>"),
     (
@@ -263,7 +301,11 @@ class InjectionDetector:
         injection = list(classifier.classes_).index(1)
         return [float(p[injection]) for p in classifier.predict_proba(features)]
 
-    def score(self, text: Normalised) -> InjectionScore:
+    def score(self, text: Normalised, *, document: bool = False) -> InjectionScore:
+        """The highest score of any reading. `document`: the text is a passage the model will
+        read (a retrieved chunk), not a user's message: only the signatures apply, because the
+        classifier and the persona set-up learned what users send, and policies, handbooks
+        and licences ("must not", "without restriction") look like that to them."""
         best = InjectionScore(0.0, "none", 0)
         readings = text.readings
         for i, reading in enumerate(readings):
@@ -273,6 +315,8 @@ class InjectionDetector:
                     continue
                 if pattern.search(reading):
                     best = InjectionScore(weight, family, i)
+        if document:
+            return best
         canonical = readings[0]
         if best.score < 0.75 and len(canonical) >= _PERSONA_SETUP_CHARS:
             personas = len(_PERSONA_CUES.findall(canonical))

@@ -1,4 +1,5 @@
-"""Profanity and slurs from a word list (LDNOOBW, shipped in backend/guardrails/data)."""
+"""Profanity and slurs from a word list (LDNOOBW, shipped in backend/guardrails/data), matched
+word by word (a set lookup per word: a 400-word regex alternation costs 10 ms on a long text)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,45 @@ import re
 from functools import cache
 from importlib.resources import files
 
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
 
 @cache
-def _pattern() -> re.Pattern[str]:
+def _lexicon() -> tuple[frozenset[str], dict[str, tuple[tuple[str, ...], ...]]]:
+    """Single words, and phrases keyed by their first word."""
     text = (files("backend.guardrails") / "data" / "profanity_en.txt").read_text("utf-8")
-    words = sorted(
-        {w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#")},
-        key=len,
-        reverse=True,
-    )
-    alternation = "|".join(re.escape(w).replace(r"\ ", r"[\s\-_]+") for w in words)
-    return re.compile(rf"(?<![A-Za-z])(?:{alternation})(?![A-Za-z])", re.IGNORECASE)
+    singles: set[str] = set()
+    phrases: dict[str, list[tuple[str, ...]]] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        words = tuple(_WORD.findall(line.lower()))
+        if len(words) == 1:
+            singles.add(words[0])
+        elif words:
+            phrases.setdefault(words[0], []).append(words)
+    return frozenset(singles), {k: tuple(v) for k, v in phrases.items()}
 
 
 def find_profanity(text: str) -> list[tuple[int, int]]:
-    return [m.span() for m in _pattern().finditer(text)]
+    singles, phrases = _lexicon()
+    words = list(_WORD.finditer(text.lower()))
+    spans: list[tuple[int, int]] = []
+    skip_to = 0
+    for i, word in enumerate(words):
+        if i < skip_to:
+            continue
+        token = word.group(0)
+        for phrase in phrases.get(token, ()):
+            following = words[i : i + len(phrase)]
+            if tuple(w.group(0) for w in following) == phrase:
+                spans.append((word.start(), following[-1].end()))
+                skip_to = i + len(phrase)
+                break
+        else:
+            if token in singles:
+                spans.append(word.span())
+    return spans
 
 
 def mask(text: str, spans: list[tuple[int, int]]) -> str:

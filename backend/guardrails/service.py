@@ -286,7 +286,7 @@ class GuardrailService:
         kept: list[Source] = []
         decisions: list[GuardDecision] = []
         for source in sources:
-            if self._detector.score(normalise(source.text)).score < rail.threshold:
+            if self._detector.score(normalise(source.text), document=True).score < rail.threshold:
                 kept.append(source)
                 continue
             where = f"chunk {source.chunk_id} of {source.title!r}"
@@ -298,7 +298,9 @@ class GuardrailService:
             # neutralise: keep the passage's sentences that carry no instruction to the model
             sentences = _SENTENCE.split(source.text)
             clean = [
-                s for s in sentences if self._detector.score(normalise(s)).score < rail.threshold
+                s
+                for s in sentences
+                if self._detector.score(normalise(s), document=True).score < rail.threshold
             ]
             removed = len(sentences) - len(clean)
             text = " ".join(clean) if clean else ""
