@@ -208,21 +208,7 @@ class NemoGuardrailService(GuardrailService):
             masking.pii.enabled = False
         if masking.profanity.output_action is GuardAction.BLOCK:
             masking.profanity.enabled = False
-        reported: set[str] = set()
-        pending = ""
-        async for token in tokens:
-            pending += token
-            cut = self._safe_cut(pending)
-            if cut <= 0:
-                continue
-            piece, used, decision = self._screen(principal, masking, pending, cut, reported)
-            pending = pending[used:]
-            if decision is not None:
-                call.decisions.append(decision)
-            if piece:
-                yield piece
-        if pending:
-            piece, _, decision = self._screen(principal, masking, pending, len(pending), reported)
+        async for piece, decision in self._screened(principal, masking, tokens):
             if decision is not None:
                 call.decisions.append(decision)
             if piece:

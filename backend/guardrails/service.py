@@ -338,6 +338,14 @@ class GuardrailService:
             async for token in tokens:
                 yield OutputPiece(token)
             return
+        async for piece, decision in self._screened(principal, policy, tokens):
+            yield OutputPiece(piece, decision)
+
+    async def _screened(
+        self, principal: Principal, policy: GuardrailPolicy, tokens: AsyncIterator[str]
+    ) -> AsyncIterator[tuple[str, GuardDecision | None]]:
+        """The answer in screened pieces, each with the decision taken on it; ends after a
+        BLOCK."""
         pending = ""
         reported: set[str] = set()
         async for token in tokens:
@@ -347,12 +355,12 @@ class GuardrailService:
                 continue
             piece, used, decision = self._screen(principal, policy, pending, cut, reported)
             pending = pending[used:]
-            yield OutputPiece(piece, decision)
+            yield piece, decision
             if decision is not None and decision.action is GuardAction.BLOCK:
                 return
         if pending:
             piece, _, decision = self._screen(principal, policy, pending, len(pending), reported)
-            yield OutputPiece(piece, decision)
+            yield piece, decision
 
     def _safe_cut(self, pending: str) -> int:
         """How much of `pending` can go out now."""
