@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -134,7 +135,11 @@ async def build_services(
     guardrails: GuardrailService | None = None
     if guards is None and settings.guardrails.enabled:
         guardrails = build_guardrails(
-            state.db, settings.guardrails, embedder=shared_embedder, metrics=state.metrics
+            state.db,
+            settings.guardrails,
+            embedder=shared_embedder,
+            judges=lambda alias: functools.partial(models.complete, alias),
+            metrics=state.metrics,
         )
         await guardrails.warm()
         guards = guardrails

@@ -16,7 +16,7 @@ from pathlib import Path
 from backend.config import ChatSettings, ModelSpec
 from backend.errors import ServiceUnavailable, ValidationFailed
 from backend.inference.llm import local as local_llm
-from backend.inference.llm.base import LLMProvider
+from backend.inference.llm.base import ChatMessage, LLMProvider
 from backend.inference.llm.openai_compat import OpenAICompatibleProvider
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,21 @@ class ModelRegistry:
         if model is None:
             raise ServiceUnavailable("no language model is configured on this server")
         return model
+
+    async def complete(
+        self, alias: str | None, messages: list[ChatMessage], *, max_tokens: int = 8
+    ) -> str:
+        """A short, whole answer (greedy): what a rail asks a model, not a chat turn."""
+        stream = self.resolve(alias).provider.stream(
+            messages, max_tokens=max_tokens, temperature=0.0
+        )
+        parts: list[str] = []
+        try:
+            async for chunk in stream:
+                parts.append(chunk.text)
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        return "".join(parts)
 
     async def aclose(self) -> None:
         for model in {id(m.provider): m for m in self._models.values()}.values():

@@ -149,9 +149,7 @@ class NemoGuardrailService(GuardrailService):
         text, decisions = await asyncio.to_thread(
             self._input_rails, call.policy, call.text, call.history
         )
-        topic = await self._topic_rail(call.policy, text)
-        if topic is not None:
-            decisions.append(topic)
+        decisions += await self._model_rails(call.policy, text, decisions)
         call.text = text
         call.decisions = decisions
         call.checked = True

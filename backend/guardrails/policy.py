@@ -46,6 +46,14 @@ class TopicRail(_Rail):
     action: GuardAction = GuardAction.BLOCK
 
 
+class SelfCheckRail(_Rail):
+    """The chat model judges each message (one more, short, model call); off by default."""
+
+    enabled: bool = False
+    model: str | None = Field(None, description="model alias; None: the default model")
+    action: GuardAction = GuardAction.BLOCK
+
+
 class LengthRail(_Rail):
     max_chars: int = Field(16_000, ge=1)
 
@@ -77,6 +85,7 @@ class GuardrailPolicy(BaseModel):
     profanity: ProfanityRail = Field(default_factory=ProfanityRail)
     topics: TopicRail = Field(default_factory=TopicRail)
     length: LengthRail = Field(default_factory=LengthRail)
+    self_check: SelfCheckRail = Field(default_factory=SelfCheckRail)
     retrieval: RetrievalRail = Field(default_factory=RetrievalRail)
     output: OutputRail = Field(default_factory=OutputRail)
     image: ImageRail = Field(default_factory=ImageRail)

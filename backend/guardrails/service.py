@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from backend.core.db import Database
 from backend.core.models import GuardrailPolicyRow
 from backend.core.tasks import drain
 from backend.errors import ValidationFailed
+from backend.guardrails import selfcheck
 from backend.guardrails.errors import GuardrailUnavailable
 from backend.guardrails.images import ImageClassifier, OpenNsfwClassifier
 from backend.guardrails.injection import InjectionDetector
@@ -38,6 +39,7 @@ from backend.guardrails.normalize import Normalised, normalise
 from backend.guardrails.pii import find_pii, redact
 from backend.guardrails.policy import GuardrailPolicy, effective, merge
 from backend.guardrails.profanity import find_profanity, mask
+from backend.guardrails.selfcheck import Judge
 from backend.guardrails.topics import TextEmbedder, TopicMatcher
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class GuardrailService:
         detector: InjectionDetector | None = None,
         topics: TopicMatcher | None = None,
         images: ImageClassifier | None = None,
+        judges: Callable[[str | None], Judge] | None = None,
         metrics: GuardrailMetrics | None = None,
         policy_cache_s: float = 10.0,
         check_timeout_s: float = 2.0,
@@ -89,6 +92,7 @@ class GuardrailService:
         self._detector = detector or InjectionDetector()
         self._topics = topics
         self._images = images
+        self._judges = judges  # model alias -> the self-check judge on that model
         self._metrics = metrics
         self._policy_cache_s = policy_cache_s
         self._cache: dict[uuid.UUID, tuple[float, GuardrailPolicy]] = {}
@@ -187,7 +191,7 @@ class GuardrailService:
             policy = await self.policy(principal)
             async with asyncio.timeout(self._timeout_s):
                 text, decisions = await asyncio.to_thread(self._input_rails, policy, text, history)
-                topic = await self._topic_rail(policy, text)
+                decisions += await self._model_rails(policy, text, decisions)
         except TimeoutError as exc:
             raise GuardrailUnavailable("the input rails took too long") from exc
         except GuardrailUnavailable:
@@ -195,8 +199,6 @@ class GuardrailService:
         except Exception as exc:  # fail closed: an input rail that breaks blocks the message
             log.exception("input rails failed")
             raise GuardrailUnavailable("the input rails failed") from exc
-        if topic is not None:
-            decisions.append(topic)
         self._decided(principal, "input", decisions, time.perf_counter() - started)
         return InputVerdict(text=text, decisions=tuple(decisions), safe_reply=policy.safe_reply)
 
@@ -252,6 +254,29 @@ class GuardrailService:
             return None
         how = f" ({', '.join(sorted(normal.signals))})" if normal.signals else ""
         return GuardDecision("injection", rail.action, f"{found.source} {found.score:.2f}{how}")
+
+    async def _model_rails(
+        self, policy: GuardrailPolicy, text: str, so_far: list[GuardDecision]
+    ) -> list[GuardDecision]:
+        """The rails that need a model call (topics, self-check), unless a local one blocked."""
+        if any(d.action is GuardAction.BLOCK for d in so_far):
+            return []
+        topic = await self._topic_rail(policy, text)
+        if topic is not None:
+            return [topic]
+        judged = await self._self_check(policy, text)
+        return [judged] if judged is not None else []
+
+    async def _self_check(self, policy: GuardrailPolicy, text: str) -> GuardDecision | None:
+        rail = policy.self_check
+        if not rail.enabled:
+            return None
+        if self._judges is None:
+            raise GuardrailUnavailable("the self-check rail is on but no model is configured")
+        answer = await self._judges(rail.model)(selfcheck.prompt(text))
+        if not selfcheck.refused(answer):
+            return None
+        return GuardDecision("self_check", rail.action, "the model judged the message unsafe")
 
     async def _topic_rail(self, policy: GuardrailPolicy, text: str) -> GuardDecision | None:
         rail = policy.topics
@@ -498,6 +523,7 @@ def build_guardrails(
     settings: GuardrailSettings,
     *,
     embedder: TextEmbedder | None = None,
+    judges: Callable[[str | None], Judge] | None = None,
     metrics: GuardrailMetrics | None = None,
 ) -> GuardrailService:
     """The rails the settings ask for: local checks, or the same checks run by NeMo's flows."""
@@ -505,6 +531,7 @@ def build_guardrails(
         "defaults": settings.policy,
         "topics": TopicMatcher(embedder) if embedder is not None else None,
         "images": OpenNsfwClassifier(threads=settings.image_threads),
+        "judges": judges,
         "metrics": metrics,
         "policy_cache_s": settings.policy_cache_s,
         "check_timeout_s": settings.check_timeout_s,

@@ -189,3 +189,26 @@ async def test_policies_are_for_admins_and_bad_ones_are_typed_errors(
         }
         policy = await gql(server, admin, "{ guardrailPolicy { policy } }")
         assert policy["data"]["guardrailPolicy"]["policy"]["injection"]["action"] == "block"
+
+
+async def test_self_check_uses_the_chat_model(
+    chat_settings: Settings, engine: AsyncEngine, team: dict, llm: tuple[LLMStub, str]
+) -> None:
+    """The stub echoes what it is asked, so a message starting with "yes" makes it answer
+    Yes: enough to see the judge's call, its parsing and the block, through the real provider."""
+    stub, _ = llm
+    async with serve_live(chat_settings) as server:
+        token = await sign_in(server, team)
+        await gql(server, token, POLICY, c={"self_check": {"enabled": True}})
+        calls = stub.calls
+        conversation, run_id = await start_run(server, token, "yes, do it")
+        blocked = await events_of(server, token, run_id)
+        assert stub.calls == calls + 1  # the judge's call, and no answer
+        assert stub.requests[-1]["max_tokens"] == 8
+        assert {k: blocked[1][k] for k in ("rail", "action")} == {
+            "rail": "self_check",
+            "action": "block",
+        }
+        answered = await turn(server, token, conversation, "hello there")
+        assert text(answered).strip() == "hello there"
+        assert stub.calls == calls + 3  # judge + answer
