@@ -1,0 +1,481 @@
+"""The inference pool: worker processes that own a device each, and a dynamic batcher per model
+in the serving process, so heavy work never runs on the event loop.
+
+- Items (one input each) queue per model, live frames ahead of batch jobs; a batch leaves when
+  it is full or when its oldest item has waited the model's `max_delay_ms` (cut to a preferred
+  size when the model has some). A cancelled item is dropped before its batch is formed.
+- A queue at its model's `max_queue` refuses new items at once (`Overloaded`), so latency stays
+  bounded instead of growing without limit.
+- A batch that runs out of memory is split in halves and tried again, down to single items;
+  only an item that fails alone fails.
+- A worker that dies fails its running batch (`WorkerLost`) and is replaced; queued items wait
+  for the replacement.
+- Models load in the workers, asynchronously, with a warm-up run; a model is served once one
+  worker has it warm. Requests to a loading model wait for it.
+
+Needs only the standard library, numpy and what the runtimes import (torch, onnxruntime).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+from backend.inference.manifest import ModelManifest
+
+log = logging.getLogger(__name__)
+
+
+class Priority(IntEnum):
+    LIVE = 0  # camera frames: served first
+    BATCH = 1  # uploads and jobs
+
+
+class InferenceError(Exception):
+    code = "INFERENCE_FAILED"
+
+
+class Overloaded(InferenceError):
+    code = "OVERLOADED"
+
+
+class ModelUnavailable(InferenceError):
+    code = "MODEL_UNAVAILABLE"
+
+
+class WorkerLost(InferenceError):
+    code = "WORKER_LOST"
+
+
+class OutOfMemory(InferenceError):
+    code = "OUT_OF_MEMORY"
+
+
+_ERRORS: dict[str, type[InferenceError]] = {
+    e.code: e for e in (InferenceError, Overloaded, ModelUnavailable, WorkerLost, OutOfMemory)
+}
+
+
+class ModelStatus(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass
+class ModelState:
+    manifest: ModelManifest
+    status: ModelStatus = ModelStatus.LOADING
+    error: str | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    batches: int = 0
+    items: int = 0
+
+
+class InferenceClient(Protocol):
+    """What the rest of Sightline uses; the pool is one implementation."""
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Sequence[Any],
+        *,
+        priority: Priority = Priority.BATCH,
+        timeout_s: float | None = None,
+    ) -> list[Any]: ...
+
+    def manifest(self, model: str) -> ModelManifest: ...
+
+
+# -- the worker process ----------------------------------------------------------------------
+
+
+def _warm_input(manifest: ModelManifest) -> Any | None:
+    import numpy as np
+
+    if "warm" in manifest.input:
+        return np.asarray(manifest.input["warm"], dtype=np.float32)
+    if manifest.runtime == "cascade":
+        return np.zeros((64, 64), dtype=np.uint8)
+    size = manifest.input.get("size")
+    if size:
+        return np.zeros((3, int(size), int(size)), dtype=np.float32)
+    return None
+
+
+def _run_split(fn: Any, inputs: list[Any]) -> list[tuple[str, Any]]:
+    """Runs a batch; on out-of-memory, each half on its own (down to single items)."""
+    from backend.inference.runtimes import out_of_memory
+
+    try:
+        outputs = fn(inputs)
+        return [("ok", o) for o in outputs]
+    except BaseException as exc:
+        if not out_of_memory(exc):
+            return [("err", "INFERENCE_FAILED", f"{type(exc).__name__}: {exc}")] * len(inputs)
+        _release_memory()
+        if len(inputs) == 1:
+            return [("err", "OUT_OF_MEMORY", str(exc))]
+        half = len(inputs) // 2
+        return _run_split(fn, inputs[:half]) + _run_split(fn, inputs[half:])
+
+
+def _release_memory() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")  # only a worker that runs torch models has it
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _worker_main(conn: Connection, device: str, threads: int) -> None:
+    from backend.inference.manifest import ModelManifest as Manifest
+    from backend.inference.runtimes import load
+
+    models: dict[str, Any] = {}
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        kind = message[0]
+        if kind == "stop":
+            return
+        if kind == "load":
+            manifest = Manifest.from_dict(message[1])
+            started = time.perf_counter()
+            try:
+                fn = load(manifest, device, threads)
+                warm = _warm_input(manifest)
+                if warm is not None:
+                    fn([warm])
+                models[manifest.name] = fn
+                conn.send(("loaded", manifest.name, None, time.perf_counter() - started))
+            except Exception as exc:
+                conn.send(("loaded", manifest.name, f"{type(exc).__name__}: {exc}", 0.0))
+        elif kind == "run":
+            _, batch_id, name, inputs = message
+            fn = models.get(name)
+            if fn is None:
+                results = [("err", "MODEL_UNAVAILABLE", f"{name} not loaded")] * len(inputs)
+            else:
+                results = _run_split(fn, inputs)
+            conn.send(("done", batch_id, results))
+
+
+# -- the serving process ---------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    value: Any
+    future: asyncio.Future[Any]
+    enqueued: float
+
+
+@dataclass
+class _Queue:
+    state: ModelState
+    lanes: tuple[deque[_Item], deque[_Item]] = field(default_factory=lambda: (deque(), deque()))
+    grew: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __len__(self) -> int:
+        return len(self.lanes[0]) + len(self.lanes[1])
+
+    def prune(self) -> None:
+        for lane in self.lanes:
+            while lane and lane[0].future.done():
+                lane.popleft()
+
+    def oldest(self) -> float:
+        self.prune()
+        heads = [lane[0].enqueued for lane in self.lanes if lane]
+        return min(heads) if heads else time.monotonic()
+
+    def take(self, limit: int) -> list[_Item]:
+        taken: list[_Item] = []
+        for lane in self.lanes:  # live first
+            while lane and len(taken) < limit:
+                item = lane.popleft()
+                if not item.future.done():  # cancelled items leave before the batch runs
+                    taken.append(item)
+        return taken
+
+
+class _Worker:
+    def __init__(self, pool: InferencePool, index: int) -> None:
+        self.index = index
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_worker_main,
+            args=(child, pool.device, pool.threads),
+            name=f"sightline-inference-{index}",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        self.loaded: set[str] = set()
+        self.pending_loads: set[str] = set()
+        self.running: dict[int, list[_Item]] = {}
+        self.alive = True
+        self.reader = threading.Thread(
+            target=self._read, args=(pool, asyncio.get_running_loop()), daemon=True
+        )
+        self.reader.start()
+
+    def _read(self, pool: InferencePool, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                with contextlib.suppress(RuntimeError):  # the loop closed first
+                    loop.call_soon_threadsafe(pool._lost, self)
+                return
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(pool._received, self, message)
+
+    def send(self, message: tuple[Any, ...]) -> bool:
+        try:
+            self.conn.send(message)
+            return True
+        except (OSError, ValueError, BrokenPipeError):
+            return False
+
+
+class InferencePool:
+    """An `InferenceClient` on local worker processes."""
+
+    def __init__(
+        self,
+        manifests: Sequence[ModelManifest],
+        *,
+        workers: int = 1,
+        device: str = "cpu",
+        threads: int = 1,
+        max_restarts: int = 20,
+    ) -> None:
+        self.device = device
+        self.threads = threads
+        self._size = workers
+        self._max_restarts = max_restarts
+        self._manifests = {m.name: m for m in manifests}
+        self._states: dict[str, ModelState] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._workers: list[_Worker] = []
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._dispatchers: list[asyncio.Task[None]] = []
+        self._ids = itertools.count()
+        self._restarts = 0
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Starts the workers; models load in the background (see `status`)."""
+        for name, manifest in self._manifests.items():
+            state = ModelState(manifest)
+            self._states[name] = state
+            self._queues[name] = _Queue(state)
+            self._dispatchers.append(
+                asyncio.create_task(self._dispatch(self._queues[name]), name=f"batcher-{name}")
+            )
+        for index in range(self._size):
+            self._spawn(index)
+
+    async def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Waits until every model is warm or has failed to load."""
+        async with asyncio.timeout(timeout_s):
+            for state in self._states.values():
+                await state.ready.wait()
+
+    def _spawn(self, index: int) -> None:
+        worker = _Worker(self, index)
+        self._workers.append(worker)
+        for manifest in self._manifests.values():
+            worker.pending_loads.add(manifest.name)
+            worker.send(("load", manifest.to_dict()))
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        self._closed = True
+        for task in self._dispatchers:
+            task.cancel()
+        await asyncio.gather(*self._dispatchers, return_exceptions=True)
+        for queue in self._queues.values():
+            for item in queue.take(len(queue)):
+                item.future.set_exception(ModelUnavailable("the inference pool is shutting down"))
+        for worker in self._workers:
+            worker.send(("stop",))
+        deadline = time.monotonic() + grace_s
+        for worker in self._workers:
+            await asyncio.to_thread(worker.process.join, max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+            worker.conn.close()
+        for worker in self._workers:
+            self._fail_running(worker, ModelUnavailable("the inference pool is shutting down"))
+
+    # -- the client interface ------------------------------------------------------------------
+
+    def manifest(self, model: str) -> ModelManifest:
+        if model not in self._manifests:
+            raise ModelUnavailable(f"no model named {model!r}")
+        return self._manifests[model]
+
+    def status(self) -> dict[str, ModelState]:
+        return dict(self._states)
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Sequence[Any],
+        *,
+        priority: Priority = Priority.BATCH,
+        timeout_s: float | None = None,
+    ) -> list[Any]:
+        """One output per input. Raises Overloaded, ModelUnavailable, WorkerLost, OutOfMemory,
+        InferenceError, or TimeoutError after `timeout_s` (the items are then withdrawn)."""
+        queue = self._queues.get(model)
+        if queue is None:
+            raise ModelUnavailable(f"no model named {model!r}")
+        state = queue.state
+        if state.status is ModelStatus.FAILED:
+            raise ModelUnavailable(f"{model} failed to load: {state.error}")
+        if len(queue) + len(inputs) > state.manifest.max_queue:
+            raise Overloaded(f"{model} has {len(queue)} items queued")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        items = [_Item(value, loop.create_future(), now) for value in inputs]
+        queue.lanes[0 if priority is Priority.LIVE else 1].extend(items)
+        queue.grew.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return list(await asyncio.gather(*(i.future for i in items)))
+        finally:
+            for item in items:  # cancelled or timed out: leave the queue
+                if not item.future.done():
+                    item.future.cancel()
+
+    # -- batching ------------------------------------------------------------------------------
+
+    async def _dispatch(self, queue: _Queue) -> None:
+        state = queue.state
+        manifest = state.manifest
+        delay = manifest.max_delay_ms / 1000
+        while True:
+            queue.prune()
+            if not len(queue):
+                queue.grew.clear()
+                await queue.grew.wait()
+                continue
+            await state.ready.wait()
+            if state.status is ModelStatus.FAILED:
+                for item in queue.take(len(queue)):
+                    item.future.set_exception(ModelUnavailable(f"{manifest.name}: {state.error}"))
+                continue
+            # wait for the batch to fill, at most until the oldest item's delay is up
+            while len(queue) < manifest.max_batch:
+                remaining = queue.oldest() + delay - time.monotonic()
+                if remaining <= 0:
+                    break
+                queue.grew.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await queue.grew.wait()
+            worker = await self._idle_worker(manifest.name)
+            limit = _batch_size(len(queue), manifest)
+            items = queue.take(limit)
+            if not items:
+                self._idle.put_nowait(worker)
+                continue
+            batch_id = next(self._ids)
+            worker.running[batch_id] = items
+            state.batches += 1
+            state.items += len(items)
+            if not worker.send(("run", batch_id, manifest.name, [i.value for i in items])):
+                self._lost(worker)
+
+    async def _idle_worker(self, model: str) -> _Worker:
+        while True:
+            worker = await self._idle.get()
+            if worker.alive and model in worker.loaded:
+                return worker
+            if worker.alive:  # cannot serve this model: let another batcher have it
+                self._idle.put_nowait(worker)
+                await asyncio.sleep(0.001)
+
+    # -- messages from workers -----------------------------------------------------------------
+
+    def _received(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "loaded":
+            _, name, error, seconds = message
+            worker.pending_loads.discard(name)
+            state = self._states[name]
+            if error is None:
+                worker.loaded.add(name)
+                if state.status is not ModelStatus.READY:
+                    log.info("model %s ready (%.2f s on worker %d)", name, seconds, worker.index)
+                state.status, state.error = ModelStatus.READY, None
+            elif state.status is not ModelStatus.READY:
+                log.error("model %s failed to load: %s", name, error)
+                state.status, state.error = ModelStatus.FAILED, error
+            state.ready.set()
+            if not worker.pending_loads:
+                self._idle.put_nowait(worker)
+        elif kind == "done":
+            _, batch_id, results = message
+            items = worker.running.pop(batch_id, [])
+            for item, result in zip(items, results, strict=False):
+                if item.future.done():
+                    continue  # cancelled while it ran
+                if result[0] == "ok":
+                    item.future.set_result(result[1])
+                else:
+                    item.future.set_exception(_ERRORS.get(result[1], InferenceError)(result[2]))
+            if worker.alive and not worker.running:
+                self._idle.put_nowait(worker)
+
+    def _lost(self, worker: _Worker) -> None:
+        if not worker.alive:
+            return
+        worker.alive = False
+        code = worker.process.exitcode
+        log.error("inference worker %d died (exit code %s)", worker.index, code)
+        self._fail_running(worker, WorkerLost(f"the inference worker died (exit code {code})"))
+        if worker in self._workers:
+            self._workers.remove(worker)
+        with contextlib.suppress(OSError):
+            worker.conn.close()
+        if self._closed:
+            return
+        if self._restarts >= self._max_restarts:
+            log.error("inference worker restarts exhausted (%d)", self._restarts)
+            return
+        self._restarts += 1
+        self._spawn(worker.index)
+
+    def _fail_running(self, worker: _Worker, error: InferenceError) -> None:
+        for items in worker.running.values():
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        worker.running.clear()
+
+
+def _batch_size(queued: int, manifest: ModelManifest) -> int:
+    """The batch to run now: as many as allowed, or the largest preferred size that fits."""
+    limit = min(queued, manifest.max_batch)
+    fitting = [size for size in manifest.preferred_batch if size <= limit]
+    return max(fitting) if fitting else limit

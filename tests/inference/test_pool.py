@@ -1,0 +1,155 @@
+"""The inference pool with real worker processes: batching, priorities, bounded queues,
+cancellation, out-of-memory splitting, crashed workers, failed loads, and the packaged models."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from backend.inference.catalog import Task
+from backend.inference.manifest import ModelManifest, builtin_manifests
+from backend.inference.pool import (
+    InferencePool,
+    ModelStatus,
+    ModelUnavailable,
+    OutOfMemory,
+    Overloaded,
+    Priority,
+    WorkerLost,
+)
+
+
+def toy(name: str, loader: str, **options: Any) -> ModelManifest:
+    return ModelManifest(
+        name=name,
+        version="1",
+        task=Task.CLASSIFICATION,
+        runtime="python",
+        loader=f"tests.inference.toys:{loader}",
+        input={"warm": 0, **options.pop("input", {})},
+        **options,
+    )
+
+
+@pytest.fixture
+async def pools() -> AsyncIterator[Callable[..., Any]]:
+    started: list[InferencePool] = []
+
+    async def start(*manifests: ModelManifest, workers: int = 1) -> InferencePool:
+        pool = InferencePool(manifests, workers=workers)
+        await pool.start()
+        started.append(pool)
+        await pool.wait_ready()
+        return pool
+
+    yield start
+    for pool in started:
+        await pool.close()
+
+
+async def test_concurrent_requests_share_a_batch(pools: Callable[..., Any]) -> None:
+    pool = await pools(toy("double", "doubler", max_batch=8, max_delay_ms=200))
+    results = await asyncio.gather(*(pool.infer("double", [i]) for i in range(8)))
+    assert [r[0][0] for r in results] == [i * 2 for i in range(8)]
+    assert {r[0][1] for r in results} == {8}  # one batch of eight
+    state = pool.status()["double"]
+    assert state.status is ModelStatus.READY
+    assert state.batches == 1
+
+
+async def test_preferred_sizes_and_the_delay_bound(pools: Callable[..., Any]) -> None:
+    pool = await pools(
+        toy("double", "doubler", max_batch=8, max_delay_ms=30, preferred_batch=(1, 4))
+    )
+    results = await asyncio.gather(*(pool.infer("double", [i]) for i in range(6)))
+    assert sorted(r[0][1] for r in results) == [1, 1, 4, 4, 4, 4]  # 4 then 1 then 1
+
+
+async def test_a_full_queue_refuses_at_once(pools: Callable[..., Any]) -> None:
+    pool = await pools(toy("slow", "slow", max_batch=1, max_queue=3))
+    first = asyncio.create_task(pool.infer("slow", [1, 2, 3]))
+    await asyncio.sleep(0.05)
+    with pytest.raises(Overloaded):
+        await pool.infer("slow", [4, 5, 6])
+    assert [r[0] for r in await first] == [1, 2, 3]
+
+
+async def test_a_cancelled_request_leaves_its_batch(pools: Callable[..., Any]) -> None:
+    pool = await pools(toy("slow", "slow", max_batch=4, max_delay_ms=0))
+    running = asyncio.create_task(pool.infer("slow", [1]))  # occupies the only worker
+    await asyncio.sleep(0.05)
+    dropped = asyncio.create_task(pool.infer("slow", [2]))
+    kept = asyncio.create_task(pool.infer("slow", [3]))
+    await asyncio.sleep(0.01)
+    dropped.cancel()
+    assert (await kept)[0] == (3, 1)  # it ran alone: the cancelled item was not in its batch
+    await running
+    with pytest.raises(asyncio.CancelledError):
+        await dropped
+
+
+async def test_live_frames_go_first(pools: Callable[..., Any]) -> None:
+    pool = await pools(toy("slow", "slow", max_batch=1, max_delay_ms=0, input={"seconds": 0.1}))
+    order: list[str] = []
+
+    async def call(name: str, priority: Priority) -> None:
+        await pool.infer("slow", [1], priority=priority)
+        order.append(name)
+
+    tasks = [asyncio.create_task(call(f"job{i}", Priority.BATCH)) for i in range(3)]
+    await asyncio.sleep(0.02)
+    tasks.append(asyncio.create_task(call("frame", Priority.LIVE)))
+    await asyncio.gather(*tasks)
+    assert order.index("frame") <= 1  # behind at most the job already running
+
+
+async def test_out_of_memory_splits_the_batch(pools: Callable[..., Any]) -> None:
+    pool = await pools(toy("greedy", "greedy", max_batch=8, max_delay_ms=100))
+    results = await asyncio.gather(
+        *(pool.infer("greedy", [i]) for i in (1, 2, 3, 4, 13, 5)), return_exceptions=True
+    )
+    assert isinstance(results[4], OutOfMemory)  # only the item that fails alone fails
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    assert [r[0][0] for r in ok] == [1, 2, 3, 4, 5]
+    assert all(r[0][1] <= 2 for r in ok)
+
+
+async def test_a_dead_worker_fails_its_batch_and_is_replaced(pools: Callable[..., Any]) -> None:
+    pool = await pools(toy("crash", "crasher", max_batch=1))
+    with pytest.raises(WorkerLost):
+        await pool.infer("crash", [-1])
+    assert (await pool.infer("crash", [7], timeout_s=60))[0] == (7, 1)
+
+
+async def test_models_that_fail_to_load_are_unavailable(pools: Callable[..., Any]) -> None:
+    pool = await pools(toy("broken", "broken"), toy("double", "doubler"))
+    assert (await pool.infer("double", [2]))[0][0] == 4
+    with pytest.raises(ModelUnavailable, match="weights are corrupt"):
+        await pool.infer("broken", [1])
+    with pytest.raises(ModelUnavailable):
+        await pool.infer("nonexistent", [1])
+
+
+async def test_the_packaged_classifier_and_face_detector(pools: Callable[..., Any]) -> None:
+    from skimage import data
+
+    manifests = {m.name: m for m in builtin_manifests()}
+    pool = await pools(manifests["efficientnet-lite0"], manifests["haar-frontalface"])
+    cat = np.asarray(data.chelsea(), dtype=np.float32)[::2, ::2]  # about 150 x 225
+    side = 224
+    crop = np.zeros((side, side, 3), dtype=np.float32)
+    crop[: cat.shape[0], : min(cat.shape[1], side)] = cat[:, :side]
+    spec = manifests["efficientnet-lite0"].input
+    x = ((crop / 255.0 - spec["mean"]) / spec["std"]).transpose(2, 0, 1).astype(np.float32)
+    [logits] = await pool.infer("efficientnet-lite0", [x])
+    labels = manifests["efficientnet-lite0"].labels
+    top5 = [labels[i] for i in np.argsort(logits)[::-1][:5]]
+    assert {"tabby", "Egyptian cat", "tiger cat"} & set(top5)
+
+    gray = np.asarray(data.astronaut()).mean(axis=2).astype(np.uint8)
+    [boxes] = await pool.infer("haar-frontalface", [gray])
+    assert len(boxes) >= 1

@@ -1,0 +1,49 @@
+"""Tiny models for the pool's tests (python runtime), loaded inside the worker processes.
+Each output carries the size of the batch it ran in, so tests can see the batching."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from backend.inference.manifest import ModelManifest
+
+Batch = Callable[[list[Any]], list[Any]]
+
+
+def doubler(manifest: ModelManifest) -> Batch:
+    return lambda batch: [(int(x) * 2, len(batch)) for x in batch]
+
+
+def slow(manifest: ModelManifest) -> Batch:
+    def run(batch: list[Any]) -> list[Any]:
+        time.sleep(float(manifest.input.get("seconds", 0.2)))
+        return [(int(x), len(batch)) for x in batch]
+
+    return run
+
+
+def crasher(manifest: ModelManifest) -> Batch:
+    def run(batch: list[Any]) -> list[Any]:
+        if any(int(x) < 0 for x in batch):
+            os._exit(3)  # the worker process dies mid-batch
+        return [(int(x), len(batch)) for x in batch]
+
+    return run
+
+
+def greedy(manifest: ModelManifest) -> Batch:
+    """Out of memory on batches over two items, and on the item 13 whatever its batch."""
+
+    def run(batch: list[Any]) -> list[Any]:
+        if len(batch) > 2 or any(int(x) == 13 for x in batch):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [(int(x), len(batch)) for x in batch]
+
+    return run
+
+
+def broken(manifest: ModelManifest) -> Batch:
+    raise RuntimeError("weights are corrupt")
