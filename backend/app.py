@@ -29,6 +29,7 @@ from backend.agents.runs import RunService
 from backend.agents.tools import AgentTools
 from backend.auth.endpoints import oauth_router
 from backend.auth.oidc import OIDCLogin
+from backend.auth.principal import Principal
 from backend.auth.service import AuthService
 from backend.auth.signing import TokenSigner
 from backend.config import Settings
@@ -44,11 +45,15 @@ from backend.errors import AppError
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
 from backend.guardrails.service import GuardrailService, build_guardrails
+from backend.inference.manifest import load_manifests
+from backend.inference.pool import InferencePool
 from backend.knowledge.embeddings import Embedder, build_embedder
 from backend.knowledge.service import KnowledgeService
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEventLog
+from backend.vision.ocr import OcrEngine
+from backend.vision.service import VisionService
 
 __all__ = ["SCHEMA_FILE", "build_signer", "create_app", "schema_sdl"]
 
@@ -71,6 +76,8 @@ class Services:
     http: httpx.AsyncClient  # outbound calls (the OIDC provider); closed with the app
     oidc: OIDCLogin | None = None
     guardrails: GuardrailService | None = None  # None: rails off, or the caller's own `Guards`
+    vision: VisionService | None = None  # None: SIGHTLINE_VISION_ENABLED=false
+    inference: InferencePool | None = None
     grace_s: float = 10.0
 
     async def aclose(self) -> None:
@@ -79,6 +86,11 @@ class Services:
         await self.knowledge.close(self.grace_s)
         if self.guardrails is not None:
             await self.guardrails.close(self.grace_s)
+        if self.vision is not None:
+            await self.vision.close(self.grace_s)
+            await self.vision.events.close()
+        if self.inference is not None:
+            await self.inference.close(self.grace_s)
         await self.http.aclose()
 
 
@@ -172,6 +184,7 @@ async def build_services(
         metrics=state.metrics,
     )
     await runs.start()
+    inference, vision = await _build_vision(state, limiter, guardrails)
     return Services(
         auth=auth,
         conversations=conversations,
@@ -182,8 +195,45 @@ async def build_services(
         http=http,
         oidc=oidc,
         guardrails=guardrails,
+        vision=vision,
+        inference=inference,
         grace_s=settings.server.graceful_shutdown_s,
     )
+
+
+async def _build_vision(
+    state: AppState, limiter: RateLimiter, guardrails: GuardrailService | None
+) -> tuple[InferencePool | None, VisionService | None]:
+    """The inference pool (its models load in the workers, in the background) and the vision
+    service on it; the guardrails' image rail screens uploads."""
+    settings = state.settings.vision
+    if not settings.enabled:
+        return None, None
+    pool = InferencePool(
+        load_manifests(settings.models_dir),
+        workers=settings.workers,
+        device=settings.device,
+        threads=settings.threads,
+    )
+    await pool.start()
+
+    async def image_rail(principal: Principal, data: bytes) -> str | None:
+        assert guardrails is not None
+        verdict = await guardrails.check_image(principal, data)
+        return verdict.decision.reason if verdict.blocked and verdict.decision else None
+
+    vision = VisionService(
+        db=state.db,
+        events=RunEventLog(
+            state.redis, state.keys.child("vision"), ttl_after_end_s=settings.jobs_ttl_s
+        ),
+        inference=pool,
+        ocr=OcrEngine(settings.tessdata, settings.ocr_threads),
+        limiter=limiter,
+        settings=settings,
+        image_rail=image_rail if guardrails is not None else None,
+    )
+    return pool, vision
 
 
 def _announce_first_admin(settings: Settings, password: str) -> None:

@@ -509,6 +509,43 @@ class KnowledgeSettings(_Section):
         return value if value is not None and value.get_secret_value() else None
 
 
+class VisionSettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_VISION_", extra="ignore")
+
+    enabled: bool = Field(True, description="Start the inference pool and accept images.")
+    workers: int = Field(1, ge=1, le=64, description="Inference worker processes.")
+    device: str = Field(
+        "auto", description="`cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one)."
+    )
+    threads: int = Field(1, ge=1, description="CPU threads of each inference worker.")
+    models_dir: Path | None = Field(
+        None, description="Folder of operators' model manifests (`*.json`), served beside ours."
+    )
+    classifier: str = Field("efficientnet-lite0", description="Default classification model.")
+    detector: str = Field("haar-frontalface", description="Default detection model.")
+    max_image_bytes: int = Field(
+        16 * 1024 * 1024, ge=1, description="Largest image upload (bytes)."
+    )
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="Largest decoded image (width x height): bombs refused."
+    )
+    animated: str = Field(
+        "first_frame",
+        pattern="^(first_frame|reject)$",
+        description="Animated images: analyse the `first_frame` or `reject` them.",
+    )
+    ocr_threads: int = Field(1, ge=1, description="Threads (each with a Tesseract engine) for OCR.")
+    tessdata: Path = Field(
+        Path("/usr/share/tesseract-ocr/5/tessdata"), description="Tesseract language data."
+    )
+    infer_timeout_s: float = Field(30.0, gt=0, description="Longest wait for one model call.")
+    job_timeout_s: float = Field(120.0, gt=0, description="Longest an analysis job may run.")
+    max_concurrent_jobs: int = Field(4, ge=1, description="Jobs one replica runs at once.")
+    jobs_ttl_s: int = Field(
+        24 * 3600, ge=60, description="How long a finished job's events can be replayed."
+    )
+
+
 class GuardrailEngine(StrEnum):
     LOCAL = "local"
     NEMO = "nemo"
@@ -568,6 +605,7 @@ class Settings(_Section):
     chat: ChatSettings = Field(default_factory=ChatSettings)
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
+    vision: VisionSettings = Field(default_factory=VisionSettings)
 
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
@@ -605,6 +643,7 @@ SECTIONS: tuple[type[_Section], ...] = (
     ChatSettings,
     KnowledgeSettings,
     GuardrailSettings,
+    VisionSettings,
 )
 
 

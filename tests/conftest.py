@@ -33,6 +33,7 @@ from backend.config import (
     RedisSettings,
     Settings,
     TelemetrySettings,
+    VisionSettings,
 )
 from backend.core.db import Database
 from backend.core.embedded import EmbeddedPostgres
@@ -123,6 +124,8 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         telemetry=TelemetrySettings(log_format=LogFormat.TEXT),
         # The packaged model is loaded only by the tests about it (tests/agents).
         chat=ChatSettings(local_model=False),
+        # The inference pool (a worker process loading the vision models) only where tested.
+        vision=VisionSettings(enabled=False),
     )
 
 

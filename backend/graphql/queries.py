@@ -10,6 +10,7 @@ from backend.graphql.guardrails import GuardrailMutation, GuardrailQuery
 from backend.graphql.knowledge import KnowledgeMutation, KnowledgeQuery
 from backend.graphql.runs import RunMutation, RunQuery
 from backend.graphql.types import ServerInfo
+from backend.graphql.vision import VisionMutation, VisionQuery
 
 
 @strawberry.type
@@ -20,10 +21,14 @@ class PlatformQuery:
 
 
 @strawberry.type
-class Query(PlatformQuery, AuthQuery, ChatQuery, RunQuery, KnowledgeQuery, GuardrailQuery):
+class Query(
+    PlatformQuery, AuthQuery, ChatQuery, RunQuery, KnowledgeQuery, GuardrailQuery, VisionQuery
+):
     pass
 
 
 @strawberry.type
-class Mutation(AuthMutation, ChatMutation, RunMutation, KnowledgeMutation, GuardrailMutation):
+class Mutation(
+    AuthMutation, ChatMutation, RunMutation, KnowledgeMutation, GuardrailMutation, VisionMutation
+):
     pass

@@ -33,6 +33,7 @@ from backend.graphql.queries import Mutation, Query
 from backend.graphql.ratelimits import RateLimits
 from backend.graphql.runs import RUN_EVENT_TYPES
 from backend.graphql.subscriptions import Subscription
+from backend.graphql.vision import VISION_EVENT_TYPES
 
 log = logging.getLogger("backend.graphql")
 
@@ -132,7 +133,7 @@ def build_schema(settings: GraphQLSettings, *, production: bool = False) -> stra
         mutation=Mutation,
         subscription=Subscription,
         extensions=extensions,
-        types=(*RUN_EVENT_TYPES, *INGESTION_EVENT_TYPES),
+        types=(*RUN_EVENT_TYPES, *INGESTION_EVENT_TYPES, *VISION_EVENT_TYPES),
         config=StrawberryConfig(batching_config=batching),
     )
 

@@ -15,6 +15,7 @@ from backend.graphql.knowledge import KnowledgeSubscription
 from backend.graphql.permissions import until_credential_expires
 from backend.graphql.runs import RunSubscription
 from backend.graphql.types import Heartbeat
+from backend.graphql.vision import VisionSubscription
 
 MAX_HEARTBEAT_COUNT = 1_000_000
 
@@ -58,5 +59,7 @@ class PlatformSubscription:
 
 
 @strawberry.type
-class Subscription(PlatformSubscription, RunSubscription, KnowledgeSubscription):
+class Subscription(
+    PlatformSubscription, RunSubscription, KnowledgeSubscription, VisionSubscription
+):
     pass

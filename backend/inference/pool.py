@@ -28,74 +28,22 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum, StrEnum
 from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from typing import Any
 
+from backend.inference.client import (
+    ERRORS,
+    InferenceError,
+    ModelState,
+    ModelStatus,
+    ModelUnavailable,
+    Overloaded,
+    Priority,
+    WorkerLost,
+)
 from backend.inference.manifest import ModelManifest
 
 log = logging.getLogger(__name__)
-
-
-class Priority(IntEnum):
-    LIVE = 0  # camera frames: served first
-    BATCH = 1  # uploads and jobs
-
-
-class InferenceError(Exception):
-    code = "INFERENCE_FAILED"
-
-
-class Overloaded(InferenceError):
-    code = "OVERLOADED"
-
-
-class ModelUnavailable(InferenceError):
-    code = "MODEL_UNAVAILABLE"
-
-
-class WorkerLost(InferenceError):
-    code = "WORKER_LOST"
-
-
-class OutOfMemory(InferenceError):
-    code = "OUT_OF_MEMORY"
-
-
-_ERRORS: dict[str, type[InferenceError]] = {
-    e.code: e for e in (InferenceError, Overloaded, ModelUnavailable, WorkerLost, OutOfMemory)
-}
-
-
-class ModelStatus(StrEnum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-
-
-@dataclass
-class ModelState:
-    manifest: ModelManifest
-    status: ModelStatus = ModelStatus.LOADING
-    error: str | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    batches: int = 0
-    items: int = 0
-
-
-class InferenceClient(Protocol):
-    """What the rest of Sightline uses; the pool is one implementation."""
-
-    async def infer(
-        self,
-        model: str,
-        inputs: Sequence[Any],
-        *,
-        priority: Priority = Priority.BATCH,
-        timeout_s: float | None = None,
-    ) -> list[Any]: ...
-
-    def manifest(self, model: str) -> ModelManifest: ...
 
 
 # -- the worker process ----------------------------------------------------------------------
@@ -443,7 +391,7 @@ class InferencePool:
                 if result[0] == "ok":
                     item.future.set_result(result[1])
                 else:
-                    item.future.set_exception(_ERRORS.get(result[1], InferenceError)(result[2]))
+                    item.future.set_exception(ERRORS.get(result[1], InferenceError)(result[2]))
             if worker.alive and not worker.running:
                 self._idle.put_nowait(worker)
 

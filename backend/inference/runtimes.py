@@ -30,8 +30,23 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def resolve_device(device: str) -> str:
+    """`auto`: the first GPU when torch sees one, else the CPU."""
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
 def load(manifest: ModelManifest, device: str, threads: int = 1) -> BatchFn:
     manifest.verify()
+    device = (
+        resolve_device(device) if manifest.runtime in ("torch", "torchscript", "onnx") else "cpu"
+    )
     if manifest.runtime == "python":
         return _import(manifest.loader or "")(manifest)
     if manifest.runtime in ("torch", "torchscript"):

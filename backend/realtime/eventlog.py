@@ -32,7 +32,15 @@ log = logging.getLogger(__name__)
 
 TOKEN_DELTA = "TokenDelta"  # noqa: S105 (an event type)
 TERMINAL_TYPES = frozenset(
-    {"RunCompleted", "RunFailed", "RunCancelled", "IngestionCompleted", "IngestionFailed"}
+    {
+        "RunCompleted",
+        "RunFailed",
+        "RunCancelled",
+        "IngestionCompleted",
+        "IngestionFailed",
+        "VisionJobCompleted",
+        "VisionJobFailed",
+    }
 )
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 
 from backend.inference.catalog import Task
-from backend.inference.manifest import ModelManifest, builtin_manifests
-from backend.inference.pool import (
-    InferencePool,
+from backend.inference.client import (
     ModelStatus,
     ModelUnavailable,
     OutOfMemory,
@@ -21,6 +19,8 @@ from backend.inference.pool import (
     Priority,
     WorkerLost,
 )
+from backend.inference.manifest import ModelManifest, builtin_manifests
+from backend.inference.pool import InferencePool
 
 
 def toy(name: str, loader: str, **options: Any) -> ModelManifest:

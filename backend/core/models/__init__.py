@@ -13,6 +13,7 @@ from backend.core.models.identity import (
 )
 from backend.core.models.knowledge import Chunk, Document, IngestionJob, JobStatus, LexemeStat
 from backend.core.models.tenancy import Tenant, User, UserKind, UserRole
+from backend.core.models.vision import VisionJob, VisionStatus
 
 # Tables whose rows belong to one tenant: row-level security limits them to `app.tenant_id`.
 TENANT_TABLES = (
@@ -30,6 +31,7 @@ TENANT_TABLES = (
     "ingestion_jobs",
     "lexeme_stats",
     "guardrail_policies",
+    "vision_jobs",
 )
 
 __all__ = [
@@ -56,4 +58,6 @@ __all__ = [
     "User",
     "UserKind",
     "UserRole",
+    "VisionJob",
+    "VisionStatus",
 ]

@@ -1,0 +1,72 @@
+"""The interface the rest of Sightline uses to run models; the pool is one implementation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any, Protocol
+
+from backend.inference.manifest import ModelManifest
+
+
+class Priority(IntEnum):
+    LIVE = 0  # camera frames: served first
+    BATCH = 1  # uploads and jobs
+
+
+class InferenceError(Exception):
+    code = "INFERENCE_FAILED"
+
+
+class Overloaded(InferenceError):
+    code = "OVERLOADED"
+
+
+class ModelUnavailable(InferenceError):
+    code = "MODEL_UNAVAILABLE"
+
+
+class WorkerLost(InferenceError):
+    code = "WORKER_LOST"
+
+
+class OutOfMemory(InferenceError):
+    code = "OUT_OF_MEMORY"
+
+
+ERRORS: dict[str, type[InferenceError]] = {
+    e.code: e for e in (InferenceError, Overloaded, ModelUnavailable, WorkerLost, OutOfMemory)
+}
+
+
+class ModelStatus(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass
+class ModelState:
+    manifest: ModelManifest
+    status: ModelStatus = ModelStatus.LOADING
+    error: str | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    batches: int = 0
+    items: int = 0
+
+
+class InferenceClient(Protocol):
+    """What the rest of Sightline uses; the pool is one implementation."""
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Sequence[Any],
+        *,
+        priority: Priority = Priority.BATCH,
+        timeout_s: float | None = None,
+    ) -> list[Any]: ...
+
+    def manifest(self, model: str) -> ModelManifest: ...

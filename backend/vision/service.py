@@ -1,0 +1,298 @@
+"""Image analysis: an upload becomes a job whose tasks (OCR, detection, classification) run at
+once and stream their results as each completes; results are stored with the model name and
+version, timings and the requester."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from backend.auth.principal import Principal
+from backend.config import VisionSettings
+from backend.core.db import Database
+from backend.core.models import VisionJob, VisionStatus
+from backend.core.tasks import drain
+from backend.errors import AppError, NotFound, ValidationFailed
+from backend.inference.client import InferenceClient, InferenceError, Priority
+from backend.limits.ratelimit import RateLimiter
+from backend.realtime.eventlog import RunEvent, RunEventLog
+from backend.vision.images import DecodedImage, decode
+from backend.vision.ocr import OcrEngine
+from backend.vision.preprocess import classification_input, detection_input
+
+log = logging.getLogger(__name__)
+
+
+class VisionTask(StrEnum):
+    OCR = "ocr"
+    DETECT = "detect"
+    CLASSIFY = "classify"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    image: DecodedImage
+    tasks: list[VisionTask]
+    models: dict[VisionTask, str]
+    language: str
+    top_k: int
+
+
+class ImageBlocked(AppError):
+    code = "IMAGE_BLOCKED"
+    status = 422
+
+
+# principal, image bytes -> a reason to refuse the image, or None (the guardrails' image rail)
+ImageRail = Callable[[Principal, bytes], Awaitable[str | None]]
+
+
+class VisionService:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        events: RunEventLog,
+        inference: InferenceClient,
+        ocr: OcrEngine,
+        limiter: RateLimiter,
+        settings: VisionSettings,
+        image_rail: ImageRail | None = None,
+    ) -> None:
+        self._db = db
+        self.events = events
+        self._inference = inference
+        self._ocr = ocr
+        self._limiter = limiter
+        self._settings = settings
+        self._image_rail = image_rail
+        self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
+        self._jobs: dict[uuid.UUID, asyncio.Task[None]] = {}
+
+    async def close(self, grace_s: float) -> None:
+        await drain(self._jobs.values(), grace_s)
+        self._ocr.close()
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    async def analyze(
+        self,
+        principal: Principal,
+        data: bytes,
+        tasks: Sequence[VisionTask],
+        *,
+        classifier: str | None = None,
+        detector: str | None = None,
+        language: str = "eng",
+        top_k: int = 5,
+    ) -> VisionJob:
+        """Validates the image and starts its job; bad input is refused before anything runs."""
+        wanted = list(dict.fromkeys(tasks))
+        if not wanted:
+            raise ValidationFailed("give at least one task", field="tasks")
+        if not 1 <= top_k <= 50:
+            raise ValidationFailed("topK must be between 1 and 50", field="topK")
+        models = {
+            VisionTask.CLASSIFY: classifier or self._settings.classifier,
+            VisionTask.DETECT: detector or self._settings.detector,
+        }
+        for task, name in models.items():
+            if task in wanted:
+                try:
+                    self._inference.manifest(name)
+                except InferenceError as exc:  # an unknown model: refused now, typed
+                    field = "classifier" if task is VisionTask.CLASSIFY else "detector"
+                    raise ValidationFailed(str(exc), field=field) from exc
+        image = await asyncio.to_thread(
+            decode,
+            data,
+            max_bytes=self._settings.max_image_bytes,
+            max_pixels=self._settings.max_pixels,
+            animated=self._settings.animated,
+        )
+        if self._image_rail is not None:
+            reason = await self._image_rail(principal, data)
+            if reason is not None:
+                raise ImageBlocked(f"the image was refused: {reason}")
+        await self._limiter.enforce(principal.subject, principal.plan, "vision_job")
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        async with self._db.session(principal.tenant_id) as session:
+            job = VisionJob(
+                tenant_id=principal.tenant_id,
+                created_by=principal.user_id,
+                status=VisionStatus.QUEUED.value,
+                tasks=[t.value for t in wanted],
+                media_type=image.media_type,
+                width=image.width,
+                height=image.height,
+                size_bytes=len(data),
+                sha256=digest,
+                results={},
+            )
+            session.add(job)
+            await session.flush()
+        await self.events.append(str(job.id), "VisionJobQueued", {"tasks": job.tasks})
+        plan = _Plan(image, wanted, models, language, top_k)
+        self._jobs[job.id] = asyncio.create_task(
+            self._run(principal, job.id, plan), name=f"vision-{job.id}"
+        )
+        return job
+
+    async def _run(self, principal: Principal, job_id: uuid.UUID, plan: _Plan) -> None:
+        key = str(job_id)
+        tasks = plan.tasks
+        results: dict[str, Any] = {}
+        try:
+            async with self._slots, asyncio.timeout(self._settings.job_timeout_s):
+                await self._update(principal, job_id, status=VisionStatus.RUNNING)
+                await asyncio.gather(*(self._task(key, t, plan, results) for t in tasks))
+            failed = [r for r in results.values() if "error" in r]
+            status = VisionStatus.FAILED if len(failed) == len(tasks) else VisionStatus.COMPLETED
+            await self._update(principal, job_id, status=status, results=results)
+            if status is VisionStatus.FAILED:
+                await self.events.append(
+                    key,
+                    "VisionJobFailed",
+                    {"code": failed[0]["error"]["code"], "message": "every task failed"},
+                )
+            else:
+                await self.events.append(key, "VisionJobCompleted", {"failedTasks": len(failed)})
+        except asyncio.CancelledError:
+            await asyncio.shield(self._fail(principal, job_id, "SERVER_SHUTDOWN", "shut down"))
+        except TimeoutError:
+            await self._fail(principal, job_id, "JOB_TIMEOUT", "the job ran out of time")
+        except Exception:
+            log.exception("vision job %s failed", job_id)
+            await self._fail(principal, job_id, "INTERNAL_SERVER_ERROR", "internal error")
+        finally:
+            self._jobs.pop(job_id, None)
+
+    async def _task(self, key: str, task: VisionTask, plan: _Plan, results: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        rgb = plan.image.rgb
+        try:
+            if task is VisionTask.OCR:
+                model, version = "tesseract", self._ocr.version
+                result = await self._ocr.read(rgb, plan.language)
+            elif task is VisionTask.CLASSIFY:
+                model = plan.models[task]
+                version = self._inference.manifest(model).version
+                result = await self.classify(rgb, model, plan.top_k)
+            else:
+                model = plan.models[task]
+                version = self._inference.manifest(model).version
+                result = await self.detect(rgb, model)
+        except (AppError, InferenceError) as exc:
+            code = getattr(exc, "code", "INFERENCE_FAILED")
+            message = getattr(exc, "message", None) or str(exc)
+            results[task.value] = {"error": {"code": code, "message": message}}
+            await self.events.append(
+                key, "VisionTaskFailed", {"task": task.value, "code": code, "message": message}
+            )
+            return
+        except TimeoutError:
+            results[task.value] = {"error": {"code": "TIMEOUT", "message": "model too slow"}}
+            await self.events.append(
+                key,
+                "VisionTaskFailed",
+                {"task": task.value, "code": "TIMEOUT", "message": "the model took too long"},
+            )
+            return
+        ms = round((time.perf_counter() - started) * 1000, 1)
+        entry = {"model": model, "version": version, "ms": ms, "result": result}
+        results[task.value] = entry
+        await self.events.append(key, "VisionTaskCompleted", {"task": task.value, **entry})
+
+    # -- pipelines -----------------------------------------------------------------------------
+
+    async def classify(
+        self, rgb: np.ndarray, model: str, top_k: int, priority: Priority = Priority.BATCH
+    ) -> dict[str, Any]:
+        manifest = self._inference.manifest(model)
+        x = await asyncio.to_thread(classification_input, rgb, manifest.input)
+        [logits] = await self._inference.infer(
+            model, [x], priority=priority, timeout_s=self._settings.infer_timeout_s
+        )
+        scores = np.exp(logits - np.max(logits))
+        scores /= scores.sum()
+        best = np.argsort(scores)[::-1][:top_k]
+        labels = manifest.labels
+        return {
+            "classes": [
+                {
+                    "index": int(i),
+                    "label": labels[i] if i < len(labels) else str(i),
+                    "score": round(float(scores[i]), 5),
+                }
+                for i in best
+            ]
+        }
+
+    async def detect(
+        self, rgb: np.ndarray, model: str, priority: Priority = Priority.BATCH
+    ) -> dict[str, Any]:
+        manifest = self._inference.manifest(model)
+        x, scale = await asyncio.to_thread(detection_input, rgb, manifest.input)
+        [boxes] = await self._inference.infer(
+            model, [x], priority=priority, timeout_s=self._settings.infer_timeout_s
+        )
+        label = manifest.labels[0] if manifest.labels else "object"
+        return {
+            "objects": [
+                {
+                    "label": label,
+                    "score": None,  # cascades give no score
+                    "box": {
+                        "x": round(float(b[0]) * scale),
+                        "y": round(float(b[1]) * scale),
+                        "width": round(float(b[2]) * scale),
+                        "height": round(float(b[3]) * scale),
+                    },
+                }
+                for b in boxes
+            ]
+        }
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def job(self, principal: Principal, job_id: uuid.UUID) -> VisionJob:
+        async with self._db.session(principal.tenant_id) as session:
+            job = await session.get(VisionJob, job_id)
+        if job is None:
+            raise NotFound("no such vision job", id=str(job_id))
+        return job
+
+    async def job_events(
+        self, principal: Principal, job_id: uuid.UUID, after: str | None
+    ) -> AsyncIterator[RunEvent]:
+        await self.job(principal, job_id)  # authorisation: a job of the caller's tenant
+        return self.events.read(str(job_id), after)
+
+    async def _update(self, principal: Principal, job_id: uuid.UUID, **values: Any) -> None:
+        async with self._db.session(principal.tenant_id) as session:
+            job = await session.get(VisionJob, job_id)
+            if job is None:
+                return
+            for name, value in values.items():
+                setattr(job, name, value.value if isinstance(value, StrEnum) else value)
+            job.updated_at = datetime.now(UTC)
+
+    async def _fail(self, principal: Principal, job_id: uuid.UUID, code: str, message: str) -> None:
+        try:
+            await self._update(
+                principal, job_id, status=VisionStatus.FAILED, error_code=code, error=message
+            )
+        finally:
+            await self.events.append(
+                str(job_id), "VisionJobFailed", {"code": code, "message": message}
+            )

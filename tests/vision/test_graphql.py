@@ -1,0 +1,149 @@
+"""Image analysis end to end: a live server with its inference pool (the packaged models in a
+worker process), uploads over the GraphQL multipart spec, results streamed per task."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from skimage import data
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend.config import GuardrailSettings, Settings, VisionSettings
+from tests.agents.test_runs import gql, sign_in
+from tests.conftest import LiveServer, serve_live
+from tests.graphql.ws import results
+
+ANALYZE = """mutation($image: Upload!, $tasks: [VisionTask!]!, $classifier: String) {
+  analyzeImage(image: $image, tasks: $tasks, classifier: $classifier) {
+    id status tasks mediaType width height } }"""
+
+EVENTS = """subscription($id: ID!) { visionJobEvents(id: $id) {
+  __typename cursor
+  ... on VisionTaskCompleted { task model version ms result }
+  ... on VisionTaskFailed { task code message }
+  ... on VisionJobCompleted { failedTasks }
+  ... on VisionJobFailed { code message } } }"""
+
+
+def jpeg(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def text_image() -> bytes:
+    font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", 30)
+    page = Image.new("RGB", (720, 180), "white")
+    draw = ImageDraw.Draw(page)
+    draw.text((24, 30), "Invoice 4711 is due on Friday", font=font, fill="black")
+    draw.text((24, 100), "Total: 129.50 EUR", font=font, fill="black")
+    return jpeg(np.asarray(page.rotate(3, expand=True, fillcolor="white")))
+
+
+async def upload(
+    server: LiveServer, token: str, image: bytes, tasks: list[str], **variables: Any
+) -> dict[str, Any]:
+    operations = {
+        "query": ANALYZE,
+        "variables": {"image": None, "tasks": tasks, **variables},
+    }
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as http:
+        response = await http.post(
+            "/graphql",
+            data={
+                "operations": json.dumps(operations),
+                "map": json.dumps({"0": ["variables.image"]}),
+            },
+            files={"0": ("photo.bin", image, "application/octet-stream")},
+            headers={"authorization": f"Bearer {token}"},
+        )
+    return response.json()
+
+
+async def analyse(server: LiveServer, token: str, image: bytes, tasks: list[str]) -> list[dict]:
+    sent = await upload(server, token, image, tasks)
+    assert "errors" not in sent, sent
+    job = sent["data"]["analyzeImage"]["id"]
+    return await results(server.ws_url, token, EVENTS, {"id": job}, "visionJobEvents", timeout=90)
+
+
+def vision_on(settings: Settings) -> Settings:
+    settings.vision = VisionSettings(enabled=True)
+    return settings
+
+
+async def test_classify_detect_and_read_an_image(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any]
+) -> None:
+    async with serve_live(vision_on(chat_settings)) as server:
+        token = await sign_in(server, account)
+
+        cat = await analyse(server, token, jpeg(data.chelsea()), ["CLASSIFY", "DETECT"])
+        kinds = [e["__typename"] for e in cat]
+        assert kinds[0] == "VisionJobQueued"
+        assert sorted(kinds[1:3]) == ["VisionTaskCompleted", "VisionTaskCompleted"]
+        assert kinds[-1] == "VisionJobCompleted"
+        by_task = {e["task"]: e for e in cat if e["__typename"] == "VisionTaskCompleted"}
+        classes = [c["label"] for c in by_task["classify"]["result"]["classes"]]
+        assert {"tabby", "Egyptian cat", "tiger cat"} & set(classes[:3])
+        assert by_task["classify"]["model"] == "efficientnet-lite0"
+
+        person = await analyse(server, token, jpeg(data.astronaut()), ["DETECT"])
+        [detected] = [e for e in person if e["__typename"] == "VisionTaskCompleted"]
+        faces = detected["result"]["objects"]
+        assert faces
+        assert faces[0]["label"] == "face"
+        box = faces[0]["box"]
+        assert 150 < box["x"] + box["width"] / 2 < 300  # her face, in the upper middle
+        assert box["y"] < 200
+
+        page = await analyse(server, token, text_image(), ["OCR"])
+        [read] = [e for e in page if e["__typename"] == "VisionTaskCompleted"]
+        assert "Invoice 4711" in read["result"]["text"]
+        assert "129.50" in read["result"]["text"]
+        assert read["model"] == "tesseract"
+        assert {"text", "confidence", "box"} <= set(read["result"]["words"][0])
+
+        job_id = (await upload(server, token, jpeg(data.coffee()), ["CLASSIFY"]))["data"][
+            "analyzeImage"
+        ]["id"]
+        await results(server.ws_url, token, EVENTS, {"id": job_id}, "visionJobEvents", timeout=90)
+        stored = await gql(
+            server,
+            token,
+            "query($id: ID!) { visionJob(id: $id) { status mediaType width results } }",
+            id=job_id,
+        )
+        job = stored["data"]["visionJob"]
+        assert job["status"] == "COMPLETED"
+        assert job["mediaType"] == "image/jpeg"
+        assert job["results"]["classify"]["version"] == "0.1.0"
+
+        served = await gql(server, token, "{ visionModels { name status batches } }")
+        names = {m["name"]: m for m in served["data"]["visionModels"]}
+        assert names["efficientnet-lite0"]["status"] == "ready"
+
+
+async def test_bad_images_and_models_are_refused_with_typed_errors(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any]
+) -> None:
+    # every image is "unsafe" for this server's image rail
+    chat_settings.guardrails = GuardrailSettings(policy={"image": {"threshold": 0.0}})
+    async with serve_live(vision_on(chat_settings)) as server:
+        token = await sign_in(server, account)
+        lying = await upload(server, token, b"%PDF-1.7 not an image", ["CLASSIFY"])
+        assert lying["errors"][0]["extensions"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
+        unknown = await upload(
+            server, token, jpeg(data.coffee()), ["CLASSIFY"], classifier="resnet-9000"
+        )
+        assert unknown["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+        assert unknown["errors"][0]["extensions"]["field"] == "classifier"
+        blocked = await upload(server, token, jpeg(data.coffee()), ["CLASSIFY"])
+        assert blocked["errors"][0]["extensions"]["code"] == "IMAGE_BLOCKED"
+        none = await upload(server, token, jpeg(data.coffee()), [])
+        assert none["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
