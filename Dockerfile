@@ -15,7 +15,7 @@ RUN /opt/venv/bin/pip install -e .
 
 # Runtime: the venv and the source tree, run as an unprivileged user.
 FROM python:3.11-slim AS runtime
-RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 tesseract-ocr-eng \
     && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --create-home --home-dir /home/sightline sightline \
     && mkdir /data && chown sightline /data

@@ -214,6 +214,7 @@ async def _build_vision(
         workers=settings.workers,
         device=settings.device,
         threads=settings.threads,
+        metrics=state.metrics,
     )
     await pool.start()
 

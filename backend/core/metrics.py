@@ -151,6 +151,34 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.inference_batch_size = Histogram(
+            "sightline_inference_batch_size",
+            "Items per batch the inference pool ran.",
+            ["model", "version"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.inference_queue_wait = Histogram(
+            "sightline_inference_queue_wait_seconds",
+            "From an item's arrival to its batch leaving for a worker.",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_run = Histogram(
+            "sightline_inference_run_seconds",
+            "Time a worker took to run one batch.",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_queue_depth = Gauge(
+            "sightline_inference_queue_depth",
+            "Items waiting for a batch, per model.",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self._names: set[str] = set()
         self._max_names = max_operation_names
         self._lock = threading.Lock()
@@ -174,6 +202,18 @@ class Metrics:
 
     def guardrail_latency(self, stage: str, seconds: float) -> None:
         self.guardrail_seconds.labels(stage).observe(seconds)
+
+    def inference_batch(
+        self, model: str, version: str, size: int, waits_s: list[float], run_s: float
+    ) -> None:
+        self.inference_batch_size.labels(model, version).observe(size)
+        self.inference_run.labels(model, version).observe(run_s)
+        wait = self.inference_queue_wait.labels(model, version)
+        for seconds in waits_s:
+            wait.observe(seconds)
+
+    def inference_queue(self, model: str, version: str, depth: int) -> None:
+        self.inference_queue_depth.labels(model, version).set(depth)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format for /metrics (summed over workers in multiprocess mode)."""

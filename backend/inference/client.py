@@ -70,3 +70,13 @@ class InferenceClient(Protocol):
     ) -> list[Any]: ...
 
     def manifest(self, model: str) -> ModelManifest: ...
+
+
+class InferenceMetrics(Protocol):
+    """Where the pool reports what it does (the app passes its Prometheus metrics)."""
+
+    def inference_batch(
+        self, model: str, version: str, size: int, waits_s: list[float], run_s: float
+    ) -> None: ...
+
+    def inference_queue(self, model: str, version: str, depth: int) -> None: ...

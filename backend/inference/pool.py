@@ -34,6 +34,7 @@ from typing import Any
 from backend.inference.client import (
     ERRORS,
     InferenceError,
+    InferenceMetrics,
     ModelState,
     ModelStatus,
     ModelUnavailable,
@@ -115,11 +116,12 @@ def _worker_main(conn: Connection, device: str, threads: int) -> None:
         elif kind == "run":
             _, batch_id, name, inputs = message
             fn = models.get(name)
+            started = time.perf_counter()
             if fn is None:
                 results = [("err", "MODEL_UNAVAILABLE", f"{name} not loaded")] * len(inputs)
             else:
                 results = _run_split(fn, inputs)
-            conn.send(("done", batch_id, results))
+            conn.send(("done", batch_id, results, time.perf_counter() - started))
 
 
 # -- the serving process ---------------------------------------------------------------------
@@ -213,11 +215,13 @@ class InferencePool:
         device: str = "cpu",
         threads: int = 1,
         max_restarts: int = 20,
+        metrics: InferenceMetrics | None = None,
     ) -> None:
         self.device = device
         self.threads = threads
         self._size = workers
         self._max_restarts = max_restarts
+        self._metrics = metrics
         self._manifests = {m.name: m for m in manifests}
         self._states: dict[str, ModelState] = {}
         self._queues: dict[str, _Queue] = {}
@@ -225,6 +229,8 @@ class InferencePool:
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._dispatchers: list[asyncio.Task[None]] = []
         self._ids = itertools.count()
+        self._waits: dict[int, list[float]] = {}
+        self._batch_models: dict[int, ModelManifest] = {}
         self._restarts = 0
         self._closed = False
 
@@ -351,6 +357,11 @@ class InferencePool:
             worker.running[batch_id] = items
             state.batches += 1
             state.items += len(items)
+            if self._metrics is not None:
+                now = time.monotonic()
+                self._waits[batch_id] = [now - i.enqueued for i in items]
+                self._batch_models[batch_id] = manifest
+                self._metrics.inference_queue(manifest.name, manifest.version, len(queue))
             if not worker.send(("run", batch_id, manifest.name, [i.value for i in items])):
                 self._lost(worker)
 
@@ -366,34 +377,43 @@ class InferencePool:
     # -- messages from workers -----------------------------------------------------------------
 
     def _received(self, worker: _Worker, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "loaded":
-            _, name, error, seconds = message
-            worker.pending_loads.discard(name)
-            state = self._states[name]
-            if error is None:
-                worker.loaded.add(name)
-                if state.status is not ModelStatus.READY:
-                    log.info("model %s ready (%.2f s on worker %d)", name, seconds, worker.index)
-                state.status, state.error = ModelStatus.READY, None
-            elif state.status is not ModelStatus.READY:
-                log.error("model %s failed to load: %s", name, error)
-                state.status, state.error = ModelStatus.FAILED, error
-            state.ready.set()
-            if not worker.pending_loads:
-                self._idle.put_nowait(worker)
-        elif kind == "done":
-            _, batch_id, results = message
-            items = worker.running.pop(batch_id, [])
-            for item, result in zip(items, results, strict=False):
-                if item.future.done():
-                    continue  # cancelled while it ran
-                if result[0] == "ok":
-                    item.future.set_result(result[1])
-                else:
-                    item.future.set_exception(ERRORS.get(result[1], InferenceError)(result[2]))
-            if worker.alive and not worker.running:
-                self._idle.put_nowait(worker)
+        if message[0] == "loaded":
+            self._loaded(worker, *message[1:])
+        elif message[0] == "done":
+            self._done(worker, *message[1:])
+
+    def _loaded(self, worker: _Worker, name: str, error: str | None, seconds: float) -> None:
+        worker.pending_loads.discard(name)
+        state = self._states[name]
+        if error is None:
+            worker.loaded.add(name)
+            if state.status is not ModelStatus.READY:
+                log.info("model %s ready (%.2f s on worker %d)", name, seconds, worker.index)
+            state.status, state.error = ModelStatus.READY, None
+        elif state.status is not ModelStatus.READY:
+            log.error("model %s failed to load: %s", name, error)
+            state.status, state.error = ModelStatus.FAILED, error
+        state.ready.set()
+        if not worker.pending_loads:
+            self._idle.put_nowait(worker)
+
+    def _done(
+        self, worker: _Worker, batch_id: int, results: list[tuple[Any, ...]], run_s: float
+    ) -> None:
+        items = worker.running.pop(batch_id, [])
+        waits = self._waits.pop(batch_id, None)
+        manifest = self._batch_models.pop(batch_id, None)
+        if self._metrics is not None and waits is not None and manifest is not None and items:
+            self._metrics.inference_batch(manifest.name, manifest.version, len(items), waits, run_s)
+        for item, result in zip(items, results, strict=False):
+            if item.future.done():
+                continue  # cancelled while it ran
+            if result[0] == "ok":
+                item.future.set_result(result[1])
+            else:
+                item.future.set_exception(ERRORS.get(result[1], InferenceError)(result[2]))
+        if worker.alive and not worker.running:
+            self._idle.put_nowait(worker)
 
     def _lost(self, worker: _Worker) -> None:
         if not worker.alive:
@@ -415,6 +435,9 @@ class InferencePool:
         self._spawn(worker.index)
 
     def _fail_running(self, worker: _Worker, error: InferenceError) -> None:
+        for batch_id in worker.running:
+            self._waits.pop(batch_id, None)
+            self._batch_models.pop(batch_id, None)
         for items in worker.running.values():
             for item in items:
                 if not item.future.done():

@@ -124,9 +124,25 @@ async def test_classify_detect_and_read_an_image(
         assert job["mediaType"] == "image/jpeg"
         assert job["results"]["classify"]["version"] == "0.1.0"
 
+        # odd but valid images get a clean result: a 1x1 pixel, a CMYK TIFF
+        tiny = io.BytesIO()
+        Image.new("RGB", (1, 1), "white").save(tiny, "PNG")
+        dot = await analyse(server, token, tiny.getvalue(), ["CLASSIFY", "DETECT", "OCR"])
+        assert dot[-1]["__typename"] == "VisionJobCompleted"
+        cmyk = io.BytesIO()
+        Image.fromarray(data.coffee()).convert("CMYK").save(cmyk, "TIFF")
+        coffee = await analyse(server, token, cmyk.getvalue(), ["CLASSIFY"])
+        assert coffee[-1]["__typename"] == "VisionJobCompleted"
+
         served = await gql(server, token, "{ visionModels { name status batches } }")
         names = {m["name"]: m for m in served["data"]["visionModels"]}
         assert names["efficientnet-lite0"]["status"] == "ready"
+        assert names["efficientnet-lite0"]["batches"] >= 3
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            metrics = (await http.get("/metrics")).text
+        batches = 'sightline_inference_batch_size_count{model="efficientnet-lite0",version="0.1.0"}'
+        assert batches in metrics
+        assert "sightline_inference_queue_wait_seconds_bucket" in metrics
 
 
 async def test_bad_images_and_models_are_refused_with_typed_errors(
@@ -138,6 +154,13 @@ async def test_bad_images_and_models_are_refused_with_typed_errors(
         token = await sign_in(server, account)
         lying = await upload(server, token, b"%PDF-1.7 not an image", ["CLASSIFY"])
         assert lying["errors"][0]["extensions"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
+        svg = await upload(server, token, b'<svg xmlns="http://www.w3.org/2000/svg"/>', ["OCR"])
+        assert svg["errors"][0]["extensions"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
+        photo = jpeg(data.coffee())
+        cut = await upload(server, token, photo[: len(photo) // 2], ["CLASSIFY"])
+        assert cut["errors"][0]["extensions"]["code"] == "UNREADABLE_IMAGE"
+        empty = await upload(server, token, b"", ["CLASSIFY"])
+        assert empty["errors"][0]["extensions"]["code"] == "UNREADABLE_IMAGE"
         unknown = await upload(
             server, token, jpeg(data.coffee()), ["CLASSIFY"], classifier="resnet-9000"
         )
