@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ from backend.knowledge.service import KnowledgeService
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEventLog
+from backend.vision.endpoints import router as live_frames_router
 from backend.vision.ocr import OcrEngine
 from backend.vision.service import VisionService
 
@@ -76,22 +78,30 @@ class Services:
     http: httpx.AsyncClient  # outbound calls (the OIDC provider); closed with the app
     oidc: OIDCLogin | None = None
     guardrails: GuardrailService | None = None  # None: rails off, or the caller's own `Guards`
-    vision: VisionService | None = None  # None: SIGHTLINE_VISION_ENABLED=false
-    inference: InferencePool | None = None
+    vision: VisionService | None = None  # None only in apps built without services
+    inference: InferencePool | None = None  # None: SIGHTLINE_VISION_ENABLED=false
     grace_s: float = 10.0
 
     async def aclose(self) -> None:
-        await self.runs.close(self.grace_s)
-        await self.runs.models.aclose()
-        await self.knowledge.close(self.grace_s)
-        if self.guardrails is not None:
-            await self.guardrails.close(self.grace_s)
-        if self.vision is not None:
-            await self.vision.close(self.grace_s)
-            await self.vision.events.close()
-        if self.inference is not None:
-            await self.inference.close(self.grace_s)
-        await self.http.aclose()
+        """Stops every service; each step is timed in the log (a slow shutdown says where)."""
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("runs", lambda: self.runs.close(self.grace_s)),
+            ("models", self.runs.models.aclose),
+            ("knowledge", lambda: self.knowledge.close(self.grace_s)),
+        ]
+        if (guardrails := self.guardrails) is not None:
+            steps.append(("guardrails", lambda: guardrails.close(self.grace_s)))
+        if (vision := self.vision) is not None:
+            steps.append(("vision", lambda: vision.close(self.grace_s)))
+            steps.append(("vision events", vision.events.close))
+        if (inference := self.inference) is not None:
+            steps.append(("inference", lambda: inference.close(self.grace_s)))
+        steps.append(("http", self.http.aclose))
+        for name, step in steps:
+            started = time.perf_counter()
+            await step()
+            took = time.perf_counter() - started
+            (log.warning if took > 2 else log.debug)("shutdown: %s took %.2f s", name, took)
 
 
 def build_signer(settings: Settings) -> TokenSigner:
@@ -203,20 +213,21 @@ async def build_services(
 
 async def _build_vision(
     state: AppState, limiter: RateLimiter, guardrails: GuardrailService | None
-) -> tuple[InferencePool | None, VisionService | None]:
+) -> tuple[InferencePool | None, VisionService]:
     """The inference pool (its models load in the workers, in the background) and the vision
-    service on it; the guardrails' image rail screens uploads."""
+    service on it; the guardrails' image rail screens uploads. With vision off there is no pool,
+    and the service still reads stored jobs."""
     settings = state.settings.vision
-    if not settings.enabled:
-        return None, None
-    pool = InferencePool(
-        load_manifests(settings.models_dir),
-        workers=settings.workers,
-        device=settings.device,
-        threads=settings.threads,
-        metrics=state.metrics,
-    )
-    await pool.start()
+    pool = None
+    if settings.enabled:
+        pool = InferencePool(
+            load_manifests(settings.models_dir),
+            workers=settings.workers,
+            device=settings.device,
+            threads=settings.threads,
+            metrics=state.metrics,
+        )
+        await pool.start()
 
     async def image_rail(principal: Principal, data: bytes) -> str | None:
         assert guardrails is not None
@@ -313,6 +324,7 @@ def create_app(
             lambda request: request.state.services.oidc,
         )
     )
+    app.include_router(live_frames_router)
     if settings.graphql.graphiql:
         app.mount(GRAPHIQL_URL, StaticFiles(directory=GRAPHIQL_ASSETS), name="graphiql")
     _add_probes(app, metrics, settings)

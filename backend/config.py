@@ -544,6 +544,18 @@ class VisionSettings(_Section):
     jobs_ttl_s: int = Field(
         24 * 3600, ge=60, description="How long a finished job's events can be replayed."
     )
+    live_max_fps: float = Field(
+        15.0, gt=0, description="Live camera: frames per second one connection may send."
+    )
+    live_max_frame_bytes: int = Field(
+        2 * 1024 * 1024, ge=1, description="Live camera: largest frame (bytes)."
+    )
+    live_frame_timeout_s: float = Field(
+        5.0, gt=0, description="Live camera: longest the analysis of one frame may take."
+    )
+    live_auth_timeout_s: float = Field(
+        10.0, gt=0, description="Live camera: time to send the auth message after connecting."
+    )
 
 
 class GuardrailEngine(StrEnum):

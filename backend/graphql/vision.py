@@ -32,7 +32,7 @@ VisionStatus = strawberry.enum(models.VisionStatus, name="VisionStatus")
 def _service(info: Info[Context, None]) -> VisionService:
     service = info.context.services.vision
     if service is None:
-        raise ServiceUnavailable("vision is off on this server (SIGHTLINE_VISION_ENABLED=false)")
+        raise ServiceUnavailable("this app was built without services")
     return service
 
 

@@ -22,7 +22,7 @@ from backend.config import VisionSettings
 from backend.core.db import Database
 from backend.core.models import VisionJob, VisionStatus
 from backend.core.tasks import drain
-from backend.errors import AppError, NotFound, ValidationFailed
+from backend.errors import AppError, NotFound, ServiceUnavailable, ValidationFailed
 from backend.inference.client import InferenceClient, InferenceError, Priority
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
@@ -63,7 +63,7 @@ class VisionService:
         *,
         db: Database,
         events: RunEventLog,
-        inference: InferenceClient,
+        inference: InferenceClient | None,
         ocr: OcrEngine,
         limiter: RateLimiter,
         settings: VisionSettings,
@@ -78,6 +78,12 @@ class VisionService:
         self._image_rail = image_rail
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
         self._jobs: dict[uuid.UUID, asyncio.Task[None]] = {}
+
+    @property
+    def models(self) -> InferenceClient:
+        if self._inference is None:
+            raise ServiceUnavailable("vision is off on this server (SIGHTLINE_VISION_ENABLED)")
+        return self._inference
 
     async def close(self, grace_s: float) -> None:
         await drain(self._jobs.values(), grace_s)
@@ -97,6 +103,7 @@ class VisionService:
         top_k: int = 5,
     ) -> VisionJob:
         """Validates the image and starts its job; bad input is refused before anything runs."""
+        self.models  # noqa: B018 (vision off: ServiceUnavailable before anything else)
         wanted = list(dict.fromkeys(tasks))
         if not wanted:
             raise ValidationFailed("give at least one task", field="tasks")
@@ -109,7 +116,7 @@ class VisionService:
         for task, name in models.items():
             if task in wanted:
                 try:
-                    self._inference.manifest(name)
+                    self.models.manifest(name)
                 except InferenceError as exc:  # an unknown model: refused now, typed
                     field = "classifier" if task is VisionTask.CLASSIFY else "detector"
                     raise ValidationFailed(str(exc), field=field) from exc
@@ -186,11 +193,11 @@ class VisionService:
                 result = await self._ocr.read(rgb, plan.language)
             elif task is VisionTask.CLASSIFY:
                 model = plan.models[task]
-                version = self._inference.manifest(model).version
+                version = self.models.manifest(model).version
                 result = await self.classify(rgb, model, plan.top_k)
             else:
                 model = plan.models[task]
-                version = self._inference.manifest(model).version
+                version = self.models.manifest(model).version
                 result = await self.detect(rgb, model)
         except (AppError, InferenceError) as exc:
             code = getattr(exc, "code", "INFERENCE_FAILED")
@@ -213,14 +220,47 @@ class VisionService:
         results[task.value] = entry
         await self.events.append(key, "VisionTaskCompleted", {"task": task.value, **entry})
 
+    async def analyse_frame(
+        self,
+        data: bytes,
+        tasks: Sequence[VisionTask],
+        *,
+        classifier: str | None = None,
+        detector: str | None = None,
+        top_k: int = 3,
+    ) -> dict[str, Any]:
+        """One live camera frame: detection and classification at live priority."""
+        self.models  # noqa: B018 (vision off: ServiceUnavailable)
+        settings = self._settings
+        image = await asyncio.to_thread(
+            decode,
+            data,
+            max_bytes=settings.live_max_frame_bytes,
+            max_pixels=settings.max_pixels,
+            animated="first_frame",
+        )
+        out: dict[str, Any] = {"width": image.width, "height": image.height}
+        calls = {}
+        if VisionTask.DETECT in tasks:
+            calls["detections"] = self.detect(
+                image.rgb, detector or settings.detector, Priority.LIVE
+            )
+        if VisionTask.CLASSIFY in tasks:
+            calls["classification"] = self.classify(
+                image.rgb, classifier or settings.classifier, top_k, Priority.LIVE
+            )
+        for name, result in zip(calls, await asyncio.gather(*calls.values()), strict=True):
+            out[name] = result
+        return out
+
     # -- pipelines -----------------------------------------------------------------------------
 
     async def classify(
         self, rgb: np.ndarray, model: str, top_k: int, priority: Priority = Priority.BATCH
     ) -> dict[str, Any]:
-        manifest = self._inference.manifest(model)
+        manifest = self.models.manifest(model)
         x = await asyncio.to_thread(classification_input, rgb, manifest.input)
-        [logits] = await self._inference.infer(
+        [logits] = await self.models.infer(
             model, [x], priority=priority, timeout_s=self._settings.infer_timeout_s
         )
         scores = np.exp(logits - np.max(logits))
@@ -241,9 +281,9 @@ class VisionService:
     async def detect(
         self, rgb: np.ndarray, model: str, priority: Priority = Priority.BATCH
     ) -> dict[str, Any]:
-        manifest = self._inference.manifest(model)
+        manifest = self.models.manifest(model)
         x, scale = await asyncio.to_thread(detection_input, rgb, manifest.input)
-        [boxes] = await self._inference.infer(
+        [boxes] = await self.models.infer(
             model, [x], priority=priority, timeout_s=self._settings.infer_timeout_s
         )
         label = manifest.labels[0] if manifest.labels else "object"

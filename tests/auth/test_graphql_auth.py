@@ -15,7 +15,15 @@ from backend.auth.scopes import Scope
 from backend.auth.signing import TokenSigner
 from backend.config import Settings
 from backend.core.db import Database
-from backend.core.models import Chunk, Document, IngestionJob, Run, RunStatus, UserRole
+from backend.core.models import (
+    Chunk,
+    Document,
+    IngestionJob,
+    Run,
+    RunStatus,
+    UserRole,
+    VisionJob,
+)
 from backend.graphql.permissions import until_credential_expires
 from tests.accounts import Account
 from tests.conftest import LiveServer
@@ -174,7 +182,17 @@ async def test_other_tenants_ids_are_not_found(
             content_hash="0" * 64,
         )
         their_job = IngestionJob(tenant_id=stranger.tenant.id, source="theirs.md", status="queued")
-        session.add_all([their_chunk, their_job])
+        their_analysis = VisionJob(
+            tenant_id=stranger.tenant.id,
+            status="completed",
+            tasks=["ocr"],
+            media_type="image/png",
+            width=1,
+            height=1,
+            size_bytes=1,
+            sha256="0" * 64,
+        )
+        session.add_all([their_chunk, their_job, their_analysis])
     document = {"id": str(their_document.id)}
     calls = {
         "document": ("query($id: ID!) { document(id: $id) { id } }", document),
@@ -184,6 +202,10 @@ async def test_other_tenants_ids_are_not_found(
             {"id": str(their_job.id)},
         ),
         "deleteDocument": ("mutation($id: ID!) { deleteDocument(id: $id) }", document),
+        "visionJob": (
+            "query($id: ID!) { visionJob(id: $id) { id } }",
+            {"id": str(their_analysis.id)},
+        ),
         "sendMessage": (
             'mutation($id: ID!) { sendMessage(conversationId: $id, content: "hi") { run { id } } }',
             their_chat,

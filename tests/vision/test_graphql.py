@@ -3,15 +3,19 @@ worker process), uploads over the GraphQL multipart spec, results streamed per t
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw, ImageFont
 from skimage import data
 from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from backend.config import GuardrailSettings, Settings, VisionSettings
 from tests.agents.test_runs import gql, sign_in
@@ -72,8 +76,8 @@ async def analyse(server: LiveServer, token: str, image: bytes, tasks: list[str]
     return await results(server.ws_url, token, EVENTS, {"id": job}, "visionJobEvents", timeout=90)
 
 
-def vision_on(settings: Settings) -> Settings:
-    settings.vision = VisionSettings(enabled=True)
+def vision_on(settings: Settings, **options: Any) -> Settings:
+    settings.vision = VisionSettings(enabled=True, **options)
     return settings
 
 
@@ -170,3 +174,57 @@ async def test_bad_images_and_models_are_refused_with_typed_errors(
         assert blocked["errors"][0]["extensions"]["code"] == "IMAGE_BLOCKED"
         none = await upload(server, token, jpeg(data.coffee()), [])
         assert none["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+
+
+async def test_live_camera_frames_over_a_websocket(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any]
+) -> None:
+    frame = jpeg(data.astronaut()[::2, ::2].copy())  # 256 x 256
+    # no rate limit here (tests/realtime/test_frames.py has it): only "latest wins" drops
+    async with serve_live(vision_on(chat_settings, live_max_fps=10_000)) as server:
+        token = await sign_in(server, account)
+        url = server.ws_url.replace("/graphql", "/ws/vision/live?tasks=detect,classify")
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": token}))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            for _ in range(12):  # a burst, faster than the pool serves
+                await ws.send(frame)
+            results = []
+            while len(results) < 1 or results[-1]["frame"] < 12:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                assert message["type"] == "result", message
+                if message["type"] == "result":
+                    results.append(message)
+            await ws.send(json.dumps({"type": "stop"}))
+            closed = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert results[-1]["detections"]["objects"]  # her face
+        assert results[-1]["classification"]["classes"]
+        assert closed["type"] == "closed"
+        assert closed["served"] + closed["dropped"] == 12
+        assert closed["served"] < 12  # frames that came too fast were dropped, not queued
+
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": "not-a-token"}))
+            with pytest.raises(ConnectionClosed) as refused:
+                await ws.recv()
+        assert refused.value.rcvd is not None
+        assert refused.value.rcvd.code == 4403
+
+
+async def test_with_vision_off_uploads_are_refused_and_jobs_still_read(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any]
+) -> None:
+    async with serve_live(chat_settings) as server:  # SIGHTLINE_VISION_ENABLED=false
+        token = await sign_in(server, account)
+        sent = await upload(server, token, jpeg(data.coffee()), ["CLASSIFY"])
+        assert sent["errors"][0]["extensions"]["code"] == "SERVICE_UNAVAILABLE"
+        missing = await gql(
+            server,
+            token,
+            "query($id: ID!) { visionJob(id: $id) { id } }",
+            id="00000000-0000-0000-0000-000000000000",
+        )
+        assert missing["errors"][0]["extensions"]["code"] == "NOT_FOUND"
+        assert (await gql(server, token, "{ visionModels { name } }"))["data"] == {
+            "visionModels": []
+        }
