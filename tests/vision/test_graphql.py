@@ -94,7 +94,7 @@ async def test_classify_detect_and_read_an_image(
         assert kinds[-1] == "VisionJobCompleted"
         by_task = {e["task"]: e for e in cat if e["__typename"] == "VisionTaskCompleted"}
         classes = [c["label"] for c in by_task["classify"]["result"]["classes"]]
-        assert {"tabby", "Egyptian cat", "tiger cat"} & set(classes[:3])
+        assert classes[0] in {"tabby", "Egyptian cat", "tiger cat"}  # top-1 on a clear photo
         assert by_task["classify"]["model"] == "efficientnet-lite0"
 
         person = await analyse(server, token, jpeg(data.astronaut()), ["DETECT"])
