@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from backend.agents.graph import Agent
 from backend.agents.guards import Guards
 from backend.agents.models import ModelRegistry
 from backend.agents.runs import RunService
-from backend.agents.tools import AgentTools
+from backend.agents.tools import AgentTools, ImageAnalysis
 from backend.auth.endpoints import oauth_router
 from backend.auth.oidc import OIDCLogin
 from backend.auth.principal import Principal
@@ -42,7 +43,7 @@ from backend.core.migrations import is_current
 from backend.core.redis import ping_redis
 from backend.core.state import AppState
 from backend.core.telemetry import build_tracer_provider, configure_logging
-from backend.errors import AppError
+from backend.errors import AppError, ValidationFailed
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
 from backend.guardrails.service import GuardrailService, build_guardrails
@@ -150,10 +151,6 @@ async def build_services(
         settings=settings.knowledge,
         own_embedder=embedder is None,
     )
-    if tools is None:
-        tools = AgentTools(
-            search_knowledge=knowledge.search_knowledge, has_knowledge=knowledge.has_documents
-        )
     guardrails: GuardrailService | None = None
     if guards is None and settings.guardrails.enabled:
         guardrails = build_guardrails(
@@ -165,6 +162,13 @@ async def build_services(
         )
         await guardrails.warm()
         guards = guardrails
+    inference, vision = await _build_vision(state, limiter, guardrails)
+    if tools is None:
+        tools = AgentTools(
+            search_knowledge=knowledge.search_knowledge,
+            has_knowledge=knowledge.has_documents,
+            analyze_image=_image_tool(vision, guardrails),
+        )
     agent = Agent(
         checkpointer=RedisCheckpointSaver(
             state.redis, state.keys.child("agent"), ttl_s=chat.memory_ttl_s
@@ -194,7 +198,6 @@ async def build_services(
         metrics=state.metrics,
     )
     await runs.start()
-    inference, vision = await _build_vision(state, limiter, guardrails)
     return Services(
         auth=auth,
         conversations=conversations,
@@ -209,6 +212,23 @@ async def build_services(
         inference=inference,
         grace_s=settings.server.graceful_shutdown_s,
     )
+
+
+def _image_tool(vision: VisionService, guardrails: GuardrailService | None) -> ImageAnalysis:
+    """The chat agent's analyze_image: what an attached image shows, its text screened by the
+    tenant's PII rail (an image's OCR text reaches the prompt like the user's words)."""
+
+    async def analyze_image(principal: Principal, attachment_id: str) -> dict[str, Any]:
+        try:
+            job_id = uuid.UUID(attachment_id)
+        except ValueError:
+            raise ValidationFailed("not an attachment id", field="attachments") from None
+        summary = await vision.describe(principal, job_id)
+        if guardrails is not None and summary.get("text"):
+            summary["text"] = await guardrails.redact(principal, summary["text"], "image")
+        return summary
+
+    return analyze_image
 
 
 async def _build_vision(

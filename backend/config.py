@@ -388,6 +388,9 @@ class ChatSettings(_Section):
         3, ge=0, description="Retries on connect errors, 429 and 5xx, before the first token."
     )
     max_message_chars: int = Field(32_000, ge=1, description="Longest user message.")
+    max_attachments: int = Field(
+        4, ge=0, description="Most images (analysed vision jobs) one message may attach."
+    )
     max_tokens: int = Field(512, ge=1, description="Most tokens one answer may have.")
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
     history_messages: int = Field(20, ge=0, description="Earlier messages sent with a turn.")

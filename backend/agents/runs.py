@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -149,7 +149,9 @@ class RunService:
         conversation_id: uuid.UUID,
         content: str,
         on_busy: OnBusy = OnBusy.REJECT,
+        *,
         model: str | None = None,
+        attachments: Sequence[str] = (),
     ) -> StartedRun:
         """Starts a turn. When the conversation already has one going (double texting):
         REJECT refuses with RUN_IN_PROGRESS, INTERRUPT cancels it first, ENQUEUE runs this one
@@ -161,6 +163,10 @@ class RunService:
             raise ValidationFailed(
                 f"content is longer than {self._settings.max_message_chars} characters",
                 field="content",
+            )
+        if len(attachments) > self._settings.max_attachments:
+            raise ValidationFailed(
+                f"at most {self._settings.max_attachments} attachments", field="attachments"
             )
         await self._conversations.get(principal, conversation_id)  # NOT_FOUND before anything
         chat_model = self.models.resolve(model)
@@ -216,6 +222,7 @@ class RunService:
                     content,
                     author_id=principal.user_id,
                     run_id=run.id,
+                    meta={"attachments": list(attachments)} if attachments else None,
                 )
         except BaseException:
             await reservation.release()
@@ -295,6 +302,7 @@ class RunService:
                 message_id=str(turn.message.id),
                 content=turn.message.content,
                 run_id=str(run.id),
+                attachments=tuple((turn.message.meta or {}).get("attachments", ())),
             )
             await self.agent.run(context, run.conversation_id)
         except asyncio.CancelledError:

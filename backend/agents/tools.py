@@ -52,8 +52,8 @@ class AgentTools:
         specs = []
         if await self.knowledge_for(principal):
             specs.append(SEARCH_KNOWLEDGE)
-        if self.analyze_image is not None:
-            specs.append(ANALYZE_IMAGE)
+        # analyze_image is not offered: the agent analyses a message's attachments itself,
+        # before the model answers, whether the model can call tools or not
         return specs
 
 
@@ -64,15 +64,5 @@ SEARCH_KNOWLEDGE = ToolSpec(
         "type": "object",
         "properties": {"query": {"type": "string", "description": "What to look for."}},
         "required": ["query"],
-    },
-)
-
-ANALYZE_IMAGE = ToolSpec(
-    name="analyze_image",
-    description="Read text, find objects and classify an image the user attached.",
-    parameters={
-        "type": "object",
-        "properties": {"attachment_id": {"type": "string"}},
-        "required": ["attachment_id"],
     },
 )

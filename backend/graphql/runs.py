@@ -241,6 +241,7 @@ class RunMutation:
     async def send_message(
         self,
         info: Info[Context, None],
+        *,
         conversation_id: strawberry.ID,
         content: str,
         on_busy: OnBusy = runs.OnBusy.REJECT,  # type: ignore[valid-type]
@@ -248,13 +249,27 @@ class RunMutation:
             str | None,
             strawberry.argument(description="A model alias (see chatModels); null: `default`."),
         ] = None,
+        attachments: Annotated[
+            list[strawberry.ID] | None,
+            strawberry.argument(
+                description="Images for the answer to look at: ids of the caller's completed "
+                "vision jobs (analyzeImage)."
+            ),
+        ] = None,
     ) -> SentMessage:
+        principal = info.context.require_principal()
+        images = [parse_id(a, "attachments") for a in attachments or []]
+        vision = info.context.services.vision
+        for image in images[: info.context.state.settings.chat.max_attachments]:
+            if vision is not None:
+                await vision.job(principal, image)  # NOT_FOUND for another tenant's image
         started = await info.context.services.runs.send_message(
-            info.context.require_principal(),
+            principal,
             parse_id(conversation_id, "conversationId"),
             content,
             on_busy,
             model=model,
+            attachments=[str(i) for i in images],
         )
         return SentMessage(
             run=ChatRun.of(started.run), message=MessageType.of(started.user_message)

@@ -291,6 +291,20 @@ class GuardrailService:
             )
         return None
 
+    async def redact(self, principal: Principal, text: str, stage: str) -> str:
+        """Personal data out of a text headed for the prompt from elsewhere than the user (the
+        OCR text of an attached image), under the tenant's PII policy."""
+        policy = await self.policy(principal)
+        rail = policy.pii
+        if not rail.enabled or rail.input_action is GuardAction.WARN or not text:
+            return text
+        matches = await asyncio.to_thread(find_pii, text, rail.kinds)
+        if not matches:
+            return text
+        kinds = ", ".join(sorted({m.kind.value for m in matches}))
+        self._decided(principal, stage, [GuardDecision("pii", GuardAction.REDACT, kinds)], None)
+        return redact(text, matches)
+
     # -- retrieved chunks ----------------------------------------------------------------------
 
     async def check_retrieved(

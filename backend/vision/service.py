@@ -312,6 +312,22 @@ class VisionService:
             raise NotFound("no such vision job", id=str(job_id))
         return job
 
+    async def describe(self, principal: Principal, job_id: uuid.UUID) -> dict[str, Any]:
+        """What an analysed image shows, short enough for a prompt: its text, the objects
+        found and the likeliest classes (the chat agent's analyze_image)."""
+        job = await self.job(principal, job_id)
+        if job.status != VisionStatus.COMPLETED.value:
+            raise ValidationFailed(f"the image's analysis is {job.status}", field="attachments")
+        results = job.results or {}
+        summary: dict[str, Any] = {"width": job.width, "height": job.height}
+        if text := results.get("ocr", {}).get("result", {}).get("text"):
+            summary["text"] = text[:3000]
+        if objects := results.get("detect", {}).get("result", {}).get("objects"):
+            summary["objects"] = [{"label": o["label"], "box": o["box"]} for o in objects[:20]]
+        if classes := results.get("classify", {}).get("result", {}).get("classes"):
+            summary["classes"] = [{"label": c["label"], "score": c["score"]} for c in classes[:3]]
+        return summary
+
     async def job_events(
         self, principal: Principal, job_id: uuid.UUID, after: str | None
     ) -> AsyncIterator[RunEvent]:

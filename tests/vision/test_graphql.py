@@ -228,3 +228,49 @@ async def test_with_vision_off_uploads_are_refused_and_jobs_still_read(
         assert (await gql(server, token, "{ visionModels { name } }"))["data"] == {
             "visionModels": []
         }
+
+
+async def test_a_message_can_attach_an_analysed_image(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any], llm: tuple[Any, str]
+) -> None:
+    stub, _ = llm
+    font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", 30)
+    page = Image.new("RGB", (760, 180), "white")
+    draw = ImageDraw.Draw(page)
+    draw.text((24, 30), "Invoice 4711 is due on Friday", font=font, fill="black")
+    draw.text((24, 100), "Contact: ada@example.com", font=font, fill="black")
+    async with serve_live(vision_on(chat_settings)) as server:
+        token = await sign_in(server, account)
+        sent = await upload(server, token, jpeg(np.asarray(page)), ["OCR", "CLASSIFY"])
+        job = sent["data"]["analyzeImage"]["id"]
+        await results(server.ws_url, token, EVENTS, {"id": job}, "visionJobEvents", timeout=90)
+
+        created = await gql(server, token, 'mutation { createConversation(title: "t") { id } }')
+        conversation = created["data"]["createConversation"]["id"]
+        send = (
+            "mutation($c: ID!, $a: [ID!]) { sendMessage(conversationId: $c, "
+            'content: "what is due?", attachments: $a) { run { id } } }'
+        )
+        started = await gql(server, token, send, c=conversation, a=[job])
+        run_id = started["data"]["sendMessage"]["run"]["id"]
+        events = await results(
+            server.ws_url,
+            token,
+            "subscription($r: ID!) { runEvents(runId: $r) { __typename "
+            "... on ToolCallStarted { name } ... on ToolCallFinished { ok } } }",
+            {"r": run_id},
+            "runEvents",
+        )
+        assert {"__typename": "ToolCallStarted", "name": "analyze_image"} in events
+        assert {"__typename": "ToolCallFinished", "ok": True} in events
+        system = stub.requests[-1]["messages"][0]["content"]
+        assert "Invoice 4711" in system
+        assert "ada@example.com" not in system  # the OCR text passed the PII rail
+        assert "[EMAIL]" in system
+
+        missing = await gql(
+            server, token, send, c=conversation, a=["00000000-0000-0000-0000-000000000000"]
+        )
+        assert missing["errors"][0]["extensions"]["code"] == "NOT_FOUND"
+        many = await gql(server, token, send, c=conversation, a=[job] * 5)
+        assert many["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
