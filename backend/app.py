@@ -162,7 +162,8 @@ async def build_services(
         )
         await guardrails.warm()
         guards = guardrails
-    inference, vision = await _build_vision(state, limiter, guardrails)
+    budgets = Budgets(state.redis, state.keys, settings.limits)
+    inference, vision = await _build_vision(state, limiter, budgets, guardrails)
     if tools is None:
         tools = AgentTools(
             search_knowledge=knowledge.search_knowledge,
@@ -178,7 +179,6 @@ async def build_services(
         guards=guards,
     )
     conversations = ConversationService(state.db)
-    budgets = Budgets(state.redis, state.keys, settings.limits)
     runs = RunService(
         db=state.db,
         redis=state.redis,
@@ -232,7 +232,7 @@ def _image_tool(vision: VisionService, guardrails: GuardrailService | None) -> I
 
 
 async def _build_vision(
-    state: AppState, limiter: RateLimiter, guardrails: GuardrailService | None
+    state: AppState, limiter: RateLimiter, budgets: Budgets, guardrails: GuardrailService | None
 ) -> tuple[InferencePool | None, VisionService]:
     """The inference pool (its models load in the workers, in the background) and the vision
     service on it; the guardrails' image rail screens uploads. With vision off there is no pool,
@@ -264,6 +264,7 @@ async def _build_vision(
         limiter=limiter,
         settings=settings,
         image_rail=image_rail if guardrails is not None else None,
+        budgets=budgets,
     )
     return pool, vision
 

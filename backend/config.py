@@ -547,6 +547,12 @@ class VisionSettings(_Section):
     jobs_ttl_s: int = Field(
         24 * 3600, ge=60, description="How long a finished job's events can be replayed."
     )
+    compute_hold_s: float = Field(
+        10.0,
+        ge=0,
+        description="Compute-seconds a job holds on the requester's budget until it is charged "
+        "what its tasks took.",
+    )
     live_max_fps: float = Field(
         15.0, gt=0, description="Live camera: frames per second one connection may send."
     )

@@ -24,6 +24,7 @@ from backend.core.models import VisionJob, VisionStatus
 from backend.core.tasks import drain
 from backend.errors import AppError, NotFound, ServiceUnavailable, ValidationFailed
 from backend.inference.client import InferenceClient, InferenceError, Priority
+from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
 from backend.vision.images import DecodedImage, decode
@@ -68,6 +69,7 @@ class VisionService:
         limiter: RateLimiter,
         settings: VisionSettings,
         image_rail: ImageRail | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self._db = db
         self.events = events
@@ -76,6 +78,7 @@ class VisionService:
         self._limiter = limiter
         self._settings = settings
         self._image_rail = image_rail
+        self._budgets = budgets
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
         self._jobs: dict[uuid.UUID, asyncio.Task[None]] = {}
 
@@ -133,6 +136,37 @@ class VisionService:
                 raise ImageBlocked(f"the image was refused: {reason}")
         await self._limiter.enforce(principal.subject, principal.plan, "vision_job")
         digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        reservation = None
+        if self._budgets is not None:  # compute-seconds: BUDGET_EXCEEDED before anything runs
+            reservation = await self._budgets.reserve(
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                plan=principal.plan,
+                resource=Resource.COMPUTE_SECONDS,
+                amount=self._settings.compute_hold_s,
+                subject="vision",
+            )
+        try:
+            job = await self._create(principal, wanted, image, data, digest)
+        except BaseException:
+            if reservation is not None:
+                await reservation.release()
+            raise
+        await self.events.append(str(job.id), "VisionJobQueued", {"tasks": job.tasks})
+        plan = _Plan(image, wanted, models, language, top_k)
+        self._jobs[job.id] = asyncio.create_task(
+            self._run(principal, job.id, plan, reservation), name=f"vision-{job.id}"
+        )
+        return job
+
+    async def _create(
+        self,
+        principal: Principal,
+        wanted: list[VisionTask],
+        image: DecodedImage,
+        data: bytes,
+        digest: str,
+    ) -> VisionJob:
         async with self._db.session(principal.tenant_id) as session:
             job = VisionJob(
                 tenant_id=principal.tenant_id,
@@ -148,14 +182,15 @@ class VisionService:
             )
             session.add(job)
             await session.flush()
-        await self.events.append(str(job.id), "VisionJobQueued", {"tasks": job.tasks})
-        plan = _Plan(image, wanted, models, language, top_k)
-        self._jobs[job.id] = asyncio.create_task(
-            self._run(principal, job.id, plan), name=f"vision-{job.id}"
-        )
         return job
 
-    async def _run(self, principal: Principal, job_id: uuid.UUID, plan: _Plan) -> None:
+    async def _run(
+        self,
+        principal: Principal,
+        job_id: uuid.UUID,
+        plan: _Plan,
+        reservation: Reservation | None,
+    ) -> None:
         key = str(job_id)
         tasks = plan.tasks
         results: dict[str, Any] = {}
@@ -183,6 +218,27 @@ class VisionService:
             await self._fail(principal, job_id, "INTERNAL_SERVER_ERROR", "internal error")
         finally:
             self._jobs.pop(job_id, None)
+            if reservation is not None:
+                await asyncio.shield(self._settle(principal, reservation, results))
+
+    async def _settle(
+        self, principal: Principal, reservation: Reservation, results: dict[str, Any]
+    ) -> None:
+        """Charges the compute the tasks took (seconds, summed over tasks)."""
+        seconds = sum(float(r.get("ms", 0)) for r in results.values()) / 1000
+        try:
+            if seconds:
+                await reservation.charge(seconds)
+        except BudgetExceeded:
+            pass  # the job is done; the next one is refused
+        except Exception:
+            log.exception("could not charge a vision job's compute")
+        try:
+            async with self._db.session(principal.tenant_id) as session:
+                await reservation.settle(session)
+        except Exception:
+            log.exception("could not record a vision job's usage")
+            await reservation.release()
 
     async def _task(self, key: str, task: VisionTask, plan: _Plan, results: dict[str, Any]) -> None:
         started = time.perf_counter()

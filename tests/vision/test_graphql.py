@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from backend.config import GuardrailSettings, Settings, VisionSettings
+from backend.config import BudgetSpec, GuardrailSettings, Settings, VisionSettings
 from tests.agents.test_runs import gql, sign_in
 from tests.conftest import LiveServer, serve_live
 from tests.graphql.ws import results
@@ -137,6 +137,11 @@ async def test_classify_detect_and_read_an_image(
         Image.fromarray(data.coffee()).convert("CMYK").save(cmyk, "TIFF")
         coffee = await analyse(server, token, cmyk.getvalue(), ["CLASSIFY"])
         assert coffee[-1]["__typename"] == "VisionJobCompleted"
+
+        usage = await gql(server, token, "{ usage(scope: ME) { resource amount } }")
+        compute = [u for u in usage["data"]["usage"] if u["resource"] == "compute_seconds"]
+        assert compute
+        assert compute[0]["amount"] > 0  # each job charged what its tasks took
 
         served = await gql(server, token, "{ visionModels { name status batches } }")
         names = {m["name"]: m for m in served["data"]["visionModels"]}
@@ -274,3 +279,16 @@ async def test_a_message_can_attach_an_analysed_image(
         assert missing["errors"][0]["extensions"]["code"] == "NOT_FOUND"
         many = await gql(server, token, send, c=conversation, a=[job] * 5)
         assert many["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+
+
+async def test_a_spent_compute_budget_refuses_new_jobs(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any]
+) -> None:
+    plan = chat_settings.limits.default_plan
+    chat_settings.limits = chat_settings.limits.model_copy(
+        update={"budgets": {plan: {"compute_seconds": BudgetSpec(user_day=1.0)}}}
+    )
+    async with serve_live(vision_on(chat_settings, compute_hold_s=5.0)) as server:
+        token = await sign_in(server, account)
+        refused = await upload(server, token, jpeg(data.coffee()), ["CLASSIFY"])
+        assert refused["errors"][0]["extensions"]["code"] == "BUDGET_EXCEEDED"
