@@ -16,7 +16,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from opentelemetry.sdk.trace import SpanProcessor
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -57,6 +57,7 @@ from backend.realtime.eventlog import RunEventLog
 from backend.vision.endpoints import router as live_frames_router
 from backend.vision.ocr import OcrEngine
 from backend.vision.service import VisionService
+from backend.web import STATIC as WEB_STATIC
 
 __all__ = ["SCHEMA_FILE", "build_signer", "create_app", "schema_sdl"]
 
@@ -323,7 +324,14 @@ def create_app(
         except BaseException:
             await state.close()
             raise
-        log.info("sightline %s ready (%s)", __version__, settings.env.value)
+        shown = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host
+        log.info(
+            "sightline %s ready (%s): open http://%s:%d/",
+            __version__,
+            settings.env.value,
+            shown,
+            settings.server.port,
+        )
         try:
             yield {"sightline": state, "services": services}
         finally:
@@ -346,6 +354,7 @@ def create_app(
         )
     )
     app.include_router(live_frames_router)
+    _add_demo(app)
     if settings.graphql.graphiql:
         app.mount(GRAPHIQL_URL, StaticFiles(directory=GRAPHIQL_ASSETS), name="graphiql")
     _add_probes(app, metrics, settings)
@@ -362,6 +371,18 @@ def create_app(
         )
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, tracer_provider=tracer_provider)
     return app
+
+
+def _add_demo(app: FastAPI) -> None:
+    """The demo page at `/` and its assets (a build that is not there is simply not served)."""
+    index = WEB_STATIC / "index.html"
+    if not index.exists():
+        return
+    app.mount("/assets", StaticFiles(directory=WEB_STATIC / "assets"), name="demo-assets")
+
+    @app.get("/", include_in_schema=False)
+    async def demo() -> FileResponse:
+        return FileResponse(index, headers={"cache-control": "no-cache"})
 
 
 def _add_probes(app: FastAPI, metrics: Metrics, settings: Settings) -> None:

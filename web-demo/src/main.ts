@@ -1,0 +1,70 @@
+import "./style.css";
+import { call, signIn, signOut, token } from "./api";
+import { cameraPage } from "./camera";
+import { chatPage } from "./chat";
+import { documentsPage } from "./documents";
+import { h, status } from "./dom";
+import { imagesPage } from "./images";
+import { usagePage } from "./usage";
+
+const main = document.getElementById("main") as HTMLElement;
+const who = document.getElementById("who") as HTMLElement;
+const pages: Record<string, (root: HTMLElement) => void> = {
+  chat: chatPage,
+  documents: documentsPage,
+  images: imagesPage,
+  camera: cameraPage,
+  usage: usagePage,
+};
+
+function signInPage() {
+  const tenant = h("input", { id: "tenant", name: "tenant", autocomplete: "organization", required: true, value: "default" });
+  const email = h("input", { id: "email", name: "email", type: "email", autocomplete: "username", required: true, value: "admin@sightline.local" });
+  const password = h("input", { id: "password", name: "password", type: "password", autocomplete: "current-password", required: true });
+  const note = h("p", { class: "status", role: "status" });
+  const form = h("form", { class: "signin", "aria-label": "Sign in" },
+    h("h2", {}, "Sign in"),
+    h("label", { for: "tenant" }, "Tenant"), tenant,
+    h("label", { for: "email" }, "E-mail"), email,
+    h("label", { for: "password" }, "Password"), password,
+    h("button", { type: "submit" }, "Sign in"), note,
+    h("p", { class: "muted" }, "The embedded server's first admin password is in .sightline/initial-admin-password."));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    status(note, "Signing in…", "busy");
+    try {
+      await signIn(tenant.value, email.value, password.value);
+      location.hash = "#/chat";
+      location.reload();
+    } catch (e) {
+      status(note, (e as Error).message, "error");
+    }
+  });
+  main.replaceChildren(form);
+  tenant.focus();
+}
+
+async function route() {
+  if (!token()) return signInPage();
+  const name = location.hash.replace(/^#\//, "") || "chat";
+  for (const link of document.querySelectorAll<HTMLAnchorElement>("nav a")) {
+    link.toggleAttribute("aria-current", link.getAttribute("href") === `#/${name}`);
+  }
+  (pages[name] ?? chatPage)(main);
+}
+
+async function showWho() {
+  if (!token()) return;
+  try {
+    const data = await call(`{ me { role plan } }`);
+    who.replaceChildren(`Signed in · ${data.me.role.toLowerCase()} · ${data.me.plan} plan `,
+      h("button", { type: "button", class: "link", onclick: signOut }, "Sign out"));
+  } catch (e) {
+    if (String((e as Error).message).startsWith("UNAUTHENTICATED")) signOut();
+    else who.textContent = (e as Error).message;
+  }
+}
+
+window.addEventListener("hashchange", route);
+void showWho();
+void route();
