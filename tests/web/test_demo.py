@@ -50,12 +50,11 @@ async def server(
 
 
 @pytest.fixture
-async def page(server: LiveServer) -> AsyncIterator[Page]:
+async def page() -> AsyncIterator[Page]:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            opened = await browser.new_page(viewport={"width": 1280, "height": 800})
-            yield opened
+            yield await browser.new_page(viewport={"width": 1280, "height": 800})
         finally:
             await browser.close()
 
@@ -113,9 +112,20 @@ async def test_sign_in_chat_stop_and_resume(
 
 async def test_documents_images_and_screenshots(
     page: Page,
-    server: LiveServer,
+    chat_settings: Settings,
+    engine: AsyncEngine,
+    embedder: LocalEmbedder,
     account: dict[str, Any],
     tmp_path: Path,
+) -> None:
+    chat_settings.vision = VisionSettings(enabled=True)
+    chat_settings.chat.llm_model = "tools"  # the stub's model that searches, then cites [1]
+    async with serve_live(chat_settings, embedder=embedder) as server:
+        await documents_images_and_screenshots(page, server, account, tmp_path)
+
+
+async def documents_images_and_screenshots(
+    page: Page, server: LiveServer, account: dict[str, Any], tmp_path: Path
 ) -> None:
     await signed_in(page, server, account)
 
@@ -126,6 +136,17 @@ async def test_documents_images_and_screenshots(
     await page.get_by_role("button", name="Upload").click()
     await expect(page.get_by_role("status")).to_contain_text("Ingested", timeout=60_000)
     await expect(page.get_by_role("list", name="Documents")).to_contain_text("Handbook")
+
+    # ask about it: the answer cites the passage, and the citation opens it
+    await page.get_by_role("link", name="Chat").click()
+    await page.get_by_role("button", name="New conversation").click()
+    await page.get_by_role("textbox", name="Message").fill("How long do refunds take?")
+    await page.get_by_role("button", name="Send").click()
+    citation = page.get_by_role("button", name="[1] Handbook")
+    await expect(citation).to_be_visible(timeout=30_000)
+    await citation.click()
+    await expect(page.get_by_role("dialog")).to_contain_text("Refunds take fourteen days.")
+    await page.get_by_role("dialog").get_by_role("button", name="Close").click()
 
     await page.get_by_role("link", name="Images").click()
     picture = tmp_path / "invoice.png"
