@@ -168,3 +168,32 @@ async def documents_images_and_screenshots(
     written = await screenshots_module().capture(server.http_url, token, tmp_path / "shots")
     assert len(written) == 10
     assert all(p.stat().st_size > 5_000 for p in written)
+
+
+async def test_live_camera_page(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any]
+) -> None:
+    """Chromium's fake camera (a moving test pattern) streams to /ws/vision/live; results come
+    back and the page shows their rate and latency."""
+    chat_settings.vision = VisionSettings(enabled=True)
+    async with serve_live(chat_settings) as server, async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--use-fake-device-for-media-stream",
+                "--use-fake-ui-for-media-stream",
+            ],
+        )
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            await signed_in(page, server, account)
+            await page.get_by_role("link", name="Camera").click()
+            await page.get_by_role("button", name="Start camera").click()
+            stats = page.locator(".stats")
+            await expect(stats).to_contain_text("results/s", timeout=30_000)
+            await expect(stats).to_contain_text("latency")
+            await page.get_by_role("button", name="Stop").click()
+            await expect(page.get_by_role("button", name="Start camera")).to_be_enabled()
+        finally:
+            await browser.close()
