@@ -9,6 +9,8 @@ from typing import Any
 
 from cross_web import HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.datastructures import Headers
+from starlette.requests import Request
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.fastapi import GraphQLRouter
 from strawberry.subscriptions import (
@@ -75,6 +77,8 @@ class SightlineGraphQLRouter(GraphQLRouter[Any, None]):
 
     async def run(self, request: Any, context: Any = UNSET, root_value: Any = UNSET) -> Any:
         """Requests refused before execution get a GraphQL-shaped JSON body, not plain text."""
+        if isinstance(request, Request):
+            _prefer_json(request)
         try:
             return await super().run(request, context=context, root_value=root_value)
         except HTTPException as exc:
@@ -83,6 +87,27 @@ class SightlineGraphQLRouter(GraphQLRouter[Any, None]):
                 {"errors": [{"message": exc.reason, "extensions": {"code": code}}]},
                 status_code=exc.status_code,
             )
+
+
+_STREAMS = ("text/event-stream", "multipart/mixed")
+_JSON = ("application/graphql-response+json", "application/json")
+
+
+def _prefer_json(request: Request) -> None:
+    """Honours the client's order: Strawberry streams any operation whose Accept merely lists
+    an event stream, so a client that puts JSON first (urql's default Accept) would get every
+    query as SSE. Such a client gets JSON; one that puts a stream type first streams as before.
+    """
+    accept = request.headers.get("accept", "")
+    parts = [p.strip() for p in accept.split(",") if p.strip()]
+    types = [p.split(";", 1)[0].strip().lower() for p in parts]
+    if not types or types[0] not in _JSON or not any(t in _STREAMS for t in types):
+        return
+    kept = ", ".join(p for p, t in zip(parts, types, strict=True) if t not in _STREAMS)
+    request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"accept"] + [
+        (b"accept", kept.encode("latin-1"))
+    ]
+    request._headers = Headers(scope=request.scope)  # Starlette caches the parsed headers
 
 
 def graphql_router(settings: Settings) -> GraphQLRouter[Any, None]:

@@ -261,3 +261,27 @@ def test_an_unreachable_backing_service_is_service_unavailable_not_a_bug() -> No
         shaped = shape_error(error)
         assert shaped.extensions == {"code": "SERVICE_UNAVAILABLE"}
         assert "retry" in shaped.message
+
+
+async def test_a_query_from_a_client_that_prefers_json_gets_json(live_server: LiveServer) -> None:
+    """urql's default Accept lists the stream types after JSON: a query is answered as JSON."""
+    urql = (
+        "application/graphql-response+json, application/graphql+json, application/json, "
+        "text/event-stream, multipart/mixed"
+    )
+    async with AsyncClient() as http:
+        query = await http.post(
+            f"{live_server.http_url}/graphql",
+            json={"query": "{ serverInfo { version } }"},
+            headers={"accept": urql},
+            timeout=10,
+        )
+        streamed = await http.post(
+            f"{live_server.http_url}/graphql",
+            json={"query": SUBSCRIBE},
+            headers={"accept": "text/event-stream, application/json"},
+            timeout=10,
+        )
+    assert query.headers["content-type"].startswith("application/")
+    assert query.json()["data"]["serverInfo"]["version"]
+    assert streamed.headers["content-type"].startswith("text/event-stream")

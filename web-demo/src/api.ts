@@ -71,8 +71,8 @@ export function api(): Client {
       }),
     ],
     requestPolicy: "network-only",
-    // JSON only over HTTP: Strawberry answers a plain query with an event stream when Accept
-    // lists text/event-stream at all (urql's default does); subscriptions go over graphql-ws.
+    // JSON only over HTTP (subscriptions go over graphql-ws). The server also honours the
+    // order of urql's default Accept, but saying so costs nothing.
     fetchOptions: () => ({
       headers: {
         authorization: `Bearer ${token()}`,
