@@ -82,6 +82,11 @@ class ServerSettings(_Section):
 
     host: str = Field("127.0.0.1", description="Address `sightline serve` binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port `sightline serve` binds.")
+    dashboards_url: str | None = Field(
+        None,
+        description="Where operators' Grafana dashboards are (`serverInfo.dashboardsUrl`; the "
+        "demo page links to it).",
+    )
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes.")
     max_body_bytes: int = Field(
         10 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted (413 above)."

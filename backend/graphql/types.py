@@ -62,6 +62,10 @@ class ServerInfo:
     def server_time(self) -> datetime:
         return datetime.now(UTC)
 
+    @strawberry.field(description="The operators' Grafana dashboards, when configured.")
+    def dashboards_url(self, info: Info) -> str | None:
+        return _state(info).settings.server.dashboards_url
+
     @strawberry.field
     def features(self, info: Info) -> list[Feature]:
         state = _state(info)

@@ -33,10 +33,11 @@ async def test_server_info(client: AsyncClient) -> None:
     result = await gql(
         client,
         "query Info { serverInfo { version environment uptimeSeconds serverTime "
-        "features { name enabled } models { name task installed } } }",
+        "dashboardsUrl features { name enabled } models { name task installed } } }",
     )
     info = result["data"]["serverInfo"]
     assert info["version"] == __version__
+    assert info["dashboardsUrl"] is None  # not configured
     assert info["environment"] == "test"
     features = {f["name"]: f["enabled"] for f in info["features"]}
     assert features["subscriptions.graphql-transport-ws"] is True

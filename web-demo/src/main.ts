@@ -65,6 +65,19 @@ async function showWho() {
   }
 }
 
+async function showDashboards() {
+  try {
+    const data = await call(`{ serverInfo { dashboardsUrl } }`);
+    const url = data.serverInfo.dashboardsUrl;
+    if (url) {
+      document.querySelector("nav")?.append(h("a", { href: url, target: "_blank", rel: "noopener" }, "Dashboards"));
+    }
+  } catch {
+    // not configured or not reachable: no link
+  }
+}
+
 window.addEventListener("hashchange", route);
+void showDashboards();
 void showWho();
 void route();
