@@ -7,7 +7,9 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -23,10 +25,13 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from backend.config import DatabaseSettings
-from backend.errors import ServiceUnavailable
+from backend.errors import NotFound, ServiceUnavailable
 
 _SPAN_KEY = "sightline.span"
 _MAX_STATEMENT_CHARS = 2000
+
+
+T = TypeVar("T")
 
 
 class DatabaseUnreachable(RuntimeError):
@@ -123,6 +128,27 @@ class Database:
                 await session.rollback()
                 raise
             await session.commit()
+
+    async def get_owned(self, tenant_id: uuid.UUID, model: type[T], ident: Any, what: str) -> T:
+        """A row of the tenant, or NOT_FOUND (row-level security hides other tenants' rows)."""
+        async with self.session(tenant_id) as session:
+            row = await session.get(model, ident)
+        if row is None:
+            raise NotFound(f"no such {what}", id=str(ident))
+        return row
+
+    async def update_owned(
+        self, tenant_id: uuid.UUID, model: type[Any], ident: Any, **values: Any
+    ) -> None:
+        """Sets columns of one of the tenant's rows (enum values stored as their value) and
+        its `updated_at`; a row that is gone is left alone."""
+        async with self.session(tenant_id) as session:
+            row = await session.get(model, ident)
+            if row is None:
+                return
+            for name, value in values.items():
+                setattr(row, name, value.value if isinstance(value, Enum) else value)
+            row.updated_at = datetime.now(UTC)
 
     async def ping(self, timeout_s: float) -> None:
         """Raises DatabaseUnreachable unless `SELECT 1` answers within `timeout_s`."""

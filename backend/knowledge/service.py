@@ -306,13 +306,7 @@ class KnowledgeService:
         raise AssertionError("unreachable")
 
     async def _update_job(self, principal: Principal, job_id: uuid.UUID, **values: Any) -> None:
-        async with self._db.session(principal.tenant_id) as session:
-            job = await session.get(IngestionJob, job_id)
-            if job is None:
-                return
-            for name, value in values.items():
-                setattr(job, name, value.value if isinstance(value, StrEnum) else value)
-            job.updated_at = datetime.now(UTC)
+        await self._db.update_owned(principal.tenant_id, IngestionJob, job_id, **values)
 
     async def _fail(self, principal: Principal, job_id: uuid.UUID, code: str, message: str) -> None:
         try:
@@ -401,12 +395,7 @@ class KnowledgeService:
         return await self._get(principal, Chunk, chunk_id, "chunk")
 
     async def _get(self, principal: Principal, model: type[T], ident: uuid.UUID, what: str) -> T:
-        """A row of the caller's tenant, or NOT_FOUND (another tenant's rows are invisible)."""
-        async with self._db.session(principal.tenant_id) as session:
-            row = await session.get(model, ident)
-        if row is None:
-            raise NotFound(f"no such {what}", id=str(ident))
-        return row
+        return await self._db.get_owned(principal.tenant_id, model, ident, what)
 
     async def delete(self, principal: Principal, document_id: uuid.UUID) -> None:
         async with self._db.session(principal.tenant_id) as session:

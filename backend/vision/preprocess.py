@@ -39,18 +39,6 @@ def detection_input(rgb: np.ndarray, spec: dict[str, Any]) -> tuple[np.ndarray, 
     return cv2.equalizeHist(small), 1 / scale
 
 
-def letterbox(rgb: np.ndarray, size: int, fill: int = 114) -> tuple[np.ndarray, float, int, int]:
-    """Fit into a `size` square keeping the aspect ratio; returns image, scale and padding."""
-    height, width = rgb.shape[:2]
-    scale = size / max(height, width)
-    resized = cv2.resize(rgb, (round(width * scale), round(height * scale)))
-    out = np.full((size, size, 3), fill, dtype=np.uint8)
-    top = (size - resized.shape[0]) // 2
-    left = (size - resized.shape[1]) // 2
-    out[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
-    return out, scale, left, top
-
-
 def for_ocr(rgb: np.ndarray) -> np.ndarray:
     """Grayscale, denoised, deskewed, then binarised with an adaptive threshold."""
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)

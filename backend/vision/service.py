@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -22,7 +21,7 @@ from backend.config import VisionSettings
 from backend.core.db import Database
 from backend.core.models import VisionJob, VisionStatus
 from backend.core.tasks import drain
-from backend.errors import AppError, NotFound, ServiceUnavailable, ValidationFailed
+from backend.errors import AppError, ServiceUnavailable, ValidationFailed
 from backend.inference.client import InferenceClient, InferenceError, Priority
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
@@ -362,11 +361,7 @@ class VisionService:
     # -- reads ---------------------------------------------------------------------------------
 
     async def job(self, principal: Principal, job_id: uuid.UUID) -> VisionJob:
-        async with self._db.session(principal.tenant_id) as session:
-            job = await session.get(VisionJob, job_id)
-        if job is None:
-            raise NotFound("no such vision job", id=str(job_id))
-        return job
+        return await self._db.get_owned(principal.tenant_id, VisionJob, job_id, "vision job")
 
     async def describe(self, principal: Principal, job_id: uuid.UUID) -> dict[str, Any]:
         """What an analysed image shows, short enough for a prompt: its text, the objects
@@ -391,13 +386,7 @@ class VisionService:
         return self.events.read(str(job_id), after)
 
     async def _update(self, principal: Principal, job_id: uuid.UUID, **values: Any) -> None:
-        async with self._db.session(principal.tenant_id) as session:
-            job = await session.get(VisionJob, job_id)
-            if job is None:
-                return
-            for name, value in values.items():
-                setattr(job, name, value.value if isinstance(value, StrEnum) else value)
-            job.updated_at = datetime.now(UTC)
+        await self._db.update_owned(principal.tenant_id, VisionJob, job_id, **values)
 
     async def _fail(self, principal: Principal, job_id: uuid.UUID, code: str, message: str) -> None:
         try:
