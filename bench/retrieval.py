@@ -285,18 +285,15 @@ async def explain(
     db: Database, principal: Principal, service: KnowledgeService, query: str
 ) -> None:
     """EXPLAIN ANALYZE of each mode's query (BENCH_EXPLAIN=1), to see where time goes."""
-    from backend.knowledge.service import _PREPARE, _search_sql, _vector_literal
+    from backend.knowledge.service import _search_settings, _search_sql, _vector_literal
 
     vector = _vector_literal(await service.query_vector(query))
-    params = {"model": LocalEmbedder.name, "n": 40, "k": 10, "rrf": 60, "m": 1000}
+    params = {"model": LocalEmbedder.name, "n": 40, "k": 10, "rrf": 60, "m": 300, "q": query}
+    params |= {"common": 0.1, "terms": 5, "v": vector, "meta": None, "docs": None}
     for mode in SearchMode:
-        async with db.session(principal.tenant_id) as session:
-            prepared = await session.execute(
-                text(_PREPARE), {"q": query, "ef": "80", "common": 0.1, "terms": 5}
-            )
-            tsq = prepared.one().tsq
+        async with db.session(principal.tenant_id, settings=_search_settings(80)) as session:
             sql = "EXPLAIN (ANALYZE, BUFFERS) " + _search_sql(mode, "c.embedding_model = :model")
-            rows = await session.execute(text(sql), {**params, "tsq": tsq, "v": vector})
+            rows = await session.execute(text(sql), params)
             print(f"-- {mode.value}\n" + "\n".join(r[0] for r in rows))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -109,14 +109,26 @@ class Database:
         return cls(connection.engine, sessions, app_role)
 
     @asynccontextmanager
-    async def session(self, tenant_id: uuid.UUID | None = None) -> AsyncIterator[AsyncSession]:
-        """One unit of work in `tenant_id`: commits when the block succeeds, else rolls back."""
+    async def session(
+        self, tenant_id: uuid.UUID | None = None, *, settings: Mapping[str, str] | None = None
+    ) -> AsyncIterator[AsyncSession]:
+        """One unit of work in `tenant_id`: commits when the block succeeds, else rolls back.
+
+        `settings` are more transaction-local settings (`hnsw.ef_search`, say), set in the
+        same round trip as the tenant."""
         async with self._sessions() as session:
             params = {"tenant": str(tenant_id) if tenant_id else ""}
             if self._role:
                 params["role"] = self._role
+            scope = self._scope
+            if settings:
+                extra = []
+                for i, (name, value) in enumerate(settings.items()):
+                    params[f"s{i}"], params[f"v{i}"] = name, value
+                    extra.append(f", set_config(:s{i}, :v{i}, true)")
+                scope = text(str(self._scope) + "".join(extra))
             try:
-                await session.execute(self._scope, params)
+                await session.execute(scope, params)
             except PoolTimeout:
                 # Every pooled connection stayed busy for pool_timeout_s: overload, not a bug.
                 raise ServiceUnavailable(

@@ -508,21 +508,13 @@ class KnowledgeService:
         params: dict[str, Any],
         ef: int,
     ) -> list[dict[str, Any]]:
-        """One ranking (vector or text) in its own session: rows with their rank."""
-        async with self._db.session(principal.tenant_id) as session:
-            prepared = await session.execute(
-                text(_PREPARE),
-                {
-                    "q": params["q"],
-                    "ef": str(int(ef)),
-                    "common": params["common"],
-                    "terms": self._settings.text_terms,
-                },
+        """One ranking (vector or text) in its own session: rows with their rank. Two round
+        trips: the session's settings with its tenant, then the search."""
+        async with self._db.session(principal.tenant_id, settings=_search_settings(ef)) as session:
+            result = await session.execute(
+                text(_search_sql(mode, filters)),
+                {**params, "terms": self._settings.text_terms},
             )
-            tsq = prepared.one().tsq
-            if mode is SearchMode.TEXT and tsq is None:
-                return []  # only stop words: nothing for the text ranking to match
-            result = await session.execute(text(_search_sql(mode, filters)), {**params, "tsq": tsq})
             return [dict(r) for r in result.mappings().all()]
 
     async def _rescore(
@@ -599,26 +591,32 @@ async def _insert_chunks(
         await session.execute(insert(Chunk), rows[start : start + 1000])
 
 
-# One round trip before the search: the session's HNSW settings, and the text query made of
-# the question's rarest lexemes (at most `terms`), leaving out those in more than `common` of
-# the tenant's chunks (all of them when every one is common). Bound into the search as a
-# constant, so GIN can serve it; few, rare terms keep the rows to rank few.
-_PREPARE = """
-    WITH terms AS (SELECT lexeme FROM unnest(to_tsvector('english', :q))),
-         rare AS (
-            SELECT t.lexeme FROM terms t LEFT JOIN lexeme_stats s ON s.lexeme = t.lexeme
-            WHERE coalesce(s.ndoc, 0) <= greatest(
-                3, :common * (SELECT coalesce(sum(chunk_count), 0) FROM documents))
-            ORDER BY coalesce(s.ndoc, 0) LIMIT :terms
-         )
-    SELECT set_config('hnsw.ef_search', :ef, true),
-           set_config('hnsw.iterative_scan', 'relaxed_order', true),
-           -- every step of a search is meant to run on an index (HNSW, GIN, primary keys);
-           -- left to itself the planner scans the table for text matches it guesses common
-           set_config('enable_seqscan', 'off', true),
-           coalesce((SELECT string_agg(quote_literal(lexeme), ' | ') FROM rare),
-                    (SELECT string_agg(quote_literal(lexeme), ' | ') FROM terms)) AS tsq
-"""
+def _search_settings(ef: int) -> dict[str, str]:
+    return {
+        "hnsw.ef_search": str(int(ef)),
+        "hnsw.iterative_scan": "relaxed_order",
+        # every step of a search is meant to run on an index (HNSW, GIN, primary keys); left
+        # to itself the planner scans the table for text matches it guesses common
+        "enable_seqscan": "off",
+    }
+
+
+# The text query: the question's rarest lexemes (at most `terms`), leaving out those in more
+# than `common` of the tenant's chunks (all of them when every one is common); few, rare terms
+# keep the rows to rank few. NULL when the question has only stop words (nothing matches).
+_TEXT_QUERY = """
+    terms AS (SELECT lexeme FROM unnest(to_tsvector('english', :q))),
+    rare AS (
+        SELECT t.lexeme FROM terms t LEFT JOIN lexeme_stats s ON s.lexeme = t.lexeme
+        WHERE coalesce(s.ndoc, 0) <= greatest(
+            3, CAST(:common AS float8) * (SELECT coalesce(sum(chunk_count), 0) FROM documents))
+        ORDER BY coalesce(s.ndoc, 0) LIMIT :terms
+    ),
+    tsq AS (
+        SELECT to_tsquery('simple', coalesce(
+            (SELECT string_agg(quote_literal(lexeme), ' | ') FROM rare),
+            (SELECT string_agg(quote_literal(lexeme), ' | ') FROM terms))) AS q
+    ),"""
 
 
 def _search_sql(mode: SearchMode, filters: str) -> str:
@@ -635,12 +633,13 @@ def _search_sql(mode: SearchMode, filters: str) -> str:
     full_text = """
         SELECT m.id, row_number() OVER (ORDER BY m.rank DESC, m.id) AS r
         FROM sightline_match_chunks(
-            to_tsquery('simple', :tsq), :model, CAST(:meta AS jsonb), CAST(:docs AS uuid[]), :m
+            (SELECT q FROM tsq), :model, CAST(:meta AS jsonb), CAST(:docs AS uuid[]), :m
         ) m
         ORDER BY m.rank DESC, m.id LIMIT :n"""
     empty = "SELECT NULL::uuid AS id, NULL::bigint AS r WHERE false"
     return f"""
-        WITH v AS ({vector if mode is not SearchMode.TEXT else empty}),
+        WITH {_TEXT_QUERY if mode is not SearchMode.VECTOR else ""}
+             v AS ({vector if mode is not SearchMode.TEXT else empty}),
              t AS ({full_text if mode is not SearchMode.VECTOR else empty}),
              fused AS (
                 SELECT id, min(vr) AS vrank, min(tr) AS trank,

@@ -114,6 +114,32 @@ async def test_ingested_docs_answer_questions_with_the_right_passage_first(
     assert top.document_title == "all-MiniLM-L6-v2"
 
 
+async def test_text_ranking_matches_on_words_that_tell_passages_apart(
+    kb: KnowledgeService, database: Database
+) -> None:
+    principal = await new_principal(database)
+    # 80 sections: "widget" in all of them (too common to rank by: left out), "gearbox" in 6
+    # (7.5% of the chunks, under the 10% share: kept) and "lubricant" in one.
+    sections = []
+    for i in range(80):
+        words = "widget report number " + " ".join(["alpha", "beta", "gamma"][: 1 + i % 3])
+        if i % 13 == 0:
+            words += " gearbox"
+        if i == 26:
+            words += " lubricant"
+        sections.append(f"# Part {i}\n\n{words.capitalize()}.")
+    job = await kb.ingest(principal, "\n\n".join(sections).encode(), source="parts.md")
+    assert (await finished(kb, principal, job.id))["last"]["status"] == "completed"
+    hits = await kb.search(principal, "widget gearbox lubricant", k=20, mode=SearchMode.TEXT)
+    assert {h.heading for h in hits} == {f"Part {i}" for i in range(0, 80, 13)}
+    assert hits[0].heading == "Part 26"  # both rare words
+    async with database.session(principal.tenant_id) as session:
+        options = await session.scalar(
+            text("SELECT reloptions FROM pg_class WHERE relname = 'ix_chunks_tsv'")
+        )
+    assert "fastupdate=off" in options  # no pending list for every search to read
+
+
 async def test_reingesting_is_idempotent_and_changes_replace_chunks_atomically(
     kb: KnowledgeService, database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
 ) -> None:
