@@ -58,7 +58,9 @@ async def wait_ready(url: str) -> None:
 
 
 def stamps(text: str, received: float) -> list[float]:
-    return [received - float(word) for word in text.split()]
+    from tests.llm_stub import clock_time  # the stub's clock words; ROOT is on the path by now
+
+    return [received - clock_time(word) for word in text.split()]
 
 
 async def call(http: httpx.AsyncClient, query: str, **variables: str) -> dict:

@@ -147,9 +147,30 @@ class LLMStub:
         yield b"data: [DONE]\n\n"
 
 
+# Base-20 digits with no vowels and no numerals: a clock word is neither a word nor a number,
+# so the output rails (PII, profanity) pass it through as it comes.
+CLOCK_DIGITS = "bcdfghjklmnpqrstvwxz"
+
+
+def clock_word(at: float) -> str:
+    """`at` (seconds since the epoch) to the microsecond, as a clock word."""
+    n, digits = round(at * 1e6), []
+    while n:
+        n, digit = divmod(n, len(CLOCK_DIGITS))
+        digits.append(CLOCK_DIGITS[digit])
+    return "".join(reversed(digits))
+
+
+def clock_time(word: str) -> float:
+    n = 0
+    for ch in word:
+        n = n * len(CLOCK_DIGITS) + CLOCK_DIGITS.index(ch)
+    return n / 1e6
+
+
 class ClockStub(LLMStub):
-    """Every token is the time it was emitted (`1732612345.123456 `): latency can be measured
-    at the receiving end, through any number of hops."""
+    """Every token is the time it was emitted, as a clock word (`clock_word`) and a space:
+    latency can be measured at the receiving end, through any number of hops and rails."""
 
     def _words(self, body: dict[str, Any]) -> list[str]:
         return [""] * (self.answer_tokens or 50)
@@ -166,7 +187,7 @@ class ClockStub(LLMStub):
                     "choices": [
                         {
                             "index": 0,
-                            "delta": {"content": f"{time.time():.6f} "},
+                            "delta": {"content": f"{clock_word(time.time())} "},
                             "finish_reason": None,
                         }
                     ],

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 CANCEL_CHANNEL = "runs:cancel"
 CHARGE_EVERY = 16  # tokens charged to the budget per Redis call while streaming
 QUEUE_POLL_S = 0.1  # how often a queued run looks whether its turn has come
-CANCEL_CHECK_S = 0.25  # how often a streaming run looks at its cancel flag (pub/sub is faster)
+CANCEL_CHECK_S = 0.25  # how often this replica reads its runs' cancel flags (pub/sub is faster)
 WORKER_LOST = "WORKER_LOST"
 
 
@@ -82,7 +82,6 @@ class _Turn:
     answer_id: uuid.UUID | None = None  # set once the complete answer is stored
     started: float = field(default_factory=time.perf_counter)
     last_token: float | None = None
-    cancel_checked: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(frozen=True)
@@ -130,6 +129,7 @@ class RunService:
         self._background = [
             asyncio.create_task(self._listen_for_cancels(), name="runs-cancel-listener"),
             asyncio.create_task(self._keep_leases(), name="runs-lease-keeper"),
+            asyncio.create_task(self._sweep_cancels(), name="runs-cancel-sweeper"),
         ]
 
     async def close(self, grace_s: float) -> None:
@@ -332,10 +332,6 @@ class RunService:
         else:
             self._metrics.chat_inter_token.labels(model).observe(now - turn.last_token)
         turn.last_token = now
-        if now - turn.cancel_checked > CANCEL_CHECK_S:
-            turn.cancel_checked = now
-            if await self._redis.exists(self._keys("cancel", str(turn.run.id))):
-                raise asyncio.CancelledError("cancelled by the client")
         turn.text.append(text)
         turn.uncharged += 1
         await self.events.append(
@@ -492,6 +488,23 @@ class RunService:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    async def _sweep_cancels(self) -> None:
+        """Reads the cancel flags of every run executing here, in one command per interval: a
+        cancel whose pub/sub message was missed still stops its run within CANCEL_CHECK_S."""
+        while True:
+            await asyncio.sleep(CANCEL_CHECK_S)
+            running = list(self._tasks.items())
+            if not running:
+                continue
+            try:
+                flags = await self._redis.mget([self._keys("cancel", str(r)) for r, _ in running])
+            except Exception as exc:  # a Redis hiccup must not end the sweep
+                log.warning("cancel sweep: %s", exc)
+                continue
+            for (_, task), flag in zip(running, flags, strict=True):
+                if flag is not None and not task.done():
+                    task.cancel("cancelled by the client")
 
     async def _keep_leases(self) -> None:
         """Renews this replica's leases; fails runs whose replica stopped renewing theirs."""

@@ -370,6 +370,30 @@ async def test_cancel_still_reaches_runs_after_the_server_sat_idle(
     assert events[-1]["__typename"] == "RunCancelled"
 
 
+async def test_a_cancel_flag_without_its_message_still_stops_the_run(
+    server: LiveServer, account: dict[str, Any], chat_settings: Settings, llm: tuple[LLMStub, str]
+) -> None:
+    """The flag is what counts: a cancel whose pub/sub message never arrived (the listener was
+    reconnecting, say) is read by the replica's sweep."""
+    from redis.asyncio import Redis
+
+    from backend.core.redis import KeySpace
+
+    llm[0].answer_tokens = 5_000
+    token = await sign_in(server, account)
+    _, run_id = await start_run(server, token, "keep going")
+    redis = Redis.from_url(str(chat_settings.redis.url.get_secret_value()))  # type: ignore[union-attr]
+    try:
+        await asyncio.sleep(0.3)
+        flagged = time.perf_counter()
+        await redis.set(KeySpace(chat_settings.redis.key_prefix).child("runs")("cancel", run_id), 1)
+        events = await collect(server, token, run_id)
+    finally:
+        await redis.aclose()
+    assert events[-1]["__typename"] == "RunCancelled"
+    assert time.perf_counter() - flagged < 2.0  # a 0.25 s sweep, plus finishing the run
+
+
 async def test_double_texting_interrupt_and_enqueue(
     server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
 ) -> None:
