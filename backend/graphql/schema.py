@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import strawberry
-from graphql import GraphQLError, parse
+from graphql import GraphQLError, GraphQLObjectType, parse
+from graphql.execution.collect_fields import CollectedFields, FieldDetailsList, collect_subfields
 from strawberry.extensions import (
     AddValidationRules,
     DisableIntrospection,
@@ -20,7 +21,10 @@ from strawberry.extensions import (
     ValidationCache,
 )
 from strawberry.schema.config import BatchingConfig, StrawberryConfig
-from strawberry.schema.schema import DEFAULT_ALLOWED_OPERATION_TYPES
+from strawberry.schema.schema import (
+    DEFAULT_ALLOWED_OPERATION_TYPES,
+    StrawberryGraphQLCoreExecutionContext,
+)
 from strawberry.types.execution import ExecutionContext, ExecutionResult
 from strawberry.types.graphql import OperationType
 
@@ -64,6 +68,42 @@ class SightlineSchema(strawberry.Schema):
                     ".".join(str(p) for p in error.path or ()),
                     exc_info=error.original_error,
                 )
+
+
+class Executor(StrawberryGraphQLCoreExecutionContext):
+    """Collects an object's subfields once per operation, not once per subscription event.
+
+    graphql-core memoises subfield collection by the identity of the field list it is given,
+    but every subscription event gets new lists: each event collected its subfields again (a
+    third of the cost of sending a token) and added an entry to a cache that lived as long as
+    the subscription. Keyed here by the document's nodes, which stay the same for every event.
+    """
+
+    def collect_subfields(
+        self, return_type: GraphQLObjectType, field_details_list: FieldDetailsList
+    ) -> CollectedFields:
+        key = (
+            return_type,
+            *(
+                (id(d.node), id(d.defer_usage), id(d.fragment_variable_values))
+                for d in field_details_list
+            ),
+        )
+        cached = self._relevant_sub_fields.get(key)  # type: ignore[call-overload]
+        if cached is not None:
+            return cached[1]
+        collected = collect_subfields(
+            self.schema,
+            self.fragments,
+            self.variable_values,
+            self.operation,
+            return_type,
+            field_details_list,
+            self.hide_suggestions,
+        )
+        # The list is kept with its entry: the ids in the key stay unique while it lives.
+        self._relevant_sub_fields[key] = (field_details_list, collected)  # type: ignore[index]
+        return collected
 
 
 _parse = lru_cache(maxsize=1024)(parse)
@@ -135,6 +175,7 @@ def build_schema(settings: GraphQLSettings, *, production: bool = False) -> stra
         extensions=extensions,
         types=(*RUN_EVENT_TYPES, *INGESTION_EVENT_TYPES, *VISION_EVENT_TYPES),
         config=StrawberryConfig(batching_config=batching),
+        execution_context_class=Executor,
     )
 
 
