@@ -57,9 +57,8 @@ async def test_subfields_are_collected_once_per_type_not_per_event(
         return collect(*args)
 
     monkeypatch.setattr(schema_module, "collect_subfields", counting)
-    monkeypatch.setattr(
-        "graphql.execution.executor.collect_subfields", counting
-    )  # graphql-core's own executor, for the baseline
+    # graphql-core's own executor, for the baseline
+    monkeypatch.setattr("graphql.execution.executor.collect_subfields", counting)
     extra = {"execution_context_class": executor} if executor else {}
     built = strawberry.Schema(
         query=Query, subscription=Subscription, types=[Token, Failed], **extra
