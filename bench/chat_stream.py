@@ -214,6 +214,7 @@ async def main() -> None:
         await asyncio.gather(*(through_sightline(base, token, 0) for _ in range(5)))  # warm-up
 
         cpu_before, started = cpu_seconds(server.pid), time.perf_counter()
+        stub_before, clients_before = cpu_seconds(stub.pid), time.process_time()
         ours = await asyncio.gather(
             *(
                 through_sightline(base, token, args.ramp * i / args.clients)
@@ -221,9 +222,18 @@ async def main() -> None:
             )
         )
         ours_s, cpu = time.perf_counter() - started, cpu_seconds(server.pid) - cpu_before
+        ours_stub, ours_clients = (
+            cpu_seconds(stub.pid) - stub_before,
+            time.process_time() - clients_before,
+        )
         started = time.perf_counter()
+        stub_before, clients_before = cpu_seconds(stub.pid), time.process_time()
         theirs = await asyncio.gather(*(direct(stub_url, args.tokens) for _ in range(args.clients)))
         theirs_s = time.perf_counter() - started
+        theirs_stub, theirs_clients = (
+            cpu_seconds(stub.pid) - stub_before,
+            time.process_time() - clients_before,
+        )
     finally:
         for process in (server, stub):
             process.terminate()
@@ -246,6 +256,12 @@ async def main() -> None:
             f"{f'per-token latency p{round(q * 100)} (ms)':<40}{o:>12.1f}{b:>12.1f}{o - b:>10.1f}"
         )
     print(f"{'server CPU-s per 1,000 tokens':<40}{cpu / ours_tokens * 1000:>12.3f}")
+    # What the rest of the machine spends, for the arithmetic of what one host can deliver.
+    for label, mine, other in (
+        ("stub LLM CPU-s per 1,000 tokens", ours_stub, theirs_stub),
+        ("clients CPU-s per 1,000 tokens", ours_clients, theirs_clients),
+    ):
+        print(f"{label:<40}{mine / ours_tokens * 1000:>12.3f}{other / base_tokens * 1000:>12.3f}")
     print(
         f"tokens: sightline {ours_tokens}, direct {base_tokens} "
         f"(expected {args.clients * args.tokens} each)"

@@ -191,6 +191,69 @@ class LiveTail:
                         subscriber.queue.put_nowait(fresh)
 
 
+class _Appender:
+    """Sends the XADDs that arrive while one is on the wire as one pipeline.
+
+    Each XADD alone is a round trip and a pass through the client's command machinery; with
+    hundreds of streams appending tokens, the appends that queue up while a batch is in flight
+    go out together next (a group commit), so the cost per append falls as load rises and a
+    lone append still leaves at once. Every caller awaits its own entry id, so a stream's
+    entries keep the order their appends were made in.
+    """
+
+    MAX_BATCH = 512
+
+    def __init__(self, redis: Redis, maxlen: int) -> None:
+        self._redis = redis
+        self._maxlen = maxlen
+        self._pending: list[tuple[str, dict[str, str], asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def xadd(self, key: str, fields: dict[str, str]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((key, fields, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._send(), name="event-log-appender")
+        return await future
+
+    async def _send(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self.MAX_BATCH]
+                del self._pending[: self.MAX_BATCH]
+                pipe = self._redis.pipeline(transaction=False)
+                for key, fields, _ in batch:
+                    pipe.xadd(key, fields, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
+                try:
+                    replies = await pipe.execute(raise_on_error=False)
+                except Exception as exc:  # the connection failed: every append in it did
+                    replies = [exc] * len(batch)
+                for (_, _, future), reply in zip(batch, replies, strict=True):
+                    if future.done():  # its caller was cancelled meanwhile
+                        continue
+                    if isinstance(reply, BaseException):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        finally:
+            self._task = None
+            for _, _, future in self._pending:  # only when this task itself was cancelled
+                if not future.done():
+                    future.set_exception(RedisError("event log closed"))
+            self._pending.clear()
+
+    async def close(self, timeout_s: float) -> None:
+        task = self._task
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class RunEventLog:
     def __init__(
         self,
@@ -209,8 +272,10 @@ class RunEventLog:
         self.ttl_after_end_s = ttl_after_end_s
         self._block_ms = block_ms
         self._tail = LiveTail(redis, self._keys, block_ms)
+        self._appender = _Appender(redis, max_events)
 
     async def close(self) -> None:
+        await self._appender.close(self._block_ms / 1000 + 1)
         await self._tail.close()
 
     def _key(self, run_id: str) -> str:
@@ -226,10 +291,8 @@ class RunEventLog:
                 pipe.expire(key, self.ttl_after_end_s)
                 result = await pipe.execute()
             entry_id = _text(result[0])
-        else:  # the hot path (every token): one command, no MULTI/EXEC
-            entry_id = _text(
-                await self._redis.xadd(key, fields, maxlen=self.max_events, approximate=True)
-            )
+        else:  # the hot path (every token): batched with other streams' appends, no MULTI
+            entry_id = _text(await self._appender.xadd(key, fields))
         return RunEvent(run_id, entry_id, type_, data or {})
 
     async def exists(self, run_id: str) -> bool:

@@ -167,3 +167,41 @@ async def test_many_live_readers_share_one_blocking_read(redis: Redis, key_prefi
     await log.close()
     await client.aclose()
     assert set(texts.values()) == {"01234"}
+
+
+async def test_concurrent_appends_are_batched_and_keep_each_streams_order(
+    log: RunEventLog, redis: Redis, key_prefix: str
+) -> None:
+    runs = [uuid.uuid4().hex for _ in range(30)]
+    sent: list[int] = []
+    execute = redis.pipeline(transaction=False).__class__.execute
+
+    async def counting(self: object, *args: object, **kwargs: object) -> object:
+        sent.append(len(self.command_stack))  # type: ignore[attr-defined]
+        return await execute(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(redis.pipeline(transaction=False).__class__, "execute", counting)
+        await asyncio.gather(*(_produce(log, run, [f"w{i}" for i in range(40)]) for run in runs))
+    for run in runs:
+        events = [e async for e in log.read(run, follow=False)]
+        assert [e.type for e in events] == ["RunStarted", "TokenDelta", "RunCompleted"]
+        assert events[1].data["text"] == "".join(f"w{i}" for i in range(40))  # merged, in order
+        assert events[1].data["merged"] == 40
+    batched = [n for n in sent if n > 1]
+    assert batched and sum(sent) >= 30 * 40  # the token appends went out in shared pipelines
+    assert len(sent) < 30 * 40 / 4
+
+
+async def test_an_append_that_cannot_reach_redis_fails_its_caller(key_prefix: str) -> None:
+    dead = connect_redis("redis://127.0.0.1:1/0", RedisSettings(connect_timeout_s=0.2))
+    events = RunEventLog(dead, KeySpace(key_prefix))
+    try:
+        results = await asyncio.gather(
+            *(events.append(f"r{i}", "TokenDelta", {"text": "x"}) for i in range(5)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, Exception) for r in results), results
+    finally:
+        await events.close()
+        await dead.aclose()
