@@ -189,7 +189,6 @@ async def build_services(
             state.keys,
             ttl_after_end_s=chat.events_ttl_s,
             on_lag=state.metrics.stream_lag.observe,
-            tail_interval_s=chat.tail_interval_ms / 1000,
         ),
         conversations=conversations,
         limiter=limiter,

@@ -409,13 +409,6 @@ class ChatSettings(_Section):
     events_ttl_s: int = Field(
         3600, ge=60, description="How long a finished run's events can still be replayed."
     )
-    tail_interval_ms: float = Field(
-        5.0,
-        ge=0,
-        le=100,
-        description="Least time between two reads of the live run streams: under load, events "
-        "that arrive meanwhile are read together (adds at most this to delivery).",
-    )
     prompt_price_per_1k: float = Field(
         0.0, ge=0, description="Price per 1,000 prompt tokens of the `default` model."
     )

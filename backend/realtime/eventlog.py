@@ -110,13 +110,8 @@ class LiveTail:
     wait at once: registering writes to this replica's wake-up stream, which the XREAD includes.
     """
 
-    def __init__(
-        self, redis: Redis, keys: KeySpace, block_ms: int = 2_000, interval_s: float = 0.0
-    ) -> None:
+    def __init__(self, redis: Redis, keys: KeySpace, block_ms: int = 2_000) -> None:
         self._redis = redis
-        # Each read names every watched stream, and under load it returns at once with an entry
-        # or two: reads at most this often let the entries of many streams come in one.
-        self._interval_s = interval_s
         self._wake = keys("tail-wake", uuid.uuid4().hex)
         self._block_ms = block_ms
         self._subscribers: dict[str, set[_Subscriber]] = {}
@@ -164,18 +159,11 @@ class LiveTail:
 
     async def _run(self) -> None:
         wake_last = "0-0"
-        loop = asyncio.get_running_loop()
-        read_at = 0.0
         while not self._closing:
             if not self._subscribers:
                 self._waiting.clear()
                 await self._waiting.wait()
                 continue
-            pause = read_at + self._interval_s - loop.time()
-            if pause > 0:
-                await asyncio.sleep(pause)
-                continue  # subscribers may have come or gone meanwhile
-            read_at = loop.time()
             streams = {
                 key: min((s.last for s in watchers), key=_position)
                 for key, watchers in self._subscribers.items()
@@ -276,7 +264,6 @@ class RunEventLog:
         ttl_after_end_s: int = 3600,
         block_ms: int = 2_000,  # below the Redis socket timeout, or every wait would time out
         on_lag: Callable[[float], None] | None = None,
-        tail_interval_s: float = 0.0,
     ) -> None:
         self._on_lag = on_lag
         self._redis = redis
@@ -284,7 +271,7 @@ class RunEventLog:
         self.max_events = max_events
         self.ttl_after_end_s = ttl_after_end_s
         self._block_ms = block_ms
-        self._tail = LiveTail(redis, self._keys, block_ms, tail_interval_s)
+        self._tail = LiveTail(redis, self._keys, block_ms)
         self._appender = _Appender(redis, max_events)
 
     async def close(self) -> None:
