@@ -132,7 +132,7 @@ async def build_services(
     if state.embedded_database or settings.auth.bootstrap_admin_password:
         password = await auth.bootstrap_admin()
         if password is not None:
-            _announce_first_admin(settings, password)
+            announce_first_admin(settings, password)
     http = httpx.AsyncClient(timeout=httpx.Timeout(10.0), follow_redirects=False)
     oidc = (
         OIDCLogin(settings.auth, state.redis, state.keys, http)
@@ -270,7 +270,7 @@ async def _build_vision(
     return pool, vision
 
 
-def _announce_first_admin(settings: Settings, password: str) -> None:
+def announce_first_admin(settings: Settings, password: str) -> None:
     """The generated password goes to a private file, never into a log line."""
     path = settings.data_dir / INITIAL_PASSWORD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -138,6 +138,10 @@ def serve(
         if settings.should_migrate_on_start:
             _run_checked(_migrate(services.database_url, settings))
         os.environ["SIGHTLINE_DATABASE_MIGRATE_ON_START"] = "false"
+        if "postgresql" in services.embedded or settings.auth.bootstrap_admin_password:
+            # Here, once: workers starting together would race to create the first admin
+            # (and with an embedded database, which they see as external, none would).
+            _run_checked(_bootstrap(services.database_url, services.redis_url, settings))
         uvicorn.run("backend.app:create_app", factory=True, workers=server.workers, **common)  # type: ignore[arg-type]
     finally:
         services.stop()
@@ -152,6 +156,22 @@ async def _migrate(url: str, settings: Settings) -> None:
         revisions = await current_revisions(db.engine)
         out.print(f"database at revision {', '.join(sorted(revisions))}")
     finally:
+        await db.dispose()
+
+
+async def _bootstrap(database_url: str, redis_url: str, settings: Settings) -> None:
+    from backend.app import announce_first_admin, build_signer
+
+    db = Database.connect(database_url, settings.database)
+    redis = connect_redis(redis_url, settings.redis)
+    try:
+        keys = KeySpace(settings.redis.key_prefix)
+        auth = AuthService(db, build_signer(settings), redis, keys, settings.auth)
+        password = await auth.bootstrap_admin()
+        if password is not None:
+            announce_first_admin(settings, password)
+    finally:
+        await redis.aclose()
         await db.dispose()
 
 

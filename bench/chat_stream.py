@@ -41,8 +41,16 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process and of the processes under it (the server's workers)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = (task / "children").read_text().split() if (task / "children").exists() else []
+        total += sum(cpu_seconds(int(child)) for child in children)
+    return total
 
 
 async def wait_ready(url: str) -> None:
@@ -153,6 +161,7 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="tokens/s per stream")
     parser.add_argument("--tokens", type=int, default=100, help="tokens per answer")
     parser.add_argument("--ramp", type=float, default=2.0, help="seconds over which clients start")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
     args = parser.parse_args()
 
     data = Path(tempfile.mkdtemp(prefix="sightline-bench-chat-"))
@@ -187,8 +196,9 @@ async def main() -> None:
         **quiet,
     )  # type: ignore[call-overload]
     log = (data / "server.log").open("w")
+    serve = ["serve", "--port", str(port), "--workers", str(args.workers)]
     server = subprocess.Popen(  # its log stays in the data dir for a look after a failure
-        [sys.executable, "-m", "backend", "serve", "--port", str(port)],
+        [sys.executable, "-m", "backend", *serve],
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
@@ -244,7 +254,8 @@ async def main() -> None:
     ours_tokens, base_tokens = sum(n for _, n in ours), sum(n for _, n in theirs)
     print(
         f"chat_stream: {os.cpu_count()} CPUs, {args.clients} concurrent streams x "
-        f"{args.tokens} tokens at {args.rate:g} tokens/s, stub/server/clients on this machine"
+        f"{args.tokens} tokens at {args.rate:g} tokens/s, {args.workers} server worker(s), "
+        "stub/server/clients on this machine"
     )
     print(f"{'measure':<40}{'sightline':>12}{'direct SSE':>12}{'added':>10}")
     print(
