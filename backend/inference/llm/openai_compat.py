@@ -115,7 +115,7 @@ class OpenAICompatibleProvider:
         max_tokens: int,
         temperature: float,
         tools: list[ToolSpec] | None,
-    ) -> openai.AsyncStream[dict[str, Any]]:
+    ) -> openai.AsyncStream[Any]:
         extra: dict[str, Any] = {}
         if tools:
             extra["tools"] = [
@@ -148,7 +148,8 @@ class OpenAICompatibleProvider:
                         },
                         cast_to=object,
                         stream=True,
-                        stream_cls=openai.AsyncStream[dict[str, Any]],
+                        # `object`, exactly: the SDK hands such chunks over untouched
+                        stream_cls=openai.AsyncStream[object],
                     )
             except TimeoutError as exc:
                 raise LLMTimeout("the model did not start answering in time") from exc
