@@ -165,6 +165,8 @@ async def build_services(
         guards = guardrails
     budgets = Budgets(state.redis, state.keys, settings.limits)
     inference, vision = await _build_vision(state, limiter, budgets, guardrails)
+    if inference is not None:  # vision on: images and scanned PDFs can be ingested
+        knowledge.read_image = vision.read_text
     if tools is None:
         tools = AgentTools(
             search_knowledge=knowledge.search_knowledge,

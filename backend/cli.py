@@ -461,6 +461,7 @@ def keys_create(
 
 
 INGESTIBLE = (".md", ".markdown", ".txt", ".rst", ".html", ".htm", ".pdf")
+IMAGES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")  # read by OCR when vision is on
 
 
 @app.command()
@@ -479,14 +480,17 @@ def ingest(
     Each file's path is its source key: ingesting it again replaces it (or does nothing when it
     has not changed)."""
     from backend.knowledge.embeddings import build_embedder
+    from backend.realtime.eventlog import RunEventLog
+    from backend.vision.ocr import OcrEngine  # heavy imports (OpenCV): only for this command
+    from backend.vision.service import VisionService
 
     meta = json.loads(metadata) if metadata else {}
     if not isinstance(meta, dict):
         raise _fail("--metadata must be a JSON object")
-    files = _documents(paths)
+    settings = _settings()
+    files = _documents(paths, images=settings.vision.enabled)
     if not files:
         raise _fail("no documents found")
-    settings = _settings()
     configure_logging(settings.telemetry.model_copy(update={"log_level": "WARNING"}))
     failed = 0
 
@@ -495,13 +499,25 @@ def ingest(
         async with _backends(settings) as (db, redis, auth):
             principal = await auth.principal_for(tenant, email)
             limits = settings.limits.model_copy(update={"enabled": False})  # an operator's run
+            keys = KeySpace(settings.redis.key_prefix)
+            limiter = RateLimiter(redis, keys, limits)
+            ocr = OcrEngine(settings.vision.tessdata, settings.vision.ocr_threads)
+            vision = VisionService(  # its OCR pipeline reads images and scanned pages
+                db=db,
+                events=RunEventLog(redis, keys.child("vision")),
+                inference=None,
+                ocr=ocr,
+                limiter=limiter,
+                settings=settings.vision,
+            )
             service = KnowledgeService(
                 db=db,
                 redis=redis,
-                keys=KeySpace(settings.redis.key_prefix),
+                keys=keys,
                 embedder=build_embedder(settings.knowledge),
-                limiter=RateLimiter(redis, KeySpace(settings.redis.key_prefix), limits),
+                limiter=limiter,
                 settings=settings.knowledge,
+                read_image=vision.read_text if settings.vision.enabled else None,
             )
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
             try:
@@ -510,6 +526,8 @@ def ingest(
                         failed += not await _ingest_one(service, principal, path, meta, progress)
             finally:
                 await service.close(5)
+                await vision.events.close()
+                ocr.close()
 
     try:
         asyncio.run(main())
@@ -522,14 +540,16 @@ def ingest(
         raise typer.Exit(1)
 
 
-def _documents(paths: list[Path]) -> list[Path]:
-    """The files named, and the documents (by extension) inside the folders named."""
+def _documents(paths: list[Path], *, images: bool) -> list[Path]:
+    """The files named, and the documents (by extension) inside the folders named; images too
+    when they can be read (OCR)."""
+    suffixes = INGESTIBLE + (IMAGES if images else ())
     found: set[Path] = set()
     for path in paths:
         if path.is_file():
             found.add(path)
         elif path.is_dir():
-            found.update(f for f in path.rglob("*") if f.suffix.lower() in INGESTIBLE)
+            found.update(f for f in path.rglob("*") if f.suffix.lower() in suffixes)
     return sorted(found)
 
 

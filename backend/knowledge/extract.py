@@ -24,16 +24,20 @@ _REFUSED_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\xfd7zXZ\x00", "an xz archive"),
     (b"7z\xbc\xaf\x27\x1c", "a 7z archive"),
     (b"Rar!", "a rar archive"),
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
     (b"GIF8", "a GIF image"),
-    (b"RIFF", "a RIFF file (WebP, WAV, AVI)"),
-    (b"II*\x00", "a TIFF image"),
-    (b"MM\x00*", "a TIFF image"),
+    (b"RIFF", "a RIFF file (WAV, AVI)"),
     (b"\x7fELF", "an executable"),
     (b"MZ", "an executable"),
     (b"\xd0\xcf\x11\xe0", "an old Office file"),
 )
+# Images read by OCR (scans, photos of documents), when the server has it.
+_IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+)
+MAX_SCANS_PER_PAGE = 4  # images OCR-ed on one PDF page without a text layer
 _MARKDOWN_HINT = re.compile(r"^(#{1,6} |\s*[-*] |\s*\d+\. |```)", re.MULTILINE)
 _HTML_HINT = re.compile(rb"^\s*(<!doctype html|<html|<head|<body|<h[1-6][ >]|<p[ >])", re.I)
 
@@ -62,15 +66,27 @@ class Extracted:
     media_type: str
     title: str
     sections: list[Section] = field(default_factory=list)
+    # Images to read by OCR: (page, image bytes); page None for an image document.
+    scans: list[tuple[int | None, bytes]] = field(default_factory=list)
 
 
-def sniff(data: bytes, filename: str = "") -> str:
-    """The media type the bytes really have, or UnsupportedDocument."""
+def sniff(data: bytes, filename: str = "", *, images: bool = False) -> str:
+    """The media type the bytes really have, or UnsupportedDocument. Images are documents only
+    when the server can read them (`images`: OCR is on)."""
     if not data.strip():
         raise UnreadableDocument("the document is empty")
     head = data[:16]
     if head.startswith(b"%PDF-"):
         return PDF
+    webp = head.startswith(b"RIFF") and head[8:12] == b"WEBP"
+    for magic, media_type in (*_IMAGE_MAGIC, (b"RIFF", "image/webp")):
+        if head.startswith(magic) and (magic != b"RIFF" or webp):
+            if images:
+                return media_type
+            raise UnsupportedDocument(
+                f"this is an image ({media_type}); images are read by OCR, which this server "
+                "does not run (SIGHTLINE_VISION_ENABLED)"
+            )
     for magic, name in _REFUSED_MAGIC:
         if head.startswith(magic):
             raise UnsupportedDocument(f"this looks like {name}, not a text document")
@@ -100,11 +116,16 @@ def _decode(data: bytes, *, strict_tail: bool = False) -> str:
     return text
 
 
-def extract(data: bytes, media_type: str, filename: str, *, max_pages: int) -> Extracted:
-    """Sections of the document (CPU work: call it off the event loop)."""
+def extract(
+    data: bytes, media_type: str, filename: str, *, max_pages: int, scans: bool = False
+) -> Extracted:
+    """Sections of the document (CPU work: call it off the event loop). With `scans`, images,
+    and the images on PDF pages without a text layer, are returned to be read by OCR."""
     title = filename.rsplit("/", 1)[-1] or "Untitled"
+    if media_type.startswith("image/"):
+        return Extracted(media_type, title, scans=[(None, data)])
     if media_type == PDF:
-        return _pdf(data, title, max_pages)
+        return _pdf(data, title, max_pages, scans)
     text = _decode(data).replace("\r\n", "\n")
     if media_type == HTML:
         return _html(text, title)
@@ -203,7 +224,7 @@ def _html(text: str, title: str) -> Extracted:
     return Extracted(HTML, " ".join(parser.title.split()) or title, parser.sections)
 
 
-def _pdf(data: bytes, title: str, max_pages: int) -> Extracted:
+def _pdf(data: bytes, title: str, max_pages: int, scans: bool) -> Extracted:
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
 
@@ -214,17 +235,38 @@ def _pdf(data: bytes, title: str, max_pages: int) -> Extracted:
         if len(reader.pages) > max_pages:
             raise UnreadableDocument(f"the PDF has more than {max_pages} pages")
         meta_title = (reader.metadata or {}).get("/Title") if reader.metadata else None
-        sections = [
-            Section(page.extract_text() or "", page=number)
-            for number, page in enumerate(reader.pages, start=1)
-        ]
+        sections, images = [], []
+        for number, page in enumerate(reader.pages, start=1):
+            text = page.extract_text() or ""
+            if text.strip():
+                sections.append(Section(text, page=number))
+            elif scans:  # a scanned page: its images, for OCR
+                images += [(number, image) for image in _page_images(page)]
     except UnreadableDocument:
         raise
     except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
         raise UnreadableDocument(f"the PDF is corrupt: {type(exc).__name__}") from exc
     except Exception as exc:  # pypdf raises assorted errors on hostile files
         raise UnreadableDocument(f"the PDF cannot be read: {type(exc).__name__}") from exc
-    sections = [s for s in sections if s.text.strip()]
-    if not sections:
-        raise UnreadableDocument("the PDF has no text layer (scanned pages need OCR)")
-    return Extracted(PDF, str(meta_title or title), sections)
+    if not sections and not images:
+        raise UnreadableDocument(
+            "the PDF has no text layer and no page images"
+            if scans
+            else "the PDF has no text layer (scanned pages need OCR, which is off on this server)"
+        )
+    return Extracted(PDF, str(meta_title or title), sections, images)
+
+
+def _page_images(page: object) -> list[bytes]:
+    """The images of a PDF page as image files (pypdf converts them); one it cannot convert
+    (a JBIG2 scan, say) is skipped rather than failing the document."""
+    found = []
+    try:
+        for image in page.images[:MAX_SCANS_PER_PAGE]:  # type: ignore[attr-defined]
+            try:
+                found.append(image.data)
+            except Exception:  # noqa: S112 (pypdf raises assorted errors on odd filters)
+                continue
+    except Exception:
+        return found
+    return found

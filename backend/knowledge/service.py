@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -41,7 +41,7 @@ from backend.core.tasks import drain
 from backend.errors import AppError, NotFound, PayloadTooLarge, ValidationFailed
 from backend.knowledge.chunking import chunk
 from backend.knowledge.embeddings import Embedder, EmbeddingUnavailable
-from backend.knowledge.extract import UnreadableDocument, extract, sniff
+from backend.knowledge.extract import Extracted, Section, UnreadableDocument, extract, sniff
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
 
@@ -94,7 +94,11 @@ class KnowledgeService:
         limiter: RateLimiter,
         settings: KnowledgeSettings,
         own_embedder: bool = True,
+        read_image: Callable[[bytes], Awaitable[str]] | None = None,
     ) -> None:
+        # OCR for images and scanned PDF pages (the vision service's, wired by the app when
+        # vision is on); without it such documents are refused with a typed error.
+        self.read_image = read_image
         self._own_embedder = own_embedder
         self._db = db
         self._redis = redis
@@ -138,7 +142,7 @@ class KnowledgeService:
         key = (source or filename or "").strip()[:500]
         if not key:
             key = "text:" + content_hash[:16]
-        media_type = sniff(data, filename or key)
+        media_type = sniff(data, filename or key, images=self.read_image is not None)
         await self._limiter.enforce(principal.subject, principal.plan, "ingestion")
         async with self._db.session(principal.tenant_id) as session:
             job = IngestionJob(
@@ -155,6 +159,20 @@ class KnowledgeService:
             self._run(principal, job.id, upload), name=f"ingest-{job.id}"
         )
         return job
+
+    async def _read_scans(self, job_key: str, extracted: Extracted) -> list[Section]:
+        """The document's sections with its scanned pages (or the image) read by OCR, in page
+        order; progress is reported page by page (OCR takes about a second a page)."""
+        assert self.read_image is not None
+        read: dict[int | None, list[str]] = {}
+        total = len(extracted.scans)
+        for done, (page, image) in enumerate(extracted.scans, start=1):
+            read.setdefault(page, []).append(await self.read_image(image))
+            await self.events.append(
+                job_key, "IngestionProgress", {"status": "reading", "done": done, "total": total}
+            )
+        scanned = [Section("\n\n".join(texts), page=page) for page, texts in read.items()]
+        return sorted([*extracted.sections, *scanned], key=lambda s: s.page or 0)
 
     async def _run(self, principal: Principal, job_id: uuid.UUID, upload: _Upload) -> None:
         job_key = str(job_id)
@@ -205,7 +223,10 @@ class KnowledgeService:
             upload.media_type,
             upload.source,
             max_pages=self._settings.max_pages,
+            scans=self.read_image is not None,
         )
+        if extracted.scans:
+            extracted.sections = await self._read_scans(job_key, extracted)
         pieces = chunk(
             extracted.sections,
             max_tokens=self._settings.chunk_tokens,

@@ -275,6 +275,19 @@ class VisionService:
         results[task.value] = entry
         await self.events.append(key, "VisionTaskCompleted", {"task": task.value, **entry})
 
+    async def read_text(self, data: bytes, language: str = "eng") -> str:
+        """The text of an image (a scanned page, a photo of a document), by the OCR pipeline:
+        the same validation and clean-up as analysis jobs. Knowledge ingestion reads scans
+        with it."""
+        image = await asyncio.to_thread(
+            decode,
+            data,
+            max_bytes=self._settings.max_image_bytes,
+            max_pixels=self._settings.max_pixels,
+            animated="first_frame",
+        )
+        return str((await self._ocr.read(image.rgb, language))["text"])
+
     async def analyse_frame(
         self,
         data: bytes,

@@ -64,8 +64,10 @@ def test_real_types_are_sniffed_from_content_not_names() -> None:
     [
         (b"", "empty"),
         (b"   \n\t ", "empty"),
-        (b"\x89PNG\r\n\x1a\n" + bytes(100), "PNG"),
-        (b"\xff\xd8\xff\xe0" + bytes(100), "JPEG"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(100), "image/png.*OCR"),  # no OCR here: refused
+        (b"\xff\xd8\xff\xe0" + bytes(100), "image/jpeg"),
+        (b"RIFF\x10\x00\x00\x00WEBPVP8 " + bytes(100), "image/webp"),
+        (b"RIFF\x10\x00\x00\x00WAVEfmt " + bytes(100), "RIFF"),
         (gzip.compress(b"a" * 10_000_000), "gzip"),  # a bomb: 10 MB in ~10 kB
         (bytes(range(256)) * 40, "binary"),
         (b"\x7fELF\x02\x01\x01" + bytes(100), "executable"),
@@ -74,6 +76,14 @@ def test_real_types_are_sniffed_from_content_not_names() -> None:
 def test_what_is_not_a_text_document_is_refused(data: bytes, words: str) -> None:
     with pytest.raises((UnsupportedDocument, UnreadableDocument), match=words):
         sniff(data, "doc.txt")
+
+
+def test_images_are_documents_when_ocr_is_on() -> None:
+    png = b"\x89PNG\r\n\x1a\n" + bytes(100)
+    assert sniff(png, "scan.txt", images=True) == "image/png"
+    extracted = extract(png, "image/png", "scans/scan.png", max_pages=5, scans=True)
+    assert extracted.sections == []
+    assert extracted.scans == [(None, png)]
 
 
 def test_zip_archives_and_office_files_are_refused_unopened() -> None:

