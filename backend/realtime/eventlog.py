@@ -217,6 +217,7 @@ class _Appender:
         return await future
 
     async def _send(self) -> None:
+        batch: list[tuple[str, dict[str, str], asyncio.Future[Any]]] = []
         try:
             while self._pending:
                 batch = self._pending[: self.MAX_BATCH]
@@ -237,7 +238,7 @@ class _Appender:
                         future.set_result(reply)
         finally:
             self._task = None
-            for _, _, future in self._pending:  # only when this task itself was cancelled
+            for _, _, future in batch + self._pending:  # left only when this task was cancelled
                 if not future.done():
                     future.set_exception(RedisError("event log closed"))
             self._pending.clear()

@@ -206,3 +206,24 @@ async def test_an_append_that_cannot_reach_redis_fails_its_caller(key_prefix: st
     finally:
         await events.close()
         await dead.aclose()
+
+
+async def test_closing_with_appends_stuck_on_the_wire_fails_them_instead_of_hanging(
+    redis: Redis, key_prefix: str
+) -> None:
+    client = connect_redis(REDIS_URL, RedisSettings())
+    events = RunEventLog(client, KeySpace(key_prefix), block_ms=100)
+    await client.ping()
+    await redis.execute_command("CLIENT", "PAUSE", "3000", "WRITE")  # XADDs now wait
+    try:
+        stuck = [
+            asyncio.create_task(events.append(f"r{i}", "TokenDelta", {"text": "x"}))
+            for i in range(3)
+        ]
+        await asyncio.sleep(0.1)
+        await events.close()  # waits block_ms + 1 s for the batch, then gives up on it
+        results = await asyncio.wait_for(asyncio.gather(*stuck, return_exceptions=True), 2)
+        assert all(isinstance(r, Exception) for r in results), results
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        await client.aclose()
