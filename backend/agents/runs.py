@@ -82,6 +82,7 @@ class _Turn:
     answer_id: uuid.UUID | None = None  # set once the complete answer is stored
     started: float = field(default_factory=time.perf_counter)
     last_token: float | None = None
+    behind: bool = False  # created while another run of its conversation was going
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,17 @@ class RunService:
         )
         await self._redis.sadd(active_key, str(run.id))
         self._tasks[run.id] = asyncio.create_task(
-            self._execute(_Turn(principal, run, chat_model, message, reservation, active_key)),
+            self._execute(
+                _Turn(
+                    principal,
+                    run,
+                    chat_model,
+                    message,
+                    reservation,
+                    active_key,
+                    behind=busy is not None,
+                )
+            ),
             name=f"run-{run.id}",
         )
         return StartedRun(run, message)
@@ -253,7 +264,11 @@ class RunService:
         await self._redis.publish(self._keys(CANCEL_CHANNEL), str(run_id))
 
     async def _wait_for_turn(self, turn: _Turn) -> None:
-        """A queued (or interrupting) run waits until earlier runs of its conversation end."""
+        """A queued (or interrupting) run waits until earlier runs of its conversation end.
+        One created with none going has nothing to wait for: runs are created under the
+        conversation's row lock, so no earlier one can appear later."""
+        if not turn.behind:
+            return
         cancel_flag = self._keys("cancel", str(turn.run.id))
         while True:
             async with self._db.session(turn.principal.tenant_id) as session:
