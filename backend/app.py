@@ -130,9 +130,7 @@ async def build_services(
         await signer.load(session)
     auth = AuthService(state.db, signer, state.redis, state.keys, settings.auth)
     if state.embedded_database or settings.auth.bootstrap_admin_password:
-        password = await auth.bootstrap_admin()
-        if password is not None:
-            announce_first_admin(settings, password)
+        await bootstrap_first_admin(auth, settings)
     http = httpx.AsyncClient(timeout=httpx.Timeout(10.0), follow_redirects=False)
     oidc = (
         OIDCLogin(settings.auth, state.redis, state.keys, http)
@@ -272,7 +270,14 @@ async def _build_vision(
     return pool, vision
 
 
-def announce_first_admin(settings: Settings, password: str) -> None:
+async def bootstrap_first_admin(auth: AuthService, settings: Settings) -> None:
+    """The first tenant and admin on a database with none; a generated password is announced."""
+    password = await auth.bootstrap_admin()
+    if password is not None:
+        _announce_first_admin(settings, password)
+
+
+def _announce_first_admin(settings: Settings, password: str) -> None:
     """The generated password goes to a private file, never into a log line."""
     path = settings.data_dir / INITIAL_PASSWORD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -160,16 +160,14 @@ async def _migrate(url: str, settings: Settings) -> None:
 
 
 async def _bootstrap(database_url: str, redis_url: str, settings: Settings) -> None:
-    from backend.app import announce_first_admin, build_signer
+    from backend.app import bootstrap_first_admin, build_signer
 
     db = Database.connect(database_url, settings.database)
     redis = connect_redis(redis_url, settings.redis)
     try:
         keys = KeySpace(settings.redis.key_prefix)
         auth = AuthService(db, build_signer(settings), redis, keys, settings.auth)
-        password = await auth.bootstrap_admin()
-        if password is not None:
-            announce_first_admin(settings, password)
+        await bootstrap_first_admin(auth, settings)
     finally:
         await redis.aclose()
         await db.dispose()
