@@ -45,6 +45,20 @@ pytest_plugins = ("tests.accounts",)
 
 REDIS_URL = os.environ.get("SIGHTLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
+# Tests assert behaviour, not speed: every time limit in a test is generous, and scaled by
+# SIGHTLINE_TEST_TIME_SCALE on a machine known to be slow or busy.
+TIME_SCALE = float(os.environ.get("SIGHTLINE_TEST_TIME_SCALE", "1"))
+
+
+def scaled(seconds: float) -> float:
+    """A test's time limit, scaled for a slow or busy machine."""
+    return seconds * TIME_SCALE
+
+
+def lifespan(application: Any) -> LifespanManager:
+    """The app's lifespan with limits for a busy machine (asgi-lifespan's default is 5 s)."""
+    return LifespanManager(application, startup_timeout=scaled(120), shutdown_timeout=scaled(60))
+
 
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -142,7 +156,7 @@ async def app(
     application = create_app(
         settings, db=db, redis=redis, span_processors=[SimpleSpanProcessor(spans)]
     )
-    async with LifespanManager(application) as manager:
+    async with lifespan(application) as manager:
         application.state.asgi = manager.app  # the app with the lifespan state injected
         application.state.sightline = manager._state["sightline"]
         application.state.services = manager._state["services"]
