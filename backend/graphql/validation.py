@@ -119,7 +119,6 @@ class DocumentValidator:
         budget_s: float,
         hide_suggestions: bool = False,
         cache_size: int = 1024,
-        threads: int = 2,
     ) -> None:
         self.limits = tuple(limits)
         self.rules = (*rules, MaybeNullValidationRule, OneOfInputValidationRule)
@@ -127,13 +126,6 @@ class DocumentValidator:
         self.hide_suggestions = hide_suggestions
         self._cache: OrderedDict[tuple[str, tuple[Any, ...]], list[GraphQLError]] = OrderedDict()
         self._cache_size = cache_size
-        self._threads = threads
-        self._pool: ThreadPoolExecutor | None = None
-
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="graphql-validate")
-        return self._pool
 
     def validate_now(
         self,
@@ -162,7 +154,7 @@ class DocumentValidator:
             self._cache.move_to_end(key)
             return cached
         job = _Interruptible(lambda: self.validate_now(schema, document, extra))
-        future = asyncio.get_running_loop().run_in_executor(self._executor(), job.run)
+        future = asyncio.get_running_loop().run_in_executor(_pool(), job.run)
         try:
             async with asyncio.timeout(self.budget_s):
                 errors: list[GraphQLError] = await asyncio.shield(future)
@@ -185,6 +177,18 @@ class DocumentValidator:
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return errors
+
+
+_POOL: ThreadPoolExecutor | None = None
+VALIDATION_THREADS = 2  # validation is pure Python: more threads would only share the GIL
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One pool for the process (every schema's validator shares it), made on first use."""
+    global _POOL  # noqa: PLW0603 (process-wide, like the default executor)
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(VALIDATION_THREADS, thread_name_prefix="graphql-validate")
+    return _POOL
 
 
 def _explained(error: GraphQLError) -> GraphQLError:
