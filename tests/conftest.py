@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -53,6 +55,31 @@ TIME_SCALE = float(os.environ.get("SIGHTLINE_TEST_TIME_SCALE", "1"))
 def scaled(seconds: float) -> float:
     """A test's time limit, scaled for a slow or busy machine."""
     return seconds * TIME_SCALE
+
+
+# Spins until killed; the kernel kills it when its parent (the test process) dies.
+_BURNER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit()\n"
+    "while True: pass\n"
+)
+
+
+@pytest.fixture
+def cpu_load() -> Iterator[None]:
+    """A busy process per CPU while the test runs: races that need a loaded machine show."""
+    burners = [
+        subprocess.Popen([sys.executable, "-c", _BURNER, str(os.getpid())])
+        for _ in range(os.cpu_count() or 2)
+    ]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+        for burner in burners:
+            burner.wait()
 
 
 def lifespan(application: Any) -> LifespanManager:

@@ -440,16 +440,14 @@ async def unlimited_server(
         yield live
 
 
-@settings(
-    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(cuts=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=6))
-async def test_random_disconnects_over_the_websocket_lose_and_repeat_nothing(
-    unlimited_server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str], cuts: list[int]
+CUTS = st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=6)
+
+
+async def _disconnect_and_resume(
+    server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str], cuts: list[int]
 ) -> None:
     """Property: whatever points a client drops its socket at, resuming from its last cursor
     (on a new socket) yields every token exactly once, in order."""
-    server = unlimited_server
     llm[0].answer_tokens = 40
     token = await sign_in(server, account)
     _, run_id = await start_run(server, token, "alpha beta gamma delta")
@@ -467,3 +465,29 @@ async def test_random_disconnects_over_the_websocket_lose_and_repeat_nothing(
     assert indexes == sorted(set(indexes))  # no duplicate, in order
     assert len(text_of(seen).split()) == 40  # no gap (deltas may arrive merged)
     assert seen[-1]["__typename"] == "RunCompleted"
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(cuts=CUTS)
+async def test_random_disconnects_over_the_websocket_lose_and_repeat_nothing(
+    unlimited_server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str], cuts: list[int]
+) -> None:
+    await _disconnect_and_resume(unlimited_server, account, llm, cuts)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(cuts=CUTS)
+async def test_random_disconnects_under_cpu_load_lose_and_repeat_nothing(
+    cpu_load: None,
+    unlimited_server: LiveServer,
+    account: dict[str, Any],
+    llm: tuple[LLMStub, str],
+    cuts: list[int],
+) -> None:
+    # The gap this found (a resumed reader behind an earlier subscriber of the same stream)
+    # showed only on a loaded machine, where the old socket's cleanup comes late.
+    await _disconnect_and_resume(unlimited_server, account, llm, cuts)
