@@ -31,6 +31,7 @@ from backend.config import (
     ChatSettings,
     DatabaseSettings,
     Environment,
+    GuardrailSettings,
     LogFormat,
     RedisSettings,
     Settings,
@@ -55,6 +56,12 @@ TIME_SCALE = float(os.environ.get("SIGHTLINE_TEST_TIME_SCALE", "1"))
 def scaled(seconds: float) -> float:
     """A test's time limit, scaled for a slow or busy machine."""
     return seconds * TIME_SCALE
+
+
+# The server's own time limits, generous in tests: a rail or a frame that takes long on a busy
+# machine is slow, not refused (tests of the limits themselves set small ones).
+GUARDRAIL_TIMEOUT_S = scaled(60)
+VISION_TIMEOUTS = {"live_frame_timeout_s": scaled(120), "infer_timeout_s": scaled(120)}
 
 
 # Spins until killed; the kernel kills it when its parent (the test process) dies.
@@ -166,7 +173,8 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         # The packaged model is loaded only by the tests about it (tests/agents).
         chat=ChatSettings(local_model=False),
         # The inference pool (a worker process loading the vision models) only where tested.
-        vision=VisionSettings(enabled=False),
+        vision=VisionSettings(enabled=False, **VISION_TIMEOUTS),
+        guardrails=GuardrailSettings(check_timeout_s=GUARDRAIL_TIMEOUT_S),
     )
 
 
