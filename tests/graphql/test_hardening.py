@@ -7,11 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 from httpx import ASGITransport, AsyncClient
-from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from backend.app import create_app
-from backend.config import Environment, GraphQLSettings, SecuritySettings, Settings
+from backend.config import Environment, GraphQLSettings, Settings
 from backend.core.db import Database
 from tests.conftest import lifespan
 
@@ -81,13 +80,9 @@ async def test_introspection_is_off_in_production_unless_asked(
 async def production_client(
     settings: Settings, db: Database, redis: Redis
 ) -> AsyncIterator[AsyncClient]:
-    """The app as deployed: production settings (a real secret), no suggestions, no GraphiQL."""
-    production = settings.model_copy(
-        update={
-            "env": Environment.PRODUCTION,
-            "security": SecuritySettings(secret_key=SecretStr("p" * 48)),
-        }
-    )
+    """The app in production mode (the test session's secret kept: it encrypts the signing
+    keys other tests stored)."""
+    production = settings.model_copy(update={"env": Environment.PRODUCTION})
     application = create_app(production, db=db, redis=redis)
     async with lifespan(application) as manager:
         transport = ASGITransport(app=manager.app)
