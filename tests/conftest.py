@@ -253,7 +253,7 @@ async def serve_live(settings: Settings, **app_options: Any) -> AsyncIterator[Li
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(scaled(120)):
         while not server.started:
             if task.done():
                 task.result()
@@ -262,7 +262,7 @@ async def serve_live(settings: Settings, **app_options: Any) -> AsyncIterator[Li
         yield LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/graphql", application)
     finally:
         server.should_exit = True
-        await asyncio.wait_for(task, 20)
+        await asyncio.wait_for(task, scaled(60))
 
 
 @pytest.fixture
