@@ -94,6 +94,19 @@ class ServerSettings(_Section):
     max_ws_message_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest WebSocket message accepted (close 1009 above)."
     )
+    max_json_depth: int = Field(
+        64,
+        ge=2,
+        le=500,
+        description="Deepest nesting of arrays and objects in JSON a client sends (request "
+        "bodies, variables, socket messages); 400 above.",
+    )
+    max_json_values: int = Field(
+        100_000,
+        ge=100,
+        description="Most values (numbers, strings, arrays, ...) in JSON a client sends; 400 "
+        "above (millions of tiny values would cost seconds of parsing).",
+    )
     ws_compression: bool = Field(
         False,
         description="permessage-deflate on WebSockets (small token frames gain little; costs CPU).",
