@@ -21,7 +21,7 @@ from backend.config import VisionSettings
 from backend.core.db import Database
 from backend.core.models import VisionJob, VisionStatus
 from backend.core.tasks import drain
-from backend.errors import AppError, ServiceUnavailable, ValidationFailed
+from backend.errors import AppError, NotFound, ServiceUnavailable, ValidationFailed
 from backend.inference.client import InferenceClient, InferenceError, Priority
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
@@ -374,7 +374,13 @@ class VisionService:
     # -- reads ---------------------------------------------------------------------------------
 
     async def job(self, principal: Principal, job_id: uuid.UUID) -> VisionJob:
-        return await self._db.get_owned(principal.tenant_id, VisionJob, job_id, "vision job")
+        """One of the caller's own jobs. Anyone else's is NOT_FOUND, a tenant admin's
+        colleagues' included: the schema promises "the caller's" (as for runs and
+        conversations), and an image's results can hold what its text said."""
+        job = await self._db.get_owned(principal.tenant_id, VisionJob, job_id, "vision job")
+        if job.created_by != principal.user_id:
+            raise NotFound("no such vision job", id=str(job_id))
+        return job
 
     async def describe(self, principal: Principal, job_id: uuid.UUID) -> dict[str, Any]:
         """What an analysed image shows, short enough for a prompt: its text, the objects
@@ -395,7 +401,7 @@ class VisionService:
     async def job_events(
         self, principal: Principal, job_id: uuid.UUID, after: str | None
     ) -> AsyncIterator[RunEvent]:
-        await self.job(principal, job_id)  # authorisation: a job of the caller's tenant
+        await self.job(principal, job_id)  # authorisation: the caller's own job
         return self.events.read(str(job_id), after)
 
     async def _update(self, principal: Principal, job_id: uuid.UUID, **values: Any) -> None:
