@@ -18,6 +18,7 @@ from backend.errors import BAD_VALUE_MESSAGE, is_bad_value
 from backend.graphql.extensions import shape_error
 from backend.graphql.schema import build_schema
 from tests.accounts import Account
+from tests.conftest import LiveServer
 
 NUL = "a\x00b"
 SURROGATE = "a\ud800b"
@@ -459,3 +460,19 @@ async def test_a_value_postgresql_refuses_is_bad_user_input_not_a_bug(
     shaped = shape_error(GraphQLError("x", path=["f"], original_error=raised.value))
     assert shaped.extensions == {"code": "BAD_USER_INPUT"}
     assert shaped.message == BAD_VALUE_MESSAGE
+
+
+async def test_a_subscription_with_unstorable_text_is_refused(live_server: LiveServer) -> None:
+    """Subscriptions go through the same check, before any resolver (here over HTTP as
+    Server-Sent Events; the WebSocket transports run the same schema)."""
+    query = 'subscription($a: String) { runEvents(runId: "x", after: $a) { cursor } }'
+    async with AsyncClient() as http:
+        response = await http.post(
+            f"{live_server.http_url}/graphql",
+            content=json.dumps({"query": query, "variables": {"a": NUL}}).encode(),
+            headers={"content-type": "application/json", "accept": "text/event-stream"},
+            timeout=30,
+        )
+    assert response.status_code < 500, response.text
+    assert "BAD_USER_INPUT" in response.text
+    assert "INTERNAL_SERVER_ERROR" not in response.text
