@@ -476,3 +476,28 @@ async def test_a_subscription_with_unstorable_text_is_refused(live_server: LiveS
     assert response.status_code < 500, response.text
     assert "BAD_USER_INPUT" in response.text
     assert "INTERNAL_SERVER_ERROR" not in response.text
+
+
+async def test_socket_messages_are_bounded_json_too(live_server: LiveServer) -> None:
+    """A JSON bomb on the GraphQL socket is a malformed message (close 4400), not a crash of
+    the connection handler; a NUL in a subscription's variables is BAD_USER_INPUT."""
+    from websockets.exceptions import ConnectionClosed
+
+    from tests.graphql.ws import init, open_socket, receive, subscribe
+
+    async with await open_socket(live_server.ws_url) as ws:
+        await init(ws)
+        await ws.send("[" * 100_000 + "]" * 100_000)
+        with pytest.raises(ConnectionClosed) as closed:
+            await receive(ws)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4400
+
+    async with await open_socket(live_server.ws_url) as ws:
+        await init(ws)
+        query = 'subscription($a: String) { runEvents(runId: "x", after: $a) { cursor } }'
+        await subscribe(ws, query, {"a": NUL})
+        message = await receive(ws)
+        assert message["type"] == "next", message  # refused at execution: no event follows
+        assert message["payload"]["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+        assert (await receive(ws))["type"] == "complete"
