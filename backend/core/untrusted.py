@@ -67,7 +67,7 @@ def loads(data: str | bytes, *, max_depth: int, max_values: int) -> Any:
     of tiny values (seconds of parsing, on the event loop) is refused unread. Raises BadJSON."""
     if isinstance(data, bytes | bytearray | memoryview):
         try:
-            text = bytes(data).decode("utf-8")
+            text = bytes(data).decode("utf-8-sig")  # RFC 8259: a BOM may be ignored
         except UnicodeDecodeError:
             raise BadJSON("the body is not valid UTF-8") from None
     else:
