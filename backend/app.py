@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from opentelemetry.sdk.trace import SpanProcessor
 from redis.asyncio import Redis
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
@@ -43,7 +44,7 @@ from backend.core.migrations import is_current
 from backend.core.redis import ping_redis
 from backend.core.state import AppState
 from backend.core.telemetry import build_tracer_provider, configure_logging
-from backend.errors import AppError, ValidationFailed
+from backend.errors import BAD_VALUE_MESSAGE, AppError, ValidationFailed, is_bad_value
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
 from backend.guardrails.service import GuardrailService, build_guardrails
@@ -458,6 +459,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         )
         response.headers.update(exc.headers or {})
         return response
+
+    @app.exception_handler(DBAPIError)
+    async def database_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        """A value PostgreSQL refused is the client's (see is_bad_value); anything else is
+        re-raised to the 500 handler below."""
+        if not is_bad_value(exc):
+            raise exc
+        log.warning("a value reached PostgreSQL and was refused there: %s", type(exc.orig))
+        return _error(400, ValidationFailed.code, BAD_VALUE_MESSAGE)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -110,7 +110,7 @@ def serve(
         "host": server.host,
         "port": server.port,
         "log_config": None,
-        "ws_max_size": server.max_ws_message_bytes,
+        "ws_max_size": settings.ws_max_message_bytes,
         "ws_per_message_deflate": server.ws_compression,
         "timeout_graceful_shutdown": int(server.graceful_shutdown_s),
         "proxy_headers": True,

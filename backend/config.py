@@ -91,8 +91,25 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(
         10 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted (413 above)."
     )
-    max_ws_message_bytes: int = Field(
-        1024 * 1024, ge=1024, description="Largest WebSocket message accepted (close 1009 above)."
+    max_ws_message_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="Largest WebSocket message read (close 1009 above). Unset: twice "
+        "SIGHTLINE_VISION_LIVE_MAX_FRAME_BYTES, so that a frame over the frame limit is "
+        "answered with a per-frame error instead of a closed socket.",
+    )
+    max_json_depth: int = Field(
+        64,
+        ge=2,
+        le=500,
+        description="Deepest nesting of arrays and objects in JSON a client sends (request "
+        "bodies, variables, socket messages); 400 above.",
+    )
+    max_json_values: int = Field(
+        100_000,
+        ge=100,
+        description="Most values (numbers, strings, arrays, ...) in JSON a client sends; 400 "
+        "above (millions of tiny values would cost seconds of parsing).",
     )
     ws_compression: bool = Field(
         False,
@@ -565,6 +582,12 @@ class VisionSettings(_Section):
         description="Animated images: analyse the `first_frame` or `reject` them.",
     )
     ocr_threads: int = Field(1, ge=1, description="Threads (each with a Tesseract engine) for OCR.")
+    decode_threads: int = Field(
+        2,
+        ge=1,
+        description="Threads that decode images (uploads and live frames): costly images wait "
+        "for these instead of taking every core from the models.",
+    )
     tessdata: Path = Field(
         Path("/usr/share/tesseract-ocr/5/tessdata"), description="Tesseract language data."
     )
@@ -584,7 +607,25 @@ class VisionSettings(_Section):
         15.0, gt=0, description="Live camera: frames per second one connection may send."
     )
     live_max_frame_bytes: int = Field(
-        2 * 1024 * 1024, ge=1, description="Live camera: largest frame (bytes)."
+        2 * 1024 * 1024,
+        ge=1,
+        description="Live camera: largest frame (bytes); a larger one gets a per-frame "
+        "PAYLOAD_TOO_LARGE error.",
+    )
+    live_max_pixels: int = Field(
+        3840 * 2160,
+        ge=1,
+        description="Live camera: largest frame (width x height, read from the header before "
+        "decoding; 4K UHD).",
+    )
+    live_decode_share: float = Field(
+        0.5,
+        gt=0,
+        description="Live camera: share of one core a connection may spend decoding its frames, "
+        "on average; past it, its frames wait (and newer ones replace them).",
+    )
+    live_decode_burst_s: float = Field(
+        2.0, gt=0, description="Live camera: decode seconds a connection may spend at once."
     )
     live_frame_timeout_s: float = Field(
         5.0, gt=0, description="Live camera: longest the analysis of one frame may take."
@@ -670,6 +711,28 @@ class Settings(_Section):
         if problems:
             raise ValueError("refusing to start in production: " + "; ".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _frames_fit_in_messages(self) -> Settings:
+        explicit = self.server.max_ws_message_bytes
+        if (
+            explicit is not None
+            and self.vision.enabled
+            and explicit <= self.vision.live_max_frame_bytes
+        ):
+            raise ValueError(
+                "SIGHTLINE_SERVER_MAX_WS_MESSAGE_BYTES must be larger than "
+                "SIGHTLINE_VISION_LIVE_MAX_FRAME_BYTES (an oversized frame is answered "
+                "with a per-frame error, which the socket must be able to read)"
+            )
+        return self
+
+    @property
+    def ws_max_message_bytes(self) -> int:
+        """The WebSocket transport's message limit (uvicorn's `ws_max_size`): one number for
+        every socket, always above the live camera's frame limit."""
+        explicit = self.server.max_ws_message_bytes
+        return explicit if explicit is not None else 2 * self.vision.live_max_frame_bytes
 
     @property
     def should_migrate_on_start(self) -> bool:

@@ -94,3 +94,26 @@ def is_overload(exc: BaseException) -> bool:
     return isinstance(
         exc, RedisConnectionError | RedisTimeout | PoolTimeout | OperationalError | ConnectionError
     )
+
+
+def is_bad_value(exc: BaseException) -> bool:
+    """PostgreSQL or its driver refused a value the client sent: text with a NUL or a lone
+    surrogate, a number out of range (SQLSTATE class 22, "data exception"). The input's fault,
+    so a 400, not a 500; checks at the edge (backend.core.untrusted) should refuse such values
+    first, and this is the last line behind them."""
+    from sqlalchemy.exc import DBAPIError
+
+    if not isinstance(exc, DBAPIError) or exc.orig is None:
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith("22")
+    # asyncpg could not encode a parameter (a lone surrogate, an int over 64 bits): its
+    # DataError for a query argument is a ValueError.
+    return isinstance(exc.orig.__cause__, ValueError)
+
+
+BAD_VALUE_MESSAGE = (
+    "a value could not be stored: text with a NUL character or invalid Unicode, or a number "
+    "out of range"
+)

@@ -249,7 +249,7 @@ async def serve_live(settings: Settings, **app_options: Any) -> AsyncIterator[Li
         port=port,
         log_config=None,
         lifespan="on",
-        ws_max_size=settings.server.max_ws_message_bytes,
+        ws_max_size=settings.ws_max_message_bytes,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

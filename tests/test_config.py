@@ -99,3 +99,20 @@ def test_incomplete_oidc_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("SIGHTLINE_AUTH_OIDC_ISSUER", "https://idp.example")
     with pytest.raises(ValidationError, match="OIDC_CLIENT_ID"):
         Settings()
+
+
+def test_the_socket_message_limit_stays_above_the_frame_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One number configures the WebSocket transport; by default twice the live camera's
+    frame limit, so an oversized frame is answered per frame instead of closing the socket."""
+    assert Settings().ws_max_message_bytes == 2 * Settings().vision.live_max_frame_bytes
+    monkeypatch.setenv("SIGHTLINE_VISION_LIVE_MAX_FRAME_BYTES", "3000000")
+    assert Settings().ws_max_message_bytes == 6_000_000
+    monkeypatch.setenv("SIGHTLINE_SERVER_MAX_WS_MESSAGE_BYTES", "8000000")
+    assert Settings().ws_max_message_bytes == 8_000_000
+    monkeypatch.setenv("SIGHTLINE_SERVER_MAX_WS_MESSAGE_BYTES", "1000000")
+    with pytest.raises(ValidationError, match="LIVE_MAX_FRAME_BYTES"):
+        Settings()
+    monkeypatch.setenv("SIGHTLINE_VISION_ENABLED", "false")  # no live camera: any limit
+    assert Settings().ws_max_message_bytes == 1_000_000

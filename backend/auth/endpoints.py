@@ -9,9 +9,10 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from backend.auth.errors import InvalidGrant, OAuthError, UnsupportedGrantType
+from backend.auth.errors import InvalidGrant, InvalidRequest, OAuthError, UnsupportedGrantType
 from backend.auth.oidc import OIDCLogin
 from backend.auth.service import AuthService, require_request_field
+from backend.core.untrusted import unstorable_text
 from backend.errors import NotFound, RateLimited
 
 FormField = Annotated[str | None, Form()]
@@ -25,6 +26,14 @@ def _oauth_error(exc: OAuthError) -> JSONResponse:
         status_code=exc.status,
         headers=_NO_STORE,
     )
+
+
+def _require_storable(**fields: str | None) -> None:
+    """Form fields reach PostgreSQL (tenant, user name, client id): one it cannot store (a
+    NUL) is an invalid request, not a database error."""
+    for name, value in fields.items():
+        if value and (problem := unstorable_text(value)):
+            raise InvalidRequest(f"{name} {problem}")
 
 
 def oauth_router(
@@ -49,6 +58,16 @@ def oauth_router(
         auth = auth_of(request)
         ip = request.client.host if request.client else None
         try:
+            _require_storable(
+                grant_type=grant_type,
+                username=username,
+                password=password,
+                tenant=tenant,
+                scope=scope,
+                refresh_token=refresh_token,
+                client_id=client_id,
+                client_secret=client_secret,
+            )
             if grant_type == "password":
                 result = await auth.password_grant(
                     require_request_field(tenant, "tenant"),

@@ -169,7 +169,9 @@ class AuthQuery:
             try:
                 before_id = int(before)
             except ValueError:
-                raise ValidationFailed("before is not a valid id", field="before") from None
+                before_id = -1
+            if not 0 < before_id < 2**63:  # ids are positive bigints
+                raise ValidationFailed("before is not a valid id", field="before")
         events = await info.context.services.auth.audit_events(
             info.context.require_principal(), first, event, before_id
         )

@@ -23,7 +23,15 @@ from strawberry.extensions import SchemaExtension
 from strawberry.types.execution import ExecutionContext
 from strawberry.types.graphql import OperationType
 
-from backend.errors import AppError, InternalError, ServiceUnavailable, is_overload
+from backend.errors import (
+    BAD_VALUE_MESSAGE,
+    AppError,
+    InternalError,
+    ServiceUnavailable,
+    ValidationFailed,
+    is_bad_value,
+    is_overload,
+)
 
 log = logging.getLogger("backend.graphql")
 
@@ -33,7 +41,12 @@ MASKED_MESSAGE = "Internal server error."
 def is_unexpected(error: GraphQLError) -> bool:
     """A resolver raised something that is not an AppError: a bug, to be masked."""
     original = error.original_error
-    if original is None or isinstance(original, AppError | GraphQLError) or is_overload(original):
+    if (
+        original is None
+        or isinstance(original, AppError | GraphQLError)
+        or is_overload(original)
+        or is_bad_value(original)
+    ):
         return False
     # Variable coercion failures carry the scalar's ValueError/TypeError but have no path.
     return error.path is not None
@@ -48,6 +61,9 @@ def shape_error(error: GraphQLError) -> GraphQLError:
     elif original is not None and is_overload(original):
         overload = ServiceUnavailable("a backing service is busy or unreachable; retry shortly")
         code_and_details, message = overload.to_extensions(), overload.message
+    elif original is not None and is_bad_value(original):
+        bad = ValidationFailed(BAD_VALUE_MESSAGE)
+        code_and_details, message = bad.to_extensions(), bad.message
     elif is_unexpected(error):
         code_and_details = InternalError(MASKED_MESSAGE).to_extensions()
         message = MASKED_MESSAGE

@@ -7,12 +7,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from cross_web import HTTPException
+from cross_web import AsyncHTTPRequestAdapter, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.fastapi import GraphQLRouter
+from strawberry.http import GraphQLRequestData
+from strawberry.http.parse_content_type import parse_content_type
 from strawberry.subscriptions import (
     GRAPHQL_SSE_PROTOCOL,
     GRAPHQL_TRANSPORT_WS_PROTOCOL,
@@ -23,8 +25,10 @@ from strawberry.types.unset import UNSET
 
 from backend.auth.errors import InvalidToken
 from backend.config import Environment, Settings
+from backend.core import untrusted
 from backend.graphql.context import Context, get_context
 from backend.graphql.protocols import LegacyWSHandler, TransportWSHandler
+from backend.graphql.requests import check_operations, place_files
 from backend.graphql.schema import build_schema
 
 GRAPHIQL_ASSETS = Path(__file__).resolve().parent / "static" / "graphiql"
@@ -37,6 +41,60 @@ _HTTP_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
 class SightlineGraphQLRouter(GraphQLRouter[Any, None]):
     graphql_transport_ws_handler_class = TransportWSHandler
     graphql_ws_handler_class = LegacyWSHandler
+
+    def __init__(
+        self, *args: Any, max_json_depth: int, max_json_values: int, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_json_depth = max_json_depth
+        self.max_json_values = max_json_values
+
+    def decode_json(self, data: str | bytes) -> object:
+        """Bodies, query parameters, multipart fields and socket messages: UTF-8, bounded in
+        depth and size, numbers Python can hold (BadJSON is a JSONDecodeError: sockets treat
+        it as any malformed message)."""
+        return untrusted.loads(data, max_depth=self.max_json_depth, max_values=self.max_json_values)
+
+    def parse_json(self, data: str | bytes) -> Any:
+        try:
+            return self.decode_json(data)
+        except untrusted.BadJSON as exc:
+            raise HTTPException(400, f"Unable to parse request body as JSON: {exc}") from None
+
+    async def parse_http_body(
+        self, request: AsyncHTTPRequestAdapter
+    ) -> GraphQLRequestData | list[GraphQLRequestData]:
+        """Strawberry's reading, with the request's shape checked first: Strawberry indexes
+        into whatever JSON it was given (a body of `null`, a list of strings: a 500)."""
+        content_type, _ = parse_content_type(request.content_type or "")
+        transport = self._get_stream_transport_from_headers(request.headers)
+        protocol = transport.protocol if transport else "http"
+        if request.method == "GET":
+            data = self.parse_query_params(request.query_params)
+        elif "application/json" in content_type:
+            data = self.parse_json(await request.get_body())
+        elif self.multipart_uploads_enabled and content_type == "multipart/form-data":
+            data = await self.parse_multipart(request)
+        else:
+            raise HTTPException(400, "Unsupported content type")
+        check_operations(data)
+        if isinstance(data, list):
+            self._validate_batch_request(data, protocol=protocol)
+            return [_request_data(item, protocol) for item in data]
+        return _request_data(data, protocol)
+
+    async def parse_multipart(self, request: AsyncHTTPRequestAdapter) -> dict[str, str]:
+        try:
+            form_data = await request.get_form_data()
+        except ValueError as exc:
+            raise HTTPException(400, "Unable to parse the multipart body") from exc
+        fields = form_data.form
+        operations, files_map = fields.get("operations"), fields.get("map")
+        if not isinstance(operations, str | bytes) or not isinstance(files_map, str | bytes):
+            raise HTTPException(400, "a multipart request needs `operations` and `map` fields")
+        return place_files(  # type: ignore[no-any-return]
+            self.parse_json(operations), self.parse_json(files_map), form_data.files
+        )
 
     @cached_property
     def _offline_ide_html(self) -> str:
@@ -89,6 +147,16 @@ class SightlineGraphQLRouter(GraphQLRouter[Any, None]):
             )
 
 
+def _request_data(operation: dict[str, Any], protocol: Any) -> GraphQLRequestData:
+    return GraphQLRequestData(
+        query=operation.get("query"),
+        variables=operation.get("variables"),
+        operation_name=operation.get("operationName"),
+        extensions=operation.get("extensions"),
+        protocol=protocol,
+    )
+
+
 _STREAMS = ("text/event-stream", "multipart/mixed")
 _JSON = ("application/graphql-response+json", "application/json")
 
@@ -115,6 +183,8 @@ def graphql_router(settings: Settings) -> GraphQLRouter[Any, None]:
     production = settings.env is Environment.PRODUCTION
     return SightlineGraphQLRouter(
         build_schema(gql, production=production),
+        max_json_depth=settings.server.max_json_depth,
+        max_json_values=settings.server.max_json_values,
         path="/graphql",
         graphql_ide="graphiql" if gql.graphiql_enabled(production) else None,
         context_getter=get_context,

@@ -262,7 +262,7 @@ class RunMutation:
         vision = info.context.services.vision
         for image in images[: info.context.state.settings.chat.max_attachments]:
             if vision is not None:
-                await vision.job(principal, image)  # NOT_FOUND for another tenant's image
+                await vision.job(principal, image)  # NOT_FOUND for anyone else's image
         started = await info.context.services.runs.send_message(
             principal,
             parse_id(conversation_id, "conversationId"),

@@ -26,6 +26,7 @@ from strawberry.types.graphql import OperationType
 
 from backend.config import GraphQLSettings
 from backend.graphql.extensions import OperationObservability, is_unexpected
+from backend.graphql.inputs import StorableInput
 from backend.graphql.knowledge import INGESTION_EVENT_TYPES
 from backend.graphql.persisted import PersistedQueries
 from backend.graphql.queries import Mutation, Query
@@ -137,6 +138,7 @@ def build_schema(settings: GraphQLSettings, *, production: bool = False) -> stra
     # they set the parser's token limit.
     extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
         OperationObservability,
+        StorableInput,
         PersistedQueries,
         RateLimits,
         document_checks(settings, production=production),

@@ -160,7 +160,11 @@ def _event(event: LoggedEvent) -> VisionJobEvent:
 
 @strawberry.type
 class VisionQuery:
-    @strawberry.field(permission_classes=VISION)
+    @strawberry.field(
+        permission_classes=VISION,
+        description="One of the caller's vision jobs (anyone else's is NOT_FOUND, for tenant "
+        "admins too).",
+    )
     async def vision_job(self, info: Info[Context, None], id: strawberry.ID) -> VisionJobType:
         job = await _service(info).job(info.context.require_principal(), parse_id(id, "id"))
         return VisionJobType.of(job)
@@ -223,7 +227,8 @@ class VisionMutation:
 class VisionSubscription:
     @strawberry.subscription(
         permission_classes=VISION,
-        description="A job's events from after `after` (from the start when null), then live.",
+        description="One of the caller's jobs: its events from after `after` (from the start "
+        "when null), then live.",
     )
     async def vision_job_events(
         self, info: Info[Context, None], id: strawberry.ID, after: str | None = None

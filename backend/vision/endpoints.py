@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
@@ -14,7 +14,9 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from backend.auth.errors import InvalidToken
 from backend.auth.scopes import Scope
-from backend.realtime.frames import LiveFrames
+from backend.core import untrusted
+from backend.realtime.frames import End, LiveFrames
+from backend.vision.images import DecodeBudget
 from backend.vision.service import VisionTask
 
 router = APIRouter()
@@ -22,6 +24,21 @@ router = APIRouter()
 CLOSE_UNAUTHORISED = 4403
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAVAILABLE = 1013
+
+
+@contextlib.contextmanager
+def _client_may_be_gone() -> Iterator[None]:
+    """Sending to (or closing) a socket whose client already left is not an error: there is
+    nobody to tell (Starlette raises WebSocketDisconnect, or RuntimeError once closed)."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        yield
+
+
+async def _close(websocket: WebSocket, code: int = 1000, reason: str = "") -> None:
+    if websocket.application_state is WebSocketState.DISCONNECTED:
+        return
+    with _client_may_be_gone():
+        await websocket.close(code, reason)
 
 
 @router.websocket("/ws/vision/live")
@@ -35,52 +52,62 @@ async def live_frames(
     vision = services.vision
     await websocket.accept()
     if vision is None or services.inference is None:
-        await websocket.close(CLOSE_UNAVAILABLE, "vision is off on this server")
+        await _close(websocket, CLOSE_UNAVAILABLE, "vision is off on this server")
         return
     try:
         wanted = [VisionTask(t.strip().lower()) for t in tasks.split(",") if t.strip()]
     except ValueError:
-        await websocket.close(CLOSE_BAD_REQUEST, "tasks: detect and/or classify")
-        return
+        wanted = []
     if not wanted or VisionTask.OCR in wanted:
-        await websocket.close(CLOSE_BAD_REQUEST, "tasks: detect and/or classify")
+        await _close(websocket, CLOSE_BAD_REQUEST, "tasks: detect and/or classify")
         return
-    settings = websocket.state.sightline.settings.vision
+    state = websocket.state.sightline
+    settings = state.settings.vision
     try:
         async with asyncio.timeout(settings.live_auth_timeout_s):
-            hello = json.loads(await websocket.receive_text())
-        principal = await services.auth.authenticate(str(hello.get("token") or ""))
-    except (TimeoutError, ValueError, AttributeError, KeyError, InvalidToken, WebSocketDisconnect):
-        with contextlib.suppress(RuntimeError):
-            await websocket.close(CLOSE_UNAUTHORISED, "send {type: auth, token} first")
+            hello = untrusted.loads(
+                await websocket.receive_text(),
+                max_depth=state.settings.server.max_json_depth,
+                max_values=state.settings.server.max_json_values,
+            )
+        token = hello.get("token") if isinstance(hello, dict) else None
+        principal = await services.auth.authenticate(token if isinstance(token, str) else "")
+    except (TimeoutError, ValueError, KeyError, InvalidToken, WebSocketDisconnect, RuntimeError):
+        await _close(websocket, CLOSE_UNAUTHORISED, "send {type: auth, token} first")
         return
     if not principal.has(Scope.VISION):
-        await websocket.close(CLOSE_UNAUTHORISED, "the vision scope is needed")
+        await _close(websocket, CLOSE_UNAUTHORISED, "the vision scope is needed")
         return
-    await websocket.send_json({"type": "ready", "tasks": [t.value for t in wanted]})
 
-    async def receive() -> bytes | None:
+    async def receive() -> bytes | End:
         while True:
-            message = await websocket.receive()
+            try:
+                message = await websocket.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return End.LEFT
             if message["type"] == "websocket.disconnect":
-                return None
+                return End.LEFT
             if message.get("bytes") is not None:
                 return bytes(message["bytes"])
             if message.get("text") and '"stop"' in message["text"]:
-                return None
+                return End.STOP
 
     async def send(body: dict[str, Any]) -> None:
         if websocket.client_state is WebSocketState.CONNECTED:
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            with _client_may_be_gone():
                 await websocket.send_json(body)
 
+    await send({"type": "ready", "tasks": [t.value for t in wanted]})
+    budget = DecodeBudget(settings.live_decode_share, settings.live_decode_burst_s)
     session = LiveFrames(
-        lambda frame: vision.analyse_frame(frame, wanted, classifier=classifier, detector=detector),
+        lambda frame: vision.analyse_frame(
+            frame, wanted, classifier=classifier, detector=detector, budget=budget
+        ),
         max_fps=settings.live_max_fps,
         max_frame_bytes=settings.live_max_frame_bytes,
         frame_timeout_s=settings.live_frame_timeout_s,
+        pace=budget.wait_s,
     )
     stats = await session.run(receive, send)
     await send({"type": "closed", **stats.__dict__})
-    with contextlib.suppress(RuntimeError):
-        await websocket.close()
+    await _close(websocket)

@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -21,12 +22,12 @@ from backend.config import VisionSettings
 from backend.core.db import Database
 from backend.core.models import VisionJob, VisionStatus
 from backend.core.tasks import drain
-from backend.errors import AppError, ServiceUnavailable, ValidationFailed
+from backend.errors import AppError, NotFound, ServiceUnavailable, ValidationFailed
 from backend.inference.client import InferenceClient, InferenceError, Priority
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
-from backend.vision.images import DecodedImage, decode
+from backend.vision.images import DecodeBudget, DecodedImage, decode
 from backend.vision.ocr import OcrEngine
 from backend.vision.preprocess import classification_input, detection_input
 
@@ -80,6 +81,11 @@ class VisionService:
         self._budgets = budgets
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
         self._jobs: dict[uuid.UUID, asyncio.Task[None]] = {}
+        # A few threads decode every image: costly images queue here rather than taking every
+        # core from the inference workers.
+        self._decoder = ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="sightline-decode"
+        )
 
     @property
     def models(self) -> InferenceClient:
@@ -90,6 +96,32 @@ class VisionService:
     async def close(self, grace_s: float) -> None:
         await drain(self._jobs.values(), grace_s)
         self._ocr.close()
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    async def _decode(
+        self,
+        data: bytes,
+        *,
+        max_bytes: int,
+        max_pixels: int,
+        animated: str,
+        budget: DecodeBudget | None = None,
+    ) -> DecodedImage:
+        """`decode` in the decode threads; the CPU time it took is charged to `budget`."""
+
+        def run() -> DecodedImage:
+            if budget is not None:
+                budget.started()
+            started = time.thread_time()
+            try:
+                return decode(data, max_bytes=max_bytes, max_pixels=max_pixels, animated=animated)
+            finally:
+                if budget is not None:
+                    budget.spend(time.thread_time() - started)
+
+        # A cancelled wait cancels a decode that has not started; one that has runs to its end
+        # (and is charged), holding its thread: the number of threads bounds the work.
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, run)
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -122,8 +154,7 @@ class VisionService:
                 except InferenceError as exc:  # an unknown model: refused now, typed
                     field = "classifier" if task is VisionTask.CLASSIFY else "detector"
                     raise ValidationFailed(str(exc), field=field) from exc
-        image = await asyncio.to_thread(
-            decode,
+        image = await self._decode(
             data,
             max_bytes=self._settings.max_image_bytes,
             max_pixels=self._settings.max_pixels,
@@ -279,8 +310,7 @@ class VisionService:
         """The text of an image (a scanned page, a photo of a document), by the OCR pipeline:
         the same validation and clean-up as analysis jobs. Knowledge ingestion reads scans
         with it."""
-        image = await asyncio.to_thread(
-            decode,
+        image = await self._decode(
             data,
             max_bytes=self._settings.max_image_bytes,
             max_pixels=self._settings.max_pixels,
@@ -296,16 +326,19 @@ class VisionService:
         classifier: str | None = None,
         detector: str | None = None,
         top_k: int = 3,
+        budget: DecodeBudget | None = None,
     ) -> dict[str, Any]:
-        """One live camera frame: detection and classification at live priority."""
+        """One live camera frame: detection and classification at live priority. Its pixels
+        are checked against the live limit from the header, before anything is decoded; the
+        decode time is charged to the connection's `budget`."""
         self.models  # noqa: B018 (vision off: ServiceUnavailable)
         settings = self._settings
-        image = await asyncio.to_thread(
-            decode,
+        image = await self._decode(
             data,
             max_bytes=settings.live_max_frame_bytes,
-            max_pixels=settings.max_pixels,
+            max_pixels=settings.live_max_pixels,
             animated="first_frame",
+            budget=budget,
         )
         out: dict[str, Any] = {"width": image.width, "height": image.height}
         calls = {}
@@ -374,7 +407,13 @@ class VisionService:
     # -- reads ---------------------------------------------------------------------------------
 
     async def job(self, principal: Principal, job_id: uuid.UUID) -> VisionJob:
-        return await self._db.get_owned(principal.tenant_id, VisionJob, job_id, "vision job")
+        """One of the caller's own jobs. Anyone else's is NOT_FOUND, a tenant admin's
+        colleagues' included: the schema promises "the caller's" (as for runs and
+        conversations), and an image's results can hold what its text said."""
+        job = await self._db.get_owned(principal.tenant_id, VisionJob, job_id, "vision job")
+        if job.created_by != principal.user_id:
+            raise NotFound("no such vision job", id=str(job_id))
+        return job
 
     async def describe(self, principal: Principal, job_id: uuid.UUID) -> dict[str, Any]:
         """What an analysed image shows, short enough for a prompt: its text, the objects
@@ -395,7 +434,7 @@ class VisionService:
     async def job_events(
         self, principal: Principal, job_id: uuid.UUID, after: str | None
     ) -> AsyncIterator[RunEvent]:
-        await self.job(principal, job_id)  # authorisation: a job of the caller's tenant
+        await self.job(principal, job_id)  # authorisation: the caller's own job
         return self.events.read(str(job_id), after)
 
     async def _update(self, principal: Principal, job_id: uuid.UUID, **values: Any) -> None:

@@ -158,7 +158,7 @@ async def test_silent_client_is_closed_after_init_timeout(
 async def test_oversized_message_closes_1009(live_server: LiveServer, settings: Settings) -> None:
     async with await open_socket(live_server.ws_url) as ws:
         await init(ws)
-        await ws.send("x" * (settings.server.max_ws_message_bytes + 1))
+        await ws.send("x" * (settings.ws_max_message_bytes + 1))
         assert await _close_code(ws) == 1009
 
 

@@ -1,4 +1,5 @@
-"""Live frames on their own: the latest wins, the rate limit, oversized and bad frames."""
+"""Live frames on their own: the latest wins, the rate limit, oversized and bad frames, a
+stop that answers the frames in flight, a cost budget that paces."""
 
 from __future__ import annotations
 
@@ -6,23 +7,30 @@ import asyncio
 from typing import Any
 
 from backend.errors import ValidationFailed
-from backend.realtime.frames import LiveFrames
+from backend.realtime.frames import End, LiveFrames
 
 
 class Camera:
-    """Sends `frames` as fast as the session takes them, then leaves."""
+    """Sends `frames` as fast as the session takes them, then leaves (or asks to stop)."""
 
-    def __init__(self, frames: list[bytes], gap_s: float = 0.0, linger_s: float = 0.3) -> None:
+    def __init__(
+        self,
+        frames: list[bytes],
+        gap_s: float = 0.0,
+        linger_s: float = 0.3,
+        end: End = End.LEFT,
+    ) -> None:
         self.frames = list(frames)
         self.gap_s = gap_s
         self.linger_s = linger_s
+        self.end = end
         self.sent: list[dict[str, Any]] = []
 
-    async def receive(self) -> bytes | None:
+    async def receive(self) -> bytes | End:
         await asyncio.sleep(self.gap_s)
         if not self.frames:
             await asyncio.sleep(self.linger_s)  # stay a moment for the last result
-            return None
+            return self.end
         return self.frames.pop(0)
 
     async def send(self, body: dict[str, Any]) -> None:
@@ -67,3 +75,62 @@ async def test_a_bad_frame_does_not_end_the_stream() -> None:
     await session.run(camera.receive, camera.send)
     kinds = [(m["type"], m.get("code") or m.get("echo")) for m in camera.sent]
     assert kinds == [("error", "BAD_USER_INPUT"), ("result", "good")]
+
+
+async def test_a_stop_answers_the_frames_in_flight_before_the_summary() -> None:
+    """The stop comes while one frame is analysed and another waits: both are answered, and
+    the summary counts every frame received."""
+    started = asyncio.Event()
+
+    async def analysis(frame: bytes) -> dict[str, Any]:
+        started.set()
+        await asyncio.sleep(0.3)
+        return {"echo": frame.decode()}
+
+    camera = Camera([b"a", b"b", b"c"], linger_s=0.0, end=End.STOP)
+    session = LiveFrames(analysis, max_fps=1000, max_frame_bytes=100, frame_timeout_s=5)
+    stats = await session.run(camera.receive, camera.send)
+    assert started.is_set()
+    results = [m["echo"] for m in camera.sent if m["type"] == "result"]
+    assert results == ["a", "c"]  # "b" was replaced by "c" while "a" was analysed
+    assert (stats.received, stats.served, stats.dropped, stats.failed) == (3, 2, 1, 0)
+
+
+async def test_leaving_cancels_the_work_and_counts_it_failed() -> None:
+    cancelled = asyncio.Event()
+
+    async def analysis(frame: bytes) -> dict[str, Any]:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return {}
+
+    camera = Camera([b"a", b"b"], linger_s=0.1, end=End.LEFT)
+    session = LiveFrames(analysis, max_fps=1000, max_frame_bytes=100, frame_timeout_s=60)
+    stats = await asyncio.wait_for(session.run(camera.receive, camera.send), 10)
+    assert cancelled.is_set()
+    assert camera.sent == []
+    assert stats.received == stats.served + stats.dropped + stats.failed == 2
+
+
+async def test_the_pace_holds_frames_back_and_newer_ones_replace_them() -> None:
+    """A cost budget (say decode time) that asks to wait: frames that come meanwhile replace
+    each other; the newest is served once the wait is over."""
+    waits = iter([0.0, 1.0])
+    seen: list[bytes] = []
+
+    def pace() -> float:
+        return next(waits, 0.0)
+
+    async def analysis(frame: bytes) -> dict[str, Any]:
+        seen.append(frame)
+        return {}
+
+    camera = Camera([b"a", b"b", b"c", b"d"], gap_s=0.05, linger_s=1.5)
+    session = LiveFrames(analysis, max_fps=1000, max_frame_bytes=100, frame_timeout_s=1, pace=pace)
+    stats = await session.run(camera.receive, camera.send)
+    assert seen[0] == b"a"
+    assert seen[-1] == b"d"
+    assert stats.dropped >= 1
