@@ -214,7 +214,7 @@ class GraphQLSettings(_Section):
     validation_timeout_s: float = Field(
         2.0,
         gt=0,
-        description="Longest a document may take to validate (off the event loop); then refused.",
+        description="CPU seconds one document may take to validate (off the loop); then refused.",
     )
     max_subscriptions_per_connection: int = Field(
         100, ge=1, description="Concurrent subscriptions on one WebSocket."

@@ -175,3 +175,21 @@ async def test_an_undefined_fragment_is_a_typed_error(client: AsyncClient) -> No
     (error,) = (await post(client, "{ serverInfo { ...Nope } }"))["errors"]
     assert error["extensions"]["code"] == "GRAPHQL_VALIDATION_FAILED"
     assert error["message"] == "Unknown fragment 'Nope'."
+
+
+async def test_the_budget_is_cpu_time_so_a_busy_machine_refuses_nothing(cpu_load: None) -> None:
+    """Waiting for a loaded CPU (or in the pool's queue) is not the document's cost: cheap
+    documents validate however long they wait. A budget of wall time refused them."""
+    schema = build_schema(GraphQLSettings())._schema
+    validator = DocumentValidator([], budget_s=0.05)
+
+    async def hog_the_loop() -> None:  # the loop and the pool threads share the GIL
+        for _ in range(40):
+            sum(range(200_000))
+            await asyncio.sleep(0)
+
+    documents = [parse(f"{{ serverInfo {{ version }} a{i}: me {{ userId }} }}") for i in range(40)]
+    hog = asyncio.create_task(hog_the_loop())
+    results = await asyncio.gather(*(validator.validate(schema, d, None) for d in documents))
+    await hog
+    assert results == [[]] * len(documents)
