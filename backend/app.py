@@ -87,6 +87,7 @@ class Services:
     async def aclose(self) -> None:
         """Stops every service; each step is timed in the log (a slow shutdown says where)."""
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("auth", self.auth.close),
             ("runs", lambda: self.runs.close(self.grace_s)),
             ("models", self.runs.models.aclose),
             ("knowledge", lambda: self.knowledge.close(self.grace_s)),
@@ -199,6 +200,7 @@ async def build_services(
         metrics=state.metrics,
     )
     await runs.start()
+    await auth.start()
     return Services(
         auth=auth,
         conversations=conversations,

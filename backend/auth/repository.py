@@ -73,6 +73,14 @@ async def revoke_family(session: AsyncSession, family_id: uuid.UUID) -> None:
     )
 
 
+async def revoke_refresh_tokens_of(session: AsyncSession, user_id: uuid.UUID) -> None:
+    await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=datetime.now(UTC))
+    )
+
+
 async def users(session: AsyncSession) -> list[User]:
     return list(await session.scalars(select(User).order_by(User.created_at)))
 
