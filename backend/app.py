@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -19,6 +20,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from opentelemetry.sdk.trace import SpanProcessor
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
@@ -43,7 +46,7 @@ from backend.core.migrations import is_current
 from backend.core.redis import ping_redis
 from backend.core.state import AppState
 from backend.core.telemetry import build_tracer_provider, configure_logging
-from backend.errors import AppError, ValidationFailed
+from backend.errors import AppError, ValidationFailed, expected_error
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
 from backend.guardrails.service import GuardrailService, build_guardrails
@@ -440,13 +443,32 @@ async def _check(probe: Any) -> str:
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+    response = JSONResponse(
+        {"error": {"code": code, "message": message, **extra}}, status_code=status
+    )
+    retry_after = extra.get("retryAfter")
+    if isinstance(retry_after, int | float):
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
         return _error(exc.status, exc.code, exc.message, **exc.details)
+
+    async def backing_service_error(_: Request, exc: Exception) -> JSONResponse:
+        """PostgreSQL or Redis down: 503 SERVICE_UNAVAILABLE with Retry-After, never the
+        driver's message (it names internal addresses)."""
+        typed = expected_error(exc)
+        if typed is None:
+            log.error("unhandled error", exc_info=exc)
+            return _error(500, "INTERNAL_SERVER_ERROR", "Internal server error.")
+        return _error(typed.status, typed.code, typed.message, **typed.details)
+
+    # Handled here, not by the catch-all below: Starlette re-raises what reaches that one.
+    for kind in (RedisError, SQLAlchemyError, OSError):
+        app.add_exception_handler(kind, backing_service_error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

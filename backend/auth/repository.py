@@ -24,7 +24,14 @@ async def user_by_email(session: AsyncSession, email: str) -> User | None:
     return await session.scalar(select(User).where(func.lower(User.email) == email.lower()))
 
 
-async def user_by_id(session: AsyncSession, user_id: uuid.UUID) -> User | None:
+async def user_by_id(
+    session: AsyncSession, user_id: uuid.UUID, *, lock: bool = False
+) -> User | None:
+    """`lock`: a share lock until the unit of work ends. Grants take it and sign their tokens
+    before committing, so a user disabled meanwhile (which waits for the lock, then records
+    its revocation) can never be issued a token after the revocation's time."""
+    if lock:
+        return await session.get(User, user_id, with_for_update={"read": True})
     return await session.get(User, user_id)
 
 

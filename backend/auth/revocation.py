@@ -153,6 +153,7 @@ class Revocations:
         )
         self._watches: dict[str, weakref.WeakSet[CredentialWatch]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
 
     def _key(self, record: Record, ident: uuid.UUID) -> str:
         return self._keys(record.value, str(ident))
@@ -208,19 +209,22 @@ class Revocations:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks:
+        # The loops also stop on the flag: a cancellation that lands as redis-py's read timeout
+        # expires is lost (seen on Python 3.11), and the listener would read on forever.
+        self._closed = True
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel("shutdown")
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _listen(self) -> None:
         """Delivers published revocations; subscribes again after any error (a listener that
         died silently would leave revoked streams open until the next sweep)."""
-        while True:
+        while not self._closed:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
-                while True:
+                while not self._closed:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is None or message.get("type") != "message":
                         continue
@@ -242,7 +246,7 @@ class Revocations:
 
     async def _sweep(self) -> None:
         """Re-reads the records of every watched credential, in case a message was missed."""
-        while True:
+        while not self._closed:
             await asyncio.sleep(self._interval_s)
             try:
                 await self.sweep_once()

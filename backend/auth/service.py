@@ -137,6 +137,10 @@ class AuthService:
         scopes = self._scopes_for(user.role, scope)
         family_id = uuid.uuid4()
         async with self._db.session(tenant_id) as session:
+            # Disabled while the password was checked: no tokens.
+            current = await repo.user_by_id(session, user.id, lock=True)
+            if current is None or not current.is_active:
+                raise InvalidGrant("invalid username or password")
             refresh = await self._new_refresh(session, user, scopes, family_id=family_id)
             await record(
                 session,
@@ -147,7 +151,8 @@ class AuthService:
                 ip=ip,
                 grant="password",
             )
-        return self._tokens(user, scopes, refresh, tenant.plan if tenant else "", family_id)
+            tokens = self._tokens(user, scopes, refresh, tenant.plan if tenant else "", family_id)
+        return tokens
 
     async def client_credentials_grant(
         self, client_id: str, client_secret: str, scope: str | None, ip: str | None
@@ -222,7 +227,7 @@ class AuthService:
             elif row.expires_at <= datetime.now(UTC):
                 raise InvalidGrant("refresh token expired")
             else:
-                user = await repo.user_by_id(session, row.user_id)
+                user = await repo.user_by_id(session, row.user_id, lock=True)
                 if user is None or not user.is_active:
                     raise InvalidGrant("account disabled")
                 row.used_at = datetime.now(UTC)
@@ -230,10 +235,11 @@ class AuthService:
                 scopes = self._narrow(kept, scope)
                 refresh = await self._new_refresh(session, user, scopes, family_id=row.family_id)
                 plan = await repo.plan_of(session, tenant_id)
+                tokens = self._tokens(user, scopes, refresh, plan, row.family_id)
         if reused:  # committed above: the family stays revoked, and its access tokens end
             await self.revocations.revoke(Record.SESSION, family_id)
             raise InvalidGrant("refresh token was already used; all its sessions are revoked")
-        return self._tokens(user, scopes, refresh, plan, row.family_id)
+        return tokens
 
     async def external_sign_in(self, identity: ExternalIdentity, ip: str | None) -> TokenResponse:
         """Tokens for a user the OIDC provider vouched for; made at first sign-in if allowed."""
@@ -286,8 +292,10 @@ class AuthService:
             await record(
                 session, "logout", Outcome.SUCCESS, tenant_id=tenant_id, actor_id=row.user_id
             )
-        # Committed: no new access token for the family; the ones out there end now.
-        await self.revocations.revoke(Record.SESSION, row.family_id)
+            # Before the commit: with Redis down nothing is revoked and the caller is told to
+            # retry, rather than a refresh token revoked while its access tokens live on. (The
+            # record refuses the whole family, so no token issued meanwhile escapes it.)
+            await self.revocations.revoke(Record.SESSION, row.family_id)
 
     # -- authenticating requests ------------------------------------------------------------
 
@@ -457,9 +465,11 @@ class AuthService:
                     actor_id=principal.user_id,
                     key=row.prefix,
                 )
-        if newly:  # committed: requests and open streams with the key end on every replica
-            await self._redis.delete(self._api_key_cache(row.secret_hash))
+            # Before the commit (with Redis down nothing changes; the caller retries): requests
+            # and open streams with the key end on every replica. The cached verification
+            # goes after the commit, or a replica reading the key meanwhile would cache it again.
             await self.revocations.revoke(Record.KEY, row.id)
+        await self._redis.delete(self._api_key_cache(row.secret_hash))
         return row
 
     async def api_keys(self, principal: Principal, all_users: bool) -> list[ApiKey]:
@@ -557,8 +567,9 @@ class AuthService:
                 role=role.value,
                 previous=previous.value,
             )
-        if role is not previous:  # tokens carry the role: the user's sessions refresh now
-            await self.revocations.revoke(Record.USER, user_id)
+        # Tokens carry the role: the user's sessions refresh now. After the commit, so that a
+        # token issued after the record has the new role; a retry after an error completes it.
+        await self.end_sessions_of(user_id)
         return user
 
     async def set_active(self, principal: Principal, user_id: uuid.UUID, active: bool) -> User:
@@ -581,7 +592,7 @@ class AuthService:
                     raise Conflict("a tenant keeps at least one owner")
             changed = user.is_active != active
             user.is_active = active
-            if changed and not active:
+            if not active:
                 await repo.revoke_refresh_tokens_of(session, user.id)
             if changed:
                 await record(
@@ -592,7 +603,9 @@ class AuthService:
                     actor_id=principal.user_id,
                     user=str(user.id),
                 )
-        if changed and not active:
+        if not active:
+            # After the commit, so that no token is issued to the user after the record while
+            # they still look active; a retry after an error completes it.
             await self.end_sessions_of(user.id)
         return user
 

@@ -15,7 +15,7 @@ from backend.auth.errors import InvalidToken
 from backend.auth.principal import Principal
 from backend.auth.revocation import EXPIRED, CredentialWatch
 from backend.core.state import AppState
-from backend.errors import AppError, ServiceUnavailable, Unauthenticated, is_overload
+from backend.errors import AppError, ServiceUnavailable, Unauthenticated, expected_error
 
 if TYPE_CHECKING:
     from backend.app import Services
@@ -78,11 +78,10 @@ class Context(BaseContext):
         except InvalidToken as exc:
             self.auth_error = exc
         except Exception as exc:
-            if not is_overload(exc):
+            typed = expected_error(exc)
+            if not isinstance(typed, ServiceUnavailable):
                 raise
-            self.auth_error = ServiceUnavailable(
-                "authentication is unavailable; retry shortly", retryAfter=1
-            )
+            self.auth_error = typed
 
     @property
     def rate_subject(self) -> str:
