@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from backend.auth.errors import InvalidToken
 from backend.auth.principal import Principal
 from backend.config import AuthSettings
-from backend.core.redis import KeySpace
+from backend.core.redis import KeySpace, listen
 
 log = logging.getLogger(__name__)
 
@@ -209,40 +209,27 @@ class Revocations:
         ]
 
     async def close(self) -> None:
-        # The loops also stop on the flag: a cancellation that lands as redis-py's read timeout
-        # expires is lost (seen on Python 3.11), and the listener would read on forever.
-        self._closed = True
+        self._closed = True  # see `listen`: a cancellation alone may be lost
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel("shutdown")
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _listen(self) -> None:
-        """Delivers published revocations; subscribes again after any error (a listener that
-        died silently would leave revoked streams open until the next sweep)."""
-        while not self._closed:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.subscribe(self._channel)
-                while not self._closed:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is None or message.get("type") != "message":
-                        continue
-                    try:
-                        body = json.loads(message["data"])
-                        self._deliver(
-                            Record(body["record"]), uuid.UUID(body["id"]), float(body["at"])
-                        )
-                    except (ValueError, KeyError, TypeError):
-                        log.warning("revocations: ignored a malformed message")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis restarted, connection dropped: subscribe again
-                log.warning("revocations listener: %s; resubscribing", exc)
-                await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+        await listen(
+            self._redis,
+            self._channel,
+            self._published,
+            stopped=lambda: self._closed,
+            name="revocations listener",
+        )
+
+    def _published(self, data: bytes) -> None:
+        try:
+            body = json.loads(data)
+            self._deliver(Record(body["record"]), uuid.UUID(body["id"]), float(body["at"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("revocations: ignored a malformed message")
 
     async def _sweep(self) -> None:
         """Re-reads the records of every watched credential, in case a message was missed."""

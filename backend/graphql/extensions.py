@@ -121,16 +121,16 @@ class OperationObservability(SchemaExtension):
             self._finish_result(self.execution_context.result)
         except Exception as exc:
             # Raised by a hook (a rate limit, say): Strawberry turns it into the result after
-            # this operation ends, with the exception's message and extensions, unshaped. So
-            # what leaves here is what the client may see: an AppError, or a GraphQLError.
+            # this operation ends, with the exception's message and extensions, unshaped; so a
+            # backing service that is down leaves here as SERVICE_UNAVAILABLE, not as the
+            # driver's message. (Strawberry's own errors about the request pass through.)
             self._errors.append(shape_error(GraphQLError(str(exc), original_error=exc)))
-            if isinstance(exc, AppError | GraphQLError):
+            if isinstance(exc, AppError):
                 raise
             span.record_exception(exc)
             typed = expected_error(exc)
             if typed is None:
-                log.error("unexpected error in an operation hook", exc_info=exc)
-                typed = InternalError(MASKED_MESSAGE)
+                raise
             raise typed from exc
         finally:
             otel_context.detach(token)

@@ -124,8 +124,8 @@ async def serving(backends: Backends) -> AsyncIterator[tuple[LiveServer, httpx.A
         yield server, http
 
 
-async def sign_in(http: httpx.AsyncClient) -> dict[str, Any]:
-    response = await http.post(
+async def password_grant(http: httpx.AsyncClient) -> httpx.Response:
+    return await http.post(
         "/oauth/token",
         data={
             "grant_type": "password",
@@ -134,6 +134,10 @@ async def sign_in(http: httpx.AsyncClient) -> dict[str, Any]:
             "password": ADMIN_PASSWORD,
         },
     )
+
+
+async def sign_in(http: httpx.AsyncClient) -> dict[str, Any]:
+    response = await password_grant(http)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -160,18 +164,6 @@ def unavailable_http(response: httpx.Response) -> None:
     assert response.status_code == 503, response.text
     assert int(response.headers["retry-after"]) >= 1
     assert not any(leak in response.text for leak in LEAKS), response.text
-
-
-async def password_grant(http: httpx.AsyncClient) -> httpx.Response:
-    return await http.post(
-        "/oauth/token",
-        data={
-            "grant_type": "password",
-            "tenant": "default",
-            "username": ADMIN_EMAIL,
-            "password": ADMIN_PASSWORD,
-        },
-    )
 
 
 async def test_redis_down_answers_service_unavailable_then_recovers(backends: Backends) -> None:

@@ -3,6 +3,12 @@ call, and open subscriptions end with UNAUTHENTICATED on every replica."""
 
 from __future__ import annotations
 
+import base64
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -10,11 +16,18 @@ from fastapi import FastAPI
 from httpx import AsyncClient
 from redis.asyncio import Redis
 from sqlalchemy import delete
+from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.client import ClientConnection
 
-from backend.app import Services
+from backend.app import Services, build_signer
+from backend.auth.service import AuthService
 from backend.config import Settings
+from backend.core.db import Database
 from backend.core.models import User, UserRole
+from backend.core.redis import KeySpace
 from tests.accounts import PASSWORD, Account, sign_in, token
+from tests.conftest import LiveServer, serve_live
+from tests.graphql.ws import init, open_socket, receive, subscribe
 
 ME = "{ me { userId role } }"
 CREATE_KEY = 'mutation { createApiKey(name: "k") { secret apiKey { id } } }'
@@ -187,10 +200,169 @@ async def test_a_revoked_key_stays_refused_though_a_replica_cached_it_late(
 
 
 async def test_a_deleted_user_s_token_is_unauthenticated_not_a_server_error(
+    client: AsyncClient, app: FastAPI, owner: Account, member: Account
+) -> None:
+    """Deleted behind the API's back (no revocation recorded): writes that name the user are
+    refused as UNAUTHENTICATED, not a foreign-key violation answered 500."""
+    async with app.state.sightline.db.session(owner.tenant.id) as session:
+        await session.execute(delete(User).where(User.id == member.user_id))
+    for mutation in ('mutation { createConversation(title: "t") { id } }', CREATE_KEY):
+        body = await gql(client, mutation, member.headers)
+        assert code(body) == "UNAUTHENTICATED", body
+        assert body["errors"][0]["message"] == "the account no longer exists"
+
+
+async def test_erasing_a_user_ends_what_they_hold(
     client: AsyncClient, app: FastAPI, services: Services, owner: Account, member: Account
 ) -> None:
+    """What user erasure calls after deleting the rows: every credential is refused at once."""
+    key = (await gql(client, CREATE_KEY, member.headers))["data"]["createApiKey"]["secret"]
+    assert code(await gql(client, ME, bearer(key))) is None  # cached
     async with app.state.sightline.db.session(owner.tenant.id) as session:
         await session.execute(delete(User).where(User.id == member.user_id))
     await services.auth.end_sessions_of(member.user_id)
-    create = await gql(client, 'mutation { createConversation(title: "t") { id } }', member.headers)
-    assert code(create) == "UNAUTHENTICATED"
+    for credential in (member.headers, bearer(key)):
+        assert code(await gql(client, ME, credential)) == "UNAUTHENTICATED"
+
+
+# -- open streams, across replicas ---------------------------------------------------------------
+
+
+@dataclass
+class Tenant:
+    """A tenant in the shared database (live servers do not see the test's transaction)."""
+
+    slug: str
+    owner: str
+    member: str
+
+
+@pytest.fixture
+async def shared_tenant(settings: Settings, engine: AsyncEngine) -> AsyncIterator[Tenant]:
+    db = Database.connect(engine.url.render_as_string(hide_password=False), settings.database)
+    redis = Redis.from_url(settings.redis.url.get_secret_value())  # type: ignore[union-attr]
+    try:
+        signer = build_signer(settings)
+        async with db.session() as session:
+            await signer.load(session)
+        auth = AuthService(db, signer, redis, KeySpace(settings.redis.key_prefix), settings.auth)
+        slug = f"t-{uuid.uuid4().hex[:10]}"
+        tenant = await auth.ensure_tenant(slug, "Revocation")
+        emails = []
+        for role in (UserRole.OWNER, UserRole.MEMBER):
+            email = f"{role.value}@{slug}.example"
+            await auth.create_user(tenant_id=tenant.id, email=email, password=PASSWORD, role=role)
+            emails.append(email)
+        yield Tenant(slug, *emails)
+    finally:
+        await redis.aclose()
+        await db.dispose()
+
+
+@asynccontextmanager
+async def replica(settings: Settings) -> AsyncIterator[tuple[LiveServer, AsyncClient]]:
+    async with serve_live(settings) as server, AsyncClient(base_url=server.http_url) as http:
+        yield server, http
+
+
+async def signed_in(http: AsyncClient, tenant: Tenant, email: str) -> dict[str, Any]:
+    body = await token(
+        http, grant_type="password", tenant=tenant.slug, username=email, password=PASSWORD
+    )
+    assert body["status"] == 200, body
+    return body
+
+
+async def stream(server: LiveServer, credential: str) -> ClientConnection:
+    """A socket signed in with `credential`, streaming heartbeats (two seen)."""
+    ws = await open_socket(server.ws_url)
+    await init(ws, {"authorization": f"Bearer {credential}"})
+    await subscribe(ws, HEARTBEAT)
+    for _ in range(2):
+        assert (await receive(ws))["type"] == "next"
+    return ws
+
+
+async def ended(ws: ClientConnection) -> dict[str, Any]:
+    """Reads heartbeats until the stream ends; returns its error (the test fails on a stream
+    that goes on: `receive` times out)."""
+    while True:
+        message = await receive(ws, timeout=20)
+        payload = message.get("payload")
+        if message["type"] == "error":
+            return payload[0]
+        if message["type"] == "next" and payload.get("errors"):
+            return payload["errors"][0]
+        if message["type"] == "complete":  # of an operation that ended before
+            continue
+        assert message["type"] == "next", message
+
+
+async def test_revocations_end_open_streams_on_another_replica(
+    settings: Settings, shared_tenant: Tenant
+) -> None:
+    # No re-check within the test: only the published revocation can end the streams.
+    settings.auth.revocation_check_interval_s = 3600
+    async with replica(settings) as (a, http_a), replica(settings) as (_, http_b):
+        member = await signed_in(http_a, shared_tenant, shared_tenant.member)
+        owner = await signed_in(http_b, shared_tenant, shared_tenant.owner)
+        created = await gql(http_a, CREATE_KEY, bearer(member["access_token"]))
+        key = created["data"]["createApiKey"]
+        by_token = await stream(a, member["access_token"])
+        by_key = await stream(a, key["secret"])
+
+        # Logout on B ends the session's stream on A; the key's stream goes on.
+        assert (
+            await http_b.post("/oauth/revoke", data={"token": member["refresh_token"]})
+        ).is_success
+        error = await ended(by_token)
+        assert error["extensions"]["code"] == "UNAUTHENTICATED"
+        assert "revoked" in error["message"]
+        # The socket stays refused: a new subscription on it is UNAUTHENTICATED too.
+        await subscribe(by_token, HEARTBEAT, op_id="2")
+        assert (await ended(by_token))["extensions"]["code"] == "UNAUTHENTICATED"
+        assert (await receive(by_key))["type"] == "next"
+
+        # The owner revokes the key on B: its stream on A ends.
+        await gql(
+            http_b,
+            "mutation($id: ID!) { revokeApiKey(id: $id) { id } }",
+            bearer(owner["access_token"]),
+            id=key["apiKey"]["id"],
+        )
+        error = await ended(by_key)
+        assert (error["extensions"]["code"], error["message"]) == (
+            "UNAUTHENTICATED",
+            "API key revoked",
+        )
+
+        # Disabling the user on B ends a new session's stream on A.
+        again = await signed_in(http_a, shared_tenant, shared_tenant.member)
+        by_new_token = await stream(a, again["access_token"])
+        me = await gql(http_a, ME, bearer(again["access_token"]))
+        await gql(
+            http_b,
+            "mutation($id: ID!) { setUserActive(userId: $id, active: false) { id } }",
+            bearer(owner["access_token"]),
+            id=me["data"]["me"]["userId"],
+        )
+        assert (await ended(by_new_token))["extensions"]["code"] == "UNAUTHENTICATED"
+        for ws in (by_token, by_key, by_new_token):
+            await ws.close()
+
+
+async def test_a_missed_revocation_message_is_caught_by_the_re_check(
+    settings: Settings, shared_tenant: Tenant, redis: Redis
+) -> None:
+    """The record is written but never published (a subscriber that was reconnecting): the
+    periodic re-check ends the stream."""
+    settings.auth.revocation_check_interval_s = 0.5
+    async with replica(settings) as (server, http):
+        member = await signed_in(http, shared_tenant, shared_tenant.member)
+        ws = await stream(server, member["access_token"])
+        claims = json.loads(base64.urlsafe_b64decode(member["access_token"].split(".")[1] + "=="))
+        record = KeySpace(settings.redis.key_prefix).child("revoked")("session", claims["sid"])
+        await redis.set(record, "1", ex=60)
+        error = await ended(ws)
+        assert error["extensions"]["code"] == "UNAUTHENTICATED"
+        await ws.close()
