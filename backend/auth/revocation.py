@@ -25,6 +25,7 @@ import uuid
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from enum import StrEnum
+from types import TracebackType
 from typing import TypeVar
 
 from redis.asyncio import Redis
@@ -93,34 +94,63 @@ class CredentialWatch:
         if expires_at is not None and expires_at <= time.time():
             raise InvalidToken(EXPIRED)
 
+    def guard(self) -> _Guard:
+        """`async with watch.guard():` runs the block until the credential expires or is
+        revoked: then the block is cancelled and InvalidToken (UNAUTHENTICATED) raised."""
+        return _Guard(self)
+
     async def relay(self, stream: AsyncIterator[T]) -> AsyncGenerator[T, None]:
         """Relays `stream` until the credential expires or is revoked, then raises
         InvalidToken (UNAUTHENTICATED); closes `stream` either way."""
         try:
             while True:
-                self.check()
-                expires_at = self.principal.expires_at
-                remaining = None if expires_at is None else expires_at - time.time()
-                timeout = asyncio.timeout(remaining)
                 try:
-                    async with timeout:
-                        self._waiting.add(timeout)
-                        try:
-                            item = await anext(stream)
-                        finally:
-                            self._waiting.discard(timeout)
+                    async with self.guard():
+                        item = await anext(stream)
                 except StopAsyncIteration:
                     return
-                except TimeoutError:
-                    if not timeout.expired():  # the stream's own error, not our deadline
-                        raise
-                    self.check()
-                    raise InvalidToken(EXPIRED) from None
                 yield item
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+class _Guard:
+    """A deadline (the credential's expiry) that a revocation moves to now. A class, not a
+    generator: it wraps every event of every stream."""
+
+    __slots__ = ("_timeout", "_watch")
+
+    def __init__(self, watch: CredentialWatch) -> None:
+        self._watch = watch
+        self._timeout: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> None:
+        watch = self._watch
+        watch.check()
+        expires_at = watch.principal.expires_at
+        timeout = asyncio.timeout(None if expires_at is None else expires_at - time.time())
+        await timeout.__aenter__()
+        self._timeout = timeout
+        watch._waiting.add(timeout)
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        timeout = self._timeout
+        assert timeout is not None
+        self._watch._waiting.discard(timeout)
+        try:
+            return await timeout.__aexit__(kind, error, tb)
+        except TimeoutError:
+            if not timeout.expired():  # the block's own error, not our deadline
+                raise
+            self._watch.check()
+            raise InvalidToken(EXPIRED) from None
 
 
 def _record_keys(principal: Principal) -> tuple[tuple[Record, uuid.UUID] | None, uuid.UUID]:

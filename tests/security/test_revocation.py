@@ -3,6 +3,7 @@ call, and open subscriptions end with UNAUTHENTICATED on every replica."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import uuid
@@ -17,11 +18,12 @@ from httpx import AsyncClient
 from redis.asyncio import Redis
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncEngine
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from backend.app import Services, build_signer
 from backend.auth.service import AuthService
-from backend.config import Settings
+from backend.config import Settings, VisionSettings
 from backend.core.db import Database
 from backend.core.models import User, UserRole
 from backend.core.redis import KeySpace
@@ -366,3 +368,25 @@ async def test_a_missed_revocation_message_is_caught_by_the_re_check(
         error = await ended(ws)
         assert error["extensions"]["code"] == "UNAUTHENTICATED"
         await ws.close()
+
+
+async def test_revocation_ends_a_live_camera_socket(
+    settings: Settings, shared_tenant: Tenant
+) -> None:
+    settings.auth.revocation_check_interval_s = 3600  # only the published revocation
+    settings.vision = VisionSettings(enabled=True, workers=1)
+    async with replica(settings) as (server, http):
+        member = await signed_in(http, shared_tenant, shared_tenant.member)
+        url = server.ws_url.replace("/graphql", "/ws/vision/live?tasks=detect")
+        async with connect(url, open_timeout=30) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": member["access_token"]}))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "ready"
+            assert (
+                await http.post("/oauth/revoke", data={"token": member["refresh_token"]})
+            ).is_success
+            error = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            assert (error["type"], error["code"]) == ("error", "UNAUTHENTICATED")
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 20)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 4403
