@@ -579,35 +579,53 @@ class AuthService:
             user = await repo.user_by_id(session, user_id)
             if user is None:
                 raise NotFound("no such user", id=str(user_id))
-            if not active:
-                if user.id == principal.user_id:
-                    raise Conflict("you cannot disable your own account")
-                if user.role is UserRole.OWNER and principal.role is not UserRole.OWNER:
-                    raise MissingScope("only an owner can disable an owner")
-                if (
-                    user.role is UserRole.OWNER
-                    and user.is_active
-                    and await repo.owners_count(session) <= 1
-                ):
-                    raise Conflict("a tenant keeps at least one owner")
-            changed = user.is_active != active
-            user.is_active = active
-            if not active:
-                await repo.revoke_refresh_tokens_of(session, user.id)
-            if changed:
-                await record(
-                    session,
-                    "user.enabled" if active else "user.disabled",
-                    Outcome.SUCCESS,
-                    tenant_id=principal.tenant_id,
-                    actor_id=principal.user_id,
-                    user=str(user.id),
-                )
+            if not active and user.id == principal.user_id:
+                raise Conflict("you cannot disable your own account")
+            if not active and user.role is UserRole.OWNER and principal.role is not UserRole.OWNER:
+                raise MissingScope("only an owner can disable an owner")
+            await self._set_active(session, user, active, principal.user_id)
         if not active:
             # After the commit, so that no token is issued to the user after the record while
             # they still look active; a retry after an error completes it.
             await self.end_sessions_of(user.id)
         return user
+
+    async def set_active_by_email(self, tenant_slug: str, email: str, active: bool) -> User:
+        """`set_active` for operators (the CLI): no acting user, so none is audited."""
+        target = await self.principal_for(tenant_slug, email)
+        async with self._db.session(target.tenant_id) as session:
+            user = await repo.user_by_id(session, target.user_id)
+            if user is None:  # deleted meanwhile
+                raise NotFound(f"no user {email!r} in tenant {tenant_slug!r}")
+            await self._set_active(session, user, active, None)
+        if not active:
+            await self.end_sessions_of(user.id)
+        return user
+
+    @staticmethod
+    async def _set_active(
+        session: AsyncSession, user: User, active: bool, actor_id: uuid.UUID | None
+    ) -> None:
+        if (
+            not active
+            and user.role is UserRole.OWNER
+            and user.is_active
+            and await repo.owners_count(session) <= 1
+        ):
+            raise Conflict("a tenant keeps at least one owner")
+        changed = user.is_active != active
+        user.is_active = active
+        if not active:
+            await repo.revoke_refresh_tokens_of(session, user.id)
+        if changed:
+            await record(
+                session,
+                "user.enabled" if active else "user.disabled",
+                Outcome.SUCCESS,
+                tenant_id=user.tenant_id,
+                actor_id=actor_id,
+                user=str(user.id),
+            )
 
     async def end_sessions_of(self, user_id: uuid.UUID) -> None:
         """Refuses every access token and cached API key the user holds now, and ends their
