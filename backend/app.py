@@ -37,7 +37,7 @@ from backend.auth.oidc import OIDCLogin
 from backend.auth.principal import Principal
 from backend.auth.service import AuthService
 from backend.auth.signing import TokenSigner
-from backend.config import Settings
+from backend.config import Environment, Settings
 from backend.conversations.service import ConversationService
 from backend.core.asgi import BodySizeLimitMiddleware, ObservabilityMiddleware
 from backend.core.db import Database
@@ -367,7 +367,7 @@ def create_app(
     )
     app.include_router(live_frames_router)
     _add_demo(app)
-    if settings.graphql.graphiql:
+    if settings.graphql.graphiql_enabled(settings.env is Environment.PRODUCTION):
         app.mount(GRAPHIQL_URL, StaticFiles(directory=GRAPHIQL_ASSETS), name="graphiql")
     _add_probes(app, metrics, settings)
     _add_error_handlers(app)

@@ -164,7 +164,10 @@ class RedisSettings(_Section):
 class GraphQLSettings(_Section):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_GRAPHQL_", extra="ignore")
 
-    graphiql: bool = Field(True, description="Serve GraphiQL on GET /graphql from a browser.")
+    graphiql: bool | None = Field(
+        None,
+        description="Serve GraphiQL on GET /graphql to browsers. Unset: on, except in production.",
+    )
     introspection: bool | None = Field(
         None, description="Allow schema introspection. Unset: on, except in production."
     )
@@ -180,6 +183,22 @@ class GraphQLSettings(_Section):
     max_depth: int = Field(12, ge=1, description="Deepest selection set accepted.")
     max_tokens: int = Field(4000, ge=10, description="Most tokens in one GraphQL document.")
     max_aliases: int = Field(30, ge=1, description="Most aliases in one GraphQL document.")
+    max_breadth: int = Field(
+        100,
+        ge=1,
+        description="Most fields one selection set may gather, its fragments' fields included.",
+    )
+    max_merge_comparisons: int = Field(
+        100_000,
+        ge=1,
+        description="Work the field-merging validation rule may do on one document (graphql-core"
+        " units; its own default is 500,000).",
+    )
+    validation_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="Longest a document may take to validate (off the event loop); then refused.",
+    )
     max_subscriptions_per_connection: int = Field(
         100, ge=1, description="Concurrent subscriptions on one WebSocket."
     )
@@ -198,6 +217,9 @@ class GraphQLSettings(_Section):
 
     def introspection_enabled(self, production: bool) -> bool:
         return self.introspection if self.introspection is not None else not production
+
+    def graphiql_enabled(self, production: bool) -> bool:
+        return self.graphiql if self.graphiql is not None else not production
 
     max_operation_names: int = Field(
         500, ge=1, description="Distinct operation names tracked in metrics; others are 'other'."

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -29,6 +31,7 @@ from backend.config import (
     ChatSettings,
     DatabaseSettings,
     Environment,
+    GuardrailSettings,
     LogFormat,
     RedisSettings,
     Settings,
@@ -44,6 +47,51 @@ from backend.knowledge.embeddings import LocalEmbedder
 pytest_plugins = ("tests.accounts",)
 
 REDIS_URL = os.environ.get("SIGHTLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# Tests assert behaviour, not speed: every time limit in a test is generous, and scaled by
+# SIGHTLINE_TEST_TIME_SCALE on a machine known to be slow or busy.
+TIME_SCALE = float(os.environ.get("SIGHTLINE_TEST_TIME_SCALE", "1"))
+
+
+def scaled(seconds: float) -> float:
+    """A test's time limit, scaled for a slow or busy machine."""
+    return seconds * TIME_SCALE
+
+
+# The server's own time limits, generous in tests: a rail or a frame that takes long on a busy
+# machine is slow, not refused (tests of the limits themselves set small ones).
+GUARDRAIL_TIMEOUT_S = scaled(60)
+VISION_TIMEOUTS = {"live_frame_timeout_s": scaled(120), "infer_timeout_s": scaled(120)}
+
+
+# Spins until killed; the kernel kills it when its parent (the test process) dies.
+_BURNER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit()\n"
+    "while True: pass\n"
+)
+
+
+@pytest.fixture
+def cpu_load() -> Iterator[None]:
+    """A busy process per CPU while the test runs: races that need a loaded machine show."""
+    burners = [
+        subprocess.Popen([sys.executable, "-c", _BURNER, str(os.getpid())])
+        for _ in range(os.cpu_count() or 2)
+    ]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+        for burner in burners:
+            burner.wait()
+
+
+def lifespan(application: Any) -> LifespanManager:
+    """The app's lifespan with limits for a busy machine (asgi-lifespan's default is 5 s)."""
+    return LifespanManager(application, startup_timeout=scaled(120), shutdown_timeout=scaled(60))
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +173,8 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         # The packaged model is loaded only by the tests about it (tests/agents).
         chat=ChatSettings(local_model=False),
         # The inference pool (a worker process loading the vision models) only where tested.
-        vision=VisionSettings(enabled=False),
+        vision=VisionSettings(enabled=False, **VISION_TIMEOUTS),
+        guardrails=GuardrailSettings(check_timeout_s=GUARDRAIL_TIMEOUT_S),
     )
 
 
@@ -142,7 +191,7 @@ async def app(
     application = create_app(
         settings, db=db, redis=redis, span_processors=[SimpleSpanProcessor(spans)]
     )
-    async with LifespanManager(application) as manager:
+    async with lifespan(application) as manager:
         application.state.asgi = manager.app  # the app with the lifespan state injected
         application.state.sightline = manager._state["sightline"]
         application.state.services = manager._state["services"]
@@ -204,7 +253,7 @@ async def serve_live(settings: Settings, **app_options: Any) -> AsyncIterator[Li
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(scaled(120)):
         while not server.started:
             if task.done():
                 task.result()
@@ -213,7 +262,7 @@ async def serve_live(settings: Settings, **app_options: Any) -> AsyncIterator[Li
         yield LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/graphql", application)
     finally:
         server.should_exit = True
-        await asyncio.wait_for(task, 20)
+        await asyncio.wait_for(task, scaled(60))
 
 
 @pytest.fixture

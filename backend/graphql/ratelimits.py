@@ -13,9 +13,10 @@ from backend.graphql.extensions import operation_type
 class RateLimits(SchemaExtension):
     """Per principal (or client IP when anonymous) and operation class: query, mutation,
     subscription. Costlier classes (chat runs, vision jobs, ingestion) are taken by the
-    services that start them."""
+    services that start them. Taken before validation: a client sending documents that fail
+    validation spends its allowance like any other."""
 
-    async def on_execute(self) -> AsyncIterator[None]:
+    async def on_validate(self) -> AsyncIterator[None]:
         kind = operation_type(self.execution_context)
         context = self.execution_context.context
         if kind != "unknown":

@@ -115,10 +115,11 @@ def _prefer_json(request: Request) -> None:
 
 def graphql_router(settings: Settings) -> GraphQLRouter[Any, None]:
     gql = settings.graphql
+    production = settings.env is Environment.PRODUCTION
     return SightlineGraphQLRouter(
-        build_schema(gql, production=settings.env is Environment.PRODUCTION),
+        build_schema(gql, production=production),
         path="/graphql",
-        graphql_ide="graphiql" if gql.graphiql else None,
+        graphql_ide="graphiql" if gql.graphiql_enabled(production) else None,
         context_getter=get_context,
         subscription_protocols=(
             GRAPHQL_TRANSPORT_WS_PROTOCOL,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import suppress
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,8 @@ import strawberry
 from graphql import GraphQLError, GraphQLObjectType, parse
 from graphql.execution.collect_fields import CollectedFields, FieldDetailsList, collect_subfields
 from strawberry.extensions import (
-    AddValidationRules,
     DisableIntrospection,
-    MaxAliasesLimiter,
-    QueryDepthLimiter,
     SchemaExtension,
-    ValidationCache,
 )
 from strawberry.schema.config import BatchingConfig, StrawberryConfig
 from strawberry.schema.schema import (
@@ -29,7 +25,6 @@ from strawberry.types.execution import ExecutionContext, ExecutionResult
 from strawberry.types.graphql import OperationType
 
 from backend.config import GraphQLSettings
-from backend.graphql.complexity import complexity_rule
 from backend.graphql.extensions import OperationObservability, is_unexpected
 from backend.graphql.knowledge import INGESTION_EVENT_TYPES
 from backend.graphql.persisted import PersistedQueries
@@ -37,6 +32,7 @@ from backend.graphql.queries import Mutation, Query
 from backend.graphql.ratelimits import RateLimits
 from backend.graphql.runs import RUN_EVENT_TYPES
 from backend.graphql.subscriptions import Subscription
+from backend.graphql.validation import document_checks
 from backend.graphql.vision import VISION_EVENT_TYPES
 
 log = logging.getLogger("backend.graphql")
@@ -106,6 +102,16 @@ class Executor(StrawberryGraphQLCoreExecutionContext):
         return collected
 
 
+class QuietExecutor(Executor):
+    """Production: variable and argument errors suggest no names ("Did you mean ..."), as the
+    validation rules there do not: a schema without introspection should not spell itself out."""
+
+    @classmethod
+    def build(cls, *args: Any, **kwargs: Any) -> Any:
+        kwargs["hide_suggestions"] = True
+        return super().build(*args, **kwargs)
+
+
 _parse = lru_cache(maxsize=1024)(parse)
 
 
@@ -125,41 +131,16 @@ class CachedParse(SchemaExtension):
         yield
 
 
-def document_limits(settings: GraphQLSettings) -> type[SchemaExtension]:
-    """Depth, alias and token limits as one extension whose rules are built once.
-
-    Strawberry's QueryDepthLimiter and MaxAliasesLimiter build their rule classes per instance
-    (so per operation), and every extension costs every subscription message a few hooks.
-    """
-    rules = [
-        *QueryDepthLimiter(max_depth=settings.max_depth).validation_rules,
-        *MaxAliasesLimiter(max_alias_count=settings.max_aliases).validation_rules,
-        complexity_rule(settings.max_cost),
-    ]
-    max_tokens = settings.max_tokens
-
-    class DocumentLimits(AddValidationRules):
-        def __init__(self) -> None:
-            super().__init__(rules)
-
-        def on_operation(self) -> Iterator[None]:
-            self.execution_context.parse_options["max_tokens"] = max_tokens
-            yield from super().on_operation()
-
-    return DocumentLimits
-
-
 def build_schema(settings: GraphQLSettings, *, production: bool = False) -> strawberry.Schema:
     # Factories, not instances: Strawberry stores the operation on the extension, so a shared
-    # instance would mix up concurrent operations. Limits come before the parse cache: they set
-    # the parser's token limit.
+    # instance would mix up concurrent operations. Document checks come before the parse cache:
+    # they set the parser's token limit.
     extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
         OperationObservability,
         PersistedQueries,
         RateLimits,
-        document_limits(settings),
+        document_checks(settings, production=production),
         CachedParse,
-        partial(ValidationCache, maxsize=1024),
     ]
     if not settings.introspection_enabled(production):
         extensions.append(DisableIntrospection)
@@ -175,7 +156,7 @@ def build_schema(settings: GraphQLSettings, *, production: bool = False) -> stra
         extensions=extensions,
         types=(*RUN_EVENT_TYPES, *INGESTION_EVENT_TYPES, *VISION_EVENT_TYPES),
         config=StrawberryConfig(batching_config=batching),
-        execution_context_class=Executor,
+        execution_context_class=QuietExecutor if production else Executor,
     )
 
 

@@ -106,8 +106,11 @@ class LiveTail:
     A connection blocked in XREAD serves one caller, so a blocking read per subscriber would
     need as many Redis connections as open streams. Here one task waits on all watched streams
     at once (each from the oldest position any of its subscribers needs) and hands entries to
-    the subscribers' queues; a subscriber skips entries it already has. A new stream joins the
-    wait at once: registering writes to this replica's wake-up stream, which the XREAD includes.
+    the subscribers' queues; a subscriber skips entries it already has. A subscriber that needs
+    entries the XREAD in progress would not return (a new stream, or a position before the one
+    read from: a client resuming while an earlier subscriber to the same stream, already ahead,
+    is still registered) restarts the wait at once: registering writes to this replica's
+    wake-up stream, which the XREAD includes.
     """
 
     def __init__(self, redis: Redis, keys: KeySpace, block_ms: int = 2_000) -> None:
@@ -115,18 +118,20 @@ class LiveTail:
         self._wake = keys("tail-wake", uuid.uuid4().hex)
         self._block_ms = block_ms
         self._subscribers: dict[str, set[_Subscriber]] = {}
+        self._reading: dict[str, str] = {}  # the positions the XREAD in progress reads after
         self._task: asyncio.Task[None] | None = None
         self._waiting = asyncio.Event()
         self._closing = False
 
     async def register(self, key: str, last: str) -> _Subscriber:
         subscriber = _Subscriber(key, last)
-        fresh = key not in self._subscribers
+        reading = self._reading.get(key)
+        behind = reading is None or _position(last) < _position(reading)
         self._subscribers.setdefault(key, set()).add(subscriber)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="run-events-tail")
         self._waiting.set()
-        if fresh:  # wakes the XREAD in progress so it starts waiting on this stream too
+        if behind:  # wakes the XREAD in progress so it reads this stream from `last` too
             await self._redis.xadd(self._wake, {"k": key}, maxlen=16, approximate=True)
             await self._redis.expire(self._wake, 3600)
         return subscriber
@@ -169,6 +174,7 @@ class LiveTail:
                 for key, watchers in self._subscribers.items()
             }
             streams[self._wake] = wake_last
+            self._reading = streams
             try:
                 response = await self._redis.xread(streams, block=self._block_ms, count=500)
             except (RedisError, ConnectionError, OSError, TimeoutError) as exc:

@@ -12,7 +12,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 from redis.asyncio import Redis
@@ -24,7 +23,7 @@ from starlette.routing import Route
 from backend.app import create_app
 from backend.config import AuthSettings, Settings
 from backend.core.db import Database
-from tests.conftest import free_port, serve_asgi
+from tests.conftest import free_port, lifespan, serve_asgi
 
 CLIENT_ID, CLIENT_SECRET = "sightline-test", "provider-secret"
 
@@ -125,7 +124,7 @@ async def oidc_client(
     )
     application = create_app(settings, db=db, redis=redis)
     async with (
-        LifespanManager(application) as manager,
+        lifespan(application) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(app=manager.app), base_url="http://sightline.test"
         ) as client,

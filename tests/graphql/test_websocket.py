@@ -74,8 +74,30 @@ async def test_subscribe_before_connection_init_closes_4401(live_server: LiveSer
         assert await _close_code(ws) == 4401
 
 
+MALFORMED_SUBSCRIBES = [
+    {"id": "1", "type": "subscribe", "payload": "x"},
+    {"id": "1", "type": "subscribe", "payload": None},
+    {"id": "1", "type": "subscribe"},
+    {"id": "1", "type": "subscribe", "payload": {"query": 5}},
+    {"id": "1", "type": "subscribe", "payload": {}},
+    {"id": 1, "type": "subscribe", "payload": {"query": HEARTBEAT}},
+    {"id": "", "type": "subscribe", "payload": {"query": HEARTBEAT}},
+    {"type": "subscribe", "payload": {"query": HEARTBEAT}},
+    {"id": "1", "type": "subscribe", "payload": {"query": HEARTBEAT, "variables": [1]}},
+    {"id": "1", "type": "subscribe", "payload": {"query": HEARTBEAT, "operationName": 3}},
+    {"id": "1", "type": "subscribe", "payload": {"query": HEARTBEAT, "extensions": "e"}},
+    {"id": 7, "type": "complete"},
+]
+
+
 @pytest.mark.parametrize(
-    "raw", ["not json", json.dumps({"type": "no-such-type"}), json.dumps([1, 2])]
+    "raw",
+    [
+        "not json",
+        json.dumps({"type": "no-such-type"}),
+        json.dumps([1, 2]),
+        *(json.dumps(m) for m in MALFORMED_SUBSCRIBES),
+    ],
 )
 async def test_malformed_messages_close_4400_and_others_keep_working(
     live_server: LiveServer, raw: str
@@ -140,7 +162,18 @@ async def test_oversized_message_closes_1009(live_server: LiveServer, settings: 
         assert await _close_code(ws) == 1009
 
 
-@pytest.mark.parametrize("raw", ["[1, 2]", json.dumps({"id": "x"})])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "[1, 2]",
+        json.dumps({"id": "x"}),
+        json.dumps({"id": "b", "type": "start", "payload": "x"}),
+        json.dumps({"id": "b", "type": "start", "payload": None}),
+        json.dumps({"id": "b", "type": "start", "payload": {"query": 5}}),
+        json.dumps({"id": 2, "type": "start", "payload": {"query": HEARTBEAT}}),
+        json.dumps({"type": "stop"}),
+    ],
+)
 async def test_legacy_protocol_answers_malformed_messages_with_error(
     live_server: LiveServer, raw: str
 ) -> None:
@@ -152,3 +185,36 @@ async def test_legacy_protocol_answers_malformed_messages_with_error(
             ws, {"id": "a", "type": "start", "payload": {"query": HEARTBEAT, "variables": {"n": 1}}}
         )
         assert (await receive(ws))["type"] == "data"
+
+
+async def test_the_subscription_limit_is_a_typed_error(settings: Settings, engine: object) -> None:
+    settings.graphql.max_subscriptions_per_connection = 2
+    forever = "subscription { heartbeat(intervalMs: 1000) { seq } }"
+    async with serve_live(settings) as server:
+        async with await open_socket(server.ws_url) as ws:
+            await init(ws)
+            for op_id in ("1", "2", "3"):
+                await send(ws, {"id": op_id, "type": "subscribe", "payload": {"query": forever}})
+            refused = await receive(ws)
+            while refused["type"] != "error":
+                refused = await receive(ws)
+            assert refused["id"] == "3"
+            (error,) = refused["payload"]
+            assert error["extensions"] == {"code": "SUBSCRIPTION_LIMIT_REACHED", "limit": 2}
+        async with await open_socket(server.ws_url, LEGACY_WS) as ws:
+            await init(ws)
+            for op_id in ("1", "2", "3"):
+                await send(ws, {"id": op_id, "type": "start", "payload": {"query": forever}})
+            refused = await receive(ws)
+            while refused["type"] != "error":
+                refused = await receive(ws)
+            assert refused["id"] == "3"
+            assert refused["payload"]["extensions"]["code"] == "SUBSCRIPTION_LIMIT_REACHED"
+
+
+async def test_legacy_protocol_refuses_a_bad_token_with_4403(live_server: LiveServer) -> None:
+    async with await open_socket(live_server.ws_url, LEGACY_WS) as ws:
+        await send(ws, {"type": "connection_init", "payload": {"authorization": "Bearer nope"}})
+        error = await receive(ws)
+        assert error["type"] == "connection_error"
+        assert await _close_code(ws) == 4403

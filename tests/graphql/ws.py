@@ -7,19 +7,21 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests.conftest import scaled
+
 TRANSPORT_WS = "graphql-transport-ws"
 LEGACY_WS = "graphql-ws"
 
 
 async def open_socket(url: str, protocol: str = TRANSPORT_WS, **kwargs: Any) -> ClientConnection:
-    return await connect(url, subprotocols=[protocol], open_timeout=10, **kwargs)  # type: ignore[list-item]
+    return await connect(url, subprotocols=[protocol], open_timeout=scaled(30), **kwargs)  # type: ignore[list-item]
 
 
 async def send(ws: ClientConnection, message: dict[str, Any]) -> None:
     await ws.send(json.dumps(message))
 
 
-async def receive(ws: ClientConnection, timeout: float = 10) -> dict[str, Any]:
+async def receive(ws: ClientConnection, timeout: float = scaled(30)) -> dict[str, Any]:
     """The next message that is not a keep-alive ping/pong."""
     import asyncio
 
@@ -48,7 +50,12 @@ async def subscribe(
 
 
 async def results(
-    url: str, token: str, query: str, variables: dict[str, Any], field: str, timeout: float = 20
+    url: str,
+    token: str,
+    query: str,
+    variables: dict[str, Any],
+    field: str,
+    timeout: float = scaled(60),
 ) -> list[dict[str, Any]]:
     """Every `next` of one subscription, signed in with `token`, until it completes."""
     values: list[dict[str, Any]] = []

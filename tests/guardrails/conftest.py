@@ -7,6 +7,7 @@ import pytest
 
 from backend.config import ChatSettings, GuardrailEngine, GuardrailSettings, Settings
 from tests.agents.test_runs import llm  # noqa: F401 (the LLM stub fixture)
+from tests.conftest import GUARDRAIL_TIMEOUT_S
 from tests.llm_stub import LLMStub
 
 
@@ -19,5 +20,7 @@ def chat_settings(
     settings.chat = ChatSettings(
         llm_base_url=llm[1], llm_model="echo", run_lease_s=1, llm_retries=1
     )
-    settings.guardrails = GuardrailSettings(engine=request.param)
+    settings.guardrails = GuardrailSettings(
+        engine=request.param, check_timeout_s=GUARDRAIL_TIMEOUT_S
+    )
     return settings

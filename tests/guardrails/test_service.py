@@ -28,6 +28,7 @@ from backend.guardrails.service import GuardrailService
 from backend.guardrails.topics import TopicMatcher
 from backend.inference.llm.base import ChatMessage
 from backend.knowledge.embeddings import LocalEmbedder
+from tests.conftest import GUARDRAIL_TIMEOUT_S
 
 
 async def principal_of(db: Database) -> Principal:
@@ -54,6 +55,7 @@ def make(request: pytest.FixtureRequest, db: Database) -> Make:
     """Builds the rails on either engine: every test here runs on both."""
 
     def build(**options: Any) -> GuardrailService:
+        options.setdefault("check_timeout_s", GUARDRAIL_TIMEOUT_S)
         if request.param == "nemo":
             return NemoGuardrailService(db, **options)
         return GuardrailService(db, **options)

@@ -14,7 +14,7 @@ from backend.inference.llm.base import (
     LLMUnavailable,
 )
 from backend.inference.llm.openai_compat import OpenAICompatibleProvider
-from tests.conftest import serve_asgi
+from tests.conftest import scaled, serve_asgi
 from tests.llm_stub import LLMStub
 
 HELLO = [ChatMessage("user", "hello there general kenobi")]
@@ -79,7 +79,7 @@ async def test_closing_the_iterator_closes_the_upstream_stream(stub: tuple[LLMSt
     async for _ in stream:
         break
     await stream.aclose()  # what a cancelled run does
-    async with asyncio.timeout(2):
+    async with asyncio.timeout(scaled(30)):
         while llm.open_streams:
             await asyncio.sleep(0.01)
     assert llm.closed_early == 1

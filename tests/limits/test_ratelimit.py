@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from asgi_lifespan import LifespanManager
 from httpx import ASGITransport, AsyncClient
 from redis.asyncio import Redis
 
@@ -15,6 +14,7 @@ from backend.core.db import Database
 from backend.core.redis import KeySpace
 from backend.errors import RateLimited
 from backend.limits.ratelimit import RateLimiter
+from tests.conftest import lifespan
 
 
 def _limits(rate: float, burst: int) -> LimitsSettings:
@@ -51,7 +51,7 @@ async def test_limit_holds_in_total_across_two_app_instances(
     """Two replicas against one Redis: the burst is shared, not doubled."""
     settings.limits = _limits(rate=0.01, burst=5)
     replicas = [create_app(settings, db=db, redis=redis) for _ in range(2)]
-    async with LifespanManager(replicas[0]) as one, LifespanManager(replicas[1]) as two:
+    async with lifespan(replicas[0]) as one, lifespan(replicas[1]) as two:
         clients = [
             AsyncClient(
                 transport=ASGITransport(app=m.app, client=("10.9.8.7", 1)),

@@ -227,3 +227,32 @@ async def test_closing_with_appends_stuck_on_the_wire_fails_them_instead_of_hang
     finally:
         await redis.execute_command("CLIENT", "UNPAUSE")
         await client.aclose()
+
+
+async def test_a_reader_resuming_behind_an_earlier_one_gets_every_entry(
+    redis: Redis, key_prefix: str
+) -> None:
+    """A client drops its socket and resumes while its old subscriber (already handed a newer
+    entry) is still registered: the live read must restart from the resumed position. It read
+    on from the old subscriber's, and the resumed client never got the entry in between (the
+    first token missing after a resume under CPU load)."""
+    log = RunEventLog(redis, KeySpace(key_prefix), block_ms=5_000)
+    run = uuid.uuid4().hex
+    started = await log.append(run, "RunStarted", {})
+    key = log._key(run)
+    tail = log._tail
+    earlier = await tail.register(key, started.entry_id)  # the dropped client's, not yet gone
+    first = await log.append(run, "TokenDelta", {"text": "alpha", "index": 0})
+    assert [e[0] for e in await asyncio.wait_for(earlier.queue.get(), 10)] == [
+        first.entry_id.encode()
+    ]
+    await asyncio.sleep(0.5)  # the tail now waits for what comes after `first`
+    while getattr(tail, "_reading", {}).get(key, first.entry_id) != first.entry_id:
+        await asyncio.sleep(0.01)
+    resumed = await tail.register(key, started.entry_id)  # replayed nothing: too early
+    await log.append(run, "TokenDelta", {"text": "beta", "index": 1})
+    entries = await asyncio.wait_for(resumed.queue.get(), 10)
+    assert entries[0][0] == first.entry_id.encode()
+    tail.unregister(earlier)
+    tail.unregister(resumed)
+    await log.close()

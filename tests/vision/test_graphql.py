@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from backend.config import BudgetSpec, GuardrailSettings, Settings, VisionSettings
 from tests.agents.test_runs import gql, sign_in
-from tests.conftest import LiveServer, serve_live
+from tests.conftest import VISION_TIMEOUTS, LiveServer, serve_live
 from tests.graphql.ws import results
 
 ANALYZE = """mutation($image: Upload!, $tasks: [VisionTask!]!, $classifier: String) {
@@ -77,7 +77,7 @@ async def analyse(server: LiveServer, token: str, image: bytes, tasks: list[str]
 
 
 def vision_on(settings: Settings, **options: Any) -> Settings:
-    settings.vision = VisionSettings(enabled=True, **options)
+    settings.vision = VisionSettings(enabled=True, **{**VISION_TIMEOUTS, **options})
     return settings
 
 
