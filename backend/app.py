@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -19,7 +20,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from opentelemetry.sdk.trace import SpanProcessor
 from redis.asyncio import Redis
-from sqlalchemy.exc import DBAPIError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
@@ -44,7 +46,7 @@ from backend.core.migrations import is_current
 from backend.core.redis import ping_redis
 from backend.core.state import AppState
 from backend.core.telemetry import build_tracer_provider, configure_logging
-from backend.errors import BAD_VALUE_MESSAGE, AppError, ValidationFailed, is_bad_value
+from backend.errors import AppError, ValidationFailed, expected_error
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
 from backend.guardrails.service import GuardrailService, build_guardrails
@@ -88,6 +90,7 @@ class Services:
     async def aclose(self) -> None:
         """Stops every service; each step is timed in the log (a slow shutdown says where)."""
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("auth", self.auth.close),
             ("runs", lambda: self.runs.close(self.grace_s)),
             ("models", self.runs.models.aclose),
             ("knowledge", lambda: self.knowledge.close(self.grace_s)),
@@ -200,6 +203,7 @@ async def build_services(
         metrics=state.metrics,
     )
     await runs.start()
+    await auth.start()
     return Services(
         auth=auth,
         conversations=conversations,
@@ -434,18 +438,39 @@ async def _check(probe: Any) -> str:
     try:
         await probe
     except Exception as exc:  # a probe reports, it never raises
-        return f"failed: {exc}".splitlines()[0][:200]
+        # The reason names internal addresses: it goes to the log, not to anonymous callers.
+        log.warning("readiness check failed: %r", exc)
+        return "failed"
     return "ok"
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+    response = JSONResponse(
+        {"error": {"code": code, "message": message, **extra}}, status_code=status
+    )
+    retry_after = extra.get("retryAfter")
+    if isinstance(retry_after, int | float):
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
         return _error(exc.status, exc.code, exc.message, **exc.details)
+
+    async def backing_service_error(_: Request, exc: Exception) -> JSONResponse:
+        """PostgreSQL or Redis down: 503 SERVICE_UNAVAILABLE with Retry-After, never the
+        driver's message (it names internal addresses)."""
+        typed = expected_error(exc)
+        if typed is None:
+            log.error("unhandled error", exc_info=exc)
+            return _error(500, "INTERNAL_SERVER_ERROR", "Internal server error.")
+        return _error(typed.status, typed.code, typed.message, **typed.details)
+
+    # Handled here, not by the catch-all below: Starlette re-raises what reaches that one.
+    for kind in (RedisError, SQLAlchemyError, OSError):
+        app.add_exception_handler(kind, backing_service_error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -459,15 +484,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         )
         response.headers.update(exc.headers or {})
         return response
-
-    @app.exception_handler(DBAPIError)
-    async def database_error(_: Request, exc: DBAPIError) -> JSONResponse:
-        """A value PostgreSQL refused is the client's (see is_bad_value); anything else is
-        re-raised to the 500 handler below."""
-        if not is_bad_value(exc):
-            raise exc
-        log.warning("a value reached PostgreSQL and was refused there: %s", type(exc.orig))
-        return _error(400, ValidationFailed.code, BAD_VALUE_MESSAGE)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

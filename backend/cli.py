@@ -437,6 +437,32 @@ def users_create(
     _run_admin(work)
 
 
+@users_app.command("disable")
+def users_disable(
+    tenant: Annotated[str, typer.Option(help="Tenant slug.")],
+    email: Annotated[str, typer.Option(help="The user's email.")],
+) -> None:
+    """Disable a user: their tokens, API keys and open streams end at once, on every replica."""
+    _set_active(tenant, email, active=False)
+
+
+@users_app.command("enable")
+def users_enable(
+    tenant: Annotated[str, typer.Option(help="Tenant slug.")],
+    email: Annotated[str, typer.Option(help="The user's email.")],
+) -> None:
+    """Enable a disabled user again (they sign in anew)."""
+    _set_active(tenant, email, active=True)
+
+
+def _set_active(tenant: str, email: str, *, active: bool) -> None:
+    async def work(auth: AuthService) -> None:
+        user = await auth.set_active_by_email(tenant, email, active)
+        out.print(f"{'enabled' if active else 'disabled'} {user.email} in tenant {tenant}")
+
+    _run_admin(work)
+
+
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant slug.")],

@@ -286,8 +286,43 @@ class AuthSettings(_Section):
         description="First admin's password (also makes the admin on an external database). "
         "Unset: generated into DATA_DIR/initial-admin-password on the embedded database.",
     )
-    login_attempts_per_15m: int = Field(
-        10, ge=1, description="Failed logins per email and per IP before 429 (15 min window)."
+    login_window_s: int = Field(
+        900, ge=60, description="Window over which failed sign-ins are counted."
+    )
+    login_free_attempts: int = Field(
+        5,
+        ge=1,
+        description="Failed sign-ins per account and source address before each further "
+        "attempt from that source waits (backoff); other sources are not slowed.",
+    )
+    login_backoff_base_s: float = Field(
+        1.0, gt=0, description="First wait of the backoff; it doubles at every further failure."
+    )
+    login_backoff_max_s: float = Field(
+        300.0, gt=0, description="Longest wait of the backoff (a right password passes after it)."
+    )
+    login_source_failures: int = Field(
+        100,
+        ge=1,
+        description="Failed sign-ins per source address (IPv6: per /64), over all accounts, "
+        "before that source is refused for the rest of the window.",
+    )
+    login_account_failures: int = Field(
+        50,
+        ge=1,
+        description="Failed sign-ins per account from all sources before sources that never "
+        "signed in to it are refused for the rest of the window (trusted ones are not).",
+    )
+    login_trusted_source_s: int = Field(
+        30 * 24 * 3600,
+        ge=0,
+        description="A source that signed in to an account is trusted for it this long.",
+    )
+    revocation_check_interval_s: float = Field(
+        15.0,
+        gt=0,
+        description="Open sockets and streams re-read revocations this often, in case a "
+        "published revocation was missed (normally they end at once).",
     )
     oidc_issuer: str | None = Field(
         None, description="External OpenID Connect provider (issuer URL). Unset: no OIDC login."
@@ -323,11 +358,21 @@ class AuthSettings(_Section):
             raise ValueError("SIGHTLINE_AUTH_OIDC_DEFAULT_ROLE must be a role or empty")
         return self
 
+    @model_validator(mode="after")
+    def _backoff_fits_the_window(self) -> AuthSettings:
+        # The backoff state lives as long as the window: a longer wait would be forgotten.
+        if self.login_backoff_max_s > self.login_window_s:
+            raise ValueError(
+                "SIGHTLINE_AUTH_LOGIN_BACKOFF_MAX_S must not exceed SIGHTLINE_AUTH_LOGIN_WINDOW_S"
+            )
+        return self
+
     api_key_cache_ttl_s: int = Field(
         60,
         ge=0,
-        description="A verified API key is trusted from Redis this long (revocation "
-        "clears it at once; role changes reach keys within it). 0: every request reads the DB.",
+        description="A verified API key is trusted from Redis this long (revoking it, or "
+        "disabling its user or changing their role, ends that at once). 0: every request "
+        "reads the DB.",
     )
     api_key_touch_interval_s: int = Field(
         60, ge=1, description="How often an API key's last-used time is written."

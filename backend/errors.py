@@ -84,16 +84,66 @@ class InternalError(AppError):
     status = 500
 
 
+# SQLSTATE classes of a server that is going away, starting, out of connections, or that
+# cancelled a statement past its timeout: retryable, not a bug.
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P", "57014")
+
+UNAVAILABLE_MESSAGE = "a backing service is busy or unreachable; retry shortly"
+
+
 def is_overload(exc: BaseException) -> bool:
     """A backing service (PostgreSQL, Redis) unreachable or saturated: retryable, not a bug."""
     from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ReadOnlyError
     from redis.exceptions import TimeoutError as RedisTimeout
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DBAPIError, OperationalError
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    return isinstance(
-        exc, RedisConnectionError | RedisTimeout | PoolTimeout | OperationalError | ConnectionError
-    )
+    if isinstance(
+        exc,
+        RedisConnectionError
+        | RedisTimeout
+        | ReadOnlyError  # a replica promoted while we wrote: the next try finds the primary
+        | PoolTimeout
+        | OperationalError
+        | ConnectionError,
+    ):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return isinstance(state, str) and state.startswith(_UNAVAILABLE_SQLSTATES)
+    return False
+
+
+def _is_missing_user(exc: BaseException) -> bool:
+    """A row that names a user who is gone (deleted while their token was still valid)."""
+    from sqlalchemy.exc import IntegrityError
+
+    if not isinstance(exc, IntegrityError):
+        return False
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    driver_error = getattr(exc.orig, "driver_exception", None)  # asyncpg's own error
+    constraint = getattr(driver_error, "constraint_name", None) or ""
+    # Constraint names follow the naming convention fk_<table>_<column>_<referred table>.
+    return state == "23503" and constraint.startswith("fk_") and constraint.endswith("_users")
+
+
+def expected_error(exc: BaseException) -> AppError | None:
+    """The typed error a client gets for an exception that is not a bug though it is not an
+    AppError: a backing service down (SERVICE_UNAVAILABLE, never the driver's message or the
+    service's address), a write for a user who no longer exists (UNAUTHENTICATED), or a value
+    PostgreSQL refused (BAD_USER_INPUT)."""
+    if isinstance(exc, AppError):
+        return exc
+    if is_overload(exc):
+        return ServiceUnavailable(UNAVAILABLE_MESSAGE, retryAfter=1)
+    if _is_missing_user(exc):
+        return Unauthenticated("the account no longer exists")
+    if is_bad_value(exc):
+        return ValidationFailed(BAD_VALUE_MESSAGE)
+    return None
 
 
 def is_bad_value(exc: BaseException) -> bool:

@@ -47,7 +47,7 @@ async def test_readyz_is_503_when_redis_is_gone(client: AsyncClient, app: FastAP
     assert response.status_code == 503
     checks = response.json()["checks"]
     assert checks["database"] == "ok"
-    assert checks["redis"].startswith("failed: cannot reach Redis")
+    assert checks["redis"] == "failed"  # why, and where Redis is, goes to the log only
 
 
 async def test_metrics_count_requests_and_operations(client: AsyncClient) -> None:

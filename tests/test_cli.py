@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from backend import __version__
 from backend.app import SCHEMA_FILE, schema_sdl
@@ -219,6 +219,31 @@ def test_users_keys_and_signing_rotation(
     rotated = runner.invoke(app, ["keys", "rotate-signing"])
     assert rotated.exit_code == 0, rotated.output
     assert "now signing with" in rotated.output
+
+
+def test_users_disable_and_enable(env: dict[str, str], engine: object, tmp_path: Path) -> None:
+    import uuid
+
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    secret = tmp_path / "pw"
+    secret.write_text("a long enough password\n")
+    for email, role in (("boss@cli.example", "owner"), ("dev@cli.example", "member")):
+        options = ["--tenant", tenant, "--email", email, "--role", role]
+        created = runner.invoke(app, ["users", "create", *options, "--password-file", str(secret)])
+        assert created.exit_code == 0, created.output
+
+    def users(command: str, email: str) -> Result:
+        return runner.invoke(app, ["users", command, "--tenant", tenant, "--email", email])
+
+    disabled = users("disable", "dev@cli.example")
+    assert disabled.exit_code == 0, disabled.output
+    assert f"disabled dev@cli.example in tenant {tenant}" in disabled.output
+    enabled = users("enable", "dev@cli.example")
+    assert enabled.exit_code == 0, enabled.output
+    last_owner = users("disable", "boss@cli.example")
+    assert (last_owner.exit_code, "CONFLICT" in last_owner.output) == (1, True)
+    unknown = users("disable", "ghost@cli.example")
+    assert (unknown.exit_code, "NOT_FOUND" in unknown.output) == (1, True)
 
 
 def test_ingest_reports_each_document(env: dict[str, str], engine: object, tmp_path: Path) -> None:

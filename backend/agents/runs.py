@@ -29,7 +29,7 @@ from backend.conversations.service import ConversationService
 from backend.core.db import Database
 from backend.core.metrics import Metrics
 from backend.core.models import Message, MessageRole, Run, RunStatus
-from backend.core.redis import KeySpace
+from backend.core.redis import KeySpace, listen
 from backend.core.tasks import drain
 from backend.errors import (
     AppError,
@@ -123,6 +123,7 @@ class RunService:
         self._members: dict[uuid.UUID, str] = {}  # lease entries of the runs this replica owns
         self._background: list[asyncio.Task[None]] = []
         self._closing = False
+        self._stopped = False  # the background loops end (after the turns drained)
 
     # -- lifecycle of the supervisor (owned by the app's lifespan) ---------------------------
 
@@ -137,6 +138,7 @@ class RunService:
         """Lets running turns finish for `grace_s`, then cancels them (RunFailed SHUTDOWN)."""
         self._closing = True
         await drain(self._tasks.values(), grace_s)
+        self._stopped = True
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -478,31 +480,20 @@ class RunService:
         return time.time() + self._settings.run_lease_s
 
     async def _listen_for_cancels(self) -> None:
-        """Cancels the runs this replica owns when any replica publishes their id.
+        """Cancels the runs this replica owns when any replica publishes their id."""
+        await listen(
+            self._redis,
+            self._keys(CANCEL_CHANNEL),
+            self._cancel_published,
+            stopped=lambda: self._stopped,
+            name="cancel listener",
+        )
 
-        Polls with a short timeout (below the socket timeout) and resubscribes after any error:
-        a listener that died silently would make cancelRun a no-op.
-        """
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.subscribe(self._keys(CANCEL_CHANNEL))
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is None or message.get("type") != "message":
-                        continue
-                    with contextlib.suppress(ValueError):
-                        task = self._tasks.get(uuid.UUID(message["data"].decode()))
-                        if task is not None:
-                            task.cancel("cancelled by the client")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis restarted, connection dropped: subscribe again
-                log.warning("cancel listener: %s; resubscribing", exc)
-                await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+    def _cancel_published(self, data: bytes) -> None:
+        with contextlib.suppress(ValueError):
+            task = self._tasks.get(uuid.UUID(data.decode()))
+            if task is not None:
+                task.cancel("cancelled by the client")
 
     async def _sweep_cancels(self) -> None:
         """Reads the cancel flags of every run executing here, in one command per interval: a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Annotated
 from urllib.parse import urlencode
@@ -13,7 +14,7 @@ from backend.auth.errors import InvalidGrant, InvalidRequest, OAuthError, Unsupp
 from backend.auth.oidc import OIDCLogin
 from backend.auth.service import AuthService, require_request_field
 from backend.core.untrusted import unstorable_text
-from backend.errors import NotFound, RateLimited
+from backend.errors import NotFound, RateLimited, ServiceUnavailable, expected_error
 
 FormField = Annotated[str | None, Form()]
 
@@ -34,6 +35,36 @@ def _require_storable(**fields: str | None) -> None:
     for name, value in fields.items():
         if value and (problem := unstorable_text(value)):
             raise InvalidRequest(f"{name} {problem}")
+
+
+def _token_error(exc: Exception) -> JSONResponse:
+    """The token endpoint's answer to a refused grant, a throttled sign-in or an outage."""
+    if isinstance(exc, OAuthError):
+        return _oauth_error(exc)
+    if isinstance(exc, RateLimited):
+        return JSONResponse(
+            {
+                "error": "slow_down",
+                "error_description": exc.message,
+                "retry_after": exc.retry_after_s,
+            },
+            status_code=429,
+            headers={**_NO_STORE, "Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+        )
+    return _unavailable(exc)
+
+
+def _unavailable(exc: Exception) -> JSONResponse:
+    """PostgreSQL or Redis down: 503 `temporarily_unavailable` (the OAuth error name for it) with
+    Retry-After; anything else is re-raised (a bug, answered 500 by the app)."""
+    typed = expected_error(exc)
+    if not isinstance(typed, ServiceUnavailable):
+        raise exc
+    return JSONResponse(
+        {"error": "temporarily_unavailable", "error_description": typed.message},
+        status_code=503,
+        headers={**_NO_STORE, "Retry-After": "1"},
+    )
 
 
 def oauth_router(
@@ -89,18 +120,8 @@ def oauth_router(
                 )
             else:
                 raise UnsupportedGrantType(f"grant_type {grant_type!r} is not supported")
-        except OAuthError as exc:
-            return _oauth_error(exc)
-        except RateLimited as exc:
-            return JSONResponse(
-                {
-                    "error": "slow_down",
-                    "error_description": exc.message,
-                    "retry_after": exc.retry_after_s,
-                },
-                status_code=429,
-                headers={**_NO_STORE, "Retry-After": str(max(1, round(exc.retry_after_s)))},
-            )
+        except Exception as exc:
+            return _token_error(exc)
         return JSONResponse(result.as_json(), headers=_NO_STORE)
 
     @router.get("/oauth/oidc/login", include_in_schema=True)
@@ -113,6 +134,8 @@ def oauth_router(
             return RedirectResponse(await oidc.start(return_to), status_code=302)
         except OAuthError as exc:
             return _oauth_error(exc)
+        except Exception as exc:
+            return _unavailable(exc)
 
     @router.get("/oauth/oidc/callback")
     async def oidc_callback(
@@ -136,6 +159,8 @@ def oauth_router(
             tokens = await auth_of(request).external_sign_in(identity, ip)
         except OAuthError as exc:
             return _oauth_error(exc)
+        except Exception as exc:
+            return _unavailable(exc)
         if identity.return_to:
             fragment = urlencode({k: str(v) for k, v in tokens.as_json().items()})
             return RedirectResponse(
@@ -145,9 +170,13 @@ def oauth_router(
 
     @router.post("/oauth/revoke")
     async def revoke(request: Request, token: FormField = None) -> JSONResponse:
-        """Ends a refresh token's session family (logout); always 200 as RFC 7009 says."""
+        """Ends a refresh token's session family and its access tokens (logout); 200 for any
+        token as RFC 7009 says, 503 when the revocation could not be recorded."""
         if token:
-            await auth_of(request).revoke_refresh(token)
+            try:
+                await auth_of(request).revoke_refresh(token)
+            except Exception as exc:
+                return _unavailable(exc)
         return JSONResponse({}, headers=_NO_STORE)
 
     @router.get("/.well-known/jwks.json")

@@ -25,6 +25,10 @@ class Principal:
     plan: str = "free"
     expires_at: float | None = None  # unix time; API keys without expiry: None
     api_key_id: uuid.UUID | None = None
+    # What revocation compares: the sign-in session of an access token (its refresh-token
+    # family), and when the credential was issued (an API key: verified in the database).
+    session_id: uuid.UUID | None = None
+    issued_at: float | None = None
 
     def has(self, scope: Scope) -> bool:
         return scope in self.scopes

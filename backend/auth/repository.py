@@ -24,7 +24,14 @@ async def user_by_email(session: AsyncSession, email: str) -> User | None:
     return await session.scalar(select(User).where(func.lower(User.email) == email.lower()))
 
 
-async def user_by_id(session: AsyncSession, user_id: uuid.UUID) -> User | None:
+async def user_by_id(
+    session: AsyncSession, user_id: uuid.UUID, *, lock: bool = False
+) -> User | None:
+    """`lock`: a share lock until the unit of work ends. Grants take it and sign their tokens
+    before committing, so a user disabled meanwhile (which waits for the lock, then records
+    its revocation) can never be issued a token after the revocation's time."""
+    if lock:
+        return await session.get(User, user_id, with_for_update={"read": True})
     return await session.get(User, user_id)
 
 
@@ -69,6 +76,14 @@ async def revoke_family(session: AsyncSession, family_id: uuid.UUID) -> None:
     await session.execute(
         update(RefreshToken)
         .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=datetime.now(UTC))
+    )
+
+
+async def revoke_refresh_tokens_of(session: AsyncSession, user_id: uuid.UUID) -> None:
+    await session.execute(
+        update(RefreshToken)
+        .where(RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None))
         .values(revoked_at=datetime.now(UTC))
     )
 

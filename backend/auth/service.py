@@ -34,8 +34,10 @@ from backend.auth.errors import (
 from backend.auth.oidc import ExternalIdentity
 from backend.auth.passwords import MIN_PASSWORD_LENGTH, hash_password, verify_password
 from backend.auth.principal import CredentialKind, Principal
+from backend.auth.revocation import Record, Revocations
 from backend.auth.scopes import Scope, grant, parse_scopes
 from backend.auth.signing import TokenSigner
+from backend.auth.throttle import LoginThrottle
 from backend.config import AuthSettings
 from backend.core.db import Database
 from backend.core.models import (
@@ -50,8 +52,6 @@ from backend.core.models import (
 )
 from backend.core.redis import KeySpace
 from backend.errors import Conflict, NotFound, RateLimited, ValidationFailed
-
-_LOGIN_WINDOW_S = 15 * 60
 
 
 @dataclass(frozen=True)
@@ -94,16 +94,24 @@ class AuthService:
         self._db = db
         self.signer = signer
         self._redis = redis
-        self._keys = keys.child("login")
         self._cache_keys = keys.child("auth")
         self._settings = settings
+        self._throttle = LoginThrottle(redis, keys.child("login"), settings)
+        self.revocations = Revocations(redis, keys, settings, signer.access_ttl_s)
+
+    async def start(self) -> None:
+        """Starts delivering revocations to this replica's open sockets and streams."""
+        await self.revocations.start()
+
+    async def close(self) -> None:
+        await self.revocations.close()
 
     # -- token endpoint grants ------------------------------------------------------------
 
     async def password_grant(
         self, tenant_slug: str, email: str, password: str, scope: str | None, ip: str | None
     ) -> TokenResponse:
-        await self._throttle_login(email, ip)
+        await self._throttle_login(tenant_slug, email, ip)
         async with self._db.session() as session:
             tenant = await repo.tenant_by_slug(session, tenant_slug)
         tenant_id = tenant.id if tenant and tenant.is_active else None
@@ -114,11 +122,26 @@ class AuthService:
         usable = user is not None and user.is_active and user.kind is UserKind.HUMAN
         ok = await verify_password(user.password_hash if usable and user else None, password)
         if not ok or user is None or tenant_id is None:
-            await self._login_failed(email, ip, tenant_id, user.id if user else None)
+            async with self._db.session(tenant_id) as session:
+                await record(
+                    session,
+                    "login",
+                    Outcome.FAILURE,
+                    tenant_id=tenant_id,
+                    actor_id=user.id if user else None,
+                    ip=ip,
+                    email=email,
+                )
             raise InvalidGrant("invalid username or password")
+        await self._throttle.succeeded(tenant_slug, email, ip)
         scopes = self._scopes_for(user.role, scope)
+        family_id = uuid.uuid4()
         async with self._db.session(tenant_id) as session:
-            refresh = await self._new_refresh(session, user, scopes, family_id=uuid.uuid4())
+            # Disabled while the password was checked: no tokens.
+            current = await repo.user_by_id(session, user.id, lock=True)
+            if current is None or not current.is_active:
+                raise InvalidGrant("invalid username or password")
+            refresh = await self._new_refresh(session, user, scopes, family_id=family_id)
             await record(
                 session,
                 "login",
@@ -128,7 +151,8 @@ class AuthService:
                 ip=ip,
                 grant="password",
             )
-        return self._tokens(user, scopes, refresh, tenant.plan if tenant else "")
+            tokens = self._tokens(user, scopes, refresh, tenant.plan if tenant else "", family_id)
+        return tokens
 
     async def client_credentials_grant(
         self, client_id: str, client_secret: str, scope: str | None, ip: str | None
@@ -197,12 +221,13 @@ class AuthService:
                     family=str(row.family_id),
                 )
                 reused = True
+                family_id = row.family_id
             elif row.revoked_at is not None:
                 raise InvalidGrant("refresh token revoked")
             elif row.expires_at <= datetime.now(UTC):
                 raise InvalidGrant("refresh token expired")
             else:
-                user = await repo.user_by_id(session, row.user_id)
+                user = await repo.user_by_id(session, row.user_id, lock=True)
                 if user is None or not user.is_active:
                     raise InvalidGrant("account disabled")
                 row.used_at = datetime.now(UTC)
@@ -210,9 +235,11 @@ class AuthService:
                 scopes = self._narrow(kept, scope)
                 refresh = await self._new_refresh(session, user, scopes, family_id=row.family_id)
                 plan = await repo.plan_of(session, tenant_id)
-        if reused:  # committed above: the family stays revoked
+                tokens = self._tokens(user, scopes, refresh, plan, row.family_id)
+        if reused:  # committed above: the family stays revoked, and its access tokens end
+            await self.revocations.revoke(Record.SESSION, family_id)
             raise InvalidGrant("refresh token was already used; all its sessions are revoked")
-        return self._tokens(user, scopes, refresh, plan)
+        return tokens
 
     async def external_sign_in(self, identity: ExternalIdentity, ip: str | None) -> TokenResponse:
         """Tokens for a user the OIDC provider vouched for; made at first sign-in if allowed."""
@@ -235,8 +262,9 @@ class AuthService:
         if not user.is_active or user.kind is not UserKind.HUMAN:
             raise InvalidGrant("account disabled")
         scopes = grant(user.role, None)
+        family_id = uuid.uuid4()
         async with self._db.session(tenant.id) as session:
-            refresh = await self._new_refresh(session, user, scopes, family_id=uuid.uuid4())
+            refresh = await self._new_refresh(session, user, scopes, family_id=family_id)
             await record(
                 session,
                 "login",
@@ -247,7 +275,7 @@ class AuthService:
                 grant="oidc",
                 subject=identity.subject,
             )
-        return self._tokens(user, scopes, refresh, tenant.plan)
+        return self._tokens(user, scopes, refresh, tenant.plan, family_id)
 
     async def revoke_refresh(self, refresh_token: str) -> None:
         """Logout: the token's family ends (RFC 7009 semantics: unknown tokens are fine)."""
@@ -258,11 +286,16 @@ class AuthService:
             return
         async with self._db.session(tenant_id) as session:
             row = await repo.refresh_token_by_hash(session, token_hash)
-            if row is not None:
-                await repo.revoke_family(session, row.family_id)
-                await record(
-                    session, "logout", Outcome.SUCCESS, tenant_id=tenant_id, actor_id=row.user_id
-                )
+            if row is None:
+                return
+            await repo.revoke_family(session, row.family_id)
+            await record(
+                session, "logout", Outcome.SUCCESS, tenant_id=tenant_id, actor_id=row.user_id
+            )
+            # Before the commit: with Redis down nothing is revoked and the caller is told to
+            # retry, rather than a refresh token revoked while its access tokens live on. (The
+            # record refuses the whole family, so no token issued meanwhile escapes it.)
+            await self.revocations.revoke(Record.SESSION, row.family_id)
 
     # -- authenticating requests ------------------------------------------------------------
 
@@ -281,7 +314,7 @@ class AuthService:
             role = UserRole(claims.role)
         except ValueError:
             raise InvalidToken("invalid token: role") from None
-        return Principal(
+        principal = Principal(
             user_id=claims.subject,
             tenant_id=claims.tenant_id,
             role=role,
@@ -289,7 +322,12 @@ class AuthService:
             credential=CredentialKind.ACCESS_TOKEN,
             expires_at=claims.expires_at,
             plan=claims.plan,
+            session_id=claims.session_id,
+            issued_at=claims.issued_at,
         )
+        if (reason := await self.revocations.check(principal)) is not None:
+            raise InvalidToken(reason)
+        return principal
 
     def _api_key_cache(self, secret_hash: bytes) -> str:
         return self._cache_keys("apikey", secret_hash.hex())
@@ -299,7 +337,10 @@ class AuthService:
         cache_key = self._api_key_cache(digest(key))
         if ttl and (cached := await self._redis.get(cache_key)) is not None:
             principal = _principal_from_json(cached)
-            if principal.expires_at is None or principal.expires_at > time.time():
+            # A key revoked, or its user disabled, since it was cached: ask the database.
+            if (
+                principal.expires_at is None or principal.expires_at > time.time()
+            ) and await self.revocations.check(principal) is None:
                 return principal
         principal = await self._authenticate_api_key_in_db(key)
         if ttl:
@@ -315,6 +356,9 @@ class AuthService:
     async def _authenticate_api_key_in_db(self, key: str) -> Principal:
         prefix = api_key_prefix(key)
         assert prefix is not None
+        # Before the read: a revocation committed after it (and recorded after it) refuses
+        # this verification when it is found in the cache.
+        verified_at = time.time()
         async with self._db.session() as session:
             tenant_id = await repo.tenant_of(session, "sightline_find_api_key", prefix)
         if tenant_id is None:
@@ -355,6 +399,7 @@ class AuthService:
             expires_at=row.expires_at.timestamp() if row.expires_at else None,
             api_key_id=row.id,
             plan=plan,
+            issued_at=verified_at,
         )
 
     # -- API keys ---------------------------------------------------------------------------
@@ -409,9 +454,9 @@ class AuthService:
             # Another tenant's key is invisible (RLS); another user's needs the admin scope.
             if row is None or (row.user_id != principal.user_id and not principal.has(Scope.ADMIN)):
                 raise NotFound("no such API key", id=str(key_id))
-            if row.revoked_at is None:
+            newly = row.revoked_at is None
+            if newly:
                 row.revoked_at = datetime.now(UTC)
-                await self._redis.delete(self._api_key_cache(row.secret_hash))
                 await record(
                     session,
                     "api_key.revoked",
@@ -420,6 +465,11 @@ class AuthService:
                     actor_id=principal.user_id,
                     key=row.prefix,
                 )
+            # Before the commit (with Redis down nothing changes; the caller retries): requests
+            # and open streams with the key end on every replica. The cached verification
+            # goes after the commit, or a replica reading the key meanwhile would cache it again.
+            await self.revocations.revoke(Record.KEY, row.id)
+        await self._redis.delete(self._api_key_cache(row.secret_hash))
         return row
 
     async def api_keys(self, principal: Principal, all_users: bool) -> list[ApiKey]:
@@ -517,7 +567,71 @@ class AuthService:
                 role=role.value,
                 previous=previous.value,
             )
+        # Tokens carry the role: the user's sessions refresh now. After the commit, so that a
+        # token issued after the record has the new role; a retry after an error completes it.
+        await self.end_sessions_of(user_id)
         return user
+
+    async def set_active(self, principal: Principal, user_id: uuid.UUID, active: bool) -> User:
+        """Disables a user (every credential and open stream of theirs ends at once, on every
+        replica; their refresh tokens are revoked) or enables one again."""
+        async with self._db.session(principal.tenant_id) as session:
+            user = await repo.user_by_id(session, user_id)
+            if user is None:
+                raise NotFound("no such user", id=str(user_id))
+            if not active and user.id == principal.user_id:
+                raise Conflict("you cannot disable your own account")
+            if not active and user.role is UserRole.OWNER and principal.role is not UserRole.OWNER:
+                raise MissingScope("only an owner can disable an owner")
+            await self._set_active(session, user, active, principal.user_id)
+        if not active:
+            # After the commit, so that no token is issued to the user after the record while
+            # they still look active; a retry after an error completes it.
+            await self.end_sessions_of(user.id)
+        return user
+
+    async def set_active_by_email(self, tenant_slug: str, email: str, active: bool) -> User:
+        """`set_active` for operators (the CLI): no acting user, so none is audited."""
+        target = await self.principal_for(tenant_slug, email)
+        async with self._db.session(target.tenant_id) as session:
+            user = await repo.user_by_id(session, target.user_id)
+            if user is None:  # deleted meanwhile
+                raise NotFound(f"no user {email!r} in tenant {tenant_slug!r}")
+            await self._set_active(session, user, active, None)
+        if not active:
+            await self.end_sessions_of(user.id)
+        return user
+
+    @staticmethod
+    async def _set_active(
+        session: AsyncSession, user: User, active: bool, actor_id: uuid.UUID | None
+    ) -> None:
+        if (
+            not active
+            and user.role is UserRole.OWNER
+            and user.is_active
+            and await repo.owners_count(session) <= 1
+        ):
+            raise Conflict("a tenant keeps at least one owner")
+        changed = user.is_active != active
+        user.is_active = active
+        if not active:
+            await repo.revoke_refresh_tokens_of(session, user.id)
+        if changed:
+            await record(
+                session,
+                "user.enabled" if active else "user.disabled",
+                Outcome.SUCCESS,
+                tenant_id=user.tenant_id,
+                actor_id=actor_id,
+                user=str(user.id),
+            )
+
+    async def end_sessions_of(self, user_id: uuid.UUID) -> None:
+        """Refuses every access token and cached API key the user holds now, and ends their
+        open streams on every replica. Call it after committing a change that removes or
+        disables a user (erasure deletes the user's rows; this ends what they hold)."""
+        await self.revocations.revoke(Record.USER, user_id)
 
     async def audit_events(
         self, principal: Principal, first: int, event: str | None, before_id: int | None
@@ -643,7 +757,12 @@ class AuthService:
         return token
 
     def _tokens(
-        self, user: User, scopes: frozenset[Scope], refresh: str | None, plan: str
+        self,
+        user: User,
+        scopes: frozenset[Scope],
+        refresh: str | None,
+        plan: str,
+        session_id: uuid.UUID | None = None,
     ) -> TokenResponse:
         access, ttl = self.signer.issue(
             user_id=user.id,
@@ -651,6 +770,7 @@ class AuthService:
             role=user.role.value,
             scopes=sorted(scopes),
             plan=plan,
+            session_id=session_id,
         )
         return TokenResponse(
             access_token=access,
@@ -659,35 +779,28 @@ class AuthService:
             refresh_token=refresh,
         )
 
-    async def _throttle_login(self, email: str, ip: str | None) -> None:
-        limit = self._settings.login_attempts_per_15m
-        keys = [self._keys("email", email.lower())] + ([self._keys("ip", ip)] if ip else [])
-        counts = await self._redis.mget(keys)
-        if any(int(c or 0) >= limit for c in counts):
-            ttl = max([await self._redis.ttl(k) for k in keys] + [1])
-            async with self._db.session() as session:
-                await record(session, "login.throttled", Outcome.DENIED, ip=ip, email=email)
-            raise RateLimited("too many failed logins; try again later", retry_after_s=ttl)
-
-    async def _login_failed(
-        self, email: str, ip: str | None, tenant_id: uuid.UUID | None, user_id: uuid.UUID | None
-    ) -> None:
-        keys = [self._keys("email", email.lower())] + ([self._keys("ip", ip)] if ip else [])
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for key in keys:
-                pipe.incr(key)
-                pipe.expire(key, _LOGIN_WINDOW_S, nx=True)
-            await pipe.execute()
+    async def _throttle_login(self, tenant_slug: str, email: str, ip: str | None) -> None:
+        """Counts the attempt first (a Redis round trip): parallel guesses are counted before
+        any of them reaches the database or the password check."""
+        refusal = await self._throttle.attempt(tenant_slug, email, ip)
+        if refusal is None:
+            return
+        async with self._db.session() as session:
+            tenant = await repo.tenant_by_slug(session, tenant_slug)
+        tenant_id = tenant.id if tenant is not None else None
         async with self._db.session(tenant_id) as session:
             await record(
                 session,
-                "login",
-                Outcome.FAILURE,
+                "login.throttled",
+                Outcome.DENIED,
                 tenant_id=tenant_id,
-                actor_id=user_id,
                 ip=ip,
                 email=email,
+                limit=refusal.limit.value,
             )
+        raise RateLimited(
+            "too many failed sign-ins; try again later", retry_after_s=refusal.retry_after_s
+        )
 
 
 def require_request_field(value: str | None, name: str) -> str:
@@ -707,6 +820,7 @@ def _principal_to_json(principal: Principal) -> str:
             "expires_at": principal.expires_at,
             "api_key_id": str(principal.api_key_id) if principal.api_key_id else None,
             "plan": principal.plan,
+            "issued_at": principal.issued_at,
         }
     )
 
@@ -722,4 +836,5 @@ def _principal_from_json(raw: bytes) -> Principal:
         expires_at=data["expires_at"],
         api_key_id=uuid.UUID(data["api_key_id"]) if data["api_key_id"] else None,
         plan=data["plan"],
+        issued_at=data.get("issued_at"),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import os
 import secrets
 import time
@@ -57,6 +58,8 @@ class TokenClaims:
     scopes: list[str]
     expires_at: float
     plan: str
+    issued_at: float = 0.0
+    session_id: uuid.UUID | None = None  # the refresh-token family (`sid`), when there is one
 
 
 class TokenSigner:
@@ -141,12 +144,20 @@ class TokenSigner:
         return {"keys": [key.as_dict(private=False) for key in self._verifying.keys]}
 
     def issue(
-        self, *, user_id: uuid.UUID, tenant_id: uuid.UUID, role: str, scopes: list[str], plan: str
+        self,
+        *,
+        user_id: uuid.UUID,
+        tenant_id: uuid.UUID,
+        role: str,
+        scopes: list[str],
+        plan: str,
+        session_id: uuid.UUID | None = None,
     ) -> tuple[str, int]:
         """(token, lifetime in seconds)."""
         assert self._signing is not None, "signer not loaded"
-        now = int(time.time())
-        claims = {
+        issued = time.time()
+        now = int(issued)
+        claims: dict[str, Any] = {
             "iss": self.issuer,
             "aud": self.audience,
             "sub": str(user_id),
@@ -154,11 +165,15 @@ class TokenSigner:
             "role": role,
             "plan": plan,
             "scope": " ".join(sorted(scopes)),
-            "iat": now,
+            # A NumericDate may have a fraction (RFC 7519 section 2): a user's revocation at
+            # second S.5 refuses a token issued at S.2 but not one issued at S.7.
+            "iat": math.floor(issued * 1000) / 1000,
             "nbf": now,
             "exp": now + self.access_ttl_s,
             "jti": secrets.token_hex(8),
         }
+        if session_id is not None:
+            claims["sid"] = str(session_id)
         header = {"alg": ALGORITHM, "kid": self._signing.kid, "typ": "at+jwt"}
         return jwt.encode(header, claims, self._signing, algorithms=[ALGORITHM]), self.access_ttl_s
 
@@ -195,6 +210,8 @@ class TokenSigner:
                 scopes=str(claims.get("scope", "")).split(),
                 expires_at=float(claims["exp"]),
                 plan=str(claims.get("plan", "")),
+                issued_at=float(claims["iat"]),
+                session_id=uuid.UUID(str(claims["sid"])) if "sid" in claims else None,
             )
         except (JoseError, ValueError, KeyError, TypeError) as exc:
             raise InvalidToken(f"invalid token: {_reason(exc)}") from None

@@ -134,6 +134,12 @@ class Database:
                 raise ServiceUnavailable(
                     "the database is busy; retry shortly", retryAfter=1
                 ) from None
+            except OSError as exc:
+                # The first statement opens the connection: the server is not there (a Unix
+                # socket that is gone raises FileNotFoundError, a closed port a refusal).
+                raise ServiceUnavailable(
+                    "the database is unavailable; retry shortly", retryAfter=1
+                ) from exc
             try:
                 yield session
             except BaseException:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
 
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from backend.config import RedisSettings
+
+log = logging.getLogger(__name__)
 
 
 class RedisUnreachable(RuntimeError):
@@ -40,6 +45,39 @@ async def ping_redis(client: Redis, timeout_s: float) -> None:
         raise RedisUnreachable(
             f"cannot reach Redis at {where}: {exc or type(exc).__name__}"
         ) from exc
+
+
+async def listen(
+    client: Redis,
+    channel: str,
+    deliver: Callable[[bytes], None],
+    *,
+    stopped: Callable[[], bool],
+    name: str,
+) -> None:
+    """Hands every message published on `channel` to `deliver` until `stopped()`; subscribes
+    again after any error (Redis restarted, connection dropped): a listener that died silently
+    would miss every later message.
+
+    Cancel it and make `stopped()` true to end it: a cancellation that lands as redis-py's
+    read timeout expires can be lost (seen on Python 3.11), and the loop would read on.
+    """
+    while not stopped():
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            while not stopped():
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None and message.get("type") == "message":
+                    deliver(message["data"])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("%s: %s; subscribing again", name, exc)
+            await asyncio.sleep(0.5)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
 
 
 class KeySpace:

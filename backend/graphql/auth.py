@@ -263,11 +263,27 @@ class AuthMutation:
         )
         return InvitedUser(user=UserType.of(user), temporary_password=password)
 
-    @strawberry.mutation(permission_classes=[HasScope(Scope.ADMIN)])
+    @strawberry.mutation(
+        permission_classes=[HasScope(Scope.ADMIN)],
+        description="Gives a user another role; their signed-in sessions refresh to get it.",
+    )
     async def set_user_role(
         self, info: Info[Context, None], user_id: strawberry.ID, role: Role
     ) -> UserType:  # type: ignore[valid-type]
         user = await info.context.services.auth.set_role(
             info.context.require_principal(), parse_id(user_id, "userId"), role
+        )
+        return UserType.of(user)
+
+    @strawberry.mutation(
+        permission_classes=[HasScope(Scope.ADMIN)],
+        description="Disables a user (their tokens, API keys and open streams end at once) "
+        "or enables them again (they sign in anew).",
+    )
+    async def set_user_active(
+        self, info: Info[Context, None], user_id: strawberry.ID, active: bool
+    ) -> UserType:
+        user = await info.context.services.auth.set_active(
+            info.context.require_principal(), parse_id(user_id, "userId"), active
         )
         return UserType.of(user)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -12,8 +13,9 @@ from strawberry.fastapi import BaseContext
 
 from backend.auth.errors import InvalidToken
 from backend.auth.principal import Principal
+from backend.auth.revocation import EXPIRED, CredentialWatch
 from backend.core.state import AppState
-from backend.errors import Unauthenticated
+from backend.errors import AppError, ServiceUnavailable, Unauthenticated, expected_error
 
 if TYPE_CHECKING:
     from backend.app import Services
@@ -29,24 +31,57 @@ class Context(BaseContext):
         state: AppState,
         services: Services,
         principal: Principal | None = None,
-        auth_error: InvalidToken | None = None,
+        auth_error: AppError | None = None,
         client_ip: str | None = None,
     ) -> None:
         super().__init__()
         self.state = state
         self.services = services
         self.principal = principal
+        # Why there is no principal: a bad credential, or a backing service down.
         self.auth_error = auth_error
         self.client_ip = client_ip
         self.rate_limit: dict[str, Any] | None = None  # reported in response extensions
+        self._watch: CredentialWatch | None = None
 
     def require_principal(self) -> Principal:
-        """The caller, or the reason there is none (a bad credential, or no credential)."""
+        """The caller, or the reason there is none (a bad credential, or no credential).
+
+        On a socket the credential is checked again at every use: it may have expired or been
+        revoked since the socket authenticated."""
         if self.principal is not None:
+            if self._watch is not None:
+                self._watch.check()
+            elif self.principal.expires_at is not None and self.principal.expires_at <= (
+                time.time()
+            ):
+                raise InvalidToken(EXPIRED)
             return self.principal
         if self.auth_error is not None:
             raise self.auth_error
         raise Unauthenticated("authentication required")
+
+    def credential_watch(self) -> CredentialWatch | None:
+        """What ends this caller's open streams when the credential is revoked: one per
+        socket (or streaming request), made at first use; None when anonymous."""
+        if self.principal is None:
+            return None
+        if self._watch is None:
+            self._watch = self.services.auth.revocations.watch(self.principal)
+        return self._watch
+
+    async def authenticate(self, credential: str) -> None:
+        """Sets the principal, or the typed reason there is none. A backing service that is
+        down is SERVICE_UNAVAILABLE, never a driver's message or address."""
+        try:
+            self.principal = await self.services.auth.authenticate(credential)
+        except InvalidToken as exc:
+            self.auth_error = exc
+        except Exception as exc:
+            typed = expected_error(exc)
+            if not isinstance(typed, ServiceUnavailable):
+                raise
+            self.auth_error = typed
 
     @property
     def rate_subject(self) -> str:
@@ -74,8 +109,5 @@ async def get_context(connection: HTTPConnection) -> Context:
     )
     credential = credential_of(connection)
     if credential is not None and connection.scope["type"] == "http":
-        try:
-            context.principal = await services.auth.authenticate(credential)
-        except InvalidToken as exc:
-            context.auth_error = exc
+        await context.authenticate(credential)
     return context

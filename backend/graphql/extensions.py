@@ -1,7 +1,9 @@
 """One span, one metric sample and error shaping per GraphQL operation.
 
 Errors leave the server in one of three shapes:
-- an `AppError` raised by a resolver: its message and `extensions.code` (and details);
+- an `AppError` raised by a resolver: its message and `extensions.code` (and details); so is
+  PostgreSQL or Redis down (`SERVICE_UNAVAILABLE`, never the driver's message or an address)
+  and a write for a user who no longer exists (`UNAUTHENTICATED`): `errors.expected_error`;
 - a document or variables the server refused before running it: `GRAPHQL_PARSE_FAILED`,
   `GRAPHQL_VALIDATION_FAILED` or `BAD_USER_INPUT` with graphql-core's message;
 - anything else (a bug): "Internal server error." with `INTERNAL_SERVER_ERROR`; the exception is
@@ -23,15 +25,7 @@ from strawberry.extensions import SchemaExtension
 from strawberry.types.execution import ExecutionContext
 from strawberry.types.graphql import OperationType
 
-from backend.errors import (
-    BAD_VALUE_MESSAGE,
-    AppError,
-    InternalError,
-    ServiceUnavailable,
-    ValidationFailed,
-    is_bad_value,
-    is_overload,
-)
+from backend.errors import AppError, InternalError, expected_error
 
 log = logging.getLogger("backend.graphql")
 
@@ -43,9 +37,8 @@ def is_unexpected(error: GraphQLError) -> bool:
     original = error.original_error
     if (
         original is None
-        or isinstance(original, AppError | GraphQLError)
-        or is_overload(original)
-        or is_bad_value(original)
+        or isinstance(original, GraphQLError)
+        or expected_error(original) is not None
     ):
         return False
     # Variable coercion failures carry the scalar's ValueError/TypeError but have no path.
@@ -55,15 +48,10 @@ def is_unexpected(error: GraphQLError) -> bool:
 def shape_error(error: GraphQLError) -> GraphQLError:
     """The client-facing form of one error (see the module docstring)."""
     original = error.original_error
-    if isinstance(original, AppError):
-        code_and_details = original.to_extensions()
-        message = original.message
-    elif original is not None and is_overload(original):
-        overload = ServiceUnavailable("a backing service is busy or unreachable; retry shortly")
-        code_and_details, message = overload.to_extensions(), overload.message
-    elif original is not None and is_bad_value(original):
-        bad = ValidationFailed(BAD_VALUE_MESSAGE)
-        code_and_details, message = bad.to_extensions(), bad.message
+    typed = expected_error(original) if original is not None else None
+    if typed is not None:  # an AppError, or a backing service down, or a user gone
+        code_and_details = typed.to_extensions()
+        message = typed.message
     elif is_unexpected(error):
         code_and_details = InternalError(MASKED_MESSAGE).to_extensions()
         message = MASKED_MESSAGE
@@ -133,11 +121,17 @@ class OperationObservability(SchemaExtension):
             self._finish_result(self.execution_context.result)
         except Exception as exc:
             # Raised by a hook (a rate limit, say): Strawberry turns it into the result after
-            # this operation ends; count it here with the code the client will see.
+            # this operation ends, with the exception's message and extensions, unshaped; so a
+            # backing service that is down leaves here as SERVICE_UNAVAILABLE, not as the
+            # driver's message. (Strawberry's own errors about the request pass through.)
             self._errors.append(shape_error(GraphQLError(str(exc), original_error=exc)))
-            if not isinstance(exc, AppError):
-                span.record_exception(exc)
-            raise
+            if isinstance(exc, AppError):
+                raise
+            span.record_exception(exc)
+            typed = expected_error(exc)
+            if typed is None:
+                raise
+            raise typed from exc
         finally:
             otel_context.detach(token)
             ctx = self.execution_context

@@ -18,7 +18,7 @@ from backend.errors import ValidationFailed
 from backend.graphql.chat import Edge, PageInfo
 from backend.graphql.context import Context
 from backend.graphql.ids import parse_id
-from backend.graphql.permissions import HasScope, until_credential_expires
+from backend.graphql.permissions import HasScope, until_credential_ends
 from backend.knowledge.service import SearchHit
 from backend.knowledge.service import SearchMode as Mode
 from backend.realtime.eventlog import RunEvent as LoggedEvent
@@ -365,7 +365,7 @@ class KnowledgeSubscription:
 async def _relay(
     info: Info[Context, None], events: AsyncGenerator[LoggedEvent, None]
 ) -> AsyncGenerator[IngestionEvent, None]:
-    async for event in until_credential_expires(info.context.principal, events):
+    async for event in until_credential_ends(info.context, events):
         yield _event(event)
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from functools import cache
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from strawberry.permission import BasePermission
 from strawberry.types import Info
 
-from backend.auth.errors import InvalidToken, MissingScope
+from backend.auth.errors import MissingScope
 from backend.auth.principal import Principal
 from backend.auth.scopes import Scope
+
+if TYPE_CHECKING:
+    from backend.graphql.context import Context
 
 T = TypeVar("T")
 
@@ -39,31 +40,13 @@ class _HasScope(BasePermission):
         return True
 
 
-async def until_credential_expires(
-    principal: Principal | None, stream: AsyncIterator[T]
+def until_credential_ends(
+    context: Context, stream: AsyncGenerator[T, None]
 ) -> AsyncGenerator[T, None]:
-    """Relays `stream` until the caller's credential expires, then ends it with UNAUTHENTICATED."""
-    try:
-        while True:
-            remaining = (
-                None
-                if principal is None or principal.expires_at is None
-                else (principal.expires_at - time.time())
-            )
-            if remaining is not None and remaining <= 0:
-                raise InvalidToken("credential expired; reconnect with a fresh token")
-            try:
-                async with asyncio.timeout(remaining):
-                    item = await anext(stream)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise InvalidToken("credential expired; reconnect with a fresh token") from None
-            yield item
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+    """Relays `stream` until the caller's credential expires or is revoked (on any replica),
+    then ends it with UNAUTHENTICATED; an anonymous caller's stream ends on its own."""
+    watch = context.credential_watch()
+    return stream if watch is None else watch.relay(stream)
 
 
 @cache

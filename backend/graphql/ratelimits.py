@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from graphql import GraphQLError
 from strawberry.extensions import SchemaExtension
 
+from backend.errors import expected_error
 from backend.graphql.extensions import operation_type
 
 
@@ -17,12 +19,24 @@ class RateLimits(SchemaExtension):
     validation spends its allowance like any other."""
 
     async def on_validate(self) -> AsyncIterator[None]:
-        kind = operation_type(self.execution_context)
-        context = self.execution_context.context
+        ctx = self.execution_context
+        kind = operation_type(ctx)
+        context = ctx.context
         if kind != "unknown":
             principal = context.principal
             plan = principal.plan if principal else context.state.settings.limits.default_plan
-            decision = await context.services.limiter.enforce(context.rate_subject, plan, kind)
+            try:
+                decision = await context.services.limiter.enforce(context.rate_subject, plan, kind)
+            except Exception as exc:
+                # A refusal (RATE_LIMITED, or Redis down: SERVICE_UNAVAILABLE) is the result of
+                # validation, which then does not run: raised from this hook it would end a
+                # subscription's stream with no answer at all.
+                typed = expected_error(exc)
+                if typed is None:
+                    raise
+                ctx.pre_execution_errors = [GraphQLError(typed.message, original_error=typed)]
+                yield
+                return
             if decision is not None:
                 context.rate_limit = {
                     "class": kind,

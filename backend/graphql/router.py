@@ -119,7 +119,9 @@ class SightlineGraphQLRouter(GraphQLRouter[Any, None]):
         """Authenticates a socket from `connection_init`: `{"authorization": "Bearer ..."}`.
 
         A bad credential closes the socket with 4403; no credential leaves it anonymous
-        (public fields only).
+        (public fields only). With PostgreSQL or Redis down the socket opens, and what needs
+        the caller answers SERVICE_UNAVAILABLE. The credential is watched for revocation
+        while the socket lives.
         """
         params = context.connection_params or {}
         credential = params.get("authorization") or params.get("Authorization")
@@ -127,10 +129,11 @@ class SightlineGraphQLRouter(GraphQLRouter[Any, None]):
             return UNSET
         if not isinstance(credential, str):
             raise ConnectionRejectionError
-        try:
-            context.principal = await context.services.auth.authenticate(credential)
-        except InvalidToken as exc:
-            raise ConnectionRejectionError({"code": exc.code, "message": exc.message}) from None
+        await context.authenticate(credential)
+        if isinstance(context.auth_error, InvalidToken):
+            error = context.auth_error
+            raise ConnectionRejectionError({"code": error.code, "message": error.message})
+        context.credential_watch()
         return UNSET
 
     async def run(self, request: Any, context: Any = UNSET, root_value: Any = UNSET) -> Any:

@@ -16,7 +16,7 @@ from backend.core import models
 from backend.graphql.chat import CHAT, MessageType
 from backend.graphql.context import Context
 from backend.graphql.ids import parse_id
-from backend.graphql.permissions import until_credential_expires
+from backend.graphql.permissions import until_credential_ends
 from backend.realtime.eventlog import RunEvent as LoggedEvent
 
 RunStatus = strawberry.enum(models.RunStatus, name="RunStatus")
@@ -339,7 +339,7 @@ async def _relay(
 ) -> AsyncGenerator[RunEvent, None]:
     finished = False
     try:
-        async for event in until_credential_expires(info.context.principal, events):
+        async for event in until_credential_ends(info.context, events):
             finished = event.terminal
             yield _event(event)
     finally:

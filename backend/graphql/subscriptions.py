@@ -12,7 +12,7 @@ from strawberry.types import Info
 from backend.errors import ValidationFailed
 from backend.graphql.context import Context
 from backend.graphql.knowledge import KnowledgeSubscription
-from backend.graphql.permissions import until_credential_expires
+from backend.graphql.permissions import until_credential_ends
 from backend.graphql.runs import RunSubscription
 from backend.graphql.types import Heartbeat
 from backend.graphql.vision import VisionSubscription
@@ -54,8 +54,9 @@ class PlatformSubscription:
             raise ValidationFailed(
                 f"count must be between 1 and {MAX_HEARTBEAT_COUNT}", field="count"
             )
-        # On an authenticated socket the stream ends (UNAUTHENTICATED) when the token expires.
-        return until_credential_expires(info.context.principal, _ticks(interval_ms / 1000, count))
+        # On an authenticated socket the stream ends (UNAUTHENTICATED) when the credential
+        # expires or is revoked.
+        return until_credential_ends(info.context, _ticks(interval_ms / 1000, count))
 
 
 @strawberry.type

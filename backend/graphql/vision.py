@@ -18,7 +18,7 @@ from backend.core import models
 from backend.errors import ServiceUnavailable
 from backend.graphql.context import Context
 from backend.graphql.ids import parse_id
-from backend.graphql.permissions import HasScope, until_credential_expires
+from backend.graphql.permissions import HasScope, until_credential_ends
 from backend.realtime.eventlog import RunEvent as LoggedEvent
 from backend.vision.service import VisionService
 from backend.vision.service import VisionTask as Task
@@ -236,5 +236,5 @@ class VisionSubscription:
         events = await _service(info).job_events(
             info.context.require_principal(), parse_id(id, "id"), after
         )
-        async for event in until_credential_expires(info.context.principal, events):
+        async for event in until_credential_ends(info.context, events):
             yield _event(event)

@@ -1,6 +1,7 @@
 """The live camera WebSocket: `/ws/vision/live?tasks=detect,classify`. The first message is
 `{"type": "auth", "token": "<access token or API key>"}`; then every binary message is a frame
-(JPEG/WebP) and every text message back is `{"type": "result" | "error", "frame": n, ...}`."""
+(JPEG/WebP) and every text message back is `{"type": "result" | "error", "frame": n, ...}`.
+When the credential expires or is revoked, an error without a frame and a 4403 close end it."""
 
 from __future__ import annotations
 
@@ -108,6 +109,15 @@ async def live_frames(
         frame_timeout_s=settings.live_frame_timeout_s,
         pace=budget.wait_s,
     )
-    stats = await session.run(receive, send)
+    # Served while the credential holds: revoked (on any replica) or expired, the session
+    # ends and the socket closes as an unauthorised one would.
+    try:
+        async with services.auth.revocations.watch(principal).guard():
+            stats = await session.run(receive, send)
+    except InvalidToken as exc:
+        await send({"type": "error", "code": exc.code, "message": exc.message})
+        with contextlib.suppress(RuntimeError):
+            await websocket.close(CLOSE_UNAUTHORISED, exc.message)
+        return
     await send({"type": "closed", **stats.__dict__})
     await _close(websocket)

@@ -11,6 +11,7 @@ from httpx import AsyncClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.auth.principal import CredentialKind, Principal
+from backend.auth.revocation import CredentialWatch
 from backend.auth.scopes import Scope
 from backend.auth.signing import TokenSigner
 from backend.config import Settings
@@ -24,7 +25,6 @@ from backend.core.models import (
     UserRole,
     VisionJob,
 )
-from backend.graphql.permissions import until_credential_expires
 from tests.accounts import Account
 from tests.conftest import LiveServer
 from tests.graphql.ws import init, open_socket, receive, send, subscribe
@@ -230,6 +230,10 @@ async def test_other_tenants_ids_are_not_found(
             "mutation($id: ID!) { setUserRole(userId: $id, role: VIEWER) { id } }",
             {"id": str(stranger.user_id)},
         ),
+        "setUserActive": (
+            "mutation($id: ID!) { setUserActive(userId: $id, active: false) { id } }",
+            {"id": str(stranger.user_id)},
+        ),
     }
     # Every field that takes an id must be in `calls`: a new one fails here until it is.
     schema = (
@@ -357,7 +361,7 @@ async def test_stream_ends_when_the_credential_expires() -> None:
     from backend.auth.errors import InvalidToken
 
     with pytest.raises(InvalidToken, match="expired"):
-        async for item in until_credential_expires(principal, forever()):
+        async for item in CredentialWatch(principal).relay(forever()):
             seen.append(item)
     assert 3 <= len(seen) <= 8
 

@@ -260,7 +260,7 @@ def test_an_unreachable_backing_service_is_service_unavailable_not_a_bug() -> No
         error = GraphQLError("x", path=["field"], original_error=exc)
         assert not is_unexpected(error)
         shaped = shape_error(error)
-        assert shaped.extensions == {"code": "SERVICE_UNAVAILABLE"}
+        assert shaped.extensions == {"code": "SERVICE_UNAVAILABLE", "retryAfter": 1}
         assert "retry" in shaped.message
 
 
