@@ -6,20 +6,25 @@ error without a code."""
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
 
 import graphql
 import pytest
+from fastapi import FastAPI
 from httpx import AsyncClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as examples
 from hypothesis import strategies as st
 from hypothesis_graphql import Mode, from_schema
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from backend.app import schema_sdl
+from backend.app import create_app, schema_sdl
 from backend.config import LimitsSettings, Settings
 from tests.accounts import Account
+from tests.conftest import lifespan
 
 SDL = schema_sdl()
 
@@ -49,6 +54,19 @@ ROOT_FIELDS = sorted(
 def settings(settings: Settings) -> Settings:
     settings.limits = LimitsSettings(enabled=False)  # rate limits would answer most of it
     return settings
+
+
+@pytest.fixture
+async def app(settings: Settings, redis: Redis, engine: AsyncEngine) -> AsyncIterator[FastAPI]:
+    """The app on its own connection pool, as in production: one request may run sessions
+    concurrently (hybrid search ranks both ways at once), which the rolled-back test
+    connection cannot (its savepoints interleave). What the fuzz writes is committed."""
+    application = create_app(settings, redis=redis)
+    async with lifespan(application) as manager:
+        application.state.asgi = manager.app
+        application.state.sightline = manager._state["sightline"]
+        application.state.services = manager._state["services"]
+        yield application
 
 
 def _problems(status: int, body: Any) -> list[str]:
