@@ -331,12 +331,12 @@ async def purge_unscoped_audit(session: AsyncSession, before: datetime, limit: i
     )
 
 
-async def erased_before(session: AsyncSession, pseudonym: str) -> bool:
-    """Whether the audit log records the erasure of the user with this pseudonym."""
+async def erased_before(session: AsyncSession, event: str, pseudonym: str) -> bool:
+    """Whether the (visible) audit log records the erasure of the subject with this pseudonym."""
     found = await session.scalar(
         select(AuditEvent.id)
         .where(
-            AuditEvent.event == "privacy.user_erased",
+            AuditEvent.event == event,
             AuditEvent.details["subject"].astext == pseudonym,
         )
         .limit(1)

@@ -536,7 +536,7 @@ class PrivacyService:
         async with self._db.session(tenant_id) as session:
             user = await repo.lock_user(session, user_id)
             if user is None:
-                if await repo.erased_before(session, subject):
+                if await repo.erased_before(session, "privacy.user_erased", subject):
                     return Erasure(subject, ErasureStatus.COMPLETED)
                 raise NotFound("no such user", id=str(user_id))
             if user.erasure_requested_at is None:
@@ -573,9 +573,12 @@ class PrivacyService:
         `operator_tenant`, never for that tenant itself), or the CLI (None)."""
         if principal is not None:
             await self._require_operator(principal, tenant_id)
-        async with self._db.session() as session:
+        subject = self.pseudonym("tenant", tenant_id)
+        async with self._db.session(principal.tenant_id if principal else None) as session:
             tenant = await repo.lock_tenant(session, tenant_id)
             if tenant is None:
+                if await repo.erased_before(session, "privacy.tenant_erased", subject):
+                    return Erasure(subject, ErasureStatus.COMPLETED)  # by this operator tenant
                 raise NotFound("no such tenant", id=str(tenant_id))
             if tenant.erasure_requested_at is None:
                 tenant.is_active = False
@@ -584,25 +587,38 @@ class PrivacyService:
                     session, principal, "privacy.tenant_erasure_requested", tenant, via=via
                 )
         work = functools.partial(self._erase_tenant, tenant_id, principal)
-        return await self._run_erasure(
-            f"tenant:{tenant_id}", self.pseudonym("tenant", tenant_id), work
-        )
+        return await self._run_erasure(f"tenant:{tenant_id}", subject, work)
 
     async def _require_operator(self, principal: Principal, tenant_id: uuid.UUID) -> None:
+        """Operators may erase any tenant but their own. To anyone else another tenant does
+        not exist (NOT_FOUND, as everywhere), and their own is not theirs to erase."""
         slug = self._settings.operator_tenant
         operators = None
         if slug:
             async with self._db.session() as session:
                 operators = await repo.tenant_by_slug(session, slug)
-        if (
-            operators is None
-            or principal.tenant_id != operators.id
-            or principal.role is not UserRole.OWNER
-            or not principal.has(Scope.ADMIN)
-        ):
-            raise NotOperator("only platform operators erase tenants")
-        if tenant_id == operators.id:
+        is_operator = (
+            operators is not None
+            and principal.tenant_id == operators.id
+            and principal.role is UserRole.OWNER
+            and principal.has(Scope.ADMIN)
+        )
+        if is_operator and tenant_id == principal.tenant_id:
             raise ErasureRefused("the operators' own tenant is erased only with the CLI")
+        if is_operator:
+            return
+        async with self._db.session(principal.tenant_id) as session:
+            await record(
+                session,
+                "permission.denied",
+                Outcome.DENIED,
+                tenant_id=principal.tenant_id,
+                actor_id=principal.user_id,
+                what="Mutation.eraseTenant",
+            )
+        if tenant_id == principal.tenant_id:
+            raise NotOperator("only platform operators erase tenants")
+        raise NotFound("no such tenant", id=str(tenant_id))
 
     async def _record_tenant_event(
         self,
@@ -791,7 +807,7 @@ class PrivacyService:
         for model in (UsageRecord, AuditEvent, RefreshToken, OAuthClient, ApiKey):
             await self._delete_all(tenant_id, model, lease)
         out.users += await self._delete_all(tenant_id, User, lease)
-        async with self._db.session() as session:
+        async with self._db.session(principal.tenant_id if principal else None) as session:
             row = await repo.lock_tenant(session, tenant_id)
             if row is not None:
                 await session.delete(row)

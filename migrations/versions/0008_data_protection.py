@@ -30,7 +30,6 @@ INDEXES = (
     ("ix_runs_user_id", "runs", ["user_id"]),
     ("ix_documents_tenant_updated", "documents", ["tenant_id", "updated_at"]),
     ("ix_documents_created_by", "documents", ["created_by"]),
-    ("ix_ingestion_jobs_tenant_created", "ingestion_jobs", ["tenant_id", "created_at"]),
     ("ix_ingestion_jobs_created_by", "ingestion_jobs", ["created_by"]),
     ("ix_vision_jobs_created_by", "vision_jobs", ["created_by"]),
     ("ix_audit_events_tenant_created", "audit_events", ["tenant_id", "created_at"]),
