@@ -40,6 +40,7 @@ from backend.knowledge.service import _count_lexemes
 from backend.privacy.service import PrivacyService, Streams
 from backend.realtime.eventlog import RunEventLog
 from tests.accounts import PASSWORD
+from tests.agents.test_runs import account, chat_settings, llm  # noqa: F401 (live chat fixtures)
 
 CHECKPOINT = {
     "v": 4,
