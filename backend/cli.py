@@ -663,7 +663,11 @@ async def _tenant_id(auth: AuthService, slug: str) -> uuid.UUID:
 
 def _print_removed(erasure: Erasure) -> None:
     counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in erasure.removed.as_dict().items())
-    out.print(f"{erasure.status.value}: {erasure.subject}" + (f" ({counts})" if counts else ""))
+    out.print(
+        f"{erasure.status.value}: {erasure.subject}" + (f" ({counts})" if counts else ""),
+        soft_wrap=True,
+        highlight=False,
+    )
     if erasure.status is ErasureStatus.PENDING:
         err.print("runs are still going: run the command again, or a server's purge finishes it")
 
@@ -720,7 +724,7 @@ def privacy_purge(
         tenant_id = await _tenant_id(auth, tenant) if tenant else None
         removed = await service.purge(tenant_id)
         counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in removed.as_dict().items())
-        out.print(f"purged: {counts or 'nothing past retention'}")
+        out.print(f"purged: {counts or 'nothing past retention'}", soft_wrap=True, highlight=False)
 
     _run_privacy(work)
 

@@ -30,6 +30,7 @@ from backend.config import (
     DatabaseSettings,
     Environment,
     LogFormat,
+    PrivacySettings,
     RedisSettings,
     Settings,
     TelemetrySettings,
@@ -126,6 +127,8 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         chat=ChatSettings(local_model=False),
         # The inference pool (a worker process loading the vision models) only where tested.
         vision=VisionSettings(enabled=False),
+        # The periodic purge only where tested (tests/privacy): not in the background of others.
+        privacy=PrivacySettings(purge_enabled=False),
     )
 
 
