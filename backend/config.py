@@ -650,6 +650,12 @@ class PrivacySettings(_Section):
     run_stop_timeout_s: float = Field(
         15.0, ge=0, description="How long an erasure waits for the subject's chat runs to stop."
     )
+    stale_run_s: float = Field(
+        3600.0,
+        ge=1,
+        description="A run marked queued or running that has not changed for this long is taken "
+        "for dead (its replica crashed) and does not hold up an erasure.",
+    )
     export_ttl_s: int = Field(
         600, ge=10, description="How long the download of a requested data export stays open."
     )

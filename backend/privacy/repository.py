@@ -158,9 +158,12 @@ async def emails(session: AsyncSession, user_ids: Sequence[uuid.UUID]) -> list[s
     return list(await session.scalars(select(User.email).where(User.id.in_(user_ids))))
 
 
-async def active_runs(session: AsyncSession, user_id: uuid.UUID | None) -> list[uuid.UUID]:
-    """Runs still queued or running: the user's, or the tenant's when None."""
-    query = select(Run.id).where(Run.status.in_(ACTIVE_RUN))
+async def active_runs(
+    session: AsyncSession, user_id: uuid.UUID | None, changed_since: datetime
+) -> list[uuid.UUID]:
+    """Runs queued or running that changed since `changed_since`: the user's, or the tenant's
+    when None."""
+    query = select(Run.id).where(Run.status.in_(ACTIVE_RUN), Run.updated_at >= changed_since)
     if user_id is not None:
         query = query.where(Run.user_id == user_id)
     return list(await session.scalars(query))

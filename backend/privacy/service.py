@@ -686,12 +686,14 @@ class PrivacyService:
     async def _stop_runs(self, tenant_id: uuid.UUID, user_id: uuid.UUID | None) -> None:
         """Asks the subject's runs to stop and waits (up to `run_stop_timeout_s`) until they
         have: a run still going would write the conversation's memory back after it was
-        erased. Raises _StillRunning when some have not stopped."""
+        erased. Raises _StillRunning when some have not stopped. Runs unchanged for
+        `stale_run_s` are dead (their replica crashed before it could fail them) and ignored."""
         asked: set[uuid.UUID] = set()
         deadline = time.monotonic() + self._settings.run_stop_timeout_s
         while True:
+            alive = datetime.now(UTC) - timedelta(seconds=self._settings.stale_run_s)
             async with self._db.session(tenant_id) as session:
-                running = set(await repo.active_runs(session, user_id))
+                running = set(await repo.active_runs(session, user_id, alive))
             if not running:
                 return
             if self.stop_run is not None:

@@ -352,6 +352,24 @@ async def test_an_interrupted_erasure_is_finished_by_the_next_purge(kit: Kit) ->
     assert again.status is ErasureStatus.COMPLETED
 
 
+async def test_a_run_left_for_dead_does_not_hold_up_an_erasure(kit: Kit) -> None:
+    tenant, (owner, member) = await new_tenant(kit, UserRole.OWNER, UserRole.MEMBER)
+    subject = await seed(kit, tenant, member, tag="dead")
+    async with kit.db.session(tenant.id) as session:  # queued two hours ago, never started
+        await session.execute(
+            text(
+                "UPDATE runs SET status = 'queued', updated_at = now() - interval '2 hours' "
+                "WHERE id = :r"
+            ),
+            {"r": subject.runs[0]},
+        )
+    kit.settings.run_stop_timeout_s = 0.3
+    admin = await principal_of(kit, tenant.slug, owner.email)
+    erasure = await kit.service.erase_user(admin, tenant.id, member.id)
+    assert erasure.status is ErasureStatus.COMPLETED
+    assert nothing_left(await left_of(kit, subject))
+
+
 async def test_erasing_a_tenant_removes_everything_in_it(
     kit: Kit, db_connection: AsyncConnection
 ) -> None:
