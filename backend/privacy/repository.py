@@ -160,13 +160,15 @@ async def emails(session: AsyncSession, user_ids: Sequence[uuid.UUID]) -> list[s
 
 async def active_runs(
     session: AsyncSession, user_id: uuid.UUID | None, changed_since: datetime
-) -> list[uuid.UUID]:
-    """Runs queued or running that changed since `changed_since`: the user's, or the tenant's
-    when None."""
-    query = select(Run.id).where(Run.status.in_(ACTIVE_RUN), Run.updated_at >= changed_since)
+) -> dict[uuid.UUID, uuid.UUID]:
+    """Runs queued or running that changed since `changed_since` (the user's, or the tenant's
+    when None), with their conversations."""
+    query = select(Run.id, Run.conversation_id).where(
+        Run.status.in_(ACTIVE_RUN), Run.updated_at >= changed_since
+    )
     if user_id is not None:
         query = query.where(Run.user_id == user_id)
-    return list(await session.scalars(query))
+    return {row[0]: row[1] for row in await session.execute(query)}
 
 
 # -- batches --------------------------------------------------------------------------------

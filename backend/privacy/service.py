@@ -683,26 +683,36 @@ class PrivacyService:
 
     # -- erasure: the work ------------------------------------------------------------------
 
-    async def _stop_runs(self, tenant_id: uuid.UUID, user_id: uuid.UUID | None) -> None:
+    async def _stop_runs(
+        self, tenant_id: uuid.UUID, user_id: uuid.UUID | None
+    ) -> dict[uuid.UUID, uuid.UUID]:
         """Asks the subject's runs to stop and waits (up to `run_stop_timeout_s`) until they
         have: a run still going would write the conversation's memory back after it was
         erased. Raises _StillRunning when some have not stopped. Runs unchanged for
-        `stale_run_s` are dead (their replica crashed before it could fail them) and ignored."""
-        asked: set[uuid.UUID] = set()
+        `stale_run_s` are dead (their replica crashed before it could fail them) and ignored.
+        Returns the runs it stopped, with their conversations."""
+        stopped: dict[uuid.UUID, uuid.UUID] = {}
         deadline = time.monotonic() + self._settings.run_stop_timeout_s
         while True:
             alive = datetime.now(UTC) - timedelta(seconds=self._settings.stale_run_s)
             async with self._db.session(tenant_id) as session:
-                running = set(await repo.active_runs(session, user_id, alive))
+                running = await repo.active_runs(session, user_id, alive)
             if not running:
-                return
+                return stopped
             if self.stop_run is not None:
-                for run_id in running - asked:
+                for run_id in running.keys() - stopped.keys():
                     await self.stop_run(run_id)
-                asked |= running
+            stopped |= running
             if time.monotonic() >= deadline:
                 raise _StillRunning(f"{len(running)} run(s) still going")
             await asyncio.sleep(0.2)
+
+    async def _sweep_stopped(self, stopped: dict[uuid.UUID, uuid.UUID], out: Removed) -> None:
+        """Once more, what runs that were stopped may have written while they ended (their
+        last event, the agent's memory of the turn)."""
+        if stopped:
+            await self._forget_runs(list(stopped), out)
+            await self._forget_threads(list(set(stopped.values())))
 
     async def _erase_user(
         self,
@@ -720,7 +730,7 @@ class PrivacyService:
             email = user.email
             hashes = await repo.api_key_hashes(session, user_id)
         await self._auth.forget_cached([email], hashes)
-        await self._stop_runs(tenant_id, user_id)
+        stopped = await self._stop_runs(tenant_id, user_id)
         await self._delete_conversations(tenant_id, Conversation.owner_id == user_id, out, lease)
         await self._delete_documents(tenant_id, [Document.created_by == user_id], out, lease=lease)
         for model in (IngestionJob, VisionJob):
@@ -735,6 +745,7 @@ class PrivacyService:
 
         await self._batches(tenant_id, usage, lease=lease)
         await self._pseudonymise_audit(tenant_id, user_id, email, subject, out, lease)
+        await self._sweep_stopped(stopped, out)
         async with self._db.session(tenant_id) as session:
             out.users += await repo.delete_ids(session, User, [user_id])  # keys, tokens cascade
             await record(
@@ -796,7 +807,7 @@ class PrivacyService:
             await self._batches(
                 tenant_id, functools.partial(repo.revoke_batch, model=model), lease=lease
             )
-        await self._stop_runs(tenant_id, None)
+        stopped = await self._stop_runs(tenant_id, None)
         await self._delete_all(tenant_id, Chunk, lease)  # first: small transactions
         await self._delete_documents(tenant_id, [], out, lease=lease)
         for table in ("lexeme_stats", "guardrail_policies", "privacy_policies"):
@@ -809,6 +820,7 @@ class PrivacyService:
         for model in (UsageRecord, AuditEvent, RefreshToken, OAuthClient, ApiKey):
             await self._delete_all(tenant_id, model, lease)
         out.users += await self._delete_all(tenant_id, User, lease)
+        await self._sweep_stopped(stopped, out)
         async with self._db.session(principal.tenant_id if principal else None) as session:
             row = await repo.lock_tenant(session, tenant_id)
             if row is not None:

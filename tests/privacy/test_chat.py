@@ -1,21 +1,27 @@
-"""Messages stored redacted, in a real chat: a live server on its default rails, the LLM stub."""
+"""Chat and data protection on a live server: messages stored redacted, and the erasure of a
+user whose turn is streaming."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from backend.agents.checkpoint import RedisCheckpointSaver
 from backend.auth.passwords import hash_password
-from backend.config import Settings
+from backend.config import ChatSettings, GuardrailSettings, Settings
 from backend.core.db import Database
 from backend.core.models import Tenant, User, UserRole
+from backend.core.redis import KeySpace
 from tests.agents.test_agent import events_of, text
-from tests.agents.test_runs import PASSWORD, gql, sign_in
-from tests.conftest import serve_live
+from tests.agents.test_runs import PASSWORD, gql, sign_in, start_run
+from tests.conftest import serve_asgi, serve_live
 from tests.llm_stub import LLMStub
 
 SENT = "my card is 4111 1111 1111 1111 and my mail is ada@example.com"
@@ -91,3 +97,64 @@ async def test_a_policy_stores_messages_as_the_model_gets_them(
                 await gql(server, token, '{ auditEvents(event: "guardrails.storage.pii") { id } }')
             )["data"]["auditEvents"]:
                 await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def slow_llm() -> AsyncIterator[str]:
+    stub = LLMStub(tokens_per_s=20, answer_tokens=2000)  # answers for minutes
+    async with serve_asgi(stub.app) as port:
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+async def test_erasing_a_user_stops_their_running_turn_and_leaves_nothing(
+    settings: Settings,
+    engine: AsyncEngine,
+    admin_account: dict[str, Any],
+    slow_llm: str,
+    redis: Redis,
+    key_prefix: str,
+) -> None:
+    settings.chat = ChatSettings(llm_base_url=slow_llm, llm_model="echo", run_lease_s=1)
+    settings.guardrails = GuardrailSettings(enabled=False)
+    async with serve_live(settings) as server:
+        admin = await sign_in(server, admin_account)
+        invited = await gql(
+            server,
+            admin,
+            'mutation { inviteUser(email: "m@chat.example", role: MEMBER) '
+            "{ user { id } temporaryPassword } }",
+        )
+        member_id = invited["data"]["inviteUser"]["user"]["id"]
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            signed = await http.post(
+                "/oauth/token",
+                data={
+                    "grant_type": "password",
+                    "tenant": admin_account["tenant"],
+                    "username": "m@chat.example",
+                    "password": invited["data"]["inviteUser"]["temporaryPassword"],
+                },
+            )
+        member = signed.json()["access_token"]
+        conversation, run_id = await start_run(server, member, "a long story about my card")
+        stream = f"{key_prefix}run:{{{run_id}}}:events"
+        async with asyncio.timeout(60):  # the turn is streaming
+            while await redis.xlen(stream) < 5:
+                await asyncio.sleep(0.05)
+
+        erased = await gql(
+            server,
+            admin,
+            "mutation($id: ID!) { eraseUser(userId: $id) { status removed { runs messages } } }",
+            id=member_id,
+        )
+
+        assert erased["data"]["eraseUser"]["status"] == "COMPLETED", erased
+        assert erased["data"]["eraseUser"]["removed"]["runs"] == 1
+        assert erased["data"]["eraseUser"]["removed"]["messages"] >= 1
+        memory = RedisCheckpointSaver(redis, KeySpace(key_prefix).child("agent"))
+        await asyncio.sleep(1)  # anything the stopped turn still had in flight has landed
+        assert not await redis.exists(stream)
+        assert await memory.aget_tuple({"configurable": {"thread_id": conversation}}) is None
+        run = await gql(server, admin, "query($id: ID!) { run(id: $id) { id } }", id=run_id)
+        assert run["errors"][0]["extensions"]["code"] == "NOT_FOUND"
