@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from backend.config import ChatSettings, SecuritySettings, Settings, TelemetrySettings
+from backend.config import ChatSettings, Settings, TelemetrySettings
 from backend.knowledge.embeddings import LocalEmbedder
 from tests.agents.test_agent import events_of, text
 from tests.agents.test_runs import PASSWORD, gql, start_run
@@ -121,7 +121,7 @@ async def _workload(server: LiveServer, account: dict[str, Any], marks: dict[str
 @pytest.fixture
 def leak_settings(chat_settings: Settings) -> Settings:
     chat_settings.telemetry = TelemetrySettings(log_level="DEBUG", log_format="text")
-    chat_settings.security = SecuritySettings(secret_key=SecretStr(secrets.token_urlsafe(40)))
+    # (the secret key stays: signing keys other tests stored in the database are sealed with it)
     chat_settings.chat = ChatSettings(
         llm_base_url=chat_settings.chat.llm_base_url,
         llm_model="echo",
