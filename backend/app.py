@@ -206,7 +206,6 @@ async def build_services(
         streams=Streams(runs=run_events, ingestion=knowledge.events, vision=vision.events),
         memory=agent.checkpointer,  # type: ignore[arg-type]
         redactor=guardrails.redact_for_storage if guardrails is not None else None,
-        policy_cache_s=settings.guardrails.policy_cache_s,
     )
     runs = RunService(
         db=state.db,

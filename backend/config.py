@@ -617,6 +617,9 @@ class PrivacySettings(_Section):
         'built-in one: `{"retention": {"messages_days": 365}, "store_messages_redacted": '
         "true}`); tenants override it with `updatePrivacyPolicy`.",
     )
+    policy_cache_s: float = Field(
+        10.0, ge=0, description="How long a replica keeps a tenant's policy before re-reading it."
+    )
     purge_enabled: bool = Field(
         True, description="Delete what is past each tenant's retention in the background."
     )

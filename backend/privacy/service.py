@@ -124,7 +124,6 @@ class PrivacyService:
         streams: Streams,
         memory: AgentMemory | None = None,
         redactor: Redactor | None = None,
-        policy_cache_s: float = 10.0,
     ) -> None:
         self._db = db
         self._redis = redis
@@ -140,7 +139,7 @@ class PrivacyService:
         self.stop_run: Callable[[uuid.UUID], Awaitable[None]] | None = None
         self._defaults = PrivacyPolicy.model_validate(settings.policy).model_dump(mode="json")
         self._cache: dict[uuid.UUID, tuple[float, PrivacyPolicy]] = {}
-        self._cache_s = policy_cache_s
+        self._cache_s = settings.policy_cache_s
         self._erasures: dict[str, asyncio.Task[Erasure]] = {}
 
     async def close(self, grace_s: float) -> None:
