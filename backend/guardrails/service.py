@@ -152,13 +152,7 @@ class GuardrailService:
             try:
                 policy = effective(self._defaults, document)
             except ValidationError as exc:
-                raise ValidationFailed(
-                    "invalid guardrail policy",
-                    problems=[
-                        {"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                        for e in exc.errors()
-                    ],
-                ) from exc
+                raise ValidationFailed.listing("invalid guardrail policy", exc) from exc
             await session.execute(
                 insert(GuardrailPolicyRow)
                 .values(

@@ -181,13 +181,7 @@ class PrivacyService:
             try:
                 policy = PrivacyPolicy.model_validate(merge(self._defaults, document))
             except ValidationError as exc:
-                raise ValidationFailed(
-                    "invalid privacy policy",
-                    problems=[
-                        {"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                        for e in exc.errors()
-                    ],
-                ) from exc
+                raise ValidationFailed.listing("invalid privacy policy", exc) from exc
             await repo.save_policy(session, tenant_id, document, actor_id)
             await record(
                 session,

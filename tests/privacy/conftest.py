@@ -41,6 +41,7 @@ from backend.privacy.service import PrivacyService, Streams
 from backend.realtime.eventlog import RunEventLog
 from tests.accounts import PASSWORD
 from tests.agents.test_runs import account, chat_settings, llm  # noqa: F401 (live chat fixtures)
+from tests.guardrails.test_chat import team  # noqa: F401 (a committed admin and member)
 
 CHECKPOINT = {
     "v": 4,

@@ -4,7 +4,6 @@ user whose turn is streaming."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,10 +13,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.agents.checkpoint import RedisCheckpointSaver
-from backend.auth.passwords import hash_password
 from backend.config import ChatSettings, GuardrailSettings, Settings
-from backend.core.db import Database
-from backend.core.models import Tenant, User, UserRole
 from backend.core.redis import KeySpace
 from tests.agents.test_agent import events_of, text
 from tests.agents.test_runs import PASSWORD, gql, sign_in, start_run
@@ -31,28 +27,6 @@ SEND = """mutation($c: ID!, $m: String!) { sendMessage(conversationId: $c, conte
 HISTORY = "query($c: ID!) { conversation(id: $c) { messages { edges { node { role content } } } } }"
 
 
-@pytest.fixture
-async def admin_account(chat_settings: Settings, engine: AsyncEngine) -> dict[str, Any]:
-    """A committed tenant whose u@chat.example is an admin (the live server has its own pool)."""
-    db = Database.connect(engine.url.render_as_string(hide_password=False), chat_settings.database)
-    try:
-        async with db.session() as session:
-            tenant = Tenant(slug=f"priv-{secrets.token_hex(4)}", name="Privacy")
-            session.add(tenant)
-        async with db.session(tenant.id) as session:
-            session.add(
-                User(
-                    tenant_id=tenant.id,
-                    email="u@chat.example",
-                    role=UserRole.ADMIN,
-                    password_hash=await hash_password(PASSWORD),
-                )
-            )
-    finally:
-        await db.dispose()
-    return {"tenant": tenant.slug, "tenant_id": tenant.id}
-
-
 async def _say(server: Any, token: str, conversation: str) -> tuple[str, list[dict]]:
     sent = await gql(server, token, SEND, c=conversation, m=SENT)
     assert "errors" not in sent, sent
@@ -63,12 +37,12 @@ async def _say(server: Any, token: str, conversation: str) -> tuple[str, list[di
 async def test_a_policy_stores_messages_as_the_model_gets_them(
     chat_settings: Settings,
     engine: AsyncEngine,
-    admin_account: dict[str, Any],
+    team: dict[str, Any],
     llm: tuple[LLMStub, str],
 ) -> None:
     stub, _ = llm
     async with serve_live(chat_settings) as server:
-        token = await sign_in(server, admin_account)
+        token = await sign_in(server, team)
         created = await gql(server, token, 'mutation { createConversation(title: "t") { id } }')
         conversation = created["data"]["createConversation"]["id"]
 
@@ -109,7 +83,7 @@ async def slow_llm() -> AsyncIterator[str]:
 async def test_erasing_a_user_stops_their_running_turn_and_leaves_nothing(
     settings: Settings,
     engine: AsyncEngine,
-    admin_account: dict[str, Any],
+    team: dict[str, Any],
     slow_llm: str,
     redis: Redis,
     key_prefix: str,
@@ -117,22 +91,17 @@ async def test_erasing_a_user_stops_their_running_turn_and_leaves_nothing(
     settings.chat = ChatSettings(llm_base_url=slow_llm, llm_model="echo", run_lease_s=1)
     settings.guardrails = GuardrailSettings(enabled=False)
     async with serve_live(settings) as server:
-        admin = await sign_in(server, admin_account)
-        invited = await gql(
-            server,
-            admin,
-            'mutation { inviteUser(email: "m@chat.example", role: MEMBER) '
-            "{ user { id } temporaryPassword } }",
-        )
-        member_id = invited["data"]["inviteUser"]["user"]["id"]
+        admin = await sign_in(server, team)
+        users = await gql(server, admin, "{ users { id email } }")
+        member_id = next(u["id"] for u in users["data"]["users"] if u["email"] == "m@chat.example")
         async with httpx.AsyncClient(base_url=server.http_url) as http:
             signed = await http.post(
                 "/oauth/token",
                 data={
                     "grant_type": "password",
-                    "tenant": admin_account["tenant"],
+                    "tenant": team["tenant"],
                     "username": "m@chat.example",
-                    "password": invited["data"]["inviteUser"]["temporaryPassword"],
+                    "password": PASSWORD,
                 },
             )
         member = signed.json()["access_token"]
