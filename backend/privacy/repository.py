@@ -28,6 +28,7 @@ from backend.core.models import (
     Tenant,
     UsageRecord,
     User,
+    UserRole,
     VisionStatus,
 )
 
@@ -105,21 +106,19 @@ async def lock_user(session: AsyncSession, user_id: uuid.UUID) -> User | None:
 
 
 async def other_active_owners(session: AsyncSession, user_id: uuid.UUID) -> int:
-    from backend.core.models import UserRole
-
-    return int(
-        await session.scalar(
-            select(func.count())
-            .select_from(User)
-            .where(
-                User.role == UserRole.OWNER,
-                User.is_active.is_(True),
-                User.erasure_requested_at.is_(None),
-                User.id != user_id,
-            )
+    """The tenant's other owners who can still act, locked: two erasures at once cannot each
+    count on the other's owner."""
+    owners = await session.scalars(
+        select(User.id)
+        .where(
+            User.role == UserRole.OWNER,
+            User.is_active.is_(True),
+            User.erasure_requested_at.is_(None),
+            User.id != user_id,
         )
-        or 0
+        .with_for_update()
     )
+    return len(list(owners))
 
 
 async def revoke_credentials(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> None:
