@@ -105,20 +105,22 @@ async def lock_user(session: AsyncSession, user_id: uuid.UUID) -> User | None:
     return await session.scalar(select(User).where(User.id == user_id).with_for_update())
 
 
-async def other_active_owners(session: AsyncSession, user_id: uuid.UUID) -> int:
-    """The tenant's other owners who can still act, locked: two erasures at once cannot each
-    count on the other's owner."""
-    owners = await session.scalars(
-        select(User.id)
-        .where(
-            User.role == UserRole.OWNER,
-            User.is_active.is_(True),
-            User.erasure_requested_at.is_(None),
-            User.id != user_id,
+async def lock_owners(session: AsyncSession) -> list[uuid.UUID]:
+    """The tenant's owners who can still act, locked in id order (every erasure locks them in
+    the same order, before its subject: two at once wait for each other, never deadlock, and
+    cannot each count on the other's owner)."""
+    return list(
+        await session.scalars(
+            select(User.id)
+            .where(
+                User.role == UserRole.OWNER,
+                User.is_active.is_(True),
+                User.erasure_requested_at.is_(None),
+            )
+            .order_by(User.id)
+            .with_for_update()
         )
-        .with_for_update()
     )
-    return len(list(owners))
 
 
 async def revoke_credentials(session: AsyncSession, user_id: uuid.UUID, now: datetime) -> None:

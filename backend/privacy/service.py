@@ -527,13 +527,14 @@ class PrivacyService:
             raise NotFound("no such user", id=str(user_id))
         actor_id = principal.user_id if principal else None
         async with self._db.session(tenant_id) as session:
+            owners = await repo.lock_owners(session)
             user = await repo.lock_user(session, user_id)
             if user is None:
                 if await repo.erased_before(session, "privacy.user_erased", subject):
                     return Erasure(subject, ErasureStatus.COMPLETED)
                 raise NotFound("no such user", id=str(user_id))
             if user.erasure_requested_at is None:
-                await self._check_erasable(session, principal, user)
+                self._check_erasable(principal, user, owners)
                 user.is_active = False
                 user.erasure_requested_at = datetime.now(UTC)
                 await repo.revoke_credentials(session, user_id, user.erasure_requested_at)
@@ -549,14 +550,13 @@ class PrivacyService:
         work = functools.partial(self._erase_user, tenant_id, user_id, actor_id)
         return await self._run_erasure(f"user:{user_id}", subject, work)
 
-    async def _check_erasable(
-        self, session: AsyncSession, principal: Principal | None, user: User
-    ) -> None:
+    @staticmethod
+    def _check_erasable(principal: Principal | None, user: User, owners: list[uuid.UUID]) -> None:
         if user.role is not UserRole.OWNER:
             return
         if principal is not None and principal.role is not UserRole.OWNER:
             raise ErasureRefused("only an owner can erase an owner")
-        if user.is_active and await repo.other_active_owners(session, user.id) == 0:
+        if owners == [user.id]:
             raise ErasureRefused("a tenant keeps at least one owner; erase the tenant instead")
 
     async def erase_tenant(
