@@ -56,6 +56,9 @@ from backend.knowledge.embeddings import Embedder, build_embedder
 from backend.knowledge.service import KnowledgeService
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
+from backend.privacy.endpoints import privacy_router
+from backend.privacy.service import PrivacyService, Streams
+from backend.privacy.tasks import PurgeScheduler
 from backend.realtime.eventlog import RunEventLog
 from backend.vision.endpoints import router as live_frames_router
 from backend.vision.ocr import OcrEngine
@@ -85,11 +88,18 @@ class Services:
     guardrails: GuardrailService | None = None  # None: rails off, or the caller's own `Guards`
     vision: VisionService | None = None  # None only in apps built without services
     inference: InferencePool | None = None  # None: SIGHTLINE_VISION_ENABLED=false
+    privacy: PrivacyService | None = None  # None only in apps built without services
+    purges: PurgeScheduler | None = None
     grace_s: float = 10.0
 
     async def aclose(self) -> None:
         """Stops every service; each step is timed in the log (a slow shutdown says where)."""
-        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        if (purges := self.purges) is not None:
+            steps.append(("purges", purges.close))
+        if (privacy := self.privacy) is not None:
+            steps.append(("erasures", lambda: privacy.close(self.grace_s)))
+        steps += [
             ("auth", self.auth.close),
             ("runs", lambda: self.runs.close(self.grace_s)),
             ("models", self.runs.models.aclose),
@@ -184,16 +194,28 @@ async def build_services(
         guards=guards,
     )
     conversations = ConversationService(state.db)
+    run_events = RunEventLog(
+        state.redis,
+        state.keys,
+        ttl_after_end_s=chat.events_ttl_s,
+        on_lag=state.metrics.stream_lag.observe,
+    )
+    privacy = PrivacyService(
+        db=state.db,
+        redis=state.redis,
+        keys=state.keys,
+        settings=settings.privacy,
+        secret=settings.security.secret_key.get_secret_value(),
+        auth=auth,
+        streams=Streams(runs=run_events, ingestion=knowledge.events, vision=vision.events),
+        memory=agent.checkpointer,  # type: ignore[arg-type]
+        redactor=guardrails.redact_for_storage if guardrails is not None else None,
+    )
     runs = RunService(
         db=state.db,
         redis=state.redis,
         keys=state.keys,
-        events=RunEventLog(
-            state.redis,
-            state.keys,
-            ttl_after_end_s=chat.events_ttl_s,
-            on_lag=state.metrics.stream_lag.observe,
-        ),
+        events=run_events,
         conversations=conversations,
         limiter=limiter,
         budgets=budgets,
@@ -201,9 +223,13 @@ async def build_services(
         agent=agent,
         settings=chat,
         metrics=state.metrics,
+        stored_text=privacy.stored_message,
     )
+    privacy.stop_run = runs.stop
     await runs.start()
     await auth.start()
+    purges = PurgeScheduler(privacy, state.redis, state.keys, settings.privacy)
+    purges.start()
     return Services(
         auth=auth,
         conversations=conversations,
@@ -216,6 +242,8 @@ async def build_services(
         guardrails=guardrails,
         vision=vision,
         inference=inference,
+        privacy=privacy,
+        purges=purges,
         grace_s=settings.server.graceful_shutdown_s,
     )
 
@@ -366,6 +394,12 @@ def create_app(
         )
     )
     app.include_router(live_frames_router)
+    app.include_router(
+        privacy_router(
+            lambda request: request.state.services.privacy,
+            lambda request: request.state.services.auth,
+        )
+    )
     _add_demo(app)
     if settings.graphql.graphiql_enabled(settings.env is Environment.PRODUCTION):
         app.mount(GRAPHIQL_URL, StaticFiles(directory=GRAPHIQL_ASSETS), name="graphiql")

@@ -1,4 +1,5 @@
-"""The `sightline` command: serve, migrate, doctor, schema, config, version."""
+"""The `sightline` command: serve, migrate, doctor, schema, config, version, users, keys,
+ingest, privacy."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -37,6 +39,8 @@ from backend.errors import AppError
 from backend.inference.catalog import PACKAGED_MODELS
 from backend.knowledge.service import KnowledgeService
 from backend.limits.ratelimit import RateLimiter
+from backend.privacy.schemas import Erasure, ErasureStatus
+from backend.privacy.service import PrivacyService
 
 app = typer.Typer(help="Sightline: real-time AI backend.", no_args_is_help=True)
 schema_app = typer.Typer(help="The GraphQL schema file (schema.graphql).", no_args_is_help=True)
@@ -609,3 +613,206 @@ def keys_rotate_signing() -> None:
         out.print(f"now signing with {kid}; replicas pick it up at the first token naming it")
 
     _run_admin(work)
+
+
+# -- data protection -----------------------------------------------------------------------
+
+privacy_app = typer.Typer(
+    help="Data protection: retention, purges, erasure, exports (all audited).",
+    no_args_is_help=True,
+)
+app.add_typer(privacy_app, name="privacy")
+
+DAYS_HELP = "Days to keep; `forever` keeps them; unset: unchanged."
+Days = Annotated[str | None, typer.Option(help=DAYS_HELP, metavar="DAYS|forever")]
+
+
+def _days(name: str, value: str | None) -> dict[str, int | None]:
+    if value is None:
+        return {}
+    if value.strip().lower() in {"forever", "none", "never"}:
+        return {name: None}
+    try:
+        return {name: int(value)}
+    except ValueError:
+        raise _fail(f"--{name.replace('_', '-')} must be a number of days or `forever`") from None
+
+
+def _run_privacy(work: Callable[[PrivacyService, AuthService], Awaitable[None]]) -> None:
+    """Runs `work` on a PrivacyService over the configured (or embedded) backends."""
+    from backend.agents.checkpoint import RedisCheckpointSaver
+    from backend.privacy.service import Streams
+    from backend.realtime.eventlog import RunEventLog
+
+    settings = _settings()
+    configure_logging(settings.telemetry.model_copy(update={"log_level": "WARNING"}))
+
+    async def main() -> None:
+        async with _backends(settings) as (db, redis, auth):
+            keys = KeySpace(settings.redis.key_prefix)
+            # The same logs and memory as the server's (key names by construction).
+            streams = Streams(
+                runs=RunEventLog(redis, keys),
+                ingestion=RunEventLog(redis, keys.child("kb")),
+                vision=RunEventLog(redis, keys.child("vision")),
+            )
+            service = PrivacyService(
+                db=db,
+                redis=redis,
+                keys=keys,
+                # an operator waits for the outcome (runs on servers get time to stop)
+                settings=settings.privacy.model_copy(update={"erasure_wait_s": 24 * 3600.0}),
+                secret=settings.security.secret_key.get_secret_value(),
+                auth=auth,
+                streams=streams,
+                memory=RedisCheckpointSaver(redis, keys.child("agent")),
+            )
+            try:
+                await work(service, auth)
+            finally:
+                await service.close(5)
+
+    try:
+        asyncio.run(main())
+    except (DatabaseUnreachable, RedisUnreachable) as exc:
+        raise _fail(str(exc)) from None
+    except AppError as exc:
+        raise _fail(f"{exc.code}: {exc.message}") from None
+
+
+async def _tenant_id(auth: AuthService, slug: str) -> uuid.UUID:
+    tenant = await auth.tenant_by_slug(slug)
+    if tenant is None:
+        raise _fail(f"no tenant {slug!r}")
+    return tenant.id
+
+
+def _print_removed(erasure: Erasure) -> None:
+    counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in erasure.removed.as_dict().items())
+    out.print(
+        f"{erasure.status.value}: {erasure.subject}" + (f" ({counts})" if counts else ""),
+        soft_wrap=True,
+        highlight=False,
+    )
+    if erasure.status is ErasureStatus.PENDING:
+        err.print("runs are still going: run the command again, or a server's purge finishes it")
+
+
+@privacy_app.command("policy")
+def privacy_policy(  # noqa: PLR0917 (one option per kind of data)
+    tenant: Annotated[str, typer.Option(help="Tenant slug.")],
+    messages_days: Days = None,
+    documents_days: Days = None,
+    vision_days: Days = None,
+    events_days: Days = None,
+    audit_days: Days = None,
+    store_messages_redacted: Annotated[
+        bool | None,
+        typer.Option(
+            "--store-messages-redacted/--store-messages-as-sent",
+            help="Store users' messages with personal data replaced. Unset: unchanged.",
+        ),
+    ] = None,
+    reset: Annotated[bool, typer.Option(help="Back to the server's defaults first.")] = False,
+) -> None:
+    """Show a tenant's data protection policy, or change it (audited)."""
+    retention = {
+        **_days("messages_days", messages_days),
+        **_days("documents_days", documents_days),
+        **_days("vision_days", vision_days),
+        **_days("events_days", events_days),
+        **_days("audit_days", audit_days),
+    }
+    change: dict[str, object] = {"retention": retention} if retention else {}
+    if store_messages_redacted is not None:
+        change["store_messages_redacted"] = store_messages_redacted
+
+    async def work(service: PrivacyService, auth: AuthService) -> None:
+        tenant_id = await _tenant_id(auth, tenant)
+        if change or reset:
+            policy = await service.update_policy(
+                tenant_id, change, actor_id=None, replace=reset, via="cli"
+            )
+        else:
+            policy = await service.policy(tenant_id)
+        out.print_json(policy.model_dump_json())
+
+    _run_privacy(work)
+
+
+@privacy_app.command("purge")
+def privacy_purge(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant (slug).")] = None,
+) -> None:
+    """Delete what is past retention now (and finish interrupted erasures)."""
+
+    async def work(service: PrivacyService, auth: AuthService) -> None:
+        tenant_id = await _tenant_id(auth, tenant) if tenant else None
+        removed = await service.purge(tenant_id)
+        counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in removed.as_dict().items())
+        out.print(f"purged: {counts or 'nothing past retention'}", soft_wrap=True, highlight=False)
+
+    _run_privacy(work)
+
+
+@privacy_app.command("erase-user")
+def privacy_erase_user(
+    tenant: Annotated[str, typer.Option(help="Tenant slug.")],
+    email: Annotated[str, typer.Option(help="The user to erase.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Erase a user and their data (usage kept anonymised, audit under a pseudonym)."""
+    if not yes:
+        typer.confirm(f"Erase {email} from {tenant} and all their data?", abort=True)
+
+    async def work(service: PrivacyService, auth: AuthService) -> None:
+        principal = await auth.principal_for(tenant, email)
+        erasure = await service.erase_user(None, principal.tenant_id, principal.user_id, via="cli")
+        _print_removed(erasure)
+
+    _run_privacy(work)
+
+
+@privacy_app.command("erase-tenant")
+def privacy_erase_tenant(
+    tenant: Annotated[str, typer.Option(help="Tenant slug.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Erase a tenant with all its users and data."""
+    if not yes:
+        typer.confirm(f"Erase tenant {tenant} and everything in it?", abort=True)
+
+    async def work(service: PrivacyService, auth: AuthService) -> None:
+        _print_removed(await service.erase_tenant(None, await _tenant_id(auth, tenant), via="cli"))
+
+    _run_privacy(work)
+
+
+@privacy_app.command("export")
+def privacy_export(
+    tenant: Annotated[str, typer.Option(help="Tenant slug.")],
+    email: Annotated[str, typer.Option(help="The user whose data to export.")],
+    output: Annotated[
+        Path | None, typer.Option(help="Write the JSON archive here (default: stdout).")
+    ] = None,
+) -> None:
+    """Export a user's data as a JSON archive (streamed)."""
+
+    async def work(service: PrivacyService, auth: AuthService) -> None:
+        principal = await auth.principal_for(tenant, email)
+        pieces = await service.export_user(
+            principal.tenant_id, principal.user_id, actor_id=None, via="cli"
+        )
+        target = await asyncio.to_thread(output.open, "wb") if output else sys.stdout.buffer
+        try:
+            async for piece in pieces:
+                await asyncio.to_thread(target.write, piece)
+        finally:
+            if output:
+                await asyncio.to_thread(target.close)
+            else:
+                target.flush()
+        if output:
+            err.print(f"wrote {output}")
+
+    _run_privacy(work)

@@ -716,6 +716,75 @@ class GuardrailSettings(_Section):
     image_threads: int = Field(1, ge=1, description="CPU threads of the NSFW image classifier.")
 
 
+class PrivacySettings(_Section):
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_PRIVACY_", extra="ignore")
+
+    policy: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Default data protection policy of every tenant (JSON, merged over the "
+        'built-in one: `{"retention": {"messages_days": 365}, "store_messages_redacted": '
+        "true}`); tenants override it with `updatePrivacyPolicy`.",
+    )
+    policy_cache_s: float = Field(
+        10.0, ge=0, description="How long a replica keeps a tenant's policy before re-reading it."
+    )
+    purge_enabled: bool = Field(
+        True, description="Delete what is past each tenant's retention in the background."
+    )
+    purge_interval_s: float = Field(
+        3600.0, ge=1, description="One purge pass per this long, across all replicas."
+    )
+    purge_start_delay_s: float = Field(
+        60.0, ge=0, description="Wait after start before a replica first looks for a due pass."
+    )
+    purge_timeout_s: float = Field(
+        300.0, gt=0, description="Longest one purge pass runs; the next pass goes on from there."
+    )
+    purge_batch_size: int = Field(
+        500, ge=1, le=100_000, description="Rows deleted per transaction by purges and erasures."
+    )
+    purge_document_batch_size: int = Field(
+        10, ge=1, le=10_000, description="Documents (with their chunks) deleted per transaction."
+    )
+    unscoped_audit_days: int | None = Field(
+        90,
+        ge=1,
+        description="Days kept of audit events that belong to no tenant (failed sign-ins to "
+        "unknown tenants). Unset: kept forever.",
+    )
+    erasure_wait_s: float = Field(
+        20.0,
+        ge=0,
+        description="How long an erasure request waits for the erasure to finish before it "
+        "answers PENDING (it goes on in the background and resumes after a restart).",
+    )
+    run_stop_timeout_s: float = Field(
+        15.0, ge=0, description="How long an erasure waits for the subject's chat runs to stop."
+    )
+    stale_run_s: float = Field(
+        3600.0,
+        ge=1,
+        description="A run marked queued or running that has not changed for this long is taken "
+        "for dead (its replica crashed) and does not hold up an erasure.",
+    )
+    export_ttl_s: int = Field(
+        600, ge=10, description="How long the download of a requested data export stays open."
+    )
+    export_page_size: int = Field(
+        200, ge=1, le=10_000, description="Rows read per query while an export streams."
+    )
+    operator_tenant: str | None = Field(
+        None,
+        description="Slug of the tenant whose owners are platform operators (they may erase "
+        "other tenants over GraphQL). Unset: tenants are erased only with the CLI.",
+    )
+
+    @field_validator("unscoped_audit_days", "operator_tenant", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
 class Settings(_Section):
     """All of Sightline's settings. `Settings()` reads the environment; tests pass sections in."""
 
@@ -740,6 +809,7 @@ class Settings(_Section):
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     vision: VisionSettings = Field(default_factory=VisionSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
 
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
@@ -800,6 +870,7 @@ SECTIONS: tuple[type[_Section], ...] = (
     KnowledgeSettings,
     GuardrailSettings,
     VisionSettings,
+    PrivacySettings,
 )
 
 

@@ -6,7 +6,10 @@ exception is recorded on the trace.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError as PydanticValidationError
 
 
 class AppError(Exception):
@@ -36,6 +39,17 @@ class AppError(Exception):
 class ValidationFailed(AppError):
     code = "BAD_USER_INPUT"
     status = 400
+
+    @classmethod
+    def listing(cls, message: str, exc: PydanticValidationError) -> ValidationFailed:
+        """The error for a document pydantic refused: each problem with its path."""
+        return cls(
+            message,
+            problems=[
+                {"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                for e in exc.errors()
+            ],
+        )
 
 
 class Unauthenticated(AppError):

@@ -33,6 +33,7 @@ from backend.config import (
     Environment,
     GuardrailSettings,
     LogFormat,
+    PrivacySettings,
     RedisSettings,
     Settings,
     TelemetrySettings,
@@ -175,6 +176,8 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         # The inference pool (a worker process loading the vision models) only where tested.
         vision=VisionSettings(enabled=False, **VISION_TIMEOUTS),
         guardrails=GuardrailSettings(check_timeout_s=GUARDRAIL_TIMEOUT_S),
+        # The periodic purge only where tested (tests/privacy): not in the background of others.
+        privacy=PrivacySettings(purge_enabled=False),
     )
 
 

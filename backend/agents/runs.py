@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -106,8 +106,12 @@ class RunService:
         agent: Agent,
         settings: ChatSettings,
         metrics: Metrics | None = None,
+        stored_text: Callable[[Principal, str], Awaitable[str]] | None = None,
     ) -> None:
         self._metrics = metrics or Metrics()
+        # What a user's message becomes when stored (the tenant's data protection policy may
+        # redact it); None: stored as sent.
+        self._stored_text = stored_text
         self._db = db
         self._redis = redis
         self._keys = keys.child("runs")
@@ -179,6 +183,8 @@ class RunService:
         active_key = self._keys("active", str(principal.user_id))
         if await self._redis.scard(active_key) >= self._settings.max_active_runs_per_user:
             raise RunInProgress("too many runs going at once; wait for one to finish")
+        if self._stored_text is not None:
+            content = await self._stored_text(principal, content)
         reservation = await self._budgets.reserve(
             tenant_id=principal.tenant_id,
             user_id=principal.user_id,
@@ -256,6 +262,10 @@ class RunService:
         if run.status in {RunStatus.QUEUED, RunStatus.RUNNING}:
             await self._request_cancel(run.id)
         return run
+
+    async def stop(self, run_id: uuid.UUID) -> None:
+        """Asks whichever replica executes the run to stop it (administration: erasures)."""
+        await self._request_cancel(run_id)
 
     async def _request_cancel(self, run_id: uuid.UUID) -> None:
         # The flag is what counts (the run checks it while streaming and while queued); the

@@ -472,6 +472,14 @@ class AuthService:
         await self._redis.delete(self._api_key_cache(row.secret_hash))
         return row
 
+    async def forget_cached(self, emails: list[str], secret_hashes: list[bytes]) -> None:
+        """Drops what Redis holds about these users and keys: failed sign-in counters (named
+        by e-mail) and verified API keys (an erased user's key must not be trusted from it)."""
+        names = [self._keys("email", email.lower()) for email in emails]
+        names += [self._api_key_cache(h) for h in secret_hashes]
+        for start in range(0, len(names), 500):
+            await self._redis.delete(*names[start : start + 500])
+
     async def api_keys(self, principal: Principal, all_users: bool) -> list[ApiKey]:
         async with self._db.session(principal.tenant_id) as session:
             return await repo.api_keys_of(session, None if all_users else principal.user_id)
@@ -652,6 +660,10 @@ class AuthService:
                 ip=ip,
                 what=what,
             )
+
+    async def tenant_by_slug(self, slug: str) -> Tenant | None:
+        async with self._db.session() as session:
+            return await repo.tenant_by_slug(session, slug)
 
     async def principal_for(self, tenant_slug: str, email: str) -> Principal:
         """The principal of a user, for administration from the CLI."""

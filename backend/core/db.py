@@ -91,6 +91,9 @@ class Database:
             pool_timeout=settings.pool_timeout_s,
             pool_pre_ping=True,
             echo=settings.echo,
+            # An error's text (logged, put on traces) never shows the statement's values:
+            # they are what users wrote, and credentials' hashes.
+            hide_parameters=True,
             connect_args={
                 "timeout": settings.connect_timeout_s,
                 "server_settings": server_settings,
@@ -225,8 +228,16 @@ def instrument_engine(engine: AsyncEngine, tracer_provider: trace.TracerProvider
         spans = context.connection.info.get(_SPAN_KEY) if context.connection else None
         if spans:
             span = spans.pop()
-            span.record_exception(context.original_exception)
-            span.set_status(Status(StatusCode.ERROR, type(context.original_exception).__name__))
+            error = context.original_exception
+            # The type and SQLSTATE, not the message: PostgreSQL quotes the offending values in
+            # it ("invalid input syntax for type uuid: ..."; a unique key's values).
+            span.add_event("exception", {"exception.type": type(error).__name__})
+            sqlstate = getattr(error, "sqlstate", None) or getattr(
+                getattr(error, "orig", None), "sqlstate", None
+            )
+            if sqlstate:
+                span.set_attribute("db.response.status_code", str(sqlstate))
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
             span.end()
 
     event.listen(engine.sync_engine, "before_cursor_execute", before)

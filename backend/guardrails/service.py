@@ -36,7 +36,7 @@ from backend.guardrails.errors import GuardrailUnavailable
 from backend.guardrails.images import ImageClassifier, OpenNsfwClassifier
 from backend.guardrails.injection import InjectionDetector
 from backend.guardrails.normalize import Normalised, normalise
-from backend.guardrails.pii import find_pii, redact
+from backend.guardrails.pii import PiiKind, find_pii, redact
 from backend.guardrails.policy import GuardrailPolicy, effective, merge
 from backend.guardrails.profanity import find_profanity, mask
 from backend.guardrails.selfcheck import Judge
@@ -152,13 +152,7 @@ class GuardrailService:
             try:
                 policy = effective(self._defaults, document)
             except ValidationError as exc:
-                raise ValidationFailed(
-                    "invalid guardrail policy",
-                    problems=[
-                        {"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                        for e in exc.errors()
-                    ],
-                ) from exc
+                raise ValidationFailed.listing("invalid guardrail policy", exc) from exc
             await session.execute(
                 insert(GuardrailPolicyRow)
                 .values(
@@ -296,13 +290,27 @@ class GuardrailService:
         OCR text of an attached image), under the tenant's PII policy."""
         policy = await self.policy(principal)
         rail = policy.pii
-        if not rail.enabled or rail.input_action is GuardAction.WARN or not text:
+        if not rail.enabled or rail.input_action is GuardAction.WARN:
             return text
-        matches = await asyncio.to_thread(find_pii, text, rail.kinds)
+        return await self._redacted(principal, text, rail.kinds, stage)
+
+    async def redact_for_storage(self, principal: Principal, text: str) -> str:
+        """A user's message as stored under a policy that stores messages redacted: the
+        personal data of the kinds the tenant's PII rail looks for replaced, whatever the
+        rail's actions (what is kept is the tenant's data protection choice)."""
+        policy = await self.policy(principal)
+        return await self._redacted(principal, text, policy.pii.kinds, "storage")
+
+    async def _redacted(
+        self, principal: Principal, text: str, kinds: list[PiiKind], stage: str
+    ) -> str:
+        if not text:
+            return text
+        matches = await asyncio.to_thread(find_pii, text, kinds)
         if not matches:
             return text
-        kinds = ", ".join(sorted({m.kind.value for m in matches}))
-        self._decided(principal, stage, [GuardDecision("pii", GuardAction.REDACT, kinds)], None)
+        found = ", ".join(sorted({m.kind.value for m in matches}))
+        self._decided(principal, stage, [GuardDecision("pii", GuardAction.REDACT, found)], None)
         return redact(text, matches)
 
     # -- retrieved chunks ----------------------------------------------------------------------

@@ -420,11 +420,8 @@ class KnowledgeService:
 
     async def delete(self, principal: Principal, document_id: uuid.UUID) -> None:
         async with self._db.session(principal.tenant_id) as session:
-            document = await session.get(Document, document_id)
-            if document is None:
+            if not await remove_document(session, principal.tenant_id, document_id):
                 raise NotFound("no such document", id=str(document_id))
-            await _count_lexemes(session, principal.tenant_id, document.id, sign=-1)
-            await session.delete(document)  # chunks cascade
 
     # -- search --------------------------------------------------------------------------------
 
@@ -673,6 +670,19 @@ def _search_sql(mode: SearchMode, filters: str) -> str:
                c.char_start, c.char_end, f.score, f.vrank, f.trank
         FROM fused f JOIN chunks c ON c.id = f.id JOIN documents d ON d.id = c.document_id
         ORDER BY f.score DESC, c.id"""  # noqa: S608
+
+
+async def remove_document(
+    session: AsyncSession, tenant_id: uuid.UUID, document_id: uuid.UUID
+) -> bool:
+    """Deletes a document with its chunks and their share of the tenant's lexeme counts (the
+    caller's unit of work); False when there is no such document."""
+    document = await session.get(Document, document_id, with_for_update=True)
+    if document is None:
+        return False
+    await _count_lexemes(session, tenant_id, document.id, sign=-1)
+    await session.delete(document)  # chunks cascade
+    return True
 
 
 async def _count_lexemes(

@@ -18,7 +18,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,6 +304,15 @@ class RunEventLog:
 
     async def exists(self, run_id: str) -> bool:
         return bool(await self._redis.exists(self._key(run_id)))
+
+    async def delete(self, run_ids: Sequence[str]) -> int:
+        """Removes the logs of these runs (erasure, retention); returns how many existed."""
+        if not run_ids:
+            return 0
+        pipe = self._redis.pipeline(transaction=False)
+        for run_id in run_ids:  # one key per command: each run's log has a slot of its own
+            pipe.unlink(self._key(run_id))
+        return sum(int(n) for n in await pipe.execute())
 
     async def read(
         self, run_id: str, after: str | None = None, *, follow: bool = True

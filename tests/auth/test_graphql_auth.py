@@ -234,6 +234,18 @@ async def test_other_tenants_ids_are_not_found(
             "mutation($id: ID!) { setUserActive(userId: $id, active: false) { id } }",
             {"id": str(stranger.user_id)},
         ),
+        "eraseUser": (
+            "mutation($id: ID!) { eraseUser(userId: $id) { status } }",
+            {"id": str(stranger.user_id)},
+        ),
+        "exportUserData": (
+            "mutation($id: ID!) { exportUserData(userId: $id) { url } }",
+            {"id": str(stranger.user_id)},
+        ),
+        "eraseTenant": (  # the owner is no platform operator: other tenants do not exist
+            "mutation($id: ID!) { eraseTenant(tenantId: $id) { status } }",
+            {"id": str(stranger.tenant.id)},
+        ),
     }
     # Every field that takes an id must be in `calls`: a new one fails here until it is.
     schema = (

@@ -12,6 +12,7 @@ from backend.core.models.identity import (
     UsageRecord,
 )
 from backend.core.models.knowledge import Chunk, Document, IngestionJob, JobStatus, LexemeStat
+from backend.core.models.privacy import PrivacyPolicyRow
 from backend.core.models.tenancy import Tenant, User, UserKind, UserRole
 from backend.core.models.vision import VisionJob, VisionStatus
 
@@ -32,6 +33,7 @@ TENANT_TABLES = (
     "lexeme_stats",
     "guardrail_policies",
     "vision_jobs",
+    "privacy_policies",
 )
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "Message",
     "MessageRole",
     "OAuthClient",
+    "PrivacyPolicyRow",
     "RefreshToken",
     "Run",
     "RunStatus",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import CheckConstraint, Enum, ForeignKey, Index, String, text
+from sqlalchemy import CheckConstraint, DateTime, Enum, ForeignKey, Index, String, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from backend.core.models.base import Base, Timestamps, UUIDKey
@@ -31,6 +32,8 @@ class Tenant(UUIDKey, Timestamps, Base):
     name: Mapped[str] = mapped_column(String(200))
     plan: Mapped[str] = mapped_column(String(50), default="free", server_default="free")
     is_active: Mapped[bool] = mapped_column(default=True, server_default="true")
+    # Set when its erasure was asked for: it is disabled, and any replica finishes the erasure.
+    erasure_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     users: Mapped[list[User]] = relationship(back_populates="tenant", passive_deletes=True)
 
@@ -60,5 +63,6 @@ class User(UUIDKey, Timestamps, Base):
     )
     password_hash: Mapped[str | None] = mapped_column(String(255))
     is_active: Mapped[bool] = mapped_column(default=True, server_default="true")
+    erasure_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     tenant: Mapped[Tenant] = relationship(back_populates="users")

@@ -1,0 +1,1 @@
+"""Data protection: retention with periodic purges, erasure of users and tenants, exports."""
