@@ -472,13 +472,22 @@ class AuthService:
         await self._redis.delete(self._api_key_cache(row.secret_hash))
         return row
 
-    async def forget_cached(self, emails: list[str], secret_hashes: list[bytes]) -> None:
-        """Drops what Redis holds about these users and keys: failed sign-in counters (named
-        by e-mail) and verified API keys (an erased user's key must not be trusted from it)."""
-        names = [self._keys("email", email.lower()) for email in emails]
-        names += [self._api_key_cache(h) for h in secret_hashes]
+    async def forget_cached(
+        self, tenant_id: uuid.UUID, emails: list[str], secret_hashes: list[bytes]
+    ) -> None:
+        """Drops what Redis holds about these users and keys: sign-in throttling state (named
+        by a hash of tenant and e-mail) and verified API keys (an erased user's key must not be
+        trusted from it)."""
+        names = [self._api_key_cache(h) for h in secret_hashes]
         for start in range(0, len(names), 500):
             await self._redis.delete(*names[start : start + 500])
+        if not emails:
+            return
+        async with self._db.session() as session:
+            tenant = await session.get(Tenant, tenant_id)
+        if tenant is not None:
+            for email in emails:
+                await self._throttle.forget(tenant.slug, email)
 
     async def api_keys(self, principal: Principal, all_users: bool) -> list[ApiKey]:
         async with self._db.session(principal.tenant_id) as session:

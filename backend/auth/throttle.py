@@ -111,14 +111,19 @@ def source_of(ip: str | None) -> str:
 
 class LoginThrottle:
     def __init__(self, redis: Redis, keys: KeySpace, settings: AuthSettings) -> None:
+        self._redis = redis
         self._keys = keys
         self._settings = settings
         self._reserve = redis.register_script(_RESERVE)
         self._release = redis.register_script(_RELEASE)
 
-    def _key_list(self, tenant: str, email: str, ip: str | None) -> list[str]:
+    @staticmethod
+    def _account(tenant: str, email: str) -> str:
         # Hashed: the key's length does not depend on what a client typed.
-        account = hashlib.sha256(f"{tenant.lower()}\0{email.lower()}".encode()).hexdigest()[:32]
+        return hashlib.sha256(f"{tenant.lower()}\0{email.lower()}".encode()).hexdigest()[:32]
+
+    def _key_list(self, tenant: str, email: str, ip: str | None) -> list[str]:
+        account = self._account(tenant, email)
         source = source_of(ip)
         return [
             self._keys("pair", account, source),
@@ -144,6 +149,17 @@ class LoginThrottle:
         if int(verdict) == 0:
             return None
         return Refusal(_VERDICTS[int(verdict)], int(wait_ms) / 1000)
+
+    async def forget(self, tenant: str, email: str) -> None:
+        """Drops an account's counters and trusted sources (its user is erased). Rare: the
+        per-source keys of the account are found with SCAN."""
+        account = self._account(tenant, email)
+        names = [self._keys("account", account)]
+        for kind in ("pair", "trusted"):
+            names += [
+                key async for key in self._redis.scan_iter(match=self._keys(kind, account, "*"))
+            ]
+        await self._redis.delete(*names)
 
     async def succeeded(self, tenant: str, email: str, ip: str | None) -> None:
         """The attempt had the right password: it is not a failure, and its source is trusted."""

@@ -477,9 +477,10 @@ class PrivacyService:
         async def step(session: AsyncSession, n: int) -> int:
             batch = await repo.ids(session, model, limit=n)
             if model is ApiKey:  # a verified key must not be trusted from the cache either
-                await self._auth.forget_cached([], await repo.api_key_hashes(session, None, batch))
+                hashes = await repo.api_key_hashes(session, None, batch)
+                await self._auth.forget_cached(tenant_id, [], hashes)
             elif model is User:  # nor failed sign-ins counted under an e-mail address
-                await self._auth.forget_cached(await repo.emails(session, batch), [])
+                await self._auth.forget_cached(tenant_id, await repo.emails(session, batch), [])
                 for user_id in batch:  # their access tokens and open streams end now
                     await self._auth.end_sessions_of(user_id)
             await repo.delete_ids(session, model, batch)
@@ -727,7 +728,7 @@ class PrivacyService:
                 return Erasure(subject, ErasureStatus.COMPLETED)
             email = user.email
             hashes = await repo.api_key_hashes(session, user_id)
-        await self._auth.forget_cached([email], hashes)
+        await self._auth.forget_cached(tenant_id, [email], hashes)
         stopped = await self._stop_runs(tenant_id, user_id)
         await self._delete_conversations(tenant_id, Conversation.owner_id == user_id, out, lease)
         await self._delete_documents(tenant_id, [Document.created_by == user_id], out, lease=lease)

@@ -106,6 +106,7 @@ class Seeded:
     """One user's data of every kind (ids), as `seed` made it."""
 
     user: User
+    tenant_slug: str = ""
     conversations: list[uuid.UUID] = field(default_factory=list)
     messages: list[uuid.UUID] = field(default_factory=list)
     runs: list[uuid.UUID] = field(default_factory=list)
@@ -135,7 +136,7 @@ async def seed(kit: Kit, tenant: Tenant, user: User, *, messages: int = 3, tag: 
     chunks, an ingestion job, a vision job, usage, audit events, an API key used once (so it
     is cached) and a failed sign-in (counted in Redis under the e-mail)."""
     tenant_id = user.tenant_id
-    out = Seeded(user)
+    out = Seeded(user, tenant.slug)
     async with kit.db.session(tenant_id) as session:
         conversation = Conversation(tenant_id=tenant_id, owner_id=user.id, title=f"chat {tag}")
         session.add(conversation)

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backend.auth.credentials import digest
 from backend.auth.principal import Principal
+from backend.auth.throttle import LoginThrottle
 from backend.config import PrivacySettings
 from backend.core.models import RunStatus, UserRole
 from backend.errors import NotFound, ValidationFailed
@@ -74,8 +75,9 @@ async def left_of(kit: Kit, seeded: Seeded) -> dict[str, int]:
         ]
     )
     api_cache = kit.keys("auth", "apikey", digest(seeded.api_key).hex())
-    login = kit.keys("login", "email", seeded.user.email.lower())
-    left["redis_credentials"] = int(await kit.redis.exists(api_cache, login))
+    account = LoginThrottle._account(seeded.tenant_slug, seeded.user.email)  # sign-in throttling
+    throttled = [k async for k in kit.redis.scan_iter(match=kit.keys("login", "*", account) + "*")]
+    left["redis_credentials"] = int(await kit.redis.exists(api_cache)) + bool(throttled)
     return left
 
 
