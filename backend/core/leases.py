@@ -1,0 +1,226 @@
+"""Leases in Redis on work that one replica owns (a chat run, an ingestion job).
+
+The owner renews its leases while it lives; once one stops being renewed, another replica (or
+the owner, restarted) claims it and recovers the work: fails it, or resumes it.
+
+Timing. An owner renews every `lease_s / 3`, each time to now + `lease_s`. A lease is lost
+when its deadline is more than `grace_s` in the past, and a replica claims lost leases only
+once it has itself reached Redis without an error for `grace_s`: after a Redis outage, which
+cuts every replica off alike, each owner gets that long to renew before anyone may claim, so
+an outage never makes live work look lost. Keep `grace_s` above `lease_s / 3` plus the Redis
+socket timeout (the longest a renewal can take), and above the clock skew between replicas.
+
+A claim hands the lease over instead of deleting it: the claimer's deadline replaces the old
+one and the claimer renews it while it recovers, so if the claimer dies too, the lease expires
+again and a third replica recovers the work. Recovery must therefore be idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+# KEYS: the lease set. ARGV: the new deadline, then the members. Renews those still there and
+# returns the others (another replica claimed them: this one was taken for dead).
+_RENEW = """
+local missing = {}
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+  else
+    table.insert(missing, ARGV[i])
+  end
+end
+return missing
+"""
+
+# ARGV: member, cutoff, new deadline. Hands the lease to the caller when it is still lost.
+_CLAIM = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# Called with a claimed member: True when the work is recovered (the lease is released), False
+# when the handler adopted the work (it releases the lease when the work ends). An exception
+# leaves the lease to expire again: recovery is tried again later, here or elsewhere.
+LostHandler = Callable[[str], Awaitable[bool]]
+
+
+class Leases:
+    """The leases of one kind of work (one sorted set: member -> deadline, unix time)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        key: str,
+        *,
+        lease_s: float,
+        grace_s: float,
+        on_lost: LostHandler,
+        on_revoked: Callable[[str], None] | None = None,
+        recover_timeout_s: float = 120.0,
+        claim_batch: int = 100,
+        name: str = "leases",
+    ) -> None:
+        self._redis = redis
+        self.key = key
+        self.lease_s = lease_s
+        self.grace_s = grace_s
+        self._on_lost = on_lost
+        self._on_revoked = on_revoked
+        self._recover_timeout_s = recover_timeout_s
+        self._claim_batch = claim_batch
+        self._name = name
+        self._renew = redis.register_script(_RENEW)
+        self._claim = redis.register_script(_CLAIM)
+        self._owned: set[str] = set()
+        self._recovering: dict[str, asyncio.Task[None]] = {}
+        self._healthy_since: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle (owned by the service that owns the work) -----------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._keep(), name=f"{self._name}-keeper")
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Stops renewing (what is still owned then expires and is recovered elsewhere)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        recovering = list(self._recovering.values())
+        if recovering:
+            _, pending = await asyncio.wait(recovering, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*recovering, return_exceptions=True)
+
+    # -- the owner's side ----------------------------------------------------------------------
+
+    def deadline(self) -> float:
+        return time.time() + self.lease_s
+
+    async def acquire(self, member: str) -> None:
+        await self._redis.zadd(self.key, {member: self.deadline()})
+        self._owned.add(member)  # only once it is in Redis: a renewal must find it there
+
+    async def release(self, member: str) -> None:
+        """The work ended: the lease goes (renewals stop first, so none sees it missing)."""
+        self._owned.discard(member)
+        await self._redis.zrem(self.key, member)
+
+    def abandon(self, member: str) -> None:
+        """Stops renewing without releasing: the lease expires and the work is recovered
+        (here or on another replica). For work whose end could not be recorded."""
+        self._owned.discard(member)
+
+    def owns(self, member: str) -> bool:
+        return member in self._owned
+
+    # -- anyone's side -------------------------------------------------------------------------
+
+    async def live(self, members: Sequence[str]) -> list[bool]:
+        """Whether each member has a lease that is not lost (renewed, or late by less than
+        the grace)."""
+        if not members:
+            return []
+        scores = await self._redis.zmscore(self.key, list(members))
+        cutoff = time.time() - self.grace_s
+        return [score is not None and score >= cutoff for score in scores]
+
+    # -- upkeep --------------------------------------------------------------------------------
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            await self.tick()
+
+    async def tick(self) -> None:
+        """One round of upkeep: renew what this replica owns, then claim lost leases (only
+        after `grace_s` of reaching Redis without error). Never raises."""
+        try:
+            await self._renew_owned()
+        except Exception as exc:  # Redis down or slow: owners elsewhere cannot renew either
+            if self._healthy_since is not None:
+                log.warning(
+                    "%s: cannot renew leases (%r); not claiming any until Redis "
+                    "has answered for %.0f s",
+                    self._name,
+                    exc,
+                    self.grace_s,
+                )
+            self._healthy_since = None
+            return
+        now = time.monotonic()
+        if self._healthy_since is None:
+            self._healthy_since = now
+        if now - self._healthy_since < self.grace_s:
+            return
+        try:
+            await self._claim_lost()
+        except Exception as exc:
+            log.warning("%s: cannot look for lost leases: %r", self._name, exc)
+            self._healthy_since = None
+
+    async def _renew_owned(self) -> None:
+        members = list(self._owned)
+        if not members:
+            await self._redis.ping()  # health counts for claiming, with or without leases
+            return
+        missing = await self._renew(keys=[self.key], args=[self.deadline(), *members])
+        for raw in missing or ():
+            member = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if member in self._owned:  # not released meanwhile: another replica claimed it
+                self._owned.discard(member)
+                log.warning("%s: lease on %s was claimed by another replica", self._name, member)
+                if self._on_revoked is not None:
+                    self._on_revoked(member)
+
+    async def _claim_lost(self) -> None:
+        cutoff = time.time() - self.grace_s
+        lost = await self._redis.zrangebyscore(
+            self.key, "-inf", f"({cutoff}", start=0, num=self._claim_batch
+        )
+        for raw in lost:
+            member = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if member in self._owned or member in self._recovering:
+                continue
+            if not await self._claim(keys=[self.key], args=[member, cutoff, self.deadline()]):
+                continue  # renewed meanwhile, or another replica was first
+            self._owned.add(member)
+            self._recovering[member] = asyncio.create_task(
+                self._recover(member), name=f"{self._name}-recover"
+            )
+
+    async def _recover(self, member: str) -> None:
+        try:
+            async with asyncio.timeout(self._recover_timeout_s):
+                done = await self._on_lost(member)
+        except asyncio.CancelledError:
+            self._owned.discard(member)
+            raise
+        except Exception:
+            log.exception(
+                "%s: could not recover %s; retried once its lease expires again", self._name, member
+            )
+            self._owned.discard(member)
+            return
+        finally:
+            self._recovering.pop(member, None)
+        if done:
+            try:
+                await self.release(member)
+            except Exception as exc:  # it expires and is recovered again: recovery is idempotent
+                log.warning("%s: could not release %s: %r", self._name, member, exc)
