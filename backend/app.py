@@ -199,6 +199,7 @@ async def build_services(
         metrics=state.metrics,
     )
     await runs.start()
+    knowledge.start()  # renews job leases, takes over the jobs of replicas that died
     return Services(
         auth=auth,
         conversations=conversations,

@@ -517,6 +517,7 @@ def ingest(
                 settings=settings.knowledge,
                 read_image=vision.read_text if settings.vision.enabled else None,
             )
+            service.start(take_over=False)  # renews its own jobs' leases; others' are not its
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
             try:
                 with Progress(*columns, console=err) as progress:

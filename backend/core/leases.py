@@ -88,10 +88,14 @@ class Leases:
         self._recovering: dict[str, asyncio.Task[None]] = {}
         self._healthy_since: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._claiming = True
 
     # -- lifecycle (owned by the service that owns the work) -----------------------------------
 
-    def start(self) -> None:
+    def start(self, *, claim: bool = True) -> None:
+        """Starts the upkeep: renewing this replica's leases and (with `claim`) claiming lost
+        ones. A one-off process (a CLI command) renews its own and claims none."""
+        self._claiming = claim
         self._task = asyncio.create_task(self._keep(), name=f"{self._name}-keeper")
 
     async def close(self, grace_s: float = 5.0) -> None:
@@ -166,7 +170,7 @@ class Leases:
         now = time.monotonic()
         if self._healthy_since is None:
             self._healthy_since = now
-        if now - self._healthy_since < self.grace_s:
+        if not self._claiming or now - self._healthy_since < self.grace_s:
             return
         try:
             await self._claim_lost()
