@@ -165,8 +165,7 @@ async def test_a_lost_run_keeps_its_partial_answer_and_frees_its_user(
     sent = await gql(
         server,
         token,
-        "mutation($c: ID!) { sendMessage(conversationId: $c, content: \"and then\") "
-        "{ run { id } } }",
+        'mutation($c: ID!) { sendMessage(conversationId: $c, content: "and then") { run { id } } }',
         c=str(conversation),
     )
     assert "errors" not in sent, sent

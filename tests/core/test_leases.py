@@ -115,9 +115,7 @@ async def test_an_owner_taken_for_dead_hears_that_its_lease_was_claimed(
     assert not owner.owns("t:run:u")
 
 
-async def test_liveness_counts_a_late_lease_within_the_grace(
-    redis: Redis, key_prefix: str
-) -> None:
+async def test_liveness_counts_a_late_lease_within_the_grace(redis: Redis, key_prefix: str) -> None:
     table = leases(redis, key_prefix, Recorder(), "t")
     now = time.time()
     await redis.zadd(
