@@ -216,4 +216,3 @@ def document_text(paragraphs: int = 40) -> str:
         f"Section {i}. " + " ".join(f"{words[(i + j) % 8]}{i}x{j}" for j in range(150))
         for i in range(paragraphs)
     )
-

@@ -229,9 +229,10 @@ class AppServer:
             self.process.kill()
             await asyncio.to_thread(self.process.wait, PATIENCE_S)
 
-    def log(self) -> str:
+    def log(self, tail: int | None = 6000) -> str:
         path = self.directory / "server.log"
-        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text[-tail:] if tail else text
 
 
 def server_environment(
