@@ -143,6 +143,8 @@ class RunService:
             on_lost=self._recover_lost,
             on_revoked=self._lease_revoked,
             recover_timeout_s=3 * settings.outage_retry_s + 60,
+            find_unleased=self._unleased,
+            scan_every_s=20 * settings.run_lease_s,
             name="runs",
         )
         self._background: list[asyncio.Task[None]] = []
@@ -688,6 +690,12 @@ class RunService:
             await self._retrying(lambda: self._redis.srem(active_key, run_key), "leaving")
         log.warning("run %s recovered after its replica was lost", run_key)
         return True
+
+    async def _unleased(self) -> list[str]:
+        """Unfinished runs untouched for a lease and its grace (lease recovery keeps those that
+        have no lease at all: Redis lost their owner's, or they predate leases)."""
+        idle = self._settings.run_lease_s + self._settings.run_lost_grace_s
+        return [_member(t, r, u) for t, r, u in await self._db.unfinished("run", idle)]
 
     async def _streamed(self, run_key: str) -> tuple[str, int]:
         """The answer a run streamed (its token events, in order) and how many pieces."""

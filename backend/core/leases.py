@@ -12,7 +12,14 @@ socket timeout (the longest a renewal can take), and above the clock skew betwee
 
 A claim hands the lease over instead of deleting it: the claimer's deadline replaces the old
 one and the claimer renews it while it recovers, so if the claimer dies too, the lease expires
-again and a third replica recovers the work. Recovery must therefore be idempotent.
+again and a third replica recovers the work. Recovery must therefore be idempotent. An owner
+tells a claim from its own renewal by the deadline: it renews only a lease that still holds a
+deadline it wrote; one that holds another was claimed (the owner was taken for dead and must
+stop). A lease that is gone altogether (Redis lost its data) is written again by its owner.
+
+Work whose lease is gone with its owner (Redis lost its data, or it predates leases) is found
+by `find_unleased` (the service's own query, run every `scan_every_s`): each is given an expired
+lease, which the next round claims like any other.
 """
 
 from __future__ import annotations
@@ -27,18 +34,33 @@ from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 
-# KEYS: the lease set. ARGV: the new deadline, then the members. Renews those still there and
-# returns the others (another replica claimed them: this one was taken for dead).
+# KEYS: the lease set. ARGV: the new deadline, then for each member: the member, how many
+# deadlines the caller may have written last (more than one after a renewal whose reply was
+# lost), those deadlines. Renews the leases that hold one of them; writes again those that are
+# gone; returns {claimed by another replica, written again}.
 _RENEW = """
-local missing = {}
-for i = 2, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
-  else
-    table.insert(missing, ARGV[i])
+local claimed, restored = {}, {}
+local i = 2
+while i <= #ARGV do
+  local member, count = ARGV[i], tonumber(ARGV[i + 1])
+  local score = redis.call('ZSCORE', KEYS[1], member)
+  local mine = false
+  if score then
+    for j = 1, count do
+      if tonumber(score) == tonumber(ARGV[i + 1 + j]) then mine = true end
+    end
   end
+  if not score then
+    redis.call('ZADD', KEYS[1], ARGV[1], member)
+    table.insert(restored, member)
+  elseif mine then
+    redis.call('ZADD', KEYS[1], ARGV[1], member)
+  else
+    table.insert(claimed, member)
+  end
+  i = i + 2 + count
 end
-return missing
+return {claimed, restored}
 """
 
 # ARGV: member, cutoff, new deadline. Hands the lease to the caller when it is still lost.
@@ -50,6 +72,8 @@ if score and tonumber(score) < tonumber(ARGV[2]) then
 end
 return 0
 """
+
+MAX_UNCERTAIN = 8  # deadlines remembered per lease while renewals fail (see _RENEW)
 
 # Called with a claimed member: True when the work is recovered (the lease is released), False
 # when the handler adopted the work (it releases the lease when the work ends). An exception
@@ -71,6 +95,8 @@ class Leases:
         on_revoked: Callable[[str], None] | None = None,
         recover_timeout_s: float = 120.0,
         claim_batch: int = 100,
+        find_unleased: Callable[[], Awaitable[list[str]]] | None = None,
+        scan_every_s: float = 300.0,
         name: str = "leases",
     ) -> None:
         self._redis = redis
@@ -84,7 +110,12 @@ class Leases:
         self._name = name
         self._renew = redis.register_script(_RENEW)
         self._claim = redis.register_script(_CLAIM)
-        self._owned: set[str] = set()
+        self._find_unleased = find_unleased
+        self._scan_every_s = scan_every_s
+        self._next_scan = 0.0
+        # member -> the deadlines this replica may have written last (the last renewal's reply
+        # can be lost: then any of them may be in Redis)
+        self._owned: dict[str, tuple[float, ...]] = {}
         self._recovering: dict[str, asyncio.Task[None]] = {}
         self._healthy_since: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -117,18 +148,19 @@ class Leases:
         return time.time() + self.lease_s
 
     async def acquire(self, member: str) -> None:
-        await self._redis.zadd(self.key, {member: self.deadline()})
-        self._owned.add(member)  # only once it is in Redis: a renewal must find it there
+        deadline = self.deadline()
+        await self._redis.zadd(self.key, {member: deadline})
+        self._owned[member] = (deadline,)  # only once it is in Redis
 
     async def release(self, member: str) -> None:
-        """The work ended: the lease goes (renewals stop first, so none sees it missing)."""
-        self._owned.discard(member)
+        """The work ended: the lease goes (renewals stop first)."""
+        self._owned.pop(member, None)
         await self._redis.zrem(self.key, member)
 
     def abandon(self, member: str) -> None:
         """Stops renewing without releasing: the lease expires and the work is recovered
         (here or on another replica). For work whose end could not be recorded."""
-        self._owned.discard(member)
+        self._owned.pop(member, None)
 
     def owns(self, member: str) -> bool:
         return member in self._owned
@@ -173,24 +205,64 @@ class Leases:
         if not self._claiming or now - self._healthy_since < self.grace_s:
             return
         try:
+            if self._find_unleased is not None and now >= self._next_scan:
+                self._next_scan = now + self._scan_every_s
+                await self._lease_the_unleased(self._find_unleased)
             await self._claim_lost()
         except Exception as exc:
             log.warning("%s: cannot look for lost leases: %r", self._name, exc)
             self._healthy_since = None
 
     async def _renew_owned(self) -> None:
-        members = list(self._owned)
-        if not members:
+        owned = dict(self._owned)
+        if not owned:
             await self._redis.ping()  # health counts for claiming, with or without leases
             return
-        missing = await self._renew(keys=[self.key], args=[self.deadline(), *members])
-        for raw in missing or ():
-            member = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if member in self._owned:  # not released meanwhile: another replica claimed it
-                self._owned.discard(member)
-                log.warning("%s: lease on %s was claimed by another replica", self._name, member)
+        deadline = self.deadline()
+        args: list[str | float] = [deadline]
+        for member, written in owned.items():
+            args += [member, len(written), *written]
+        try:
+            claimed, restored = await self._renew(keys=[self.key], args=args)
+        except BaseException:
+            for member, written in owned.items():  # the renewal may have been applied
+                if member in self._owned:
+                    self._owned[member] = (*written, deadline)[-MAX_UNCERTAIN:]
+            raise
+        self._renewed(owned, deadline, {_text(raw) for raw in claimed or ()}, restored)
+
+    def _renewed(
+        self,
+        owned: dict[str, tuple[float, ...]],
+        deadline: float,
+        claimed: set[str],
+        restored: list[bytes | str] | None,
+    ) -> None:
+        for member in owned:
+            if member in self._owned and member not in claimed:
+                self._owned[member] = (deadline,)
+        for member in claimed:
+            if self._owned.pop(member, None) is not None:
+                log.warning("%s: %s was claimed by another replica", self._name, member)
                 if self._on_revoked is not None:
                     self._on_revoked(member)
+        for member in map(_text, restored or ()):
+            # (one released or abandoned while this renewal was on its way is back too: it is
+            # claimed once it expires, and recovery finds its work ended: idempotent)
+            log.warning(
+                "%s: lease on %s was gone (Redis lost data?); written again", self._name, member
+            )
+
+    async def _lease_the_unleased(self, find: Callable[[], Awaitable[list[str]]]) -> None:
+        """Gives work with no lease at all an expired one, so that it is claimed."""
+        members = await find()
+        if not members:
+            return
+        scores = await self._redis.zmscore(self.key, members)
+        unleased = [m for m, score in zip(members, scores, strict=True) if score is None]
+        if unleased:
+            added = await self._redis.zadd(self.key, dict.fromkeys(unleased, 0), nx=True)
+            log.warning("%s: %d unfinished with no lease; recovering them", self._name, added)
 
     async def _claim_lost(self) -> None:
         cutoff = time.time() - self.grace_s
@@ -201,9 +273,10 @@ class Leases:
             member = raw.decode() if isinstance(raw, bytes) else str(raw)
             if member in self._owned or member in self._recovering:
                 continue
-            if not await self._claim(keys=[self.key], args=[member, cutoff, self.deadline()]):
+            deadline = self.deadline()
+            if not await self._claim(keys=[self.key], args=[member, cutoff, deadline]):
                 continue  # renewed meanwhile, or another replica was first
-            self._owned.add(member)
+            self._owned[member] = (deadline,)
             self._recovering[member] = asyncio.create_task(
                 self._recover(member), name=f"{self._name}-recover"
             )
@@ -213,13 +286,13 @@ class Leases:
             async with asyncio.timeout(self._recover_timeout_s):
                 done = await self._on_lost(member)
         except asyncio.CancelledError:
-            self._owned.discard(member)
+            self._owned.pop(member, None)
             raise
         except Exception:
             log.exception(
                 "%s: could not recover %s; retried once its lease expires again", self._name, member
             )
-            self._owned.discard(member)
+            self._owned.pop(member, None)
             return
         finally:
             self._recovering.pop(member, None)
@@ -228,3 +301,7 @@ class Leases:
                 await self.release(member)
             except Exception as exc:  # it expires and is recovered again: recovery is idempotent
                 log.warning("%s: could not release %s: %r", self._name, member, exc)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -105,8 +105,8 @@ class _Job:
     upload: _Upload
 
     @property
-    def member(self) -> str:  # its entry in the lease set: all that recovery starts from
-        return f"{self.tenant_id}:{self.id}:{self.created_by or ''}"
+    def member(self) -> str:
+        return _member(self.tenant_id, self.id, self.created_by)
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,8 @@ class KnowledgeService:
             on_lost=self._recover_lost,
             on_revoked=self._lease_revoked,
             recover_timeout_s=3 * settings.outage_retry_s + 60,
+            find_unleased=self._unleased,
+            scan_every_s=20 * settings.job_lease_s,
             name="ingestion",
         )
         self._closing = False
@@ -529,6 +531,13 @@ class KnowledgeService:
             task = self._jobs.get(uuid.UUID(member.split(":")[1]))
             if task is not None and not task.done():
                 task.cancel("the job was taken over")
+
+    async def _unleased(self) -> list[str]:
+        """Unfinished jobs untouched for a lease and its grace (lease recovery keeps those that
+        have no lease at all: Redis lost their owner's, or they predate job leases)."""
+        idle = self._settings.job_lease_s + self._settings.job_lost_grace_s
+        rows = await self._db.unfinished("ingestion", idle)
+        return [_member(tenant, job, user) for tenant, job, user in rows]
 
     async def _recover_lost(self, member: str) -> bool:
         """A job whose replica stopped renewing its lease: resumed here from its stored upload
@@ -974,6 +983,11 @@ def _vector_literal(vector: list[float]) -> str:
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+def _member(tenant_id: uuid.UUID, job_id: uuid.UUID, user_id: uuid.UUID | None) -> str:
+    """A job's entry in the lease set: all that its recovery starts from."""
+    return f"{tenant_id}:{job_id}:{user_id or ''}"
 
 
 async def _close_job(session: AsyncSession, job_id: uuid.UUID, result: dict[str, Any]) -> None:

@@ -109,10 +109,59 @@ async def test_an_owner_taken_for_dead_hears_that_its_lease_was_claimed(
     mine = Recorder()
     owner = leases(redis, key_prefix, mine, "owner")
     await owner.acquire("t:run:u")
-    await redis.zrem(key_prefix + "leases", "t:run:u")  # another replica claimed and ended it
+    await owner.tick()  # its own renewal is no claim
+    assert mine.revoked == []
+    # another replica claimed it (its own deadline replaced the owner's)
+    await redis.zadd(key_prefix + "leases", {"t:run:u": time.time() + 5})
     await owner.tick()
     assert mine.revoked == ["t:run:u"]
     assert not owner.owns("t:run:u")
+
+
+async def test_a_lease_redis_lost_is_written_again_by_its_owner(
+    redis: Redis, key_prefix: str
+) -> None:
+    mine = Recorder()
+    owner = leases(redis, key_prefix, mine, "owner")
+    await owner.acquire("t:run:u")
+    await redis.delete(key_prefix + "leases")  # Redis restarted without its data
+    await owner.tick()
+    assert mine.revoked == []
+    assert owner.owns("t:run:u")
+    assert await redis.zscore(key_prefix + "leases", "t:run:u") is not None
+
+
+async def test_work_with_no_lease_at_all_is_found_and_recovered(
+    redis: Redis, key_prefix: str
+) -> None:
+    """Work whose owner died with Redis's data (or that predates leases) has no lease: the
+    service's own query finds it, and it is recovered like any other."""
+    recorder = Recorder()
+    unfinished = ["t:forgotten:u", "t:leased:u"]
+
+    async def find_unleased() -> list[str]:
+        return unfinished
+
+    table = Leases(
+        redis,
+        key_prefix + "leases",
+        lease_s=LEASE_S,
+        grace_s=GRACE_S,
+        on_lost=recorder.on_lost,
+        find_unleased=find_unleased,
+        name="scan",
+    )
+    live = leases(redis, key_prefix, Recorder(), "live")
+    await live.acquire("t:leased:u")
+    live.start()
+    table.start()
+    try:
+        await eventually(lambda: recorder.lost, "the recovery")
+        await asyncio.sleep(2 * (LEASE_S + GRACE_S))
+    finally:
+        await table.close()
+        await live.close()
+    assert recorder.lost == ["t:forgotten:u"]
 
 
 async def test_liveness_counts_a_late_lease_within_the_grace(redis: Redis, key_prefix: str) -> None:

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from contextlib import aclosing
+from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 from sqlalchemy import func, select
@@ -150,3 +151,36 @@ async def test_a_job_that_ended_in_the_database_gets_its_last_event(
     assert result["last"]["status"] == "completed"
     assert [e.data.get("status") for e in result["events"]].count("resumed") == 0
     assert await redis.ttl(stream) > 0
+
+
+async def test_a_job_stuck_with_no_lease_at_all_is_ended(
+    database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
+) -> None:
+    """A job left RUNNING by a version without job leases (or whose lease Redis lost with its
+    owner) has nothing to claim: the replicas find it in the database and end it."""
+    principal = await new_principal(database)
+    long_ago = datetime.now(UTC) - timedelta(minutes=5)
+    async with database.session(principal.tenant_id) as session:
+        stuck = IngestionJob(
+            tenant_id=principal.tenant_id,
+            source="stuck.txt",
+            status=JobStatus.RUNNING.value,
+            created_at=long_ago,
+            updated_at=long_ago,
+        )
+        session.add(stuck)
+    service = knowledge(database, redis, key_prefix, embedder, **QUICK)
+    service.start()
+    try:
+        async with asyncio.timeout(PATIENCE_S):
+            while (await row_and_upload(database, principal.tenant_id, stuck.id))[0].status == (
+                JobStatus.RUNNING.value
+            ):
+                await asyncio.sleep(0.1)
+            result = await finished(service, principal, stuck.id)
+    finally:
+        await service.close(5)
+    row, _, _ = await row_and_upload(database, principal.tenant_id, stuck.id)
+    assert (row.status, row.error_code) == (JobStatus.FAILED.value, "WORKER_LOST")
+    assert result["types"] == ["IngestionFailed"]
+    assert result["last"]["code"] == "WORKER_LOST"
