@@ -479,7 +479,8 @@ class RunService:
                 ),
                 f"recording the end of run {run.id}",
             )
-            if message_id is not _ENDED_ELSEWHERE:
+            ended_here = message_id is not _ENDED_ELSEWHERE
+            if ended_here:
                 body = {
                     "messageId": str(message_id) if message_id else None,
                     "usage": {
@@ -500,6 +501,8 @@ class RunService:
                     run_key, kind, body, within_s=self._settings.outage_retry_s
                 )
             recorded = True
+            if not ended_here:  # the lease is the claimer's now (or gone): not this replica's
+                self._leases.abandon(member)
         except Exception:
             log.exception("could not record the end of run %s; left to recovery", run.id)
         finally:
@@ -556,14 +559,15 @@ class RunService:
         return message_id
 
     async def _leave(self, member: str, active_key: str, run_key: str, recorded: bool) -> None:
-        """The run leaves its user's active runs, then its lease goes; what cannot be done now
-        is left to recovery (the lease stays until then)."""
+        """The run leaves its user's active runs, then its lease goes (if still this
+        replica's); what cannot be done now is left to recovery (the lease stays until then)."""
         if not recorded:
             self._leases.abandon(member)
             return
         try:
             await self._retrying(lambda: self._redis.srem(active_key, run_key), "leaving")
-            await self._retrying(lambda: self._leases.release(member), "releasing a lease")
+            if self._leases.owns(member):
+                await self._retrying(lambda: self._leases.release(member), "releasing a lease")
         except Exception as exc:
             self._leases.abandon(member)
             log.warning("run %s: cleanup left to recovery: %r", run_key, exc)

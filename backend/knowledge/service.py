@@ -322,7 +322,10 @@ class KnowledgeService:
                 await self.events.append_retrying(
                     str(job.id), kind, body, within_s=self._settings.outage_retry_s
                 )
-            await self._retrying(lambda: self._leases.release(job.member), "releasing a lease")
+            if ended and self._leases.owns(job.member):
+                await self._retrying(lambda: self._leases.release(job.member), "releasing a lease")
+            else:  # ended elsewhere: the lease is the replica's that took the job over
+                self._leases.abandon(job.member)
         except Exception as exc:
             log.warning("job %s: its end is left to recovery: %r", job.id, exc)
             self._leases.abandon(job.member)

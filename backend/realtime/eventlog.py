@@ -365,7 +365,12 @@ class RunEventLog:
                         subscriber.queue.get(), self._block_ms * 6 / 1000
                     )
                 except TimeoutError:
-                    if not await self._redis.exists(key):  # expired while we waited
+                    try:
+                        gone = not await self._redis.exists(key)  # expired while we waited?
+                    except (RedisError, OSError) as exc:  # Redis down: the tail waits it out
+                        log.warning("run events %s: %r; still waiting", run_id, exc)
+                        continue
+                    if gone:
                         raise EventsExpired("this run's events are no longer kept") from None
                     continue
                 while not subscriber.queue.empty():  # a slow reader takes all that waits
