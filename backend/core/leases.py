@@ -73,7 +73,7 @@ end
 return 0
 """
 
-MAX_UNCERTAIN = 8  # deadlines remembered per lease while renewals fail (see _RENEW)
+MAX_UNCERTAIN = 64  # deadlines remembered per lease while renewals fail (see _RENEW)
 
 # Called with a claimed member: True when the work is recovered (the lease is released), False
 # when the handler adopted the work (it releases the lease when the work ends). An exception
@@ -227,7 +227,7 @@ class Leases:
         except BaseException:
             for member, written in owned.items():  # the renewal may have been applied
                 if member in self._owned:
-                    self._owned[member] = (*written, deadline)[-MAX_UNCERTAIN:]
+                    self._owned[member] = _uncertain(written, deadline)
             raise
         self._renewed(owned, deadline, {_text(raw) for raw in claimed or ()}, restored)
 
@@ -305,3 +305,13 @@ class Leases:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _uncertain(written: tuple[float, ...], attempted: float) -> tuple[float, ...]:
+    """The deadlines a lease may hold after a renewal that failed: the last one confirmed
+    (first), and those attempted since (the earliest and the latest, when too many)."""
+    confirmed, attempts = written[0], [*written[1:], attempted]
+    if len(attempts) > MAX_UNCERTAIN:
+        half = MAX_UNCERTAIN // 2
+        attempts = attempts[:half] + attempts[-half:]
+    return (confirmed, *attempts)
