@@ -37,7 +37,7 @@ from backend.auth.principal import Principal
 from backend.config import ChatSettings
 from backend.conversations.service import ConversationService
 from backend.core.db import Database
-from backend.core.leases import Leases
+from backend.core.leases import Leases, Work
 from backend.core.metrics import Metrics
 from backend.core.models import Conversation, Message, MessageRole, Run, RunStatus
 from backend.core.redis import KeySpace
@@ -208,7 +208,7 @@ class RunService:
         ):
             raise RunInProgress("too many runs going at once; wait for one to finish")
         run_id = uuid.uuid4()
-        member = _member(principal.tenant_id, run_id, principal.user_id)
+        member = Work(principal.tenant_id, run_id, principal.user_id).member
         # The lease first: should this replica die from here on, whoever claims the lease finds
         # what there is of the run (its reservation, its row) and cleans up.
         await self._leases.acquire(member)
@@ -305,9 +305,7 @@ class RunService:
         runs = [_text(r) for r in await self._redis.smembers(active_key)]
         if len(runs) < self._settings.max_active_runs_per_user:
             return len(runs)
-        live = await self._leases.live(
-            [_member(principal.tenant_id, r, principal.user_id) for r in runs]
-        )
+        live = await self._leases.live([_lease_of(principal, r) for r in runs])
         stale = [r for r, ok in zip(runs, live, strict=True) if not ok]
         if stale:
             log.warning("dropping %d stale active runs of user %s", len(stale), principal.user_id)
@@ -605,7 +603,7 @@ class RunService:
     # -- cancellation and leases ------------------------------------------------------------
 
     def _member(self, run: Run) -> str:
-        return _member(run.tenant_id, run.id, run.user_id)
+        return Work(run.tenant_id, run.id, run.user_id).member
 
     async def _listen_for_cancels(self) -> None:
         """Cancels the runs this replica owns when any replica publishes their id.
@@ -653,8 +651,8 @@ class RunService:
 
     def _lease_revoked(self, member: str) -> None:
         """Another replica took this one for dead and failed the run: stop working on it."""
-        with contextlib.suppress(ValueError, IndexError):
-            task = self._tasks.get(uuid.UUID(member.split(":")[1]))
+        with contextlib.suppress(ValueError):
+            task = self._tasks.get(Work.of(member).id)
             if task is not None and not task.done():
                 task.cancel("the run was taken over as lost")
 
@@ -664,9 +662,9 @@ class RunService:
         the partial answer rebuilt from the event log (or as COMPLETED when the whole answer
         was stored already), settles the reservation, makes sure the log ends with the
         matching terminal event, and takes the run out of its user's active runs."""
-        tenant, run_key, user = member.split(":")
-        tenant_id, run_id = uuid.UUID(tenant), uuid.UUID(run_key)
-        user_id = uuid.UUID(user) if user else None
+        work = Work.of(member)
+        tenant_id, run_id, user_id = work.tenant_id, work.id, work.user_id
+        run_key = str(run_id)
         text, tokens = await self._retrying(lambda: self._streamed(run_key), "reading a log")
         reservation = await self._retrying(
             lambda: self._budgets.recover(
@@ -699,7 +697,7 @@ class RunService:
         """Unfinished runs untouched for a lease and its grace (lease recovery keeps those that
         have no lease at all: Redis lost their owner's, or they predate leases)."""
         idle = self._settings.run_lease_s + self._settings.run_lost_grace_s
-        return [_member(t, r, u) for t, r, u in await self._db.unfinished("run", idle)]
+        return [Work(*row).member for row in await self._db.unfinished("run", idle)]
 
     async def _streamed(self, run_key: str) -> tuple[str, int]:
         """The answer a run streamed (its token events, in order) and how many pieces."""
@@ -771,9 +769,12 @@ class RunService:
             return Decimal(0)
 
 
-def _member(tenant_id: uuid.UUID | str, run_id: uuid.UUID | str, user_id: uuid.UUID | None) -> str:
-    """A run's entry in the lease set: what recovery needs without reading the database."""
-    return f"{tenant_id}:{run_id}:{user_id or ''}"
+def _lease_of(principal: Principal, run_key: str) -> str:
+    """The lease member of one of the user's runs ("" for an entry that is no run id)."""
+    try:
+        return Work(principal.tenant_id, uuid.UUID(run_key), principal.user_id).member
+    except ValueError:
+        return ""
 
 
 def _text(value: bytes | str) -> str:

@@ -28,7 +28,9 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
@@ -72,6 +74,26 @@ if score and tonumber(score) < tonumber(ARGV[2]) then
 end
 return 0
 """
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a lease is on: the tenant, the work's id, its user; its member in the lease set
+    is all that recovery starts from (written "tenant:id:user")."""
+
+    tenant_id: uuid.UUID
+    id: uuid.UUID
+    user_id: uuid.UUID | None = None
+
+    @property
+    def member(self) -> str:
+        return f"{self.tenant_id}:{self.id}:{self.user_id or ''}"
+
+    @classmethod
+    def of(cls, member: str) -> Work:
+        tenant, ident, user = member.split(":")
+        return cls(uuid.UUID(tenant), uuid.UUID(ident), uuid.UUID(user) if user else None)
+
 
 MAX_UNCERTAIN = 64  # deadlines remembered per lease while renewals fail (see _RENEW)
 

@@ -43,7 +43,7 @@ from backend.auth.principal import Principal
 from backend.config import KnowledgeSettings
 from backend.core import pagination
 from backend.core.db import Database
-from backend.core.leases import Leases
+from backend.core.leases import Leases, Work
 from backend.core.models import Chunk, Document, IngestionJob, IngestionUpload, JobStatus
 from backend.core.redis import KeySpace
 from backend.core.retry import is_transient, retrying
@@ -106,7 +106,7 @@ class _Job:
 
     @property
     def member(self) -> str:
-        return _member(self.tenant_id, self.id, self.created_by)
+        return Work(self.tenant_id, self.id, self.created_by).member
 
 
 @dataclass(frozen=True)
@@ -530,8 +530,8 @@ class KnowledgeService:
 
     def _lease_revoked(self, member: str) -> None:
         """Another replica took this one for dead and took the job over: stop it here."""
-        with contextlib.suppress(ValueError, IndexError):
-            task = self._jobs.get(uuid.UUID(member.split(":")[1]))
+        with contextlib.suppress(ValueError):
+            task = self._jobs.get(Work.of(member).id)
             if task is not None and not task.done():
                 task.cancel("the job was taken over")
 
@@ -540,14 +540,14 @@ class KnowledgeService:
         have no lease at all: Redis lost their owner's, or they predate job leases)."""
         idle = self._settings.job_lease_s + self._settings.job_lost_grace_s
         rows = await self._db.unfinished("ingestion", idle)
-        return [_member(tenant, job, user) for tenant, job, user in rows]
+        return [Work(*row).member for row in rows]
 
     async def _recover_lost(self, member: str) -> bool:
         """A job whose replica stopped renewing its lease: resumed here from its stored upload
         (up to `job_max_attempts` starts), else failed with WORKER_LOST; a job that had ended
         gets the terminal event its row calls for, if its stream lacks one. Idempotent."""
-        tenant, job_key, _ = member.split(":")
-        tenant_id, job_id = uuid.UUID(tenant), uuid.UUID(job_key)
+        work = Work.of(member)
+        tenant_id, job_id, job_key = work.tenant_id, work.id, str(work.id)
         if self._closing:
             self._leases.abandon(member)  # for another replica, or this one restarted
             return False
@@ -986,11 +986,6 @@ def _vector_literal(vector: list[float]) -> str:
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
-
-
-def _member(tenant_id: uuid.UUID, job_id: uuid.UUID, user_id: uuid.UUID | None) -> str:
-    """A job's entry in the lease set: all that its recovery starts from."""
-    return f"{tenant_id}:{job_id}:{user_id or ''}"
 
 
 async def _close_job(session: AsyncSession, job_id: uuid.UUID, result: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from pathlib import Path
@@ -14,19 +15,39 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
+from sqlalchemy import func, select
 
 from backend.auth.passwords import hash_password
 from backend.config import DatabaseSettings
 from backend.core.db import Database
-from backend.core.models import Tenant, User, UserRole
+from backend.core.models import (
+    Chunk,
+    Document,
+    IngestionJob,
+    IngestionUpload,
+    Message,
+    MessageRole,
+    Run,
+    Tenant,
+    User,
+    UserRole,
+)
 from backend.core.redis import KeySpace
 from backend.realtime.eventlog import RunEvent, RunEventLog
 from tests.conftest import serve_asgi
-from tests.faults.servers import PATIENCE_S, PrivatePostgres, PrivateRedis, Stubs
+from tests.faults.servers import (
+    PATIENCE_S,
+    AppServer,
+    PrivatePostgres,
+    PrivateRedis,
+    Stubs,
+    server_environment,
+)
 from tests.graphql.ws import init, open_socket, receive, subscribe
 
 PASSWORD = "a good long password"
 KEY_PREFIX = "faults:"
+ANSWER_TOKENS = 60
 
 
 @pytest.fixture(scope="package")
@@ -70,6 +91,18 @@ async def stubs() -> AsyncIterator[tuple[Stubs, str]]:
     stub = Stubs()
     async with serve_asgi(stub.app) as port:
         yield stub, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def environment(
+    postgres: PrivatePostgres, private_redis: PrivateRedis, stubs: tuple[Stubs, str]
+) -> dict[str, str]:
+    """The servers' settings; answers of ANSWER_TOKENS words at 10 a second, and embedding
+    calls slow enough (0.25 s) that a job is under way for seconds."""
+    stub, url = stubs
+    stub.llm.answer_tokens = ANSWER_TOKENS
+    stub.embedding_delay_s = 0.25
+    return server_environment(database_url=postgres.url, redis_url=private_redis.url, stubs_url=url)
 
 
 @pytest.fixture
@@ -216,3 +249,65 @@ def document_text(paragraphs: int = 40) -> str:
         f"Section {i}. " + " ".join(f"{words[(i + j) % 8]}{i}x{j}" for j in range(150))
         for i in range(paragraphs)
     )
+
+
+async def start_work(
+    server: AppServer, reader: AppServer, redis: Redis, account: dict[str, Any]
+) -> tuple[str, str, str, RunWatcher]:
+    """Starts an answer and an ingestion on `server`, with a client reading the answer
+    through `reader`; returns (conversation, run, job, the client) once both are under way."""
+    token = await sign_in(server.http_url, account)
+    conversation, run_id = await send_message(server.http_url, token, "tell me a long story")
+    job_id = await ingest(server.http_url, token, document_text(20), f"{uuid.uuid4()}.txt")
+    watcher = RunWatcher(reader.ws_url, token, run_id)
+    await until(lambda: watcher.tokens() >= 5, "part of the answer streamed")
+
+    async def embedding() -> bool:
+        last = await job_log(redis).last(job_id)
+        return last is not None and last.data.get("done", 0) > 0
+
+    await until(embedding, "part of the document embedded")
+    return conversation, run_id, job_id, watcher
+
+
+async def assert_job_whole(
+    database: Database, redis: Redis, account: dict[str, Any], job_id: str
+) -> list[RunEvent]:
+    """The job ended with its whole document, in its row and in its stream; returns the
+    stream's events."""
+    events = await events_of(job_log(redis), job_id)
+    assert events[-1].type == "IngestionCompleted", [(e.type, e.data) for e in events[-3:]]
+    async with database.session(account["tenant_id"]) as session:
+        job = await session.get(IngestionJob, uuid.UUID(job_id))
+        assert job is not None
+        assert (job.status, job.error_code) == ("completed", None)
+        assert job.done == job.total > 0
+        assert await session.get(IngestionUpload, job.id) is None  # dropped with the job's end
+        document = await session.get(Document, job.document_id)
+        assert document is not None
+        chunks = await session.scalar(
+            select(func.count()).select_from(Chunk).where(Chunk.document_id == document.id)
+        )
+        assert document.chunk_count == chunks == job.total  # whole, never half-written
+    return events
+
+
+async def stored_answer(
+    database: Database, account: dict[str, Any], run_id: str
+) -> tuple[Run, Message]:
+    async with database.session(account["tenant_id"]) as session:
+        run = await session.get(Run, uuid.UUID(run_id))
+        assert run is not None
+        answer = await session.scalar(
+            select(Message).where(Message.run_id == run.id, Message.role == MessageRole.ASSISTANT)
+        )
+        assert answer is not None, "the answer was lost"
+    return run, answer
+
+
+async def chat_again(server: AppServer, account: dict[str, Any], conversation: str) -> None:
+    """The user is not locked out (one active run allowed): the conversation goes on."""
+    token = await sign_in(server.http_url, account)
+    _, run_id = await send_message(server.http_url, token, "and then", conversation)
+    last = await RunWatcher(server.ws_url, token, run_id).ended()
+    assert last["__typename"] == "RunCompleted", last

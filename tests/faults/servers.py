@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from backend.core.embedded import EmbeddedPostgres
+from backend.core.embedded import EmbeddedPostgres, local_redis_answers
 from tests.conftest import free_port
 from tests.llm_stub import LLMStub
 
@@ -103,7 +105,7 @@ class PrivateRedis:
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + PATIENCE_S
-        while not _redis_answers(self.port):
+        while not local_redis_answers(port=self.port):
             assert self.process.poll() is None, (self.directory / "redis.log").read_text()
             assert time.monotonic() < deadline, "the private Redis did not start"
             time.sleep(0.05)
@@ -114,17 +116,6 @@ class PrivateRedis:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(PATIENCE_S)
         self.process = None
-
-
-def _redis_answers(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 @dataclass
@@ -263,3 +254,20 @@ def server_environment(
     }
     environment.update({f"SIGHTLINE_{k.upper()}": str(v) for k, v in extra.items()})
     return environment
+
+
+@asynccontextmanager
+async def serving(*servers: AppServer) -> AsyncIterator[None]:
+    """Starts the servers and waits until they are ready; stops them at the end (those still
+    running). When the block fails, their logs are printed (pytest shows them)."""
+    for server in servers:
+        server.start()
+    try:
+        await asyncio.gather(*(server.ready() for server in servers))
+        yield
+    except BaseException:
+        for server in servers:
+            print(f"-- {server.directory.name}:", server.log(), sep="\n")
+        raise
+    finally:
+        await asyncio.gather(*(server.stop() for server in servers))

@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.faults.conftest import events_of, ingest, job_log, sign_in, until
-from tests.faults.servers import AppServer, PrivatePostgres, PrivateRedis, Stubs, server_environment
+from tests.faults.servers import AppServer, serving
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -29,27 +29,20 @@ def alive(process: psutil.Process) -> bool:
 )
 async def test_a_killed_server_leaves_no_process_behind(
     tmp_path: Path,
-    postgres: PrivatePostgres,
-    private_redis: PrivateRedis,
+    environment: dict[str, str],
     redis: Redis,
-    stubs: tuple[Stubs, str],
     account: dict[str, Any],
     workers: int,
     vision: bool,
 ) -> None:
-    _, stubs_url = stubs
-    environment = server_environment(
-        database_url=postgres.url,
-        redis_url=private_redis.url,
-        stubs_url=stubs_url,
-        vision_enabled=str(vision).lower(),  # the inference pool's worker process
-    )
+    environment = {
+        **environment,
+        "SIGHTLINE_VISION_ENABLED": str(vision).lower(),  # the inference pool's worker process
+    }
     del environment["SIGHTLINE_KNOWLEDGE_EMBEDDING_BASE_URL"]  # the local embedding worker
     del environment["SIGHTLINE_KNOWLEDGE_EMBEDDING_MODEL"]
     server = AppServer(tmp_path / "server", environment, workers=workers)
-    server.start()
-    try:
-        await server.ready()
+    async with serving(server):
         token = await sign_in(server.http_url, account)
         job_id = await ingest(server.http_url, token, "Orphans are processes.", "orphans.txt")
         events = await events_of(job_log(redis), job_id)  # the embedding worker did the job
@@ -59,8 +52,3 @@ async def test_a_killed_server_leaves_no_process_behind(
         assert any("spawn_main" in n for n in names), names  # the workers are there
         await server.kill()
         await until(lambda: not any(alive(c) for c in children), "every child to end")
-    except BaseException:
-        print("server:", server.log(), sep="\n")
-        raise
-    finally:
-        await server.stop()

@@ -15,11 +15,13 @@ from datetime import UTC, datetime, timedelta
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
+from backend.auth.principal import Principal
 from backend.core.db import Database
 from backend.core.models import Chunk, Document, IngestionJob, IngestionUpload, JobStatus
 from backend.core.redis import KeySpace
 from backend.knowledge.embeddings import LocalEmbedder
 from backend.knowledge.service import KnowledgeService
+from backend.realtime.eventlog import EventsExpired
 from tests.knowledge.test_service import MODEL_CARD, database, finished, knowledge, new_principal
 
 __all__ = ["database"]  # fixture
@@ -45,7 +47,7 @@ class StuckEmbedder:
         return None
 
 
-async def progress(service: KnowledgeService, principal, job_id: uuid.UUID) -> None:  # type: ignore[no-untyped-def]
+async def progress(service: KnowledgeService, principal: Principal, job_id: uuid.UUID) -> None:
     """Waits until the job has embedded something (it is mid-job)."""
     events = await service.job_events(principal, job_id, None)
     async with asyncio.timeout(PATIENCE_S), aclosing(events):  # type: ignore[type-var]
@@ -65,26 +67,51 @@ async def row_and_upload(
     return job, upload, int(chunks or 0)
 
 
-async def test_a_job_left_mid_embedding_is_finished_by_another_replica(
+async def left_mid_job(
     database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
-) -> None:
+) -> tuple[Principal, IngestionJob]:
+    """A job whose replica went away while it was embedding (its lease is not renewed)."""
     principal = await new_principal(database)
     first = knowledge(database, redis, key_prefix, StuckEmbedder(embedder), **QUICK)  # type: ignore[arg-type]
     job = await first.ingest(principal, MODEL_CARD.read_bytes(), filename="README.md")
     await progress(first, principal, job.id)
-    await first.close(0)  # the replica goes away mid-job (its lease is no longer renewed)
+    await first.close(0)
+    return principal, job
+
+
+async def taken_over(
+    database: Database,
+    redis: Redis,
+    key_prefix: str,
+    embedder: LocalEmbedder,
+    principal: Principal,
+    job_id: uuid.UUID,
+    **settings: object,
+) -> dict:
+    """The job as another replica ends it: its stream, read to the end."""
+    second = knowledge(database, redis, key_prefix, embedder, **{**QUICK, **settings})
+    second.start()
+    try:
+        async with asyncio.timeout(PATIENCE_S):
+            while True:
+                try:
+                    return await finished(second, principal, job_id)
+                except EventsExpired:  # no stream yet: the job has not been found yet
+                    await asyncio.sleep(0.1)
+    finally:
+        await second.close(5)
+
+
+async def test_a_job_left_mid_embedding_is_finished_by_another_replica(
+    database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
+) -> None:
+    principal, job = await left_mid_job(database, redis, key_prefix, embedder)
     row, upload, chunks = await row_and_upload(database, principal.tenant_id, job.id)
     assert row.status in {JobStatus.RUNNING.value, JobStatus.QUEUED.value}
     assert upload is not None  # the accepted document waits for whoever takes the job over
     assert chunks == 0  # nothing half-written
 
-    second = knowledge(database, redis, key_prefix, embedder, **QUICK)
-    second.start()
-    try:
-        async with asyncio.timeout(PATIENCE_S):
-            result = await finished(second, principal, job.id)
-    finally:
-        await second.close(5)
+    result = await taken_over(database, redis, key_prefix, embedder, principal, job.id)
     assert result["types"][-1] == "IngestionCompleted", result
     resumed = [e for e in result["events"] if e.data.get("status") == "resumed"]
     assert len(resumed) == 1
@@ -102,18 +129,10 @@ async def test_a_job_left_mid_embedding_is_finished_by_another_replica(
 async def test_a_job_out_of_attempts_fails_with_worker_lost_in_row_and_stream(
     database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
 ) -> None:
-    principal = await new_principal(database)
-    first = knowledge(database, redis, key_prefix, StuckEmbedder(embedder), **QUICK)  # type: ignore[arg-type]
-    job = await first.ingest(principal, MODEL_CARD.read_bytes(), filename="README.md")
-    await progress(first, principal, job.id)
-    await first.close(0)
-    second = knowledge(database, redis, key_prefix, embedder, job_max_attempts=1, **QUICK)
-    second.start()
-    try:
-        async with asyncio.timeout(PATIENCE_S):
-            result = await finished(second, principal, job.id)
-    finally:
-        await second.close(5)
+    principal, job = await left_mid_job(database, redis, key_prefix, embedder)
+    result = await taken_over(
+        database, redis, key_prefix, embedder, principal, job.id, job_max_attempts=1
+    )
     assert result["types"][-1] == "IngestionFailed"
     assert result["last"]["code"] == "WORKER_LOST"
     row, upload, chunks = await row_and_upload(database, principal.tenant_id, job.id)
@@ -140,13 +159,7 @@ async def test_a_job_that_ended_in_the_database_gets_its_last_event(
     member = f"{principal.tenant_id}:{job.id}:"
     await redis.zadd(keys("job-leases"), {member: time.time() - 1})
 
-    second = knowledge(database, redis, key_prefix, embedder, **QUICK)
-    second.start()
-    try:
-        async with asyncio.timeout(PATIENCE_S):
-            result = await finished(second, principal, job.id)
-    finally:
-        await second.close(5)
+    result = await taken_over(database, redis, key_prefix, embedder, principal, job.id)
     assert result["types"][-1] == "IngestionCompleted"
     assert result["last"]["status"] == "completed"
     assert [e.data.get("status") for e in result["events"]].count("resumed") == 0
@@ -169,17 +182,7 @@ async def test_a_job_stuck_with_no_lease_at_all_is_ended(
             updated_at=long_ago,
         )
         session.add(stuck)
-    service = knowledge(database, redis, key_prefix, embedder, **QUICK)
-    service.start()
-    try:
-        async with asyncio.timeout(PATIENCE_S):
-            while (await row_and_upload(database, principal.tenant_id, stuck.id))[0].status == (
-                JobStatus.RUNNING.value
-            ):
-                await asyncio.sleep(0.1)
-            result = await finished(service, principal, stuck.id)
-    finally:
-        await service.close(5)
+    result = await taken_over(database, redis, key_prefix, embedder, principal, stuck.id)
     row, _, _ = await row_and_upload(database, principal.tenant_id, stuck.id)
     assert (row.status, row.error_code) == (JobStatus.FAILED.value, "WORKER_LOST")
     assert result["types"] == ["IngestionFailed"]
