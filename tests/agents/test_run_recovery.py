@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.config import ChatSettings, LimitsSettings, Settings
 from backend.core.db import Database
@@ -20,11 +18,21 @@ from backend.core.models import Message, MessageRole, Run, RunStatus, UsageRecor
 from backend.core.redis import KeySpace
 from backend.limits.budgets import Budgets, Resource
 from backend.realtime.eventlog import RunEventLog
-from tests.agents.test_runs import account, collect, gql, llm, sign_in, start_run, text_of
-from tests.conftest import LiveServer, serve_live
+from tests.agents.test_runs import (
+    account,
+    collect,
+    gql,
+    llm,
+    server,
+    sign_in,
+    start_run,
+    text_of,
+)
+from tests.conftest import LiveServer
+from tests.knowledge.test_service import database
 from tests.llm_stub import LLMStub
 
-__all__ = ["account", "llm"]  # fixtures
+__all__ = ["account", "database", "llm", "server"]  # fixtures (chat_settings is this module's)
 
 
 @pytest.fixture
@@ -39,26 +47,6 @@ def chat_settings(settings: Settings, llm: tuple[LLMStub, str]) -> Settings:
     )
     settings.limits = LimitsSettings()  # budgets on: a lost run's hold must come back
     return settings
-
-
-@pytest.fixture
-async def server(chat_settings: Settings, engine: AsyncEngine) -> AsyncIterator[LiveServer]:
-    async with serve_live(chat_settings) as live:
-        yield live
-
-
-@pytest.fixture
-async def database(engine: AsyncEngine, chat_settings: Settings) -> AsyncIterator[Database]:
-    db = Database.connect(engine.url.render_as_string(hide_password=False), chat_settings.database)
-    yield db
-    await db.dispose()
-
-
-@pytest.fixture
-async def shared_redis(chat_settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(chat_settings.redis.url.get_secret_value())  # type: ignore[union-attr]
-    yield client
-    await client.aclose()
 
 
 async def leave_a_dead_run(
@@ -130,16 +118,16 @@ async def test_a_lost_run_keeps_its_partial_answer_and_frees_its_user(
     account: dict[str, Any],
     chat_settings: Settings,
     database: Database,
-    shared_redis: Redis,
+    redis: Redis,
 ) -> None:
     token = await sign_in(server, account)
     created = await gql(server, token, "mutation { createConversation { id } }")
     conversation = uuid.UUID(created["data"]["createConversation"]["id"])
     streamed = ["Once ", "upon ", "a ", "time"]
     run, user = await leave_a_dead_run(
-        database, shared_redis, chat_settings, account, conversation, streamed
+        database, redis, chat_settings, account, conversation, streamed
     )
-    assert await held(shared_redis, chat_settings, account["tenant_id"], user) > 0
+    assert await held(redis, chat_settings, account["tenant_id"], user) > 0
 
     events = await collect(server, token, str(run.id))  # a subscriber is not left hanging
     assert text_of(events) == "Once upon a time"
@@ -159,7 +147,7 @@ async def test_a_lost_run_keeps_its_partial_answer_and_frees_its_user(
             select(UsageRecord.amount).where(UsageRecord.subject == f"run:{run.id}")
         )
         assert usage == 4  # the four pieces delivered: charged, and recorded once
-    assert await held(shared_redis, chat_settings, account["tenant_id"], user) == 0
+    assert await held(redis, chat_settings, account["tenant_id"], user) == 0
 
     # The user is not locked out (one active run allowed): the same conversation goes on.
     sent = await gql(
@@ -174,14 +162,14 @@ async def test_a_lost_run_keeps_its_partial_answer_and_frees_its_user(
 
 
 async def test_active_runs_left_without_a_lease_lock_nobody_out(
-    server: LiveServer, account: dict[str, Any], chat_settings: Settings, shared_redis: Redis
+    server: LiveServer, account: dict[str, Any], chat_settings: Settings, redis: Redis
 ) -> None:
     """What an earlier version left behind (active entries no lease backs) heals on use."""
     token = await sign_in(server, account)
     me = await gql(server, token, "{ me { userId } }")
     user = me["data"]["me"]["userId"]
     runs = KeySpace(chat_settings.redis.key_prefix).child("runs")
-    await shared_redis.sadd(runs("active", user), str(uuid.uuid4()))
+    await redis.sadd(runs("active", user), str(uuid.uuid4()))
     _, run_id = await start_run(server, token, "still welcome")
     events = await collect(server, token, run_id)
     assert events[-1]["__typename"] == "RunCompleted"
