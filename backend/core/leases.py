@@ -208,6 +208,7 @@ class Leases:
     async def tick(self) -> None:
         """One round of upkeep: renew what this replica owns, then claim lost leases (only
         after `grace_s` of reaching Redis without error). Never raises."""
+        started = time.monotonic()
         try:
             await self._renew_owned()
         except Exception as exc:  # Redis down or slow: owners elsewhere cannot renew either
@@ -222,7 +223,9 @@ class Leases:
             self._healthy_since = None
             return
         now = time.monotonic()
-        if self._healthy_since is None:
+        if self._healthy_since is None or now - started > self.lease_s / 3:
+            # a renewal that waited that long (Redis paused, this loop starved) held up the
+            # other owners' renewals as much: they get the grace again from here
             self._healthy_since = now
         if not self._claiming or now - self._healthy_since < self.grace_s:
             return

@@ -110,6 +110,15 @@ class PrivateRedis:
             assert time.monotonic() < deadline, "the private Redis did not start"
             time.sleep(0.05)
 
+    def pause(self) -> None:
+        """SIGSTOP: Redis holds every command (as a hung node or a partition does)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGTERM: Redis finishes its writes (the AOF) and exits."""
         if self.process is not None and self.process.poll() is None:
