@@ -230,6 +230,7 @@ async def build_services(
     await auth.start()
     purges = PurgeScheduler(privacy, state.redis, state.keys, settings.privacy)
     purges.start()
+    knowledge.start()  # renews job leases, takes over the jobs of replicas that died
     return Services(
         auth=auth,
         conversations=conversations,

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -50,6 +50,8 @@ out = Console()
 err = Console(stderr=True)
 
 TESSDATA_DIR = Path("/usr/share/tesseract-ocr/5/tessdata")
+# `serve --workers N` hands its pid to the worker processes: they die with it (see worker_app)
+SUPERVISOR_PID_VARIABLE = "SIGHTLINE_SERVE_SUPERVISOR_PID"
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -142,14 +144,28 @@ def serve(
         if settings.should_migrate_on_start:
             _run_checked(_migrate(services.database_url, settings))
         os.environ["SIGHTLINE_DATABASE_MIGRATE_ON_START"] = "false"
+        os.environ[SUPERVISOR_PID_VARIABLE] = str(os.getpid())
         if "postgresql" in services.embedded or settings.auth.bootstrap_admin_password:
             # Here, once: workers starting together would race to create the first admin
             # (and with an embedded database, which they see as external, none would).
             _run_checked(_bootstrap(services.database_url, services.redis_url, settings))
-        uvicorn.run("backend.app:create_app", factory=True, workers=server.workers, **common)  # type: ignore[arg-type]
+        uvicorn.run("backend.cli:worker_app", factory=True, workers=server.workers, **common)  # type: ignore[arg-type]
     finally:
         services.stop()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def worker_app() -> Any:
+    """The app of one worker process of `serve --workers N` (uvicorn's factory). The worker
+    dies with the supervisor: killed with SIGKILL, it could not stop them, and they (with
+    their inference and embedding workers) would serve on, unsupervised, for good."""
+    from backend.app import create_app
+    from backend.inference.lifeline import die_with_parent
+
+    supervisor = os.environ.get(SUPERVISOR_PID_VARIABLE)
+    if supervisor:
+        die_with_parent(int(supervisor))
+    return create_app()
 
 
 async def _migrate(url: str, settings: Settings) -> None:
@@ -547,6 +563,7 @@ def ingest(
                 settings=settings.knowledge,
                 read_image=vision.read_text if settings.vision.enabled else None,
             )
+            service.start(take_over=False)  # renews its own jobs' leases; others' are not its
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
             try:
                 with Progress(*columns, console=err) as progress:

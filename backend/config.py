@@ -488,7 +488,23 @@ class ChatSettings(_Section):
     )
     max_active_runs_per_user: int = Field(3, ge=1, description="Runs one user may have going.")
     run_lease_s: float = Field(
-        15.0, ge=1, description="A run whose replica stops renewing this lease is WORKER_LOST."
+        15.0,
+        ge=1,
+        description="A run's replica renews its lease every third of this; one that stops "
+        "renewing loses its runs (WORKER_LOST, partial answer kept) after this and the grace.",
+    )
+    run_lost_grace_s: float = Field(
+        10.0,
+        gt=0,
+        description="How late a run's lease may be before another replica fails it; also how "
+        "long a replica must have reached Redis before it may (above a third of the lease plus "
+        "the Redis socket timeout: a Redis outage then fails no live run).",
+    )
+    outage_retry_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long a run waits out a PostgreSQL or Redis outage (retrying with "
+        "backoff) before it fails.",
     )
     events_ttl_s: int = Field(
         3600, ge=60, description="How long a finished run's events can still be replayed."
@@ -568,6 +584,30 @@ class KnowledgeSettings(_Section):
         2, ge=1, description="Ingestion jobs one replica runs at once (others wait)."
     )
     job_timeout_s: float = Field(1800.0, gt=0, description="Longest an ingestion job may run.")
+    job_lease_s: float = Field(
+        15.0,
+        ge=1,
+        description="A job's replica renews its lease every third of this; another replica "
+        "resumes (or fails) the jobs of one that stopped renewing, after this and the grace.",
+    )
+    job_lost_grace_s: float = Field(
+        10.0,
+        gt=0,
+        description="How late a job's lease may be before another replica takes the job over "
+        "(see SIGHTLINE_CHAT_RUN_LOST_GRACE_S).",
+    )
+    job_max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Times a job is started (its replica died each time) before it fails "
+        "with WORKER_LOST.",
+    )
+    outage_retry_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long a job waits out a PostgreSQL or Redis outage (retrying with "
+        "backoff) before it fails.",
+    )
     jobs_ttl_s: int = Field(
         24 * 3600, ge=60, description="How long a finished job's progress events can be replayed."
     )

@@ -2,8 +2,15 @@
 
 A run appends its events to the run's event log (so any replica can stream them), persists the
 answer, and settles the caller's token budget. `cancel` reaches the replica that owns the run
-through Redis pub/sub and stops generation (the provider's HTTP stream is closed). A replica that
-dies stops renewing its leases; any other replica then fails those runs with WORKER_LOST.
+through Redis pub/sub and stops generation (the provider's HTTP stream is closed).
+
+Crashes and outages. A run holds a lease (backend.core.leases) from before it is created until
+its end is recorded. A replica that dies stops renewing its leases; another replica (or the
+same one, restarted) then claims each run and fails it with WORKER_LOST: the answer streamed so
+far is rebuilt from the run's event log and stored with `complete: false`, the run leaves its
+user's active runs, and its token reservation is settled. A short PostgreSQL or Redis outage
+fails nothing: every step retries for `outage_retry_s`, and no replica claims a lease until it
+has reached Redis for the grace period itself (owners renew first).
 """
 
 from __future__ import annotations
@@ -16,10 +23,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
+from typing import TypeVar
 
 from redis.asyncio import Redis
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.agents.graph import Agent, StoredMessage, TurnContext
 from backend.agents.models import ChatModel, ModelRegistry
@@ -27,9 +37,11 @@ from backend.auth.principal import Principal
 from backend.config import ChatSettings
 from backend.conversations.service import ConversationService
 from backend.core.db import Database
+from backend.core.leases import Leases, Work
 from backend.core.metrics import Metrics
-from backend.core.models import Message, MessageRole, Run, RunStatus
+from backend.core.models import Conversation, Message, MessageRole, Run, RunStatus
 from backend.core.redis import KeySpace, listen
+from backend.core.retry import retrying
 from backend.core.tasks import drain
 from backend.errors import (
     AppError,
@@ -42,7 +54,7 @@ from backend.errors import (
 from backend.inference.llm.base import LLMError
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
-from backend.realtime.eventlog import RunEvent, RunEventLog
+from backend.realtime.eventlog import TOKEN_DELTA, EventsExpired, RunEvent, RunEventLog
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +63,9 @@ CHARGE_EVERY = 16  # tokens charged to the budget per Redis call while streaming
 QUEUE_POLL_S = 0.1  # how often a queued run looks whether its turn has come
 CANCEL_CHECK_S = 0.25  # how often this replica reads its runs' cancel flags (pub/sub is faster)
 WORKER_LOST = "WORKER_LOST"
+T = TypeVar("T")
+_GOING = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
+_ENDED_ELSEWHERE = object()  # _record_end: the run was ended by another replica (taken for lost)
 
 
 class RunInProgress(Conflict):
@@ -124,7 +139,18 @@ class RunService:
         self._settings = settings
         self.replica = uuid.uuid4().hex
         self._tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
-        self._members: dict[uuid.UUID, str] = {}  # lease entries of the runs this replica owns
+        self._leases = Leases(
+            redis,
+            self._keys("leases"),
+            lease_s=settings.run_lease_s,
+            grace_s=settings.run_lost_grace_s,
+            on_lost=self._recover_lost,
+            on_revoked=self._lease_revoked,
+            recover_timeout_s=3 * settings.outage_retry_s + 60,
+            find_unleased=self._unleased,
+            scan_every_s=20 * settings.run_lease_s,
+            name="runs",
+        )
         self._background: list[asyncio.Task[None]] = []
         self._closing = False
         self._stopped = False  # the background loops end (after the turns drained)
@@ -134,15 +160,16 @@ class RunService:
     async def start(self) -> None:
         self._background = [
             asyncio.create_task(self._listen_for_cancels(), name="runs-cancel-listener"),
-            asyncio.create_task(self._keep_leases(), name="runs-lease-keeper"),
             asyncio.create_task(self._sweep_cancels(), name="runs-cancel-sweeper"),
         ]
+        self._leases.start()
 
     async def close(self, grace_s: float) -> None:
         """Lets running turns finish for `grace_s`, then cancels them (RunFailed SHUTDOWN)."""
         self._closing = True
         await drain(self._tasks.values(), grace_s)
         self._stopped = True
+        await self._leases.close(grace_s)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -163,37 +190,37 @@ class RunService:
         """Starts a turn. When the conversation already has one going (double texting):
         REJECT refuses with RUN_IN_PROGRESS, INTERRUPT cancels it first, ENQUEUE runs this one
         after it. The user's message is stored at once in every case."""
-        content = content.strip()
-        if not content:
-            raise ValidationFailed("content is empty", field="content")
-        if len(content) > self._settings.max_message_chars:
-            raise ValidationFailed(
-                f"content is longer than {self._settings.max_message_chars} characters",
-                field="content",
-            )
-        if len(attachments) > self._settings.max_attachments:
-            raise ValidationFailed(
-                f"at most {self._settings.max_attachments} attachments", field="attachments"
-            )
+        content = self._checked(content, attachments)
         await self._conversations.get(principal, conversation_id)  # NOT_FOUND before anything
         chat_model = self.models.resolve(model)
         if self._closing:
             raise ServiceUnavailable("the server is shutting down")
         await self._limiter.enforce(principal.subject, principal.plan, "chat_run")
         active_key = self._keys("active", str(principal.user_id))
-        if await self._redis.scard(active_key) >= self._settings.max_active_runs_per_user:
+        if (
+            await self._active_runs(principal, active_key)
+            >= self._settings.max_active_runs_per_user
+        ):
             raise RunInProgress("too many runs going at once; wait for one to finish")
         if self._stored_text is not None:
             content = await self._stored_text(principal, content)
-        reservation = await self._budgets.reserve(
-            tenant_id=principal.tenant_id,
-            user_id=principal.user_id,
-            plan=principal.plan,
-            resource=Resource.LLM_TOKENS,
-            amount=self._settings.max_tokens,
-            subject="run",
-        )
+        run_id = uuid.uuid4()
+        member = Work(principal.tenant_id, run_id, principal.user_id).member
+        # The lease first: should this replica die from here on, whoever claims the lease finds
+        # what there is of the run (its reservation, its row) and cleans up.
+        await self._leases.acquire(member)
+        reservation: Reservation | None = None
         try:
+            await self._redis.sadd(active_key, str(run_id))
+            reservation = await self._budgets.reserve(
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                plan=principal.plan,
+                resource=Resource.LLM_TOKENS,
+                amount=self._settings.max_tokens,
+                subject=f"run:{run_id}",
+                hold_id=str(run_id),
+            )
             async with self._db.session(principal.tenant_id) as session:
                 conversation = await self._conversations.owned_for_update(
                     session, principal, conversation_id
@@ -214,6 +241,7 @@ class RunService:
                     await self._request_cancel(busy)
                 now = datetime.now(UTC)  # precise: queued runs go in this order
                 run = Run(
+                    id=run_id,
                     tenant_id=principal.tenant_id,
                     conversation_id=conversation.id,
                     user_id=principal.user_id,
@@ -234,13 +262,24 @@ class RunService:
                     meta={"attachments": list(attachments)} if attachments else None,
                 )
         except BaseException:
-            await reservation.release()
+            try:  # in this order: should a step fail, the lease stays and recovery does the rest
+                if reservation is not None:
+                    await reservation.release()
+                await self._redis.srem(active_key, str(run_id))
+                await self._leases.release(member)
+            except Exception as exc:
+                self._leases.abandon(member)
+                log.warning("run %s not created; cleanup left to recovery: %r", run_id, exc)
             raise
-        reservation.subject = f"run:{run.id}"
-        await self.events.append(
-            str(run.id), "RunStarted", {"conversationId": str(conversation_id), "model": run.model}
-        )
-        await self._redis.sadd(active_key, str(run.id))
+        try:
+            await self.events.append_retrying(
+                str(run.id),
+                "RunStarted",
+                {"conversationId": str(conversation_id), "model": run.model},
+                within_s=self._settings.outage_retry_s,
+            )
+        except Exception as exc:  # the run is accepted: it goes on, and its end is recovered
+            log.warning("run %s: RunStarted not recorded: %r", run.id, exc)
         self._tasks[run.id] = asyncio.create_task(
             self._execute(
                 _Turn(
@@ -256,6 +295,35 @@ class RunService:
             name=f"run-{run.id}",
         )
         return StartedRun(run, message)
+
+    def _checked(self, content: str, attachments: Sequence[str]) -> str:
+        """The message as stored: not empty, within the size limits."""
+        content = content.strip()
+        if not content:
+            raise ValidationFailed("content is empty", field="content")
+        if len(content) > self._settings.max_message_chars:
+            raise ValidationFailed(
+                f"content is longer than {self._settings.max_message_chars} characters",
+                field="content",
+            )
+        if len(attachments) > self._settings.max_attachments:
+            raise ValidationFailed(
+                f"at most {self._settings.max_attachments} attachments", field="attachments"
+            )
+        return content
+
+    async def _active_runs(self, principal: Principal, active_key: str) -> int:
+        """How many runs the user has going. At the limit, entries whose lease is gone or lost
+        are dropped first (a replica died before cleaning up): nobody stays locked out."""
+        runs = [_text(r) for r in await self._redis.smembers(active_key)]
+        if len(runs) < self._settings.max_active_runs_per_user:
+            return len(runs)
+        live = await self._leases.live([_lease_of(principal, r) for r in runs])
+        stale = [r for r, ok in zip(runs, live, strict=True) if not ok]
+        if stale:
+            log.warning("dropping %d stale active runs of user %s", len(stale), principal.user_id)
+            await self._redis.srem(active_key, *stale)
+        return len(runs) - len(stale)
 
     async def cancel(self, principal: Principal, run_id: uuid.UUID) -> Run:
         run = await self.get(principal, run_id)
@@ -282,9 +350,10 @@ class RunService:
         if not turn.behind:
             return
         cancel_flag = self._keys("cancel", str(turn.run.id))
-        while True:
+
+        async def earlier_run() -> uuid.UUID | None:
             async with self._db.session(turn.principal.tenant_id) as session:
-                earlier = await session.scalar(
+                return await session.scalar(
                     select(Run.id)
                     .where(
                         Run.conversation_id == turn.run.conversation_id,
@@ -293,9 +362,12 @@ class RunService:
                     )
                     .limit(1)
                 )
+
+        while True:
+            earlier = await self._retrying(earlier_run, "the queue check")
             if earlier is None:
                 return
-            if await self._redis.exists(cancel_flag):
+            if await self._retrying(lambda: self._redis.exists(cancel_flag), "a cancel check"):
                 raise asyncio.CancelledError("cancelled while queued")
             await asyncio.sleep(QUEUE_POLL_S)
 
@@ -317,8 +389,6 @@ class RunService:
     async def _execute(self, turn: _Turn) -> None:
         run = turn.run
         self._metrics.chat_active_runs.inc()
-        self._members[run.id] = self._member(run)
-        await self._redis.zadd(self._keys("leases"), {self._member(run): self._deadline()})
         outcome, code, detail = RunStatus.COMPLETED, None, ""
         try:
             await self._wait_for_turn(turn)
@@ -361,91 +431,95 @@ class RunService:
         turn.last_token = now
         turn.text.append(text)
         turn.uncharged += 1
-        await self.events.append(
-            str(turn.run.id), "TokenDelta", {"text": text, "index": len(turn.text) - 1}
+        await self.events.append_retrying(
+            str(turn.run.id),
+            TOKEN_DELTA,
+            {"text": text, "index": len(turn.text) - 1},
+            within_s=self._settings.outage_retry_s,
         )
         if turn.uncharged >= CHARGE_EVERY:
             turn.uncharged = 0
-            await turn.reservation.charge(CHARGE_EVERY)
+            await self._retrying(lambda: turn.reservation.charge(CHARGE_EVERY), "a budget charge")
 
     async def _store_answer(self, turn: _Turn, answer: str, notes: dict) -> None:
-        async with self._db.session(turn.principal.tenant_id) as session:
-            conversation = await self._conversations.owned_for_update(
-                session, turn.principal, turn.run.conversation_id
-            )
-            message = await self._conversations.append(
-                session,
-                conversation,
-                MessageRole.ASSISTANT,
-                answer,
-                run_id=turn.run.id,
-                complete=True,
-                meta=notes,
-            )
-        turn.answer_id = message.id
+        async def store() -> uuid.UUID:
+            async with self._db.session(turn.principal.tenant_id) as session:
+                conversation = await self._conversations.owned_for_update(
+                    session, turn.principal, turn.run.conversation_id
+                )
+                stored = await _answer_of(session, turn.run.id)  # a retry after a lost reply
+                if stored is not None:
+                    return stored
+                message = await self._conversations.append(
+                    session,
+                    conversation,
+                    MessageRole.ASSISTANT,
+                    answer,
+                    run_id=turn.run.id,
+                    complete=True,
+                    meta=notes,
+                )
+                return message.id
+
+        turn.answer_id = await self._retrying(store, "storing an answer")
 
     async def _finish(self, turn: _Turn, outcome: RunStatus, code: str | None, detail: str) -> None:
-        run, reservation, principal = turn.run, turn.reservation, turn.principal
+        """Records the end: the row (and a partial answer), the usage, the terminal event; then
+        the run leaves the user's active runs and its lease goes. When the end cannot be
+        recorded (an outage longer than `outage_retry_s`), the lease is left to expire and
+        recovery records it (as WORKER_LOST, with the partial answer)."""
+        run, reservation = turn.run, turn.reservation
         run_key = str(run.id)
+        member = self._member(run)
         answer = "".join(turn.text)
         prompt_tokens = turn.prompt_tokens
+        # Charge what the model reported (summaries and tool rounds included) or, when it
+        # reported nothing, the pieces delivered; never less than what was already charged.
+        completion_tokens = max(turn.completion_tokens, len(turn.text))
+        cost = turn.model.cost(prompt_tokens, completion_tokens)
+        recorded = False
         try:
-            # Charge what the model reported (summaries and tool rounds included) or, when it
-            # reported nothing, the pieces delivered; never less than what was already charged.
-            completion_tokens = max(turn.completion_tokens, len(turn.text))
             owed = completion_tokens - int(reservation.charged)
             if owed > 0:
                 with contextlib.suppress(BudgetExceeded):
-                    await reservation.charge(owed)
-            cost = turn.model.cost(prompt_tokens, completion_tokens)
-            message_id = turn.answer_id
-            async with self._db.session(principal.tenant_id) as session:
-                row = await session.get(Run, run.id, with_for_update=True)
-                if message_id is None and answer:  # a partial answer (cancelled, failed)
-                    conversation = await self._conversations.owned_for_update(
-                        session, principal, run.conversation_id
-                    )
-                    partial = await self._conversations.append(
-                        session,
-                        conversation,
-                        MessageRole.ASSISTANT,
-                        answer,
-                        run_id=run.id,
-                        complete=False,
-                    )
-                    message_id = partial.id
-                if row is not None:
-                    row.status = outcome
-                    row.error_code = code
-                    row.message_id = message_id
-                    row.prompt_tokens = prompt_tokens
-                    row.completion_tokens = completion_tokens
-                    row.updated_at = datetime.now(UTC)
-                await reservation.settle(session, cost=cost)
-            body = {
-                "messageId": str(message_id) if message_id else None,
-                "usage": {
-                    "promptTokens": prompt_tokens,
-                    "completionTokens": completion_tokens,
-                    "cost": float(cost),
-                },
-                "latencyMs": round((time.perf_counter() - turn.started) * 1000, 1),
-            }
-            if outcome is RunStatus.COMPLETED:
-                await self.events.append(run_key, "RunCompleted", body)
-            elif outcome is RunStatus.CANCELLED:
-                await self.events.append(run_key, "RunCancelled", body)
-            else:
-                await self.events.append(
-                    run_key, "RunFailed", {**body, "code": code, "message": detail}
-                )
-        except Exception:
-            log.exception("could not record the end of run %s", run.id)
-            await self.events.append(
-                run_key,
-                "RunFailed",
-                {"code": "INTERNAL_SERVER_ERROR", "message": "could not store the answer"},
+                    await self._retrying(lambda: reservation.charge(owed), "the last charge")
+            message_id = await self._retrying(
+                lambda: self._record_end(
+                    turn,
+                    outcome,
+                    code=code,
+                    answer=answer,
+                    completion_tokens=completion_tokens,
+                    cost=cost,
+                ),
+                f"recording the end of run {run.id}",
             )
+            ended_here = message_id is not _ENDED_ELSEWHERE
+            if ended_here:
+                body = {
+                    "messageId": str(message_id) if message_id else None,
+                    "usage": {
+                        "promptTokens": prompt_tokens,
+                        "completionTokens": completion_tokens,
+                        "cost": float(cost),
+                    },
+                    "latencyMs": round((time.perf_counter() - turn.started) * 1000, 1),
+                }
+                if outcome is RunStatus.COMPLETED:
+                    kind = "RunCompleted"
+                elif outcome is RunStatus.CANCELLED:
+                    kind = "RunCancelled"
+                else:
+                    kind = "RunFailed"
+                    body = {**body, "code": code, "message": detail}
+                await self.events.append_retrying(
+                    run_key, kind, body, within_s=self._settings.outage_retry_s
+                )
+            recorded = True
+            if not ended_here:  # the lease is the claimer's now (or gone): not this replica's
+                self._leases.abandon(member)
+        except Exception:
+            log.exception("could not record the end of run %s; left to recovery", run.id)
         finally:
             elapsed = time.perf_counter() - turn.started
             self._metrics.chat_active_runs.dec()
@@ -456,38 +530,97 @@ class RunService:
                     len(turn.text) / elapsed
                 )
             self._tasks.pop(run.id, None)
-            self._members.pop(run.id, None)
-            await self._redis.srem(turn.active_key, run_key)
-            await self._redis.zrem(self._keys("leases"), self._member(run))
+            await self._leave(member, turn.active_key, run_key, recorded)
+
+    async def _record_end(
+        self,
+        turn: _Turn,
+        outcome: RunStatus,
+        *,
+        code: str | None,
+        answer: str,
+        completion_tokens: int,
+        cost: Decimal,
+    ) -> uuid.UUID | object | None:
+        """One unit of work: the run's row, a partial answer, the usage. Returns the answer's
+        id, or _ENDED_ELSEWHERE when another replica ended the run (it took this one for
+        lost: its lease was claimed) and recorded all that already."""
+        run, principal = turn.run, turn.principal
+        async with self._db.session(principal.tenant_id) as session:
+            row = await session.get(Run, run.id, with_for_update=True)
+            if row is None or row.status not in _GOING:
+                return _ENDED_ELSEWHERE
+            message_id = turn.answer_id
+            if message_id is None and answer:  # a partial answer (cancelled, failed)
+                conversation = await self._conversations.owned_for_update(
+                    session, principal, run.conversation_id
+                )
+                partial = await self._conversations.append(
+                    session,
+                    conversation,
+                    MessageRole.ASSISTANT,
+                    answer,
+                    run_id=run.id,
+                    complete=False,
+                )
+                message_id = partial.id
+            row.status = outcome
+            row.error_code = code
+            row.message_id = message_id
+            row.prompt_tokens = turn.prompt_tokens
+            row.completion_tokens = completion_tokens
+            row.updated_at = datetime.now(UTC)
+            await turn.reservation.settle(session, cost=cost)
+        return message_id
+
+    async def _leave(self, member: str, active_key: str, run_key: str, recorded: bool) -> None:
+        """The run leaves its user's active runs, then its lease goes (if still this
+        replica's); what cannot be done now is left to recovery (the lease stays until then)."""
+        if not recorded:
+            self._leases.abandon(member)
+            return
+        try:
+            await self._retrying(lambda: self._redis.srem(active_key, run_key), "leaving")
+            if self._leases.owns(member):
+                await self._retrying(lambda: self._leases.release(member), "releasing a lease")
+        except Exception as exc:
+            self._leases.abandon(member)
+            log.warning("run %s: cleanup left to recovery: %r", run_key, exc)
 
     async def _history(self, turn: _Turn) -> list[StoredMessage]:
-        async with self._db.session(turn.principal.tenant_id) as session:
-            rows = list(
-                await session.scalars(
-                    select(Message)
-                    .where(
-                        Message.conversation_id == turn.run.conversation_id,
-                        Message.seq <= turn.message.seq,
+        async def read() -> list[Message]:
+            async with self._db.session(turn.principal.tenant_id) as session:
+                return list(
+                    await session.scalars(
+                        select(Message)
+                        .where(
+                            Message.conversation_id == turn.run.conversation_id,
+                            Message.seq <= turn.message.seq,
+                        )
+                        .order_by(Message.seq.desc())
+                        .limit(self._settings.history_messages + 1)
                     )
-                    .order_by(Message.seq.desc())
-                    .limit(self._settings.history_messages + 1)
                 )
-            )
+
+        rows = await self._retrying(read, "reading the history")
         return [StoredMessage(str(m.id), m.role.value, m.content) for m in reversed(rows)]
 
     async def _set_status(self, principal: Principal, run_id: uuid.UUID, status: RunStatus) -> None:
-        async with self._db.session(principal.tenant_id) as session:
-            row = await session.get(Run, run_id)
-            if row is not None:
-                row.status = status
+        async def update() -> None:
+            async with self._db.session(principal.tenant_id) as session:
+                row = await session.get(Run, run_id)
+                if row is not None:
+                    row.status = status
+
+        await self._retrying(update, "updating a run")
+
+    def _retrying(self, step: Callable[[], Awaitable[T]], what: str) -> Awaitable[T]:
+        return retrying(step, within_s=self._settings.outage_retry_s, what=what)
 
     # -- cancellation and leases ------------------------------------------------------------
 
     def _member(self, run: Run) -> str:
-        return f"{run.tenant_id}:{run.id}:{run.user_id or ''}"
-
-    def _deadline(self) -> float:
-        return time.time() + self._settings.run_lease_s
+        return Work(run.tenant_id, run.id, run.user_id).member
 
     async def _listen_for_cancels(self) -> None:
         """Cancels the runs this replica owns when any replica publishes their id."""
@@ -522,37 +655,163 @@ class RunService:
                 if flag is not None and not task.done():
                     task.cancel("cancelled by the client")
 
-    async def _keep_leases(self) -> None:
-        """Renews this replica's leases; fails runs whose replica stopped renewing theirs."""
-        key = self._keys("leases")
-        while True:
-            await asyncio.sleep(self._settings.run_lease_s / 3)
-            try:
-                if self._members:
-                    deadline = self._deadline()
-                    await self._redis.zadd(
-                        key, dict.fromkeys(self._members.values(), deadline), xx=True
-                    )
-                lost = await self._redis.zrangebyscore(key, "-inf", time.time())
-                for raw in lost:
-                    if await self._redis.zrem(key, raw):  # one replica wins the claim
-                        await self._fail_lost(raw.decode())
-            except Exception:  # a Redis hiccup must not end the upkeep loop
-                log.exception("lease upkeep failed")
+    def _lease_revoked(self, member: str) -> None:
+        """Another replica took this one for dead and failed the run: stop working on it."""
+        with contextlib.suppress(ValueError):
+            task = self._tasks.get(Work.of(member).id)
+            if task is not None and not task.done():
+                task.cancel("the run was taken over as lost")
 
-    async def _fail_lost(self, member: str) -> None:
-        tenant, run_id, _user = member.split(":")
-        async with self._db.session(uuid.UUID(tenant)) as session:
-            row = await session.get(Run, uuid.UUID(run_id), with_for_update=True)
-            if row is None or row.status not in {RunStatus.QUEUED, RunStatus.RUNNING}:
-                return
-            row.status = RunStatus.FAILED
-            row.error_code = WORKER_LOST
-        await self.events.append(
-            run_id,
-            "RunFailed",
-            {"code": WORKER_LOST, "message": "the server running this turn stopped"},
+    async def _recover_lost(self, member: str) -> bool:
+        """A run whose replica stopped renewing its lease. Idempotent (a replica that dies
+        while recovering leaves the lease to expire again): ends the row as WORKER_LOST with
+        the partial answer rebuilt from the event log (or as COMPLETED when the whole answer
+        was stored already), settles the reservation, makes sure the log ends with the
+        matching terminal event, and takes the run out of its user's active runs."""
+        work = Work.of(member)
+        tenant_id, run_id, user_id = work.tenant_id, work.id, work.user_id
+        run_key = str(run_id)
+        text, tokens = await self._retrying(lambda: self._streamed(run_key), "reading a log")
+        reservation = await self._retrying(
+            lambda: self._budgets.recover(
+                tenant_id=tenant_id, user_id=user_id, resource=Resource.LLM_TOKENS, hold_id=run_key
+            ),
+            "reading a reservation",
         )
+        if reservation is not None and tokens > reservation.charged:  # delivered, not charged
+            with contextlib.suppress(BudgetExceeded):
+                owed = tokens - reservation.charged
+                await self._retrying(lambda: reservation.charge(owed), "charging a lost run")
+        ended = await self._retrying(
+            lambda: self._end_lost(tenant_id, run_id, text, tokens, reservation),
+            f"ending lost run {run_key}",
+        )
+        if ended is not None:
+            last = await self._retrying(lambda: self.events.last(run_key), "reading a log")
+            if last is None or not last.terminal:
+                kind, body = ended
+                await self.events.append_retrying(
+                    run_key, kind, body, within_s=self._settings.outage_retry_s
+                )
+        if user_id is not None:
+            active_key = self._keys("active", str(user_id))
+            await self._retrying(lambda: self._redis.srem(active_key, run_key), "leaving")
+        log.warning("run %s recovered after its replica was lost", run_key)
+        return True
+
+    async def _unleased(self) -> list[str]:
+        """Unfinished runs untouched for a lease and its grace (lease recovery keeps those that
+        have no lease at all: Redis lost their owner's, or they predate leases)."""
+        idle = self._settings.run_lease_s + self._settings.run_lost_grace_s
+        return [Work(*row).member for row in await self._db.unfinished("run", idle)]
+
+    async def _streamed(self, run_key: str) -> tuple[str, int]:
+        """The answer a run streamed (its token events, in order) and how many pieces."""
+        pieces: list[str] = []
+        count = 0
+        try:
+            async for event in self.events.read(run_key, follow=False):
+                if event.type == TOKEN_DELTA:
+                    pieces.append(str(event.data.get("text", "")))
+                    count += int(event.data.get("merged", 1))
+        except EventsExpired:
+            pass
+        return "".join(pieces), count
+
+    async def _end_lost(
+        self,
+        tenant_id: uuid.UUID,
+        run_id: uuid.UUID,
+        text: str,
+        tokens: int,
+        reservation: Reservation | None,
+    ) -> tuple[str, dict] | None:
+        """One unit of work: ends a lost run's row (when it is still going) and settles its
+        reservation. Returns the terminal event the row's state calls for (None: no row, the
+        run was never created or was deleted with its conversation)."""
+        async with self._db.session(tenant_id) as session:
+            row = await session.get(Run, run_id, with_for_update=True)
+            if row is None:
+                if reservation is not None:
+                    await reservation.release()
+                return None
+            cost = self._cost(row.model, row.prompt_tokens, max(row.completion_tokens, tokens))
+            if row.status in _GOING:
+                answer = await session.scalar(
+                    select(Message).where(
+                        Message.conversation_id == row.conversation_id,
+                        Message.run_id == run_id,
+                        Message.role == MessageRole.ASSISTANT,
+                    )
+                )
+                message_id = answer.id if answer is not None else None
+                if answer is None and text:
+                    conversation = await session.get(Conversation, row.conversation_id)
+                    if conversation is not None:
+                        partial = await self._conversations.append(
+                            session,
+                            conversation,
+                            MessageRole.ASSISTANT,
+                            text,
+                            run_id=run_id,
+                            complete=False,
+                        )
+                        message_id = partial.id
+                if answer is not None and answer.complete:  # stored whole before the crash
+                    row.status, row.error_code = RunStatus.COMPLETED, None
+                else:
+                    row.status, row.error_code = RunStatus.FAILED, WORKER_LOST
+                row.message_id = message_id
+                row.completion_tokens = max(row.completion_tokens, tokens)
+                row.updated_at = datetime.now(UTC)
+            if reservation is not None:
+                await reservation.settle(session, cost=cost)
+        return _terminal_event(row, cost)
+
+    def _cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        try:
+            return self.models.resolve(model).cost(prompt_tokens, completion_tokens)
+        except AppError:  # a model no longer configured
+            return Decimal(0)
+
+
+def _lease_of(principal: Principal, run_key: str) -> str:
+    """The lease member of one of the user's runs ("" for an entry that is no run id)."""
+    try:
+        return Work(principal.tenant_id, uuid.UUID(run_key), principal.user_id).member
+    except ValueError:
+        return ""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def _answer_of(session: AsyncSession, run_id: uuid.UUID) -> uuid.UUID | None:
+    return await session.scalar(
+        select(Message.id).where(Message.run_id == run_id, Message.role == MessageRole.ASSISTANT)
+    )
+
+
+def _terminal_event(row: Run, cost: Decimal) -> tuple[str, dict]:
+    """The terminal event that matches a run's stored state."""
+    body: dict = {
+        "messageId": str(row.message_id) if row.message_id else None,
+        "usage": {
+            "promptTokens": row.prompt_tokens,
+            "completionTokens": row.completion_tokens,
+            "cost": float(cost),
+        },
+    }
+    if row.status is RunStatus.COMPLETED:
+        return "RunCompleted", {**body, "latencyMs": 0.0}
+    if row.status is RunStatus.CANCELLED:
+        return "RunCancelled", body
+    if row.error_code == WORKER_LOST:
+        message = "the server running this turn stopped"
+    else:
+        message = "the run failed"
+    return "RunFailed", {**body, "code": row.error_code or WORKER_LOST, "message": message}
 
 
 class _Hooks:

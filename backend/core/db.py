@@ -171,6 +171,18 @@ class Database:
                 setattr(row, name, value.value if isinstance(value, Enum) else value)
             row.updated_at = datetime.now(UTC)
 
+    async def unfinished(
+        self, kind: str, idle_s: float, limit: int = 500
+    ) -> list[tuple[uuid.UUID, uuid.UUID, uuid.UUID | None]]:
+        """(tenant, id, user) of every tenant's unfinished work of a kind ("run", "ingestion")
+        untouched for `idle_s`: what lease recovery checks for work with no lease at all."""
+        async with self.session() as session:
+            rows = await session.execute(
+                text("SELECT tenant_id, id, user_id FROM sightline_unfinished_work(:k, :s, :n)"),
+                {"k": kind, "s": idle_s, "n": limit},
+            )
+            return [(r.tenant_id, r.id, r.user_id) for r in rows]
+
     async def ping(self, timeout_s: float) -> None:
         """Raises DatabaseUnreachable unless `SELECT 1` answers within `timeout_s`."""
         try:

@@ -162,7 +162,10 @@ class IngestionQueued(IngestionEvent):
     source: str
 
 
-@strawberry.type(description="`status` running or retrying (the embedder is down; it waits).")
+@strawberry.type(
+    description="`status` running, reading (OCR), retrying (the embedder is down; it waits), "
+    "or resumed (its server stopped: another one starts the job again)."
+)
 class IngestionProgress(IngestionEvent):
     status: str
     done: int

@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections import deque
@@ -88,9 +89,12 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _worker_main(conn: Connection, device: str, threads: int) -> None:
+def _worker_main(conn: Connection, device: str, threads: int, parent_pid: int) -> None:
+    from backend.inference.lifeline import die_with_parent
     from backend.inference.manifest import ModelManifest as Manifest
     from backend.inference.runtimes import load
+
+    die_with_parent(parent_pid)  # a server killed with SIGKILL leaves no worker behind
 
     models: dict[str, Any] = {}
     while True:
@@ -178,7 +182,7 @@ class _Worker:
         self.conn, child = context.Pipe()
         self.process = context.Process(
             target=_worker_main,
-            args=(child, pool.device, pool.threads),
+            args=(child, pool.device, pool.threads, os.getpid()),
             name=f"sightline-inference-{index}",
             daemon=True,
         )

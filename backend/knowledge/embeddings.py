@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import logging
 import multiprocessing
+import os
 import random
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -24,6 +25,7 @@ import openai
 
 from backend.config import KnowledgeSettings
 from backend.errors import ServiceUnavailable
+from backend.inference.lifeline import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +60,8 @@ def local_model_path() -> Path | None:
 _MODEL: Any = None
 
 
-def _load(path: str, threads: int) -> None:
-    import os
-
+def _load(path: str, threads: int, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # a server killed with SIGKILL leaves no worker behind
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
@@ -120,7 +121,7 @@ class LocalEmbedder:
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_load,
-                initargs=(str(self._path), self._threads),
+                initargs=(str(self._path), self._threads, os.getpid()),
             )
         return self._pool
 

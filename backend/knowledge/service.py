@@ -2,9 +2,16 @@
 
 Ingestion is a background job owned by this service: sniff -> extract (in a thread) -> chunk ->
 embed (batched, retried with backoff while the embedder is down) -> one transaction that
-replaces the document's chunks. Nothing is written before every chunk has its vector, so a
-failure never leaves a half-replaced document. Re-ingesting unchanged content (same source,
-same content hash, same embedding model) does nothing.
+replaces the document's chunks and ends the job. Nothing is written before every chunk has its
+vector, so a failure never leaves a half-replaced document. Re-ingesting unchanged content
+(same source, same content hash, same embedding model) does nothing.
+
+A job holds a lease (backend.core.leases) like a chat run. When its replica dies, another one
+(or the same, restarted) takes the job over and starts it again from the upload stored with it,
+up to `job_max_attempts` times, then fails it with WORKER_LOST. Every step retries through a
+PostgreSQL or Redis outage of up to `outage_retry_s`; a longer one leaves the job to recovery.
+The row is always written before the stream's terminal event, and recovery appends the event a
+row calls for when its stream lacks it: the two end in agreement.
 
 Search ranks by vector (HNSW, cosine) and by full text (tsvector, ts_rank_cd) separately and
 fuses the two rankings with reciprocal rank fusion. The text ranking matches any of the query's
@@ -15,6 +22,7 @@ finds nothing for most natural-language questions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any, TypeVar
 
 import numpy as np
@@ -35,10 +43,12 @@ from backend.auth.principal import Principal
 from backend.config import KnowledgeSettings
 from backend.core import pagination
 from backend.core.db import Database
-from backend.core.models import Chunk, Document, IngestionJob, JobStatus
+from backend.core.leases import Leases, Work
+from backend.core.models import Chunk, Document, IngestionJob, IngestionUpload, JobStatus
 from backend.core.redis import KeySpace
+from backend.core.retry import is_transient, retrying
 from backend.core.tasks import drain
-from backend.errors import AppError, NotFound, PayloadTooLarge, ValidationFailed
+from backend.errors import AppError, NotFound, PayloadTooLarge, ServiceUnavailable, ValidationFailed
 from backend.knowledge.chunking import chunk
 from backend.knowledge.embeddings import Embedder, EmbeddingUnavailable
 from backend.knowledge.extract import Extracted, Section, UnreadableDocument, extract, sniff
@@ -48,6 +58,8 @@ from backend.realtime.eventlog import RunEvent, RunEventLog
 log = logging.getLogger(__name__)
 
 RETRY_MAX_S = 30.0
+WORKER_LOST = "WORKER_LOST"
+_ENDED = (JobStatus.COMPLETED.value, JobStatus.UNCHANGED.value, JobStatus.FAILED.value)
 T = TypeVar("T")
 
 
@@ -83,6 +95,30 @@ class _Upload:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Job:
+    """A job as its runner needs it (the same whichever replica runs it)."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    created_by: uuid.UUID | None
+    upload: _Upload
+
+    @property
+    def member(self) -> str:
+        return Work(self.tenant_id, self.id, self.created_by).member
+
+
+@dataclass(frozen=True)
+class _Failure:
+    code: str
+    message: str
+
+
+class _EndedElsewhere(Exception):
+    """The job's row ended meanwhile (another replica took the job over and ended it)."""
+
+
 class KnowledgeService:
     def __init__(
         self,
@@ -109,12 +145,31 @@ class KnowledgeService:
         self.events = RunEventLog(redis, self._keys, ttl_after_end_s=settings.jobs_ttl_s)
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
         self._jobs: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._leases = Leases(
+            redis,
+            self._keys("job-leases"),
+            lease_s=settings.job_lease_s,
+            grace_s=settings.job_lost_grace_s,
+            on_lost=self._recover_lost,
+            on_revoked=self._lease_revoked,
+            recover_timeout_s=3 * settings.outage_retry_s + 60,
+            find_unleased=self._unleased,
+            scan_every_s=20 * settings.job_lease_s,
+            name="ingestion",
+        )
         self._closing = False
 
+    def start(self, *, take_over: bool = True) -> None:
+        """Starts renewing this replica's job leases and (with `take_over`) taking over the
+        jobs of replicas that died. Without it (a one-off command), leases are not renewed."""
+        self._leases.start(claim=take_over)
+
     async def close(self, grace_s: float) -> None:
-        """Lets jobs finish for `grace_s`, then cancels them (they fail, nothing half-written)."""
+        """Lets jobs finish for `grace_s`, then stops them: nothing is half-written, and their
+        leases expire, so a replica (another, or this one restarted) takes them over."""
         self._closing = True
         await drain(self._jobs.values(), grace_s)
+        await self._leases.close(grace_s)
         await self.events.close()
         if self._own_embedder:
             await self.embedder.aclose()
@@ -131,7 +186,10 @@ class KnowledgeService:
         title: str | None = None,
         meta: dict[str, Any] | None = None,
     ) -> IngestionJob:
-        """Accepts a document and starts its job; bad input is refused before anything runs."""
+        """Accepts a document and starts its job; bad input is refused before anything runs.
+
+        The document is stored with the job (in the transaction that accepts it), so whichever
+        replica runs the job to its end, the accepted document is never lost."""
         if len(data) > self._settings.max_document_bytes:
             raise PayloadTooLarge(
                 f"the document is over {self._settings.max_document_bytes} bytes",
@@ -144,23 +202,62 @@ class KnowledgeService:
             key = "text:" + content_hash[:16]
         media_type = sniff(data, filename or key, images=self.read_image is not None)
         await self._limiter.enforce(principal.subject, principal.plan, "ingestion")
-        async with self._db.session(principal.tenant_id) as session:
-            job = IngestionJob(
-                tenant_id=principal.tenant_id,
-                source=key,
-                status=JobStatus.QUEUED.value,
-                created_by=principal.user_id,
-            )
-            session.add(job)
-            await session.flush()
+        if self._closing:
+            raise ServiceUnavailable("the server is shutting down")
         upload = _Upload(data, content_hash, media_type, key, title, meta or {})
-        await self.events.append(str(job.id), "IngestionQueued", {"source": key})
-        self._jobs[job.id] = asyncio.create_task(
-            self._run(principal, job.id, upload), name=f"ingest-{job.id}"
-        )
-        return job
+        job = _Job(uuid.uuid4(), principal.tenant_id, principal.user_id, upload)
+        # The lease first: should this replica die from here on, whoever claims the lease
+        # finds the job (or finds none) and takes it over.
+        await self._leases.acquire(job.member)
+        try:
+            async with self._db.session(principal.tenant_id) as session:
+                row = IngestionJob(
+                    id=job.id,
+                    tenant_id=principal.tenant_id,
+                    source=key,
+                    status=JobStatus.QUEUED.value,
+                    created_by=principal.user_id,
+                )
+                session.add(row)
+                await session.flush()
+                session.add(
+                    IngestionUpload(
+                        job_id=job.id,
+                        tenant_id=principal.tenant_id,
+                        data=data,
+                        content_hash=upload.content_hash,
+                        media_type=media_type,
+                        title=title[:500] if title else None,
+                        meta=upload.meta,
+                        attempts=1,
+                    )
+                )
+        except BaseException:
+            try:
+                await self._leases.release(job.member)
+            except Exception:
+                self._leases.abandon(job.member)
+            raise
+        await self._event(job, "IngestionQueued", {"source": key})
+        self._start(job)
+        return row
 
-    async def _read_scans(self, job_key: str, extracted: Extracted) -> list[Section]:
+    def _start(self, job: _Job) -> None:
+        self._jobs[job.id] = asyncio.create_task(self._run(job), name=f"ingest-{job.id}")
+
+    async def _event(self, job: _Job, kind: str, body: dict[str, Any]) -> None:
+        """A progress event, retried through a short Redis outage; one that cannot be written
+        is left out (the job goes on; its end is what must be recorded)."""
+        try:
+            await self.events.append_retrying(
+                str(job.id), kind, body, within_s=self._settings.outage_retry_s
+            )
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("job %s: %s event left out: %r", job.id, kind, exc)
+
+    async def _read_scans(self, job: _Job, extracted: Extracted) -> list[Section]:
         """The document's sections with its scanned pages (or the image) read by OCR, in page
         order; progress is reported page by page (OCR takes about a second a page)."""
         assert self.read_image is not None
@@ -168,55 +265,120 @@ class KnowledgeService:
         total = len(extracted.scans)
         for done, (page, image) in enumerate(extracted.scans, start=1):
             read.setdefault(page, []).append(await self.read_image(image))
-            await self.events.append(
-                job_key, "IngestionProgress", {"status": "reading", "done": done, "total": total}
+            await self._event(
+                job, "IngestionProgress", {"status": "reading", "done": done, "total": total}
             )
         scanned = [Section("\n\n".join(texts), page=page) for page, texts in read.items()]
         return sorted([*extracted.sections, *scanned], key=lambda s: s.page or 0)
 
-    async def _run(self, principal: Principal, job_id: uuid.UUID, upload: _Upload) -> None:
-        job_key = str(job_id)
+    async def _run(self, job: _Job) -> None:
+        """Runs a job to its end, which is recorded in the database first (row and document in
+        one transaction), then as the stream's last event. An outage longer than
+        `outage_retry_s`, or a shutdown, leaves the job to recovery: its lease expires and a
+        replica (this one, restarted, or another) takes it over."""
         try:
             async with self._slots, asyncio.timeout(self._settings.job_timeout_s):
-                result = await self._ingest(principal, job_id, upload)
-            await self._update_job(principal, job_id, **result)
-            await self.events.append(job_key, "IngestionCompleted", _job_body(result))
+                result = await self._ingest(job)
         except asyncio.CancelledError:
-            await asyncio.shield(
-                self._fail(principal, job_id, "SERVER_SHUTDOWN", "server shut down")
-            )
+            # shutting down, or another replica took the job over: either way it is not ended
+            # here (what was written stays unwritten: nothing is half-replaced)
+            self._leases.abandon(job.member)
+            self._jobs.pop(job.id, None)
+            return
+        except _EndedElsewhere:
+            self._leases.abandon(job.member)
+            self._jobs.pop(job.id, None)
+            return
         except TimeoutError:
-            await self._fail(principal, job_id, "JOB_TIMEOUT", "the job ran out of time")
+            result = _Failure("JOB_TIMEOUT", "the job ran out of time")
         except AppError as exc:
-            await self._fail(principal, job_id, exc.code, exc.message)
-        except Exception:
-            log.exception("ingestion job %s failed", job_id)
-            await self._fail(principal, job_id, "INTERNAL_SERVER_ERROR", "internal error")
+            result = _Failure(exc.code, exc.message)
+        except Exception as exc:
+            if is_transient(exc):  # down for longer than outage_retry_s: resumed later
+                log.warning("job %s: left to recovery after an outage: %r", job.id, exc)
+                self._leases.abandon(job.member)
+                self._jobs.pop(job.id, None)
+                return
+            log.exception("ingestion job %s failed", job.id)
+            result = _Failure("INTERNAL_SERVER_ERROR", "internal error")
+        try:
+            await asyncio.shield(self._end(job, result))
         finally:
-            self._jobs.pop(job_id, None)
+            self._jobs.pop(job.id, None)
 
-    async def _ingest(
-        self, principal: Principal, job_id: uuid.UUID, upload: _Upload
-    ) -> dict[str, Any]:
-        job_key = str(job_id)
-        content_hash = upload.content_hash
-        model = self.embedder.name
-        async with self._db.session(principal.tenant_id) as session:
-            existing = await session.scalar(
-                select(Document).where(Document.source == upload.source)
-            )
+    async def _end(self, job: _Job, result: dict[str, Any] | _Failure) -> None:
+        """Records a job's end: the row (a failure here; a success was recorded with its
+        document), then the terminal event, then the lease goes."""
+        try:
+            if isinstance(result, _Failure):
+                ended = await self._retrying(
+                    lambda: self._record_failure(job, result), f"failing job {job.id}"
+                )
+                kind, body = "IngestionFailed", {"code": result.code, "message": result.message}
+            else:
+                ended = True
+                kind, body = "IngestionCompleted", _job_body(result)
+            if ended:
+                await self.events.append_retrying(
+                    str(job.id), kind, body, within_s=self._settings.outage_retry_s
+                )
+            if ended and self._leases.owns(job.member):
+                await self._retrying(lambda: self._leases.release(job.member), "releasing a lease")
+            else:  # ended elsewhere: the lease is the replica's that took the job over
+                self._leases.abandon(job.member)
+        except Exception as exc:
+            log.warning("job %s: its end is left to recovery: %r", job.id, exc)
+            self._leases.abandon(job.member)
+
+    async def _record_failure(self, job: _Job, failure: _Failure) -> bool:
+        """The row says FAILED and the upload goes, unless the job ended elsewhere (False)."""
+        async with self._db.session(job.tenant_id) as session:
+            row = await session.get(IngestionJob, job.id, with_for_update=True)
+            if row is None or row.status in _ENDED:
+                return False
+            row.status = JobStatus.FAILED.value
+            row.error_code = failure.code
+            row.error = failure.message
+            row.updated_at = datetime.now(UTC)
+            await session.execute(delete(IngestionUpload).where(IngestionUpload.job_id == job.id))
+        return True
+
+    async def _unchanged(self, job: _Job) -> dict[str, Any] | None:
+        """Ends the job as UNCHANGED when the same content is stored already."""
+
+        async def stored() -> Document | None:
+            async with self._db.session(job.tenant_id) as session:
+                return await session.scalar(
+                    select(Document).where(Document.source == job.upload.source)
+                )
+
+        existing = await self._retrying(stored, "reading a document")
         if (
-            existing is not None
-            and existing.content_hash == content_hash
-            and existing.embedding_model == model
+            existing is None
+            or existing.content_hash != job.upload.content_hash
+            or existing.embedding_model != self.embedder.name
         ):
-            return {
-                "status": JobStatus.UNCHANGED,
-                "document_id": existing.id,
-                "total": existing.chunk_count,
-                "done": existing.chunk_count,
-            }
-        await self._update_job(principal, job_id, status=JobStatus.RUNNING)
+            return None
+        result = {
+            "status": JobStatus.UNCHANGED,
+            "document_id": existing.id,
+            "total": existing.chunk_count,
+            "done": existing.chunk_count,
+        }
+
+        async def end() -> None:
+            async with self._db.session(job.tenant_id) as session:
+                await _close_job(session, job.id, result)
+
+        await self._retrying(end, f"ending job {job.id}")
+        return result
+
+    async def _ingest(self, job: _Job) -> dict[str, Any]:
+        upload = job.upload
+        unchanged = await self._unchanged(job)
+        if unchanged is not None:
+            return unchanged
+        await self._progress(job, status=JobStatus.RUNNING, done=0)
         extracted = await asyncio.to_thread(
             extract,
             upload.data,
@@ -226,7 +388,7 @@ class KnowledgeService:
             scans=self.read_image is not None,
         )
         if extracted.scans:
-            extracted.sections = await self._read_scans(job_key, extracted)
+            extracted.sections = await self._read_scans(job, extracted)
         pieces = chunk(
             extracted.sections,
             max_tokens=self._settings.chunk_tokens,
@@ -240,32 +402,54 @@ class KnowledgeService:
                 f"{self._settings.max_chunks_per_document}"
             )
         total = len(pieces)
-        await self._update_job(principal, job_id, total=total)
-        await self.events.append(
-            job_key, "IngestionProgress", {"status": "running", "done": 0, "total": total}
+        await self._progress(job, total=total)
+        await self._event(
+            job, "IngestionProgress", {"status": "running", "done": 0, "total": total}
         )
         vectors: list[list[float]] = []
         batch = self._settings.embed_batch
         for start in range(0, total, batch):
             texts = [p.text for p in pieces[start : start + batch]]
-            vectors += await self._embed_with_retries(principal, job_id, texts)
+            vectors += await self._embed_with_retries(job, texts)
             done = min(start + batch, total)
-            await self.events.append(
-                job_key, "IngestionProgress", {"status": "running", "done": done, "total": total}
+            await self._progress(job, done=done)
+            await self._event(
+                job, "IngestionProgress", {"status": "running", "done": done, "total": total}
             )
         title = upload.title or extracted.title
-        async with self._db.session(principal.tenant_id) as session:
+        return await self._retrying(
+            lambda: self._store(job, title, extracted.media_type, pieces, vectors),
+            f"storing the document of job {job.id}",
+        )
+
+    async def _store(
+        self,
+        job: _Job,
+        title: str,
+        media_type: str,
+        pieces: list[Any],
+        vectors: list[list[float]],
+    ) -> dict[str, Any]:
+        """One unit of work: the document and its chunks (replacing the old ones) and the
+        job's end."""
+        upload, model, total = job.upload, self.embedder.name, len(pieces)
+        async with self._db.session(job.tenant_id) as session:
+            # the job's row first (lock order): a replica that took the job over, and
+            # ended it meanwhile, wins; nothing is written twice
+            row = await session.get(IngestionJob, job.id, with_for_update=True)
+            if row is None or row.status in _ENDED:
+                raise _EndedElsewhere
             document = await session.scalar(
                 select(Document).where(Document.source == upload.source).with_for_update()
             )
             if document is None:
                 document = Document(
-                    tenant_id=principal.tenant_id,
+                    tenant_id=job.tenant_id,
                     source=upload.source,
-                    created_by=principal.user_id,
+                    created_by=job.created_by,
                     title=title[:500],
-                    media_type=extracted.media_type,
-                    content_hash=content_hash,
+                    media_type=media_type,
+                    content_hash=upload.content_hash,
                     size_bytes=len(upload.data),
                     embedding_model=model,
                     meta=upload.meta,
@@ -273,11 +457,11 @@ class KnowledgeService:
                 session.add(document)
                 await session.flush()
             else:  # replace: old chunks go in the same transaction the new ones arrive
-                await _count_lexemes(session, principal.tenant_id, document.id, sign=-1)
+                await _count_lexemes(session, job.tenant_id, document.id, sign=-1)
                 await session.execute(delete(Chunk).where(Chunk.document_id == document.id))
                 document.title = title[:500]
-                document.media_type = extracted.media_type
-                document.content_hash = content_hash
+                document.media_type = media_type
+                document.content_hash = upload.content_hash
                 document.size_bytes = len(upload.data)
                 document.embedding_model = model
                 document.meta = upload.meta
@@ -285,26 +469,23 @@ class KnowledgeService:
             document.chunk_count = total
             await _insert_chunks(
                 session,
-                tenant_id=principal.tenant_id,
+                tenant_id=job.tenant_id,
                 document=document,
                 pieces=pieces,
                 vectors=vectors,
                 model=model,
             )
-            await _count_lexemes(session, principal.tenant_id, document.id, sign=1)
-            job = await session.get(IngestionJob, job_id)
-            if job is not None:
-                job.document_id = document.id
-        return {
-            "status": JobStatus.COMPLETED,
-            "document_id": document.id,
-            "total": total,
-            "done": total,
-        }
+            await _count_lexemes(session, job.tenant_id, document.id, sign=1)
+            result = {
+                "status": JobStatus.COMPLETED,
+                "document_id": document.id,
+                "total": total,
+                "done": total,
+            }
+            await _close_job(session, job.id, result)
+        return result
 
-    async def _embed_with_retries(
-        self, principal: Principal, job_id: uuid.UUID | None, texts: list[str]
-    ) -> list[list[float]]:
+    async def _embed_with_retries(self, job: _Job | None, texts: list[str]) -> list[list[float]]:
         """The job pauses (status RETRYING, with events) while the embedder is down."""
         for attempt in range(self._settings.embedding_retries + 1):
             try:
@@ -313,31 +494,126 @@ class KnowledgeService:
                 if attempt == self._settings.embedding_retries:
                     raise
                 delay = min(RETRY_MAX_S, self._settings.embedding_retry_base_s * 2**attempt)
-                log.warning("job %s: embedder down (%s); retrying in %.1fs", job_id, exc, delay)
-                if job_id is not None:
-                    await self._update_job(principal, job_id, status=JobStatus.RETRYING)
-                    await self.events.append(
-                        str(job_id),
+                where = f"job {job.id}" if job is not None else "re-embedding"
+                log.warning("%s: embedder down (%s); retrying in %.1fs", where, exc, delay)
+                if job is not None:
+                    await self._progress(job, status=JobStatus.RETRYING)
+                    await self._event(
+                        job,
                         "IngestionProgress",
                         {"status": "retrying", "retryInS": delay, "reason": exc.message},
                     )
                 await asyncio.sleep(delay)
-                if job_id is not None:
-                    await self._update_job(principal, job_id, status=JobStatus.RUNNING)
+                if job is not None:
+                    await self._progress(job, status=JobStatus.RUNNING)
         raise AssertionError("unreachable")
 
-    async def _update_job(self, principal: Principal, job_id: uuid.UUID, **values: Any) -> None:
-        await self._db.update_owned(principal.tenant_id, IngestionJob, job_id, **values)
+    async def _progress(self, job: _Job, **values: Any) -> None:
+        """Updates a going job's row (never one that ended: a replica that lost the job to
+        another must not undo its end)."""
+        values = {k: v.value if isinstance(v, Enum) else v for k, v in values.items()}
 
-    async def _fail(self, principal: Principal, job_id: uuid.UUID, code: str, message: str) -> None:
-        try:
-            await self._update_job(
-                principal, job_id, status=JobStatus.FAILED, error_code=code, error=message
-            )
-        finally:
-            await self.events.append(
-                str(job_id), "IngestionFailed", {"code": code, "message": message}
-            )
+        async def update_row() -> None:
+            async with self._db.session(job.tenant_id) as session:
+                await session.execute(
+                    update(IngestionJob)
+                    .where(IngestionJob.id == job.id, IngestionJob.status.not_in(_ENDED))
+                    .values(**values, updated_at=datetime.now(UTC))
+                )
+
+        await self._retrying(update_row, f"updating job {job.id}")
+
+    def _retrying(self, step: Callable[[], Awaitable[T]], what: str) -> Awaitable[T]:
+        return retrying(step, within_s=self._settings.outage_retry_s, what=what)
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def _lease_revoked(self, member: str) -> None:
+        """Another replica took this one for dead and took the job over: stop it here."""
+        with contextlib.suppress(ValueError):
+            task = self._jobs.get(Work.of(member).id)
+            if task is not None and not task.done():
+                task.cancel("the job was taken over")
+
+    async def _unleased(self) -> list[str]:
+        """Unfinished jobs untouched for a lease and its grace (lease recovery keeps those that
+        have no lease at all: Redis lost their owner's, or they predate job leases)."""
+        idle = self._settings.job_lease_s + self._settings.job_lost_grace_s
+        rows = await self._db.unfinished("ingestion", idle)
+        return [Work(*row).member for row in rows]
+
+    async def _recover_lost(self, member: str) -> bool:
+        """A job whose replica stopped renewing its lease: resumed here from its stored upload
+        (up to `job_max_attempts` starts), else failed with WORKER_LOST; a job that had ended
+        gets the terminal event its row calls for, if its stream lacks one. Idempotent."""
+        work = Work.of(member)
+        tenant_id, job_id, job_key = work.tenant_id, work.id, str(work.id)
+        if self._closing:
+            self._leases.abandon(member)  # for another replica, or this one restarted
+            return False
+        taken = await self._retrying(
+            lambda: self._take_over(tenant_id, job_id), f"taking over job {job_key}"
+        )
+        if isinstance(taken, _Job):
+            log.warning("job %s resumed after its replica was lost", job_key)
+            await self._event(taken, "IngestionProgress", {"status": "resumed", "done": 0})
+            self._start(taken)  # it releases the lease when it ends
+            return False
+        if taken is not None:
+            last = await self._retrying(lambda: self.events.last(job_key), "reading a log")
+            if last is None or not last.terminal:
+                kind, body = taken
+                await self.events.append_retrying(
+                    job_key, kind, body, within_s=self._settings.outage_retry_s
+                )
+        return True
+
+    async def _take_over(
+        self, tenant_id: uuid.UUID, job_id: uuid.UUID
+    ) -> _Job | tuple[str, dict[str, Any]] | None:
+        """One unit of work: the job to resume, or the terminal event its (ended, or now
+        failed) row calls for, or None when there is no such job."""
+        async with self._db.session(tenant_id) as session:
+            row = await session.get(IngestionJob, job_id, with_for_update=True)
+            if row is None:
+                return None
+            if row.status not in _ENDED:
+                upload = await session.get(IngestionUpload, job_id, with_for_update=True)
+                if upload is not None and upload.attempts < self._settings.job_max_attempts:
+                    upload.attempts += 1
+                    row.status = JobStatus.QUEUED.value
+                    row.done = 0
+                    row.updated_at = datetime.now(UTC)
+                    return _Job(
+                        job_id,
+                        tenant_id,
+                        row.created_by,
+                        _Upload(
+                            upload.data,
+                            upload.content_hash,
+                            upload.media_type,
+                            row.source,
+                            upload.title,
+                            upload.meta,
+                        ),
+                    )
+                row.status = JobStatus.FAILED.value
+                row.error_code = WORKER_LOST
+                row.error = "the server running this job stopped" + (
+                    f" ({upload.attempts} times)" if upload is not None else ""
+                )
+                row.updated_at = datetime.now(UTC)
+                await session.execute(
+                    delete(IngestionUpload).where(IngestionUpload.job_id == job_id)
+                )
+        if row.status == JobStatus.FAILED.value:
+            return "IngestionFailed", {"code": row.error_code, "message": row.error or ""}
+        return "IngestionCompleted", {
+            "status": row.status,
+            "documentId": str(row.document_id) if row.document_id else None,
+            "done": row.done,
+            "total": row.total,
+        }
 
     async def job(self, principal: Principal, job_id: uuid.UUID) -> IngestionJob:
         return await self._get(principal, IngestionJob, job_id, "ingestion job")
@@ -370,7 +646,7 @@ class KnowledgeService:
             batch = self._settings.embed_batch
             for start in range(0, len(rows), batch):
                 texts = [r.text for r in rows[start : start + batch]]
-                vectors += await self._embed_with_retries(principal, None, texts)
+                vectors += await self._embed_with_retries(None, texts)
             async with self._db.session(principal.tenant_id) as session:
                 for row, vector in zip(rows, vectors, strict=True):
                     await session.execute(
@@ -720,6 +996,21 @@ def _vector_literal(vector: list[float]) -> str:
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+async def _close_job(session: AsyncSession, job_id: uuid.UUID, result: dict[str, Any]) -> None:
+    """Ends a job's row with its result and drops its upload (in the caller's unit of work);
+    raises _EndedElsewhere when the row had ended already."""
+    row = await session.get(IngestionJob, job_id, with_for_update=True)
+    if row is None or row.status in _ENDED:
+        raise _EndedElsewhere
+    row.status = result["status"].value
+    row.document_id = result["document_id"]
+    row.total = result["total"]
+    row.done = result["done"]
+    row.error_code = row.error = None
+    row.updated_at = datetime.now(UTC)
+    await session.execute(delete(IngestionUpload).where(IngestionUpload.job_id == job_id))
 
 
 def _job_body(result: dict[str, Any]) -> dict[str, Any]:

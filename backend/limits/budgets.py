@@ -3,10 +3,17 @@
 Counters live in Redis (one Lua script per step, so concurrent runs on any replica never
 overspend together); settled amounts are recorded durably as usage records in PostgreSQL.
 Each budget is four counters: tenant per day and per month, user per day and per month.
+
+A reservation made with a `hold_id` is also recorded in Redis (what is held, what is charged),
+so that when the replica holding it dies, the one that recovers its work can settle it: what
+was used stays counted, the rest of the hold is given back. Charges to such a reservation are
+idempotent (each names the total charged so far), so a charge retried after a lost reply
+counts once.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,8 +32,9 @@ _DAY_TTL_S = 2 * 86_400
 _MONTH_TTL_S = 32 * 86_400
 _SCOPES = ("tenant per day", "tenant per month", "user per day", "user per month")
 
-# KEYS: used[1..4], held[1..4]. ARGV: limit[1..4] (0 = none), amount, ttl day, ttl month.
-# Reserves `amount` on all four or none; returns {1} or {0, failing index, available}.
+# KEYS: used[1..4], held[1..4], [the reservation's record]. ARGV: limit[1..4] (0 = none),
+# amount, ttl day, ttl month, [the record's spec]. Reserves `amount` on all four or none;
+# returns {1} or {0, failing index, available}.
 _RESERVE = """
 local amount = tonumber(ARGV[5])
 for i = 1, 4 do
@@ -44,14 +52,31 @@ for i = 1, 4 do
   redis.call('INCRBYFLOAT', KEYS[i + 4], amount)
   redis.call('EXPIRE', KEYS[i + 4], ttl)
 end
+if #KEYS >= 9 then
+  redis.call('HSET', KEYS[9], 'held', ARGV[5], 'charged', '0', 'spec', ARGV[8])
+  redis.call('EXPIRE', KEYS[9], ARGV[7])
+end
 return {1}
 """
 
-# ARGV: limit[1..4], amount used, amount released from the hold, ttl day, ttl month.
-# Returns {exhausted (0/1), index of the tightest counter, remaining there}.
+# KEYS: as _RESERVE. ARGV: limit[1..4], amount used, amount released from the hold, ttl day,
+# ttl month, [the total charged with this call, when there is a record: then what is used and
+# released comes from the record, and a repeated call adds nothing]. Returns {exhausted (0/1),
+# index of the tightest counter, remaining there}.
 _CHARGE = """
 local used_amount = tonumber(ARGV[5])
 local release = tonumber(ARGV[6])
+if #KEYS >= 9 then
+  release = 0
+  if redis.call('EXISTS', KEYS[9]) == 1 then
+    local charged = tonumber(redis.call('HGET', KEYS[9], 'charged'))
+    local held = tonumber(redis.call('HGET', KEYS[9], 'held'))
+    local total = tonumber(ARGV[9])
+    used_amount = math.max(0, total - charged)
+    release = math.min(used_amount, math.max(0, held - charged))
+    redis.call('HSET', KEYS[9], 'charged', tostring(math.max(charged, total)))
+  end
+end
 local exhausted, tightest, least = 0, 0, nil
 for i = 1, 4 do
   local ttl = (i % 2 == 1) and ARGV[7] or ARGV[8]
@@ -69,6 +94,24 @@ for i = 1, 4 do
   end
 end
 return {exhausted, tightest, tostring(least or -1)}
+"""
+
+# KEYS: as _RESERVE (with the record). ARGV: ttl day, ttl month. Gives back what the record
+# holds and has not used, and deletes it; 1 the first time, 0 when it was settled already.
+_RELEASE = """
+if redis.call('EXISTS', KEYS[9]) == 0 then return 0 end
+local held = tonumber(redis.call('HGET', KEYS[9], 'held'))
+local charged = tonumber(redis.call('HGET', KEYS[9], 'charged'))
+local unused = math.max(0, held - charged)
+if unused > 0 then
+  for i = 1, 4 do
+    local ttl = (i % 2 == 1) and ARGV[1] or ARGV[2]
+    local left = tonumber(redis.call('GET', KEYS[i + 4]) or 0)
+    redis.call('SET', KEYS[i + 4], tostring(math.max(0, left - unused)), 'EX', ttl)
+  end
+end
+redis.call('DEL', KEYS[9])
+return 1
 """
 
 
@@ -95,7 +138,9 @@ class Reservation:
     limits: list[float]
     keys: list[str]
     charged: float = 0.0
+    record: str | None = None  # where the reservation is recorded in Redis (see the module)
     settled: bool = field(default=False, repr=False)
+    _usage_due: bool = field(default=False, repr=False)
 
     async def charge(self, amount: float) -> float:
         """Adds consumption; returns what is left on the tightest counter.
@@ -103,10 +148,13 @@ class Reservation:
         Raises BudgetExceeded once a counter is used up: the caller stops its run there.
         """
         release = min(amount, max(0.0, self.held - self.charged))
-        self.charged += amount
-        exhausted, index, least = await self.budgets._charge(
-            keys=self.keys, args=[*self.limits, amount, release, _DAY_TTL_S, _MONTH_TTL_S]
-        )
+        total = self.charged + amount
+        keys: list[str] = self.keys
+        args: list[float] = [*self.limits, amount, release, _DAY_TTL_S, _MONTH_TTL_S]
+        if self.record is not None:  # the same call again (its reply was lost) adds nothing
+            keys, args = [*keys, self.record], [*args, total]
+        exhausted, index, least = await self.budgets._charge(keys=keys, args=args)
+        self.charged = total
         left = float(least)
         if int(exhausted):
             raise BudgetExceeded(
@@ -117,15 +165,22 @@ class Reservation:
         return left
 
     async def release(self) -> bool:
-        """Gives back what is held and not used, once; records nothing (True the first time)."""
+        """Gives back what is held and not used, once; records nothing (True the first time;
+        with a record, only for the first of every replica that releases it)."""
         if self.settled:
             return False
-        self.settled = True
+        if self.record is not None:
+            first = await self.budgets._release(
+                keys=[*self.keys, self.record], args=[_DAY_TTL_S, _MONTH_TTL_S]
+            )
+            self.settled = True
+            return bool(int(first))
         unused = max(0.0, self.held - self.charged)
         if unused:
             await self.budgets._charge(
                 keys=self.keys, args=[*self.limits, 0, unused, _DAY_TTL_S, _MONTH_TTL_S]
             )
+        self.settled = True
         return True
 
     async def settle(
@@ -135,8 +190,13 @@ class Reservation:
         cost: Decimal | None = None,
     ) -> None:
         """Releases the unused hold and records the usage (in the caller's unit of work);
-        `cost` is the total when the price is not per unit (prompt and completion tokens)."""
-        if not await self.release():
+        `cost` is the total when the price is not per unit (prompt and completion tokens).
+
+        Call it again only when that unit of work failed (the usage is then recorded in the
+        next one); the hold is released once."""
+        if await self.release():
+            self._usage_due = True
+        if not self._usage_due:
             return
         amount = Decimal(str(self.charged))
         session.add(
@@ -156,8 +216,10 @@ class Budgets:
     def __init__(self, redis: Redis, keys: KeySpace, settings: LimitsSettings) -> None:
         self._keys = keys.child("budget")
         self._settings = settings
+        self._redis = redis
         self._reserve = redis.register_script(_RESERVE)
         self._charge = redis.register_script(_CHARGE)
+        self._release = redis.register_script(_RELEASE)
 
     def spec(self, plan: str, resource: Resource) -> BudgetSpec:
         budgets = self._settings.budgets
@@ -180,6 +242,32 @@ class Budgets:
         ]
         return used + [key + ":held" for key in used]
 
+    def _record_key(self, tenant_id: uuid.UUID, resource: Resource, hold_id: str) -> str:
+        return self._keys(f"{{{tenant_id}}}:{resource.value}", "hold", hold_id)
+
+    async def recover(
+        self, *, tenant_id: uuid.UUID, user_id: uuid.UUID | None, resource: Resource, hold_id: str
+    ) -> Reservation | None:
+        """The reservation recorded under `hold_id` (made by a replica that died), or None
+        when there is none (settled, or never made)."""
+        record = self._record_key(tenant_id, resource, hold_id)
+        raw = {_text(k): _text(v) for k, v in (await self._redis.hgetall(record)).items()}
+        if not raw:
+            return None
+        spec = json.loads(raw["spec"])
+        return Reservation(
+            budgets=self,
+            tenant_id=tenant_id,
+            user_id=user_id,
+            resource=resource,
+            subject=spec["subject"],
+            held=float(raw["held"]),
+            limits=[float(x) for x in spec["limits"]],
+            keys=list(spec["keys"]),
+            charged=float(raw["charged"]),
+            record=record,
+        )
+
     async def reserve(
         self,
         *,
@@ -189,8 +277,10 @@ class Budgets:
         resource: Resource,
         amount: float,
         subject: str,
+        hold_id: str | None = None,
     ) -> Reservation:
-        """Holds `amount` against all four counters, or raises BudgetExceeded."""
+        """Holds `amount` against all four counters, or raises BudgetExceeded. With `hold_id`,
+        the reservation is recorded (see `recover`)."""
         spec = self.spec(plan, resource)
         limits = [spec.tenant_day, spec.tenant_month, spec.user_day, spec.user_month]
         if not self._settings.enabled:
@@ -198,7 +288,12 @@ class Budgets:
         if user_id is None:
             limits[2] = limits[3] = 0.0
         keys = self._counter_keys(tenant_id, user_id, resource)
-        result = await self._reserve(keys=keys, args=[*limits, amount, _DAY_TTL_S, _MONTH_TTL_S])
+        record = self._record_key(tenant_id, resource, hold_id) if hold_id else None
+        spec = json.dumps({"subject": subject, "limits": limits, "keys": keys})
+        result = await self._reserve(
+            keys=[*keys, record] if record else keys,
+            args=[*limits, amount, _DAY_TTL_S, _MONTH_TTL_S, spec],
+        )
         if not int(result[0]):
             scope = _SCOPES[int(result[1]) - 1]
             raise BudgetExceeded(
@@ -216,4 +311,9 @@ class Budgets:
             held=amount,
             limits=limits,
             keys=keys,
+            record=record,
         )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

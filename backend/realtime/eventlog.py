@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from backend.core.redis import KeySpace
+from backend.core.retry import retrying
 from backend.errors import AppError, ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,30 @@ class RunEventLog:
             entry_id = _text(await self._appender.xadd(key, fields))
         return RunEvent(run_id, entry_id, type_, data or {})
 
+    async def append_retrying(
+        self, run_id: str, type_: str, data: dict[str, Any] | None = None, *, within_s: float
+    ) -> RunEvent:
+        """`append`, retried through a Redis outage of up to `within_s`. Before a retry the
+        stream's last entry is read: an append whose reply was lost is not made twice."""
+        body = data or {}
+        attempts = 0
+
+        async def step() -> RunEvent:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                last = await self.last(run_id)
+                if last is not None and last.type == type_ and last.data == body:
+                    return last
+            return await self.append(run_id, type_, body)
+
+        return await retrying(step, within_s=within_s, what=f"{type_} event of {run_id}")
+
+    async def last(self, run_id: str) -> RunEvent | None:
+        """The log's last event (None when the log is empty or gone)."""
+        entries = await self._redis.xrevrange(self._key(run_id), count=1)
+        return _coalesce(run_id, entries)[0] if entries else None
+
     async def exists(self, run_id: str) -> bool:
         return bool(await self._redis.exists(self._key(run_id)))
 
@@ -355,7 +380,12 @@ class RunEventLog:
                         subscriber.queue.get(), self._block_ms * 6 / 1000
                     )
                 except TimeoutError:
-                    if not await self._redis.exists(key):  # expired while we waited
+                    try:
+                        gone = not await self._redis.exists(key)  # expired while we waited?
+                    except (RedisError, OSError) as exc:  # Redis down: the tail waits it out
+                        log.warning("run events %s: %r; still waiting", run_id, exc)
+                        continue
+                    if gone:
                         raise EventsExpired("this run's events are no longer kept") from None
                     continue
                 while not subscriber.queue.empty():  # a slow reader takes all that waits

@@ -110,3 +110,78 @@ async def test_concurrent_reservations_never_overspend(redis: Redis, key_prefix:
 
     results = await asyncio.gather(*(attempt() for _ in range(50)))
     assert sum(results) == 14  # floor(100 / 7), however the 50 requests interleave
+
+
+async def _held_and_used(redis: Redis, budgets: Budgets, tenant: uuid.UUID) -> tuple[float, float]:
+    keys = budgets._counter_keys(tenant, None, Resource.LLM_TOKENS)
+    used, held = await redis.get(keys[0]), await redis.get(keys[4])
+    return float(held or 0), float(used or 0)
+
+
+async def test_a_dead_replicas_reservation_is_recovered_and_settled_once(
+    redis: Redis, key_prefix: str, db: Database
+) -> None:
+    """The replica holding a run's reservation died: the one that recovers the run finds the
+    reservation in Redis, gives back what was held and not used, and records the usage once."""
+    async with db.session() as session:
+        tenant = Tenant(slug=f"b-{uuid.uuid4().hex[:8]}", name="B")
+        session.add(tenant)
+    budgets = _budgets(redis, key_prefix, tenant_day=1000)
+    lost = await budgets.reserve(
+        tenant_id=tenant.id,
+        user_id=None,
+        plan="free",
+        resource=Resource.LLM_TOKENS,
+        amount=512,
+        subject="run:lost",
+        hold_id="lost",
+    )
+    await lost.charge(16)
+    await lost.charge(16)
+    assert await _held_and_used(redis, budgets, tenant.id) == (480, 32)
+    del lost  # the replica died: only Redis remembers
+
+    recovered = await budgets.recover(
+        tenant_id=tenant.id, user_id=None, resource=Resource.LLM_TOKENS, hold_id="lost"
+    )
+    assert recovered is not None
+    assert (recovered.held, recovered.charged, recovered.subject) == (512, 32, "run:lost")
+    await recovered.charge(3)  # delivered before the crash, not charged yet
+    async with db.session(tenant.id) as session:
+        await recovered.settle(session)
+    assert await _held_and_used(redis, budgets, tenant.id) == (0, 35)
+
+    again = await budgets.recover(
+        tenant_id=tenant.id, user_id=None, resource=Resource.LLM_TOKENS, hold_id="lost"
+    )
+    assert again is None  # settled: a second recovery finds nothing to give back
+    async with db.session(tenant.id) as session:
+        amounts = list(
+            await session.scalars(
+                select(UsageRecord.amount).where(UsageRecord.subject == "run:lost")
+            )
+        )
+    assert amounts == [35]
+
+
+async def test_a_charge_repeated_after_a_lost_reply_counts_once(
+    redis: Redis, key_prefix: str
+) -> None:
+    budgets = _budgets(redis, key_prefix, tenant_day=1000)
+    tenant = uuid.uuid4()
+    run = await budgets.reserve(
+        tenant_id=tenant,
+        user_id=None,
+        plan="free",
+        resource=Resource.LLM_TOKENS,
+        amount=100,
+        subject="r",
+        hold_id="r",
+    )
+    await run.charge(16)
+    run.charged -= 16  # as if the reply had been lost: the caller sends the same charge again
+    await run.charge(16)
+    assert await _held_and_used(redis, budgets, tenant) == (84, 16)
+    assert await run.release()
+    assert not await run.release()
+    assert await _held_and_used(redis, budgets, tenant) == (0, 16)

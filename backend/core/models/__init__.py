@@ -11,7 +11,14 @@ from backend.core.models.identity import (
     SigningKey,
     UsageRecord,
 )
-from backend.core.models.knowledge import Chunk, Document, IngestionJob, JobStatus, LexemeStat
+from backend.core.models.knowledge import (
+    Chunk,
+    Document,
+    IngestionJob,
+    IngestionUpload,
+    JobStatus,
+    LexemeStat,
+)
 from backend.core.models.privacy import PrivacyPolicyRow
 from backend.core.models.tenancy import Tenant, User, UserKind, UserRole
 from backend.core.models.vision import VisionJob, VisionStatus
@@ -30,6 +37,7 @@ TENANT_TABLES = (
     "documents",
     "chunks",
     "ingestion_jobs",
+    "ingestion_uploads",
     "lexeme_stats",
     "guardrail_policies",
     "vision_jobs",
@@ -46,6 +54,7 @@ __all__ = [
     "Document",
     "GuardrailPolicyRow",
     "IngestionJob",
+    "IngestionUpload",
     "JobStatus",
     "LexemeStat",
     "Message",

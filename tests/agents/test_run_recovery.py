@@ -1,0 +1,175 @@
+"""Runs whose replica died: what a killed replica leaves in Redis and PostgreSQL is made here
+by hand (tests/faults kills real server processes), and a live server must recover it: the
+partial answer kept, the user never locked out, the reservation given back."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import select
+
+from backend.config import ChatSettings, LimitsSettings, Settings
+from backend.core.db import Database
+from backend.core.models import Message, MessageRole, Run, RunStatus, UsageRecord, User
+from backend.core.redis import KeySpace
+from backend.limits.budgets import Budgets, Resource
+from backend.realtime.eventlog import RunEventLog
+from tests.agents.test_runs import (
+    account,
+    collect,
+    gql,
+    llm,
+    server,
+    sign_in,
+    start_run,
+    text_of,
+)
+from tests.conftest import LiveServer
+from tests.knowledge.test_service import database
+from tests.llm_stub import LLMStub
+
+__all__ = ["account", "database", "llm", "server"]  # fixtures (chat_settings is this module's)
+
+
+@pytest.fixture
+def chat_settings(settings: Settings, llm: tuple[LLMStub, str]) -> Settings:
+    settings.chat = ChatSettings(
+        llm_base_url=llm[1],
+        llm_model="echo",
+        run_lease_s=1,
+        run_lost_grace_s=1,
+        llm_retries=1,
+        max_active_runs_per_user=1,  # one lost run left behind would lock the user out
+    )
+    settings.limits = LimitsSettings()  # budgets on: a lost run's hold must come back
+    return settings
+
+
+async def leave_a_dead_run(
+    database: Database,
+    redis: Redis,
+    settings: Settings,
+    account: dict[str, Any],
+    conversation: uuid.UUID,
+    streamed: list[str],
+) -> tuple[Run, uuid.UUID]:
+    """What a replica killed mid-answer leaves: the row RUNNING, the user's message, the
+    tokens in the run's log, the run in its user's active runs, a held reservation, and a
+    lease nobody renews."""
+    keys = KeySpace(settings.redis.key_prefix)
+    async with database.session(account["tenant_id"]) as session:
+        user = await session.scalar(select(User.id))
+        assert user is not None
+        run = Run(
+            tenant_id=account["tenant_id"],
+            conversation_id=conversation,
+            user_id=user,
+            status=RunStatus.RUNNING,
+            model="echo",
+        )
+        session.add(run)
+        await session.flush()
+        session.add(
+            Message(
+                tenant_id=account["tenant_id"],
+                conversation_id=conversation,
+                seq=1,
+                role=MessageRole.USER,
+                content="tell me everything",
+                author_id=user,
+                run_id=run.id,
+            )
+        )
+    log = RunEventLog(redis, keys)
+    await log.append(str(run.id), "RunStarted", {"model": "echo"})
+    for index, piece in enumerate(streamed):
+        await log.append(str(run.id), "TokenDelta", {"text": piece, "index": index})
+    await log.close()
+    budgets = Budgets(redis, keys, settings.limits)
+    reservation = await budgets.reserve(
+        tenant_id=account["tenant_id"],
+        user_id=user,
+        plan="free",
+        resource=Resource.LLM_TOKENS,
+        amount=settings.chat.max_tokens,
+        subject=f"run:{run.id}",
+        hold_id=str(run.id),
+    )
+    await reservation.charge(2)  # charged as it streamed, up to the crash
+    runs = keys.child("runs")
+    await redis.sadd(runs("active", str(user)), str(run.id))
+    await redis.zadd(runs("leases"), {f"{account['tenant_id']}:{run.id}:{user}": time.time() - 1})
+    return run, user
+
+
+async def held(redis: Redis, settings: Settings, tenant: uuid.UUID, user: uuid.UUID) -> float:
+    budgets = Budgets(redis, KeySpace(settings.redis.key_prefix), settings.limits)
+    keys = budgets._counter_keys(tenant, user, Resource.LLM_TOKENS)
+    values = await redis.mget(keys[4:])
+    return sum(float(v or 0) for v in values)
+
+
+async def test_a_lost_run_keeps_its_partial_answer_and_frees_its_user(
+    server: LiveServer,
+    account: dict[str, Any],
+    chat_settings: Settings,
+    database: Database,
+    redis: Redis,
+) -> None:
+    token = await sign_in(server, account)
+    created = await gql(server, token, "mutation { createConversation { id } }")
+    conversation = uuid.UUID(created["data"]["createConversation"]["id"])
+    streamed = ["Once ", "upon ", "a ", "time"]
+    run, user = await leave_a_dead_run(
+        database, redis, chat_settings, account, conversation, streamed
+    )
+    assert await held(redis, chat_settings, account["tenant_id"], user) > 0
+
+    events = await collect(server, token, str(run.id))  # a subscriber is not left hanging
+    assert text_of(events) == "Once upon a time"
+    assert events[-1]["__typename"] == "RunFailed"
+    assert events[-1]["code"] == "WORKER_LOST"
+    async with database.session(account["tenant_id"]) as session:
+        row = await session.get(Run, run.id)
+        assert row is not None
+        assert (row.status, row.error_code) == (RunStatus.FAILED, "WORKER_LOST")
+        answer = await session.scalar(
+            select(Message).where(Message.run_id == run.id, Message.role == MessageRole.ASSISTANT)
+        )
+        assert answer is not None
+        assert (answer.content, answer.complete) == ("Once upon a time", False)
+        assert row.message_id == answer.id
+        usage = await session.scalar(
+            select(UsageRecord.amount).where(UsageRecord.subject == f"run:{run.id}")
+        )
+        assert usage == 4  # the four pieces delivered: charged, and recorded once
+    assert await held(redis, chat_settings, account["tenant_id"], user) == 0
+
+    # The user is not locked out (one active run allowed): the same conversation goes on.
+    sent = await gql(
+        server,
+        token,
+        'mutation($c: ID!) { sendMessage(conversationId: $c, content: "and then") { run { id } } }',
+        c=str(conversation),
+    )
+    assert "errors" not in sent, sent
+    after = await collect(server, token, sent["data"]["sendMessage"]["run"]["id"])
+    assert after[-1]["__typename"] == "RunCompleted"
+
+
+async def test_active_runs_left_without_a_lease_lock_nobody_out(
+    server: LiveServer, account: dict[str, Any], chat_settings: Settings, redis: Redis
+) -> None:
+    """What an earlier version left behind (active entries no lease backs) heals on use."""
+    token = await sign_in(server, account)
+    me = await gql(server, token, "{ me { userId } }")
+    user = me["data"]["me"]["userId"]
+    runs = KeySpace(chat_settings.redis.key_prefix).child("runs")
+    await redis.sadd(runs("active", user), str(uuid.uuid4()))
+    _, run_id = await start_run(server, token, "still welcome")
+    events = await collect(server, token, run_id)
+    assert events[-1]["__typename"] == "RunCompleted"
