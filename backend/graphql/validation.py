@@ -83,6 +83,7 @@ class _Interruptible:
         self._lock = threading.Lock()
         self._thread: int | None = None
         self._done = False
+        self.finished = False  # ran to its end (its result may still be on its way to the loop)
         self._cpu_clock: int | None = None
         self._cpu_start = 0.0
         self._wall_start = 0.0
@@ -113,6 +114,15 @@ class _Interruptible:
         finally:
             # An interruption sent just before this point is delivered here at the latest.
             with self._lock:
+                self._done = True
+                self.finished = True
+
+    def drop(self) -> None:
+        """Its caller left: a job not started yet never starts; one running finishes (its CPU
+        is bounded by the budget, and an exception raised into a thread lands wherever it runs,
+        garbage-collector callbacks included)."""
+        with self._lock:
+            if self._thread is None:
                 self._done = True
 
     def interrupt(self) -> None:
@@ -189,7 +199,7 @@ class DocumentValidator:
                 ]
             errors: list[GraphQLError] = future.result()
         except BaseException:
-            job.interrupt()
+            job.drop()
             future.add_done_callback(_consume)
             raise
         if text is not None:
@@ -204,7 +214,8 @@ class DocumentValidator:
         remaining = self.budget_s
         while True:
             done, _ = await asyncio.wait({future}, timeout=remaining)
-            if done:
+            if done or job.finished:
+                await future
                 return True
             used = job.cpu_seconds()
             if used >= self.budget_s:
