@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from backend.auth.principal import Principal
 from backend.config import VisionSettings
 from backend.core.db import Database
-from backend.core.leases import Leases, Work
+from backend.core.leases import Leases, Work, cancel_when_revoked
 from backend.core.models import VisionJob, VisionStatus
 from backend.core.redis import KeySpace
 from backend.core.retry import is_transient, retrying
@@ -188,7 +188,7 @@ class VisionService:
             lease_s=settings.job_lease_s,
             grace_s=settings.job_lost_grace_s,
             on_lost=self._recover_lost,
-            on_revoked=self._lease_revoked,
+            on_revoked=cancel_when_revoked(self._jobs, "the job was taken over"),
             recover_timeout_s=3 * settings.outage_retry_s + 60,
             find_unleased=self._unleased,
             scan_every_s=20 * settings.job_lease_s,
@@ -362,16 +362,8 @@ class VisionService:
         self._jobs[job.id] = asyncio.create_task(self._run(job), name=f"vision-{job.id}")
 
     async def _event(self, key: str, kind: str, body: dict[str, Any]) -> None:
-        """A progress event, retried through a short Redis outage; one that cannot be written
-        is left out (the job goes on; its end is what must be recorded)."""
-        try:
-            await self.events.append_retrying(
-                key, kind, body, within_s=self._settings.outage_retry_s
-            )
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.warning("vision job %s: %s event left out: %r", key, kind, exc)
+        """A progress event (left out when Redis stays down: the job goes on)."""
+        await self.events.append_optional(key, kind, body, within_s=self._settings.outage_retry_s)
 
     async def _run(self, job: _Job) -> None:
         """Runs a job's tasks that have no result yet, then records its end: in the database
@@ -515,13 +507,6 @@ class VisionService:
         return retrying(step, within_s=self._settings.outage_retry_s, what=what)
 
     # -- recovery ------------------------------------------------------------------------------
-
-    def _lease_revoked(self, member: str) -> None:
-        """Another replica took this one for dead and took the job over: stop it here."""
-        with contextlib.suppress(ValueError):
-            task = self._jobs.get(Work.of(member).id)
-            if task is not None and not task.done():
-                task.cancel("the job was taken over")
 
     async def _unleased(self) -> list[str]:
         """Unfinished jobs untouched for a lease and its grace (lease recovery keeps those that

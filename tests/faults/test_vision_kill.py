@@ -5,7 +5,6 @@ no compute stays held."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import uuid
@@ -22,9 +21,8 @@ from backend.core.db import Database
 from backend.core.models import VisionJob, VisionUpload
 from backend.core.redis import KeySpace
 from backend.realtime.eventlog import RunEventLog
-from tests.faults.conftest import KEY_PREFIX, events_of, sign_in, until
+from tests.faults.conftest import KEY_PREFIX, Watcher, events_of, sign_in, until
 from tests.faults.servers import PATIENCE_S, AppServer, serving
-from tests.graphql.ws import init, open_socket, receive, subscribe
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -71,30 +69,6 @@ async def analyze(server: AppServer, token: str, image: bytes) -> str:
     return str(body["data"]["analyzeImage"]["id"])
 
 
-class JobWatcher:
-    """A client subscribed to a vision job's events on one server, in the background."""
-
-    def __init__(self, ws_url: str, token: str, job_id: str) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.task = asyncio.create_task(self._watch(ws_url, token, job_id))
-
-    async def _watch(self, ws_url: str, token: str, job_id: str) -> None:
-        async with await open_socket(ws_url) as ws:
-            await init(ws, {"authorization": f"Bearer {token}"})
-            await subscribe(ws, EVENTS, {"id": job_id})
-            while True:
-                message = await receive(ws, timeout=PATIENCE_S)
-                if message["type"] == "complete":
-                    return
-                assert message["type"] == "next", message
-                assert "errors" not in message["payload"], message
-                self.events.append(message["payload"]["data"]["visionJobEvents"])
-
-    async def ended(self) -> list[dict[str, Any]]:
-        await asyncio.wait_for(self.task, PATIENCE_S)
-        return self.events
-
-
 async def job_row(database: Database, account: dict[str, Any], job_id: str) -> VisionJob:
     async with database.session(account["tenant_id"]) as session:
         row = await session.get(VisionJob, uuid.UUID(job_id))
@@ -120,7 +94,8 @@ async def test_another_replica_finishes_a_vision_job_from_its_stored_image(
     async with serving(doomed, survivor):
         token = await sign_in(doomed.http_url, account)
         job_id = await analyze(doomed, token, page())
-        watcher = JobWatcher(survivor.ws_url, token, job_id)  # a client of the other replica
+        # a client of the other replica
+        watcher = Watcher(survivor.ws_url, token, EVENTS, {"id": job_id}, "visionJobEvents")
 
         async def reading() -> bool:
             return (await job_row(database, account, job_id)).status == "running"
@@ -131,7 +106,8 @@ async def test_another_replica_finishes_a_vision_job_from_its_stored_image(
         assert row.status == "running", "the job ended before the kill: make it slower"
 
         # The subscriber is not left hanging: the job is run again and ends.
-        seen = await watcher.ended()
+        await watcher.ended()
+        seen = watcher.events
         kinds = [e["__typename"] for e in seen]
         assert kinds[0] == "VisionJobQueued", kinds
         assert kinds[-1] == "VisionJobCompleted", seen[-3:]

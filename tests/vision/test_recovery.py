@@ -32,7 +32,7 @@ from backend.inference.client import ModelUnavailable, Priority
 from backend.inference.manifest import ModelManifest, load_manifests
 from backend.limits.budgets import Budgets, Resource
 from backend.limits.ratelimit import RateLimiter
-from backend.realtime.eventlog import EventsExpired, RunEvent
+from backend.realtime.eventlog import EventsExpired, RunEvent, RunEventLog
 from backend.vision.ocr import OcrEngine
 from backend.vision.service import VisionService, VisionTask
 from tests.knowledge.test_service import database, new_principal
@@ -119,17 +119,27 @@ async def until_streamed(
 
 
 async def taken_over(
-    service: VisionService, principal: Principal, job_id: uuid.UUID
+    database: Database,
+    redis: Redis,
+    key_prefix: str,
+    principal: Principal,
+    job_id: uuid.UUID,
+    models: Models,
+    **settings: object,
 ) -> list[RunEvent]:
-    """The job as `service` (another replica) ends it: its stream, read to the end."""
+    """The job as another replica (running `models`) ends it: its stream, read to the end."""
+    service = vision(database, redis, key_prefix, models, **settings)
     service.start()
-    async with asyncio.timeout(PATIENCE_S):
-        while True:
-            try:
-                events = await service.job_events(principal, job_id, None)
-                return [e async for e in events]
-            except EventsExpired:  # no stream yet: the job has not been found yet
-                await asyncio.sleep(0.1)
+    try:
+        async with asyncio.timeout(PATIENCE_S):
+            while True:
+                try:
+                    events = await service.job_events(principal, job_id, None)
+                    return [e async for e in events]
+                except EventsExpired:  # no stream yet: the job has not been found yet
+                    await asyncio.sleep(0.1)
+    finally:
+        await stop(service)
 
 
 async def stored(
@@ -184,11 +194,7 @@ async def test_a_job_left_mid_task_is_finished_by_another_replica(
     assert upload.options["models"]["detect"] == "haar-frontalface"
 
     models = Models()
-    second = vision(database, redis, key_prefix, models)
-    try:
-        events = await taken_over(second, principal, job_id)
-    finally:
-        await stop(second)
+    events = await taken_over(database, redis, key_prefix, principal, job_id, models)
     assert [(e.type, e.data.get("task")) for e in events] == [
         ("VisionJobQueued", None),
         ("VisionTaskCompleted", "classify"),
@@ -216,11 +222,9 @@ async def test_a_job_out_of_attempts_fails_with_worker_lost_in_row_and_stream(
 ) -> None:
     principal, job_id = await left_mid_job(database, redis, key_prefix)
     models = Models()
-    second = vision(database, redis, key_prefix, models, job_max_attempts=1)
-    try:
-        events = await taken_over(second, principal, job_id)
-    finally:
-        await stop(second)
+    events = await taken_over(
+        database, redis, key_prefix, principal, job_id, models, job_max_attempts=1
+    )
     assert [e.type for e in events] == ["VisionJobQueued", "VisionTaskCompleted", "VisionJobFailed"]
     assert events[-1].data["code"] == "WORKER_LOST"
     assert not models.calls
@@ -275,18 +279,16 @@ async def test_a_job_whose_every_result_was_stored_ends_with_them(
     job_id = await running_job(
         database, principal, {"classify": done, "detect": failed}, upload=True
     )
-    log = vision(database, redis, key_prefix, Models()).events
+    log = RunEventLog(redis, KeySpace(key_prefix).child("vision"))
     await log.append(str(job_id), "VisionJobQueued", {"tasks": ["classify", "detect"]})
     await log.append(str(job_id), "VisionTaskCompleted", {"task": "classify", **done})
     member = f"{principal.tenant_id}:{job_id}:"
     await redis.zadd(KeySpace(key_prefix).child("vision")("job-leases"), {member: time.time() - 1})
 
     models = Models()
-    second = vision(database, redis, key_prefix, models)
     try:
-        events = await taken_over(second, principal, job_id)
+        events = await taken_over(database, redis, key_prefix, principal, job_id, models)
     finally:
-        await stop(second)
         await log.close()
     assert [(e.type, e.data.get("task")) for e in events] == [
         ("VisionJobQueued", None),
@@ -320,11 +322,7 @@ async def test_a_job_that_ended_in_the_database_gets_its_last_event(
     await redis.zadd(KeySpace(key_prefix).child("vision")("job-leases"), {member: time.time() - 1})
 
     models = Models()
-    second = vision(database, redis, key_prefix, models)
-    try:
-        events = await taken_over(second, principal, job.id)
-    finally:
-        await stop(second)
+    events = await taken_over(database, redis, key_prefix, principal, job.id, models)
     assert [e.type for e in events].count("VisionTaskCompleted") == 2  # none streamed twice
     assert events[-1].type == "VisionJobCompleted"
     assert not models.calls
@@ -339,11 +337,7 @@ async def test_a_job_stuck_with_no_lease_at_all_is_ended(
     owner) has nothing to claim: the replicas find it in the database and end it."""
     principal = await new_principal(database)
     job_id = await running_job(database, principal, {}, upload=False)
-    second = vision(database, redis, key_prefix, Models())
-    try:
-        events = await taken_over(second, principal, job_id)
-    finally:
-        await stop(second)
+    events = await taken_over(database, redis, key_prefix, principal, job_id, Models())
     assert [e.type for e in events] == ["VisionJobFailed"]
     assert events[-1].data["code"] == "WORKER_LOST"
     row, _ = await stored(database, principal.tenant_id, job_id)
