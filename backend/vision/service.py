@@ -322,8 +322,10 @@ class VisionService:
             await self._give_up(job)
             raise
         job.data = b""  # stored; this replica runs the job from the decoded image
-        await self._event(job.key, "VisionJobQueued", {"tasks": row.tasks})
-        self._start(job)
+        try:
+            await self._event(job.key, "VisionJobQueued", {"tasks": row.tasks})
+        finally:  # accepted: it runs (and ends, releasing its lease) whatever became of that
+            self._start(job)
         return row
 
     async def _give_up(self, job: _Job) -> None:
