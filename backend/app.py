@@ -231,6 +231,7 @@ async def build_services(
     purges = PurgeScheduler(privacy, state.redis, state.keys, settings.privacy)
     purges.start()
     knowledge.start()  # renews job leases, takes over the jobs of replicas that died
+    vision.start()  # the same for vision jobs (taken over only where vision is on)
     return Services(
         auth=auth,
         conversations=conversations,
@@ -291,9 +292,8 @@ async def _build_vision(
 
     vision = VisionService(
         db=state.db,
-        events=RunEventLog(
-            state.redis, state.keys.child("vision"), ttl_after_end_s=settings.jobs_ttl_s
-        ),
+        redis=state.redis,
+        keys=state.keys,
         inference=pool,
         ocr=OcrEngine(settings.tessdata, settings.ocr_threads),
         limiter=limiter,

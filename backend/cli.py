@@ -524,7 +524,6 @@ def ingest(
     Each file's path is its source key: ingesting it again replaces it (or does nothing when it
     has not changed)."""
     from backend.knowledge.embeddings import build_embedder
-    from backend.realtime.eventlog import RunEventLog
     from backend.vision.ocr import OcrEngine  # heavy imports (OpenCV): only for this command
     from backend.vision.service import VisionService
 
@@ -548,7 +547,8 @@ def ingest(
             ocr = OcrEngine(settings.vision.tessdata, settings.vision.ocr_threads)
             vision = VisionService(  # its OCR pipeline reads images and scanned pages
                 db=db,
-                events=RunEventLog(redis, keys.child("vision")),
+                redis=redis,
+                keys=keys,
                 inference=None,
                 ocr=ocr,
                 limiter=limiter,

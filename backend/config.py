@@ -679,6 +679,31 @@ class VisionSettings(_Section):
     infer_timeout_s: float = Field(30.0, gt=0, description="Longest wait for one model call.")
     job_timeout_s: float = Field(120.0, gt=0, description="Longest an analysis job may run.")
     max_concurrent_jobs: int = Field(4, ge=1, description="Jobs one replica runs at once.")
+    job_lease_s: float = Field(
+        15.0,
+        ge=1,
+        description="A job's replica renews its lease every third of this; another replica "
+        "with vision on runs again (or fails) the jobs of one that stopped renewing, after this "
+        "and the grace.",
+    )
+    job_lost_grace_s: float = Field(
+        10.0,
+        gt=0,
+        description="How late a job's lease may be before another replica takes the job over "
+        "(see SIGHTLINE_CHAT_RUN_LOST_GRACE_S).",
+    )
+    job_max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Times a job is started (its replica died each time) before it fails "
+        "with WORKER_LOST.",
+    )
+    outage_retry_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long a job waits out a PostgreSQL or Redis outage (retrying with "
+        "backoff) before it is left to recovery.",
+    )
     jobs_ttl_s: int = Field(
         24 * 3600, ge=60, description="How long a finished job's events can be replayed."
     )

@@ -37,7 +37,7 @@ from backend.auth.principal import Principal
 from backend.config import ChatSettings
 from backend.conversations.service import ConversationService
 from backend.core.db import Database
-from backend.core.leases import Leases, Work
+from backend.core.leases import Leases, Work, cancel_when_revoked
 from backend.core.metrics import Metrics
 from backend.core.models import Conversation, Message, MessageRole, Run, RunStatus
 from backend.core.redis import KeySpace, listen
@@ -145,7 +145,7 @@ class RunService:
             lease_s=settings.run_lease_s,
             grace_s=settings.run_lost_grace_s,
             on_lost=self._recover_lost,
-            on_revoked=self._lease_revoked,
+            on_revoked=cancel_when_revoked(self._tasks, "the run was taken over as lost"),
             recover_timeout_s=3 * settings.outage_retry_s + 60,
             find_unleased=self._unleased,
             scan_every_s=20 * settings.run_lease_s,
@@ -654,13 +654,6 @@ class RunService:
             for (_, task), flag in zip(running, flags, strict=True):
                 if flag is not None and not task.done():
                     task.cancel("cancelled by the client")
-
-    def _lease_revoked(self, member: str) -> None:
-        """Another replica took this one for dead and failed the run: stop working on it."""
-        with contextlib.suppress(ValueError):
-            task = self._tasks.get(Work.of(member).id)
-            if task is not None and not task.done():
-                task.cancel("the run was taken over as lost")
 
     async def _recover_lost(self, member: str) -> bool:
         """A run whose replica stopped renewing its lease. Idempotent (a replica that dies

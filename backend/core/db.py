@@ -174,8 +174,8 @@ class Database:
     async def unfinished(
         self, kind: str, idle_s: float, limit: int = 500
     ) -> list[tuple[uuid.UUID, uuid.UUID, uuid.UUID | None]]:
-        """(tenant, id, user) of every tenant's unfinished work of a kind ("run", "ingestion")
-        untouched for `idle_s`: what lease recovery checks for work with no lease at all."""
+        """(tenant, id, user) of every tenant's unfinished work of a kind ("run", "ingestion",
+        "vision") untouched for `idle_s`: what lease recovery checks for work with no lease."""
         async with self.session() as session:
             rows = await session.execute(
                 text("SELECT tenant_id, id, user_id FROM sightline_unfinished_work(:k, :s, :n)"),

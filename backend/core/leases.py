@@ -29,8 +29,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -93,6 +94,22 @@ class Work:
     def of(cls, member: str) -> Work:
         tenant, ident, user = member.split(":")
         return cls(uuid.UUID(tenant), uuid.UUID(ident), uuid.UUID(user) if user else None)
+
+
+def cancel_when_revoked(
+    tasks: Mapping[uuid.UUID, asyncio.Task[Any]], reason: str
+) -> Callable[[str], None]:
+    """An `on_revoked` handler: another replica took this one for dead and took the work over
+    (failed it, or started it again), so the task working on it here (in `tasks`, by the work's
+    id) is cancelled with `reason`."""
+
+    def revoked(member: str) -> None:
+        with contextlib.suppress(ValueError):
+            task = tasks.get(Work.of(member).id)
+            if task is not None and not task.done():
+                task.cancel(reason)
+
+    return revoked
 
 
 MAX_UNCERTAIN = 64  # deadlines remembered per lease while renewals fail (see _RENEW)

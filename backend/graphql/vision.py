@@ -93,6 +93,14 @@ class VisionJobQueued(VisionJobEvent):
     tasks: list[str]
 
 
+@strawberry.type(
+    description="The server running the job stopped; another one runs it again from its stored "
+    "image: `tasks` are those with no result yet (the others' results were streamed already)."
+)
+class VisionJobResumed(VisionJobEvent):
+    tasks: list[str]
+
+
 @strawberry.type(description="One task's result, as soon as it is ready.")
 class VisionTaskCompleted(VisionJobEvent):
     task: str
@@ -122,6 +130,7 @@ class VisionJobFailed(VisionJobEvent):
 
 VISION_EVENT_TYPES = (
     VisionJobQueued,
+    VisionJobResumed,
     VisionTaskCompleted,
     VisionTaskFailed,
     VisionJobCompleted,
@@ -130,6 +139,7 @@ VISION_EVENT_TYPES = (
 
 _EVENTS: dict[str, Callable[[str, dict[str, Any]], VisionJobEvent]] = {
     "VisionJobQueued": lambda c, d: VisionJobQueued(cursor=c, tasks=list(d.get("tasks", []))),
+    "VisionJobResumed": lambda c, d: VisionJobResumed(cursor=c, tasks=list(d.get("tasks", []))),
     "VisionTaskCompleted": lambda c, d: VisionTaskCompleted(
         cursor=c,
         task=str(d["task"]),

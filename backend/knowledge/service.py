@@ -22,7 +22,6 @@ finds nothing for most natural-language questions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -43,7 +42,7 @@ from backend.auth.principal import Principal
 from backend.config import KnowledgeSettings
 from backend.core import pagination
 from backend.core.db import Database
-from backend.core.leases import Leases, Work
+from backend.core.leases import Leases, Work, cancel_when_revoked
 from backend.core.models import Chunk, Document, IngestionJob, IngestionUpload, JobStatus
 from backend.core.redis import KeySpace
 from backend.core.retry import is_transient, retrying
@@ -151,7 +150,7 @@ class KnowledgeService:
             lease_s=settings.job_lease_s,
             grace_s=settings.job_lost_grace_s,
             on_lost=self._recover_lost,
-            on_revoked=self._lease_revoked,
+            on_revoked=cancel_when_revoked(self._jobs, "the job was taken over"),
             recover_timeout_s=3 * settings.outage_retry_s + 60,
             find_unleased=self._unleased,
             scan_every_s=20 * settings.job_lease_s,
@@ -246,16 +245,10 @@ class KnowledgeService:
         self._jobs[job.id] = asyncio.create_task(self._run(job), name=f"ingest-{job.id}")
 
     async def _event(self, job: _Job, kind: str, body: dict[str, Any]) -> None:
-        """A progress event, retried through a short Redis outage; one that cannot be written
-        is left out (the job goes on; its end is what must be recorded)."""
-        try:
-            await self.events.append_retrying(
-                str(job.id), kind, body, within_s=self._settings.outage_retry_s
-            )
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.warning("job %s: %s event left out: %r", job.id, kind, exc)
+        """A progress event (left out when Redis stays down: the job goes on)."""
+        await self.events.append_optional(
+            str(job.id), kind, body, within_s=self._settings.outage_retry_s
+        )
 
     async def _read_scans(self, job: _Job, extracted: Extracted) -> list[Section]:
         """The document's sections with its scanned pages (or the image) read by OCR, in page
@@ -527,13 +520,6 @@ class KnowledgeService:
         return retrying(step, within_s=self._settings.outage_retry_s, what=what)
 
     # -- recovery ------------------------------------------------------------------------------
-
-    def _lease_revoked(self, member: str) -> None:
-        """Another replica took this one for dead and took the job over: stop it here."""
-        with contextlib.suppress(ValueError):
-            task = self._jobs.get(Work.of(member).id)
-            if task is not None and not task.done():
-                task.cancel("the job was taken over")
 
     async def _unleased(self) -> list[str]:
         """Unfinished jobs untouched for a lease and its grace (lease recovery keeps those that

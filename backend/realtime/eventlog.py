@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from backend.core.redis import KeySpace
-from backend.core.retry import retrying
+from backend.core.retry import is_transient, retrying
 from backend.errors import AppError, ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -321,6 +321,19 @@ class RunEventLog:
             return await self.append(run_id, type_, body)
 
         return await retrying(step, within_s=within_s, what=f"{type_} event of {run_id}")
+
+    async def append_optional(
+        self, run_id: str, type_: str, data: dict[str, Any] | None = None, *, within_s: float
+    ) -> None:
+        """`append_retrying` for an event a stream can do without (progress): one that cannot
+        be written through an outage of `within_s` is left out, with a warning, rather than
+        failing the work (whose end is what must be recorded)."""
+        try:
+            await self.append_retrying(run_id, type_, data, within_s=within_s)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("%s: %s event left out: %r", run_id, type_, exc)
 
     async def last(self, run_id: str) -> RunEvent | None:
         """The log's last event (None when the log is empty or gone)."""

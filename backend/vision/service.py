@@ -1,37 +1,57 @@
 """Image analysis: an upload becomes a job whose tasks (OCR, detection, classification) run at
 once and stream their results as each completes; results are stored with the model name and
-version, timings and the requester."""
+version, timings and the requester.
+
+A job holds a lease (backend.core.leases) like an ingestion job. Its image is stored with it
+(until it ends), and each task's result is stored as the task completes. When its replica dies,
+another replica with vision on (or the same, restarted) takes the job over and runs the tasks
+that have no result yet from the stored image, up to `job_max_attempts` starts, then fails it
+with WORKER_LOST. The row is always written before the stream's terminal event, and recovery
+appends the event a row calls for when its stream lacks it: the two end in agreement. The
+compute-seconds a job holds on its requester's budget are recorded under the job's id, so that
+whichever replica ends the job settles them, once.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from redis.asyncio import Redis
 
 from backend.auth.principal import Principal
 from backend.config import VisionSettings
 from backend.core.db import Database
+from backend.core.leases import Leases, Work, cancel_when_revoked
 from backend.core.models import VisionJob, VisionStatus
+from backend.core.redis import KeySpace
+from backend.core.retry import is_transient, retrying
 from backend.core.tasks import drain
 from backend.errors import AppError, NotFound, ServiceUnavailable, ValidationFailed
 from backend.inference.client import InferenceClient, InferenceError, Priority
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
+from backend.vision import repository as jobs
 from backend.vision.images import DecodeBudget, DecodedImage, decode
 from backend.vision.ocr import OcrEngine
 from backend.vision.preprocess import classification_input, detection_input
 
 log = logging.getLogger(__name__)
+
+WORKER_LOST = "WORKER_LOST"
+T = TypeVar("T")
 
 
 class VisionTask(StrEnum):
@@ -41,12 +61,86 @@ class VisionTask(StrEnum):
 
 
 @dataclass(frozen=True)
-class _Plan:
-    image: DecodedImage
-    tasks: list[VisionTask]
+class _Options:
+    """What a job was asked besides its tasks (stored with its image)."""
+
     models: dict[VisionTask, str]
     language: str
     top_k: int
+
+    def stored(self) -> dict[str, Any]:
+        models = {task.value: name for task, name in self.models.items()}
+        return {"models": models, "language": self.language, "topK": self.top_k}
+
+    @classmethod
+    def of(cls, stored: dict[str, Any], settings: VisionSettings) -> _Options:
+        models = {VisionTask(k): str(v) for k, v in dict(stored.get("models") or {}).items()}
+        models.setdefault(VisionTask.CLASSIFY, settings.classifier)
+        models.setdefault(VisionTask.DETECT, settings.detector)
+        return cls(models, str(stored.get("language") or "eng"), int(stored.get("topK") or 5))
+
+
+@dataclass
+class _Job:
+    """A job as its runner needs it (the same whichever replica runs it)."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    created_by: uuid.UUID | None
+    tasks: list[VisionTask]
+    options: _Options
+    data: bytes
+    reservation: Reservation | None
+    image: DecodedImage | None = None  # decoded when accepted; from `data` when taken over
+    results: dict[str, Any] = field(default_factory=dict)  # stored, per task
+
+    @property
+    def key(self) -> str:
+        return str(self.id)
+
+    @property
+    def member(self) -> str:
+        return Work(self.tenant_id, self.id, self.created_by).member
+
+    def pending(self) -> list[VisionTask]:
+        return [t for t in self.tasks if t.value not in self.results]
+
+
+@dataclass(frozen=True)
+class _Ending:
+    """How a job ends: its status, and for a failure its code and message."""
+
+    status: VisionStatus
+    code: str | None = None
+    message: str | None = None
+
+    @classmethod
+    def of(cls, tasks: Sequence[str], results: dict[str, Any]) -> _Ending:
+        """Completed unless every task failed (then the first failure's code)."""
+        failed = [results[t]["error"] for t in tasks if "error" in results.get(t, {})]
+        if tasks and len(failed) == len(tasks):
+            return cls(VisionStatus.FAILED, str(failed[0]["code"]), "every task failed")
+        return cls(VisionStatus.COMPLETED)
+
+    def event(self, results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The terminal event of a job that ends so."""
+        if self.status is VisionStatus.FAILED:
+            return "VisionJobFailed", {"code": self.code, "message": self.message or ""}
+        failed = sum(1 for r in results.values() if "error" in r)
+        return "VisionJobCompleted", {"failedTasks": failed}
+
+
+@dataclass(frozen=True)
+class _Over:
+    """A job that is over, as recovery found it (or ended it): what its stream must hold."""
+
+    tasks: list[VisionTask]
+    results: dict[str, Any]
+    event: tuple[str, dict[str, Any]]  # the terminal event its row calls for
+
+
+class _EndedElsewhere(Exception):
+    """The job's row ended meanwhile (another replica took the job over and ended it)."""
 
 
 class ImageBlocked(AppError):
@@ -63,7 +157,8 @@ class VisionService:
         self,
         *,
         db: Database,
-        events: RunEventLog,
+        redis: Redis,
+        keys: KeySpace,
         inference: InferenceClient | None,
         ocr: OcrEngine,
         limiter: RateLimiter,
@@ -72,7 +167,8 @@ class VisionService:
         budgets: Budgets | None = None,
     ) -> None:
         self._db = db
-        self.events = events
+        self._keys = keys.child("vision")
+        self.events = RunEventLog(redis, self._keys, ttl_after_end_s=settings.jobs_ttl_s)
         self._inference = inference
         self._ocr = ocr
         self._limiter = limiter
@@ -86,6 +182,19 @@ class VisionService:
         self._decoder = ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="sightline-decode"
         )
+        self._leases = Leases(
+            redis,
+            self._keys("job-leases"),
+            lease_s=settings.job_lease_s,
+            grace_s=settings.job_lost_grace_s,
+            on_lost=self._recover_lost,
+            on_revoked=cancel_when_revoked(self._jobs, "the job was taken over"),
+            recover_timeout_s=3 * settings.outage_retry_s + 60,
+            find_unleased=self._unleased,
+            scan_every_s=20 * settings.job_lease_s,
+            name="vision",
+        )
+        self._closing = False
 
     @property
     def models(self) -> InferenceClient:
@@ -93,8 +202,18 @@ class VisionService:
             raise ServiceUnavailable("vision is off on this server (SIGHTLINE_VISION_ENABLED)")
         return self._inference
 
+    def start(self) -> None:
+        """Starts renewing this replica's job leases and, with vision on, taking over the jobs
+        of replicas that died (a replica with vision off runs no job: it leaves them to one
+        that can run them)."""
+        self._leases.start(claim=self._inference is not None)
+
     async def close(self, grace_s: float) -> None:
+        """Lets jobs finish for `grace_s`, then stops them: their leases expire, so a replica
+        (another, or this one restarted) takes them over."""
+        self._closing = True
         await drain(self._jobs.values(), grace_s)
+        await self._leases.close(grace_s)
         self._ocr.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
@@ -123,6 +242,14 @@ class VisionService:
         # (and is charged), holding its thread: the number of threads bounds the work.
         return await asyncio.get_running_loop().run_in_executor(self._decoder, run)
 
+    def _decode_upload(self, data: bytes) -> Awaitable[DecodedImage]:
+        return self._decode(
+            data,
+            max_bytes=self._settings.max_image_bytes,
+            max_pixels=self._settings.max_pixels,
+            animated=self._settings.animated,
+        )
+
     # -- jobs --------------------------------------------------------------------------------
 
     async def analyze(
@@ -136,7 +263,10 @@ class VisionService:
         language: str = "eng",
         top_k: int = 5,
     ) -> VisionJob:
-        """Validates the image and starts its job; bad input is refused before anything runs."""
+        """Validates the image and starts its job; bad input is refused before anything runs.
+
+        The image is stored with the job (in the transaction that accepts it), so whichever
+        replica runs the job to its end, an accepted image is never lost."""
         self.models  # noqa: B018 (vision off: ServiceUnavailable before anything else)
         wanted = list(dict.fromkeys(tasks))
         if not wanted:
@@ -154,157 +284,346 @@ class VisionService:
                 except InferenceError as exc:  # an unknown model: refused now, typed
                     field = "classifier" if task is VisionTask.CLASSIFY else "detector"
                     raise ValidationFailed(str(exc), field=field) from exc
-        image = await self._decode(
-            data,
-            max_bytes=self._settings.max_image_bytes,
-            max_pixels=self._settings.max_pixels,
-            animated=self._settings.animated,
-        )
+        image = await self._decode_upload(data)
         if self._image_rail is not None:
             reason = await self._image_rail(principal, data)
             if reason is not None:
                 raise ImageBlocked(f"the image was refused: {reason}")
         await self._limiter.enforce(principal.subject, principal.plan, "vision_job")
+        if self._closing:
+            raise ServiceUnavailable("the server is shutting down")
         digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
-        reservation = None
-        if self._budgets is not None:  # compute-seconds: BUDGET_EXCEEDED before anything runs
-            reservation = await self._budgets.reserve(
-                tenant_id=principal.tenant_id,
-                user_id=principal.user_id,
-                plan=principal.plan,
-                resource=Resource.COMPUTE_SECONDS,
-                amount=self._settings.compute_hold_s,
-                subject="vision",
-            )
-        try:
-            job = await self._create(principal, wanted, image, data, digest)
-        except BaseException:
-            if reservation is not None:
-                await reservation.release()
-            raise
-        await self.events.append(str(job.id), "VisionJobQueued", {"tasks": job.tasks})
-        plan = _Plan(image, wanted, models, language, top_k)
-        self._jobs[job.id] = asyncio.create_task(
-            self._run(principal, job.id, plan, reservation), name=f"vision-{job.id}"
+        job = _Job(
+            id=uuid.uuid4(),
+            tenant_id=principal.tenant_id,
+            created_by=principal.user_id,
+            tasks=wanted,
+            options=_Options(models, language, top_k),
+            data=data,
+            reservation=None,
+            image=image,
         )
-        return job
+        # The lease first: should this replica die from here on, whoever claims the lease
+        # finds what there is of the job (its reservation, its row) and ends or resumes it.
+        await self._leases.acquire(job.member)
+        try:
+            if self._budgets is not None:  # compute-seconds: BUDGET_EXCEEDED before anything
+                job.reservation = await self._budgets.reserve(
+                    tenant_id=principal.tenant_id,
+                    user_id=principal.user_id,
+                    plan=principal.plan,
+                    resource=Resource.COMPUTE_SECONDS,
+                    amount=self._settings.compute_hold_s,
+                    subject="vision",
+                    hold_id=job.key,
+                )
+            row = await self._create(job, image, digest)
+        except BaseException:
+            await self._give_up(job)
+            raise
+        job.data = b""  # stored; this replica runs the job from the decoded image
+        try:
+            await self._event(job.key, "VisionJobQueued", {"tasks": row.tasks})
+        finally:  # accepted: it runs (and ends, releasing its lease) whatever became of that
+            self._start(job)
+        return row
 
-    async def _create(
-        self,
-        principal: Principal,
-        wanted: list[VisionTask],
-        image: DecodedImage,
-        data: bytes,
-        digest: str,
-    ) -> VisionJob:
-        async with self._db.session(principal.tenant_id) as session:
-            job = VisionJob(
-                tenant_id=principal.tenant_id,
-                created_by=principal.user_id,
+    async def _give_up(self, job: _Job) -> None:
+        """A job that could not be accepted: its hold goes back, then its lease. When either
+        cannot be undone now, the lease is left to expire: recovery finds no job and gives the
+        hold back."""
+        try:
+            if job.reservation is not None:
+                await job.reservation.release()
+            await self._leases.release(job.member)
+        except Exception as exc:
+            log.warning(
+                "vision job %s: not accepted; its cleanup is left to recovery: %r", job.id, exc
+            )
+            self._leases.abandon(job.member)
+
+    async def _create(self, job: _Job, image: DecodedImage, digest: str) -> VisionJob:
+        async with self._db.session(job.tenant_id) as session:
+            row = VisionJob(
+                id=job.id,
+                tenant_id=job.tenant_id,
+                created_by=job.created_by,
                 status=VisionStatus.QUEUED.value,
-                tasks=[t.value for t in wanted],
+                tasks=[t.value for t in job.tasks],
                 media_type=image.media_type,
                 width=image.width,
                 height=image.height,
-                size_bytes=len(data),
+                size_bytes=len(job.data),
                 sha256=digest,
                 results={},
             )
-            session.add(job)
-            await session.flush()
-        return job
+            await jobs.add_job(session, row, job.data, job.options.stored())
+        return row
 
-    async def _run(
-        self,
-        principal: Principal,
-        job_id: uuid.UUID,
-        plan: _Plan,
-        reservation: Reservation | None,
-    ) -> None:
-        key = str(job_id)
-        tasks = plan.tasks
-        results: dict[str, Any] = {}
+    def _start(self, job: _Job) -> None:
+        self._jobs[job.id] = asyncio.create_task(self._run(job), name=f"vision-{job.id}")
+
+    async def _event(self, key: str, kind: str, body: dict[str, Any]) -> None:
+        """A progress event (left out when Redis stays down: the job goes on)."""
+        await self.events.append_optional(key, kind, body, within_s=self._settings.outage_retry_s)
+
+    async def _run(self, job: _Job) -> None:
+        """Runs a job's tasks that have no result yet, then records its end: in the database
+        first, then as the stream's last event. An outage longer than `outage_retry_s`, or a
+        shutdown, leaves the job to recovery: its lease expires and a replica (this one,
+        restarted, or another) takes it over."""
         try:
             async with self._slots, asyncio.timeout(self._settings.job_timeout_s):
-                await self._update(principal, job_id, status=VisionStatus.RUNNING)
-                await asyncio.gather(*(self._task(key, t, plan, results) for t in tasks))
-            failed = [r for r in results.values() if "error" in r]
-            status = VisionStatus.FAILED if len(failed) == len(tasks) else VisionStatus.COMPLETED
-            await self._update(principal, job_id, status=status, results=results)
-            if status is VisionStatus.FAILED:
-                await self.events.append(
-                    key,
-                    "VisionJobFailed",
-                    {"code": failed[0]["error"]["code"], "message": "every task failed"},
-                )
-            else:
-                await self.events.append(key, "VisionJobCompleted", {"failedTasks": len(failed)})
-        except asyncio.CancelledError:
-            await asyncio.shield(self._fail(principal, job_id, "SERVER_SHUTDOWN", "shut down"))
+                if job.image is None:  # taken over: decoded again from the stored image
+                    job.image = await self._decode_upload(job.data)
+                await self._retrying(lambda: self._begin(job), f"starting vision job {job.id}")
+                await _all([self._task(job, task) for task in job.pending()])
+            ending = _Ending.of([t.value for t in job.tasks], job.results)
+        except (asyncio.CancelledError, _EndedElsewhere):
+            # shutting down, or another replica took the job over: not ended here
+            self._leases.abandon(job.member)
+            self._jobs.pop(job.id, None)
+            return
         except TimeoutError:
-            await self._fail(principal, job_id, "JOB_TIMEOUT", "the job ran out of time")
-        except Exception:
-            log.exception("vision job %s failed", job_id)
-            await self._fail(principal, job_id, "INTERNAL_SERVER_ERROR", "internal error")
+            ending = _Ending(VisionStatus.FAILED, "JOB_TIMEOUT", "the job ran out of time")
+        except Exception as exc:
+            if is_transient(exc):  # down for longer than outage_retry_s: resumed later
+                log.warning("vision job %s: left to recovery after an outage: %r", job.id, exc)
+                self._leases.abandon(job.member)
+                self._jobs.pop(job.id, None)
+                return
+            if isinstance(exc, AppError):  # its stored image no longer decodes (limits lowered)
+                ending = _Ending(VisionStatus.FAILED, exc.code, exc.message)
+            else:
+                log.exception("vision job %s failed", job.id)
+                ending = _Ending(VisionStatus.FAILED, "INTERNAL_SERVER_ERROR", "internal error")
+        try:
+            await asyncio.shield(self._end(job, ending))
         finally:
-            self._jobs.pop(job_id, None)
-            if reservation is not None:
-                await asyncio.shield(self._settle(principal, reservation, results))
+            self._jobs.pop(job.id, None)
 
-    async def _settle(
-        self, principal: Principal, reservation: Reservation, results: dict[str, Any]
-    ) -> None:
-        """Charges the compute the tasks took (seconds, summed over tasks)."""
+    async def _begin(self, job: _Job) -> None:
+        async with self._db.session(job.tenant_id) as session:
+            if not await jobs.begin(session, job.id):
+                raise _EndedElsewhere
+
+    async def _end(self, job: _Job, ending: _Ending) -> None:
+        """Records a job's end: the compute its tasks took is charged, the row ends (its image
+        goes, its hold is settled), then the terminal event, then the lease goes."""
+        try:
+            if job.reservation is not None:
+                await self._charge(job.reservation, job.results)
+            ended = await self._retrying(
+                lambda: self._close(job, ending), f"ending vision job {job.id}"
+            )
+            if ended:
+                kind, body = ending.event(job.results)
+                await self.events.append_retrying(
+                    job.key, kind, body, within_s=self._settings.outage_retry_s
+                )
+            if ended and self._leases.owns(job.member):
+                await self._retrying(lambda: self._leases.release(job.member), "releasing a lease")
+            else:  # ended elsewhere: the lease is the replica's that took the job over
+                self._leases.abandon(job.member)
+        except Exception as exc:
+            log.warning("vision job %s: its end is left to recovery: %r", job.id, exc)
+            self._leases.abandon(job.member)
+
+    async def _close(self, job: _Job, ending: _Ending) -> bool:
+        """One unit of work: the row ends, the image goes and the hold is settled, unless the
+        job ended elsewhere (False)."""
+        async with self._db.session(job.tenant_id) as session:
+            row = await jobs.locked(session, job.id)
+            if row is None or row.status not in jobs.GOING:
+                return False
+            _ended(row, ending)
+            await jobs.drop_upload(session, job.id)
+            if job.reservation is not None:
+                await job.reservation.settle(session)
+        return True
+
+    async def _charge(self, reservation: Reservation, results: dict[str, Any]) -> None:
+        """Charges what the stored tasks took (seconds, summed over tasks) and not charged yet;
+        idempotent (the reservation is recorded: a charge names its total)."""
         seconds = sum(float(r.get("ms", 0)) for r in results.values()) / 1000
-        try:
-            if seconds:
-                await reservation.charge(seconds)
-        except BudgetExceeded:
-            pass  # the job is done; the next one is refused
-        except Exception:
-            log.exception("could not charge a vision job's compute")
-        try:
-            async with self._db.session(principal.tenant_id) as session:
-                await reservation.settle(session)
-        except Exception:
-            log.exception("could not record a vision job's usage")
-            await reservation.release()
+        owed = seconds - reservation.charged
+        if owed <= 1e-9:
+            return
+        with contextlib.suppress(BudgetExceeded):  # the job is done; the next one is refused
+            await self._retrying(lambda: reservation.charge(owed), "charging a vision job")
 
-    async def _task(self, key: str, task: VisionTask, plan: _Plan, results: dict[str, Any]) -> None:
+    async def _task(self, job: _Job, task: VisionTask) -> None:
+        """Runs one task; its result (or its failure) is stored, then streamed."""
         started = time.perf_counter()
-        rgb = plan.image.rgb
+        assert job.image is not None
+        rgb = job.image.rgb
+        options = job.options
         try:
             if task is VisionTask.OCR:
                 model, version = "tesseract", self._ocr.version
-                result = await self._ocr.read(rgb, plan.language)
+                result = await self._ocr.read(rgb, options.language)
             elif task is VisionTask.CLASSIFY:
-                model = plan.models[task]
+                model = options.models[task]
                 version = self.models.manifest(model).version
-                result = await self.classify(rgb, model, plan.top_k)
+                result = await self.classify(rgb, model, options.top_k)
             else:
-                model = plan.models[task]
+                model = options.models[task]
                 version = self.models.manifest(model).version
                 result = await self.detect(rgb, model)
         except (AppError, InferenceError) as exc:
             code = getattr(exc, "code", "INFERENCE_FAILED")
             message = getattr(exc, "message", None) or str(exc)
-            results[task.value] = {"error": {"code": code, "message": message}}
-            await self.events.append(
-                key, "VisionTaskFailed", {"task": task.value, "code": code, "message": message}
+            await self._store(job, task, {"error": {"code": code, "message": message}})
+            await self._event(
+                job.key, "VisionTaskFailed", {"task": task.value, "code": code, "message": message}
             )
             return
         except TimeoutError:
-            results[task.value] = {"error": {"code": "TIMEOUT", "message": "model too slow"}}
-            await self.events.append(
-                key,
+            await self._store(
+                job, task, {"error": {"code": "TIMEOUT", "message": "model too slow"}}
+            )
+            await self._event(
+                job.key,
                 "VisionTaskFailed",
                 {"task": task.value, "code": "TIMEOUT", "message": "the model took too long"},
             )
             return
         ms = round((time.perf_counter() - started) * 1000, 1)
         entry = {"model": model, "version": version, "ms": ms, "result": result}
-        results[task.value] = entry
-        await self.events.append(key, "VisionTaskCompleted", {"task": task.value, **entry})
+        await self._store(job, task, entry)
+        await self._event(job.key, "VisionTaskCompleted", {"task": task.value, **entry})
+
+    async def _store(self, job: _Job, task: VisionTask, entry: dict[str, Any]) -> None:
+        """A task's result goes into the job's row (a replica that takes the job over runs
+        only the tasks with none); raises _EndedElsewhere when the job ended meanwhile."""
+
+        async def add() -> bool:
+            async with self._db.session(job.tenant_id) as session:
+                return await jobs.add_result(session, job.id, task.value, entry)
+
+        if not await self._retrying(add, f"storing a result of vision job {job.id}"):
+            raise _EndedElsewhere
+        job.results[task.value] = entry
+
+    def _retrying(self, step: Callable[[], Awaitable[T]], what: str) -> Awaitable[T]:
+        return retrying(step, within_s=self._settings.outage_retry_s, what=what)
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    async def _unleased(self) -> list[str]:
+        """Unfinished jobs untouched for a lease and its grace (lease recovery keeps those that
+        have no lease at all: Redis lost their owner's, or they predate job leases)."""
+        idle = self._settings.job_lease_s + self._settings.job_lost_grace_s
+        return [Work(*row).member for row in await self._db.unfinished("vision", idle)]
+
+    async def _recover_lost(self, member: str) -> bool:
+        """A job whose replica stopped renewing its lease: resumed here from its stored image
+        (the tasks with no stored result, up to `job_max_attempts` starts), else ended: as its
+        stored results say when every task has one, else failed with WORKER_LOST. Its hold is
+        settled by whoever ends it; a job that had ended gets the terminal event its row calls
+        for, if its stream lacks it. Idempotent."""
+        work = Work.of(member)
+        key = str(work.id)
+        if self._closing:
+            self._leases.abandon(member)  # for another replica, or this one restarted
+            return False
+        reservation = None
+        if self._budgets is not None:
+            budgets = self._budgets
+            reservation = await self._retrying(
+                lambda: budgets.recover(
+                    tenant_id=work.tenant_id,
+                    user_id=work.user_id,
+                    resource=Resource.COMPUTE_SECONDS,
+                    hold_id=key,
+                ),
+                "reading a reservation",
+            )
+        taken = await self._retrying(
+            lambda: self._take_over(work, reservation), f"taking over vision job {key}"
+        )
+        if isinstance(taken, _Job):
+            log.warning("vision job %s resumed after its replica was lost", key)
+            await self._stream_results(key, taken.tasks, taken.results)
+            pending = [t.value for t in taken.pending()]
+            await self._event(key, "VisionJobResumed", {"tasks": pending})
+            self._start(taken)  # it releases the lease when it ends
+            return False
+        if taken is not None:
+            last = await self._retrying(lambda: self.events.last(key), "reading a log")
+            if last is None or not last.terminal:
+                await self._stream_results(key, taken.tasks, taken.results)
+                kind, body = taken.event
+                await self.events.append_retrying(
+                    key, kind, body, within_s=self._settings.outage_retry_s
+                )
+        return True
+
+    async def _take_over(self, work: Work, reservation: Reservation | None) -> _Job | _Over | None:
+        """One unit of work: the job to resume, or the job as it ended (now, or before), or
+        None when there is no such job (the hold goes back)."""
+        async with self._db.session(work.tenant_id) as session:
+            row = await jobs.locked(session, work.id)
+            if row is None:
+                if reservation is not None:
+                    await reservation.release()
+                return None
+            results = dict(row.results or {})
+            if row.status in jobs.GOING:
+                upload = await jobs.locked_upload(session, work.id)
+                pending = [t for t in row.tasks if t not in results]
+                attempts = upload.attempts if upload is not None else 0
+                if pending and upload is not None and attempts < self._settings.job_max_attempts:
+                    upload.attempts += 1
+                    row.status = VisionStatus.QUEUED.value
+                    return _Job(
+                        id=row.id,
+                        tenant_id=row.tenant_id,
+                        created_by=row.created_by,
+                        tasks=[VisionTask(t) for t in row.tasks],
+                        options=_Options.of(upload.options, self._settings),
+                        data=upload.data,
+                        reservation=reservation,
+                        results=results,
+                    )
+                if pending:
+                    times = f" ({attempts} times)" if upload is not None else ""
+                    ending = _Ending(
+                        VisionStatus.FAILED,
+                        WORKER_LOST,
+                        "the server running this job stopped" + times,
+                    )
+                else:  # every task's result was stored before the replica died
+                    ending = _Ending.of(row.tasks, results)
+                _ended(row, ending)
+                await jobs.drop_upload(session, work.id)
+            if reservation is not None:
+                await self._charge(reservation, results)
+                await reservation.settle(session)
+        tasks = [VisionTask(t) for t in row.tasks]
+        if row.status == VisionStatus.FAILED.value:
+            failed = ("VisionJobFailed", {"code": row.error_code, "message": row.error or ""})
+            return _Over(tasks, results, failed)
+        return _Over(tasks, results, _Ending(VisionStatus.COMPLETED).event(results))
+
+    async def _stream_results(
+        self, key: str, tasks: Sequence[VisionTask], results: dict[str, Any]
+    ) -> None:
+        """Streams the stored results whose events were lost with the replica (stored, then
+        the replica died before it streamed them): subscribers see every task once."""
+        streamed: set[str] = set()
+        with contextlib.suppress(AppError):  # no stream at all (or expired): nothing streamed
+            async for event in self.events.read(key, follow=False):
+                if event.type in ("VisionTaskCompleted", "VisionTaskFailed"):
+                    streamed.add(str(event.data.get("task")))
+        for task in tasks:
+            entry = results.get(task.value)
+            if entry is None or task.value in streamed:
+                continue
+            if "error" in entry:
+                await self._event(key, "VisionTaskFailed", {"task": task.value, **entry["error"]})
+            else:
+                await self._event(key, "VisionTaskCompleted", {"task": task.value, **entry})
 
     async def read_text(self, data: bytes, language: str = "eng") -> str:
         """The text of an image (a scanned page, a photo of a document), by the OCR pipeline:
@@ -437,15 +756,20 @@ class VisionService:
         await self.job(principal, job_id)  # authorisation: the caller's own job
         return self.events.read(str(job_id), after)
 
-    async def _update(self, principal: Principal, job_id: uuid.UUID, **values: Any) -> None:
-        await self._db.update_owned(principal.tenant_id, VisionJob, job_id, **values)
 
-    async def _fail(self, principal: Principal, job_id: uuid.UUID, code: str, message: str) -> None:
-        try:
-            await self._update(
-                principal, job_id, status=VisionStatus.FAILED, error_code=code, error=message
-            )
-        finally:
-            await self.events.append(
-                str(job_id), "VisionJobFailed", {"code": code, "message": message}
-            )
+def _ended(row: VisionJob, ending: _Ending) -> None:
+    row.status = ending.status.value
+    row.error_code = ending.code
+    row.error = ending.message
+    row.updated_at = datetime.now(UTC)
+
+
+async def _all(steps: list[Coroutine[Any, Any, None]]) -> None:
+    """Runs the steps at once; the first to fail cancels the others and its error is raised
+    (not an ExceptionGroup)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for step in steps:
+                group.create_task(step)
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from None

@@ -185,35 +185,47 @@ RUN_EVENTS = """subscription($r: ID!) { runEvents(runId: $r) {
   ... on RunFailed { code message messageId } } }"""
 
 
-class RunWatcher:
-    """A client subscribed to a run's events on one server, in the background: what it saw,
-    and whether the stream ended (a subscriber must never be left hanging)."""
+class Watcher:
+    """A client subscribed to a stream of events (`field` of `query`) on one server, in the
+    background: what it saw, and whether the stream ended (a subscriber must never be left
+    hanging)."""
 
-    def __init__(self, ws_url: str, token: str, run_id: str) -> None:
+    def __init__(
+        self, ws_url: str, token: str, query: str, variables: dict[str, Any], field: str
+    ) -> None:
         self.events: list[dict[str, Any]] = []
-        self.task = asyncio.create_task(self._watch(ws_url, token, run_id))
+        self.task = asyncio.create_task(self._watch(ws_url, token, query, variables, field))
 
-    async def _watch(self, ws_url: str, token: str, run_id: str) -> None:
+    async def _watch(
+        self, ws_url: str, token: str, query: str, variables: dict[str, Any], field: str
+    ) -> None:
         async with await open_socket(ws_url) as ws:
             await init(ws, {"authorization": f"Bearer {token}"})
-            await subscribe(ws, RUN_EVENTS, {"r": run_id})
+            await subscribe(ws, query, variables)
             while True:
                 message = await receive(ws, timeout=PATIENCE_S)
                 if message["type"] == "complete":
                     return
                 assert message["type"] == "next", message
                 assert "errors" not in message["payload"], message
-                self.events.append(message["payload"]["data"]["runEvents"])
+                self.events.append(message["payload"]["data"][field])
+
+    async def ended(self) -> dict[str, Any]:
+        await asyncio.wait_for(self.task, PATIENCE_S)
+        return self.events[-1]
+
+
+class RunWatcher(Watcher):
+    """A client reading a run's events."""
+
+    def __init__(self, ws_url: str, token: str, run_id: str) -> None:
+        super().__init__(ws_url, token, RUN_EVENTS, {"r": run_id}, "runEvents")
 
     def tokens(self) -> int:
         return sum(1 for e in self.events if e["__typename"] == "TokenDelta")
 
     def text(self) -> str:
         return "".join(e["text"] for e in self.events if e["__typename"] == "TokenDelta")
-
-    async def ended(self) -> dict[str, Any]:
-        await asyncio.wait_for(self.task, PATIENCE_S)
-        return self.events[-1]
 
 
 async def until(check: Any, what: str, timeout_s: float = PATIENCE_S) -> None:

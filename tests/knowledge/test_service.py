@@ -28,7 +28,6 @@ from backend.knowledge.embeddings import Embedder, LocalEmbedder
 from backend.knowledge.extract import UnsupportedDocument
 from backend.knowledge.service import KnowledgeService, SearchMode
 from backend.limits.ratelimit import RateLimiter
-from backend.realtime.eventlog import RunEventLog
 from backend.vision.ocr import OcrEngine
 from backend.vision.service import VisionService
 from tests.knowledge.conftest import FlakyEmbedder
@@ -167,7 +166,8 @@ async def test_images_and_scanned_pdfs_are_read_by_ocr(
 
     vision = VisionService(
         db=database,
-        events=RunEventLog(redis, KeySpace(key_prefix).child("vision")),
+        redis=redis,
+        keys=KeySpace(key_prefix),
         inference=None,  # OCR needs no model pool
         ocr=OcrEngine(VisionSettings().tessdata),
         limiter=RateLimiter(redis, KeySpace(key_prefix), LimitsSettings(enabled=False)),

@@ -21,7 +21,7 @@ from backend.core.models.knowledge import (
 )
 from backend.core.models.privacy import PrivacyPolicyRow
 from backend.core.models.tenancy import Tenant, User, UserKind, UserRole
-from backend.core.models.vision import VisionJob, VisionStatus
+from backend.core.models.vision import VisionJob, VisionStatus, VisionUpload
 
 # Tables whose rows belong to one tenant: row-level security limits them to `app.tenant_id`.
 TENANT_TABLES = (
@@ -41,6 +41,7 @@ TENANT_TABLES = (
     "lexeme_stats",
     "guardrail_policies",
     "vision_jobs",
+    "vision_uploads",
     "privacy_policies",
 )
 
@@ -72,4 +73,5 @@ __all__ = [
     "UserRole",
     "VisionJob",
     "VisionStatus",
+    "VisionUpload",
 ]

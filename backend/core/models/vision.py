@@ -1,12 +1,14 @@
-"""Image analysis jobs and their results (per task, with the model that produced them)."""
+"""Image analysis jobs and their results (per task, with the model that produced them), and
+the image of each job while it runs."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ForeignKey, Integer, String
+from sqlalchemy import DateTime, ForeignKey, Integer, LargeBinary, String, func
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -38,3 +40,23 @@ class VisionJob(UUIDKey, Timestamps, Base):
     results: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
     error_code: Mapped[str | None] = mapped_column(String(50), nullable=True)
     error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+
+
+class VisionUpload(Base):
+    """The image a job analyses and what it was asked (`options`: models, language, top k),
+    kept until the job ends: a replica that takes over the job of one that died reads it here."""
+
+    __tablename__ = "vision_uploads"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("vision_jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    options: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), nullable=False
+    )
