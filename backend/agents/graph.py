@@ -195,10 +195,18 @@ class Agent:
         }
         if state.get("messages"):
             return {**turn, "messages": [HumanMessage(ctx.content, id=ctx.message_id)]}
+        # The thread's memory is gone (new, expired or evicted): rebuilt from the stored
+        # messages. A stored user message is what was sent, so the earlier ones go through the
+        # input rails' rewriting again (guard_input screens this turn's).
+        stored = [m for m in await ctx.hooks.history() if m.content]
+        earlier = [m for m in stored if m.role == "user" and m.id != ctx.message_id]
+        said = await self._guards.rewrite_history(ctx.hooks.principal, [m.content for m in earlier])
+        seen = {m.id: text for m, text in zip(earlier, said, strict=True)}
         rebuilt: list[AnyMessage] = [
-            HumanMessage(m.content, id=m.id) if m.role == "user" else AIMessage(m.content, id=m.id)
-            for m in await ctx.hooks.history()
-            if m.content
+            HumanMessage(seen.get(m.id, m.content), id=m.id)
+            if m.role == "user"
+            else AIMessage(m.content, id=m.id)
+            for m in stored
         ]
         if not any(m.id == ctx.message_id for m in rebuilt):
             rebuilt.append(HumanMessage(ctx.content, id=ctx.message_id))
