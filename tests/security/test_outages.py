@@ -5,6 +5,7 @@ service is back. Each test runs a server on a Redis and a PostgreSQL of its own,
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,10 +17,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
-from backend.config import AuthSettings, DatabaseSettings, RedisSettings, Settings
+from backend.config import AuthSettings, DatabaseSettings, RedisSettings, Settings, VisionSettings
 from backend.core.embedded import EmbeddedPostgres
-from tests.conftest import LiveServer, free_port, serve_live
+from tests.conftest import LiveServer, free_port, scaled, serve_live
 from tests.graphql.ws import init, open_socket, receive, subscribe
 
 ADMIN_EMAIL = "admin@outage.example"
@@ -245,3 +248,52 @@ async def test_postgres_down_answers_service_unavailable_then_recovers(
         _, body = await graphql(http, "{ me { credential } }", key)
         assert body["data"]["me"]["credential"] == "api_key"
         assert (await password_grant(http)).status_code == 200
+
+
+async def live_camera_hello(server: LiveServer, credential: str) -> tuple[list[dict], int | None]:
+    """What the live camera socket answers to its auth message: the messages, and the close
+    code (None while it stays open)."""
+    url = server.ws_url.replace("/graphql", "/ws/vision/live?tasks=detect")
+    messages: list[dict[str, Any]] = []
+    async with connect(url, open_timeout=scaled(30)) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": credential}))
+        try:
+            while True:
+                messages.append(json.loads(await asyncio.wait_for(ws.recv(), scaled(30))))
+                if messages[-1]["type"] == "ready":
+                    return messages, None
+        except ConnectionClosed:
+            return messages, ws.close_code
+
+
+def live_unavailable(messages: list[dict[str, Any]], code: int | None) -> None:
+    """An outage is a typed error, then a "try again later" close (1013, not 4403: the
+    credential may be fine, as the GraphQL socket does not reject it either)."""
+    assert [m["type"] for m in messages] == ["error"], messages
+    assert messages[0]["code"] == "SERVICE_UNAVAILABLE"
+    assert messages[0]["retryAfter"] >= 1
+    assert not any(leak in str(messages) for leak in LEAKS), messages
+    assert code == 1013
+
+
+async def test_the_live_camera_socket_answers_an_outage_with_a_typed_error(
+    backends: Backends, caplog: pytest.LogCaptureFixture
+) -> None:
+    backends.settings.vision = VisionSettings(enabled=True, workers=1)
+    async with serving(backends) as (server, http):
+        access = (await sign_in(http))["access_token"]
+        _, created = await graphql(http, 'mutation { createApiKey(name: "k") { secret } }', access)
+        key = created["data"]["createApiKey"]["secret"]  # not used yet: not cached
+
+        await backends.redis.stop()
+        live_unavailable(*await live_camera_hello(server, access))
+        await backends.redis.start()
+
+        await backends.stop_postgres()
+        live_unavailable(*await live_camera_hello(server, key))  # checked in the database
+        await backends.start_postgres()
+
+        for credential in (access, key):
+            messages, code = await live_camera_hello(server, credential)
+            assert code is None, (messages, code)
+    assert "Exception in ASGI application" not in caplog.text
