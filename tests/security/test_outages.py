@@ -5,6 +5,7 @@ service is back. Each test runs a server on a Redis and a PostgreSQL of its own,
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import subprocess
 from collections.abc import AsyncIterator
@@ -17,13 +18,13 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from backend.config import AuthSettings, DatabaseSettings, RedisSettings, Settings, VisionSettings
 from backend.core.embedded import EmbeddedPostgres
 from tests.conftest import LiveServer, free_port, scaled, serve_live
-from tests.graphql.ws import init, open_socket, receive, subscribe
+from tests.graphql.ws import init, open_socket, receive, send, subscribe
 
 ADMIN_EMAIL = "admin@outage.example"
 ADMIN_PASSWORD = "outage admin password"
@@ -297,3 +298,91 @@ async def test_the_live_camera_socket_answers_an_outage_with_a_typed_error(
             messages, code = await live_camera_hello(server, credential)
             assert code is None, (messages, code)
     assert "Exception in ASGI application" not in caplog.text
+
+
+HEARTBEAT = "subscription { heartbeat(intervalMs: 100, count: 1) { seq } }"
+
+
+def persisted(query: str) -> dict[str, Any]:
+    digest = hashlib.sha256(query.encode()).hexdigest()
+    return {"persistedQuery": {"version": 1, "sha256Hash": digest}}
+
+
+def streamed_errors(response: httpx.Response) -> list[dict[str, Any]]:
+    """The errors in an SSE or multipart subscription answer."""
+    bodies = []
+    if response.headers["content-type"].startswith("text/event-stream"):
+        bodies = [
+            json.loads(line[len("data:") :])
+            for line in response.text.splitlines()
+            if line.startswith("data:") and line[len("data:") :].strip()
+        ]
+    else:
+        parts = [p for p in response.text.split("--graphql") if "{" in p]
+        bodies = [json.loads(p[p.index("{") :]) for p in parts]
+        bodies = [b.get("payload") or b for b in bodies]
+    return [e for b in bodies for e in b.get("errors") or ()]
+
+
+async def test_persisted_queries_with_redis_down_are_service_unavailable(
+    backends: Backends, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The persisted-query lookup happens before the operation runs: with Redis down each
+    transport answers a typed SERVICE_UNAVAILABLE, and a subscription is answered and ended,
+    not broken off without a word."""
+    async with serving(backends) as (server, http):
+        access = (await sign_in(http))["access_token"]
+        headers = {"authorization": f"Bearer {access}"}
+        await backends.redis.stop()
+
+        query = "{ serverInfo { version } }"
+        for body in (
+            {"extensions": persisted(query)},  # a lookup
+            {"query": query, "extensions": persisted(query)},  # a store
+        ):
+            response = await http.post("/graphql", json=body, headers=headers)
+            assert response.status_code < 500, response.text
+            unavailable(response.json())
+
+        for accept in ("text/event-stream", 'multipart/mixed;subscriptionSpec="1.0"'):
+            response = await http.post(
+                "/graphql",
+                json={"extensions": persisted(HEARTBEAT)},
+                headers={**headers, "accept": accept},
+            )
+            assert response.status_code < 500, response.text
+            unavailable({"errors": streamed_errors(response)})
+
+        # The WebSocket protocols require the query's text (the extension is not applied
+        # there): what Apollo's WebSocket link sends, the text with its hash, is refused typed
+        # and the socket goes on.
+        async with await open_socket(server.ws_url) as ws:
+            await init(ws, {"authorization": f"Bearer {access}"})
+            payload = {"query": HEARTBEAT, "extensions": persisted(HEARTBEAT)}
+            await send(ws, {"id": "1", "type": "subscribe", "payload": payload})
+            message = await receive(ws)
+            assert (message["type"], message["id"]) == ("error", "1"), message
+            unavailable({"errors": message["payload"]})
+            await send(ws, {"type": "ping"})
+            assert (await receive_any(ws))["type"] == "pong"
+
+        await backends.redis.start()
+        for accept in ("text/event-stream", 'multipart/mixed;subscriptionSpec="1.0"'):
+            response = await http.post(  # a hash never seen: the client is told to send it
+                "/graphql",
+                json={"extensions": persisted(HEARTBEAT)},
+                headers={**headers, "accept": accept},
+            )
+            [error] = streamed_errors(response)
+            assert error["extensions"]["code"] == "PERSISTED_QUERY_NOT_FOUND", response.text
+        registered = await http.post(
+            "/graphql", json={"query": query, "extensions": persisted(query)}, headers=headers
+        )
+        assert registered.json()["data"]["serverInfo"]["version"]
+        hit = await http.post("/graphql", json={"extensions": persisted(query)}, headers=headers)
+        assert hit.json()["data"] == registered.json()["data"]
+    assert "Exception in ASGI application" not in caplog.text
+
+
+async def receive_any(ws: ClientConnection) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), scaled(30)))
