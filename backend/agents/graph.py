@@ -61,11 +61,17 @@ SUMMARY_PROMPT = (
 )
 
 
+# What the model sees in place of a message the input rails refused (in memory, and when the
+# memory is rebuilt): it knows a request was refused, never what it said.
+WITHHELD = "[a message the guardrails did not let through]"
+
+
 @dataclass(frozen=True)
 class StoredMessage:
     id: str
     role: str  # "user" | "assistant"
     content: str
+    refused: bool = False  # a user message the input rails blocked
 
 
 class TurnHooks(Protocol):
@@ -195,10 +201,20 @@ class Agent:
         }
         if state.get("messages"):
             return {**turn, "messages": [HumanMessage(ctx.content, id=ctx.message_id)]}
+        # The thread's memory is gone (new, expired or evicted): rebuilt from the stored
+        # messages. A stored user message is what was sent, so the earlier ones go through the
+        # input rails' rewriting again (guard_input screens this turn's).
+        stored = [m for m in await ctx.hooks.history() if m.content]
+        earlier = [
+            m for m in stored if m.role == "user" and not m.refused and m.id != ctx.message_id
+        ]
+        said = await self._guards.rewrite_history(ctx.hooks.principal, [m.content for m in earlier])
+        seen = {m.id: text for m, text in zip(earlier, said, strict=True)}
         rebuilt: list[AnyMessage] = [
-            HumanMessage(m.content, id=m.id) if m.role == "user" else AIMessage(m.content, id=m.id)
-            for m in await ctx.hooks.history()
-            if m.content
+            HumanMessage(WITHHELD if m.refused else seen.get(m.id, m.content), id=m.id)
+            if m.role == "user"
+            else AIMessage(m.content, id=m.id)
+            for m in stored
         ]
         if not any(m.id == ctx.message_id for m in rebuilt):
             rebuilt.append(HumanMessage(ctx.content, id=ctx.message_id))
@@ -207,13 +223,21 @@ class Agent:
     async def _guard_input(self, state: AgentState, runtime: Runtime[TurnContext]) -> dict:
         ctx = runtime.context
         earlier = [
-            str(m.content) for m in state.get("messages", [])[-8:-1] if isinstance(m, HumanMessage)
+            str(m.content)
+            for m in state.get("messages", [])[-8:-1]
+            if isinstance(m, HumanMessage) and m.content != WITHHELD
         ]
         verdict = await self._guards.check_input(ctx.hooks.principal, ctx.content, earlier)
         rails = [await self._record(ctx, "input", d) for d in verdict.decisions]
         if verdict.blocked:
             await ctx.hooks.token(verdict.safe_reply)
-            return {"blocked": True, "answer": verdict.safe_reply, "rails": rails}
+            return {
+                "blocked": True,
+                "answer": verdict.safe_reply,
+                "rails": rails,
+                # later turns must not show the model what this one kept from it
+                "messages": [HumanMessage(WITHHELD, id=ctx.message_id)],
+            }
         update: dict[str, Any] = {"rails": rails}
         if verdict.text != ctx.content:  # redacted: the model and the memory get the new text
             update["messages"] = [HumanMessage(verdict.text, id=ctx.message_id)]

@@ -68,6 +68,12 @@ class Guards(Protocol):
         self, principal: Principal, tokens: AsyncIterator[str]
     ) -> AsyncIterator[OutputPiece]: ...
 
+    async def rewrite_history(self, principal: Principal, texts: list[str]) -> list[str]:
+        """Earlier user messages read back into the agent's memory (after it expired), rewritten
+        as the input rails rewrite a message (redaction, masking): the model sees an earlier
+        turn as it saw it then. Cheap: no classifier, and no new decision."""
+        ...
+
 
 class PassThroughGuards:
     async def check_input(
@@ -85,3 +91,6 @@ class PassThroughGuards:
     ) -> AsyncIterator[OutputPiece]:
         async for token in tokens:
             yield OutputPiece(token)
+
+    async def rewrite_history(self, principal: Principal, texts: list[str]) -> list[str]:
+        return texts

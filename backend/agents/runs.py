@@ -602,8 +602,16 @@ class RunService:
                     )
                 )
 
-        rows = await self._retrying(read, "reading the history")
-        return [StoredMessage(str(m.id), m.role.value, m.content) for m in reversed(rows)]
+        rows = list(reversed(await self._retrying(read, "reading the history")))
+        return [
+            StoredMessage(
+                str(m.id),
+                m.role.value,
+                m.content,
+                refused=m.role is MessageRole.USER and _refused(rows[i + 1 : i + 2]),
+            )
+            for i, m in enumerate(rows)
+        ]
 
     async def _set_status(self, principal: Principal, run_id: uuid.UUID, status: RunStatus) -> None:
         async def update() -> None:
@@ -778,6 +786,17 @@ def _lease_of(principal: Principal, run_key: str) -> str:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _refused(next_messages: list[Message]) -> bool:
+    """Whether the answer that follows a user message (if any) is the input rails' refusal."""
+    if not next_messages or next_messages[0].role is not MessageRole.ASSISTANT:
+        return False
+    rails = (next_messages[0].meta or {}).get("guardrails")
+    return isinstance(rails, list) and any(
+        isinstance(r, dict) and r.get("stage") == "input" and r.get("action") == "block"
+        for r in rails
+    )
 
 
 async def _answer_of(session: AsyncSession, run_id: uuid.UUID) -> uuid.UUID | None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import suppress
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import aclosing, suppress
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,11 @@ from strawberry.schema.schema import (
     DEFAULT_ALLOWED_OPERATION_TYPES,
     StrawberryGraphQLCoreExecutionContext,
 )
-from strawberry.types.execution import ExecutionContext, ExecutionResult
+from strawberry.types.execution import ExecutionContext, ExecutionResult, PreExecutionError
 from strawberry.types.graphql import OperationType
 
 from backend.config import GraphQLSettings
+from backend.errors import expected_error
 from backend.graphql.extensions import OperationObservability, is_unexpected
 from backend.graphql.inputs import StorableInput
 from backend.graphql.knowledge import INGESTION_EVENT_TYPES
@@ -53,6 +54,17 @@ class SightlineSchema(strawberry.Schema):
         kwargs["allowed_operation_types"] = set(allowed) - {OperationType.SUBSCRIPTION}
         return await super().execute(*args, **kwargs)
 
+    async def stream(self, *args: Any, **kwargs: Any) -> Any:
+        """Streams an operation (SSE, multipart, both WebSocket protocols) whose refusal by a
+        hook before it starts is its one result.
+
+        Strawberry's stream lets an exception that a hook raises before the operation starts
+        (an unknown or unreachable persisted query) escape: the stream ends with no answer, or
+        the HTTP response breaks off. A typed error becomes the pre-execution error that every
+        transport sends as the operation's error.
+        """
+        return _answered(await super().stream(*args, **kwargs))
+
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:
@@ -65,6 +77,21 @@ class SightlineSchema(strawberry.Schema):
                     ".".join(str(p) for p in error.path or ()),
                     exc_info=error.original_error,
                 )
+
+
+async def _answered(source: AsyncGenerator[Any, None]) -> AsyncGenerator[Any, None]:
+    started = False
+    async with aclosing(source):
+        try:
+            async for result in source:
+                started = True
+                yield result
+        except Exception as exc:
+            typed = expected_error(exc)
+            if typed is None or started:
+                raise
+            error = GraphQLError(typed.message, extensions=typed.extensions)
+            yield PreExecutionError(data=None, errors=[error])
 
 
 class Executor(StrawberryGraphQLCoreExecutionContext):

@@ -168,7 +168,7 @@ class NemoGuardrailService(GuardrailService):
             return
         call = _Call(principal, policy)
         key, context = self._context(call)
-        redacted = self._redacted(principal, policy, tokens, call)
+        redacted = self._masked(principal, policy, tokens, call)
         stream = self._rails.stream_async(
             messages=[context, {"role": "user", "content": ""}], generator=redacted
         )
@@ -192,7 +192,7 @@ class NemoGuardrailService(GuardrailService):
             await stream.aclose()  # type: ignore[attr-defined]
             await redacted.aclose()
 
-    async def _redacted(
+    async def _masked(
         self,
         principal: Principal,
         policy: GuardrailPolicy,

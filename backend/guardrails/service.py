@@ -285,6 +285,19 @@ class GuardrailService:
             )
         return None
 
+    async def rewrite_history(self, principal: Principal, texts: list[str]) -> list[str]:
+        """Earlier user messages rebuilt into the agent's memory, with the personal data and
+        profanity that the tenant's input rails take out of a message taken out. No decision is
+        recorded: each was recorded when its message came."""
+        if not texts:
+            return texts
+        policy = await self.policy(principal)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await asyncio.to_thread(_rewritten, policy, texts)
+        except TimeoutError as exc:  # fail closed, as the input rails do
+            raise GuardrailUnavailable("rewriting the earlier messages took too long") from exc
+
     async def redact(self, principal: Principal, text: str, stage: str) -> str:
         """Personal data out of a text headed for the prompt from elsewhere than the user (the
         OCR text of an attached image), under the tenant's PII policy."""
@@ -538,6 +551,21 @@ class GuardrailService:
                                 )
                 except Exception:  # the audit trail must not break the chat; metrics still count
                     log.exception("could not record %d guardrail decisions", len(entries))
+
+
+def _rewritten(policy: GuardrailPolicy, texts: list[str]) -> list[str]:
+    """`texts` as the input rails leave a message: personal data redacted and profanity masked
+    where the tenant's policy takes them out (a message blocked for them is redacted too)."""
+    pii, profanity = policy.pii, policy.profanity
+
+    def rewritten(text: str) -> str:
+        if pii.enabled and pii.input_action is not GuardAction.WARN:
+            text = redact(text, find_pii(text, pii.kinds))
+        if profanity.enabled and profanity.input_action is not GuardAction.WARN:
+            text = mask(text, find_profanity(text))
+        return text
+
+    return [rewritten(text) for text in texts]
 
 
 def build_guardrails(

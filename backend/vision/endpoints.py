@@ -14,8 +14,10 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from backend.auth.errors import InvalidToken
+from backend.auth.principal import Principal
 from backend.auth.scopes import Scope
 from backend.core import untrusted
+from backend.errors import AppError, ServiceUnavailable, expected_error
 from backend.realtime.frames import End, LiveFrames
 from backend.vision.images import DecodeBudget
 from backend.vision.service import VisionTask
@@ -42,6 +44,21 @@ async def _close(websocket: WebSocket, code: int = 1000, reason: str = "") -> No
         await websocket.close(code, reason)
 
 
+async def _send(websocket: WebSocket, body: dict[str, Any]) -> None:
+    if websocket.client_state is WebSocketState.CONNECTED:
+        with _client_may_be_gone():
+            await websocket.send_json(body)
+
+
+async def _refuse(websocket: WebSocket, error: AppError) -> None:
+    """A typed error without a frame, then the close: "try again later" when a backing service
+    is down (the credential may be fine: the GraphQL socket does not reject it either), else
+    unauthorised."""
+    await _send(websocket, {"type": "error", **error.extensions, "message": error.message})
+    unavailable = isinstance(error, ServiceUnavailable)
+    await _close(websocket, CLOSE_UNAVAILABLE if unavailable else CLOSE_UNAUTHORISED, error.message)
+
+
 @router.websocket("/ws/vision/live")
 async def live_frames(
     websocket: WebSocket,
@@ -49,36 +66,74 @@ async def live_frames(
     classifier: str | None = None,
     detector: str | None = None,
 ) -> None:
-    services = websocket.state.services
-    vision = services.vision
     await websocket.accept()
-    if vision is None or services.inference is None:
-        await _close(websocket, CLOSE_UNAVAILABLE, "vision is off on this server")
+    wanted = await _tasks_served(websocket, tasks)
+    if wanted is None:
         return
+    principal = await _signed_in(websocket)
+    if principal is None:
+        return
+    await _serve(websocket, principal, wanted, classifier=classifier, detector=detector)
+
+
+async def _tasks_served(websocket: WebSocket, tasks: str) -> list[VisionTask] | None:
+    """The tasks asked for, or None once the socket is closed with why they cannot be served."""
+    services = websocket.state.services
+    if services.vision is None or services.inference is None:
+        await _close(websocket, CLOSE_UNAVAILABLE, "vision is off on this server")
+        return None
     try:
         wanted = [VisionTask(t.strip().lower()) for t in tasks.split(",") if t.strip()]
     except ValueError:
         wanted = []
     if not wanted or VisionTask.OCR in wanted:
         await _close(websocket, CLOSE_BAD_REQUEST, "tasks: detect and/or classify")
-        return
-    state = websocket.state.sightline
-    settings = state.settings.vision
+        return None
+    return wanted
+
+
+async def _signed_in(websocket: WebSocket) -> Principal | None:
+    """The caller named by the first message, or None once the socket is closed with why not."""
+    server = websocket.state.sightline.settings
     try:
-        async with asyncio.timeout(settings.live_auth_timeout_s):
+        async with asyncio.timeout(server.vision.live_auth_timeout_s):
             hello = untrusted.loads(
                 await websocket.receive_text(),
-                max_depth=state.settings.server.max_json_depth,
-                max_values=state.settings.server.max_json_values,
+                max_depth=server.server.max_json_depth,
+                max_values=server.server.max_json_values,
             )
         token = hello.get("token") if isinstance(hello, dict) else None
-        principal = await services.auth.authenticate(token if isinstance(token, str) else "")
+        principal = await websocket.state.services.auth.authenticate(
+            token if isinstance(token, str) else ""
+        )
     except (TimeoutError, ValueError, KeyError, InvalidToken, WebSocketDisconnect, RuntimeError):
         await _close(websocket, CLOSE_UNAUTHORISED, "send {type: auth, token} first")
-        return
+        return None
+    except Exception as exc:  # PostgreSQL or Redis down: typed, never the driver's message
+        typed = expected_error(exc)
+        if typed is None:
+            raise
+        await _refuse(websocket, typed)
+        return None
     if not principal.has(Scope.VISION):
         await _close(websocket, CLOSE_UNAUTHORISED, "the vision scope is needed")
-        return
+        return None
+    return principal
+
+
+async def _serve(
+    websocket: WebSocket,
+    principal: Principal,
+    wanted: list[VisionTask],
+    *,
+    classifier: str | None,
+    detector: str | None,
+) -> None:
+    """Frames in, results out, while the credential holds: revoked (on any replica) or expired,
+    the session ends and the socket closes as an unauthorised one would."""
+    services = websocket.state.services
+    vision = services.vision
+    settings = websocket.state.sightline.settings.vision
 
     async def receive() -> bytes | End:
         while True:
@@ -94,9 +149,7 @@ async def live_frames(
                 return End.STOP
 
     async def send(body: dict[str, Any]) -> None:
-        if websocket.client_state is WebSocketState.CONNECTED:
-            with _client_may_be_gone():
-                await websocket.send_json(body)
+        await _send(websocket, body)
 
     await send({"type": "ready", "tasks": [t.value for t in wanted]})
     budget = DecodeBudget(settings.live_decode_share, settings.live_decode_burst_s)
@@ -109,15 +162,11 @@ async def live_frames(
         frame_timeout_s=settings.live_frame_timeout_s,
         pace=budget.wait_s,
     )
-    # Served while the credential holds: revoked (on any replica) or expired, the session
-    # ends and the socket closes as an unauthorised one would.
     try:
         async with services.auth.revocations.watch(principal).guard():
             stats = await session.run(receive, send)
     except InvalidToken as exc:
-        await send({"type": "error", "code": exc.code, "message": exc.message})
-        with contextlib.suppress(RuntimeError):
-            await websocket.close(CLOSE_UNAUTHORISED, exc.message)
+        await _refuse(websocket, exc)
         return
     await send({"type": "closed", **stats.__dict__})
     await _close(websocket)

@@ -8,13 +8,16 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from backend.agents.checkpoint import RedisCheckpointSaver
 from backend.auth.passwords import hash_password
 from backend.config import Settings
 from backend.core.db import Database
 from backend.core.models import AuditEvent, Message, Tenant, User, UserRole
+from backend.core.redis import KeySpace
 from backend.knowledge.embeddings import LocalEmbedder
 from tests.agents.test_agent import events_of, kinds, text, turn
 from tests.agents.test_runs import PASSWORD, gql, sign_in, start_run
@@ -94,6 +97,35 @@ async def test_default_rails_in_a_conversation(
     audit = [e.event for e in await rows(engine, chat_settings, team, AuditEvent)]
     assert "guardrails.input.injection" in audit
     assert "guardrails.input.pii" in audit
+
+
+async def test_memory_rebuilt_after_expiry_is_redacted_like_the_turns_were(
+    chat_settings: Settings,
+    team: dict,
+    llm: tuple[LLMStub, str],
+    redis: Redis,
+    key_prefix: str,
+) -> None:
+    """The stored user message keeps what was sent; when the agent's memory is gone (expired,
+    evicted), the history rebuilt from the stored messages goes through the same redaction,
+    so the model never sees an earlier turn's card number it only saw redacted then."""
+    stub, _ = llm
+    async with serve_live(chat_settings) as server:
+        token = await sign_in(server, team)
+        conversation, run_id = await start_run(server, token, "my card is 4111 1111 1111 1111 ok")
+        await events_of(server, token, run_id)
+        assert stub.requests[-1]["messages"][-1]["content"] == "my card is [CARD] ok"
+        memory = RedisCheckpointSaver(redis, KeySpace(key_prefix).child("agent"))
+        thread = {"configurable": {"thread_id": conversation}}
+        assert await memory.aget_tuple(thread) is not None
+        await memory.adelete_thread(conversation)  # what an expiry or an eviction leaves
+
+        plain = await turn(server, token, conversation, "what are your opening hours")
+        assert "GuardrailTriggered" not in kinds(plain)  # no new decision on old turns
+    sent = stub.requests[-1]["messages"]
+    users = [m["content"] for m in sent if m["role"] == "user"]
+    assert users == ["my card is [CARD] ok", "what are your opening hours"]
+    assert not any("4111" in str(m["content"]) for m in sent)
 
 
 async def test_output_rails_redact_and_stop_the_stream(

@@ -165,6 +165,26 @@ async def test_pii_is_redacted_before_the_model_sees_it(
     ]
 
 
+async def test_text_from_elsewhere_is_redacted_on_both_engines(
+    rails: GuardrailService, who: Principal, db: Database
+) -> None:
+    """An image's OCR text, a message stored redacted, and earlier messages read back into the
+    agent's memory lose the personal data the input rail takes out; only the first two are new
+    decisions (the earlier messages were decided when they came)."""
+    card = "card 4111 1111 1111 1111 from ada@example.com"
+    assert await rails.redact(who, card, "image") == "card [CARD] from [EMAIL]"
+    assert await rails.redact_for_storage(who, card) == "card [CARD] from [EMAIL]"
+    await rails.flush()  # one test connection: the audit writer is done with it
+    await rails.update_policy(who, {"profanity": {"input_action": "redact"}})
+    rewritten = await rails.rewrite_history(who, [card, "well shit", "hello"])
+    assert rewritten == ["card [CARD] from [EMAIL]", "well s***", "hello"]
+    events = [e.event for e in await audited(db, rails, who)]
+    assert events == ["guardrails.image.pii", "guardrails.storage.pii", "guardrails.policy_updated"]
+
+    await rails.update_policy(who, {"pii": {"input_action": "warn"}})  # the model saw it as sent
+    assert await rails.rewrite_history(who, [card]) == [card]
+
+
 async def test_long_inputs_are_refused(rails: GuardrailService, who: Principal) -> None:
     await rails.update_policy(who, {"length": {"max_chars": 100}})
     verdict = await rails.check_input(who, "a" * 101, [])

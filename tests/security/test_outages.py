@@ -5,6 +5,8 @@ service is back. Each test runs a server on a Redis and a PostgreSQL of its own,
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,11 +18,13 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
-from backend.config import AuthSettings, DatabaseSettings, RedisSettings, Settings
+from backend.config import AuthSettings, DatabaseSettings, RedisSettings, Settings, VisionSettings
 from backend.core.embedded import EmbeddedPostgres
-from tests.conftest import LiveServer, free_port, serve_live
-from tests.graphql.ws import init, open_socket, receive, subscribe
+from tests.conftest import LiveServer, free_port, scaled, serve_live
+from tests.graphql.ws import init, open_socket, receive, send, subscribe
 
 ADMIN_EMAIL = "admin@outage.example"
 ADMIN_PASSWORD = "outage admin password"
@@ -245,3 +249,140 @@ async def test_postgres_down_answers_service_unavailable_then_recovers(
         _, body = await graphql(http, "{ me { credential } }", key)
         assert body["data"]["me"]["credential"] == "api_key"
         assert (await password_grant(http)).status_code == 200
+
+
+async def live_camera_hello(server: LiveServer, credential: str) -> tuple[list[dict], int | None]:
+    """What the live camera socket answers to its auth message: the messages, and the close
+    code (None while it stays open)."""
+    url = server.ws_url.replace("/graphql", "/ws/vision/live?tasks=detect")
+    messages: list[dict[str, Any]] = []
+    async with connect(url, open_timeout=scaled(30)) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": credential}))
+        try:
+            while True:
+                messages.append(json.loads(await asyncio.wait_for(ws.recv(), scaled(30))))
+                if messages[-1]["type"] == "ready":
+                    return messages, None
+        except ConnectionClosed:
+            return messages, ws.close_code
+
+
+def live_unavailable(messages: list[dict[str, Any]], code: int | None) -> None:
+    """An outage is a typed error, then a "try again later" close (1013, not 4403: the
+    credential may be fine, as the GraphQL socket does not reject it either)."""
+    assert [m["type"] for m in messages] == ["error"], messages
+    assert messages[0]["code"] == "SERVICE_UNAVAILABLE"
+    assert messages[0]["retryAfter"] >= 1
+    assert not any(leak in str(messages) for leak in LEAKS), messages
+    assert code == 1013
+
+
+async def test_the_live_camera_socket_answers_an_outage_with_a_typed_error(
+    backends: Backends, caplog: pytest.LogCaptureFixture
+) -> None:
+    backends.settings.vision = VisionSettings(enabled=True, workers=1)
+    async with serving(backends) as (server, http):
+        access = (await sign_in(http))["access_token"]
+        _, created = await graphql(http, 'mutation { createApiKey(name: "k") { secret } }', access)
+        key = created["data"]["createApiKey"]["secret"]  # not used yet: not cached
+
+        await backends.redis.stop()
+        live_unavailable(*await live_camera_hello(server, access))
+        await backends.redis.start()
+
+        await backends.stop_postgres()
+        live_unavailable(*await live_camera_hello(server, key))  # checked in the database
+        await backends.start_postgres()
+
+        for credential in (access, key):
+            messages, code = await live_camera_hello(server, credential)
+            assert code is None, (messages, code)
+    assert "Exception in ASGI application" not in caplog.text
+
+
+HEARTBEAT = "subscription { heartbeat(intervalMs: 100, count: 1) { seq } }"
+
+
+def persisted(query: str) -> dict[str, Any]:
+    digest = hashlib.sha256(query.encode()).hexdigest()
+    return {"persistedQuery": {"version": 1, "sha256Hash": digest}}
+
+
+def streamed_errors(response: httpx.Response) -> list[dict[str, Any]]:
+    """The errors in an SSE or multipart subscription answer."""
+    bodies = []
+    if response.headers["content-type"].startswith("text/event-stream"):
+        bodies = [
+            json.loads(line[len("data:") :])
+            for line in response.text.splitlines()
+            if line.startswith("data:") and line[len("data:") :].strip()
+        ]
+    else:
+        parts = [p for p in response.text.split("--graphql") if "{" in p]
+        bodies = [json.loads(p[p.index("{") :]) for p in parts]
+        bodies = [b.get("payload") or b for b in bodies]
+    return [e for b in bodies for e in b.get("errors") or ()]
+
+
+async def test_persisted_queries_with_redis_down_are_service_unavailable(
+    backends: Backends, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The persisted-query lookup happens before the operation runs: with Redis down each
+    transport answers a typed SERVICE_UNAVAILABLE, and a subscription is answered and ended,
+    not broken off without a word."""
+    async with serving(backends) as (server, http):
+        access = (await sign_in(http))["access_token"]
+        headers = {"authorization": f"Bearer {access}"}
+        await backends.redis.stop()
+
+        query = "{ serverInfo { version } }"
+        for body in (
+            {"extensions": persisted(query)},  # a lookup
+            {"query": query, "extensions": persisted(query)},  # a store
+        ):
+            response = await http.post("/graphql", json=body, headers=headers)
+            assert response.status_code < 500, response.text
+            unavailable(response.json())
+
+        for accept in ("text/event-stream", 'multipart/mixed;subscriptionSpec="1.0"'):
+            response = await http.post(
+                "/graphql",
+                json={"extensions": persisted(HEARTBEAT)},
+                headers={**headers, "accept": accept},
+            )
+            assert response.status_code < 500, response.text
+            unavailable({"errors": streamed_errors(response)})
+
+        # The WebSocket protocols require the query's text (the extension is not applied
+        # there): what Apollo's WebSocket link sends, the text with its hash, is refused typed
+        # and the socket goes on.
+        async with await open_socket(server.ws_url) as ws:
+            await init(ws, {"authorization": f"Bearer {access}"})
+            payload = {"query": HEARTBEAT, "extensions": persisted(HEARTBEAT)}
+            await send(ws, {"id": "1", "type": "subscribe", "payload": payload})
+            message = await receive(ws)
+            assert (message["type"], message["id"]) == ("error", "1"), message
+            unavailable({"errors": message["payload"]})
+            await send(ws, {"type": "ping"})
+            assert (await receive_any(ws))["type"] == "pong"
+
+        await backends.redis.start()
+        for accept in ("text/event-stream", 'multipart/mixed;subscriptionSpec="1.0"'):
+            response = await http.post(  # a hash never seen: the client is told to send it
+                "/graphql",
+                json={"extensions": persisted(HEARTBEAT)},
+                headers={**headers, "accept": accept},
+            )
+            [error] = streamed_errors(response)
+            assert error["extensions"]["code"] == "PERSISTED_QUERY_NOT_FOUND", response.text
+        registered = await http.post(
+            "/graphql", json={"query": query, "extensions": persisted(query)}, headers=headers
+        )
+        assert registered.json()["data"]["serverInfo"]["version"]
+        hit = await http.post("/graphql", json={"extensions": persisted(query)}, headers=headers)
+        assert hit.json()["data"] == registered.json()["data"]
+    assert "Exception in ASGI application" not in caplog.text
+
+
+async def receive_any(ws: ClientConnection) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), scaled(30)))
