@@ -104,11 +104,13 @@ def find_pii(text: str, kinds: Iterable[PiiKind] | None = None) -> list[PiiMatch
     """Non-overlapping matches of the given kinds (all when None), in text order."""
     wanted = set(kinds) if kinds is not None else set(PiiKind)
     taken: list[PiiMatch] = []
+    claimed = bytearray(len(text))  # characters an earlier match holds: linear, not pairwise
     for kind, finder in _FINDERS:
         if kind not in wanted:
             continue
         for start, end in finder(text):
-            if not any(start < m.end and m.start < end for m in taken):
+            if claimed.find(1, start, end) == -1:
+                claimed[start:end] = b"\x01" * (end - start)
                 taken.append(PiiMatch(kind, start, end))
     return sorted(taken, key=lambda m: m.start)
 

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+from backend.errors import expected_error
+from backend.inference.client import InferenceError
+
+log = logging.getLogger(__name__)
 
 
 class End(Enum):
@@ -143,14 +149,7 @@ class LiveFrames:
                 continue
             except Exception as exc:  # a bad frame must not end the stream
                 self.stats.failed += 1
-                await send(
-                    {
-                        "type": "error",
-                        "frame": index,
-                        "code": getattr(exc, "code", "INFERENCE_FAILED"),
-                        "message": getattr(exc, "message", None) or str(exc),
-                    }
-                )
+                await send({"type": "error", "frame": index, **_frame_error(exc)})
                 continue
             self.stats.served += 1
             await send(
@@ -165,3 +164,15 @@ class LiveFrames:
 
     def _waiting(self) -> float:
         return self._pace() if self._pace is not None else 0.0
+
+
+def _frame_error(exc: Exception) -> dict[str, Any]:
+    """What a client hears of a frame that failed: an expected error's code and message; of
+    anything else (a bug, an inference worker's failure) only that it failed, never its text
+    (it can name internals). The exception goes to the log."""
+    typed = expected_error(exc)
+    if typed is not None:
+        return {"code": typed.code, "message": typed.message, **typed.details}
+    log.warning("live frame failed", exc_info=exc)
+    code = exc.code if isinstance(exc, InferenceError) else InferenceError.code
+    return {"code": code, "message": "the frame could not be analysed"}

@@ -95,6 +95,14 @@ def test_pii_is_found_validated_and_redacted() -> None:
     )
 
 
+def test_many_matches_are_found_in_one_pass() -> None:
+    # 40,000 addresses: each match was compared with every earlier one (800M comparisons).
+    text = " ".join(f"10.0.{i // 250}.{i % 250}" for i in range(40_000))
+    matches = find_pii(text, [PiiKind.IP_ADDRESS, PiiKind.PHONE])
+    assert len(matches) == 40_000
+    assert {m.kind for m in matches} == {PiiKind.IP_ADDRESS}
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from backend.errors import ValidationFailed
+from backend.inference.client import Overloaded
 from backend.realtime.frames import End, LiveFrames
 
 
@@ -134,3 +135,22 @@ async def test_the_pace_holds_frames_back_and_newer_ones_replace_them() -> None:
     assert seen[0] == b"a"
     assert seen[-1] == b"d"
     assert stats.dropped >= 1
+
+
+async def test_a_failed_frame_tells_its_code_never_an_internal_message() -> None:
+    async def failing(frame: bytes) -> dict[str, Any]:
+        if frame == b"bug":
+            raise RuntimeError("connection to postgres://app:secret@10.1.2.3 failed")
+        if frame == b"busy":
+            raise Overloaded("worker 3 queue 512/512 at /srv/models/effnet.pt")
+        raise ValidationFailed("not an image")
+
+    camera = Camera([b"bug", b"busy", b"bad"], gap_s=0.1)
+    session = LiveFrames(failing, max_fps=100, max_frame_bytes=100, frame_timeout_s=1)
+    await session.run(camera.receive, camera.send)
+    errors = [m for m in camera.sent if m["type"] == "error"]
+    assert [e["code"] for e in errors] == ["INFERENCE_FAILED", "OVERLOADED", "BAD_USER_INPUT"]
+    assert errors[2]["message"] == "not an image"
+    shown = str(errors[:2])
+    assert "postgres" not in shown
+    assert "/srv" not in shown
