@@ -546,7 +546,37 @@ class ChatSettings(_Section):
         return value if value is not None and value.get_secret_value() else None
 
 
-class KnowledgeSettings(_Section):
+class JobRecoverySettings(_Section):
+    """How background jobs (ingestion, vision) survive the replica running them: a lease each,
+    taken over by another replica when it stops being renewed; short outages waited out."""
+
+    job_lease_s: float = Field(
+        15.0,
+        ge=1,
+        description="A job's replica renews its lease every third of this; another replica "
+        "takes the job over (runs it again, or fails it) after this and the grace.",
+    )
+    job_lost_grace_s: float = Field(
+        10.0,
+        gt=0,
+        description="How late a job's lease may be before another replica takes the job over "
+        "(see SIGHTLINE_CHAT_RUN_LOST_GRACE_S).",
+    )
+    job_max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Times a job is started (its replica died each time) before it fails "
+        "with WORKER_LOST.",
+    )
+    outage_retry_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long a job waits out a PostgreSQL or Redis outage (retrying with "
+        "backoff) before it is left to recovery.",
+    )
+
+
+class KnowledgeSettings(JobRecoverySettings):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_KNOWLEDGE_", extra="ignore")
 
     embedding_base_url: str | None = Field(
@@ -584,30 +614,6 @@ class KnowledgeSettings(_Section):
         2, ge=1, description="Ingestion jobs one replica runs at once (others wait)."
     )
     job_timeout_s: float = Field(1800.0, gt=0, description="Longest an ingestion job may run.")
-    job_lease_s: float = Field(
-        15.0,
-        ge=1,
-        description="A job's replica renews its lease every third of this; another replica "
-        "resumes (or fails) the jobs of one that stopped renewing, after this and the grace.",
-    )
-    job_lost_grace_s: float = Field(
-        10.0,
-        gt=0,
-        description="How late a job's lease may be before another replica takes the job over "
-        "(see SIGHTLINE_CHAT_RUN_LOST_GRACE_S).",
-    )
-    job_max_attempts: int = Field(
-        3,
-        ge=1,
-        description="Times a job is started (its replica died each time) before it fails "
-        "with WORKER_LOST.",
-    )
-    outage_retry_s: float = Field(
-        30.0,
-        ge=0,
-        description="How long a job waits out a PostgreSQL or Redis outage (retrying with "
-        "backoff) before it fails.",
-    )
     jobs_ttl_s: int = Field(
         24 * 3600, ge=60, description="How long a finished job's progress events can be replayed."
     )
@@ -641,7 +647,7 @@ class KnowledgeSettings(_Section):
         return value if value is not None and value.get_secret_value() else None
 
 
-class VisionSettings(_Section):
+class VisionSettings(JobRecoverySettings):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_VISION_", extra="ignore")
 
     enabled: bool = Field(True, description="Start the inference pool and accept images.")
@@ -679,31 +685,6 @@ class VisionSettings(_Section):
     infer_timeout_s: float = Field(30.0, gt=0, description="Longest wait for one model call.")
     job_timeout_s: float = Field(120.0, gt=0, description="Longest an analysis job may run.")
     max_concurrent_jobs: int = Field(4, ge=1, description="Jobs one replica runs at once.")
-    job_lease_s: float = Field(
-        15.0,
-        ge=1,
-        description="A job's replica renews its lease every third of this; another replica "
-        "with vision on runs again (or fails) the jobs of one that stopped renewing, after this "
-        "and the grace.",
-    )
-    job_lost_grace_s: float = Field(
-        10.0,
-        gt=0,
-        description="How late a job's lease may be before another replica takes the job over "
-        "(see SIGHTLINE_CHAT_RUN_LOST_GRACE_S).",
-    )
-    job_max_attempts: int = Field(
-        3,
-        ge=1,
-        description="Times a job is started (its replica died each time) before it fails "
-        "with WORKER_LOST.",
-    )
-    outage_retry_s: float = Field(
-        30.0,
-        ge=0,
-        description="How long a job waits out a PostgreSQL or Redis outage (retrying with "
-        "backoff) before it is left to recovery.",
-    )
     jobs_ttl_s: int = Field(
         24 * 3600, ge=60, description="How long a finished job's events can be replayed."
     )

@@ -35,6 +35,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from backend.config import JobRecoverySettings
+
 log = logging.getLogger(__name__)
 
 # KEYS: the lease set. ARGV: the new deadline, then for each member: the member, how many
@@ -110,6 +112,33 @@ def cancel_when_revoked(
                 task.cancel(reason)
 
     return revoked
+
+
+def job_leases(
+    redis: Redis,
+    key: str,
+    settings: JobRecoverySettings,
+    *,
+    tasks: Mapping[uuid.UUID, asyncio.Task[Any]],
+    on_lost: LostHandler,
+    find_unleased: Callable[[], Awaitable[list[str]]],
+    name: str,
+) -> Leases:
+    """The leases of a kind of background job (ingestion, vision): timed by its settings, a
+    job taken over elsewhere is cancelled here, and work with no lease is looked for now and
+    then (Redis lost it)."""
+    return Leases(
+        redis,
+        key,
+        lease_s=settings.job_lease_s,
+        grace_s=settings.job_lost_grace_s,
+        on_lost=on_lost,
+        on_revoked=cancel_when_revoked(tasks, "the job was taken over"),
+        recover_timeout_s=3 * settings.outage_retry_s + 60,
+        find_unleased=find_unleased,
+        scan_every_s=20 * settings.job_lease_s,
+        name=name,
+    )
 
 
 MAX_UNCERTAIN = 64  # deadlines remembered per lease while renewals fail (see _RENEW)

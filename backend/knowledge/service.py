@@ -42,7 +42,7 @@ from backend.auth.principal import Principal
 from backend.config import KnowledgeSettings
 from backend.core import pagination
 from backend.core.db import Database
-from backend.core.leases import Leases, Work, cancel_when_revoked
+from backend.core.leases import Work, job_leases
 from backend.core.models import Chunk, Document, IngestionJob, IngestionUpload, JobStatus
 from backend.core.redis import KeySpace
 from backend.core.retry import is_transient, retrying
@@ -144,16 +144,13 @@ class KnowledgeService:
         self.events = RunEventLog(redis, self._keys, ttl_after_end_s=settings.jobs_ttl_s)
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
         self._jobs: dict[uuid.UUID, asyncio.Task[None]] = {}
-        self._leases = Leases(
+        self._leases = job_leases(
             redis,
             self._keys("job-leases"),
-            lease_s=settings.job_lease_s,
-            grace_s=settings.job_lost_grace_s,
+            settings,
+            tasks=self._jobs,
             on_lost=self._recover_lost,
-            on_revoked=cancel_when_revoked(self._jobs, "the job was taken over"),
-            recover_timeout_s=3 * settings.outage_retry_s + 60,
             find_unleased=self._unleased,
-            scan_every_s=20 * settings.job_lease_s,
             name="ingestion",
         )
         self._closing = False

@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from backend.auth.principal import Principal
 from backend.config import VisionSettings
 from backend.core.db import Database
-from backend.core.leases import Leases, Work, cancel_when_revoked
+from backend.core.leases import Work, job_leases
 from backend.core.models import VisionJob, VisionStatus
 from backend.core.redis import KeySpace
 from backend.core.retry import is_transient, retrying
@@ -182,16 +182,13 @@ class VisionService:
         self._decoder = ThreadPoolExecutor(
             settings.decode_threads, thread_name_prefix="sightline-decode"
         )
-        self._leases = Leases(
+        self._leases = job_leases(
             redis,
             self._keys("job-leases"),
-            lease_s=settings.job_lease_s,
-            grace_s=settings.job_lost_grace_s,
+            settings,
+            tasks=self._jobs,
             on_lost=self._recover_lost,
-            on_revoked=cancel_when_revoked(self._jobs, "the job was taken over"),
-            recover_timeout_s=3 * settings.outage_retry_s + 60,
             find_unleased=self._unleased,
-            scan_every_s=20 * settings.job_lease_s,
             name="vision",
         )
         self._closing = False
