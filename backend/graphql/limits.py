@@ -224,43 +224,22 @@ def limits_rule(limits: DocumentLimits) -> type[ValidationRule]:
 
         def _check(self, operation: OperationDefinitionNode, measure: Measure) -> None:
             name = operation.name.value if operation.name else "anonymous"
-            if measure.depth > limits.max_depth:
-                self.report_error(
-                    GraphQLError(
-                        f"'{name}' exceeds maximum operation depth of {limits.max_depth}",
-                        operation,
-                        extensions={
-                            "code": "GRAPHQL_VALIDATION_FAILED",
-                            "depth": measure.depth,
-                            "maxDepth": limits.max_depth,
-                        },
-                    )
-                )
-            if measure.breadth > limits.max_breadth:
-                self.report_error(
-                    GraphQLError(
-                        f"operation {name} gathers {measure.breadth} fields in one selection set "
-                        f"(fragments included), more than the maximum {limits.max_breadth}",
-                        operation,
-                        extensions={
-                            "code": "GRAPHQL_VALIDATION_FAILED",
-                            "breadth": measure.breadth,
-                            "maxBreadth": limits.max_breadth,
-                        },
-                    )
-                )
-            if measure.cost > limits.max_cost:
-                self.report_error(
-                    GraphQLError(
-                        f"operation {name} costs {measure.cost}, more than the maximum "
-                        f"{limits.max_cost}",
-                        operation,
-                        extensions={
-                            "code": "GRAPHQL_VALIDATION_FAILED",
-                            "cost": measure.cost,
-                            "maxCost": limits.max_cost,
-                        },
-                    )
-                )
+            checks = (
+                ("depth", measure.depth, limits.max_depth, f"'{name}' exceeds maximum operation "
+                 f"depth of {limits.max_depth}"),
+                ("breadth", measure.breadth, limits.max_breadth, f"operation {name} gathers "
+                 f"{measure.breadth} fields in one selection set (fragments included), more "
+                 f"than the maximum {limits.max_breadth}"),
+                ("cost", measure.cost, limits.max_cost, f"operation {name} costs "
+                 f"{measure.cost}, more than the maximum {limits.max_cost}"),
+            )  # fmt: skip
+            for what, value, limit, message in checks:
+                if value > limit:
+                    extensions = {
+                        "code": "GRAPHQL_VALIDATION_FAILED",
+                        what: value,
+                        f"max{what.capitalize()}": limit,
+                    }
+                    self.report_error(GraphQLError(message, operation, extensions=extensions))
 
     return DocumentLimitsRule
