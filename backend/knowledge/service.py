@@ -234,8 +234,10 @@ class KnowledgeService:
             except Exception:
                 self._leases.abandon(job.member)
             raise
-        await self._event(job, "IngestionQueued", {"source": key})
-        self._start(job)
+        try:
+            await self._event(job, "IngestionQueued", {"source": key})
+        finally:  # accepted: it runs (and ends, releasing its lease) whatever became of that
+            self._start(job)
         return row
 
     def _start(self, job: _Job) -> None:
