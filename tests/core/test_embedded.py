@@ -73,9 +73,9 @@ def test_a_killed_process_leaves_no_embedded_postgres_running(tmp_path: Path) ->
     assert owner.stdout.readline().startswith("postgresql")  # started, and serving
     postmaster = _postmaster(data)
     assert postmaster.is_running()
-    owner.kill()
-    owner.wait()
+    owner.kill()  # and not reaped yet: a zombie, as under a shell that has not waited
     postmaster.wait(timeout=scaled(60))  # stopped by the caretaker
+    owner.wait()
 
     # A handle left by a process that shared the server and was killed (its caretaker saw
     # this one alive): the last live handle stops it.
