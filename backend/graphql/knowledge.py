@@ -19,6 +19,7 @@ from backend.graphql.chat import Edge, PageInfo
 from backend.graphql.context import Context
 from backend.graphql.ids import parse_id
 from backend.graphql.permissions import HasScope, until_credential_ends
+from backend.graphql.uploads import read_upload
 from backend.knowledge.service import SearchHit
 from backend.knowledge.service import SearchMode as Mode
 from backend.realtime.eventlog import RunEvent as LoggedEvent
@@ -319,7 +320,7 @@ class KnowledgeMutation:
             raise ValidationFailed("metadata must be a JSON object", field="metadata")
         limit = info.context.state.settings.knowledge.max_document_bytes
         if file is not None:
-            data = await file.read(limit + 1)  # type: ignore[attr-defined]
+            data = await read_upload(file, limit + 1)
             filename = str(getattr(file, "filename", "") or "")
         else:
             data = (text or "").encode()

@@ -19,6 +19,7 @@ from backend.errors import ServiceUnavailable
 from backend.graphql.context import Context
 from backend.graphql.ids import parse_id
 from backend.graphql.permissions import HasScope, until_credential_ends
+from backend.graphql.uploads import read_upload
 from backend.realtime.eventlog import RunEvent as LoggedEvent
 from backend.vision.service import VisionService
 from backend.vision.service import VisionTask as Task
@@ -220,7 +221,7 @@ class VisionMutation:
     ) -> VisionJobType:
         service = _service(info)
         limit = info.context.state.settings.vision.max_image_bytes
-        data = await image.read(limit + 1)  # type: ignore[attr-defined]
+        data = await read_upload(image, limit + 1)
         job = await service.analyze(
             info.context.require_principal(),
             data,
