@@ -462,7 +462,9 @@ class ChatSettings(_Section):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_CHAT_", extra="ignore")
 
     llm_base_url: str | None = Field(
-        None, description="OpenAI-compatible endpoint (`http://vllm:8000/v1`). Unset: no chat."
+        None,
+        description="OpenAI-compatible endpoint (`http://vllm:8000/v1`). Unset: the packaged "
+        "model (`SIGHTLINE_CHAT_LOCAL_MODEL`), or no chat without it.",
     )
     llm_model: str = Field("default", description="Model name sent to the endpoint.")
     local_model: bool = Field(

@@ -68,8 +68,12 @@ class ServerInfo:
 
     @strawberry.field
     def features(self, info: Info) -> list[Feature]:
+        """Derived from what this server runs, never from what is planned."""
         state = _state(info)
         telemetry = state.settings.telemetry
+        services = info.context.services
+        vision = services.vision
+        vision_on = vision is not None and vision.enabled
         return [
             Feature(
                 name="subscriptions.graphql-transport-ws",
@@ -122,9 +126,30 @@ class ServerInfo:
                 description="Knowledge base: ingestion, hybrid search, cited answers.",
             ),
             Feature(
+                name="knowledge.images",
+                enabled=services.knowledge.read_image is not None,
+                description="Images and scanned PDF pages are ingested through OCR.",
+            ),
+            Feature(
                 name="vision",
-                enabled=False,
-                description="OCR, detection, classification (not yet built).",
+                enabled=vision_on,
+                description="Image analysis jobs (OCR, detection, classification) and live "
+                "camera frames on the inference pool.",
+            ),
+            Feature(
+                name="vision.ocr",
+                enabled=vision_on and bool(vision and vision.ocr_languages()),
+                description="OCR with the installed Tesseract language data.",
+            ),
+            Feature(
+                name="guardrails",
+                enabled=services.guardrails is not None,
+                description="Input, retrieval, output and image rails on every turn.",
+            ),
+            Feature(
+                name="auth.oidc",
+                enabled=services.oidc is not None,
+                description="Sign-in through an OpenID Connect provider.",
             ),
         ]
 

@@ -199,6 +199,15 @@ class VisionService:
             raise ServiceUnavailable("vision is off on this server (SIGHTLINE_VISION_ENABLED)")
         return self._inference
 
+    @property
+    def enabled(self) -> bool:
+        """Whether this replica runs vision jobs (it has an inference pool)."""
+        return self._inference is not None
+
+    def ocr_languages(self) -> list[str]:
+        """The installed Tesseract languages (none: OCR tasks fail with OCR_UNAVAILABLE)."""
+        return self._ocr.languages()
+
     def start(self) -> None:
         """Starts renewing this replica's job leases and, with vision on, taking over the jobs
         of replicas that died (a replica with vision off runs no job: it leaves them to one

@@ -180,6 +180,39 @@ async def test_bad_images_and_models_are_refused_with_typed_errors(
         none = await upload(server, token, jpeg(data.coffee()), [])
         assert none["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
 
+        # One file in two operations of a batch (the multipart spec allows it): the second
+        # read the file empty ("UNREADABLE_IMAGE: the image is empty").
+        twice = await upload_batch(server, token, jpeg(data.coffee()), 2)
+        codes = [r["errors"][0]["extensions"]["code"] for r in twice]
+        assert codes == ["IMAGE_BLOCKED", "IMAGE_BLOCKED"], twice
+
+
+async def upload_batch(server: LiveServer, token: str, image: bytes, times: int) -> list[dict]:
+    """One file, mapped to `times` operations of one batched request."""
+    operations = [
+        {"query": ANALYZE, "variables": {"image": None, "tasks": ["CLASSIFY"]}}
+        for _ in range(times)
+    ]
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as http:
+        response = await http.post(
+            "/graphql",
+            data={
+                "operations": json.dumps(operations),
+                "map": json.dumps({"0": [f"{i}.variables.image" for i in range(times)]}),
+            },
+            files={"0": ("photo.jpg", image, "image/jpeg")},
+            headers={"authorization": f"Bearer {token}"},
+        )
+    return response.json()  # type: ignore[no-any-return]
+
+
+FEATURES = "{ serverInfo { features { name enabled } } }"
+
+
+async def features(server: LiveServer, token: str) -> dict[str, bool]:
+    listed = (await gql(server, token, FEATURES))["data"]["serverInfo"]["features"]
+    return {f["name"]: f["enabled"] for f in listed}
+
 
 async def test_live_camera_frames_over_a_websocket(
     chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any]
@@ -215,6 +248,12 @@ async def test_live_camera_frames_over_a_websocket(
         assert refused.value.rcvd is not None
         assert refused.value.rcvd.code == 4403
 
+        # What runs is what serverInfo says (it said "vision: not yet built").
+        on = await features(server, await sign_in(server, account))
+        assert on["vision"] is True
+        assert on["knowledge.images"] is True  # images and scans are read by OCR
+        assert on["vision.ocr"] is True  # tessdata is installed (OCR is tested above)
+
 
 async def test_with_vision_off_uploads_are_refused_and_jobs_still_read(
     chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any]
@@ -233,6 +272,8 @@ async def test_with_vision_off_uploads_are_refused_and_jobs_still_read(
         assert (await gql(server, token, "{ visionModels { name } }"))["data"] == {
             "visionModels": []
         }
+        off = await features(server, token)
+        assert (off["vision"], off["vision.ocr"], off["knowledge.images"]) == (False,) * 3
 
 
 async def test_a_message_can_attach_an_analysed_image(
