@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import errno
 import json
 import os
 import platform
 import shutil
+import socket
 import sys
 import tempfile
 import uuid
@@ -24,6 +26,7 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from backend import __version__
 from backend.auth.principal import Principal
@@ -31,7 +34,12 @@ from backend.auth.service import AuthService
 from backend.config import Settings, settings_table
 from backend.core.db import Database, DatabaseUnreachable
 from backend.core.embedded import resolve_services
-from backend.core.migrations import current_revisions, head_revisions, upgrade_to_head
+from backend.core.migrations import (
+    current_revisions,
+    head_revisions,
+    known_revisions,
+    upgrade_to_head,
+)
 from backend.core.models import UserRole
 from backend.core.redis import KeySpace, RedisUnreachable, connect_redis, ping_redis
 from backend.core.telemetry import configure_logging
@@ -42,8 +50,38 @@ from backend.limits.ratelimit import RateLimiter
 from backend.privacy.schemas import Erasure, ErasureStatus
 from backend.privacy.service import PrivacyService
 
-app = typer.Typer(help="Sightline: real-time AI backend.", no_args_is_help=True)
-schema_app = typer.Typer(help="The GraphQL schema file (schema.graphql).", no_args_is_help=True)
+
+def _untyped_flags(params: list[Any]) -> list[Any]:
+    """Typer's help prints each option's type beside it, and `<bool>` beside flags (`--help`
+    too), which take no value: an empty metavar prints nothing there."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+
+class _Typer(typer.Typer):
+    """Typer whose commands and groups print flags without a type in their help."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(cls=_Group, **options)
+
+    def command(self, *args: Any, **options: Any) -> Any:
+        return super().command(*args, **{"cls": _Command, **options})
+
+
+app = _Typer(help="Sightline: real-time AI backend.", no_args_is_help=True)
+schema_app = _Typer(help="The GraphQL schema file (schema.graphql).", no_args_is_help=True)
 app.add_typer(schema_app, name="schema")
 
 out = Console()
@@ -111,6 +149,7 @@ def serve(
             if v is not None
         }
     )
+    _check_port_free(server.host, server.port)
     _run_checked(_preflight(settings))
     common = {
         "host": server.host,
@@ -153,6 +192,24 @@ def serve(
     finally:
         services.stop()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fails in one line when the address cannot be listened on (a port in use), before the
+    start does any work: uvicorn binds only after the app's startup (embedded PostgreSQL,
+    migrations, the first admin) and would announce someone else's server as ready."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind((host, port))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        hint = " (another server is listening there: stop it or pick --port)"
+        in_use = exc.errno == errno.EADDRINUSE
+        raise _fail(
+            f"cannot listen on {host}:{port}: {reason}" + (hint if in_use else "")
+        ) from None
 
 
 def worker_app() -> Any:
@@ -232,14 +289,15 @@ async def _service_checks(database_url: str, redis_url: str, settings: Settings)
             checks.append(Check("pgvector", True, f"{facts.pgvector_installed} installed"))
         elif facts.pgvector_available:
             checks.append(
-                Check("pgvector", True, f"{facts.pgvector_available} available; run migrate")
+                Check(
+                    "pgvector",
+                    True,
+                    f"{facts.pgvector_available} available; the first migration installs it",
+                )
             )
         else:
             checks.append(Check("pgvector", False, "extension not available on this server"))
-        current = await current_revisions(db.engine)
-        heads = head_revisions()
-        at, wants = ",".join(sorted(current)) or "nothing", ",".join(sorted(heads))
-        checks.append(Check("migrations", current == heads, f"at {at}, code wants {wants}"))
+        checks.append(_migrations_check(await current_revisions(db.engine), settings))
     except DatabaseUnreachable as exc:
         checks.append(Check("PostgreSQL", False, str(exc)))
     finally:
@@ -258,6 +316,32 @@ async def _service_checks(database_url: str, redis_url: str, settings: Settings)
     finally:
         await client.aclose()
     return checks
+
+
+def _migrations_check(current: frozenset[str], settings: Settings) -> Check:
+    """Behind the code (a fresh data dir is at nothing) is not a fault when `serve` migrates
+    at start, as it does on the embedded database: the doctor says whether the server will
+    run, and it will. It is one when nothing will migrate, or the database is newer."""
+    heads = head_revisions()
+    at, wants = ",".join(sorted(current)) or "nothing", ",".join(sorted(heads))
+    detail = f"at {at}, code wants {wants}"
+    if current == heads:
+        return Check("migrations", True, detail)
+    if not current <= known_revisions():
+        return Check(
+            "migrations", False, f"{detail}: the database was migrated by newer code (upgrade)"
+        )
+    if settings.should_migrate_on_start:
+        return Check(
+            "migrations",
+            True,
+            f"{detail}: `sightline serve` applies them at start (`sightline migrate` now)",
+        )
+    return Check(
+        "migrations",
+        False,
+        f"{detail}: run `sightline migrate` (SIGHTLINE_DATABASE_MIGRATE_ON_START is off)",
+    )
 
 
 def _gpu_check() -> Check:
@@ -379,8 +463,8 @@ def config() -> None:
 
 # -- identity administration ---------------------------------------------------------------
 
-users_app = typer.Typer(help="Tenants' users.", no_args_is_help=True)
-keys_app = typer.Typer(help="API keys and token signing keys.", no_args_is_help=True)
+users_app = _Typer(help="Tenants' users.", no_args_is_help=True)
+keys_app = _Typer(help="API keys and token signing keys.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
 
@@ -475,6 +559,40 @@ def users_enable(
     _set_active(tenant, email, active=True)
 
 
+@users_app.command("reset-password")
+def users_reset_password(
+    tenant: Annotated[str, typer.Option(help="Tenant slug.")],
+    email: Annotated[str, typer.Option(help="The user's email.")],
+    password_file: Annotated[
+        Path | None, typer.Option(help="Read the new password from this file.")
+    ] = None,
+) -> None:
+    """Set a user's password and end their sessions (on every replica); API keys stay valid.
+
+    The password is prompted for, or read from the first line of stdin when it is not a
+    terminal, or from --password-file: never from the command line, where `ps` shows it."""
+    password = _new_password(password_file)
+
+    async def work(auth: AuthService) -> None:
+        user = await auth.reset_password(tenant, email, password)
+        out.print(f"password of {user.email} in tenant {tenant} reset; their sessions ended")
+
+    _run_admin(work)
+
+
+def _new_password(password_file: Path | None) -> str:
+    if password_file is not None:
+        lines = password_file.read_text(encoding="utf-8").splitlines()
+    elif not sys.stdin.isatty():
+        lines = sys.stdin.read().splitlines()
+    else:
+        return str(typer.prompt("New password", hide_input=True, confirmation_prompt=True))
+    password = lines[0].strip() if lines else ""
+    if not password:
+        raise _fail("no password given (an empty first line)")
+    return password
+
+
 def _set_active(tenant: str, email: str, *, active: bool) -> None:
     async def work(auth: AuthService) -> None:
         user = await auth.set_active_by_email(tenant, email, active)
@@ -521,8 +639,9 @@ def ingest(
 ) -> None:
     """Ingest documents into a tenant's knowledge base, with a progress bar per document.
 
-    Each file's path is its source key: ingesting it again replaces it (or does nothing when it
-    has not changed)."""
+    A document's key (`source`) is its file name, as for an upload; inside a folder named here,
+    its path from that folder (`guide/intro.md`). The same key again replaces the document (or
+    does nothing when it has not changed)."""
     from backend.knowledge.embeddings import build_embedder
     from backend.vision.ocr import OcrEngine  # heavy imports (OpenCV): only for this command
     from backend.vision.service import VisionService
@@ -534,6 +653,7 @@ def ingest(
     files = _documents(paths, images=settings.vision.enabled)
     if not files:
         raise _fail("no documents found")
+    _refuse_shared_sources(files)
     configure_logging(settings.telemetry.model_copy(update={"log_level": "WARNING"}))
     failed = 0
 
@@ -567,8 +687,10 @@ def ingest(
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
             try:
                 with Progress(*columns, console=err) as progress:
-                    for path in files:
-                        failed += not await _ingest_one(service, principal, path, meta, progress)
+                    for path, source in files:
+                        failed += not await _ingest_one(
+                            service, principal, path, source, meta, progress
+                        )
             finally:
                 await service.close(5)
                 await vision.events.close()
@@ -585,38 +707,58 @@ def ingest(
         raise typer.Exit(1)
 
 
-def _documents(paths: list[Path], *, images: bool) -> list[Path]:
-    """The files named, and the documents (by extension) inside the folders named; images too
-    when they can be read (OCR)."""
+def _documents(paths: list[Path], *, images: bool) -> list[tuple[Path, str]]:
+    """The files named, and the documents (by extension) inside the folders named (images too
+    when they can be read: OCR), each with its source key: the file name, as an upload has, or
+    the path from the folder named, so that two `intro.md` in a tree stay two documents."""
     suffixes = INGESTIBLE + (IMAGES if images else ())
-    found: set[Path] = set()
+    found: dict[Path, str] = {}
     for path in paths:
         if path.is_file():
-            found.add(path)
+            found.setdefault(path.resolve(), path.name)
         elif path.is_dir():
-            found.update(f for f in path.rglob("*") if f.suffix.lower() in suffixes)
-    return sorted(found)
+            for file in sorted(path.rglob("*")):
+                if file.suffix.lower() in suffixes and file.is_file():
+                    found.setdefault(file.resolve(), file.relative_to(path).as_posix())
+    return sorted(found.items())
 
 
-async def _ingest_one(
-    service: KnowledgeService, principal: Principal, path: Path, meta: dict, progress: Progress
+def _refuse_shared_sources(files: list[tuple[Path, str]]) -> None:
+    """Two files with one key would replace each other: refused before anything is ingested."""
+    by_source: dict[str, list[Path]] = {}
+    for path, source in files:
+        by_source.setdefault(source, []).append(path)
+    for source, shared in by_source.items():
+        if len(shared) > 1:
+            raise _fail(
+                f"{len(shared)} documents would have the source {source!r} and replace each "
+                f"other: {', '.join(map(str, shared))} (ingest a folder that holds them all)"
+            )
+
+
+async def _ingest_one(  # noqa: PLR0917 (one document and where it goes)
+    service: KnowledgeService,
+    principal: Principal,
+    path: Path,
+    source: str,
+    meta: dict,
+    progress: Progress,
 ) -> bool:
-    bar = progress.add_task(path.name, total=None)
+    bar = progress.add_task(source, total=None)
     data = await asyncio.to_thread(path.read_bytes)
-    source = str(await asyncio.to_thread(path.resolve))
     try:
         job = await service.ingest(principal, data, filename=path.name, source=source, meta=meta)
     except AppError as exc:
-        progress.update(bar, description=f"{path.name}: {exc.code}")
+        progress.update(bar, description=f"{source}: {exc.code}")
         return False
     async for event in await service.job_events(principal, job.id, None):
         data = event.data
         if "total" in data:
             progress.update(bar, total=data["total"], completed=data["done"])
         if event.type == "IngestionCompleted":
-            progress.update(bar, description=f"{path.name}: {data['status']}")
+            progress.update(bar, description=f"{source}: {data['status']}")
         elif event.type == "IngestionFailed":
-            progress.update(bar, description=f"{path.name}: {data['code']} {data['message']}")
+            progress.update(bar, description=f"{source}: {data['code']} {data['message']}")
             return False
     return True
 
@@ -634,7 +776,7 @@ def keys_rotate_signing() -> None:
 
 # -- data protection -----------------------------------------------------------------------
 
-privacy_app = typer.Typer(
+privacy_app = _Typer(
     help="Data protection: retention, purges, erasure, exports (all audited).",
     no_args_is_help=True,
 )

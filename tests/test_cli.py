@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import typer
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from typer.testing import CliRunner, Result
 
-from backend import __version__
+from backend import __version__, cli
 from backend.app import SCHEMA_FILE, schema_sdl
 from backend.cli import app
 from backend.core.migrations import head_revisions
+from backend.errors import AppError
 from tests.conftest import REDIS_URL, free_port, scaled
 
 runner = CliRunner()
@@ -269,6 +278,7 @@ def test_ingest_reports_each_document(env: dict[str, str], engine: object, tmp_p
     docs = tmp_path / "docs"
     (docs / "guide").mkdir(parents=True)
     (docs / "guide" / "intro.md").write_text("# Intro\n\nSightline ingests documents.\n")
+    (docs / "handbook.md").write_text("# Handbook\n\nRefunds take fourteen days.\n")
     (docs / "photo.md").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # lies about its type
     (docs / "ignored.bin").write_bytes(b"\x00\x01")  # not a document extension: skipped
     result = runner.invoke(
@@ -285,5 +295,200 @@ def test_ingest_reports_each_document(env: dict[str, str], engine: object, tmp_p
         ],
     )
     assert result.exit_code == 1, result.output  # one document failed
-    assert "1 of 2 documents ingested" in result.output
+    assert "2 of 3 documents ingested" in result.output
     assert "UNSUPPORTED_MEDIA_TYPE" in result.output
+    # A document's key is its file name, as an upload's (it was the absolute path: one file
+    # ingested both ways became two documents); in a folder tree, its path from the folder.
+    assert _sources(engine, tenant) == ["guide/intro.md", "handbook.md"]
+    again = runner.invoke(
+        app, ["ingest", str(docs / "handbook.md"), "--tenant", tenant, "--email", "kb@cli.example"]
+    )
+    assert again.exit_code == 0, again.output
+    assert "handbook.md: unchanged" in again.output
+    assert _sources(engine, tenant) == ["guide/intro.md", "handbook.md"]
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "handbook.md").write_text("# Another handbook\n")
+    clash = runner.invoke(
+        app,
+        [
+            "ingest",
+            str(docs / "handbook.md"),
+            str(tmp_path / "other" / "handbook.md"),
+            "--tenant",
+            tenant,
+            "--email",
+            "kb@cli.example",
+        ],
+    )
+    assert clash.exit_code == 1
+    assert "2 documents would have the source 'handbook.md'" in clash.output
+
+
+def _sources(engine: Any, tenant: str) -> list[str]:
+    """The tenant's document keys, read by the test's superuser (no row-level security)."""
+
+    async def read() -> list[str]:
+        database = create_async_engine(engine.url)
+        try:
+            async with database.connect() as connection:
+                rows = await connection.execute(
+                    text(
+                        "SELECT d.source FROM documents d JOIN tenants t ON t.id = d.tenant_id "
+                        "WHERE t.slug = :slug ORDER BY d.source"
+                    ),
+                    {"slug": tenant},
+                )
+                return [row[0] for row in rows]
+        finally:
+            await database.dispose()
+
+    return asyncio.run(read())
+
+
+async def test_users_reset_password(env: dict[str, str], engine: object, tmp_path: Path) -> None:
+    """Set from stdin (never argv); the old password, sessions and tokens stop working."""
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    secret = tmp_path / "pw"
+    secret.write_text("the first long password\n")
+    options = ["--tenant", tenant, "--email", "pat@cli.example"]
+
+    def invoke(*args: str, stdin: str | None = None) -> Result:
+        return runner.invoke(app, list(args), input=stdin)
+
+    created = await asyncio.to_thread(
+        invoke, "users", "create", *options, "--password-file", str(secret)
+    )
+    assert created.exit_code == 0, created.output
+    async with cli._auth(cli._settings()) as auth:
+        before = await auth.password_grant(
+            tenant, "pat@cli.example", "the first long password", None, None
+        )
+        assert before.refresh_token
+
+    reset = await asyncio.to_thread(
+        invoke, "users", "reset-password", *options, stdin="the second long password\n"
+    )
+    assert reset.exit_code == 0, reset.output
+    assert f"password of pat@cli.example in tenant {tenant} reset" in reset.output
+    assert "the second long password" not in reset.output
+
+    async with cli._auth(cli._settings()) as auth:
+        with pytest.raises(AppError):  # the old password
+            await auth.password_grant(
+                tenant, "pat@cli.example", "the first long password", None, None
+            )
+        with pytest.raises(AppError):  # the session it opened, both its tokens
+            await auth.refresh_grant(before.refresh_token, None, None)
+        with pytest.raises(AppError):
+            await auth.authenticate(f"Bearer {before.access_token}")
+        after = await auth.password_grant(
+            tenant, "pat@cli.example", "the second long password", None, None
+        )
+        assert (await auth.authenticate(f"Bearer {after.access_token}")).tenant_id
+
+    short = await asyncio.to_thread(invoke, "users", "reset-password", *options, stdin="short\n")
+    assert short.exit_code == 1
+    assert "BAD_USER_INPUT" in short.output
+    on_argv = await asyncio.to_thread(
+        invoke, "users", "reset-password", *options, "--password", "the third long password"
+    )
+    assert on_argv.exit_code == 2  # no such option: a password never goes on the command line
+    unknown = await asyncio.to_thread(
+        invoke,
+        "users",
+        "reset-password",
+        "--tenant",
+        tenant,
+        "--email",
+        "nobody@cli.example",
+        stdin="the third long password\n",
+    )
+    assert unknown.exit_code == 1
+    assert "NOT_FOUND" in unknown.output
+
+
+def test_serve_on_a_taken_port_fails_at_once(tmp_path: Path) -> None:
+    """It did the whole start (initdb, migrations, first admin), logged "ready ... open
+    http://127.0.0.1:PORT/" (someone else's server), then died of Errno 98."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SIGHTLINE_")}
+    environment["SIGHTLINE_DATA_DIR"] = str(tmp_path / "data")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        finished = subprocess.run(
+            [sys.executable, "-m", "backend", "serve", "--port", str(port)],
+            env=environment,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=scaled(60),
+        )
+    assert finished.returncode == 1, finished
+    assert finished.stdout == ""
+    [line] = finished.stderr.splitlines()
+    assert line.startswith(f"error: cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert not (tmp_path / "data").exists()  # nothing was started or created
+
+
+def test_doctor_on_a_fresh_data_dir_says_serve_migrates_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It exited 1 with "migrations FAIL at nothing, code wants 0007" and no hint. `serve`
+    migrates the embedded database at start, so a fresh data dir is no fault."""
+    for name in [n for n in os.environ if n.startswith("SIGHTLINE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SIGHTLINE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SIGHTLINE_REDIS_URL", REDIS_URL)
+    monkeypatch.setattr(cli.out, "_width", 300)  # each check on one line of the table
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    [row] = [line for line in result.output.splitlines() if "migrations" in line]
+    assert "ok" in row
+    assert f"at nothing, code wants {max(head_revisions())}" in row
+    assert "`sightline serve` applies them at start" in row
+
+
+async def test_doctor_fails_on_an_unmigrated_database_nothing_will_migrate(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configured database is not migrated by `serve` (unless asked): a fault, with the fix."""
+    name = f"fresh_{uuid.uuid4().hex[:8]}"
+    admin = create_async_engine(engine.url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'CREATE DATABASE "{name}"'))
+        url = engine.url.set(database=name).render_as_string(hide_password=False)
+        monkeypatch.setenv("SIGHTLINE_DATABASE_URL", url)
+        monkeypatch.setenv("SIGHTLINE_REDIS_URL", REDIS_URL)
+        monkeypatch.setattr(cli.out, "_width", 300)
+        result = await asyncio.to_thread(runner.invoke, app, ["doctor"])
+        assert result.exit_code == 1, result.output
+        [row] = [line for line in result.output.splitlines() if "migrations" in line]
+        assert "FAIL" in row
+        assert "run `sightline migrate`" in row
+    finally:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+def _walk(command: Any, path: list[str]) -> Iterator[list[str]]:
+    yield path
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _walk(sub, [*path, name])
+
+
+def test_help_shows_no_type_beside_flags() -> None:
+    """Every option showed `<bool>` beside it, `--help` included, though flags take no value."""
+    paths = list(_walk(typer.main.get_command(app), []))
+    assert ["users", "reset-password"] in paths
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"], terminal_width=200)
+        assert result.exit_code == 0, (path, result.output)
+        assert "--help" in result.output
+        assert "<bool>" not in result.output, (path, result.output)
+    flags = runner.invoke(app, ["privacy", "erase-user", "--help"], terminal_width=200)
+    assert "--yes" in flags.output
+    assert "<str>" in flags.output  # options that take a value still say what they take

@@ -619,6 +619,36 @@ class AuthService:
             await self.end_sessions_of(user.id)
         return user
 
+    async def reset_password(self, tenant_slug: str, email: str, password: str) -> User:
+        """Sets a user's password (for operators: the CLI) and ends their sessions: refresh
+        tokens are revoked, and access tokens and open streams end at once on every replica.
+        API keys stay valid (revoke them apart). Failed sign-ins counted against the account
+        are forgotten, so that its owner is not locked out of the new password."""
+        if len(password) < MIN_PASSWORD_LENGTH:
+            raise ValidationFailed(
+                f"password must have at least {MIN_PASSWORD_LENGTH} characters", field="password"
+            )
+        target = await self.principal_for(tenant_slug, email)
+        password_hash = await hash_password(password)
+        async with self._db.session(target.tenant_id) as session:
+            user = await repo.user_by_id(session, target.user_id)
+            if user is None:  # deleted meanwhile
+                raise NotFound(f"no user {email!r} in tenant {tenant_slug!r}")
+            user.password_hash = password_hash
+            await repo.revoke_refresh_tokens_of(session, user.id)
+            await record(
+                session,
+                "user.password_reset",
+                Outcome.SUCCESS,
+                tenant_id=user.tenant_id,
+                actor_id=None,
+                user=str(user.id),
+            )
+        # After the commit, as for a disabled user: no token outlives the old password.
+        await self.end_sessions_of(user.id)
+        await self._throttle.forget(tenant_slug, user.email)
+        return user
+
     @staticmethod
     async def _set_active(
         session: AsyncSession, user: User, active: bool, actor_id: uuid.UUID | None
