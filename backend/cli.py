@@ -150,6 +150,8 @@ def serve(
         }
     )
     _check_port_free(server.host, server.port)
+    # The app announces where it serves: the address given here, not the configured one.
+    settings = settings.model_copy(update={"server": server})
     _run_checked(_preflight(settings))
     common = {
         "host": server.host,
@@ -180,6 +182,8 @@ def serve(
         os.environ["SIGHTLINE_DATABASE_URL"] = services.database_url
         os.environ["SIGHTLINE_REDIS_URL"] = services.redis_url
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        os.environ["SIGHTLINE_SERVER_HOST"] = server.host  # where the workers say they serve
+        os.environ["SIGHTLINE_SERVER_PORT"] = str(server.port)
         if settings.should_migrate_on_start:
             _run_checked(_migrate(services.database_url, settings))
         os.environ["SIGHTLINE_DATABASE_MIGRATE_ON_START"] = "false"

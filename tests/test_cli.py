@@ -161,6 +161,8 @@ def test_serve_on_embedded_defaults(tmp_path: Path, workers: int) -> None:
     assert any(m.startswith("using embedded PostgreSQL at") for m in messages)
     assert any(m.startswith("stopped embedded postgresql") for m in messages)
     assert any(m.startswith("first admin created") for m in messages)
+    # Where it serves: the --port given (it said the configured one, 8000).
+    assert any(m.endswith(f"open http://127.0.0.1:{port}/") for m in messages), messages
     assert password not in output
     assert not (tmp_path / "data" / "postgres" / "postmaster.pid").exists()
 
