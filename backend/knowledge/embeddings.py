@@ -75,8 +75,12 @@ def _load(path: str, threads: int, parent_pid: int) -> None:
 
 
 def _encode(texts: list[str]) -> list[list[float]]:
-    vectors = _MODEL.encode(
-        texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True
+    vectors = _MODEL.encode(  # its progress bar ignores TQDM_DISABLE (it passes `disable`)
+        texts,
+        batch_size=len(texts),
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=False,
     )
     return vectors.tolist()  # type: ignore[no-any-return]
 

@@ -63,6 +63,8 @@ def test_loading_the_packaged_models_prints_only_json_log_lines() -> None:
             raise AssertionError(f"not a log line: {line!r}\n{finished.stderr}") from None
     messages = [r["message"] for r in records]
     assert any("efficientnet-lite0 ready" in m for m in messages), messages
+    # No progress bar, not even as records ("Batches: 100%|###| 1/1" per embedding call).
+    assert not [m for m in messages if "it/s" in m or "%|" in m], messages
     # What the loader printed is a record of the worker's, not lost.
     [printed] = [r for r in records if r["message"].startswith("Loaded pretrained weights")]
     assert printed["logger"] == "backend.inference.pool"
