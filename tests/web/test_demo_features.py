@@ -57,7 +57,7 @@ async def test_conversation_titles_highlight_rename_and_delete(
     await expect(first).to_have_attribute("aria-current", "true")  # titled after its answer
 
     await page.get_by_role("button", name="New conversation").click()
-    await ask(page, "Second question")
+    await ask(page, "Second question")  # sent at once: it goes to the new conversation
     second = conversations.get_by_role("button", name="Second question", exact=True)
     await expect(second).to_have_attribute("aria-current", "true")
     await expect(first).not_to_have_attribute("aria-current", "true")
@@ -265,6 +265,9 @@ async def test_a_phone_skip_link_and_favicon(
     await expect(
         conversations.get_by_role("button", name="Trip plans 3", exact=True)
     ).to_have_attribute("aria-current", "true")
+
+    await ask(phone, "a" * 150)  # one long word: it wraps, the page does not scroll sideways
+    assert await phone.evaluate("document.documentElement.scrollWidth") <= 390
 
     await phone.reload()
     await phone.keyboard.press("Tab")

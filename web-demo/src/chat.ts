@@ -74,18 +74,26 @@ export function chatPage(root: HTMLElement) {
     }
   }
 
-  async function newConversation() {
-    try {
-      // untitled: the server names it after the first question once it is answered
-      const data = await call(`mutation { createConversation(title: "") { id } }`);
-      conversation = data.createConversation.id;
-      log.replaceChildren();
-      await loadConversations();
-      list.fold();
-      input.focus();
-    } catch (e) {
-      status(note, String((e as Error).message), "error");
-    }
+  // A message sent while a new conversation is being created goes to the new one.
+  let creating: Promise<void> | null = null;
+
+  function newConversation(): Promise<void> {
+    creating ??= (async () => {
+      try {
+        // untitled: the server names it after the first question once it is answered
+        const data = await call(`mutation { createConversation(title: "") { id } }`);
+        conversation = data.createConversation.id;
+        log.replaceChildren();
+        await loadConversations();
+        list.fold();
+        input.focus();
+      } catch (e) {
+        status(note, String((e as Error).message), "error");
+      } finally {
+        creating = null;
+      }
+    })();
+    return creating;
   }
 
   async function open(id: string) {
@@ -205,6 +213,7 @@ export function chatPage(root: HTMLElement) {
     event.preventDefault();
     const content = input.value.trim();
     if (!content) return;
+    if (creating) await creating;
     if (!conversation) await newConversation();
     send.disabled = true;
     const attached = pictures.take();

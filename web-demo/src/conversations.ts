@@ -2,7 +2,7 @@
 // one after its first answer), the open one marked, rename and delete; on a phone it folds
 // away behind a button so that the message box is on the first screen.
 import { call } from "./api";
-import { h } from "./dom";
+import { h, trashIcon } from "./dom";
 
 export type Conversation = { id: string; title: string };
 
@@ -57,7 +57,7 @@ export function conversationList(actions: {
     const name = c.title || UNTITLED;
     const open = h("button", { type: "button", class: "link open", onclick: () => actions.open(c.id) }, name);
     const rename = h("button", { type: "button", class: "icon", "aria-label": `Rename ${name}`, title: "Rename" }, "✎");
-    const remove = h("button", { type: "button", class: "icon", "aria-label": `Delete ${name}`, title: "Delete" }, "🗑");
+    const remove = h("button", { type: "button", class: "icon", "aria-label": `Delete ${name}`, title: "Delete" }, trashIcon());
     const item = h("li", { "data-id": c.id }, open, rename, remove);
     rename.addEventListener("click", () => editTitle(item, c));
     remove.addEventListener("click", async () => {

@@ -1,7 +1,7 @@
 // Documents: upload (GraphQL multipart request; text documents, PDFs and images, which the
 // server reads by OCR), live ingestion progress, the list with delete, search.
 import { call, follow } from "./api";
-import { h, status } from "./dom";
+import { h, status, trashIcon } from "./dom";
 
 const JOB = `subscription($id: ID!) { ingestionJobEvents(id: $id) {
   __typename
@@ -26,8 +26,8 @@ export function documentsPage(root: HTMLElement) {
   const query = h("input", { id: "search", type: "search", required: true, autocomplete: "off" });
   const results = h("ol", { class: "results", "aria-label": "Search results" });
   const searchForm = h("form", { role: "search", "aria-label": "Search documents" },
-    h("label", { for: "search" }, "Search the knowledge base"), query,
-    h("button", { type: "submit" }, "Search"));
+    h("label", { for: "search" }, "Search the knowledge base"),
+    h("div", { class: "row" }, query, h("button", { type: "submit" }, "Search")));
   root.replaceChildren(h("section", {}, h("h2", {}, "Documents"), form, h("h3", {}, "In the knowledge base"), list,
     h("h3", {}, "Search"), searchForm, results));
 
@@ -36,7 +36,7 @@ export function documentsPage(root: HTMLElement) {
       const data = await call(`{ documents(first: 50) { edges { node { id title chunkCount } } } }`);
       list.replaceChildren(...data.documents.edges.map((e: any) => {
         const { id, title, chunkCount } = e.node;
-        const remove = h("button", { type: "button", class: "icon", "aria-label": `Delete ${title}`, title: "Delete" }, "🗑");
+        const remove = h("button", { type: "button", class: "icon", "aria-label": `Delete ${title}`, title: "Delete" }, trashIcon());
         remove.addEventListener("click", async () => {
           if (!confirm(`Delete “${title}” from the knowledge base?`)) return;
           try {
