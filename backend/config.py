@@ -541,6 +541,13 @@ class ChatSettings(_Section):
     max_tool_rounds: int = Field(3, ge=0, description="Tool-calling rounds in one turn.")
     knowledge_results: int = Field(4, ge=1, description="Sources search_knowledge returns.")
     tool_timeout_s: float = Field(20.0, gt=0, description="Longest a tool call may take.")
+    auto_title_chars: int = Field(
+        48,
+        ge=0,
+        le=200,
+        description="A conversation without a title gets one with its first answer: the first "
+        "question's opening words, up to this many characters. 0: left untitled.",
+    )
 
     @field_validator("llm_api_key")
     @classmethod

@@ -1,6 +1,7 @@
 """An OpenAI-compatible chat endpoint for tests and benchmarks: streams tokens at a set rate.
 
 The model name picks a behaviour: `echo` (answers the last user message word by word),
+`verbatim` (the last user message word by word, its line breaks and spacing kept),
 `fail-<n>` (HTTP 503 for the first n calls, then echo), `rate-limited` (always 429),
 `garbage` (a malformed chunk), `cut` (closes mid-stream without finishing), `stall` (sends
 headers, then nothing), `tools` (when offered tools, calls the first one with the last user
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,7 +39,10 @@ class LLMStub:
 
     def _words(self, body: dict[str, Any]) -> list[str]:
         last = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
-        words = [w + " " for w in str(last).split()] or ["ok "]
+        if body.get("model") == "verbatim":
+            words = re.findall(r"\s*\S+", str(last)) or ["ok"]
+        else:
+            words = [w + " " for w in str(last).split()] or ["ok "]
         if self.answer_tokens:
             words = (words * (self.answer_tokens // len(words) + 1))[: self.answer_tokens]
         return words

@@ -459,6 +459,9 @@ class RunService:
                     complete=True,
                     meta=notes,
                 )
+                await self._conversations.title_untitled(
+                    session, conversation, self._settings.auto_title_chars
+                )
                 return message.id
 
         turn.answer_id = await self._retrying(store, "storing an answer")

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.core.models import Conversation, Message
+from backend.core.models import Conversation, Message, MessageRole
 
 
 async def owned(
@@ -48,6 +48,15 @@ async def messages_after(
             .order_by(Message.seq)
             .limit(limit)
         )
+    )
+
+
+async def first_user_message(session: AsyncSession, conversation_id: uuid.UUID) -> str | None:
+    return await session.scalar(
+        select(Message.content)
+        .where(Message.conversation_id == conversation_id, Message.role == MessageRole.USER)
+        .order_by(Message.seq)
+        .limit(1)
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,9 @@ from backend.core.models import Conversation, Message, MessageRole
 from backend.errors import NotFound, ValidationFailed
 
 MAX_TITLE = 200
+# Markdown that says nothing in a title: a line's block marks, emphasis and code marks.
+_BLOCK_MARK = re.compile(r"^\s*(?:#{1,6}\s+|>\s*|[-*+]\s+|\d+[.)]\s+)+")
+_INLINE_MARK = re.compile(r"[*_`~]+")
 
 
 def _title(title: str) -> str:
@@ -23,6 +27,24 @@ def _title(title: str) -> str:
     if len(title) > MAX_TITLE:
         raise ValidationFailed(f"title is longer than {MAX_TITLE} characters", field="title")
     return title
+
+
+def title_of(question: str, max_chars: int) -> str:
+    """A title made of a question: its first line with text, without Markdown marks, cut at a
+    word boundary to at most `max_chars` (an ellipsis says it was cut)."""
+    line = ""
+    for raw in question.splitlines():
+        line = " ".join(_INLINE_MARK.sub("", _BLOCK_MARK.sub("", raw)).split())
+        if line:
+            break
+    max_chars = min(max_chars, MAX_TITLE)
+    if len(line) <= max_chars:
+        return line
+    cut = line[: max_chars - 1]
+    space = cut.rfind(" ")
+    if space >= max_chars // 2:  # a word boundary not too far back
+        cut = cut[:space]
+    return cut.rstrip(" ,;:.-") + "…"
 
 
 class ConversationService:
@@ -151,6 +173,18 @@ class ConversationService:
         locked.updated_at = datetime.now(UTC)
         await session.flush()
         return message
+
+    @staticmethod
+    async def title_untitled(
+        session: AsyncSession, conversation: Conversation, max_chars: int
+    ) -> None:
+        """Gives a conversation without a title one made of its first question (the caller's
+        unit of work; the conversation is locked). A title already there is kept."""
+        if conversation.title or max_chars <= 0:
+            return
+        question = await repo.first_user_message(session, conversation.id)
+        if question:
+            conversation.title = title_of(question, max_chars)
 
     @staticmethod
     async def _owned(

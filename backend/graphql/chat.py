@@ -39,6 +39,9 @@ class MessageType:
     complete: bool = strawberry.field(description="False when generation stopped early.")
     run_id: strawberry.ID | None
     created_at: datetime
+    attachments: list[strawberry.ID] = strawberry.field(
+        description="The vision jobs of the images the message attached (sendMessage)."
+    )
 
     @classmethod
     def of(cls, m: models.Message) -> MessageType:
@@ -49,6 +52,7 @@ class MessageType:
             complete=m.complete,
             run_id=strawberry.ID(str(m.run_id)) if m.run_id else None,
             created_at=m.created_at,
+            attachments=[strawberry.ID(str(a)) for a in (m.meta or {}).get("attachments", ())],
         )
 
 

@@ -179,6 +179,30 @@ async def test_a_streamed_answer_is_persisted(server: LiveServer, account: dict[
     assert "sightline_chat_active_runs 0.0" in metrics
 
 
+async def test_the_first_answer_titles_an_untitled_conversation(
+    server: LiveServer, account: dict[str, Any]
+) -> None:
+    token = await sign_in(server, account)
+    title = "query($c: ID!) { conversation(id: $c) { title } }"
+    send = (
+        "mutation($c: ID!, $m: String!) "
+        "{ sendMessage(conversationId: $c, content: $m) { run { id } } }"
+    )
+    created = await gql(server, token, "mutation { createConversation { id title } }")
+    conversation = created["data"]["createConversation"]["id"]
+    assert created["data"]["createConversation"]["title"] == ""
+    for question in ("## How long do **refunds** take?\nFor orders abroad.", "And exchanges?"):
+        sent = await gql(server, token, send, c=conversation, m=question)
+        await collect(server, token, sent["data"]["sendMessage"]["run"]["id"])
+        named = await gql(server, token, title, c=conversation)
+        assert named["data"]["conversation"]["title"] == "How long do refunds take?"
+
+    titled, run_id = await start_run(server, token, "a question")  # titled "t" by its creator
+    await collect(server, token, run_id)
+    kept = await gql(server, token, title, c=titled)
+    assert kept["data"]["conversation"]["title"] == "t"
+
+
 async def test_resume_after_disconnects_has_no_gap_or_duplicate(
     server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
 ) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from httpx import AsyncClient
 
 from backend.app import Services
+from backend.conversations.service import title_of
 from backend.core.models import MessageRole
 from tests.accounts import Account
 from tests.auth.test_graphql_auth import code, gql
@@ -138,3 +139,18 @@ async def test_bad_input(client: AsyncClient, member: Account) -> None:
     assert code(bad_id) == "BAD_USER_INPUT"
     anonymous = await gql(client, "{ conversations { edges { cursor } } }")
     assert code(anonymous) == "UNAUTHENTICATED"
+
+
+def test_a_title_made_of_a_question() -> None:
+    assert title_of("What is the capital of France?", 48) == "What is the capital of France?"
+    assert title_of("\n\n## How do **refunds** work?\nMore detail here.", 48) == (
+        "How do refunds work?"  # its first line with text, without Markdown marks
+    )
+    listed = title_of("- `pip install` fails   with\tan error", 48)
+    assert listed == "pip install fails with an error"
+    long = "Refunds: how long do they take for orders placed abroad, and who pays shipping?"
+    assert title_of(long, 48) == "Refunds: how long do they take for orders…"
+    assert len(title_of(long, 48)) <= 48
+    assert title_of("x" * 100, 10) == "x" * 9 + "…"  # no word boundary: cut in the word
+    assert title_of("```\n```", 48) == ""
+    assert len(title_of("word " * 100, 1000)) <= 200  # never over the longest title

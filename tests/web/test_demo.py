@@ -141,7 +141,8 @@ async def documents_images_and_screenshots(
     await page.get_by_role("link", name="Documents").click()
     document = tmp_path / "handbook.md"
     document.write_text("# Handbook\n\n## Refunds\n\nRefunds take fourteen days.\n")
-    await page.get_by_label("Document (Markdown, text, HTML or PDF)").set_input_files(str(document))
+    upload = page.get_by_label("Document (Markdown, text, HTML, PDF, or an image of text)")
+    await upload.set_input_files(str(document))
     await page.get_by_role("button", name="Upload").click()
     await expect(page.get_by_role("status")).to_contain_text("Ingested", timeout=60_000)
     await expect(page.get_by_role("list", name="Documents")).to_contain_text("Handbook")

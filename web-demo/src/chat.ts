@@ -1,7 +1,10 @@
 // Chat: conversations, token-by-token answers, stop, resume after a dropped connection (with
 // the `after` cursor), citations that open their passage, guardrail notices.
 import { call, dropConnection, follow, onConnection } from "./api";
+import { attachmentPicker, pictureOf } from "./attachments";
+import { conversationList } from "./conversations";
 import { h, status } from "./dom";
+import { renderMarkdown } from "./markdown";
 
 const EVENTS = `subscription($r: ID!, $a: String) { runEvents(runId: $r, after: $a) {
   __typename cursor
@@ -15,19 +18,31 @@ const EVENTS = `subscription($r: ID!, $a: String) { runEvents(runId: $r, after: 
 type Event = { __typename: string; cursor: string; [key: string]: any };
 
 export function chatPage(root: HTMLElement) {
-  const list = h("ul", { class: "conversations", "aria-label": "Conversations" });
+  const list = conversationList({
+    open: (id) => void open(id),
+    create: () => void newConversation(),
+    deleted: (id) => {
+      if (id !== conversation) return;
+      conversation = null;
+      log.replaceChildren();
+      void loadConversations();
+    },
+    failed: (message) => status(note, message, "error"),
+  });
   const log = h("div", { class: "log", role: "log", "aria-live": "polite", "aria-label": "Messages" });
   const note = h("p", { class: "status", role: "status" });
   const input = h("textarea", { id: "message", rows: "2", required: true, placeholder: "Ask something…" });
   const send = h("button", { type: "submit" }, "Send");
   const stop = h("button", { type: "button", class: "secondary", disabled: true }, "Stop");
   const drop = h("button", { type: "button", class: "secondary", title: "Simulate a network drop" }, "Drop connection");
+  const pictures = attachmentPicker((message) => status(note, message, "error"));
   const form = h(
     "form",
     { class: "composer", "aria-label": "New message" },
     h("label", { for: "message", class: "visually-hidden" }, "Message"),
     input,
-    h("div", { class: "row" }, send, stop, drop),
+    pictures.chips,
+    h("div", { class: "row" }, send, stop, pictures.button, pictures.input, drop),
   );
   let conversation: string | null = null;
   type Running = {
@@ -39,65 +54,85 @@ export function chatPage(root: HTMLElement) {
   };
   let running: Running | null = null;
   let answer: HTMLElement | null = null;
+  let answerText = ""; // the Markdown streamed so far, rendered again as it grows
 
   root.replaceChildren(
     h("section", { class: "chat" },
-      h("aside", {},
-        h("h2", {}, "Conversations"),
-        h("button", { type: "button", onclick: () => newConversation() }, "New conversation"),
-        list),
+      list.element,
       h("div", { class: "thread" }, h("h2", {}, "Chat"), log, note, form)),
   );
 
   async function loadConversations() {
     status(note, "Loading conversations…", "busy");
     try {
-      const data = await call(`{ conversations(first: 20) { edges { node { id title } } } }`);
-      list.replaceChildren(
-        ...data.conversations.edges.map((e: any) =>
-          h("li", {}, h("button", { type: "button", class: "link", onclick: () => open(e.node.id) }, e.node.title)),
-        ),
-      );
+      const shown = await list.refresh();
+      list.select(conversation);
       status(note, "");
-      if (!conversation && data.conversations.edges.length) await open(data.conversations.edges[0].node.id);
+      if (!conversation && shown.length) await open(shown[0].id);
     } catch (e) {
       status(note, String((e as Error).message), "error");
     }
   }
 
-  async function newConversation() {
-    try {
-      const data = await call(`mutation { createConversation(title: "Demo chat") { id } }`);
-      conversation = data.createConversation.id;
-      log.replaceChildren();
-      await loadConversations();
-      input.focus();
-    } catch (e) {
-      status(note, String((e as Error).message), "error");
-    }
+  // A message sent while a new conversation is being created goes to the new one.
+  let creating: Promise<void> | null = null;
+
+  function newConversation(): Promise<void> {
+    creating ??= (async () => {
+      try {
+        // untitled: the server names it after the first question once it is answered
+        const data = await call(`mutation { createConversation(title: "") { id } }`);
+        conversation = data.createConversation.id;
+        log.replaceChildren();
+        await loadConversations();
+        list.fold();
+        input.focus();
+      } catch (e) {
+        status(note, String((e as Error).message), "error");
+      } finally {
+        creating = null;
+      }
+    })();
+    return creating;
   }
 
   async function open(id: string) {
     conversation = id;
+    list.select(id);
+    list.fold();
     status(note, "Loading messages…", "busy");
     try {
       const data = await call(
-        `query($c: ID!) { conversation(id: $c) { messages(first: 50) { edges { node { role content } } } } }`,
+        `query($c: ID!) { conversation(id: $c) { messages(first: 50) { edges { node { role content attachments } } } } }`,
         { c: id },
       );
+      if (conversation !== id) return; // another one was opened meanwhile
       log.replaceChildren();
-      for (const e of data.conversation.messages.edges) bubble(e.node.role.toLowerCase(), e.node.content);
+      for (const e of data.conversation.messages.edges) {
+        const role = e.node.role.toLowerCase();
+        bubble(role, e.node.content, e.node.attachments.map((a: string) => pictureOf(a) ?? null));
+      }
       status(note, "");
     } catch (e) {
       status(note, String((e as Error).message), "error");
     }
   }
 
-  function bubble(role: string, text: string): HTMLElement {
-    const el = h("div", { class: `message ${role}` }, h("span", { class: "who" }, role === "user" ? "You" : "Assistant"), h("div", { class: "text" }, text));
+  /** A message: the user's as typed (with the pictures it attached), the assistant's as
+   * Markdown rendered safely. `pictures`: object URLs, null for a picture not at hand. */
+  function bubble(role: string, text: string, pictures: (string | null)[] = []): HTMLElement {
+    const body = h("div", { class: "text" });
+    if (role === "assistant") body.append(renderMarkdown(text));
+    else body.append(text);
+    const shown = pictures.map((url) =>
+      url ? h("img", { src: url, alt: "Attached image" }) : h("span", { class: "muted" }, "🖼 attached image"));
+    const el = h("div", { class: `message ${role}` },
+      h("span", { class: "who" }, role === "user" ? "You" : "Assistant"),
+      shown.length ? h("div", { class: "pictures" }, ...shown) : null,
+      body);
     log.append(el);
     log.scrollTop = log.scrollHeight;
-    return el.querySelector(".text") as HTMLElement;
+    return body;
   }
 
   function subscribe() {
@@ -122,8 +157,12 @@ export function chatPage(root: HTMLElement) {
     if (!answer) return;
     switch (event.__typename) {
       case "TokenDelta":
-        answer.append(event.text);
+        answerText += event.text;
+        answer.replaceChildren(renderMarkdown(answerText));
         log.scrollTop = log.scrollHeight;
+        break;
+      case "RunCompleted":
+        void list.refresh(); // a first answer gives the conversation its title
         break;
       case "CitationAdded": {
         const link = h("button", { type: "button", class: "citation", onclick: () => openChunk(event.chunkId, event.title) }, `[${event.index}] ${event.title}`);
@@ -174,16 +213,22 @@ export function chatPage(root: HTMLElement) {
     event.preventDefault();
     const content = input.value.trim();
     if (!content) return;
+    if (creating) await creating;
     if (!conversation) await newConversation();
     send.disabled = true;
-    status(note, "Sending…", "busy");
+    const attached = pictures.take();
+    status(note, attached ? "Analysing the attached images…" : "Sending…", "busy");
     try {
+      const attachments = attached ? await attached.ids : null;
+      status(note, "Sending…", "busy");
       const data = await call(
-        `mutation($c: ID!, $m: String!) { sendMessage(conversationId: $c, content: $m) { run { id } } }`,
-        { c: conversation, m: content },
+        `mutation($c: ID!, $m: String!, $a: [ID!]) { sendMessage(conversationId: $c, content: $m, attachments: $a) { run { id } } }`,
+        { c: conversation, m: content, a: attachments },
       );
       input.value = "";
-      bubble("user", content);
+      pictures.clear();
+      bubble("user", content, attached?.urls ?? []);
+      answerText = "";
       answer = bubble("assistant", "");
       running = { run: data.sendMessage.run.id, cursor: null, stream: null, seen: new Set(), paused: false };
       stop.disabled = false;

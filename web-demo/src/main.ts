@@ -1,4 +1,5 @@
 import "./style.css";
+import "./skip";
 import { call, signIn, signOut, token } from "./api";
 import { cameraPage } from "./camera";
 import { chatPage } from "./chat";
