@@ -182,6 +182,25 @@ async def test_resume_after_dropping_the_only_socket(
     assert runs[0]["payload"]["variables"]["a"] is None
     assert runs[1]["payload"]["variables"]["a"]  # after the last event shown
 
+    # signing out ends the session on the server: its access token stops working at once
+    access = await page.evaluate("sessionStorage.getItem('sightline.token')")
+    assert await page.evaluate("sessionStorage.getItem('sightline.refresh')")
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.get_by_role("form", name="Sign in")).to_be_visible()
+
+    async def me() -> dict[str, Any]:
+        response = await page.request.post(
+            server.http_url + "/graphql",
+            data={"query": "{ me { role } }"},
+            headers={"authorization": f"Bearer {access}"},
+        )
+        return await response.json()
+
+    async with asyncio.timeout(scaled(10)):
+        while "errors" not in (answer := await me()):
+            await asyncio.sleep(0.2)
+    assert answer["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+
 
 class SlowEmbedder:
     """The real embedder, a few seconds a call: an ingestion that outlives an access token."""
