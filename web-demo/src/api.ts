@@ -33,7 +33,8 @@ function forget() {
 }
 
 const signedOutListeners = new Set<(reason: string) => void>();
-/** Called when the session ends on its own (its refresh token was refused). */
+/** Called when the session ends on its own (the server refused its refresh token, or its
+ * access token for a reason other than expiry: revoked). */
 export function onSignedOut(listener: (reason: string) => void) {
   signedOutListeners.add(listener);
 }
