@@ -204,6 +204,26 @@ async def test_resume_after_dropping_the_only_socket(
     assert answer["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
 
 
+async def test_a_revoked_session_signs_the_page_out(
+    page: Page, server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    """The session is revoked (signed out elsewhere) while an answer streams: the server ends
+    the stream, and the page says it is signed out instead of "Signed in" beside an error."""
+    stub, _ = llm
+    await signed_in(page, server, account)
+    await expect(page.locator("#who")).to_contain_text("Signed in")
+    await page.get_by_role("button", name="New conversation").click()
+    stub.answer_tokens = 4000  # twenty seconds at the stub's pace
+    await page.get_by_role("textbox", name="Message").fill("revoke me")
+    await page.get_by_role("button", name="Send").click()
+    await expect(page.locator(".message.assistant .text").last).to_contain_text("revoke")
+    refresh = await page.evaluate("sessionStorage.getItem('sightline.refresh')")
+    response = await page.request.post(server.http_url + "/oauth/revoke", form={"token": refresh})
+    assert response.ok
+    await expect(page.locator("#who")).to_contain_text("Signed out", timeout=scaled(10) * 1000)
+    await expect(page.get_by_role("form", name="Sign in")).to_be_visible()
+
+
 class SlowEmbedder:
     """The real embedder, a few seconds a call: an ingestion that outlives an access token."""
 

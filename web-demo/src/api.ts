@@ -141,6 +141,9 @@ let ws: WsClient | null = null;
 let client: Client | null = null;
 let connected = false;
 let socketToken: string | null = null; // the token the current socket signed in with
+// Why the server refused the current socket's credential (a `connection_error` before closing
+// it with 4403): graphql-ws drops that message, so it is read off the socket itself.
+let refused: GraphQLError | null = null;
 
 function sockets(): WsClient {
   if (ws) return ws;
@@ -157,7 +160,24 @@ function sockets(): WsClient {
     // lazy client whose subscriptions were given up never opens another socket).
     retryAttempts: 0,
     on: {
-      connecting: () => listeners.forEach((l) => l(everConnected ? "reconnecting" : "connecting")),
+      connecting: () => {
+        refused = null;
+        listeners.forEach((l) => l(everConnected ? "reconnecting" : "connecting"));
+      },
+      opened: (socket) => {
+        (socket as WebSocket).addEventListener("message", ({ data }) => {
+          if (typeof data !== "string" || !data.includes('"connection_error"')) return;
+          try {
+            const message = JSON.parse(data);
+            const payload = message?.payload ?? {};
+            if (message?.type === "connection_error") {
+              refused = { message: String(payload.message ?? "refused"), extensions: { code: payload.code } };
+            }
+          } catch {
+            // not ours to judge: graphql-ws reports a bad message itself
+          }
+        });
+      },
       connected: () => {
         everConnected = true;
         connected = true;
@@ -298,6 +318,9 @@ export function follow<T = any>(
       }
       stopped = true;
       done(errorText(errors));
+      if (errors[0]?.extensions?.code === "UNAUTHENTICATED" && !isExpiry(errors) && stale === token()) {
+        endSession(errors[0].message); // revoked: the header must not say "Signed in"
+      }
     };
     dispose = socket.subscribe<T>({ query, variables: vars }, {
       next(result) {
@@ -316,6 +339,7 @@ export function follow<T = any>(
       },
       error(error) {
         if (Array.isArray(error)) return fail(error as GraphQLError[]);
+        if (refused) return fail([refused]); // the socket's credential was refused
         // the socket closed (dropped, or could not open): subscribe again
         if (!leave()) return;
         if (!away) {
