@@ -63,7 +63,7 @@ let refreshing: Promise<boolean> | null = null;
 
 /** Renews the access token with the refresh token (rotated by the server). True when renewed;
  * false when the session has ended (then the page is signed out) or the server is unreachable
- * (then it tries again a little later). Concurrent callers share one request. */
+ * or busy (then it tries again a little later). Concurrent callers share one request. */
 export function refreshSession(): Promise<boolean> {
   refreshing ??= (async () => {
     const refresh = sessionStorage.getItem(REFRESH);
@@ -84,7 +84,7 @@ export function refreshSession(): Promise<boolean> {
       store(data);
       return true;
     }
-    if (response.status >= 500) {
+    if (response.status >= 500 || response.status === 429) {
       retryRefreshSoon();
       return false;
     }
