@@ -1,6 +1,6 @@
 // Chat: conversations, token-by-token answers, stop, resume after a dropped connection (with
 // the `after` cursor), citations that open their passage, guardrail notices.
-import { call, dropConnection, follow, onConnection } from "./api";
+import { call, dropConnection, follow } from "./api";
 import { attachmentPicker, pictureOf } from "./attachments";
 import { conversationList } from "./conversations";
 import { h, status } from "./dom";
@@ -50,7 +50,6 @@ export function chatPage(root: HTMLElement) {
     cursor: string | null;
     stream: { stop(): void } | null;
     seen: Set<string>;
-    paused: boolean; // we stopped the stream ourselves, to resume it after a reconnect
   };
   let running: Running | null = null;
   let answer: HTMLElement | null = null;
@@ -138,14 +137,25 @@ export function chatPage(root: HTMLElement) {
   function subscribe() {
     if (!running) return;
     const current = running;
+    // A dropped socket or an expired token does not end the stream: `follow` subscribes again
+    // after the last event seen (`after`), on a new socket, with a renewed token.
     current.stream = follow<{ runEvents: Event }>(
       EVENTS,
       { r: current.run, a: current.cursor },
       ({ runEvents: event }) => handle(current, event),
       (error) => {
-        if (current.paused) return;
         if (error) status(note, error, "error");
         if (running === current) finish();
+      },
+      {
+        variable: "a",
+        cursor: ({ runEvents: event }) => event.cursor,
+        lost: () => {
+          if (running === current) status(note, "Connection lost — reconnecting…", "busy");
+        },
+        resumed: (cursor) => {
+          if (running === current) status(note, `Reconnected — resumed after cursor ${cursor ?? "(start)"}`, "info");
+        },
       },
     );
   }
@@ -230,7 +240,7 @@ export function chatPage(root: HTMLElement) {
       bubble("user", content, attached?.urls ?? []);
       answerText = "";
       answer = bubble("assistant", "");
-      running = { run: data.sendMessage.run.id, cursor: null, stream: null, seen: new Set(), paused: false };
+      running = { run: data.sendMessage.run.id, cursor: null, stream: null, seen: new Set() };
       stop.disabled = false;
       status(note, "Answering…", "busy");
       subscribe();
@@ -250,20 +260,6 @@ export function chatPage(root: HTMLElement) {
   });
 
   drop.addEventListener("click", () => dropConnection());
-
-  onConnection((state) => {
-    if (!running) return;
-    if (state === "reconnecting" && !running.paused) {
-      running.paused = true; // resubscribe ourselves, from the last cursor we have
-      running.stream?.stop();
-      running.stream = null;
-      status(note, "Connection lost — reconnecting…", "busy");
-    } else if (state === "connected" && running.paused) {
-      running.paused = false;
-      status(note, `Reconnected — resumed after cursor ${running.cursor ?? "(start)"}`, "info");
-      subscribe();
-    }
-  });
 
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) {

@@ -3,8 +3,8 @@
 import { call, follow } from "./api";
 import { h, status, trashIcon } from "./dom";
 
-const JOB = `subscription($id: ID!) { ingestionJobEvents(id: $id) {
-  __typename
+const JOB = `subscription($id: ID!, $after: String) { ingestionJobEvents(id: $id, after: $after) {
+  __typename cursor
   ... on IngestionProgress { status done total }
   ... on IngestionCompleted { status chunks }
   ... on IngestionFailed { code message } } }`;
@@ -78,7 +78,9 @@ export function documentsPage(root: HTMLElement) {
         } else if (e.__typename === "IngestionFailed") {
           status(note, `${e.code}: ${e.message}`, "error");
         }
-      }, (error) => error && status(note, error, "error"));
+      }, (error) => error && status(note, error, "error"),
+      // a dropped socket or an expired token resumes the progress after the last event seen
+      { cursor: ({ ingestionJobEvents: e }) => e.cursor });
     } catch (e) {
       status(note, (e as Error).message, "error");
     }

@@ -3,8 +3,8 @@
 import { call, follow } from "./api";
 import { h, status } from "./dom";
 
-const EVENTS = `subscription($id: ID!) { visionJobEvents(id: $id) {
-  __typename
+const EVENTS = `subscription($id: ID!, $after: String) { visionJobEvents(id: $id, after: $after) {
+  __typename cursor
   ... on VisionTaskCompleted { task model version ms result }
   ... on VisionTaskFailed { task code message }
   ... on VisionJobFailed { code message } } }`;
@@ -75,7 +75,9 @@ export function imagesPage(root: HTMLElement) {
         } else if (e.__typename === "VisionTaskFailed" || e.__typename === "VisionJobFailed") {
           status(note, `${e.task ?? "job"}: ${e.code} ${e.message}`, "error");
         }
-      }, (error) => status(note, error ?? "Done.", error ? "error" : "info"));
+      }, (error) => status(note, error ?? "Done.", error ? "error" : "info"),
+      // a dropped socket or an expired token resumes after the last result seen
+      { cursor: ({ visionJobEvents: e }) => e.cursor });
     } catch (e) {
       status(note, (e as Error).message, "error");
     }

@@ -1,6 +1,6 @@
 import "./style.css";
 import "./skip";
-import { call, signIn, signOut, token } from "./api";
+import { call, onSignedOut, signIn, signOut, token } from "./api";
 import { cameraPage } from "./camera";
 import { chatPage } from "./chat";
 import { documentsPage } from "./documents";
@@ -77,6 +77,12 @@ async function showDashboards() {
     // not configured or not reachable: no link
   }
 }
+
+// The session ended on its own (its refresh token was refused): say so, and offer to sign in.
+onSignedOut((reason) => {
+  who.textContent = `Signed out: ${reason}`;
+  signInPage();
+});
 
 window.addEventListener("hashchange", route);
 void showDashboards();
