@@ -88,6 +88,9 @@ class TokenSigner:
         self._verified: OrderedDict[str, TokenClaims] = OrderedDict()
         self._reload_lock = asyncio.Lock()
         self._claims = JWTClaimsRegistry(
+            # The clock with its fraction: `iat` carries milliseconds, and joserfc's default
+            # whole-second clock put every new token "in the future" when the leeway is 0.
+            now=time.time,  # type: ignore[arg-type]
             leeway=clock_skew_s,
             iss={"essential": True, "value": issuer},
             aud={"essential": True, "value": audience},

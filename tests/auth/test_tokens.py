@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -15,6 +16,7 @@ from joserfc import jwt
 from joserfc.jwk import OKPKey
 
 from backend.app import Services
+from backend.auth.signing import TokenSigner
 from tests.accounts import Account
 
 ME = {"query": "{ me { userId } }"}
@@ -135,3 +137,31 @@ def test_api_key_format_round_trips() -> None:
         assert api_key_prefix(key) == prefix
     assert api_key_prefix("sl_zzzzzzzzzzzz_" + "a" * 43) is None
     assert api_key_prefix("sl_0123456789ab" + "a" * 44) is None
+
+
+async def test_a_fresh_token_passes_with_no_clock_skew(services: Services, app: object) -> None:
+    """`iat` carries milliseconds (revocation at S.5 must refuse a token of S.2): with no
+    leeway it was compared to a whole-second clock and every new token was "issued in the
+    future" for the rest of its second."""
+    signer = services.auth.signer
+    strict = TokenSigner(
+        secret_key=signer_secret(app),
+        issuer=signer.issuer,
+        audience=signer.audience,
+        access_ttl_s=60,
+        clock_skew_s=0,
+        grace_s=60,
+    )
+    async with app.state.sightline.db.session() as session:  # type: ignore[attr-defined]
+        await strict.load(session)
+    while time.time() % 1 > 0.8:  # leave the second room to verify within it
+        await asyncio.sleep(0.05)
+    token, _ = strict.issue(
+        user_id=uuid.uuid4(), tenant_id=uuid.uuid4(), role="member", scopes=["chat"], plan="free"
+    )
+    assert strict.verify(token).scopes == ["chat"]
+
+
+def signer_secret(app: object) -> str:
+    settings = app.state.sightline.settings  # type: ignore[attr-defined]
+    return settings.security.secret_key.get_secret_value()
