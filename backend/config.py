@@ -487,6 +487,11 @@ class ChatSettings(_Section):
         "You are a helpful assistant.", description="System message of every turn."
     )
     max_active_runs_per_user: int = Field(3, ge=1, description="Runs one user may have going.")
+    cancel_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="How long cancelRun waits for the run to end before it answers CANCELLING.",
+    )
     run_lease_s: float = Field(
         15.0,
         ge=1,
