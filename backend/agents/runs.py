@@ -500,11 +500,12 @@ class RunService:
         prompt_tokens = turn.prompt_tokens
         # Charge what the model reported (summaries and tool rounds included) or, when it
         # reported nothing, the pieces delivered; never less than what was already charged.
+        # The prompts count too: a knowledge-base prompt is ~1,000 tokens the model read.
         completion_tokens = max(turn.completion_tokens, len(turn.text))
         cost = turn.model.cost(prompt_tokens, completion_tokens)
         recorded = False
         try:
-            owed = completion_tokens - int(reservation.charged)
+            owed = prompt_tokens + completion_tokens - int(reservation.charged)
             if owed > 0:
                 with contextlib.suppress(BudgetExceeded):
                     await self._retrying(lambda: reservation.charge(owed), "the last charge")
