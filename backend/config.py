@@ -456,6 +456,13 @@ class ModelSpec(BaseModel):
     completion_price_per_1k: float = Field(0.0, ge=0)
     context_tokens: int = Field(8192, ge=256)
     tools: bool = True  # whether the endpoint supports tool calling
+    # Sampling; unset: the packaged model's tuned values (local), else temperature 0.7 and the
+    # endpoint's own defaults. repeat_penalty goes to an endpoint as vLLM's repetition_penalty.
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repeat_penalty: float | None = Field(None, gt=0, le=2)
+    stop_repetition_tokens: int | None = Field(None, ge=0)  # 0: never
+    seed: int | None = Field(None, ge=0)  # fixed: the same question gets the same answer
 
 
 class ChatSettings(_Section):
@@ -483,12 +490,49 @@ class ChatSettings(_Section):
         4, ge=0, description="Most images (analysed vision jobs) one message may attach."
     )
     max_tokens: int = Field(512, ge=1, description="Most tokens one answer may have.")
-    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
+    temperature: float | None = Field(
+        None,
+        ge=0,
+        le=2,
+        description="Sampling temperature of the `default` model (unset: 0.1 for the packaged "
+        "model, 0.7 for an endpoint).",
+    )
+    top_p: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Nucleus sampling of the `default` model (unset: 0.9 for the packaged "
+        "model, the endpoint's own otherwise).",
+    )
+    repeat_penalty: float | None = Field(
+        None,
+        gt=0,
+        le=2,
+        description="Repeat penalty of the `default` model (unset: 1.1 for the packaged model, "
+        "the endpoint's own otherwise; sent as vLLM's repetition_penalty).",
+    )
+    stop_repetition_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="End an answer of the `default` model when its last N tokens repeat a "
+        "cycle of at most N/3 tokens (unset: 48 for the packaged model, 0 = never otherwise).",
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        description="Sampling seed of the `default` model: the same question gets the same "
+        "answer (evaluations, tests). Unset: random.",
+    )
     history_messages: int = Field(20, ge=0, description="Earlier messages sent with a turn.")
     system_prompt: str = Field(
         "You are a helpful assistant.", description="System message of every turn."
     )
     max_active_runs_per_user: int = Field(3, ge=1, description="Runs one user may have going.")
+    cancel_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="How long cancelRun waits for the run to end before it answers CANCELLING.",
+    )
     run_lease_s: float = Field(
         15.0,
         ge=1,
@@ -523,7 +567,8 @@ class ChatSettings(_Section):
     models: dict[str, ModelSpec] = Field(
         default_factory=dict,
         description="More model aliases (`fast`, `large`...) as JSON: provider (openai, local), "
-        "base_url, model, api_key_env, prompt/completion_price_per_1k, context_tokens, tools. "
+        "base_url, model, api_key_env, prompt/completion_price_per_1k, context_tokens, tools, "
+        "temperature, top_p, repeat_penalty, stop_repetition_tokens, seed. "
         "`sendMessage(model:)` picks one; `default` is built from the settings above.",
     )
     memory_ttl_s: int = Field(

@@ -300,7 +300,7 @@ class Agent:
             stream = model.provider.stream(
                 prompt,
                 max_tokens=settings.max_tokens,
-                temperature=settings.temperature,
+                sampling=model.sampling,
                 tools=tools or None,
             )
             try:
@@ -414,7 +414,7 @@ class Agent:
             transcript = f"Earlier summary: {state['summary']}\n{transcript}"
         prompt = [ChatMessage("system", SUMMARY_PROMPT), ChatMessage("user", transcript)]
         pieces: list[str] = []
-        stream = ctx.model.provider.stream(prompt, max_tokens=256, temperature=0)
+        stream = ctx.model.provider.stream(prompt, max_tokens=256, sampling=ctx.model.greedy)
         try:
             async for chunk in stream:
                 pieces.append(chunk.text)

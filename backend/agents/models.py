@@ -1,22 +1,24 @@
 """Model aliases: the names clients pick (`default`, `fast`...), each a provider with a price.
 
 `default` comes from the flat chat settings (an endpoint, else the packaged local model); more
-aliases come from `SIGHTLINE_CHAT_MODELS`. Endpoint keys are read from the variable (or its
-`_FILE`) that the alias names, so no key ever sits in the JSON.
+aliases come from `SIGHTLINE_CHAT_MODELS`. Each alias samples its own way: what the alias sets,
+else what suits its kind of model (the packaged 135M model needs a low temperature and a stop
+on loops; an endpoint gets temperature 0.7 and its own defaults). Endpoint keys are read from
+the variable (or its `_FILE`) that the alias names, so no key ever sits in the JSON.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 
 from backend.config import ChatSettings, ModelSpec
 from backend.errors import ServiceUnavailable, ValidationFailed
 from backend.inference.llm import local as local_llm
-from backend.inference.llm.base import ChatMessage, LLMProvider
+from backend.inference.llm.base import ChatMessage, LLMProvider, Sampling
 from backend.inference.llm.openai_compat import OpenAICompatibleProvider
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 DEFAULT = "default"
 LOCAL_CONTEXT_TOKENS = 2048
 REMOTE_CONTEXT_TOKENS = 8192
+ENDPOINT_SAMPLING = Sampling(temperature=0.7)
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,16 @@ class ChatModel:
     context_tokens: int
     prompt_price_per_1k: Decimal
     completion_price_per_1k: Decimal
+    sampling: Sampling = field(default_factory=lambda: ENDPOINT_SAMPLING)
 
     @property
     def name(self) -> str:
         return self.provider.name
+
+    @property
+    def greedy(self) -> Sampling:
+        """The alias's sampling at temperature 0 (summaries, rails): its loop stop stays."""
+        return replace(self.sampling, temperature=0.0)
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
         return (
@@ -69,9 +78,8 @@ class ModelRegistry:
         self, alias: str | None, messages: list[ChatMessage], *, max_tokens: int = 8
     ) -> str:
         """A short, whole answer (greedy): what a rail asks a model, not a chat turn."""
-        stream = self.resolve(alias).provider.stream(
-            messages, max_tokens=max_tokens, temperature=0.0
-        )
+        model = self.resolve(alias)
+        stream = model.provider.stream(messages, max_tokens=max_tokens, sampling=model.greedy)
         parts: list[str] = []
         try:
             async for chunk in stream:
@@ -109,6 +117,7 @@ class ModelRegistry:
                     local = loaded
                 provider = local
                 window = min(spec.context_tokens, LOCAL_CONTEXT_TOKENS)  # its n_ctx
+                sampling = _sampling(spec, local_llm.RECOMMENDED_SAMPLING)
             else:
                 if not spec.base_url:
                     raise ValueError(f"model alias {alias!r} has no base_url")
@@ -122,20 +131,39 @@ class ModelRegistry:
                     supports_tools=spec.tools,
                 )
                 window = spec.context_tokens
+                sampling = _sampling(spec, ENDPOINT_SAMPLING)
             models[alias] = ChatModel(
                 alias=alias,
                 provider=provider,
                 context_tokens=window,
                 prompt_price_per_1k=Decimal(str(spec.prompt_price_per_1k)),
                 completion_price_per_1k=Decimal(str(spec.completion_price_per_1k)),
+                sampling=sampling,
             )
         return cls(models)
 
 
+def _sampling(spec: ModelSpec, base: Sampling) -> Sampling:
+    """What the alias sets, else the default of its kind of model."""
+    chosen = {
+        "temperature": spec.temperature,
+        "top_p": spec.top_p,
+        "repeat_penalty": spec.repeat_penalty,
+        "stop_repetition_tokens": spec.stop_repetition_tokens,
+        "seed": spec.seed,
+    }
+    return replace(base, **{k: v for k, v in chosen.items() if v is not None})
+
+
 def _default_spec(chat: ChatSettings) -> ModelSpec | None:
-    prices = {
+    chosen = {
         "prompt_price_per_1k": chat.prompt_price_per_1k,
         "completion_price_per_1k": chat.completion_price_per_1k,
+        "temperature": chat.temperature,
+        "top_p": chat.top_p,
+        "repeat_penalty": chat.repeat_penalty,
+        "stop_repetition_tokens": chat.stop_repetition_tokens,
+        "seed": chat.seed,
     }
     if chat.llm_base_url:
         return ModelSpec(
@@ -143,11 +171,11 @@ def _default_spec(chat: ChatSettings) -> ModelSpec | None:
             base_url=chat.llm_base_url,
             model=chat.llm_model,
             context_tokens=chat.context_tokens or REMOTE_CONTEXT_TOKENS,
-            **prices,
+            **chosen,
         )
     if chat.local_model and local_llm.available():
         return ModelSpec(
-            provider="local", context_tokens=chat.context_tokens or LOCAL_CONTEXT_TOKENS, **prices
+            provider="local", context_tokens=chat.context_tokens or LOCAL_CONTEXT_TOKENS, **chosen
         )
     return None
 

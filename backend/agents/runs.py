@@ -62,6 +62,7 @@ CANCEL_CHANNEL = "runs:cancel"
 CHARGE_EVERY = 16  # tokens charged to the budget per Redis call while streaming
 QUEUE_POLL_S = 0.1  # how often a queued run looks whether its turn has come
 CANCEL_CHECK_S = 0.25  # how often this replica reads its runs' cancel flags (pub/sub is faster)
+CANCEL_POLL_S = 0.1  # how often cancel looks whether a run on another replica has ended
 WORKER_LOST = "WORKER_LOST"
 T = TypeVar("T")
 _GOING = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
@@ -104,6 +105,12 @@ class _Turn:
 class StartedRun:
     run: Run
     user_message: Message
+
+
+@dataclass(frozen=True)
+class CancelledRun:
+    run: Run  # as it stood when cancel returned
+    stopping: bool  # asked to stop but not ended yet: its last event will say how it ended
 
 
 class RunService:
@@ -187,9 +194,10 @@ class RunService:
         model: str | None = None,
         attachments: Sequence[str] = (),
     ) -> StartedRun:
-        """Starts a turn. When the conversation already has one going (double texting):
-        REJECT refuses with RUN_IN_PROGRESS, INTERRUPT cancels it first, ENQUEUE runs this one
-        after it. The user's message is stored at once in every case."""
+        """Starts a turn and stores the user's message at once. When the conversation already
+        has one going (double texting): REJECT refuses with RUN_IN_PROGRESS and stores nothing
+        (no run would answer the message; the client keeps it to send again), INTERRUPT cancels
+        the running turn first, ENQUEUE runs this one after it."""
         content = self._checked(content, attachments)
         await self._conversations.get(principal, conversation_id)  # NOT_FOUND before anything
         chat_model = self.models.resolve(model)
@@ -325,11 +333,28 @@ class RunService:
             await self._redis.srem(active_key, *stale)
         return len(runs) - len(stale)
 
-    async def cancel(self, principal: Principal, run_id: uuid.UUID) -> Run:
+    async def cancel(
+        self, principal: Principal, run_id: uuid.UUID, *, wait: bool = True
+    ) -> CancelledRun:
+        """Asks a going run to stop and waits up to `cancel_wait_s` for it to end, so the
+        caller mostly gets the final status (CANCELLED, or COMPLETED/FAILED when the run ended
+        first); one that has not ended by then is returned `stopping`. An ended run is
+        returned as it is. `wait=False`: returns at once (a client that left)."""
         run = await self.get(principal, run_id)
-        if run.status in {RunStatus.QUEUED, RunStatus.RUNNING}:
-            await self._request_cancel(run.id)
-        return run
+        if run.status not in _GOING:
+            return CancelledRun(run, stopping=False)
+        await self._request_cancel(run.id)
+        wait_s = self._settings.cancel_wait_s if wait else 0.0
+        local = self._tasks.get(run.id)
+        if local is not None:  # executed here: its end is awaited, not polled
+            await asyncio.wait([local], timeout=wait_s)
+            run = await self.get(principal, run_id)
+        else:
+            deadline = time.monotonic() + wait_s
+            while run.status in _GOING and time.monotonic() < deadline:
+                await asyncio.sleep(min(CANCEL_POLL_S, max(0.0, deadline - time.monotonic())))
+                run = await self.get(principal, run_id)
+        return CancelledRun(run, stopping=run.status in _GOING)
 
     async def stop(self, run_id: uuid.UUID) -> None:
         """Asks whichever replica executes the run to stop it (administration: erasures)."""
@@ -478,11 +503,12 @@ class RunService:
         prompt_tokens = turn.prompt_tokens
         # Charge what the model reported (summaries and tool rounds included) or, when it
         # reported nothing, the pieces delivered; never less than what was already charged.
+        # The prompts count too: a knowledge-base prompt is ~1,000 tokens the model read.
         completion_tokens = max(turn.completion_tokens, len(turn.text))
         cost = turn.model.cost(prompt_tokens, completion_tokens)
         recorded = False
         try:
-            owed = completion_tokens - int(reservation.charged)
+            owed = prompt_tokens + completion_tokens - int(reservation.charged)
             if owed > 0:
                 with contextlib.suppress(BudgetExceeded):
                     await self._retrying(lambda: reservation.charge(owed), "the last charge")

@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from datetime import datetime
+from enum import Enum
 from typing import Annotated
 
 import strawberry
@@ -19,12 +20,29 @@ from backend.graphql.ids import parse_id
 from backend.graphql.permissions import until_credential_ends
 from backend.realtime.eventlog import RunEvent as LoggedEvent
 
-RunStatus = strawberry.enum(models.RunStatus, name="RunStatus")
+
+@strawberry.enum(name="RunStatus")
+class RunStatus(Enum):
+    """A run's status as stored (models.RunStatus), and CANCELLING, which only cancelRun
+    answers: the run is not stored as cancelling, it is still running until it stops."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    CANCELLING = strawberry.enum_value(
+        "cancelling",
+        description="Only from cancelRun: asked to stop, not ended yet. The run's last event "
+        "(RunCancelled, or RunCompleted/RunFailed when it ended first) says how it ended.",
+    )
+
+
 OnBusy = strawberry.enum(
     runs.OnBusy,
     name="OnBusy",
-    description="Double texting: REJECT (RUN_IN_PROGRESS), INTERRUPT the running turn, or "
-    "ENQUEUE after it.",
+    description="Double texting: REJECT (RUN_IN_PROGRESS; the message is not stored), "
+    "INTERRUPT the running turn, or ENQUEUE after it.",
 )
 
 
@@ -38,11 +56,11 @@ class ChatRun:
     created_at: datetime
 
     @classmethod
-    def of(cls, run: models.Run) -> ChatRun:
+    def of(cls, run: models.Run, *, stopping: bool = False) -> ChatRun:
         return cls(
             id=strawberry.ID(str(run.id)),
             conversation_id=strawberry.ID(str(run.conversation_id)),
-            status=run.status,
+            status=RunStatus.CANCELLING if stopping else RunStatus(run.status.value),
             model=run.model,
             error_code=run.error_code,
             created_at=run.created_at,
@@ -236,7 +254,9 @@ def _event(event: LoggedEvent) -> RunEvent:
 class RunMutation:
     @strawberry.mutation(
         permission_classes=CHAT,
-        description="Starts a turn; subscribe to runEvents(runId) for the answer.",
+        description="Starts a turn and stores the message; subscribe to runEvents(runId) for "
+        "the answer. With onBusy REJECT, a message sent while a turn is going is refused "
+        "(RUN_IN_PROGRESS) and not stored: send it again once the turn has ended.",
     )
     async def send_message(
         self,
@@ -277,13 +297,16 @@ class RunMutation:
 
     @strawberry.mutation(
         permission_classes=CHAT,
-        description="Stops a run and its model call (on whichever replica).",
+        description="Stops a run and its model call (on whichever replica). Waits briefly "
+        "(SIGHTLINE_CHAT_CANCEL_WAIT_S) for the run to end and returns its final status: "
+        "CANCELLED, or COMPLETED/FAILED when it ended first; CANCELLING when it has not ended "
+        "yet (its last event then says how it ended). Never QUEUED or RUNNING.",
     )
     async def cancel_run(self, info: Info[Context, None], run_id: strawberry.ID) -> ChatRun:
-        run = await info.context.services.runs.cancel(
+        cancelled = await info.context.services.runs.cancel(
             info.context.require_principal(), parse_id(run_id, "runId")
         )
-        return ChatRun.of(run)
+        return ChatRun.of(cancelled.run, stopping=cancelled.stopping)
 
 
 @strawberry.type
@@ -344,4 +367,4 @@ async def _relay(
             yield _event(event)
     finally:
         if cancel_on_disconnect and not finished:
-            await info.context.services.runs.cancel(principal, run_id)  # type: ignore[arg-type]
+            await info.context.services.runs.cancel(principal, run_id, wait=False)  # type: ignore[arg-type]

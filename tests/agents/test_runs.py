@@ -115,7 +115,7 @@ EVENTS = """subscription($r: ID!, $a: String, $c: Boolean) {
   runEvents(runId: $r, after: $a, cancelOnDisconnect: $c) {
     __typename cursor
     ... on TokenDelta { text index }
-    ... on RunCompleted { messageId usage { completionTokens } }
+    ... on RunCompleted { messageId usage { promptTokens completionTokens } }
     ... on RunFailed { code message }
   } }"""
 
@@ -274,6 +274,79 @@ async def test_double_texting_is_rejected(
     )
     assert again["errors"][0]["extensions"]["code"] == "RUN_IN_PROGRESS"
     await gql(server, token, "mutation($r: ID!) { cancelRun(runId: $r) { id } }", r=run_id)
+
+
+async def test_a_rejected_message_is_not_stored(
+    server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    """REJECT refuses a message sent while a turn is going and stores nothing: no run would
+    answer it, and the client, told RUN_IN_PROGRESS, keeps it to send again (storing it would
+    leave an unanswered message in the history, and a second copy once sent again)."""
+    llm[0].answer_tokens = 10_000
+    token = await sign_in(server, account)
+    conversation, run_id = await start_run(server, token, "long answer please")
+    again = await gql(
+        server,
+        token,
+        'mutation($c: ID!) { sendMessage(conversationId: $c, content: "again") { run { id } } }',
+        c=conversation,
+    )
+    assert again["errors"][0]["extensions"]["code"] == "RUN_IN_PROGRESS"
+    assert again["errors"][0]["extensions"]["runId"] == run_id
+    history = await gql(
+        server,
+        token,
+        "query($c: ID!) { conversation(id: $c) { messages { edges { node { content } } } } }",
+        c=conversation,
+    )
+    contents = [e["node"]["content"] for e in history["data"]["conversation"]["messages"]["edges"]]
+    assert contents == ["long answer please"]
+    # and the schema says so (it said "stored in every case")
+    described = await gql(
+        server,
+        token,
+        '{ __type(name: "Mutation") { fields { name description } } '
+        'onBusy: __type(name: "OnBusy") { description } }',
+    )
+    fields = {f["name"]: f["description"] for f in described["data"]["__type"]["fields"]}
+    assert "not stored" in fields["sendMessage"]
+    assert "not stored" in described["data"]["onBusy"]["description"]
+    await gql(server, token, "mutation($r: ID!) { cancelRun(runId: $r) { id } }", r=run_id)
+
+
+@pytest.mark.parametrize(("wait_s", "answered"), [(scaled(60), "CANCELLED"), (0, "CANCELLING")])
+async def test_cancel_run_answers_the_final_status_or_cancelling(
+    chat_settings: Settings,
+    engine: AsyncEngine,
+    account: dict[str, Any],
+    llm: tuple[LLMStub, str],
+    wait_s: float,
+    answered: str,
+) -> None:
+    """cancelRun answered RUNNING, which told the caller nothing: it now waits (up to
+    cancel_wait_s) for the run's end, and says CANCELLING when it has not come yet."""
+    llm[0].answer_tokens = 10_000
+    chat_settings.chat = chat_settings.chat.model_copy(update={"cancel_wait_s": wait_s})
+    async with serve_live(chat_settings) as server:
+        token = await sign_in(server, account)
+        _, run_id = await start_run(server, token, "go on forever")
+        async with await open_socket(server.ws_url) as ws:  # the answer has begun
+            await init(ws, {"authorization": f"Bearer {token}"})
+            await subscribe(ws, EVENTS, {"r": run_id})
+            while (await receive(ws))["payload"]["data"]["runEvents"]["__typename"] != (
+                "TokenDelta"
+            ):
+                pass
+        query = "mutation($r: ID!) { cancelRun(runId: $r) { status } }"
+        cancelled = await gql(server, token, query, r=run_id)
+        assert cancelled["data"]["cancelRun"]["status"] == answered
+        events = await collect(server, token, run_id)
+        assert events[-1]["__typename"] == "RunCancelled"
+        run = await gql(server, token, "query($r: ID!) { run(id: $r) { status } }", r=run_id)
+        assert run["data"]["run"]["status"] == "CANCELLED"
+        # an ended run is answered as it is
+        again = await gql(server, token, query, r=run_id)
+        assert again["data"]["cancelRun"]["status"] == "CANCELLED"
 
 
 async def test_bad_input_is_typed(server: LiveServer, account: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from backend.inference.llm.base import (
+    GREEDY,
     ChatMessage,
     LLMProtocolError,
     LLMTimeout,
@@ -35,7 +36,7 @@ def provider(url: str, model: str = "echo", **kwargs: float) -> OpenAICompatible
 
 async def test_streams_text_and_usage(stub: tuple[LLMStub, str]) -> None:
     _, url = stub
-    chunks = [c async for c in provider(url).stream(HELLO, max_tokens=50, temperature=0)]
+    chunks = [c async for c in provider(url).stream(HELLO, max_tokens=50, sampling=GREEDY)]
     assert "".join(c.text for c in chunks) == "hello there general kenobi "
     assert chunks[-1].completion_tokens == 4
     assert any(c.finish_reason == "stop" for c in chunks)
@@ -43,7 +44,7 @@ async def test_streams_text_and_usage(stub: tuple[LLMStub, str]) -> None:
 
 async def test_retries_before_the_first_token(stub: tuple[LLMStub, str]) -> None:
     llm, url = stub
-    chunks = [c async for c in provider(url, "fail-2").stream(HELLO, max_tokens=5, temperature=0)]
+    chunks = [c async for c in provider(url, "fail-2").stream(HELLO, max_tokens=5, sampling=GREEDY)]
     assert "".join(c.text for c in chunks)
     assert llm.calls == 3
 
@@ -62,20 +63,20 @@ async def test_failures_are_typed(
 ) -> None:
     _, url = stub
     with pytest.raises(error):
-        [c async for c in provider(url, model).stream(HELLO, max_tokens=5, temperature=0)]
+        [c async for c in provider(url, model).stream(HELLO, max_tokens=5, sampling=GREEDY)]
 
 
 async def test_a_stalled_stream_times_out(stub: tuple[LLMStub, str]) -> None:
     _, url = stub
     slow = provider(url, "stall", timeout_s=0.5, first_token_timeout_s=2)
     with pytest.raises(LLMTimeout):
-        [c async for c in slow.stream(HELLO, max_tokens=5, temperature=0)]
+        [c async for c in slow.stream(HELLO, max_tokens=5, sampling=GREEDY)]
 
 
 async def test_closing_the_iterator_closes_the_upstream_stream(stub: tuple[LLMStub, str]) -> None:
     llm, url = stub
     llm.answer_tokens = 1000
-    stream = provider(url).stream(HELLO, max_tokens=1000, temperature=0)
+    stream = provider(url).stream(HELLO, max_tokens=1000, sampling=GREEDY)
     async for _ in stream:
         break
     await stream.aclose()  # what a cancelled run does

@@ -43,6 +43,20 @@ class Chunk:
     tool_calls: tuple[ToolCall, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How a model picks its tokens. None: the endpoint's (or llama.cpp's) own default."""
+
+    temperature: float = 0.7
+    top_p: float | None = None
+    repeat_penalty: float | None = None  # >1 makes a token already in the context less likely
+    stop_repetition_tokens: int = 0  # end an answer whose last N tokens loop (0: never)
+    seed: int | None = None  # fixed: the same answer every time (evaluations, tests)
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
 def estimate_tokens(messages: list[ChatMessage]) -> int:
     """Token count without the model's tokenizer: about four characters a token (English),
     plus the few tokens of each message's framing. Errs high, which is the safe side."""
@@ -78,10 +92,12 @@ class LLMProvider(Protocol):
         messages: list[ChatMessage],
         *,
         max_tokens: int,
-        temperature: float,
+        sampling: Sampling,
         tools: list[ToolSpec] | None = None,
     ) -> AsyncIterator[Chunk]:
-        """Streams the answer. Closing the iterator stops generation (and the HTTP stream)."""
+        """Streams the answer. Closing the iterator stops generation (and the HTTP stream).
+        An answer that loops (see `Sampling.stop_repetition_tokens`) ends with finish_reason
+        `repetition`. The last chunk reports the usage, prompt tokens included."""
         ...
 
     async def count_tokens(self, messages: list[ChatMessage]) -> int:

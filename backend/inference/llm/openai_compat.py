@@ -20,10 +20,12 @@ from backend.inference.llm.base import (
     LLMProtocolError,
     LLMTimeout,
     LLMUnavailable,
+    Sampling,
     ToolCall,
     ToolSpec,
     estimate_tokens,
 )
+from backend.inference.llm.repetition import RepetitionStop
 
 _RETRYABLE = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
 
@@ -66,13 +68,16 @@ class OpenAICompatibleProvider:
         messages: list[ChatMessage],
         *,
         max_tokens: int,
-        temperature: float,
+        sampling: Sampling,
         tools: list[ToolSpec] | None = None,
     ) -> AsyncIterator[Chunk]:
         offered = tools if tools and self.supports_tools else None
-        response = await self._open(messages, max_tokens, temperature, offered)
+        response = await self._open(messages, max_tokens, sampling, offered)
         finished = False
         calls: dict[int, list[str]] = {}  # index -> [id, name, arguments so far]
+        loop = RepetitionStop(sampling.stop_repetition_tokens)
+        produced = 0
+        looped = False
         try:
             async for event in response:
                 usage = event.get("usage")
@@ -84,7 +89,16 @@ class OpenAICompatibleProvider:
                 for choice in event.get("choices") or ():
                     delta = choice.get("delta") or {}
                     if delta.get("content"):
+                        produced += 1
                         yield Chunk(text=str(delta["content"]))
+                        if loop.add(str(delta["content"])):
+                            finished = looped = True  # its usage would come last: estimated
+                            yield Chunk(
+                                finish_reason="repetition",
+                                prompt_tokens=estimate_tokens(messages),
+                                completion_tokens=produced,
+                            )
+                            break
                     for part in delta.get("tool_calls") or ():
                         call = calls.setdefault(int(part["index"]), ["", "", ""])
                         call[0] = part.get("id") or call[0]
@@ -99,6 +113,8 @@ class OpenAICompatibleProvider:
                             if c[1]
                         )
                         yield Chunk(finish_reason=str(choice["finish_reason"]), tool_calls=made)
+                if looped:
+                    break  # closing the response (below) stops the endpoint
         except openai.APITimeoutError as exc:
             raise LLMTimeout("the model stopped answering") from exc
         except (openai.APIError, ValueError, LookupError, TypeError, AttributeError) as exc:
@@ -113,10 +129,16 @@ class OpenAICompatibleProvider:
         self,
         messages: list[ChatMessage],
         max_tokens: int,
-        temperature: float,
+        sampling: Sampling,
         tools: list[ToolSpec] | None,
     ) -> openai.AsyncStream[Any]:
         extra: dict[str, Any] = {}
+        if sampling.top_p is not None:
+            extra["top_p"] = sampling.top_p
+        if sampling.repeat_penalty is not None:
+            extra["repetition_penalty"] = sampling.repeat_penalty  # vLLM's name; not OpenAI's
+        if sampling.seed is not None:
+            extra["seed"] = sampling.seed
         if tools:
             extra["tools"] = [
                 {
@@ -141,7 +163,7 @@ class OpenAICompatibleProvider:
                             "model": self._model,
                             "messages": [_wire(m) for m in messages],
                             "max_tokens": max_tokens,
-                            "temperature": temperature,
+                            "temperature": sampling.temperature,
                             "stream": True,
                             "stream_options": {"include_usage": True},
                             **extra,
