@@ -296,9 +296,9 @@ async def test_the_session_outlives_its_access_tokens(
             + "\n\n".join(f"## Part {i}\n\nPart {i} says {i} things." for i in range(9))
         )
         received = len(sockets.received)
-        await page.get_by_label("Document (Markdown, text, HTML or PDF)").set_input_files(
-            str(document)
-        )
+        await page.get_by_label(
+            "Document (Markdown, text, HTML, PDF, or an image of text)"
+        ).set_input_files(str(document))
         await page.get_by_role("button", name="Upload").click()
         await expect(page.get_by_role("status")).to_contain_text(
             "Ingested", timeout=scaled(120) * 1000
