@@ -56,6 +56,8 @@ from backend.knowledge.embeddings import Embedder, build_embedder
 from backend.knowledge.service import KnowledgeService
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
+from backend.openai_api.router import openai_router
+from backend.openai_api.service import OpenAIService
 from backend.privacy.endpoints import privacy_router
 from backend.privacy.service import PrivacyService, Streams
 from backend.privacy.tasks import PurgeScheduler
@@ -90,6 +92,7 @@ class Services:
     inference: InferencePool | None = None  # None: SIGHTLINE_VISION_ENABLED=false
     privacy: PrivacyService | None = None  # None only in apps built without services
     purges: PurgeScheduler | None = None
+    openai: OpenAIService | None = None  # None only in apps built without services
     grace_s: float = 10.0
 
     async def aclose(self) -> None:
@@ -246,6 +249,16 @@ async def build_services(
         inference=inference,
         privacy=privacy,
         purges=purges,
+        openai=OpenAIService(
+            models=models,
+            guards=agent.guards,
+            limiter=limiter,
+            budgets=budgets,
+            db=state.db,
+            embedder=shared_embedder,
+            chat=chat,
+            settings=settings.openai,
+        ),
         grace_s=settings.server.graceful_shutdown_s,
     )
 
@@ -395,6 +408,13 @@ def create_app(
         )
     )
     app.include_router(live_frames_router)
+    app.include_router(
+        openai_router(
+            lambda request: request.state.services.openai,
+            lambda request: request.state.services.auth,
+            settings.server,
+        )
+    )
     app.include_router(
         privacy_router(
             lambda request: request.state.services.privacy,

@@ -885,6 +885,25 @@ class PrivacySettings(_Section):
         return None if value == "" else value
 
 
+class OpenAIAPISettings(_Section):
+    """The OpenAI-compatible REST endpoints under /v1."""
+
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_OPENAI_", extra="ignore")
+
+    max_messages: int = Field(
+        256, ge=1, description="Most messages in one `/v1/chat/completions` request."
+    )
+    max_prompt_chars: int = Field(
+        128_000, ge=1, description="Most characters of all the messages of one request together."
+    )
+    max_embedding_inputs: int = Field(
+        256, ge=1, description="Most texts in one `/v1/embeddings` request."
+    )
+    max_embedding_chars: int = Field(
+        8_192, ge=1, description="Longest text `/v1/embeddings` embeds."
+    )
+
+
 class Settings(_Section):
     """All of Sightline's settings. `Settings()` reads the environment; tests pass sections in."""
 
@@ -910,6 +929,7 @@ class Settings(_Section):
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     vision: VisionSettings = Field(default_factory=VisionSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    openai: OpenAIAPISettings = Field(default_factory=OpenAIAPISettings)
 
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
@@ -971,6 +991,7 @@ SECTIONS: tuple[type[_Section], ...] = (
     GuardrailSettings,
     VisionSettings,
     PrivacySettings,
+    OpenAIAPISettings,
 )
 
 

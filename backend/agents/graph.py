@@ -143,6 +143,11 @@ class Agent:
         self._guards = guards or PassThroughGuards()
         self._graph = self._build().compile(checkpointer=checkpointer)
 
+    @property
+    def guards(self) -> Guards:
+        """The rails of every turn (the OpenAI-compatible API screens with the same ones)."""
+        return self._guards
+
     async def run(self, ctx: TurnContext, conversation_id: uuid.UUID) -> None:
         """Runs one turn. Cancelling the caller's task stops it (and the model) at once."""
         await self._graph.ainvoke(

@@ -52,6 +52,7 @@ class Sampling:
     repeat_penalty: float | None = None  # >1 makes a token already in the context less likely
     stop_repetition_tokens: int = 0  # end an answer whose last N tokens loop (0: never)
     seed: int | None = None  # fixed: the same answer every time (evaluations, tests)
+    stop: tuple[str, ...] = ()  # sequences that end the answer (not included in it)
 
 
 GREEDY = Sampling(temperature=0.0)

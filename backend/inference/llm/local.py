@@ -190,6 +190,8 @@ def _llama_sampling(sampling: Sampling) -> dict[str, Any]:
         chosen["repeat_penalty"] = sampling.repeat_penalty
     if sampling.seed is not None:
         chosen["seed"] = sampling.seed
+    if sampling.stop:
+        chosen["stop"] = list(sampling.stop)
     return chosen
 
 

@@ -139,6 +139,8 @@ class OpenAICompatibleProvider:
             extra["repetition_penalty"] = sampling.repeat_penalty  # vLLM's name; not OpenAI's
         if sampling.seed is not None:
             extra["seed"] = sampling.seed
+        if sampling.stop:
+            extra["stop"] = list(sampling.stop)
         if tools:
             extra["tools"] = [
                 {

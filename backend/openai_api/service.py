@@ -1,0 +1,312 @@
+"""Chat completions and embeddings for OpenAI clients.
+
+A completion calls the alias's provider directly (backend.inference.llm, through the model
+registry), not a chat run: an OpenAI request carries its whole conversation and keeps nothing,
+while a run belongs to a stored conversation, its memory and its event log. What a run enforces
+is enforced here with the same parts: the `chat_run` rate limit, a token reservation charged as
+the answer streams and settled into a usage record, and the agent's own rails (input, with the
+earlier user messages rewritten as memory rewrites them; output, on the stream). Closing the
+stream stops the model, as cancelling a run does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from backend.agents.guards import GuardAction, GuardDecision, Guards
+from backend.agents.models import ChatModel, ModelRegistry
+from backend.agents.runs import CHARGE_EVERY
+from backend.auth.principal import Principal
+from backend.config import ChatSettings, OpenAIAPISettings
+from backend.core.db import Database
+from backend.errors import NotFound, ValidationFailed
+from backend.inference.llm.base import ChatMessage, estimate_tokens
+from backend.knowledge.embeddings import Embedder
+from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
+from backend.limits.ratelimit import RateLimiter
+from backend.openai_api.schemas import ChatCompletionRequest, EmbeddingRequest
+
+log = logging.getLogger(__name__)
+
+# OpenAI's finish reasons; a provider's own ("repetition": an answer cut in a loop) is a stop.
+_FINISH = {"stop": "stop", "length": "length", "repetition": "stop"}
+
+
+class ModelNotFound(NotFound):
+    code = "MODEL_NOT_FOUND"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What the client gets next: a piece of the answer, or a rail's decision (or both)."""
+
+    text: str = ""
+    rail: dict[str, str] | None = None  # {stage, rail, action, reason}, as GuardrailTriggered
+
+
+@dataclass
+class Completion:
+    """One completion: what was asked, then what it produced (filled in while it streams)."""
+
+    model: ChatModel
+    prompt: list[ChatMessage]
+    max_tokens: int
+    request: ChatCompletionRequest
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    finish_reason: str | None = None
+    reported_prompt_tokens: int | None = None  # as the model reported them
+    reported_completion_tokens: int = 0
+    pieces: int = 0  # pieces of text delivered
+    rails: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def prompt_tokens(self) -> int:
+        if self.reported_prompt_tokens is not None:
+            return self.reported_prompt_tokens
+        return estimate_tokens(self.prompt) if self.pieces else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return max(self.reported_completion_tokens, self.pieces)
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+class OpenAIService:
+    def __init__(
+        self,
+        *,
+        models: ModelRegistry,
+        guards: Guards,
+        limiter: RateLimiter,
+        budgets: Budgets,
+        db: Database,
+        embedder: Embedder,
+        chat: ChatSettings,
+        settings: OpenAIAPISettings,
+    ) -> None:
+        self._models = models
+        self._guards = guards
+        self._limiter = limiter
+        self._budgets = budgets
+        self._db = db
+        self._embedder = embedder
+        self._chat = chat
+        self._settings = settings
+
+    async def enforce_query(self, principal: Principal) -> None:
+        """A read (the models list) takes from the caller's `query` allowance, as on GraphQL."""
+        await self._limiter.enforce(principal.subject, principal.plan, "query")
+
+    def chat_models(self) -> list[ChatModel]:
+        return self._models.aliases
+
+    def chat_model(self, alias: str) -> ChatModel:
+        for model in self._models.aliases:
+            if model.alias == alias:
+                return model
+        raise ModelNotFound(f"The model {alias!r} does not exist.", model=alias)
+
+    # -- chat completions ---------------------------------------------------------------------
+
+    def prepare(self, request: ChatCompletionRequest) -> Completion:
+        """The completion a request asks for, checked (unknown model, limits) before any work."""
+        model = self.chat_model(request.model)
+        if len(request.messages) > self._settings.max_messages:
+            raise ValidationFailed(
+                f"at most {self._settings.max_messages} messages", field="messages"
+            )
+        prompt = [
+            ChatMessage("system" if m.role == "developer" else m.role, m.text)
+            for m in request.messages
+        ]
+        if sum(len(m.content) for m in prompt) > self._settings.max_prompt_chars:
+            raise ValidationFailed(
+                f"the messages are longer than {self._settings.max_prompt_chars} characters",
+                field="messages",
+            )
+        if not any(m.role == "user" for m in prompt):
+            raise ValidationFailed("the messages have no user message", field="messages")
+        if not any(m.role == "system" for m in prompt) and self._chat.system_prompt:
+            prompt.insert(0, ChatMessage("system", self._chat.system_prompt))
+        wanted = request.answer_tokens or self._chat.max_tokens
+        return Completion(
+            model=model,
+            prompt=prompt,
+            max_tokens=min(wanted, self._chat.max_tokens),
+            request=request,
+        )
+
+    async def stream(self, principal: Principal, completion: Completion) -> AsyncIterator[Piece]:
+        """Runs the completion: rate limit, reservation, rails, the model. Closing the iterator
+        stops the model; the tokens delivered are charged and recorded either way."""
+        await self._limiter.enforce(principal.subject, principal.plan, "chat_run")
+        reservation = await self._budgets.reserve(
+            tenant_id=principal.tenant_id,
+            user_id=principal.user_id,
+            plan=principal.plan,
+            resource=Resource.LLM_TOKENS,
+            amount=completion.max_tokens,
+            subject=f"openai:{completion.id}",
+        )
+        try:
+            async for piece in self._generate(principal, completion, reservation):
+                yield piece
+        finally:
+            # Shielded: a client that leaves cancels this, and the usage must still be kept.
+            await asyncio.shield(self._settle(principal, completion, reservation))
+
+    async def _generate(
+        self, principal: Principal, completion: Completion, reservation: Reservation
+    ) -> AsyncGenerator[Piece, None]:
+        prompt = list(completion.prompt)
+        users = [i for i, m in enumerate(prompt) if m.role == "user"]
+        last = users[-1]
+        # Earlier user messages are read back as the agent reads back its memory: rewritten as
+        # the input rails rewrite a message (redaction), with no new decision.
+        earlier = await self._guards.rewrite_history(
+            principal, [prompt[i].content for i in users[:-1]]
+        )
+        for i, text in zip(users[:-1], earlier, strict=True):
+            prompt[i] = replace(prompt[i], content=text)
+        verdict = await self._guards.check_input(principal, prompt[last].content, earlier[-7:])
+        for decision in verdict.decisions:
+            yield Piece(rail=self._rail(completion, "input", decision))
+        if verdict.blocked:
+            completion.finish_reason = "content_filter"
+            completion.pieces += 1
+            yield Piece(text=verdict.safe_reply)
+            return
+        prompt[last] = replace(prompt[last], content=verdict.text)
+
+        model, request = completion.model, completion.request
+        sampling = replace(
+            model.sampling,
+            temperature=(
+                request.temperature
+                if request.temperature is not None
+                else model.sampling.temperature
+            ),
+            top_p=request.top_p if request.top_p is not None else model.sampling.top_p,
+            seed=request.seed if request.seed is not None else model.sampling.seed,
+            stop=request.stop_sequences,
+        )
+
+        async def text_only() -> AsyncGenerator[str, None]:
+            stream = model.provider.stream(
+                prompt, max_tokens=completion.max_tokens, sampling=sampling
+            )
+            try:
+                async for chunk in stream:
+                    if chunk.text:
+                        yield chunk.text
+                    if chunk.finish_reason:
+                        completion.finish_reason = _FINISH.get(chunk.finish_reason, "stop")
+                    if chunk.completion_tokens is not None:
+                        completion.reported_prompt_tokens = chunk.prompt_tokens or 0
+                        completion.reported_completion_tokens = chunk.completion_tokens
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]  # stops the model
+
+        tokens = text_only()
+        guarded = self._guards.check_output_stream(principal, tokens)
+        uncharged = 0
+        try:
+            async for piece in guarded:
+                rail = None
+                if piece.decision is not None:
+                    rail = self._rail(completion, "output", piece.decision)
+                if piece.text:
+                    completion.pieces += 1
+                    uncharged += 1
+                if piece.text or rail is not None:
+                    yield Piece(text=piece.text, rail=rail)
+                if uncharged >= CHARGE_EVERY:
+                    uncharged = 0
+                    await reservation.charge(CHARGE_EVERY)  # BudgetExceeded ends the answer
+                if piece.decision is not None and piece.decision.action is GuardAction.BLOCK:
+                    completion.finish_reason = "content_filter"
+                    break
+        finally:
+            await guarded.aclose()  # type: ignore[attr-defined]
+            await tokens.aclose()
+        completion.finish_reason = completion.finish_reason or "stop"
+
+    @staticmethod
+    def _rail(completion: Completion, stage: str, decision: GuardDecision) -> dict[str, str]:
+        rail = {
+            "stage": stage,
+            "rail": decision.rail,
+            "action": decision.action.value,
+            "reason": decision.reason,
+        }
+        completion.rails.append(rail)
+        return rail
+
+    async def _settle(
+        self, principal: Principal, completion: Completion, reservation: Reservation
+    ) -> None:
+        """Charges what the model read and wrote (never less than charged while streaming),
+        gives back the rest of the hold and records the usage with its cost."""
+        prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
+        try:
+            owed = prompt_tokens + completion_tokens - int(reservation.charged)
+            if owed > 0:
+                with contextlib.suppress(BudgetExceeded):
+                    await reservation.charge(owed)
+            async with self._db.session(principal.tenant_id) as session:
+                await reservation.settle(
+                    session, cost=completion.model.cost(prompt_tokens, completion_tokens)
+                )
+        except Exception as exc:  # the answer was delivered; the hold expires with its counter
+            log.warning("completion %s: usage not recorded: %r", completion.id, exc)
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    @property
+    def embedding_model(self) -> str:
+        return self._embedder.name
+
+    async def embed(
+        self, principal: Principal, request: EmbeddingRequest
+    ) -> tuple[list[list[float]], int]:
+        """The knowledge base's embeddings of the texts, and the tokens they count (estimated)."""
+        if request.model != self._embedder.name:
+            raise ModelNotFound(
+                f"The model {request.model!r} does not exist; embeddings come from "
+                f"{self._embedder.name!r}.",
+                model=request.model,
+            )
+        texts = request.texts
+        if not texts or len(texts) > self._settings.max_embedding_inputs:
+            raise ValidationFailed(
+                f"between 1 and {self._settings.max_embedding_inputs} inputs", field="input"
+            )
+        if any(not t for t in texts):
+            raise ValidationFailed("an input is empty", field="input")
+        if any(len(t) > self._settings.max_embedding_chars for t in texts):
+            raise ValidationFailed(
+                f"an input is longer than {self._settings.max_embedding_chars} characters",
+                field="input",
+            )
+        await self._limiter.enforce(principal.subject, principal.plan, "query")
+        vectors = await self._embedder.embed(texts)
+        return vectors, sum(len(t) // 4 + 1 for t in texts)
+
+
+def rail_extension(rails: list[dict[str, str]]) -> dict[str, Any]:
+    """The `sightline` field of a response: the rails' decisions, as the run's events carry them."""
+    return {"guardrails": rails}
