@@ -139,6 +139,8 @@ class EventStream(StreamingResponse):
                 task.cancel()
             await asyncio.gather(streaming, watching, return_exceptions=True)
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
+        if not streaming.cancelled() and (failure := streaming.exception()) is not None:
+            raise failure  # a bug: not swallowed
 
     async def _stream(self, send: Send) -> None:
         with contextlib.suppress(OSError):  # the client left: the watcher says so too

@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from backend.config import LimitsSettings, RateSpec, Settings
+from backend.config import LimitsSettings, ModelSpec, RateSpec, Settings
 from backend.core.models import AuditEvent, UsageRecord
 from backend.knowledge.embeddings import LocalEmbedder
-from tests.agents.test_agent import Rails, tenant_session
+from tests.agents.test_agent import Rails, tenant_session, with_chat
 from tests.agents.test_runs import gql, sign_in
 from tests.conftest import LiveServer, scaled, serve_live
 from tests.llm_stub import LLMStub
@@ -238,6 +238,49 @@ async def test_a_client_that_closes_the_stream_stops_the_model(
     async with tenant_session(engine, chat_settings, account) as session:
         (record,) = list(await session.scalars(select(UsageRecord)))
     assert 0 < record.amount < 5000  # what was delivered is charged, not the whole answer
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_model_that_cannot_be_reached_is_a_503_with_retry_after(
+    settings: Settings, engine: AsyncEngine, account: dict, llm: tuple[LLMStub, str], stream: bool
+) -> None:
+    _, url = llm
+    with_chat(settings, url, models={"down": ModelSpec(base_url=url, model="rate-limited")})
+    async with serve_live(settings) as server:
+        client = sdk(server, await api_key(server, account, "chat"))
+        with pytest.raises(openai.InternalServerError) as down:
+            await client.chat.completions.create(
+                model="down", messages=[{"role": "user", "content": "hi"}], stream=stream
+            )
+    assert down.value.status_code == 503
+    assert down.value.body["code"] == "llm_unavailable"  # type: ignore[index]
+    assert int(down.value.response.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_client_that_leaves_before_the_first_token_stops_the_model(
+    settings: Settings,
+    engine: AsyncEngine,
+    account: dict,
+    llm: tuple[LLMStub, str],
+    stream: bool,
+) -> None:
+    """The model has not answered yet, so no status line went out: the server notices the
+    client leaving without writing to it, and stops the model at once (not at its timeout)."""
+    stub, url = llm
+    with_chat(settings, url, models={"slow": ModelSpec(base_url=url, model="stall")})
+    async with serve_live(settings) as server:
+        client = sdk(server, await api_key(server, account, "chat"))
+        asked = client.chat.completions.create(
+            model="slow", messages=[{"role": "user", "content": "think"}], stream=stream
+        )
+        async with asyncio.timeout(scaled(10)):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1):
+                    await asyncio.ensure_future(asked)
+            while stub.open_streams or not stub.closed_early:
+                await asyncio.sleep(0.05)
+        assert stub.closed_early == 1
 
 
 async def test_embeddings_come_from_the_knowledge_base_embedder(
