@@ -258,6 +258,7 @@ async def build_services(
             embedder=shared_embedder,
             chat=chat,
             settings=settings.openai,
+            search=tools.search_knowledge,
         ),
         grace_s=settings.server.graceful_shutdown_s,
     )

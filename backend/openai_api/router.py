@@ -40,7 +40,7 @@ from backend.errors import (
 )
 from backend.inference.llm.base import LLMError, LLMTimeout, LLMUnavailable
 from backend.openai_api.schemas import ChatCompletionRequest, EmbeddingRequest
-from backend.openai_api.service import Completion, OpenAIService, Piece, rail_extension
+from backend.openai_api.service import Completion, OpenAIService, Piece
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +309,9 @@ def _whole(completion: Completion, pieces: list[Piece]) -> dict[str, Any]:
         ],
         "usage": completion.usage(),
     }
-    if completion.rails:
-        body["sightline"] = rail_extension(completion.rails)
+    extension = completion.extension()
+    if extension is not None:
+        body["sightline"] = extension
     return body
 
 
@@ -340,7 +341,7 @@ async def _events(
     def render(piece: Piece) -> str:
         if piece.rail is not None:
             delta = {"content": piece.text} if piece.text else {}
-            return chunk(delta, sightline=rail_extension([piece.rail]))
+            return chunk(delta, sightline={"guardrails": [piece.rail]})
         return f"{token_head}{json.dumps(piece.text)}{token_tail}"
 
     yield chunk({"role": "assistant", "content": ""})
@@ -355,7 +356,10 @@ async def _events(
         return
     finally:
         await pieces.aclose()  # type: ignore[attr-defined]
-    yield chunk({}, completion.finish_reason or "stop")
+    # the sources and citations (the rails went out with the chunks they apply to)
+    extension = completion.extension(rails=False)
+    extra = {} if extension is None else {"sightline": extension}
+    yield chunk({}, completion.finish_reason or "stop", **extra)
     if usage:
         yield f'data: {head},"choices":[],"usage":{json.dumps(completion.usage())}}}\n\n'
     yield "data: [DONE]\n\n"

@@ -37,6 +37,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class SightlineOptions(BaseModel):
+    """Sightline's own extras, in the body's `sightline` field (`extra_body` in the SDKs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    knowledge: bool = False  # search the tenant's knowledge base and let the answer cite it
+
+
 class ChatCompletionRequest(BaseModel):
     """`POST /v1/chat/completions`. Parameters OpenAI has and Sightline does not use (logprobs,
     presence_penalty...) are ignored, as most OpenAI-compatible servers do; those that would
@@ -56,6 +64,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[Any] | None = Field(None, max_length=0)
+    sightline: SightlineOptions = Field(default_factory=SightlineOptions)
 
     @field_validator("stop")
     @classmethod

@@ -20,13 +20,15 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from backend.agents.graph import CITATION, SOURCES_PREAMBLE
 from backend.agents.guards import GuardAction, GuardDecision, Guards
 from backend.agents.models import ChatModel, ModelRegistry
 from backend.agents.runs import CHARGE_EVERY
+from backend.agents.tools import KnowledgeSearch, Source
 from backend.auth.principal import Principal
 from backend.config import ChatSettings, OpenAIAPISettings
 from backend.core.db import Database
-from backend.errors import NotFound, ValidationFailed
+from backend.errors import AppError, NotFound, ValidationFailed
 from backend.inference.llm.base import ChatMessage, estimate_tokens
 from backend.knowledge.embeddings import Embedder
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
@@ -66,6 +68,44 @@ class Completion:
     reported_completion_tokens: int = 0
     pieces: int = 0  # pieces of text delivered
     rails: list[dict[str, str]] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)  # numbered from 1, as the prompt has them
+    answer: list[str] = field(default_factory=list)
+
+    def extension(self, *, rails: bool = True) -> dict[str, Any] | None:
+        """The response's `sightline` field: the rails' decisions, and with the knowledge
+        base on, the sources and the answer's citations of them (None: nothing to say)."""
+        body: dict[str, Any] = {}
+        if rails and self.rails:
+            body["guardrails"] = self.rails
+        if self.request.sightline.knowledge:
+            body["sources"] = [
+                {"index": n, "chunkId": s.chunk_id, "documentId": s.document_id, "title": s.title}
+                for n, s in enumerate(self.sources, start=1)
+            ]
+            body["citations"] = self.citations()
+        return body or None
+
+    def citations(self) -> list[dict[str, Any]]:
+        """Each source the answer cites as [n], at its first citation (as CitationAdded)."""
+        answer, cited, found = "".join(self.answer), set(), []
+        for match in CITATION.finditer(answer):
+            n = int(match.group(1))
+            if n in cited or not 1 <= n <= len(self.sources):
+                continue
+            cited.add(n)
+            source = self.sources[n - 1]
+            found.append(
+                {
+                    "index": n,
+                    "chunkId": source.chunk_id,
+                    "documentId": source.document_id,
+                    "title": source.title,
+                    "answerStart": match.start(),
+                    "answerEnd": match.end(),
+                    "span": source.span,
+                }
+            )
+        return found
 
     @property
     def prompt_tokens(self) -> int:
@@ -97,7 +137,9 @@ class OpenAIService:
         embedder: Embedder,
         chat: ChatSettings,
         settings: OpenAIAPISettings,
+        search: KnowledgeSearch | None = None,
     ) -> None:
+        self._search = search
         self._models = models
         self._guards = guards
         self._limiter = limiter
@@ -191,37 +233,11 @@ class OpenAIService:
             yield Piece(text=verdict.safe_reply)
             return
         prompt[last] = replace(prompt[last], content=verdict.text)
+        if completion.request.sightline.knowledge:
+            async for piece in self._retrieve(principal, completion, prompt, verdict.text):
+                yield piece
 
-        model, request = completion.model, completion.request
-        sampling = replace(
-            model.sampling,
-            temperature=(
-                request.temperature
-                if request.temperature is not None
-                else model.sampling.temperature
-            ),
-            top_p=request.top_p if request.top_p is not None else model.sampling.top_p,
-            seed=request.seed if request.seed is not None else model.sampling.seed,
-            stop=request.stop_sequences,
-        )
-
-        async def text_only() -> AsyncGenerator[str, None]:
-            stream = model.provider.stream(
-                prompt, max_tokens=completion.max_tokens, sampling=sampling
-            )
-            try:
-                async for chunk in stream:
-                    if chunk.text:
-                        yield chunk.text
-                    if chunk.finish_reason:
-                        completion.finish_reason = _FINISH.get(chunk.finish_reason, "stop")
-                    if chunk.completion_tokens is not None:
-                        completion.reported_prompt_tokens = chunk.prompt_tokens or 0
-                        completion.reported_completion_tokens = chunk.completion_tokens
-            finally:
-                await stream.aclose()  # type: ignore[attr-defined]  # stops the model
-
-        tokens = text_only()
+        tokens = self._tokens(completion, prompt)
         guarded = self._guards.check_output_stream(principal, tokens)
         uncharged = 0
         try:
@@ -231,6 +247,7 @@ class OpenAIService:
                     rail = self._rail(completion, "output", piece.decision)
                 if piece.text:
                     completion.pieces += 1
+                    completion.answer.append(piece.text)
                     uncharged += 1
                 if piece.text or rail is not None:
                     yield Piece(text=piece.text, rail=rail)
@@ -244,6 +261,64 @@ class OpenAIService:
             await guarded.aclose()  # type: ignore[attr-defined]
             await tokens.aclose()
         completion.finish_reason = completion.finish_reason or "stop"
+
+    @staticmethod
+    async def _tokens(
+        completion: Completion, prompt: list[ChatMessage]
+    ) -> AsyncGenerator[str, None]:
+        """The model's text; its finish reason and usage go on the completion."""
+        model, request = completion.model, completion.request
+        sampling = replace(
+            model.sampling,
+            temperature=(
+                request.temperature
+                if request.temperature is not None
+                else model.sampling.temperature
+            ),
+            top_p=request.top_p if request.top_p is not None else model.sampling.top_p,
+            seed=request.seed if request.seed is not None else model.sampling.seed,
+            stop=request.stop_sequences,
+        )
+        stream = model.provider.stream(prompt, max_tokens=completion.max_tokens, sampling=sampling)
+        try:
+            async for chunk in stream:
+                if chunk.text:
+                    yield chunk.text
+                if chunk.finish_reason:
+                    completion.finish_reason = _FINISH.get(chunk.finish_reason, "stop")
+                if chunk.completion_tokens is not None:
+                    completion.reported_prompt_tokens = chunk.prompt_tokens or 0
+                    completion.reported_completion_tokens = chunk.completion_tokens
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]  # stops the model
+
+    async def _retrieve(
+        self, principal: Principal, completion: Completion, prompt: list[ChatMessage], query: str
+    ) -> AsyncGenerator[Piece, None]:
+        """The knowledge base's passages for the question, screened by the retrieval rails,
+        numbered into the system message as the agent puts them (data, not instructions)."""
+        if self._search is None or not query.strip():
+            return
+        try:
+            async with asyncio.timeout(self._chat.tool_timeout_s):
+                found = await self._search(principal, query, self._chat.knowledge_results)
+        except (TimeoutError, AppError) as exc:  # the agent answers without sources too
+            log.warning("completion %s: knowledge search failed: %r", completion.id, exc)
+            return
+        verdict = await self._guards.check_retrieved(principal, found)
+        for decision in verdict.decisions:
+            yield Piece(rail=self._rail(completion, "retrieval", decision))
+        completion.sources = list(verdict.sources)
+        if not completion.sources:
+            return
+        listed = "\n".join(
+            f"[{n}] {s.title}: {s.text}" for n, s in enumerate(completion.sources, start=1)
+        )
+        block = f"{SOURCES_PREAMBLE}\n<sources>\n{listed}\n</sources>"
+        if prompt[0].role == "system":
+            prompt[0] = replace(prompt[0], content=f"{prompt[0].content}\n\n{block}")
+        else:
+            prompt.insert(0, ChatMessage("system", block))
 
     @staticmethod
     def _rail(completion: Completion, stage: str, decision: GuardDecision) -> dict[str, str]:
@@ -305,8 +380,3 @@ class OpenAIService:
         await self._limiter.enforce(principal.subject, principal.plan, "query")
         vectors = await self._embedder.embed(texts)
         return vectors, sum(len(t) // 4 + 1 for t in texts)
-
-
-def rail_extension(rails: list[dict[str, str]]) -> dict[str, Any]:
-    """The `sightline` field of a response: the rails' decisions, as the run's events carry them."""
-    return {"guardrails": rails}

@@ -13,10 +13,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from backend.agents.tools import AgentTools
 from backend.config import LimitsSettings, ModelSpec, RateSpec, Settings
 from backend.core.models import AuditEvent, UsageRecord
 from backend.knowledge.embeddings import LocalEmbedder
-from tests.agents.test_agent import Rails, tenant_session, with_chat
+from tests.agents.test_agent import Knowledge, Rails, tenant_session, with_chat
 from tests.agents.test_runs import gql, sign_in
 from tests.conftest import LiveServer, scaled, serve_live
 from tests.llm_stub import LLMStub
@@ -213,6 +214,63 @@ async def test_a_blocked_message_gets_the_safe_reply_and_the_rail_decision(
         )
         assert redacted.model_extra["sightline"]["guardrails"][0]["action"] == "redact"  # type: ignore[index]
         assert stub.requests[-1]["messages"][-1]["content"] == "mail me at [EMAIL]"
+
+
+async def test_the_knowledge_extra_searches_the_knowledge_base_and_reports_citations(
+    chat_settings: Settings, engine: AsyncEngine, account: dict, llm: tuple[LLMStub, str]
+) -> None:
+    stub, _ = llm
+    knowledge = Knowledge()
+    async with serve_live(
+        chat_settings, agent_tools=AgentTools(search_knowledge=knowledge)
+    ) as server:
+        client = sdk(server, await api_key(server, account, "chat"))
+        plain = await client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "refunds [1]"}]
+        )
+        assert knowledge.queries == []  # off unless asked: a plain OpenAI request
+        assert plain.model_extra is None or "sightline" not in plain.model_extra
+
+        whole = await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "how long do refunds take [1]"}],
+            extra_body={"sightline": {"knowledge": True}},
+        )
+        assert [q for _, q in knowledge.queries] == ["how long do refunds take [1]"]
+        system = stub.requests[-1]["messages"][0]
+        assert system["role"] == "system"
+        assert "[1] Handbook: Refunds take 14 days." in system["content"]
+        extension = whole.model_extra["sightline"]  # type: ignore[index]
+        assert [s["chunkId"] for s in extension["sources"]] == ["c1", "c2"]
+        answer = whole.choices[0].message.content or ""
+        assert extension["citations"] == [
+            {
+                "index": 1,
+                "chunkId": "c1",
+                "documentId": "d1",
+                "title": "Handbook",
+                "answerStart": answer.index("[1]"),
+                "answerEnd": answer.index("[1]") + 3,
+                "span": {"page": 3},
+            }
+        ]
+
+        stream = await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "and [2] then"}],
+            extra_body={"sightline": {"knowledge": True}},
+            stream=True,
+        )
+        chunks = [chunk async for chunk in stream]
+        last = chunks[-1].model_extra["sightline"]  # type: ignore[index]
+        assert [c["chunkId"] for c in last["citations"]] == ["c2"]
+
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(
+                model="default",
+                messages=[{"role": "user", "content": "x"}],
+                extra_body={"sightline": {"memory": True}},
+            )
 
 
 async def test_a_client_that_closes_the_stream_stops_the_model(
