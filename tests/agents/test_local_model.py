@@ -39,6 +39,23 @@ async def test_the_packaged_model_answers(model: local.LocalLlamaProvider) -> No
     assert any(c.finish_reason for c in chunks)
 
 
+async def test_a_stop_sequence_ends_the_answer_before_it(model: local.LocalLlamaProvider) -> None:
+    """`stop` (the OpenAI API's) reaches llama.cpp: the answer ends where it would write it."""
+    question = [ChatMessage("user", "Count from 1 to 10, separated by commas.")]
+    free = "".join([c.text async for c in model.stream(question, max_tokens=48, sampling=GREEDY)])
+    assert "5" in free, free
+    stopped = [
+        c
+        async for c in model.stream(
+            question, max_tokens=48, sampling=Sampling(temperature=0.0, stop=("5",))
+        )
+    ]
+    text = "".join(c.text for c in stopped)
+    assert free.startswith(text), (free, text)
+    assert "5" not in text, text
+    assert stopped[-1].finish_reason == "stop"
+
+
 async def test_tokens_are_counted_with_the_models_own_tokenizer(
     model: local.LocalLlamaProvider,
 ) -> None:
