@@ -168,6 +168,30 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+async def read_body(request: Request, model: type[M], server: ServerSettings) -> M:
+    """The body as `model`: bounded JSON (as on /graphql), then validated (BAD_USER_INPUT)."""
+    raw = await request.body()
+    try:
+        data = untrusted.loads(
+            raw, max_depth=server.max_json_depth, max_values=server.max_json_values
+        )
+    except untrusted.BadJSON as exc:
+        raise ValidationFailed(f"the body is not valid JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except PydanticValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ValidationFailed(
+            f"{where}: {first['msg']}",
+            field=where,
+            problems=[
+                {"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                for e in exc.errors()
+            ],
+        ) from None
+
+
 def openai_router(
     openai_of: Callable[[Request], OpenAIService],
     auth_of: Callable[[Request], AuthService],
@@ -189,28 +213,6 @@ def openai_router(
             raise MissingScope(f"the {scope.value} scope is required", scope=scope.value)
         return principal
 
-    async def body(request: Request, model: type[M]) -> M:
-        raw = await request.body()
-        try:
-            data = untrusted.loads(
-                raw, max_depth=server.max_json_depth, max_values=server.max_json_values
-            )
-        except untrusted.BadJSON as exc:
-            raise ValidationFailed(f"the body is not valid JSON: {exc}") from None
-        try:
-            return model.model_validate(data)
-        except PydanticValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise ValidationFailed(
-                f"{where}: {first['msg']}",
-                field=where,
-                problems=[
-                    {"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                    for e in exc.errors()
-                ],
-            ) from None
-
     @router.get("/models")
     async def list_models(request: Request) -> dict[str, Any]:
         """The chat model aliases (`model` of /v1/chat/completions)."""
@@ -230,10 +232,12 @@ def openai_router(
     async def chat_completions(request: Request) -> Response:
         """A chat completion from a model alias, whole or streamed (SSE)."""
         principal = await caller(request, AuthScope.CHAT)
-        asked = await body(request, ChatCompletionRequest)
+        asked = await read_body(request, ChatCompletionRequest, server)
         service = openai_of(request)
         completion = service.prepare(asked)
-        pieces = service.stream(principal, completion)
+        # Ends (UNAUTHENTICATED) when the credential is revoked or expires, as GraphQL streams do.
+        watch = auth_of(request).revocations.watch(principal)
+        pieces = watch.relay(service.stream(principal, completion))
         try:
             # Up to the first piece of text before the status line: a refusal (rate limit,
             # budget) or a model that cannot be reached is an HTTP status, not a stream event.
@@ -254,7 +258,7 @@ def openai_router(
     async def embeddings(request: Request) -> dict[str, Any]:
         """Embeddings from the knowledge base's embedding model."""
         principal = await caller(request, AuthScope.KNOWLEDGE_READ)
-        asked = await body(request, EmbeddingRequest)
+        asked = await read_body(request, EmbeddingRequest, server)
         vectors, tokens = await openai_of(request).embed(principal, asked)
         return {
             "object": "list",

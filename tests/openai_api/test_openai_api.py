@@ -341,6 +341,39 @@ async def test_a_client_that_leaves_before_the_first_token_stops_the_model(
         assert stub.closed_early == 1
 
 
+async def test_a_revoked_key_ends_its_stream_and_stops_the_model(
+    chat_settings: Settings, engine: AsyncEngine, account: dict, llm: tuple[LLMStub, str]
+) -> None:
+    stub, _ = llm
+    stub.answer_tokens = 5000
+    async with serve_live(chat_settings) as server:
+        token = await sign_in(server, account)
+        created = await gql(
+            server,
+            token,
+            'mutation { createApiKey(name: "sdk", scopes: ["chat"]) { secret apiKey { id } } }',
+        )
+        key = created["data"]["createApiKey"]
+        stream = await sdk(server, key["secret"]).chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "go on"}], stream=True
+        )
+        with pytest.raises(openai.APIError) as ended:
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    revoked = await gql(
+                        server,
+                        token,
+                        "mutation($k: ID!) { revokeApiKey(id: $k) { revokedAt } }",
+                        k=key["apiKey"]["id"],
+                    )
+                    assert "errors" not in revoked, revoked
+        assert ended.value.body["code"] == "invalid_api_key"  # type: ignore[index]
+        async with asyncio.timeout(scaled(10)):
+            while stub.open_streams:
+                await asyncio.sleep(0.05)
+        assert stub.closed_early == 1
+
+
 async def test_embeddings_come_from_the_knowledge_base_embedder(
     chat_settings: Settings,
     engine: AsyncEngine,
