@@ -97,7 +97,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     status, body = error_body(exc)
     response = JSONResponse(body, status_code=status)
     retry_after = exc.details.get("retryAfter") if isinstance(exc, AppError) else None
-    if status in (429, 503):
+    # A used-up budget says no when it renews: it has no Retry-After, a rate limit has its own.
+    if isinstance(retry_after, int | float) or status == 503:
         seconds = retry_after if isinstance(retry_after, int | float) else 1
         response.headers["Retry-After"] = str(max(1, math.ceil(seconds)))
     return response

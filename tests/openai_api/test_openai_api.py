@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.agents.tools import AgentTools
-from backend.config import LimitsSettings, ModelSpec, RateSpec, Settings
+from backend.config import BudgetSpec, LimitsSettings, ModelSpec, RateSpec, Settings
 from backend.core.models import AuditEvent, UsageRecord
 from backend.knowledge.embeddings import LocalEmbedder
 from tests.agents.test_agent import Knowledge, Rails, tenant_session, with_chat
@@ -160,6 +160,25 @@ async def test_rate_limits_answer_429_with_retry_after(
             await client.chat.completions.create(model="default", messages=message, stream=True)
     assert limited.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
     assert int(limited.value.response.headers["retry-after"]) >= 1
+
+
+async def test_a_used_up_token_budget_is_insufficient_quota(
+    chat_settings: Settings, engine: AsyncEngine, account: dict, llm: tuple[LLMStub, str]
+) -> None:
+    stub, _ = llm
+    limits = LimitsSettings()
+    limits.budgets["free"]["llm_tokens"] = BudgetSpec(user_day=30)
+    chat_settings.limits = limits
+    async with serve_live(chat_settings) as server:
+        client = sdk(server, await api_key(server, account, "chat"))
+        message = [{"role": "user", "content": "one two three"}]
+        await client.chat.completions.create(model="default", messages=message, max_tokens=20)
+        calls = stub.calls
+        with pytest.raises(openai.RateLimitError) as spent:  # 7 + 3 charged, 20 more asked
+            await client.chat.completions.create(model="default", messages=message, max_tokens=21)
+    assert stub.calls == calls
+    assert spent.value.body["code"] == "insufficient_quota"  # type: ignore[index]
+    assert "retry-after" not in spent.value.response.headers
 
 
 async def test_a_blocked_message_gets_the_safe_reply_and_the_rail_decision(
