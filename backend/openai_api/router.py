@@ -104,6 +104,10 @@ def error_response(exc: BaseException) -> JSONResponse:
     return response
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
 class OpenAIRoute(APIRoute):
     """Errors of these routes in OpenAI's shape (the app's own handlers answer in Sightline's)."""
 
@@ -113,14 +117,12 @@ class OpenAIRoute(APIRoute):
         async def handle(request: Request) -> Response:
             try:
                 return await handler(request)
+            except ClientGone:
+                return Response(status_code=499)  # nginx's "client closed request": for the log
             except Exception as exc:
                 return error_response(exc)
 
         return handle
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its answer was ready."""
 
 
 class EventStream(StreamingResponse):
