@@ -259,6 +259,7 @@ async def build_services(
             chat=chat,
             settings=settings.openai,
             search=tools.search_knowledge,
+            runs=runs,
         ),
         grace_s=settings.server.graceful_shutdown_s,
     )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's own limit
 
@@ -43,6 +44,14 @@ class SightlineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     knowledge: bool = False  # search the tenant's knowledge base and let the answer cite it
+    # A turn of this stored conversation (a chat run: its memory and history, as sendMessage)
+    conversation_id: uuid.UUID | None = None
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> SightlineOptions:
+        if self.knowledge and self.conversation_id is not None:
+            raise ValueError("in a conversation the agent searches the knowledge base itself")
+        return self
 
 
 class ChatCompletionRequest(BaseModel):

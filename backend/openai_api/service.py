@@ -23,20 +23,36 @@ from typing import Any
 from backend.agents.graph import CITATION, SOURCES_PREAMBLE
 from backend.agents.guards import GuardAction, GuardDecision, Guards
 from backend.agents.models import ChatModel, ModelRegistry
-from backend.agents.runs import CHARGE_EVERY
+from backend.agents.runs import CHARGE_EVERY, OnBusy, RunService
 from backend.agents.tools import KnowledgeSearch, Source
 from backend.auth.principal import Principal
 from backend.config import ChatSettings, OpenAIAPISettings
 from backend.core.db import Database
-from backend.errors import AppError, NotFound, ValidationFailed
-from backend.inference.llm.base import ChatMessage, estimate_tokens
+from backend.errors import (
+    AppError,
+    InternalError,
+    NotFound,
+    ServiceUnavailable,
+    ValidationFailed,
+)
+from backend.inference.llm.base import (
+    ChatMessage,
+    LLMError,
+    LLMProtocolError,
+    LLMTimeout,
+    LLMUnavailable,
+    estimate_tokens,
+)
 from backend.knowledge.embeddings import Embedder
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
 from backend.openai_api.schemas import ChatCompletionRequest, EmbeddingRequest
+from backend.realtime.eventlog import TOKEN_DELTA
 
 log = logging.getLogger(__name__)
 
+# A run's CitationAdded event as the response lists it (as the knowledge extra's citations).
+_CITATION_FIELDS = ("index", "chunkId", "documentId", "title", "answerStart", "answerEnd", "span")
 # OpenAI's finish reasons; a provider's own ("repetition": an answer cut in a loop) is a stop.
 _FINISH = {"stop": "stop", "length": "length", "repetition": "stop"}
 
@@ -70,6 +86,10 @@ class Completion:
     rails: list[dict[str, str]] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)  # numbered from 1, as the prompt has them
     answer: list[str] = field(default_factory=list)
+    # a turn of a stored conversation: its run, its stored answer, the citations it reported
+    run_id: uuid.UUID | None = None
+    message_id: str | None = None
+    cited: list[dict[str, Any]] = field(default_factory=list)
 
     def extension(self, *, rails: bool = True) -> dict[str, Any] | None:
         """The response's `sightline` field: the rails' decisions, and with the knowledge
@@ -77,6 +97,12 @@ class Completion:
         body: dict[str, Any] = {}
         if rails and self.rails:
             body["guardrails"] = self.rails
+        conversation = self.request.sightline.conversation_id
+        if conversation is not None and self.run_id is not None:
+            body["conversationId"] = str(conversation)
+            body["runId"] = str(self.run_id)
+            body["messageId"] = self.message_id
+            body["citations"] = self.cited
         if self.request.sightline.knowledge:
             body["sources"] = [
                 {"index": n, "chunkId": s.chunk_id, "documentId": s.document_id, "title": s.title}
@@ -138,8 +164,10 @@ class OpenAIService:
         chat: ChatSettings,
         settings: OpenAIAPISettings,
         search: KnowledgeSearch | None = None,
+        runs: RunService | None = None,
     ) -> None:
         self._search = search
+        self._runs = runs
         self._models = models
         self._guards = guards
         self._limiter = limiter
@@ -195,6 +223,10 @@ class OpenAIService:
     async def stream(self, principal: Principal, completion: Completion) -> AsyncIterator[Piece]:
         """Runs the completion: rate limit, reservation, rails, the model. Closing the iterator
         stops the model; the tokens delivered are charged and recorded either way."""
+        if completion.request.sightline.conversation_id is not None:
+            async for piece in self._converse(principal, completion):
+                yield piece
+            return
         await self._limiter.enforce(principal.subject, principal.plan, "chat_run")
         reservation = await self._budgets.reserve(
             tenant_id=principal.tenant_id,
@@ -210,6 +242,54 @@ class OpenAIService:
         finally:
             # Shielded: a client that leaves cancels this, and the usage must still be kept.
             await asyncio.shield(self._settle(principal, completion, reservation))
+
+    async def _converse(
+        self, principal: Principal, completion: Completion
+    ) -> AsyncGenerator[Piece, None]:
+        """A turn of a stored conversation: a chat run, exactly as sendMessage starts it (its
+        memory, history, rails, limits and budget), relayed from its event log. The request's
+        last message is the new one; a client that leaves cancels the run, as cancelRun does."""
+        conversation_id = completion.request.sightline.conversation_id
+        if self._runs is None or conversation_id is None:
+            raise ServiceUnavailable("conversations are not served here")
+        last = completion.prompt[-1]
+        if last.role != "user":
+            raise ValidationFailed(
+                "in a conversation the last message is the user's new one", field="messages"
+            )
+        started = await self._runs.send_message(
+            principal, conversation_id, last.content, OnBusy.REJECT, model=completion.model.alias
+        )
+        run_id = completion.run_id = started.run.id
+        ended = False
+        try:
+            events = await self._runs.stream(principal, run_id, None)
+            async for event in events:
+                data = event.data
+                if event.type == TOKEN_DELTA:
+                    completion.pieces += 1
+                    completion.answer.append(str(data["text"]))
+                    yield Piece(text=str(data["text"]))
+                elif event.type == "GuardrailTriggered":
+                    rail = {k: str(data.get(k, "")) for k in ("stage", "rail", "action", "reason")}
+                    completion.rails.append(rail)
+                    if rail["action"] == GuardAction.BLOCK.value:
+                        completion.finish_reason = "content_filter"
+                    yield Piece(rail=rail)
+                elif event.type == "CitationAdded":
+                    completion.cited.append({k: data.get(k) for k in _CITATION_FIELDS})
+                elif event.type in ("RunCompleted", "RunCancelled", "RunFailed"):
+                    ended = True
+                    usage = data.get("usage") or {}
+                    completion.reported_prompt_tokens = int(usage.get("promptTokens", 0))
+                    completion.reported_completion_tokens = int(usage.get("completionTokens", 0))
+                    completion.message_id = data.get("messageId")
+                    if event.type == "RunFailed":
+                        raise _run_failure(data)
+                    completion.finish_reason = completion.finish_reason or "stop"
+        finally:
+            if not ended:  # the client left (or the stream broke): the run stops with it
+                await asyncio.shield(self._runs.cancel(principal, run_id, wait=False))
 
     async def _generate(
         self, principal: Principal, completion: Completion, reservation: Reservation
@@ -380,3 +460,21 @@ class OpenAIService:
         await self._limiter.enforce(principal.subject, principal.plan, "query")
         vectors = await self._embedder.embed(texts)
         return vectors, sum(len(t) // 4 + 1 for t in texts)
+
+
+_RUN_FAILURES: dict[str, type[AppError] | type[LLMError]] = {
+    "BUDGET_EXCEEDED": BudgetExceeded,
+    LLMUnavailable.code: LLMUnavailable,
+    LLMTimeout.code: LLMTimeout,
+    LLMProtocolError.code: LLMProtocolError,
+    LLMError.code: LLMError,
+    "SERVICE_UNAVAILABLE": ServiceUnavailable,
+    "SERVER_SHUTDOWN": ServiceUnavailable,
+    "WORKER_LOST": ServiceUnavailable,
+}
+
+
+def _run_failure(data: dict[str, Any]) -> Exception:
+    """The error a failed run's RunFailed event stands for (its status and code)."""
+    kind = _RUN_FAILURES.get(str(data.get("code")), InternalError)
+    return kind(str(data.get("message") or "the run failed"))

@@ -5,6 +5,7 @@ models list, embeddings, errors in OpenAI's shape, rails, limits, and a client t
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import httpx
@@ -289,6 +290,78 @@ async def test_the_knowledge_extra_searches_the_knowledge_base_and_reports_citat
                 model="default",
                 messages=[{"role": "user", "content": "x"}],
                 extra_body={"sightline": {"memory": True}},
+            )
+
+
+async def test_a_conversation_id_makes_the_completion_a_turn_with_memory(
+    chat_settings: Settings, engine: AsyncEngine, account: dict, llm: tuple[LLMStub, str]
+) -> None:
+    """With `sightline.conversation_id` the completion is a chat run of that conversation:
+    its memory and stored history reach the model, and leaving the stream cancels the run."""
+    stub, _ = llm
+    async with serve_live(chat_settings) as server:
+        token = await sign_in(server, account)
+        client = sdk(server, await api_key(server, account, "chat"))
+        created = await gql(server, token, 'mutation { createConversation(title: "t") { id } }')
+        conversation = created["data"]["createConversation"]["id"]
+        turn = {"sightline": {"conversation_id": conversation}}
+
+        first = await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "my name is Ada"}],
+            extra_body=turn,
+        )
+        assert first.choices[0].message.content == "my name is Ada "
+        assert (first.usage.prompt_tokens, first.usage.completion_tokens) == (7, 4)  # type: ignore[union-attr]
+        extension = first.model_extra["sightline"]  # type: ignore[index]
+        assert extension["conversationId"] == conversation
+        assert extension["messageId"]
+
+        stream = await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "what is my name"}],
+            extra_body=turn,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+            "what is my name "
+        )
+        assert chunks[-1].usage is not None
+        sent = [m["content"] for m in stub.requests[-1]["messages"]]
+        assert sent[1:] == ["my name is Ada", "my name is Ada ", "what is my name"]
+
+        stub.answer_tokens = 5000
+        long = await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "go on"}],
+            extra_body=turn,
+            stream=True,
+        )
+        async for chunk in long:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        await long.close()
+        query = (
+            "query($c: ID!) { conversation(id: $c) "
+            "{ messages { edges { node { role complete } } } } }"
+        )
+        async with asyncio.timeout(scaled(10)):
+            while True:  # the run ends (cancelled), storing the part it streamed
+                history = await gql(server, token, query, c=conversation)
+                edges = history["data"]["conversation"]["messages"]["edges"]
+                if edges[-1]["node"]["role"] == "ASSISTANT" and not stub.open_streams:
+                    break
+                await asyncio.sleep(0.05)
+        assert edges[-1]["node"] == {"role": "ASSISTANT", "complete": False}
+        assert stub.closed_early == 1
+
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(
+                model="default",
+                messages=[{"role": "user", "content": "hi"}],
+                extra_body={"sightline": {"conversation_id": str(uuid.uuid4())}},
             )
 
 
