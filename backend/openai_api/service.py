@@ -7,6 +7,9 @@ is enforced here with the same parts: the `chat_run` rate limit, a token reserva
 the answer streams and settled into a usage record, and the agent's own rails (input, with the
 earlier user messages rewritten as memory rewrites them; output, on the stream). Closing the
 stream stops the model, as cancelling a run does.
+
+A request that names a stored conversation (`sightline.conversation_id`) is a chat run instead:
+RunService.send_message with its last message, relayed from the run's event log.
 """
 
 from __future__ import annotations
