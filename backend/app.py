@@ -47,6 +47,7 @@ from backend.core.redis import ping_redis
 from backend.core.state import AppState
 from backend.core.telemetry import build_tracer_provider, configure_logging
 from backend.errors import AppError, ValidationFailed, expected_error
+from backend.graphql import evolution as schema_evolution
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
 from backend.guardrails.service import GuardrailService, build_guardrails
@@ -65,7 +66,7 @@ from backend.vision.ocr import OcrEngine
 from backend.vision.service import VisionService
 from backend.web import STATIC as WEB_STATIC
 
-__all__ = ["SCHEMA_FILE", "build_signer", "create_app", "schema_sdl"]
+__all__ = ["SCHEMA_FILE", "build_signer", "create_app", "schema_evolution", "schema_sdl"]
 
 log = logging.getLogger(__name__)
 
