@@ -468,6 +468,15 @@ def _stale_schema_file(expected: str, target: Path) -> bool:
 def _breaks_the_release(expected: str, baseline: Path, changelog: Path) -> bool:
     """Prints the code's schema against the last release; True when that must fail CI."""
     evolution = _evolution()
+    for needed in (baseline, changelog):
+        if not needed.is_file():
+            err.print(
+                f"[red]error:[/red] {escape(str(needed))} is missing (it comes with the "
+                "repository; `sightline schema release` writes it)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return True
     log = evolution.read_changelog(changelog.read_text(encoding="utf-8"))
     result = evolution.compare(expected, baseline.read_text(encoding="utf-8"), log)
     release = log.latest or "unknown"

@@ -163,6 +163,13 @@ def test_schema_check_fails_when_api_version_is_not_the_newest_release(tmp_path:
     assert "the newest release in the changelog is 2999-01-01" in result.output
 
 
+def test_schema_check_fails_clearly_without_a_released_schema(tmp_path: Path) -> None:
+    result = _check_against(tmp_path / "released.graphql")
+    assert result.exit_code == 1
+    assert "released.graphql is missing" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_schema_release_refuses_a_bad_name_and_writes_nothing() -> None:
     files = (schema_evolution.RELEASED_SCHEMA_FILE, schema_evolution.CHANGELOG_FILE)
     before = [f.read_text(encoding="utf-8") for f in files]
