@@ -83,7 +83,9 @@ class _Typer(typer.Typer):
 
 
 app = _Typer(help="Sightline: real-time AI backend.", no_args_is_help=True)
-schema_app = _Typer(help="The GraphQL schema file (schema.graphql).", no_args_is_help=True)
+schema_app = _Typer(
+    help="The GraphQL schema file (schema.graphql) and its releases.", no_args_is_help=True
+)
 app.add_typer(schema_app, name="schema")
 
 out = Console()
@@ -530,8 +532,12 @@ def schema_check(
         Path | None, typer.Option(help="The changelog that announces breaking changes.")
     ] = None,
 ) -> None:
-    """Exit 1 when schema.graphql differs from the code's schema (with a diff), or when the
-    code's schema breaks the last release in a way the changelog does not announce."""
+    """Fail when schema.graphql is stale or the schema breaks the last release unannounced.
+
+    Exit 1 with a diff when schema.graphql differs from the code's schema, and with the list of
+    changes when the code's schema breaks schema/released.graphql in a way CHANGELOG.md does
+    not announce. Dangerous changes are warnings.
+    """
     sdl, default = _schema_paths()
     evolution = _evolution()
     expected = sdl()
@@ -551,16 +557,18 @@ def schema_release(
         str | None, typer.Option(help="The release's name (default: today, YYYY-MM-DD).")
     ] = None,
 ) -> None:
-    """Make the code's schema the released one: schema/released.graphql, a CHANGELOG.md
-    section for the release, serverInfo.apiVersion. Refused while a breaking change is not
-    announced."""
+    """Make the code's schema the released one (refused while a break is unannounced).
+
+    Writes schema/released.graphql, turns CHANGELOG.md's Unreleased section into the release's
+    section and sets serverInfo.apiVersion to the release's name.
+    """
     sdl, _ = _schema_paths()
     evolution = _evolution()
     name = version or evolution.next_release_name(evolution.API_VERSION, datetime.now(UTC).date())
     try:
         evolution.release(name, sdl())
     except evolution.ReleaseRefused as exc:
-        raise _fail(f"{escape(str(exc))} (see `sightline schema check`)") from None
+        raise _fail(escape(str(exc))) from None
     out.print(
         f"released the GraphQL API as {name}: wrote {evolution.RELEASED_SCHEMA_FILE}, "
         f"{evolution.CHANGELOG_FILE} and {evolution.VERSION_FILE}"

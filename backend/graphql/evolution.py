@@ -115,6 +115,21 @@ def _unreleased_headings(lines: list[str]) -> list[int]:
     return found
 
 
+def _drop_empty_breaking(lines: list[str], unreleased: int) -> None:
+    """Removes an empty `### Breaking` from the section that becomes the release."""
+    for number in range(unreleased + 1, len(lines)):
+        line = lines[number]
+        if line.startswith("## "):
+            return
+        if line.rstrip() == f"### {BREAKING}":
+            end = number + 1
+            while end < len(lines) and not lines[end].strip():
+                end += 1
+            if end == len(lines) or lines[end].startswith("#"):
+                del lines[number:end]
+            return
+
+
 def _release_key(name: str) -> tuple[str, int] | None:
     match = _RELEASE_NAME.fullmatch(name)
     if match is None:
@@ -158,7 +173,8 @@ def release(
     compatibility = compare(sdl, baseline.read_text(encoding="utf-8"), log)
     if not compatibility.ok:
         raise ReleaseRefused(
-            f"{len(compatibility.breaking)} breaking change(s) not announced in {changelog.name}"
+            f"{len(compatibility.breaking)} breaking change(s) not announced in "
+            f"{changelog.name} (`sightline schema check` lists them)"
         )
     lines = text.splitlines(keepends=True)
     headings = _unreleased_headings(lines)
@@ -168,6 +184,7 @@ def release(
     source, found = _VERSION_LINE.subn(f'API_VERSION = "{version}"', source)
     if found != 1:
         raise ReleaseRefused(f"no single API_VERSION line in {version_file}")
+    _drop_empty_breaking(lines, headings[0])
     lines[headings[0]] = f"## {UNRELEASED}\n\n### {BREAKING}\n\n## {version}\n"
     changelog.write_text("".join(lines), encoding="utf-8")
     baseline.write_text(sdl, encoding="utf-8")

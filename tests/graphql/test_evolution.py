@@ -142,6 +142,11 @@ def test_release_moves_the_baseline_the_changelog_and_the_version(repo: dict[str
     # the next check compares with the new release: nothing is breaking
     assert compare(new, repo["baseline"].read_text(encoding="utf-8"), log).ok
 
+    # a release with nothing announced gets no empty Breaking heading
+    release("2026-12-02", new + "type Extra { x: Int }\n", **repo)
+    text = repo["changelog"].read_text(encoding="utf-8")
+    assert "## Unreleased\n\n### Breaking\n\n## 2026-12-02\n\n## 2026-12-01\n" in text
+
 
 @pytest.mark.parametrize(
     ("version", "reason"),
