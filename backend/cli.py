@@ -480,7 +480,15 @@ def _breaks_the_release(expected: str, baseline: Path, changelog: Path) -> bool:
             )
             return True
     log = evolution.read_changelog(changelog.read_text(encoding="utf-8"))
-    result = evolution.compare(expected, baseline.read_text(encoding="utf-8"), log)
+    try:
+        result = evolution.compare(expected, baseline.read_text(encoding="utf-8"), log)
+    except evolution.UnreadableSchema as exc:
+        err.print(
+            f"[red]error:[/red] {escape(str(baseline))}: {escape(str(exc))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return True
     release = log.latest or "unknown"
     for description in result.dangerous:
         err.print(

@@ -163,11 +163,16 @@ def test_schema_check_fails_when_api_version_is_not_the_newest_release(tmp_path:
     assert "the newest release in the changelog is 2999-01-01" in result.output
 
 
-def test_schema_check_fails_clearly_without_a_released_schema(tmp_path: Path) -> None:
+def test_schema_check_fails_clearly_without_a_readable_released_schema(tmp_path: Path) -> None:
     result = _check_against(tmp_path / "released.graphql")
     assert result.exit_code == 1
     assert "released.graphql is missing" in result.output
     assert "Traceback" not in result.output
+
+    (tmp_path / "released.graphql").write_text("type Query {", encoding="utf-8")
+    result = _check_against(tmp_path / "released.graphql")
+    assert result.exit_code == 1
+    assert "the released schema is not valid SDL: Syntax Error" in result.output
 
 
 def test_schema_release_refuses_a_bad_name_and_writes_nothing() -> None:

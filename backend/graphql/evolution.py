@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from graphql import build_schema, find_breaking_changes, find_dangerous_changes
+from graphql import GraphQLError, build_schema, find_breaking_changes, find_dangerous_changes
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASED_SCHEMA_FILE = ROOT / "schema" / "released.graphql"
@@ -26,6 +26,10 @@ BREAKING = "Breaking"
 _RELEASE_NAME = re.compile(r"(\d{4}-\d{2}-\d{2})(?:\.([1-9]\d*))?")
 _ANNOUNCEMENT = re.compile(r"\s*[-*]\s+`([^`]+)`")
 _VERSION_LINE = re.compile(r'^API_VERSION = "[^"]*"$', flags=re.MULTILINE)
+
+
+class UnreadableSchema(Exception):
+    """The released schema is not valid SDL (a bad merge or a hand edit)."""
 
 
 class ReleaseRefused(Exception):
@@ -84,7 +88,11 @@ class Compatibility:
 
 def compare(sdl: str, released_sdl: str, changelog: Changelog) -> Compatibility:
     """Compares the code's SDL with the released SDL; additions are never breaking."""
-    old, new = build_schema(released_sdl), build_schema(sdl)
+    try:
+        old = build_schema(released_sdl)
+    except GraphQLError as exc:
+        raise UnreadableSchema(f"the released schema is not valid SDL: {exc}") from None
+    new = build_schema(sdl)
     breaking = [c.description for c in find_breaking_changes(old, new)]
     dangerous = [c.description for c in find_dangerous_changes(old, new)]
     return Compatibility(
