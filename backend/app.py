@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -98,12 +97,7 @@ async def build_services(
     auth = AuthService(state.db, signer, state.redis, state.keys, settings.auth)
     if state.embedded_database or settings.auth.bootstrap_admin_password:
         await bootstrap_first_admin(auth, settings)
-    http = httpx.AsyncClient(timeout=httpx.Timeout(10.0), follow_redirects=False)
-    oidc = (
-        OIDCLogin(settings.auth, state.redis, state.keys, http)
-        if settings.auth.oidc_issuer
-        else None
-    )
+    oidc = OIDCLogin(settings.auth, state.redis, state.keys) if settings.auth.oidc_issuer else None
     chat = settings.chat
     models = await ModelRegistry.from_settings(chat)
     limiter = RateLimiter(state.redis, state.keys, settings.limits)
@@ -192,7 +186,6 @@ async def build_services(
         budgets=budgets,
         runs=runs,
         knowledge=knowledge,
-        http=http,
         oidc=oidc,
         guardrails=guardrails,
         vision=vision,

@@ -11,8 +11,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import httpx
-
 from backend.agents.runs import RunService
 from backend.auth.oidc import OIDCLogin
 from backend.auth.service import AuthService
@@ -41,7 +39,6 @@ class Services:
     budgets: Budgets
     runs: RunService
     knowledge: KnowledgeService
-    http: httpx.AsyncClient  # outbound calls (the OIDC provider); closed with the app
     oidc: OIDCLogin | None = None
     guardrails: GuardrailService | None = None  # None: rails off, or the caller's own `Guards`
     vision: VisionService | None = None  # None only in apps built without services
@@ -70,7 +67,6 @@ class Services:
             steps.append(("vision events", vision.events.close))
         if (inference := self.inference) is not None:
             steps.append(("inference", lambda: inference.close(self.grace_s)))
-        steps.append(("http", self.http.aclose))
         for name, step in steps:
             started = time.perf_counter()
             await step()
