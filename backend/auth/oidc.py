@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,6 +26,7 @@ from joserfc.errors import ClaimError, JoseError
 from redis.asyncio import Redis
 
 from backend.auth.errors import InvalidGrant, InvalidRequest
+from backend.auth.principal import ExternalIdentity
 from backend.config import AuthSettings
 from backend.core.redis import KeySpace
 from backend.errors import ServiceUnavailable
@@ -38,14 +38,6 @@ HTTP_TIMEOUT_S = 10.0
 ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "Ed25519", "EdDSA"]
 # The id_token claim a check failed on, as the error names it.
 _CLAIM_NAMES = {"iss": "issuer", "aud": "audience", "azp": "audience (azp)"}
-
-
-@dataclass(frozen=True)
-class ExternalIdentity:
-    subject: str
-    email: str
-    name: str
-    return_to: str | None
 
 
 class OIDCLogin:
