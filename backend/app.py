@@ -6,14 +6,11 @@ import asyncio
 import functools
 import logging
 import math
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -47,9 +44,11 @@ from backend.core.redis import ping_redis
 from backend.core.state import AppState
 from backend.core.telemetry import build_tracer_provider, configure_logging
 from backend.errors import AppError, ValidationFailed, expected_error
+from backend.graphql import evolution as schema_evolution
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
 from backend.graphql.schema import SCHEMA_FILE, schema_sdl
-from backend.guardrails.service import GuardrailService, build_guardrails
+from backend.guardrails.engines import build_guardrails
+from backend.guardrails.service import GuardrailService
 from backend.inference.manifest import load_manifests
 from backend.inference.pool import InferencePool
 from backend.knowledge.embeddings import Embedder, build_embedder
@@ -62,65 +61,18 @@ from backend.privacy.endpoints import privacy_router
 from backend.privacy.service import PrivacyService, Streams
 from backend.privacy.tasks import PurgeScheduler
 from backend.realtime.eventlog import RunEventLog
+from backend.services import Services
 from backend.vision.endpoints import router as live_frames_router
 from backend.vision.ocr import OcrEngine
 from backend.vision.service import VisionService
 from backend.web import STATIC as WEB_STATIC
 
-__all__ = ["SCHEMA_FILE", "build_signer", "create_app", "schema_sdl"]
+__all__ = ["SCHEMA_FILE", "build_signer", "create_app", "schema_evolution", "schema_sdl"]
 
 log = logging.getLogger(__name__)
 
 READINESS_TIMEOUT_S = 2.0
 INITIAL_PASSWORD_FILE = "initial-admin-password"  # noqa: S105 (a file name)
-
-
-@dataclass
-class Services:
-    """The domain services of one app instance, built on its state by the lifespan."""
-
-    auth: AuthService
-    conversations: ConversationService
-    limiter: RateLimiter
-    budgets: Budgets
-    runs: RunService
-    knowledge: KnowledgeService
-    http: httpx.AsyncClient  # outbound calls (the OIDC provider); closed with the app
-    oidc: OIDCLogin | None = None
-    guardrails: GuardrailService | None = None  # None: rails off, or the caller's own `Guards`
-    vision: VisionService | None = None  # None only in apps built without services
-    inference: InferencePool | None = None  # None: SIGHTLINE_VISION_ENABLED=false
-    privacy: PrivacyService | None = None  # None only in apps built without services
-    purges: PurgeScheduler | None = None
-    openai: OpenAIService | None = None  # None only in apps built without services
-    grace_s: float = 10.0
-
-    async def aclose(self) -> None:
-        """Stops every service; each step is timed in the log (a slow shutdown says where)."""
-        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
-        if (purges := self.purges) is not None:
-            steps.append(("purges", purges.close))
-        if (privacy := self.privacy) is not None:
-            steps.append(("erasures", lambda: privacy.close(self.grace_s)))
-        steps += [
-            ("auth", self.auth.close),
-            ("runs", lambda: self.runs.close(self.grace_s)),
-            ("models", self.runs.models.aclose),
-            ("knowledge", lambda: self.knowledge.close(self.grace_s)),
-        ]
-        if (guardrails := self.guardrails) is not None:
-            steps.append(("guardrails", lambda: guardrails.close(self.grace_s)))
-        if (vision := self.vision) is not None:
-            steps.append(("vision", lambda: vision.close(self.grace_s)))
-            steps.append(("vision events", vision.events.close))
-        if (inference := self.inference) is not None:
-            steps.append(("inference", lambda: inference.close(self.grace_s)))
-        steps.append(("http", self.http.aclose))
-        for name, step in steps:
-            started = time.perf_counter()
-            await step()
-            took = time.perf_counter() - started
-            (log.warning if took > 2 else log.debug)("shutdown: %s took %.2f s", name, took)
 
 
 def build_signer(settings: Settings) -> TokenSigner:
@@ -148,12 +100,7 @@ async def build_services(
     auth = AuthService(state.db, signer, state.redis, state.keys, settings.auth)
     if state.embedded_database or settings.auth.bootstrap_admin_password:
         await bootstrap_first_admin(auth, settings)
-    http = httpx.AsyncClient(timeout=httpx.Timeout(10.0), follow_redirects=False)
-    oidc = (
-        OIDCLogin(settings.auth, state.redis, state.keys, http)
-        if settings.auth.oidc_issuer
-        else None
-    )
+    oidc = OIDCLogin(settings.auth, state.redis, state.keys) if settings.auth.oidc_issuer else None
     chat = settings.chat
     models = await ModelRegistry.from_settings(chat)
     limiter = RateLimiter(state.redis, state.keys, settings.limits)
@@ -242,7 +189,6 @@ async def build_services(
         budgets=budgets,
         runs=runs,
         knowledge=knowledge,
-        http=http,
         oidc=oidc,
         guardrails=guardrails,
         vision=vision,

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +25,7 @@ import typer
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
@@ -81,7 +83,9 @@ class _Typer(typer.Typer):
 
 
 app = _Typer(help="Sightline: real-time AI backend.", no_args_is_help=True)
-schema_app = _Typer(help="The GraphQL schema file (schema.graphql).", no_args_is_help=True)
+schema_app = _Typer(
+    help="The GraphQL schema file (schema.graphql) and its releases.", no_args_is_help=True
+)
 app.add_typer(schema_app, name="schema")
 
 out = Console()
@@ -426,6 +430,12 @@ def _schema_paths() -> tuple[Callable[[], str], Path]:
     return schema_sdl, SCHEMA_FILE
 
 
+def _evolution() -> Any:
+    from backend.app import schema_evolution
+
+    return schema_evolution
+
+
 @schema_app.command("export")
 def schema_export(
     path: Annotated[Path | None, typer.Option(help="Where to write it.")] = None,
@@ -437,18 +447,11 @@ def schema_export(
     out.print(f"wrote {target}")
 
 
-@schema_app.command("check")
-def schema_check(
-    path: Annotated[Path | None, typer.Option(help="The file to compare.")] = None,
-) -> None:
-    """Exit 1 (with a diff) when schema.graphql differs from the code's schema."""
-    sdl, default = _schema_paths()
-    target = path or default
-    expected = sdl()
+def _stale_schema_file(expected: str, target: Path) -> bool:
     actual = target.read_text(encoding="utf-8") if target.exists() else ""
     if actual == expected:
         out.print(f"{target} is up to date")
-        return
+        return False
     diff = difflib.unified_diff(
         actual.splitlines(keepends=True),
         expected.splitlines(keepends=True),
@@ -456,7 +459,128 @@ def schema_check(
         tofile="schema from code",
     )
     sys.stderr.writelines(diff)
-    raise _fail(f"{target} is stale: run `sightline schema export`")
+    err.print(
+        f"[red]error:[/red] {target} is stale: run `sightline schema export`",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return True
+
+
+def _breaks_the_release(expected: str, baseline: Path, changelog: Path) -> bool:
+    """Prints the code's schema against the last release; True when that must fail CI."""
+    evolution = _evolution()
+    for needed in (baseline, changelog):
+        if not needed.is_file():
+            err.print(
+                f"[red]error:[/red] {escape(str(needed))} is missing (it comes with the "
+                "repository; `sightline schema release` writes it)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return True
+    log = evolution.read_changelog(changelog.read_text(encoding="utf-8"))
+    try:
+        result = evolution.compare(expected, baseline.read_text(encoding="utf-8"), log)
+    except evolution.UnreadableSchema as exc:
+        err.print(
+            f"[red]error:[/red] {escape(str(baseline))}: {escape(str(exc))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return True
+    release = log.latest or "unknown"
+    for description in result.dangerous:
+        err.print(
+            f"[yellow]warning:[/yellow] dangerous change against release {release} (clients "
+            f"may see values they do not expect): {escape(description)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for description in result.unmatched:
+        err.print(
+            f"[yellow]warning:[/yellow] {changelog.name} announces a breaking change that is "
+            f"not there: {escape(description)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for description in result.announced:
+        out.print(f"announced breaking change: {description}", markup=False, soft_wrap=True)
+    failed = False
+    mismatch = evolution.version_mismatch(log)
+    if mismatch:
+        err.print(f"[red]error:[/red] {escape(mismatch)}", highlight=False, soft_wrap=True)
+        failed = True
+    if result.breaking:
+        listed = "\n".join(f"  {escape(d)}" for d in result.breaking)
+        lines = "\n".join(f"- `{escape(d)}`" for d in result.breaking)
+        err.print(
+            f"[red]error:[/red] {len(result.breaking)} breaking change(s) against release "
+            f"{release} ({escape(str(baseline))}):\n{listed}\n"
+            "GraphQL evolves by addition: keep the old field, argument or value and mark it "
+            "@deprecated(reason: ...) until the removal window is over (README, API "
+            f"versioning). To break clients on purpose, announce each change in {changelog.name} "
+            f"under '## {evolution.UNRELEASED}' / '### {evolution.BREAKING}':\n{lines}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        failed = True
+    if not failed:
+        out.print(f"the schema keeps every operation of release {release} working")
+    return failed
+
+
+@schema_app.command("check")
+def schema_check(
+    path: Annotated[Path | None, typer.Option(help="The file to compare.")] = None,
+    baseline: Annotated[
+        Path | None, typer.Option(help="The last released schema (schema/released.graphql).")
+    ] = None,
+    changelog: Annotated[
+        Path | None, typer.Option(help="The changelog that announces breaking changes.")
+    ] = None,
+) -> None:
+    """Fail when schema.graphql is stale or the schema breaks the last release unannounced.
+
+    Exit 1 with a diff when schema.graphql differs from the code's schema, and with the list of
+    changes when the code's schema breaks schema/released.graphql in a way CHANGELOG.md does
+    not announce. Dangerous changes are warnings.
+    """
+    sdl, default = _schema_paths()
+    evolution = _evolution()
+    expected = sdl()
+    stale = _stale_schema_file(expected, path or default)
+    broken = _breaks_the_release(
+        expected,
+        baseline or evolution.RELEASED_SCHEMA_FILE,
+        changelog or evolution.CHANGELOG_FILE,
+    )
+    if stale or broken:
+        raise typer.Exit(1)
+
+
+@schema_app.command("release")
+def schema_release(
+    version: Annotated[
+        str | None, typer.Option(help="The release's name (default: today, YYYY-MM-DD).")
+    ] = None,
+) -> None:
+    """Make the code's schema the released one (refused while a break is unannounced).
+
+    Writes schema/released.graphql, turns CHANGELOG.md's Unreleased section into the release's
+    section and sets serverInfo.apiVersion to the release's name.
+    """
+    sdl, _ = _schema_paths()
+    evolution = _evolution()
+    name = version or evolution.next_release_name(evolution.API_VERSION, datetime.now(UTC).date())
+    try:
+        evolution.release(name, sdl())
+    except evolution.ReleaseRefused as exc:
+        raise _fail(escape(str(exc))) from None
+    out.print(
+        f"released the GraphQL API as {name}: wrote {evolution.RELEASED_SCHEMA_FILE}, "
+        f"{evolution.CHANGELOG_FILE} and {evolution.VERSION_FILE}"
+    )
 
 
 @app.command()

@@ -9,8 +9,8 @@ import pytest
 from fastapi import FastAPI
 from httpx import AsyncClient
 
-from backend.app import Services
 from backend.core.models import Tenant, UserRole
+from backend.services import Services
 
 PASSWORD = "correct horse battery staple"
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from typer.testing import CliRunner, Result
 
 from backend import __version__, cli
-from backend.app import SCHEMA_FILE, schema_sdl
+from backend.app import SCHEMA_FILE, schema_evolution, schema_sdl
 from backend.cli import app
 from backend.core.migrations import head_revisions
 from backend.errors import AppError
@@ -70,6 +70,118 @@ def test_schema_check_fails_when_the_schema_changes(tmp_path: Path) -> None:
     exported = runner.invoke(app, ["schema", "export", "--path", str(stale)])
     assert exported.exit_code == 0
     assert runner.invoke(app, ["schema", "check", "--path", str(stale)]).exit_code == 0
+
+
+def _released(tmp_path: Path, edit: Callable[[str], str]) -> Path:
+    """A copy of the code's schema, edited, as the last release to check against."""
+    baseline = tmp_path / "released.graphql"
+    edited = edit(schema_sdl())
+    assert edited != schema_sdl()
+    baseline.write_text(edited, encoding="utf-8")
+    return baseline
+
+
+def _check_against(baseline: Path, *options: str) -> Result:
+    return runner.invoke(app, ["schema", "check", "--baseline", str(baseline), *options])
+
+
+def test_schema_check_fails_on_a_breaking_change_against_the_release(tmp_path: Path) -> None:
+    baseline = _released(
+        tmp_path,
+        lambda sdl: sdl.replace(
+            "  uptimeSeconds: Float!\n", "  uptimeSeconds: String!\n  legacyUptime: Int\n"
+        ),
+    )
+    result = _check_against(baseline)
+    assert result.exit_code == 1
+    assert f"2 breaking change(s) against release {schema_evolution.API_VERSION}" in result.output
+    assert "  Field ServerInfo.legacyUptime was removed.\n" in result.output
+    assert (
+        "  Field ServerInfo.uptimeSeconds changed type from String! to Float!.\n" in result.output
+    )
+    # what to paste into the changelog to announce them
+    assert "- `Field ServerInfo.legacyUptime was removed.`" in result.output
+    assert "up to date" in result.output  # schema.graphql itself is current
+
+
+def test_schema_check_passes_additions(tmp_path: Path) -> None:
+    # the release lacks two fields the code has (as when other branches add fields)
+    baseline = _released(
+        tmp_path,
+        lambda sdl: sdl.replace("  uptimeSeconds: Float!\n", "").replace(
+            "  apiVersion: String!\n", ""
+        ),
+    )
+    result = _check_against(baseline)
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+    assert "keeps every operation of release" in result.output
+
+
+def test_schema_check_passes_a_breaking_change_the_changelog_announces(tmp_path: Path) -> None:
+    baseline = _released(
+        tmp_path, lambda sdl: sdl.replace("  uptimeSeconds: Float!\n", "  uptimeSeconds: Int!\n")
+    )
+    change = "Field ServerInfo.uptimeSeconds changed type from Int! to Float!."
+    changelog = tmp_path / "CHANGELOG.md"
+    changelog.write_text(
+        f"# Changelog\n\n## Unreleased\n\n### Breaking\n\n- `{change}` Seconds have decimals.\n"
+        f"\n## {schema_evolution.API_VERSION}\n",
+        encoding="utf-8",
+    )
+    result = _check_against(baseline, "--changelog", str(changelog))
+    assert result.exit_code == 0, result.output
+    assert f"announced breaking change: {change}" in result.output
+
+    # announced under a released section, it is not an announcement for this change
+    changelog.write_text(
+        f"# Changelog\n\n## Unreleased\n\n## {schema_evolution.API_VERSION}\n\n"
+        f"### Breaking\n\n- `{change}`\n",
+        encoding="utf-8",
+    )
+    assert _check_against(baseline, "--changelog", str(changelog)).exit_code == 1
+
+
+def test_schema_check_warns_on_dangerous_changes(tmp_path: Path) -> None:
+    baseline = _released(tmp_path, lambda sdl: sdl.replace("  VIEWER\n", "", 1))
+    result = _check_against(baseline)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"warning: dangerous change against release {schema_evolution.API_VERSION} "
+        "(clients may see values they do not expect): Enum value Role.VIEWER was added."
+    ) in result.output
+
+
+def test_schema_check_fails_when_api_version_is_not_the_newest_release(tmp_path: Path) -> None:
+    changelog = tmp_path / "CHANGELOG.md"
+    changelog.write_text(
+        f"## Unreleased\n\n## 2999-01-01\n\n## {schema_evolution.API_VERSION}\n",
+        encoding="utf-8",
+    )
+    result = runner.invoke(app, ["schema", "check", "--changelog", str(changelog)])
+    assert result.exit_code == 1
+    assert "the newest release in the changelog is 2999-01-01" in result.output
+
+
+def test_schema_check_fails_clearly_without_a_readable_released_schema(tmp_path: Path) -> None:
+    result = _check_against(tmp_path / "released.graphql")
+    assert result.exit_code == 1
+    assert "released.graphql is missing" in result.output
+    assert "Traceback" not in result.output
+
+    (tmp_path / "released.graphql").write_text("type Query {", encoding="utf-8")
+    result = _check_against(tmp_path / "released.graphql")
+    assert result.exit_code == 1
+    assert "the released schema is not valid SDL: Syntax Error" in result.output
+
+
+def test_schema_release_refuses_a_bad_name_and_writes_nothing() -> None:
+    files = (schema_evolution.RELEASED_SCHEMA_FILE, schema_evolution.CHANGELOG_FILE)
+    before = [f.read_text(encoding="utf-8") for f in files]
+    result = runner.invoke(app, ["schema", "release", "--version", "v2"])
+    assert result.exit_code == 1
+    assert "'v2' is not a release name" in result.output
+    assert [f.read_text(encoding="utf-8") for f in files] == before
 
 
 def test_migrate_is_idempotent(env: dict[str, str], engine: object) -> None:

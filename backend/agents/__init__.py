@@ -1,1 +1,2 @@
-"""The agent: runs (turns), and later the LangGraph graph with memory, tools and guards."""
+"""The chat agent: the LangGraph graph (Redis checkpointer for memory, tools, guard nodes), model
+aliases, and runs: one agent turn each, executed in the background under a lease."""

@@ -1,5 +1,6 @@
-"""The rails the agent's guard nodes call. The guardrails package implements `Guards`; until it
-is configured, `PassThroughGuards` lets everything through unchanged.
+"""The rails the agent's guard nodes call. The guardrails package implements `Guards`; with the
+rails off (`SIGHTLINE_GUARDRAILS_ENABLED=false`), `PassThroughGuards` lets everything through
+unchanged.
 
 Every decision a rail takes comes back as a `GuardDecision`, which the agent turns into a
 `GuardrailTriggered` event in the run's stream.

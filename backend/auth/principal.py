@@ -37,3 +37,14 @@ class Principal:
     def subject(self) -> str:
         """The rate-limit and audit identity: the user, or the key acting for them."""
         return f"key:{self.api_key_id}" if self.api_key_id else f"user:{self.user_id}"
+
+
+@dataclass(frozen=True)
+class ExternalIdentity:
+    """Someone an external OpenID Connect provider vouched for, signing in: not a principal
+    until the auth service has found or created their user."""
+
+    subject: str
+    email: str
+    name: str
+    return_to: str | None

@@ -31,9 +31,8 @@ from backend.auth.errors import (
     InvalidToken,
     MissingScope,
 )
-from backend.auth.oidc import ExternalIdentity
 from backend.auth.passwords import MIN_PASSWORD_LENGTH, hash_password, verify_password
-from backend.auth.principal import CredentialKind, Principal
+from backend.auth.principal import CredentialKind, ExternalIdentity, Principal
 from backend.auth.revocation import Record, Revocations
 from backend.auth.scopes import Scope, grant, parse_scopes
 from backend.auth.signing import TokenSigner

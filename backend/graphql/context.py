@@ -18,7 +18,7 @@ from backend.core.state import AppState
 from backend.errors import AppError, ServiceUnavailable, Unauthenticated, expected_error
 
 if TYPE_CHECKING:
-    from backend.app import Services
+    from backend.services import Services
 
 
 class Context(BaseContext):

@@ -9,6 +9,7 @@ from strawberry.types import Info
 
 from backend import __version__
 from backend.core.state import AppState
+from backend.graphql.evolution import API_VERSION
 from backend.inference.catalog import PACKAGED_MODELS
 
 
@@ -49,6 +50,15 @@ class ServerInfo:
     @strawberry.field
     def version(self) -> str:
         return __version__
+
+    @strawberry.field(
+        description="The GraphQL API release this server serves, named by its date "
+        "(YYYY-MM-DD, CHANGELOG.md): every operation valid against that release's schema "
+        "works here, bar breaking changes the changelog announced. The schema grows between "
+        "releases only by addition."
+    )
+    def api_version(self) -> str:
+        return API_VERSION
 
     @strawberry.field
     def environment(self, info: Info) -> str:

@@ -26,21 +26,20 @@ from backend.agents.guards import (
 from backend.agents.tools import Source
 from backend.auth import audit
 from backend.auth.principal import Principal
-from backend.config import GuardrailEngine, GuardrailSettings
 from backend.core.db import Database
 from backend.core.models import GuardrailPolicyRow
 from backend.core.tasks import drain
 from backend.errors import ValidationFailed
 from backend.guardrails import selfcheck
 from backend.guardrails.errors import GuardrailUnavailable
-from backend.guardrails.images import ImageClassifier, OpenNsfwClassifier
+from backend.guardrails.images import ImageClassifier
 from backend.guardrails.injection import InjectionDetector
 from backend.guardrails.normalize import Normalised, normalise
 from backend.guardrails.pii import PiiKind, find_pii, redact
 from backend.guardrails.policy import GuardrailPolicy, effective, merge
 from backend.guardrails.profanity import find_profanity, mask
 from backend.guardrails.selfcheck import Judge
-from backend.guardrails.topics import TextEmbedder, TopicMatcher
+from backend.guardrails.topics import TopicMatcher
 
 log = logging.getLogger(__name__)
 
@@ -566,29 +565,3 @@ def _rewritten(policy: GuardrailPolicy, texts: list[str]) -> list[str]:
         return text
 
     return [rewritten(text) for text in texts]
-
-
-def build_guardrails(
-    db: Database,
-    settings: GuardrailSettings,
-    *,
-    embedder: TextEmbedder | None = None,
-    judges: Callable[[str | None], Judge] | None = None,
-    metrics: GuardrailMetrics | None = None,
-) -> GuardrailService:
-    """The rails the settings ask for: local checks, or the same checks run by NeMo's flows."""
-    options: dict[str, Any] = {
-        "defaults": settings.policy,
-        "topics": TopicMatcher(embedder) if embedder is not None else None,
-        "images": OpenNsfwClassifier(threads=settings.image_threads),
-        "judges": judges,
-        "metrics": metrics,
-        "policy_cache_s": settings.policy_cache_s,
-        "check_timeout_s": settings.check_timeout_s,
-        "output_hold_chars": settings.output_hold_chars,
-    }
-    if settings.engine is GuardrailEngine.NEMO:
-        from backend.guardrails.nemo import NemoGuardrailService
-
-        return NemoGuardrailService(db, embedder=embedder, **options)
-    return GuardrailService(db, **options)

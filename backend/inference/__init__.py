@@ -1,1 +1,2 @@
-"""Model registry, worker pool, batcher, runtimes: only torch/torchvision/numpy/onnxruntime."""
+"""Model manifests, worker pool, batcher, runtimes (only torch/torchvision/numpy/onnxruntime), and
+the LLM providers (`llm/`)."""

@@ -1,1 +1,2 @@
-"""The knowledge base: ingestion, embeddings, hybrid search."""
+"""The knowledge base: ingestion (type sniffing, extraction, chunking), embeddings, hybrid
+search."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from httpx import AsyncClient
 
-from backend.app import Services
 from backend.core.models import UserKind, UserRole
+from backend.services import Services
 from tests.accounts import PASSWORD, Account, make_tenant, token
 
 

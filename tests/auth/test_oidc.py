@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 
 from backend.app import create_app
+from backend.auth import oidc
 from backend.config import AuthSettings, Settings
 from backend.core.db import Database
 from tests.conftest import free_port, lifespan, serve_asgi
@@ -37,6 +38,8 @@ class Provider:
         self.codes: dict[str, dict[str, Any]] = {}
         self.claims_override: dict[str, Any] = {}
         self.email = "ada@lovelace.example"
+        self.discoveries = 0
+        self.discovered_issuer: str | None = None  # what discovery names, when not the issuer
         self.app = Starlette(
             routes=[
                 Route("/.well-known/openid-configuration", self.discovery),
@@ -47,9 +50,10 @@ class Provider:
         )
 
     async def discovery(self, _: Request) -> JSONResponse:
+        self.discoveries += 1
         return JSONResponse(
             {
-                "issuer": self.issuer,
+                "issuer": self.discovered_issuer or self.issuer,
                 "authorization_endpoint": f"{self.issuer}/authorize",
                 "token_endpoint": f"{self.issuer}/token",
                 "jwks_uri": f"{self.issuer}/jwks",
@@ -92,7 +96,7 @@ class Provider:
             "exp": now + 300,
             **self.claims_override,
         }
-        id_token = jwt.encode({"alg": "RS256", "kid": "idp-1"}, claims, self.key)
+        id_token = jwt.encode({"alg": "RS256", "kid": self.key.kid}, claims, self.key)
         return JSONResponse({"id_token": id_token, "access_token": "x", "token_type": "Bearer"})
 
 
@@ -204,3 +208,32 @@ async def test_a_callback_cannot_be_replayed(
 
 async def test_without_a_provider_the_endpoints_are_404(client: httpx.AsyncClient) -> None:
     assert (await client.get("/oauth/oidc/login")).status_code == 404
+
+
+async def test_keys_rotated_at_the_provider_are_fetched_again(
+    oidc_client: httpx.AsyncClient, provider: Provider
+) -> None:
+    assert (await _through_provider(oidc_client)).status_code == 200
+    provider.key = RSAKey.generate_key(2048, parameters={"kid": "idp-2", "alg": "RS256"})
+    assert (await _through_provider(oidc_client)).status_code == 200  # a kid not seen before
+
+
+async def test_discovery_is_cached_and_then_refreshed(
+    oidc_client: httpx.AsyncClient, provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(2):
+        assert (await _through_provider(oidc_client)).status_code == 200
+    assert provider.discoveries == 1
+    monkeypatch.setattr(oidc, "DISCOVERY_TTL_S", 0)
+    assert (await _through_provider(oidc_client)).status_code == 200
+    assert provider.discoveries == 3  # once at the login, once at the callback
+
+
+async def test_a_discovery_that_names_another_issuer_is_refused(
+    oidc_client: httpx.AsyncClient, provider: Provider
+) -> None:
+    provider.discovered_issuer = "http://evil.example"
+    response = await oidc_client.get("/oauth/oidc/login")
+    assert response.status_code == 503
+    assert response.json()["error"] == "temporarily_unavailable"
+    assert "another issuer" in response.json()["error_description"]

@@ -15,8 +15,8 @@ from httpx import AsyncClient
 from joserfc import jwt
 from joserfc.jwk import OKPKey
 
-from backend.app import Services
 from backend.auth.signing import TokenSigner
+from backend.services import Services
 from tests.accounts import Account
 
 ME = {"query": "{ me { userId } }"}

@@ -6,9 +6,9 @@ from typing import Any
 
 from httpx import AsyncClient
 
-from backend.app import Services
 from backend.conversations.service import title_of
 from backend.core.models import MessageRole
+from backend.services import Services
 from tests.accounts import Account
 from tests.auth.test_graphql_auth import code, gql
 

@@ -18,6 +18,7 @@ from backend.config import GraphQLSettings, Settings
 from backend.core.metrics import Metrics
 from backend.errors import NotFound
 from backend.graphql.context import Context
+from backend.graphql.evolution import API_VERSION, CHANGELOG_FILE, read_changelog
 from backend.graphql.extensions import MASKED_MESSAGE, OperationObservability
 from backend.graphql.schema import SightlineSchema, build_schema
 from tests.conftest import LiveServer
@@ -32,11 +33,14 @@ async def gql(client: AsyncClient, query: str, **body: Any) -> dict[str, Any]:
 async def test_server_info(client: AsyncClient) -> None:
     result = await gql(
         client,
-        "query Info { serverInfo { version environment uptimeSeconds serverTime "
+        "query Info { serverInfo { version apiVersion environment uptimeSeconds serverTime "
         "dashboardsUrl features { name enabled } models { name task installed } } }",
     )
     info = result["data"]["serverInfo"]
     assert info["version"] == __version__
+    # the newest release in the changelog, whose schema CI keeps working
+    assert info["apiVersion"] == API_VERSION
+    assert read_changelog(CHANGELOG_FILE.read_text(encoding="utf-8")).latest == API_VERSION
     assert info["dashboardsUrl"] is None  # not configured
     assert info["environment"] == "test"
     features = {f["name"]: f["enabled"] for f in info["features"]}

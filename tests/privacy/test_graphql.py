@@ -8,9 +8,9 @@ import uuid
 import pytest
 from httpx import AsyncClient
 
-from backend.app import Services
 from backend.config import PrivacySettings, Settings
 from backend.core.models import UserRole
+from backend.services import Services
 from tests.accounts import Account, sign_in
 from tests.auth.test_graphql_auth import code, gql
 

@@ -21,12 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from backend.app import Services, build_signer
+from backend.app import build_signer
 from backend.auth.service import AuthService
 from backend.config import Settings, VisionSettings
 from backend.core.db import Database
 from backend.core.models import User, UserRole
 from backend.core.redis import KeySpace
+from backend.services import Services
 from tests.accounts import PASSWORD, Account, sign_in, token
 from tests.conftest import LiveServer, serve_live
 from tests.graphql.ws import init, open_socket, receive, subscribe

@@ -10,10 +10,10 @@ import pytest
 from fastapi import FastAPI
 from httpx import AsyncClient
 
-from backend.app import Services
 from backend.auth.principal import Principal
 from backend.core.models import VisionJob, VisionStatus
 from backend.errors import NotFound
+from backend.services import Services
 from tests.accounts import Account
 
 JOB = "query($id: ID!) { visionJob(id: $id) { id sha256 results } }"

@@ -1,0 +1,76 @@
+"""The service container: the domain services of one app instance.
+
+`backend.app` builds it in the lifespan; the GraphQL context and the REST routers read it from
+the connection's state. It lives below both so that nothing but the entry points imports
+`backend.app`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from backend.agents.runs import RunService
+from backend.auth.oidc import OIDCLogin
+from backend.auth.service import AuthService
+from backend.conversations.service import ConversationService
+from backend.guardrails.service import GuardrailService
+from backend.inference.pool import InferencePool
+from backend.knowledge.service import KnowledgeService
+from backend.limits.budgets import Budgets
+from backend.limits.ratelimit import RateLimiter
+from backend.openai_api.service import OpenAIService
+from backend.privacy.service import PrivacyService
+from backend.privacy.tasks import PurgeScheduler
+from backend.vision.service import VisionService
+
+__all__ = ["Services"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """The domain services of one app instance, built on its state by the lifespan."""
+
+    auth: AuthService
+    conversations: ConversationService
+    limiter: RateLimiter
+    budgets: Budgets
+    runs: RunService
+    knowledge: KnowledgeService
+    oidc: OIDCLogin | None = None
+    guardrails: GuardrailService | None = None  # None: rails off, or the caller's own `Guards`
+    vision: VisionService | None = None  # None only in apps built without services
+    inference: InferencePool | None = None  # None: SIGHTLINE_VISION_ENABLED=false
+    privacy: PrivacyService | None = None  # None only in apps built without services
+    purges: PurgeScheduler | None = None
+    openai: OpenAIService | None = None  # None only in apps built without services
+    grace_s: float = 10.0
+
+    async def aclose(self) -> None:
+        """Stops every service; each step is timed in the log (a slow shutdown says where)."""
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        if (purges := self.purges) is not None:
+            steps.append(("purges", purges.close))
+        if (privacy := self.privacy) is not None:
+            steps.append(("erasures", lambda: privacy.close(self.grace_s)))
+        steps += [
+            ("auth", self.auth.close),
+            ("runs", lambda: self.runs.close(self.grace_s)),
+            ("models", self.runs.models.aclose),
+            ("knowledge", lambda: self.knowledge.close(self.grace_s)),
+        ]
+        if (guardrails := self.guardrails) is not None:
+            steps.append(("guardrails", lambda: guardrails.close(self.grace_s)))
+        if (vision := self.vision) is not None:
+            steps.append(("vision", lambda: vision.close(self.grace_s)))
+            steps.append(("vision events", vision.events.close))
+        if (inference := self.inference) is not None:
+            steps.append(("inference", lambda: inference.close(self.grace_s)))
+        for name, step in steps:
+            started = time.perf_counter()
+            await step()
+            took = time.perf_counter() - started
+            (log.warning if took > 2 else log.debug)("shutdown: %s took %.2f s", name, took)
