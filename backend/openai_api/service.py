@@ -86,6 +86,7 @@ class Completion:
     reported_prompt_tokens: int | None = None  # as the model reported them
     reported_completion_tokens: int = 0
     pieces: int = 0  # pieces of text delivered
+    model_called: bool = False  # (a message the input rails blocked never reaches it)
     rails: list[dict[str, str]] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)  # numbered from 1, as the prompt has them
     answer: list[str] = field(default_factory=list)
@@ -140,7 +141,7 @@ class Completion:
     def prompt_tokens(self) -> int:
         if self.reported_prompt_tokens is not None:
             return self.reported_prompt_tokens
-        return estimate_tokens(self.prompt) if self.pieces else 0
+        return estimate_tokens(self.prompt) if self.model_called else 0
 
     @property
     def completion_tokens(self) -> int:
@@ -362,6 +363,7 @@ class OpenAIService:
             seed=request.seed if request.seed is not None else model.sampling.seed,
             stop=request.stop_sequences,
         )
+        completion.model_called = True
         stream = model.provider.stream(prompt, max_tokens=completion.max_tokens, sampling=sampling)
         try:
             async for chunk in stream:

@@ -196,6 +196,8 @@ async def test_a_blocked_message_gets_the_safe_reply_and_the_rail_decision(
         assert stub.calls == calls  # the model never saw it
         assert blocked.choices[0].message.content == "I can't do that."
         assert blocked.choices[0].finish_reason == "content_filter"
+        assert blocked.usage is not None
+        assert (blocked.usage.prompt_tokens, blocked.usage.completion_tokens) == (0, 1)  # as a run
         assert blocked.model_extra is not None
         assert blocked.model_extra["sightline"]["guardrails"] == [
             {
