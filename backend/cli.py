@@ -352,6 +352,29 @@ def _migrations_check(current: frozenset[str], settings: Settings) -> Check:
     )
 
 
+def _manifest_checks(settings: Settings) -> list[Check]:
+    """Each vision model's manifest: its weights are there and match their sha256 (else the
+    pool does not serve it, and says why in `visionModels`)."""
+    from backend.inference.manifest import ManifestError, load_manifests
+
+    try:
+        manifests = load_manifests(settings.vision.models_dir)
+    except (ManifestError, OSError, ValueError) as exc:
+        return [Check("vision manifests", False, str(exc), required=False)]
+    checks = []
+    for manifest in manifests:
+        try:
+            manifest.verify()
+        except ManifestError as exc:
+            checks.append(Check(f"weights {manifest.name}", False, str(exc), required=False))
+        else:
+            detail = "sha256 matches" if manifest.sha256 else "present (no sha256 to check)"
+            if not manifest.weights:
+                detail = "no weights file"
+            checks.append(Check(f"weights {manifest.name}", True, detail, required=False))
+    return checks
+
+
 def _gpu_check() -> Check:
     try:
         import torch  # optional: only the inference pool needs it
@@ -406,6 +429,7 @@ def doctor() -> None:
                 required=False,
             )
         )
+    checks += _manifest_checks(settings)
     checks.append(_gpu_check())
 
     table = Table(title=f"sightline {__version__} doctor")

@@ -714,7 +714,19 @@ class VisionSettings(JobRecoverySettings):
         None, description="Folder of operators' model manifests (`*.json`), served beside ours."
     )
     classifier: str = Field("efficientnet-lite0", description="Default classification model.")
-    detector: str = Field("haar-frontalface", description="Default detection model.")
+    detector: str = Field(
+        "ssd-mobilenet-v2-coco",
+        description="Default detection model (`haar-frontalface`: the face cascade).",
+    )
+    detect_min_score: float = Field(
+        0.5, ge=0, le=1, description="Detection: the score a box needs, unless a request asks."
+    )
+    detect_max_detections: int = Field(
+        100,
+        ge=1,
+        le=1000,
+        description="Detection: the most boxes per image (a request may ask fewer).",
+    )
     max_image_bytes: int = Field(
         16 * 1024 * 1024, ge=1, description="Largest image upload (bytes)."
     )

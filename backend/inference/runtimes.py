@@ -55,6 +55,8 @@ def load(manifest: ModelManifest, device: str, threads: int = 1) -> BatchFn:
         return _onnx(manifest, device, threads)
     if manifest.runtime == "cascade":
         return _cascade(manifest)
+    if manifest.runtime == "opencv-dnn":
+        return _opencv_dnn(manifest, threads)
     raise ManifestError(f"{manifest.name}: no runtime {manifest.runtime}")
 
 
@@ -102,22 +104,152 @@ def _onnx(manifest: ModelManifest, device: str, threads: int) -> BatchFn:
     return run
 
 
+# -- detectors ---------------------------------------------------------------------------------
+#
+# A detector's input is an image, or a dict {"image": ..., "min_score": ..., "max_detections":
+# ...} (a request's own limits); its output per image is a float32 array of rows
+# [class id, score, x0, y0, x1, y1], the corners as fractions of the image's width and height.
+
+DETECTION_COLUMNS = 6
+
+
+def _detection_request(item: Any, spec: dict[str, Any]) -> tuple[np.ndarray, float, int]:
+    if isinstance(item, dict):
+        image = item["image"]
+        min_score = item.get("min_score")
+        most = item.get("max_detections")
+    else:
+        image, min_score, most = item, None, None
+    min_score = float(spec.get("min_score", 0.5) if min_score is None else min_score)
+    most = int(spec.get("max_detections", 100) if most is None else most)
+    return np.asarray(image), min_score, most
+
+
+def _no_detections() -> np.ndarray:
+    return np.zeros((0, DETECTION_COLUMNS), dtype=np.float32)
+
+
 def _cascade(manifest: ModelManifest) -> BatchFn:
-    """OpenCV cascade detector: per image (grayscale uint8), boxes [x, y, w, h]."""
+    """OpenCV cascade detector, per image (grayscale uint8). Its score is the last stage's
+    margin (the sum of its weak classifiers above the stage's threshold: `detectMultiScale3`'s
+    level weight) through a logistic: 0.5 at the threshold, near 1 for a clear face."""
     import cv2
 
     detector = cv2.CascadeClassifier(manifest.weights)
     if detector.empty():
         raise ManifestError(f"{manifest.name}: cannot read cascade {manifest.weights}")
     min_size = int(manifest.input.get("min_size", 24))
+    threshold = _last_stage_threshold(manifest.weights or "")
 
     def run(batch: list[Any]) -> list[Any]:
         out = []
-        for image in batch:
-            boxes = detector.detectMultiScale(
-                image, scaleFactor=1.1, minNeighbors=5, minSize=(min_size, min_size)
+        for item in batch:
+            image, min_score, most = _detection_request(item, manifest.input)
+            height, width = image.shape[:2]
+            boxes, _levels, weights = detector.detectMultiScale3(
+                image,
+                scaleFactor=1.1,
+                minNeighbors=5,
+                minSize=(min_size, min_size),
+                outputRejectLevels=True,
             )
-            out.append(np.asarray(boxes, dtype=np.int32).reshape(-1, 4))
+            rows = _no_detections()
+            if len(boxes):
+                xywh = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+                margin = np.asarray(weights, dtype=np.float64).reshape(-1) - threshold
+                scores = (1 / (1 + np.exp(-margin))).astype(np.float32)
+                rows = np.column_stack(
+                    [
+                        np.zeros(len(xywh), dtype=np.float32),
+                        scores,
+                        xywh[:, 0] / width,
+                        xywh[:, 1] / height,
+                        (xywh[:, 0] + xywh[:, 2]) / width,
+                        (xywh[:, 1] + xywh[:, 3]) / height,
+                    ]
+                ).astype(np.float32)
+                rows = rows[rows[:, 1] >= min_score]
+                rows = rows[np.argsort(-rows[:, 1], kind="stable")][:most]
+            out.append(rows)
         return out
+
+    return run
+
+
+def _last_stage_threshold(path: str) -> float:
+    """The threshold of a cascade's last stage (0 where the file does not say)."""
+    import cv2
+
+    storage = cv2.FileStorage(path, cv2.FILE_STORAGE_READ)
+    try:
+        stages = storage.getNode("cascade").getNode("stages")
+        if stages.empty() or stages.size() == 0:
+            return 0.0
+        node = stages.at(stages.size() - 1).getNode("stageThreshold")
+        return 0.0 if node.empty() else float(node.real())
+    finally:
+        storage.release()
+
+
+def _opencv_dnn(manifest: ModelManifest, threads: int) -> BatchFn:
+    """A detection graph run by OpenCV's dnn module (TensorFlow .pb with its .pbtxt, Caffe
+    .caffemodel with its .prototxt, ONNX), whose output is SSD's DetectionOutput: rows of
+    [image, class, score, x0, y0, x1, y1] for the whole batch. Images come RGB at the
+    graph's size (`input.width` x `input.height`); they run as one blob when `input.batch` is
+    true (the default), else one by one. Then per image: the request's score threshold, per
+    class non-maximum suppression (`input.iou`), the request's maximum of detections."""
+    import cv2
+
+    cv2.setNumThreads(threads)
+    try:
+        net = cv2.dnn.readNet(manifest.weights or "", manifest.config or "")
+    except cv2.error as exc:
+        raise ManifestError(f"{manifest.name}: OpenCV cannot read the graph: {exc}") from exc
+    spec = manifest.input
+    size = (int(spec.get("width", 300)), int(spec.get("height", 300)))
+    scale = float(spec.get("scale", 1.0))
+    mean = spec.get("mean", 0.0)
+    mean = tuple(float(m) for m in mean) if isinstance(mean, list | tuple) else (float(mean),) * 3
+    swap_rb = bool(spec.get("swap_rb", False))  # True for graphs trained on BGR (Caffe's)
+    batched = bool(spec.get("batch", True))
+    iou = float(spec.get("iou", 0.5))
+    background = int(spec.get("background", 0))
+
+    def forward(images: list[np.ndarray]) -> np.ndarray:
+        blob = cv2.dnn.blobFromImages(images, scale, size, mean, swap_rb, crop=False)
+        net.setInput(blob)
+        return np.asarray(net.forward(), dtype=np.float32).reshape(-1, 7)
+
+    def select(rows: np.ndarray, min_score: float, most: int) -> np.ndarray:
+        rows = rows[(rows[:, 2] >= min_score) & (rows[:, 1] != background)]
+        if not len(rows) or most < 1:
+            return _no_detections()
+        corners = np.clip(rows[:, 3:7], 0.0, 1.0)
+        boxes = [
+            (float(x0), float(y0), float(x1 - x0), float(y1 - y0)) for x0, y0, x1, y1 in corners
+        ]
+        keep = cv2.dnn.NMSBoxesBatched(
+            boxes,
+            rows[:, 2].tolist(),
+            rows[:, 1].astype(np.int32).tolist(),
+            min_score,
+            iou,
+            top_k=most,
+        )
+        keep = np.asarray(keep, dtype=np.int64).reshape(-1)[:most]
+        return np.column_stack([rows[keep, 1], rows[keep, 2], corners[keep]]).astype(np.float32)
+
+    def run(batch: list[Any]) -> list[Any]:
+        requests = [_detection_request(item, spec) for item in batch]
+        images = [image for image, _, _ in requests]
+        if batched and len({image.shape for image in images}) == 1:
+            outputs = forward(images)
+            per_image = [outputs[outputs[:, 0] == i] for i in range(len(images))]
+        else:
+            per_image = [forward([image]) for image in images]
+        return [
+            select(rows, min_score, most)
+            for rows, (_, min_score, most) in zip(per_image, requests, strict=True)
+        ]
 
     return run

@@ -39,6 +39,19 @@ def detection_input(rgb: np.ndarray, spec: dict[str, Any]) -> tuple[np.ndarray, 
     return cv2.equalizeHist(small), 1 / scale
 
 
+def detector_input(rgb: np.ndarray, runtime: str, spec: dict[str, Any]) -> np.ndarray:
+    """What a detector takes: a cascade, the grayscale image (`detection_input`); a dnn graph,
+    the RGB image resized to the graph's `width` x `height` (its boxes come back as fractions
+    of the image, so no scale is kept)."""
+    if runtime == "cascade":
+        return detection_input(rgb, spec)[0]
+    size = (int(spec.get("width", 300)), int(spec.get("height", 300)))
+    height, width = rgb.shape[:2]
+    shrink = width > size[0] or height > size[1]
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return np.ascontiguousarray(cv2.resize(rgb, size, interpolation=interpolation))
+
+
 def for_ocr(rgb: np.ndarray) -> np.ndarray:
     """Grayscale, denoised, deskewed, then binarised with an adaptive threshold."""
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)

@@ -39,6 +39,7 @@ from backend.core.redis import KeySpace
 from backend.core.retry import is_transient, retrying
 from backend.core.tasks import drain
 from backend.errors import AppError, NotFound, ServiceUnavailable, ValidationFailed
+from backend.inference.catalog import Task
 from backend.inference.client import InferenceClient, InferenceError, Priority
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
@@ -46,7 +47,7 @@ from backend.realtime.eventlog import RunEvent, RunEventLog
 from backend.vision import repository as jobs
 from backend.vision.images import DecodeBudget, DecodedImage, decode
 from backend.vision.ocr import OcrEngine
-from backend.vision.preprocess import classification_input, detection_input
+from backend.vision.preprocess import classification_input, detector_input
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +68,33 @@ class _Options:
     models: dict[VisionTask, str]
     language: str
     top_k: int
+    min_score: float
+    max_detections: int
 
     def stored(self) -> dict[str, Any]:
         models = {task.value: name for task, name in self.models.items()}
-        return {"models": models, "language": self.language, "topK": self.top_k}
+        return {
+            "models": models,
+            "language": self.language,
+            "topK": self.top_k,
+            "minScore": self.min_score,
+            "maxDetections": self.max_detections,
+        }
 
     @classmethod
     def of(cls, stored: dict[str, Any], settings: VisionSettings) -> _Options:
         models = {VisionTask(k): str(v) for k, v in dict(stored.get("models") or {}).items()}
         models.setdefault(VisionTask.CLASSIFY, settings.classifier)
         models.setdefault(VisionTask.DETECT, settings.detector)
-        return cls(models, str(stored.get("language") or "eng"), int(stored.get("topK") or 5))
+        min_score = stored.get("minScore")
+        most = stored.get("maxDetections")
+        return cls(
+            models,
+            str(stored.get("language") or "eng"),
+            int(stored.get("topK") or 5),
+            settings.detect_min_score if min_score is None else float(min_score),
+            settings.detect_max_detections if most is None else int(most),
+        )
 
 
 @dataclass
@@ -268,6 +285,8 @@ class VisionService:
         detector: str | None = None,
         language: str = "eng",
         top_k: int = 5,
+        min_score: float | None = None,
+        max_detections: int | None = None,
     ) -> VisionJob:
         """Validates the image and starts its job; bad input is refused before anything runs.
 
@@ -279,17 +298,14 @@ class VisionService:
             raise ValidationFailed("give at least one task", field="tasks")
         if not 1 <= top_k <= 50:
             raise ValidationFailed("topK must be between 1 and 50", field="topK")
+        min_score, max_detections = self._detection_limits(min_score, max_detections)
         models = {
             VisionTask.CLASSIFY: classifier or self._settings.classifier,
             VisionTask.DETECT: detector or self._settings.detector,
         }
         for task, name in models.items():
             if task in wanted:
-                try:
-                    self.models.manifest(name)
-                except InferenceError as exc:  # an unknown model: refused now, typed
-                    field = "classifier" if task is VisionTask.CLASSIFY else "detector"
-                    raise ValidationFailed(str(exc), field=field) from exc
+                self._check_model(task, name)
         image = await self._decode_upload(data)
         if self._image_rail is not None:
             reason = await self._image_rail(principal, data)
@@ -304,7 +320,7 @@ class VisionService:
             tenant_id=principal.tenant_id,
             created_by=principal.user_id,
             tasks=wanted,
-            options=_Options(models, language, top_k),
+            options=_Options(models, language, top_k, min_score, max_detections),
             data=data,
             reservation=None,
             image=image,
@@ -333,6 +349,40 @@ class VisionService:
         finally:  # accepted: it runs (and ends, releasing its lease) whatever became of that
             self._start(job)
         return row
+
+    def _detection_limits(
+        self, min_score: float | None, max_detections: int | None
+    ) -> tuple[float, int]:
+        """A request's score threshold and maximum of boxes (the settings' when not given)."""
+        most = self._settings.detect_max_detections
+        if min_score is not None and not 0 <= min_score <= 1:
+            raise ValidationFailed("minScore must be between 0 and 1", field="minScore")
+        if max_detections is not None and not 1 <= max_detections <= most:
+            raise ValidationFailed(
+                f"maxDetections must be between 1 and {most}", field="maxDetections"
+            )
+        return (
+            self._settings.detect_min_score if min_score is None else min_score,
+            most if max_detections is None else max_detections,
+        )
+
+    def _check_model(self, task: VisionTask, name: str) -> None:
+        """An unknown model, or one for another task: refused now (BAD_USER_INPUT), naming the
+        models there are for the task."""
+        wanted = Task.CLASSIFICATION if task is VisionTask.CLASSIFY else Task.DETECTION
+        field = "classifier" if task is VisionTask.CLASSIFY else "detector"
+        try:
+            manifest = self.models.manifest(name)
+        except InferenceError:
+            manifest = None
+        if manifest is None or manifest.task is not wanted:
+            available = sorted(m.name for m in self.models.manifests() if m.task is wanted)
+            raise ValidationFailed(
+                f"no {wanted.value} model named {name!r}; available: "
+                + (", ".join(available) or "none"),
+                field=field,
+                available=available,
+            )
 
     async def _give_up(self, job: _Job) -> None:
         """A job that could not be accepted: its hold goes back, then its lease. When either
@@ -475,7 +525,9 @@ class VisionService:
             else:
                 model = options.models[task]
                 version = self.models.manifest(model).version
-                result = await self.detect(rgb, model)
+                result = await self.detect(
+                    rgb, model, min_score=options.min_score, max_detections=options.max_detections
+                )
         except (AppError, InferenceError) as exc:
             code = getattr(exc, "code", "INFERENCE_FAILED")
             message = getattr(exc, "message", None) or str(exc)
@@ -705,29 +757,43 @@ class VisionService:
         }
 
     async def detect(
-        self, rgb: np.ndarray, model: str, priority: Priority = Priority.BATCH
+        self,
+        rgb: np.ndarray,
+        model: str,
+        priority: Priority = Priority.BATCH,
+        *,
+        min_score: float | None = None,
+        max_detections: int | None = None,
     ) -> dict[str, Any]:
+        """The objects a detector finds, best first: label, score (0..1) and box in the
+        image's pixels."""
         manifest = self.models.manifest(model)
-        x, scale = await asyncio.to_thread(detection_input, rgb, manifest.input)
-        [boxes] = await self.models.infer(
-            model, [x], priority=priority, timeout_s=self._settings.infer_timeout_s
+        min_score, most = self._detection_limits(min_score, max_detections)
+        x = await asyncio.to_thread(detector_input, rgb, manifest.runtime, manifest.input)
+        request = {"image": x, "min_score": min_score, "max_detections": most}
+        [rows] = await self.models.infer(
+            model, [request], priority=priority, timeout_s=self._settings.infer_timeout_s
         )
-        label = manifest.labels[0] if manifest.labels else "object"
-        return {
-            "objects": [
+        height, width = rgb.shape[:2]
+        labels = manifest.labels
+        objects = []
+        for class_id, score, x0, y0, x1, y1 in np.asarray(rows, dtype=np.float64).reshape(-1, 6):
+            index = int(class_id)
+            left, top = round(x0 * width), round(y0 * height)
+            objects.append(
                 {
-                    "label": label,
-                    "score": None,  # cascades give no score
+                    "label": labels[index] if 0 <= index < len(labels) else str(index),
+                    "score": round(float(score), 4),
                     "box": {
-                        "x": round(float(b[0]) * scale),
-                        "y": round(float(b[1]) * scale),
-                        "width": round(float(b[2]) * scale),
-                        "height": round(float(b[3]) * scale),
+                        "x": left,
+                        "y": top,
+                        "width": round(x1 * width) - left,
+                        "height": round(y1 * height) - top,
                     },
                 }
-                for b in boxes
-            ]
-        }
+            )
+        objects.sort(key=lambda o: -o["score"])
+        return {"objects": objects[:most]}
 
     # -- reads ---------------------------------------------------------------------------------
 

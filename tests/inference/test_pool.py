@@ -151,5 +151,49 @@ async def test_the_packaged_classifier_and_face_detector(pools: Callable[..., An
     assert {"tabby", "Egyptian cat", "tiger cat"} & set(top5)
 
     gray = np.asarray(data.astronaut()).mean(axis=2).astype(np.uint8)
-    [boxes] = await pool.infer("haar-frontalface", [gray])
-    assert len(boxes) >= 1
+    [faces] = await pool.infer("haar-frontalface", [gray])
+    [(label, score, x0, _y0, x1, y1)] = faces  # [class, score, corners as fractions]
+    assert label == 0
+    assert 0.5 < score <= 1
+    assert 0.3 < (x0 + x1) / 2 < 0.6
+    assert y1 < 0.4
+
+
+async def test_the_packaged_coco_detector_runs_batches(pools: Callable[..., Any]) -> None:
+    import cv2
+    from skimage import data
+
+    manifest = {m.name: m for m in builtin_manifests()}["ssd-mobilenet-v2-coco"]
+    assert manifest.sha256
+    assert manifest.config_sha256
+    pool = await pools(manifest)
+    photos = {"person": data.astronaut(), "cup": data.coffee(), "cat": data.chelsea()}
+    images = [cv2.resize(np.asarray(p), (300, 300)) for p in photos.values()]
+    found = await pool.infer("ssd-mobilenet-v2-coco", images)  # one batch of three
+    assert pool.status()["ssd-mobilenet-v2-coco"].batches == 1
+    for label, rows in zip(photos, found, strict=True):
+        best = rows[0]
+        assert manifest.labels[int(best[0])] == label
+        assert best[1] >= 0.5
+        assert np.all((rows[:, 2:] >= 0) & (rows[:, 2:] <= 1))
+    # a request's own limits: at most one box, of score 0.9 or more
+    [rows] = await pool.infer(
+        "ssd-mobilenet-v2-coco", [{"image": images[1], "min_score": 0.9, "max_detections": 1}]
+    )
+    assert len(rows) == 1
+    assert manifest.labels[int(rows[0][0])] == "cup"
+
+
+async def test_weights_that_fail_their_sha256_are_not_served(
+    pools: Callable[..., Any], tmp_path: Any
+) -> None:
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"not the weights the manifest names")
+    tampered = toy("tampered", "doubler", weights=str(weights), sha256="0" * 64)
+    pool = await pools(tampered, toy("double", "doubler"))
+    assert (await pool.infer("double", [2]))[0][0] == 4  # the others serve
+    state = pool.status()["tampered"]
+    assert state.status is ModelStatus.FAILED
+    assert "do not match their sha256" in (state.error or "")
+    with pytest.raises(ModelUnavailable, match="sha256"):
+        await pool.infer("tampered", [1])

@@ -22,8 +22,10 @@ from tests.agents.test_runs import gql, sign_in
 from tests.conftest import VISION_TIMEOUTS, LiveServer, serve_live
 from tests.graphql.ws import results
 
-ANALYZE = """mutation($image: Upload!, $tasks: [VisionTask!]!, $classifier: String) {
-  analyzeImage(image: $image, tasks: $tasks, classifier: $classifier) {
+ANALYZE = """mutation($image: Upload!, $tasks: [VisionTask!]!, $classifier: String,
+    $detector: String, $minScore: Float, $maxDetections: Int) {
+  analyzeImage(image: $image, tasks: $tasks, classifier: $classifier, detector: $detector,
+    minScore: $minScore, maxDetections: $maxDetections) {
     id status tasks mediaType width height } }"""
 
 EVENTS = """subscription($id: ID!) { visionJobEvents(id: $id) {
@@ -69,8 +71,10 @@ async def upload(
     return response.json()
 
 
-async def analyse(server: LiveServer, token: str, image: bytes, tasks: list[str]) -> list[dict]:
-    sent = await upload(server, token, image, tasks)
+async def analyse(
+    server: LiveServer, token: str, image: bytes, tasks: list[str], **variables: Any
+) -> list[dict]:
+    sent = await upload(server, token, image, tasks, **variables)
     assert "errors" not in sent, sent
     job = sent["data"]["analyzeImage"]["id"]
     return await results(server.ws_url, token, EVENTS, {"id": job}, "visionJobEvents", timeout=90)
@@ -96,15 +100,33 @@ async def test_classify_detect_and_read_an_image(
         classes = [c["label"] for c in by_task["classify"]["result"]["classes"]]
         assert classes[0] in {"tabby", "Egyptian cat", "tiger cat"}  # top-1 on a clear photo
         assert by_task["classify"]["model"] == "efficientnet-lite0"
+        assert by_task["detect"]["model"] == "ssd-mobilenet-v2-coco"  # the default detector
+        cats = [o for o in by_task["detect"]["result"]["objects"] if o["label"] == "cat"]
+        assert cats
+        assert cats[0]["score"] >= 0.5
 
-        person = await analyse(server, token, jpeg(data.astronaut()), ["DETECT"])
+        person = await analyse(
+            server, token, jpeg(data.astronaut()), ["DETECT"], detector="haar-frontalface"
+        )
         [detected] = [e for e in person if e["__typename"] == "VisionTaskCompleted"]
         faces = detected["result"]["objects"]
         assert faces
         assert faces[0]["label"] == "face"
+        assert 0.5 < faces[0]["score"] <= 1
         box = faces[0]["box"]
         assert 150 < box["x"] + box["width"] / 2 < 300  # her face, in the upper middle
         assert box["y"] < 200
+
+        cup = await analyse(
+            server, token, jpeg(data.coffee()), ["DETECT"], minScore=0.6, maxDetections=1
+        )
+        [detected] = [e for e in cup if e["__typename"] == "VisionTaskCompleted"]
+        assert [o["label"] for o in detected["result"]["objects"]] == ["cup"]
+        refused = await upload(server, token, jpeg(data.coffee()), ["DETECT"], detector="yolo")
+        [error] = refused["errors"]
+        assert error["extensions"]["code"] == "BAD_USER_INPUT"
+        assert "ssd-mobilenet-v2-coco" in error["message"]
+        assert "haar-frontalface" in error["message"]
 
         page = await analyse(server, token, text_image(), ["OCR"])
         [read] = [e for e in page if e["__typename"] == "VisionTaskCompleted"]
@@ -235,7 +257,7 @@ async def test_live_camera_frames_over_a_websocket(
                     results.append(message)
             await ws.send(json.dumps({"type": "stop"}))
             closed = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        assert results[-1]["detections"]["objects"]  # her face
+        assert {o["label"] for o in results[-1]["detections"]["objects"]} >= {"person"}
         assert results[-1]["classification"]["classes"]
         assert closed["type"] == "closed"
         assert closed["served"] + closed["dropped"] == 12

@@ -58,6 +58,9 @@ class Models:
             raise ModelUnavailable(f"no model named {model!r}")
         return self._manifests[model]
 
+    def manifests(self) -> list[ModelManifest]:
+        return list(self._manifests.values())
+
     async def infer(
         self,
         model: str,
@@ -72,7 +75,9 @@ class Models:
         manifest = self.manifest(model)
         if manifest.task.value == "classification":
             return [np.linspace(0, 1, len(manifest.labels), dtype=np.float32) for _ in inputs]
-        return [np.asarray([[10, 20, 30, 40]], dtype=np.int32) for _ in inputs]
+        # one box: [class, score, corners as fractions of the image]
+        box = [[1, 0.9, 10 / 451, 20 / 300, 40 / 451, 60 / 300]]
+        return [np.asarray(box, dtype=np.float32) for _ in inputs]
 
 
 def photo() -> bytes:
@@ -175,7 +180,7 @@ async def left_mid_job(
     """A job whose replica went away with its classification done and stored, and its
     detection under way (its lease is no longer renewed)."""
     principal = await new_principal(database)
-    first = vision(database, redis, key_prefix, Models(stuck=["haar-frontalface"]))
+    first = vision(database, redis, key_prefix, Models(stuck=["ssd-mobilenet-v2-coco"]))
     first.start()
     job = await first.analyze(principal, photo(), CLASSIFY_AND_DETECT)
     await until_streamed(first, principal, job.id, "VisionTaskCompleted", "classify")
@@ -191,7 +196,7 @@ async def test_a_job_left_mid_task_is_finished_by_another_replica(
     assert row.status == VisionStatus.RUNNING.value
     assert set(row.results) == {"classify"}  # stored as it completed
     assert upload is not None  # the accepted image waits for whoever takes the job over
-    assert upload.options["models"]["detect"] == "haar-frontalface"
+    assert upload.options["models"]["detect"] == "ssd-mobilenet-v2-coco"
 
     models = Models()
     events = await taken_over(database, redis, key_prefix, principal, job_id, models)
@@ -203,7 +208,7 @@ async def test_a_job_left_mid_task_is_finished_by_another_replica(
         ("VisionJobCompleted", None),
     ]
     assert events[2].data["tasks"] == ["detect"]
-    assert models.calls == {"haar-frontalface": 1}  # the stored classification is not redone
+    assert models.calls == {"ssd-mobilenet-v2-coco": 1}  # the stored classification is not redone
     row, upload = await stored(database, principal.tenant_id, job_id)
     assert (row.status, row.error_code) == (VisionStatus.COMPLETED.value, None)
     assert set(row.results) == {"classify", "detect"}
