@@ -218,7 +218,13 @@ def _opencv_dnn(manifest: ModelManifest, threads: int) -> BatchFn:
     def forward(images: list[np.ndarray]) -> np.ndarray:
         blob = cv2.dnn.blobFromImages(images, scale, size, mean, swap_rb, crop=False)
         net.setInput(blob)
-        return np.asarray(net.forward(), dtype=np.float32).reshape(-1, 7)
+        output = np.asarray(net.forward(), dtype=np.float32)
+        if output.shape[-1] != 7:  # checked by the warm-up run: such a graph never serves
+            raise ManifestError(
+                f"{manifest.name}: the graph's output {output.shape} is not SSD's "
+                "DetectionOutput (rows of 7: image, class, score, x0, y0, x1, y1)"
+            )
+        return output.reshape(-1, 7)
 
     def select(rows: np.ndarray, min_score: float, most: int) -> np.ndarray:
         rows = rows[(rows[:, 2] >= min_score) & (rows[:, 1] != background)]

@@ -197,3 +197,27 @@ async def test_weights_that_fail_their_sha256_are_not_served(
     assert "do not match their sha256" in (state.error or "")
     with pytest.raises(ModelUnavailable, match="sha256"):
         await pool.infer("tampered", [1])
+
+
+async def test_a_dnn_graph_that_is_no_ssd_detector_is_not_served(
+    pools: Callable[..., Any], tmp_path: Any
+) -> None:
+    graph = tmp_path / "pool.prototxt"  # a Caffe graph without weights: one max-pooling layer
+    graph.write_text(
+        'name: "pool" input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+        'layer { name: "p" type: "Pooling" bottom: "data" top: "p"\n'
+        "  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n"
+    )
+    manifest = ModelManifest(
+        name="pooling",
+        version="1",
+        task=Task.DETECTION,
+        runtime="opencv-dnn",
+        weights=str(graph),
+        input={"width": 8, "height": 8},
+    )
+    pool = await pools(manifest, toy("double", "doubler"))
+    assert (await pool.infer("double", [3]))[0][0] == 6
+    state = pool.status()["pooling"]
+    assert state.status is ModelStatus.FAILED
+    assert "not SSD's DetectionOutput" in (state.error or "")
