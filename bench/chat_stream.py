@@ -100,12 +100,19 @@ class Stream:
         return len(self.latencies)
 
 
-async def through_sightline(base: str, token: str, delay: float) -> Stream:
+async def through_sightline(
+    base: str, token: str, delay: float, http: httpx.AsyncClient | None = None
+) -> Stream:
     """A chat run: createConversation, sendMessage (the clock for the first token starts here),
-    then `runEvents` over a WebSocket until the run completes."""
+    then `runEvents` over a WebSocket until the run completes. `http`: a client to share (its
+    base URL `base`, `token` in its headers) rather than one of its own."""
     await asyncio.sleep(delay)  # clients arrive over the ramp-up, not all in one instant
     headers = {"authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
+    async with contextlib.AsyncExitStack() as own:
+        if http is None:
+            http = await own.enter_async_context(
+                httpx.AsyncClient(base_url=base, headers=headers, timeout=60)
+            )
         created = await call(http, "mutation { createConversation { id } }")
         conversation = created["createConversation"]["id"]
         asked = time.time()
@@ -157,16 +164,24 @@ async def through_sightline(base: str, token: str, delay: float) -> Stream:
 
 
 async def openai_stream(
-    url: str, *, model: str = "clock", headers: dict[str, str] | None = None, delay: float = 0
+    url: str,
+    *,
+    model: str = "clock",
+    headers: dict[str, str] | None = None,
+    delay: float = 0,
+    http: httpx.AsyncClient | None = None,
 ) -> Stream:
     """A streamed `POST {url}/chat/completions` read as an OpenAI client reads it: the stub
-    itself, or anything OpenAI-compatible in front of it."""
+    itself, or anything OpenAI-compatible in front of it. `http`: a client to share."""
     await asyncio.sleep(delay)
     latencies: list[float] = []
     body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "go"}]}
-    async with httpx.AsyncClient(timeout=60, headers=headers) as http:
+    async with contextlib.AsyncExitStack() as own:
+        if http is None:
+            http = await own.enter_async_context(httpx.AsyncClient(timeout=60))
         asked, first = time.time(), 0.0
-        async with http.stream("POST", f"{url}/chat/completions", json=body) as response:
+        request = http.stream("POST", f"{url}/chat/completions", json=body, headers=headers)
+        async with request as response:
             if response.status_code != 200:
                 raise SystemExit(f"{url}: HTTP {response.status_code}: {await response.aread()!r}")
             async for line in response.aiter_lines():

@@ -230,33 +230,47 @@ async def main() -> None:
 
     load = os.getloadavg()[0]
     rows: list[Measured] = []
+    unbounded = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with (
         sightline_stack(rate=args.rate, tokens=args.tokens, streams=max(counts)) as stack,
         litellm_proxy(stack.stub_url) as (litellm_url, litellm_key, proxy),
+        # One client per path, shared by its streams, as a real client would: a client each
+        # (its TLS context alone is milliseconds of CPU) would load this machine's clients.
+        httpx.AsyncClient(timeout=60, limits=unbounded) as http,
+        httpx.AsyncClient(
+            base_url=stack.base,
+            headers={"authorization": f"Bearer {stack.token}"},
+            timeout=60,
+            limits=unbounded,
+        ) as graphql,
     ):
         auth = {"authorization": f"Bearer {stack.token}"}
-        async with httpx.AsyncClient(headers=auth) as http:
-            models = (await http.get(f"{stack.base}/v1/models")).json()["data"]
+        models = (await graphql.get("/v1/models")).json()["data"]
         alias = models[0]["id"]
         paths: list[
             tuple[str, Callable[[float], Awaitable[Stream]], subprocess.Popen[bytes] | None]
         ] = [
-            (BASELINE, lambda d: openai_stream(f"{stack.stub_url}/v1", delay=d), None),
+            (BASELINE, lambda d: openai_stream(f"{stack.stub_url}/v1", delay=d, http=http), None),
             (
                 f"LiteLLM {litellm_version()} proxy",
                 lambda d: openai_stream(
-                    litellm_url, headers={"authorization": f"Bearer {litellm_key}"}, delay=d
+                    litellm_url,
+                    headers={"authorization": f"Bearer {litellm_key}"},
+                    delay=d,
+                    http=http,
                 ),
                 proxy,
             ),
             (
                 "Sightline /v1/chat/completions",
-                lambda d: openai_stream(f"{stack.base}/v1", model=alias, headers=auth, delay=d),
+                lambda d: openai_stream(
+                    f"{stack.base}/v1", model=alias, headers=auth, delay=d, http=http
+                ),
                 stack.server,
             ),
             (
                 "Sightline GraphQL runEvents",
-                lambda d: through_sightline(stack.base, stack.token, d),
+                lambda d: through_sightline(stack.base, stack.token, d, http=graphql),
                 stack.server,
             ),
         ]
