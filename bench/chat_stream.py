@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -53,9 +56,9 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-async def wait_ready(url: str) -> None:
+async def wait_ready(url: str, attempts: int = 600) -> None:
     async with httpx.AsyncClient() as http:
-        for _ in range(600):
+        for _ in range(attempts):
             try:
                 if (await http.get(url, timeout=1)).status_code < 500:
                     return
@@ -84,12 +87,35 @@ async def call(http: httpx.AsyncClient, query: str, **variables: str) -> dict:
     raise SystemExit("server stayed unavailable")
 
 
-async def through_sightline(base: str, token: str, delay: float) -> tuple[list[float], int]:
+@dataclass
+class Stream:
+    """One answer as a client saw it: each token's latency (stub emit to client receive, s) and
+    the time to its first token (from the request that asks for the answer, s)."""
+
+    latencies: list[float]
+    first_token: float
+
+    @property
+    def tokens(self) -> int:
+        return len(self.latencies)
+
+
+async def through_sightline(
+    base: str, token: str, delay: float, http: httpx.AsyncClient | None = None
+) -> Stream:
+    """A chat run: createConversation, sendMessage (the clock for the first token starts here),
+    then `runEvents` over a WebSocket until the run completes. `http`: a client to share (its
+    base URL `base`, `token` in its headers) rather than one of its own."""
     await asyncio.sleep(delay)  # clients arrive over the ramp-up, not all in one instant
     headers = {"authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
+    async with contextlib.AsyncExitStack() as own:
+        if http is None:
+            http = await own.enter_async_context(
+                httpx.AsyncClient(base_url=base, headers=headers, timeout=60)
+            )
         created = await call(http, "mutation { createConversation { id } }")
         conversation = created["createConversation"]["id"]
+        asked = time.time()
         sent = {
             "data": await call(
                 http,
@@ -100,6 +126,7 @@ async def through_sightline(base: str, token: str, delay: float) -> tuple[list[f
         }
     run_id = sent["data"]["sendMessage"]["run"]["id"]
     latencies: list[float] = []
+    first = 0.0
     async with connect(
         base.replace("http", "ws") + "/graphql",
         subprotocols=["graphql-transport-ws"],
@@ -129,53 +156,78 @@ async def through_sightline(base: str, token: str, delay: float) -> tuple[list[f
                 raise SystemExit(f"subscription error: {message['payload']['errors']}")
             event = message["payload"]["data"]["runEvents"]
             if event["__typename"] == "TokenDelta":
+                first = first or received - asked
                 latencies += stamps(event["text"], received)
             elif event["__typename"] == "RunFailed":
                 raise SystemExit(f"run failed: {event}")
-    return latencies, len(latencies)
+    return Stream(latencies, first)
 
 
-async def direct(stub: str, tokens: int) -> tuple[list[float], int]:
+async def openai_stream(
+    url: str,
+    *,
+    model: str = "clock",
+    headers: dict[str, str] | None = None,
+    delay: float = 0,
+    http: httpx.AsyncClient | None = None,
+) -> Stream:
+    """A streamed `POST {url}/chat/completions` read as an OpenAI client reads it: the stub
+    itself, or anything OpenAI-compatible in front of it. `http`: a client to share."""
+    await asyncio.sleep(delay)
     latencies: list[float] = []
-    body = {"model": "clock", "stream": True, "messages": [{"role": "user", "content": "go"}]}
-    async with (
-        httpx.AsyncClient(timeout=60) as http,
-        http.stream("POST", f"{stub}/v1/chat/completions", json=body) as response,
-    ):
-        async for line in response.aiter_lines():
-            received = time.time()
-            if line.startswith("data: {"):
-                delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
-                if delta:
-                    latencies += stamps(delta, received)
-    return latencies, len(latencies)
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    async with contextlib.AsyncExitStack() as own:
+        if http is None:
+            http = await own.enter_async_context(httpx.AsyncClient(timeout=60))
+        asked, first = time.time(), 0.0
+        request = http.stream("POST", f"{url}/chat/completions", json=body, headers=headers)
+        async with request as response:
+            if response.status_code != 200:
+                raise SystemExit(f"{url}: HTTP {response.status_code}: {await response.aread()!r}")
+            async for line in response.aiter_lines():
+                received = time.time()
+                if line.startswith("data: {"):
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    delta = choices[0].get("delta", {}).get("content")
+                    if delta and delta.strip():
+                        first = first or received - asked
+                        latencies += stamps(delta, received)
+    return Stream(latencies, first)
 
 
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[round(q * 1000) - 1] * 1000
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=200)
-    parser.add_argument("--rate", type=float, default=20.0, help="tokens/s per stream")
-    parser.add_argument("--tokens", type=int, default=100, help="tokens per answer")
-    parser.add_argument("--ramp", type=float, default=2.0, help="seconds over which clients start")
-    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
-    args = parser.parse_args()
+@dataclass
+class Stack:
+    """The streaming stub and a Sightline server reading it, both running, and an admin token."""
 
+    stub_url: str
+    base: str
+    token: str
+    stub: subprocess.Popen[bytes]
+    server: subprocess.Popen[bytes]
+
+
+@contextlib.asynccontextmanager
+async def sightline_stack(
+    *, rate: float, tokens: int, streams: int, workers: int = 1
+) -> AsyncIterator[Stack]:
+    """Starts the clock stub (`rate` tokens/s, `tokens` per answer) and a Sightline server (own
+    data dir, limits off, room for `streams` runs at once) that chats with it; stops both."""
     data = Path(tempfile.mkdtemp(prefix="sightline-bench-chat-"))
     stub_port, port = free_port(), free_port()
     stub_url, base = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
-        "STUB_TOKENS_PER_S": str(args.rate),
-        "STUB_ANSWER_TOKENS": str(args.tokens),
+        "STUB_TOKENS_PER_S": str(rate),
+        "STUB_ANSWER_TOKENS": str(tokens),
         "SIGHTLINE_DATA_DIR": str(data),
         "SIGHTLINE_CHAT_LLM_BASE_URL": f"{stub_url}/v1",
         "SIGHTLINE_CHAT_LLM_MODEL": "clock",
-        "SIGHTLINE_CHAT_MAX_TOKENS": str(args.tokens + 10),
-        "SIGHTLINE_CHAT_MAX_ACTIVE_RUNS_PER_USER": str(args.clients * 2),
+        "SIGHTLINE_CHAT_MAX_TOKENS": str(tokens + 10),
+        "SIGHTLINE_CHAT_MAX_ACTIVE_RUNS_PER_USER": str(streams * 2),
         "SIGHTLINE_LIMITS_ENABLED": "false",
         "SIGHTLINE_TELEMETRY_LOG_LEVEL": "WARNING",
         "SIGHTLINE_REDIS_KEY_PREFIX": f"bench-chat-{port}:",
@@ -196,7 +248,7 @@ async def main() -> None:
         **quiet,
     )  # type: ignore[call-overload]
     log = (data / "server.log").open("w")
-    serve = ["serve", "--port", str(port), "--workers", str(args.workers)]
+    serve = ["serve", "--port", str(port), "--workers", str(workers)]
     server = subprocess.Popen(  # its log stays in the data dir for a look after a failure
         [sys.executable, "-m", "backend", *serve],
         stdout=log,
@@ -221,6 +273,26 @@ async def main() -> None:
                     },
                 )
             ).json()["access_token"]
+        yield Stack(stub_url, base, token, stub, server)
+    finally:
+        for process in (server, stub):
+            process.terminate()
+            process.wait(30)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=20.0, help="tokens/s per stream")
+    parser.add_argument("--tokens", type=int, default=100, help="tokens per answer")
+    parser.add_argument("--ramp", type=float, default=2.0, help="seconds over which clients start")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    args = parser.parse_args()
+
+    async with sightline_stack(
+        rate=args.rate, tokens=args.tokens, streams=args.clients, workers=args.workers
+    ) as stack:
+        base, token, server, stub = stack.base, stack.token, stack.server, stack.stub
         await asyncio.gather(*(through_sightline(base, token, 0) for _ in range(5)))  # warm-up
 
         cpu_before, started = cpu_seconds(server.pid), time.perf_counter()
@@ -238,20 +310,18 @@ async def main() -> None:
         )
         started = time.perf_counter()
         stub_before, clients_before = cpu_seconds(stub.pid), time.process_time()
-        theirs = await asyncio.gather(*(direct(stub_url, args.tokens) for _ in range(args.clients)))
+        theirs = await asyncio.gather(
+            *(openai_stream(f"{stack.stub_url}/v1") for _ in range(args.clients))
+        )
         theirs_s = time.perf_counter() - started
         theirs_stub, theirs_clients = (
             cpu_seconds(stub.pid) - stub_before,
             time.process_time() - clients_before,
         )
-    finally:
-        for process in (server, stub):
-            process.terminate()
-            process.wait(30)
 
-    ours_lat = [x for lat, _ in ours for x in lat]
-    base_lat = [x for lat, _ in theirs for x in lat]
-    ours_tokens, base_tokens = sum(n for _, n in ours), sum(n for _, n in theirs)
+    ours_lat = [x for stream in ours for x in stream.latencies]
+    base_lat = [x for stream in theirs for x in stream.latencies]
+    ours_tokens, base_tokens = sum(s.tokens for s in ours), sum(s.tokens for s in theirs)
     print(
         f"chat_stream: {os.cpu_count()} CPUs, {args.clients} concurrent streams x "
         f"{args.tokens} tokens at {args.rate:g} tokens/s, {args.workers} server worker(s), "
