@@ -676,6 +676,18 @@ class KnowledgeSettings(JobRecoverySettings):
         40, ge=1, le=1000, description="Candidates each ranking (vector, text) gives the fusion."
     )
     rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant.")
+    rrf_vector_weight: float = Field(
+        1.0, ge=0, description="Weight of the vector ranking in the fusion (hybrid search)."
+    )
+    rrf_text_weight: float = Field(
+        1.0, ge=0, description="Weight of the text (BM25) ranking in the fusion (hybrid search)."
+    )
+    bm25_k1: float = Field(
+        1.2, ge=0, description="BM25 term-frequency saturation of the text ranking."
+    )
+    bm25_b: float = Field(
+        0.75, ge=0, le=1, description="BM25 length normalisation of the text ranking (0: none)."
+    )
     text_terms: int = Field(
         5, ge=1, le=64, description="Rarest words of a query the text ranking matches on."
     )
