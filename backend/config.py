@@ -675,7 +675,11 @@ class KnowledgeSettings(JobRecoverySettings):
     candidates: int = Field(
         40, ge=1, le=1000, description="Candidates each ranking (vector, text) gives the fusion."
     )
-    rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant.")
+    rrf_k: int = Field(
+        5,
+        ge=1,
+        description="Reciprocal rank fusion constant (tuned by bench/retrieval_quality.py).",
+    )
     rrf_vector_weight: float = Field(
         1.0, ge=0, description="Weight of the vector ranking in the fusion (hybrid search)."
     )
@@ -686,7 +690,7 @@ class KnowledgeSettings(JobRecoverySettings):
         1.2, ge=0, description="BM25 term-frequency saturation of the text ranking."
     )
     bm25_b: float = Field(
-        0.75, ge=0, le=1, description="BM25 length normalisation of the text ranking (0: none)."
+        0.9, ge=0, le=1, description="BM25 length normalisation of the text ranking (0: none)."
     )
     text_terms: int = Field(
         5, ge=1, le=64, description="Rarest words of a query the text ranking matches on."
