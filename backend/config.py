@@ -705,6 +705,14 @@ class KnowledgeSettings(JobRecoverySettings):
         description="Words in more than this share of a tenant's chunks are left out of the "
         "text ranking (too common to tell passages apart).",
     )
+    min_relevance: float = Field(
+        0.37,
+        ge=-1,
+        le=1,
+        description="For models without tool calling: the knowledge base is searched and its "
+        "passages put in the prompt only when its nearest chunk is at least this cosine-similar "
+        "to the message (calibrated by bench/retrieval_quality.py; -1: always).",
+    )
     max_k: int = Field(50, ge=1, description="Most results one search returns.")
     max_query_chars: int = Field(2000, ge=1, description="Longest search query.")
     query_cache_ttl_s: int = Field(

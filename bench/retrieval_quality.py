@@ -382,6 +382,72 @@ async def report(
     return rows
 
 
+SMALL_TALK = [
+    "Hi, how are you today?",
+    "What is 2 + 2?",
+    "Thanks, that was helpful!",
+    "Good morning!",
+    "Can you tell me a joke?",
+    "What's the weather like?",
+    "Who are you?",
+    "Hello there",
+    "Nice to meet you.",
+    "What time is it?",
+    "Tell me something interesting.",
+    "How was your weekend?",
+    "Bye for now.",
+    "What is the capital of France?",
+    "Write me a haiku about autumn.",
+    "Who won the football match yesterday?",
+    "What should I cook for dinner tonight?",
+    "I'm bored.",
+    "Do you like music?",
+    "Translate 'good night' into German.",
+]
+
+
+async def calibrate(
+    service: KnowledgeService, loaded: dict[str, Loaded], tune_on: str
+) -> tuple[float, list[str]]:
+    """The relevance threshold for models without tool calling: the nearest chunk's cosine
+    similarity for the set's own questions (in scope) against small talk and the other set's
+    questions (out of scope); chosen on `tune_on`, checked on the other."""
+    names = list(loaded)
+    scores: dict[str, tuple[list[float], list[float]]] = {}
+    for name in names:
+        data = loaded[name]
+        other = loaded[next(n for n in names if n != name)].labelled.queries[:100]
+        inside = [await service.relevance(data.principal, q) for q, _ in data.labelled.queries]
+        outside = [await service.relevance(data.principal, q) for q in SMALL_TALK]
+        outside += [await service.relevance(data.principal, q) for q, _ in other]
+        scores[name] = (inside, outside)
+
+    def rates(name: str, threshold: float) -> tuple[float, float]:
+        inside, outside = scores[name]
+        kept = sum(v >= threshold for v in inside) / len(inside)
+        dropped = sum(v < threshold for v in outside) / len(outside)
+        return kept, dropped
+
+    # The highest threshold that still retrieves for 95% of the questions the set covers: a
+    # covered question that gets no sources costs more than small talk that gets some.
+    candidates = [t / 100 for t in range(5, 80)]
+    best = max(t for t in candidates if rates(tune_on, t)[0] >= 0.95)
+    lines = []
+    for name in names:
+        inside, outside = scores[name]
+        kept, dropped = rates(name, best)
+        q = np.percentile
+        lines.append(
+            f"{name}: in-scope questions similarity p10/p50 {q(inside, 10):.2f}/"
+            f"{q(inside, 50):.2f}, out-of-scope p50/p90 {q(outside, 50):.2f}/"
+            f"{q(outside, 90):.2f}; at {best:.2f}: {kept:.1%} of questions retrieve, "
+            f"{dropped:.1%} of small talk and other-domain questions do not "
+            f"(small talk alone: {sum(v < best for v in outside[: len(SMALL_TALK)])}"
+            f"/{len(SMALL_TALK)}, its highest {max(outside[: len(SMALL_TALK)]):.2f})"
+        )
+    return best, lines
+
+
 def table(name: str, data: Loaded, rows: list[tuple[str, dict[str, float]]]) -> None:
     print(
         f"\n{name}: {len(data.labelled.passages)} passages ({len(data.chunk_ids)} chunks), "
@@ -421,6 +487,15 @@ async def main(args: argparse.Namespace) -> None:
         await embedder.load()
         sets = {"perlfaq": perlfaq(), "stdlib": stdlib(args.stdlib)}
         loaded = {name: await load(db, service, embedder, s) for name, s in sets.items()}
+        threshold, lines = await calibrate(service, loaded, args.tune)
+        print(
+            f"relevance threshold (SIGHTLINE_KNOWLEDGE_MIN_RELEVANCE) {threshold:.2f}, "
+            f"tuned on {args.tune}:"
+        )
+        for line in lines:
+            print("  " + line)
+        if args.calibrate_only:
+            return
         base = replace_settings(defaults, bm25_k1=1.2, bm25_b=0.75, rrf_k=60)
         base = base.model_copy(update={"rrf_vector_weight": 1.0, "rrf_text_weight": 1.0})
         tuned, notes = await tune(service, loaded[args.tune], base)
@@ -452,4 +527,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tune", choices=("perlfaq", "stdlib"), default="stdlib")
     parser.add_argument("--stdlib", type=int, default=400, help="stdlib questions")
+    parser.add_argument(
+        "--calibrate-only", action="store_true", help="the relevance threshold only"
+    )
     asyncio.run(main(parser.parse_args()))

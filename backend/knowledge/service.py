@@ -826,6 +826,29 @@ class KnowledgeService:
             for h in ranked[:k]
         ]
 
+    async def relevance(self, principal: Principal, query: str) -> float:
+        """How close the knowledge base comes to a question: the cosine similarity of its
+        nearest chunk (HNSW), 0.0 with nothing to compare."""
+        query = " ".join(query.split())[: self._settings.max_query_chars]
+        if not query:
+            return 0.0
+        vector = _vector_literal(await self.query_vector(query))
+        ef = self._settings.ef_search
+        async with self._db.session(principal.tenant_id, settings=_search_settings(ef)) as session:
+            distance = await session.scalar(
+                text(
+                    "SELECT embedding <=> CAST(:v AS vector) AS d FROM chunks "
+                    "WHERE embedding_model = :model ORDER BY d LIMIT 1"
+                ),
+                {"v": vector, "model": self.embedder.name},
+            )
+        return 0.0 if distance is None else 1.0 - float(distance)
+
+    async def is_relevant(self, principal: Principal, query: str) -> bool:
+        """Whether retrieving for this question is worth a sources block: the nearest chunk is
+        at least `min_relevance` similar (calibrated by bench/retrieval_quality.py)."""
+        return await self.relevance(principal, query) >= self._settings.min_relevance
+
     async def has_documents(self, principal: Principal) -> bool:
         async with self._db.session(principal.tenant_id) as session:
             return (await session.scalar(select(Document.id).limit(1))) is not None

@@ -198,6 +198,22 @@ async def test_text_ranking_is_bm25_idf_and_length_normalised(
         assert await session.scalar(text("SELECT count(*) FROM documents")) == 0
 
 
+async def test_relevance_tells_covered_questions_from_small_talk(
+    kb: KnowledgeService, database: Database
+) -> None:
+    """What decides whether a model without tool calling gets a sources block: the nearest
+    chunk's similarity against SIGHTLINE_KNOWLEDGE_MIN_RELEVANCE."""
+    principal = await new_principal(database)
+    assert await kb.relevance(principal, "How many TPUs were used?") == 0.0  # nothing stored
+    job = await kb.ingest(principal, MODEL_CARD.read_bytes(), filename=MODEL_CARD.name)
+    assert (await finished(kb, principal, job.id))["last"]["status"] == "completed"
+    for question in ("How many TPUs were used to train the model?", "What is the model for?"):
+        assert await kb.is_relevant(principal, question), question
+    for small_talk in ("Hi, how are you today?", "What is 2 + 2?", "Thanks, bye!"):
+        assert not await kb.is_relevant(principal, small_talk), small_talk
+    assert await kb.relevance(principal, "   ") == 0.0
+
+
 def _page(lines: list[str]) -> Image.Image:
     font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", 28)
     page = Image.new("RGB", (900, 80 + 60 * len(lines)), "white")
