@@ -133,6 +133,7 @@ async def build_services(
         tools = AgentTools(
             search_knowledge=knowledge.search_knowledge,
             has_knowledge=knowledge.has_documents,
+            is_relevant=knowledge.is_relevant,
             analyze_image=_image_tool(vision, guardrails),
         )
     agent = Agent(

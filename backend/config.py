@@ -675,7 +675,23 @@ class KnowledgeSettings(JobRecoverySettings):
     candidates: int = Field(
         40, ge=1, le=1000, description="Candidates each ranking (vector, text) gives the fusion."
     )
-    rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant.")
+    rrf_k: int = Field(
+        5,
+        ge=1,
+        description="Reciprocal rank fusion constant (tuned by bench/retrieval_quality.py).",
+    )
+    rrf_vector_weight: float = Field(
+        1.0, ge=0, description="Weight of the vector ranking in the fusion (hybrid search)."
+    )
+    rrf_text_weight: float = Field(
+        1.0, ge=0, description="Weight of the text (BM25) ranking in the fusion (hybrid search)."
+    )
+    bm25_k1: float = Field(
+        1.2, ge=0, description="BM25 term-frequency saturation of the text ranking."
+    )
+    bm25_b: float = Field(
+        0.9, ge=0, le=1, description="BM25 length normalisation of the text ranking (0: none)."
+    )
     text_terms: int = Field(
         5, ge=1, le=64, description="Rarest words of a query the text ranking matches on."
     )
@@ -688,6 +704,14 @@ class KnowledgeSettings(JobRecoverySettings):
         le=1,
         description="Words in more than this share of a tenant's chunks are left out of the "
         "text ranking (too common to tell passages apart).",
+    )
+    min_relevance: float = Field(
+        0.37,
+        ge=-1,
+        le=1,
+        description="For models without tool calling: the knowledge base is searched and its "
+        "passages put in the prompt only when its nearest chunk is at least this cosine-similar "
+        "to the message (calibrated by bench/retrieval_quality.py; -1: always).",
     )
     max_k: int = Field(50, ge=1, description="Most results one search returns.")
     max_query_chars: int = Field(2000, ge=1, description="Longest search query.")

@@ -294,6 +294,7 @@ async def explain(
     vector = _vector_literal(await service.query_vector(query))
     params = {"model": LocalEmbedder.name, "n": 40, "k": 10, "rrf": 60, "m": 300, "q": query}
     params |= {"common": 0.1, "terms": 5, "v": vector, "meta": None, "docs": None}
+    params |= {"k1": 1.2, "b": 0.75, "wv": 1.0, "wt": 1.0}
     for mode in SearchMode:
         async with db.session(principal.tenant_id, settings=_search_settings(80)) as session:
             sql = "EXPLAIN (ANALYZE, BUFFERS) " + _search_sql(mode, "c.embedding_model = :model")

@@ -259,7 +259,10 @@ class Agent:
         ctx = runtime.context
         if ctx.model.provider.supports_tools:
             return "generate"
-        return "retrieve" if await self._tools.knowledge_for(ctx.hooks.principal) else "generate"
+        # small talk and questions the knowledge base does not cover get no sources block
+        message = _last_user_text(state) or ctx.content
+        retrieve = await self._tools.retrieve_for(ctx.hooks.principal, message)
+        return "retrieve" if retrieve else "generate"
 
     async def _look(self, state: AgentState, runtime: Runtime[TurnContext]) -> dict:
         """Analyses the attached images before the model answers (any model, with tools or

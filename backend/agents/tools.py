@@ -42,11 +42,20 @@ class AgentTools:
     # Whether the caller's tenant has anything to search (None: assume so). Saves a query
     # embedding, and tool noise in the stream, for tenants without documents.
     has_knowledge: Callable[[Principal], Awaitable[bool]] | None = None
+    # Whether a message is close enough to the caller's knowledge base to retrieve for it
+    # (None: always). Models without tool calling get passages in their prompt only then.
+    is_relevant: Callable[[Principal, str], Awaitable[bool]] | None = None
 
     async def knowledge_for(self, principal: Principal) -> bool:
         if self.search_knowledge is None:
             return False
         return self.has_knowledge is None or await self.has_knowledge(principal)
+
+    async def retrieve_for(self, principal: Principal, message: str) -> bool:
+        """Whether to search before the model answers (for models without tool calling)."""
+        if not await self.knowledge_for(principal):
+            return False
+        return self.is_relevant is None or await self.is_relevant(principal, message)
 
     async def specs(self, principal: Principal) -> list[ToolSpec]:
         specs = []

@@ -13,10 +13,12 @@ PostgreSQL or Redis outage of up to `outage_retry_s`; a longer one leaves the jo
 The row is always written before the stream's terminal event, and recovery appends the event a
 row calls for when its stream lacks it: the two end in agreement.
 
-Search ranks by vector (HNSW, cosine) and by full text (tsvector, ts_rank_cd) separately and
-fuses the two rankings with reciprocal rank fusion. The text ranking matches any of the query's
-words (OR, ranked by cover density), as keyword search in a hybrid should: requiring all of them
-finds nothing for most natural-language questions.
+Search ranks by vector (HNSW, cosine) and by full text (tsvector, BM25) separately and fuses
+the two rankings with weighted reciprocal rank fusion. The text ranking matches any of the
+query's rarer words (OR), as keyword search in a hybrid should: requiring all of them finds
+nothing for most natural-language questions. Its matches are scored by BM25 in PostgreSQL, in
+the query that finds them: IDF from the tenant's document frequencies (lexeme_stats), term
+frequencies from each chunk's tsvector, length normalised by the tenant's average chunk length.
 """
 
 from __future__ import annotations
@@ -734,6 +736,10 @@ class KnowledgeService:
             "n": candidates,
             "k": k * 4 if rescore else k,
             "rrf": settings.rrf_k,
+            "wv": settings.rrf_vector_weight,
+            "wt": settings.rrf_text_weight,
+            "k1": settings.bm25_k1,
+            "b": settings.bm25_b,
             "common": settings.common_word_share,
             "m": settings.text_max_matches,
             "q": query,
@@ -755,7 +761,12 @@ class KnowledgeService:
                 self._ranked(principal, SearchMode.VECTOR, filters, every, ef),
                 self._ranked(principal, SearchMode.TEXT, filters, every, ef),
             )
-            rows = _fuse(ranked[0] + ranked[1], settings.rrf_k, params["k"])
+            rows = _fuse(
+                ranked[0] + ranked[1],
+                settings.rrf_k,
+                params["k"],
+                weights={"vrank": settings.rrf_vector_weight, "trank": settings.rrf_text_weight},
+            )
         else:
             rows = await self._ranked(principal, mode, filters, params, ef)
         hits = [
@@ -814,6 +825,29 @@ class KnowledgeService:
             SearchHit(**{**h.__dict__, "score": similarity.get(h.chunk_id, 0.0)})
             for h in ranked[:k]
         ]
+
+    async def relevance(self, principal: Principal, query: str) -> float:
+        """How close the knowledge base comes to a question: the cosine similarity of its
+        nearest chunk (HNSW), 0.0 with nothing to compare."""
+        query = " ".join(query.split())[: self._settings.max_query_chars]
+        if not query:
+            return 0.0
+        vector = _vector_literal(await self.query_vector(query))
+        ef = self._settings.ef_search
+        async with self._db.session(principal.tenant_id, settings=_search_settings(ef)) as session:
+            distance = await session.scalar(
+                text(
+                    "SELECT embedding <=> CAST(:v AS vector) AS d FROM chunks "
+                    "WHERE embedding_model = :model ORDER BY d LIMIT 1"
+                ),
+                {"v": vector, "model": self.embedder.name},
+            )
+        return 0.0 if distance is None else 1.0 - float(distance)
+
+    async def is_relevant(self, principal: Principal, query: str) -> bool:
+        """Whether retrieving for this question is worth a sources block: the nearest chunk is
+        at least `min_relevance` similar (calibrated by bench/retrieval_quality.py)."""
+        return await self.relevance(principal, query) >= self._settings.min_relevance
 
     async def has_documents(self, principal: Principal) -> bool:
         async with self._db.session(principal.tenant_id) as session:
@@ -880,16 +914,31 @@ def _search_settings(ef: int) -> dict[str, str]:
     }
 
 
-# The text query: the question's rarest lexemes (at most `terms`), leaving out those in more
-# than `common` of the tenant's chunks (all of them when every one is common); few, rare terms
-# keep the rows to rank few. NULL when the question has only stop words (nothing matches).
+# The text query. Matching: the question's rarest lexemes (at most `terms`), leaving out those
+# in more than `common` of the tenant's chunks (all of them when every one is common); few, rare
+# terms keep the rows to score few. NULL when the question has only stop words (nothing
+# matches). Scoring (BM25): every lexeme of the question counts, weighted by its IDF from the
+# tenant's document frequencies (lexeme_stats), against the tenant's average chunk length (a sum
+# over documents, each keeping its chunks' total).
 _TEXT_QUERY = """
     terms AS (SELECT lexeme FROM unnest(to_tsvector('english', :q))),
+    corpus AS (
+        SELECT greatest(coalesce(sum(chunk_count), 0), 1) AS n,
+               greatest(coalesce(sum(lexemes), 0), 1)::float8
+                   / greatest(coalesce(sum(chunk_count), 0), 1) AS avgdl
+        FROM documents
+    ),
+    df AS (
+        SELECT t.lexeme, least(coalesce(s.ndoc, 0), (SELECT n FROM corpus)) AS ndoc
+        FROM terms t LEFT JOIN lexeme_stats s ON s.lexeme = t.lexeme
+    ),
+    idf AS (
+        SELECT lexeme, ln(1 + ((SELECT n FROM corpus) - ndoc + 0.5) / (ndoc + 0.5)) AS w FROM df
+    ),
     rare AS (
-        SELECT t.lexeme FROM terms t LEFT JOIN lexeme_stats s ON s.lexeme = t.lexeme
-        WHERE coalesce(s.ndoc, 0) <= greatest(
-            3, CAST(:common AS float8) * (SELECT coalesce(sum(chunk_count), 0) FROM documents))
-        ORDER BY coalesce(s.ndoc, 0) LIMIT :terms
+        SELECT lexeme FROM df
+        WHERE ndoc <= greatest(3, CAST(:common AS float8) * (SELECT n FROM corpus))
+        ORDER BY ndoc LIMIT :terms
     ),
     tsq AS (
         SELECT to_tsquery('simple', coalesce(
@@ -906,15 +955,32 @@ def _search_sql(mode: SearchMode, filters: str) -> str:
             WHERE {filters} ORDER BY dist LIMIT :n
         ) c"""  # noqa: S608
     # The lexemes are stemmed already: the 'simple' configuration takes them as they are.
-    # At most `:m` matching rows are ranked: words that match more than that many passages
-    # say little about which one is meant, and ranking is the costly part. The matching runs
-    # in sightline_match_chunks (migration 0004): under row-level security `@@` cannot use GIN.
+    # At most `:m` matching rows are scored: words that match more than that many passages
+    # say little about which one is meant. The matching runs in sightline_match_chunks
+    # (migration 0011): under row-level security `@@` cannot use GIN. A match's term
+    # frequencies are read from its tsvector: setweight marks the question's lexemes, ts_filter
+    # keeps them (a few rows to unnest, not the whole passage); other lexemes that carry that
+    # weight already find no IDF row and count for nothing.
     full_text = """
-        SELECT m.id, row_number() OVER (ORDER BY m.rank DESC, m.id) AS r
-        FROM sightline_match_chunks(
-            (SELECT q FROM tsq), :model, CAST(:meta AS jsonb), CAST(:docs AS uuid[]), :m
-        ) m
-        ORDER BY m.rank DESC, m.id LIMIT :n"""
+        SELECT s.id, row_number() OVER (ORDER BY s.score DESC, s.id) AS r FROM (
+            SELECT m.id, sum(
+                i.w * f.tf * (CAST(:k1 AS float8) + 1) / (f.tf + CAST(:k1 AS float8) * (
+                    1 - CAST(:b AS float8)
+                    + CAST(:b AS float8) * m.lexemes / (SELECT avgdl FROM corpus)))
+            ) AS score
+            FROM sightline_match_chunks(
+                (SELECT q FROM tsq), :model, CAST(:meta AS jsonb), CAST(:docs AS uuid[]), :m
+            ) m
+            CROSS JOIN LATERAL (
+                SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf
+                FROM unnest(ts_filter(
+                    setweight(m.tsv, 'A', (SELECT array_agg(lexeme) FROM terms)), '{a}'
+                )) u
+            ) f
+            JOIN idf i ON i.lexeme = f.lexeme
+            GROUP BY m.id
+        ) s
+        ORDER BY s.score DESC, s.id LIMIT :n"""
     empty = "SELECT NULL::uuid AS id, NULL::bigint AS r WHERE false"
     return f"""
         WITH {_TEXT_QUERY if mode is not SearchMode.VECTOR else ""}
@@ -922,7 +988,9 @@ def _search_sql(mode: SearchMode, filters: str) -> str:
              t AS ({full_text if mode is not SearchMode.VECTOR else empty}),
              fused AS (
                 SELECT id, min(vr) AS vrank, min(tr) AS trank,
-                       sum(1.0 / (:rrf + coalesce(vr, tr))) AS score
+                       sum(CASE WHEN vr IS NOT NULL THEN CAST(:wv AS float8)
+                                ELSE CAST(:wt AS float8) END
+                           / (:rrf + coalesce(vr, tr))) AS score
                 FROM (SELECT id, r AS vr, NULL::bigint AS tr FROM v
                       UNION ALL SELECT id, NULL, r FROM t) ranked
                 GROUP BY id ORDER BY score DESC LIMIT :k
@@ -949,28 +1017,43 @@ async def remove_document(
 async def _count_lexemes(
     session: AsyncSession, tenant_id: uuid.UUID, document_id: uuid.UUID, *, sign: int
 ) -> None:
-    """Adds (sign 1) or removes (-1) a document's lexemes to the tenant's document frequencies."""
+    """Adds (sign 1) or removes (-1) a document's lexemes to the tenant's document frequencies,
+    and sets the document's total chunk length (BM25's average length is a sum over documents):
+    its chunks' total when added, 0 when removed (its chunks are going)."""
     # ts_stat takes a query text; the id is a parsed UUID, so nothing can be injected.
     chunks = f"SELECT tsv FROM chunks WHERE document_id = '{uuid.UUID(str(document_id))}'"  # noqa: S608
     await session.execute(
         text(
-            "INSERT INTO lexeme_stats (tenant_id, lexeme, ndoc) "
-            "SELECT :tenant, word, :sign * ndoc FROM ts_stat(:chunks) "
-            "ON CONFLICT (tenant_id, lexeme) DO UPDATE SET ndoc = lexeme_stats.ndoc + EXCLUDED.ndoc"
+            "WITH counted AS ("
+            " INSERT INTO lexeme_stats (tenant_id, lexeme, ndoc) "
+            " SELECT :tenant, word, :sign * ndoc FROM ts_stat(:chunks) "
+            " ON CONFLICT (tenant_id, lexeme) DO UPDATE "
+            " SET ndoc = lexeme_stats.ndoc + EXCLUDED.ndoc) "
+            "UPDATE documents SET lexemes = CASE WHEN :sign > 0 THEN coalesce("
+            " (SELECT sum(c.lexemes) FROM chunks c WHERE c.document_id = :doc), 0) ELSE 0 END "
+            "WHERE id = :doc"
         ),
-        {"tenant": tenant_id, "sign": sign, "chunks": chunks},
+        {"tenant": tenant_id, "sign": sign, "chunks": chunks, "doc": document_id},
     )
 
 
-def _fuse(rows: list[dict[str, Any]], rrf_k: int, k: int) -> list[dict[str, Any]]:
-    """Reciprocal rank fusion of single-ranking rows (each has `vrank` or `trank`)."""
+def _fuse(
+    rows: list[dict[str, Any]],
+    rrf_k: int,
+    k: int,
+    *,
+    weights: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Weighted reciprocal rank fusion of single-ranking rows (each has `vrank` or `trank`):
+    a row scores weight / (rrf_k + rank) for each ranking it is in."""
+    weights = weights or {}
     fused: dict[uuid.UUID, dict[str, Any]] = {}
     for row in rows:
         entry = fused.setdefault(row["id"], {**row, "vrank": None, "trank": None, "score": 0.0})
         for rank in ("vrank", "trank"):
             if row[rank] is not None:
                 entry[rank] = row[rank]
-                entry["score"] += 1.0 / (rrf_k + row[rank])
+                entry["score"] += weights.get(rank, 1.0) / (rrf_k + row[rank])
     ordered = sorted(fused.values(), key=lambda r: (-r["score"], str(r["id"])))
     return ordered[:k]
 

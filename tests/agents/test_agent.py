@@ -240,6 +240,44 @@ async def test_a_model_without_tools_gets_the_sources_in_its_prompt(
     assert "[2] Handbook: Support answers within a day." in system
 
 
+async def test_a_model_without_tools_gets_no_sources_for_small_talk(
+    settings: Settings,
+    account: dict,
+    llm: tuple[LLMStub, str],
+    knowledge: Knowledge,
+) -> None:
+    """Retrieval only when the knowledge base is close to the message: small talk gets no
+    search, no tool events and no sources block; a question it covers still does."""
+    stub, url = llm
+    with_chat(
+        settings,
+        url,
+        llm_model="echo",
+        models={"default": ModelSpec(base_url=url, model="echo", tools=False)},
+    )
+    asked: list[str] = []
+
+    async def is_relevant(principal: Principal, message: str) -> bool:
+        asked.append(message)
+        return "refund" in message
+
+    tools = AgentTools(search_knowledge=knowledge, is_relevant=is_relevant)
+    async with serve_live(settings, agent_tools=tools) as server:
+        token = await sign_in(server, account)
+        _, run_id = await start_run(server, token, "Hi, how are you today?")
+        small_talk = await events_of(server, token, run_id)
+        system = stub.requests[-1]["messages"][0]["content"]
+        _, run_id = await start_run(server, token, "refunds please")
+        covered = await events_of(server, token, run_id)
+    assert asked == ["Hi, how are you today?", "refunds please"]
+    assert "ToolCallStarted" not in kinds(small_talk)
+    assert kinds(small_talk)[-1] == "RunCompleted"
+    assert "Handbook" not in system
+    assert knowledge.queries == [(str(account["tenant_id"]), "refunds please")]
+    assert kinds(covered)[:3] == ["RunStarted", "ToolCallStarted", "ToolCallFinished"]
+    assert "[1] Handbook: Refunds take 14 days." in stub.requests[-1]["messages"][0]["content"]
+
+
 class Rails(PassThroughGuards):
     """Blocks inputs that say "ignore previous", redacts emails, and stops the output at
     the word "secret" (after the earlier tokens went out)."""

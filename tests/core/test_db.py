@@ -5,12 +5,21 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from alembic import command
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, text
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from backend.core.db import Database
-from backend.core.migrations import current_revisions, head_revisions, is_current, upgrade_to_head
+from backend.core.migrations import (
+    alembic_config,
+    current_revisions,
+    head_revisions,
+    is_current,
+    upgrade_to_head,
+)
 from backend.core.models import Tenant, User
 
 
@@ -147,3 +156,79 @@ async def test_every_tenant_table_has_row_level_security(engine: AsyncEngine) ->
         )
     assert flags == dict.fromkeys(TENANT_TABLES, True)
     assert policies >= set(TENANT_TABLES)
+
+
+def _migrate(connection: Connection, direction: str, revision: str) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    getattr(command, direction)(config, revision)
+
+
+async def test_bm25_lengths_migration_backfills_and_downgrades(engine: AsyncEngine) -> None:
+    """0011 fills the chunk lengths (and documents' totals) of rows written before it, and
+    goes back to 0010's text ranking."""
+    name = f"migrate_{uuid.uuid4().hex[:8]}"
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    fresh = create_async_engine(engine.url.set(database=name))
+    try:
+        async with fresh.begin() as conn:
+            await conn.run_sync(_migrate, "upgrade", "0010")
+            tenant = await conn.scalar(
+                text("INSERT INTO tenants (slug, name) VALUES ('bm25-migration', 'T') RETURNING id")
+            )
+            document = await conn.scalar(
+                text(
+                    "INSERT INTO documents (tenant_id, source, title, media_type, content_hash, "
+                    "size_bytes, chunk_count, embedding_model) "
+                    "VALUES (:t, 's', 'S', 'text/plain', 'h', 1, 2, 'm') RETURNING id"
+                ),
+                {"t": tenant},
+            )
+            for ord_, body in enumerate(["The cat sat on the cat mat.", "Dogs bark."]):
+                await conn.execute(
+                    text(
+                        "INSERT INTO chunks (tenant_id, document_id, ord, text, embedding_model, "
+                        "char_start, char_end, content_hash) "
+                        "VALUES (:t, :d, :o, :x, 'm', 0, 1, 'h')"
+                    ),
+                    {"t": tenant, "d": document, "o": ord_, "x": body},
+                )
+        async with fresh.begin() as conn:
+            await conn.run_sync(_migrate, "upgrade", "head")
+            lengths = (await conn.execute(text("SELECT lexemes FROM chunks ORDER BY ord"))).all()
+            # cat x2, sat, mat (stop words out) / dog, bark
+            assert [r.lexemes for r in lengths] == [4, 2]
+            assert await conn.scalar(text("SELECT lexemes FROM documents")) == 6
+            columns = await conn.scalar(
+                text("SELECT pg_get_function_result('sightline_match_chunks'::regproc)")
+            )
+            assert "lexemes" in columns
+        async with fresh.begin() as conn:
+            await conn.run_sync(_migrate, "downgrade", "0010")
+            assert await current_revisions_of(conn) == frozenset({"0010"})
+            left = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM information_schema.columns "
+                    "WHERE column_name = 'lexemes' AND table_name IN ('chunks', 'documents')"
+                )
+            )
+            assert left == 0
+            columns = await conn.scalar(
+                text("SELECT pg_get_function_result('sightline_match_chunks'::regproc)")
+            )
+            assert "rank" in columns
+        await upgrade_to_head(fresh)  # and up again
+        assert await current_revisions(fresh) == head_revisions()
+    finally:
+        await fresh.dispose()
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+async def current_revisions_of(conn: AsyncConnection) -> frozenset[str]:
+    return await conn.run_sync(
+        lambda sync: frozenset(MigrationContext.configure(sync).get_current_heads())
+    )

@@ -106,7 +106,8 @@ async def test_ingested_docs_answer_questions_with_the_right_passage_first(
             hits = await kb.search(principal, question, k=10, mode=mode)
             assert any(expected in h.text for h in hits), (mode, question)
     # Where every chunk shares the question's common words ("masked array"), the text ranking
-    # (no IDF in ts_rank_cd) is weak: the vector ranking finds the passage, hybrid keeps it.
+    # (common words only, whatever their weighting) is weak: the vector ranking finds the passage,
+    # hybrid keeps it.
     question = "Who became frustrated with the subclassing of masked arrays?"
     vector = await kb.search(principal, question, k=3, mode=SearchMode.VECTOR)
     assert "Gerard-Marchant" in vector[0].text
@@ -142,6 +143,75 @@ async def test_text_ranking_matches_on_words_that_tell_passages_apart(
             text("SELECT reloptions FROM pg_class WHERE relname = 'ix_chunks_tsv'")
         )
     assert "fastupdate=off" in options  # no pending list for every search to read
+
+
+async def test_text_ranking_is_bm25_idf_and_length_normalised(
+    kb: KnowledgeService,
+    database: Database,
+    redis: Redis,
+    key_prefix: str,
+    embedder: LocalEmbedder,
+) -> None:
+    """BM25 over the tenant's statistics: a passage with the question's rarest word outranks
+    one that repeats a less rare one (IDF, saturation), and a short passage outranks a long one
+    mentioning the word as often or a little more (length normalisation; `bm25_b` = 0 turns it
+    off). ts_rank_cd ranked both the other way (more occurrences, more covers): seen failing."""
+    principal = await new_principal(database)
+    sections = [f"Widget report number {i} of the plant." for i in range(74)]
+    for i in range(0, 74, 14):  # "gearbox" in 7 of 78 sections: under 10%, yet not rare
+        sections[i] += " A gearbox was found."
+    sections += [
+        "The marmot report.",  # the rarest word of the question, once
+        "Gearbox report: the gearbox, the gearbox and the old plant.",  # "gearbox" three times
+        "Lubricant.",
+        "Lubricant was poured on the widget of the plant, and the next report by the plant "
+        "manager said that the widget needed more of the lubricant, a longer report on the "
+        "state of the plant and its many widgets followed, with figures on every machine.",
+    ]
+    body = "\n\n".join(f"# Part {i}\n\n{words}" for i, words in enumerate(sections))
+    job = await kb.ingest(principal, body.encode(), source="plant.md")
+    assert (await finished(kb, principal, job.id))["last"]["status"] == "completed"
+    hits = await kb.search(principal, "marmot gearbox", k=10, mode=SearchMode.TEXT)
+    assert hits[0].heading == "Part 74", [h.text for h in hits[:3]]
+    assert hits[1].heading == "Part 75"  # the repeated word still counts, saturated
+    hits = await kb.search(principal, "lubricant", k=10, mode=SearchMode.TEXT)
+    assert [h.heading for h in hits] == ["Part 76", "Part 77"]
+    flat = knowledge(database, redis, key_prefix, embedder, bm25_b=0.0)
+    try:  # without length normalisation, two occurrences beat one
+        hits = await flat.search(principal, "lubricant", k=10, mode=SearchMode.TEXT)
+        assert [h.heading for h in hits] == ["Part 77", "Part 76"]
+    finally:
+        await flat.close(5)
+    async with database.session(principal.tenant_id) as session:  # the lengths BM25 reads
+        lengths = await session.execute(
+            text(
+                "SELECT d.lexemes, (SELECT sum(c.lexemes) FROM chunks c "
+                "WHERE c.document_id = d.id), (SELECT min(c.lexemes) FROM chunks c "
+                "WHERE c.document_id = d.id) FROM documents d"
+            )
+        )
+        total, summed, shortest = lengths.one()
+    assert total == summed > 0
+    assert shortest >= 1
+    await kb.delete(principal, hits[0].document_id)
+    async with database.session(principal.tenant_id) as session:
+        assert await session.scalar(text("SELECT count(*) FROM documents")) == 0
+
+
+async def test_relevance_tells_covered_questions_from_small_talk(
+    kb: KnowledgeService, database: Database
+) -> None:
+    """What decides whether a model without tool calling gets a sources block: the nearest
+    chunk's similarity against SIGHTLINE_KNOWLEDGE_MIN_RELEVANCE."""
+    principal = await new_principal(database)
+    assert await kb.relevance(principal, "How many TPUs were used?") == 0.0  # nothing stored
+    job = await kb.ingest(principal, MODEL_CARD.read_bytes(), filename=MODEL_CARD.name)
+    assert (await finished(kb, principal, job.id))["last"]["status"] == "completed"
+    for question in ("How many TPUs were used to train the model?", "What is the model for?"):
+        assert await kb.is_relevant(principal, question), question
+    for small_talk in ("Hi, how are you today?", "What is 2 + 2?", "Thanks, bye!"):
+        assert not await kb.is_relevant(principal, small_talk), small_talk
+    assert await kb.relevance(principal, "   ") == 0.0
 
 
 def _page(lines: list[str]) -> Image.Image:

@@ -48,6 +48,9 @@ class Document(UUIDKey, Timestamps, Base):
     content_hash: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     chunk_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # the sum of its chunks' `lexemes` (kept by ingestion): the tenant's average chunk length
+    # for BM25 is a sum over documents
+    lexemes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     embedding_model: Mapped[str] = mapped_column(String(200))
     meta: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
     created_by: Mapped[uuid.UUID | None] = mapped_column(
@@ -69,6 +72,11 @@ class Chunk(UUIDKey, Base):
     embedding_model: Mapped[str] = mapped_column(String(200))
     tsv: Mapped[Any] = mapped_column(
         TSVECTOR, Computed("to_tsvector('english', text)", persisted=True)
+    )
+    # lexeme occurrences in `tsv` (its length for BM25; migration 0011)
+    lexemes: Mapped[int] = mapped_column(
+        Integer,
+        Computed("sightline_tsvector_length(to_tsvector('english', text))", persisted=True),
     )
     heading: Mapped[str] = mapped_column(Text, default="", server_default="")
     page: Mapped[int | None] = mapped_column(Integer)

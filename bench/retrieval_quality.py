@@ -1,0 +1,533 @@
+"""Retrieval quality: recall@1, recall@10, nDCG@10 and MRR of Sightline's search modes, next to
+a plain BM25 and an exact vector search computed in the same run, on two labelled sets.
+
+1. perlfaq: the Perl FAQ (perlfaq1-9, Debian's `perl-doc` package: `apt-get install perl-doc`),
+   about 300 questions written by its authors, each labelled with its answer. The answers are
+   the passages (without their question); the questions are the queries.
+2. stdlib: docstrings of the Python standard library on this machine. A function's or class's
+   first line (its summary, "Return the number of ...") is the query; the rest of its docstring
+   is the labelled passage.
+
+Each set goes into its own tenant through the real service (KnowledgeService.ingest: sniff,
+chunk, embed with the packaged MiniLM, store), as one Markdown document per 100 passages, one
+section per passage (chunks never span sections; a hit is credited to its passage, a passage's
+later chunks are dropped from the ranking). Searches go through KnowledgeService.search (RLS,
+the SQL of each mode) with the embedded PostgreSQL, as bench/retrieval.py does.
+
+Baselines, same passages, same chunks: plain BM25 (Okapi, k1 1.2, b 0.75, lowercase words less
+English stop words, no stemming, computed here in numpy) and exact cosine k-NN over the chunks'
+stored MiniLM vectors. Hybrid fusions of those two (plain RRF, k 60) are shown too.
+
+Tuning (--tune SET): BM25 k1/b of the TEXT mode and the RRF k and weights of HYBRID are chosen
+by nDCG@10 on that set only; the figures for both sets are then printed with those settings
+(the other set is the held-out check), next to the defaults.
+
+Needs the Redis at 127.0.0.1:6379 and an embedded PostgreSQL (or SIGHTLINE_DATABASE_URL).
+Usage: python bench/retrieval_quality.py [--tune stdlib] [--stdlib 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import math
+import os
+import pkgutil
+import random
+import re
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import SecretStr
+from redis.asyncio import Redis
+from sqlalchemy import text
+
+from backend.auth.principal import CredentialKind, Principal
+from backend.auth.scopes import ALL_SCOPES
+from backend.config import DatabaseSettings, KnowledgeSettings, LimitsSettings
+from backend.core.db import Database
+from backend.core.embedded import EmbeddedPostgres
+from backend.core.migrations import upgrade_to_head
+from backend.core.models import Tenant, UserRole
+from backend.core.redis import KeySpace
+from backend.knowledge.embeddings import LocalEmbedder
+from backend.knowledge.service import KnowledgeService, SearchMode, _fuse
+from backend.limits.ratelimit import RateLimiter
+
+PERLFAQ = Path("/usr/share/perl/5.36.0/pod")
+_STOP_WORDS = (
+    "a about above after again against all am an and any are as at be because been before being "
+    "below between both but by can did do does doing down during each few for from further had "
+    "has have having he her here hers herself him himself his how i if in into is it its itself "
+    "just me more most my myself no nor not now of off on once only or other our ours ourselves "
+    "out over own same she should so some such than that the their theirs them themselves then "
+    "there these they this those through to too under until up very was we were what when where "
+    "which while who whom why will with you your yours yourself yourselves"
+)
+STOP = frozenset(_STOP_WORDS.split())
+WORD = re.compile(r"\w+")
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    name: str
+    passages: list[str]  # passage i is section "P{i}"
+    queries: list[tuple[str, int]]  # (question, index of its passage)
+
+
+def _clean_pod(body: str) -> str:
+    body = re.sub(r"[A-Z]<<+\s(.*?)\s>>+", r"\1", body, flags=re.S)
+    for _ in range(3):
+        body = re.sub(r"[A-Z]<([^<>]*)>", r"\1", body)
+    body = re.sub(r"^=\w+.*$", "", body, flags=re.M)
+    return body.strip()
+
+
+def perlfaq() -> LabelledSet:
+    """The Perl FAQ's questions (=head2) with their answers."""
+    passages, queries = [], []
+    for path in sorted(PERLFAQ.glob("perlfaq[1-9].pod")):
+        pod = path.read_text(encoding="utf-8", errors="replace")
+        for part in re.split(r"^=head2 ", pod, flags=re.M)[1:]:
+            question, _, body = part.partition("\n")
+            body = re.split(r"^=head1 ", body, flags=re.M)[0]
+            answer, question = _clean_pod(body), _clean_pod(question)
+            if len(answer.split()) >= 20 and len(question.split()) >= 3:
+                queries.append((question, len(passages)))
+                passages.append(answer)
+    if not passages:
+        raise SystemExit(f"no perlfaq under {PERLFAQ}: apt-get install perl-doc")
+    return LabelledSet("perlfaq", passages, queries)
+
+
+def stdlib(limit: int, seed: int = 11) -> LabelledSet:
+    """Summary line -> rest of the docstring, for documented stdlib functions and classes."""
+    warnings.filterwarnings("ignore")
+    skip = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "ensurepip")
+    pairs: dict[str, str] = {}
+    for info in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
+        path = str(getattr(info.module_finder, "path", ""))
+        if info.name.startswith(("_", *skip)) or not path or "site-packages" in path:
+            continue
+        try:
+            module = __import__(info.name)
+        except Exception:
+            continue
+        for name, member in inspect.getmembers(module):
+            if name.startswith("_") or not (inspect.isfunction(member) or inspect.isclass(member)):
+                continue
+            if getattr(member, "__module__", None) != info.name:
+                continue  # documented where it is defined, once
+            doc = inspect.getdoc(member) or ""
+            summary, _, rest = doc.partition("\n")
+            rest = rest.strip()
+            if re.match(r"^[\w.]+\(", summary):
+                continue  # a signature, not a sentence
+            if len(summary.split()) >= 5 and len(rest.split()) >= 20 and summary not in pairs:
+                pairs[summary] = rest
+    chosen = sorted(pairs.items())
+    random.Random(seed).shuffle(chosen)
+    chosen = chosen[:limit]
+    return LabelledSet(
+        "stdlib", [rest for _, rest in chosen], [(q, i) for i, (q, _) in enumerate(chosen)]
+    )
+
+
+def markdown(passages: Sequence[str], start: int) -> str:
+    """One section per passage; lines that Markdown would take for headings or fences are
+    defused (the passage stays one section)."""
+    parts = []
+    for i, passage in enumerate(passages, start=start):
+        body = re.sub(r"^(#+|```)", lambda m: " " * len(m.group(1)), passage, flags=re.M)
+        parts.append(f"# P{i}\n\n{body}")
+    return "\n\n".join(parts)
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+def metrics(ranked: Sequence[Sequence[int]], answers: Sequence[int]) -> dict[str, float]:
+    r1 = r10 = ndcg = mrr = 0.0
+    for passages, answer in zip(ranked, answers, strict=True):
+        if answer in passages:
+            rank = list(passages).index(answer) + 1
+            r1 += rank == 1
+            r10 += rank <= 10
+            ndcg += 1 / math.log2(rank + 1) if rank <= 10 else 0.0
+            mrr += 1 / rank
+    n = len(answers)
+    return {"recall@1": r1 / n, "recall@10": r10 / n, "nDCG@10": ndcg / n, "MRR": mrr / n}
+
+
+def passages_of(chunk_ids: Sequence[uuid.UUID], passage: dict[uuid.UUID, int]) -> list[int]:
+    """A chunk ranking as a passage ranking (each passage at its best chunk's place)."""
+    seen: dict[int, None] = {}
+    for c in chunk_ids:
+        seen.setdefault(passage[c], None)
+    return list(seen)
+
+
+# -- baselines ------------------------------------------------------------------------------
+
+
+def tokens(body: str) -> list[str]:
+    return [w for w in WORD.findall(body.lower()) if w not in STOP]
+
+
+class PlainBM25:
+    """Okapi BM25 over the chunks (Lucene's IDF), nothing shared with PostgreSQL."""
+
+    def __init__(self, docs: Sequence[str], k1: float = 1.2, b: float = 0.75) -> None:
+        self.tf = [Counter(tokens(d)) for d in docs]
+        self.lengths = np.array([sum(t.values()) for t in self.tf], dtype=np.float64)
+        self.avgdl = float(self.lengths.mean())
+        df = Counter(w for t in self.tf for w in t)
+        n = len(docs)
+        self.idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}
+        self.postings: dict[str, list[int]] = {}
+        for i, t in enumerate(self.tf):
+            for w in t:
+                self.postings.setdefault(w, []).append(i)
+        self.k1, self.b = k1, b
+
+    def rank(self, query: str) -> list[int]:
+        scores: dict[int, float] = {}
+        norm = self.k1 * (1 - self.b + self.b * self.lengths / self.avgdl)
+        for w in set(tokens(query)):
+            for i in self.postings.get(w, ()):
+                f = self.tf[i][w]
+                scores[i] = scores.get(i, 0.0) + self.idf[w] * f * (self.k1 + 1) / (f + norm[i])
+        return sorted(scores, key=lambda i: -scores[i])
+
+
+def rrf(rankings: Sequence[Sequence[int]], k: int = 60) -> list[int]:
+    score: dict[int, float] = {}
+    for ranking in rankings:
+        for r, item in enumerate(ranking, start=1):
+            score[item] = score.get(item, 0.0) + 1 / (k + r)
+    return sorted(score, key=lambda i: -score[i])
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    labelled: LabelledSet
+    principal: Principal
+    chunk_ids: list[uuid.UUID]
+    chunk_passage: dict[uuid.UUID, int]
+    chunk_texts: list[str]
+    vectors: np.ndarray  # chunk embeddings (normalised)
+    query_vectors: np.ndarray
+    ingest_s: float
+
+
+def service_with(base: KnowledgeService, settings: KnowledgeSettings) -> KnowledgeService:
+    """The same service (database, Redis, embedder, query cache) with other search settings."""
+    other = KnowledgeService.__new__(KnowledgeService)
+    other.__dict__.update(base.__dict__)
+    other._settings = settings
+    return other
+
+
+async def load(
+    db: Database, service: KnowledgeService, embedder: LocalEmbedder, labelled: LabelledSet
+) -> Loaded:
+    async with db.session() as session:
+        tenant = Tenant(slug=f"quality-{uuid.uuid4().hex[:6]}", name=labelled.name)
+        session.add(tenant)
+    principal = Principal(
+        user_id=None,  # type: ignore[arg-type]
+        tenant_id=tenant.id,
+        role=UserRole.OWNER,
+        scopes=ALL_SCOPES,
+        credential=CredentialKind.API_KEY,
+    )
+    started = time.perf_counter()
+    per_doc = 100
+    for start in range(0, len(labelled.passages), per_doc):
+        body = markdown(labelled.passages[start : start + per_doc], start)
+        job = await service.ingest(principal, body.encode(), filename=f"{labelled.name}-{start}.md")
+        events = [e async for e in await service.job_events(principal, job.id, None)]
+        if events[-1].type != "IngestionCompleted":
+            raise SystemExit(f"ingestion failed: {events[-1].data}")
+    ingest_s = time.perf_counter() - started
+    async with db.session(tenant.id) as session:
+        rows = (
+            await session.execute(
+                text("SELECT id, heading, text, embedding::text AS v FROM chunks ORDER BY id")
+            )
+        ).all()
+    ids = [r.id for r in rows]
+    chunk_passage = {r.id: int(r.heading.split(" > ")[0][1:]) for r in rows}
+    vectors = np.array([np.fromstring(r.v.strip("[]"), sep=",") for r in rows], dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = [q for q, _ in labelled.queries]
+    query_vectors = np.array([await service.query_vector(q) for q in queries], dtype=np.float32)
+    query_vectors /= np.linalg.norm(query_vectors, axis=1, keepdims=True)
+    return Loaded(
+        labelled,
+        principal,
+        ids,
+        chunk_passage,
+        [r.text for r in rows],
+        vectors,
+        query_vectors,
+        ingest_s,
+    )
+
+
+async def sightline(
+    service: KnowledgeService, data: Loaded, mode: SearchMode, k: int
+) -> list[list[uuid.UUID]]:
+    out = []
+    for question, _ in data.labelled.queries:
+        hits = await service.search(data.principal, question, k, mode=mode)
+        out.append([h.chunk_id for h in hits])
+    return out
+
+
+def fused(
+    vector: Sequence[Sequence[uuid.UUID]],
+    textual: Sequence[Sequence[uuid.UUID]],
+    rrf_k: int,
+    wv: float,
+    wt: float,
+    k: int,
+) -> list[list[uuid.UUID]]:
+    """What HYBRID returns for these two rankings (the service's own fusion)."""
+    out = []
+    for v, t in zip(vector, textual, strict=True):
+        rows = [{"id": c, "vrank": r, "trank": None} for r, c in enumerate(v, start=1)]
+        rows += [{"id": c, "vrank": None, "trank": r} for r, c in enumerate(t, start=1)]
+        top = _fuse(rows, rrf_k, k, weights={"vrank": wv, "trank": wt})
+        out.append([row["id"] for row in top])
+    return out
+
+
+def score(data: Loaded, chunk_rankings: Sequence[Sequence[uuid.UUID]]) -> dict[str, float]:
+    ranked = [passages_of(r, data.chunk_passage) for r in chunk_rankings]
+    return metrics(ranked, [a for _, a in data.labelled.queries])
+
+
+async def tune(
+    service: KnowledgeService, data: Loaded, base: KnowledgeSettings
+) -> tuple[KnowledgeSettings, list[str]]:
+    """BM25 k1/b by TEXT nDCG@10, then RRF k and weights by HYBRID nDCG@10, on one set."""
+    notes, best = [], (-1.0, base.bm25_k1, base.bm25_b)
+    n = base.candidates
+    text_runs: dict[tuple[float, float], list[list[uuid.UUID]]] = {}
+    for k1 in (0.6, 0.9, 1.2, 1.6, 2.0):
+        for b in (0.3, 0.5, 0.75, 0.9):
+            settings = base.model_copy(update={"bm25_k1": k1, "bm25_b": b})
+            run = await sightline(service_with(service, settings), data, SearchMode.TEXT, n)
+            text_runs[k1, b] = run
+            value = score(data, run)["nDCG@10"]
+            best = max(best, (value, k1, b))
+    notes.append(f"BM25 k1={best[1]} b={best[2]} (TEXT nDCG@10 {best[0]:.3f})")
+    textual = text_runs[best[1], best[2]]
+    vector = await sightline(service, data, SearchMode.VECTOR, n)
+    fusion = (-1.0, base.rrf_k, 1.0, 1.0)
+    for rrf_k in (5, 10, 20, 40, 60, 100):
+        for wt in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0):
+            value = score(data, fused(vector, textual, rrf_k, 1.0, wt, 50))["nDCG@10"]
+            fusion = max(fusion, (value, rrf_k, 1.0, wt))
+    notes.append(
+        f"RRF k={fusion[1]} weights vector {fusion[2]} text {fusion[3]} "
+        f"(HYBRID nDCG@10 {fusion[0]:.3f})"
+    )
+    tuned = base.model_copy(
+        update={
+            "bm25_k1": best[1],
+            "bm25_b": best[2],
+            "rrf_k": fusion[1],
+            "rrf_vector_weight": fusion[2],
+            "rrf_text_weight": fusion[3],
+        }
+    )
+    return tuned, notes
+
+
+async def report(
+    service: KnowledgeService, data: Loaded, settings: dict[str, KnowledgeSettings]
+) -> list[tuple[str, dict[str, float]]]:
+    rows: list[tuple[str, dict[str, float]]] = []
+    for label, s in settings.items():
+        tuned = service_with(service, s)
+        for mode in (SearchMode.TEXT, SearchMode.VECTOR, SearchMode.HYBRID):
+            if mode is SearchMode.VECTOR and rows and label != next(iter(settings)):
+                continue  # vector search has no setting tuned here
+            run = await sightline(tuned, data, mode, 50)
+            rows.append((f"Sightline {mode.name} ({label})", score(data, run)))
+    plain = PlainBM25(data.chunk_texts)
+    bm25 = [[data.chunk_ids[i] for i in plain.rank(q)] for q, _ in data.labelled.queries]
+    exact = [
+        [data.chunk_ids[i] for i in np.argsort(-(data.vectors @ qv))[:200]]
+        for qv in data.query_vectors
+    ]
+    rows.append(("plain BM25 (k1 1.2, b 0.75)", score(data, bm25)))
+    rows.append(("exact vector k-NN (cosine)", score(data, exact)))
+    both = [[c for c in rrf([b[:100], e[:100]])] for b, e in zip(bm25, exact, strict=True)]
+    rows.append(("RRF(plain BM25, exact vector), k 60", score(data, both)))
+    return rows
+
+
+SMALL_TALK = [
+    "Hi, how are you today?",
+    "What is 2 + 2?",
+    "Thanks, that was helpful!",
+    "Good morning!",
+    "Can you tell me a joke?",
+    "What's the weather like?",
+    "Who are you?",
+    "Hello there",
+    "Nice to meet you.",
+    "What time is it?",
+    "Tell me something interesting.",
+    "How was your weekend?",
+    "Bye for now.",
+    "What is the capital of France?",
+    "Write me a haiku about autumn.",
+    "Who won the football match yesterday?",
+    "What should I cook for dinner tonight?",
+    "I'm bored.",
+    "Do you like music?",
+    "Translate 'good night' into German.",
+]
+
+
+async def calibrate(
+    service: KnowledgeService, loaded: dict[str, Loaded], tune_on: str
+) -> tuple[float, list[str]]:
+    """The relevance threshold for models without tool calling: the nearest chunk's cosine
+    similarity for the set's own questions (in scope) against small talk and the other set's
+    questions (out of scope); chosen on `tune_on`, checked on the other."""
+    names = list(loaded)
+    scores: dict[str, tuple[list[float], list[float]]] = {}
+    for name in names:
+        data = loaded[name]
+        other = loaded[next(n for n in names if n != name)].labelled.queries[:100]
+        inside = [await service.relevance(data.principal, q) for q, _ in data.labelled.queries]
+        outside = [await service.relevance(data.principal, q) for q in SMALL_TALK]
+        outside += [await service.relevance(data.principal, q) for q, _ in other]
+        scores[name] = (inside, outside)
+
+    def rates(name: str, threshold: float) -> tuple[float, float]:
+        inside, outside = scores[name]
+        kept = sum(v >= threshold for v in inside) / len(inside)
+        dropped = sum(v < threshold for v in outside) / len(outside)
+        return kept, dropped
+
+    # The highest threshold that still retrieves for 95% of the questions the set covers: a
+    # covered question that gets no sources costs more than small talk that gets some.
+    candidates = [t / 100 for t in range(5, 80)]
+    best = max(t for t in candidates if rates(tune_on, t)[0] >= 0.95)
+    lines = []
+    for name in names:
+        inside, outside = scores[name]
+        kept, dropped = rates(name, best)
+        q = np.percentile
+        lines.append(
+            f"{name}: in-scope questions similarity p10/p50 {q(inside, 10):.2f}/"
+            f"{q(inside, 50):.2f}, out-of-scope p50/p90 {q(outside, 50):.2f}/"
+            f"{q(outside, 90):.2f}; at {best:.2f}: {kept:.1%} of questions retrieve, "
+            f"{dropped:.1%} of small talk and other-domain questions do not "
+            f"(small talk alone: {sum(v < best for v in outside[: len(SMALL_TALK)])}"
+            f"/{len(SMALL_TALK)}, its highest {max(outside[: len(SMALL_TALK)]):.2f})"
+        )
+    return best, lines
+
+
+def table(name: str, data: Loaded, rows: list[tuple[str, dict[str, float]]]) -> None:
+    print(
+        f"\n{name}: {len(data.labelled.passages)} passages ({len(data.chunk_ids)} chunks), "
+        f"{len(data.labelled.queries)} questions; ingested in {data.ingest_s:.0f} s"
+    )
+    print(f"| {'ranking':44} | recall@1 | recall@10 | nDCG@10 |   MRR |")
+    print(f"|{'-' * 46}|---------:|----------:|--------:|------:|")
+    for label, m in rows:
+        print(
+            f"| {label:44} | {m['recall@1']:8.3f} | {m['recall@10']:9.3f} | "
+            f"{m['nDCG@10']:7.3f} | {m['MRR']:5.3f} |"
+        )
+
+
+async def main(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="sightline-bench-quality-"))
+    url, pg = os.environ.get("SIGHTLINE_DATABASE_URL"), None
+    if url is None:
+        pg = EmbeddedPostgres(workdir / "postgres")
+        url = await asyncio.to_thread(pg.start)
+    db = Database.connect(url, DatabaseSettings(url=SecretStr(url), pool_size=5))
+    redis = Redis.from_url(os.environ.get("SIGHTLINE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    prefix = f"bench-quality-{uuid.uuid4().hex[:6]}:"
+    embedder = LocalEmbedder()
+    defaults = KnowledgeSettings()
+    service = KnowledgeService(
+        db=db,
+        redis=redis,
+        keys=KeySpace(prefix),
+        embedder=embedder,
+        limiter=RateLimiter(redis, KeySpace(prefix), LimitsSettings(enabled=False)),
+        settings=defaults,
+        own_embedder=False,
+    )
+    try:
+        await upgrade_to_head(db.engine)
+        await embedder.load()
+        sets = {"perlfaq": perlfaq(), "stdlib": stdlib(args.stdlib)}
+        loaded = {name: await load(db, service, embedder, s) for name, s in sets.items()}
+        threshold, lines = await calibrate(service, loaded, args.tune)
+        print(
+            f"relevance threshold (SIGHTLINE_KNOWLEDGE_MIN_RELEVANCE) {threshold:.2f}, "
+            f"tuned on {args.tune}:"
+        )
+        for line in lines:
+            print("  " + line)
+        if args.calibrate_only:
+            return
+        base = replace_settings(defaults, bm25_k1=1.2, bm25_b=0.75, rrf_k=60)
+        base = base.model_copy(update={"rrf_vector_weight": 1.0, "rrf_text_weight": 1.0})
+        tuned, notes = await tune(service, loaded[args.tune], base)
+        print(f"retrieval quality: MiniLM-L6 (384-d), {os.cpu_count()} CPUs; tuned on {args.tune}:")
+        for note in notes:
+            print("  " + note)
+        compared = {"k1 1.2 b 0.75, RRF 60 1:1": base, "tuned": tuned}
+        for name, data in loaded.items():
+            role = "tuning set" if name == args.tune else "held out"
+            table(f"{name} ({role})", data, await report(service, data, compared))
+    finally:
+        await service.close(5)
+        await embedder.aclose()
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+        await db.dispose()
+        if pg is not None:
+            await asyncio.to_thread(pg.stop)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def replace_settings(settings: KnowledgeSettings, **values: object) -> KnowledgeSettings:
+    return settings.model_copy(update=values)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tune", choices=("perlfaq", "stdlib"), default="stdlib")
+    parser.add_argument("--stdlib", type=int, default=400, help="stdlib questions")
+    parser.add_argument(
+        "--calibrate-only", action="store_true", help="the relevance threshold only"
+    )
+    asyncio.run(main(parser.parse_args()))
