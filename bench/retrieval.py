@@ -33,6 +33,8 @@ import tempfile
 import time
 import uuid
 import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -105,27 +107,8 @@ def pct(values: list[float], q: float) -> float:
 
 async def main(args: argparse.Namespace) -> None:
     random.seed(7)
-    workdir = Path(tempfile.mkdtemp(prefix="sightline-bench-kb-"))
-    url, pg = os.environ.get("SIGHTLINE_DATABASE_URL"), None
-    if url is None:
-        pg = EmbeddedPostgres(workdir / "postgres")
-        url = await asyncio.to_thread(pg.start)
-    db = Database.connect(url, DatabaseSettings(url=SecretStr(url), pool_size=5))
-    redis = Redis.from_url(os.environ.get("SIGHTLINE_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    prefix = f"bench-kb-{uuid.uuid4().hex[:6]}:"
-    embedder = LocalEmbedder()
     settings = KnowledgeSettings()
-    service = KnowledgeService(
-        db=db,
-        redis=redis,
-        keys=KeySpace(prefix),
-        embedder=embedder,
-        limiter=RateLimiter(redis, KeySpace(prefix), LimitsSettings(enabled=False)),
-        settings=settings,
-        own_embedder=False,
-    )
-    try:
-        await upgrade_to_head(db.engine)
+    async with knowledge_stack("kb", settings) as (db, service, embedder):
         async with db.session() as session:
             tenant = Tenant(slug=f"bench-{uuid.uuid4().hex[:6]}", name="Bench")
             session.add(tenant)
@@ -136,7 +119,6 @@ async def main(args: argparse.Namespace) -> None:
             scopes=ALL_SCOPES,
             credential=CredentialKind.API_KEY,
         )
-        await embedder.load()
         docs = stdlib_docs()
         random.shuffle(docs)
         sentences = sentences_of(docs)
@@ -220,6 +202,36 @@ async def main(args: argparse.Namespace) -> None:
             f"{len(pool):,} sentences embedded in {sentence_embed_s:.0f} s; bulk fill and HNSW "
             f"build {fill_s:.0f} s)"
         )
+
+
+@asynccontextmanager
+async def knowledge_stack(
+    name: str, settings: KnowledgeSettings
+) -> AsyncIterator[tuple[Database, KnowledgeService, LocalEmbedder]]:
+    """A knowledge service on a migrated database (SIGHTLINE_DATABASE_URL, or an embedded
+    PostgreSQL of its own) and Redis, its embedder loaded; all of it gone afterwards."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"sightline-bench-{name}-"))
+    url, pg = os.environ.get("SIGHTLINE_DATABASE_URL"), None
+    if url is None:
+        pg = EmbeddedPostgres(workdir / "postgres")
+        url = await asyncio.to_thread(pg.start)
+    db = Database.connect(url, DatabaseSettings(url=SecretStr(url), pool_size=5))
+    redis = Redis.from_url(os.environ.get("SIGHTLINE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    prefix = f"bench-{name}-{uuid.uuid4().hex[:6]}:"
+    embedder = LocalEmbedder()
+    service = KnowledgeService(
+        db=db,
+        redis=redis,
+        keys=KeySpace(prefix),
+        embedder=embedder,
+        limiter=RateLimiter(redis, KeySpace(prefix), LimitsSettings(enabled=False)),
+        settings=settings,
+        own_embedder=False,
+    )
+    try:
+        await upgrade_to_head(db.engine)
+        await embedder.load()
+        yield db, service, embedder
     finally:
         await service.close(5)
         await embedder.aclose()

@@ -36,8 +36,6 @@ import os
 import pkgutil
 import random
 import re
-import shutil
-import tempfile
 import time
 import uuid
 import warnings
@@ -47,21 +45,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import SecretStr
-from redis.asyncio import Redis
+from retrieval import knowledge_stack  # bench/ is sys.path[0] when run as a script
 from sqlalchemy import text
 
 from backend.auth.principal import CredentialKind, Principal
 from backend.auth.scopes import ALL_SCOPES
-from backend.config import DatabaseSettings, KnowledgeSettings, LimitsSettings
+from backend.config import KnowledgeSettings
 from backend.core.db import Database
-from backend.core.embedded import EmbeddedPostgres
-from backend.core.migrations import upgrade_to_head
 from backend.core.models import Tenant, UserRole
-from backend.core.redis import KeySpace
 from backend.knowledge.embeddings import LocalEmbedder
 from backend.knowledge.service import KnowledgeService, SearchMode, _fuse
-from backend.limits.ratelimit import RateLimiter
 
 PERLFAQ = Path("/usr/share/perl/5.36.0/pod")
 _STOP_WORDS = (
@@ -463,28 +456,8 @@ def table(name: str, data: Loaded, rows: list[tuple[str, dict[str, float]]]) -> 
 
 
 async def main(args: argparse.Namespace) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="sightline-bench-quality-"))
-    url, pg = os.environ.get("SIGHTLINE_DATABASE_URL"), None
-    if url is None:
-        pg = EmbeddedPostgres(workdir / "postgres")
-        url = await asyncio.to_thread(pg.start)
-    db = Database.connect(url, DatabaseSettings(url=SecretStr(url), pool_size=5))
-    redis = Redis.from_url(os.environ.get("SIGHTLINE_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    prefix = f"bench-quality-{uuid.uuid4().hex[:6]}:"
-    embedder = LocalEmbedder()
     defaults = KnowledgeSettings()
-    service = KnowledgeService(
-        db=db,
-        redis=redis,
-        keys=KeySpace(prefix),
-        embedder=embedder,
-        limiter=RateLimiter(redis, KeySpace(prefix), LimitsSettings(enabled=False)),
-        settings=defaults,
-        own_embedder=False,
-    )
-    try:
-        await upgrade_to_head(db.engine)
-        await embedder.load()
+    async with knowledge_stack("quality", defaults) as (db, service, embedder):
         sets = {"perlfaq": perlfaq(), "stdlib": stdlib(args.stdlib)}
         loaded = {name: await load(db, service, embedder, s) for name, s in sets.items()}
         threshold, lines = await calibrate(service, loaded, args.tune)
@@ -496,8 +469,15 @@ async def main(args: argparse.Namespace) -> None:
             print("  " + line)
         if args.calibrate_only:
             return
-        base = replace_settings(defaults, bm25_k1=1.2, bm25_b=0.75, rrf_k=60)
-        base = base.model_copy(update={"rrf_vector_weight": 1.0, "rrf_text_weight": 1.0})
+        base = defaults.model_copy(
+            update={
+                "bm25_k1": 1.2,
+                "bm25_b": 0.75,
+                "rrf_k": 60,
+                "rrf_vector_weight": 1.0,
+                "rrf_text_weight": 1.0,
+            }
+        )
         tuned, notes = await tune(service, loaded[args.tune], base)
         print(f"retrieval quality: MiniLM-L6 (384-d), {os.cpu_count()} CPUs; tuned on {args.tune}:")
         for note in notes:
@@ -506,21 +486,6 @@ async def main(args: argparse.Namespace) -> None:
         for name, data in loaded.items():
             role = "tuning set" if name == args.tune else "held out"
             table(f"{name} ({role})", data, await report(service, data, compared))
-    finally:
-        await service.close(5)
-        await embedder.aclose()
-        keys = [k async for k in redis.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await redis.delete(*keys)
-        await redis.aclose()
-        await db.dispose()
-        if pg is not None:
-            await asyncio.to_thread(pg.stop)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def replace_settings(settings: KnowledgeSettings, **values: object) -> KnowledgeSettings:
-    return settings.model_copy(update=values)
 
 
 if __name__ == "__main__":
