@@ -11,7 +11,12 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from backend.auth.errors import InvalidGrant, InvalidRequest, OAuthError, UnsupportedGrantType
-from backend.auth.oidc import OIDCLogin
+from backend.auth.oidc import (
+    BINDING_COOKIE_PATH,
+    LOGIN_TTL_S,
+    OIDCLogin,
+    binding_cookie_name,
+)
 from backend.auth.service import AuthService, require_request_field
 from backend.core.untrusted import unstorable_text
 from backend.errors import NotFound, RateLimited, ServiceUnavailable, expected_error
@@ -124,49 +129,7 @@ def oauth_router(
             return _token_error(exc)
         return JSONResponse(result.as_json(), headers=_NO_STORE)
 
-    @router.get("/oauth/oidc/login", include_in_schema=True)
-    async def oidc_login(request: Request, return_to: str | None = None) -> Response:
-        """Redirects to the external OpenID Connect provider (404 when none is configured)."""
-        oidc = oidc_of(request)
-        if oidc is None:
-            raise NotFound("OIDC sign-in is not configured")
-        try:
-            return RedirectResponse(await oidc.start(return_to), status_code=302)
-        except OAuthError as exc:
-            return _oauth_error(exc)
-        except Exception as exc:
-            return _unavailable(exc)
-
-    @router.get("/oauth/oidc/callback")
-    async def oidc_callback(
-        request: Request,
-        code: str | None = None,
-        state: str | None = None,
-        error: str | None = None,
-    ) -> Response:
-        """The provider sends the browser back here; answers our tokens (or redirects with
-        them in the URL fragment to the `return_to` the login started with)."""
-        oidc = oidc_of(request)
-        if oidc is None:
-            raise NotFound("OIDC sign-in is not configured")
-        try:
-            if error:
-                raise InvalidGrant(f"the identity provider answered {error[:100]}")
-            identity = await oidc.finish(
-                require_request_field(code, "code"), require_request_field(state, "state")
-            )
-            ip = request.client.host if request.client else None
-            tokens = await auth_of(request).external_sign_in(identity, ip)
-        except OAuthError as exc:
-            return _oauth_error(exc)
-        except Exception as exc:
-            return _unavailable(exc)
-        if identity.return_to:
-            fragment = urlencode({k: str(v) for k, v in tokens.as_json().items()})
-            return RedirectResponse(
-                f"{identity.return_to}#{fragment}", status_code=303, headers=_NO_STORE
-            )
-        return JSONResponse(tokens.as_json(), headers=_NO_STORE)
+    _add_oidc_routes(router, auth_of, oidc_of)
 
     @router.post("/oauth/revoke")
     async def revoke(request: Request, token: FormField = None) -> JSONResponse:
@@ -187,3 +150,76 @@ def oauth_router(
         )
 
     return router
+
+
+def _add_oidc_routes(
+    router: APIRouter,
+    auth_of: Callable[[Request], AuthService],
+    oidc_of: Callable[[Request], OIDCLogin | None],
+) -> None:
+    """External sign-in: the login redirect and the provider's callback."""
+
+    @router.get("/oauth/oidc/login", include_in_schema=True)
+    async def oidc_login(request: Request, return_to: str | None = None) -> Response:
+        """Redirects to the external OpenID Connect provider (404 when none is configured)."""
+        oidc = oidc_of(request)
+        if oidc is None:
+            raise NotFound("OIDC sign-in is not configured")
+        try:
+            login = await oidc.start(return_to)
+        except OAuthError as exc:
+            return _oauth_error(exc)
+        except Exception as exc:
+            return _unavailable(exc)
+        response = RedirectResponse(login.url, status_code=302, headers=_NO_STORE)
+        response.set_cookie(
+            login.cookie_name,
+            login.cookie_value,
+            max_age=LOGIN_TTL_S,
+            path=BINDING_COOKIE_PATH,
+            secure=oidc.secure_cookies,
+            httponly=True,
+            samesite="lax",  # sent on the provider's top-level redirect back, not on subrequests
+        )
+        return response
+
+    @router.get("/oauth/oidc/callback")
+    async def oidc_callback(
+        request: Request,
+        code: str | None = None,
+        state: str | None = None,
+        error: str | None = None,
+    ) -> Response:
+        """The provider sends the browser back here; answers our tokens (or redirects with
+        them in the URL fragment to the `return_to` the login started with)."""
+        oidc = oidc_of(request)
+        if oidc is None:
+            raise NotFound("OIDC sign-in is not configured")
+        try:
+            if error:
+                raise InvalidGrant(f"the identity provider answered {error[:100]}")
+            state = require_request_field(state, "state")
+            identity = await oidc.finish(
+                require_request_field(code, "code"),
+                state,
+                request.cookies.get(binding_cookie_name(state)),
+            )
+            ip = request.client.host if request.client else None
+            tokens = await auth_of(request).external_sign_in(identity, ip)
+        except OAuthError as exc:
+            response = _oauth_error(exc)
+        except Exception as exc:
+            response = _unavailable(exc)
+        else:
+            if identity.return_to:
+                fragment = urlencode({k: str(v) for k, v in tokens.as_json().items()})
+                response = RedirectResponse(
+                    f"{identity.return_to}#{fragment}", status_code=303, headers=_NO_STORE
+                )
+            else:
+                response = JSONResponse(tokens.as_json(), headers=_NO_STORE)
+        if state:  # the login is used up, whatever became of it: its cookie goes too
+            response.delete_cookie(
+                binding_cookie_name(state), path=BINDING_COOKIE_PATH, httponly=True
+            )
+        return response

@@ -8,13 +8,23 @@ What a started login must remember (nonce, PKCE verifier, `return_to`) lives in 
 minutes and is consumed once (GETDEL), so a callback works on any replica and cannot be replayed.
 authlib's own state store is not used: it binds the state to a browser session cookie and reads
 it before deleting it, so two racing callbacks could both pass.
+
+A login is also bound to the browser that started it: `start` hands back a random binder that
+the login endpoint sets as a cookie (its SHA-256 is stored with the login), and `finish` refuses
+a callback that does not bring it. Without this, an attacker could start a login, stop at the
+callback and send that link to a victim, whose browser would then sign in as the attacker
+(login CSRF). The cookie's name carries a digest of the state, so two logins started in two tabs
+do not overwrite each other.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import ssl
 import time
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,6 +48,27 @@ HTTP_TIMEOUT_S = 10.0
 ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "Ed25519", "EdDSA"]
 # The id_token claim a check failed on, as the error names it.
 _CLAIM_NAMES = {"iss": "issuer", "aud": "audience", "azp": "audience (azp)"}
+
+
+# The cookie that binds a login to its browser: sent back only to the callback's path.
+BINDING_COOKIE_PATH = "/oauth/oidc"
+
+
+@dataclass(frozen=True, slots=True)
+class StartedLogin:
+    """Where to send the browser, and the cookie that must come back with the callback."""
+
+    url: str
+    cookie_name: str
+    cookie_value: str
+
+
+def binding_cookie_name(state: str) -> str:
+    return f"sightline_oidc_{hashlib.sha256(state.encode()).hexdigest()[:16]}"
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
 
 
 class OIDCLogin:
@@ -68,8 +99,13 @@ class OIDCLogin:
             },
         )
 
-    async def start(self, return_to: str | None) -> str:
-        """The provider URL to send the browser to."""
+    @property
+    def secure_cookies(self) -> bool:
+        """Whether the binding cookie is Secure: when the callback is served over HTTPS."""
+        return urlsplit(self._settings.oidc_redirect_url or "").scheme == "https"
+
+    async def start(self, return_to: str | None) -> StartedLogin:
+        """The provider URL to send the browser to, and the cookie binding the login to it."""
         if return_to is not None and not self._allowed_return(return_to):
             raise InvalidRequest("return_to is not an allowed origin")
         await self._discover()
@@ -80,6 +116,7 @@ class OIDCLogin:
             )
         except (httpx.HTTPError, RuntimeError) as exc:
             raise ServiceUnavailable(f"identity provider discovery failed: {exc}") from None
+        binder = generate_token(43)
         await self._redis.set(
             self._keys("login", login["state"]),
             json.dumps(
@@ -87,18 +124,22 @@ class OIDCLogin:
                     "nonce": login["nonce"],
                     "verifier": login["code_verifier"],
                     "return_to": return_to,
+                    "binder": _digest(binder),
                 }
             ),
             ex=LOGIN_TTL_S,
         )
-        return str(login["url"])
+        return StartedLogin(str(login["url"]), binding_cookie_name(login["state"]), binder)
 
-    async def finish(self, code: str, state: str) -> ExternalIdentity:
-        """Exchanges the code and verifies the id_token; the login's state is consumed."""
+    async def finish(self, code: str, state: str, binder: str | None) -> ExternalIdentity:
+        """Exchanges the code and verifies the id_token; the login's state is consumed.
+        `binder` is the binding cookie the browser sent back (None when it sent none)."""
         raw = await self._redis.getdel(self._keys("login", state))
         if raw is None:
             raise InvalidGrant("unknown or already used login state")
         login = json.loads(raw)
+        if binder is None or not hmac.compare_digest(_digest(binder), str(login.get("binder"))):
+            raise InvalidGrant("this sign-in was started in another browser")
         await self._discover()
         try:
             token = await self._provider.fetch_access_token(

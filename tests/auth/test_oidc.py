@@ -206,6 +206,29 @@ async def test_a_callback_cannot_be_replayed(
     assert replay.json()["error"] == "invalid_grant"
 
 
+async def test_a_login_finishes_only_in_the_browser_that_started_it(
+    oidc_client: httpx.AsyncClient,
+) -> None:
+    """Login CSRF: a callback link from a login someone else started signs nobody in, even in
+    a browser that has a login of its own under way."""
+    attacker = await oidc_client.get("/oauth/oidc/login")
+    cookie = attacker.headers["set-cookie"].lower()
+    assert "httponly" in cookie
+    assert "samesite=lax" in cookie
+    assert "path=/oauth/oidc" in cookie
+    assert "secure" not in cookie  # the test callback URL is plain http
+    async with httpx.AsyncClient() as browser:
+        consent = await browser.get(attacker.headers["location"])
+    link = parse_qs(urlsplit(consent.headers["location"]).query)
+    oidc_client.cookies.clear()  # the victim's browser: it never started that login
+    assert (await oidc_client.get("/oauth/oidc/login")).status_code == 302  # but one of its own
+    refused = await oidc_client.get("/oauth/oidc/callback", params=link)
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_grant"
+    assert "another browser" in refused.json()["error_description"]
+    assert (await _through_provider(oidc_client)).status_code == 200  # its own sign-in works
+
+
 async def test_without_a_provider_the_endpoints_are_404(client: httpx.AsyncClient) -> None:
     assert (await client.get("/oauth/oidc/login")).status_code == 404
 
