@@ -56,9 +56,12 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-async def wait_ready(url: str, attempts: int = 600) -> None:
+async def wait_ready(url: str, within_s: float = 300.0) -> None:
+    """Waits for `url` to answer below 500; a server loading its models on a busy machine can
+    take minutes (a 60 s limit here failed runs on a loaded machine)."""
+    deadline = time.monotonic() + within_s
     async with httpx.AsyncClient() as http:
-        for _ in range(attempts):
+        while time.monotonic() < deadline:
             try:
                 if (await http.get(url, timeout=1)).status_code < 500:
                     return

@@ -133,7 +133,7 @@ async def litellm_proxy(stub_url: str) -> AsyncIterator[tuple[str, str, subproce
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        await wait_ready(f"{url}/health/liveliness", attempts=1800)  # about 20 s when idle
+        await wait_ready(f"{url}/health/liveliness")  # about 20 s when idle
         yield f"{url}/v1", key, proxy
     finally:
         proxy.terminate()
