@@ -1,0 +1,329 @@
+"""deploy/kubernetes: every overlay renders with `kubectl kustomize`, every object is valid
+against the Kubernetes schemas (kubernetes-validate, offline), and the manifests set only
+settings that exist, with values `Settings` accepts.
+
+Custom resources (ServiceMonitor, PrometheusRule) are not in kubernetes-validate's schemas:
+their apiVersion, kind and required fields are checked here by hand."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from backend.config import SECTIONS, Settings, _Section
+
+ROOT = Path(__file__).resolve().parents[2]
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+OVERLAYS = ("overlays/dev", "overlays/prod", "overlays/prod/migrate")
+KUBERNETES_VERSION = "1.32.0"  # the clusters these manifests target (kubectl here is v1.32)
+KUBECTL = shutil.which("kubectl")
+
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with Kustomize) not installed")
+
+_rendered: dict[str, list[dict[str, Any]]] = {}
+
+
+def render(directory: str | Path) -> list[dict[str, Any]]:
+    key = str(directory)
+    if key not in _rendered:
+        assert KUBECTL is not None
+        done = subprocess.run(
+            [KUBECTL, "kustomize", str(KUBERNETES / directory)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        _rendered[key] = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    return _rendered[key]
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in of_kind(objects, kind) if o["metadata"]["name"] == name]
+    assert len(found) == 1, (kind, name, [o["metadata"]["name"] for o in of_kind(objects, kind)])
+    return found[0]
+
+
+def containers(obj: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    spec = obj.get("spec", {}).get("template", {}).get("spec", {})
+    yield from spec.get("initContainers", [])
+    yield from spec.get("containers", [])
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+def setting_variables() -> set[str]:
+    """Every environment variable `Settings` reads, as the README's table names them, and the
+    `<VARIABLE>_FILE` form each one also accepts."""
+    names: set[str] = set()
+    for section in SECTIONS:
+        prefix = str(section.model_config.get("env_prefix", ""))
+        for name, field in section.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, _Section):
+                continue
+            names.add(f"{prefix}{name.upper()}")
+    return names | {f"{name}_FILE" for name in names}
+
+
+# -- Rendering and schemas ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_every_object_is_valid(overlay: str) -> None:
+    import kubernetes_validate
+
+    objects = render(overlay)
+    assert objects
+    for obj in objects:
+        where = f"{overlay}: {obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            _check_prometheus_operator_resource(obj, where)
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{where}: {exc.message} at {'.'.join(map(str, exc.path))}")
+        assert obj["metadata"].get("namespace"), f"{where}: no namespace"  # none cluster-wide
+
+
+def _check_prometheus_operator_resource(obj: dict[str, Any], where: str) -> None:
+    """The CRDs' required fields (monitoring.coreos.com/v1), checked structurally."""
+    assert obj["apiVersion"] == "monitoring.coreos.com/v1", where
+    assert obj["metadata"].get("name"), where
+    spec = obj["spec"]
+    if obj["kind"] == "ServiceMonitor":
+        assert isinstance(spec["selector"], dict) and spec["selector"], where
+        endpoints = spec["endpoints"]
+        assert endpoints, where
+        for endpoint in endpoints:
+            assert endpoint.get("port") or endpoint.get("targetPort"), where
+            assert set(endpoint) <= {
+                "port",
+                "targetPort",
+                "path",
+                "interval",
+                "scrapeTimeout",
+                "scheme",
+                "honorLabels",
+                "relabelings",
+                "metricRelabelings",
+            }, where
+    elif obj["kind"] == "PrometheusRule":
+        for group in spec["groups"]:
+            assert group["name"] and group["rules"], where
+            for rule in group["rules"]:
+                assert ("alert" in rule) != ("record" in rule), (where, rule)
+                assert isinstance(rule["expr"], str | int) and str(rule["expr"]).strip(), where
+    else:
+        pytest.fail(f"{where}: unexpected custom resource")
+
+
+def test_the_schema_check_can_fail() -> None:
+    """The validation above is not vacuous: an unknown field and a wrong type are refused."""
+    import kubernetes_validate
+
+    deployment = one(render("overlays/prod"), "Deployment", "sightline-api")
+    broken = yaml.safe_load(yaml.safe_dump(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+    broken = yaml.safe_load(yaml.safe_dump(deployment))
+    broken["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "sixty"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+# -- Settings -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_sightline_variable_is_a_setting(overlay: str) -> None:
+    known = setting_variables()
+    for obj in render(overlay):
+        for container in containers(obj):
+            unknown = {n for n in env_of(container) if n.startswith("SIGHTLINE_")} - known
+            assert not unknown, f"{obj['kind']}/{obj['metadata']['name']}: {sorted(unknown)}"
+
+
+def test_the_settings_check_knows_the_variables() -> None:
+    known = setting_variables()
+    assert {"SIGHTLINE_ENV", "SIGHTLINE_DATA_DIR", "SIGHTLINE_SERVER_GRACEFUL_SHUTDOWN_S"} <= known
+    assert "SIGHTLINE_DATABASE_URL_FILE" in known
+    assert "SIGHTLINE_SERVER_GRACEFULL_SHUTDOWN_S" not in known  # a typo would be caught
+    assert "SIGHTLINE_SERVER" not in known  # a section is not a variable
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_settings_accept_the_manifest_values(
+    overlay: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each container's environment loads as `Settings` (production refuses a missing URL or a
+    weak key): the `_FILE` paths point at stand-in files holding valid values."""
+    stand_ins = {
+        "SIGHTLINE_DATABASE_URL_FILE": "postgresql://sightline:x@sightline-postgres:5432/sightline",
+        "SIGHTLINE_REDIS_URL_FILE": "redis://sightline-redis:6379/0",
+        "SIGHTLINE_SECURITY_SECRET_KEY_FILE": "k" * 48,
+    }
+    for obj in render(overlay):
+        for container in containers(obj):
+            env = env_of(container)
+            for name in list(os.environ):
+                if name.startswith("SIGHTLINE_"):
+                    monkeypatch.delenv(name)
+            for name, value in env.items():
+                if name in stand_ins:
+                    path = tmp_path / name
+                    path.write_text(stand_ins[name], encoding="utf-8")
+                    assert value.startswith("/run/secrets/"), (name, value)
+                    value = str(path)
+                monkeypatch.setenv(name, value)
+            settings = Settings()
+            assert settings.env == "production"
+            assert isinstance(settings.database.url, SecretStr)
+            assert not settings.should_migrate_on_start  # the migrations Job does it
+
+
+def test_no_secret_values_in_the_manifests() -> None:
+    """Secrets come by reference (files from an existing Secret): no Secret object is rendered
+    and no variable holding a secret is set to a value."""
+    secret_fields = {
+        variable
+        for variable in setting_variables()
+        if not variable.endswith("_FILE")
+        and any(word in variable for word in ("URL", "SECRET", "KEY", "PASSWORD"))
+    }
+    secret_fields -= {"SIGHTLINE_CHAT_LLM_BASE_URL", "SIGHTLINE_AUTH_OIDC_REDIRECT_URL"}
+    for overlay in OVERLAYS:
+        objects = render(overlay)
+        assert not of_kind(objects, "Secret"), overlay
+        for obj in objects:
+            for container in containers(obj):
+                assert not set(env_of(container)) & secret_fields, obj["metadata"]["name"]
+
+
+# -- The API's shape ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod"])
+def test_api_probes_and_drain(overlay: str) -> None:
+    deployment = one(render(overlay), "Deployment", "sightline-api")
+    pod = deployment["spec"]["template"]["spec"]
+    (api,) = pod["containers"]
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    startup = api["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # model loading
+    env = env_of(api)
+    assert env["SIGHTLINE_SERVER_PORT"] == "8000" == str(api["ports"][0]["containerPort"])
+    # The grace covers preStop, uvicorn's connection drain and the run drain after it (both
+    # SIGHTLINE_SERVER_GRACEFUL_SHUTDOWN_S), with room for the other services' close.
+    drain = float(env["SIGHTLINE_SERVER_GRACEFUL_SHUTDOWN_S"])
+    pre_stop = api["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 2 * drain + 10
+    context = api["securityContext"]
+    assert context["readOnlyRootFilesystem"] and not context["allowPrivilegeEscalation"]
+    assert pod["securityContext"]["runAsNonRoot"]
+    mounts = {m["mountPath"] for m in api["volumeMounts"]}
+    assert {env["SIGHTLINE_DATA_DIR"], "/tmp"} <= mounts
+    for name in ("SIGHTLINE_DATABASE_URL_FILE", "SIGHTLINE_REDIS_URL_FILE"):
+        assert any(env[name].startswith(m + "/") for m in mounts), name
+    assert api["resources"]["requests"] and api["resources"]["limits"]
+
+
+def test_dev_is_one_small_replica_with_its_migrations() -> None:
+    objects = render("overlays/dev")
+    assert one(objects, "Deployment", "sightline-api")["spec"]["replicas"] == 1
+    assert not of_kind(objects, "HorizontalPodAutoscaler")
+    job = one(objects, "Job", "sightline-migrate")
+    assert next(containers(job))["args"] == ["sightline", "migrate"]
+
+
+def test_prod_scales_on_cpu_and_active_chat_runs() -> None:
+    from backend.core.metrics import Metrics
+
+    objects = render("overlays/prod")
+    deployment = one(objects, "Deployment", "sightline-api")
+    assert "replicas" not in deployment["spec"]  # the HPA owns the count
+    assert deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    hpa = one(objects, "HorizontalPodAutoscaler", "sightline-api")
+    assert hpa["spec"]["minReplicas"] == 3
+    kinds = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert kinds["Resource"]["resource"]["name"] == "cpu"
+    metric = kinds["Pods"]["pods"]["metric"]["name"]
+    exported = {m.name for m in Metrics().registry.collect()}
+    assert metric in exported, metric  # the gauge the server really exports
+    pdb = one(objects, "PodDisruptionBudget", "sightline-api")
+    assert pdb["spec"]["minAvailable"] == 2
+    assert not of_kind(objects, "Job")  # run per release: overlays/prod/migrate
+
+
+def test_prod_migrations_match_the_release() -> None:
+    api = one(render("overlays/prod"), "Deployment", "sightline-api")
+    job = one(render("overlays/prod/migrate"), "Job", "sightline-migrate")
+    assert api["metadata"]["namespace"] == job["metadata"]["namespace"]
+    assert next(containers(api))["image"] == next(containers(job))["image"]
+    secret = {v["name"]: v for v in api["spec"]["template"]["spec"]["volumes"]}["secrets"]
+    job_secret = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}["secrets"]
+    assert secret == job_secret
+
+
+def test_only_database_clients_reach_postgres_and_redis() -> None:
+    for overlay in ("overlays/dev", "overlays/prod"):
+        objects = render(overlay)
+        policies = of_kind(objects, "NetworkPolicy")
+        opening = [
+            p
+            for p in policies
+            for rule in p["spec"].get("egress", [])
+            if {port["port"] for port in rule.get("ports", [])} & {5432, 6379}
+        ]
+        assert len(opening) == 1
+        selector = opening[0]["spec"]["podSelector"]["matchLabels"]
+        clients = [
+            o
+            for o in objects
+            if o["kind"] in ("Deployment", "Job")
+            and selector.items() <= o["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert {o["metadata"]["name"] for o in clients} <= {"sightline-api", "sightline-migrate"}
+        deny = one(objects, "NetworkPolicy", "sightline-default-deny")
+        assert set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        assert "ingress" not in deny["spec"] and "egress" not in deny["spec"]
+
+
+def test_every_dashboard_is_in_the_configmap_once() -> None:
+    dashboards = sorted(p.name for p in (ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
+    config_map = one(render("overlays/prod"), "ConfigMap", "sightline-grafana-dashboards")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert sorted(config_map["data"]) == dashboards
+    for name in dashboards:
+        on_disk = (ROOT / "deploy" / "grafana" / "dashboards" / name).read_text(encoding="utf-8")
+        assert config_map["data"][name] == on_disk
+    copies = [p for p in KUBERNETES.rglob("*.json")]
+    assert not copies  # one place only: deploy/grafana/dashboards
+
+
+def test_service_monitor_scrapes_the_api_service() -> None:
+    objects = render("overlays/prod")
+    monitor = one(objects, "ServiceMonitor", "sightline-api")
+    service = one(objects, "Service", "sightline-api")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    ports = {p["name"] for p in service["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
