@@ -231,11 +231,11 @@ def test_api_probes_and_drain(overlay: str) -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # model loading
     env = env_of(api)
     assert env["SIGHTLINE_SERVER_PORT"] == "8000" == str(api["ports"][0]["containerPort"])
-    # The grace covers preStop, uvicorn's connection drain and the run drain after it (both
-    # SIGHTLINE_SERVER_GRACEFUL_SHUTDOWN_S), with room for the other services' close.
+    # The grace covers preStop, uvicorn's connection drain, the run drain and the inference
+    # pool's worker join (each SIGHTLINE_SERVER_GRACEFUL_SHUTDOWN_S), with room to spare.
     drain = float(env["SIGHTLINE_SERVER_GRACEFUL_SHUTDOWN_S"])
     pre_stop = api["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 2 * drain + 10
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 3 * drain + 10
     context = api["securityContext"]
     assert context["readOnlyRootFilesystem"]
     assert not context["allowPrivilegeEscalation"]
