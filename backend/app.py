@@ -362,6 +362,7 @@ def create_app(
             lambda request: request.state.services.openai,
             lambda request: request.state.services.auth,
             settings.server,
+            on_error=lambda route, code: metrics.error("openai", code, route),
         )
     )
     app.include_router(
