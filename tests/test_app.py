@@ -79,7 +79,7 @@ def test_operation_names_are_bounded_labels() -> None:
 
 
 def test_error_codes_are_bounded_labels() -> None:
-    metrics = Metrics()
+    metrics = Metrics(max_error_codes=100)
     assert metrics.code_label("NOT_FOUND") == "NOT_FOUND"
     assert metrics.code_label("not a code") == "OTHER"
     assert metrics.code_label(None) == "OTHER"

@@ -193,6 +193,8 @@ def test_alert_rules_pass_their_unit_tests() -> None:
     assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
+# a server with its inference pool warming three models, a chat, a search and a vision job
+@pytest.mark.timeout(scaled(600))
 async def test_every_panel_and_rule_names_an_exported_metric(
     chat_settings: Settings,  # noqa: F811
     engine: AsyncEngine,

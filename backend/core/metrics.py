@@ -22,9 +22,8 @@ from backend import __version__
 # Operation names come from clients: only well-formed ones become label values.
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # Error codes are the server's own (AppError.code), but a library may set one: only
-# upper-case identifiers become label values, and at most MAX_ERROR_CODES of them.
+# upper-case identifiers become label values, and at most `max_error_codes` of them.
 _CODE_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,47}$")
-MAX_ERROR_CODES = 100
 ANONYMOUS = "anonymous"
 OTHER = "other"
 
@@ -42,7 +41,7 @@ def multiprocess_dir() -> str | None:
 class Metrics:
     """The metrics of one app instance, in a registry of its own (tests build many apps)."""
 
-    def __init__(self, max_operation_names: int = 500) -> None:
+    def __init__(self, max_operation_names: int = 500, max_error_codes: int = 100) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.build_info = Gauge(
@@ -243,6 +242,7 @@ class Metrics:
         self._names: set[str] = set()
         self._max_names = max_operation_names
         self._codes: set[str] = set()
+        self._max_codes = max_error_codes
         self._lock = threading.Lock()
 
     def operation_label(self, name: str | None) -> str:
@@ -266,7 +266,7 @@ class Metrics:
         if code in self._codes:
             return code
         with self._lock:
-            if len(self._codes) >= MAX_ERROR_CODES:
+            if len(self._codes) >= self._max_codes:
                 return OTHER.upper()
             self._codes.add(code)
         return code
