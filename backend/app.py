@@ -311,7 +311,10 @@ def create_app(
         embedder: the knowledge base's embedder (default: from settings; tests share one).
     """
     settings = settings or Settings()
-    metrics = Metrics(max_operation_names=settings.graphql.max_operation_names)
+    metrics = Metrics(
+        max_operation_names=settings.graphql.max_operation_names,
+        max_error_codes=settings.telemetry.metrics_max_error_codes,
+    )
     tracer_provider = build_tracer_provider(settings.telemetry, span_processors)
 
     @asynccontextmanager
@@ -362,6 +365,7 @@ def create_app(
             lambda request: request.state.services.openai,
             lambda request: request.state.services.auth,
             settings.server,
+            on_error=lambda route, code: metrics.error("openai", code, route),
         )
     )
     app.include_router(

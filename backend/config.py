@@ -253,6 +253,9 @@ class TelemetrySettings(_Section):
     log_level: str = Field("INFO", description="Root log level.")
     log_format: LogFormat = Field(LogFormat.JSON, description="`json` or `text` logs.")
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics on /metrics.")
+    metrics_max_error_codes: int = Field(
+        100, ge=1, description="Distinct error codes tracked in metrics; others are 'OTHER'."
+    )
 
 
 class SecuritySettings(_Section):

@@ -265,8 +265,11 @@ class InferencePool:
             self._dispatchers.append(
                 asyncio.create_task(self._dispatch(self._queues[name]), name=f"batcher-{name}")
             )
+            if self._metrics is not None:
+                self._metrics.inference_capacity(name, manifest.version, manifest.max_queue)
         for index in range(self._size):
             self._spawn(index)
+        self._workers_changed()
 
     async def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Waits until every model is warm or has failed to load."""
@@ -331,6 +334,8 @@ class InferencePool:
         if state.status is ModelStatus.FAILED:
             raise ModelUnavailable(f"{model} failed to load: {state.error}")
         if len(queue) + len(inputs) > state.manifest.max_queue:
+            if self._metrics is not None:
+                self._metrics.inference_overloaded(model, state.manifest.version)
             raise Overloaded(f"{model} has {len(queue)} items queued")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
@@ -338,6 +343,8 @@ class InferencePool:
         queue.lanes[0 if priority is Priority.LIVE else 1].extend(items)
         queue.arrived(now)
         queue.grew.set()
+        if self._metrics is not None:
+            self._metrics.inference_queue(model, state.manifest.version, len(queue))
         try:
             async with asyncio.timeout(timeout_s):
                 return list(await asyncio.gather(*(i.future for i in items)))
@@ -388,6 +395,7 @@ class InferencePool:
                 self._waits[batch_id] = [now - i.enqueued for i in items]
                 self._batch_models[batch_id] = manifest
                 self._metrics.inference_queue(manifest.name, manifest.version, len(queue))
+            self._workers_changed()
             if not worker.send(("run", batch_id, manifest.name, [i.value for i in items])):
                 self._lost(worker)
 
@@ -440,6 +448,7 @@ class InferencePool:
                 item.future.set_exception(ERRORS.get(result[1], InferenceError)(result[2]))
         if worker.alive and not worker.running:
             self._idle.put_nowait(worker)
+        self._workers_changed()
 
     def _lost(self, worker: _Worker) -> None:
         if not worker.alive:
@@ -458,9 +467,18 @@ class InferencePool:
             return
         if self._restarts >= self._max_restarts:
             log.error("inference worker restarts exhausted (%d)", self._restarts)
+            self._workers_changed()
             return
         self._restarts += 1
         self._spawn(worker.index)
+        if self._metrics is not None:
+            self._metrics.inference_worker_restarted()
+        self._workers_changed()
+
+    def _workers_changed(self) -> None:
+        if self._metrics is not None:
+            alive = [w for w in self._workers if w.alive]
+            self._metrics.inference_workers_changed(len(alive), sum(1 for w in alive if w.running))
 
     def _fail_running(self, worker: _Worker, error: InferenceError) -> None:
         for batch_id in worker.running:
