@@ -427,7 +427,9 @@ class Agent:
             )
             return {}
         except Exception as exc:  # an answer without citations, never a failed turn
-            log.warning("run %s: attribution failed (%r); the answer has no citations", ctx.run_id, exc)
+            log.warning(
+                "run %s: attribution failed (%r); the answer has no citations", ctx.run_id, exc
+            )
             return {}
         for body in found:
             await ctx.hooks.event("CitationAdded", body)

@@ -866,7 +866,11 @@ class KnowledgeService:
                     "FROM chunks c, unnest(CAST(:vs AS text[])) WITH ORDINALITY AS s(v, ord) "
                     "WHERE c.id = ANY(:ids) AND c.embedding_model = :model"
                 ),
-                {"vs": [_vector_literal(v) for v in vectors], "ids": ids, "model": self.embedder.name},
+                {
+                    "vs": [_vector_literal(v) for v in vectors],
+                    "ids": ids,
+                    "model": self.embedder.name,
+                },
             )
             found: list[dict[str, float]] = [{} for _ in texts]
             for r in rows:
