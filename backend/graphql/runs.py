@@ -14,7 +14,7 @@ from strawberry.types import Info
 
 from backend.agents import runs
 from backend.core import models
-from backend.graphql.chat import CHAT, CONFIDENCE, EXPLICIT, MessageType, citation_fields
+from backend.graphql.chat import CHAT, CitationType, MessageType, citation_fields
 from backend.graphql.context import Context
 from backend.graphql.ids import parse_id
 from backend.graphql.permissions import until_credential_ends
@@ -136,18 +136,8 @@ class ToolCallFinished(RunEvent):
     "model wrote no marker (`explicit` false, after the answer's last token); the chunk and "
     "its span in the document are linked."
 )
-class CitationAdded(RunEvent):
-    index: int
-    chunk_id: strawberry.ID
-    document_id: strawberry.ID
-    title: str
-    answer_start: int
-    answer_end: int
-    page: int | None
-    char_start: int | None
-    char_end: int | None
-    confidence: float = strawberry.field(description=CONFIDENCE)
-    explicit: bool = strawberry.field(description=EXPLICIT)
+class CitationAdded(RunEvent, CitationType):
+    pass
 
 
 @strawberry.type(
