@@ -134,6 +134,7 @@ async def build_services(
             search_knowledge=knowledge.search_knowledge,
             has_knowledge=knowledge.has_documents,
             is_relevant=knowledge.is_relevant,
+            similarity=knowledge.similarities,
             analyze_image=_image_tool(vision, guardrails),
         )
     agent = Agent(
