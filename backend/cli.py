@@ -368,8 +368,11 @@ def _manifest_checks(settings: Settings) -> list[Check]:
         except ManifestError as exc:
             checks.append(Check(f"weights {manifest.name}", False, str(exc), required=False))
         else:
-            detail = "sha256 matches" if manifest.sha256 else "present (no sha256 to check)"
-            if not manifest.weights:
+            files = manifest.model_files()
+            detail = "present (no sha256 to check)"
+            if files and all(sha256 for _, _, sha256 in files):
+                detail = "sha256 matches" + (f" ({len(files)} files)" if len(files) > 1 else "")
+            if not files:
                 detail = "no weights file"
             checks.append(Check(f"weights {manifest.name}", True, detail, required=False))
     return checks
