@@ -4,6 +4,7 @@ ingest, privacy."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import difflib
 import errno
 import json
@@ -276,6 +277,39 @@ def migrate() -> None:
 def version() -> None:
     """Print the version."""
     out.print(__version__)
+
+
+@app.command()
+def models() -> None:
+    """Print the vision models this server serves, as the README's Markdown table: each
+    manifest's name, version, task, runtime, source, licence, checked sha256 and size, and
+    Tesseract (the OCR engine of the server process)."""
+    from backend.inference.manifest import load_manifests, model_table
+
+    settings = _settings()
+    extra = []
+    tessdata = settings.vision.tessdata / "eng.traineddata"
+    try:
+        import tesserocr
+
+        version = str(tesserocr.tesseract_version().split()[1])
+        package = f"`tesserocr=={importlib.metadata.version('tesserocr')}`"
+        size = f"{tessdata.stat().st_size / 1e6:.1f} MB" if tessdata.is_file() else "none"
+        extra.append(
+            (
+                "`tesseract`",
+                version,
+                "ocr",
+                "tesserocr (server threads)",
+                f"{package}, Debian's `tesseract-ocr-eng` (language data)",
+                "Apache-2.0",
+                "not pinned (Debian package)",
+                f"{size} (eng)",
+            )
+        )
+    except ImportError:
+        pass
+    typer.echo(model_table(load_manifests(settings.vision.models_dir), extra))
 
 
 @dataclass

