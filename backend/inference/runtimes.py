@@ -274,8 +274,9 @@ def _rapidocr(manifest: ModelManifest, threads: int) -> BatchFn:
     """RapidOCR (PP-OCR text detection, orientation and recognition on onnxruntime) from the
     manifest's verified `files` (never a download). Its text detection scales the long side to
     at most `input.limit_side_len` (`limit_type` max): RapidOCR's default scales the short side
-    up, which takes seconds on a small image. Images run one by one (a page is many crops that
-    RapidOCR batches itself)."""
+    up, which takes seconds on a small image. The orientation classifier runs only with
+    `input.use_cls`; text lines are recognised `input.rec_batch_num` at a time (a batch is
+    padded to its widest line). Images run one by one."""
     import cv2
     from rapidocr import RapidOCR
 
@@ -283,13 +284,14 @@ def _rapidocr(manifest: ModelManifest, threads: int) -> BatchFn:
     files = manifest.files
     params: dict[str, Any] = {
         "Global.log_level": "warning",
-        "Global.use_cls": "cls" in files,
+        "Global.use_cls": "cls" in files and bool(spec.get("use_cls", False)),
         "Global.return_word_box": True,
         "Global.text_score": float(spec.get("text_score", 0.5)),
         "Det.model_path": files["det"]["path"],
         "Det.limit_type": str(spec.get("limit_type", "max")),
         "Det.limit_side_len": int(spec.get("limit_side_len", 960)),
         "Rec.model_path": files["rec"]["path"],
+        "Rec.rec_batch_num": int(spec.get("rec_batch_num", 1)),
         "EngineConfig.onnxruntime.intra_op_num_threads": threads,
         "EngineConfig.onnxruntime.inter_op_num_threads": 1,
     }
