@@ -4,9 +4,9 @@ ingest, privacy."""
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import difflib
 import errno
+import importlib.metadata
 import json
 import os
 import platform
@@ -288,27 +288,22 @@ def models() -> None:
 
     settings = _settings()
     extra = []
-    tessdata = settings.vision.tessdata / "eng.traineddata"
-    try:
-        import tesserocr
-
-        version = str(tesserocr.tesseract_version().split()[1])
-        package = f"`tesserocr=={importlib.metadata.version('tesserocr')}`"
-        size = f"{tessdata.stat().st_size / 1e6:.1f} MB" if tessdata.is_file() else "none"
+    [tesseract] = [m for m in PACKAGED_MODELS if m.name == "tesseract"]
+    if tesseract.installed():
+        # the engine and its language data are Debian's: their version and size vary by host
+        package = f"tesserocr=={importlib.metadata.version('tesserocr')}"
         extra.append(
             (
                 "`tesseract`",
-                version,
-                "ocr",
+                f"{tesseract.version} (the system's)",
+                tesseract.task.value,
                 "tesserocr (server threads)",
-                f"{package}, Debian's `tesseract-ocr-eng` (language data)",
+                f"`{package}`, Debian's `tesseract-ocr-eng` (language data)",
                 "Apache-2.0",
                 "not pinned (Debian package)",
-                f"{size} (eng)",
+                "about 4 MB (eng, fast)",
             )
         )
-    except ImportError:
-        pass
     typer.echo(model_table(load_manifests(settings.vision.models_dir), extra))
 
 

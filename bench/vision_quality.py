@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import re
 import statistics
@@ -74,8 +75,8 @@ def prose(words_wanted: int, seed: int) -> list[str]:
             texts.append(text)
     words: list[str] = []
     for text in texts:
-        for line in text.splitlines():
-            line = line.strip()
+        for raw in text.splitlines():
+            line = raw.strip()
             if len(line) > 20 and not re.search(r"(.)\1{4,}", line):  # rulers: ---- ====
                 words += line.split()
     start = random.Random(seed).randrange(0, max(1, len(words) - words_wanted))
@@ -132,7 +133,7 @@ def variant(page: Image.Image, kind: str, rng: random.Random) -> np.ndarray:
         light = np.linspace(1.0, 0.7, width, dtype=np.float32)[None, :, None]  # a lamp on the left
         rgb = np.clip(rgb.astype(np.float32) * light, 0, 255).astype(np.uint8)
         rgb = cv2.GaussianBlur(rgb, (0, 0), 0.8)
-        ok, jpeg = cv2.imencode(".jpg", rgb, [cv2.IMWRITE_JPEG_QUALITY, 80])
+        _, jpeg = cv2.imencode(".jpg", rgb, [cv2.IMWRITE_JPEG_QUALITY, 80])
         rgb = cv2.imdecode(jpeg, cv2.IMREAD_UNCHANGED)
     return np.ascontiguousarray(rgb)
 
@@ -221,8 +222,9 @@ async def main(args: argparse.Namespace) -> None:
     if failed:
         raise SystemExit(f"models not served: {failed}")
     vision = service(pool, settings)
-    print(f"models warm in {time.perf_counter() - started:.1f} s "
-          f"(1 worker x {args.threads} threads)", flush=True)  # fmt: skip
+    load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    warm = time.perf_counter() - started
+    print(f"models warm in {warm:.1f} s (1 worker x {args.threads} threads); {load}", flush=True)
 
     # OCR: the same pages for both engines
     fonts = (
@@ -352,7 +354,7 @@ async def main(args: argparse.Namespace) -> None:
             "",
         )
     )
-    print()
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("| measure | model | result | beside it (same run) | target |")
     print("|---|---|---|---|---|")
     for row in rows:

@@ -26,8 +26,14 @@ SSD_MOBILENET_V2_CONFIG_SHA256 = "af72da998866289c47021ca4df447951564a787f00874b
 # classifier, in ONNX, inside the wheel of `rapidocr==3.10.0` (Apache-2.0).
 RAPIDOCR_VERSION = "3.10.0"
 RAPIDOCR_FILES = {
-    "det": ("PP-OCRv6_det_small.onnx", "090f04abcd9d9a7498bc4ebf677e4cb9bdce1fe4197ddb7e529f1ef44e1ff94f"),
-    "rec": ("PP-OCRv6_rec_small.onnx", "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884"),
+    "det": (
+        "PP-OCRv6_det_small.onnx",
+        "090f04abcd9d9a7498bc4ebf677e4cb9bdce1fe4197ddb7e529f1ef44e1ff94f",
+    ),
+    "rec": (
+        "PP-OCRv6_rec_small.onnx",
+        "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884",
+    ),
     "cls": (
         "ch_ppocr_mobile_v2.0_cls_mobile.onnx",
         "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
@@ -172,9 +178,7 @@ def _source(distribution: str) -> str:
         return distribution
 
 
-def model_table(
-    manifests: Sequence[ModelManifest], extra: Sequence[tuple[str, ...]] = ()
-) -> str:
+def model_table(manifests: Sequence[ModelManifest], extra: Sequence[tuple[str, ...]] = ()) -> str:
     """A Markdown table of the models (name, version, task, runtime, source, licence, the
     sha256 each file is checked against, the files' size), plus `extra` rows."""
     rows = [("name", "version", "task", "runtime", "source package", "licence", "sha256", "size")]

@@ -354,8 +354,10 @@ def _ocr_result(boxes: Any, texts: Any, scores: Any, word_results: Any) -> dict[
     if boxes is None or texts is None:
         return {"text": "", "lines": lines, "words": words}
     per_line = list(word_results or ())
-    for index, (quad, text, score) in enumerate(zip(boxes, texts, scores or (), strict=False)):
-        text = str(text).strip()
+    for index, (quad, found_text, score) in enumerate(
+        zip(boxes, texts, scores or (), strict=False)
+    ):
+        text = str(found_text).strip()
         if not text:
             continue
         box = _box(quad)
