@@ -762,6 +762,11 @@ class VisionSettings(JobRecoverySettings):
         "ssd-mobilenet-v2-coco",
         description="Default detection model (`haar-frontalface`: the face cascade).",
     )
+    ocr_engine: str = Field(
+        "tesseract",
+        description="Default OCR engine: `tesseract`, or an OCR model of the inference pool "
+        "(`rapidocr`: PP-OCRv6 on onnxruntime).",
+    )
     detect_min_score: float = Field(
         0.5, ge=0, le=1, description="Detection: the score a box needs, unless a request asks."
     )

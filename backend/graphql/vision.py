@@ -216,6 +216,13 @@ class VisionMutation:
         tasks: list[VisionTask],  # type: ignore[valid-type]
         classifier: str | None = None,
         detector: str | None = None,
+        ocr_engine: Annotated[
+            str | None,
+            strawberry.argument(
+                description="OCR: `tesseract` or an OCR model the inference pool serves "
+                "(`rapidocr`); default: SIGHTLINE_VISION_OCR_ENGINE."
+            ),
+        ] = None,
         language: str = "eng",
         top_k: int = 5,
         min_score: Annotated[
@@ -242,6 +249,7 @@ class VisionMutation:
             [Task(t) for t in tasks],
             classifier=classifier,
             detector=detector,
+            ocr_engine=ocr_engine,
             language=language,
             top_k=top_k,
             min_score=min_score,
