@@ -118,11 +118,13 @@ class LocalEmbedder:
         self._max_delay_s = max_delay_s
         self._timeout_s = timeout_s
         self._pool: ProcessPoolExecutor | None = None
+        self.worker_starts = 0  # each start loads the model (tests see a warm-up happened)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._batcher: asyncio.Task[None] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            self.worker_starts += 1
             self._pool = ProcessPoolExecutor(
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
