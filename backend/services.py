@@ -51,7 +51,6 @@ class Services:
     grace_s: float = 10.0
     warm_up: WarmUp | None = None  # None: SIGHTLINE_SERVER_WARM_UP=false
 
-
     async def aclose(self) -> None:
         """Stops every service; each step is timed in the log (a slow shutdown says where)."""
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
