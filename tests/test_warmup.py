@@ -5,29 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from httpx import ASGITransport, AsyncClient
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from backend.app import create_app
 from backend.config import GuardrailSettings, ServerSettings, Settings, VisionSettings
 from backend.core.db import Database
-from backend.core.warmup import Warmth
+from backend.core.warmup import Warmth, WarmUp
+from backend.guardrails.engines import build_guardrails
 from backend.knowledge.embeddings import Embedder, LocalEmbedder
-from backend.services import Services
 from tests.agents.test_runs import account, chat_settings, gql, llm, sign_in
 from tests.conftest import (
     GUARDRAIL_TIMEOUT_S,
     VISION_TIMEOUTS,
     LiveServer,
-    lifespan,
     scaled,
     serve_live,
 )
@@ -57,17 +52,6 @@ class HeldEmbedder:
 
     async def aclose(self) -> None:
         pass
-
-
-@asynccontextmanager
-async def started(
-    settings: Settings, db: Database, redis: Redis, embedder: Embedder
-) -> AsyncIterator[tuple[AsyncClient, Services]]:
-    application = create_app(settings, db=db, redis=redis, embedder=embedder)
-    async with lifespan(application) as manager:
-        transport = ASGITransport(app=manager.app)
-        async with AsyncClient(transport=transport, base_url="http://sightline.test") as http:
-            yield http, manager._state["services"]
 
 
 async def readyz(server: LiveServer, until: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
@@ -157,28 +141,28 @@ async def test_models_warm_in_the_background_and_one_that_fails_says_why(
         }
 
 
-async def test_the_first_topic_check_after_warm_up_loads_nothing(
-    settings: Settings, db: Database, redis: Redis
-) -> None:
-    settings = settings.model_copy(
-        update={"server": ServerSettings(warm_up=True), "guardrails": RAILS}
-    )
+async def test_the_first_topic_check_after_warm_up_loads_nothing(db: Database) -> None:
     fresh = LocalEmbedder()  # not the session's: this one has loaded nothing yet
+    rails = build_guardrails(db, RAILS, embedder=fresh)
+    warm_up = WarmUp(scaled(600))
     try:
+        principal = await principal_of(db)
         assert fresh.worker_starts == 0
-        async with started(settings, db, redis, fresh) as (_, services):
-            assert services.warm_up is not None
-            async with asyncio.timeout(scaled(300)):
-                await services.warm_up.wait()
-            assert services.warm_up.states()["topic rail"].status is Warmth.READY
-            assert fresh.worker_starts == 1  # the warm-up loaded MiniLM
-            assert services.guardrails is not None
-            verdict = await services.guardrails.check_input(
-                await principal_of(db), "What are good cooking recipes for pasta?", []
-            )
-            assert "topic" in [d.rail for d in verdict.decisions]
-            assert fresh.worker_starts == 1  # the check loaded no model
+        for name, step in rails.warm_ups().items():  # as the app starts them
+            warm_up.start(name, step)
+        await warm_up.wait()
+        assert {n: s.status for n, s in warm_up.states().items()} == {
+            "injection classifier": Warmth.READY,
+            "topic rail": Warmth.READY,
+            "image rail": Warmth.READY,
+        }
+        assert fresh.worker_starts == 1  # the warm-up loaded MiniLM
+        verdict = await rails.check_input(principal, "What are good cooking recipes for pasta?", [])
+        assert "topic" in [d.rail for d in verdict.decisions]
+        assert fresh.worker_starts == 1  # the check loaded no model
     finally:
+        await warm_up.close()
+        await rails.close()
         await fresh.aclose()
 
 
