@@ -30,6 +30,9 @@ from tests.guardrails.test_service import principal_of
 
 __all__ = ["account", "chat_settings", "llm"]  # fixtures of the live-server tests
 
+# Every test here waits for real models to load (a minute each on a busy machine).
+pytestmark = pytest.mark.timeout(scaled(600))
+
 DENIED = "cooking recipes"
 RAILS = GuardrailSettings(
     check_timeout_s=GUARDRAIL_TIMEOUT_S,
@@ -66,7 +69,6 @@ async def readyz(server: LiveServer, until: Callable[[dict[str, Any]], bool]) ->
             await asyncio.sleep(0.2)
 
 
-@pytest.mark.timeout(scaled(600))  # every default model loads: slow on a busy machine
 async def test_models_warm_in_the_background_and_one_that_fails_says_why(
     chat_settings: Settings,
     engine: AsyncEngine,
