@@ -122,6 +122,20 @@ class ServerSettings(_Section):
     graceful_shutdown_s: float = Field(
         10.0, gt=0, description="Seconds open connections get to finish on shutdown."
     )
+    warm_up: bool = Field(
+        True,
+        description="Load and run every default model once at startup, in the background (the "
+        "embedder, the rails' models, OCR; the inference pool's models warm in any case), so "
+        "that no first request pays a load.",
+    )
+    warm_up_timeout_s: float = Field(
+        600.0, gt=0, description="Longest one model's warm-up may take before it counts as failed."
+    )
+    ready_after_warm_up: bool = Field(
+        True,
+        description="`/readyz` answers 503 until every model has warmed up (or failed to): a "
+        "replica gets traffic only once warm. Off: ready as soon as PostgreSQL and Redis answer.",
+    )
 
 
 class DatabaseSettings(_Section):

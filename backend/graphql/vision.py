@@ -78,7 +78,11 @@ class VisionModel:
     version: str
     task: str
     runtime: str
-    status: str
+    status: str = strawberry.field(
+        description="`loading` (its weights load and it runs once on a worker: not served "
+        "yet), `ready`, or `failed` (not served; `error` says why: weights missing or not "
+        "matching their sha256, a load or warm-up run that raised)."
+    )
     error: str | None
     batches: int
     items: int

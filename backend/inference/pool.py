@@ -7,7 +7,8 @@ in the serving process, so heavy work never runs on the event loop.
 - A queue at its model's `max_queue` refuses new items at once (`Overloaded`), so latency stays
   bounded instead of growing without limit.
 - A batch that runs out of memory is split in halves and tried again, down to single items;
-  only an item that fails alone fails.
+  a batch that raises anything else runs again item by item. Either way only an item that
+  fails alone fails (`OUT_OF_MEMORY`, `INFERENCE_FAILED`), and the worker goes on.
 - A worker that dies fails its running batch (`WorkerLost`) and is replaced; queued items wait
   for the replacement.
 - Models load in the workers, asynchronously, with a warm-up run; a model is served once one
@@ -71,20 +72,27 @@ def _warm_input(manifest: ModelManifest) -> Any | None:
 
 
 def _run_split(fn: Any, inputs: list[Any]) -> list[tuple[str, Any]]:
-    """Runs a batch; on out-of-memory, each half on its own (down to single items)."""
+    """Runs a batch; on out-of-memory, each half on its own (down to single items); on any
+    other error, each item alone, so that only the items that fail alone fail."""
     from backend.inference.runtimes import out_of_memory
 
     try:
-        outputs = fn(inputs)
+        outputs = list(fn(inputs))
+        if len(outputs) != len(inputs):
+            raise RuntimeError(f"the model returned {len(outputs)} outputs for {len(inputs)}")
         return [("ok", o) for o in outputs]
-    except BaseException as exc:
-        if not out_of_memory(exc):
-            return [("err", "INFERENCE_FAILED", f"{type(exc).__name__}: {exc}")] * len(inputs)
-        _release_memory()
+    except Exception as exc:
+        if out_of_memory(exc):
+            _release_memory()
+            if len(inputs) == 1:
+                return [("err", "OUT_OF_MEMORY", str(exc))]
+            half = len(inputs) // 2
+            return _run_split(fn, inputs[:half]) + _run_split(fn, inputs[half:])
         if len(inputs) == 1:
-            return [("err", "OUT_OF_MEMORY", str(exc))]
-        half = len(inputs) // 2
-        return _run_split(fn, inputs[:half]) + _run_split(fn, inputs[half:])
+            return [("err", "INFERENCE_FAILED", f"{type(exc).__name__}: {exc}")]
+        # One bad image must not fail its batch-mates: each runs again alone (at most
+        # `max_batch` more calls), and only those that fail alone fail.
+        return [result for item in inputs for result in _run_split(fn, [item])]
 
 
 def _release_memory() -> None:
@@ -276,6 +284,14 @@ class InferencePool:
         async with asyncio.timeout(timeout_s):
             for state in self._states.values():
                 await state.ready.wait()
+
+    async def warmed(self, model: str) -> None:
+        """Waits until `model` is loaded and has run its warm-up on a worker; raises
+        ModelUnavailable, saying why, where it failed to."""
+        state = self._states[model]
+        await state.ready.wait()
+        if state.status is ModelStatus.FAILED:
+            raise ModelUnavailable(f"{model} failed to load: {state.error}")
 
     def _spawn(self, index: int) -> None:
         worker = _Worker(self, index)

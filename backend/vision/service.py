@@ -235,6 +235,11 @@ class VisionService:
         """The installed Tesseract languages (none: OCR tasks fail with OCR_UNAVAILABLE)."""
         return self._ocr.languages()
 
+    def warm_ups(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """The models this service runs in-process, by name: each loaded and run once at
+        startup (the inference pool warms its own)."""
+        return {"tesseract": self._ocr.warm} if self._inference is not None else {}
+
     def start(self) -> None:
         """Starts renewing this replica's job leases and, with vision on, taking over the jobs
         of replicas that died (a replica with vision off runs no job: it leaves them to one

@@ -13,6 +13,7 @@ import pytest
 from backend.core.metrics import Metrics
 from backend.inference.catalog import Task
 from backend.inference.client import (
+    InferenceError,
     ModelStatus,
     ModelUnavailable,
     OutOfMemory,
@@ -124,6 +125,26 @@ async def test_out_of_memory_splits_the_batch(pools: Callable[..., Any]) -> None
     ok = [r for r in results if not isinstance(r, BaseException)]
     assert [r[0][0] for r in ok] == [1, 2, 3, 4, 5]
     assert all(r[0][1] <= 2 for r in ok)
+
+
+async def test_an_item_that_raises_fails_alone(pools: Callable[..., Any]) -> None:
+    pool = await pools(toy("picky", "picky", max_batch=8, max_delay_ms=200))
+    inputs = (1, 2, 13, 3, 4)
+    results = await asyncio.gather(
+        *(pool.infer("picky", [i]) for i in inputs), return_exceptions=True
+    )
+    failed = results[2]
+    assert type(failed) is InferenceError  # not WorkerLost, nor any other kind
+    assert failed.code == "INFERENCE_FAILED"
+    assert "cannot read item 13" in str(failed)
+    ok = [r[0] for r in results if not isinstance(r, BaseException)]
+    assert [value for value, _, _ in ok] == [1, 2, 3, 4]  # its batch-mates, each run alone
+    state = pool.status()["picky"]
+    assert state.batches == 1  # they were one batch
+    # the same worker process serves the next batch
+    [(value, _, pid)] = await pool.infer("picky", [5])
+    assert value == 5
+    assert {p for _, _, p in ok} == {pid}
 
 
 async def test_a_dead_worker_fails_its_batch_and_is_replaced(pools: Callable[..., Any]) -> None:
