@@ -43,6 +43,7 @@ from backend.core.migrations import is_current
 from backend.core.redis import ping_redis
 from backend.core.state import AppState
 from backend.core.telemetry import build_tracer_provider, configure_logging
+from backend.core.warmup import Warmth, WarmUp
 from backend.errors import AppError, ValidationFailed, expected_error
 from backend.graphql import evolution as schema_evolution
 from backend.graphql.router import GRAPHIQL_ASSETS, GRAPHIQL_URL, graphql_router
@@ -123,7 +124,6 @@ async def build_services(
             judges=lambda alias: functools.partial(models.complete, alias),
             metrics=state.metrics,
         )
-        await guardrails.warm()
         guards = guardrails
     budgets = Budgets(state.redis, state.keys, settings.limits)
     inference, vision = await _build_vision(state, limiter, budgets, guardrails)
@@ -134,6 +134,7 @@ async def build_services(
             search_knowledge=knowledge.search_knowledge,
             has_knowledge=knowledge.has_documents,
             is_relevant=knowledge.is_relevant,
+            similarity=knowledge.similarities,
             analyze_image=_image_tool(vision, guardrails),
         )
     agent = Agent(
@@ -183,6 +184,7 @@ async def build_services(
     purges.start()
     knowledge.start()  # renews job leases, takes over the jobs of replicas that died
     vision.start()  # the same for vision jobs (taken over only where vision is on)
+    warm_up = _warm_up(settings, shared_embedder, guardrails, vision, inference)
     return Services(
         auth=auth,
         conversations=conversations,
@@ -209,7 +211,31 @@ async def build_services(
             runs=runs,
         ),
         grace_s=settings.server.graceful_shutdown_s,
+        warm_up=warm_up,
     )
+
+
+def _warm_up(
+    settings: Settings,
+    embedder: Embedder,
+    guardrails: GuardrailService | None,
+    vision: VisionService,
+    pool: InferencePool | None,
+) -> WarmUp | None:
+    """Every default model loads and runs once now, in the background: the server answers
+    health checks meanwhile, and `/readyz` says what is still warming."""
+    if not settings.server.warm_up:
+        return None
+    warm_up = WarmUp(settings.server.warm_up_timeout_s)
+    warm_up.start(embedder.name, lambda: embedder.embed(["warm up"]))
+    steps = dict(guardrails.warm_ups()) if guardrails is not None else {}
+    steps.update(vision.warm_ups())
+    for name, step in steps.items():
+        warm_up.start(name, step)
+    if pool is not None:  # its models load in its workers already: watched, not started
+        for model in pool.status():
+            warm_up.start(model, functools.partial(pool.warmed, model))
+    return warm_up
 
 
 def _image_tool(vision: VisionService, guardrails: GuardrailService | None) -> ImageAnalysis:
@@ -311,7 +337,10 @@ def create_app(
         embedder: the knowledge base's embedder (default: from settings; tests share one).
     """
     settings = settings or Settings()
-    metrics = Metrics(max_operation_names=settings.graphql.max_operation_names)
+    metrics = Metrics(
+        max_operation_names=settings.graphql.max_operation_names,
+        max_error_codes=settings.telemetry.metrics_max_error_codes,
+    )
     tracer_provider = build_tracer_provider(settings.telemetry, span_processors)
 
     @asynccontextmanager
@@ -362,6 +391,7 @@ def create_app(
             lambda request: request.state.services.openai,
             lambda request: request.state.services.auth,
             settings.server,
+            on_error=lambda route, code: metrics.error("openai", code, route),
         )
     )
     app.include_router(
@@ -409,17 +439,27 @@ def _add_probes(app: FastAPI, metrics: Metrics, settings: Settings) -> None:
 
     @app.get("/readyz", tags=["probes"])
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: PostgreSQL and Redis answer and the schema is at the code's migration."""
+        """Readiness: PostgreSQL and Redis answer, the schema is at the code's migration and
+        (unless SIGHTLINE_SERVER_READY_AFTER_WARM_UP is off) no model is still warming up."""
         state: AppState = request.state.sightline
         checks = await asyncio.gather(
             _check(state.db.ping(READINESS_TIMEOUT_S)),
             _check(ping_redis(state.redis, READINESS_TIMEOUT_S)),
             _check(_migrations_current(state)),
         )
-        body = dict(zip(("database", "redis", "migrations"), checks, strict=True))
         ready = all(value == "ok" for value in checks)
+        body = dict(zip(("database", "redis", "migrations"), checks, strict=True))
+        warm_up: WarmUp | None = request.state.services.warm_up
+        # Names and states only: why a model failed can name files (visionModels and the
+        # log say it to those allowed to know).
+        models = {n: s.status.value for n, s in (warm_up.states() if warm_up else {}).items()}
+        if Warmth.WARMING in models.values():
+            body["models"] = "warming"
+            ready = ready and not settings.server.ready_after_warm_up
+        else:  # a model that failed is not served; the others are: degraded, still ready
+            body["models"] = "degraded" if Warmth.FAILED in models.values() else "ok"
         return JSONResponse(
-            {"status": "ready" if ready else "not_ready", "checks": body},
+            {"status": "ready" if ready else "not_ready", "checks": body, "models": models},
             status_code=200 if ready else 503,
         )
 

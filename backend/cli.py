@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import errno
+import importlib.metadata
 import json
 import os
 import platform
@@ -278,6 +279,34 @@ def version() -> None:
     out.print(__version__)
 
 
+@app.command()
+def models() -> None:
+    """Print the vision models this server serves, as the README's Markdown table: each
+    manifest's name, version, task, runtime, source, licence, checked sha256 and size, and
+    Tesseract (the OCR engine of the server process)."""
+    from backend.inference.manifest import load_manifests, model_table
+
+    settings = _settings()
+    extra = []
+    [tesseract] = [m for m in PACKAGED_MODELS if m.name == "tesseract"]
+    if tesseract.installed():
+        # the engine and its language data are Debian's: their version and size vary by host
+        package = f"tesserocr=={importlib.metadata.version('tesserocr')}"
+        extra.append(
+            (
+                "`tesseract`",
+                f"{tesseract.version} (the system's)",
+                tesseract.task.value,
+                "tesserocr (server threads)",
+                f"`{package}`, Debian's `tesseract-ocr-eng` (language data)",
+                "Apache-2.0",
+                "not pinned (Debian package)",
+                "about 4 MB (eng, fast)",
+            )
+        )
+    typer.echo(model_table(load_manifests(settings.vision.models_dir), extra))
+
+
 @dataclass
 class Check:
     name: str
@@ -368,8 +397,11 @@ def _manifest_checks(settings: Settings) -> list[Check]:
         except ManifestError as exc:
             checks.append(Check(f"weights {manifest.name}", False, str(exc), required=False))
         else:
-            detail = "sha256 matches" if manifest.sha256 else "present (no sha256 to check)"
-            if not manifest.weights:
+            files = manifest.model_files()
+            detail = "present (no sha256 to check)"
+            if files and all(sha256 for _, _, sha256 in files):
+                detail = "sha256 matches" + (f" ({len(files)} files)" if len(files) > 1 else "")
+            if not files:
                 detail = "no weights file"
             checks.append(Check(f"weights {manifest.name}", True, detail, required=False))
     return checks

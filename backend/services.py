@@ -15,6 +15,7 @@ from backend.agents.runs import RunService
 from backend.auth.oidc import OIDCLogin
 from backend.auth.service import AuthService
 from backend.conversations.service import ConversationService
+from backend.core.warmup import WarmUp
 from backend.guardrails.service import GuardrailService
 from backend.inference.pool import InferencePool
 from backend.knowledge.service import KnowledgeService
@@ -48,10 +49,13 @@ class Services:
     purges: PurgeScheduler | None = None
     openai: OpenAIService | None = None  # None only in apps built without services
     grace_s: float = 10.0
+    warm_up: WarmUp | None = None  # None: SIGHTLINE_SERVER_WARM_UP=false
 
     async def aclose(self) -> None:
         """Stops every service; each step is timed in the log (a slow shutdown says where)."""
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        if (warm_up := self.warm_up) is not None:
+            steps.append(("warm-up", warm_up.close))
         if (purges := self.purges) is not None:
             steps.append(("purges", purges.close))
         if (privacy := self.privacy) is not None:

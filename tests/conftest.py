@@ -35,6 +35,7 @@ from backend.config import (
     LogFormat,
     PrivacySettings,
     RedisSettings,
+    ServerSettings,
     Settings,
     TelemetrySettings,
     VisionSettings,
@@ -170,6 +171,9 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         data_dir=tmp_path,
         database=DatabaseSettings(url=SecretStr(database_url), migrate_on_start=False),
         redis=RedisSettings(url=SecretStr(REDIS_URL), key_prefix=key_prefix),
+        # Models load on first use, except in the tests of the warm-up (tests/test_warmup.py):
+        # not a MiniLM worker per app in the background of every test.
+        server=ServerSettings(warm_up=False),
         telemetry=TelemetrySettings(log_format=LogFormat.TEXT),
         # The packaged model is loaded only by the tests about it (tests/agents).
         chat=ChatSettings(local_model=False),

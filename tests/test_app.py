@@ -30,7 +30,8 @@ async def test_readyz_when_everything_answers(client: AsyncClient) -> None:
     assert response.status_code == 200
     assert response.json() == {
         "status": "ready",
-        "checks": {"database": "ok", "redis": "ok", "migrations": "ok"},
+        "checks": {"database": "ok", "redis": "ok", "migrations": "ok", "models": "ok"},
+        "models": {},  # the tests' apps warm nothing up (tests/test_warmup.py does)
     }
 
 
@@ -61,6 +62,11 @@ async def test_metrics_count_requests_and_operations(client: AsyncClient) -> Non
     assert 'outcome="client_error"' in body
     assert 'sightline_http_requests_total{method="POST",route="/graphql",status="200"}' in body
     assert "sightline_websocket_connections_active" in body
+    # the refused document is counted once under its code (both result hooks saw it)
+    assert (
+        'sightline_errors_total{code="GRAPHQL_VALIDATION_FAILED",model="",'
+        'operation="anonymous",surface="graphql"} 1.0' in body
+    )
 
 
 def test_operation_names_are_bounded_labels() -> None:
@@ -71,6 +77,17 @@ def test_operation_names_are_bounded_labels() -> None:
     assert metrics.operation_label("C") == "other"  # over the cap
     assert metrics.operation_label("A") == "A"  # already known
     assert metrics.operation_label("drop table;--") == "other"
+
+
+def test_error_codes_are_bounded_labels() -> None:
+    metrics = Metrics(max_error_codes=100)
+    assert metrics.code_label("NOT_FOUND") == "NOT_FOUND"
+    assert metrics.code_label("not a code") == "OTHER"
+    assert metrics.code_label(None) == "OTHER"
+    for n in range(200):
+        metrics.code_label(f"CODE_{n}")
+    assert metrics.code_label("CODE_199") == "OTHER"  # over the cap
+    assert metrics.code_label("NOT_FOUND") == "NOT_FOUND"  # already known
 
 
 async def test_unknown_route_is_a_json_404(client: AsyncClient) -> None:

@@ -239,6 +239,7 @@ def test_serve_fails_fast_on_an_unreachable_database(monkeypatch: pytest.MonkeyP
     assert "Traceback" not in result.output
 
 
+@pytest.mark.timeout(scaled(600))  # ready once every default model has warmed up, per worker
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_on_embedded_defaults(tmp_path: Path, workers: int) -> None:
     """The README's run command: no configuration, embedded PostgreSQL, serves, stops cleanly;
@@ -255,7 +256,7 @@ def test_serve_on_embedded_defaults(tmp_path: Path, workers: int) -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + scaled(180)  # a busy machine starts slowly
+        deadline = time.monotonic() + scaled(480)  # a busy machine starts and warms up slowly
         while True:
             assert process.poll() is None, process.stdout.read() if process.stdout else ""
             try:

@@ -60,3 +60,20 @@ def test_readme_graphql_examples_are_valid_as_pasted() -> None:
         for operation in operations:
             if len(operations) > 1 or operation.operation is OperationType.SUBSCRIPTION:
                 assert operation.name is not None, (block, operation.operation)
+
+
+def test_readme_model_table_is_what_sightline_models_prints() -> None:
+    """The table of default vision models is generated from the manifests: after a model
+    changes, paste `sightline models` into the README."""
+    from typer.testing import CliRunner
+
+    from backend.cli import app
+
+    printed = CliRunner().invoke(app, ["models"])
+    assert printed.exit_code == 0, printed.output
+    table = printed.output.strip()
+    assert table.startswith("| name | version | task | runtime |")
+    assert "`rapidocr`" in table
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    indented = "\n".join(f"  {line}" for line in table.splitlines())
+    assert indented in readme, f"paste into the README (indented by two spaces):\n{indented}"

@@ -11,7 +11,10 @@
   tokens never pass through LangGraph's own stream machinery: one hop less per token), emits
   `CitationAdded` for every `[n]` that cites a source, and collects tool calls.
 - tools: runs the calls (each bounded by a timeout) and feeds the results back to generate.
-- persist: stores the answer in PostgreSQL.
+- attribute: an answer with sources that cites none of them as [n] gets each sentence
+  attributed to its most similar source (`CitationAdded` with a confidence), bounded by a
+  timeout; a failure leaves the answer without citations, never fails the turn.
+- persist: stores the answer in PostgreSQL, with its sources and citations.
 - summarise: when the thread fills `summarize_at` of the model's window, older turns are
   replaced by a summary the model writes (after the answer was streamed, so no one waits).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -38,6 +42,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.runtime import Runtime
 
+from backend.agents.attribution import attribute, citation
 from backend.agents.guards import GuardAction, GuardDecision, Guards, PassThroughGuards
 from backend.agents.models import ChatModel
 from backend.agents.tools import AgentTools, Source
@@ -45,6 +50,8 @@ from backend.auth.principal import Principal
 from backend.config import ChatSettings
 from backend.errors import AppError
 from backend.inference.llm.base import ChatMessage, ToolCall, estimate_tokens
+
+log = logging.getLogger(__name__)
 
 CITATION = re.compile(r"\[(\d{1,3})\]")
 SOURCES_PREAMBLE = (
@@ -112,6 +119,7 @@ class AgentState(TypedDict, total=False):
     # this turn's (reset by load_memory)
     answer: str
     sources: list[dict[str, Any]]
+    citations: list[dict[str, Any]]  # as the CitationAdded events said them
     blocked: bool
     tool_rounds: int
     rails: list[dict[str, str]]
@@ -126,6 +134,7 @@ class _Stream:
     tool_calls: tuple[ToolCall, ...] = ()
     blocked: GuardDecision | None = None
     cited: set[int] = field(default_factory=set)
+    citations: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Agent:
@@ -177,6 +186,7 @@ class Agent:
         graph.add_node("retrieve", self._retrieve)
         graph.add_node("generate", self._generate)
         graph.add_node("tools", self._run_tools)
+        graph.add_node("attribute", self._attribute)
         graph.add_node("persist", self._persist)
         graph.add_node("summarise", self._summarise)
         graph.add_edge(START, "load_memory")
@@ -186,8 +196,9 @@ class Agent:
         )
         graph.add_conditional_edges("look", self._next_for_input, ["retrieve", "generate"])
         graph.add_edge("retrieve", "generate")
-        graph.add_conditional_edges("generate", self._after_generate, ["tools", "persist"])
+        graph.add_conditional_edges("generate", self._after_generate, ["tools", "attribute"])
         graph.add_edge("tools", "generate")
+        graph.add_edge("attribute", "persist")
         graph.add_conditional_edges("persist", self._after_persist, ["summarise", END])
         graph.add_edge("summarise", END)
         return graph
@@ -199,6 +210,7 @@ class Agent:
         turn = {
             "answer": "",
             "sources": [],
+            "citations": [],
             "blocked": False,
             "tool_rounds": 0,
             "rails": [],
@@ -301,7 +313,7 @@ class Agent:
         offer = model.provider.supports_tools and rounds < settings.max_tool_rounds
         tools = await self._tools.specs(ctx.hooks.principal) if offer else None
         sources = state.get("sources", [])
-        result = _Stream()
+        result = _Stream(cited={c["index"] for c in state.get("citations", [])})
         answer_so_far = state.get("answer", "")
 
         async def text_only() -> AsyncIterator[str]:
@@ -353,13 +365,14 @@ class Agent:
             "tool_rounds": rounds + 1,
             "blocked": result.blocked is not None,
             "rails": state.get("rails", []) + rails,
+            "citations": state.get("citations", []) + result.citations,
         }
 
     def _after_generate(self, state: AgentState) -> str:
         last = state["messages"][-1]
         if isinstance(last, AIMessage) and last.tool_calls and not state.get("blocked"):
             return "tools"
-        return "persist"
+        return "attribute"
 
     async def _run_tools(self, state: AgentState, runtime: Runtime[TurnContext]) -> dict:
         ctx = runtime.context
@@ -382,11 +395,53 @@ class Agent:
             )
         return {"messages": replies, "sources": sources, "rails": rails}
 
+    async def _attribute(self, state: AgentState, runtime: Runtime[TurnContext]) -> dict:
+        ctx = runtime.context
+        settings = self._settings
+        sources, answer = state.get("sources", []), state.get("answer", "")
+        similarity = self._tools.similarity
+        if (
+            similarity is None
+            or not sources
+            or not answer.strip()
+            or state.get("citations")  # the model cited its sources itself
+            or state.get("blocked")
+            or settings.citation_threshold > 1
+        ):
+            return {}
+        try:
+            async with asyncio.timeout(settings.citation_timeout_s):
+                found = await attribute(
+                    ctx.hooks.principal,
+                    answer,
+                    sources,
+                    similarity,
+                    threshold=settings.citation_threshold,
+                    max_sentences=settings.citation_max_sentences,
+                )
+        except TimeoutError:
+            log.warning(
+                "run %s: attribution took over %ss; the answer has no citations",
+                ctx.run_id,
+                settings.citation_timeout_s,
+            )
+            return {}
+        except Exception as exc:  # an answer without citations, never a failed turn
+            log.warning(
+                "run %s: attribution failed (%r); the answer has no citations", ctx.run_id, exc
+            )
+            return {}
+        for body in found:
+            await ctx.hooks.event("CitationAdded", body)
+        return {"citations": found}
+
     async def _persist(self, state: AgentState, runtime: Runtime[TurnContext]) -> dict:
         ctx = runtime.context
         notes: dict[str, Any] = {}
         if state.get("sources"):
             notes["sources"] = state["sources"]
+        if state.get("citations"):
+            notes["citations"] = state["citations"]
         if state.get("rails"):
             notes["guardrails"] = state["rails"]
         await ctx.hooks.persist(state.get("answer", ""), notes)
@@ -519,19 +574,11 @@ class Agent:
             if n in result.cited or not 1 <= n <= len(sources):
                 continue
             result.cited.add(n)
-            source = sources[n - 1]
-            await ctx.hooks.event(
-                "CitationAdded",
-                {
-                    "index": n,
-                    "chunkId": source["chunk_id"],
-                    "documentId": source["document_id"],
-                    "title": source["title"],
-                    "answerStart": match.start(),
-                    "answerEnd": match.end(),
-                    "span": source.get("span", {}),
-                },
+            body = citation(
+                sources[n - 1], match.start(), match.end(), confidence=1.0, explicit=True
             )
+            result.citations.append(body)
+            await ctx.hooks.event("CitationAdded", body)
 
     async def _record(self, ctx: TurnContext, stage: str, decision: GuardDecision) -> dict:
         body = {

@@ -113,6 +113,10 @@ class CancelledRun:
     stopping: bool  # asked to stop but not ended yet: its last event will say how it ended
 
 
+# The `operation` label of a failed run's sightline_errors_total sample.
+CHAT_RUN_OPERATION = "chatRun"
+
+
 class RunService:
     def __init__(
         self,
@@ -416,7 +420,15 @@ class RunService:
         self._metrics.chat_active_runs.inc()
         outcome, code, detail = RunStatus.COMPLETED, None, ""
         try:
-            await self._wait_for_turn(turn)
+            if turn.behind:
+                self._metrics.chat_queued_runs.inc()
+                try:
+                    await self._wait_for_turn(turn)
+                finally:
+                    self._metrics.chat_queued_runs.dec()
+            self._metrics.chat_queue_wait.labels(run.model).observe(
+                time.perf_counter() - turn.started
+            )
             await self._set_status(turn.principal, run.id, RunStatus.RUNNING)
             context = TurnContext(
                 hooks=_Hooks(self, turn),
@@ -554,6 +566,11 @@ class RunService:
             self._metrics.chat_active_runs.dec()
             self._metrics.chat_runs.labels(outcome.value, run.model).inc()
             self._metrics.chat_tokens.labels(run.model).inc(len(turn.text))
+            self._metrics.chat_cost.labels(str(turn.principal.tenant_id), run.model).inc(
+                float(cost)
+            )
+            if code is not None:
+                self._metrics.error("chat_run", code, CHAT_RUN_OPERATION, run.model)
             if outcome is RunStatus.COMPLETED and turn.text and elapsed > 0:
                 self._metrics.chat_tokens_per_second.labels(run.model).observe(
                     len(turn.text) / elapsed

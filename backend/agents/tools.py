@@ -35,6 +35,14 @@ class ImageAnalysis(Protocol):
         ...
 
 
+class SourceSimilarity(Protocol):
+    async def __call__(
+        self, principal: Principal, texts: list[str], chunk_ids: list[str]
+    ) -> list[dict[str, float]]:
+        """Cosine similarity of each text to each of the caller's chunks: {chunk id: sim}."""
+        ...
+
+
 @dataclass(frozen=True)
 class AgentTools:
     search_knowledge: KnowledgeSearch | None = None
@@ -45,6 +53,9 @@ class AgentTools:
     # Whether a message is close enough to the caller's knowledge base to retrieve for it
     # (None: always). Models without tool calling get passages in their prompt only then.
     is_relevant: Callable[[Principal, str], Awaitable[bool]] | None = None
+    # How close an answer's sentences come to its sources (None: answers that cite no
+    # source as [n] get no citations attributed to them).
+    similarity: SourceSimilarity | None = None
 
     async def knowledge_for(self, principal: Principal) -> bool:
         if self.search_knowledge is None:

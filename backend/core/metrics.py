@@ -21,6 +21,9 @@ from backend import __version__
 
 # Operation names come from clients: only well-formed ones become label values.
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Error codes are the server's own (AppError.code), but a library may set one: only
+# upper-case identifiers become label values, and at most `max_error_codes` of them.
+_CODE_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,47}$")
 ANONYMOUS = "anonymous"
 OTHER = "other"
 
@@ -38,7 +41,7 @@ def multiprocess_dir() -> str | None:
 class Metrics:
     """The metrics of one app instance, in a registry of its own (tests build many apps)."""
 
-    def __init__(self, max_operation_names: int = 500) -> None:
+    def __init__(self, max_operation_names: int = 500, max_error_codes: int = 100) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.build_info = Gauge(
@@ -179,8 +182,67 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # -- errors and saturation ------------------------------------------------------
+        self.errors = Counter(
+            "sightline_errors",
+            "Typed errors returned, by surface (graphql, openai, chat_run), code, operation "
+            "(bounded like sightline_graphql_operations) and model ('' where none applies).",
+            ["surface", "code", "operation", "model"],
+            registry=r,
+        )
+        self.chat_queued_runs = Gauge(
+            "sightline_chat_queued_runs",
+            "Chat runs waiting for an earlier run of their conversation to end.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.chat_queue_wait = Histogram(
+            "sightline_chat_queue_wait_seconds",
+            "From sendMessage to the run starting (behind an earlier run of its conversation).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.chat_cost = Counter(
+            "sightline_chat_cost",
+            "Money chat runs cost (the alias's prices per 1,000 prompt and completion tokens).",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.inference_queue_capacity = Gauge(
+            "sightline_inference_queue_capacity",
+            "Items a model's queue holds before it refuses more (its max_queue).",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.inference_rejected = Counter(
+            "sightline_inference_rejected",
+            "Items refused at once because their model's queue was full (Overloaded).",
+            ["model", "version"],
+            registry=r,
+        )
+        self.inference_workers_busy = Gauge(
+            "sightline_inference_workers_busy",
+            "Inference workers running a batch.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.inference_workers = Gauge(
+            "sightline_inference_workers",
+            "Inference workers alive.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.inference_worker_restarts = Counter(
+            "sightline_inference_worker_restarts",
+            "Inference workers that died and were replaced.",
+            registry=r,
+        )
         self._names: set[str] = set()
         self._max_names = max_operation_names
+        self._codes: set[str] = set()
+        self._max_codes = max_error_codes
         self._lock = threading.Lock()
 
     def operation_label(self, name: str | None) -> str:
@@ -196,6 +258,22 @@ class Metrics:
                 return OTHER
             self._names.add(name)
         return name
+
+    def code_label(self, code: object) -> str:
+        """A bounded label value for an error code."""
+        if not isinstance(code, str) or not _CODE_RE.match(code):
+            return OTHER.upper()
+        if code in self._codes:
+            return code
+        with self._lock:
+            if len(self._codes) >= self._max_codes:
+                return OTHER.upper()
+            self._codes.add(code)
+        return code
+
+    def error(self, surface: str, code: object, operation: str, model: str = "") -> None:
+        """One typed error; `operation` must already be a bounded label (operation_label)."""
+        self.errors.labels(surface, self.code_label(code), operation, model).inc()
 
     def guardrail_decision(self, stage: str, rail: str, action: str, tenant: str) -> None:
         self.guardrail_decisions.labels(stage, rail, action, tenant).inc()
@@ -214,6 +292,21 @@ class Metrics:
 
     def inference_queue(self, model: str, version: str, depth: int) -> None:
         self.inference_queue_depth.labels(model, version).set(depth)
+
+    def inference_capacity(self, model: str, version: str, max_queue: int) -> None:
+        self.inference_queue_capacity.labels(model, version).set(max_queue)
+        self.inference_queue_depth.labels(model, version).set(0)
+        self.inference_rejected.labels(model, version)  # exported at 0 from the start
+
+    def inference_overloaded(self, model: str, version: str) -> None:
+        self.inference_rejected.labels(model, version).inc()
+
+    def inference_workers_changed(self, alive: int, busy: int) -> None:
+        self.inference_workers.set(alive)
+        self.inference_workers_busy.set(busy)
+
+    def inference_worker_restarted(self) -> None:
+        self.inference_worker_restarts.inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format for /metrics (summed over workers in multiprocess mode)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import strawberry
 from strawberry.types import Info
@@ -31,6 +31,86 @@ class Edge(Generic[N]):
     cursor: str
 
 
+@strawberry.type(
+    name="Source", description="A passage the answer was given to draw on, numbered as [n]."
+)
+class SourceType:
+    index: int = strawberry.field(description="Its number n: the answer cites it as [n].")
+    chunk_id: strawberry.ID
+    document_id: strawberry.ID
+    title: str
+    text: str
+    score: float = strawberry.field(description="Its search score when it was retrieved.")
+    heading: str | None
+    page: int | None
+    char_start: int | None
+    char_end: int | None
+
+    @classmethod
+    def of(cls, s: dict[str, Any]) -> SourceType:
+        span = s.get("span") or {}
+        return cls(
+            index=int(s["n"]),
+            chunk_id=strawberry.ID(str(s["chunk_id"])),
+            document_id=strawberry.ID(str(s["document_id"])),
+            title=str(s.get("title", "")),
+            text=str(s.get("text", "")),
+            score=float(s.get("score") or 0.0),
+            heading=span.get("heading"),
+            page=span.get("page"),
+            char_start=span.get("charStart"),
+            char_end=span.get("charEnd"),
+        )
+
+
+def citation_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """A citation as stored and as CitationAdded carries it (events from before confidence
+    was added were all `[n]` markers: explicit, confidence 1)."""
+    span = d.get("span") or {}
+    return {
+        "index": int(d["index"]),
+        "chunk_id": strawberry.ID(str(d["chunkId"])),
+        "document_id": strawberry.ID(str(d["documentId"])),
+        "title": str(d.get("title", "")),
+        "answer_start": int(d["answerStart"]),
+        "answer_end": int(d["answerEnd"]),
+        "page": span.get("page"),
+        "char_start": span.get("charStart"),
+        "char_end": span.get("charEnd"),
+        "confidence": float(d.get("confidence", 1.0)),
+        "explicit": bool(d.get("explicit", True)),
+    }
+
+
+CONFIDENCE = (
+    "1 for a `[n]` the model wrote; for a sentence attributed by similarity (the model cited "
+    "nothing), its cosine similarity to the source."
+)
+EXPLICIT = (
+    "True: the model wrote `[n]` (answerStart/answerEnd: the marker). False: attributed by "
+    "similarity (answerStart/answerEnd: the sentence)."
+)
+
+
+@strawberry.type(
+    name="Citation",
+    description="Where the answer draws on a source: the `[n]` the model wrote, or a sentence "
+    "attributed to the source by similarity. Offsets are characters of the message's content.",
+)
+class CitationType:
+    index: int = strawberry.field(description="The source's number (Message.sources).")
+    chunk_id: strawberry.ID
+    document_id: strawberry.ID
+    title: str
+    answer_start: int
+    answer_end: int
+    page: int | None
+    char_start: int | None
+    char_end: int | None
+    confidence: float = strawberry.field(description=CONFIDENCE)
+    explicit: bool = strawberry.field(description=EXPLICIT)
+
+
 @strawberry.type(name="Message")
 class MessageType:
     id: strawberry.ID
@@ -42,9 +122,18 @@ class MessageType:
     attachments: list[strawberry.ID] = strawberry.field(
         description="The vision jobs of the images the message attached (sendMessage)."
     )
+    sources: list[SourceType] = strawberry.field(
+        description="An answer's: the knowledge-base passages it was given, as numbered then."
+    )
+    citations: list[CitationType] = strawberry.field(
+        description="An answer's citations of its sources, as the run's CitationAdded events "
+        "reported them, in the order they came."
+    )
 
     @classmethod
     def of(cls, m: models.Message) -> MessageType:
+        # stored with the message (meta), so a page of messages costs no further query
+        meta = m.meta or {}
         return cls(
             id=strawberry.ID(str(m.id)),
             role=m.role,
@@ -52,7 +141,9 @@ class MessageType:
             complete=m.complete,
             run_id=strawberry.ID(str(m.run_id)) if m.run_id else None,
             created_at=m.created_at,
-            attachments=[strawberry.ID(str(a)) for a in (m.meta or {}).get("attachments", ())],
+            attachments=[strawberry.ID(str(a)) for a in meta.get("attachments", ())],
+            sources=[SourceType.of(s) for s in meta.get("sources", ())],
+            citations=[CitationType(**citation_fields(c)) for c in meta.get("citations", ())],
         )
 
 

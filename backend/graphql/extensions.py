@@ -145,6 +145,10 @@ class OperationObservability(SchemaExtension):
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
             state.metrics.graphql_operations.labels(label, kind, outcome).inc()
+            # Both result hooks may have seen the same (already shaped) error object: once each.
+            for error in {id(e): e for e in self._errors}.values():
+                code = (error.extensions or {}).get("code")
+                state.metrics.error("graphql", code, label)
             if self._subscription_label is not None:
                 state.metrics.subscriptions_active.labels(self._subscription_label).dec()
             else:

@@ -14,7 +14,7 @@ from strawberry.types import Info
 
 from backend.agents import runs
 from backend.core import models
-from backend.graphql.chat import CHAT, MessageType
+from backend.graphql.chat import CHAT, CitationType, MessageType, citation_fields
 from backend.graphql.context import Context
 from backend.graphql.ids import parse_id
 from backend.graphql.permissions import until_credential_ends
@@ -132,18 +132,12 @@ class ToolCallFinished(RunEvent):
 
 @strawberry.type(
     description="The answer cited a source: `answerStart`/`answerEnd` are character offsets "
-    "of the `[n]` marker in the answer; the chunk and its span in the document are linked."
+    "of the `[n]` marker in the answer, or of the sentence attributed to the source when the "
+    "model wrote no marker (`explicit` false, after the answer's last token); the chunk and "
+    "its span in the document are linked."
 )
-class CitationAdded(RunEvent):
-    index: int
-    chunk_id: strawberry.ID
-    document_id: strawberry.ID
-    title: str
-    answer_start: int
-    answer_end: int
-    page: int | None
-    char_start: int | None
-    char_end: int | None
+class CitationAdded(RunEvent, CitationType):
+    pass
 
 
 @strawberry.type(
@@ -216,18 +210,7 @@ _BUILDERS: dict[str, Callable[[str, dict], RunEvent]] = {
         ok=bool(d.get("ok")),
         result_count=int(d.get("resultCount", 0)),
     ),
-    "CitationAdded": lambda c, d: CitationAdded(
-        cursor=c,
-        index=int(d["index"]),
-        chunk_id=strawberry.ID(str(d["chunkId"])),
-        document_id=strawberry.ID(str(d["documentId"])),
-        title=str(d.get("title", "")),
-        answer_start=int(d["answerStart"]),
-        answer_end=int(d["answerEnd"]),
-        page=(d.get("span") or {}).get("page"),
-        char_start=(d.get("span") or {}).get("charStart"),
-        char_end=(d.get("span") or {}).get("charEnd"),
-    ),
+    "CitationAdded": lambda c, d: CitationAdded(cursor=c, **citation_fields(d)),
     "GuardrailTriggered": lambda c, d: GuardrailTriggered(
         cursor=c,
         stage=str(d["stage"]),

@@ -78,7 +78,11 @@ class VisionModel:
     version: str
     task: str
     runtime: str
-    status: str
+    status: str = strawberry.field(
+        description="`loading` (its weights load and it runs once on a worker: not served "
+        "yet), `ready`, or `failed` (not served; `error` says why: weights missing or not "
+        "matching their sha256, a load or warm-up run that raised)."
+    )
     error: str | None
     batches: int
     items: int
@@ -216,6 +220,13 @@ class VisionMutation:
         tasks: list[VisionTask],  # type: ignore[valid-type]
         classifier: str | None = None,
         detector: str | None = None,
+        ocr_engine: Annotated[
+            str | None,
+            strawberry.argument(
+                description="OCR: `tesseract` or an OCR model the inference pool serves "
+                "(`rapidocr`); default: SIGHTLINE_VISION_OCR_ENGINE."
+            ),
+        ] = None,
         language: str = "eng",
         top_k: int = 5,
         min_score: Annotated[
@@ -242,6 +253,7 @@ class VisionMutation:
             [Task(t) for t in tasks],
             classifier=classifier,
             detector=detector,
+            ocr_engine=ocr_engine,
             language=language,
             top_k=top_k,
             min_score=min_score,

@@ -14,6 +14,8 @@ from backend.errors import ValidationFailed
 class ImageClassifier(Protocol):
     async def nsfw_probability(self, data: bytes) -> float: ...
 
+    async def warm(self) -> None: ...
+
 
 class OpenNsfwClassifier:
     def __init__(self, threads: int = 1, max_pixels: int = 40_000_000) -> None:
@@ -46,3 +48,15 @@ class OpenNsfwClassifier:
 
     async def nsfw_probability(self, data: bytes) -> float:
         return await asyncio.to_thread(self._classify, data)
+
+    async def warm(self) -> None:
+        """Loads the model and classifies a blank image once."""
+        await asyncio.to_thread(self._classify, _blank_png())
+
+
+def _blank_png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
+    return buffer.getvalue()

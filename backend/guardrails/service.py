@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -104,8 +104,23 @@ class GuardrailService:
         self._auditor: asyncio.Task[None] | None = None
 
     async def warm(self) -> None:
-        """Loads the classifier before the first message needs it (off the event loop)."""
-        await asyncio.to_thread(self._detector.warm)
+        """Loads the rails' models before the first message needs them (off the event loop)."""
+        for step in self.warm_ups().values():
+            await step()
+
+    def warm_ups(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """Each rail model's load and first run, by name (startup runs them in the background):
+        the injection classifier, the topic rail's embedder and the default policy's topic
+        vectors, the image classifier."""
+        steps: dict[str, Callable[[], Awaitable[None]]] = {
+            "injection classifier": lambda: asyncio.to_thread(self._detector.warm)
+        }
+        if (topics := self._topics) is not None:
+            rail = GuardrailPolicy.model_validate(self._defaults).topics
+            steps["topic rail"] = lambda: topics.warm([*rail.allowed, *rail.denied])
+        if (images := self._images) is not None:
+            steps["image rail"] = images.warm
+        return steps
 
     async def flush(self) -> None:
         """Waits until every decision so far is in the audit log."""

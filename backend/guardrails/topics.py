@@ -42,6 +42,12 @@ class TopicMatcher:
                     self._cache.popitem(last=False)
         return [self._cache[t] for t in texts]
 
+    async def warm(self, topics: Sequence[str] = ()) -> None:
+        """Loads the embedder and caches the vectors of `topics` (the default policy's), so
+        that the first check pays neither."""
+        await self._embedder.embed(["warm up"])
+        await self._vectors(list(dict.fromkeys(topics)))
+
     async def match(
         self, text: str, allowed: Sequence[str], denied: Sequence[str], threshold: float
     ) -> TopicMatch:

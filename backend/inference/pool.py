@@ -7,7 +7,8 @@ in the serving process, so heavy work never runs on the event loop.
 - A queue at its model's `max_queue` refuses new items at once (`Overloaded`), so latency stays
   bounded instead of growing without limit.
 - A batch that runs out of memory is split in halves and tried again, down to single items;
-  only an item that fails alone fails.
+  a batch that raises anything else runs again item by item. Either way only an item that
+  fails alone fails (`OUT_OF_MEMORY`, `INFERENCE_FAILED`), and the worker goes on.
 - A worker that dies fails its running batch (`WorkerLost`) and is replaced; queued items wait
   for the replacement.
 - Models load in the workers, asynchronously, with a warm-up run; a model is served once one
@@ -71,20 +72,27 @@ def _warm_input(manifest: ModelManifest) -> Any | None:
 
 
 def _run_split(fn: Any, inputs: list[Any]) -> list[tuple[str, Any]]:
-    """Runs a batch; on out-of-memory, each half on its own (down to single items)."""
+    """Runs a batch; on out-of-memory, each half on its own (down to single items); on any
+    other error, each item alone, so that only the items that fail alone fail."""
     from backend.inference.runtimes import out_of_memory
 
     try:
-        outputs = fn(inputs)
+        outputs = list(fn(inputs))
+        if len(outputs) != len(inputs):
+            raise RuntimeError(f"the model returned {len(outputs)} outputs for {len(inputs)}")
         return [("ok", o) for o in outputs]
-    except BaseException as exc:
-        if not out_of_memory(exc):
-            return [("err", "INFERENCE_FAILED", f"{type(exc).__name__}: {exc}")] * len(inputs)
-        _release_memory()
+    except Exception as exc:
+        if out_of_memory(exc):
+            _release_memory()
+            if len(inputs) == 1:
+                return [("err", "OUT_OF_MEMORY", str(exc))]
+            half = len(inputs) // 2
+            return _run_split(fn, inputs[:half]) + _run_split(fn, inputs[half:])
         if len(inputs) == 1:
-            return [("err", "OUT_OF_MEMORY", str(exc))]
-        half = len(inputs) // 2
-        return _run_split(fn, inputs[:half]) + _run_split(fn, inputs[half:])
+            return [("err", "INFERENCE_FAILED", f"{type(exc).__name__}: {exc}")]
+        # One bad image must not fail its batch-mates: each runs again alone (at most
+        # `max_batch` more calls), and only those that fail alone fail.
+        return [result for item in inputs for result in _run_split(fn, [item])]
 
 
 def _release_memory() -> None:
@@ -265,14 +273,25 @@ class InferencePool:
             self._dispatchers.append(
                 asyncio.create_task(self._dispatch(self._queues[name]), name=f"batcher-{name}")
             )
+            if self._metrics is not None:
+                self._metrics.inference_capacity(name, manifest.version, manifest.max_queue)
         for index in range(self._size):
             self._spawn(index)
+        self._workers_changed()
 
     async def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Waits until every model is warm or has failed to load."""
         async with asyncio.timeout(timeout_s):
             for state in self._states.values():
                 await state.ready.wait()
+
+    async def warmed(self, model: str) -> None:
+        """Waits until `model` is loaded and has run its warm-up on a worker; raises
+        ModelUnavailable, saying why, where it failed to."""
+        state = self._states[model]
+        await state.ready.wait()
+        if state.status is ModelStatus.FAILED:
+            raise ModelUnavailable(f"{model} failed to load: {state.error}")
 
     def _spawn(self, index: int) -> None:
         worker = _Worker(self, index)
@@ -331,6 +350,8 @@ class InferencePool:
         if state.status is ModelStatus.FAILED:
             raise ModelUnavailable(f"{model} failed to load: {state.error}")
         if len(queue) + len(inputs) > state.manifest.max_queue:
+            if self._metrics is not None:
+                self._metrics.inference_overloaded(model, state.manifest.version)
             raise Overloaded(f"{model} has {len(queue)} items queued")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
@@ -338,6 +359,8 @@ class InferencePool:
         queue.lanes[0 if priority is Priority.LIVE else 1].extend(items)
         queue.arrived(now)
         queue.grew.set()
+        if self._metrics is not None:
+            self._metrics.inference_queue(model, state.manifest.version, len(queue))
         try:
             async with asyncio.timeout(timeout_s):
                 return list(await asyncio.gather(*(i.future for i in items)))
@@ -388,6 +411,7 @@ class InferencePool:
                 self._waits[batch_id] = [now - i.enqueued for i in items]
                 self._batch_models[batch_id] = manifest
                 self._metrics.inference_queue(manifest.name, manifest.version, len(queue))
+            self._workers_changed()
             if not worker.send(("run", batch_id, manifest.name, [i.value for i in items])):
                 self._lost(worker)
 
@@ -440,6 +464,7 @@ class InferencePool:
                 item.future.set_exception(ERRORS.get(result[1], InferenceError)(result[2]))
         if worker.alive and not worker.running:
             self._idle.put_nowait(worker)
+        self._workers_changed()
 
     def _lost(self, worker: _Worker) -> None:
         if not worker.alive:
@@ -458,9 +483,18 @@ class InferencePool:
             return
         if self._restarts >= self._max_restarts:
             log.error("inference worker restarts exhausted (%d)", self._restarts)
+            self._workers_changed()
             return
         self._restarts += 1
         self._spawn(worker.index)
+        if self._metrics is not None:
+            self._metrics.inference_worker_restarted()
+        self._workers_changed()
+
+    def _workers_changed(self) -> None:
+        if self._metrics is not None:
+            alive = [w for w in self._workers if w.alive]
+            self._metrics.inference_workers_changed(len(alive), sum(1 for w in alive if w.running))
 
     def _fail_running(self, worker: _Worker, error: InferenceError) -> None:
         for batch_id in worker.running:

@@ -57,6 +57,8 @@ def load(manifest: ModelManifest, device: str, threads: int = 1) -> BatchFn:
         return _cascade(manifest)
     if manifest.runtime == "opencv-dnn":
         return _opencv_dnn(manifest, threads)
+    if manifest.runtime == "rapidocr":
+        return _rapidocr(manifest, threads)
     raise ManifestError(f"{manifest.name}: no runtime {manifest.runtime}")
 
 
@@ -259,3 +261,112 @@ def _opencv_dnn(manifest: ModelManifest, threads: int) -> BatchFn:
         ]
 
     return run
+
+
+# -- OCR -----------------------------------------------------------------------------------------
+#
+# An OCR model's input is an RGB uint8 image, or a dict {"image": ...}; its output per image is
+# {"text", "lines", "words"}, each line and word {"text", "confidence", "box": {x, y, width,
+# height}} in the input's pixels (Tesseract's shape).
+
+
+def _rapidocr(manifest: ModelManifest, threads: int) -> BatchFn:
+    """RapidOCR (PP-OCR text detection, orientation and recognition on onnxruntime) from the
+    manifest's verified `files` (never a download). Its text detection scales the long side to
+    at most `input.limit_side_len` (`limit_type` max): RapidOCR's default scales the short side
+    up, which takes seconds on a small image. The orientation classifier runs only with
+    `input.use_cls`; text lines are recognised `input.rec_batch_num` at a time (a batch is
+    padded to its widest line). Images run one by one."""
+    import cv2
+    from rapidocr import RapidOCR
+
+    spec = manifest.input
+    files = manifest.files
+    params: dict[str, Any] = {
+        "Global.log_level": "warning",
+        "Global.use_cls": "cls" in files and bool(spec.get("use_cls", False)),
+        "Global.return_word_box": True,
+        "Global.text_score": float(spec.get("text_score", 0.5)),
+        "Det.model_path": files["det"]["path"],
+        "Det.limit_type": str(spec.get("limit_type", "max")),
+        "Det.limit_side_len": int(spec.get("limit_side_len", 960)),
+        "Rec.model_path": files["rec"]["path"],
+        "Rec.rec_batch_num": int(spec.get("rec_batch_num", 1)),
+        "EngineConfig.onnxruntime.intra_op_num_threads": threads,
+        "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+    }
+    if "cls" in files:
+        params["Cls.model_path"] = files["cls"]["path"]
+    engine = RapidOCR(params=params)
+
+    def read(item: Any) -> dict[str, Any]:
+        image = np.asarray(item["image"] if isinstance(item, dict) else item)
+        if image.ndim == 2:
+            bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        else:
+            bgr = cv2.cvtColor(np.ascontiguousarray(image[..., :3]), cv2.COLOR_RGB2BGR)
+        found = engine(bgr)
+        return _ocr_result(found.boxes, found.txts, found.scores, found.word_results)
+
+    # the warm-up: a line of text, so that detection, orientation and recognition all run
+    sample = np.full((64, 320, 3), 255, dtype=np.uint8)
+    cv2.putText(sample, "Sightline 42", (8, 44), cv2.FONT_HERSHEY_SIMPLEX, 1.2, (0, 0, 0), 2)
+    read(sample)
+    return lambda batch: [read(item) for item in batch]
+
+
+def _box(points: Any) -> dict[str, int]:
+    """The upright box around a quadrilateral's (or rectangle's) points."""
+    corners = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    x0, y0 = np.floor(corners.min(axis=0))
+    x1, y1 = np.ceil(corners.max(axis=0))
+    return {"x": int(x0), "y": int(y0), "width": int(x1 - x0), "height": int(y1 - y0)}
+
+
+def _split_words(text: str, score: float, box: dict[str, int]) -> list[dict[str, Any]]:
+    """Words of a line without word boxes: the line's box cut in proportion to characters."""
+    words: list[dict[str, Any]] = []
+    if not text:
+        return words
+    per_char = box["width"] / len(text)
+    position = 0
+    for word in text.split(" "):
+        if word:
+            words.append(
+                {
+                    "text": word,
+                    "confidence": round(float(score), 4),
+                    "box": {
+                        "x": box["x"] + round(position * per_char),
+                        "y": box["y"],
+                        "width": max(1, round(len(word) * per_char)),
+                        "height": box["height"],
+                    },
+                }
+            )
+        position += len(word) + 1
+    return words
+
+
+def _ocr_result(boxes: Any, texts: Any, scores: Any, word_results: Any) -> dict[str, Any]:
+    lines: list[dict[str, Any]] = []
+    words: list[dict[str, Any]] = []
+    if boxes is None or texts is None:
+        return {"text": "", "lines": lines, "words": words}
+    per_line = list(word_results or ())
+    for index, (quad, found_text, score) in enumerate(
+        zip(boxes, texts, scores or (), strict=False)
+    ):
+        text = str(found_text).strip()
+        if not text:
+            continue
+        box = _box(quad)
+        lines.append({"text": text, "confidence": round(float(score), 4), "box": box})
+        found = per_line[index] if index < len(per_line) else None
+        line_words = [
+            {"text": str(w).strip(), "confidence": round(float(c), 4), "box": _box(b)}
+            for w, c, b in (found or ())
+            if b is not None and str(w).strip()
+        ]
+        words += line_words or _split_words(text, float(score), box)
+    return {"text": "\n".join(line["text"] for line in lines), "lines": lines, "words": words}

@@ -74,6 +74,10 @@ def _load(path: str, threads: int, parent_pid: int) -> None:
     _MODEL = SentenceTransformer(path, device="cpu")
 
 
+def _loaded() -> None:
+    """Returns once the worker's initializer has loaded the model."""
+
+
 def _encode(texts: list[str]) -> list[list[float]]:
     vectors = _MODEL.encode(  # its progress bar ignores TQDM_DISABLE (it passes `disable`)
         texts,
@@ -108,6 +112,7 @@ class LocalEmbedder:
         max_batch: int = 64,
         max_delay_s: float = 0.003,
         timeout_s: float = 60.0,
+        load_timeout_s: float = 600.0,
     ) -> None:
         resolved = path or local_model_path()
         if resolved is None:
@@ -117,12 +122,16 @@ class LocalEmbedder:
         self._max_batch = max_batch
         self._max_delay_s = max_delay_s
         self._timeout_s = timeout_s
+        self._load_timeout_s = load_timeout_s
         self._pool: ProcessPoolExecutor | None = None
+        self._loading: asyncio.Future[None] | None = None
+        self.worker_starts = 0  # each start loads the model (tests see a warm-up happened)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._batcher: asyncio.Task[None] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            self.worker_starts += 1
             self._pool = ProcessPoolExecutor(
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
@@ -155,8 +164,9 @@ class LocalEmbedder:
             group = await self._gather_batch(loop)
             texts = [t for item in group for t in item.texts]
             try:
+                pool = await self._ready(loop)
                 vectors = await asyncio.wait_for(
-                    loop.run_in_executor(self._executor(), _encode, texts), self._timeout_s
+                    loop.run_in_executor(pool, _encode, texts), self._timeout_s
                 )
             except asyncio.CancelledError:
                 for item in group:
@@ -176,6 +186,16 @@ class LocalEmbedder:
                 if not item.future.done():
                     item.future.set_result(vectors[position : position + len(item.texts)])
                 position += len(item.texts)
+
+    async def _ready(self, loop: asyncio.AbstractEventLoop) -> ProcessPoolExecutor:
+        """The worker, once its model has loaded: the load (a minute or more on a busy machine)
+        is held to `load_timeout_s`, not to a batch's `timeout_s`, so that a slow first load
+        is waited for instead of killed and started again."""
+        pool = self._executor()
+        if self._loading is None or self._loading.cancelled():
+            self._loading = loop.run_in_executor(pool, _loaded)
+        await asyncio.wait_for(self._loading, self._load_timeout_s)
+        return pool
 
     async def _gather_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
         """The first waiting request, and those arriving within `max_delay_s` (up to a batch)."""
@@ -198,6 +218,7 @@ class LocalEmbedder:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None  # the next batch starts a fresh worker
+        self._loading = None
 
     async def aclose(self) -> None:
         if self._batcher is not None:

@@ -844,6 +844,39 @@ class KnowledgeService:
             )
         return 0.0 if distance is None else 1.0 - float(distance)
 
+    async def similarities(
+        self, principal: Principal, texts: list[str], chunk_ids: list[str]
+    ) -> list[dict[str, float]]:
+        """Cosine similarity of each text to each of the caller's chunks (by their stored
+        embeddings): one {chunk id: similarity} per text. Chunks embedded by another model
+        than this embedder, and ids that are not the tenant's chunks, are left out."""
+        ids = []
+        for chunk_id in chunk_ids:
+            try:
+                ids.append(uuid.UUID(chunk_id))
+            except ValueError:
+                continue
+        if not texts or not ids:
+            return [{} for _ in texts]
+        vectors = await self.embedder.embed(texts)  # off the event loop (worker or endpoint)
+        async with self._db.session(principal.tenant_id) as session:
+            rows = await session.execute(
+                text(
+                    "SELECT s.ord, c.id, 1 - (c.embedding <=> CAST(s.v AS vector)) AS sim "
+                    "FROM chunks c, unnest(CAST(:vs AS text[])) WITH ORDINALITY AS s(v, ord) "
+                    "WHERE c.id = ANY(:ids) AND c.embedding_model = :model"
+                ),
+                {
+                    "vs": [_vector_literal(v) for v in vectors],
+                    "ids": ids,
+                    "model": self.embedder.name,
+                },
+            )
+            found: list[dict[str, float]] = [{} for _ in texts]
+            for r in rows:
+                found[int(r.ord) - 1][str(r.id)] = float(r.sim)
+        return found
+
     async def is_relevant(self, principal: Principal, query: str) -> bool:
         """Whether retrieving for this question is worth a sources block: the nearest chunk is
         at least `min_relevance` similar (calibrated by bench/retrieval_quality.py)."""

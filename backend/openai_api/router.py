@@ -16,7 +16,7 @@ import logging
 import math
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -66,6 +66,14 @@ _CODES = {
 _LLM_STATUS = {LLMUnavailable: 503, LLMTimeout: 504}
 
 
+def error_code(exc: BaseException) -> str:
+    """Sightline's code of an exception (what sightline_errors_total counts it under)."""
+    if isinstance(exc, LLMError):
+        return exc.code
+    typed = expected_error(exc)
+    return InternalError.code if typed is None else typed.code
+
+
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """The HTTP status and OpenAI error body of an exception (a bug is a masked 500)."""
     if isinstance(exc, LLMError):
@@ -111,6 +119,9 @@ class ClientGone(Exception):
 class OpenAIRoute(APIRoute):
     """Errors of these routes in OpenAI's shape (the app's own handlers answer in Sightline's)."""
 
+    # Told each error's route path and code (the app counts them); set by `openai_router`.
+    on_error: ClassVar[Callable[[str, str], None] | None] = None
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
@@ -120,6 +131,8 @@ class OpenAIRoute(APIRoute):
             except ClientGone:
                 return Response(status_code=499)  # nginx's "client closed request": for the log
             except Exception as exc:
+                if self.on_error is not None:
+                    self.on_error(self.path, error_code(exc))
                 return error_response(exc)
 
         return handle
@@ -199,8 +212,10 @@ def openai_router(
     openai_of: Callable[[Request], OpenAIService],
     auth_of: Callable[[Request], AuthService],
     server: ServerSettings,
+    on_error: Callable[[str, str], None] | None = None,
 ) -> APIRouter:
-    router = APIRouter(prefix=PREFIX, tags=["openai"], route_class=OpenAIRoute)
+    route_class = type("Route", (OpenAIRoute,), {"on_error": staticmethod(on_error)})
+    router = APIRouter(prefix=PREFIX, tags=["openai"], route_class=route_class)
 
     async def caller(request: Request, scope: AuthScope) -> Principal:
         credential = request.headers.get("authorization") or request.headers.get("x-api-key")

@@ -55,7 +55,17 @@ from backend.realtime.eventlog import TOKEN_DELTA
 log = logging.getLogger(__name__)
 
 # A run's CitationAdded event as the response lists it (as the knowledge extra's citations).
-_CITATION_FIELDS = ("index", "chunkId", "documentId", "title", "answerStart", "answerEnd", "span")
+_CITATION_FIELDS = (
+    "index",
+    "chunkId",
+    "documentId",
+    "title",
+    "answerStart",
+    "answerEnd",
+    "span",
+    "confidence",
+    "explicit",
+)
 # OpenAI's finish reasons; a provider's own ("repetition": an answer cut in a loop) is a stop.
 _FINISH = {"stop": "stop", "length": "length", "repetition": "stop"}
 

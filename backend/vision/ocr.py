@@ -52,6 +52,10 @@ class OcrEngine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._read, rgb, language)
 
+    async def warm(self, language: str = "eng") -> None:
+        """Creates a Tesseract engine and reads a blank page once."""
+        await self.read(np.full((32, 128, 3), 255, dtype=np.uint8), language)
+
     def _api(self, language: str) -> Any:
         import tesserocr
 

@@ -52,6 +52,18 @@ def detector_input(rgb: np.ndarray, runtime: str, spec: dict[str, Any]) -> np.nd
     return np.ascontiguousarray(cv2.resize(rgb, size, interpolation=interpolation))
 
 
+def ocr_input(rgb: np.ndarray, spec: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """An OCR model's input: the RGB image with its long side at most `max_side` (what the
+    worker is sent stays bounded); and the scale back to the original."""
+    max_side = int(spec.get("max_side", 2000))
+    longest = max(rgb.shape[:2])
+    if longest <= max_side:
+        return np.ascontiguousarray(rgb), 1.0
+    scale = max_side / longest
+    small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return small, 1 / scale
+
+
 def for_ocr(rgb: np.ndarray) -> np.ndarray:
     """Grayscale, denoised, deskewed, then binarised with an adaptive threshold."""
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)

@@ -47,11 +47,12 @@ from backend.realtime.eventlog import RunEvent, RunEventLog
 from backend.vision import repository as jobs
 from backend.vision.images import DecodeBudget, DecodedImage, decode
 from backend.vision.ocr import OcrEngine
-from backend.vision.preprocess import classification_input, detector_input
+from backend.vision.preprocess import classification_input, detector_input, ocr_input
 
 log = logging.getLogger(__name__)
 
 WORKER_LOST = "WORKER_LOST"
+TESSERACT = "tesseract"  # the OCR engine of this process (the others are the pool's OCR models)
 T = TypeVar("T")
 
 
@@ -59,6 +60,14 @@ class VisionTask(StrEnum):
     OCR = "ocr"
     DETECT = "detect"
     CLASSIFY = "classify"
+
+
+# the model task and request argument of each vision task
+_MODEL_TASKS = {
+    VisionTask.CLASSIFY: (Task.CLASSIFICATION, "classifier"),
+    VisionTask.DETECT: (Task.DETECTION, "detector"),
+    VisionTask.OCR: (Task.OCR, "ocrEngine"),
+}
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,7 @@ class _Options:
         models = {VisionTask(k): str(v) for k, v in dict(stored.get("models") or {}).items()}
         models.setdefault(VisionTask.CLASSIFY, settings.classifier)
         models.setdefault(VisionTask.DETECT, settings.detector)
+        models.setdefault(VisionTask.OCR, settings.ocr_engine)
         min_score = stored.get("minScore")
         most = stored.get("maxDetections")
         return cls(
@@ -225,6 +235,11 @@ class VisionService:
         """The installed Tesseract languages (none: OCR tasks fail with OCR_UNAVAILABLE)."""
         return self._ocr.languages()
 
+    def warm_ups(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """The models this service runs in-process, by name: each loaded and run once at
+        startup (the inference pool warms its own)."""
+        return {"tesseract": self._ocr.warm} if self._inference is not None else {}
+
     def start(self) -> None:
         """Starts renewing this replica's job leases and, with vision on, taking over the jobs
         of replicas that died (a replica with vision off runs no job: it leaves them to one
@@ -283,6 +298,7 @@ class VisionService:
         *,
         classifier: str | None = None,
         detector: str | None = None,
+        ocr_engine: str | None = None,
         language: str = "eng",
         top_k: int = 5,
         min_score: float | None = None,
@@ -302,6 +318,7 @@ class VisionService:
         models = {
             VisionTask.CLASSIFY: classifier or self._settings.classifier,
             VisionTask.DETECT: detector or self._settings.detector,
+            VisionTask.OCR: ocr_engine or self._settings.ocr_engine,
         }
         for task, name in models.items():
             if task in wanted:
@@ -368,15 +385,18 @@ class VisionService:
 
     def _check_model(self, task: VisionTask, name: str) -> None:
         """An unknown model, or one for another task: refused now (BAD_USER_INPUT), naming the
-        models there are for the task."""
-        wanted = Task.CLASSIFICATION if task is VisionTask.CLASSIFY else Task.DETECTION
-        field = "classifier" if task is VisionTask.CLASSIFY else "detector"
+        models there are for the task (for OCR: Tesseract and the pool's OCR models)."""
+        wanted, field = _MODEL_TASKS[task]
+        if task is VisionTask.OCR and name == TESSERACT:
+            return
         try:
             manifest = self.models.manifest(name)
         except InferenceError:
             manifest = None
         if manifest is None or manifest.task is not wanted:
             available = sorted(m.name for m in self.models.manifests() if m.task is wanted)
+            if task is VisionTask.OCR:
+                available = [TESSERACT, *available]
             raise ValidationFailed(
                 f"no {wanted.value} model named {name!r}; available: "
                 + (", ".join(available) or "none"),
@@ -516,8 +536,12 @@ class VisionService:
         options = job.options
         try:
             if task is VisionTask.OCR:
-                model, version = "tesseract", self._ocr.version
-                result = await self._ocr.read(rgb, options.language)
+                model = options.models[task]
+                if model == TESSERACT:
+                    version = self._ocr.version
+                else:
+                    version = self.models.manifest(model).version
+                result = await self.read(rgb, model, options.language)
             elif task is VisionTask.CLASSIFY:
                 model = options.models[task]
                 version = self.models.manifest(model).version
@@ -755,6 +779,30 @@ class VisionService:
                 for i in best
             ]
         }
+
+    async def read(
+        self,
+        rgb: np.ndarray,
+        engine: str = TESSERACT,
+        language: str = "eng",
+        priority: Priority = Priority.BATCH,
+    ) -> dict[str, Any]:
+        """The text of an image with its lines and words (boxes in the image's pixels): by
+        Tesseract (threads of this process), or by an OCR model of the inference pool
+        (RapidOCR), which reads every language its model knows (`language` is Tesseract's)."""
+        if engine == TESSERACT:
+            return await self._ocr.read(rgb, language)
+        manifest = self.models.manifest(engine)
+        image, scale = await asyncio.to_thread(ocr_input, rgb, manifest.input)
+        [found] = await self.models.infer(
+            engine, [{"image": image}], priority=priority, timeout_s=self._settings.infer_timeout_s
+        )
+        result = dict(found)
+        if scale != 1.0:
+            for item in (*result["lines"], *result["words"]):
+                item["box"] = {k: round(v * scale) for k, v in item["box"].items()}
+        result["language"] = manifest.input.get("language", "multi")
+        return result
 
     async def detect(
         self,

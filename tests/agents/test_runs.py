@@ -177,6 +177,9 @@ async def test_a_streamed_answer_is_persisted(server: LiveServer, account: dict[
     assert 'sightline_chat_time_to_first_token_seconds_count{model="echo"} 1.0' in metrics
     assert "sightline_run_stream_lag_seconds_count" in metrics
     assert "sightline_chat_active_runs 0.0" in metrics
+    assert 'sightline_chat_queue_wait_seconds_count{model="echo"} 1.0' in metrics
+    assert "sightline_chat_queued_runs 0.0" in metrics
+    assert f'sightline_chat_cost_total{{model="echo",tenant="{account["tenant_id"]}"}}' in metrics
 
 
 async def test_the_first_answer_titles_an_untitled_conversation(
@@ -388,8 +391,14 @@ async def test_llm_failure_ends_the_run_with_a_typed_event(
         token = await sign_in(server, account)
         _, run_id = await start_run(server, token, "hello")
         events = await collect(server, token, run_id)
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            metrics = (await http.get("/metrics")).text
     assert events[-1]["__typename"] == "RunFailed"
     assert events[-1]["code"] == "LLM_UNAVAILABLE"
+    [failed] = [line for line in metrics.splitlines() if 'surface="chat_run"' in line]
+    assert 'code="LLM_UNAVAILABLE"' in failed
+    assert 'operation="chatRun"' in failed
+    assert failed.endswith(" 1.0")
 
 
 async def test_a_run_is_streamed_from_another_replica(

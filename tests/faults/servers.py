@@ -263,6 +263,9 @@ def server_environment(
         "SIGHTLINE_KNOWLEDGE_JOB_LOST_GRACE_S": "3",
         "SIGHTLINE_GUARDRAILS_ENABLED": "false",
         "SIGHTLINE_VISION_ENABLED": "false",
+        # ready once PostgreSQL and Redis answer, as these tests expect: the models warm up in
+        # the background (tests/test_warmup.py tests readiness after the warm-up)
+        "SIGHTLINE_SERVER_READY_AFTER_WARM_UP": "false",
         "SIGHTLINE_TELEMETRY_LOG_FORMAT": "text",
     }
     environment.update({f"SIGHTLINE_{k.upper()}": str(v) for k, v in extra.items()})

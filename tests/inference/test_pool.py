@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from backend.core.metrics import Metrics
 from backend.inference.catalog import Task
 from backend.inference.client import (
+    InferenceError,
     ModelStatus,
     ModelUnavailable,
     OutOfMemory,
@@ -39,8 +41,10 @@ def toy(name: str, loader: str, **options: Any) -> ModelManifest:
 async def pools() -> AsyncIterator[Callable[..., Any]]:
     started: list[InferencePool] = []
 
-    async def start(*manifests: ModelManifest, workers: int = 1) -> InferencePool:
-        pool = InferencePool(manifests, workers=workers)
+    async def start(
+        *manifests: ModelManifest, workers: int = 1, metrics: Metrics | None = None
+    ) -> InferencePool:
+        pool = InferencePool(manifests, workers=workers, metrics=metrics)
         await pool.start()
         started.append(pool)
         await pool.wait_ready()
@@ -70,12 +74,17 @@ async def test_preferred_sizes_and_the_delay_bound(pools: Callable[..., Any]) ->
 
 
 async def test_a_full_queue_refuses_at_once(pools: Callable[..., Any]) -> None:
-    pool = await pools(toy("slow", "slow", max_batch=1, max_queue=3))
+    metrics = Metrics()
+    pool = await pools(toy("slow", "slow", max_batch=1, max_queue=3), metrics=metrics)
     first = asyncio.create_task(pool.infer("slow", [1, 2, 3]))
     await asyncio.sleep(0.05)
     with pytest.raises(Overloaded):
         await pool.infer("slow", [4, 5, 6])
     assert [r[0] for r in await first] == [1, 2, 3]
+    labels = {"model": "slow", "version": "1"}
+    sample = metrics.registry.get_sample_value
+    assert sample("sightline_inference_rejected_total", labels) == 1
+    assert sample("sightline_inference_queue_capacity", labels) == 3
 
 
 async def test_a_cancelled_request_leaves_its_batch(pools: Callable[..., Any]) -> None:
@@ -118,11 +127,36 @@ async def test_out_of_memory_splits_the_batch(pools: Callable[..., Any]) -> None
     assert all(r[0][1] <= 2 for r in ok)
 
 
+async def test_an_item_that_raises_fails_alone(pools: Callable[..., Any]) -> None:
+    pool = await pools(toy("picky", "picky", max_batch=8, max_delay_ms=200))
+    inputs = (1, 2, 13, 3, 4)
+    results = await asyncio.gather(
+        *(pool.infer("picky", [i]) for i in inputs), return_exceptions=True
+    )
+    failed = results[2]
+    assert type(failed) is InferenceError  # not WorkerLost, nor any other kind
+    assert failed.code == "INFERENCE_FAILED"
+    assert "cannot read item 13" in str(failed)
+    ok = [r[0] for r in results if not isinstance(r, BaseException)]
+    assert [value for value, _, _ in ok] == [1, 2, 3, 4]  # its batch-mates, each run alone
+    state = pool.status()["picky"]
+    assert state.batches == 1  # they were one batch
+    # the same worker process serves the next batch
+    [(value, _, pid)] = await pool.infer("picky", [5])
+    assert value == 5
+    assert {p for _, _, p in ok} == {pid}
+
+
 async def test_a_dead_worker_fails_its_batch_and_is_replaced(pools: Callable[..., Any]) -> None:
-    pool = await pools(toy("crash", "crasher", max_batch=1))
+    metrics = Metrics()
+    pool = await pools(toy("crash", "crasher", max_batch=1), metrics=metrics)
     with pytest.raises(WorkerLost):
         await pool.infer("crash", [-1])
     assert (await pool.infer("crash", [7], timeout_s=60))[0] == (7, 1)
+    sample = metrics.registry.get_sample_value
+    assert sample("sightline_inference_worker_restarts_total") == 1
+    assert sample("sightline_inference_workers") == 1
+    assert sample("sightline_inference_workers_busy") == 0
 
 
 async def test_models_that_fail_to_load_are_unavailable(pools: Callable[..., Any]) -> None:

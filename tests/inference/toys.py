@@ -47,3 +47,14 @@ def greedy(manifest: ModelManifest) -> Batch:
 
 def broken(manifest: ModelManifest) -> Batch:
     raise RuntimeError("weights are corrupt")
+
+
+def picky(manifest: ModelManifest) -> Batch:
+    """Raises on the item 13 (an image it cannot read), whatever else is in its batch."""
+
+    def run(batch: list[Any]) -> list[Any]:
+        if any(int(x) == 13 for x in batch):
+            raise ValueError("cannot read item 13")
+        return [(int(x), len(batch), os.getpid()) for x in batch]
+
+    return run

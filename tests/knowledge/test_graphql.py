@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from backend.config import ChatSettings, Settings
+from backend.config import ChatSettings, ModelSpec, Settings
 from backend.knowledge.embeddings import LocalEmbedder
 from tests.agents.test_agent import events_of, kinds, text
 from tests.agents.test_runs import gql, sign_in, start_run
@@ -36,6 +36,21 @@ JOB_EVENTS = """subscription($id: ID!) { ingestionJobEvents(id: $id) {
   ... on IngestionProgress { status done total }
   ... on IngestionCompleted { status documentId chunks }
   ... on IngestionFailed { code message } } }"""
+
+
+RELOAD = """query($id: ID!) { conversation(id: $id) { messages(first: 10) { edges { node {
+  role content
+  sources { index chunkId documentId title text score heading page charStart charEnd }
+  citations { index chunkId documentId title answerStart answerEnd confidence explicit }
+} } } } }"""
+
+
+def assistant_of(reloaded: dict[str, Any]) -> dict[str, Any]:
+    assert "errors" not in reloaded, reloaded
+    edges = reloaded["data"]["conversation"]["messages"]["edges"]
+    assert [e["node"]["role"] for e in edges] == ["USER", "ASSISTANT"]
+    assert edges[0]["node"]["sources"] == edges[0]["node"]["citations"] == []
+    return edges[1]["node"]  # type: ignore[no-any-return]
 
 
 async def upload(
@@ -99,7 +114,7 @@ async def test_upload_follow_search_and_cite(
         assert events[-1]["status"] == "UNCHANGED".lower()
 
         # The agent searches it and cites it; the citation opens the chunk.
-        _, run_id = await start_run(server, token, "refund time")
+        conversation_id, run_id = await start_run(server, token, "refund time")
         answer = await events_of(server, token, run_id)
         assert "CitationAdded" in kinds(answer)
         assert text(answer) == "Found it [1] and [2]."
@@ -111,6 +126,20 @@ async def test_upload_follow_search_and_cite(
             id=citation["chunkId"],
         )
         assert opened["data"]["chunk"]["documentId"] == citation["documentId"]
+        # read again, the answer keeps its sources and the citation the model wrote
+        conversation = await gql(server, token, RELOAD, id=conversation_id)
+        stored = assistant_of(conversation)
+        assert [s["index"] for s in stored["sources"]] == list(range(1, len(stored["sources"]) + 1))
+        assert stored["citations"][0] == {
+            "index": 1,
+            "chunkId": citation["chunkId"],
+            "documentId": citation["documentId"],
+            "title": "Handbook",
+            "answerStart": 9,
+            "answerEnd": 12,
+            "confidence": 1.0,
+            "explicit": True,
+        }
 
         # Bad input: typed errors, never a 500.
         image = await upload(server, token, "notes.md", b"\x89PNG\r\n\x1a\n" + bytes(64))
@@ -128,3 +157,61 @@ async def test_upload_follow_search_and_cite(
             id="00000000-0000-0000-0000-000000000000",
         )
         assert foreign["errors"][0]["extensions"]["code"] == "NOT_FOUND"
+
+
+async def test_an_answer_without_markers_gets_citations_that_come_back_on_reload(
+    settings: Settings,
+    engine: AsyncEngine,
+    account: dict,
+    llm: tuple[LLMStub, str],
+    embedder: LocalEmbedder,
+) -> None:
+    """A model without tool calling that writes no [n] (the stub echoes the question): its
+    sentence that says what a passage says is attributed to that passage, by similarity, live
+    and on reload; the sentence that says nothing the knowledge base holds is not."""
+    _, url = llm
+    settings.chat = ChatSettings(
+        llm_base_url=url,
+        run_lease_s=1,
+        models={"default": ModelSpec(base_url=url, model="echo", tools=False)},
+    )
+    async with serve_live(settings, embedder=embedder) as server:
+        token = await sign_in(server, account)
+        sent = await upload(server, token, "handbook.md", HANDBOOK)
+        events = await job_events(server, token, sent["data"]["ingestDocument"]["id"])
+        assert events[-1]["__typename"] == "IngestionCompleted", events
+        question = (
+            "Is my money refunded within two weeks once the warehouse in Lyon has my return? "
+            "My cat sleeps on the sofa all afternoon."
+        )
+        conversation_id, run_id = await start_run(server, token, question)
+        answer = await events_of(server, token, run_id)
+        assert kinds(answer)[:3] == ["RunStarted", "ToolCallStarted", "ToolCallFinished"]
+        assert kinds(answer)[-2:] == ["CitationAdded", "RunCompleted"], kinds(answer)
+        said = text(answer)
+        [live] = [e for e in answer if e["__typename"] == "CitationAdded"]
+        assert said[live["answerStart"] : live["answerEnd"]].startswith("Is my money refunded")
+        assert said[live["answerEnd"] - 1] == "?"
+        reloaded = await gql(server, token, RELOAD, id=conversation_id)
+    stored = assistant_of(reloaded)
+    assert stored["content"] == said
+    refunds = next(s for s in stored["sources"] if "fourteen days" in s["text"])
+    assert refunds == {
+        **refunds,
+        "title": "Handbook",
+        "heading": "Handbook > Refunds",
+        "chunkId": live["chunkId"],
+        "documentId": live["documentId"],
+    }
+    [citation] = stored["citations"]
+    assert citation == {
+        "index": refunds["index"],
+        "chunkId": refunds["chunkId"],
+        "documentId": refunds["documentId"],
+        "title": "Handbook",
+        "answerStart": live["answerStart"],
+        "answerEnd": live["answerEnd"],
+        "confidence": citation["confidence"],
+        "explicit": False,
+    }
+    assert ChatSettings().citation_threshold <= citation["confidence"] < 1

@@ -23,9 +23,9 @@ from tests.conftest import VISION_TIMEOUTS, LiveServer, serve_live
 from tests.graphql.ws import results
 
 ANALYZE = """mutation($image: Upload!, $tasks: [VisionTask!]!, $classifier: String,
-    $detector: String, $minScore: Float, $maxDetections: Int) {
+    $detector: String, $minScore: Float, $maxDetections: Int, $ocrEngine: String) {
   analyzeImage(image: $image, tasks: $tasks, classifier: $classifier, detector: $detector,
-    minScore: $minScore, maxDetections: $maxDetections) {
+    minScore: $minScore, maxDetections: $maxDetections, ocrEngine: $ocrEngine) {
     id status tasks mediaType width height } }"""
 
 EVENTS = """subscription($id: ID!) { visionJobEvents(id: $id) {
@@ -134,6 +134,20 @@ async def test_classify_detect_and_read_an_image(
         assert "129.50" in read["result"]["text"]
         assert read["model"] == "tesseract"
         assert {"text", "confidence", "box"} <= set(read["result"]["words"][0])
+
+        # the second engine, chosen per request: RapidOCR in the inference pool's worker
+        page = await analyse(server, token, text_image(), ["OCR"], ocrEngine="rapidocr")
+        [read] = [e for e in page if e["__typename"] == "VisionTaskCompleted"]
+        assert (read["model"], read["version"]) == ("rapidocr", "3.10.0")
+        assert "Invoice 4711 is due on Friday" in read["result"]["text"]
+        assert "Total: 129.50 EUR" in read["result"]["text"]
+        assert "Invoice" in [w["text"] for w in read["result"]["words"]]
+        assert {"text", "confidence", "box"} <= set(read["result"]["lines"][0])
+        refused = await upload(server, token, text_image(), ["OCR"], ocrEngine="easyocr")
+        [error] = refused["errors"]
+        assert error["extensions"]["code"] == "BAD_USER_INPUT"
+        assert error["extensions"]["field"] == "ocrEngine"
+        assert "tesseract, rapidocr" in error["message"]
 
         job_id = (await upload(server, token, jpeg(data.coffee()), ["CLASSIFY"]))["data"][
             "analyzeImage"

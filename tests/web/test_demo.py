@@ -375,6 +375,15 @@ async def documents_images_and_screenshots(
     await citation.click()
     await expect(page.get_by_role("dialog")).to_contain_text("Refunds take fourteen days.")
     await page.get_by_role("dialog").get_by_role("button", name="Close").click()
+    # opened again (a reload), the answer shows its citation as it did live (Message.citations)
+    await page.reload()
+    await expect(page.get_by_role("log", name="Messages")).to_contain_text("Found it")
+    citation = page.get_by_role("button", name="[1] Handbook")
+    await expect(citation).to_be_visible(timeout=30_000)
+    await expect(citation).to_have_count(1)
+    await citation.click()
+    await expect(page.get_by_role("dialog")).to_contain_text("Refunds take fourteen days.")
+    await page.get_by_role("dialog").get_by_role("button", name="Close").click()
 
     await page.get_by_role("link", name="Images").click()
     picture = tmp_path / "invoice.png"

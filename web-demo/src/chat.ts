@@ -9,13 +9,15 @@ import { renderMarkdown } from "./markdown";
 const EVENTS = `subscription($r: ID!, $a: String) { runEvents(runId: $r, after: $a) {
   __typename cursor
   ... on TokenDelta { text }
-  ... on CitationAdded { index chunkId title }
+  ... on CitationAdded { index chunkId title confidence explicit }
   ... on GuardrailTriggered { stage rail action reason }
   ... on ToolCallStarted { name }
   ... on RunFailed { code message }
 } }`;
 
 type Event = { __typename: string; cursor: string; [key: string]: any };
+/** A citation as CitationAdded streams it and Message.citations keeps it. */
+type Citation = { index: number; chunkId: string; title: string; confidence: number; explicit: boolean };
 
 export function chatPage(root: HTMLElement) {
   const list = conversationList({
@@ -102,14 +104,16 @@ export function chatPage(root: HTMLElement) {
     status(note, "Loading messages…", "busy");
     try {
       const data = await call(
-        `query($c: ID!) { conversation(id: $c) { messages(first: 50) { edges { node { role content attachments } } } } }`,
+        `query($c: ID!) { conversation(id: $c) { messages(first: 50) { edges { node {
+          role content attachments citations { index chunkId title confidence explicit } } } } } }`,
         { c: id },
       );
       if (conversation !== id) return; // another one was opened meanwhile
       log.replaceChildren();
       for (const e of data.conversation.messages.edges) {
         const role = e.node.role.toLowerCase();
-        bubble(role, e.node.content, e.node.attachments.map((a: string) => pictureOf(a) ?? null));
+        const body = bubble(role, e.node.content, e.node.attachments.map((a: string) => pictureOf(a) ?? null));
+        for (const c of e.node.citations as Citation[]) cite(body, c); // as they came live
       }
       status(note, "");
     } catch (e) {
@@ -174,11 +178,9 @@ export function chatPage(root: HTMLElement) {
       case "RunCompleted":
         void list.refresh(); // a first answer gives the conversation its title
         break;
-      case "CitationAdded": {
-        const link = h("button", { type: "button", class: "citation", onclick: () => openChunk(event.chunkId, event.title) }, `[${event.index}] ${event.title}`);
-        answer.parentElement?.append(link);
+      case "CitationAdded":
+        cite(answer, event as unknown as Citation);
         break;
-      }
       case "GuardrailTriggered":
         answer.parentElement?.append(h("p", { class: "notice", role: "note" }, `Guardrail ${event.rail} (${event.stage}): ${event.action} — ${event.reason}`));
         break;
@@ -192,6 +194,20 @@ export function chatPage(root: HTMLElement) {
         status(note, "Stopped.");
         break;
     }
+  }
+
+  /** A source the answer cites, once per source under the answer: a button that opens the
+   * passage. One attributed by similarity (the model wrote no [n]) says how close it came. */
+  function cite(answerBody: HTMLElement, c: Citation) {
+    const message = answerBody.parentElement;
+    if (!message || message.querySelector(`.citation[data-index="${c.index}"]`)) return;
+    message.append(h("button", {
+      type: "button",
+      class: c.explicit ? "citation" : "citation attributed",
+      "data-index": String(c.index),
+      title: c.explicit ? undefined : `Matched by similarity (${c.confidence.toFixed(2)})`,
+      onclick: () => openChunk(c.chunkId, c.title),
+    }, `[${c.index}] ${c.title}`));
   }
 
   async function openChunk(id: string, title: string) {
