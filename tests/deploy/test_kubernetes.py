@@ -332,3 +332,22 @@ def test_service_monitor_scrapes_the_api_service() -> None:
     ports = {p["name"] for p in service["spec"]["ports"]}
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_prometheus_rule_is_generated_from_the_alert_rules() -> None:
+    """base/prometheusrule.yaml is deploy/prometheus/alerts.yml as the operator's resource: the
+    committed file is what prometheusrule.py writes, and the rendered groups are the rules'."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "prometheusrule", KUBERNETES / "prometheusrule.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    committed = (KUBERNETES / "base" / "prometheusrule.yaml").read_text(encoding="utf-8")
+    assert committed == generator.render(), "rerun python deploy/kubernetes/prometheusrule.py"
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text("utf-8"))
+    rendered = one(render("overlays/prod"), "PrometheusRule", "sightline-api")
+    assert rendered["spec"]["groups"] == rules["groups"]
