@@ -39,7 +39,7 @@ from backend.conversations.service import ConversationService
 from backend.core.asgi import BodySizeLimitMiddleware, ObservabilityMiddleware
 from backend.core.db import Database
 from backend.core.metrics import Metrics
-from backend.core.migrations import is_current
+from backend.core.migrations import current_revisions, schema_state
 from backend.core.redis import ping_redis
 from backend.core.state import AppState
 from backend.core.telemetry import build_tracer_provider, configure_logging
@@ -473,9 +473,15 @@ def _add_probes(app: FastAPI, metrics: Metrics, settings: Settings) -> None:
 
 
 async def _migrations_current(state: AppState) -> None:
+    """Not ready while the schema is behind the code. A schema ahead of it (the next release's
+    migrations ran, as a rolling upgrade does before it replaces the pods) keeps this release
+    ready, so the old pods serve on until the new ones are ready instead of all answering 503 at
+    once. That holds because a release's migrations keep the previous release working (README,
+    "Kubernetes": add first, remove a release later)."""
     async with asyncio.timeout(READINESS_TIMEOUT_S):
-        if not await is_current(state.db.engine):
-            raise RuntimeError("schema is behind the code; run `sightline migrate`")
+        current = await current_revisions(state.db.engine)
+    if schema_state(current) == "behind":
+        raise RuntimeError("schema is behind the code; run `sightline migrate`")
 
 
 async def _check(probe: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 from alembic import command
 from alembic.config import Config
@@ -76,3 +77,14 @@ async def current_revisions(engine: AsyncEngine) -> frozenset[str]:
 
 async def is_current(engine: AsyncEngine) -> bool:
     return await current_revisions(engine) == head_revisions()
+
+
+def schema_state(current: frozenset[str]) -> Literal["current", "behind", "ahead"]:
+    """Where the database's revisions stand against the code's: `ahead` when it was migrated by
+    newer code (a revision this code has no script for), as during a rolling upgrade after the
+    new release's migrations ran; `behind` when this code's migrations are still to apply."""
+    if current == head_revisions():
+        return "current"
+    if not current <= known_revisions():
+        return "ahead"
+    return "behind"

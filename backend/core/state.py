@@ -15,7 +15,7 @@ from backend.config import Settings
 from backend.core.db import Database, redacted
 from backend.core.embedded import ResolvedServices, resolve_services
 from backend.core.metrics import Metrics
-from backend.core.migrations import is_current, upgrade_to_head
+from backend.core.migrations import current_revisions, schema_state, upgrade_to_head
 from backend.core.redis import KeySpace, connect_redis, ping_redis
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,12 @@ class AppState:
                 )
                 if settings.should_migrate_on_start:
                     await upgrade_to_head(db.engine)
-                elif not await is_current(db.engine):
-                    log.warning("database schema is behind the code: run `sightline migrate`")
+                elif (schema := schema_state(await current_revisions(db.engine))) != "current":
+                    log.warning(
+                        "database schema is %s the code%s",
+                        schema,
+                        ": run `sightline migrate`" if schema == "behind" else " (newer release)",
+                    )
         except BaseException:
             if state is not None:
                 await state.close()

@@ -18,6 +18,7 @@ from backend.core.migrations import (
     current_revisions,
     head_revisions,
     is_current,
+    schema_state,
     upgrade_to_head,
 )
 from backend.core.models import Tenant, User
@@ -45,9 +46,14 @@ async def test_migrations_apply_to_an_empty_database(engine: AsyncEngine) -> Non
     try:
         assert await current_revisions(fresh) == frozenset()
         assert not await is_current(fresh)
+        assert schema_state(frozenset()) == "behind"
         await upgrade_to_head(fresh)
         await upgrade_to_head(fresh)  # idempotent
         assert await current_revisions(fresh) == head_revisions()
+        assert schema_state(await current_revisions(fresh)) == "current"
+        async with fresh.begin() as conn:  # as if the next release's migrations had run
+            await conn.execute(text("UPDATE alembic_version SET version_num = '9999_next'"))
+        assert schema_state(await current_revisions(fresh)) == "ahead"
     finally:
         await fresh.dispose()
         async with engine.connect() as conn:
@@ -221,6 +227,10 @@ async def test_bm25_lengths_migration_backfills_and_downgrades(engine: AsyncEngi
             assert "rank" in columns
         await upgrade_to_head(fresh)  # and up again
         assert await current_revisions(fresh) == head_revisions()
+        assert schema_state(await current_revisions(fresh)) == "current"
+        async with fresh.begin() as conn:  # as if the next release's migrations had run
+            await conn.execute(text("UPDATE alembic_version SET version_num = '9999_next'"))
+        assert schema_state(await current_revisions(fresh)) == "ahead"
     finally:
         await fresh.dispose()
         async with engine.connect() as conn:
