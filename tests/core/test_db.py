@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from backend.core.db import Database
 from backend.core.migrations import (
@@ -21,6 +21,7 @@ from backend.core.migrations import (
     upgrade_to_head,
 )
 from backend.core.models import Tenant, User
+from tests.conftest import empty_database
 
 
 def tenant(slug: str | None = None) -> Tenant:
@@ -37,22 +38,12 @@ async def test_schema_is_at_head_with_pgvector(engine: AsyncEngine, db: Database
 
 
 async def test_migrations_apply_to_an_empty_database(engine: AsyncEngine) -> None:
-    name = f"migrate_{uuid.uuid4().hex[:8]}"
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    fresh = create_async_engine(engine.url.set(database=name))
-    try:
+    async with empty_database(engine) as fresh:
         assert await current_revisions(fresh) == frozenset()
         assert not await is_current(fresh)
         await upgrade_to_head(fresh)
         await upgrade_to_head(fresh)  # idempotent
         assert await current_revisions(fresh) == head_revisions()
-    finally:
-        await fresh.dispose()
-        async with engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 async def test_unit_of_work_commits_or_rolls_back(db: Database) -> None:
@@ -167,12 +158,7 @@ def _migrate(connection: Connection, direction: str, revision: str) -> None:
 async def test_bm25_lengths_migration_backfills_and_downgrades(engine: AsyncEngine) -> None:
     """0011 fills the chunk lengths (and documents' totals) of rows written before it, and
     goes back to 0010's text ranking."""
-    name = f"migrate_{uuid.uuid4().hex[:8]}"
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    fresh = create_async_engine(engine.url.set(database=name))
-    try:
+    async with empty_database(engine) as fresh:
         async with fresh.begin() as conn:
             await conn.run_sync(_migrate, "upgrade", "0010")
             tenant = await conn.scalar(
@@ -221,11 +207,6 @@ async def test_bm25_lengths_migration_backfills_and_downgrades(engine: AsyncEngi
             assert "rank" in columns
         await upgrade_to_head(fresh)  # and up again
         assert await current_revisions(fresh) == head_revisions()
-    finally:
-        await fresh.dispose()
-        async with engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 async def current_revisions_of(conn: AsyncConnection) -> frozenset[str]:

@@ -5,7 +5,6 @@ parameters and predicate included (which autogenerate does not compare)."""
 
 from __future__ import annotations
 
-import uuid
 import warnings
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,30 +14,21 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.schema import CreateIndex
 
 from backend.core.migrations import upgrade_to_head
 from backend.core.models import Base
+from tests.conftest import empty_database
 
 
 @pytest.fixture(scope="module")
 async def migrated(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
     """A database of its own, migrated to head: nothing another test (or the chat
     checkpointer) created is in it."""
-    name = f"models_{uuid.uuid4().hex[:8]}"
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    fresh = create_async_engine(engine.url.set(database=name))
-    try:
+    async with empty_database(engine) as fresh:
         await upgrade_to_head(fresh)
         yield fresh
-    finally:
-        await fresh.dispose()
-        async with engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 def _differences(connection: Connection) -> list[Any]:

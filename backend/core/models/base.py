@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import DateTime, Enum, MetaData, func
+from sqlalchemy import DateTime, Enum, Index, MetaData, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
@@ -40,6 +40,18 @@ TIMESTAMP = DateTime(timezone=True)
 def pg_enum(cls: type[StrEnum], name: str) -> Enum:
     """A PostgreSQL enum type of the members' values."""
     return Enum(cls, name=name, values_callable=lambda e: [m.value for m in e])
+
+
+def by_tenant_and_age(table: str) -> Index:
+    """A tenant's rows by creation time (listings, retention purges, budgets)."""
+    return Index(f"ix_{table}_tenant_created", "tenant_id", "created_at")
+
+
+def unfinished(table: str, *statuses: str) -> Index:
+    """The rows recovery looks for, by last change: only those in `statuses` (a partial
+    index, as small as the unfinished work whatever the size of the table)."""
+    listed = ", ".join(f"'{status}'" for status in statuses)
+    return Index(f"ix_{table}_unfinished", "updated_at", postgresql_where=f"status IN ({listed})")
 
 
 def moment(*, index: bool = False) -> Any:

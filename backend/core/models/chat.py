@@ -11,10 +11,12 @@ from sqlmodel import Field
 from backend.core.models.base import (
     Timestamps,
     UUIDKey,
+    by_tenant_and_age,
     json_object,
     moment,
     pg_enum,
     tenant_key,
+    unfinished,
     user_ref,
     written_at,
 )
@@ -50,7 +52,7 @@ class Message(UUIDKey, table=True):
     __tablename__ = "messages"
     __table_args__ = (
         Index("ix_messages_conversation_seq", "conversation_id", "seq", unique=True),
-        Index("ix_messages_tenant_created", "tenant_id", "created_at"),  # purges (0008)
+        by_tenant_and_age("messages"),  # purges (0008)
     )
 
     tenant_id: uuid.UUID = tenant_key()
@@ -68,13 +70,8 @@ class Message(UUIDKey, table=True):
 class Run(UUIDKey, Timestamps, table=True):
     __tablename__ = "runs"
     __table_args__ = (
-        Index("ix_runs_tenant_created", "tenant_id", "created_at"),  # purges (0008)
-        # recovery's unfinished runs (0009)
-        Index(
-            "ix_runs_unfinished",
-            "updated_at",
-            postgresql_where="status IN ('queued', 'running')",
-        ),
+        by_tenant_and_age("runs"),  # purges (0008)
+        unfinished("runs", RunStatus.QUEUED, RunStatus.RUNNING),  # (0009)
     )
 
     tenant_id: uuid.UUID = tenant_key()

@@ -6,7 +6,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Identity, Index, Numeric, String
+from sqlalchemy import BigInteger, Column, Identity, Numeric, String
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlmodel import Field
 
@@ -14,6 +14,7 @@ from backend.core.models.base import (
     TIMESTAMP,
     Base,
     UUIDKey,
+    by_tenant_and_age,
     json_object,
     moment,
     tenant_key,
@@ -92,7 +93,7 @@ class AuditEvent(Base, table=True):
 
     __tablename__ = "audit_events"
     __table_args__ = (
-        Index("ix_audit_events_tenant_created", "tenant_id", "created_at"),  # purges (0008)
+        by_tenant_and_age("audit_events"),  # purges (0008)
         # No RETURNING: rows without a tenant are writable but not readable by the app role.
         {"implicit_returning": False},
     )
@@ -115,7 +116,7 @@ class UsageRecord(UUIDKey, table=True):
     __tablename__ = "usage_records"
     __table_args__ = (
         # budgets sum a tenant's usage since a moment (migration 0002)
-        Index("ix_usage_records_tenant_created", "tenant_id", "created_at"),
+        by_tenant_and_age("usage_records"),
     )
 
     tenant_id: uuid.UUID = tenant_key()

@@ -14,8 +14,10 @@ from backend.core.models.base import (
     Base,
     Timestamps,
     UUIDKey,
+    by_tenant_and_age,
     json_object,
     tenant_key,
+    unfinished,
     user_ref,
     written_at,
 )
@@ -107,13 +109,8 @@ class Chunk(UUIDKey, table=True):
 class IngestionJob(UUIDKey, Timestamps, table=True):
     __tablename__ = "ingestion_jobs"
     __table_args__ = (
-        Index("ix_ingestion_jobs_tenant_created", "tenant_id", "created_at"),
-        # recovery's unfinished jobs (migration 0009)
-        Index(
-            "ix_ingestion_jobs_unfinished",
-            "updated_at",
-            postgresql_where="status IN ('queued', 'running', 'retrying')",
-        ),
+        by_tenant_and_age("ingestion_jobs"),
+        unfinished("ingestion_jobs", JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.RETRYING),
     )
 
     tenant_id: uuid.UUID = tenant_key()

@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Index, String
+from sqlalchemy import String
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlmodel import Field
 
@@ -14,8 +14,10 @@ from backend.core.models.base import (
     Base,
     Timestamps,
     UUIDKey,
+    by_tenant_and_age,
     json_object,
     tenant_key,
+    unfinished,
     user_ref,
     written_at,
 )
@@ -31,13 +33,8 @@ class VisionStatus(StrEnum):
 class VisionJob(UUIDKey, Timestamps, table=True):
     __tablename__ = "vision_jobs"
     __table_args__ = (
-        Index("ix_vision_jobs_tenant_created", "tenant_id", "created_at"),
-        # recovery's unfinished jobs (0010)
-        Index(
-            "ix_vision_jobs_unfinished",
-            "updated_at",
-            postgresql_where="status IN ('queued', 'running')",
-        ),
+        by_tenant_and_age("vision_jobs"),
+        unfinished("vision_jobs", VisionStatus.QUEUED, VisionStatus.RUNNING),  # (0010)
     )
 
     tenant_id: uuid.UUID = tenant_key()
