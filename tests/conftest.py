@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import SecretStr
 from redis.asyncio import Redis
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from backend.app import create_app
@@ -118,6 +119,23 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await upgrade_to_head(engine)
     yield engine
     await engine.dispose()
+
+
+@asynccontextmanager
+async def empty_database(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
+    """An engine on a new, empty database of the session's server, dropped afterwards."""
+    name = f"scratch_{uuid.uuid4().hex[:8]}"
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    fresh = create_async_engine(engine.url.set(database=name))
+    try:
+        yield fresh
+    finally:
+        await fresh.dispose()
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture

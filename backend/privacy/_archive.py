@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import UTC, date, datetime
-from decimal import Decimal
-from enum import Enum
+from datetime import UTC, datetime
 from typing import Any
-
-from sqlalchemy import inspect
 
 from backend.core.models import (
     ApiKey,
     AuditEvent,
+    Base,
     Chunk,
     Conversation,
     Document,
@@ -94,25 +90,11 @@ async def archive(pages: Pages, tenant: Tenant, user: User) -> AsyncIterator[byt
     yield b"}\n"
 
 
-def row(item: Any) -> dict[str, Any]:
-    return {
-        attr.key: getattr(item, attr.key)
-        for attr in inspect(type(item)).column_attrs
-        if attr.key not in _NOT_EXPORTED
-    }
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID | Decimal):
-        return str(value)
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, bytes):
-        return None
-    raise TypeError(f"not exportable: {type(value).__name__}")
+def row(item: Base) -> dict[str, Any]:
+    """A row's exported columns as JSON values (the table's own pydantic serialisation: ids and
+    decimals as strings, times in ISO 8601, enums as their values)."""
+    return item.model_dump(mode="json", exclude=_NOT_EXPORTED)
 
 
 def dump(value: Any) -> str:
-    return json.dumps(value, default=_default, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from backend.core.db import Database
 from backend.core.migrations import (
@@ -22,6 +22,7 @@ from backend.core.migrations import (
     upgrade_to_head,
 )
 from backend.core.models import Tenant, User
+from tests.conftest import empty_database
 
 
 def tenant(slug: str | None = None) -> Tenant:
@@ -38,12 +39,7 @@ async def test_schema_is_at_head_with_pgvector(engine: AsyncEngine, db: Database
 
 
 async def test_migrations_apply_to_an_empty_database(engine: AsyncEngine) -> None:
-    name = f"migrate_{uuid.uuid4().hex[:8]}"
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    fresh = create_async_engine(engine.url.set(database=name))
-    try:
+    async with empty_database(engine) as fresh:
         assert await current_revisions(fresh) == frozenset()
         assert not await is_current(fresh)
         assert schema_state(frozenset()) == "behind"
@@ -54,11 +50,6 @@ async def test_migrations_apply_to_an_empty_database(engine: AsyncEngine) -> Non
         async with fresh.begin() as conn:  # as if the next release's migrations had run
             await conn.execute(text("UPDATE alembic_version SET version_num = '9999_next'"))
         assert schema_state(await current_revisions(fresh)) == "ahead"
-    finally:
-        await fresh.dispose()
-        async with engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 async def test_unit_of_work_commits_or_rolls_back(db: Database) -> None:
@@ -173,12 +164,7 @@ def _migrate(connection: Connection, direction: str, revision: str) -> None:
 async def test_bm25_lengths_migration_backfills_and_downgrades(engine: AsyncEngine) -> None:
     """0011 fills the chunk lengths (and documents' totals) of rows written before it, and
     goes back to 0010's text ranking."""
-    name = f"migrate_{uuid.uuid4().hex[:8]}"
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    fresh = create_async_engine(engine.url.set(database=name))
-    try:
+    async with empty_database(engine) as fresh:
         async with fresh.begin() as conn:
             await conn.run_sync(_migrate, "upgrade", "0010")
             tenant = await conn.scalar(
@@ -227,15 +213,6 @@ async def test_bm25_lengths_migration_backfills_and_downgrades(engine: AsyncEngi
             assert "rank" in columns
         await upgrade_to_head(fresh)  # and up again
         assert await current_revisions(fresh) == head_revisions()
-        assert schema_state(await current_revisions(fresh)) == "current"
-        async with fresh.begin() as conn:  # as if the next release's migrations had run
-            await conn.execute(text("UPDATE alembic_version SET version_num = '9999_next'"))
-        assert schema_state(await current_revisions(fresh)) == "ahead"
-    finally:
-        await fresh.dispose()
-        async with engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 async def current_revisions_of(conn: AsyncConnection) -> frozenset[str]:

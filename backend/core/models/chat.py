@@ -1,17 +1,25 @@
 """Conversations, their messages, and runs (one agent turn each)."""
 
-from __future__ import annotations
-
 import uuid
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import DateTime, Enum, ForeignKey, Index, Integer, String, Text, func
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import Index, String, Text
+from sqlmodel import Field
 
-from backend.core.models.base import Base, Timestamps, UUIDKey
+from backend.core.models.base import (
+    Timestamps,
+    UUIDKey,
+    by_tenant_and_age,
+    json_object,
+    moment,
+    pg_enum,
+    tenant_key,
+    unfinished,
+    user_ref,
+    written_at,
+)
 
 
 class MessageRole(StrEnum):
@@ -28,51 +36,52 @@ class RunStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
-def _enum(cls: type[StrEnum], name: str) -> Enum:
-    return Enum(cls, name=name, values_callable=lambda e: [m.value for m in e])
-
-
-class Conversation(UUIDKey, Timestamps, Base):
+class Conversation(UUIDKey, Timestamps, table=True):
     __tablename__ = "conversations"
     __table_args__ = (
         Index("ix_conversations_tenant_id_owner_updated", "tenant_id", "owner_id", "updated_at"),
     )
 
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    title: Mapped[str] = mapped_column(String(200), default="", server_default="")
-    archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    tenant_id: uuid.UUID = tenant_key()
+    owner_id: uuid.UUID = Field(foreign_key="users.id", ondelete="CASCADE")
+    title: str = Field(default="", sa_type=String(200), sa_column_kwargs={"server_default": ""})
+    archived_at: datetime | None = moment()
 
 
-class Message(UUIDKey, Base):
+class Message(UUIDKey, table=True):
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_conversation_seq", "conversation_id", "seq", unique=True),)
-
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    conversation_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("conversations.id", ondelete="CASCADE")
+    __table_args__ = (
+        Index("ix_messages_conversation_seq", "conversation_id", "seq", unique=True),
+        by_tenant_and_age("messages"),  # purges (0008)
     )
-    seq: Mapped[int] = mapped_column(Integer)  # order within the conversation, from 1
-    role: Mapped[MessageRole] = mapped_column(_enum(MessageRole, "message_role"))
-    author_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
-    content: Mapped[str] = mapped_column(Text)
-    complete: Mapped[bool] = mapped_column(default=True, server_default="true")
-    run_id: Mapped[uuid.UUID | None]
-    meta: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    tenant_id: uuid.UUID = tenant_key()
+    conversation_id: uuid.UUID = Field(foreign_key="conversations.id", ondelete="CASCADE")
+    seq: int  # order within the conversation, from 1
+    role: MessageRole = Field(sa_type=pg_enum(MessageRole, "message_role"))
+    author_id: uuid.UUID | None = user_ref(index=True)  # erasures (0008)
+    content: str = Field(sa_type=Text)
+    complete: bool = Field(default=True, sa_column_kwargs={"server_default": "true"})
+    run_id: uuid.UUID | None = None
+    meta: dict[str, Any] = json_object()
+    created_at: datetime = written_at()
 
 
-class Run(UUIDKey, Timestamps, Base):
+class Run(UUIDKey, Timestamps, table=True):
     __tablename__ = "runs"
-
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    conversation_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("conversations.id", ondelete="CASCADE"), index=True
+    __table_args__ = (
+        by_tenant_and_age("runs"),  # purges (0008)
+        unfinished("runs", RunStatus.QUEUED, RunStatus.RUNNING),  # (0009)
     )
-    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
-    status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"))
-    model: Mapped[str] = mapped_column(String(100))
-    error_code: Mapped[str | None] = mapped_column(String(64))
-    message_id: Mapped[uuid.UUID | None]
-    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    completion_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    tenant_id: uuid.UUID = tenant_key()
+    conversation_id: uuid.UUID = Field(
+        foreign_key="conversations.id", ondelete="CASCADE", index=True
+    )
+    user_id: uuid.UUID | None = user_ref(index=True)  # erasures (0008)
+    status: RunStatus = Field(sa_type=pg_enum(RunStatus, "run_status"))
+    model: str = Field(sa_type=String(100))
+    error_code: str | None = Field(default=None, sa_type=String(64))
+    message_id: uuid.UUID | None = None
+    prompt_tokens: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    completion_tokens: int = Field(default=0, sa_column_kwargs={"server_default": "0"})

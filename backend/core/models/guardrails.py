@@ -1,24 +1,14 @@
 """Per-tenant guardrail policies (one row per tenant; absent means the defaults)."""
 
-from __future__ import annotations
-
 import uuid
 from typing import Any
 
-from sqlalchemy import ForeignKey
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column
-
-from backend.core.models.base import Base, Timestamps
+from backend.core.models.base import Timestamps, json_object, tenant_key, user_ref
 
 
-class GuardrailPolicyRow(Timestamps, Base):
+class GuardrailPolicyRow(Timestamps, table=True):
     __tablename__ = "guardrail_policies"
 
-    tenant_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
-    )
-    policy: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
-    updated_by: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("users.id", ondelete="SET NULL"), nullable=True
-    )
+    tenant_id: uuid.UUID = tenant_key(primary_key=True)
+    policy: dict[str, Any] = json_object()
+    updated_by: uuid.UUID | None = user_ref()

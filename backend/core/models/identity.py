@@ -1,125 +1,130 @@
 """Credentials and the records kept about them: signing keys, refresh tokens, API keys,
 OAuth clients, the audit log and usage records."""
 
-from __future__ import annotations
-
 import uuid
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    DateTime,
-    ForeignKey,
-    Identity,
-    LargeBinary,
-    Numeric,
-    String,
-    func,
-)
+from sqlalchemy import BigInteger, Column, Identity, Numeric, String
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlmodel import Field
 
-from backend.core.models.base import Base, UUIDKey
+from backend.core.models.base import (
+    TIMESTAMP,
+    Base,
+    UUIDKey,
+    by_tenant_and_age,
+    json_object,
+    moment,
+    tenant_key,
+    user_key,
+    user_ref,
+    written_at,
+)
 
 
-class SigningKey(Base):
+def _scopes() -> Any:
+    return Field(sa_type=ARRAY(String))
+
+
+class SigningKey(Base, table=True):
     """A key that signs access tokens. Retired keys still verify until their tokens expire."""
 
     __tablename__ = "signing_keys"
 
-    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    alg: Mapped[str] = mapped_column(String(20))
-    public_jwk: Mapped[dict[str, Any]] = mapped_column(JSONB)
-    private_key_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    kid: str = Field(sa_type=String(64), primary_key=True)
+    alg: str = Field(sa_type=String(20))
+    public_jwk: dict[str, Any] = Field(sa_type=JSONB)
+    private_key_encrypted: bytes
+    created_at: datetime = written_at()
+    retired_at: datetime | None = moment()
 
 
-class RefreshToken(UUIDKey, Base):
+class RefreshToken(UUIDKey, table=True):
     """One refresh token of a rotation family; reuse of a used one revokes the family."""
 
     __tablename__ = "refresh_tokens"
 
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    user_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("users.id", ondelete="CASCADE"), index=True
-    )
-    family_id: Mapped[uuid.UUID] = mapped_column(index=True)
-    token_hash: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
-    scopes: Mapped[list[str]] = mapped_column(ARRAY(String))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    tenant_id: uuid.UUID = tenant_key()
+    user_id: uuid.UUID = user_key(index=True)
+    family_id: uuid.UUID = Field(index=True)
+    token_hash: bytes = Field(unique=True)
+    scopes: list[str] = _scopes()
+    created_at: datetime = written_at()
+    expires_at: datetime = Field(sa_type=TIMESTAMP)
+    used_at: datetime | None = moment()
+    revoked_at: datetime | None = moment()
 
 
-class ApiKey(UUIDKey, Base):
+class ApiKey(UUIDKey, table=True):
     """A server-to-server key: shown once, stored as a hash, found by its public prefix."""
 
     __tablename__ = "api_keys"
 
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    user_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("users.id", ondelete="CASCADE"), index=True
-    )
-    name: Mapped[str] = mapped_column(String(100))
-    prefix: Mapped[str] = mapped_column(String(32), unique=True)
-    secret_hash: Mapped[bytes] = mapped_column(LargeBinary)
-    scopes: Mapped[list[str]] = mapped_column(ARRAY(String))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    tenant_id: uuid.UUID = tenant_key()
+    user_id: uuid.UUID = user_key(index=True)
+    name: str = Field(sa_type=String(100))
+    prefix: str = Field(sa_type=String(32), unique=True)
+    secret_hash: bytes
+    scopes: list[str] = _scopes()
+    created_at: datetime = written_at()
+    expires_at: datetime | None = moment()
+    last_used_at: datetime | None = moment()
+    revoked_at: datetime | None = moment()
 
 
-class OAuthClient(UUIDKey, Base):
+class OAuthClient(UUIDKey, table=True):
     """A service account's client_credentials: client id and hashed secret, bound to a user."""
 
     __tablename__ = "oauth_clients"
 
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    client_id: Mapped[str] = mapped_column(String(64), unique=True)
-    secret_hash: Mapped[bytes] = mapped_column(LargeBinary)
-    scopes: Mapped[list[str]] = mapped_column(ARRAY(String))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    tenant_id: uuid.UUID = tenant_key()
+    user_id: uuid.UUID = user_key(index=True)  # erasures (migration 0008)
+    client_id: str = Field(sa_type=String(64), unique=True)
+    secret_hash: bytes
+    scopes: list[str] = _scopes()
+    created_at: datetime = written_at()
+    revoked_at: datetime | None = moment()
 
 
-class AuditEvent(Base):
+class AuditEvent(Base, table=True):
     """A security event: logins, failures, token reuse, key changes, permission denials."""
 
     __tablename__ = "audit_events"
-    # No RETURNING: rows without a tenant are writable but not readable by the app role.
-    __table_args__ = {"implicit_returning": False}  # noqa: RUF012
-
-    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    tenant_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
-    )
-    actor_id: Mapped[uuid.UUID | None]
-    event: Mapped[str] = mapped_column(String(64), index=True)
-    outcome: Mapped[str] = mapped_column(String(16))
-    ip: Mapped[str | None] = mapped_column(String(64))
-    details: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), index=True
+    __table_args__ = (
+        by_tenant_and_age("audit_events"),  # purges (0008)
+        # No RETURNING: rows without a tenant are writable but not readable by the app role.
+        {"implicit_returning": False},
     )
 
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(), primary_key=True))
+    tenant_id: uuid.UUID | None = Field(
+        default=None, foreign_key="tenants.id", ondelete="CASCADE", index=True
+    )
+    actor_id: uuid.UUID | None = Field(default=None, index=True)  # erasures (0008)
+    event: str = Field(sa_type=String(64), index=True)
+    outcome: str = Field(sa_type=String(16))
+    ip: str | None = Field(default=None, sa_type=String(64))
+    details: dict[str, Any] = json_object()
+    created_at: datetime = written_at(index=True)
 
-class UsageRecord(UUIDKey, Base):
+
+class UsageRecord(UUIDKey, table=True):
     """What one run or job consumed, settled: LLM tokens and compute seconds, with cost."""
 
     __tablename__ = "usage_records"
-
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
-    resource: Mapped[str] = mapped_column(String(32))
-    subject: Mapped[str] = mapped_column(String(100))
-    amount: Mapped[Decimal] = mapped_column(Numeric(20, 6))
-    cost: Mapped[Decimal] = mapped_column(Numeric(20, 6), default=Decimal(0), server_default="0")
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), index=True
+    __table_args__ = (
+        # budgets sum a tenant's usage since a moment (migration 0002)
+        by_tenant_and_age("usage_records"),
     )
+
+    tenant_id: uuid.UUID = tenant_key()
+    user_id: uuid.UUID | None = user_ref(index=True)  # erasures (migration 0008)
+    resource: str = Field(sa_type=String(32))
+    subject: str = Field(sa_type=String(100))
+    amount: Decimal = Field(sa_type=Numeric(20, 6))
+    cost: Decimal = Field(
+        default=Decimal(0), sa_type=Numeric(20, 6), sa_column_kwargs={"server_default": "0"}
+    )
+    created_at: datetime = written_at(index=True)

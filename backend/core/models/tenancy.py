@@ -1,15 +1,13 @@
 """Tenants (organisations) and their users."""
 
-from __future__ import annotations
-
 import uuid
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import CheckConstraint, DateTime, Enum, ForeignKey, Index, String, text
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy import CheckConstraint, Index, String, text
+from sqlmodel import Field, Relationship
 
-from backend.core.models.base import Base, Timestamps, UUIDKey
+from backend.core.models.base import Timestamps, UUIDKey, moment, pg_enum, tenant_key
 
 
 class UserRole(StrEnum):
@@ -24,21 +22,23 @@ class UserKind(StrEnum):
     SERVICE = "service"
 
 
-class Tenant(UUIDKey, Timestamps, Base):
+class Tenant(UUIDKey, Timestamps, table=True):
     __tablename__ = "tenants"
     __table_args__ = (CheckConstraint("slug ~ '^[a-z0-9][a-z0-9-]{1,62}$'", name="slug_format"),)
 
-    slug: Mapped[str] = mapped_column(String(63), unique=True)
-    name: Mapped[str] = mapped_column(String(200))
-    plan: Mapped[str] = mapped_column(String(50), default="free", server_default="free")
-    is_active: Mapped[bool] = mapped_column(default=True, server_default="true")
+    slug: str = Field(sa_type=String(63), unique=True)
+    name: str = Field(sa_type=String(200))
+    plan: str = Field(
+        default="free", sa_type=String(50), sa_column_kwargs={"server_default": "free"}
+    )
+    is_active: bool = Field(default=True, sa_column_kwargs={"server_default": "true"})
     # Set when its erasure was asked for: it is disabled, and any replica finishes the erasure.
-    erasure_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    erasure_requested_at: datetime | None = moment()
 
-    users: Mapped[list[User]] = relationship(back_populates="tenant", passive_deletes=True)
+    users: list["User"] = Relationship(back_populates="tenant", passive_deletes=True)
 
 
-class User(UUIDKey, Timestamps, Base):
+class User(UUIDKey, Timestamps, table=True):
     __tablename__ = "users"
     __table_args__ = (
         # One account per email inside a tenant, whatever its case.
@@ -46,23 +46,23 @@ class User(UUIDKey, Timestamps, Base):
         CheckConstraint("position('@' in email) > 1", name="email_format"),
     )
 
-    tenant_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    tenant_id: uuid.UUID = tenant_key(index=True)
+    email: str = Field(sa_type=String(320))
+    display_name: str = Field(
+        default="", sa_type=String(200), sa_column_kwargs={"server_default": ""}
     )
-    email: Mapped[str] = mapped_column(String(320))
-    display_name: Mapped[str] = mapped_column(String(200), default="", server_default="")
-    role: Mapped[UserRole] = mapped_column(
-        Enum(UserRole, name="user_role", values_callable=lambda e: [m.value for m in e]),
+    role: UserRole = Field(
         default=UserRole.MEMBER,
-        server_default=UserRole.MEMBER.value,
+        sa_type=pg_enum(UserRole, "user_role"),
+        sa_column_kwargs={"server_default": UserRole.MEMBER.value},
     )
-    kind: Mapped[UserKind] = mapped_column(
-        Enum(UserKind, name="user_kind", values_callable=lambda e: [m.value for m in e]),
+    kind: UserKind = Field(
         default=UserKind.HUMAN,
-        server_default=UserKind.HUMAN.value,
+        sa_type=pg_enum(UserKind, "user_kind"),
+        sa_column_kwargs={"server_default": UserKind.HUMAN.value},
     )
-    password_hash: Mapped[str | None] = mapped_column(String(255))
-    is_active: Mapped[bool] = mapped_column(default=True, server_default="true")
-    erasure_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    password_hash: str | None = Field(default=None, sa_type=String(255))
+    is_active: bool = Field(default=True, sa_column_kwargs={"server_default": "true"})
+    erasure_requested_at: datetime | None = moment()
 
-    tenant: Mapped[Tenant] = relationship(back_populates="users")
+    tenant: Tenant = Relationship(back_populates="users")

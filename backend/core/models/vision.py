@@ -1,18 +1,26 @@
 """Image analysis jobs and their results (per task, with the model that produced them), and
 the image of each job while it runs."""
 
-from __future__ import annotations
-
 import uuid
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import DateTime, ForeignKey, Integer, LargeBinary, String, func
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import String
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlmodel import Field
 
-from backend.core.models.base import Base, Timestamps, UUIDKey
+from backend.core.models.base import (
+    Base,
+    Timestamps,
+    UUIDKey,
+    by_tenant_and_age,
+    json_object,
+    tenant_key,
+    unfinished,
+    user_ref,
+    written_at,
+)
 
 
 class VisionStatus(StrEnum):
@@ -22,41 +30,37 @@ class VisionStatus(StrEnum):
     FAILED = "failed"
 
 
-class VisionJob(UUIDKey, Timestamps, Base):
+class VisionJob(UUIDKey, Timestamps, table=True):
     __tablename__ = "vision_jobs"
-
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    created_by: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("users.id", ondelete="SET NULL"), nullable=True
+    __table_args__ = (
+        by_tenant_and_age("vision_jobs"),
+        unfinished("vision_jobs", VisionStatus.QUEUED, VisionStatus.RUNNING),  # (0010)
     )
-    status: Mapped[str] = mapped_column(String(20))
-    tasks: Mapped[list[str]] = mapped_column(ARRAY(String(20)))
-    media_type: Mapped[str] = mapped_column(String(50))
-    width: Mapped[int] = mapped_column(Integer)
-    height: Mapped[int] = mapped_column(Integer)
-    size_bytes: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str] = mapped_column(String(64))
+
+    tenant_id: uuid.UUID = tenant_key()
+    created_by: uuid.UUID | None = user_ref(index=True)  # erasures (0008)
+    status: str = Field(sa_type=String(20))
+    tasks: list[str] = Field(sa_type=ARRAY(String(20)))
+    media_type: str = Field(sa_type=String(50))
+    width: int
+    height: int
+    size_bytes: int
+    sha256: str = Field(sa_type=String(64))
     # {"ocr": {"model": ..., "version": ..., "ms": ..., "result": {...}} | {"error": ...}}
-    results: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
-    error_code: Mapped[str | None] = mapped_column(String(50), nullable=True)
-    error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    results: dict[str, Any] = json_object()
+    error_code: str | None = Field(default=None, sa_type=String(50))
+    error: str | None = Field(default=None, sa_type=String(500))
 
 
-class VisionUpload(Base):
+class VisionUpload(Base, table=True):
     """The image a job analyses and what it was asked (`options`: models, language, top k),
     kept until the job ends: a replica that takes over the job of one that died reads it here."""
 
     __tablename__ = "vision_uploads"
 
-    job_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("vision_jobs.id", ondelete="CASCADE"), primary_key=True
-    )
-    tenant_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
-    )
-    data: Mapped[bytes] = mapped_column(LargeBinary)
-    options: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
-    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), nullable=False
-    )
+    job_id: uuid.UUID = Field(foreign_key="vision_jobs.id", ondelete="CASCADE", primary_key=True)
+    tenant_id: uuid.UUID = tenant_key(index=True)
+    data: bytes
+    options: dict[str, Any] = json_object()
+    attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    created_at: datetime = written_at()
