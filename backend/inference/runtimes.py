@@ -45,7 +45,9 @@ def resolve_device(device: str) -> str:
 def load(manifest: ModelManifest, device: str, threads: int = 1) -> BatchFn:
     manifest.verify()
     device = (
-        resolve_device(device) if manifest.runtime in ("torch", "torchscript", "onnx") else "cpu"
+        resolve_device(device)
+        if manifest.runtime in ("torch", "torchscript", "onnx", "torchvision")
+        else "cpu"
     )
     if manifest.runtime == "python":
         return _import(manifest.loader or "")(manifest)
@@ -57,6 +59,10 @@ def load(manifest: ModelManifest, device: str, threads: int = 1) -> BatchFn:
         return _cascade(manifest)
     if manifest.runtime == "opencv-dnn":
         return _opencv_dnn(manifest, threads)
+    if manifest.runtime == "torchvision":  # imports torchvision: the [gpu] extra only
+        from backend.inference import torchvision_runtime
+
+        return torchvision_runtime.load(manifest, device, threads, _detection_request)
     raise ManifestError(f"{manifest.name}: no runtime {manifest.runtime}")
 
 
