@@ -33,7 +33,7 @@ class ModelManifest:
     task: Task
     # torch (built by `loader`), torchscript, onnx, cascade (OpenCV), opencv-dnn (a TensorFlow,
     # Caffe or ONNX graph run by OpenCV's dnn module), python, torchvision (an architecture
-    # named by `input.architecture`, the [gpu] extra: backend/inference/torchvision_runtime.py)
+    # named by `input.architecture`, requirements-gpu.txt: backend/inference/torchvision_runtime.py)
     runtime: str
     input: dict[str, Any] = field(default_factory=dict)  # e.g. {"size": 224, "mean": [...]}
     labels: tuple[str, ...] = ()

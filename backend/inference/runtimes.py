@@ -59,7 +59,7 @@ def load(manifest: ModelManifest, device: str, threads: int = 1) -> BatchFn:
         return _cascade(manifest)
     if manifest.runtime == "opencv-dnn":
         return _opencv_dnn(manifest, threads)
-    if manifest.runtime == "torchvision":  # imports torchvision: the [gpu] extra only
+    if manifest.runtime == "torchvision":  # imports torchvision: requirements-gpu.txt
         from backend.inference import torchvision_runtime
 
         return torchvision_runtime.load(manifest, device, threads, _detection_request)

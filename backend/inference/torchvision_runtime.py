@@ -1,7 +1,7 @@
 """The `torchvision` runtime: a torchvision detection or classification architecture built by
 name, with no weights of its own (`weights=None`, `weights_backbone=None`: nothing comes from a
 hub), and its weights loaded from the manifest's file (a state dict, checked against the
-manifest's sha256 before it loads). For GPU nodes: `pip install -e '.[gpu]'`.
+manifest's sha256 before it loads). For GPU nodes: `pip install -r requirements-gpu.txt`.
 
 torchvision is imported here only, when such a model loads: the default install has CPU torch
 without torchvision (it cannot import beside the CPU wheel torch==2.13.0).
@@ -47,7 +47,7 @@ def load(manifest: ModelManifest, device: str, threads: int, request: RequestFn)
     ) as exc:  # RuntimeError: a torchvision built for another torch
         raise ManifestError(
             f"{manifest.name}: the torchvision runtime needs torchvision "
-            f"(pip install -e '.[gpu]'): {type(exc).__name__}: {exc}"
+            f"(pip install -r requirements-gpu.txt): {type(exc).__name__}: {exc}"
         ) from exc
 
     torch.set_num_threads(threads)

@@ -1,11 +1,12 @@
 """The `torchvision` runtime end to end through the inference pool: architectures built by name
 with random weights saved to a file (never a hub), detection and classification results, and
-weights whose sha256 differs refused. Runs where the [gpu] extra is installed (CI: .venv-gpu)."""
+weights whose sha256 differs refused. Runs where requirements-gpu.txt is installed (CI:
+.venv-gpu)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 torchvision = pytest.importorskip(
     "torchvision",
-    reason="torchvision is the [gpu] extra (pip install -e '.[gpu]'); CI runs these in .venv-gpu",
+    reason="no torchvision (pip install -r requirements-gpu.txt); CI runs these in .venv-gpu",
 )
 
 import torch  # noqa: E402
@@ -22,25 +23,10 @@ import torch  # noqa: E402
 from backend.inference.catalog import Task  # noqa: E402
 from backend.inference.client import ModelStatus, ModelUnavailable  # noqa: E402
 from backend.inference.manifest import ModelManifest, coco_labels, load_manifests  # noqa: E402
-from backend.inference.pool import InferencePool  # noqa: E402
+from tests.inference import test_pool  # noqa: E402
 
+pools = test_pool.pools  # the pool fixture of the other pool tests
 LABELS = ("cat", "dog", "cup")
-
-
-@pytest.fixture
-async def pools() -> AsyncIterator[Callable[..., Any]]:
-    started: list[InferencePool] = []
-
-    async def start(*manifests: ModelManifest) -> InferencePool:
-        pool = InferencePool(manifests, workers=1)
-        await pool.start()
-        started.append(pool)
-        await pool.wait_ready()
-        return pool
-
-    yield start
-    for pool in started:
-        await pool.close()
 
 
 def random_weights(tmp_path: Path, architecture: str, **options: Any) -> tuple[str, str]:
