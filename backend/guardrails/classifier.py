@@ -1,0 +1,138 @@
+"""The transformer injection classifier: `metatronnanoguard` (NanoGuard, a 16.8M-parameter
+bidirectional transformer trained on public injection datasets; MIT; about 80 ms a message on
+one CPU thread) in a worker process of its own, so torch never runs on the event loop nor holds
+the API process's GIL.
+
+One owner (`TransformerClassifier`) starts the worker on first use, gives each call a deadline,
+and kills a worker that overruns it (the next call starts a fresh one); closing it ends the
+worker. The server never imports the package: `nanoguard/__init__` imports torch.
+
+A long text is read at its start and its end (the model reads at most 512 tokens), as the
+packaged TF-IDF classifier is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from backend.guardrails.errors import GuardrailUnavailable
+from backend.inference.lifeline import die_with_parent
+from backend.inference.worker_output import log_worker_output
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "nanoguard"  # the import name of metatronnanoguard==0.1.0
+NAME = "metatronnanoguard@0.1.0"
+
+
+def available() -> bool:
+    """Whether the classifier's package is installed (found without importing it)."""
+    return importlib.util.find_spec(PACKAGE) is not None
+
+
+class ClassifierUnavailable(GuardrailUnavailable):
+    """The worker failed or overran its deadline."""
+
+
+# -- the worker process ------------------------------------------------------------------------
+
+_SCANNER: Any = None
+
+
+def _load(threads: int, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
+    log_worker_output(__name__)
+    import torch
+    from nanoguard import NanoGuard
+
+    torch.set_num_threads(threads)
+    global _SCANNER  # noqa: PLW0603 (one model per worker process)
+    _SCANNER = NanoGuard(device="cpu")
+
+
+def _scan(texts: list[str]) -> list[float]:
+    # The model was trained on inputs padded to its full length (its attention reads the
+    # padding), so it runs as the package runs it: scan_batch pads every text to 512 tokens.
+    return [float(r.injection_score) for r in _SCANNER.scan_batch(texts)]
+
+
+def clip(text: str, chars: int) -> str:
+    """The start and the end of a long text, `chars` in all."""
+    if len(text) <= chars:
+        return text
+    half = chars // 2
+    return text[:half] + " " + text[-half:]
+
+
+class TransformerClassifier:
+    """Probabilities that texts are injections, from NanoGuard in one worker process."""
+
+    name = NAME
+
+    def __init__(self, *, threads: int = 1, timeout_s: float = 2.0, max_chars: int = 2000) -> None:
+        self._threads = threads
+        self._timeout_s = timeout_s
+        self._max_chars = max_chars
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = asyncio.Lock()  # one batch at a time: the worker is single-threaded
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_load,
+                initargs=(self._threads, os.getpid()),
+            )
+        return self._pool
+
+    async def warm(self, timeout_s: float = 120.0) -> None:
+        """Starts the worker and loads the model (about 2 s), so the first message is fast."""
+        await self.probabilities(["warm up"], timeout_s=timeout_s)
+
+    async def probabilities(
+        self, texts: list[str], *, timeout_s: float | None = None
+    ) -> list[float]:
+        if not texts:
+            return []
+        clipped = [clip(t, self._max_chars) for t in texts]
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            pool = self._executor()
+            future = loop.run_in_executor(pool, _scan, clipped)
+            try:
+                return await asyncio.wait_for(future, timeout_s or self._timeout_s)
+            except TimeoutError as exc:
+                self._kill(pool)  # a stuck worker would hold every later message
+                raise ClassifierUnavailable("the injection classifier took too long") from exc
+            except (BrokenProcessPool, OSError) as exc:
+                self._kill(pool)
+                raise ClassifierUnavailable("the injection classifier's worker died") from exc
+            except asyncio.CancelledError:
+                # the caller gave up (its own deadline): the batch may still be running; a
+                # fresh worker serves the next call rather than queueing behind it
+                self._kill(pool)
+                raise
+
+    def _kill(self, pool: ProcessPoolExecutor) -> None:
+        if self._pool is pool:
+            self._pool = None
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        for process in processes:
+            with contextlib.suppress(OSError, ValueError):
+                process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        log.warning("injection classifier worker stopped; the next call starts a fresh one")
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
