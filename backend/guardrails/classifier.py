@@ -18,14 +18,12 @@ import contextlib
 import importlib.util
 import logging
 import math
-import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from backend.guardrails.errors import GuardrailUnavailable
-from backend.inference.lifeline import die_with_parent
+from backend.inference.lifeline import die_with_parent, worker_pool
 from backend.inference.worker_output import log_worker_output
 
 log = logging.getLogger(__name__)
@@ -93,12 +91,7 @@ class TransformerClassifier:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_load,
-                initargs=(self._threads, os.getpid()),
-            )
+            self._pool = worker_pool(_load, self._threads)
         return self._pool
 
     async def warm(self, timeout_s: float = 120.0) -> None:
