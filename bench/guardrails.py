@@ -126,6 +126,9 @@ def rates(flags: list[bool], rows: list[dict[str, Any]]) -> tuple[float, float]:
 async def main(args: argparse.Namespace) -> None:
     lines = DATA.read_text(encoding="utf-8").split("\n")  # not splitlines: rows hold U+2028
     rows = [json.loads(line) for line in lines if line]
+    if args.families_only:
+        await held_out(rows, args)
+        return
     texts = [r["text"] for r in rows]
     attacks = sum(r["label"] for r in rows)
     print(
@@ -229,7 +232,7 @@ async def held_out(prompt_rows: list[dict[str, Any]], args: argparse.Namespace) 
     from backend.knowledge.embeddings import LocalEmbedder
 
     rows = read(FAMILIES) + ordinary_extra(args.extra_ordinary)
-    embedder = LocalEmbedder()
+    embedder = LocalEmbedder(timeout_s=300.0)  # a busy machine loads it slowly
     classifier = TransformerClassifier(timeout_s=60.0)
     rails = LocalRails(
         None,  # type: ignore[arg-type]
@@ -411,6 +414,9 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--latency-rows", type=int, default=200, help="messages timed per classifier mode"
+    )
+    parser.add_argument(
+        "--families-only", action="store_true", help="only the held-out families section"
     )
     parser.add_argument(
         "--extra-ordinary", type=int, default=150, help="pasted docs and code added (each)"
