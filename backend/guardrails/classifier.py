@@ -88,6 +88,8 @@ class TransformerClassifier:
         self._max_chars = max_chars
         self._pool: ProcessPoolExecutor | None = None
         self._lock = asyncio.Lock()  # one batch at a time: the worker is single-threaded
+        self._ready = False  # the worker has the model loaded
+        self._warming: asyncio.Task[None] | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -95,21 +97,37 @@ class TransformerClassifier:
         return self._pool
 
     async def warm(self, timeout_s: float = 120.0) -> None:
-        """Starts the worker and loads the model (about 2 s), so the first message is fast."""
-        await self.probabilities(["warm up"], timeout_s=timeout_s)
+        """Starts the worker and loads the model (seconds), so the first message is fast."""
+        await self._run(["warm up"], timeout_s)
+        self._ready = True
 
-    async def probabilities(
-        self, texts: list[str], *, timeout_s: float | None = None
-    ) -> list[float]:
+    async def _warm_in_background(self) -> None:
+        try:
+            await self.warm()
+        except ClassifierUnavailable as exc:
+            log.warning("injection classifier did not start: %s", exc)
+
+    async def probabilities(self, texts: list[str]) -> list[float]:
+        """Each text's probability of being an injection. A worker that is not ready (not
+        warmed, or replaced after a failure) is started in the background and this call fails
+        at once: loading takes longer than a message may wait."""
         if not texts:
             return []
-        clipped = [clip(t, self._max_chars) for t in texts]
+        if not self._ready:
+            if self._warming is None or self._warming.done():
+                self._warming = asyncio.create_task(
+                    self._warm_in_background(), name="injection-classifier-warm"
+                )
+            raise ClassifierUnavailable("the injection classifier is starting")
+        return await self._run([clip(t, self._max_chars) for t in texts], self._timeout_s)
+
+    async def _run(self, texts: list[str], timeout_s: float) -> list[float]:
         loop = asyncio.get_running_loop()
         async with self._lock:
             pool = self._executor()
-            future = loop.run_in_executor(pool, _scan, clipped)
+            future = loop.run_in_executor(pool, _scan, texts)
             try:
-                return await asyncio.wait_for(future, timeout_s or self._timeout_s)
+                return await asyncio.wait_for(future, timeout_s)
             except TimeoutError as exc:
                 self._kill(pool)  # a stuck worker would hold every later message
                 raise ClassifierUnavailable("the injection classifier took too long") from exc
@@ -125,6 +143,7 @@ class TransformerClassifier:
     def _kill(self, pool: ProcessPoolExecutor) -> None:
         if self._pool is pool:
             self._pool = None
+            self._ready = False
         processes = list((getattr(pool, "_processes", None) or {}).values())
         for process in processes:
             with contextlib.suppress(OSError, ValueError):
@@ -133,6 +152,10 @@ class TransformerClassifier:
         log.warning("injection classifier worker stopped; the next call starts a fresh one")
 
     async def close(self) -> None:
+        if self._warming is not None:
+            self._warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warming
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)

@@ -114,7 +114,8 @@ async def test_an_unknown_content_category_is_a_typed_error(make: Make, who: Pri
 async def test_a_classifier_timeout_follows_the_fail_policy(
     make: Make, who: Principal, fail_open: bool
 ) -> None:
-    slow = TransformerClassifier(timeout_s=0.001)  # the worker cannot even start in time
+    slow = TransformerClassifier(timeout_s=0.001)  # no message is classified this fast
+    await slow.warm()  # (loading has its own deadline)
     rails = make(
         classifier=slow, classifier_mode=ClassifierMode.ALWAYS, classifier_fail_open=fail_open
     )
@@ -127,7 +128,24 @@ async def test_a_classifier_timeout_follows_the_fail_policy(
         assert not verdict.blocked
         [decision] = verdict.decisions
         assert (decision.rail, decision.action) == ("injection", GuardAction.WARN)
-        assert "unavailable" in decision.reason
+        assert "took too long" in decision.reason
     finally:
         await rails.close()
         await slow.close()
+
+
+async def test_a_worker_that_is_not_ready_starts_in_the_background(
+    make: Make, who: Principal
+) -> None:
+    cold = TransformerClassifier()
+    rails = make(classifier=cold, classifier_mode=ClassifierMode.ALWAYS, classifier_fail_open=True)
+    try:
+        first = await rails.check_input(who, "Is the museum open on Mondays?", [])
+        assert first.decisions[0].reason.endswith("is starting")  # failed open at once
+        assert cold._warming is not None
+        await cold._warming
+        later = await rails.check_input(who, "Is the museum open on Mondays?", [])
+        assert later.decisions == ()  # classified by the worker that started meanwhile
+    finally:
+        await rails.close()
+        await cold.close()
