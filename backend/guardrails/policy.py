@@ -25,7 +25,7 @@ class InjectionRail(_Rail):
     action: GuardAction = GuardAction.BLOCK
     history_turns: int = Field(3, ge=0, le=20, description="earlier user turns read with this one")
     classifier_threshold: float = Field(
-        0.8,
+        0.99,
         ge=0.0,
         le=1.0,
         description="the ensemble's score (signatures, TF-IDF and the transformer classifier, "

@@ -58,6 +58,9 @@ async def test_an_attack_dressed_as_paperwork_is_blocked_by_the_classifier(
     assert not (await cheap.check_input(who, PAPERWORK, [])).blocked  # the current rails miss it
     await cheap.close()  # one user of the test's connection at a time
     rails = with_classifier(make, classifier)
+    # a tenant that trades false positives for detection (the default, 0.99, flags under 1%
+    # of pasted documents and code in bench/guardrails.py)
+    await rails.update_policy(who, {"injection": {"classifier_threshold": 0.8}})
     verdict = await rails.check_input(who, PAPERWORK, [])
     await rails.close()
     assert verdict.blocked
