@@ -860,6 +860,12 @@ class GuardrailEngine(StrEnum):
     NEMO = "nemo"
 
 
+class ClassifierMode(StrEnum):
+    OFF = "off"
+    UNCERTAIN = "uncertain"
+    ALWAYS = "always"
+
+
 class GuardrailSettings(_Section):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_GUARDRAILS_", extra="ignore")
 
@@ -889,6 +895,47 @@ class GuardrailSettings(_Section):
         "become personal data.",
     )
     image_threads: int = Field(1, ge=1, description="CPU threads of the NSFW image classifier.")
+    classifier: ClassifierMode = Field(
+        ClassifierMode.OFF,
+        description="The transformer injection classifier (metatronnanoguard, in a worker "
+        "process): `uncertain` runs it only on messages the cheap rails leave unsure (see "
+        "`classifier_uncertain_score` and `classifier_uncertain_chars`), `always` on every "
+        "message they do not block, `off` never (the default: on held-out prompts it added "
+        "little, see README).",
+    )
+    classifier_uncertain_score: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="`uncertain` mode: a message whose cheap injection score is at least this "
+        "goes to the classifier.",
+    )
+    classifier_uncertain_chars: int = Field(
+        160,
+        ge=0,
+        description="`uncertain` mode: a message at least this long goes to the classifier "
+        "whatever its cheap score (attacks dressed as documents are long and score low).",
+    )
+    classifier_chars: int = Field(
+        2000,
+        ge=64,
+        le=100_000,
+        description="The classifier reads at most this many characters of a message (its start "
+        "and its end).",
+    )
+    classifier_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        description="Longest the classifier may take on a message; then its worker "
+        "is restarted and the fail policy applies.",
+    )
+    classifier_threads: int = Field(1, ge=1, description="CPU threads of the classifier worker.")
+    classifier_fail_open: bool = Field(
+        False,
+        description="When the classifier fails or times out: refuse the message (false, as every "
+        "input rail fails closed) or let it through on the cheap rails' verdict with a `warn` "
+        "decision (true).",
+    )
 
 
 class PrivacySettings(_Section):

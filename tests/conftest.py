@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from backend.app import create_app
 from backend.config import (
     ChatSettings,
+    ClassifierMode,
     DatabaseSettings,
     Environment,
     GuardrailSettings,
@@ -197,7 +198,10 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         chat=ChatSettings(local_model=False),
         # The inference pool (a worker process loading the vision models) only where tested.
         vision=VisionSettings(enabled=False, **VISION_TIMEOUTS),
-        guardrails=GuardrailSettings(check_timeout_s=GUARDRAIL_TIMEOUT_S),
+        # The injection classifier's worker (torch) only where tested (tests/guardrails).
+        guardrails=GuardrailSettings(
+            check_timeout_s=GUARDRAIL_TIMEOUT_S, classifier=ClassifierMode.OFF
+        ),
         # The periodic purge only where tested (tests/privacy): not in the background of others.
         privacy=PrivacySettings(purge_enabled=False),
     )

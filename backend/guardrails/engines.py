@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from backend.config import GuardrailEngine, GuardrailSettings
+from backend.config import ClassifierMode, GuardrailEngine, GuardrailSettings
 from backend.core.db import Database
+from backend.guardrails import classifier
 from backend.guardrails.images import OpenNsfwClassifier
 from backend.guardrails.selfcheck import Judge
 from backend.guardrails.service import GuardrailMetrics, GuardrailService
@@ -34,6 +35,19 @@ def build_guardrails(
         "check_timeout_s": settings.check_timeout_s,
         "output_hold_chars": settings.output_hold_chars,
     }
+    mode = settings.classifier
+    if mode is not ClassifierMode.OFF:
+        options |= {
+            "classifier": classifier.TransformerClassifier(
+                threads=settings.classifier_threads,
+                timeout_s=settings.classifier_timeout_s,
+                max_chars=settings.classifier_chars,
+            ),
+            "classifier_mode": mode,
+            "classifier_uncertain_score": settings.classifier_uncertain_score,
+            "classifier_uncertain_chars": settings.classifier_uncertain_chars,
+            "classifier_fail_open": settings.classifier_fail_open,
+        }
     if settings.engine is GuardrailEngine.NEMO:
         from backend.guardrails.nemo import NemoGuardrailService
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.agents.guards import GuardAction
+from backend.guardrails.content import CATEGORIES
 from backend.guardrails.pii import PiiKind
 
 
@@ -23,6 +24,13 @@ class InjectionRail(_Rail):
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     action: GuardAction = GuardAction.BLOCK
     history_turns: int = Field(3, ge=0, le=20, description="earlier user turns read with this one")
+    classifier_threshold: float = Field(
+        0.99,
+        ge=0.0,
+        le=1.0,
+        description="the ensemble's score (signatures, TF-IDF and the transformer classifier, "
+        "calibrated on bench/data) at which a message the cheap rails let through is an attack",
+    )
 
 
 class PiiRail(_Rail):
@@ -44,6 +52,46 @@ class TopicRail(_Rail):
     denied: list[str] = Field(default_factory=list, max_length=50)
     threshold: float = Field(0.45, ge=0.0, le=1.0)
     action: GuardAction = GuardAction.BLOCK
+
+
+class ContentRail(_Rail):
+    """Plainly harmful requests (malware, weapons, fraud...), however they are wrapped: the
+    message's sentences compared by embedding similarity with example requests of each
+    category, and with look-alike harmless requests (a question about defending against
+    malware is not a request for it). Off unless a tenant turns it on: on held-out prompts it
+    caught 37.6% of harmful requests at 3.2% false positives (README), short of the issue's goal."""
+
+    enabled: bool = False
+    categories: list[str] = Field(
+        default_factory=lambda: list(CATEGORIES),
+        description="built-in categories that apply: " + ", ".join(CATEGORIES),
+    )
+    custom: dict[str, list[str]] = Field(
+        default_factory=dict,
+        max_length=20,
+        description="the tenant's own categories: name -> example requests (at most 20 each)",
+    )
+    threshold: float = Field(0.62, ge=0.0, le=1.0)
+    margin: float = Field(
+        0.04, ge=0.0, le=1.0, description="how much nearer a harmful example than a harmless one"
+    )
+    action: GuardAction = GuardAction.BLOCK
+
+    @field_validator("categories")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(CATEGORIES))
+        if unknown:
+            raise ValueError(f"unknown categories: {', '.join(unknown)}")
+        return value
+
+    @field_validator("custom")
+    @classmethod
+    def _examples(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, examples in value.items():
+            if not 1 <= len(examples) <= 20 or any(not 0 < len(e) <= 500 for e in examples):
+                raise ValueError(f"category {name!r}: 1 to 20 examples of 1 to 500 characters")
+        return value
 
 
 class SelfCheckRail(_Rail):
@@ -84,6 +132,7 @@ class GuardrailPolicy(BaseModel):
     pii: PiiRail = Field(default_factory=PiiRail)
     profanity: ProfanityRail = Field(default_factory=ProfanityRail)
     topics: TopicRail = Field(default_factory=TopicRail)
+    content: ContentRail = Field(default_factory=ContentRail)
     length: LengthRail = Field(default_factory=LengthRail)
     self_check: SelfCheckRail = Field(default_factory=SelfCheckRail)
     retrieval: RetrievalRail = Field(default_factory=RetrievalRail)

@@ -26,11 +26,13 @@ from backend.agents.guards import (
 from backend.agents.tools import Source
 from backend.auth import audit
 from backend.auth.principal import Principal
+from backend.config import ClassifierMode
 from backend.core.db import Database
 from backend.core.models import GuardrailPolicyRow
 from backend.core.tasks import drain
 from backend.errors import ValidationFailed
-from backend.guardrails import selfcheck
+from backend.guardrails import content, selfcheck
+from backend.guardrails.classifier import TransformerClassifier, calibrated
 from backend.guardrails.errors import GuardrailUnavailable
 from backend.guardrails.images import ImageClassifier
 from backend.guardrails.injection import InjectionDetector
@@ -56,6 +58,14 @@ _SENTENCE = re.compile(r"(?<=[.!?\n])\s+")
 # The end of a streamed answer that may still grow into personal data: a number being written
 # (card, phone, IBAN, id), or the word in progress (an e-mail address, a profane word).
 _NUMBERISH_TAIL = re.compile(r"[+(]?[0-9A-Z][0-9A-Z()\-. /]*$")
+
+
+@dataclass(frozen=True)
+class _Unsure:
+    """A message the cheap injection rails let through, for the transformer classifier."""
+
+    text: str  # normalised
+    score: float  # the cheap rails' score
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,12 @@ class GuardrailService:
         check_timeout_s: float = 2.0,
         output_hold_chars: int = 64,
         audit_timeout_s: float = 5.0,
+        classifier: TransformerClassifier | None = None,
+        classifier_mode: ClassifierMode = ClassifierMode.OFF,
+        classifier_uncertain_score: float = 0.05,
+        classifier_uncertain_chars: int = 160,
+        classifier_fail_open: bool = False,
+        content_pieces: int = 12,
     ) -> None:
         self._db = db
         self._defaults = GuardrailPolicy.model_validate(defaults or {}).model_dump(mode="json")
@@ -98,6 +114,12 @@ class GuardrailService:
         self._timeout_s = check_timeout_s
         self._hold = output_hold_chars
         self._audit_timeout_s = audit_timeout_s
+        self._classifier = classifier if classifier_mode is not ClassifierMode.OFF else None
+        self._classifier_mode = classifier_mode
+        self._uncertain_score = classifier_uncertain_score
+        self._uncertain_chars = classifier_uncertain_chars
+        self._classifier_fail_open = classifier_fail_open
+        self._content_pieces = content_pieces
         # Decisions wait here for one writer task that records them in batches (one
         # transaction per tenant per batch), so a burst of redactions costs few round trips.
         self._unaudited: list[tuple[Principal, str, GuardDecision]] = []
@@ -115,6 +137,8 @@ class GuardrailService:
         steps: dict[str, Callable[[], Awaitable[None]]] = {
             "injection classifier": lambda: asyncio.to_thread(self._detector.warm)
         }
+        if (classifier := self._classifier) is not None:
+            steps["injection transformer"] = classifier.warm
         if (topics := self._topics) is not None:
             rail = GuardrailPolicy.model_validate(self._defaults).topics
             steps["topic rail"] = lambda: topics.warm([*rail.allowed, *rail.denied])
@@ -130,6 +154,8 @@ class GuardrailService:
     async def close(self, grace_s: float = 5.0) -> None:
         if self._auditor is not None:
             await drain([self._auditor], grace_s)
+        if self._classifier is not None:
+            await self._classifier.close()
 
     # -- policies ---------------------------------------------------------------------------
 
@@ -198,8 +224,10 @@ class GuardrailService:
         try:
             policy = await self.policy(principal)
             async with asyncio.timeout(self._timeout_s):
-                text, decisions = await asyncio.to_thread(self._input_rails, policy, text, history)
-                decisions += await self._model_rails(policy, text, decisions)
+                text, decisions, unsure = await asyncio.to_thread(
+                    self._input_rails, policy, text, history
+                )
+                decisions += await self._model_rails(policy, text, decisions, unsure)
         except TimeoutError as exc:
             raise GuardrailUnavailable("the input rails took too long") from exc
         except GuardrailUnavailable:
@@ -212,7 +240,9 @@ class GuardrailService:
 
     def _input_rails(
         self, policy: GuardrailPolicy, text: str, history: list[str]
-    ) -> tuple[str, list[GuardDecision]]:
+    ) -> tuple[str, list[GuardDecision], _Unsure | None]:
+        """The local rails (a thread's work). Also returns the message for the transformer
+        classifier when the cheap injection rails are unsure of it (None: they settled it)."""
         decisions: list[GuardDecision] = []
         if policy.length.enabled and len(text) > policy.length.max_chars:
             decisions.append(
@@ -220,19 +250,19 @@ class GuardrailService:
                     "length", GuardAction.BLOCK, f"message over {policy.length.max_chars} chars"
                 )
             )
-            return text, decisions
+            return text, decisions, None
         normal = normalise(text)
-        injection = self._injection_rail(policy, normal, text, history)
+        injection, unsure = self._injection_rail(policy, normal, text, history)
         if injection is not None:
             decisions.append(injection)
             if injection.action is GuardAction.BLOCK:
-                return text, decisions
+                return text, decisions, None
         if policy.pii.enabled and (matches := find_pii(text, policy.pii.kinds)):
             action = policy.pii.input_action
             kinds = ", ".join(sorted({m.kind.value for m in matches}))
             decisions.append(GuardDecision("pii", action, kinds))
             if action is GuardAction.BLOCK:
-                return text, decisions
+                return text, decisions, None
             if action is GuardAction.REDACT:
                 text = redact(text, matches)
         if policy.profanity.enabled and (spans := find_profanity(normal.text)):
@@ -240,15 +270,30 @@ class GuardrailService:
             decisions.append(GuardDecision("profanity", action, f"{len(spans)} word(s)"))
             if action is GuardAction.REDACT:
                 text = mask(text, find_profanity(text))
-        return text, decisions
+        return text, decisions, unsure
 
     def _injection_rail(
         self, policy: GuardrailPolicy, normal: Normalised, text: str, history: list[str]
-    ) -> GuardDecision | None:
+    ) -> tuple[GuardDecision | None, _Unsure | None]:
         rail = policy.injection
         if not rail.enabled:
-            return None
+            return None, None
+        decision, score = self._cheap_injection(policy, normal, text, history)
+        if decision is not None or self._classifier is None:
+            return decision, None
+        if self._classifier_mode is ClassifierMode.UNCERTAIN and (
+            score < self._uncertain_score and len(normal.text) < self._uncertain_chars
+        ):
+            return None, None  # settled: short, and nothing attack-like in it
+        return None, _Unsure(normal.text, score)
+
+    def _cheap_injection(
+        self, policy: GuardrailPolicy, normal: Normalised, text: str, history: list[str]
+    ) -> tuple[GuardDecision | None, float]:
+        """The signatures and the TF-IDF classifier: their decision, and the message's score."""
+        rail = policy.injection
         found = self._detector.score(normal)
+        own = found.score
         if found.score < rail.threshold and rail.history_turns and history:
             # an attack split across turns: the recent turns read together score, though no
             # turn does alone (an earlier attack was handled when it came)
@@ -259,21 +304,80 @@ class GuardrailService:
             ):
                 found = split
         if found.score < rail.threshold:
-            return None
+            return None, own
         how = f" ({', '.join(sorted(normal.signals))})" if normal.signals else ""
-        return GuardDecision("injection", rail.action, f"{found.source} {found.score:.2f}{how}")
+        reason = f"{found.source} {found.score:.2f}{how}"
+        return GuardDecision("injection", rail.action, reason), own
 
     async def _model_rails(
-        self, policy: GuardrailPolicy, text: str, so_far: list[GuardDecision]
+        self,
+        policy: GuardrailPolicy,
+        text: str,
+        so_far: list[GuardDecision],
+        unsure: _Unsure | None = None,
     ) -> list[GuardDecision]:
-        """The rails that need a model call (topics, self-check), unless a local one blocked."""
+        """The rails that need a model (the injection classifier, content, topics,
+        self-check), in that order until one blocks, unless a local one blocked."""
         if any(d.action is GuardAction.BLOCK for d in so_far):
             return []
+        found: list[GuardDecision] = []
+        if unsure is not None and (classified := await self._classifier_rail(policy, unsure)):
+            if classified.action is GuardAction.BLOCK:
+                return [classified]
+            found.append(classified)
+        harmful = await self._content_rail(policy, text)
+        if harmful is not None:
+            return [*found, harmful]
         topic = await self._topic_rail(policy, text)
         if topic is not None:
-            return [topic]
+            return [*found, topic]
         judged = await self._self_check(policy, text)
-        return [judged] if judged is not None else []
+        return [*found, judged] if judged is not None else found
+
+    async def _classifier_rail(
+        self, policy: GuardrailPolicy, unsure: _Unsure
+    ) -> GuardDecision | None:
+        """The transformer classifier, in its worker, ensembled with the cheap score."""
+        assert self._classifier is not None
+        rail = policy.injection
+        try:
+            [probability] = await self._classifier.probabilities([unsure.text])
+        except GuardrailUnavailable as exc:
+            if not self._classifier_fail_open:
+                raise
+            log.warning("injection classifier unavailable, failing open: %s", exc)
+            return GuardDecision("injection", GuardAction.WARN, f"classifier unavailable: {exc}")
+        score = calibrated(unsure.score, probability, len(unsure.text))
+        if score < rail.classifier_threshold:
+            return None
+        return GuardDecision(
+            "injection", rail.action, f"classifier {score:.2f} (transformer {probability:.2f})"
+        )
+
+    async def _content_rail(self, policy: GuardrailPolicy, text: str) -> GuardDecision | None:
+        rail = policy.content
+        match = await self.content_match(policy, text)
+        if match is None or match.similarity < rail.threshold:
+            return None
+        return GuardDecision(
+            "content", rail.action, f"{match.category} (similarity {match.similarity:.2f})"
+        )
+
+    async def content_match(
+        self, policy: GuardrailPolicy, text: str
+    ) -> content.ContentMatch | None:
+        """The sentence of `text` nearest a harmful example of the tenant's categories (and
+        nearer it than any harmless one by the rail's margin), whatever the threshold."""
+        rail = policy.content
+        if not rail.enabled or self._topics is None:
+            return None
+        labelled = content.examples(rail.categories, rail.custom)
+        parts = content.pieces(text, self._content_pieces)
+        if not labelled or not parts:
+            return None
+        harmful = [e for _, e in labelled]
+        sims = await self._topics.similarities(parts, [*harmful, *content.HARMLESS])
+        return content.strongest(sims, [c for c, _ in labelled], rail.margin)
 
     async def _self_check(self, policy: GuardrailPolicy, text: str) -> GuardDecision | None:
         rail = policy.self_check

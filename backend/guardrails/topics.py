@@ -48,6 +48,20 @@ class TopicMatcher:
         await self._embedder.embed(["warm up"])
         await self._vectors(list(dict.fromkeys(topics)))
 
+    async def similarities(
+        self, texts: Sequence[str], candidates: Sequence[str]
+    ) -> list[list[float]]:
+        """Cosine similarity of each text (embedded now) with each candidate (cached)."""
+        import numpy as np
+
+        if not texts or not candidates:
+            return [[] for _ in texts]
+        fresh = np.asarray(await self._embedder.embed(list(texts)), dtype=np.float32)
+        known = np.asarray(await self._vectors(candidates), dtype=np.float32)
+        fresh /= np.maximum(np.linalg.norm(fresh, axis=1, keepdims=True), 1e-12)
+        known /= np.maximum(np.linalg.norm(known, axis=1, keepdims=True), 1e-12)
+        return (fresh @ known.T).tolist()  # type: ignore[no-any-return]
+
     async def match(
         self, text: str, allowed: Sequence[str], denied: Sequence[str], threshold: float
     ) -> TopicMatch:

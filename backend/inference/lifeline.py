@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
 POLL_S = 0.5
@@ -45,3 +49,14 @@ def _watch(parent_pid: int, poll_s: float) -> None:
         time.sleep(poll_s)
         if os.getppid() != parent_pid:
             os._exit(1)  # no cleanup: the parent that would want it is gone
+
+
+def worker_pool(initializer: Callable[..., None], *initargs: Any) -> ProcessPoolExecutor:
+    """One spawned worker process (never forked from a server with threads) whose initializer
+    gets `initargs` and then this process's pid, for `die_with_parent`."""
+    return ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=initializer,
+        initargs=(*initargs, os.getpid()),
+    )

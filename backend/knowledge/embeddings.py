@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
-import multiprocessing
 import os
 import random
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ import openai
 
 from backend.config import KnowledgeSettings
 from backend.errors import ServiceUnavailable
-from backend.inference.lifeline import die_with_parent
+from backend.inference.lifeline import die_with_parent, worker_pool
 from backend.inference.worker_output import log_worker_output
 
 log = logging.getLogger(__name__)
@@ -132,12 +131,7 @@ class LocalEmbedder:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self.worker_starts += 1
-            self._pool = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_load,
-                initargs=(str(self._path), self._threads, os.getpid()),
-            )
+            self._pool = worker_pool(_load, str(self._path), self._threads)
         return self._pool
 
     async def load(self) -> None:

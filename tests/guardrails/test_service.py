@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,53 +13,19 @@ from sqlalchemy import select
 
 from backend.agents.guards import GuardAction, OutputPiece
 from backend.agents.tools import Source
-from backend.auth.principal import CredentialKind, Principal
-from backend.auth.scopes import ALL_SCOPES
+from backend.auth.principal import Principal
 from backend.core.db import Database
-from backend.core.models import AuditEvent, Tenant, User, UserRole
+from backend.core.models import AuditEvent
 from backend.errors import ValidationFailed
 from backend.guardrails.errors import GuardrailUnavailable
 from backend.guardrails.images import OpenNsfwClassifier
 from backend.guardrails.injection import InjectionDetector
-from backend.guardrails.nemo import NemoGuardrailService
 from backend.guardrails.normalize import Normalised
 from backend.guardrails.service import GuardrailService
 from backend.guardrails.topics import TopicMatcher
 from backend.inference.llm.base import ChatMessage
 from backend.knowledge.embeddings import LocalEmbedder
-from tests.conftest import GUARDRAIL_TIMEOUT_S
-
-
-async def principal_of(db: Database) -> Principal:
-    async with db.session() as session:
-        tenant = Tenant(slug=f"rails-{secrets.token_hex(4)}", name="Rails")
-        session.add(tenant)
-    async with db.session(tenant.id) as session:
-        user = User(tenant_id=tenant.id, email="admin@rails.example", role=UserRole.ADMIN)
-        session.add(user)
-    return Principal(
-        user_id=user.id,
-        tenant_id=tenant.id,
-        role=UserRole.ADMIN,
-        scopes=ALL_SCOPES,
-        credential=CredentialKind.ACCESS_TOKEN,
-    )
-
-
-Make = Callable[..., GuardrailService]
-
-
-@pytest.fixture(params=["local", "nemo"])
-def make(request: pytest.FixtureRequest, db: Database) -> Make:
-    """Builds the rails on either engine: every test here runs on both."""
-
-    def build(**options: Any) -> GuardrailService:
-        options.setdefault("check_timeout_s", GUARDRAIL_TIMEOUT_S)
-        if request.param == "nemo":
-            return NemoGuardrailService(db, **options)
-        return GuardrailService(db, **options)
-
-    return build
+from tests.guardrails.conftest import Make, principal_of
 
 
 @pytest.fixture
@@ -70,11 +35,6 @@ async def rails(make: Make) -> AsyncIterator[GuardrailService]:
     service = make(images=OpenNsfwClassifier())
     yield service
     await service.close()
-
-
-@pytest.fixture
-async def who(db: Database) -> Principal:
-    return await principal_of(db)
 
 
 async def audited(db: Database, rails: GuardrailService, principal: Principal) -> list[AuditEvent]:
