@@ -264,7 +264,7 @@ async def knowledge_stack(
     db = Database.connect(url, DatabaseSettings(url=SecretStr(url), pool_size=5))
     redis = Redis.from_url(os.environ.get("SIGHTLINE_REDIS_URL", "redis://127.0.0.1:6379/0"))
     prefix = f"bench-{name}-{uuid.uuid4().hex[:6]}:"
-    embedder = LocalEmbedder()
+    embedder = LocalEmbedder(timeout_s=600)  # a busy machine loads the model slowly
     service = KnowledgeService(
         db=db,
         redis=redis,

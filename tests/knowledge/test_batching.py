@@ -58,6 +58,7 @@ async def test_the_batcher_writes_items_together_and_each_hears_its_own_outcome(
     waiting = asyncio.create_task(batcher.submit("tenant", 5))
     await asyncio.sleep(0)
     waiting.cancel()
+    await asyncio.sleep(0)
     assert await batcher.submit("tenant", 6, weight=100) == 60
     assert written[-1] == [6]
     await batcher.aclose()
