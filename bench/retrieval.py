@@ -235,9 +235,10 @@ async def ingest_small(
     gate = asyncio.Semaphore(uploads)
 
     async def one(i: int, body: str) -> tuple[str, int]:
-        async with gate:
+        async with gate:  # (following a job opens a session for its authorisation)
             job = await service.ingest(principal, body.encode(), filename=f"paragraph-{i}.txt")
-        last = [e async for e in await service.job_events(principal, job.id, None)][-1]
+            events = await service.job_events(principal, job.id, None)
+        last = [e async for e in events][-1]
         return last.type, int(last.data.get("total") or 0)
 
     started = time.perf_counter()
