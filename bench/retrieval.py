@@ -232,13 +232,15 @@ async def ingest_small(
     a time (as a client uploading a folder), every job followed to its end by its events."""
     rng = random.Random(11)
     paragraphs = [" ".join(rng.sample(sentences, 5)) for _ in range(count)]
-    gate = asyncio.Semaphore(uploads)
+    gate, followers = asyncio.Semaphore(uploads), asyncio.Semaphore(uploads)
 
     async def one(i: int, body: str) -> tuple[str, int]:
-        async with gate:  # (following a job opens a session for its authorisation)
+        async with gate:
             job = await service.ingest(principal, body.encode(), filename=f"paragraph-{i}.txt")
-            events = await service.job_events(principal, job.id, None)
-        last = [e async for e in events][-1]
+        # followed a few at a time (each holds a database session, then a Redis connection,
+        # while it waits); a stream replays from its start, so none is missed
+        async with followers:
+            last = [e async for e in await service.job_events(principal, job.id, None)][-1]
         return last.type, int(last.data.get("total") or 0)
 
     started = time.perf_counter()
