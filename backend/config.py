@@ -699,7 +699,30 @@ class KnowledgeSettings(JobRecoverySettings):
     )
     embed_batch: int = Field(64, ge=1, description="Chunks embedded per call.")
     max_concurrent_jobs: int = Field(
-        2, ge=1, description="Ingestion jobs one replica runs at once (others wait)."
+        2,
+        ge=1,
+        description="Ingestion jobs one replica extracts at once (others wait); their chunks "
+        "are then embedded and stored within `max_chunks_in_flight`.",
+    )
+    max_chunks_in_flight: int = Field(
+        512,
+        ge=1,
+        description="Chunks of all jobs being embedded and stored at once: many small "
+        "documents share the embedder's batches (a larger document takes all of it).",
+    )
+    progress_chunks: int = Field(
+        16, ge=1, description="Chunks of a document embedded between two progress events."
+    )
+    store_batch_chunks: int = Field(
+        256,
+        ge=1,
+        description="Most chunks of documents that are stored in one transaction together.",
+    )
+    store_batch_delay_s: float = Field(
+        0.02,
+        ge=0,
+        le=5,
+        description="How long a document ready to store waits for others to share its transaction.",
     )
     job_timeout_s: float = Field(1800.0, gt=0, description="Longest an ingestion job may run.")
     jobs_ttl_s: int = Field(

@@ -5,7 +5,11 @@ One run, each figure next to its baseline:
 1. Ingestion: real documents (docstrings of the Python standard library, as Markdown) go
    through the whole pipeline (sniff, chunk, embed with the packaged MiniLM in its worker
    process, one transaction per document, progress events) -> chunks/s. Baseline: the same
-   chunk texts embedded by the same model in a plain loop, nothing else.
+   chunk texts embedded by the same model in a plain loop, nothing else. Then --small-docs
+   one-paragraph documents (five sentences of the same docstrings each) go through the same
+   public path at once, as a client uploading a folder does (KnowledgeService.ingest, the
+   method the ingestDocument mutation calls, --uploads at a time, every job followed to its
+   end through its event stream) -> chunks/s, beside the large documents' rate of this run.
 2. Scale: the table is filled to --chunks chunks of the same kind of text. Embedding 100k chunks
    on this machine would take about half an hour, so these bulk chunks are windows of three
    sentences whose vector is the normalised mean of the sentences' real MiniLM vectors (mean
@@ -15,7 +19,7 @@ One run, each figure next to its baseline:
    exact k-NN scan (no index) of the same queries. Recall@10 of HNSW against that exact scan.
 
 Needs the Redis at 127.0.0.1:6379 and an embedded PostgreSQL (or SIGHTLINE_DATABASE_URL).
-Usage: python bench/retrieval.py [--chunks 100000] [--queries 200]
+Usage: python bench/retrieval.py [--chunks 100000] [--queries 200] [--small-docs 2000]
 """
 
 from __future__ import annotations
@@ -139,6 +143,7 @@ async def main(args: argparse.Namespace) -> None:
         pipeline_s = time.perf_counter() - started
         async with db.session(tenant.id) as session:
             texts = list((await session.execute(text("SELECT text FROM chunks"))).scalars())
+        small = await ingest_small(service, principal, sentences, args.small_docs, args.uploads)
         started = time.perf_counter()
         for i in range(0, len(texts), settings.embed_batch):
             await embedder.embed(texts[i : i + settings.embed_batch])
@@ -188,6 +193,12 @@ async def main(args: argparse.Namespace) -> None:
             f"{'ingestion chunks/s (pipeline vs embed only)':44}{pipe_rate:12.1f}"
             f"{bare_rate:12.1f}{pipe_rate / bare_rate:8.2f}"
         )
+        if small["docs"]:
+            small_rate = small["chunks"] / small["s"]
+            print(
+                f"{'small-document chunks/s (vs large documents)':44}{small_rate:12.1f}"
+                f"{pipe_rate:12.1f}{small_rate / pipe_rate:8.2f}"
+            )
         base = latency["exact k-NN scan"]
         for name in ("vector", "text", "hybrid"):
             for q, label in ((0.5, "p50"), (0.99, "p99")):
@@ -197,11 +208,49 @@ async def main(args: argparse.Namespace) -> None:
                     f"{value:12.1f}{ref:12.1f}{value / ref:8.2f}"
                 )
         print(f"{'HNSW recall@10 vs exact scan':44}{statistics.mean(recall):12.3f}")
+        if small["docs"]:
+            print(
+                f"({small['docs']} one-paragraph documents, {small['chunks']} chunks, "
+                f"{small['completed']} completed, in {small['s']:.0f} s, {args.uploads} uploads "
+                f"at a time; each job's end seen in its event stream)"
+            )
         print(
             f"({len(texts)} chunks from {len(ingest_docs)} documents ingested for real; "
             f"{len(pool):,} sentences embedded in {sentence_embed_s:.0f} s; bulk fill and HNSW "
             f"build {fill_s:.0f} s)"
         )
+
+
+async def ingest_small(
+    service: KnowledgeService,
+    principal: Principal,
+    sentences: list[str],
+    count: int,
+    uploads: int,
+) -> dict[str, float]:
+    """`count` one-paragraph documents through the public path at once, `uploads` accepted at
+    a time (as a client uploading a folder), every job followed to its end by its events."""
+    rng = random.Random(11)
+    paragraphs = [" ".join(rng.sample(sentences, 5)) for _ in range(count)]
+    gate, followers = asyncio.Semaphore(uploads), asyncio.Semaphore(uploads)
+
+    async def one(i: int, body: str) -> tuple[str, int]:
+        async with gate:
+            job = await service.ingest(principal, body.encode(), filename=f"paragraph-{i}.txt")
+        # followed a few at a time (each holds a database session, then a Redis connection,
+        # while it waits); a stream replays from its start, so none is missed
+        async with followers:
+            last = [e async for e in await service.job_events(principal, job.id, None)][-1]
+        return last.type, int(last.data.get("total") or 0)
+
+    started = time.perf_counter()
+    ends = await asyncio.gather(*(one(i, p) for i, p in enumerate(paragraphs)))
+    return {
+        "docs": count,
+        "chunks": sum(total for _, total in ends),
+        "completed": sum(kind == "IngestionCompleted" for kind, _ in ends),
+        "s": time.perf_counter() - started,
+    }
 
 
 @asynccontextmanager
@@ -218,7 +267,7 @@ async def knowledge_stack(
     db = Database.connect(url, DatabaseSettings(url=SecretStr(url), pool_size=5))
     redis = Redis.from_url(os.environ.get("SIGHTLINE_REDIS_URL", "redis://127.0.0.1:6379/0"))
     prefix = f"bench-{name}-{uuid.uuid4().hex[:6]}:"
-    embedder = LocalEmbedder()
+    embedder = LocalEmbedder(timeout_s=600)  # a busy machine loads the model slowly
     service = KnowledgeService(
         db=db,
         redis=redis,
@@ -333,4 +382,8 @@ if __name__ == "__main__":
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--ingest-chunks", type=int, default=600, help="ingested for real")
     parser.add_argument("--sentences", type=int, default=6000, help="sentence pool for the fill")
+    parser.add_argument(
+        "--small-docs", type=int, default=2000, help="one-paragraph documents ingested at once"
+    )
+    parser.add_argument("--uploads", type=int, default=16, help="small documents sent at a time")
     asyncio.run(main(parser.parse_args()))

@@ -1,10 +1,18 @@
 """The knowledge base: ingestion jobs and hybrid search, tenant-scoped by row-level security.
 
 Ingestion is a background job owned by this service: sniff -> extract (in a thread) -> chunk ->
-embed (batched, retried with backoff while the embedder is down) -> one transaction that
-replaces the document's chunks and ends the job. Nothing is written before every chunk has its
-vector, so a failure never leaves a half-replaced document. Re-ingesting unchanged content
-(same source, same content hash, same embedding model) does nothing.
+embed (retried with backoff while the embedder is down) -> one transaction that replaces the
+document's chunks and ends the job. Nothing is written before every chunk has its vector, so a
+failure never leaves a half-replaced document. Re-ingesting unchanged content (same source, same
+content hash, same embedding model) does nothing.
+
+Many small documents share the work (backend.knowledge.batching): up to `max_concurrent_jobs`
+jobs extract at once, and their chunks are then embedded side by side up to a budget counted
+in chunks, so that the chunks of many documents share a forward pass; documents ready within
+`store_batch_delay_s` of each other are stored in one transaction (bulk inserts, the lexeme
+counts updated once for the batch). A batch that fails for a reason other than an outage is
+stored again document by document: one bad document fails alone. Progress is reported every
+`progress_chunks` chunks.
 
 A job holds a lease (backend.core.leases) like a chat run. When its replica dies, another one
 (or the same, restarted) takes the job over and starts it again from the upload stored with it,
@@ -24,11 +32,12 @@ frequencies from each chunk's tsvector, length normalised by the tenant's averag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
@@ -50,7 +59,8 @@ from backend.core.redis import KeySpace
 from backend.core.retry import is_transient, retrying
 from backend.core.tasks import drain
 from backend.errors import AppError, NotFound, PayloadTooLarge, ServiceUnavailable, ValidationFailed
-from backend.knowledge.chunking import chunk
+from backend.knowledge.batching import ChunkBudget, MicroBatcher
+from backend.knowledge.chunking import ChunkText, chunk
 from backend.knowledge.embeddings import Embedder, EmbeddingUnavailable
 from backend.knowledge.extract import Extracted, Section, UnreadableDocument, extract, sniff
 from backend.limits.ratelimit import RateLimiter
@@ -120,6 +130,17 @@ class _EndedElsewhere(Exception):
     """The job's row ended meanwhile (another replica took the job over and ended it)."""
 
 
+@dataclass
+class _Ready:
+    """A document extracted, chunked and embedded: what its store needs."""
+
+    job: _Job
+    title: str
+    media_type: str
+    pieces: list[ChunkText]
+    vectors: list[list[float]]
+
+
 class KnowledgeService:
     def __init__(
         self,
@@ -145,6 +166,13 @@ class KnowledgeService:
         self._settings = settings
         self.events = RunEventLog(redis, self._keys, ttl_after_end_s=settings.jobs_ttl_s)
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
+        self._budget = ChunkBudget(settings.max_chunks_in_flight)
+        self._stores: MicroBatcher[_Ready, dict[str, Any]] = MicroBatcher(
+            self._store_batch,
+            delay_s=settings.store_batch_delay_s,
+            max_weight=settings.store_batch_chunks,
+            name="ingestion-store",
+        )
         self._jobs: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._leases = job_leases(
             redis,
@@ -167,6 +195,7 @@ class KnowledgeService:
         leases expire, so a replica (another, or this one restarted) takes them over."""
         self._closing = True
         await drain(self._jobs.values(), grace_s)
+        await self._stores.aclose()
         await self._leases.close(grace_s)
         await self.events.close()
         if self._own_embedder:
@@ -271,8 +300,9 @@ class KnowledgeService:
         `outage_retry_s`, or a shutdown, leaves the job to recovery: its lease expires and a
         replica (this one, restarted, or another) takes it over."""
         try:
-            async with self._slots, asyncio.timeout(self._settings.job_timeout_s):
-                result = await self._ingest(job)
+            # the job's time starts when it does (its turn for a slot), not while it queues
+            async with asyncio.timeout(None) as deadline:
+                result = await self._ingest(job, deadline)
         except asyncio.CancelledError:
             # shutting down, or another replica took the job over: either way it is not ended
             # here (what was written stays unwritten: nothing is half-replaced)
@@ -337,147 +367,235 @@ class KnowledgeService:
             await session.execute(delete(IngestionUpload).where(IngestionUpload.job_id == job.id))
         return True
 
-    async def _unchanged(self, job: _Job) -> dict[str, Any] | None:
-        """Ends the job as UNCHANGED when the same content is stored already."""
+    async def _begin(self, job: _Job) -> dict[str, Any] | None:
+        """One unit of work: ends the job as UNCHANGED when the same content is stored already
+        (its result), else marks it running (None)."""
 
-        async def stored() -> Document | None:
+        async def begin() -> dict[str, Any] | None:
             async with self._db.session(job.tenant_id) as session:
-                return await session.scalar(
+                existing = await session.scalar(
                     select(Document).where(Document.source == job.upload.source)
                 )
-
-        existing = await self._retrying(stored, "reading a document")
-        if (
-            existing is None
-            or existing.content_hash != job.upload.content_hash
-            or existing.embedding_model != self.embedder.name
-        ):
-            return None
-        result = {
-            "status": JobStatus.UNCHANGED,
-            "document_id": existing.id,
-            "total": existing.chunk_count,
-            "done": existing.chunk_count,
-        }
-
-        async def end() -> None:
-            async with self._db.session(job.tenant_id) as session:
+                if (
+                    existing is None
+                    or existing.content_hash != job.upload.content_hash
+                    or existing.embedding_model != self.embedder.name
+                ):
+                    await session.execute(
+                        update(IngestionJob)
+                        .where(IngestionJob.id == job.id, IngestionJob.status.not_in(_ENDED))
+                        .values(
+                            status=JobStatus.RUNNING.value, done=0, updated_at=datetime.now(UTC)
+                        )
+                    )
+                    return None
+                result = {
+                    "status": JobStatus.UNCHANGED,
+                    "document_id": existing.id,
+                    "total": existing.chunk_count,
+                    "done": existing.chunk_count,
+                }
                 await _close_job(session, job.id, result)
+                return result
 
-        await self._retrying(end, f"ending job {job.id}")
-        return result
+        return await self._retrying(begin, f"starting job {job.id}")
 
-    async def _ingest(self, job: _Job) -> dict[str, Any]:
+    async def _ingest(self, job: _Job, deadline: asyncio.Timeout) -> dict[str, Any]:
+        """Extracts and chunks in one of `max_concurrent_jobs` slots, then (the slot free for
+        the next job) embeds and stores within the budget of chunks in flight."""
         upload = job.upload
-        unchanged = await self._unchanged(job)
-        if unchanged is not None:
-            return unchanged
-        await self._progress(job, status=JobStatus.RUNNING, done=0)
-        extracted = await asyncio.to_thread(
-            extract,
-            upload.data,
-            upload.media_type,
-            upload.source,
-            max_pages=self._settings.max_pages,
-            scans=self.read_image is not None,
-        )
-        if extracted.scans:
-            extracted.sections = await self._read_scans(job, extracted)
-        pieces = chunk(
-            extracted.sections,
-            max_tokens=self._settings.chunk_tokens,
-            overlap_tokens=self._settings.chunk_overlap_tokens,
-        )
-        if not pieces:
-            raise UnreadableDocument("the document has no text")
-        if len(pieces) > self._settings.max_chunks_per_document:
-            raise UnreadableDocument(
-                f"the document makes {len(pieces)} chunks; the limit is "
-                f"{self._settings.max_chunks_per_document}"
+        async with contextlib.AsyncExitStack() as held:
+            async with self._slots:
+                deadline.reschedule(
+                    asyncio.get_running_loop().time() + self._settings.job_timeout_s
+                )
+                unchanged = await self._begin(job)
+                if unchanged is not None:
+                    return unchanged
+                extracted = await asyncio.to_thread(
+                    extract,
+                    upload.data,
+                    upload.media_type,
+                    upload.source,
+                    max_pages=self._settings.max_pages,
+                    scans=self.read_image is not None,
+                )
+                if extracted.scans:
+                    extracted.sections = await self._read_scans(job, extracted)
+                pieces = chunk(
+                    extracted.sections,
+                    max_tokens=self._settings.chunk_tokens,
+                    overlap_tokens=self._settings.chunk_overlap_tokens,
+                )
+                if not pieces:
+                    raise UnreadableDocument("the document has no text")
+                if len(pieces) > self._settings.max_chunks_per_document:
+                    raise UnreadableDocument(
+                        f"the document makes {len(pieces)} chunks; the limit is "
+                        f"{self._settings.max_chunks_per_document}"
+                    )
+                # the slot is held until the budget lets the chunks in: jobs that wait for
+                # the budget hold no extracted text, and their time does not run
+                await held.enter_async_context(self._budget.hold(len(pieces)))
+            vectors = await self._embed_pieces(job, pieces)
+            ready = _Ready(
+                job, upload.title or extracted.title, extracted.media_type, pieces, vectors
             )
-        total = len(pieces)
-        await self._progress(job, total=total)
+            return await self._stores.submit(job.tenant_id, ready, weight=len(pieces))
+        raise AssertionError("unreachable")  # (the exit stack swallows nothing)
+
+    async def _embed_pieces(self, job: _Job, pieces: list[ChunkText]) -> list[list[float]]:
+        """The pieces' vectors, `progress_chunks` at a time (other jobs' chunks share the
+        embedder's forward passes), with a progress event after each step; the job's row
+        follows every `embed_batch` chunks."""
+        total, step = len(pieces), self._settings.progress_chunks
+        row_every = self._settings.embed_batch
+        if total > step:  # a document of several steps: its row says how many from now on
+            await self._progress(job, total=total)
         await self._event(
             job, "IngestionProgress", {"status": "running", "done": 0, "total": total}
         )
         vectors: list[list[float]] = []
-        batch = self._settings.embed_batch
-        for start in range(0, total, batch):
-            texts = [p.text for p in pieces[start : start + batch]]
-            vectors += await self._embed_with_retries(job, texts)
-            done = min(start + batch, total)
-            await self._progress(job, done=done)
+        for start in range(0, total, step):
+            before = len(vectors)
+            vectors += await self._embed_with_retries(
+                job, [p.text for p in pieces[start : start + step]]
+            )
+            done = len(vectors)
+            if done < total and done // row_every > before // row_every:
+                await self._progress(job, done=done)
             await self._event(
                 job, "IngestionProgress", {"status": "running", "done": done, "total": total}
             )
-        title = upload.title or extracted.title
-        return await self._retrying(
-            lambda: self._store(job, title, extracted.media_type, pieces, vectors),
-            f"storing the document of job {job.id}",
-        )
+        return vectors
+
+    async def _store_batch(
+        self, tenant_id: Hashable, batch: list[_Ready]
+    ) -> list[dict[str, Any] | BaseException]:
+        """Stores a batch of a tenant's documents in one unit of work; when that fails for a
+        reason other than an outage, each document again in its own, so that one bad document
+        fails alone. A result, or the exception, per document."""
+        assert isinstance(tenant_id, uuid.UUID)
+        try:
+            return await self._retrying(
+                lambda: self._store(tenant_id, batch), f"storing {len(batch)} documents"
+            )
+        except Exception as exc:
+            if len(batch) == 1 or is_transient(exc):
+                return [exc] * len(batch)
+            log.warning("a batch of %d documents failed (%r): storing each alone", len(batch), exc)
+        results: list[dict[str, Any] | BaseException] = []
+        for ready in batch:
+            try:
+                results += await self._retrying(
+                    lambda r=ready: self._store(tenant_id, [r]),  # type: ignore[misc]
+                    f"storing the document of job {ready.job.id}",
+                )
+            except Exception as exc:
+                results.append(exc)
+        return results
 
     async def _store(
-        self,
-        job: _Job,
-        title: str,
-        media_type: str,
-        pieces: list[Any],
-        vectors: list[list[float]],
-    ) -> dict[str, Any]:
-        """One unit of work: the document and its chunks (replacing the old ones) and the
-        job's end."""
-        upload, model, total = job.upload, self.embedder.name, len(pieces)
-        async with self._db.session(job.tenant_id) as session:
-            # the job's row first (lock order): a replica that took the job over, and
-            # ended it meanwhile, wins; nothing is written twice
-            row = await session.get(IngestionJob, job.id, with_for_update=True)
-            if row is None or row.status in _ENDED:
-                raise _EndedElsewhere
-            document = await session.scalar(
-                select(Document).where(Document.source == upload.source).with_for_update()
+        self, tenant_id: uuid.UUID, batch: list[_Ready]
+    ) -> list[dict[str, Any] | BaseException]:
+        """One unit of work: the documents and their chunks (replacing old ones) and the jobs'
+        ends; _EndedElsewhere for a job that another replica took over and ended meanwhile."""
+        async with self._db.session(tenant_id) as session:
+            # the jobs' rows first (lock order, in id order): a replica that took a job over,
+            # and ended it meanwhile, wins; nothing is written twice
+            rows = {
+                row.id: row
+                for row in await session.scalars(
+                    select(IngestionJob)
+                    .where(IngestionJob.id.in_([r.job.id for r in batch]))
+                    .order_by(IngestionJob.id)
+                    .with_for_update()
+                )
+            }
+            results: list[dict[str, Any] | BaseException] = [_EndedElsewhere() for _ in batch]
+            going = [
+                i
+                for i, r in enumerate(batch)
+                if (row := rows.get(r.job.id)) is not None and row.status not in _ENDED
+            ]
+            while going:  # in waves of distinct sources (a source twice: the later replaces)
+                wave: list[int] = []
+                later: list[int] = []
+                for i in going:
+                    taken = any(
+                        batch[j].job.upload.source == batch[i].job.upload.source for j in wave
+                    )
+                    (later if taken else wave).append(i)
+                documents = await self._write_documents(
+                    session, tenant_id, [batch[i] for i in wave]
+                )
+                for i, document in zip(wave, documents, strict=True):
+                    total = len(batch[i].pieces)
+                    results[i] = {
+                        "status": JobStatus.COMPLETED,
+                        "document_id": document.id,
+                        "total": total,
+                        "done": total,
+                    }
+                going = later
+            ended = []
+            for ready, result in zip(batch, results, strict=True):
+                if isinstance(result, dict):
+                    _record_end(rows[ready.job.id], result)
+                    ended.append(ready.job.id)
+            if ended:
+                await session.execute(
+                    delete(IngestionUpload).where(IngestionUpload.job_id.in_(ended))
+                )
+        return results
+
+    async def _write_documents(
+        self, session: AsyncSession, tenant_id: uuid.UUID, batch: list[_Ready]
+    ) -> list[Document]:
+        """The documents (new, or replacing those of the same sources, whose old chunks go in
+        this unit of work) with their chunks, in bulk; distinct sources."""
+        model = self.embedder.name
+        existing = {
+            d.source: d
+            for d in await session.scalars(
+                select(Document)
+                .where(Document.source.in_([r.job.upload.source for r in batch]))
+                .order_by(Document.id)
+                .with_for_update()
             )
+        }
+        if existing:
+            replaced = [d.id for d in existing.values()]
+            await _count_lexemes(session, tenant_id, replaced, sign=-1)
+            await session.execute(delete(Chunk).where(Chunk.document_id.in_(replaced)))
+        documents = []
+        for ready in batch:
+            upload = ready.job.upload
+            document = existing.get(upload.source)
             if document is None:
                 document = Document(
-                    tenant_id=job.tenant_id,
-                    source=upload.source,
-                    created_by=job.created_by,
-                    title=title[:500],
-                    media_type=media_type,
-                    content_hash=upload.content_hash,
-                    size_bytes=len(upload.data),
-                    embedding_model=model,
-                    meta=upload.meta,
+                    tenant_id=tenant_id, source=upload.source, created_by=ready.job.created_by
                 )
                 session.add(document)
-                await session.flush()
-            else:  # replace: old chunks go in the same transaction the new ones arrive
-                await _count_lexemes(session, job.tenant_id, document.id, sign=-1)
-                await session.execute(delete(Chunk).where(Chunk.document_id == document.id))
-                document.title = title[:500]
-                document.media_type = media_type
-                document.content_hash = upload.content_hash
-                document.size_bytes = len(upload.data)
-                document.embedding_model = model
-                document.meta = upload.meta
+            else:
                 document.updated_at = datetime.now(UTC)
-            document.chunk_count = total
-            await _insert_chunks(
-                session,
-                tenant_id=job.tenant_id,
-                document=document,
-                pieces=pieces,
-                vectors=vectors,
-                model=model,
-            )
-            await _count_lexemes(session, job.tenant_id, document.id, sign=1)
-            result = {
-                "status": JobStatus.COMPLETED,
-                "document_id": document.id,
-                "total": total,
-                "done": total,
-            }
-            await _close_job(session, job.id, result)
-        return result
+            document.title = ready.title[:500]
+            document.media_type = ready.media_type
+            document.content_hash = upload.content_hash
+            document.size_bytes = len(upload.data)
+            document.embedding_model = model
+            document.meta = upload.meta
+            document.chunk_count = len(ready.pieces)
+            documents.append(document)
+        await session.flush()  # the new documents in one statement
+        await _insert_chunks(
+            session,
+            tenant_id=tenant_id,
+            documents=[(d, r.pieces, r.vectors) for d, r in zip(documents, batch, strict=True)],
+            model=model,
+        )
+        await _count_lexemes(session, tenant_id, [d.id for d in documents], sign=1)
+        return documents
 
     async def _embed_with_retries(self, job: _Job | None, texts: list[str]) -> list[list[float]]:
         """The job pauses (status RETRYING, with events) while the embedder is down."""
@@ -911,11 +1029,10 @@ async def _insert_chunks(
     session: AsyncSession,
     *,
     tenant_id: uuid.UUID,
-    document: Document,
-    pieces: list[Any],
-    vectors: list[list[float]],
+    documents: list[tuple[Document, list[ChunkText], list[list[float]]]],
     model: str,
 ) -> None:
+    """The chunks of several documents, a thousand rows a statement."""
     rows = [
         {
             "tenant_id": tenant_id,
@@ -931,6 +1048,7 @@ async def _insert_chunks(
             "content_hash": p.content_hash,
             "meta": document.meta,
         }
+        for document, pieces, vectors in documents
         for p, v in zip(pieces, vectors, strict=True)
     ]
     for start in range(0, len(rows), 1000):
@@ -1048,25 +1166,35 @@ async def remove_document(
 
 
 async def _count_lexemes(
-    session: AsyncSession, tenant_id: uuid.UUID, document_id: uuid.UUID, *, sign: int
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    documents: uuid.UUID | Collection[uuid.UUID],
+    *,
+    sign: int,
 ) -> None:
-    """Adds (sign 1) or removes (-1) a document's lexemes to the tenant's document frequencies,
-    and sets the document's total chunk length (BM25's average length is a sum over documents):
-    its chunks' total when added, 0 when removed (its chunks are going)."""
-    # ts_stat takes a query text; the id is a parsed UUID, so nothing can be injected.
-    chunks = f"SELECT tsv FROM chunks WHERE document_id = '{uuid.UUID(str(document_id))}'"  # noqa: S608
+    """Adds (sign 1) or removes (-1) documents' lexemes to the tenant's document frequencies,
+    and sets each document's total chunk length (BM25's average length is a sum over
+    documents): its chunks' total when added, 0 when removed (its chunks are going). One
+    statement for any number of documents; the counts are updated in lexeme order, so that
+    concurrent transactions lock them in one order (never a deadlock)."""
+    ids = [documents] if isinstance(documents, uuid.UUID) else list(documents)
+    if not ids:
+        return
+    # ts_stat takes a query text; the ids are parsed UUIDs, so nothing can be injected.
+    listed = ",".join(f"'{uuid.UUID(str(i))}'" for i in ids)
+    chunks = f"SELECT tsv FROM chunks WHERE document_id IN ({listed})"  # noqa: S608
     await session.execute(
         text(
             "WITH counted AS ("
             " INSERT INTO lexeme_stats (tenant_id, lexeme, ndoc) "
-            " SELECT :tenant, word, :sign * ndoc FROM ts_stat(:chunks) "
+            " SELECT :tenant, word, :sign * ndoc FROM ts_stat(:chunks) ORDER BY word "
             " ON CONFLICT (tenant_id, lexeme) DO UPDATE "
             " SET ndoc = lexeme_stats.ndoc + EXCLUDED.ndoc) "
-            "UPDATE documents SET lexemes = CASE WHEN :sign > 0 THEN coalesce("
-            " (SELECT sum(c.lexemes) FROM chunks c WHERE c.document_id = :doc), 0) ELSE 0 END "
-            "WHERE id = :doc"
+            "UPDATE documents d SET lexemes = CASE WHEN :sign > 0 THEN coalesce("
+            " (SELECT sum(c.lexemes) FROM chunks c WHERE c.document_id = d.id), 0) ELSE 0 END "
+            "WHERE d.id = ANY(:docs)"
         ),
-        {"tenant": tenant_id, "sign": sign, "chunks": chunks, "doc": document_id},
+        {"tenant": tenant_id, "sign": sign, "chunks": chunks, "docs": ids},
     )
 
 
@@ -1105,13 +1233,17 @@ async def _close_job(session: AsyncSession, job_id: uuid.UUID, result: dict[str,
     row = await session.get(IngestionJob, job_id, with_for_update=True)
     if row is None or row.status in _ENDED:
         raise _EndedElsewhere
+    _record_end(row, result)
+    await session.execute(delete(IngestionUpload).where(IngestionUpload.job_id == job_id))
+
+
+def _record_end(row: IngestionJob, result: dict[str, Any]) -> None:
     row.status = result["status"].value
     row.document_id = result["document_id"]
     row.total = result["total"]
     row.done = result["done"]
     row.error_code = row.error = None
     row.updated_at = datetime.now(UTC)
-    await session.execute(delete(IngestionUpload).where(IngestionUpload.job_id == job_id))
 
 
 def _job_body(result: dict[str, Any]) -> dict[str, Any]:

