@@ -64,6 +64,12 @@ return {1}
 # released comes from the record, and a repeated call adds nothing]. Returns {exhausted (0/1),
 # index of the tightest counter, remaining there}.
 _CHARGE = """
+-- What is left of a hold: float dust (a hold's parts given back in another order, or its
+-- amount printed to 14 digits by tostring) is nothing, so a settled hold reads 0.
+local function settled(v)
+  if v < 1e-9 then return 0 end
+  return v
+end
 local used_amount = tonumber(ARGV[5])
 local release = tonumber(ARGV[6])
 if #KEYS >= 9 then
@@ -84,7 +90,7 @@ for i = 1, 4 do
   redis.call('EXPIRE', KEYS[i], ttl)
   if release > 0 then
     local held = tonumber(redis.call('GET', KEYS[i + 4]) or 0)
-    redis.call('SET', KEYS[i + 4], tostring(math.max(0, held - release)), 'EX', ttl)
+    redis.call('SET', KEYS[i + 4], tostring(settled(held - release)), 'EX', ttl)
   end
   local limit = tonumber(ARGV[i])
   if limit > 0 then
@@ -99,6 +105,12 @@ return {exhausted, tightest, tostring(least or -1)}
 # KEYS: as _RESERVE (with the record). ARGV: ttl day, ttl month. Gives back what the record
 # holds and has not used, and deletes it; 1 the first time, 0 when it was settled already.
 _RELEASE = """
+-- What is left of a hold: float dust (a hold's parts given back in another order, or its
+-- amount printed to 14 digits by tostring) is nothing, so a settled hold reads 0.
+local function settled(v)
+  if v < 1e-9 then return 0 end
+  return v
+end
 if redis.call('EXISTS', KEYS[9]) == 0 then return 0 end
 local held = tonumber(redis.call('HGET', KEYS[9], 'held'))
 local charged = tonumber(redis.call('HGET', KEYS[9], 'charged'))
@@ -107,7 +119,7 @@ if unused > 0 then
   for i = 1, 4 do
     local ttl = (i % 2 == 1) and ARGV[1] or ARGV[2]
     local left = tonumber(redis.call('GET', KEYS[i + 4]) or 0)
-    redis.call('SET', KEYS[i + 4], tostring(math.max(0, left - unused)), 'EX', ttl)
+    redis.call('SET', KEYS[i + 4], tostring(settled(left - unused)), 'EX', ttl)
   end
 end
 redis.call('DEL', KEYS[9])

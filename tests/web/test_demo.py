@@ -260,6 +260,7 @@ async def test_the_session_outlives_its_access_tokens(
         update={"access_token_ttl_s": 30, "clock_skew_s": skew_s}
     )
     chat_settings.knowledge.embed_batch = 1
+    chat_settings.knowledge.progress_chunks = 1  # one slow embedding call a chunk: a long ingestion
     stub, _ = llm
     stub.interval = 1 / 20  # 700 tokens: 35 s, longer than a token lives
     stub.answer_tokens = 700
