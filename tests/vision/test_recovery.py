@@ -53,8 +53,8 @@ class Models:
         self.stuck = set(stuck)
         self.calls: Counter[str] = Counter()
 
-    def manifest(self, model: str) -> ModelManifest:
-        if model not in self._manifests:
+    def manifest(self, model: str, version: str | None = None) -> ModelManifest:
+        if model not in self._manifests or version not in (None, self._manifests[model].version):
             raise ModelUnavailable(f"no model named {model!r}")
         return self._manifests[model]
 
@@ -66,13 +66,14 @@ class Models:
         model: str,
         inputs: Sequence[Any],
         *,
+        version: str | None = None,
         priority: Priority = Priority.BATCH,
         timeout_s: float | None = None,
     ) -> list[Any]:
         self.calls[model] += 1
         if model in self.stuck:
             await asyncio.Event().wait()
-        manifest = self.manifest(model)
+        manifest = self.manifest(model, version)
         if manifest.task.value == "classification":
             return [np.linspace(0, 1, len(manifest.labels), dtype=np.float32) for _ in inputs]
         # one box: [class, score, corners as fractions of the image]
