@@ -72,3 +72,17 @@ def versioned(manifest: ModelManifest) -> Batch:
         return [(int(x), manifest.version, len(batch)) for x in batch]
 
     return run
+
+
+def top_class(manifest: ModelManifest) -> Batch:
+    """A classifier whose logits put `input.top` first: each version answers its own class."""
+    import numpy as np
+
+    top = int(manifest.input.get("top", 0))
+
+    def run(batch: list[Any]) -> list[Any]:
+        logits = np.zeros(len(manifest.labels) or 2, dtype=np.float32)
+        logits[top] = 5.0
+        return [logits.copy() for _ in batch]
+
+    return run
