@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -54,6 +54,9 @@ from backend.inference.client import (
 from backend.inference.manifest import ModelManifest
 
 log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL_S = 0.0005  # a worker's GIL switch interval (Python's default: 5 ms)
+LOADER_NICE = 10  # the niceness of a worker's loader thread (its serving thread keeps 0)
 
 
 # -- the worker process ----------------------------------------------------------------------
@@ -105,8 +108,6 @@ def _run_split(fn: Any, inputs: list[Any]) -> list[tuple[str, Any]]:
 
 
 def _release_memory() -> None:
-    import sys
-
     torch = sys.modules.get("torch")  # only a worker that runs torch models has it
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -118,6 +119,10 @@ def _worker_main(conn: Connection, device: str, threads: int, parent_pid: int) -
 
     die_with_parent(parent_pid)  # a server killed with SIGKILL leaves no worker behind
     log_worker_output(__name__)  # what loaders print ("Loaded pretrained weights...") is logged
+    # While a version loads on the loader thread, the serving thread gets the GIL back within
+    # this interval whenever it wants it (every numpy or torch call gives it up and takes it
+    # again): at the default 5 ms, a batch's latency grew several times during a load.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     models: dict[str, Any] = {}  # by wire key, "name@version"
     sending = threading.Lock()  # the loader thread answers too
@@ -170,12 +175,18 @@ def _model_changes(
     from backend.inference.manifest import ModelManifest as Manifest
     from backend.inference.runtimes import load
 
+    # A load takes CPU the serving thread of this worker (and the other workers) would use: on
+    # Linux a thread has its own nice value, so the kernel runs the batches first.
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
     while (message := changes.get()) is not None:
         if message[0] == "unload":
             key = message[1]
             fn = models.pop(key, None)
-            del fn  # a batch running it still holds it; it goes when that batch ends
-            gc.collect()
+            # Freed as its last reference goes (a batch running it holds one until it ends);
+            # no gc.collect(): with torch imported a full collection holds the GIL for a few
+            # hundred milliseconds, stalling the batches of the versions that keep serving.
+            del fn
             _release_memory()
             send(("unloaded", key, sorted(models)))
             continue
