@@ -750,12 +750,24 @@ class InferencePool:
         elif error is None:
             worker.loaded.add(wire)
             if state.status is not ModelStatus.READY:
-                log.info("model %s ready (%.2f s on worker %d)", wire, seconds, worker.index)
+                manifest = state.manifest
+                log.info(
+                    "model %s ready (version %s, %.2f s on worker %d)",
+                    manifest.name,
+                    manifest.version,
+                    seconds,
+                    worker.index,
+                )
             state.status, state.error = ModelStatus.READY, None
             state.ready.set()
         else:
             if state.status is not ModelStatus.READY:
-                log.error("model %s failed to load: %s", wire, error)
+                log.error(
+                    "model %s failed to load (version %s): %s",
+                    state.manifest.name,
+                    state.manifest.version,
+                    error,
+                )
                 state.status, state.error = ModelStatus.FAILED, error
             state.ready.set()
         self._load_settled(worker, wire)
