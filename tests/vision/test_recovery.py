@@ -28,8 +28,9 @@ from backend.config import LimitsSettings, VisionSettings
 from backend.core.db import Database
 from backend.core.models import UsageRecord, VisionJob, VisionStatus, VisionUpload
 from backend.core.redis import KeySpace
-from backend.inference.client import ModelUnavailable, Priority
+from backend.inference.client import InferenceClient, ModelUnavailable, Priority
 from backend.inference.manifest import ModelManifest, load_manifests
+from backend.lifecycle.router import ModelRouter
 from backend.limits.budgets import Budgets, Resource
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import EventsExpired, RunEvent, RunEventLog
@@ -88,7 +89,12 @@ def photo() -> bytes:
 
 
 def vision(
-    database: Database, redis: Redis, key_prefix: str, models: Models, **settings: object
+    database: Database,
+    redis: Redis,
+    key_prefix: str,
+    models: InferenceClient,
+    router: ModelRouter | None = None,
+    **settings: object,
 ) -> VisionService:
     keys = KeySpace(key_prefix)
     return VisionService(
@@ -100,6 +106,7 @@ def vision(
         limiter=RateLimiter(redis, keys, LimitsSettings(enabled=False)),
         settings=VisionSettings(**{**QUICK, **settings}),  # type: ignore[arg-type]
         budgets=Budgets(redis, keys, LimitsSettings()),
+        router=router,
     )
 
 

@@ -12,9 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from backend.auth.principal import Principal
-from backend.config import LimitsSettings, VisionSettings
 from backend.core.db import Database
-from backend.core.redis import KeySpace
 from backend.errors import ValidationFailed
 from backend.inference.catalog import Task
 from backend.inference.manifest import ModelManifest
@@ -28,12 +26,9 @@ from backend.lifecycle.policy import (
     VersionStatus,
 )
 from backend.lifecycle.router import ModelRouter
-from backend.limits.budgets import Budgets
-from backend.limits.ratelimit import RateLimiter
-from backend.vision.ocr import OcrEngine
 from backend.vision.service import VisionService, VisionTask
 from tests.knowledge.test_service import database, new_principal
-from tests.vision.test_recovery import QUICK, photo, stop
+from tests.vision.test_recovery import photo, stop, vision
 
 __all__ = ["database"]  # fixture
 
@@ -79,18 +74,7 @@ async def test_each_task_records_the_version_that_served(
     pool = InferencePool([classifier("1", top=0)])
     await pool.start()
     router = ModelRouter.over(pool)
-    keys = KeySpace(key_prefix)
-    service = VisionService(
-        db=database,
-        redis=redis,
-        keys=keys,
-        inference=pool,
-        ocr=OcrEngine(VisionSettings().tessdata),
-        limiter=RateLimiter(redis, keys, LimitsSettings(enabled=False)),
-        settings=VisionSettings(**QUICK, classifier=MODEL),  # type: ignore[arg-type]
-        budgets=Budgets(redis, keys, LimitsSettings()),
-        router=router,
-    )
+    service = vision(database, redis, key_prefix, pool, router, classifier=MODEL)
     service.start()
     try:
         await pool.wait_ready()
@@ -137,17 +121,7 @@ async def test_a_job_accepted_before_its_version_retired_runs_on_the_live_one(
     pool.set_default(MODEL, "2")
     await pool.remove(MODEL, "1", grace_s=1)
     # the snapshot still says 1 (this replica is behind the registry): 2 serves
-    keys = KeySpace(key_prefix)
-    service = VisionService(
-        db=database,
-        redis=redis,
-        keys=keys,
-        inference=pool,
-        ocr=OcrEngine(VisionSettings().tessdata),
-        limiter=RateLimiter(redis, keys, LimitsSettings(enabled=False)),
-        settings=VisionSettings(**QUICK, classifier=MODEL),  # type: ignore[arg-type]
-        router=router,
-    )
+    service = vision(database, redis, key_prefix, pool, router, classifier=MODEL)
     service.start()
     try:
         principal = await new_principal(database)
