@@ -189,10 +189,11 @@ async def main(args: argparse.Namespace) -> None:
     await pool.close()
     load_after = os.getloadavg()
 
+    toy_load = f"; the toy loads in {args.load_s} CPU-seconds" if args.model == "toy" else ""
     print(
         f"model {args.model}, {args.workers} workers x {args.threads} threads on {args.device}, "
         f"{args.clients} clients, {args.swaps} swaps ({', '.join(f'{s:.2f}' for s in swap_times)}"
-        f" s each; load {args.load_s} s of CPU for the toy)"
+        f" s each{toy_load})"
     )
     print(f"{'phase':<8} {'requests':>9} {'failed':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
     p99 = {}
