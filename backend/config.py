@@ -835,6 +835,18 @@ class VisionSettings(JobRecoverySettings):
         Path("/usr/share/tesseract-ocr/5/tessdata"), description="Tesseract language data."
     )
     infer_timeout_s: float = Field(30.0, gt=0, description="Longest wait for one model call.")
+    version_load_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest a new model version may take to load and warm in every worker "
+        "before it is reported failed (the versions serving are unchanged).",
+    )
+    version_drain_s: float = Field(
+        30.0,
+        ge=0,
+        description="How long a retired model version may finish its queued and running "
+        "items before it unloads (items still queued then fail).",
+    )
     job_timeout_s: float = Field(120.0, gt=0, description="Longest an analysis job may run.")
     max_concurrent_jobs: int = Field(4, ge=1, description="Jobs one replica runs at once.")
     jobs_ttl_s: int = Field(

@@ -58,3 +58,31 @@ def picky(manifest: ModelManifest) -> Batch:
         return [(int(x), len(batch), os.getpid()) for x in batch]
 
     return run
+
+
+def versioned(manifest: ModelManifest) -> Batch:
+    """Answers with the version that ran (after `load_s` of loading, and `seconds` a batch);
+    a negative item kills the worker."""
+    time.sleep(float(manifest.input.get("load_s", 0)))
+
+    def run(batch: list[Any]) -> list[Any]:
+        if any(int(x) < 0 for x in batch):
+            os._exit(3)
+        time.sleep(float(manifest.input.get("seconds", 0)))
+        return [(int(x), manifest.version, len(batch)) for x in batch]
+
+    return run
+
+
+def top_class(manifest: ModelManifest) -> Batch:
+    """A classifier whose logits put `input.top` first: each version answers its own class."""
+    import numpy as np
+
+    top = int(manifest.input.get("top", 0))
+
+    def run(batch: list[Any]) -> list[Any]:
+        logits = np.zeros(len(manifest.labels) or 2, dtype=np.float32)
+        logits[top] = 5.0
+        return [logits.copy() for _ in batch]
+
+    return run
