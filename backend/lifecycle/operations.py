@@ -1,0 +1,66 @@
+"""What a replica keeps about the versions it serves: serving figures, shadow runs and their
+agreement, the canary guard and `modelComparison`; one object the app's lifespan owns."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+from backend.config import LifecycleSettings
+from backend.core.redis import KeySpace
+from backend.lifecycle._series import Series
+from backend.lifecycle.canary import CanaryWatch, PolicySource, Rollback, RollbackMetrics
+from backend.lifecycle.comparison import ModelComparisons, PolicyProvider
+from backend.lifecycle.shadow import ShadowLedger, ShadowRunner
+from backend.lifecycle.stats import ServingStats
+
+
+class Policies(PolicySource, PolicyProvider, Protocol):
+    """The registry snapshot a replica holds: every policy, and one model's."""
+
+
+class ModelOperations:
+    """Serving figures and shadow runs from the start; the canary guard and comparisons once
+    the registry's policies are given (`use_registry`)."""
+
+    def __init__(
+        self, redis: Redis, keys: KeySpace, settings: LifecycleSettings, metrics: RollbackMetrics
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._settings = settings
+        self._metrics = metrics
+        self._series = Series(redis, keys, settings)
+        self.stats = ServingStats(self._series)
+        self.agreements = ShadowLedger(self._series)
+        self.shadows = ShadowRunner(self.agreements, settings)
+        self.comparisons: ModelComparisons | None = None
+        self._canaries: CanaryWatch | None = None
+
+    def use_registry(self, policies: Policies, rollback: Rollback) -> None:
+        """Starts the canary guard on `policies` and answers `modelComparison` from them."""
+        self.comparisons = ModelComparisons(
+            self.stats, self.agreements, policies, max_window_s=self._settings.stats_retention_s
+        )
+        if self._canaries is None:
+            self._canaries = CanaryWatch(
+                self.stats,
+                policies,
+                rollback,
+                redis=self._redis,
+                keys=self._keys,
+                settings=self._settings,
+                metrics=self._metrics,
+            )
+            self._canaries.start()
+
+    def start(self) -> None:
+        self._series.start()
+
+    async def close(self) -> None:
+        """Stops the guard and the shadows, then sends the last figures."""
+        if self._canaries is not None:
+            await self._canaries.close()
+        await self.shadows.close()
+        await self._series.close()
