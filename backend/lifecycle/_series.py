@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from backend.config import LifecycleSettings
 from backend.core.redis import KeySpace
+from backend.core.tasks import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,12 @@ class Series:
         self._clock = clock
         self._pending: dict[tuple[tuple[str, ...], int], defaultdict[str, float]] = {}
         self._dropped = 0
-        self._task: asyncio.Task[None] | None = None
+        self._flushes = Periodic(
+            "lifecycle stats flush",
+            self.flush,
+            interval_s=settings.stats_flush_interval_s,
+            timeout_s=settings.stats_flush_timeout_s,
+        )
 
     @property
     def bucket_s(self) -> int:
@@ -79,6 +85,7 @@ class Series:
         if not pending:
             return
         ttl = self.retention_s + self.bucket_s
+        # a failed flush loses these figures (Redis away): the serving path never waits for it
         async with self._redis.pipeline(transaction=True) as pipe:
             for (series, bucket), counters in pending.items():
                 key = self._key(series, bucket)
@@ -111,24 +118,15 @@ class Series:
                 total[name] += value
         return dict(total)
 
+    @property
+    def running(self) -> bool:
+        return self._flushes.running
+
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="lifecycle-stats-flush")
+        self._flushes.start()
 
     async def close(self) -> None:
         """Stops the flushes, then sends what is left (bounded by the flush timeout)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._flushes.close()
         with contextlib.suppress(Exception):
             await self.flush()
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.stats_flush_interval_s)
-            try:
-                await self.flush()
-            except Exception as exc:  # Redis away: these figures are lost, the next flush retries
-                log.warning("lifecycle stats flush failed: %s", exc or type(exc).__name__)

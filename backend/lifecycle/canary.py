@@ -9,10 +9,7 @@ rollback does (the policy back to live at 100%, an audit entry) is the registry'
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -22,6 +19,7 @@ from redis.asyncio import Redis
 
 from backend.config import LifecycleSettings
 from backend.core.redis import KeySpace
+from backend.core.tasks import Periodic
 from backend.lifecycle.policy import CanaryGuard, TrafficPolicy
 from backend.lifecycle.stats import ServingStats, VersionWindow
 
@@ -113,7 +111,12 @@ class CanaryWatch:
         self._keys = keys.child("lifecycle")
         self._settings = settings
         self._metrics = metrics
-        self._task: asyncio.Task[None] | None = None
+        self._passes = Periodic(
+            "canary guard pass",
+            self.check,
+            interval_s=settings.canary_interval_s,
+            timeout_s=settings.canary_timeout_s,
+        )
 
     async def check(self) -> list[Verdict]:
         """One pass over every guarded policy this replica holds the turn for; returns the
@@ -163,22 +166,13 @@ class CanaryWatch:
         self._metrics.model_rolled_back(verdict.model, verdict.version, verdict.outcome.value)
 
     def start(self) -> None:
-        if self._settings.canary_enabled and self._task is None:
-            self._task = asyncio.create_task(self._run(), name="lifecycle-canary-guard")
+        if self._settings.canary_enabled:
+            self._passes.start()
+
+    @property
+    def running(self) -> bool:
+        return self._passes.running
 
     async def close(self) -> None:
-        """Stops the loop; a pass in progress is cancelled."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.canary_interval_s * random.uniform(0.9, 1.1))  # noqa: S311 (jitter)
-            try:
-                async with asyncio.timeout(self._settings.canary_timeout_s):
-                    await self.check()
-            except Exception:  # a failed pass must not end the loop: the next one retries
-                log.exception("canary guard pass failed")
+        """Stops the passes; one in progress is cancelled."""
+        await self._passes.close()

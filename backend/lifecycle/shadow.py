@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -215,6 +215,19 @@ class ShadowLedger:
 # -- running shadows -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Mirror(Generic[L, S]):
+    """A live request to run again on the shadow version."""
+
+    model: str
+    live_version: str
+    shadow_version: str
+    live_result: L
+    live_latency_s: float
+    run: Callable[[], Awaitable[S]]  # runs the shadow; never charges the caller's budget
+    compare: Callable[[L, S], Mapping[str, float]]  # named agreement figures (off the loop)
+
+
 class ShadowRunner:
     """Runs shadow versions after live answers, off their path, and records the agreement."""
 
@@ -228,61 +241,32 @@ class ShadowRunner:
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    def mirror(
-        self,
-        *,
-        model: str,
-        live_version: str,
-        shadow_version: str,
-        live_result: L,
-        live_latency_s: float,
-        run: Callable[[], Awaitable[S]],
-        compare: Callable[[L, S], Mapping[str, float]],
-    ) -> bool:
+    def mirror(self, request: Mirror[L, S]) -> bool:
         """Starts a shadow run; call it once the live answer is delivered. It returns at once
-        (nothing is awaited): the run happens in a task this runner owns. `run` must run the
-        shadow version without charging the caller's budget; `compare` (off the event loop)
-        turns the live and shadow results into named agreement figures. False when not
-        started: runner closed, or `shadow_max_in_flight` runs already going (counted)."""
+        (nothing is awaited): the run happens in a task this runner owns, and its result goes
+        nowhere but `compare`. False when not started: runner closed, or
+        `shadow_max_in_flight` runs already going (counted as skipped)."""
         if self._closed:
             return False
         if len(self._tasks) >= self._settings.shadow_max_in_flight:
-            self._ledger.skipped(model, live_version, shadow_version)
+            self._ledger.skipped(request.model, request.live_version, request.shadow_version)
             return False
         task = asyncio.create_task(
-            self._shadow(
-                model,
-                live_version,
-                shadow_version,
-                live_result=live_result,
-                live_latency_s=live_latency_s,
-                run=run,
-                compare=compare,
-            ),
-            name=f"shadow:{model}@{shadow_version}",
+            self._shadow(request), name=f"shadow:{request.model}@{request.shadow_version}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _shadow(
-        self,
-        model: str,
-        live: str,
-        shadow: str,
-        *,
-        live_result: L,
-        live_latency_s: float,
-        run: Callable[[], Awaitable[S]],
-        compare: Callable[[L, S], Mapping[str, float]],
-    ) -> None:
+    async def _shadow(self, request: Mirror[L, S]) -> None:
         await asyncio.sleep(0)  # the caller that started it goes on first
+        model, live, shadow = request.model, request.live_version, request.shadow_version
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.shadow_timeout_s):
-                result = await run()
+                result = await request.run()
             took = time.perf_counter() - started
-            metrics = await asyncio.to_thread(compare, live_result, result)
+            metrics = await asyncio.to_thread(request.compare, request.live_result, result)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the shadow's failure is a figure, never the caller's
@@ -291,7 +275,12 @@ class ShadowRunner:
             return
         finite = {name: value for name, value in metrics.items() if math.isfinite(value)}
         self._ledger.compared(
-            model, live, shadow, finite, live_latency_s=live_latency_s, shadow_latency_s=took
+            model,
+            live,
+            shadow,
+            finite,
+            live_latency_s=request.live_latency_s,
+            shadow_latency_s=took,
         )
 
     async def close(self) -> None:

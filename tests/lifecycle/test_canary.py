@@ -171,7 +171,7 @@ async def test_the_guard_is_off_when_disabled(
         stats, registry, redis, key_prefix, Metrics(), LifecycleSettings(canary_enabled=False)
     )
     guard.start()
-    assert guard._task is None
+    assert not guard.running
     await guard.close()
 
 

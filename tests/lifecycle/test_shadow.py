@@ -10,6 +10,7 @@ import pytest
 from backend.config import LifecycleSettings
 from backend.lifecycle._series import Series
 from backend.lifecycle.shadow import (
+    Mirror,
     ShadowLedger,
     ShadowRunner,
     character_error_rate,
@@ -92,13 +93,15 @@ class Live:
             return await self.shadow()
 
         self.runner.mirror(
-            model="clf",
-            live_version="1",
-            shadow_version="2",
-            live_result=result,
-            live_latency_s=0.01,
-            run=run_shadow,
-            compare=lambda a, b: compare_vision("classify", a, b),
+            Mirror(
+                model="clf",
+                live_version="1",
+                shadow_version="2",
+                live_result=result,
+                live_latency_s=0.01,
+                run=run_shadow,
+                compare=lambda a, b: compare_vision("classify", a, b),
+            )
         )
         return result
 
@@ -200,14 +203,6 @@ async def test_shadow_runs_are_bounded_and_cancelled_on_close(
     await runner.close()
     assert cancelled.is_set()
     assert runner.in_flight == 0
-    assert not runner.mirror(
-        model="clf",
-        live_version="1",
-        shadow_version="2",
-        live_result={},
-        live_latency_s=0.0,
-        run=forever,
-        compare=lambda a, b: {},
-    )
+    assert not runner.mirror(Mirror("clf", "1", "2", {}, 0.0, forever, lambda a, b: {}))
     agreement = await ledger.window("clf", "1", "2", 60)
     assert (agreement.skipped, agreement.compared, agreement.failed) == (1, 0, 0)

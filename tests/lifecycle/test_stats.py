@@ -101,8 +101,7 @@ async def test_a_redis_outage_costs_figures_not_requests(key_prefix: str) -> Non
             stats.record("ocr", "1", ok=True, latency_s=0.01)
         await asyncio.sleep(scaled(0.5))
         stats.record("ocr", "1", ok=True, latency_s=0.01)
-        assert series._task is not None
-        assert not series._task.done()
+        assert series.running
     finally:
         await series.close()
         await dead.aclose()
