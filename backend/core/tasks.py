@@ -4,7 +4,6 @@ cancellation."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
@@ -45,6 +44,7 @@ class Periodic:
         self._timeout_s = timeout_s
         self._jitter = jitter
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     @property
     def running(self) -> bool:
@@ -52,25 +52,30 @@ class Periodic:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopped = False
             self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def close(self) -> None:
-        """Stops the loop; a step in progress is cancelled."""
+        """Stops the loop; a step in progress is cancelled.
+
+        A cancellation can be lost inside a client library (redis-py on Python 3.11 was seen
+        to swallow one mid-command), so the loop also stops on a flag, and is cancelled
+        again until it has ended."""
         task, self._task = self._task, None
-        if task is not None:
+        self._stopped = True
+        while task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=0.1)
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            log.warning("%s ended with %r", self.name, task.exception())
 
     async def _run(self) -> None:
-        if self._first_after_s is not None:
-            await asyncio.sleep(self._first_after_s)
-        first = self._first_after_s is not None
-        while True:
-            if not first:
-                spread = random.uniform(1 - self._jitter, 1 + self._jitter)  # noqa: S311 (jitter)
-                await asyncio.sleep(self._interval_s * spread)
-            first = False
+        delay = self._first_after_s
+        while not self._stopped:
+            if delay is None:
+                delay = self._interval_s * random.uniform(1 - self._jitter, 1 + self._jitter)  # noqa: S311 (jitter)
+            await asyncio.sleep(delay)
+            delay = None
             try:
                 async with asyncio.timeout(self._timeout_s):
                     await self._step()

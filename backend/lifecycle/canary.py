@@ -10,6 +10,7 @@ rollback does (the policy back to live at 100%, an audit entry) is the registry'
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # (model, reason) -> the policy is back on live at 100% (the registry audits it)
 Rollback = Callable[[str, str], Awaitable[None]]
+# (model, canary version, percent) -> the canary gets that share, live the rest; at 100 the
+# canary is promoted (the registry audits it)
+Ramp = Callable[[str, str, float], Awaitable[None]]
 
 
 class PolicySource(Protocol):
@@ -103,10 +107,14 @@ class CanaryWatch:
         keys: KeySpace,
         settings: LifecycleSettings,
         metrics: RollbackMetrics,
+        ramp: Ramp | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._stats = stats
         self._policies = policies
         self._rollback = rollback
+        self._ramp = ramp
+        self._clock = clock
         self._redis = redis
         self._keys = keys.child("lifecycle")
         self._settings = settings
@@ -122,31 +130,76 @@ class CanaryWatch:
         """One pass over every guarded policy this replica holds the turn for; returns the
         verdicts of the canaries it judged (those rolled back among them)."""
         verdicts: list[Verdict] = []
-        turn_s = max(1, round(self._settings.canary_interval_s))
+        turn_ms = max(1, round(self._settings.canary_interval_s * 1000))
         for policy in self._policies.policies():
             guard = policy.canary
-            canaries = [a.version for a in policy.arms if a.weight > 0 and a.version != policy.live]
+            canaries = {
+                a.version: a.weight
+                for a in policy.arms
+                if a.weight > 0 and a.version != policy.live
+            }
             if guard is None or not canaries:
                 continue
             # one replica judges a model per interval; the others find the key set
-            if not await self._redis.set(self._keys("canary", policy.model), 1, nx=True, ex=turn_s):
+            turn = self._keys("canary", policy.model)
+            if not await self._redis.set(turn, 1, nx=True, px=turn_ms):
                 continue
             verdicts += await self._judge(policy, guard, canaries)
         return verdicts
 
     async def _judge(
-        self, policy: TrafficPolicy, guard: CanaryGuard, canaries: list[str]
+        self, policy: TrafficPolicy, guard: CanaryGuard, canaries: dict[str, float]
     ) -> list[Verdict]:
         live = await self._stats.window(policy.model, policy.live, guard.window_s)
         verdicts = []
-        for version in canaries:
+        for version, weight in canaries.items():
             canary = await self._stats.window(policy.model, version, guard.window_s)
             verdict = judge(live, canary, guard)
             verdicts.append(verdict)
             if verdict.breached:
                 await self._roll_back(verdict, policy.live)
                 break  # the policy is back on live: its other arms are gone with it
+            await self._step_up(policy, guard, version, weight, verdict)
         return verdicts
+
+    async def _step_up(
+        self,
+        policy: TrafficPolicy,
+        guard: CanaryGuard,
+        version: str,
+        weight: float,
+        verdict: Verdict,
+    ) -> None:
+        """Gives a healthy canary the next step of its ramp once it has held its weight for a
+        whole window (so the window judged it at that weight alone)."""
+        steps = [step for step in guard.ramp if step > weight + 1e-9]
+        if self._ramp is None or not steps:
+            return
+        held = self._ramp_key(policy.model, version)
+        now = self._clock()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(held, f"{weight:g}", now)
+            pipe.hget(held, f"{weight:g}")
+            pipe.expire(held, self._settings.stats_retention_s)
+            _, since_raw, _ = await pipe.execute()
+        since = float(since_raw or now)
+        if verdict.outcome is not Outcome.HEALTHY or now - since < guard.window_s:
+            return
+        log.info(
+            "ramping %s: canary %s from %g%% to %g%% after a clean window",
+            policy.model,
+            version,
+            weight,
+            steps[0],
+            extra={"event": "model.ramped", "model": policy.model, "version": version},
+        )
+        await self._ramp(policy.model, version, steps[0])
+        # the next step's window starts now, not when a pass first sees the new weight
+        await self._redis.hset(held, f"{steps[0]:g}", now)
+
+    def _ramp_key(self, model: str, version: str) -> str:
+        """When the canary was first seen at each weight (kept across replicas and restarts)."""
+        return self._keys("ramp", model, version)
 
     async def _roll_back(self, verdict: Verdict, live: str) -> None:
         reason = f"canary {verdict.version} broke its guard: {verdict.detail}"
@@ -163,6 +216,8 @@ class CanaryWatch:
             },
         )
         await self._rollback(verdict.model, reason)
+        # a later canary of the same version starts its ramp from the beginning
+        await self._redis.delete(self._ramp_key(verdict.model, verdict.version))
         self._metrics.model_rolled_back(verdict.model, verdict.version, verdict.outcome.value)
 
     def start(self) -> None:

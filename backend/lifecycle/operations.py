@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from backend.config import LifecycleSettings
 from backend.core.redis import KeySpace
 from backend.lifecycle._series import Series
-from backend.lifecycle.canary import CanaryWatch, PolicySource, Rollback, RollbackMetrics
+from backend.lifecycle.canary import CanaryWatch, PolicySource, Ramp, Rollback, RollbackMetrics
 from backend.lifecycle.comparison import ModelComparisons, PolicyProvider
 from backend.lifecycle.shadow import ShadowLedger, ShadowRunner
 from backend.lifecycle.stats import ServingStats
@@ -38,8 +38,11 @@ class ModelOperations:
         self.comparisons: ModelComparisons | None = None
         self._canaries: CanaryWatch | None = None
 
-    def use_registry(self, policies: Policies, rollback: Rollback) -> None:
-        """Starts the canary guard on `policies` and answers `modelComparison` from them."""
+    def use_registry(
+        self, policies: Policies, rollback: Rollback, ramp: Ramp | None = None
+    ) -> None:
+        """Starts the canary guard on `policies` (rolling back with `rollback`, stepping the
+        ramps of guards that have one with `ramp`) and answers `modelComparison` from them."""
         self.comparisons = ModelComparisons(
             self.stats, self.agreements, policies, max_window_s=self._settings.stats_retention_s
         )
@@ -52,6 +55,7 @@ class ModelOperations:
                 keys=self._keys,
                 settings=self._settings,
                 metrics=self._metrics,
+                ramp=ramp,
             )
             self._canaries.start()
 

@@ -10,7 +10,6 @@ goes anywhere but its comparison, and its failure is only counted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -289,5 +288,8 @@ class ShadowRunner:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel("shutdown")
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            # bounded: a shadow's own code could swallow the cancellation
+            _, stuck = await asyncio.wait(tasks, timeout=min(5.0, self._settings.shadow_timeout_s))
+            if stuck:
+                log.warning("%d shadow runs did not stop when cancelled", len(stuck))

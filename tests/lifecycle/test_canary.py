@@ -17,6 +17,7 @@ from backend.lifecycle.canary import CanaryWatch, Outcome, judge
 from backend.lifecycle.policy import Arm, CanaryGuard, TrafficPolicy
 from backend.lifecycle.stats import ServingStats, VersionWindow
 from tests.conftest import scaled
+from tests.lifecycle.test_stats import Clock
 
 GUARD = CanaryGuard(max_error_rate_delta=0.05, max_p95_ratio=1.5, min_requests=50, window_s=60)
 
@@ -35,6 +36,15 @@ class Registry:
 
     def policies(self) -> list[TrafficPolicy]:
         return list(self.held.values())
+
+    async def ramp(self, model: str, version: str, weight: float) -> None:
+        policy = self.held[model]
+        arms = (
+            (Arm(version, 100),)
+            if weight >= 100
+            else (Arm(policy.live, 100 - weight), Arm(version, weight))
+        )
+        self.held[model] = replace(policy, arms=arms, revision=policy.revision + 1)
 
     async def rollback(self, model: str, reason: str) -> None:
         policy = self.held[model]
@@ -75,6 +85,7 @@ def watch(
     key_prefix: str,
     metrics: Metrics,
     settings: LifecycleSettings | None = None,
+    clock: Clock | None = None,
 ) -> CanaryWatch:
     return CanaryWatch(
         stats,
@@ -84,6 +95,8 @@ def watch(
         keys=KeySpace(key_prefix),
         settings=settings or LifecycleSettings(),
         metrics=metrics,
+        ramp=registry.ramp,
+        clock=clock or Clock(),
     )
 
 
@@ -181,3 +194,32 @@ async def test_policies_without_a_canary_are_not_judged(
 ) -> None:
     registry = Registry(TrafficPolicy(model="ocr", arms=arms, canary=GUARD))
     assert await watch(stats, registry, redis, key_prefix, Metrics()).check() == []
+
+
+async def test_a_healthy_canary_steps_up_its_ramp_after_each_clean_window(
+    stats: ServingStats, redis: Redis, key_prefix: str
+) -> None:
+    guard = replace(GUARD, ramp=(5, 25, 50, 100))
+    registry = Registry(TrafficPolicy(model="ocr", arms=(Arm("1", 95), Arm("2", 5)), canary=guard))
+    serve(stats, "1", 100)
+    serve(stats, "2", 60)
+    clock = Clock()
+    settings = LifecycleSettings(canary_interval_s=0.001)  # the replica's turn lasts 1 ms
+    guard_job = watch(stats, registry, redis, key_prefix, Metrics(), settings, clock)
+
+    async def tick() -> tuple[Arm, ...]:
+        await asyncio.sleep(0.01)  # the turn of the pass before has passed
+        await guard_job.check()
+        return registry.held["ocr"].arms
+
+    assert await tick() == (Arm("1", 95), Arm("2", 5))  # healthy, but not for a window yet
+    clock.now += GUARD.window_s - 1
+    assert await tick() == (Arm("1", 95), Arm("2", 5))
+    clock.now += 1
+    assert await tick() == (Arm("1", 75), Arm("2", 25))
+    assert await tick() == (Arm("1", 75), Arm("2", 25))  # each step holds a whole window
+    clock.now += GUARD.window_s
+    assert await tick() == (Arm("1", 50), Arm("2", 50))
+    clock.now += GUARD.window_s
+    assert await tick() == (Arm("2", 100),)  # promoted
+    assert registry.rollbacks == []
