@@ -202,6 +202,12 @@ class CanaryWatch:
         return self._keys("ramp", model, version)
 
     async def _roll_back(self, verdict: Verdict, live: str) -> None:
+        # Once per version for a while, whichever replica judges: another replica whose
+        # snapshot has not yet heard of the rollback would otherwise roll back again.
+        done = self._keys("rolled-back", verdict.model, verdict.version)
+        quiet_s = max(60, round(4 * self._settings.canary_interval_s))
+        if not await self._redis.set(done, 1, nx=True, ex=quiet_s):
+            return
         reason = f"canary {verdict.version} broke its guard: {verdict.detail}"
         log.warning(
             "rolling %s back to %s: %s",

@@ -131,6 +131,14 @@ async def test_a_canary_failing_half_its_requests_is_rolled_back_once(
     assert "50.0%" in reason
     assert registry.held["ocr"].arms == (Arm("1", 100),)
     assert rollbacks(metrics, "2", "error_rate") == 1
+
+    # a replica whose snapshot has not heard of the rollback yet does not roll back again
+    stale = Registry(canary_policy())
+    await redis.delete(f"{key_prefix}lifecycle:canary:ocr")  # the next interval: its turn
+    (late,) = await watch(a, stale, redis, key_prefix, metrics).check()
+    assert late.breached
+    assert stale.rollbacks == []
+    assert rollbacks(metrics, "2", "error_rate") == 1
     await asyncio.gather(*(s.close() for s in replicas))
 
 
