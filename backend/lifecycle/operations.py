@@ -3,7 +3,8 @@ agreement, the canary guard and `modelComparison`; one object the app's lifespan
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol, TypeVar
 
 from redis.asyncio import Redis
 
@@ -12,8 +13,12 @@ from backend.core.redis import KeySpace
 from backend.lifecycle._series import Series
 from backend.lifecycle.canary import CanaryWatch, PolicySource, Ramp, Rollback, RollbackMetrics
 from backend.lifecycle.comparison import ModelComparisons, PolicyProvider
-from backend.lifecycle.shadow import ShadowLedger, ShadowRunner
+from backend.lifecycle.policy import Route
+from backend.lifecycle.shadow import Mirror, ShadowLedger, ShadowRunner
 from backend.lifecycle.stats import ServingStats
+
+L = TypeVar("L")
+S = TypeVar("S")
 
 
 class Policies(PolicySource, PolicyProvider, Protocol):
@@ -34,7 +39,7 @@ class ModelOperations:
         self._series = Series(redis, keys, settings)
         self.stats = ServingStats(self._series)
         self.agreements = ShadowLedger(self._series)
-        self.shadows = ShadowRunner(self.agreements, settings)
+        self.shadows = ShadowRunner(self.agreements, settings, self.stats)
         self.comparisons: ModelComparisons | None = None
         self._canaries: CanaryWatch | None = None
 
@@ -58,6 +63,45 @@ class ModelOperations:
                 ramp=ramp,
             )
             self._canaries.start()
+
+    def served(
+        self,
+        route: Route,
+        *,
+        ok: bool,
+        latency_s: float,
+        tokens: int = 0,
+        compute_s: float = 0.0,
+        cost: float = 0.0,
+    ) -> None:
+        """One request `route` sent to its version, served or failed (memory only)."""
+        self.stats.record(
+            route.model,
+            route.version,
+            ok=ok,
+            latency_s=latency_s,
+            tokens=tokens,
+            compute_s=compute_s,
+            cost=cost,
+        )
+
+    def mirror(
+        self,
+        route: Route,
+        live_result: L,
+        live_latency_s: float,
+        run: Callable[[], Awaitable[S]],
+        compare: Callable[[L, S], Mapping[str, float]],
+    ) -> bool:
+        """Runs the request again on `route.shadow` (set by the router when this request is
+        sampled) once the live answer is delivered; see `ShadowRunner.mirror`."""
+        if route.shadow is None:
+            return False
+        return self.shadows.mirror(
+            Mirror(
+                route.model, route.version, route.shadow, live_result, live_latency_s, run, compare
+            )
+        )
 
     def start(self) -> None:
         self._series.start()

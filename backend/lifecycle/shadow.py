@@ -21,6 +21,7 @@ import numpy as np
 
 from backend.config import LifecycleSettings
 from backend.lifecycle._series import Series
+from backend.lifecycle.stats import ServingStats
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +231,15 @@ class Mirror(Generic[L, S]):
 class ShadowRunner:
     """Runs shadow versions after live answers, off their path, and records the agreement."""
 
-    def __init__(self, ledger: ShadowLedger, settings: LifecycleSettings) -> None:
+    def __init__(
+        self,
+        ledger: ShadowLedger,
+        settings: LifecycleSettings,
+        stats: ServingStats | None = None,
+    ) -> None:
         self._ledger = ledger
         self._settings = settings
+        self._stats = stats  # the shadow's own figures (modelComparison's shadow row)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -271,7 +278,11 @@ class ShadowRunner:
         except Exception as exc:  # the shadow's failure is a figure, never the caller's
             log.info("shadow %s@%s failed: %s", model, shadow, exc or type(exc).__name__)
             self._ledger.failed(model, live, shadow)
+            if self._stats is not None:
+                self._stats.record(model, shadow, ok=False, latency_s=time.perf_counter() - started)
             return
+        if self._stats is not None:
+            self._stats.record(model, shadow, ok=True, latency_s=took)
         finite = {name: value for name, value in metrics.items() if math.isfinite(value)}
         self._ledger.compared(
             model,
