@@ -64,27 +64,6 @@ class ModelOperations:
             )
             self._canaries.start()
 
-    def served(
-        self,
-        route: Route,
-        *,
-        ok: bool,
-        latency_s: float,
-        tokens: int = 0,
-        compute_s: float = 0.0,
-        cost: float = 0.0,
-    ) -> None:
-        """One request `route` sent to its version, served or failed (memory only)."""
-        self.stats.record(
-            route.model,
-            route.version,
-            ok=ok,
-            latency_s=latency_s,
-            tokens=tokens,
-            compute_s=compute_s,
-            cost=cost,
-        )
-
     def mirror(
         self,
         route: Route,

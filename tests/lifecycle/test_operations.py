@@ -1,5 +1,5 @@
-"""The serving path's two hooks, as the integrator wires them: `served` records the version
-that served, `mirror` runs a sampled request on the shadow after the answer."""
+"""The serving path's two hooks, as the integrator wires them: `stats.record` counts the
+version that served, `mirror` runs a sampled request on the shadow after the answer."""
 
 from __future__ import annotations
 
@@ -36,9 +36,11 @@ async def test_served_and_mirrored_requests_are_counted_after_close(
         return compare_vision("classify", a, b)
 
     for route in (LIVE, SAMPLED):
-        ops.served(route, ok=True, latency_s=0.02, compute_s=0.02, cost=0.001)
+        ops.stats.record(
+            route.model, route.version, ok=True, latency_s=0.02, compute_s=0.02, cost=0.001
+        )
         ops.mirror(route, result, 0.02, shadow, compare)
-    ops.served(LIVE, ok=False, latency_s=0.5)
+    ops.stats.record("clf", "1", ok=False, latency_s=0.5)
     async with asyncio.timeout(scaled(10)):
         while ops.shadows.in_flight or not shadow_runs:
             await asyncio.sleep(0.01)
