@@ -1042,6 +1042,64 @@ class PrivacySettings(_Section):
         return None if value == "" else value
 
 
+class LifecycleSettings(_Section):
+    """Model lifecycle: per-version serving figures, shadow comparison and the canary guard."""
+
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_LIFECYCLE_", extra="ignore")
+
+    stats_bucket_s: int = Field(
+        10,
+        ge=1,
+        le=3600,
+        description="Width of the time buckets in which every replica adds up each model "
+        "version's requests, errors, latency, compute and cost (in Redis).",
+    )
+    stats_retention_s: int = Field(
+        3600,
+        ge=60,
+        description="How long those buckets are kept: the longest window `modelComparison` "
+        "and the canary guard can read.",
+    )
+    stats_flush_interval_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How often a replica sends the figures it gathered to Redis (one round "
+        "trip for all of them; never on a request's path).",
+    )
+    stats_flush_timeout_s: float = Field(
+        5.0, gt=0, description="Longest wait for one flush; figures of a failed flush are lost."
+    )
+    stats_max_pending: int = Field(
+        10_000,
+        ge=1,
+        description="Most distinct (model, version, bucket) series a replica holds between "
+        "flushes; figures past it are dropped (and logged).",
+    )
+    shadow_max_in_flight: int = Field(
+        4,
+        ge=0,
+        description="Most shadow runs at once on a replica; a sampled request past it is not "
+        "mirrored. 0 turns shadow traffic off.",
+    )
+    shadow_timeout_s: float = Field(
+        60.0, gt=0, description="Longest a shadow run may take before it is cancelled."
+    )
+    canary_enabled: bool = Field(
+        True,
+        description="Run the canary guard: roll a canary back by itself when it breaks its "
+        "guard against live.",
+    )
+    canary_interval_s: float = Field(
+        15.0, gt=0, description="How often the canary guard compares each canary with live."
+    )
+    canary_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest one pass of the canary guard may take (rollbacks included).",
+    )
+
+
 class OpenAIAPISettings(_Section):
     """The OpenAI-compatible REST endpoints under /v1."""
 
@@ -1087,6 +1145,7 @@ class Settings(_Section):
     vision: VisionSettings = Field(default_factory=VisionSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     openai: OpenAIAPISettings = Field(default_factory=OpenAIAPISettings)
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
 
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
@@ -1149,6 +1208,7 @@ SECTIONS: tuple[type[_Section], ...] = (
     VisionSettings,
     PrivacySettings,
     OpenAIAPISettings,
+    LifecycleSettings,
 )
 
 
