@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from backend.inference._transport import Sender, Slab, SlabReader
 from backend.inference.client import (
     ERRORS,
     InferenceError,
@@ -115,6 +116,7 @@ def _worker_main(conn: Connection, device: str, threads: int, parent_pid: int) -
     log_worker_output(__name__)  # what loaders print ("Loaded pretrained weights...") is logged
 
     models: dict[str, Any] = {}
+    slabs = SlabReader(device)
     while True:
         try:
             message = conn.recv()
@@ -136,13 +138,15 @@ def _worker_main(conn: Connection, device: str, threads: int, parent_pid: int) -
             except Exception as exc:
                 conn.send(("loaded", manifest.name, f"{type(exc).__name__}: {exc}", 0.0))
         elif kind == "run":
-            _, batch_id, name, inputs = message
+            _, batch_id, name, packed = message
+            inputs = slabs.unpack(packed)  # views of the slab where the batch came through it
             fn = models.get(name)
             started = time.perf_counter()
             if fn is None:
                 results = [("err", "MODEL_UNAVAILABLE", f"{name} not loaded")] * len(inputs)
             else:
                 results = _run_split(fn, inputs)
+            del inputs  # the slab takes the next batch once this reply is read
             conn.send(("done", batch_id, results, time.perf_counter() - started))
 
 
@@ -198,6 +202,7 @@ class _Worker:
         self.index = index
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
+        slab = Slab(pool.slab_bytes)  # before the process: it shares this resource tracker
         self.process = context.Process(
             target=_worker_main,
             args=(child, pool.device, pool.threads, os.getpid()),
@@ -210,28 +215,33 @@ class _Worker:
         self.pending_loads: set[str] = set()
         self.running: dict[int, list[_Item]] = {}
         self.alive = True
-        self.reader = threading.Thread(
-            target=self._read, args=(pool, asyncio.get_running_loop()), daemon=True
+        loop = asyncio.get_running_loop()
+        self.sender = Sender(
+            self.conn, slab, f"sightline-inference-send-{index}", lambda: self._notify(loop, pool)
         )
+        self.reader = threading.Thread(target=self._read, args=(pool, loop), daemon=True)
         self.reader.start()
+
+    def _notify(self, loop: asyncio.AbstractEventLoop, pool: InferencePool) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed first
+            loop.call_soon_threadsafe(pool._lost, self)
 
     def _read(self, pool: InferencePool, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             try:
                 message = self.conn.recv()
             except (EOFError, OSError):
-                with contextlib.suppress(RuntimeError):  # the loop closed first
-                    loop.call_soon_threadsafe(pool._lost, self)
+                self._notify(loop, pool)
                 return
+            if message[0] == "done":
+                self.sender.slab.release(message[1])
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(pool._received, self, message)
 
     def send(self, message: tuple[Any, ...]) -> bool:
-        try:
-            self.conn.send(message)
-            return True
-        except (OSError, ValueError, BrokenPipeError):
-            return False
+        """Queues the message for the sender thread (a `run` message's inputs travel through
+        the slab where they can); False once the worker is retired."""
+        return self.sender.send(message)
 
 
 class InferencePool:
@@ -246,9 +256,11 @@ class InferencePool:
         threads: int = 1,
         max_restarts: int = 20,
         metrics: InferenceMetrics | None = None,
+        slab_bytes: int = 64 * 2**20,
     ) -> None:
         self.device = device
         self.threads = threads
+        self.slab_bytes = slab_bytes  # each worker's shared memory for batches (0: the pipe only)
         self._size = workers
         self._max_restarts = max_restarts
         self._metrics = metrics
@@ -317,7 +329,8 @@ class InferencePool:
             await asyncio.to_thread(worker.process.join, max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.kill()
-            worker.conn.close()
+            worker.sender.retire()  # the sender thread closes the pipe and frees the slab
+            await asyncio.to_thread(worker.sender.join, max(1.0, deadline - time.monotonic()))
         for worker in self._workers:
             self._fail_running(worker, ModelUnavailable("the inference pool is shutting down"))
 
@@ -472,6 +485,7 @@ class InferencePool:
         if not worker.alive:
             return
         worker.alive = False
+        worker.sender.retire()  # its slab's name goes now, the pipe once the queue is written
         if self._closed:  # it was told to stop
             return
         code = worker.process.exitcode
@@ -479,8 +493,6 @@ class InferencePool:
         self._fail_running(worker, WorkerLost(f"the inference worker died (exit code {code})"))
         if worker in self._workers:
             self._workers.remove(worker)
-        with contextlib.suppress(OSError):
-            worker.conn.close()
         if self._closed:
             return
         if self._restarts >= self._max_restarts:
