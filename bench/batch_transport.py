@@ -56,7 +56,8 @@ async def measure(args: argparse.Namespace) -> None:
     await pool.start()
     await pool.wait_ready(120)
     rng = np.random.default_rng(0)
-    images = [rng.standard_normal((3, args.size, args.size)).astype(np.float32)] * args.batch
+    shape = (3, args.size, args.size)  # distinct arrays: pickle would send one repeated once
+    images = [rng.standard_normal(shape).astype(np.float32) for _ in range(args.batch)]
     expected = [float(x.flat[-1]) for x in images]
     batches, stall = 0, 0.0
 

@@ -4,14 +4,15 @@ Every message to a worker leaves through that worker's sender thread, in order, 
 write (megabytes for a batch of images) ever blocks the event loop.
 
 A batch whose inputs are numpy arrays of one dtype and shape travels through a shared-memory
-slab (one per worker, owned by the serving process): the sender thread stacks the arrays
-straight into it and the pipe carries only a small header (`SlabBatch`); the worker maps the
-slab once and hands its runtime the batch as views of it (`StackedBatch`, whose `array` the
-runtimes give to torch or onnxruntime without another copy). Anything else (dicts, images of
-different shapes, a batch over the slab's capacity, a batch sent while the slab still holds
-the previous one) is pickled through the pipe as before.
+slab (one per worker, owned by the serving process, with a segment for each batch the worker
+may hold at once): the sender thread stacks the arrays straight into a free segment and the
+pipe carries only a small header (`SlabBatch`); the worker maps each segment once and hands
+its runtime the batch as views of it (`StackedBatch`, whose `array` the runtimes give to torch
+or onnxruntime without another copy). Anything else (dicts, images of different shapes, a
+batch over a segment's capacity, a batch sent while every segment holds
+an unanswered one) is pickled through the pipe as before.
 
-The slab is free again when its batch's reply arrives. Its name is unlinked when the worker is
+A segment is free again when its batch's reply arrives. The names are unlinked when the worker is
 lost or the pool closes; a serving process killed outright leaves it to multiprocessing's
 resource tracker, which unlinks what its processes registered.
 
@@ -72,25 +73,26 @@ def stacked(batch: list[Any]) -> np.ndarray:
 
 
 class Slab:
-    """A worker's shared-memory slab, on the serving process's side."""
+    """A worker's shared-memory slab, on the serving process's side: one segment per batch the
+    worker may hold at once (`count`), each of `capacity` bytes."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, count: int = 1) -> None:
         self.capacity = capacity
-        self.memory: shared_memory.SharedMemory | None = None
-        if capacity > 0:
+        self.segments: list[shared_memory.SharedMemory] = []
+        for _ in range(count if capacity > 0 else 0):
             name = f"{slab_prefix()}{secrets.token_hex(4)}"
-            self.memory = shared_memory.SharedMemory(name=name, create=True, size=capacity)
-        self.holding: int | None = None  # the batch whose inputs are in it, until its reply
+            self.segments.append(shared_memory.SharedMemory(name=name, create=True, size=capacity))
+        self.holding: list[int | None] = [None] * len(self.segments)  # batch ids, until replies
         self._unlinked = False
 
     @property
-    def name(self) -> str | None:
-        return None if self.memory is None else self.memory.name
+    def names(self) -> list[str]:
+        return [segment.name for segment in self.segments]
 
     def pack(self, batch_id: int, inputs: Sequence[Any]) -> Any:
-        """A header for the inputs, stacked into the slab, where they fit and it is free; else
-        the inputs themselves (for the pipe). Called by the sender thread only."""
-        if self.memory is None or self._unlinked or self.holding is not None or not inputs:
+        """A header for the inputs, stacked into a free segment, where they fit; else the
+        inputs themselves (for the pipe). Called by the sender thread only."""
+        if self._unlinked or None not in self.holding or not inputs:
             return inputs
         first = inputs[0]
         if not isinstance(first, np.ndarray) or first.dtype.hasobject:
@@ -100,31 +102,35 @@ class Slab:
             for x in inputs
         ):
             return inputs
-        shape = (len(inputs), *first.shape)
         if first.nbytes * len(inputs) > self.capacity:
             return inputs
-        self.holding = batch_id
-        view = np.ndarray(shape, dtype=first.dtype, buffer=self.memory.buf)
+        index = self.holding.index(None)
+        self.holding[index] = batch_id
+        segment = self.segments[index]
+        shape = (len(inputs), *first.shape)
+        view = np.ndarray(shape, dtype=first.dtype, buffer=segment.buf)
         np.stack(inputs, out=view)
         del view  # no export of the buffer outlives the call: `close` would refuse
-        return SlabBatch(self.memory.name, first.dtype, shape)
+        return SlabBatch(segment.name, first.dtype, shape)
 
     def release(self, batch_id: int) -> None:
-        """The worker answered batch `batch_id`: the slab may take the next one."""
-        if self.holding == batch_id:
-            self.holding = None
+        """The worker answered batch `batch_id`: its segment may take another."""
+        for index, holding in enumerate(self.holding):
+            if holding == batch_id:
+                self.holding[index] = None
 
     def unlink(self) -> None:
-        """Removes the slab's name (the memory goes with the last mapping)."""
-        if self.memory is not None and not self._unlinked:
+        """Removes the segments' names (the memory goes with the last mapping)."""
+        if not self._unlinked:
             self._unlinked = True
-            with contextlib.suppress(FileNotFoundError):
-                self.memory.unlink()
+            for segment in self.segments:
+                with contextlib.suppress(FileNotFoundError):
+                    segment.unlink()
 
     def close(self) -> None:
-        if self.memory is not None:
+        for segment in self.segments:
             with contextlib.suppress(BufferError):
-                self.memory.close()
+                segment.close()
 
 
 class Sender:
@@ -192,20 +198,21 @@ class Sender:
 
 
 class SlabReader:
-    """The worker's side: maps its slab once (pinned for the GPU where torch has one) and reads
-    batches from it as views."""
+    """The worker's side: maps each segment of its slab once (page-locked for the GPU where
+    torch has one) and reads batches from them as views."""
 
     def __init__(self, device: str) -> None:
         self.device = device
-        self._memory: shared_memory.SharedMemory | None = None
+        self._segments: dict[str, shared_memory.SharedMemory] = {}
 
     def unpack(self, inputs: Any) -> list[Any]:
         if not isinstance(inputs, SlabBatch):
             return list(inputs)
-        if self._memory is None or self._memory.name != inputs.slab.lstrip("/"):
-            self._memory = _attach(inputs.slab)
-            _pin(self._memory, self.device)
-        array = np.ndarray(inputs.shape, dtype=inputs.dtype, buffer=self._memory.buf)
+        segment = self._segments.get(inputs.slab)
+        if segment is None:
+            segment = self._segments[inputs.slab] = _attach(inputs.slab)
+            _pin(segment, self.device)
+        array = np.ndarray(inputs.shape, dtype=inputs.dtype, buffer=segment.buf)
         return StackedBatch(array)
 
 

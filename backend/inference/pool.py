@@ -202,7 +202,8 @@ class _Worker:
         self.index = index
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
-        slab = Slab(pool.slab_bytes)  # before the process: it shares this resource tracker
+        # before the process starts, which then shares this process's resource tracker
+        slab = Slab(pool.slab_bytes, pool.in_flight)
         self.process = context.Process(
             target=_worker_main,
             args=(child, pool.device, pool.threads, os.getpid()),
@@ -257,10 +258,14 @@ class InferencePool:
         max_restarts: int = 20,
         metrics: InferenceMetrics | None = None,
         slab_bytes: int = 64 * 2**20,
+        in_flight: int = 1,
     ) -> None:
         self.device = device
         self.threads = threads
-        self.slab_bytes = slab_bytes  # each worker's shared memory for batches (0: the pipe only)
+        self.slab_bytes = slab_bytes  # shared memory per batch a worker holds (0: the pipe only)
+        # batches a worker holds at once: with 2 the next one travels while one runs, but its
+        # items can no longer be withdrawn, and a live frame may wait behind both
+        self.in_flight = in_flight
         self._size = workers
         self._max_restarts = max_restarts
         self._metrics = metrics
@@ -429,6 +434,8 @@ class InferencePool:
             self._workers_changed()
             if not worker.send(("run", batch_id, manifest.name, [i.value for i in items])):
                 self._lost(worker)
+            elif len(worker.running) < self.in_flight:
+                self._idle.put_nowait(worker)  # it can take another while this one runs
 
     async def _idle_worker(self, model: str) -> _Worker:
         while True:
@@ -465,7 +472,8 @@ class InferencePool:
     def _done(
         self, worker: _Worker, batch_id: int, results: list[tuple[Any, ...]], run_s: float
     ) -> None:
-        items = worker.running.pop(batch_id, [])
+        ran = worker.running.pop(batch_id, None)
+        items = ran or []
         waits = self._waits.pop(batch_id, None)
         manifest = self._batch_models.pop(batch_id, None)
         if self._metrics is not None and waits is not None and manifest is not None and items:
@@ -477,8 +485,8 @@ class InferencePool:
                 item.future.set_result(result[1])
             else:
                 item.future.set_exception(ERRORS.get(result[1], InferenceError)(result[2]))
-        if worker.alive and not worker.running:
-            self._idle.put_nowait(worker)
+        if worker.alive and ran is not None and len(worker.running) == self.in_flight - 1:
+            self._idle.put_nowait(worker)  # it was full (else it is in the idle queue already)
         self._workers_changed()
 
     def _lost(self, worker: _Worker) -> None:

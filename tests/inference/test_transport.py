@@ -37,9 +37,11 @@ def slabs() -> set[str]:
 async def pools() -> AsyncIterator[Callable[..., Any]]:
     started: list[InferencePool] = []
 
-    async def start(*, slab_bytes: int = 64 * 2**20, max_delay_ms: float = 200) -> InferencePool:
+    async def start(
+        *, slab_bytes: int = 64 * 2**20, max_delay_ms: float = 200, in_flight: int = 1
+    ) -> InferencePool:
         manifest = toy("sum", "checksum", max_batch=8, max_delay_ms=max_delay_ms)
-        pool = InferencePool([manifest], slab_bytes=slab_bytes)
+        pool = InferencePool([manifest], slab_bytes=slab_bytes, in_flight=in_flight)
         started.append(pool)
         await pool.start()
         await pool.wait_ready(60 * TIME_SCALE)
@@ -126,6 +128,21 @@ async def test_no_slab_outlives_its_worker_or_its_pool(pools: Callable[..., Any]
     async with asyncio.timeout(30 * TIME_SCALE):
         while second in slabs():
             await asyncio.sleep(0.01)
+    await pool.close()
+    assert slabs() == before
+
+
+async def test_a_worker_with_two_batches_in_flight_has_a_segment_for_each(
+    pools: Callable[..., Any],
+) -> None:
+    before = slabs()
+    pool = await pools(in_flight=2, max_delay_ms=0)
+    assert len(slabs() - before) == 2
+    requests = [images(8, seed=seed) for seed in range(6)]
+    answers = await asyncio.gather(*(pool.infer("sum", inputs) for inputs in requests))
+    for inputs, answer in zip(requests, answers, strict=True):
+        assert [a["sum"] for a in answer] == [float(x.astype(np.float64).sum()) for x in inputs]
+    assert sum(a["via_slab"] for answer in answers for a in answer) >= 8
     await pool.close()
     assert slabs() == before
 
