@@ -80,8 +80,10 @@ class Slab:
         self.capacity = capacity
         self.segments: list[shared_memory.SharedMemory] = []
         for _ in range(count if capacity > 0 else 0):
-            name = f"{slab_prefix()}{secrets.token_hex(4)}"
-            self.segments.append(shared_memory.SharedMemory(name=name, create=True, size=capacity))
+            segment = _reserve(capacity)
+            if segment is None:
+                break
+            self.segments.append(segment)
         self.holding: list[int | None] = [None] * len(self.segments)  # batch ids, until replies
         self._unlinked = False
 
@@ -131,6 +133,28 @@ class Slab:
         for segment in self.segments:
             with contextlib.suppress(BufferError):
                 segment.close()
+
+
+def _reserve(capacity: int) -> shared_memory.SharedMemory | None:
+    """A segment whose memory is reserved now: a full /dev/shm (64 MB in a container by default)
+    then refuses it here, instead of killing the serving process (SIGBUS) at its first write."""
+    name = f"{slab_prefix()}{secrets.token_hex(4)}"
+    segment = shared_memory.SharedMemory(name=name, create=True, size=capacity)
+    fd = getattr(segment, "_fd", -1)
+    if fd < 0 or not hasattr(os, "posix_fallocate"):
+        return segment
+    try:
+        os.posix_fallocate(fd, 0, capacity)
+        return segment
+    except OSError as exc:
+        log.warning(
+            "no room for a %d-byte batch slab in shared memory (%s): batches take the pipe",
+            capacity,
+            exc,
+        )
+        segment.unlink()
+        segment.close()
+        return None
 
 
 class Sender:
