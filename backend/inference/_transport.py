@@ -255,6 +255,10 @@ def _pin(memory: shared_memory.SharedMemory, device: str) -> None:
         if not torch.cuda.is_available():
             return
         address = np.frombuffer(memory.buf, dtype=np.uint8).ctypes.data
-        torch.cuda.cudart().cudaHostRegister(address, memory.size, 0)
+        cudart = torch.cuda.cudart()
+        error = cudart.cudaHostRegister(address, memory.size, 0)
+        success = getattr(getattr(cudart, "cudaError", None), "success", 0)
+        if error != success:  # an error code, not an exception
+            log.warning("the batch slab is not page-locked: %s", error)
     except Exception as exc:  # pinning is a speed-up only
         log.warning("the batch slab is not page-locked: %s", exc)

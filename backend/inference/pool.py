@@ -13,6 +13,10 @@ in the serving process, so heavy work never runs on the event loop.
   for the replacement.
 - Models load in the workers, asynchronously, with a warm-up run; a model is served once one
   worker has it warm. Requests to a loading model wait for it.
+- Messages to a worker leave through its sender thread, never on the event loop; a batch of
+  arrays of one shape travels through the worker's shared-memory slab (`_transport.py`). A
+  worker holds `in_flight` batches at once (1 by default: 2 lets the next batch travel while one
+  runs, but its items can no longer be withdrawn, and a live frame may wait behind both).
 
 Needs only the standard library, numpy and what the runtimes import (torch, onnxruntime).
 """
