@@ -274,6 +274,8 @@ async def _build_vision(
             device=settings.device,
             threads=settings.threads,
             metrics=state.metrics,
+            slab_bytes=settings.batch_slab_mb * 2**20,
+            in_flight=settings.batches_in_flight,
         )
         await pool.start()
 

@@ -791,6 +791,23 @@ class VisionSettings(JobRecoverySettings):
         "auto", description="`cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one)."
     )
     threads: int = Field(1, ge=1, description="CPU threads of each inference worker.")
+    batch_slab_mb: int = Field(
+        64,
+        ge=0,
+        le=4096,
+        description="Shared memory (MiB) per batch an inference worker holds: a batch of arrays "
+        "of one shape is stacked into it instead of pickled through a pipe (0: the pipe only). "
+        "A larger batch, and any other input, take the pipe.",
+    )
+    batches_in_flight: int = Field(
+        1,
+        ge=1,
+        le=4,
+        description="Batches an inference worker holds at once. 2 lets the next batch travel "
+        "while one runs (GPUs: ResNet-50 on an H200 went from 0.57 to 0.82 of the raw model's "
+        "speed), but its items can no longer be withdrawn when cancelled, and a live frame may "
+        "wait behind two batches.",
+    )
     models_dir: Path | None = Field(
         None, description="Folder of operators' model manifests (`*.json`), served beside ours."
     )

@@ -16,6 +16,7 @@ Models (`--model`, several separated by commas):
 - `tiny`: a small net, torch only, to try the script where torchvision is missing.
 
 Usage: python bench/gpu_inference.py [--device cuda] [--batch 32] [--seconds 20] [--model ...]
+  [--slab-mb 64] [--in-flight 1]  (the pool's transport: see backend/inference/_transport.py)
 """
 
 from __future__ import annotations
@@ -194,9 +195,11 @@ def _manifest(name: str, batch: int) -> ModelManifest:
     )
 
 
-async def pooled(device: str, batch: int, seconds: float, threads: int, name: str) -> float:
+async def pooled(
+    device: str, batch: int, seconds: float, threads: int, name: str, transport: dict[str, Any]
+) -> float:
     manifest = _manifest(name, batch)
-    pool = InferencePool([manifest], workers=1, device=device, threads=threads)
+    pool = InferencePool([manifest], workers=1, device=device, threads=threads, **transport)
     await pool.start()
     await pool.wait_ready(600)
     if pool.status()[name].error:
@@ -226,9 +229,15 @@ def main(args: argparse.Namespace) -> None:
 
     device = args.device
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
-    print(f"torch {torch.__version__} on {device} ({gpu}), batch {args.batch}, {args.seconds:g} s")
+    transport = {"slab_bytes": int(args.slab_mb * 2**20), "in_flight": args.in_flight}
+    print(
+        f"torch {torch.__version__} on {device} ({gpu}), batch {args.batch}, {args.seconds:g} s, "
+        f"slab {args.slab_mb:g} MB, {args.in_flight} batch(es) in flight per worker"
+    )
     for name in args.model.split(","):
-        pool_rate = asyncio.run(pooled(device, args.batch, args.seconds, args.threads, name))
+        pool_rate = asyncio.run(
+            pooled(device, args.batch, args.seconds, args.threads, name, transport)
+        )
         raw_rate = raw(device, args.batch, args.seconds, name)
         print(f"{name}")
         print(f"  raw model in a loop   {raw_rate:>9.1f} images/s")
@@ -242,6 +251,10 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument(
+        "--slab-mb", type=float, default=64.0, help="shared memory per batch (0: the pipe)"
+    )
+    parser.add_argument("--in-flight", type=int, default=1, help="batches a worker holds")
     parser.add_argument(
         "--model",
         default="resnet50",

@@ -18,6 +18,10 @@ in the serving process, so heavy work never runs on the event loop.
   version in every worker, off their serving thread, and resolves once all have it (a worker
   started later loads it too); `remove` refuses new items for a version, lets its queued and
   running ones finish, then has every worker unload it and free its memory.
+- Messages to a worker leave through its sender thread, never on the event loop; a batch of
+  arrays of one shape travels through the worker's shared-memory slab (`_transport.py`). A
+  worker holds `in_flight` batches at once (1 by default: 2 lets the next batch travel while one
+  runs, but its items can no longer be withdrawn, and a live frame may wait behind both).
 
 Needs only the standard library, numpy and what the runtimes import (torch, onnxruntime).
 """
@@ -40,6 +44,7 @@ from multiprocessing.connection import Connection
 from queue import SimpleQueue
 from typing import Any
 
+from backend.inference._transport import Sender, Slab, SlabReader
 from backend.inference.client import (
     ERRORS,
     InferenceError,
@@ -141,6 +146,7 @@ def _worker_main(conn: Connection, device: str, threads: int, parent_pid: int) -
         daemon=True,
     )
     loader.start()
+    slabs = SlabReader(device)
     while True:
         try:
             message = conn.recv()
@@ -154,13 +160,15 @@ def _worker_main(conn: Connection, device: str, threads: int, parent_pid: int) -
         elif kind == "models":
             send(("models", message[1], sorted(models)))
         elif kind == "run":
-            _, batch_id, key, inputs = message
+            _, batch_id, key, packed = message
+            inputs = slabs.unpack(packed)  # views of the slab where the batch came through it
             fn = models.get(key)
             started = time.perf_counter()
             if fn is None:
                 results = [("err", "MODEL_UNAVAILABLE", f"{key} not loaded")] * len(inputs)
             else:
                 results = _run_split(fn, inputs)
+            del inputs  # the slab takes the next batch once this reply is read
             send(("done", batch_id, results, time.perf_counter() - started))
 
 
@@ -261,6 +269,8 @@ class _Worker:
         self.index = index
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
+        # before the process starts, which then shares this process's resource tracker
+        slab = Slab(pool.slab_bytes, pool.in_flight)
         self.process = context.Process(
             target=_worker_main,
             args=(child, pool.device, pool.threads, os.getpid()),
@@ -274,28 +284,33 @@ class _Worker:
         self.serving = False  # it joins the idle rotation once its first loads are done
         self.running: dict[int, list[_Item]] = {}
         self.alive = True
-        self.reader = threading.Thread(
-            target=self._read, args=(pool, asyncio.get_running_loop()), daemon=True
+        loop = asyncio.get_running_loop()
+        self.sender = Sender(
+            self.conn, slab, f"sightline-inference-send-{index}", lambda: self._notify(loop, pool)
         )
+        self.reader = threading.Thread(target=self._read, args=(pool, loop), daemon=True)
         self.reader.start()
+
+    def _notify(self, loop: asyncio.AbstractEventLoop, pool: InferencePool) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed first
+            loop.call_soon_threadsafe(pool._lost, self)
 
     def _read(self, pool: InferencePool, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             try:
                 message = self.conn.recv()
             except (EOFError, OSError):
-                with contextlib.suppress(RuntimeError):  # the loop closed first
-                    loop.call_soon_threadsafe(pool._lost, self)
+                self._notify(loop, pool)
                 return
+            if message[0] == "done":
+                self.sender.slab.release(message[1])
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(pool._received, self, message)
 
     def send(self, message: tuple[Any, ...]) -> bool:
-        try:
-            self.conn.send(message)
-            return True
-        except (OSError, ValueError, BrokenPipeError):
-            return False
+        """Queues the message for the sender thread (a `run` message's inputs travel through
+        the slab where they can); False once the worker is retired."""
+        return self.sender.send(message)
 
 
 Key = tuple[str, str]  # (name, version)
@@ -314,9 +329,15 @@ class InferencePool:
         max_restarts: int = 20,
         metrics: InferenceMetrics | None = None,
         unload_timeout_s: float = 30.0,
+        slab_bytes: int = 64 * 2**20,
+        in_flight: int = 1,
     ) -> None:
         self.device = device
         self.threads = threads
+        self.slab_bytes = slab_bytes  # shared memory per batch a worker holds (0: the pipe only)
+        # batches a worker holds at once: with 2 the next one travels while one runs, but its
+        # items can no longer be withdrawn, and a live frame may wait behind both
+        self.in_flight = in_flight
         self._size = workers
         self._max_restarts = max_restarts
         self._metrics = metrics
@@ -406,7 +427,8 @@ class InferencePool:
             await asyncio.to_thread(worker.process.join, max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.kill()
-            worker.conn.close()
+            worker.sender.retire()  # the sender thread closes the pipe and frees the slab
+            await asyncio.to_thread(worker.sender.join, max(1.0, deadline - time.monotonic()))
         for worker in self._workers:
             self._fail_running(worker, ModelUnavailable("the inference pool is shutting down"))
 
@@ -710,6 +732,8 @@ class InferencePool:
             self._workers_changed()
             if not worker.send(("run", batch_id, wire, [i.value for i in items])):
                 self._lost(worker)
+            elif len(worker.running) < self.in_flight:
+                self._idle.put_nowait(worker)  # it can take another while this one runs
 
     async def _idle_worker(self, wire: str) -> _Worker:
         while True:
@@ -783,7 +807,8 @@ class InferencePool:
     def _done(
         self, worker: _Worker, batch_id: int, results: list[tuple[Any, ...]], run_s: float
     ) -> None:
-        items = worker.running.pop(batch_id, [])
+        ran = worker.running.pop(batch_id, None)
+        items = ran or []
         self._running_keys.pop(batch_id, None)
         waits = self._waits.pop(batch_id, None)
         manifest = self._batch_models.pop(batch_id, None)
@@ -796,8 +821,13 @@ class InferencePool:
                 item.future.set_result(result[1])
             else:
                 item.future.set_exception(ERRORS.get(result[1], InferenceError)(result[2]))
-        if worker.alive and worker.serving and not worker.running:
-            self._idle.put_nowait(worker)
+        if (
+            worker.alive
+            and worker.serving
+            and ran is not None
+            and len(worker.running) == self.in_flight - 1
+        ):
+            self._idle.put_nowait(worker)  # it was full (else it is in the idle queue already)
         self._workers_changed()
 
     def _lost(self, worker: _Worker) -> None:
@@ -808,6 +838,7 @@ class InferencePool:
         for reply in self._replies.values():  # its answer will not come
             if not reply.done():
                 reply.set_exception(WorkerLost("an inference worker died"))
+        worker.sender.retire()  # its slab's name goes now, the pipe once the queue is written
         if self._closed:  # it was told to stop
             return
         code = worker.process.exitcode
@@ -815,8 +846,6 @@ class InferencePool:
         self._fail_running(worker, WorkerLost(f"the inference worker died (exit code {code})"))
         if worker in self._workers:
             self._workers.remove(worker)
-        with contextlib.suppress(OSError):
-            worker.conn.close()
         if self._closed:
             return
         if self._restarts >= self._max_restarts:

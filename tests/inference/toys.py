@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from backend.inference.manifest import ModelManifest
 
 Batch = Callable[[list[Any]], list[Any]]
@@ -76,13 +78,35 @@ def versioned(manifest: ModelManifest) -> Batch:
 
 def top_class(manifest: ModelManifest) -> Batch:
     """A classifier whose logits put `input.top` first: each version answers its own class."""
-    import numpy as np
-
     top = int(manifest.input.get("top", 0))
 
     def run(batch: list[Any]) -> list[Any]:
         logits = np.zeros(len(manifest.labels) or 2, dtype=np.float32)
         logits[top] = 5.0
         return [logits.copy() for _ in batch]
+
+    return run
+
+
+def checksum(manifest: ModelManifest) -> Batch:
+    """Per array: its sum, dtype and shape, whether its batch came as views of one stacked
+    array (the shared-memory slab's), and the worker's pid; an array whose first value is -1
+    kills the worker mid-batch."""
+
+    def run(batch: list[Any]) -> list[Any]:
+        arrays = [np.asarray(x["image"] if isinstance(x, dict) else x) for x in batch]
+        if any(a.size and a.flat[0] == -1 for a in arrays):
+            os._exit(3)
+        via_slab = hasattr(batch, "array")
+        return [
+            {
+                "sum": float(a.astype(np.float64).sum()),
+                "dtype": str(a.dtype),
+                "shape": a.shape,
+                "via_slab": via_slab,
+                "pid": os.getpid(),
+            }
+            for a in arrays
+        ]
 
     return run
