@@ -574,7 +574,7 @@ class ModelRegistryService:
             )
             revision = await repo.bump_revision(session)
             await self._audit(
-                session, principal, "model.pinned", tenant=target, model=model, version=version
+                session, principal, "model.pinned", tenant_id=target, model=model, version=version
             )
         await self._published(revision)
         return PinDetails(target, model, version)
@@ -593,7 +593,7 @@ class ModelRegistryService:
                 return False
             revision = await repo.bump_revision(session)
             await self._audit(
-                session, principal, "model.unpinned", tenant=target, model=model, version=was
+                session, principal, "model.unpinned", tenant_id=target, model=model, version=was
             )
         await self._published(revision)
         return True
@@ -739,13 +739,21 @@ class ModelRegistryService:
     # -- common --------------------------------------------------------------------------
 
     async def _audit(
-        self, session: AsyncSession, principal: Principal | None, event: str, **details: Any
+        self,
+        session: AsyncSession,
+        principal: Principal | None,
+        event: str,
+        *,
+        tenant_id: uuid.UUID | None = None,
+        **details: Any,
     ) -> None:
+        """An audit entry in the actor's tenant (`tenant_id`: the session's tenant, when the
+        change is another tenant's: its admins see it in their log)."""
         await record(
             session,
             event,
             Outcome.SUCCESS,
-            tenant_id=principal.tenant_id if principal else None,
+            tenant_id=tenant_id or (principal.tenant_id if principal else None),
             actor_id=principal.user_id if principal else None,
             **{k: str(v) if isinstance(v, uuid.UUID) else v for k, v in details.items()},
         )
