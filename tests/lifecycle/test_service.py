@@ -55,25 +55,42 @@ async def test_register_checks_names_kinds_duplicates_and_audits(
     details = await registry.model(people.operator, "assistant")
     assert (details.kind, details.task, details.policy) == (ModelKind.CHAT, "chat", None)
 
-    await refused("MODEL_VERSION_EXISTS", registry.register_version(
-        people.operator, "assistant", "1", spec=chat_spec()
-    ))
-    await refused("INVALID_MODEL_SPEC", registry.register_version(
-        people.operator, "newcomer", "1", spec=chat_spec()  # a new model needs its kind
-    ))
-    await refused("INVALID_MODEL_SPEC", registry.register_version(
-        people.operator, "assistant", "2", kind=ModelKind.EMBEDDING, spec={}
-    ))
-    await refused("INVALID_MODEL_SPEC", registry.register_version(
-        people.operator, "assistant", "v@2", spec=chat_spec()
-    ))
-    bad = await refused("INVALID_MODEL_SPEC", registry.register_version(
-        people.operator, "assistant", "3", spec={"provider": "carrier-pigeon"}
-    ))
+    await refused(
+        "MODEL_VERSION_EXISTS",
+        registry.register_version(people.operator, "assistant", "1", spec=chat_spec()),
+    )
+    await refused(
+        "INVALID_MODEL_SPEC",
+        registry.register_version(
+            people.operator,
+            "newcomer",
+            "1",
+            spec=chat_spec(),  # a new model needs its kind
+        ),
+    )
+    await refused(
+        "INVALID_MODEL_SPEC",
+        registry.register_version(
+            people.operator, "assistant", "2", kind=ModelKind.EMBEDDING, spec={}
+        ),
+    )
+    await refused(
+        "INVALID_MODEL_SPEC",
+        registry.register_version(people.operator, "assistant", "v@2", spec=chat_spec()),
+    )
+    bad = await refused(
+        "INVALID_MODEL_SPEC",
+        registry.register_version(
+            people.operator, "assistant", "3", spec={"provider": "carrier-pigeon"}
+        ),
+    )
     assert bad.details["problems"]
-    await refused("INVALID_MODEL_SPEC", registry.register_version(
-        people.operator, "assistant", "4", spec=chat_spec(), sha256="not-a-digest"
-    ))
+    await refused(
+        "INVALID_MODEL_SPEC",
+        registry.register_version(
+            people.operator, "assistant", "4", spec=chat_spec(), sha256="not-a-digest"
+        ),
+    )
 
     [entry] = await audit(db_connection, "model.version_registered")
     assert entry["tenant_id"] == people.operator.tenant_id
@@ -99,29 +116,50 @@ async def test_a_vision_version_is_checked_against_its_sha256_then_loads(
     assert loading.spec["version"] == "1"
 
     wrong = "0" * 64
-    await refused("CHECKSUM_MISMATCH", registry.register_version(
-        people.operator, "ocr-net", "2", spec=vision_spec(weights, wrong)
-    ))
+    await refused(
+        "CHECKSUM_MISMATCH",
+        registry.register_version(
+            people.operator, "ocr-net", "2", spec=vision_spec(weights, wrong)
+        ),
+    )
     # the version's sha256 checks weights whose manifest names none
-    await refused("CHECKSUM_MISMATCH", registry.register_version(
-        people.operator, "ocr-net", "3", spec=vision_spec(weights, None), sha256=wrong
-    ))
+    await refused(
+        "CHECKSUM_MISMATCH",
+        registry.register_version(
+            people.operator, "ocr-net", "3", spec=vision_spec(weights, None), sha256=wrong
+        ),
+    )
     checked = await registry.register_version(
         people.operator, "ocr-net", "4", spec=vision_spec(weights, None), sha256=digest
     )
     assert checked.spec["sha256"] == digest
-    await refused("INVALID_MODEL_SPEC", registry.register_version(
-        people.operator, "ocr-net", "5", spec=vision_spec(tmp_path / "gone.onnx", digest)
-    ))
-    await refused("INVALID_MODEL_SPEC", registry.register_version(
-        people.operator, "ocr-net", "6", spec={**vision_spec(weights, digest), "runtime": "magic"}
-    ))
-    await refused("INVALID_MODEL_SPEC", registry.register_version(
-        people.operator, "ocr-net", "7", spec={**vision_spec(weights, digest), "task": "ocr"}
-    ))
-    await refused("INVALID_MODEL_SPEC", registry.register_version(
-        people.operator, "ocr-net", "8", spec={**vision_spec(weights, digest), "name": "other"}
-    ))
+    await refused(
+        "INVALID_MODEL_SPEC",
+        registry.register_version(
+            people.operator, "ocr-net", "5", spec=vision_spec(tmp_path / "gone.onnx", digest)
+        ),
+    )
+    await refused(
+        "INVALID_MODEL_SPEC",
+        registry.register_version(
+            people.operator,
+            "ocr-net",
+            "6",
+            spec={**vision_spec(weights, digest), "runtime": "magic"},
+        ),
+    )
+    await refused(
+        "INVALID_MODEL_SPEC",
+        registry.register_version(
+            people.operator, "ocr-net", "7", spec={**vision_spec(weights, digest), "task": "ocr"}
+        ),
+    )
+    await refused(
+        "INVALID_MODEL_SPEC",
+        registry.register_version(
+            people.operator, "ocr-net", "8", spec={**vision_spec(weights, digest), "name": "other"}
+        ),
+    )
     assert set(await statuses(registry, "ocr-net")) == {"1", "4"}
 
 
@@ -147,12 +185,12 @@ async def test_policy_validation_is_typed_and_leaves_the_policy_in_force(
         ("STALE_TRAFFIC_POLICY", [Arm("1", 100)], {"expected_revision": 7}),
     ]
     for code, arms, options in bad_policies:
-        await refused(code, registry.set_traffic_policy(
-            people.operator, "assistant", arms, **options
-        ))
-    await refused("MODEL_NOT_FOUND", registry.set_traffic_policy(
-        people.operator, "nobody", [Arm("1", 100)]
-    ))
+        await refused(
+            code, registry.set_traffic_policy(people.operator, "assistant", arms, **options)
+        )
+    await refused(
+        "MODEL_NOT_FOUND", registry.set_traffic_policy(people.operator, "nobody", [Arm("1", 100)])
+    )
     unchanged = (await registry.model(None, "assistant")).policy
     assert unchanged == first
     assert (await statuses(registry, "assistant"))["1"] == "live"
@@ -195,9 +233,10 @@ async def test_traffic_reaches_only_versions_ready_everywhere(
             task="classification",
             spec=vision_spec(weights, digest),
         )
-    await refused("MODEL_VERSION_NOT_SERVABLE", registry.set_traffic_policy(
-        people.operator, "classifier", [Arm("1", 100)]
-    ))
+    await refused(
+        "MODEL_VERSION_NOT_SERVABLE",
+        registry.set_traffic_policy(people.operator, "classifier", [Arm("1", 100)]),
+    )
     await registry.heartbeat("replica-a")
     await registry.heartbeat("replica-b")
     assert await registry.report_readiness("replica-a", "classifier", "1", ok=True) is None
@@ -210,9 +249,9 @@ async def test_traffic_reaches_only_versions_ready_everywhere(
     details = {v.version: v for v in (await registry.model(None, "classifier")).versions}
     assert details["2"].error == "replica replica-b: out of memory"
     await registry.set_traffic_policy(people.operator, "classifier", [Arm("1", 100)])
-    await refused("MODEL_VERSION_NOT_SERVABLE", registry.promote_version(
-        people.operator, "classifier", "2"
-    ))
+    await refused(
+        "MODEL_VERSION_NOT_SERVABLE", registry.promote_version(people.operator, "classifier", "2")
+    )
 
 
 async def test_a_replica_that_left_is_not_waited_for(
@@ -271,29 +310,30 @@ async def test_retire_is_refused_while_traffic_or_a_pin_reaches_the_version(
     await registry.set_traffic_policy(
         people.operator, "assistant", [Arm("1", 100)], shadow="2", shadow_rate=0.5
     )
-    await refused("MODEL_VERSION_IN_USE", registry.retire_version(
-        people.operator, "assistant", "1"
-    ))
-    await refused("MODEL_VERSION_IN_USE", registry.retire_version(
-        people.operator, "assistant", "2"
-    ))
+    await refused(
+        "MODEL_VERSION_IN_USE", registry.retire_version(people.operator, "assistant", "1")
+    )
+    await refused(
+        "MODEL_VERSION_IN_USE", registry.retire_version(people.operator, "assistant", "2")
+    )
     await registry.pin_version(people.admin, "assistant", "3")
-    await refused("MODEL_VERSION_IN_USE", registry.retire_version(
-        people.operator, "assistant", "3"
-    ))
+    await refused(
+        "MODEL_VERSION_IN_USE", registry.retire_version(people.operator, "assistant", "3")
+    )
     assert await registry.unpin_version(people.admin, "assistant") is True
     assert await registry.unpin_version(people.admin, "assistant") is False
     retired = await registry.retire_version(people.operator, "assistant", "3")
     assert retired.status == "retired"
-    await refused("MODEL_VERSION_NOT_SERVABLE", registry.set_traffic_policy(
-        people.operator, "assistant", [Arm("1", 50), Arm("3", 50)]
-    ))
-    await refused("MODEL_VERSION_NOT_SERVABLE", registry.pin_version(
-        people.admin, "assistant", "3"
-    ))
-    await refused("MODEL_VERSION_NOT_FOUND", registry.retire_version(
-        people.operator, "assistant", "9"
-    ))
+    await refused(
+        "MODEL_VERSION_NOT_SERVABLE",
+        registry.set_traffic_policy(people.operator, "assistant", [Arm("1", 50), Arm("3", 50)]),
+    )
+    await refused(
+        "MODEL_VERSION_NOT_SERVABLE", registry.pin_version(people.admin, "assistant", "3")
+    )
+    await refused(
+        "MODEL_VERSION_NOT_FOUND", registry.retire_version(people.operator, "assistant", "9")
+    )
 
 
 async def test_who_may_do_what(
@@ -302,12 +342,12 @@ async def test_who_may_do_what(
     await chat_model(registry, "assistant", "1", "2", principal=people.operator)
     await registry.set_traffic_policy(people.operator, "assistant", [Arm("1", 100)])
     for principal in (people.admin, people.member):
-        await refused("FORBIDDEN", registry.register_version(
-            principal, "assistant", "3", spec=chat_spec()
-        ))
-        await refused("FORBIDDEN", registry.set_traffic_policy(
-            principal, "assistant", [Arm("2", 100)]
-        ))
+        await refused(
+            "FORBIDDEN", registry.register_version(principal, "assistant", "3", spec=chat_spec())
+        )
+        await refused(
+            "FORBIDDEN", registry.set_traffic_policy(principal, "assistant", [Arm("2", 100)])
+        )
         await refused("FORBIDDEN", registry.promote_version(principal, "assistant", "2"))
         await refused("FORBIDDEN", registry.rollback_model(principal, "assistant"))
         await refused("FORBIDDEN", registry.retire_version(principal, "assistant", "2"))
@@ -315,9 +355,10 @@ async def test_who_may_do_what(
     assert [m.name for m in await registry.models(people.admin)] == ["assistant"]
     pin = await registry.pin_version(people.admin, "assistant", "2")
     assert pin.tenant_id == people.admin.tenant_id
-    await refused("FORBIDDEN", registry.pin_version(
-        people.admin, "assistant", "2", tenant_id=people.operator.tenant_id
-    ))
+    await refused(
+        "FORBIDDEN",
+        registry.pin_version(people.admin, "assistant", "2", tenant_id=people.operator.tenant_id),
+    )
     # members neither read nor pin
     await refused("FORBIDDEN", registry.models(people.member))
     await refused("FORBIDDEN", registry.pin_version(people.member, "assistant", "2"))
@@ -363,8 +404,12 @@ async def test_seeding_is_idempotent_and_keeps_the_policy_in_force(
 ) -> None:
     weights, digest = weights_file(tmp_path)
     manifest = ModelManifest(
-        name="detector", version="1", task=Task.DETECTION, runtime="onnx",
-        weights=str(weights), sha256=digest,
+        name="detector",
+        version="1",
+        task=Task.DETECTION,
+        runtime="onnx",
+        weights=str(weights),
+        sha256=digest,
     )
     from backend.config import ModelSpec
 
@@ -389,8 +434,12 @@ async def test_seeding_is_idempotent_and_keeps_the_policy_in_force(
     }
     # a new version of a known model (the packages were upgraded) is ready, not live
     upgraded = ModelManifest(
-        name="detector", version="2", task=Task.DETECTION, runtime="onnx",
-        weights=str(weights), sha256=digest,
+        name="detector",
+        version="2",
+        task=Task.DETECTION,
+        runtime="onnx",
+        weights=str(weights),
+        sha256=digest,
     )
     assert await registry.seed(served_models([upgraded], {})) == [("detector", "2")]
     assert await statuses(registry, "detector") == {"1": "live", "2": "ready"}
