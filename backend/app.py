@@ -26,7 +26,7 @@ from backend import __version__
 from backend.agents.checkpoint import RedisCheckpointSaver
 from backend.agents.graph import Agent
 from backend.agents.guards import Guards
-from backend.agents.models import ModelRegistry
+from backend.agents.models import ModelRegistry, alias_specs
 from backend.agents.runs import RunService
 from backend.agents.tools import AgentTools, ImageAnalysis
 from backend.auth.endpoints import oauth_router
@@ -54,6 +54,9 @@ from backend.inference.manifest import load_manifests
 from backend.inference.pool import InferencePool
 from backend.knowledge.embeddings import Embedder, build_embedder
 from backend.knowledge.service import KnowledgeService
+from backend.lifecycle.seeding import served_models
+from backend.lifecycle.service import ModelRegistryService
+from backend.lifecycle.watcher import RegistryWatcher
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
 from backend.openai_api.router import openai_router
@@ -129,6 +132,9 @@ async def build_services(
     inference, vision = await _build_vision(state, limiter, budgets, guardrails)
     if inference is not None:  # vision on: images and scanned PDFs can be ingested
         knowledge.read_image = vision.read_text
+    registry, models_watcher = await _build_registry(
+        state, auth, inference, models, shared_embedder
+    )
     if tools is None:
         tools = AgentTools(
             search_knowledge=knowledge.search_knowledge,
@@ -212,7 +218,38 @@ async def build_services(
         ),
         grace_s=settings.server.graceful_shutdown_s,
         warm_up=warm_up,
+        registry=registry,
+        models_watcher=models_watcher,
     )
+
+
+async def _build_registry(
+    state: AppState,
+    auth: AuthService,
+    pool: InferencePool | None,
+    chat: ModelRegistry,
+    embedder: Embedder,
+) -> tuple[ModelRegistryService, RegistryWatcher]:
+    """The model registry, seeded with what this server serves (unless the registry has it),
+    and this replica's watcher on it, started: it has read the registry once."""
+    settings = state.settings
+    registry = ModelRegistryService(
+        db=state.db,
+        redis=state.redis,
+        keys=state.keys,
+        settings=settings.lifecycle,
+        auth=auth,
+        operator_tenant=settings.privacy.operator_tenant,
+    )
+    if settings.lifecycle.seed:
+        served = {m.alias for m in chat.aliases}
+        specs = {a: s for a, s in alias_specs(settings.chat).items() if a in served}
+        manifests = [s.manifest for s in pool.status().values()] if pool is not None else []
+        embedding = (embedder.name, embedder.dimensions, settings.knowledge.embedding_base_url)
+        await registry.seed(served_models(manifests, specs, embedding))
+    watcher = RegistryWatcher(registry, state.redis, settings.lifecycle)
+    await watcher.start()
+    return registry, watcher
 
 
 def _warm_up(

@@ -19,6 +19,8 @@ from backend.core.warmup import WarmUp
 from backend.guardrails.service import GuardrailService
 from backend.inference.pool import InferencePool
 from backend.knowledge.service import KnowledgeService
+from backend.lifecycle.service import ModelRegistryService
+from backend.lifecycle.watcher import RegistryWatcher
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
 from backend.openai_api.service import OpenAIService
@@ -50,12 +52,16 @@ class Services:
     openai: OpenAIService | None = None  # None only in apps built without services
     grace_s: float = 10.0
     warm_up: WarmUp | None = None  # None: SIGHTLINE_SERVER_WARM_UP=false
+    registry: ModelRegistryService | None = None  # None only in apps built without services
+    models_watcher: RegistryWatcher | None = None  # this replica's view of the registry
 
     async def aclose(self) -> None:
         """Stops every service; each step is timed in the log (a slow shutdown says where)."""
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         if (warm_up := self.warm_up) is not None:
             steps.append(("warm-up", warm_up.close))
+        if (models_watcher := self.models_watcher) is not None:
+            steps.append(("model registry", models_watcher.close))
         if (purges := self.purges) is not None:
             steps.append(("purges", purges.close))
         if (privacy := self.privacy) is not None:

@@ -9,6 +9,7 @@ from backend.graphql.chat import ChatMutation, ChatQuery
 from backend.graphql.guardrails import GuardrailMutation, GuardrailQuery
 from backend.graphql.knowledge import KnowledgeMutation, KnowledgeQuery
 from backend.graphql.privacy import PrivacyMutation, PrivacyQuery
+from backend.graphql.registry import RegistryMutation, RegistryQuery
 from backend.graphql.runs import RunMutation, RunQuery
 from backend.graphql.types import ServerInfo
 from backend.graphql.vision import VisionMutation, VisionQuery
@@ -31,6 +32,7 @@ class Query(
     GuardrailQuery,
     VisionQuery,
     PrivacyQuery,
+    RegistryQuery,
 ):
     pass
 
@@ -44,5 +46,6 @@ class Mutation(
     GuardrailMutation,
     VisionMutation,
     PrivacyMutation,
+    RegistryMutation,
 ):
     pass
