@@ -16,7 +16,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -60,14 +59,20 @@ from backend.lifecycle.policy import (
     TrafficPolicy,
     VersionStatus,
 )
+from backend.lifecycle.readiness import Replicas
+from backend.lifecycle.rules import (
+    SERVABLE,
+    check_names,
+    kind_and_task,
+    statuses_for,
+    validate_policy,
+)
 from backend.lifecycle.schemas import (
     MAX_NOTES_CHARS,
     MAX_REASON_CHARS,
     MODEL_NAME,
     SHA256,
-    TASK_OF_KIND,
     VERSION_NAME,
-    VISION_TASKS,
     EmbeddingSpec,
     ModelDetails,
     PinDetails,
@@ -79,11 +84,6 @@ from backend.lifecycle.schemas import (
 
 log = logging.getLogger(__name__)
 
-# Versions traffic may reach (an arm, the shadow, a pin).
-SERVABLE = frozenset(
-    {VersionStatus.READY, VersionStatus.LIVE, VersionStatus.CANARY, VersionStatus.SHADOW}
-)
-_WEIGHT_TOLERANCE = 1e-6
 _PUBLISH_TIMEOUT_S = 2.0
 
 
@@ -125,6 +125,7 @@ class ModelRegistryService:
         self._operator_tenant = operator_tenant
         self.channel = self._keys("changed")  # {"revision": n} after every committed change
         self.last_revision = 0  # the newest revision this service committed
+        self.replicas = Replicas(redis, self._keys, settings)
 
     # -- who may -------------------------------------------------------------------------
 
@@ -236,7 +237,7 @@ class ModelRegistryService:
         version's files are checked against their sha256 first; it then loads on every
         replica (LOADING until all report it ready). Chat and embedding versions are READY."""
         await self._require_operator(principal, "Mutation.registerModelVersion")
-        _check_name(model, version)
+        check_names(model, version)
         if sha256 is not None:
             sha256 = sha256.strip().lower()
             if not SHA256.match(sha256):
@@ -252,7 +253,7 @@ class ModelRegistryService:
             known = await repo.model(session, model)
             if known is not None and await repo.version(session, model, version) is not None:
                 raise VersionExists(f"{model}@{version} is registered already", model=model)
-        kind, task = _kind_and_task(model, known, kind, task)
+        kind, task = kind_and_task(model, known, kind, task)
         spec, sha256 = await self._checked_spec(model, version, kind, task, dict(spec), sha256)
         status = VersionStatus.LOADING if kind is ModelKind.VISION else VersionStatus.READY
         async with self._db.session(tenant) as session:
@@ -673,45 +674,19 @@ class ModelRegistryService:
 
     # -- readiness of loading versions ---------------------------------------------------
 
-    async def heartbeat(self, replica_id: str) -> None:
-        """Says the replica is alive for `replica_ttl_s` (loading versions wait for it)."""
-        now = await self._now()
-        key = self._keys("replicas")
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(key, {replica_id: now + self._settings.replica_ttl_s})
-            pipe.zremrangebyscore(key, "-inf", now)
-            pipe.expire(key, max(1, math.ceil(self._settings.replica_ttl_s * 2)))
-            await pipe.execute()
-
-    async def leave(self, replica_id: str) -> None:
-        """The replica stops (loading versions no longer wait for it)."""
-        await self._redis.zrem(self._keys("replicas"), replica_id)
-
-    async def live_replicas(self) -> list[str]:
-        now = await self._now()
-        members = await self._redis.zrangebyscore(self._keys("replicas"), now, "+inf")
-        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
-
     async def report_readiness(
         self, replica_id: str, model: str, version: str, ok: bool, error: str | None = None
     ) -> VersionStatus | None:
         """A replica loaded and warmed `version` (ok) or could not (error). The version
         becomes READY once every live replica has reported it ok, FAILED as soon as one has
         failed. Returns its status when this report settled it."""
-        key = self._keys("ready", model, version)
-        body = json.dumps({"ok": ok, "error": (error or "")[:500] or None})
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, replica_id, body)
-            pipe.expire(key, self._settings.readiness_ttl_s)
-            await pipe.execute()
+        await self.replicas.record(replica_id, model, version, ok, error)
         return await self.settle(model, version)
 
     async def settle(self, model: str, version: str) -> VersionStatus | None:
         """Moves a LOADING version to READY or FAILED when the live replicas' reports say so;
         None while they do not (or it is not loading)."""
-        reports = await self._redis.hgetall(self._keys("ready", model, version))
-        live = await self.live_replicas()
-        outcome, error = _readiness(live, reports)
+        outcome, error = await self.replicas.outcome(model, version)
         if outcome is None:
             return None
         async with self._db.session() as session:
@@ -731,10 +706,6 @@ class ModelRegistryService:
             )
         await self._published(revision)
         return outcome
-
-    async def _now(self) -> float:
-        seconds, micros = await self._redis.time()  # one clock for every replica
-        return float(seconds) + micros / 1e6
 
     # -- common --------------------------------------------------------------------------
 
@@ -769,135 +740,6 @@ class ModelRegistryService:
             log.warning("model registry: publishing revision %d failed: %s", revision, exc)
 
 
-def validate_policy(policy: TrafficPolicy, statuses: Mapping[str, VersionStatus]) -> None:
-    """Raises the typed error of the first thing wrong with `policy` given the model's
-    versions and their statuses."""
-    if not policy.arms:
-        raise InvalidTrafficPolicy("a policy needs at least one version with traffic")
-    seen: set[str] = set()
-    for arm in policy.arms:
-        if arm.version in seen:
-            raise InvalidTrafficPolicy(f"version {arm.version} is listed twice")
-        seen.add(arm.version)
-        if not math.isfinite(arm.weight) or not 0 < arm.weight <= 100:
-            raise InvalidTrafficPolicy(
-                f"weight of {arm.version} must be above 0 and at most 100", version=arm.version
-            )
-    total = sum(a.weight for a in policy.arms)
-    if abs(total - 100) > _WEIGHT_TOLERANCE:
-        raise InvalidTrafficPolicy(f"weights sum to {total:g}, not 100", total=total)
-    if not math.isfinite(policy.shadow_rate) or not 0 <= policy.shadow_rate <= 1:
-        raise InvalidTrafficPolicy("shadowRate must be between 0 and 1")
-    if policy.shadow is None and policy.shadow_rate > 0:
-        raise InvalidTrafficPolicy("shadowRate needs a shadow version")
-    if policy.shadow is not None and policy.shadow in seen:
-        raise InvalidTrafficPolicy(
-            f"the shadow {policy.shadow} also takes live traffic; shadow a version without it"
-        )
-    for version in [*seen, *([policy.shadow] if policy.shadow else [])]:
-        status = statuses.get(version)
-        if status is None:
-            raise VersionNotFound(f"no version {version} of {policy.model}", version=version)
-        if status not in SERVABLE:
-            raise VersionNotServable(
-                f"{policy.model}@{version} is {status.value}: traffic reaches only a version "
-                "loaded and warm on every replica",
-                version=version,
-                status=status.value,
-            )
-    if policy.canary is not None:
-        _check_guard(policy.canary)
-
-
-def _check_guard(guard: CanaryGuard) -> None:
-    numbers = (guard.max_error_rate_delta, guard.max_p95_ratio, guard.window_s)
-    if not all(math.isfinite(n) for n in numbers):
-        raise InvalidTrafficPolicy("canary guard values must be finite")
-    if not 0 <= guard.max_error_rate_delta <= 1:
-        raise InvalidTrafficPolicy("canary maxErrorRateDelta must be between 0 and 1")
-    if guard.max_p95_ratio < 1:
-        raise InvalidTrafficPolicy("canary maxP95Ratio must be at least 1")
-    if guard.min_requests < 1 or guard.window_s <= 0:
-        raise InvalidTrafficPolicy("canary minRequests and windowS must be positive")
-
-
-def statuses_for(
-    policy: TrafficPolicy, rows: Mapping[str, ModelVersionRow]
-) -> dict[str, VersionStatus]:
-    """The statuses that change with `policy`: the arm with the most traffic LIVE, other arms
-    CANARY, the shadow SHADOW; versions that had traffic and no longer do READY (loaded)."""
-    wanted: dict[str, VersionStatus] = {}
-    arms = {a.version for a in policy.arms}
-    for version, row in rows.items():
-        status = VersionStatus(row.status)
-        if version == policy.live:
-            new = VersionStatus.LIVE
-        elif version in arms:
-            new = VersionStatus.CANARY
-        elif version == policy.shadow:
-            new = VersionStatus.SHADOW
-        elif status in (VersionStatus.LIVE, VersionStatus.CANARY, VersionStatus.SHADOW):
-            new = VersionStatus.READY
-        else:
-            continue
-        if new is not status:
-            wanted[version] = new
-    return wanted
-
-
-def _readiness(
-    live: Sequence[str], reports: Mapping[bytes, bytes]
-) -> tuple[VersionStatus | None, str | None]:
-    """READY when every live replica reported ok, FAILED (with why) when one failed."""
-    said: dict[str, dict[str, Any]] = {}
-    for replica, body in reports.items():
-        try:
-            said[replica.decode()] = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            continue
-    for replica in live:
-        report = said.get(replica)
-        if report is not None and not report.get("ok"):
-            return VersionStatus.FAILED, f"replica {replica}: {report.get('error') or 'failed'}"
-    if live and all(said.get(r, {}).get("ok") for r in live):
-        return VersionStatus.READY, None
-    return None, None
-
-
-def _check_name(model: str, version: str) -> None:
-    if not MODEL_NAME.match(model):
-        raise InvalidModelSpec(
-            "a model name is 1 to 100 letters, digits and . _ - : / (no @)", field="model"
-        )
-    if not VERSION_NAME.match(version):
-        raise InvalidModelSpec(
-            "a version is 1 to 64 letters, digits and . _ - + (no @)", field="version"
-        )
-
-
-def _kind_and_task(
-    model: str, known: Any, kind: ModelKind | None, task: str | None
-) -> tuple[ModelKind, str]:
-    if known is not None:
-        if kind is not None and kind.value != known.kind:
-            raise InvalidModelSpec(f"{model} is a {known.kind} model, not {kind.value}")
-        if task is not None and task != known.task:
-            raise InvalidModelSpec(f"{model} is a {known.task} model, not {task}")
-        return ModelKind(known.kind), known.task
-    if kind is None:
-        raise InvalidModelSpec(f"{model} is a new model: give its kind", field="kind")
-    fixed = TASK_OF_KIND.get(kind)
-    if fixed is not None:
-        if task not in (None, fixed):
-            raise InvalidModelSpec(f"a {kind.value} model's task is {fixed}", field="task")
-        return kind, fixed
-    if task not in VISION_TASKS:
-        raise InvalidModelSpec(
-            f"a vision model's task is one of {', '.join(VISION_TASKS)}", field="task"
-        )
-    return kind, task  # type: ignore[return-value]
-
-
 async def _existing_version(session: AsyncSession, model: str, version: str) -> ModelVersionRow:
     row = await repo.version(session, model, version)
     if row is None:
@@ -928,11 +770,4 @@ def _version(row: ModelVersionRow) -> VersionDetails:
     )
 
 
-__all__ = [
-    "KEEP",
-    "SERVABLE",
-    "ModelRegistryService",
-    "SeedEntry",
-    "statuses_for",
-    "validate_policy",
-]
+__all__ = ["KEEP", "ModelRegistryService", "SeedEntry"]

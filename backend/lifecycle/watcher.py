@@ -97,7 +97,7 @@ class RegistryWatcher:
         await asyncio.gather(*tasks, return_exceptions=True)
         try:
             async with asyncio.timeout(_LEAVE_TIMEOUT_S):
-                await self._service.leave(self.replica_id)
+                await self._service.replicas.leave(self.replica_id)
         except Exception as exc:  # its heartbeat expires anyway
             log.debug("model registry: leaving failed: %s", exc)
 
@@ -194,7 +194,7 @@ class RegistryWatcher:
     async def _beat_once(self) -> None:
         """Says this replica is alive, and settles loading versions whose replicas have all
         reported (or one of which died: it no longer counts)."""
-        await self._service.heartbeat(self.replica_id)
+        await self._service.replicas.heartbeat(self.replica_id)
         for records in self._snapshot.versions.values():
             for record in records:
                 if record.status is VersionStatus.LOADING:

@@ -237,8 +237,8 @@ async def test_traffic_reaches_only_versions_ready_everywhere(
         "MODEL_VERSION_NOT_SERVABLE",
         registry.set_traffic_policy(people.operator, "classifier", [Arm("1", 100)]),
     )
-    await registry.heartbeat("replica-a")
-    await registry.heartbeat("replica-b")
+    await registry.replicas.heartbeat("replica-a")
+    await registry.replicas.heartbeat("replica-b")
     assert await registry.report_readiness("replica-a", "classifier", "1", ok=True) is None
     ready = await registry.report_readiness("replica-b", "classifier", "1", ok=True)
     assert ready is VersionStatus.READY  # every live replica has it
@@ -266,11 +266,11 @@ async def test_a_replica_that_left_is_not_waited_for(
         task="classification",
         spec=vision_spec(weights, digest),
     )
-    await registry.heartbeat("stays")
-    await registry.heartbeat("goes")
+    await registry.replicas.heartbeat("stays")
+    await registry.replicas.heartbeat("goes")
     assert await registry.report_readiness("stays", "classifier", "1", ok=True) is None
-    await registry.leave("goes")
-    assert await registry.live_replicas() == ["stays"]
+    await registry.replicas.leave("goes")
+    assert await registry.replicas.live() == ["stays"]
     assert await registry.settle("classifier", "1") is VersionStatus.READY
 
 
@@ -444,3 +444,13 @@ async def test_seeding_is_idempotent_and_keeps_the_policy_in_force(
     assert await registry.seed(served_models([upgraded], {})) == [("detector", "2")]
     assert await statuses(registry, "detector") == {"1": "live", "2": "ready"}
     assert (await registry.snapshot()).policies["detector"].live == "1"
+
+
+def test_the_tables_know_every_kind_status_and_sticky_key() -> None:
+    """The tables keep these as strings under a CHECK (infrastructure imports no domain):
+    the lists there are the enums' values."""
+    from backend.core.models import lifecycle as tables
+
+    assert tuple(k.value for k in ModelKind) == tables.MODEL_KINDS
+    assert tuple(s.value for s in VersionStatus) == tables.VERSION_STATUSES
+    assert tuple(k.value for k in StickyKey) == tables.STICKY_KEYS

@@ -101,13 +101,9 @@ class ModelVersionRow(UUIDKey, table=True):
     )
 
 
-class TrafficPolicyRow(Timestamps, table=True):
-    """The policy in force for a model: weighted arms, sticky key, shadow, canary guard."""
+class PolicyFields(Base):
+    """What a traffic policy is (the policy in force and each of its revisions)."""
 
-    __tablename__ = "traffic_policies"
-    __table_args__ = (_one_of("sticky", STICKY_KEYS, "sticky_known"),)
-
-    model: str = _model_key(primary_key=True)
     arms: list[dict[str, Any]] = Field(
         default_factory=list, sa_type=JSONB, sa_column_kwargs={"server_default": "[]"}
     )
@@ -117,11 +113,20 @@ class TrafficPolicyRow(Timestamps, table=True):
     shadow: str | None = Field(default=None, sa_type=String(VERSION_LENGTH))
     shadow_rate: float = Field(default=0.0, sa_type=Float, sa_column_kwargs={"server_default": "0"})
     canary: dict[str, Any] | None = Field(default=None, sa_type=JSONB)
+
+
+class TrafficPolicyRow(PolicyFields, Timestamps, table=True):
+    """The policy in force for a model: weighted arms, sticky key, shadow, canary guard."""
+
+    __tablename__ = "traffic_policies"
+    __table_args__ = (_one_of("sticky", STICKY_KEYS, "sticky_known"),)
+
+    model: str = _model_key(primary_key=True)
     revision: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
     updated_by: uuid.UUID | None = user_ref(index=True)  # erasures (0008)
 
 
-class TrafficPolicyRevision(Base, table=True):
+class TrafficPolicyRevision(PolicyFields, table=True):
     """Every policy a model has had, by revision: what a rollback goes back to."""
 
     __tablename__ = "traffic_policy_revisions"
@@ -129,15 +134,6 @@ class TrafficPolicyRevision(Base, table=True):
 
     model: str = _model_key(primary_key=True)
     revision: int = Field(primary_key=True)
-    arms: list[dict[str, Any]] = Field(
-        default_factory=list, sa_type=JSONB, sa_column_kwargs={"server_default": "[]"}
-    )
-    sticky: str = Field(
-        default="user", sa_type=String(20), sa_column_kwargs={"server_default": "user"}
-    )
-    shadow: str | None = Field(default=None, sa_type=String(VERSION_LENGTH))
-    shadow_rate: float = Field(default=0.0, sa_type=Float, sa_column_kwargs={"server_default": "0"})
-    canary: dict[str, Any] | None = Field(default=None, sa_type=JSONB)
     # The revision a rollback of this one restores (a rollback's own: that of the one it
     # restored, so rolling back twice goes further back, never forth).
     previous_revision: int | None = None
