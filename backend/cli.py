@@ -1271,8 +1271,7 @@ def models_register(  # noqa: PLR0917 (one argument per field of a version)
     sha256: Annotated[str | None, typer.Option(help="The weights' sha256, checked.")] = None,
     notes: Annotated[str, typer.Option(help="Why this version.")] = "",
 ) -> None:
-    """Register a model version: a vision version's files are checked, then it loads on every
-    server."""
+    """Register a model version (a vision version's files are checked, then it loads)."""
     from backend.inference.manifest import ManifestError, ModelManifest
     from backend.lifecycle.policy import ModelKind
 
