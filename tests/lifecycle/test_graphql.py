@@ -84,20 +84,18 @@ async def test_an_operator_runs_a_model_through_its_lifecycle(
         services,
         operator,
         REGISTER,
-        model="assistant",
+        model="scribe",
         version="1",
         spec=spec,
         kind="CHAT",
     )
     assert first["data"]["registerModelVersion"]["status"] == "READY", first
     assert first["data"]["registerModelVersion"]["registeredBy"] == str(operator.user_id)
-    await call(client, services, operator, REGISTER, model="assistant", version="2", spec=spec)
-    again = await call(
-        client, services, operator, REGISTER, model="assistant", version="2", spec=spec
-    )
+    await call(client, services, operator, REGISTER, model="scribe", version="2", spec=spec)
+    again = await call(client, services, operator, REGISTER, model="scribe", version="2", spec=spec)
     assert code(again) == "MODEL_VERSION_EXISTS"
     not_an_object = await call(
-        client, services, operator, REGISTER, model="assistant", version="3", spec=[1]
+        client, services, operator, REGISTER, model="scribe", version="3", spec=[1]
     )
     assert code(not_an_object) == "BAD_USER_INPUT"
 
@@ -106,7 +104,7 @@ async def test_an_operator_runs_a_model_through_its_lifecycle(
         services,
         operator,
         SET_POLICY,
-        model="assistant",
+        model="scribe",
         arms=[{"version": "1", "weight": 90}, {"version": "2", "weight": 10}],
     )
     policy = split["data"]["setTrafficPolicy"]
@@ -118,7 +116,7 @@ async def test_an_operator_runs_a_model_through_its_lifecycle(
         ([{"version": "7", "weight": 100}], None, "MODEL_VERSION_NOT_FOUND"),
     ):
         refused = await call(
-            client, services, operator, SET_POLICY, model="assistant", arms=arms, shadow=shadow
+            client, services, operator, SET_POLICY, model="scribe", arms=arms, shadow=shadow
         )
         assert code(refused) == expected, refused
     unknown = await call(
@@ -135,30 +133,30 @@ async def test_an_operator_runs_a_model_through_its_lifecycle(
         client,
         services,
         operator,
-        f'mutation {{ promoteModelVersion(model: "assistant", version: "2") {{ {POLICY} }} }}',
+        f'mutation {{ promoteModelVersion(model: "scribe", version: "2") {{ {POLICY} }} }}',
     )
     assert promoted["data"]["promoteModelVersion"]["live"] == "2"
-    shown = (await call(client, services, operator, MODEL, name="assistant"))["data"]["model"]
+    shown = (await call(client, services, operator, MODEL, name="scribe"))["data"]["model"]
     assert shown["kind"] == "CHAT"
     assert {v["version"]: v["status"] for v in shown["versions"]} == {"1": "READY", "2": "LIVE"}
     rolled = await call(
         client,
         services,
         operator,
-        f'mutation {{ rollbackModel(model: "assistant", reason: "drill") {{ {POLICY} }} }}',
+        f'mutation {{ rollbackModel(model: "scribe", reason: "drill") {{ {POLICY} }} }}',
     )
     assert [a["weight"] for a in rolled["data"]["rollbackModel"]["arms"]] == [90, 10]
     retired = await call(
         client,
         services,
         operator,
-        'mutation { retireModelVersion(model: "assistant", version: "1") { status } }',
+        'mutation { retireModelVersion(model: "scribe", version: "1") { status } }',
     )
     assert code(retired) == "MODEL_VERSION_IN_USE"
 
     # the app's replica routes by what was committed
     assert services.models_watcher is not None
-    held = services.models_watcher.snapshot.policies["assistant"]
+    held = services.models_watcher.snapshot.policies["scribe"]
     assert [(a.version, a.weight) for a in held.arms] == [("1", 90), ("2", 10)]
 
 
