@@ -81,8 +81,11 @@ class RegistryWatcher:
     async def start(self) -> None:
         """Reads the registry (failing if it cannot), then listens, reconciles and beats."""
         await self.refresh()
-        with contextlib.suppress(Exception):  # the beat loop tries again
-            await self._beat_once()
+        try:
+            async with asyncio.timeout(self._settings.reload_timeout_s):
+                await self._beat_once()
+        except Exception as exc:  # the beat loop tries again
+            log.warning("model registry: heartbeat failed: %s", exc)
         self._tasks = [
             asyncio.create_task(self._listen(), name="model-registry-listener"),
             asyncio.create_task(self._reconcile(), name="model-registry-reconciler"),
