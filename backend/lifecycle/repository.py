@@ -17,6 +17,7 @@ from backend.core.models import (
     ModelVersionRow,
     RegistryModel,
     RegistryRevision,
+    Tenant,
     TrafficPolicyRevision,
     TrafficPolicyRow,
 )
@@ -183,6 +184,11 @@ async def all_pins(session: AsyncSession) -> list[tuple[uuid.UUID, str, str]]:
         text("SELECT tenant_id, model, version FROM sightline_model_pins()")
     )
     return [(r.tenant_id, r.model, r.version) for r in rows]
+
+
+async def tenant_exists(session: AsyncSession, tenant_id: uuid.UUID) -> bool:
+    """Tenants are not tenant-scoped: any unit of work reads them."""
+    return await session.scalar(select(Tenant.id).where(Tenant.id == tenant_id)) is not None
 
 
 async def pins(session: AsyncSession, model: str) -> Sequence[ModelPin]:

@@ -35,6 +35,7 @@ from backend.config import LifecycleSettings, ModelSpec
 from backend.core.db import Database
 from backend.core.models import ModelVersionRow
 from backend.core.redis import KeySpace
+from backend.errors import NotFound, ValidationFailed
 from backend.inference.manifest import ChecksumError, ManifestError, ModelManifest
 from backend.lifecycle import repository as repo
 from backend.lifecycle.errors import (
@@ -602,14 +603,21 @@ class ModelRegistryService:
     async def _pin_target(
         self, principal: Principal | None, tenant_id: uuid.UUID | None, what: str
     ) -> uuid.UUID:
-        if principal is None:
-            if tenant_id is None:
-                raise InvalidModelSpec("name the tenant to pin for", field="tenant")
-            return tenant_id
-        if tenant_id is None or tenant_id == principal.tenant_id:
+        """The tenant a pin is for. To anyone but an operator another tenant does not exist
+        (NOT_FOUND, as everywhere)."""
+        if principal is not None and (tenant_id is None or tenant_id == principal.tenant_id):
             await self._require_admin(principal, what)
             return principal.tenant_id
-        await self._require_operator(principal, what)
+        if tenant_id is None:
+            raise ValidationFailed("name the tenant to pin for", field="tenant")
+        if principal is not None and not await self._auth.is_operator(
+            principal, self._operator_tenant
+        ):
+            await self._auth.record_denial(principal, what, None)
+            raise NotFound("no such tenant", id=str(tenant_id))
+        async with self._db.session() as session:
+            if not await repo.tenant_exists(session, tenant_id):
+                raise NotFound("no such tenant", id=str(tenant_id))
         return tenant_id
 
     # -- seeding -------------------------------------------------------------------------

@@ -347,9 +347,13 @@ async def test_who_may_do_what(
     assert "scribe" in [m.name for m in await registry.models(people.admin)]
     pin = await registry.pin_version(people.admin, "scribe", "2")
     assert pin.tenant_id == people.admin.tenant_id
+    # another tenant does not exist for them
     await refused(
-        "FORBIDDEN",
+        "NOT_FOUND",
         registry.pin_version(people.admin, "scribe", "2", tenant_id=people.operator.tenant_id),
+    )
+    await refused(
+        "NOT_FOUND", registry.pin_version(people.operator, "scribe", "2", tenant_id=uuid.uuid4())
     )
     # members neither read nor pin
     await refused("FORBIDDEN", registry.models(people.member))
