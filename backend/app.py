@@ -26,7 +26,7 @@ from backend import __version__
 from backend.agents.checkpoint import RedisCheckpointSaver
 from backend.agents.graph import Agent
 from backend.agents.guards import Guards
-from backend.agents.models import ModelRegistry
+from backend.agents.models import ModelRegistry, alias_specs
 from backend.agents.runs import RunService
 from backend.agents.tools import AgentTools, ImageAnalysis
 from backend.auth.endpoints import oauth_router
@@ -55,6 +55,11 @@ from backend.inference.pool import InferencePool
 from backend.knowledge.embeddings import Embedder, build_embedder
 from backend.knowledge.service import KnowledgeService
 from backend.lifecycle.operations import ModelOperations
+from backend.lifecycle.policy import Arm
+from backend.lifecycle.reconcile import PoolReconciler
+from backend.lifecycle.seeding import served_models
+from backend.lifecycle.service import ModelRegistryService
+from backend.lifecycle.watcher import RegistryWatcher
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
 from backend.openai_api.router import openai_router
@@ -130,6 +135,9 @@ async def build_services(
     inference, vision = await _build_vision(state, limiter, budgets, guardrails)
     if inference is not None:  # vision on: images and scanned PDFs can be ingested
         knowledge.read_image = vision.read_text
+    registry, models_watcher, reconciler = await _build_registry(
+        state, auth, inference, vision, models, shared_embedder
+    )
     if tools is None:
         tools = AgentTools(
             search_knowledge=knowledge.search_knowledge,
@@ -185,6 +193,11 @@ async def build_services(
     purges.start()
     lifecycle = ModelOperations(state.redis, state.keys, settings.lifecycle, state.metrics)
     lifecycle.start()
+    lifecycle.use_registry(
+        models_watcher,
+        rollback=functools.partial(_canary_rollback, registry),
+        ramp=functools.partial(_canary_ramp, registry),
+    )
     knowledge.start()  # renews job leases, takes over the jobs of replicas that died
     vision.start()  # the same for vision jobs (taken over only where vision is on)
     warm_up = _warm_up(settings, shared_embedder, guardrails, vision, inference)
@@ -216,7 +229,78 @@ async def build_services(
         ),
         grace_s=settings.server.graceful_shutdown_s,
         warm_up=warm_up,
+        registry=registry,
+        models_watcher=models_watcher,
+        reconciler=reconciler,
     )
+
+
+async def _canary_rollback(registry: ModelRegistryService, model: str, reason: str) -> None:
+    """The canary guard's rollback: the policy before the canary's, audited as the system's."""
+    await registry.rollback_model(None, model, reason=f"canary guard: {reason}")
+
+
+async def _canary_ramp(
+    registry: ModelRegistryService, model: str, version: str, percent: float
+) -> None:
+    """The canary guard's next ramp step: the canary gets `percent`, live the rest; at 100 the
+    canary is promoted."""
+    if percent >= 100:
+        await registry.promote_version(None, model, version)
+        return
+    snapshot = await registry.snapshot()
+    policy = snapshot.policies.get(model)
+    if policy is None:
+        return
+    arms = [Arm(version, percent)] + [
+        Arm(arm.version, 100 - percent) for arm in policy.arms if arm.version == policy.live
+    ]
+    await registry.set_traffic_policy(
+        None, model, arms, expected_revision=policy.revision, reason="canary guard: ramp"
+    )
+
+
+async def _build_registry(
+    state: AppState,
+    auth: AuthService,
+    pool: InferencePool | None,
+    vision: VisionService,
+    chat: ModelRegistry,
+    embedder: Embedder,
+) -> tuple[ModelRegistryService, RegistryWatcher, PoolReconciler | None]:
+    """The model registry, seeded with what this server serves (unless the registry has it),
+    and this replica's watcher on it, started: it has read the registry once. Its listeners
+    (vision's router, then the pool's reconciler, which loads new versions and drains retired
+    ones) get every registry state from the first on."""
+    settings = state.settings
+    registry = ModelRegistryService(
+        db=state.db,
+        redis=state.redis,
+        keys=state.keys,
+        settings=settings.lifecycle,
+        auth=auth,
+        operator_tenant=settings.privacy.operator_tenant,
+    )
+    if settings.lifecycle.seed:
+        served = {m.alias for m in chat.aliases}
+        specs = {a: s for a, s in alias_specs(settings.chat).items() if a in served}
+        manifests = [s.manifest for s in pool.status().values()] if pool is not None else []
+        embedding = (embedder.name, embedder.dimensions, settings.knowledge.embedding_base_url)
+        await registry.seed(served_models(manifests, specs, embedding))
+    watcher = RegistryWatcher(registry, state.redis, settings.lifecycle)
+    reconciler = None
+    if pool is not None and vision.router is not None:
+        watcher.add_listener(vision.router)
+        reconciler = PoolReconciler(
+            pool,
+            lambda _replica, model, version, ok, error: watcher.report(model, version, ok, error),
+            replica_id=watcher.replica_id,
+            load_timeout_s=settings.vision.version_load_timeout_s,
+            drain_s=settings.vision.version_drain_s,
+        )
+        watcher.add_listener(reconciler)
+    await watcher.start()
+    return registry, watcher, reconciler
 
 
 def _warm_up(

@@ -1,5 +1,5 @@
 """The `sightline` command: serve, migrate, doctor, schema, config, version, users, keys,
-ingest, privacy."""
+ingest, privacy, models."""
 
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ from backend.core.telemetry import configure_logging
 from backend.errors import AppError
 from backend.inference.catalog import PACKAGED_MODELS
 from backend.knowledge.service import KnowledgeService
+from backend.lifecycle.policy import Arm, TrafficPolicy
+from backend.lifecycle.service import ModelRegistryService
 from backend.limits.ratelimit import RateLimiter
 from backend.privacy.schemas import Erasure, ErasureStatus
 from backend.privacy.service import PrivacyService
@@ -279,11 +281,20 @@ def version() -> None:
     out.print(__version__)
 
 
-@app.command()
-def models() -> None:
+models_app = _Typer(
+    help="The vision models this server serves (no subcommand: the README's table), and the "
+    "model registry: versions, traffic policies, pins."
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context) -> None:
     """Print the vision models this server serves, as the README's Markdown table: each
     manifest's name, version, task, runtime, source, licence, checked sha256 and size, and
-    Tesseract (the OCR engine of the server process)."""
+    Tesseract (the OCR engine of the server process). Subcommands manage the model registry."""
+    if ctx.invoked_subcommand is not None:
+        return
     from backend.inference.manifest import load_manifests, model_table
 
     settings = _settings()
@@ -694,8 +705,13 @@ def _run_admin(work: Callable[[AuthService], Awaitable[None]]) -> None:
         async with _auth(settings) as auth:
             await work(auth)
 
+    _run_reported(main)
+
+
+def _run_reported(main: Callable[[], Awaitable[None]]) -> None:
+    """Runs `main`: unreachable backends and expected errors are one line, not a traceback."""
     try:
-        asyncio.run(main())
+        asyncio.run(main())  # type: ignore[arg-type]
     except (DatabaseUnreachable, RedisUnreachable) as exc:
         raise _fail(str(exc)) from None
     except AppError as exc:
@@ -1015,12 +1031,7 @@ def _run_privacy(work: Callable[[PrivacyService, AuthService], Awaitable[None]])
             finally:
                 await service.close(5)
 
-    try:
-        asyncio.run(main())
-    except (DatabaseUnreachable, RedisUnreachable) as exc:
-        raise _fail(str(exc)) from None
-    except AppError as exc:
-        raise _fail(f"{exc.code}: {exc.message}") from None
+    _run_reported(main)
 
 
 async def _tenant_id(auth: AuthService, slug: str) -> uuid.UUID:
@@ -1159,3 +1170,265 @@ def privacy_export(
             err.print(f"wrote {output}")
 
     _run_privacy(work)
+
+
+# -- the model registry ----------------------------------------------------------------------
+
+
+def _run_registry(work: Callable[[ModelRegistryService, AuthService], Awaitable[None]]) -> None:
+    """Runs `work` on the model registry over the configured (or embedded) backends, as an
+    operator (the CLI holds the database's credentials): servers take the change in at once."""
+    settings = _settings()
+    configure_logging(settings.telemetry.model_copy(update={"log_level": "WARNING"}))
+
+    async def main() -> None:
+        async with _backends(settings) as (db, redis, auth):
+            service = ModelRegistryService(
+                db=db,
+                redis=redis,
+                keys=KeySpace(settings.redis.key_prefix),
+                settings=settings.lifecycle,
+                auth=auth,
+                operator_tenant=settings.privacy.operator_tenant,
+            )
+            await work(service, auth)
+
+    _run_reported(main)
+
+
+def _print_policy(policy: TrafficPolicy) -> None:
+    arms = ", ".join(f"{a.version} {a.weight:g}%" for a in policy.arms)
+    shadow = f"; shadow {policy.shadow} at {policy.shadow_rate:g}" if policy.shadow else ""
+    out.print(
+        f"{policy.model} revision {policy.revision}: {arms} (sticky: {policy.sticky.value})"
+        f"{shadow}",
+        markup=False,
+        highlight=False,
+    )
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The registry's models with their live version and traffic split."""
+
+    async def work(service: ModelRegistryService, _: AuthService) -> None:
+        table = Table(title="model registry")
+        for column in ("model", "kind", "task", "live", "traffic", "revision"):
+            table.add_column(column)
+        for model in await service.models(None):
+            policy = model.policy
+            table.add_row(
+                model.name,
+                model.kind.value,
+                model.task,
+                policy.live if policy else "",
+                ", ".join(f"{a.version} {a.weight:g}%" for a in policy.arms) if policy else "",
+                str(policy.revision) if policy else "",
+            )
+        out.print(table)
+
+    _run_registry(work)
+
+
+@models_app.command("versions")
+def models_versions(model: Annotated[str, typer.Argument(help="The model.")]) -> None:
+    """A model's versions with their status."""
+
+    async def work(service: ModelRegistryService, _: AuthService) -> None:
+        found = await service.model(None, model)
+        table = Table(title=f"{found.name} ({found.kind.value}, {found.task})")
+        for column in ("version", "status", "sha256", "registered", "notes", "error"):
+            table.add_column(column, overflow="fold")
+        for version in found.versions:
+            table.add_row(
+                version.version,
+                version.status,
+                (version.sha256 or "")[:12],
+                f"{version.registered_at:%Y-%m-%d %H:%M}" if version.registered_at else "",
+                escape(version.notes),
+                escape(version.error or ""),
+            )
+        out.print(table)
+        for pin in found.pins:
+            out.print(f"pinned: tenant {pin.tenant_id} -> {pin.version}", highlight=False)
+
+    _run_registry(work)
+
+
+@models_app.command("register")
+def models_register(  # noqa: PLR0917 (one argument per field of a version)
+    model: Annotated[str, typer.Argument(help="The model (new: give --kind).")],
+    version: Annotated[str, typer.Argument(help="The new version.")],
+    spec: Annotated[
+        Path,
+        typer.Option(
+            help="JSON file: a model manifest (vision; relative paths are from its folder) or "
+            "an endpoint spec (chat, embedding)."
+        ),
+    ],
+    kind: Annotated[str | None, typer.Option(help="vision, chat or embedding.")] = None,
+    task: Annotated[str | None, typer.Option(help="A new vision model's task.")] = None,
+    sha256: Annotated[str | None, typer.Option(help="The weights' sha256, checked.")] = None,
+    notes: Annotated[str, typer.Option(help="Why this version.")] = "",
+) -> None:
+    """Register a model version (a vision version's files are checked, then it loads)."""
+    from backend.inference.manifest import ManifestError, ModelManifest
+    from backend.lifecycle.policy import ModelKind
+
+    try:
+        data = json.loads(spec.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _fail(f"cannot read {spec}: {exc}") from None
+    if not isinstance(data, dict):
+        raise _fail(f"{spec} must hold a JSON object")
+    if kind is not None and kind not in {k.value for k in ModelKind}:
+        raise _fail("--kind must be vision, chat or embedding")
+    if "runtime" in data:  # a manifest: its paths are relative to its file
+        data.setdefault("name", model)
+        data.setdefault("version", version)
+        try:
+            data = ModelManifest.from_dict(data, spec.resolve().parent).to_dict()
+        except ManifestError as exc:
+            raise _fail(escape(str(exc))) from None
+
+    async def work(service: ModelRegistryService, _: AuthService) -> None:
+        found = await service.register_version(
+            None,
+            model,
+            version,
+            spec=data,
+            kind=ModelKind(kind) if kind else None,
+            task=task,
+            sha256=sha256,
+            notes=notes,
+        )
+        out.print(f"registered {found.model}@{found.version}: {found.status}", highlight=False)
+
+    _run_registry(work)
+
+
+def _arm(text: str) -> Arm:
+    version, equals, weight = text.rpartition("=")
+    try:
+        if not equals or not version:
+            raise ValueError(text)
+        return Arm(version, float(weight))
+    except ValueError:
+        raise _fail(f"--arm takes VERSION=WEIGHT (percent), not {text!r}") from None
+
+
+@models_app.command("policy")
+def models_policy(  # noqa: PLR0917 (one option per field of a policy)
+    model: Annotated[str, typer.Argument(help="The model.")],
+    arm: Annotated[
+        list[str] | None,
+        typer.Option(help="VERSION=WEIGHT, once per version; weights sum to 100."),
+    ] = None,
+    sticky: Annotated[str | None, typer.Option(help="user, tenant, conversation or none.")] = None,
+    shadow: Annotated[str | None, typer.Option(help="A version to mirror traffic to.")] = None,
+    shadow_rate: Annotated[float | None, typer.Option(help="Share mirrored, 0 to 1.")] = None,
+    no_shadow: Annotated[bool, typer.Option(help="End the shadowing.")] = False,
+    expected_revision: Annotated[
+        int | None, typer.Option(help="Refuse if the policy has changed since this revision.")
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="Kept with the policy's history.")] = None,
+) -> None:
+    """Show a model's traffic policy, or set it with --arm (what is not given is kept)."""
+    from backend.lifecycle.policy import StickyKey
+    from backend.lifecycle.service import KEEP
+
+    if sticky is not None and sticky not in {k.value for k in StickyKey}:
+        raise _fail("--sticky must be user, tenant, conversation or none")
+    arms = [_arm(a) for a in arm or []]
+    if not arms and (sticky or shadow or shadow_rate is not None or no_shadow):
+        raise _fail("give the traffic split with --arm VERSION=WEIGHT")
+
+    async def work(service: ModelRegistryService, _: AuthService) -> None:
+        if not arms:
+            found = await service.model(None, model)
+            if found.policy is None:
+                out.print(f"{model} has no traffic policy", highlight=False)
+            else:
+                _print_policy(found.policy)
+            return
+        policy = await service.set_traffic_policy(
+            None,
+            model,
+            arms,
+            sticky=StickyKey(sticky) if sticky else KEEP,
+            shadow=None if no_shadow else (shadow or KEEP),
+            shadow_rate=0.0 if no_shadow else (KEEP if shadow_rate is None else shadow_rate),
+            expected_revision=expected_revision,
+            reason=reason,
+        )
+        _print_policy(policy)
+
+    _run_registry(work)
+
+
+@models_app.command("promote")
+def models_promote(
+    model: Annotated[str, typer.Argument(help="The model.")],
+    version: Annotated[str, typer.Argument(help="The ready version to give all traffic.")],
+) -> None:
+    """Give a ready version all the traffic; the previous one stays loaded for a rollback."""
+
+    async def work(service: ModelRegistryService, _: AuthService) -> None:
+        _print_policy(await service.promote_version(None, model, version))
+
+    _run_registry(work)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    model: Annotated[str, typer.Argument(help="The model.")],
+    reason: Annotated[str | None, typer.Option(help="Kept with the policy's history.")] = None,
+) -> None:
+    """Go back to the model's previous traffic policy."""
+
+    async def work(service: ModelRegistryService, _: AuthService) -> None:
+        _print_policy(await service.rollback_model(None, model, reason=reason))
+
+    _run_registry(work)
+
+
+@models_app.command("retire")
+def models_retire(
+    model: Annotated[str, typer.Argument(help="The model.")],
+    version: Annotated[str, typer.Argument(help="A version no traffic, shadow or pin reaches.")],
+) -> None:
+    """Retire a version: servers unload it; it stays on record."""
+
+    async def work(service: ModelRegistryService, _: AuthService) -> None:
+        found = await service.retire_version(None, model, version)
+        out.print(f"{found.model}@{found.version}: {found.status}", highlight=False)
+
+    _run_registry(work)
+
+
+@models_app.command("pin")
+def models_pin(
+    model: Annotated[str, typer.Argument(help="The model.")],
+    version: Annotated[
+        str | None, typer.Argument(help="The version; left out with --unpin.")
+    ] = None,
+    tenant: Annotated[str, typer.Option(help="Tenant slug.")] = "",
+    unpin: Annotated[bool, typer.Option(help="Remove the tenant's pin.")] = False,
+) -> None:
+    """Pin a version for a tenant (every request of the tenant gets it), or --unpin."""
+    if not tenant:
+        raise _fail("--tenant is required")
+    if not unpin and version is None:
+        raise _fail("name the version to pin (or --unpin)")
+
+    async def work(service: ModelRegistryService, auth: AuthService) -> None:
+        tenant_id = await _tenant_id(auth, tenant)
+        if unpin:
+            removed = await service.unpin_version(None, model, tenant_id=tenant_id)
+            out.print(f"{tenant}: {'unpinned' if removed else 'no pin of'} {model}")
+            return
+        assert version is not None
+        pin = await service.pin_version(None, model, version, tenant_id=tenant_id)
+        out.print(f"{tenant}: {pin.model} pinned to {pin.version}", highlight=False)
+
+    _run_registry(work)

@@ -1050,7 +1050,8 @@ class PrivacySettings(_Section):
     operator_tenant: str | None = Field(
         None,
         description="Slug of the tenant whose owners are platform operators (they may erase "
-        "other tenants over GraphQL). Unset: tenants are erased only with the CLI.",
+        "other tenants over GraphQL and manage the model registry). Unset: tenants are erased "
+        "and models managed only with the CLI.",
     )
 
     @field_validator("unscoped_audit_days", "operator_tenant", mode="before")
@@ -1060,9 +1061,53 @@ class PrivacySettings(_Section):
 
 
 class LifecycleSettings(_Section):
-    """Model lifecycle: per-version serving figures, shadow comparison and the canary guard."""
+    """Model lifecycle: the registry (versions, traffic policies, pins) and how replicas converge
+    on it; per-version serving figures, shadow comparison and the canary guard."""
 
-    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_LIFECYCLE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_MODELS_", extra="ignore")
+
+    seed: bool = Field(
+        True,
+        description="At start, register the models this server serves (vision manifests, chat "
+        "aliases, the embedder) that the registry lacks, live with all the traffic.",
+    )
+    reconcile_s: float = Field(
+        30.0,
+        gt=0,
+        description="Each replica re-reads the registry from PostgreSQL this often, besides on "
+        "every change published over Redis: a replica that missed a message converges by then.",
+    )
+    reload_timeout_s: float = Field(
+        10.0, gt=0, description="Longest one re-read of the registry may take."
+    )
+    listener_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest a replica's listener (routing, the inference pool) may take to "
+        "take in a new registry state; one that takes longer is cancelled and logged.",
+    )
+    heartbeat_s: float = Field(
+        5.0, gt=0, description="How often a replica says it is alive (in Redis)."
+    )
+    replica_ttl_s: float = Field(
+        20.0,
+        gt=0,
+        description="A replica not heard from for this long no longer counts when a loading "
+        "version waits for every replica to report it ready.",
+    )
+    readiness_ttl_s: int = Field(
+        3600, ge=1, description="How long a replica's report that it loaded a version is kept."
+    )
+    verify_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest the sha256 check of a registered manifest's files may take.",
+    )
+    max_spec_bytes: int = Field(
+        65_536,
+        ge=256,
+        description="Largest manifest or endpoint spec (as JSON) a model version may have.",
+    )
 
     stats_bucket_s: int = Field(
         10,

@@ -20,6 +20,9 @@ from backend.guardrails.service import GuardrailService
 from backend.inference.pool import InferencePool
 from backend.knowledge.service import KnowledgeService
 from backend.lifecycle.operations import ModelOperations
+from backend.lifecycle.reconcile import PoolReconciler
+from backend.lifecycle.service import ModelRegistryService
+from backend.lifecycle.watcher import RegistryWatcher
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
 from backend.openai_api.service import OpenAIService
@@ -52,12 +55,19 @@ class Services:
     grace_s: float = 10.0
     warm_up: WarmUp | None = None  # None: SIGHTLINE_SERVER_WARM_UP=false
     lifecycle: ModelOperations | None = None  # None only in apps built without services
+    registry: ModelRegistryService | None = None  # None only in apps built without services
+    models_watcher: RegistryWatcher | None = None  # this replica's view of the registry
+    reconciler: PoolReconciler | None = None  # loads the registry's vision versions (vision on)
 
     async def aclose(self) -> None:
         """Stops every service; each step is timed in the log (a slow shutdown says where)."""
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         if (warm_up := self.warm_up) is not None:
             steps.append(("warm-up", warm_up.close))
+        if (models_watcher := self.models_watcher) is not None:
+            steps.append(("model registry", models_watcher.close))
+        if (reconciler := self.reconciler) is not None:  # no version loads while the pool stops
+            steps.append(("model versions", reconciler.close))
         if (purges := self.purges) is not None:
             steps.append(("purges", purges.close))
         if (privacy := self.privacy) is not None:

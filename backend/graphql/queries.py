@@ -10,6 +10,7 @@ from backend.graphql.guardrails import GuardrailMutation, GuardrailQuery
 from backend.graphql.knowledge import KnowledgeMutation, KnowledgeQuery
 from backend.graphql.model_comparison import ModelComparisonQuery
 from backend.graphql.privacy import PrivacyMutation, PrivacyQuery
+from backend.graphql.registry import RegistryMutation, RegistryQuery
 from backend.graphql.runs import RunMutation, RunQuery
 from backend.graphql.types import ServerInfo
 from backend.graphql.vision import VisionMutation, VisionQuery
@@ -33,6 +34,7 @@ class Query(
     VisionQuery,
     PrivacyQuery,
     ModelComparisonQuery,
+    RegistryQuery,
 ):
     pass
 
@@ -46,5 +48,6 @@ class Mutation(
     GuardrailMutation,
     VisionMutation,
     PrivacyMutation,
+    RegistryMutation,
 ):
     pass

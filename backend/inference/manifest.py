@@ -54,6 +54,10 @@ class ManifestError(ValueError):
     """A manifest that cannot be served: unknown runtime, missing weights, wrong checksum."""
 
 
+class ChecksumError(ManifestError):
+    """A file of the manifest is there but does not match its sha256."""
+
+
 @dataclass(frozen=True)
 class ModelManifest:
     name: str
@@ -155,7 +159,7 @@ def _verify_file(name: str, what: str, path: Path, sha256: str | None) -> None:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
         if digest.hexdigest() != sha256.lower():
-            raise ManifestError(
+            raise ChecksumError(
                 f"{name}: {what} do not match their sha256 ({path} is {digest.hexdigest()}, "
                 f"the manifest wants {sha256.lower()})"
             )

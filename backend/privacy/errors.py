@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from backend.errors import AppError, Conflict, Forbidden
+from backend.auth.errors import NotOperator
+from backend.errors import AppError, Conflict
+
+__all__ = ["ErasureRefused", "ExportGone", "NotOperator"]
 
 
 class ErasureRefused(Conflict):
     """The erasure would leave the tenant without an owner, or erase the operators' tenant."""
 
     code = "ERASURE_REFUSED"
-
-
-class NotOperator(Forbidden):
-    """Only platform operators erase tenants."""
-
-    code = "FORBIDDEN"
 
 
 class ExportGone(AppError):

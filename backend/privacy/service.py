@@ -591,9 +591,7 @@ class PrivacyService:
     async def _require_operator(self, principal: Principal, tenant_id: uuid.UUID) -> None:
         """Operators may erase any tenant but their own. To anyone else another tenant does
         not exist (NOT_FOUND, as everywhere), and their own is not theirs to erase."""
-        is_operator = await self._auth.is_platform_operator(
-            principal, self._settings.operator_tenant
-        )
+        is_operator = await self._auth.is_operator(principal, self._settings.operator_tenant)
         if is_operator and tenant_id == principal.tenant_id:
             raise ErasureRefused("the operators' own tenant is erased only with the CLI")
         if is_operator:

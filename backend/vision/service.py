@@ -427,6 +427,12 @@ class VisionService:
                 )
 
     @property
+    def router(self) -> ModelRouter | None:
+        """How this replica picks a vision model's version (None with vision off); it follows
+        the registry as one of its watcher's listeners."""
+        return self._router
+
+    @property
     def _routes(self) -> ModelRouter:
         if self._router is None:
             raise ServiceUnavailable("vision is off on this server (SIGHTLINE_VISION_ENABLED)")

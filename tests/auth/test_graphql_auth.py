@@ -246,6 +246,15 @@ async def test_other_tenants_ids_are_not_found(
             "mutation($id: ID!) { eraseTenant(tenantId: $id) { status } }",
             {"id": str(stranger.tenant.id)},
         ),
+        "pinModelVersion": (
+            'mutation($id: ID!) { pinModelVersion(model: "m", version: "1", tenantId: $id) '
+            "{ version } }",
+            {"id": str(stranger.tenant.id)},
+        ),
+        "unpinModelVersion": (
+            'mutation($id: ID!) { unpinModelVersion(model: "m", tenantId: $id) }',
+            {"id": str(stranger.tenant.id)},
+        ),
     }
     # Every field that takes an id must be in `calls`: a new one fails here until it is.
     schema = (

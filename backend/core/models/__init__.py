@@ -19,6 +19,14 @@ from backend.core.models.knowledge import (
     JobStatus,
     LexemeStat,
 )
+from backend.core.models.lifecycle import (
+    ModelPin,
+    ModelVersionRow,
+    RegistryModel,
+    RegistryRevision,
+    TrafficPolicyRevision,
+    TrafficPolicyRow,
+)
 from backend.core.models.privacy import PrivacyPolicyRow
 from backend.core.models.tenancy import Tenant, User, UserKind, UserRole
 from backend.core.models.vision import VisionJob, VisionStatus, VisionUpload
@@ -43,6 +51,7 @@ TENANT_TABLES = (
     "vision_jobs",
     "vision_uploads",
     "privacy_policies",
+    "model_pins",
 )
 
 __all__ = [
@@ -60,13 +69,19 @@ __all__ = [
     "LexemeStat",
     "Message",
     "MessageRole",
+    "ModelPin",
+    "ModelVersionRow",
     "OAuthClient",
     "PrivacyPolicyRow",
     "RefreshToken",
+    "RegistryModel",
+    "RegistryRevision",
     "Run",
     "RunStatus",
     "SigningKey",
     "Tenant",
+    "TrafficPolicyRevision",
+    "TrafficPolicyRow",
     "UsageRecord",
     "User",
     "UserKind",

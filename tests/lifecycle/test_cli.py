@@ -1,0 +1,125 @@
+"""`sightline models ...`: the registry as an operator runs it from a shell (on a database of
+its own: what the CLI commits outlives the test). Plain `sightline models` stays the README's
+table (tests/test_readme.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+from typer.testing import CliRunner
+
+from backend.cli import app
+from backend.core.migrations import upgrade_to_head
+from tests.conftest import REDIS_URL, empty_database
+from tests.lifecycle.conftest import weights_file
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+async def own_database(engine: AsyncEngine) -> AsyncIterator[str]:
+    async with empty_database(engine) as fresh:
+        await upgrade_to_head(fresh)
+        yield fresh.url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def env(own_database: str, redis: Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGHTLINE_DATABASE_URL", own_database)
+    monkeypatch.setenv("SIGHTLINE_REDIS_URL", REDIS_URL)
+    monkeypatch.setenv("SIGHTLINE_REDIS_KEY_PREFIX", key_prefix)  # cleaned up by `redis`
+
+
+async def invoke(*args: str) -> tuple[int, str]:
+    """The command in a thread of its own (it runs its own event loop)."""
+    result = await asyncio.to_thread(runner.invoke, app, list(args))
+    return result.exit_code, result.output
+
+
+async def test_register_split_promote_rollback_pin_retire(env: None, tmp_path: Path) -> None:
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps({"provider": "openai", "base_url": "http://llm.example/v1"}))
+    for version in ("1", "2"):
+        code, out = await invoke(
+            "models", "register", "writer", version, "--spec", str(chat), "--kind", "chat"
+        )
+        assert code == 0, out
+        assert f"registered writer@{version}: ready" in out
+    code, out = await invoke("models", "register", "writer", "2", "--spec", str(chat))
+    assert code == 1
+    assert "MODEL_VERSION_EXISTS" in out
+
+    code, out = await invoke("models", "policy", "writer", "--arm", "1=90", "--arm", "2=10")
+    assert code == 0, out
+    assert "writer revision 1: 1 90%, 2 10% (sticky: user)" in out
+    code, out = await invoke("models", "policy", "writer", "--arm", "1=90")
+    assert code == 1
+    assert "INVALID_TRAFFIC_POLICY" in out
+    code, out = await invoke("models", "policy", "writer", "--arm", "ninety")
+    assert code == 1
+    assert "VERSION=WEIGHT" in out
+    code, out = await invoke("models", "policy", "writer")
+    assert "writer revision 1" in out  # unchanged by the refusals
+
+    code, out = await invoke("models", "promote", "writer", "2")
+    assert code == 0, out
+    assert "revision 2: 2 100%" in out
+    code, out = await invoke("models", "rollback", "writer", "--reason", "drill")
+    assert code == 0, out
+    assert "revision 3: 1 90%, 2 10%" in out
+    code, out = await invoke("models", "list")
+    assert code == 0, out
+    assert "writer" in out
+
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    password = tmp_path / "pw"
+    password.write_text("a long enough password\n")
+    code, out = await invoke(
+        "users", "create", "--tenant", tenant, "--email", f"boss@{tenant}.example",
+        "--role", "owner", "--password-file", str(password),
+    )  # fmt: skip
+    assert code == 0, out
+    code, out = await invoke("models", "pin", "writer", "2", "--tenant", tenant)
+    assert code == 0, out
+    code, out = await invoke("models", "versions", "writer")
+    assert code == 0, out
+    assert "-> 2" in out
+    code, out = await invoke("models", "retire", "writer", "2")
+    assert code == 1
+    assert "MODEL_VERSION_IN_USE" in out
+    code, out = await invoke("models", "pin", "writer", "--tenant", tenant, "--unpin")
+    assert code == 0, out
+    assert "unpinned writer" in out
+    code, out = await invoke("models", "promote", "writer", "1")
+    assert code == 0, out
+    code, out = await invoke("models", "retire", "writer", "2")
+    assert code == 0, out
+    assert "writer@2: retired" in out
+
+
+async def test_a_manifest_is_checked_from_its_own_folder(env: None, tmp_path: Path) -> None:
+    weights, digest = weights_file(tmp_path, b"cli weights")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(
+        json.dumps(
+            {"task": "classification", "runtime": "onnx", "weights": weights.name, "sha256": digest}
+        )
+    )
+    code, out = await invoke(
+        "models", "register", "tagger", "1", "--spec", str(manifest), "--kind", "vision",
+        "--task", "classification",
+    )  # fmt: skip
+    assert code == 0, out
+    assert "registered tagger@1: loading" in out
+    code, out = await invoke(
+        "models", "register", "tagger", "2", "--spec", str(manifest), "--sha256", "0" * 64
+    )
+    assert code == 1
+    assert "CHECKSUM_MISMATCH" in out
