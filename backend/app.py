@@ -136,7 +136,7 @@ async def build_services(
     if inference is not None:  # vision on: images and scanned PDFs can be ingested
         knowledge.read_image = vision.read_text
     registry, models_watcher, reconciler = await _build_registry(
-        state, auth, inference, vision, models, shared_embedder
+        state, auth, pool=inference, vision=vision, chat=models, embedder=shared_embedder
     )
     if tools is None:
         tools = AgentTools(
@@ -263,6 +263,7 @@ async def _canary_ramp(
 async def _build_registry(
     state: AppState,
     auth: AuthService,
+    *,
     pool: InferencePool | None,
     vision: VisionService,
     chat: ModelRegistry,

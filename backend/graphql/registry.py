@@ -63,6 +63,10 @@ class CanaryGuardType:
     max_p95_ratio: float
     min_requests: int
     window_s: float
+    ramp: list[float] = strawberry.field(
+        description="Canary weights, in percent, stepped up after each clean window (the last "
+        "step, 100, promotes it); empty: the operator steps them."
+    )
 
 
 @strawberry.type(name="TrafficPolicy", description="How a model's requests are split.")
@@ -93,6 +97,7 @@ class TrafficPolicyType:
                 max_p95_ratio=guard.max_p95_ratio,
                 min_requests=guard.min_requests,
                 window_s=guard.window_s,
+                ramp=list(guard.ramp),
             )
             if guard is not None
             else None,
@@ -182,6 +187,11 @@ class CanaryGuardInput:
     max_p95_ratio: float = 1.5
     min_requests: int = 50
     window_s: float = 300.0
+    ramp: list[float] = strawberry.field(
+        default_factory=list,
+        description="Automatic ramp: the canary's weights in percent, going up (for example "
+        "5, 25, 50, 100), each taken after a window within the guard; 100 promotes it.",
+    )
 
     def guard(self) -> routing.CanaryGuard:
         return routing.CanaryGuard(
@@ -189,6 +199,7 @@ class CanaryGuardInput:
             max_p95_ratio=self.max_p95_ratio,
             min_requests=self.min_requests,
             window_s=self.window_s,
+            ramp=tuple(self.ramp),
         )
 
 

@@ -4,6 +4,7 @@ and task a version has."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,7 @@ SERVABLE = frozenset(
     {VersionStatus.READY, VersionStatus.LIVE, VersionStatus.CANARY, VersionStatus.SHADOW}
 )
 _WEIGHT_TOLERANCE = 1e-6
+MAX_RAMP_STEPS = 10  # steps of a canary's automatic ramp
 
 
 def validate_policy(policy: TrafficPolicy, statuses: Mapping[str, VersionStatus]) -> None:
@@ -75,6 +77,15 @@ def _check_guard(guard: CanaryGuard) -> None:
         raise InvalidTrafficPolicy("canary maxP95Ratio must be at least 1")
     if guard.min_requests < 1 or guard.window_s <= 0:
         raise InvalidTrafficPolicy("canary minRequests and windowS must be positive")
+    steps = list(guard.ramp)
+    if len(steps) > MAX_RAMP_STEPS or not all(
+        math.isfinite(step) and 0 < step <= 100 for step in steps
+    ):
+        raise InvalidTrafficPolicy(
+            f"canary ramp: at most {MAX_RAMP_STEPS} steps, each a percentage in (0, 100]"
+        )
+    if any(later <= earlier for earlier, later in itertools.pairwise(steps)):
+        raise InvalidTrafficPolicy("canary ramp steps must go up (for example 5, 25, 50, 100)")
 
 
 def statuses_for(

@@ -81,7 +81,9 @@ def canary_json(guard: CanaryGuard | None) -> dict[str, Any] | None:
 
 
 def canary_of(raw: dict[str, Any] | None) -> CanaryGuard | None:
-    return CanaryGuard(**raw) if raw else None
+    if not raw:
+        return None
+    return CanaryGuard(**{**raw, "ramp": tuple(float(step) for step in raw.get("ramp") or ())})
 
 
 def policy_of(  # noqa: PLR0917 (a stored row's columns)
