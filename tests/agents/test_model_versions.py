@@ -1,0 +1,374 @@
+"""Chat aliases as versioned registry models: a snapshot loads versions (each its own endpoint),
+`alias@version` pins one, the router picks one otherwise, and the version that served is on the
+run, its events, the stored answer, the metrics and the OpenAI response. Two versions of one
+alias point at two LLM stubs that answer differently, so the answer shows which one served."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend.agents.models import SEED_VERSION, ModelRegistry
+from backend.config import ChatSettings, Settings
+from backend.errors import ValidationFailed
+from backend.inference.llm.base import ChatMessage
+from backend.lifecycle.policy import (
+    Arm,
+    ModelKind,
+    ModelVersionRecord,
+    RegistrySnapshot,
+    RequestKey,
+    Route,
+    RouteReason,
+    StickyKey,
+    TrafficPolicy,
+    VersionStatus,
+    pick_arm,
+)
+from tests.agents.test_runs import collect, gql, sign_in, text_of
+from tests.conftest import LiveServer, scaled, serve_asgi, serve_live
+from tests.llm_stub import LLMStub
+from tests.openai_api.test_openai_api import api_key, sdk
+
+# version 2's stub says every word three times: its answers are told apart from version 1's
+REPEATS = 3
+
+
+@pytest.fixture
+async def second_llm() -> AsyncIterator[tuple[LLMStub, str]]:
+    stub = LLMStub(tokens_per_s=200, answer_tokens=REPEATS)
+    async with serve_asgi(stub.app) as port:
+        yield stub, f"http://127.0.0.1:{port}/v1"
+
+
+def record(version: str, url: str, status: VersionStatus, **spec: Any) -> ModelVersionRecord:
+    return ModelVersionRecord(
+        model="default",
+        version=version,
+        kind=ModelKind.CHAT,
+        task="chat",
+        status=status,
+        spec={"base_url": url, "model": "echo", **spec},
+    )
+
+
+def snapshot(
+    first: str, second: str, *, revision: int = 1, weights: tuple[float, float] = (100, 0)
+) -> RegistrySnapshot:
+    """Version 1 live on the first stub, 2 a canary on the second, 3 registered (not loaded)."""
+    return RegistrySnapshot(
+        versions={
+            "default": (
+                record("1", first, VersionStatus.LIVE),
+                record("2", second, VersionStatus.CANARY, prompt_price_per_1k=1.0),
+                record("3", second, VersionStatus.REGISTERED),
+            )
+        },
+        policies={
+            "default": TrafficPolicy(
+                "default", (Arm("1", weights[0]), Arm("2", weights[1])), sticky=StickyKey.USER
+            )
+        },
+        revision=revision,
+    )
+
+
+class PolicyRouter:
+    """The test's stand-in for the lifecycle router: the same precedence, from policy.py."""
+
+    def __init__(self, snapshot: RegistrySnapshot) -> None:
+        self.snapshot = snapshot
+        self.asked: list[tuple[str, RequestKey, str | None]] = []
+
+    def route(self, model: str, key: RequestKey, explicit: str | None) -> Route:
+        self.asked.append((model, key, explicit))
+        if explicit is not None:
+            return Route(model, explicit, RouteReason.REQUEST_PIN)
+        policy = self.snapshot.policies[model]
+        return Route(model, pick_arm(policy, key.of(policy.sticky)), RouteReason.POLICY)
+
+
+SEND = """mutation($c: ID!, $m: String!, $model: String) {
+  sendMessage(conversationId: $c, content: $m, model: $model) {
+    run { id model modelAlias modelVersion } } }"""
+STARTED = """subscription($r: ID!) { runEvents(runId: $r) {
+  __typename ... on RunStarted { model modelAlias modelVersion } ... on TokenDelta { text } } }"""
+HISTORY = """query($c: ID!) { conversation(id: $c) { messages { edges { node {
+  role content model { alias name version } } } } } }"""
+
+
+async def ask(
+    server: LiveServer, token: str, conversation: str, content: str, model: str | None
+) -> dict[str, Any]:
+    return await gql(server, token, SEND, c=conversation, m=content, model=model)
+
+
+async def test_a_pinned_version_serves_and_is_recorded_everywhere(
+    chat_settings: Settings,
+    engine: AsyncEngine,
+    account: dict[str, Any],
+    llm: tuple[LLMStub, str],
+    second_llm: tuple[LLMStub, str],
+) -> None:
+    async with serve_live(chat_settings) as server:
+        registry: ModelRegistry = server.services.runs.models
+        token = await sign_in(server, account)
+        created = await gql(server, token, 'mutation { createConversation(title: "v") { id } }')
+        conversation = created["data"]["createConversation"]["id"]
+
+        # before any snapshot: the configured alias is version 1 of itself
+        sent = await ask(server, token, conversation, "hello", None)
+        assert sent["data"]["sendMessage"]["run"]["modelVersion"] == SEED_VERSION
+        await collect(server, token, sent["data"]["sendMessage"]["run"]["id"])
+
+        await registry.apply(snapshot(llm[1], second_llm[1]))
+        models = await gql(server, token, "{ chatModels { alias version versions } }")
+        assert models["data"]["chatModels"] == [
+            {"alias": "default", "version": "1", "versions": ["1", "2"]}
+        ]
+
+        sent = await ask(server, token, conversation, "hello", "default@2")
+        assert "errors" not in sent, sent
+        run = sent["data"]["sendMessage"]["run"]
+        assert (run["modelAlias"], run["modelVersion"]) == ("default", "2")
+        events = await collect(server, token, run["id"])
+        assert text_of(events) == "hello " * REPEATS  # the second stub answered
+        assert second_llm[0].calls == 1
+
+        # the run's first event names the version (the demo shows it while streaming)
+        started = await gql(server, token, "query($r: ID!) { run(id: $r) { status } }", r=run["id"])
+        assert started["data"]["run"]["status"] == "COMPLETED"
+        stored = await gql(
+            server, token, "query($r: ID!) { run(id: $r) { modelAlias modelVersion } }", r=run["id"]
+        )
+        assert stored["data"]["run"] == {"modelAlias": "default", "modelVersion": "2"}
+
+        # unpinned: the policy's live arm (100%) on the first stub
+        sent = await ask(server, token, conversation, "hello", "default")
+        unpinned = sent["data"]["sendMessage"]["run"]
+        assert unpinned["modelVersion"] == "1"
+        assert text_of(await collect(server, token, unpinned["id"])) == "hello "
+
+        history = await gql(server, token, HISTORY, c=conversation)
+        answers = [
+            e["node"]["model"]
+            for e in history["data"]["conversation"]["messages"]["edges"]
+            if e["node"]["role"] == "ASSISTANT"
+        ]
+        assert answers == [
+            {"alias": "default", "name": "echo", "version": "1"},
+            {"alias": "default", "name": "echo", "version": "2"},
+            {"alias": "default", "name": "echo", "version": "1"},
+        ]
+        users = [
+            e["node"]["model"]
+            for e in history["data"]["conversation"]["messages"]["edges"]
+            if e["node"]["role"] == "USER"
+        ]
+        assert users == [None, None, None]
+
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            metrics = (await http.get("/metrics")).text
+        assert 'sightline_chat_runs_total{model="echo",outcome="completed",version="2"} 1.0' in (
+            metrics
+        )
+        assert 'sightline_chat_runs_total{model="echo",outcome="completed",version="1"} 2.0' in (
+            metrics
+        )
+
+
+async def test_run_started_names_the_version(
+    chat_settings: Settings,
+    engine: AsyncEngine,
+    account: dict[str, Any],
+    llm: tuple[LLMStub, str],
+    second_llm: tuple[LLMStub, str],
+) -> None:
+    from tests.graphql.ws import init, open_socket, receive, subscribe
+
+    async with serve_live(chat_settings) as server:
+        await server.services.runs.models.apply(snapshot(llm[1], second_llm[1]))
+        token = await sign_in(server, account)
+        created = await gql(server, token, 'mutation { createConversation(title: "v") { id } }')
+        conversation = created["data"]["createConversation"]["id"]
+        sent = await ask(server, token, conversation, "hi", "default@2")
+        async with await open_socket(server.ws_url) as ws:
+            await init(ws, {"authorization": f"Bearer {token}"})
+            await subscribe(ws, STARTED, {"r": sent["data"]["sendMessage"]["run"]["id"]})
+            first = await receive(ws, timeout=scaled(60))
+        assert first["payload"]["data"]["runEvents"] == {
+            "__typename": "RunStarted",
+            "model": "echo",
+            "modelAlias": "default",
+            "modelVersion": "2",
+        }
+
+
+async def test_an_unknown_or_unloaded_version_is_bad_user_input_naming_the_loaded_ones(
+    chat_settings: Settings,
+    engine: AsyncEngine,
+    account: dict[str, Any],
+    llm: tuple[LLMStub, str],
+    second_llm: tuple[LLMStub, str],
+) -> None:
+    async with serve_live(chat_settings) as server:
+        token = await sign_in(server, account)
+        created = await gql(server, token, 'mutation { createConversation(title: "v") { id } }')
+        conversation = created["data"]["createConversation"]["id"]
+        sent = await ask(server, token, conversation, "hello", "default@2")  # no snapshot yet
+        error = sent["errors"][0]
+        assert error["extensions"]["code"] == "BAD_USER_INPUT"
+        assert "available: 1" in error["message"]
+
+        await server.services.runs.models.apply(snapshot(llm[1], second_llm[1]))
+        for pin in ("default@3", "default@9", "default@"):
+            sent = await ask(server, token, conversation, "hello", pin)
+            if pin == "default@":  # an empty version is no pin: the alias
+                assert sent["data"]["sendMessage"]["run"]["modelVersion"] == "1"
+                await collect(server, token, sent["data"]["sendMessage"]["run"]["id"])
+                continue
+            error = sent["errors"][0]
+            assert error["extensions"]["code"] == "BAD_USER_INPUT", sent
+            assert error["message"] == (
+                f"unknown version {pin.split('@')[1]!r} of model 'default'; available: 1, 2"
+            )
+            assert error["extensions"]["versions"] == ["1", "2"]
+        unknown = await ask(server, token, conversation, "hello", "nope@1")
+        assert unknown["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+        assert second_llm[0].calls == 0  # nothing refused reached a model
+
+
+async def test_openai_completions_pin_a_version_and_name_it(
+    chat_settings: Settings,
+    engine: AsyncEngine,
+    account: dict[str, Any],
+    llm: tuple[LLMStub, str],
+    second_llm: tuple[LLMStub, str],
+) -> None:
+    async with serve_live(chat_settings) as server:
+        await server.services.runs.models.apply(snapshot(llm[1], second_llm[1]))
+        client = sdk(server, await api_key(server, account, "chat"))
+        messages: Any = [{"role": "user", "content": "hello"}]
+        pinned = await client.chat.completions.create(model="default@2", messages=messages)
+        assert pinned.choices[0].message.content == "hello " * REPEATS
+        assert pinned.model == "default@2"
+        routed = await client.chat.completions.create(model="default", messages=messages)
+        assert (routed.choices[0].message.content, routed.model) == ("hello ", "default@1")
+        stream = await client.chat.completions.create(
+            model="default@2", messages=messages, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        assert {c.model for c in chunks} == {"default@2"}
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(model="default@3", messages=messages)
+        assert "available: 1, 2" in refused.value.message
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model="nope@1", messages=messages)
+
+
+async def test_the_router_picks_sticky_versions_and_sees_who_asks(
+    llm: tuple[LLMStub, str], second_llm: tuple[LLMStub, str]
+) -> None:
+    registry = await ModelRegistry.from_settings(ChatSettings(llm_base_url=llm[1]))
+    try:
+        routes = snapshot(llm[1], second_llm[1], weights=(50, 50))
+        await registry.apply(routes)
+        registry.router = router = PolicyRouter(routes)
+        users = [RequestKey(tenant_id="t", user_id=f"user-{n}") for n in range(40)]
+        first = [registry.resolve("default", key).version for key in users]
+        assert set(first) == {"1", "2"}  # both arms serve
+        assert [registry.resolve(None, key).version for key in users] == first  # sticky
+        assert registry.resolve("default@2", users[0]).version == "2"
+        assert router.asked[-1] == ("default", users[0], "2")
+        with pytest.raises(ValidationFailed):
+            registry.resolve("default@3", users[0])  # refused before the router is asked
+        assert router.asked[-1][2] == "2"
+    finally:
+        await registry.aclose()
+
+
+async def test_a_retired_version_drains_before_it_closes(
+    llm: tuple[LLMStub, str], second_llm: tuple[LLMStub, str]
+) -> None:
+    slow = LLMStub(tokens_per_s=20, answer_tokens=20)
+    async with serve_asgi(slow.app) as port:
+        slow_url = f"http://127.0.0.1:{port}/v1"
+        registry = await ModelRegistry.from_settings(ChatSettings(llm_base_url=llm[1]))
+        try:
+            await registry.apply(snapshot(llm[1], slow_url))
+            held = registry.checkout("default@2")
+            stream = held.provider.stream(
+                [ChatMessage("user", "go")], max_tokens=50, sampling=held.greedy
+            )
+            pieces = [(await anext(stream)).text]  # type: ignore[call-overload]
+
+            # version 2 is retired while its answer streams: no new request reaches it...
+            retired = RegistrySnapshot(
+                versions={"default": (record("1", llm[1], VersionStatus.LIVE),)},
+                policies={"default": TrafficPolicy("default", (Arm("1", 100),))},
+                revision=2,
+            )
+            await registry.apply(retired)
+            with pytest.raises(ValidationFailed, match=r"available: 1$"):
+                registry.resolve("default@2")
+            assert [m.version for m in registry.versions("default")] == ["1"]
+            # ...and the one going finishes on it, not cut
+            async for chunk in stream:  # type: ignore[attr-defined]
+                pieces.append(chunk.text)
+            assert "".join(pieces) == "go " * 20
+            assert slow.closed_early == 0
+            assert registry.find("default", "2") is held  # draining: its prices still known
+            assert registry.hold(held)  # a request routed just before the switch
+
+            registry.release(held)
+            registry.release(held)  # the last hold: closed in the background
+            await asyncio.sleep(0)
+            await registry.aclose()  # waits for the closing
+            assert registry.find("default", "2") is None
+            assert not registry.hold(held)  # closed: whoever resolved it routes again
+
+            # a stale snapshot (an older revision) changes nothing
+            await registry.apply(snapshot(llm[1], second_llm[1], revision=1))
+            assert [m.version for m in registry.versions("default")] == ["1"]
+        finally:
+            await registry.aclose()
+
+
+async def test_versions_on_one_endpoint_share_a_client_and_a_bad_spec_is_left_out(
+    llm: tuple[LLMStub, str], second_llm: tuple[LLMStub, str]
+) -> None:
+    registry = await ModelRegistry.from_settings(
+        ChatSettings(llm_base_url=llm[1], llm_model="echo")
+    )
+    try:
+        configured = registry.resolve(None)
+        await registry.apply(
+            RegistrySnapshot(
+                versions={
+                    "default": (
+                        record("1", llm[1], VersionStatus.LIVE),
+                        record("2", llm[1], VersionStatus.CANARY, temperature=0.1),
+                        record("4", llm[1], VersionStatus.READY, temperature=9.0),  # invalid
+                    )
+                },
+                revision=1,
+            )
+        )
+        one, two = registry.versions("default")
+        assert (one.version, two.version) == ("1", "2")
+        assert one.provider is two.provider is configured.provider
+        assert two.sampling.temperature == 0.1
+        assert registry.resolve(None).version == "1"  # the live one, with no policy
+        with pytest.raises(ValidationFailed):
+            registry.resolve("default@4")
+        # every version retired: the configured alias serves again
+        await registry.apply(RegistrySnapshot(versions={}, revision=2))
+        assert registry.resolve(None) is configured
+    finally:
+        await registry.aclose()
