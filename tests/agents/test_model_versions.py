@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -33,6 +34,7 @@ from backend.lifecycle.policy import (
 )
 from tests.agents.test_runs import collect, gql, sign_in, text_of
 from tests.conftest import LiveServer, scaled, serve_asgi, serve_live
+from tests.graphql.ws import init, open_socket, receive, subscribe
 from tests.llm_stub import LLMStub
 from tests.openai_api.test_openai_api import api_key, sdk
 
@@ -103,173 +105,158 @@ HISTORY = """query($c: ID!) { conversation(id: $c) { messages { edges { node {
   role content model { alias name version } } } } } }"""
 
 
-async def ask(
-    server: LiveServer, token: str, conversation: str, content: str, model: str | None
-) -> dict[str, Any]:
-    return await gql(server, token, SEND, c=conversation, m=content, model=model)
+@dataclass
+class Chat:
+    """A live server on the first stub, a signed-in member and a conversation of theirs."""
+
+    server: LiveServer
+    token: str
+    conversation: str
+    urls: tuple[str, str]  # the two stubs
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self.server.services.runs.models
+
+    async def ask(self, content: str, model: str | None) -> dict[str, Any]:
+        return await gql(self.server, self.token, SEND, c=self.conversation, m=content, model=model)
+
+    async def load_versions(self) -> None:
+        await self.registry.apply(snapshot(*self.urls))
+
+
+@pytest.fixture
+async def chat(
+    chat_settings: Settings,
+    engine: AsyncEngine,
+    account: dict[str, Any],
+    llm: tuple[LLMStub, str],
+    second_llm: tuple[LLMStub, str],
+) -> AsyncIterator[Chat]:
+    async with serve_live(chat_settings) as server:
+        token = await sign_in(server, account)
+        created = await gql(server, token, 'mutation { createConversation(title: "v") { id } }')
+        conversation = created["data"]["createConversation"]["id"]
+        yield Chat(server, token, conversation, (llm[1], second_llm[1]))
 
 
 async def test_a_pinned_version_serves_and_is_recorded_everywhere(
-    chat_settings: Settings,
-    engine: AsyncEngine,
-    account: dict[str, Any],
-    llm: tuple[LLMStub, str],
-    second_llm: tuple[LLMStub, str],
+    chat: Chat, second_llm: tuple[LLMStub, str]
 ) -> None:
-    async with serve_live(chat_settings) as server:
-        registry: ModelRegistry = server.services.runs.models
-        token = await sign_in(server, account)
-        created = await gql(server, token, 'mutation { createConversation(title: "v") { id } }')
-        conversation = created["data"]["createConversation"]["id"]
+    server, token = chat.server, chat.token
+    # before any snapshot: the configured alias is version 1 of itself
+    sent = await chat.ask("hello", None)
+    assert sent["data"]["sendMessage"]["run"]["modelVersion"] == SEED_VERSION
+    await collect(server, token, sent["data"]["sendMessage"]["run"]["id"])
 
-        # before any snapshot: the configured alias is version 1 of itself
-        sent = await ask(server, token, conversation, "hello", None)
-        assert sent["data"]["sendMessage"]["run"]["modelVersion"] == SEED_VERSION
-        await collect(server, token, sent["data"]["sendMessage"]["run"]["id"])
+    await chat.load_versions()
+    models = await gql(server, token, "{ chatModels { alias version versions } }")
+    assert models["data"]["chatModels"] == [
+        {"alias": "default", "version": "1", "versions": ["1", "2"]}
+    ]
 
-        await registry.apply(snapshot(llm[1], second_llm[1]))
-        models = await gql(server, token, "{ chatModels { alias version versions } }")
-        assert models["data"]["chatModels"] == [
-            {"alias": "default", "version": "1", "versions": ["1", "2"]}
-        ]
+    sent = await chat.ask("hello", "default@2")
+    assert "errors" not in sent, sent
+    run = sent["data"]["sendMessage"]["run"]
+    assert (run["modelAlias"], run["modelVersion"]) == ("default", "2")
+    events = await collect(server, token, run["id"])
+    assert text_of(events) == "hello " * REPEATS  # the second stub answered
+    assert second_llm[0].calls == 1
+    stored = await gql(
+        server,
+        token,
+        "query($r: ID!) { run(id: $r) { status modelAlias modelVersion } }",
+        r=run["id"],
+    )
+    assert stored["data"]["run"] == {
+        "status": "COMPLETED",
+        "modelAlias": "default",
+        "modelVersion": "2",
+    }
 
-        sent = await ask(server, token, conversation, "hello", "default@2")
-        assert "errors" not in sent, sent
-        run = sent["data"]["sendMessage"]["run"]
-        assert (run["modelAlias"], run["modelVersion"]) == ("default", "2")
-        events = await collect(server, token, run["id"])
-        assert text_of(events) == "hello " * REPEATS  # the second stub answered
-        assert second_llm[0].calls == 1
+    # unpinned: the policy's live arm (100%) on the first stub
+    sent = await chat.ask("hello", "default")
+    unpinned = sent["data"]["sendMessage"]["run"]
+    assert unpinned["modelVersion"] == "1"
+    assert text_of(await collect(server, token, unpinned["id"])) == "hello "
 
-        # the run's first event names the version (the demo shows it while streaming)
-        started = await gql(server, token, "query($r: ID!) { run(id: $r) { status } }", r=run["id"])
-        assert started["data"]["run"]["status"] == "COMPLETED"
-        stored = await gql(
-            server, token, "query($r: ID!) { run(id: $r) { modelAlias modelVersion } }", r=run["id"]
-        )
-        assert stored["data"]["run"] == {"modelAlias": "default", "modelVersion": "2"}
+    history = await gql(server, token, HISTORY, c=chat.conversation)
+    nodes = [e["node"] for e in history["data"]["conversation"]["messages"]["edges"]]
+    assert [n["model"] for n in nodes if n["role"] == "ASSISTANT"] == [
+        {"alias": "default", "name": "echo", "version": "1"},
+        {"alias": "default", "name": "echo", "version": "2"},
+        {"alias": "default", "name": "echo", "version": "1"},
+    ]
+    assert [n["model"] for n in nodes if n["role"] == "USER"] == [None, None, None]
 
-        # unpinned: the policy's live arm (100%) on the first stub
-        sent = await ask(server, token, conversation, "hello", "default")
-        unpinned = sent["data"]["sendMessage"]["run"]
-        assert unpinned["modelVersion"] == "1"
-        assert text_of(await collect(server, token, unpinned["id"])) == "hello "
-
-        history = await gql(server, token, HISTORY, c=conversation)
-        answers = [
-            e["node"]["model"]
-            for e in history["data"]["conversation"]["messages"]["edges"]
-            if e["node"]["role"] == "ASSISTANT"
-        ]
-        assert answers == [
-            {"alias": "default", "name": "echo", "version": "1"},
-            {"alias": "default", "name": "echo", "version": "2"},
-            {"alias": "default", "name": "echo", "version": "1"},
-        ]
-        users = [
-            e["node"]["model"]
-            for e in history["data"]["conversation"]["messages"]["edges"]
-            if e["node"]["role"] == "USER"
-        ]
-        assert users == [None, None, None]
-
-        async with httpx.AsyncClient(base_url=server.http_url) as http:
-            metrics = (await http.get("/metrics")).text
-        assert 'sightline_chat_runs_total{model="echo",outcome="completed",version="2"} 1.0' in (
-            metrics
-        )
-        assert 'sightline_chat_runs_total{model="echo",outcome="completed",version="1"} 2.0' in (
-            metrics
-        )
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        metrics = (await http.get("/metrics")).text
+    for version, runs in (("2", 1), ("1", 2)):
+        sample = f'model="echo",outcome="completed",version="{version}"}} {runs}.0'
+        assert f"sightline_chat_runs_total{{{sample}" in metrics
 
 
-async def test_run_started_names_the_version(
-    chat_settings: Settings,
-    engine: AsyncEngine,
-    account: dict[str, Any],
-    llm: tuple[LLMStub, str],
-    second_llm: tuple[LLMStub, str],
-) -> None:
-    from tests.graphql.ws import init, open_socket, receive, subscribe
-
-    async with serve_live(chat_settings) as server:
-        await server.services.runs.models.apply(snapshot(llm[1], second_llm[1]))
-        token = await sign_in(server, account)
-        created = await gql(server, token, 'mutation { createConversation(title: "v") { id } }')
-        conversation = created["data"]["createConversation"]["id"]
-        sent = await ask(server, token, conversation, "hi", "default@2")
-        async with await open_socket(server.ws_url) as ws:
-            await init(ws, {"authorization": f"Bearer {token}"})
-            await subscribe(ws, STARTED, {"r": sent["data"]["sendMessage"]["run"]["id"]})
-            first = await receive(ws, timeout=scaled(60))
-        assert first["payload"]["data"]["runEvents"] == {
-            "__typename": "RunStarted",
-            "model": "echo",
-            "modelAlias": "default",
-            "modelVersion": "2",
-        }
+async def test_run_started_names_the_version(chat: Chat) -> None:
+    await chat.load_versions()
+    sent = await chat.ask("hi", "default@2")
+    async with await open_socket(chat.server.ws_url) as ws:
+        await init(ws, {"authorization": f"Bearer {chat.token}"})
+        await subscribe(ws, STARTED, {"r": sent["data"]["sendMessage"]["run"]["id"]})
+        first = await receive(ws, timeout=scaled(60))
+    assert first["payload"]["data"]["runEvents"] == {
+        "__typename": "RunStarted",
+        "model": "echo",
+        "modelAlias": "default",
+        "modelVersion": "2",
+    }
+    await collect(chat.server, chat.token, sent["data"]["sendMessage"]["run"]["id"])
 
 
 async def test_an_unknown_or_unloaded_version_is_bad_user_input_naming_the_loaded_ones(
-    chat_settings: Settings,
-    engine: AsyncEngine,
-    account: dict[str, Any],
-    llm: tuple[LLMStub, str],
-    second_llm: tuple[LLMStub, str],
+    chat: Chat, second_llm: tuple[LLMStub, str]
 ) -> None:
-    async with serve_live(chat_settings) as server:
-        token = await sign_in(server, account)
-        created = await gql(server, token, 'mutation { createConversation(title: "v") { id } }')
-        conversation = created["data"]["createConversation"]["id"]
-        sent = await ask(server, token, conversation, "hello", "default@2")  # no snapshot yet
-        error = sent["errors"][0]
-        assert error["extensions"]["code"] == "BAD_USER_INPUT"
-        assert "available: 1" in error["message"]
+    sent = await chat.ask("hello", "default@2")  # no snapshot yet
+    error = sent["errors"][0]
+    assert error["extensions"]["code"] == "BAD_USER_INPUT"
+    assert "available: 1" in error["message"]
 
-        await server.services.runs.models.apply(snapshot(llm[1], second_llm[1]))
-        for pin in ("default@3", "default@9", "default@"):
-            sent = await ask(server, token, conversation, "hello", pin)
-            if pin == "default@":  # an empty version is no pin: the alias
-                assert sent["data"]["sendMessage"]["run"]["modelVersion"] == "1"
-                await collect(server, token, sent["data"]["sendMessage"]["run"]["id"])
-                continue
-            error = sent["errors"][0]
-            assert error["extensions"]["code"] == "BAD_USER_INPUT", sent
-            assert error["message"] == (
-                f"unknown version {pin.split('@')[1]!r} of model 'default'; available: 1, 2"
-            )
-            assert error["extensions"]["versions"] == ["1", "2"]
-        unknown = await ask(server, token, conversation, "hello", "nope@1")
-        assert unknown["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
-        assert second_llm[0].calls == 0  # nothing refused reached a model
+    await chat.load_versions()
+    for version in ("3", "9"):  # registered but not loaded; never registered
+        sent = await chat.ask("hello", f"default@{version}")
+        error = sent["errors"][0]
+        assert error["extensions"]["code"] == "BAD_USER_INPUT", sent
+        assert error["message"] == (
+            f"unknown version {version!r} of model 'default'; available: 1, 2"
+        )
+        assert error["extensions"]["versions"] == ["1", "2"]
+    unknown = await chat.ask("hello", "nope@1")
+    assert unknown["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+    assert second_llm[0].calls == 0  # nothing refused reached a model
+
+    sent = await chat.ask("hello", "default@")  # an empty version is no pin: the alias
+    assert sent["data"]["sendMessage"]["run"]["modelVersion"] == "1"
+    await collect(chat.server, chat.token, sent["data"]["sendMessage"]["run"]["id"])
 
 
 async def test_openai_completions_pin_a_version_and_name_it(
-    chat_settings: Settings,
-    engine: AsyncEngine,
-    account: dict[str, Any],
-    llm: tuple[LLMStub, str],
-    second_llm: tuple[LLMStub, str],
+    chat: Chat, account: dict[str, Any]
 ) -> None:
-    async with serve_live(chat_settings) as server:
-        await server.services.runs.models.apply(snapshot(llm[1], second_llm[1]))
-        client = sdk(server, await api_key(server, account, "chat"))
-        messages: Any = [{"role": "user", "content": "hello"}]
-        pinned = await client.chat.completions.create(model="default@2", messages=messages)
-        assert pinned.choices[0].message.content == "hello " * REPEATS
-        assert pinned.model == "default@2"
-        routed = await client.chat.completions.create(model="default", messages=messages)
-        assert (routed.choices[0].message.content, routed.model) == ("hello ", "default@1")
-        stream = await client.chat.completions.create(
-            model="default@2", messages=messages, stream=True
-        )
-        chunks = [chunk async for chunk in stream]
-        assert {c.model for c in chunks} == {"default@2"}
-        with pytest.raises(openai.BadRequestError) as refused:
-            await client.chat.completions.create(model="default@3", messages=messages)
-        assert "available: 1, 2" in refused.value.message
-        with pytest.raises(openai.NotFoundError):
-            await client.chat.completions.create(model="nope@1", messages=messages)
+    await chat.load_versions()
+    client = sdk(chat.server, await api_key(chat.server, account, "chat"))
+    messages: Any = [{"role": "user", "content": "hello"}]
+    pinned = await client.chat.completions.create(model="default@2", messages=messages)
+    assert pinned.choices[0].message.content == "hello " * REPEATS
+    assert pinned.model == "default@2"
+    routed = await client.chat.completions.create(model="default", messages=messages)
+    assert (routed.choices[0].message.content, routed.model) == ("hello ", "default@1")
+    stream = await client.chat.completions.create(model="default@2", messages=messages, stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert {c.model for c in chunks} == {"default@2"}
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.chat.completions.create(model="default@3", messages=messages)
+    assert "available: 1, 2" in refused.value.message
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="nope@1", messages=messages)
 
 
 async def test_the_router_picks_sticky_versions_and_sees_who_asks(
