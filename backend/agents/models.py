@@ -146,6 +146,7 @@ class ModelRegistry:
         router: ChatRouter | None = None,
     ) -> None:
         self._configured = models
+        self._seeds: dict[str, ModelSpec] = {}  # the settings' specs (from_settings)
         self._chat = chat or ChatSettings()
         self.router = router  # set by the app once the lifecycle router exists
         self._versions: dict[str, dict[str, _Version]] = {}  # from the registry's snapshot
@@ -224,6 +225,12 @@ class ModelRegistry:
         version.holds -= 1
         if version.retired and version.holds == 0:
             self._close_later(version)
+
+    def seeds(self) -> dict[str, dict[str, object]]:
+        """The settings' aliases as the registry's first chat versions (`SEED_VERSION`): each
+        alias's endpoint spec, which `apply` builds back into the same model (no key in it:
+        `api_key_env` names where the key is)."""
+        return {a: s.model_dump(exclude_defaults=True) for a, s in sorted(self._seeds.items())}
 
     def find(self, alias: str, version: str | None) -> ChatModel | None:
         """The version by name, open or draining (prices of a run recorded earlier)."""
@@ -397,7 +404,11 @@ class ModelRegistry:
         not loaded here yet: the default serves)."""
         if self.router is None or not self._open(alias):
             return None
-        route = self.router.route(alias, key or RequestKey(tenant_id=""), explicit)
+        try:
+            route = self.router.route(alias, key or RequestKey(tenant_id=""), explicit)
+        except Exception as exc:  # a router that cannot say (a model it has no policy for yet)
+            log.warning("routing %s failed, its default serves: %r", alias, exc)
+            return None
         for version in self._open(alias):
             if version.model.version == route.version:
                 return version.model
@@ -427,6 +438,7 @@ class ModelRegistry:
             model = await registry._build(alias, spec, version=SEED_VERSION)
             if model is not None:
                 registry._configured[alias] = model
+                registry._seeds[alias] = spec
                 if spec.provider == "local":
                     log.info("chat alias %s uses the packaged local model %s", alias, model.name)
         return registry

@@ -359,3 +359,35 @@ async def test_versions_on_one_endpoint_share_a_client_and_a_bad_spec_is_left_ou
         assert registry.resolve(None) is configured
     finally:
         await registry.aclose()
+
+
+async def test_the_settings_seed_version_1_and_a_seed_builds_back_the_same_model(
+    llm: tuple[LLMStub, str],
+) -> None:
+    registry = await ModelRegistry.from_settings(
+        ChatSettings(llm_base_url=llm[1], llm_model="echo", temperature=0.2)
+    )
+    try:
+        seeds = registry.seeds()
+        assert seeds == {
+            "default": {
+                "base_url": llm[1],
+                "model": "echo",
+                "temperature": 0.2,
+            }
+        }
+        configured = registry.resolve(None)
+        seeded = ModelVersionRecord(
+            "default", SEED_VERSION, ModelKind.CHAT, "chat", VersionStatus.LIVE, seeds["default"]
+        )
+        await registry.apply(RegistrySnapshot(versions={"default": (seeded,)}, revision=1))
+        served = registry.resolve(None)
+        assert served is not configured  # the registry's version now...
+        assert (served.version, served.sampling, served.provider) == (
+            SEED_VERSION,
+            configured.sampling,
+            configured.provider,  # ...on the same client
+        )
+        assert await registry.complete("default@1", [ChatMessage("user", "yes")]) == "yes "
+    finally:
+        await registry.aclose()
