@@ -99,6 +99,7 @@ class Completion:
     reported_completion_tokens: int = 0
     pieces: int = 0  # pieces of text delivered
     model_called: bool = False  # (a message the input rails blocked never reaches it)
+    left: bool = False  # the client went away before the answer ended
     rails: list[dict[str, str]] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)  # numbered from 1, as the prompt has them
     answer: list[str] = field(default_factory=list)
@@ -183,7 +184,7 @@ class OpenAIService:
         runs: RunService | None = None,
         served: ServedHook | None = None,
     ) -> None:
-        self._served = served  # the lifecycle's statistics, when wired
+        self.served = served  # the lifecycle's statistics, when wired
         self._search = search
         self._runs = runs
         self._models = models
@@ -271,6 +272,9 @@ class OpenAIService:
             try:
                 async for piece in self._generate(principal, completion, reservation):
                     yield piece
+            except (GeneratorExit, asyncio.CancelledError):
+                completion.left = True
+                raise
             finally:
                 # Shielded: a client that leaves cancels this, and the usage must still be kept.
                 await asyncio.shield(
@@ -463,8 +467,8 @@ class OpenAIService:
         """Charges what the model read and wrote (never less than charged while streaming),
         gives back the rest of the hold and records the usage with its cost."""
         prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
-        if self._served is not None and completion.model_called:
-            self._served(
+        if self.served is not None and completion.model_called and not completion.left:
+            self.served(
                 completion.model.alias,
                 completion.model.version,
                 ok=completion.finish_reason is not None,

@@ -395,3 +395,29 @@ async def test_the_settings_seed_version_1_and_a_seed_builds_back_the_same_model
         assert await registry.complete("default@1", [ChatMessage("user", "yes")]) == "yes "
     finally:
         await registry.aclose()
+
+
+async def test_every_served_answer_is_told_to_the_statistics_by_version(
+    chat: Chat, account: dict[str, Any]
+) -> None:
+    told: list[tuple[str, str, dict[str, Any]]] = []
+
+    def record_served(model: str, version: str, **figures: Any) -> None:
+        told.append((model, version, figures))
+
+    services = chat.server.services
+    assert services.openai is not None
+    services.runs.served = services.openai.served = record_served
+    await chat.load_versions()
+    sent = await chat.ask("one two", "default@2")
+    await collect(chat.server, chat.token, sent["data"]["sendMessage"]["run"]["id"])
+    client = sdk(chat.server, await api_key(chat.server, account, "chat"))
+    await client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "three"}]
+    )
+    assert [(m, v, f["ok"], f["tokens"]) for m, v, f in told] == [
+        ("default", "2", True, REPEATS),  # the second stub answers REPEATS words
+        ("default", "1", True, 1),
+    ]
+    assert told[0][2]["cost"] > 0  # version 2's prompt price
+    assert all(f["latency_s"] > 0 for _, _, f in told)
