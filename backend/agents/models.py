@@ -156,6 +156,7 @@ class ModelRegistry:
         self._closing: set[asyncio.Task[None]] = set()
         self._applying = asyncio.Lock()
         self._revision = -1
+        self._shut = False
         # `alias@version` -> why the last snapshot's version could not be built here
         self.failures: dict[str, str] = {}
         for model in models.values():  # the settings' clients live as long as the registry
@@ -269,8 +270,8 @@ class ModelRegistry:
         it no longer keeps take no new requests and close once their holds end. A spec that
         cannot be built is logged and left out (the versions in force keep serving)."""
         async with self._applying:
-            if snapshot.revision < self._revision:
-                return  # an older snapshot, delivered late
+            if snapshot.revision < self._revision or self._shut:
+                return  # an older snapshot, delivered late; or the registry is closed
             records = _chat_records(snapshot)
             built: dict[str, dict[str, _Version]] = {}
             self.failures = {}
@@ -428,6 +429,8 @@ class ModelRegistry:
         return None
 
     async def aclose(self) -> None:
+        async with self._applying:  # a snapshot being applied finishes first; none after
+            self._shut = True
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         clients, self._clients = list(self._clients.values()), {}
