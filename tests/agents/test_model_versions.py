@@ -15,7 +15,7 @@ import openai
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from backend.agents.models import SEED_VERSION, ModelRegistry
+from backend.agents.models import SEED_VERSION, ModelRegistry, alias_specs
 from backend.config import ChatSettings, Settings
 from backend.errors import ValidationFailed
 from backend.inference.llm.base import ChatMessage
@@ -365,24 +365,17 @@ async def test_versions_on_one_endpoint_share_a_client_and_a_bad_spec_is_left_ou
         await registry.aclose()
 
 
-async def test_the_settings_seed_version_1_and_a_seed_builds_back_the_same_model(
+async def test_a_seeded_alias_builds_back_the_same_model_and_the_router_sees_it(
     llm: tuple[LLMStub, str],
 ) -> None:
-    registry = await ModelRegistry.from_settings(
-        ChatSettings(llm_base_url=llm[1], llm_model="echo", temperature=0.2)
-    )
+    chat = ChatSettings(llm_base_url=llm[1], llm_model="echo", temperature=0.2)
+    registry = await ModelRegistry.from_settings(chat)
     try:
-        seeds = registry.seeds()
-        assert seeds == {
-            "default": {
-                "base_url": llm[1],
-                "model": "echo",
-                "temperature": 0.2,
-            }
-        }
         configured = registry.resolve(None)
+        # what the registry is seeded with at start: version 1, the settings' spec as JSON
+        spec = alias_specs(chat)["default"].model_dump(mode="json")
         seeded = ModelVersionRecord(
-            "default", SEED_VERSION, ModelKind.CHAT, "chat", VersionStatus.LIVE, seeds["default"]
+            "default", SEED_VERSION, ModelKind.CHAT, "chat", VersionStatus.LIVE, spec
         )
         await registry.apply(RegistrySnapshot(versions={"default": (seeded,)}, revision=1))
         served = registry.resolve(None)
@@ -393,6 +386,12 @@ async def test_the_settings_seed_version_1_and_a_seed_builds_back_the_same_model
             configured.provider,  # ...on the same client
         )
         assert await registry.complete("default@1", [ChatMessage("user", "yes")]) == "yes "
+
+        await registry.apply(snapshot(llm[1], llm[1], revision=2))
+        assert registry.local_versions("default") == ["1", "2"]  # the default first
+        assert registry.is_ready("default", "2")
+        assert not registry.is_ready("default", "3")  # registered, not loaded
+        assert registry.local_versions("nope") == []
     finally:
         await registry.aclose()
 
