@@ -55,7 +55,6 @@ SEED_VERSION = "1"  # the version an alias from the settings is (and seeds the r
 LOCAL_CONTEXT_TOKENS = 2048
 REMOTE_CONTEXT_TOKENS = 8192
 ENDPOINT_SAMPLING = Sampling(temperature=0.7)
-CLOSE_TIMEOUT_S = 10.0  # closing a drained version's client (an HTTP pool) takes no longer
 # a live version is the default; then the others that may take traffic, in this order
 _PREFERENCE = (VersionStatus.LIVE, VersionStatus.CANARY, VersionStatus.READY)
 
@@ -380,7 +379,7 @@ class ModelRegistry:
             return  # another version (or a configured alias) reaches the same endpoint
         del self._clients[key]
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            async with asyncio.timeout(self._chat.model_close_timeout_s):
                 await model.provider.aclose()
         except Exception as exc:
             log.warning("closing chat model %s: %r", model.pinned, exc)
