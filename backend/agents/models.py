@@ -227,6 +227,19 @@ class ModelRegistry:
         if version.retired and version.holds == 0:
             self._close_later(version)
 
+    def shadow_for(self, name: str | None, key: RequestKey) -> ChatModel | None:
+        """The version the router mirrors this request to (its policy's shadow, sampled by the
+        request), when built here; None for most requests. The router's choice depends on the
+        key alone, so this is the shadow of the route that `resolve` took."""
+        alias, explicit = split_pin(name) if name is not None else (DEFAULT, None)
+        if self.router is None or explicit is not None or not self._open(alias):
+            return None  # a pinned request is the caller's experiment: never mirrored
+        try:
+            shadow = self.router.route(alias, key, None).shadow
+        except Exception:  # routing failed: resolve served the default, with no shadow
+            return None
+        return next((m.model for m in self._open(alias) if m.model.version == shadow), None)
+
     def is_ready(self, alias: str, version: str) -> bool:
         """Whether this replica serves `alias@version` now (the lifecycle router asks)."""
         return any(m.version == version for m in self.versions(alias))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -31,6 +31,7 @@ from backend.lifecycle.policy import (
     TrafficPolicy,
     VersionStatus,
     pick_arm,
+    shadow_sampled,
 )
 from tests.agents.test_runs import collect, gql, sign_in, text_of
 from tests.conftest import LiveServer, scaled, serve_asgi, serve_live
@@ -93,7 +94,9 @@ class PolicyRouter:
         if explicit is not None:
             return Route(model, explicit, RouteReason.REQUEST_PIN)
         policy = self.snapshot.policies[model]
-        return Route(model, pick_arm(policy, key.of(policy.sticky)), RouteReason.POLICY)
+        arm = pick_arm(policy, key.of(policy.sticky))
+        shadow = policy.shadow if shadow_sampled(policy, key.request_id) else None
+        return Route(model, arm, RouteReason.POLICY, shadow if shadow != arm else None)
 
 
 SEND = """mutation($c: ID!, $m: String!, $model: String) {
@@ -276,6 +279,18 @@ async def test_the_router_picks_sticky_versions_and_sees_who_asks(
         with pytest.raises(ValidationFailed):
             registry.resolve("default@3", users[0])  # refused before the router is asked
         assert router.asked[-1][2] == "2"
+
+        # a shadow at 50%: about half the requests of live users are mirrored to version 2
+        mirrored = replace(
+            routes.policies["default"], arms=(Arm("1", 100),), shadow="2", shadow_rate=0.5
+        )
+        router.snapshot = replace(routes, policies={"default": mirrored})
+        keys = [RequestKey("t", "u", request_id=str(n)) for n in range(40)]
+        shadows = [registry.shadow_for("default", key) for key in keys]
+        assert {s.version for s in shadows if s is not None} == {"2"}
+        assert 0 < sum(s is not None for s in shadows) < 40
+        assert [registry.shadow_for("default", k) for k in keys] == shadows  # by request
+        assert registry.shadow_for("default@1", keys[0]) is None  # a pinned request: none
     finally:
         await registry.aclose()
 
