@@ -57,6 +57,7 @@ from backend.knowledge.service import KnowledgeService
 from backend.lifecycle.operations import ModelOperations
 from backend.lifecycle.policy import Arm
 from backend.lifecycle.reconcile import PoolReconciler
+from backend.lifecycle.router import ModelRouter
 from backend.lifecycle.seeding import served_models
 from backend.lifecycle.service import ModelRegistryService
 from backend.lifecycle.watcher import RegistryWatcher
@@ -193,6 +194,7 @@ async def build_services(
     purges.start()
     lifecycle = ModelOperations(state.redis, state.keys, settings.lifecycle, state.metrics)
     lifecycle.start()
+    runs.served = lifecycle.stats.record  # every run's version, outcome, latency and cost
     lifecycle.use_registry(
         models_watcher,
         rollback=functools.partial(_canary_rollback, registry),
@@ -226,6 +228,7 @@ async def build_services(
             settings=settings.openai,
             search=tools.search_knowledge,
             runs=runs,
+            served=lifecycle.stats.record,
         ),
         grace_s=settings.server.graceful_shutdown_s,
         warm_up=warm_up,
@@ -289,6 +292,10 @@ async def _build_registry(
         embedding = (embedder.name, embedder.dimensions, settings.knowledge.embedding_base_url)
         await registry.seed(served_models(manifests, specs, embedding))
     watcher = RegistryWatcher(registry, state.redis, settings.lifecycle)
+    # chat: versions built from each registry state (before routing may pick them), then routed
+    chat.router = ModelRouter(chat.is_ready, chat.local_versions)
+    watcher.add_listener(chat.apply)
+    watcher.add_listener(chat.router)
     reconciler = None
     if pool is not None and vision.router is not None:
         watcher.add_listener(vision.router)

@@ -502,6 +502,12 @@ class ChatSettings(_Section):
     llm_retries: int = Field(
         3, ge=0, description="Retries on connect errors, 429 and 5xx, before the first token."
     )
+    model_close_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest wait for a retired model version's client to close once the "
+        "turns on it have ended.",
+    )
     max_message_chars: int = Field(32_000, ge=1, description="Longest user message.")
     max_attachments: int = Field(
         4, ge=0, description="Most images (analysed vision jobs) one message may attach."

@@ -12,7 +12,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -47,6 +47,7 @@ from backend.core.db import Database
 from backend.core.embedded import EmbeddedPostgres
 from backend.core.migrations import upgrade_to_head
 from backend.knowledge.embeddings import LocalEmbedder
+from backend.services import Services
 
 # Signed-in accounts (owner, member, stranger) for any test package.
 pytest_plugins = ("tests.accounts",)
@@ -249,6 +250,11 @@ class LiveServer:
     http_url: str
     ws_url: str
     app: FastAPI
+    state: dict[str, Any] = field(default_factory=dict)  # the lifespan's: "services"...
+
+    @property
+    def services(self) -> Services:
+        return self.state["services"]
 
 
 @asynccontextmanager
@@ -275,6 +281,16 @@ async def serve_live(settings: Settings, **app_options: Any) -> AsyncIterator[Li
     """A real uvicorn server on a free port, with its own connection pool (`app_options` go
     to `create_app`: the agent's tools and rails)."""
     application = create_app(settings, **app_options)
+    state: dict[str, Any] = {}
+    lifespan_of = application.router.lifespan_context
+
+    @asynccontextmanager
+    async def kept(app: Any) -> AsyncIterator[Any]:  # the services, for tests to reach
+        async with lifespan_of(app) as opened:
+            state.update(opened or {})
+            yield opened
+
+    application.router.lifespan_context = kept
     port = free_port()
     config = uvicorn.Config(
         application,
@@ -292,7 +308,9 @@ async def serve_live(settings: Settings, **app_options: Any) -> AsyncIterator[Li
                 task.result()
             await asyncio.sleep(0.02)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/graphql", application)
+        yield LiveServer(
+            f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/graphql", application, state
+        )
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, scaled(60))

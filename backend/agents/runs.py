@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.agents.graph import Agent, StoredMessage, TurnContext
-from backend.agents.models import ChatModel, ModelRegistry
+from backend.agents.models import ChatModel, ModelRegistry, request_key
 from backend.auth.principal import Principal
 from backend.config import ChatSettings
 from backend.conversations.service import ConversationService
@@ -117,6 +117,23 @@ class CancelledRun:
 CHAT_RUN_OPERATION = "chatRun"
 
 
+class ServedHook(Protocol):
+    """Told of every ended run or completion, by the version that served it (the lifecycle's
+    serving statistics: backend.lifecycle.stats.ServingStats.record)."""
+
+    def __call__(
+        self,
+        model: str,
+        version: str,
+        *,
+        ok: bool,
+        latency_s: float,
+        tokens: int = 0,
+        compute_s: float = 0.0,
+        cost: float = 0.0,
+    ) -> None: ...
+
+
 class RunService:
     def __init__(
         self,
@@ -133,8 +150,10 @@ class RunService:
         settings: ChatSettings,
         metrics: Metrics | None = None,
         stored_text: Callable[[Principal, str], Awaitable[str]] | None = None,
+        served: ServedHook | None = None,
     ) -> None:
         self._metrics = metrics or Metrics()
+        self.served = served  # the lifecycle's statistics, when wired
         # What a user's message becomes when stored (the tenant's data protection policy may
         # redact it); None: stored as sent.
         self._stored_text = stored_text
@@ -204,7 +223,9 @@ class RunService:
         the running turn first, ENQUEUE runs this one after it."""
         content = self._checked(content, attachments)
         await self._conversations.get(principal, conversation_id)  # NOT_FOUND before anything
-        chat_model = self.models.resolve(model)
+        run_id = uuid.uuid4()
+        key = request_key(principal, conversation_id=conversation_id, request_id=str(run_id))
+        self.models.resolve(model, key)  # an unknown model or version: BAD_USER_INPUT first
         if self._closing:
             raise ServiceUnavailable("the server is shutting down")
         await self._limiter.enforce(principal.subject, principal.plan, "chat_run")
@@ -216,13 +237,15 @@ class RunService:
             raise RunInProgress("too many runs going at once; wait for one to finish")
         if self._stored_text is not None:
             content = await self._stored_text(principal, content)
-        run_id = uuid.uuid4()
         member = Work(principal.tenant_id, run_id, principal.user_id).member
         # The lease first: should this replica die from here on, whoever claims the lease finds
         # what there is of the run (its reservation, its row) and cleans up.
         await self._leases.acquire(member)
         reservation: Reservation | None = None
+        chat_model: ChatModel | None = None
         try:
+            # held until the run ends: a version retired meanwhile closes after it
+            chat_model = self.models.checkout(model, key)
             await self._redis.sadd(active_key, str(run_id))
             reservation = await self._budgets.reserve(
                 tenant_id=principal.tenant_id,
@@ -259,6 +282,8 @@ class RunService:
                     user_id=principal.user_id,
                     status=RunStatus.QUEUED,
                     model=chat_model.name,
+                    model_alias=chat_model.alias,
+                    model_version=chat_model.version,
                     created_at=now,
                     updated_at=now,
                 )
@@ -274,6 +299,8 @@ class RunService:
                     meta={"attachments": list(attachments)} if attachments else None,
                 )
         except BaseException:
+            if chat_model is not None:
+                self.models.release(chat_model)
             try:  # in this order: should a step fail, the lease stays and recovery does the rest
                 if reservation is not None:
                     await reservation.release()
@@ -283,15 +310,7 @@ class RunService:
                 self._leases.abandon(member)
                 log.warning("run %s not created; cleanup left to recovery: %r", run_id, exc)
             raise
-        try:
-            await self.events.append_retrying(
-                str(run.id),
-                "RunStarted",
-                {"conversationId": str(conversation_id), "model": run.model},
-                within_s=self._settings.outage_retry_s,
-            )
-        except Exception as exc:  # the run is accepted: it goes on, and its end is recovered
-            log.warning("run %s: RunStarted not recorded: %r", run.id, exc)
+        await self._announce(run)
         self._tasks[run.id] = asyncio.create_task(
             self._execute(
                 _Turn(
@@ -307,6 +326,23 @@ class RunService:
             name=f"run-{run.id}",
         )
         return StartedRun(run, message)
+
+    async def _announce(self, run: Run) -> None:
+        """The run's first event: which model version serves it."""
+        try:
+            await self.events.append_retrying(
+                str(run.id),
+                "RunStarted",
+                {
+                    "conversationId": str(run.conversation_id),
+                    "model": run.model,
+                    "modelAlias": run.model_alias,
+                    "modelVersion": run.model_version,
+                },
+                within_s=self._settings.outage_retry_s,
+            )
+        except Exception as exc:  # the run is accepted: it goes on, and its end is recovered
+            log.warning("run %s: RunStarted not recorded: %r", run.id, exc)
 
     def _checked(self, content: str, attachments: Sequence[str]) -> str:
         """The message as stored: not empty, within the size limits."""
@@ -426,7 +462,7 @@ class RunService:
                     await self._wait_for_turn(turn)
                 finally:
                     self._metrics.chat_queued_runs.dec()
-            self._metrics.chat_queue_wait.labels(run.model).observe(
+            self._metrics.chat_queue_wait.labels(run.model, turn.model.version).observe(
                 time.perf_counter() - turn.started
             )
             await self._set_status(turn.principal, run.id, RunStatus.RUNNING)
@@ -460,11 +496,11 @@ class RunService:
     async def _deliver(self, turn: _Turn, text: str) -> None:
         """One piece of the answer: metrics, a cancel check, the event, the budget."""
         now = time.perf_counter()
-        model = turn.run.model
+        model, version = turn.run.model, turn.model.version
         if turn.last_token is None:
-            self._metrics.chat_ttft.labels(model).observe(now - turn.started)
+            self._metrics.chat_ttft.labels(model, version).observe(now - turn.started)
         else:
-            self._metrics.chat_inter_token.labels(model).observe(now - turn.last_token)
+            self._metrics.chat_inter_token.labels(model, version).observe(now - turn.last_token)
         turn.last_token = now
         turn.text.append(text)
         turn.uncharged += 1
@@ -494,7 +530,7 @@ class RunService:
                     answer,
                     run_id=turn.run.id,
                     complete=True,
-                    meta=notes,
+                    meta={**notes, "model": turn.model.served},
                 )
                 await self._conversations.title_untitled(
                     session, conversation, self._settings.auto_title_chars
@@ -563,17 +599,28 @@ class RunService:
             log.exception("could not record the end of run %s; left to recovery", run.id)
         finally:
             elapsed = time.perf_counter() - turn.started
+            version = turn.model.version
+            self.models.release(turn.model)
             self._metrics.chat_active_runs.dec()
-            self._metrics.chat_runs.labels(outcome.value, run.model).inc()
-            self._metrics.chat_tokens.labels(run.model).inc(len(turn.text))
-            self._metrics.chat_cost.labels(str(turn.principal.tenant_id), run.model).inc(
+            self._metrics.chat_runs.labels(outcome.value, run.model, version).inc()
+            self._metrics.chat_tokens.labels(run.model, version).inc(len(turn.text))
+            self._metrics.chat_cost.labels(str(turn.principal.tenant_id), run.model, version).inc(
                 float(cost)
             )
             if code is not None:
                 self._metrics.error("chat_run", code, CHAT_RUN_OPERATION, run.model)
             if outcome is RunStatus.COMPLETED and turn.text and elapsed > 0:
-                self._metrics.chat_tokens_per_second.labels(run.model).observe(
+                self._metrics.chat_tokens_per_second.labels(run.model, version).observe(
                     len(turn.text) / elapsed
+                )
+            if self.served is not None and outcome is not RunStatus.CANCELLED:
+                self.served(
+                    turn.model.alias,
+                    version,
+                    ok=outcome is RunStatus.COMPLETED,
+                    latency_s=elapsed,
+                    tokens=completion_tokens,
+                    cost=float(cost),
                 )
             self._tasks.pop(run.id, None)
             await self._leave(member, turn.active_key, run_key, recorded)
@@ -608,6 +655,7 @@ class RunService:
                     answer,
                     run_id=run.id,
                     complete=False,
+                    meta={"model": turn.model.served},
                 )
                 message_id = partial.id
             row.status = outcome
@@ -782,7 +830,7 @@ class RunService:
                 if reservation is not None:
                     await reservation.release()
                 return None
-            cost = self._cost(row.model, row.prompt_tokens, max(row.completion_tokens, tokens))
+            cost = self._cost(row, max(row.completion_tokens, tokens))
             if row.status in _GOING:
                 answer = await session.scalar(
                     select(Message).where(
@@ -802,6 +850,7 @@ class RunService:
                             text,
                             run_id=run_id,
                             complete=False,
+                            meta={"model": _served(row)},
                         )
                         message_id = partial.id
                 if answer is not None and answer.complete:  # stored whole before the crash
@@ -815,11 +864,16 @@ class RunService:
                 await reservation.settle(session, cost=cost)
         return _terminal_event(row, cost)
 
-    def _cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        try:
-            return self.models.resolve(model).cost(prompt_tokens, completion_tokens)
-        except AppError:  # a model no longer configured
-            return Decimal(0)
+    def _cost(self, row: Run, completion_tokens: int) -> Decimal:
+        """A lost run's cost at the prices of the version that served it (0: one no longer
+        known here, or a run recorded before versions were)."""
+        model = self.models.find(row.model_alias, row.model_version) if row.model_alias else None
+        return model.cost(row.prompt_tokens, completion_tokens) if model else Decimal(0)
+
+
+def _served(row: Run) -> dict[str, str | None]:
+    """What a message records about the model of a run (as ChatModel.served)."""
+    return {"alias": row.model_alias, "name": row.model, "version": row.model_version}
 
 
 def _lease_of(principal: Principal, run_key: str) -> str:

@@ -111,6 +111,21 @@ class CitationType:
     explicit: bool = strawberry.field(description=EXPLICIT)
 
 
+@strawberry.type(description="The model that wrote an answer: its alias, name and version.")
+class ServedModel:
+    alias: str | None
+    name: str | None
+    version: str | None
+
+    @classmethod
+    def of(cls, served: object) -> ServedModel | None:
+        if not isinstance(served, dict):
+            return None
+        return cls(
+            alias=served.get("alias"), name=served.get("name"), version=served.get("version")
+        )
+
+
 @strawberry.type(name="Message")
 class MessageType:
     id: strawberry.ID
@@ -129,6 +144,10 @@ class MessageType:
         description="An answer's citations of its sources, as the run's CitationAdded events "
         "reported them, in the order they came."
     )
+    model: ServedModel | None = strawberry.field(
+        description="An answer's: the model version that wrote it (null: a user's message, "
+        "or an answer from before versions were recorded)."
+    )
 
     @classmethod
     def of(cls, m: models.Message) -> MessageType:
@@ -144,6 +163,7 @@ class MessageType:
             attachments=[strawberry.ID(str(a)) for a in meta.get("attachments", ())],
             sources=[SourceType.of(s) for s in meta.get("sources", ())],
             citations=[CitationType(**citation_fields(c)) for c in meta.get("citations", ())],
+            model=ServedModel.of(meta.get("model")),
         )
 
 

@@ -51,7 +51,13 @@ class ChatRun:
     id: strawberry.ID
     conversation_id: strawberry.ID
     status: RunStatus  # type: ignore[valid-type]
-    model: str
+    model: str = strawberry.field(description="The name the model's endpoint knows it by.")
+    model_alias: str | None = strawberry.field(
+        description="The alias the run was served by (null: a run from before versions)."
+    )
+    model_version: str | None = strawberry.field(
+        description="The version of the alias that served the run (`alias@version` pins it)."
+    )
     error_code: str | None
     created_at: datetime
 
@@ -62,6 +68,8 @@ class ChatRun:
             conversation_id=strawberry.ID(str(run.conversation_id)),
             status=RunStatus.CANCELLING if stopping else RunStatus(run.status.value),
             model=run.model,
+            model_alias=run.model_alias,
+            model_version=run.model_version,
             error_code=run.error_code,
             created_at=run.created_at,
         )
@@ -88,6 +96,10 @@ class RunEvent:
 @strawberry.type
 class RunStarted(RunEvent):
     model: str
+    model_alias: str | None = strawberry.field(description="The alias serving the run.")
+    model_version: str | None = strawberry.field(
+        description="The version of the alias serving the run."
+    )
 
 
 @strawberry.type
@@ -168,6 +180,10 @@ RUN_EVENT_TYPES = (
 class ChatModelInfo:
     alias: str
     name: str
+    version: str = strawberry.field(description="The version serving when none is pinned.")
+    versions: list[str] = strawberry.field(
+        description='The versions loaded: `sendMessage(model: "alias@version")` pins one.'
+    )
     context_tokens: int
     prompt_price_per_1k: float
     completion_price_per_1k: float
@@ -189,7 +205,12 @@ def _message_id(data: dict) -> strawberry.ID | None:
 
 _BUILDERS: dict[str, Callable[[str, dict], RunEvent]] = {
     "TokenDelta": lambda c, d: TokenDelta(cursor=c, text=d["text"], index=int(d["index"])),
-    "RunStarted": lambda c, d: RunStarted(cursor=c, model=str(d.get("model", ""))),
+    "RunStarted": lambda c, d: RunStarted(
+        cursor=c,
+        model=str(d.get("model", "")),
+        model_alias=d.get("modelAlias"),
+        model_version=d.get("modelVersion"),
+    ),
     "RunCompleted": lambda c, d: RunCompleted(
         cursor=c,
         message_id=_message_id(d),
@@ -250,7 +271,11 @@ class RunMutation:
         on_busy: OnBusy = runs.OnBusy.REJECT,  # type: ignore[valid-type]
         model: Annotated[
             str | None,
-            strawberry.argument(description="A model alias (see chatModels); null: `default`."),
+            strawberry.argument(
+                description="A model alias (see chatModels), or `alias@version` for exactly "
+                "that version (BAD_USER_INPUT naming the loaded versions when it is not one); "
+                "null: `default`."
+            ),
         ] = None,
         attachments: Annotated[
             list[strawberry.ID] | None,
@@ -296,16 +321,19 @@ class RunMutation:
 class RunQuery:
     @strawberry.field(permission_classes=CHAT, description="The model aliases of this server.")
     def chat_models(self, info: Info[Context, None]) -> list[ChatModelInfo]:
+        registry = info.context.services.runs.models
         return [
             ChatModelInfo(
                 alias=m.alias,
                 name=m.name,
+                version=m.version,
+                versions=[v.version for v in registry.versions(m.alias)],
                 context_tokens=m.context_tokens,
                 prompt_price_per_1k=float(m.prompt_price_per_1k),
                 completion_price_per_1k=float(m.completion_price_per_1k),
                 supports_tools=m.provider.supports_tools,
             )
-            for m in info.context.services.runs.models.aliases
+            for m in registry.aliases
         ]
 
     @strawberry.field(permission_classes=CHAT)

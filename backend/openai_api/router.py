@@ -252,7 +252,7 @@ def openai_router(
         principal = await caller(request, AuthScope.CHAT)
         asked = await read_body(request, ChatCompletionRequest, server)
         service = openai_of(request)
-        completion = service.prepare(asked)
+        completion = service.prepare(asked, principal)
         # Ends (UNAUTHENTICATED) when the credential is revoked or expires, as GraphQL streams do.
         watch = auth_of(request).revocations.watch(principal)
         pieces = watch.relay(service.stream(principal, completion))
@@ -321,7 +321,7 @@ def _whole(completion: Completion, pieces: list[Piece]) -> dict[str, Any]:
         "id": completion.id,
         "object": "chat.completion",
         "created": completion.created,
-        "model": completion.model.alias,
+        "model": completion.model.pinned,
         "choices": [
             {
                 "index": 0,
@@ -348,7 +348,7 @@ async def _events(
             "id": completion.id,
             "object": "chat.completion.chunk",
             "created": completion.created,
-            "model": completion.model.alias,
+            "model": completion.model.pinned,
         }
     )[:-1]
     tail = ',"usage":null}' if usage else "}"

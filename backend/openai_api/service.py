@@ -25,8 +25,8 @@ from typing import Any
 
 from backend.agents.graph import CITATION, SOURCES_PREAMBLE
 from backend.agents.guards import GuardAction, GuardDecision, Guards
-from backend.agents.models import ChatModel, ModelRegistry
-from backend.agents.runs import CHARGE_EVERY, OnBusy, RunService
+from backend.agents.models import ChatModel, ModelRegistry, request_key
+from backend.agents.runs import CHARGE_EVERY, OnBusy, RunService, ServedHook
 from backend.agents.tools import KnowledgeSearch, Source
 from backend.auth.principal import Principal
 from backend.config import ChatSettings, OpenAIAPISettings
@@ -47,6 +47,7 @@ from backend.inference.llm.base import (
     estimate_tokens,
 )
 from backend.knowledge.embeddings import Embedder
+from backend.lifecycle.policy import RequestKey, split_pin
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
 from backend.openai_api.schemas import ChatCompletionRequest, EmbeddingRequest
@@ -86,10 +87,11 @@ class Piece:
 class Completion:
     """One completion: what was asked, then what it produced (filled in while it streams)."""
 
-    model: ChatModel
+    model: ChatModel  # the version that serves (routed by `key`)
     prompt: list[ChatMessage]
     max_tokens: int
     request: ChatCompletionRequest
+    key: RequestKey | None = None
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     finish_reason: str | None = None
@@ -97,6 +99,7 @@ class Completion:
     reported_completion_tokens: int = 0
     pieces: int = 0  # pieces of text delivered
     model_called: bool = False  # (a message the input rails blocked never reaches it)
+    left: bool = False  # the client went away before the answer ended
     rails: list[dict[str, str]] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)  # numbered from 1, as the prompt has them
     answer: list[str] = field(default_factory=list)
@@ -179,7 +182,9 @@ class OpenAIService:
         settings: OpenAIAPISettings,
         search: KnowledgeSearch | None = None,
         runs: RunService | None = None,
+        served: ServedHook | None = None,
     ) -> None:
+        self.served = served  # the lifecycle's statistics, when wired
         self._search = search
         self._runs = runs
         self._models = models
@@ -206,9 +211,16 @@ class OpenAIService:
 
     # -- chat completions ---------------------------------------------------------------------
 
-    def prepare(self, request: ChatCompletionRequest) -> Completion:
-        """The completion a request asks for, checked (unknown model, limits) before any work."""
-        model = self.chat_model(request.model)
+    def prepare(self, request: ChatCompletionRequest, principal: Principal) -> Completion:
+        """The completion a request asks for, checked (unknown model or version, limits)
+        before any work. `model` is an alias or `alias@version`; the router picks the version
+        of an alias for the caller (sticky: the same caller, the same version)."""
+        self.chat_model(split_pin(request.model)[0])  # MODEL_NOT_FOUND for an unknown alias
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        key = request_key(
+            principal, conversation_id=request.sightline.conversation_id, request_id=completion_id
+        )
+        model = self._models.resolve(request.model, key)  # BAD_USER_INPUT: unknown version
         if len(request.messages) > self._settings.max_messages:
             raise ValidationFailed(
                 f"at most {self._settings.max_messages} messages", field="messages"
@@ -232,6 +244,8 @@ class OpenAIService:
             prompt=prompt,
             max_tokens=min(wanted, self._chat.max_tokens),
             request=request,
+            key=key,
+            id=completion_id,
         )
 
     async def stream(self, principal: Principal, completion: Completion) -> AsyncIterator[Piece]:
@@ -241,21 +255,33 @@ class OpenAIService:
             async for piece in self._converse(principal, completion):
                 yield piece
             return
-        await self._limiter.enforce(principal.subject, principal.plan, "chat_run")
-        reservation = await self._budgets.reserve(
-            tenant_id=principal.tenant_id,
-            user_id=principal.user_id,
-            plan=principal.plan,
-            resource=Resource.LLM_TOKENS,
-            amount=completion.max_tokens,
-            subject=f"openai:{completion.id}",
-        )
+        # held until the answer ends: a version retired meanwhile closes after it
+        if not self._models.hold(completion.model):  # closed since prepare: routed again
+            completion.model = self._models.checkout(completion.request.model, completion.key)
         try:
-            async for piece in self._generate(principal, completion, reservation):
-                yield piece
+            await self._limiter.enforce(principal.subject, principal.plan, "chat_run")
+            reservation = await self._budgets.reserve(
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                plan=principal.plan,
+                resource=Resource.LLM_TOKENS,
+                amount=completion.max_tokens,
+                subject=f"openai:{completion.id}",
+            )
+            started = time.perf_counter()
+            try:
+                async for piece in self._generate(principal, completion, reservation):
+                    yield piece
+            except (GeneratorExit, asyncio.CancelledError):
+                completion.left = True
+                raise
+            finally:
+                # Shielded: a client that leaves cancels this, and the usage must still be kept.
+                await asyncio.shield(
+                    self._settle(principal, completion, reservation, started=started)
+                )
         finally:
-            # Shielded: a client that leaves cancels this, and the usage must still be kept.
-            await asyncio.shield(self._settle(principal, completion, reservation))
+            self._models.release(completion.model)
 
     async def _converse(
         self, principal: Principal, completion: Completion
@@ -272,9 +298,13 @@ class OpenAIService:
                 "in a conversation the last message is the user's new one", field="messages"
             )
         started = await self._runs.send_message(
-            principal, conversation_id, last.content, OnBusy.REJECT, model=completion.model.alias
+            principal, conversation_id, last.content, OnBusy.REJECT, model=completion.request.model
         )
         run_id = completion.run_id = started.run.id
+        run = started.run  # the version the run was routed to is the one that answers
+        completion.model = self._models.find(run.model_alias or "", run.model_version) or (
+            completion.model
+        )
         ended = False
         try:
             events = await self._runs.stream(principal, run_id, None)
@@ -427,11 +457,25 @@ class OpenAIService:
         return rail
 
     async def _settle(
-        self, principal: Principal, completion: Completion, reservation: Reservation
+        self,
+        principal: Principal,
+        completion: Completion,
+        reservation: Reservation,
+        *,
+        started: float,
     ) -> None:
         """Charges what the model read and wrote (never less than charged while streaming),
         gives back the rest of the hold and records the usage with its cost."""
         prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
+        if self.served is not None and completion.model_called and not completion.left:
+            self.served(
+                completion.model.alias,
+                completion.model.version,
+                ok=completion.finish_reason is not None,
+                latency_s=time.perf_counter() - started,
+                tokens=completion_tokens,
+                cost=float(completion.model.cost(prompt_tokens, completion_tokens)),
+            )
         try:
             owed = prompt_tokens + completion_tokens - int(reservation.charged)
             if owed > 0:

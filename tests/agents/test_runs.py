@@ -172,14 +172,19 @@ async def test_a_streamed_answer_is_persisted(server: LiveServer, account: dict[
     assert run["data"]["run"]["status"] == "COMPLETED"
     async with httpx.AsyncClient(base_url=server.http_url) as http:
         metrics = (await http.get("/metrics")).text
-    assert 'sightline_chat_runs_total{model="echo",outcome="completed"} 1.0' in metrics
-    assert 'sightline_chat_tokens_total{model="echo"} 4.0' in metrics
-    assert 'sightline_chat_time_to_first_token_seconds_count{model="echo"} 1.0' in metrics
+    assert 'sightline_chat_runs_total{model="echo",outcome="completed",version="1"} 1.0' in metrics
+    assert 'sightline_chat_tokens_total{model="echo",version="1"} 4.0' in metrics
+    assert (
+        'sightline_chat_time_to_first_token_seconds_count{model="echo",version="1"} 1.0' in metrics
+    )
     assert "sightline_run_stream_lag_seconds_count" in metrics
     assert "sightline_chat_active_runs 0.0" in metrics
-    assert 'sightline_chat_queue_wait_seconds_count{model="echo"} 1.0' in metrics
+    assert 'sightline_chat_queue_wait_seconds_count{model="echo",version="1"} 1.0' in metrics
     assert "sightline_chat_queued_runs 0.0" in metrics
-    assert f'sightline_chat_cost_total{{model="echo",tenant="{account["tenant_id"]}"}}' in metrics
+    assert (
+        f'sightline_chat_cost_total{{model="echo",tenant="{account["tenant_id"]}",version="1"}}'
+        in metrics
+    )
 
 
 async def test_the_first_answer_titles_an_untitled_conversation(

@@ -63,7 +63,7 @@ async def test_the_sdk_completes_whole_and_streamed_with_usage_and_lists_models(
         )
         assert whole.choices[0].message.content == "hello there world "
         assert whole.choices[0].finish_reason == "stop"
-        assert whole.model == "default"
+        assert whole.model == "default@1"  # the version that served (OpenAI names its snapshot)
         assert whole.usage is not None
         assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (7, 3)
         sent = stub.requests[-1]

@@ -379,6 +379,7 @@ async def documents_images_and_screenshots(
     # opened again (a reload), the answer shows its citation as it did live (Message.citations)
     await page.reload()
     await expect(page.get_by_role("log", name="Messages")).to_contain_text("Found it")
+    await expect(page.locator(".message.assistant .who .model")).to_have_text("default@1")
     citation = page.get_by_role("button", name="[1] Handbook")
     await expect(citation).to_be_visible(timeout=30_000)
     await expect(citation).to_have_count(1)
@@ -395,6 +396,14 @@ async def documents_images_and_screenshots(
         "Invoice 4711", timeout=60_000
     )
     await expect(page.get_by_role("list", name="Classes").locator("li")).to_have_count(5)
+    # each result names the model version that made it
+    versions = page.get_by_role("list", name="Model versions").locator("li")
+    await expect(versions.and_(page.locator('[data-task="ocr"]'))).to_have_text(
+        re.compile(r"^ocr: \S+@\S+$")
+    )
+    await expect(versions.and_(page.locator('[data-task="classify"]'))).to_have_text(
+        re.compile(r"^classify: \S+@\S+$")
+    )
 
     astronaut = tmp_path / "astronaut.jpg"
     Image.fromarray(np.asarray(data.astronaut())).save(astronaut, "JPEG")

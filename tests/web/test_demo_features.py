@@ -17,6 +17,8 @@ from playwright.async_api import Dialog, Page, async_playwright, expect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.config import Settings
+from backend.lifecycle.policy import RegistrySnapshot, VersionStatus
+from tests.agents.test_model_versions import record
 from tests.agents.test_runs import gql, sign_in
 from tests.conftest import LiveServer, serve_live
 from tests.llm_stub import LLMStub
@@ -115,6 +117,12 @@ async def test_answers_are_markdown_and_html_in_them_is_text(
 ) -> None:
     chat_settings.chat.llm_model = "verbatim"  # the stub answers the message as written
     async with serve_live(chat_settings) as live:
+        # the alias's version 2 (from the model registry) is live: the answer says so
+        url = chat_settings.chat.llm_base_url
+        live_version = record("2", url or "", VersionStatus.LIVE, model="verbatim")
+        await live.services.runs.models.apply(
+            RegistrySnapshot(versions={"default": (live_version,)}, revision=1)
+        )
         await signed_in(page, live, account)
         await page.get_by_role("button", name="New conversation").click()
         await ask(page, MARKDOWN)
@@ -122,7 +130,10 @@ async def test_answers_are_markdown_and_html_in_them_is_text(
             if shown_again:
                 await page.reload()
             answer = page.locator(".message.assistant .text").last
-            await expect(answer.get_by_role("heading", name="Plan")).to_be_visible()
+            served = page.locator(".message.assistant .who .model").last
+            await expect(served).to_have_text("default@2")
+            await expect(served).to_have_attribute("title", "Model verbatim")
+            await expect(answer.get_by_role("heading", name="Plan")).to_be_visible(timeout=30_000)
             await expect(answer.locator("strong")).to_have_text("bold")
             await expect(answer.locator("em")).to_have_text("italic")
             await expect(answer.locator(":not(pre) > code")).to_have_text("inline code")

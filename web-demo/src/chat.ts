@@ -8,6 +8,7 @@ import { renderMarkdown } from "./markdown";
 
 const EVENTS = `subscription($r: ID!, $a: String) { runEvents(runId: $r, after: $a) {
   __typename cursor
+  ... on RunStarted { model modelAlias modelVersion }
   ... on TokenDelta { text }
   ... on CitationAdded { index chunkId title confidence explicit }
   ... on GuardrailTriggered { stage rail action reason }
@@ -18,6 +19,8 @@ const EVENTS = `subscription($r: ID!, $a: String) { runEvents(runId: $r, after: 
 type Event = { __typename: string; cursor: string; [key: string]: any };
 /** A citation as CitationAdded streams it and Message.citations keeps it. */
 type Citation = { index: number; chunkId: string; title: string; confidence: number; explicit: boolean };
+/** The model version that wrote an answer (Message.model, RunStarted's model fields). */
+type Served = { alias: string | null; name: string | null; version: string | null };
 
 export function chatPage(root: HTMLElement) {
   const list = conversationList({
@@ -105,7 +108,8 @@ export function chatPage(root: HTMLElement) {
     try {
       const data = await call(
         `query($c: ID!) { conversation(id: $c) { messages(first: 50) { edges { node {
-          role content attachments citations { index chunkId title confidence explicit } } } } } }`,
+          role content attachments citations { index chunkId title confidence explicit }
+          model { alias name version } } } } } }`,
         { c: id },
       );
       if (conversation !== id) return; // another one was opened meanwhile
@@ -113,6 +117,7 @@ export function chatPage(root: HTMLElement) {
       for (const e of data.conversation.messages.edges) {
         const role = e.node.role.toLowerCase();
         const body = bubble(role, e.node.content, e.node.attachments.map((a: string) => pictureOf(a) ?? null));
+        if (e.node.model) served(body, e.node.model as Served);
         for (const c of e.node.citations as Citation[]) cite(body, c); // as they came live
       }
       status(note, "");
@@ -136,6 +141,16 @@ export function chatPage(root: HTMLElement) {
     log.append(el);
     log.scrollTop = log.scrollHeight;
     return body;
+  }
+
+  /** Which model version wrote an answer: `alias@version`, the endpoint's model name on hover. */
+  function served(answerBody: HTMLElement, model: Served) {
+    const who = answerBody.parentElement?.querySelector(".who");
+    if (!who || !model.version || who.querySelector(".model")) return;
+    who.append(" ", h("span", {
+      class: "model",
+      title: model.name ? `Model ${model.name}` : undefined,
+    }, `${model.alias ?? "model"}@${model.version}`));
   }
 
   function subscribe() {
@@ -170,6 +185,9 @@ export function chatPage(root: HTMLElement) {
     current.cursor = event.cursor;
     if (!answer) return;
     switch (event.__typename) {
+      case "RunStarted":
+        served(answer, { alias: event.modelAlias, name: event.model, version: event.modelVersion });
+        break;
       case "TokenDelta":
         answerText += event.text;
         answer.replaceChildren(renderMarkdown(answerText));

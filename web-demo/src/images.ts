@@ -37,12 +37,15 @@ export function imagesPage(root: HTMLElement) {
   const text = h("pre", { class: "ocr", "aria-label": "Text read from the image" });
   const classes = h("ol", { class: "classes", "aria-label": "Classes" });
   const objects = h("p", { class: "objects" });
+  // each task's model and version, as the result names them (a canary shows as its version)
+  const versions = h("ul", { class: "versions", "aria-label": "Model versions" });
   const form = h("form", { "aria-label": "Analyse an image" },
     h("label", { for: "image" }, "Image"), file,
     h("fieldset", {}, h("legend", {}, "Tasks"), ...checks),
     h("button", { type: "submit" }, "Analyse"), note);
   root.replaceChildren(h("section", {}, h("h2", {}, "Images"), form,
     h("div", { class: "stage" }, picture, overlay),
+    versions,
     h("h3", {}, "Text"), text, h("h3", {}, "Objects"), objects, h("h3", {}, "Classes"), classes));
 
   form.addEventListener("submit", async (event) => {
@@ -54,6 +57,7 @@ export function imagesPage(root: HTMLElement) {
     text.textContent = "";
     classes.replaceChildren();
     objects.textContent = "";
+    versions.replaceChildren();
     drawBoxes(overlay, 1, 1, []);
     status(note, "Uploading…", "busy");
     try {
@@ -65,6 +69,7 @@ export function imagesPage(root: HTMLElement) {
       status(note, "Analysing…", "busy");
       follow<{ visionJobEvents: any }>(EVENTS, { id: job.id }, ({ visionJobEvents: e }) => {
         if (e.__typename === "VisionTaskCompleted") {
+          versions.append(h("li", { "data-task": e.task }, `${e.task}: ${e.model}@${e.version}`));
           if (e.task === "ocr") text.textContent = e.result.text || "(no text found)";
           if (e.task === "classify")
             classes.replaceChildren(...e.result.classes.map((c: any) => h("li", {}, `${c.label} ${(c.score * 100).toFixed(1)}%`)));

@@ -81,6 +81,9 @@ class Run(UUIDKey, Timestamps, table=True):
     user_id: uuid.UUID | None = user_ref(index=True)  # erasures (0008)
     status: RunStatus = Field(sa_type=pg_enum(RunStatus, "run_status"))
     model: str = Field(sa_type=String(100))
+    # the chat alias and the version of it that served (0013; null: a run from before)
+    model_alias: str | None = Field(default=None, sa_type=String(100))
+    model_version: str | None = Field(default=None, sa_type=String(64))
     error_code: str | None = Field(default=None, sa_type=String(64))
     message_id: uuid.UUID | None = None
     prompt_tokens: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
