@@ -195,6 +195,7 @@ async def build_services(
     lifecycle = ModelOperations(state.redis, state.keys, settings.lifecycle, state.metrics)
     lifecycle.start()
     runs.served = lifecycle.stats.record  # every run's version, outcome, latency and cost
+    vision.operations = lifecycle  # every task's version figures; shadows of sampled requests
     lifecycle.use_registry(
         models_watcher,
         rollback=functools.partial(_canary_rollback, registry),

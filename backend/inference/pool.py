@@ -61,7 +61,6 @@ from backend.inference.manifest import ModelManifest
 log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005  # a worker's GIL switch interval (Python's default: 5 ms)
-LOADER_NICE = 10  # the niceness of a worker's loader thread (its serving thread keeps 0)
 
 
 # -- the worker process ----------------------------------------------------------------------
@@ -183,10 +182,9 @@ def _model_changes(
     from backend.inference.manifest import ModelManifest as Manifest
     from backend.inference.runtimes import load
 
-    # A load takes CPU the serving thread of this worker (and the other workers) would use: on
-    # Linux a thread has its own nice value, so the kernel runs the batches first.
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
+    # No lower priority for this thread (tried: nice 10): the threads a runtime starts while it
+    # loads (onnxruntime's, OpenCV's and torch's pools) inherit it for good, and the version's
+    # batches would then run behind everything else on a busy machine.
     while (message := changes.get()) is not None:
         if message[0] == "unload":
             key = message[1]

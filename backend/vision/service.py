@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -42,8 +43,10 @@ from backend.core.tasks import drain
 from backend.errors import AppError, NotFound, ServiceUnavailable, ValidationFailed
 from backend.inference.catalog import Task
 from backend.inference.client import InferenceClient, InferenceError, Priority
+from backend.lifecycle.operations import ModelOperations
 from backend.lifecycle.policy import RequestKey, split_pin
 from backend.lifecycle.router import ModelRouter, run_routed
+from backend.lifecycle.shadow import compare_vision
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
@@ -203,6 +206,8 @@ class VisionService:
         self._inference = inference
         # which version serves each request (without a registry: each model's default here)
         self._router = router or (ModelRouter.over(inference) if inference is not None else None)
+        # per-version serving figures and shadow runs (the app sets it; None: not kept)
+        self.operations: ModelOperations | None = None
         self._ocr = ocr
         self._limiter = limiter
         self._settings = settings
@@ -439,15 +444,43 @@ class VisionService:
         return self._router
 
     async def _routed(
-        self, name: str, key: RequestKey, run: Callable[[str, str], Awaitable[T]]
+        self,
+        name: str,
+        key: RequestKey,
+        run: Callable[[str, str], Awaitable[T]],
+        task: VisionTask | None = None,
     ) -> tuple[str, str, T]:
         """Runs `run(model, version)` on the version the router picks for this request
         (`name` may pin one: `name@version`); returns the model, the version that served and
-        the result."""
+        the result. The version's serving figures are recorded; where the policy mirrors this
+        request to a shadow version, the shadow runs after this returns (its result compared
+        with this one for the `task`, never returned nor charged)."""
         model, pinned = split_pin(name)
-        route, result = await run_routed(
-            self._routes, model, key, pinned, lambda version: run(model, version)
-        )
+        started = time.perf_counter()
+        try:
+            route, result = await run_routed(
+                self._routes, model, key, pinned, lambda version: run(model, version)
+            )
+        except (InferenceError, TimeoutError):
+            if self.operations is not None:  # the version that failed, as the router chose it
+                failed = self._routes.route(model, key, pinned).version
+                took = time.perf_counter() - started
+                self.operations.stats.record(model, failed, ok=False, latency_s=took)
+            raise
+        took = time.perf_counter() - started
+        if self.operations is not None:
+            self.operations.stats.record(
+                model, route.version, ok=True, latency_s=took, compute_s=took
+            )
+            if route.shadow is not None and task is not None:
+                shadow = route.shadow  # after the answer, off its path, never charged
+                self.operations.mirror(
+                    route,
+                    result,
+                    took,
+                    run=lambda: run(model, shadow),
+                    compare=functools.partial(compare_vision, task.value),
+                )
         return model, route.version, result
 
     async def _give_up(self, job: _Job) -> None:
@@ -591,10 +624,11 @@ class VisionService:
                     name,
                     key,
                     lambda m, v: self.read(rgb, m, options.language, version=v),
+                    task,
                 )
             elif task is VisionTask.CLASSIFY:
                 model, version, result = await self._routed(
-                    name, key, lambda m, v: self.classify(rgb, m, options.top_k, version=v)
+                    name, key, lambda m, v: self.classify(rgb, m, options.top_k, version=v), task
                 )
             else:
                 model, version, result = await self._routed(
@@ -607,6 +641,7 @@ class VisionService:
                         max_detections=options.max_detections,
                         version=v,
                     ),
+                    task,
                 )
         except (AppError, InferenceError) as exc:
             code = getattr(exc, "code", "INFERENCE_FAILED")
