@@ -4,6 +4,7 @@ of inputs (numpy arrays) to a list of outputs, one per input."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,15 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def _idle_threads_sleep() -> None:
+    """OpenMP's threads (torch's) wait for work asleep instead of spinning. libgomp reads the
+    policy when it loads, so this holds for a worker that has not imported torch yet. Measured
+    on 2 loaded cores: EfficientNet-Lite0 on 2 threads with idle gaps between images (a server's
+    traffic) took 0.5 CPU-seconds an image spinning, 0.04 with this, 0.03 on one thread."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def resolve_device(device: str) -> str:
     """`auto`: the first GPU when torch sees one, else the CPU."""
     if device != "auto":
@@ -43,6 +53,7 @@ def resolve_device(device: str) -> str:
 
 
 def load(manifest: ModelManifest, device: str, threads: int = 1) -> BatchFn:
+    _idle_threads_sleep()
     manifest.verify()
     device = (
         resolve_device(device)
