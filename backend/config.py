@@ -891,9 +891,10 @@ class VisionSettings(JobRecoverySettings):
 
     def worker_threads(self) -> int:
         """CPU threads of each inference worker: `threads`, or with 0 the cores this process
-        may use divided among the workers (at least one). One worker on a 2-core machine takes
-        both: a RapidOCR page then costs about 0.6 s instead of 1.1 s, an SSD image 55 ms
-        instead of 95 (the sessions' threads sleep when idle, so the server keeps its share)."""
+        may use divided among the workers (at least one). One worker on 2 cores takes both: a
+        RapidOCR page of the quality bench needs about 1.07 CPU-seconds on one thread, more
+        than its 1 s target; on two, 1.24 CPU-seconds spread over both. The runtimes' threads
+        sleep when idle, so the server keeps the cores between batches."""
         if self.threads:
             return self.threads
         return max(1, _usable_cores() // self.workers)
