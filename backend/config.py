@@ -892,8 +892,8 @@ class VisionSettings(JobRecoverySettings):
     def worker_threads(self) -> int:
         """CPU threads of each inference worker: `threads`, or with 0 the cores this process
         may use divided among the workers (at least one). One worker on 2 cores takes both: a
-        RapidOCR page of the quality bench needs about 1.07 CPU-seconds on one thread, more
-        than its 1 s target; on two, 1.24 CPU-seconds spread over both. The runtimes' threads
+        RapidOCR page of the quality bench needs about 1.1 CPU-seconds, more than its 1 s
+        target on one thread; on two its lines are read side by side. The runtimes' threads
         sleep when idle, so the server keeps the cores between batches."""
         if self.threads:
             return self.threads
