@@ -54,6 +54,7 @@ from backend.inference.manifest import load_manifests
 from backend.inference.pool import InferencePool
 from backend.knowledge.embeddings import Embedder, build_embedder
 from backend.knowledge.service import KnowledgeService
+from backend.lifecycle.operations import ModelOperations
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
 from backend.openai_api.router import openai_router
@@ -182,6 +183,8 @@ async def build_services(
     await auth.start()
     purges = PurgeScheduler(privacy, state.redis, state.keys, settings.privacy)
     purges.start()
+    lifecycle = ModelOperations(state.redis, state.keys, settings.lifecycle, state.metrics)
+    lifecycle.start()
     knowledge.start()  # renews job leases, takes over the jobs of replicas that died
     vision.start()  # the same for vision jobs (taken over only where vision is on)
     warm_up = _warm_up(settings, shared_embedder, guardrails, vision, inference)
@@ -198,6 +201,7 @@ async def build_services(
         inference=inference,
         privacy=privacy,
         purges=purges,
+        lifecycle=lifecycle,
         openai=OpenAIService(
             models=models,
             guards=agent.guards,
@@ -270,6 +274,8 @@ async def _build_vision(
             device=settings.device,
             threads=settings.worker_threads(),
             metrics=state.metrics,
+            slab_bytes=settings.batch_slab_mb * 2**20,
+            in_flight=settings.batches_in_flight,
         )
         await pool.start()
 

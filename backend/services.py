@@ -19,6 +19,7 @@ from backend.core.warmup import WarmUp
 from backend.guardrails.service import GuardrailService
 from backend.inference.pool import InferencePool
 from backend.knowledge.service import KnowledgeService
+from backend.lifecycle.operations import ModelOperations
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
 from backend.openai_api.service import OpenAIService
@@ -50,6 +51,7 @@ class Services:
     openai: OpenAIService | None = None  # None only in apps built without services
     grace_s: float = 10.0
     warm_up: WarmUp | None = None  # None: SIGHTLINE_SERVER_WARM_UP=false
+    lifecycle: ModelOperations | None = None  # None only in apps built without services
 
     async def aclose(self) -> None:
         """Stops every service; each step is timed in the log (a slow shutdown says where)."""
@@ -73,6 +75,8 @@ class Services:
             steps.append(("vision events", vision.events.close))
         if (inference := self.inference) is not None:
             steps.append(("inference", lambda: inference.close(self.grace_s)))
+        if (lifecycle := self.lifecycle) is not None:  # after serving: its last figures count
+            steps.append(("model figures", lifecycle.close))
         for name, step in steps:
             started = time.perf_counter()
             await step()

@@ -45,6 +45,7 @@ from backend.config import LimitsSettings, VisionSettings
 from backend.core.redis import KeySpace
 from backend.inference.manifest import load_manifests
 from backend.inference.pool import InferencePool
+from backend.lifecycle.shadow import character_error_rate
 from backend.limits.ratelimit import RateLimiter
 from backend.vision.ocr import OcrEngine
 from backend.vision.service import TESSERACT, VisionService
@@ -141,35 +142,6 @@ def variant(page: Image.Image, kind: str, rng: random.Random) -> np.ndarray:
         _, jpeg = cv2.imencode(".jpg", rgb, [cv2.IMWRITE_JPEG_QUALITY, 80])
         rgb = cv2.imdecode(jpeg, cv2.IMREAD_UNCHANGED)
     return np.ascontiguousarray(rgb)
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance in linear memory: one row of the table at a time, the insertions
-    of a row as a running minimum (numpy), so a page pair costs milliseconds."""
-    if len(a) < len(b):
-        a, b = b, a
-    if not b:
-        return len(a)
-    target = np.frombuffer(b.encode("utf-32-le"), dtype=np.uint32)
-    steps = np.arange(len(b) + 1, dtype=np.int64)
-    row = steps.copy()
-    for index, char in enumerate(a, start=1):
-        best = np.empty_like(row)
-        best[0] = index
-        # substitution (or match) from the diagonal, deletion from above
-        best[1:] = np.minimum(row[:-1] + (target != ord(char)), row[1:] + 1)
-        # insertion: best[j] = min over k <= j of best[k] + (j - k)
-        row = np.minimum.accumulate(best - steps) + steps
-    return int(row[-1])
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.split())
-
-
-def cer(found: str, reference: str) -> float:
-    reference = normalise(reference)
-    return edit_distance(normalise(found), reference) / max(1, len(reference))
 
 
 # -- the service -----------------------------------------------------------------------------
@@ -282,7 +254,9 @@ async def main(args: argparse.Namespace) -> None:
                     lambda engine=engine, image=image: vision.read(image, engine),
                     ocr_cpu.setdefault(engine, []),
                 )
-                errors.setdefault((engine, kind), []).append(cer(result["text"], reference))
+                errors.setdefault((engine, kind), []).append(
+                    character_error_rate(result["text"], reference)
+                )
                 seconds.setdefault((engine, kind), []).append(took)
         print(f"  OCR: {font} {size} px, {len(VARIANTS)} variants read", flush=True)
 

@@ -703,6 +703,16 @@ class AuthService:
         async with self._db.session() as session:
             return await repo.tenant_by_slug(session, slug)
 
+    async def is_platform_operator(self, principal: Principal, operator_tenant: str | None) -> bool:
+        """Whether `principal` runs the platform: an owner, with the admin scope, of the tenant
+        whose slug is `operator_tenant` (SIGHTLINE_PRIVACY_OPERATOR_TENANT; unset: no one)."""
+        if not operator_tenant or principal.role is not UserRole.OWNER:
+            return False
+        if not principal.has(Scope.ADMIN):
+            return False
+        operators = await self.tenant_by_slug(operator_tenant)
+        return operators is not None and operators.id == principal.tenant_id
+
     async def principal_for(self, tenant_slug: str, email: str) -> Principal:
         """The principal of a user, for administration from the CLI."""
         async with self._db.session() as session:

@@ -239,6 +239,13 @@ class Metrics:
             "Inference workers that died and were replaced.",
             registry=r,
         )
+        self.model_rollbacks = Counter(
+            "sightline_model_rollbacks",
+            "Canaries the canary guard rolled back, by model, version and the guard broken "
+            "(error_rate, p95_latency).",
+            ["model", "version", "reason"],
+            registry=r,
+        )
         self._names: set[str] = set()
         self._max_names = max_operation_names
         self._codes: set[str] = set()
@@ -307,6 +314,9 @@ class Metrics:
 
     def inference_worker_restarted(self) -> None:
         self.inference_worker_restarts.inc()
+
+    def model_rolled_back(self, model: str, version: str, reason: str) -> None:
+        self.model_rollbacks.labels(model, version, reason).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format for /metrics (summed over workers in multiprocess mode)."""

@@ -8,6 +8,7 @@ from backend.graphql.auth import AuthMutation, AuthQuery
 from backend.graphql.chat import ChatMutation, ChatQuery
 from backend.graphql.guardrails import GuardrailMutation, GuardrailQuery
 from backend.graphql.knowledge import KnowledgeMutation, KnowledgeQuery
+from backend.graphql.model_comparison import ModelComparisonQuery
 from backend.graphql.privacy import PrivacyMutation, PrivacyQuery
 from backend.graphql.runs import RunMutation, RunQuery
 from backend.graphql.types import ServerInfo
@@ -31,6 +32,7 @@ class Query(
     GuardrailQuery,
     VisionQuery,
     PrivacyQuery,
+    ModelComparisonQuery,
 ):
     pass
 

@@ -80,12 +80,18 @@ class VisionModel:
     runtime: str
     status: str = strawberry.field(
         description="`loading` (its weights load and it runs once on a worker: not served "
-        "yet), `ready`, or `failed` (not served; `error` says why: weights missing or not "
-        "matching their sha256, a load or warm-up run that raised)."
+        "yet), `ready`, `failed` (not served; `error` says why: weights missing or not "
+        "matching their sha256, a load or warm-up run that raised), or `draining` (retired: "
+        "it finishes what it has queued or running, then unloads)."
     )
     error: str | None
     batches: int
     items: int
+    default: bool = strawberry.field(
+        default=True,
+        description="Whether a request that names no version (and no policy routes) gets "
+        "this version here; other versions are served by pin (`name@version`) or policy.",
+    )
 
 
 @strawberry.interface(description="An event of a vision job; `cursor` resumes after it.")
@@ -192,15 +198,16 @@ class VisionQuery:
         return [
             VisionModel(
                 name=name,
-                version=state.manifest.version,
+                version=version,
                 task=state.manifest.task.value,
                 runtime=state.manifest.runtime,
                 status=state.status.value,
                 error=state.error,
                 batches=state.batches,
                 items=state.items,
+                default=pool.default_version(name) == version,
             )
-            for name, state in sorted(pool.status().items())
+            for (name, version), state in sorted(pool.versions().items())
         ]
 
 
@@ -210,7 +217,10 @@ class VisionMutation:
         permission_classes=VISION,
         description="Starts the analysis of an image (multipart upload); follow "
         "visionJobEvents(id). Refused at once: unsupported or lying formats, too many bytes or "
-        "pixels, unknown models, images the tenant's image rail blocks (IMAGE_BLOCKED).",
+        "pixels, unknown models or versions, images the tenant's image rail blocks "
+        "(IMAGE_BLOCKED). `classifier`, `detector` and `ocrEngine` may pin a version "
+        "(`\"name@version\"`); otherwise the model's traffic policy picks it, and each task's "
+        "result records the version that served.",
     )
     async def analyze_image(
         self,

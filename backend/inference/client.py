@@ -45,6 +45,7 @@ class ModelStatus(StrEnum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    DRAINING = "draining"  # retired: refuses new items, finishes its own, then unloads
 
 
 @dataclass
@@ -65,13 +66,20 @@ class InferenceClient(Protocol):
         model: str,
         inputs: Sequence[Any],
         *,
+        version: str | None = None,
         priority: Priority = Priority.BATCH,
         timeout_s: float | None = None,
-    ) -> list[Any]: ...
+    ) -> list[Any]:
+        """One output per input, by `version` of `model` (none: the model's default)."""
+        ...
 
-    def manifest(self, model: str) -> ModelManifest: ...
+    def manifest(self, model: str, version: str | None = None) -> ModelManifest:
+        """A version's manifest (none: the default version's)."""
+        ...
 
-    def manifests(self) -> list[ModelManifest]: ...
+    def manifests(self) -> list[ModelManifest]:
+        """What can be asked for, every version (each manifest names its own)."""
+        ...
 
 
 class InferenceMetrics(Protocol):

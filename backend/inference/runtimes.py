@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from backend.inference._transport import stacked
 from backend.inference.manifest import ManifestError, ModelManifest
 
 BatchFn = Callable[[list[Any]], list[Any]]
@@ -98,7 +99,7 @@ def _torch(manifest: ModelManifest, device: str, threads: int) -> BatchFn:
 
     def run(batch: list[Any]) -> list[Any]:
         with torch.inference_mode():
-            x = torch.from_numpy(np.stack(batch)).to(device)
+            x = torch.from_numpy(stacked(batch)).to(device)
             if images:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = model(x)
@@ -133,7 +134,7 @@ def _onnx(manifest: ModelManifest, device: str, threads: int) -> BatchFn:
     name = session.get_inputs()[0].name
 
     def run(batch: list[Any]) -> list[Any]:
-        [y] = session.run(None, {name: np.stack(batch)})[:1]
+        [y] = session.run(None, {name: stacked(batch)})[:1]
         return list(y)
 
     return run

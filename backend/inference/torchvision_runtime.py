@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from backend.inference._transport import stacked
 from backend.inference.catalog import Task
 from backend.inference.manifest import ManifestError, ModelManifest
 
@@ -88,7 +89,7 @@ def _build(manifest: ModelManifest, torchvision: Any) -> Any:
 def _classifier(model: Any, device: str, torch: Any) -> BatchFn:
     def run(batch: list[Any]) -> list[Any]:
         with torch.inference_mode():
-            x = torch.from_numpy(np.stack(batch).astype(np.float32, copy=False)).to(device)
+            x = torch.from_numpy(stacked(batch).astype(np.float32, copy=False)).to(device)
             y = model(x)
         return list(y.float().cpu().numpy())
 

@@ -69,6 +69,9 @@ class CanaryGuard:
     max_p95_ratio: float = 1.5  # canary p95 latency at most this multiple of live's
     min_requests: int = 50
     window_s: float = 300.0
+    # automatic ramp: the canary's next share (percent) after each clean window, e.g.
+    # (5, 25, 50, 100); at 100 it is promoted. Empty: the operator steps the weights.
+    ramp: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,10 +73,6 @@ async def tenant(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant | None:
     return await session.get(Tenant, tenant_id)
 
 
-async def tenant_by_slug(session: AsyncSession, slug: str) -> Tenant | None:
-    return await session.scalar(select(Tenant).where(Tenant.slug == slug))
-
-
 async def lock_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant | None:
     return await session.scalar(select(Tenant).where(Tenant.id == tenant_id).with_for_update())
 

@@ -591,16 +591,8 @@ class PrivacyService:
     async def _require_operator(self, principal: Principal, tenant_id: uuid.UUID) -> None:
         """Operators may erase any tenant but their own. To anyone else another tenant does
         not exist (NOT_FOUND, as everywhere), and their own is not theirs to erase."""
-        slug = self._settings.operator_tenant
-        operators = None
-        if slug:
-            async with self._db.session() as session:
-                operators = await repo.tenant_by_slug(session, slug)
-        is_operator = (
-            operators is not None
-            and principal.tenant_id == operators.id
-            and principal.role is UserRole.OWNER
-            and principal.has(Scope.ADMIN)
+        is_operator = await self._auth.is_platform_operator(
+            principal, self._settings.operator_tenant
         )
         if is_operator and tenant_id == principal.tenant_id:
             raise ErasureRefused("the operators' own tenant is erased only with the CLI")

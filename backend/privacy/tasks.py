@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import random
 
 from redis.asyncio import Redis
 
 from backend.config import PrivacySettings
 from backend.core.redis import KeySpace
+from backend.core.tasks import Periodic
 from backend.privacy.service import PrivacyService
 
 log = logging.getLogger(__name__)
@@ -30,19 +28,27 @@ class PurgeScheduler:
         self._redis = redis
         self._due = keys("privacy", "purge-due")
         self._settings = settings
-        self._task: asyncio.Task[None] | None = None
+        self._passes = Periodic(
+            "privacy purge pass",
+            self.run_if_due,
+            interval_s=min(settings.purge_interval_s, 60.0),
+            # the pass stops itself at purge_timeout_s; this only ends a hang outside it
+            timeout_s=settings.purge_timeout_s + 60,
+            jitter=0.2,
+            first_after_s=settings.purge_start_delay_s,
+        )
 
     def start(self) -> None:
-        if self._settings.purge_enabled and self._task is None:
-            self._task = asyncio.create_task(self._run(), name="privacy-purge")
+        if self._settings.purge_enabled:
+            self._passes.start()
+
+    @property
+    def running(self) -> bool:
+        return self._passes.running
 
     async def close(self) -> None:
         """Stops the loop; a pass in progress is cancelled (its batch rolls back)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._passes.close()
 
     async def run_if_due(self) -> bool:
         """Runs a pass when none ran within the interval; True when this call ran one."""
@@ -53,13 +59,3 @@ class PurgeScheduler:
         if removed.as_dict():
             log.info("purge pass removed %s", removed.as_dict())
         return True
-
-    async def _run(self) -> None:
-        await asyncio.sleep(self._settings.purge_start_delay_s)
-        check_s = min(self._settings.purge_interval_s, 60.0)
-        while True:
-            try:
-                await self.run_if_due()
-            except Exception:  # a failed pass must not end the loop: the next one retries
-                log.exception("purge pass failed")
-            await asyncio.sleep(check_s * random.uniform(0.8, 1.2))  # noqa: S311 (jitter)

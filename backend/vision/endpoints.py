@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from backend.core import untrusted
 from backend.errors import AppError, ServiceUnavailable, expected_error
 from backend.realtime.frames import End, LiveFrames
 from backend.vision.images import DecodeBudget
-from backend.vision.service import VisionTask
+from backend.vision.service import VisionTask, job_key
 
 router = APIRouter()
 
@@ -153,9 +154,11 @@ async def _serve(
 
     await send({"type": "ready", "tasks": [t.value for t in wanted]})
     budget = DecodeBudget(settings.live_decode_share, settings.live_decode_burst_s)
+    # who asks, for version routing: a sticky policy keeps the user on one version
+    key = job_key(principal.tenant_id, principal.user_id, uuid.uuid4().hex)
     session = LiveFrames(
         lambda frame: vision.analyse_frame(
-            frame, wanted, classifier=classifier, detector=detector, budget=budget
+            frame, wanted, classifier=classifier, detector=detector, budget=budget, key=key
         ),
         max_fps=settings.live_max_fps,
         max_frame_bytes=settings.live_max_frame_bytes,

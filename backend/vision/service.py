@@ -1,6 +1,7 @@
 """Image analysis: an upload becomes a job whose tasks (OCR, detection, classification) run at
 once and stream their results as each completes; results are stored with the model name and
-version, timings and the requester.
+the version that served (routed per request: a pin `name@version`, the tenant's pin, the
+registry's sticky split), timings and the requester.
 
 A job holds a lease (backend.core.leases) like an ingestion job. Its image is stored with it
 (until it ends), and each task's result is stored as the task completes. When its replica dies,
@@ -41,6 +42,8 @@ from backend.core.tasks import drain
 from backend.errors import AppError, NotFound, ServiceUnavailable, ValidationFailed
 from backend.inference.catalog import Task
 from backend.inference.client import InferenceClient, InferenceError, Priority
+from backend.lifecycle.policy import RequestKey, split_pin
+from backend.lifecycle.router import ModelRouter, run_routed
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
@@ -192,11 +195,14 @@ class VisionService:
         settings: VisionSettings,
         image_rail: ImageRail | None = None,
         budgets: Budgets | None = None,
+        router: ModelRouter | None = None,
     ) -> None:
         self._db = db
         self._keys = keys.child("vision")
         self.events = RunEventLog(redis, self._keys, ttl_after_end_s=settings.jobs_ttl_s)
         self._inference = inference
+        # which version serves each request (without a registry: each model's default here)
+        self._router = router or (ModelRouter.over(inference) if inference is not None else None)
         self._ocr = ocr
         self._limiter = limiter
         self._settings = settings
@@ -384,25 +390,59 @@ class VisionService:
         )
 
     def _check_model(self, task: VisionTask, name: str) -> None:
-        """An unknown model, or one for another task: refused now (BAD_USER_INPUT), naming the
-        models there are for the task (for OCR: Tesseract and the pool's OCR models)."""
+        """An unknown model, one for another task, or a pinned version (`name@version`) not
+        served here: refused now (BAD_USER_INPUT), naming the models there are for the task
+        (for OCR: Tesseract and the pool's OCR models), or the model's versions."""
         wanted, field = _MODEL_TASKS[task]
-        if task is VisionTask.OCR and name == TESSERACT:
-            return
+        model, version = split_pin(name)
+        if task is VisionTask.OCR and model == TESSERACT:
+            if version is None or version == self._ocr.version:
+                return
+            raise ValidationFailed(
+                f"{TESSERACT} has no version {version!r}; available: {self._ocr.version}",
+                field=field,
+                available=[self._ocr.version],
+            )
         try:
-            manifest = self.models.manifest(name)
+            manifest = self.models.manifest(model)
         except InferenceError:
             manifest = None
         if manifest is None or manifest.task is not wanted:
-            available = sorted(m.name for m in self.models.manifests() if m.task is wanted)
+            available = sorted({m.name for m in self.models.manifests() if m.task is wanted})
             if task is VisionTask.OCR:
                 available = [TESSERACT, *available]
             raise ValidationFailed(
-                f"no {wanted.value} model named {name!r}; available: "
+                f"no {wanted.value} model named {model!r}; available: "
                 + (", ".join(available) or "none"),
                 field=field,
                 available=available,
             )
+        if version is not None:
+            versions = self._routes.available(model)
+            if version not in versions:
+                raise ValidationFailed(
+                    f"{model} has no version {version!r}; available: " + ", ".join(versions),
+                    field=field,
+                    available=versions,
+                )
+
+    @property
+    def _routes(self) -> ModelRouter:
+        if self._router is None:
+            raise ServiceUnavailable("vision is off on this server (SIGHTLINE_VISION_ENABLED)")
+        return self._router
+
+    async def _routed(
+        self, name: str, key: RequestKey, run: Callable[[str, str], Awaitable[T]]
+    ) -> tuple[str, str, T]:
+        """Runs `run(model, version)` on the version the router picks for this request
+        (`name` may pin one: `name@version`); returns the model, the version that served and
+        the result."""
+        model, pinned = split_pin(name)
+        route, result = await run_routed(
+            self._routes, model, key, pinned, lambda version: run(model, version)
+        )
+        return model, route.version, result
 
     async def _give_up(self, job: _Job) -> None:
         """A job that could not be accepted: its hold goes back, then its lease. When either
@@ -534,23 +574,33 @@ class VisionService:
         assert job.image is not None
         rgb = job.image.rgb
         options = job.options
+        key = job_key(job.tenant_id, job.created_by, job.key)
+        name = options.models[task]
         try:
-            if task is VisionTask.OCR:
-                model = options.models[task]
-                if model == TESSERACT:
-                    version = self._ocr.version
-                else:
-                    version = self.models.manifest(model).version
-                result = await self.read(rgb, model, options.language)
+            if task is VisionTask.OCR and split_pin(name)[0] == TESSERACT:
+                model, version = TESSERACT, self._ocr.version
+                result = await self.read(rgb, TESSERACT, options.language)
+            elif task is VisionTask.OCR:
+                model, version, result = await self._routed(
+                    name,
+                    key,
+                    lambda m, v: self.read(rgb, m, options.language, version=v),
+                )
             elif task is VisionTask.CLASSIFY:
-                model = options.models[task]
-                version = self.models.manifest(model).version
-                result = await self.classify(rgb, model, options.top_k)
+                model, version, result = await self._routed(
+                    name, key, lambda m, v: self.classify(rgb, m, options.top_k, version=v)
+                )
             else:
-                model = options.models[task]
-                version = self.models.manifest(model).version
-                result = await self.detect(
-                    rgb, model, min_score=options.min_score, max_detections=options.max_detections
+                model, version, result = await self._routed(
+                    name,
+                    key,
+                    lambda m, v: self.detect(
+                        rgb,
+                        m,
+                        min_score=options.min_score,
+                        max_detections=options.max_detections,
+                        version=v,
+                    ),
                 )
         except (AppError, InferenceError) as exc:
             code = getattr(exc, "code", "INFERENCE_FAILED")
@@ -728,10 +778,12 @@ class VisionService:
         detector: str | None = None,
         top_k: int = 3,
         budget: DecodeBudget | None = None,
+        key: RequestKey | None = None,
     ) -> dict[str, Any]:
         """One live camera frame: detection and classification at live priority. Its pixels
         are checked against the live limit from the header, before anything is decoded; the
-        decode time is charged to the connection's `budget`."""
+        decode time is charged to the connection's `budget`. `key` (who asks) routes each
+        model to its version; `classifier` and `detector` may pin one (`name@version`)."""
         self.models  # noqa: B018 (vision off: ServiceUnavailable)
         settings = self._settings
         image = await self._decode(
@@ -742,28 +794,44 @@ class VisionService:
             budget=budget,
         )
         out: dict[str, Any] = {"width": image.width, "height": image.height}
-        calls = {}
+        key = key or RequestKey(tenant_id="", request_id=uuid.uuid4().hex)
+        calls: dict[str, Awaitable[tuple[str, str, dict[str, Any]]]] = {}
         if VisionTask.DETECT in tasks:
-            calls["detections"] = self.detect(
-                image.rgb, detector or settings.detector, Priority.LIVE
+            calls["detections"] = self._routed(
+                detector or settings.detector,
+                key,
+                lambda m, v: self.detect(image.rgb, m, Priority.LIVE, version=v),
             )
         if VisionTask.CLASSIFY in tasks:
-            calls["classification"] = self.classify(
-                image.rgb, classifier or settings.classifier, top_k, Priority.LIVE
+            calls["classification"] = self._routed(
+                classifier or settings.classifier,
+                key,
+                lambda m, v: self.classify(image.rgb, m, top_k, Priority.LIVE, version=v),
             )
-        for name, result in zip(calls, await asyncio.gather(*calls.values()), strict=True):
+        for name, (_, _, result) in zip(calls, await asyncio.gather(*calls.values()), strict=True):
             out[name] = result
         return out
 
     # -- pipelines -----------------------------------------------------------------------------
 
     async def classify(
-        self, rgb: np.ndarray, model: str, top_k: int, priority: Priority = Priority.BATCH
+        self,
+        rgb: np.ndarray,
+        model: str,
+        top_k: int,
+        priority: Priority = Priority.BATCH,
+        *,
+        version: str | None = None,
     ) -> dict[str, Any]:
-        manifest = self.models.manifest(model)
+        """The likeliest classes, by `version` of `model` (none: its default here)."""
+        manifest = self.models.manifest(model, version)
         x = await asyncio.to_thread(classification_input, rgb, manifest.input)
         [logits] = await self.models.infer(
-            model, [x], priority=priority, timeout_s=self._settings.infer_timeout_s
+            model,
+            [x],
+            version=manifest.version,
+            priority=priority,
+            timeout_s=self._settings.infer_timeout_s,
         )
         scores = np.exp(logits - np.max(logits))
         scores /= scores.sum()
@@ -786,16 +854,22 @@ class VisionService:
         engine: str = TESSERACT,
         language: str = "eng",
         priority: Priority = Priority.BATCH,
+        *,
+        version: str | None = None,
     ) -> dict[str, Any]:
         """The text of an image with its lines and words (boxes in the image's pixels): by
         Tesseract (threads of this process), or by an OCR model of the inference pool
         (RapidOCR), which reads every language its model knows (`language` is Tesseract's)."""
         if engine == TESSERACT:
             return await self._ocr.read(rgb, language)
-        manifest = self.models.manifest(engine)
+        manifest = self.models.manifest(engine, version)
         image, scale = await asyncio.to_thread(ocr_input, rgb, manifest.input)
         [found] = await self.models.infer(
-            engine, [{"image": image}], priority=priority, timeout_s=self._settings.infer_timeout_s
+            engine,
+            [{"image": image}],
+            version=manifest.version,
+            priority=priority,
+            timeout_s=self._settings.infer_timeout_s,
         )
         result = dict(found)
         if scale != 1.0:
@@ -812,15 +886,20 @@ class VisionService:
         *,
         min_score: float | None = None,
         max_detections: int | None = None,
+        version: str | None = None,
     ) -> dict[str, Any]:
         """The objects a detector finds, best first: label, score (0..1) and box in the
-        image's pixels."""
-        manifest = self.models.manifest(model)
+        image's pixels, by `version` of `model` (none: its default here)."""
+        manifest = self.models.manifest(model, version)
         min_score, most = self._detection_limits(min_score, max_detections)
         x = await asyncio.to_thread(detector_input, rgb, manifest.runtime, manifest.input)
         request = {"image": x, "min_score": min_score, "max_detections": most}
         [rows] = await self.models.infer(
-            model, [request], priority=priority, timeout_s=self._settings.infer_timeout_s
+            model,
+            [request],
+            version=manifest.version,
+            priority=priority,
+            timeout_s=self._settings.infer_timeout_s,
         )
         height, width = rgb.shape[:2]
         labels = manifest.labels
@@ -875,6 +954,15 @@ class VisionService:
     ) -> AsyncIterator[RunEvent]:
         await self.job(principal, job_id)  # authorisation: the caller's own job
         return self.events.read(str(job_id), after)
+
+
+def job_key(tenant_id: uuid.UUID, user_id: uuid.UUID | None, request_id: str) -> RequestKey:
+    """Who asks, as routing hashes it (a sticky policy keeps a user on one version)."""
+    return RequestKey(
+        tenant_id=str(tenant_id),
+        user_id=str(user_id) if user_id is not None else None,
+        request_id=request_id,
+    )
 
 
 def _ended(row: VisionJob, ending: _Ending) -> None:

@@ -4,6 +4,7 @@ cancellation, out-of-memory splitting, crashed workers, failed loads, and the pa
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -37,6 +38,10 @@ def toy(name: str, loader: str, **options: Any) -> ModelManifest:
     )
 
 
+# where the pool's models run: `cuda` on a GPU node (bench/gpu_run.sh runs the torchvision tests so)
+DEVICE = os.environ.get("SIGHTLINE_TEST_INFERENCE_DEVICE", "cpu")
+
+
 @pytest.fixture
 async def pools() -> AsyncIterator[Callable[..., Any]]:
     started: list[InferencePool] = []
@@ -44,7 +49,7 @@ async def pools() -> AsyncIterator[Callable[..., Any]]:
     async def start(
         *manifests: ModelManifest, workers: int = 1, metrics: Metrics | None = None
     ) -> InferencePool:
-        pool = InferencePool(manifests, workers=workers, metrics=metrics)
+        pool = InferencePool(manifests, workers=workers, metrics=metrics, device=DEVICE)
         await pool.start()
         started.append(pool)
         await pool.wait_ready()

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from backend.inference.manifest import ModelManifest
 
 Batch = Callable[[list[Any]], list[Any]]
@@ -56,5 +58,55 @@ def picky(manifest: ModelManifest) -> Batch:
         if any(int(x) == 13 for x in batch):
             raise ValueError("cannot read item 13")
         return [(int(x), len(batch), os.getpid()) for x in batch]
+
+    return run
+
+
+def versioned(manifest: ModelManifest) -> Batch:
+    """Answers with the version that ran (after `load_s` of loading, and `seconds` a batch);
+    a negative item kills the worker."""
+    time.sleep(float(manifest.input.get("load_s", 0)))
+
+    def run(batch: list[Any]) -> list[Any]:
+        if any(int(x) < 0 for x in batch):
+            os._exit(3)
+        time.sleep(float(manifest.input.get("seconds", 0)))
+        return [(int(x), manifest.version, len(batch)) for x in batch]
+
+    return run
+
+
+def top_class(manifest: ModelManifest) -> Batch:
+    """A classifier whose logits put `input.top` first: each version answers its own class."""
+    top = int(manifest.input.get("top", 0))
+
+    def run(batch: list[Any]) -> list[Any]:
+        logits = np.zeros(len(manifest.labels) or 2, dtype=np.float32)
+        logits[top] = 5.0
+        return [logits.copy() for _ in batch]
+
+    return run
+
+
+def checksum(manifest: ModelManifest) -> Batch:
+    """Per array: its sum, dtype and shape, whether its batch came as views of one stacked
+    array (the shared-memory slab's), and the worker's pid; an array whose first value is -1
+    kills the worker mid-batch."""
+
+    def run(batch: list[Any]) -> list[Any]:
+        arrays = [np.asarray(x["image"] if isinstance(x, dict) else x) for x in batch]
+        if any(a.size and a.flat[0] == -1 for a in arrays):
+            os._exit(3)
+        via_slab = hasattr(batch, "array")
+        return [
+            {
+                "sum": float(a.astype(np.float64).sum()),
+                "dtype": str(a.dtype),
+                "shape": a.shape,
+                "via_slab": via_slab,
+                "pid": os.getpid(),
+            }
+            for a in arrays
+        ]
 
     return run

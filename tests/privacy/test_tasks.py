@@ -73,5 +73,5 @@ async def test_a_disabled_purge_starts_nothing(kit: Kit) -> None:
     kit.settings.purge_enabled = False
     scheduler = PurgeScheduler(kit.service, kit.redis, kit.keys, kit.settings)
     scheduler.start()
-    assert scheduler._task is None
+    assert not scheduler.running
     await scheduler.close()

@@ -28,8 +28,9 @@ from backend.config import LimitsSettings, VisionSettings
 from backend.core.db import Database
 from backend.core.models import UsageRecord, VisionJob, VisionStatus, VisionUpload
 from backend.core.redis import KeySpace
-from backend.inference.client import ModelUnavailable, Priority
+from backend.inference.client import InferenceClient, ModelUnavailable, Priority
 from backend.inference.manifest import ModelManifest, load_manifests
+from backend.lifecycle.router import ModelRouter
 from backend.limits.budgets import Budgets, Resource
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import EventsExpired, RunEvent, RunEventLog
@@ -53,8 +54,8 @@ class Models:
         self.stuck = set(stuck)
         self.calls: Counter[str] = Counter()
 
-    def manifest(self, model: str) -> ModelManifest:
-        if model not in self._manifests:
+    def manifest(self, model: str, version: str | None = None) -> ModelManifest:
+        if model not in self._manifests or version not in (None, self._manifests[model].version):
             raise ModelUnavailable(f"no model named {model!r}")
         return self._manifests[model]
 
@@ -66,13 +67,14 @@ class Models:
         model: str,
         inputs: Sequence[Any],
         *,
+        version: str | None = None,
         priority: Priority = Priority.BATCH,
         timeout_s: float | None = None,
     ) -> list[Any]:
         self.calls[model] += 1
         if model in self.stuck:
             await asyncio.Event().wait()
-        manifest = self.manifest(model)
+        manifest = self.manifest(model, version)
         if manifest.task.value == "classification":
             return [np.linspace(0, 1, len(manifest.labels), dtype=np.float32) for _ in inputs]
         # one box: [class, score, corners as fractions of the image]
@@ -87,7 +89,12 @@ def photo() -> bytes:
 
 
 def vision(
-    database: Database, redis: Redis, key_prefix: str, models: Models, **settings: object
+    database: Database,
+    redis: Redis,
+    key_prefix: str,
+    models: InferenceClient,
+    router: ModelRouter | None = None,
+    **settings: object,
 ) -> VisionService:
     keys = KeySpace(key_prefix)
     return VisionService(
@@ -99,6 +106,7 @@ def vision(
         limiter=RateLimiter(redis, keys, LimitsSettings(enabled=False)),
         settings=VisionSettings(**{**QUICK, **settings}),  # type: ignore[arg-type]
         budgets=Budgets(redis, keys, LimitsSettings()),
+        router=router,
     )
 
 

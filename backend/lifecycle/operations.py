@@ -1,0 +1,93 @@
+"""What a replica keeps about the versions it serves: serving figures, shadow runs and their
+agreement, the canary guard and `modelComparison`; one object the app's lifespan owns."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol, TypeVar
+
+from redis.asyncio import Redis
+
+from backend.config import LifecycleSettings
+from backend.core.redis import KeySpace
+from backend.lifecycle._series import Series
+from backend.lifecycle.canary import CanaryWatch, PolicySource, Ramp, Rollback, RollbackMetrics
+from backend.lifecycle.comparison import ModelComparisons, PolicyProvider
+from backend.lifecycle.policy import Route
+from backend.lifecycle.shadow import Mirror, ShadowLedger, ShadowRunner
+from backend.lifecycle.stats import ServingStats
+
+L = TypeVar("L")
+S = TypeVar("S")
+
+
+class Policies(PolicySource, PolicyProvider, Protocol):
+    """The registry snapshot a replica holds: every policy, and one model's."""
+
+
+class ModelOperations:
+    """Serving figures and shadow runs from the start; the canary guard and comparisons once
+    the registry's policies are given (`use_registry`)."""
+
+    def __init__(
+        self, redis: Redis, keys: KeySpace, settings: LifecycleSettings, metrics: RollbackMetrics
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._settings = settings
+        self._metrics = metrics
+        self._series = Series(redis, keys, settings)
+        self.stats = ServingStats(self._series)
+        self.agreements = ShadowLedger(self._series)
+        self.shadows = ShadowRunner(self.agreements, settings, self.stats)
+        self.comparisons: ModelComparisons | None = None
+        self._canaries: CanaryWatch | None = None
+
+    def use_registry(
+        self, policies: Policies, rollback: Rollback, ramp: Ramp | None = None
+    ) -> None:
+        """Starts the canary guard on `policies` (rolling back with `rollback`, stepping the
+        ramps of guards that have one with `ramp`) and answers `modelComparison` from them."""
+        self.comparisons = ModelComparisons(
+            self.stats, self.agreements, policies, max_window_s=self._settings.stats_retention_s
+        )
+        if self._canaries is None:
+            self._canaries = CanaryWatch(
+                self.stats,
+                policies,
+                rollback,
+                redis=self._redis,
+                keys=self._keys,
+                settings=self._settings,
+                metrics=self._metrics,
+                ramp=ramp,
+            )
+            self._canaries.start()
+
+    def mirror(
+        self,
+        route: Route,
+        live_result: L,
+        live_latency_s: float,
+        run: Callable[[], Awaitable[S]],
+        compare: Callable[[L, S], Mapping[str, float]],
+    ) -> bool:
+        """Runs the request again on `route.shadow` (set by the router when this request is
+        sampled) once the live answer is delivered; see `ShadowRunner.mirror`."""
+        if route.shadow is None:
+            return False
+        return self.shadows.mirror(
+            Mirror(
+                route.model, route.version, route.shadow, live_result, live_latency_s, run, compare
+            )
+        )
+
+    def start(self) -> None:
+        self._series.start()
+
+    async def close(self) -> None:
+        """Stops the guard and the shadows, then sends the last figures."""
+        if self._canaries is not None:
+            await self._canaries.close()
+        await self.shadows.close()
+        await self._series.close()
