@@ -365,7 +365,7 @@ async def _build_vision(
             load_manifests(settings.models_dir),
             workers=settings.workers,
             device=settings.device,
-            threads=settings.threads,
+            threads=settings.worker_threads(),
             metrics=state.metrics,
             slab_bytes=settings.batch_slab_mb * 2**20,
             in_flight=settings.batches_in_flight,

@@ -13,15 +13,20 @@
 
 Every model runs as the server runs it: the vision service's `read`, `detect` and `classify`
 on an inference pool of the packaged manifests (worker processes, batchers), Tesseract on the
-service's OCR threads; requests one at a time (latency, not throughput). One table is printed.
+service's OCR threads; requests one at a time (latency, not throughput). Beside the wall-clock
+p50, the CPU each request took (mean): the worker processes' and this process's (preprocessing,
+Tesseract's threads), which a loaded machine does not inflate. The worker has the server's
+threads (`SIGHTLINE_VISION_THREADS`, by default the cores) unless `--threads` says. One table is
+printed.
 
-Usage: python bench/vision_quality.py [--quick] [--threads 1] [--repeats 3]
+Usage: python bench/vision_quality.py [--quick] [--threads N] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import random
 import re
@@ -158,10 +163,32 @@ def service(pool: InferencePool, settings: VisionSettings) -> VisionService:
     )
 
 
-async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:
+def cpu_seconds() -> float:
+    """CPU seconds of this process (every thread) and of its children alive now: the pool's
+    workers (from /proc, in clock ticks)."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for child in multiprocessing.active_children():
+        try:
+            stat = Path(f"/proc/{child.pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+async def timed(
+    call: Callable[[], Awaitable[Any]], cpu: list[float] | None = None
+) -> tuple[Any, float]:
+    """The call's result and wall seconds; its CPU seconds appended to `cpu`."""
+    used = cpu_seconds()
     started = time.perf_counter()
     result = await call()
-    return result, time.perf_counter() - started
+    took = time.perf_counter() - started
+    if cpu is not None:
+        cpu.append(cpu_seconds() - used)
+    return result, took
 
 
 def photo(name: str) -> np.ndarray:
@@ -183,10 +210,11 @@ def p50(values: list[float]) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
-    settings = VisionSettings(threads=args.threads)
+    settings = VisionSettings(workers=1, **({"threads": args.threads} if args.threads else {}))
+    threads = settings.worker_threads()
     wanted = {*OCR_ENGINES, DETECTOR, FACES, CLASSIFIER} - {TESSERACT}
     manifests = [m for m in load_manifests(None) if m.name in wanted]
-    pool = InferencePool(manifests, workers=1, threads=args.threads)
+    pool = InferencePool(manifests, workers=1, threads=threads)
     started = time.perf_counter()
     await pool.start()
     await pool.wait_ready(timeout_s=600)
@@ -196,7 +224,7 @@ async def main(args: argparse.Namespace) -> None:
     vision = service(pool, settings)
     load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     warm = time.perf_counter() - started
-    print(f"models warm in {warm:.1f} s (1 worker x {args.threads} threads); {load}", flush=True)
+    print(f"models warm in {warm:.1f} s (1 worker x {threads} threads); {load}", flush=True)
 
     # OCR: the same pages for both engines
     fonts = (
@@ -213,6 +241,7 @@ async def main(args: argparse.Namespace) -> None:
     )
     errors: dict[tuple[str, str], list[float]] = {}
     seconds: dict[tuple[str, str], list[float]] = {}
+    ocr_cpu: dict[str, list[float]] = {}
     pages = 0
     for index, (font, size) in enumerate(fonts):
         words = prose(70 if args.quick else 110, seed=index)
@@ -222,7 +251,8 @@ async def main(args: argparse.Namespace) -> None:
             pages += 1
             for engine in OCR_ENGINES:
                 result, took = await timed(
-                    lambda engine=engine, image=image: vision.read(image, engine)
+                    lambda engine=engine, image=image: vision.read(image, engine),
+                    ocr_cpu.setdefault(engine, []),
                 )
                 errors.setdefault((engine, kind), []).append(
                     character_error_rate(result["text"], reference)
@@ -236,14 +266,19 @@ async def main(args: argparse.Namespace) -> None:
     detect_s: list[float] = []
     faces_s: list[float] = []
     classify_s: list[float] = []
+    detect_cpu: list[float] = []
+    faces_cpu: list[float] = []
+    classify_cpu: list[float] = []
     for name, (label, classes) in PHOTOS.items():
         rgb = photo(name)
         for _ in range(args.repeats):
-            objects, took = await timed(lambda rgb=rgb: vision.detect(rgb, DETECTOR))
+            objects, took = await timed(lambda rgb=rgb: vision.detect(rgb, DETECTOR), detect_cpu)
             detect_s.append(took)
-            _, took = await timed(lambda rgb=rgb: vision.detect(rgb, FACES))
+            _, took = await timed(lambda rgb=rgb: vision.detect(rgb, FACES), faces_cpu)
             faces_s.append(took)
-            classified, took = await timed(lambda rgb=rgb: vision.classify(rgb, CLASSIFIER, 1))
+            classified, took = await timed(
+                lambda rgb=rgb: vision.classify(rgb, CLASSIFIER, 1), classify_cpu
+            )
             classify_s.append(took)
         scores = [o["score"] for o in objects["objects"] if o["label"] == label]
         best = max(scores, default=0.0)
@@ -285,6 +320,15 @@ async def main(args: argparse.Namespace) -> None:
             f"RapidOCR page <= 1 s: {'met' if rapid_page <= 1 else 'NOT met'}",
         )
     )
+    rows.append(
+        (
+            f"OCR CPU per page, mean ({pages} pages)",
+            "rapidocr",
+            f"{statistics.mean(ocr_cpu['rapidocr']):.2f} s",
+            f"tesseract {statistics.mean(ocr_cpu[TESSERACT]):.2f} s",
+            "",
+        )
+    )
     hits = sum(ok for ok, _ in found.values())
     rows.append(
         (
@@ -308,6 +352,15 @@ async def main(args: argparse.Namespace) -> None:
             f"<= 150 ms: {'met' if detect_p50 <= 150 else 'NOT met'}",
         )
     )
+    rows.append(
+        (
+            f"detection CPU per image, mean ({len(detect_cpu)} requests)",
+            DETECTOR,
+            f"{statistics.mean(detect_cpu) * 1000:.0f} ms",
+            f"{FACES} {statistics.mean(faces_cpu) * 1000:.0f} ms",
+            "",
+        )
+    )
     right = sum(ok for ok, _ in top1.values())
     rows.append(
         (
@@ -324,11 +377,14 @@ async def main(args: argparse.Namespace) -> None:
             f"classification p50 per image ({len(classify_s)} requests)",
             CLASSIFIER,
             f"{p50(classify_s) * 1000:.0f} ms",
-            "",
+            f"CPU {statistics.mean(classify_cpu) * 1000:.0f} ms (mean)",
             "",
         )
     )
-    print(f"\nload average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"\nload average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+        f"1 worker x {threads} threads"
+    )
     print("| measure | model | result | beside it (same run) | target |")
     print("|---|---|---|---|---|")
     for row in rows:
@@ -338,7 +394,9 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one font and size, 1 repeat")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads of the worker")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads of the worker (0: as the server)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each photo")
     arguments = parser.parse_args()
     if arguments.quick:

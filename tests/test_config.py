@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from backend.config import DEV_SECRET_KEY, Environment, Settings, settings_table
+from backend.config import DEV_SECRET_KEY, Environment, Settings, VisionSettings, settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -116,3 +117,14 @@ def test_the_socket_message_limit_stays_above_the_frame_limit(
         Settings()
     monkeypatch.setenv("SIGHTLINE_VISION_ENABLED", "false")  # no live camera: any limit
     assert Settings().ws_max_message_bytes == 1_000_000
+
+
+def test_vision_workers_share_the_usable_cores_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert VisionSettings().worker_threads() == 4
+    assert VisionSettings(workers=2).worker_threads() == 2
+    assert VisionSettings(workers=8).worker_threads() == 1  # never none
+    monkeypatch.setenv("SIGHTLINE_VISION_THREADS", "3")
+    assert VisionSettings(workers=2).worker_threads() == 3

@@ -46,7 +46,8 @@ def manifest() -> Any:
 
 @pytest.fixture
 async def service(database: Database, redis: Redis, key_prefix: str) -> AsyncIterator[Any]:
-    pool = InferencePool([manifest()])
+    # two threads, as the server runs it on 2 cores: a page's lines are read side by side
+    pool = InferencePool([manifest()], threads=2)
     await pool.start()
     await pool.wait_ready(timeout_s=300)
     served = vision(database, redis, key_prefix, pool)  # type: ignore[arg-type]
