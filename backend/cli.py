@@ -49,8 +49,12 @@ from backend.core.telemetry import configure_logging
 from backend.errors import AppError
 from backend.inference.catalog import PACKAGED_MODELS
 from backend.knowledge.service import KnowledgeService
-from backend.lifecycle.policy import Arm, TrafficPolicy
+from backend.lifecycle._series import Series
+from backend.lifecycle.comparison import ModelComparisons
+from backend.lifecycle.policy import Arm, RegistrySnapshot, TrafficPolicy
 from backend.lifecycle.service import ModelRegistryService
+from backend.lifecycle.shadow import ShadowAgreement, ShadowLedger
+from backend.lifecycle.stats import ServingStats
 from backend.limits.ratelimit import RateLimiter
 from backend.privacy.schemas import Erasure, ErasureStatus
 from backend.privacy.service import PrivacyService
@@ -1377,6 +1381,82 @@ def models_promote(
         _print_policy(await service.promote_version(None, model, version))
 
     _run_registry(work)
+
+
+@models_app.command("compare")
+def models_compare(
+    model: Annotated[str, typer.Argument(help="The model.")],
+    window: Annotated[float, typer.Option(help="Seconds back from now.")] = 300.0,
+) -> None:
+    """Live and the other versions side by side over the last --window seconds, on every
+    replica: requests, errors, latency, compute or tokens, cost, and the shadow's agreement."""
+    settings = _settings()
+    configure_logging(settings.telemetry.model_copy(update={"log_level": "WARNING"}))
+
+    async def main() -> None:
+        async with _backends(settings) as (db, redis, auth):
+            service = ModelRegistryService(
+                db=db,
+                redis=redis,
+                keys=KeySpace(settings.redis.key_prefix),
+                settings=settings.lifecycle,
+                auth=auth,
+                operator_tenant=settings.privacy.operator_tenant,
+            )
+            await _compare(service, redis, settings, model, window)
+
+    _run_reported(main)
+
+
+async def _compare(
+    service: ModelRegistryService, redis: Redis, settings: Settings, model: str, window: float
+) -> None:
+    snapshot = await service.snapshot()
+    series = Series(redis, KeySpace(settings.redis.key_prefix), settings.lifecycle)
+    comparisons = ModelComparisons(
+        ServingStats(series),
+        ShadowLedger(series),
+        _SnapshotPolicies(snapshot),
+        max_window_s=settings.lifecycle.stats_retention_s,
+    )
+    found = await comparisons.compare(model, window)
+    table = Table(title=f"{found.model}: the last {found.window_s:g} s")
+    columns = "version role weight requests errors p50_ms p95_ms compute_s tokens cost agreement"
+    for column in columns.split():
+        table.add_column(column.replace("_", " "))
+    for figures in found.versions:
+        w, agreement = figures.window, figures.agreement
+        table.add_row(
+            w.version,
+            figures.role.value,
+            f"{figures.weight:g}%",
+            str(w.requests),
+            f"{w.errors} ({w.error_rate:.1%})",
+            _ms(w.p50_s),
+            _ms(w.p95_s),
+            f"{w.compute_s:.2f}",
+            str(w.tokens),
+            f"{w.cost:.4f}",
+            _agreement(agreement) if agreement is not None else "",
+        )
+    out.print(table)
+
+
+@dataclass(frozen=True)
+class _SnapshotPolicies:
+    snapshot: RegistrySnapshot
+
+    def policy(self, model: str) -> TrafficPolicy | None:
+        return self.snapshot.policies.get(model)
+
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _agreement(agreement: ShadowAgreement) -> str:
+    means = ", ".join(f"{name} {value:.3f}" for name, value in sorted(agreement.metrics.items()))
+    return f"{means} over {agreement.compared} ({agreement.failed} failed)"
 
 
 @models_app.command("rollback")
