@@ -254,6 +254,8 @@ class ModelRegistryService:
             known = await repo.model(session, model)
             if known is not None and await repo.version(session, model, version) is not None:
                 raise VersionExists(f"{model}@{version} is registered already", model=model)
+        if task is None and kind is ModelKind.VISION and isinstance(spec.get("task"), str):
+            task = spec["task"]  # a new vision model: its manifest says its task
         kind, task = kind_and_task(model, known, kind, task)
         spec, sha256 = await self._checked_spec(model, version, kind, task, dict(spec), sha256)
         status = VersionStatus.LOADING if kind is ModelKind.VISION else VersionStatus.READY
