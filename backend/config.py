@@ -572,6 +572,21 @@ class ChatSettings(_Section):
     events_ttl_s: int = Field(
         3600, ge=60, description="How long a finished run's events can still be replayed."
     )
+    stream_batch_ms: float = Field(
+        100.0,
+        ge=0,
+        le=1000,
+        description="Under load (see stream_batch_min_runs), the tokens a run produces within "
+        "this many ms of its last TokenDelta event go out together as the next one: one event, "
+        "one GraphQL execution and one WebSocket frame for several tokens. The first token after "
+        "a quiet spell always goes at once. 0: one event per token.",
+    )
+    stream_batch_min_runs: int = Field(
+        32,
+        ge=1,
+        description="Runs executing on a replica from which it batches tokens "
+        "(stream_batch_ms); below, every token is its own event, sent at once.",
+    )
     prompt_price_per_1k: float = Field(
         0.0, ge=0, description="Price per 1,000 prompt tokens of the `default` model."
     )
