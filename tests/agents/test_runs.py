@@ -619,7 +619,8 @@ async def test_a_busy_replica_batches_tokens_and_cursors_stay_exact(
     assert len(text_of(whole).split()) == 40
     assert len(deltas) < 40  # batched: fewer events than tokens
     indexes = [d["index"] for d in deltas]
-    assert indexes == sorted(set(indexes)) and indexes[-1] == 39  # `index`: the batch's last
+    assert indexes == sorted(set(indexes))
+    assert indexes[-1] == 39  # `index`: the batch's last token's
     assert whole[-1]["__typename"] == "RunCompleted"
     for middle in (0, len(deltas) // 2, len(deltas) - 1):  # resuming after any batch
         rest = await collect(batching_server, token, run_id, after=deltas[middle]["cursor"])
