@@ -115,6 +115,12 @@ class ServerSettings(_Section):
         False,
         description="permessage-deflate on WebSockets (small token frames gain little; costs CPU).",
     )
+    gc_freeze: bool = Field(
+        True,
+        description="Once started, keep what the server loaded (modules, models: ~480k objects) "
+        "out of the garbage collector's full passes, which otherwise scan it all (~180 ms "
+        "each, several a minute under load). Off in tests, which build many apps in one process.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Origins allowed by CORS and for cross-origin WebSockets (JSON list).",
