@@ -635,3 +635,26 @@ async def test_a_busy_replica_batches_tokens_and_cursors_stay_exact(
     assert history["data"]["conversation"]["messages"]["edges"][-1]["node"] == {
         "content": text_of(whole)
     }
+
+
+async def test_a_cancelled_batching_run_logs_every_piece_before_its_end(
+    batching_server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    llm[0].answer_tokens = 10_000
+    token = await sign_in(batching_server, account)
+    conversation, run_id = await start_run(batching_server, token, "go on")
+    events = await collect(batching_server, token, run_id, stop_after=4)
+    cancelled = await gql(
+        batching_server, token, "mutation($r: ID!) { cancelRun(runId: $r) { status } }", r=run_id
+    )
+    assert "errors" not in cancelled
+    events += await collect(batching_server, token, run_id, after=events[-1]["cursor"])
+    assert events[-1]["__typename"] == "RunCancelled"
+    history = await gql(
+        batching_server,
+        token,
+        "query($c: ID!) { conversation(id: $c) { messages { edges { node { content } } } } }",
+        c=conversation,
+    )
+    stored = history["data"]["conversation"]["messages"]["edges"][-1]["node"]["content"]
+    assert text_of(events) == stored  # pieces still batched at the cancel were logged too
