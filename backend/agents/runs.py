@@ -104,6 +104,7 @@ class _Turn:
     unsent: list[str] = field(default_factory=list)
     sent_at: float = 0.0  # when the last token batch left (time.monotonic)
     send_timer: asyncio.Task[None] | None = None  # sleeping until the batch is due
+    timers: set[asyncio.Task[None]] = field(default_factory=set)  # held until done
     send_error: Exception | None = None  # a batch the timer could not append
     appending: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -487,9 +488,12 @@ class RunService:
         if turn.send_timer is None:
             wait = self._batch_wait(turn)
             if wait > 0:
-                turn.send_timer = asyncio.create_task(
+                timer = asyncio.create_task(
                     self._send_later(turn, wait), name=f"run-{turn.run.id}-tokens"
                 )
+                turn.send_timer = timer
+                turn.timers.add(timer)  # a reference while it sends (the loop's is weak)
+                timer.add_done_callback(turn.timers.discard)
             else:
                 await self._send_tokens(turn)
         if turn.uncharged >= CHARGE_EVERY:
