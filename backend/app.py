@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import math
 import uuid
@@ -455,6 +456,11 @@ def create_app(
         except BaseException:
             await state.close()
             raise
+        if settings.server.gc_freeze:
+            # Everything loaded so far lives as long as the server: the collector's full
+            # passes need not scan it (they took ~11% of the CPU of a loaded chat server).
+            gc.collect()
+            gc.freeze()
         shown = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host
         log.info(
             "sightline %s ready (%s): open http://%s:%d/",

@@ -115,6 +115,12 @@ class ServerSettings(_Section):
         False,
         description="permessage-deflate on WebSockets (small token frames gain little; costs CPU).",
     )
+    gc_freeze: bool = Field(
+        True,
+        description="Once started, keep what the server loaded (modules, models: ~480k objects) "
+        "out of the garbage collector's full passes, which otherwise scan it all (~180 ms "
+        "each, several a minute under load). Off in tests, which build many apps in one process.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Origins allowed by CORS and for cross-origin WebSockets (JSON list).",
@@ -577,6 +583,21 @@ class ChatSettings(_Section):
     )
     events_ttl_s: int = Field(
         3600, ge=60, description="How long a finished run's events can still be replayed."
+    )
+    stream_batch_ms: float = Field(
+        100.0,
+        ge=0,
+        le=1000,
+        description="Under load (see stream_batch_min_runs), the tokens a run produces within "
+        "this many ms of its last TokenDelta event go out together as the next one: one event, "
+        "one GraphQL execution and one WebSocket frame for several tokens. The first token after "
+        "a quiet spell always goes at once. 0: one event per token.",
+    )
+    stream_batch_min_runs: int = Field(
+        32,
+        ge=1,
+        description="Runs executing on a replica from which it batches tokens "
+        "(stream_batch_ms); below, every token is its own event, sent at once.",
     )
     prompt_price_per_1k: float = Field(
         0.0, ge=0, description="Price per 1,000 prompt tokens of the `default` model."

@@ -194,7 +194,8 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         redis=RedisSettings(url=SecretStr(REDIS_URL), key_prefix=key_prefix),
         # Models load on first use, except in the tests of the warm-up (tests/test_warmup.py):
         # not a MiniLM worker per app in the background of every test.
-        server=ServerSettings(warm_up=False),
+        # No gc.freeze(): what one test's app froze could never be collected in later tests.
+        server=ServerSettings(warm_up=False, gc_freeze=False),
         telemetry=TelemetrySettings(log_format=LogFormat.TEXT),
         # The packaged model is loaded only by the tests about it (tests/agents).
         chat=ChatSettings(local_model=False),

@@ -343,7 +343,9 @@ class Agent:
                 if piece.text:
                     result.text.append(piece.text)
                     await ctx.hooks.token(piece.text)
-                    await self._cite(ctx, answer_so_far + "".join(result.text), sources, result)
+                    if sources and "]" in piece.text:  # a marker ends here: the answer is built
+                        answer = answer_so_far + "".join(result.text)  # once, not per token
+                        await self._cite(ctx, answer, sources, result)
                 if piece.decision is not None and piece.decision.action is GuardAction.BLOCK:
                     result.blocked = piece.decision
                     break

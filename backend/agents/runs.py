@@ -99,6 +99,14 @@ class _Turn:
     started: float = field(default_factory=time.perf_counter)
     last_token: float | None = None
     behind: bool = False  # created while another run of its conversation was going
+    # Tokens not yet in the event log (batched under load: see RunService._deliver), and the
+    # order of the run's appends: token batches and other events go into the log one at a time.
+    unsent: list[str] = field(default_factory=list)
+    sent_at: float = 0.0  # when the last token batch left (time.monotonic)
+    send_timer: asyncio.Task[None] | None = None  # sleeping until the batch is due
+    timers: set[asyncio.Task[None]] = field(default_factory=set)  # held until done
+    send_error: Exception | None = None  # a batch the timer could not append
+    appending: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(frozen=True)
@@ -494,7 +502,13 @@ class RunService:
             await asyncio.shield(self._finish(turn, outcome, code, detail))
 
     async def _deliver(self, turn: _Turn, text: str) -> None:
-        """One piece of the answer: metrics, a cancel check, the event, the budget."""
+        """One piece of the answer: metrics, the event, the budget.
+
+        Under load (at least `stream_batch_min_runs` runs executing here), pieces that come
+        within `stream_batch_ms` of the run's last TokenDelta wait for the next one, which then
+        carries them all: every event costs its readers a GraphQL execution and a WebSocket
+        frame, whatever its size. The first piece after a quiet spell, and every piece below
+        that load, is appended at once. Each event is one log entry, so cursors stay exact."""
         now = time.perf_counter()
         model, version = turn.run.model, turn.model.version
         if turn.last_token is None:
@@ -502,17 +516,71 @@ class RunService:
         else:
             self._metrics.chat_inter_token.labels(model, version).observe(now - turn.last_token)
         turn.last_token = now
+        if turn.send_error is not None:  # the timer's append failed: the run fails with it
+            raise turn.send_error
         turn.text.append(text)
         turn.uncharged += 1
-        await self.events.append_retrying(
-            str(turn.run.id),
-            TOKEN_DELTA,
-            {"text": text, "index": len(turn.text) - 1},
-            within_s=self._settings.outage_retry_s,
-        )
+        turn.unsent.append(text)
+        if turn.send_timer is None:
+            wait = self._batch_wait(turn)
+            if wait > 0:
+                timer = asyncio.create_task(
+                    self._send_later(turn, wait), name=f"run-{turn.run.id}-tokens"
+                )
+                turn.send_timer = timer
+                turn.timers.add(timer)  # a reference while it sends (the loop's is weak)
+                timer.add_done_callback(turn.timers.discard)
+            else:
+                await self._send_tokens(turn)
         if turn.uncharged >= CHARGE_EVERY:
             turn.uncharged = 0
             await self._retrying(lambda: turn.reservation.charge(CHARGE_EVERY), "a budget charge")
+
+    def _batch_wait(self, turn: _Turn) -> float:
+        """How long the run's next TokenDelta waits for more pieces (0: it goes now)."""
+        window = self._settings.stream_batch_ms / 1000
+        if window <= 0 or len(self._tasks) < self._settings.stream_batch_min_runs:
+            return 0.0
+        return turn.sent_at + window - time.monotonic()
+
+    async def _send_later(self, turn: _Turn, wait: float) -> None:
+        """The batch timer (owned by the turn; `_settle_tokens` cancels it while it sleeps)."""
+        await asyncio.sleep(wait)
+        turn.send_timer = None  # from here on a send like any other: not cancelled
+        try:
+            await self._send_tokens(turn)
+        except Exception as exc:  # kept for the run, which fails with it at its next piece
+            turn.send_error = exc
+
+    async def _send_tokens(self, turn: _Turn) -> None:
+        """Appends the pieces not yet in the log as one TokenDelta (`index`: the last one's)."""
+        async with turn.appending:
+            if not turn.unsent:
+                return
+            pieces, turn.unsent = turn.unsent, []
+            turn.sent_at = time.monotonic()
+            body: dict = {"text": "".join(pieces), "index": len(turn.text) - 1}
+            if len(pieces) > 1:
+                body["merged"] = len(pieces)
+            await self.events.append_retrying(
+                str(turn.run.id), TOKEN_DELTA, body, within_s=self._settings.outage_retry_s
+            )
+
+    async def _settle_tokens(self, turn: _Turn) -> None:
+        """Every piece delivered so far into the log, before another event goes after them."""
+        timer, turn.send_timer = turn.send_timer, None
+        if timer is not None:  # still asleep (it clears itself when it wakes): no send started
+            timer.cancel()
+        if turn.send_error is not None:
+            error, turn.send_error = turn.send_error, None
+            raise error
+        await self._send_tokens(turn)
+
+    async def _append_event(self, turn: _Turn, kind: str, body: dict) -> None:
+        """A run's other events (tools, citations, rails): after the pieces before them."""
+        await self._settle_tokens(turn)
+        async with turn.appending:
+            await self.events.append(str(turn.run.id), kind, body)
 
     async def _store_answer(self, turn: _Turn, answer: str, notes: dict) -> None:
         async def store() -> uuid.UUID:
@@ -556,6 +624,7 @@ class RunService:
         cost = turn.model.cost(prompt_tokens, completion_tokens)
         recorded = False
         try:
+            await self._settle_tokens(turn)  # the pieces still batched, before the end
             owed = prompt_tokens + completion_tokens - int(reservation.charged)
             if owed > 0:
                 with contextlib.suppress(BudgetExceeded):
@@ -938,7 +1007,7 @@ class _Hooks:
         await self._service._deliver(self._turn, text)
 
     async def event(self, kind: str, body: dict) -> None:
-        await self._service.events.append(str(self._turn.run.id), kind, body)
+        await self._service._append_event(self._turn, kind, body)
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> None:
         self._turn.prompt_tokens += prompt_tokens

@@ -389,9 +389,10 @@ class RunEventLog:
         try:
             while True:
                 try:
-                    batch = await asyncio.wait_for(
-                        subscriber.queue.get(), self._block_ms * 6 / 1000
-                    )
+                    # A timeout scope, not wait_for: on Python 3.11 wait_for makes a Task of
+                    # every wait, and this waits once per event of every open stream.
+                    async with asyncio.timeout(self._block_ms * 6 / 1000):
+                        batch = await subscriber.queue.get()
                 except TimeoutError:
                     try:
                         gone = not await self._redis.exists(key)  # expired while we waited?
@@ -430,7 +431,7 @@ def _coalesce(run_id: str, entries: Iterable[tuple[Any, dict[Any, Any]]]) -> lis
                 **data,
                 "text": previous.data.get("text", "") + data.get("text", ""),
                 "index": data.get("index"),
-                "merged": previous.data.get("merged", 1) + 1,
+                "merged": previous.data.get("merged", 1) + data.get("merged", 1),
             }
             events[-1] = RunEvent(run_id, event.entry_id, TOKEN_DELTA, merged)
         else:

@@ -599,3 +599,67 @@ async def test_random_disconnects_under_cpu_load_lose_and_repeat_nothing(
     # The gap this found (a resumed reader behind an earlier subscriber of the same stream)
     # showed only on a loaded machine, where the old socket's cleanup comes late.
     await _disconnect_and_resume(unlimited_server, account, llm, cuts)
+
+
+@pytest.fixture
+async def batching_server(
+    chat_settings: Settings, engine: AsyncEngine
+) -> AsyncIterator[LiveServer]:
+    """A server that batches tokens from its first run (as a busy one does)."""
+    chat_settings.chat = chat_settings.chat.model_copy(
+        update={"stream_batch_min_runs": 1, "stream_batch_ms": 60.0}
+    )
+    async with serve_live(chat_settings) as live:
+        yield live
+
+
+async def test_a_busy_replica_batches_tokens_and_cursors_stay_exact(
+    batching_server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    llm[0].answer_tokens = 40  # 5 ms apart: many fall within one 60 ms batch
+    token = await sign_in(batching_server, account)
+    conversation, run_id = await start_run(batching_server, token, "count")
+    whole = await collect(batching_server, token, run_id)
+    deltas = [e for e in whole if e["__typename"] == "TokenDelta"]
+    assert len(text_of(whole).split()) == 40
+    assert len(deltas) < 40  # batched: fewer events than tokens
+    indexes = [d["index"] for d in deltas]
+    assert indexes == sorted(set(indexes))
+    assert indexes[-1] == 39  # `index`: the batch's last token's
+    assert whole[-1]["__typename"] == "RunCompleted"
+    for middle in (0, len(deltas) // 2, len(deltas) - 1):  # resuming after any batch
+        rest = await collect(batching_server, token, run_id, after=deltas[middle]["cursor"])
+        assert text_of(whole[: whole.index(deltas[middle]) + 1]) + text_of(rest) == text_of(whole)
+        assert rest[-1]["__typename"] == "RunCompleted"
+    history = await gql(
+        batching_server,
+        token,
+        "query($c: ID!) { conversation(id: $c) { messages { edges { node { content } } } } }",
+        c=conversation,
+    )
+    assert history["data"]["conversation"]["messages"]["edges"][-1]["node"] == {
+        "content": text_of(whole)
+    }
+
+
+async def test_a_cancelled_batching_run_logs_every_piece_before_its_end(
+    batching_server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    llm[0].answer_tokens = 10_000
+    token = await sign_in(batching_server, account)
+    conversation, run_id = await start_run(batching_server, token, "go on")
+    events = await collect(batching_server, token, run_id, stop_after=4)
+    cancelled = await gql(
+        batching_server, token, "mutation($r: ID!) { cancelRun(runId: $r) { status } }", r=run_id
+    )
+    assert "errors" not in cancelled
+    events += await collect(batching_server, token, run_id, after=events[-1]["cursor"])
+    assert events[-1]["__typename"] == "RunCancelled"
+    history = await gql(
+        batching_server,
+        token,
+        "query($c: ID!) { conversation(id: $c) { messages { edges { node { content } } } } }",
+        c=conversation,
+    )
+    stored = history["data"]["conversation"]["messages"]["edges"][-1]["node"]["content"]
+    assert text_of(events) == stored  # pieces still batched at the cancel were logged too

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import httpx2
 import pytest
 
 from backend.inference.llm.base import (
@@ -14,7 +15,7 @@ from backend.inference.llm.base import (
     LLMTimeout,
     LLMUnavailable,
 )
-from backend.inference.llm.openai_compat import OpenAICompatibleProvider
+from backend.inference.llm.openai_compat import OpenAICompatibleProvider, _events
 from tests.conftest import scaled, serve_asgi
 from tests.llm_stub import LLMStub
 
@@ -84,3 +85,31 @@ async def test_closing_the_iterator_closes_the_upstream_stream(stub: tuple[LLMSt
         while llm.open_streams:
             await asyncio.sleep(0.01)
     assert llm.closed_early == 1
+
+
+async def _body(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        (b'data: {"a": 1}\n\ndata: {"a": 2}\n\ndata: [DONE]\n\n',),
+        (b'data: {"a"', b": 1}\n", b'\ndata: {"a": 2}\n\n', b"data: [DONE]\n\n"),
+        (
+            b'data: {"a": 1}\r\n\r\n: a comment\r\n\r\ndata: {"a": 2}\r',
+            b"\n\r\ndata: [DONE]\r\n\r\n",
+        ),
+        (b'event: x\ndata: {"a":\ndata: 1}\n\ndata:{"a": 2}\n\ndata: [DONE]\n\nignored',),
+    ],
+)
+async def test_the_event_reader_splits_any_framing(parts: tuple[bytes, ...]) -> None:
+    response = httpx2.Response(200, content=_body(*parts))
+    assert [e async for e in _events(response)] == [{"a": 1}, {"a": 2}]
+
+
+async def test_an_error_payload_mid_stream_is_a_protocol_error() -> None:
+    response = httpx2.Response(200, content=_body(b'data: {"error": {"message": "x"}}\n\n'))
+    with pytest.raises(LLMProtocolError):
+        [e async for e in _events(response)]

@@ -8,10 +8,12 @@ HTTP response, which is how a cancelled run stops the remote generation.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx2
 import openai
 
 from backend.inference.llm.base import (
@@ -79,7 +81,7 @@ class OpenAICompatibleProvider:
         produced = 0
         looped = False
         try:
-            async for event in response:
+            async for event in _events(response.response):
                 usage = event.get("usage")
                 if usage:
                     yield Chunk(
@@ -115,9 +117,17 @@ class OpenAICompatibleProvider:
                         yield Chunk(finish_reason=str(choice["finish_reason"]), tool_calls=made)
                 if looped:
                     break  # closing the response (below) stops the endpoint
-        except openai.APITimeoutError as exc:
+        except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
             raise LLMTimeout("the model stopped answering") from exc
-        except (openai.APIError, ValueError, LookupError, TypeError, AttributeError) as exc:
+        except (
+            openai.APIError,
+            httpx2.HTTPError,
+            httpx2.StreamError,
+            ValueError,
+            LookupError,
+            TypeError,
+            AttributeError,
+        ) as exc:
             # a chunk that is not the shape of a chat.completion.chunk, or the stream broke
             raise LLMProtocolError(f"bad stream from the model: {type(exc).__name__}") from exc
         finally:
@@ -189,6 +199,40 @@ class OpenAICompatibleProvider:
             except openai.APIStatusError as exc:
                 raise LLMUnavailable(f"model endpoint refused: HTTP {exc.status_code}") from exc
         raise AssertionError("unreachable")
+
+
+async def _events(response: httpx2.Response) -> AsyncIterator[Any]:
+    """The JSON payloads of a Server-Sent Events body, up to `[DONE]`.
+
+    The SDK's own reader (AsyncStream) goes through several generators and a Python loop per
+    line for every token; this splits what each read brought at once. An `error` payload
+    raises (as the SDK's reader does)."""
+    pending = b""
+    chunks = response.aiter_bytes()
+    async for chunk in chunks:
+        pending += chunk
+        if b"\r" in pending:  # CRLF or CR line ends (the spec allows all three)
+            pending = pending.replace(b"\r\n", b"\n")
+            if not pending.endswith(b"\r"):  # a lone CR at the end may start a CRLF
+                pending = pending.replace(b"\r", b"\n")
+        if b"\n\n" not in pending:
+            continue
+        *blocks, pending = pending.split(b"\n\n")
+        for block in blocks:
+            data = [
+                line[5:].removeprefix(b" ") for line in block.split(b"\n") if line[:5] == b"data:"
+            ]
+            if not data:
+                continue  # a comment, or an event without data
+            payload = data[0] if len(data) == 1 else b"\n".join(data)
+            if payload.startswith(b"[DONE]"):
+                async for _ in chunks:  # drained: an HTTP/1.1 connection can be reused
+                    pass
+                return
+            event = json.loads(payload)
+            if isinstance(event, dict) and event.get("error"):
+                raise LLMProtocolError("the model reported an error mid-stream")
+            yield event
 
 
 def _wire(message: ChatMessage) -> dict[str, Any]:
