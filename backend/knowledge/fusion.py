@@ -10,12 +10,13 @@ rank in the ranking it came from (`vrank` or `trank`).
   vector ranking's even when it matched one common word.
 - `score` (the default): a score fusion weighted by the text ranking's confidence. A passage
   scores its cosine similarity (calibrated across questions) plus
-  text_weight * confidence * its BM25 / the best BM25 among the candidates, where confidence is
-  floor + (1 - floor) * the best BM25's margin over the second best, (s1 - s2) / s1. BM25 has no
-  scale of its own (it grows with the question's length and its words' rarity): only its order
-  and its margin are used. When one passage stands out in its words, BM25 can lift it over
-  closer vector matches; when many passages match the question's words about as well (common
-  words, a long question), the word matches gain little and a close vector match stays on top.
+  text_weight * confidence * its BM25 / the text ranking's best BM25, where confidence is
+  floor + (1 - floor) * the best BM25's margin over the text ranking's second, (s1 - s2) / s1.
+  BM25 has no scale of its own (it grows with the question's length and its words' rarity):
+  only its order and its margin are used. When one passage stands out in its words, BM25 can
+  lift it over closer vector matches; when many passages match the question's words about as
+  well (common words, a long question), the word matches gain little and a close vector match
+  stays on top.
   Weight and floor are tuned on one labelled set by bench/retrieval_quality.py and checked on
   the other.
 """
@@ -68,9 +69,15 @@ def fuse_scores(
     rows: list[dict[str, Any]], k: int, *, text_weight: float, floor: float
 ) -> list[dict[str, Any]]:
     """Confidence-weighted score fusion of rows that carry both signals (`vscore`, `tscore`):
-    vscore + text_weight * (floor + (1 - floor) * margin) * tscore / best tscore."""
+    vscore + text_weight * (floor + (1 - floor) * margin) * tscore / best, with the best and
+    the margin, (best - second) / best, among the text ranking's candidates."""
     fused = _merged(rows)
-    bm25 = sorted((float(e.get("tscore") or 0.0) for e in fused), reverse=True)
+    # The text ranking's own candidates (those with the question's words that tell passages
+    # apart): how far its first stands out among them. The vector ranking's candidates can
+    # score BM25 by common words alone; they do not make the text ranking less sure.
+    bm25 = sorted(
+        (float(e.get("tscore") or 0.0) for e in fused if e["trank"] is not None), reverse=True
+    )
     best = bm25[0] if bm25 else 0.0
     second = bm25[1] if len(bm25) > 1 else 0.0
     confidence = floor + (1 - floor) * (best - second) / best if best > 0 else 0.0

@@ -199,6 +199,49 @@ async def test_text_ranking_is_bm25_idf_and_length_normalised(
         assert await session.scalar(text("SELECT count(*) FROM documents")) == 0
 
 
+async def test_hybrid_candidates_carry_both_signals_and_the_fusion_puts_both_first(
+    database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
+) -> None:
+    """Each ranking's candidates come with both signals, computed in its own query: the
+    cosine similarity of the text ranking's candidates, BM25 of the vector ranking's (0 with
+    none of the question's words). A passage strong in both comes first."""
+    principal = await new_principal(database)
+    topics = ["conveyor belt", "boiler", "cooling fan", "hydraulic press", "forklift"]
+    sections = [
+        f"The {topics[i % 5]} of line {i} was inspected; the report lists its parts."
+        for i in range(29)
+    ]
+    sections.insert(17, "The gearbox lubricant is replaced every 500 operating hours.")
+    sections += ["A gearbox report.", "Lubricant stock for the plant."]
+    body = "\n\n".join(f"# Part {i}\n\n{words}" for i, words in enumerate(sections))
+    kb = knowledge(database, redis, key_prefix, embedder, candidates=8)
+    try:
+        job = await kb.ingest(principal, body.encode(), source="plant.md")
+        assert (await finished(kb, principal, job.id))["last"]["status"] == "completed"
+        question = "How often is the gearbox lubricant replaced?"
+        hits = await kb.search(principal, question, k=16)
+        ids = [str(h.chunk_id) for h in hits]
+        exact = (await kb.similarities(principal, [question], ids))[0]
+    finally:
+        await kb.close(5)
+    assert hits[0].heading == "Part 17", [(h.heading, h.score) for h in hits[:3]]
+    assert (hits[0].vector_rank, hits[0].text_rank) == (1, 1)
+    assert len({h.chunk_id for h in hits}) == len(hits) >= 8  # one hit a chunk
+    assert all(h.vector_score is not None and h.text_score is not None for h in hits)
+    for h in hits:  # the stored vectors' cosine similarity, for candidates of either ranking
+        assert h.vector_score == pytest.approx(exact[str(h.chunk_id)], abs=1e-4)
+    ranked_by = {
+        "vector": [h.vector_score for h in hits if h.vector_rank is not None],
+        "text": [h.text_score for h in hits if h.text_rank is not None],
+    }
+    for h in hits:  # a ranking's other candidates score below everything it ranked
+        if h.vector_rank is None:
+            assert h.vector_score <= min(ranked_by["vector"]) + 1e-6
+        if h.text_rank is None:
+            assert 0 <= h.text_score <= min(ranked_by["text"]) + 1e-6
+    assert any(h.text_rank is None and h.text_score == 0 for h in hits)  # no word of it
+
+
 async def test_relevance_tells_covered_questions_from_small_talk(
     kb: KnowledgeService, database: Database
 ) -> None:
