@@ -735,17 +735,18 @@ class KnowledgeSettings(JobRecoverySettings):
     fusion: Literal["score", "rrf"] = Field(
         "score",
         description="How hybrid search fuses its vector and text rankings: `score` (cosine "
-        "similarity plus the BM25 score relative to the best, weighted by how far the best "
-        "stands out: `fusion_text_*`) or `rrf` (weighted reciprocal rank fusion: `rrf_*`).",
+        "similarity plus, for the text ranking's passages, their BM25 score relative to the "
+        "best, weighted by how far the best stands out: `fusion_text_*`) or `rrf` (weighted "
+        "reciprocal rank fusion: `rrf_*`).",
     )
     fusion_text_weight: float = Field(
-        0.55,
+        0.45,
         ge=0,
         description="Most a passage's BM25 score adds to its cosine similarity in the `score` "
         "fusion (tuned by bench/retrieval_quality.py).",
     )
     fusion_text_floor: float = Field(
-        0.15,
+        0.2,
         ge=0,
         le=1,
         description="Share of `fusion_text_weight` BM25 keeps when its best match does not "

@@ -1,24 +1,22 @@
 """How a hybrid search fuses its two rankings (vector and text) into one.
 
-Each ranking gives `candidates` rows; with `_search_sql(..., both=True)` every row carries both
-signals, computed for it in the ranking's own query: its cosine similarity to the question
-(`vscore`) and its BM25 score (`tscore`, 0 without any of the question's words), next to its
-rank in the ranking it came from (`vrank` or `trank`).
+Each ranking gives `candidates` rows, each with its rank in the ranking it came from (`vrank`
+or `trank`) and its score there (`vscore`: cosine similarity, `tscore`: BM25); the text
+ranking's rows also carry their cosine similarity, computed for them in its own query.
 
 - `rrf`: weighted reciprocal rank fusion, weight / (rrf_k + rank) per ranking. Ranks say
   nothing about how sure a ranking is: the text ranking's first place counts as much as the
   vector ranking's even when it matched one common word.
 - `score` (the default): a score fusion weighted by the text ranking's confidence. A passage
-  scores its cosine similarity (calibrated across questions) plus
-  text_weight * confidence * its BM25 / the text ranking's best BM25, where confidence is
-  floor + (1 - floor) * the best BM25's margin over the text ranking's second, (s1 - s2) / s1.
+  scores its cosine similarity (calibrated across questions) plus, if the text ranking found
+  it, text_weight * confidence * its BM25 / the text ranking's best, where confidence is
+  floor + (1 - floor) * how far the best stands out from the second, (s1 - s2) / s1.
   BM25 has no scale of its own (it grows with the question's length and its words' rarity):
-  only its order and its margin are used. When one passage stands out in its words, BM25 can
-  lift it over closer vector matches; when many passages match the question's words about as
-  well (common words, a long question), the word matches gain little and a close vector match
-  stays on top.
-  Weight and floor are tuned on one labelled set by bench/retrieval_quality.py and checked on
-  the other.
+  only its ratios are used. When one passage stands out in the words that tell passages
+  apart, BM25 lifts it over closer vector matches; when many match them about as well, the
+  word matches gain little and a close vector match stays on top. Passages only the vector
+  ranking found gain nothing (they lack the question's rarer words). Weight and floor are
+  tuned on one labelled set by bench/retrieval_quality.py and checked on the other.
 """
 
 from __future__ import annotations
@@ -68,22 +66,18 @@ def fuse(rows: list[dict[str, Any]], k: int, settings: KnowledgeSettings) -> lis
 def fuse_scores(
     rows: list[dict[str, Any]], k: int, *, text_weight: float, floor: float
 ) -> list[dict[str, Any]]:
-    """Confidence-weighted score fusion of rows that carry both signals (`vscore`, `tscore`):
-    vscore + text_weight * (floor + (1 - floor) * margin) * tscore / best, with the best and
-    the margin, (best - second) / best, among the text ranking's candidates."""
+    """Confidence-weighted score fusion: vscore + text_weight * (floor + (1 - floor) *
+    margin) * tscore / best, for the text ranking's rows (best and margin, (best - second) /
+    best, among them); vscore alone for the others."""
     fused = _merged(rows)
-    # The text ranking's own candidates (those with the question's words that tell passages
-    # apart): how far its first stands out among them. The vector ranking's candidates can
-    # score BM25 by common words alone; they do not make the text ranking less sure.
-    bm25 = sorted(
-        (float(e.get("tscore") or 0.0) for e in fused if e["trank"] is not None), reverse=True
-    )
+    bm25 = sorted((float(e["tscore"]) for e in fused if e["trank"] is not None), reverse=True)
     best = bm25[0] if bm25 else 0.0
     second = bm25[1] if len(bm25) > 1 else 0.0
     confidence = floor + (1 - floor) * (best - second) / best if best > 0 else 0.0
     for entry in fused:
         similarity = entry.get("vscore")
-        textual = float(entry.get("tscore") or 0.0) / best if best > 0 else 0.0
+        found = entry["trank"] is not None and best > 0
+        textual = float(entry["tscore"]) / best if found else 0.0
         entry["score"] = (-1.0 if similarity is None else float(similarity)) + (
             text_weight * confidence * textual
         )

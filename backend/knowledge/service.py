@@ -1128,30 +1128,17 @@ def _search_sql(mode: SearchMode, filters: str, *, both: bool = False) -> str:
     """The query for a mode. `filters` is built from constant SQL only (values are bound).
 
     Each row carries its rank in the mode's ranking (`vrank` or `trank`) and its score there
-    (`vscore`: cosine similarity, `tscore`: BM25). With `both` (a ranking that is to be fused
-    with the other one, see backend.knowledge.fusion) the candidates also carry the other
-    signal's score, computed for them alone in the same query: BM25 of the vector ranking's
-    candidates, cosine similarity of the text ranking's (so a score fusion never has to guess
-    a missing score)."""
-    text_query = mode is not SearchMode.VECTOR or both
-    if both:
-        vector = f"""
-        SELECT c.id, row_number() OVER (ORDER BY c.dist, c.id) AS r, 1 - c.dist AS vs,
-               coalesce(b.score, 0) AS ts
-        FROM vc c LEFT JOIN ({_BM25.format(rows="vc")}) b ON b.id = c.id"""  # noqa: S608
-        near = f"""vc AS (
-            SELECT c.id, c.tsv, c.lexemes, c.embedding <=> CAST(:v AS vector) AS dist
-            FROM chunks c WHERE {filters} ORDER BY dist LIMIT :n
-        ),"""  # noqa: S608
-    else:
-        vector = f"""
+    (`vscore`: cosine similarity, `tscore`: BM25). With `both` (a text ranking that is to be
+    fused with the vector ranking, see backend.knowledge.fusion) its candidates also carry their
+    cosine similarity to the question, computed for them alone in the same query: a score
+    fusion never has to guess it for a passage only the text ranking found."""
+    vector = f"""
         SELECT c.id, row_number() OVER (ORDER BY c.dist, c.id) AS r, 1 - c.dist AS vs,
                NULL::float8 AS ts
         FROM (
             SELECT c.id, c.embedding <=> CAST(:v AS vector) AS dist FROM chunks c
             WHERE {filters} ORDER BY dist LIMIT :n
         ) c"""  # noqa: S608
-        near = ""
     # The lexemes are stemmed already: the 'simple' configuration takes them as they are.
     # At most `:m` matching rows are scored: words that match more than that many passages
     # say little about which one is meant. The matching runs in sightline_match_chunks
@@ -1172,7 +1159,7 @@ def _search_sql(mode: SearchMode, filters: str, *, both: bool = False) -> str:
         ) s"""  # noqa: S608
     empty = "SELECT NULL::uuid AS id, NULL::bigint AS r, NULL::float8 AS vs, NULL::float8 AS ts"
     return f"""
-        WITH {_TEXT_QUERY if text_query else ""} {near}
+        WITH {_TEXT_QUERY if mode is not SearchMode.VECTOR else ""}
              v AS ({vector if mode is not SearchMode.TEXT else empty + " WHERE false"}),
              t AS ({full_text if mode is not SearchMode.VECTOR else empty + " WHERE false"}),
              fused AS (
