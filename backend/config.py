@@ -740,13 +740,13 @@ class KnowledgeSettings(JobRecoverySettings):
         "reciprocal rank fusion: `rrf_*`).",
     )
     fusion_text_weight: float = Field(
-        0.45,
+        0.3,
         ge=0,
         description="Most a passage's BM25 score adds to its cosine similarity in the `score` "
         "fusion (tuned by bench/retrieval_quality.py).",
     )
     fusion_text_floor: float = Field(
-        0.2,
+        0.5,
         ge=0,
         le=1,
         description="Share of `fusion_text_weight` BM25 keeps when its best match does not "

@@ -66,25 +66,26 @@ def test_a_close_vector_match_is_not_pushed_out_by_weak_word_matches() -> None:
 
 def test_a_word_match_that_stands_out_lifts_a_passage_over_closer_ones() -> None:
     """One passage has the question's rare words and nothing else comes near it in BM25: it
-    moves above passages a little closer in meaning; the same BM25 score with no margin (a
-    second passage as good) lifts it less."""
+    gains the full text weight and moves above passages closer in meaning; the same BM25
+    score with no margin (a second passage as good) gains only the floor's share of it."""
+    closer = 0.50 + WEIGHT * (1 + FLOOR) / 2  # between the two gains
     standout, named = candidates(
-        ("closest", 0.60, 0.0),
-        ("close", 0.58, 0.0),
+        ("closest", closer, 0.0),
+        ("close", closer - 0.02, 0.0),
         ("rare words", 0.50, 12.0),
         ("one word", 0.40, 2.0),
     )
-    assert names(fuse_scores(standout, 4, text_weight=WEIGHT, floor=FLOOR), named)[0] == (
-        "rare words"
-    )
+    top = fuse_scores(standout, 4, text_weight=WEIGHT, floor=FLOOR)
+    assert names(top, named)[0] == "rare words"
+    assert top[0]["score"] == 0.50 + WEIGHT * (FLOOR + (1 - FLOOR) * (12 - 2) / 12)
     tie, named = candidates(
-        ("closest", 0.60, 0.0),
-        ("close", 0.58, 0.0),
+        ("closest", closer, 0.0),
+        ("close", closer - 0.02, 0.0),
         ("rare words", 0.50, 12.0),
         ("same words", 0.20, 12.0),
     )
     order = names(fuse_scores(tie, 4, text_weight=WEIGHT, floor=FLOOR), named)
-    assert order[:2] == ["closest", "rare words"]
+    assert order[:3] == ["closest", "close", "rare words"]
 
 
 def test_without_word_matches_the_order_is_the_vector_order() -> None:
