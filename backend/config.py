@@ -6,7 +6,7 @@ import json
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, SecretStr, TypeAdapter, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -758,6 +758,27 @@ class KnowledgeSettings(JobRecoverySettings):
     ef_search: int = Field(80, ge=1, le=1000, description="Default HNSW ef_search of a query.")
     candidates: int = Field(
         40, ge=1, le=1000, description="Candidates each ranking (vector, text) gives the fusion."
+    )
+    fusion: Literal["score", "rrf"] = Field(
+        "score",
+        description="How hybrid search fuses its vector and text rankings: `score` (cosine "
+        "similarity plus, for the text ranking's passages, their BM25 score relative to the "
+        "best, weighted by how far the best stands out: `fusion_text_*`) or `rrf` (weighted "
+        "reciprocal rank fusion: `rrf_*`).",
+    )
+    fusion_text_weight: float = Field(
+        0.3,
+        ge=0,
+        description="Most a passage's BM25 score adds to its cosine similarity in the `score` "
+        "fusion (tuned by bench/retrieval_quality.py).",
+    )
+    fusion_text_floor: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of `fusion_text_weight` BM25 keeps when its best match does not "
+        "stand out from the second (the rest grows with that margin; tuned by "
+        "bench/retrieval_quality.py).",
     )
     rrf_k: int = Field(
         5,

@@ -18,12 +18,16 @@ Baselines, same passages, same chunks: plain BM25 (Okapi, k1 1.2, b 0.75, lowerc
 English stop words, no stemming, computed here in numpy) and exact cosine k-NN over the chunks'
 stored MiniLM vectors. Hybrid fusions of those two (plain RRF, k 60) are shown too.
 
-Tuning (--tune SET): BM25 k1/b of the TEXT mode and the RRF k and weights of HYBRID are chosen
-by nDCG@10 on that set only; the figures for both sets are then printed with those settings
-(the other set is the held-out check), next to the defaults.
+Tuning (--tune SET): BM25 k1/b of the TEXT mode, then the parameters of each fusion of HYBRID
+(backend.knowledge.fusion: `rrf` k and weights; `score` text weight and floor) are chosen by
+nDCG@10 on that set only, over the same candidates (each question's hybrid candidates with
+both signals, fused here by the service's own functions); the better fusion on that set is
+"tuned". The figures for both sets are then printed with both tuned fusions (the other set is
+the held-out check), next to the defaults.
 
 Needs the Redis at 127.0.0.1:6379 and an embedded PostgreSQL (or SIGHTLINE_DATABASE_URL).
-Usage: python bench/retrieval_quality.py [--tune stdlib] [--stdlib 400]
+Usage: python bench/retrieval_quality.py [--tune stdlib] [--stdlib 400] [--fusion-only]
+    [--skip-calibration]
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ from backend.config import KnowledgeSettings
 from backend.core.db import Database
 from backend.core.models import Tenant, UserRole
 from backend.knowledge.embeddings import LocalEmbedder
-from backend.knowledge.service import KnowledgeService, SearchMode, _fuse
+from backend.knowledge.fusion import fuse_ranks, fuse_scores
+from backend.knowledge.service import KnowledgeService, SearchMode
 
 PERLFAQ = Path("/usr/share/perl/5.36.0/pod")
 _STOP_WORDS = (
@@ -290,22 +295,43 @@ async def sightline(
     return out
 
 
-def fused(
-    vector: Sequence[Sequence[uuid.UUID]],
-    textual: Sequence[Sequence[uuid.UUID]],
-    rrf_k: int,
-    wv: float,
-    wt: float,
-    k: int,
-) -> list[list[uuid.UUID]]:
-    """What HYBRID returns for these two rankings (the service's own fusion)."""
+async def candidates(
+    service: KnowledgeService, data: Loaded, settings: KnowledgeSettings
+) -> list[list[dict[str, object]]]:
+    """Each question's hybrid candidates (both rankings' `candidates`), with both signals: what
+    the service's fusion sees."""
+    wide = service_with(service, settings.model_copy(update={"max_k": 2 * settings.candidates}))
     out = []
-    for v, t in zip(vector, textual, strict=True):
-        rows = [{"id": c, "vrank": r, "trank": None} for r, c in enumerate(v, start=1)]
-        rows += [{"id": c, "vrank": None, "trank": r} for r, c in enumerate(t, start=1)]
-        top = _fuse(rows, rrf_k, k, weights={"vrank": wv, "trank": wt})
-        out.append([row["id"] for row in top])
+    for question, _ in data.labelled.queries:
+        hits = await wide.search(data.principal, question, 2 * settings.candidates)
+        out.append(
+            [
+                {
+                    "id": h.chunk_id,
+                    "vrank": h.vector_rank,
+                    "trank": h.text_rank,
+                    "vscore": h.vector_score,
+                    "tscore": h.text_score,
+                }
+                for h in hits
+            ]
+        )
     return out
+
+
+def fused_ranks(
+    pools: Sequence[list[dict[str, object]]], rrf_k: int, wv: float, wt: float, k: int
+) -> list[list[uuid.UUID]]:
+    """What HYBRID returns with the `rrf` fusion (the service's own)."""
+    weights = {"vrank": wv, "trank": wt}
+    return [[r["id"] for r in fuse_ranks(p, rrf_k, k, weights=weights)] for p in pools]
+
+
+def fused_scores(
+    pools: Sequence[list[dict[str, object]]], weight: float, floor: float, k: int
+) -> list[list[uuid.UUID]]:
+    """What HYBRID returns with the `score` fusion (the service's own)."""
+    return [[r["id"] for r in fuse_scores(p, k, text_weight=weight, floor=floor)] for p in pools]
 
 
 def score(data: Loaded, chunk_rankings: Sequence[Sequence[uuid.UUID]]) -> dict[str, float]:
@@ -314,52 +340,65 @@ def score(data: Loaded, chunk_rankings: Sequence[Sequence[uuid.UUID]]) -> dict[s
 
 
 async def tune(
-    service: KnowledgeService, data: Loaded, base: KnowledgeSettings
-) -> tuple[KnowledgeSettings, list[str]]:
-    """BM25 k1/b by TEXT nDCG@10, then RRF k and weights by HYBRID nDCG@10, on one set."""
+    service: KnowledgeService, data: Loaded, base: KnowledgeSettings, *, bm25: bool = True
+) -> tuple[KnowledgeSettings, KnowledgeSettings, list[str]]:
+    """BM25 k1/b by TEXT nDCG@10 (unless `bm25` is False: the base's), then each fusion's
+    parameters by HYBRID nDCG@10, on one set. Returns the settings with the better fusion
+    and those with the other one."""
     notes, best = [], (-1.0, base.bm25_k1, base.bm25_b)
     n = base.candidates
-    text_runs: dict[tuple[float, float], list[list[uuid.UUID]]] = {}
-    for k1 in (0.6, 0.9, 1.2, 1.6, 2.0):
-        for b in (0.3, 0.5, 0.75, 0.9):
-            settings = base.model_copy(update={"bm25_k1": k1, "bm25_b": b})
-            run = await sightline(service_with(service, settings), data, SearchMode.TEXT, n)
-            text_runs[k1, b] = run
-            value = score(data, run)["nDCG@10"]
-            best = max(best, (value, k1, b))
+    grid = [(k1, b) for k1 in (0.6, 0.9, 1.2, 1.6, 2.0) for b in (0.3, 0.5, 0.75, 0.9)]
+    for k1, b in grid if bm25 else [(base.bm25_k1, base.bm25_b)]:
+        settings = base.model_copy(update={"bm25_k1": k1, "bm25_b": b})
+        run = await sightline(service_with(service, settings), data, SearchMode.TEXT, n)
+        best = max(best, (score(data, run)["nDCG@10"], k1, b))
     notes.append(f"BM25 k1={best[1]} b={best[2]} (TEXT nDCG@10 {best[0]:.3f})")
-    textual = text_runs[best[1], best[2]]
-    vector = await sightline(service, data, SearchMode.VECTOR, n)
-    fusion = (-1.0, base.rrf_k, 1.0, 1.0)
-    for rrf_k in (5, 10, 20, 40, 60, 100):
-        for wt in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0):
-            value = score(data, fused(vector, textual, rrf_k, 1.0, wt, 50))["nDCG@10"]
-            fusion = max(fusion, (value, rrf_k, 1.0, wt))
+    with_bm25 = base.model_copy(update={"bm25_k1": best[1], "bm25_b": best[2]})
+    pools = await candidates(service, data, with_bm25)
+    ranks = (-1.0, base.rrf_k, 1.0, 1.0)
+    for rrf_k in (2, 5, 10, 20, 40, 60, 100):
+        for wt in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0):
+            value = score(data, fused_ranks(pools, rrf_k, 1.0, wt, 50))["nDCG@10"]
+            ranks = max(ranks, (value, rrf_k, 1.0, wt))
     notes.append(
-        f"RRF k={fusion[1]} weights vector {fusion[2]} text {fusion[3]} "
-        f"(HYBRID nDCG@10 {fusion[0]:.3f})"
+        f"rrf fusion: k={ranks[1]} weights vector {ranks[2]} text {ranks[3]} "
+        f"(HYBRID nDCG@10 {ranks[0]:.3f})"
     )
-    tuned = base.model_copy(
+    scores = (-1.0, base.fusion_text_weight, base.fusion_text_floor)
+    for weight in [w / 20 for w in range(1, 31)]:
+        for floor in [f / 20 for f in range(11)]:
+            value = score(data, fused_scores(pools, weight, floor, 50))["nDCG@10"]
+            scores = max(scores, (value, weight, floor))
+    notes.append(
+        f"score fusion: text weight {scores[1]}, floor {scores[2]} (HYBRID nDCG@10 {scores[0]:.3f})"
+    )
+    by_rank = with_bm25.model_copy(
         update={
-            "bm25_k1": best[1],
-            "bm25_b": best[2],
-            "rrf_k": fusion[1],
-            "rrf_vector_weight": fusion[2],
-            "rrf_text_weight": fusion[3],
+            "fusion": "rrf",
+            "rrf_k": ranks[1],
+            "rrf_vector_weight": ranks[2],
+            "rrf_text_weight": ranks[3],
         }
     )
-    return tuned, notes
+    by_score = with_bm25.model_copy(
+        update={"fusion": "score", "fusion_text_weight": scores[1], "fusion_text_floor": scores[2]}
+    )
+    return (by_score, by_rank, notes) if scores[0] >= ranks[0] else (by_rank, by_score, notes)
 
 
 async def report(
     service: KnowledgeService, data: Loaded, settings: dict[str, KnowledgeSettings]
 ) -> list[tuple[str, dict[str, float]]]:
     rows: list[tuple[str, dict[str, float]]] = []
+    texts: set[tuple[float, float]] = set()
     for label, s in settings.items():
         tuned = service_with(service, s)
         for mode in (SearchMode.TEXT, SearchMode.VECTOR, SearchMode.HYBRID):
             if mode is SearchMode.VECTOR and rows and label != next(iter(settings)):
                 continue  # vector search has no setting tuned here
+            if mode is SearchMode.TEXT and (s.bm25_k1, s.bm25_b) in texts:
+                continue  # the same BM25 as above
+            texts.add((s.bm25_k1, s.bm25_b))
             run = await sightline(tuned, data, mode, 50)
             rows.append((f"Sightline {mode.name} ({label})", score(data, run)))
     plain = PlainBM25(data.chunk_texts)
@@ -460,29 +499,37 @@ async def main(args: argparse.Namespace) -> None:
     async with knowledge_stack("quality", defaults) as (db, service, embedder):
         sets = {"perlfaq": perlfaq(), "stdlib": stdlib(args.stdlib)}
         loaded = {name: await load(db, service, embedder, s) for name, s in sets.items()}
-        threshold, lines = await calibrate(service, loaded, args.tune)
-        print(
-            f"relevance threshold (SIGHTLINE_KNOWLEDGE_MIN_RELEVANCE) {threshold:.2f}, "
-            f"tuned on {args.tune}:"
-        )
-        for line in lines:
-            print("  " + line)
+        if not args.skip_calibration:
+            threshold, lines = await calibrate(service, loaded, args.tune)
+            print(
+                f"relevance threshold (SIGHTLINE_KNOWLEDGE_MIN_RELEVANCE) {threshold:.2f}, "
+                f"tuned on {args.tune}:"
+            )
+            for line in lines:
+                print("  " + line)
         if args.calibrate_only:
             return
         base = defaults.model_copy(
             update={
-                "bm25_k1": 1.2,
-                "bm25_b": 0.75,
+                "fusion": "rrf",
                 "rrf_k": 60,
                 "rrf_vector_weight": 1.0,
                 "rrf_text_weight": 1.0,
             }
+            | ({} if args.fusion_only else {"bm25_k1": 1.2, "bm25_b": 0.75})
         )
-        tuned, notes = await tune(service, loaded[args.tune], base)
+        tuned, other, notes = await tune(
+            service, loaded[args.tune], base, bm25=not args.fusion_only
+        )
         print(f"retrieval quality: MiniLM-L6 (384-d), {os.cpu_count()} CPUs; tuned on {args.tune}:")
         for note in notes:
             print("  " + note)
-        compared = {"k1 1.2 b 0.75, RRF 60 1:1": base, "tuned": tuned}
+        bm25 = f"k1 {base.bm25_k1} b {base.bm25_b}"
+        compared = {
+            f"{bm25}, RRF 60 1:1": base,
+            f"tuned, {tuned.fusion}": tuned,
+            f"tuned, {other.fusion}": other,
+        }
         for name, data in loaded.items():
             role = "tuning set" if name == args.tune else "held out"
             table(f"{name} ({role})", data, await report(service, data, compared))
@@ -494,5 +541,13 @@ if __name__ == "__main__":
     parser.add_argument("--stdlib", type=int, default=400, help="stdlib questions")
     parser.add_argument(
         "--calibrate-only", action="store_true", help="the relevance threshold only"
+    )
+    parser.add_argument(
+        "--skip-calibration", action="store_true", help="no relevance threshold (saves time)"
+    )
+    parser.add_argument(
+        "--fusion-only",
+        action="store_true",
+        help="tune the fusion only, with the configured BM25 k1/b (saves 20 TEXT runs)",
     )
     asyncio.run(main(parser.parse_args()))

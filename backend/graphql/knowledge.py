@@ -104,7 +104,9 @@ class SearchResult:
     page: int | None
     char_start: int
     char_end: int
-    score: float = strawberry.field(description="Fused (RRF) score, or cosine when rescored.")
+    score: float = strawberry.field(
+        description="Fused score (`SIGHTLINE_KNOWLEDGE_FUSION`), or cosine when rescored."
+    )
     vector_rank: int | None
     text_rank: int | None
 

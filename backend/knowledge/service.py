@@ -22,7 +22,8 @@ The row is always written before the stream's terminal event, and recovery appen
 row calls for when its stream lacks it: the two end in agreement.
 
 Search ranks by vector (HNSW, cosine) and by full text (tsvector, BM25) separately and fuses
-the two rankings with weighted reciprocal rank fusion. The text ranking matches any of the
+the two rankings (backend.knowledge.fusion: by score, weighted by the text ranking's confidence,
+or by reciprocal rank). The text ranking matches any of the
 query's rarer words (OR), as keyword search in a hybrid should: requiring all of them finds
 nothing for most natural-language questions. Its matches are scored by BM25 in PostgreSQL, in
 the query that finds them: IDF from the tenant's document frequencies (lexeme_stats), term
@@ -63,6 +64,7 @@ from backend.knowledge.batching import ChunkBudget, MicroBatcher
 from backend.knowledge.chunking import ChunkText, chunk
 from backend.knowledge.embeddings import Embedder, EmbeddingUnavailable
 from backend.knowledge.extract import Extracted, Section, UnreadableDocument, extract, sniff
+from backend.knowledge.fusion import fuse
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
 
@@ -94,6 +96,8 @@ class SearchHit:
     score: float
     vector_rank: int | None
     text_rank: int | None
+    vector_score: float | None = None  # cosine similarity to the query
+    text_score: float | None = None  # BM25
 
 
 @dataclass
@@ -876,15 +880,10 @@ class KnowledgeService:
             # cores), each returning its candidates; they are fused here.
             every = {**params, "k": candidates}
             ranked = await asyncio.gather(
-                self._ranked(principal, SearchMode.VECTOR, filters, every, ef),
-                self._ranked(principal, SearchMode.TEXT, filters, every, ef),
+                self._ranked(principal, SearchMode.VECTOR, filters, every, ef, both=True),
+                self._ranked(principal, SearchMode.TEXT, filters, every, ef, both=True),
             )
-            rows = _fuse(
-                ranked[0] + ranked[1],
-                settings.rrf_k,
-                params["k"],
-                weights={"vrank": settings.rrf_vector_weight, "trank": settings.rrf_text_weight},
-            )
+            rows = fuse(ranked[0] + ranked[1], params["k"], settings)
         else:
             rows = await self._ranked(principal, mode, filters, params, ef)
         hits = [
@@ -901,6 +900,8 @@ class KnowledgeService:
                 score=float(r["score"]),
                 vector_rank=r["vrank"],
                 text_rank=r["trank"],
+                vector_score=r["vscore"] if r["vscore"] is None else float(r["vscore"]),
+                text_score=r["tscore"] if r["tscore"] is None else float(r["tscore"]),
             )
             for r in rows
         ]
@@ -915,12 +916,15 @@ class KnowledgeService:
         filters: str,
         params: dict[str, Any],
         ef: int,
+        *,
+        both: bool = False,
     ) -> list[dict[str, Any]]:
-        """One ranking (vector or text) in its own session: rows with their rank. Two round
-        trips: the session's settings with its tenant, then the search."""
+        """One ranking (vector or text) in its own session: rows with their rank and scores
+        (with `both`, the other signal's score too). Two round trips: the session's settings
+        with its tenant, then the search."""
         async with self._db.session(principal.tenant_id, settings=_search_settings(ef)) as session:
             result = await session.execute(
-                text(_search_sql(mode, filters)),
+                text(_search_sql(mode, filters, both=both)),
                 {**params, "terms": self._settings.text_terms},
             )
             return [dict(r) for r in result.mappings().all()]
@@ -1098,56 +1102,78 @@ _TEXT_QUERY = """
     ),"""
 
 
-def _search_sql(mode: SearchMode, filters: str) -> str:
-    """The query for a mode. `filters` is built from constant SQL only (values are bound)."""
+# BM25 of the rows of a relation `m` (id, tsv, lexemes): every lexeme of the question counts,
+# weighted by its IDF. A row's term frequencies are read from its tsvector: setweight marks the
+# question's lexemes, ts_filter keeps them (a few rows to unnest, not the whole passage); other
+# lexemes that carry that weight already find no IDF row and count for nothing. Rows without
+# any of the question's lexemes are left out (they score 0).
+_BM25 = """
+            SELECT m.id, sum(
+                i.w * f.tf * (CAST(:k1 AS float8) + 1) / (f.tf + CAST(:k1 AS float8) * (
+                    1 - CAST(:b AS float8)
+                    + CAST(:b AS float8) * m.lexemes / (SELECT avgdl FROM corpus)))
+            ) AS score
+            FROM {rows} m
+            CROSS JOIN LATERAL (
+                SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf
+                FROM unnest(ts_filter(
+                    setweight(m.tsv, 'A', (SELECT array_agg(lexeme) FROM terms)), '{{a}}'
+                )) u
+            ) f
+            JOIN idf i ON i.lexeme = f.lexeme
+            GROUP BY m.id"""
+
+
+def _search_sql(mode: SearchMode, filters: str, *, both: bool = False) -> str:
+    """The query for a mode. `filters` is built from constant SQL only (values are bound).
+
+    Each row carries its rank in the mode's ranking (`vrank` or `trank`) and its score there
+    (`vscore`: cosine similarity, `tscore`: BM25). With `both` (a text ranking that is to be
+    fused with the vector ranking, see backend.knowledge.fusion) its candidates also carry their
+    cosine similarity to the question, computed for them alone in the same query: a score
+    fusion never has to guess it for a passage only the text ranking found."""
     vector = f"""
-        SELECT c.id, row_number() OVER (ORDER BY c.dist, c.id) AS r FROM (
+        SELECT c.id, row_number() OVER (ORDER BY c.dist, c.id) AS r, 1 - c.dist AS vs,
+               NULL::float8 AS ts
+        FROM (
             SELECT c.id, c.embedding <=> CAST(:v AS vector) AS dist FROM chunks c
             WHERE {filters} ORDER BY dist LIMIT :n
         ) c"""  # noqa: S608
     # The lexemes are stemmed already: the 'simple' configuration takes them as they are.
     # At most `:m` matching rows are scored: words that match more than that many passages
     # say little about which one is meant. The matching runs in sightline_match_chunks
-    # (migration 0011): under row-level security `@@` cannot use GIN. A match's term
-    # frequencies are read from its tsvector: setweight marks the question's lexemes, ts_filter
-    # keeps them (a few rows to unnest, not the whole passage); other lexemes that carry that
-    # weight already find no IDF row and count for nothing.
-    full_text = """
-        SELECT s.id, row_number() OVER (ORDER BY s.score DESC, s.id) AS r FROM (
-            SELECT m.id, sum(
-                i.w * f.tf * (CAST(:k1 AS float8) + 1) / (f.tf + CAST(:k1 AS float8) * (
-                    1 - CAST(:b AS float8)
-                    + CAST(:b AS float8) * m.lexemes / (SELECT avgdl FROM corpus)))
-            ) AS score
-            FROM sightline_match_chunks(
+    # (migration 0011): under row-level security `@@` cannot use GIN.
+    matches = """sightline_match_chunks(
                 (SELECT q FROM tsq), :model, CAST(:meta AS jsonb), CAST(:docs AS uuid[]), :m
-            ) m
-            CROSS JOIN LATERAL (
-                SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf
-                FROM unnest(ts_filter(
-                    setweight(m.tsv, 'A', (SELECT array_agg(lexeme) FROM terms)), '{a}'
-                )) u
-            ) f
-            JOIN idf i ON i.lexeme = f.lexeme
-            GROUP BY m.id
-        ) s
-        ORDER BY s.score DESC, s.id LIMIT :n"""
-    empty = "SELECT NULL::uuid AS id, NULL::bigint AS r WHERE false"
+            )"""
+    similarity = (
+        "(SELECT 1 - (c.embedding <=> CAST(:v AS vector)) FROM chunks c WHERE c.id = s.id)"
+        if both
+        else "NULL::float8"
+    )
+    full_text = f"""
+        SELECT s.id, row_number() OVER (ORDER BY s.score DESC, s.id) AS r,
+               {similarity} AS vs, s.score AS ts
+        FROM ({_BM25.format(rows=matches)}
+            ORDER BY score DESC, m.id LIMIT :n
+        ) s"""  # noqa: S608
+    empty = "SELECT NULL::uuid AS id, NULL::bigint AS r, NULL::float8 AS vs, NULL::float8 AS ts"
     return f"""
         WITH {_TEXT_QUERY if mode is not SearchMode.VECTOR else ""}
-             v AS ({vector if mode is not SearchMode.TEXT else empty}),
-             t AS ({full_text if mode is not SearchMode.VECTOR else empty}),
+             v AS ({vector if mode is not SearchMode.TEXT else empty + " WHERE false"}),
+             t AS ({full_text if mode is not SearchMode.VECTOR else empty + " WHERE false"}),
              fused AS (
-                SELECT id, min(vr) AS vrank, min(tr) AS trank,
+                SELECT id, min(vr) AS vrank, min(tr) AS trank, max(vs) AS vscore,
+                       max(ts) AS tscore,
                        sum(CASE WHEN vr IS NOT NULL THEN CAST(:wv AS float8)
                                 ELSE CAST(:wt AS float8) END
                            / (:rrf + coalesce(vr, tr))) AS score
-                FROM (SELECT id, r AS vr, NULL::bigint AS tr FROM v
-                      UNION ALL SELECT id, NULL, r FROM t) ranked
+                FROM (SELECT id, r AS vr, NULL::bigint AS tr, vs, ts FROM v
+                      UNION ALL SELECT id, NULL, r, vs, ts FROM t) ranked
                 GROUP BY id ORDER BY score DESC LIMIT :k
              )
         SELECT c.id, c.document_id, d.title, d.source, c.text, c.heading, c.page,
-               c.char_start, c.char_end, f.score, f.vrank, f.trank
+               c.char_start, c.char_end, f.score, f.vrank, f.trank, f.vscore, f.tscore
         FROM fused f JOIN chunks c ON c.id = f.id JOIN documents d ON d.id = c.document_id
         ORDER BY f.score DESC, c.id"""  # noqa: S608
 
@@ -1196,27 +1222,6 @@ async def _count_lexemes(
         ),
         {"tenant": tenant_id, "sign": sign, "chunks": chunks, "docs": ids},
     )
-
-
-def _fuse(
-    rows: list[dict[str, Any]],
-    rrf_k: int,
-    k: int,
-    *,
-    weights: dict[str, float] | None = None,
-) -> list[dict[str, Any]]:
-    """Weighted reciprocal rank fusion of single-ranking rows (each has `vrank` or `trank`):
-    a row scores weight / (rrf_k + rank) for each ranking it is in."""
-    weights = weights or {}
-    fused: dict[uuid.UUID, dict[str, Any]] = {}
-    for row in rows:
-        entry = fused.setdefault(row["id"], {**row, "vrank": None, "trank": None, "score": 0.0})
-        for rank in ("vrank", "trank"):
-            if row[rank] is not None:
-                entry[rank] = row[rank]
-                entry["score"] += weights.get(rank, 1.0) / (rrf_k + row[rank])
-    ordered = sorted(fused.values(), key=lambda r: (-r["score"], str(r["id"])))
-    return ordered[:k]
 
 
 def _vector_literal(vector: list[float]) -> str:

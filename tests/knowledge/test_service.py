@@ -199,6 +199,43 @@ async def test_text_ranking_is_bm25_idf_and_length_normalised(
         assert await session.scalar(text("SELECT count(*) FROM documents")) == 0
 
 
+async def test_hybrid_candidates_carry_both_signals_and_the_fusion_puts_both_first(
+    database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
+) -> None:
+    """The text ranking's candidates come with their cosine similarity, computed in its own
+    query, so the fusion compares every candidate on both signals. A passage strong in both
+    comes first."""
+    principal = await new_principal(database)
+    topics = ["conveyor belt", "boiler", "cooling fan", "hydraulic press", "forklift"]
+    sections = [
+        f"The {topics[i % 5]} of line {i} was inspected; the report lists its parts."
+        for i in range(29)
+    ]
+    sections.insert(17, "The gearbox lubricant is replaced every 500 operating hours.")
+    sections += ["A gearbox report.", "Lubricant stock for the plant."]
+    sections.append("Often the river floods in spring.")  # a word of it, far in meaning
+    body = "\n\n".join(f"# Part {i}\n\n{words}" for i, words in enumerate(sections))
+    kb = knowledge(database, redis, key_prefix, embedder, candidates=8)
+    try:
+        job = await kb.ingest(principal, body.encode(), source="plant.md")
+        assert (await finished(kb, principal, job.id))["last"]["status"] == "completed"
+        question = "How often is the gearbox lubricant replaced?"
+        hits = await kb.search(principal, question, k=16)
+        ids = [str(h.chunk_id) for h in hits]
+        exact = (await kb.similarities(principal, [question], ids))[0]
+    finally:
+        await kb.close(5)
+    assert hits[0].heading == "Part 17", [(h.heading, h.score) for h in hits[:3]]
+    assert (hits[0].vector_rank, hits[0].text_rank) == (1, 1)
+    assert len({h.chunk_id for h in hits}) == len(hits) >= 8  # one hit a chunk
+    for h in hits:  # the stored vectors' cosine similarity, for candidates of either ranking
+        assert h.vector_score == pytest.approx(exact[str(h.chunk_id)], abs=1e-4)
+        assert (h.text_score is None) == (h.text_rank is None)  # BM25: the text ranking's
+    nearest = [h.vector_score for h in hits if h.vector_rank is not None]
+    assert all(h.vector_score <= min(nearest) + 1e-6 for h in hits if h.vector_rank is None)
+    assert any(h.vector_rank is None for h in hits)  # found by its words only: a cosine too
+
+
 async def test_relevance_tells_covered_questions_from_small_talk(
     kb: KnowledgeService, database: Database
 ) -> None:
