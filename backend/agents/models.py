@@ -308,6 +308,13 @@ class ModelRegistry:
                     self._retire(version)
 
     async def _build_version(self, alias: str, record: ModelVersionRecord) -> _Version | None:
+        configured = self._configured.get(alias)
+        if configured is not None and record.version == configured.version:
+            # The alias's own version is where this replica's settings say: the registry's
+            # record of it was seeded by whichever replica started first (maybe before the
+            # settings changed: a new endpoint, a test's new stub) and is only a record.
+            spec = alias_specs(self._chat).get(alias) or ModelSpec.model_validate(record.spec)
+            return _Version(configured, spec, record.status)
         current = self._versions.get(alias, {}).get(record.version)
         try:
             spec = ModelSpec.model_validate(record.spec)
@@ -374,6 +381,8 @@ class ModelRegistry:
         if version.closed:
             return
         version.closed = True
+        if any(version.model is m for m in self._configured.values()):
+            return  # the settings' own model stays open as long as the registry
         if version in self._draining:
             self._draining.remove(version)
         task = asyncio.get_running_loop().create_task(
