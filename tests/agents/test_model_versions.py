@@ -64,7 +64,10 @@ def record(version: str, url: str, status: VersionStatus, **spec: Any) -> ModelV
 def snapshot(
     first: str, second: str, *, revision: int = 1, weights: tuple[float, float] = (100, 0)
 ) -> RegistrySnapshot:
-    """Version 1 live on the first stub, 2 a canary on the second, 3 registered (not loaded)."""
+    """Version 1 live on the first stub, 2 a canary on the second, 3 registered (not loaded).
+    Its revision is far above the shared test database's registry (whose snapshots the live
+    server's watcher also applies: other tests' servers seed other aliases there), so the test's
+    snapshots are the newest the chat models see."""
     return RegistrySnapshot(
         versions={
             "default": (
@@ -78,8 +81,11 @@ def snapshot(
                 "default", (Arm("1", weights[0]), Arm("2", weights[1])), sticky=StickyKey.USER
             )
         },
-        revision=revision,
+        revision=TEST_REVISIONS + revision,
     )
+
+
+TEST_REVISIONS = 10**12
 
 
 class PolicyRouter:
@@ -314,7 +320,7 @@ async def test_a_retired_version_drains_before_it_closes(
             retired = RegistrySnapshot(
                 versions={"default": (record("1", llm[1], VersionStatus.LIVE),)},
                 policies={"default": TrafficPolicy("default", (Arm("1", 100),))},
-                revision=2,
+                revision=TEST_REVISIONS + 2,
             )
             await registry.apply(retired)
             with pytest.raises(ValidationFailed, match=r"available: 1$"):
@@ -393,13 +399,21 @@ async def test_a_seeded_alias_builds_back_the_same_model_and_the_router_sees_it(
             "default", SEED_VERSION, ModelKind.CHAT, "chat", VersionStatus.LIVE, spec
         )
         await registry.apply(RegistrySnapshot(versions={"default": (seeded,)}, revision=1))
-        served = registry.resolve(None)
-        assert served is not configured  # the registry's version now...
-        assert (served.version, served.sampling, served.provider) == (
+        # the alias's own version is the settings' model, whatever the registry's record of it
+        # says (seeded by whichever replica started first, maybe before the settings changed)
+        assert registry.resolve(None) is configured
+        stale = ModelVersionRecord(
+            "default",
             SEED_VERSION,
-            configured.sampling,
-            configured.provider,  # ...on the same client
+            ModelKind.CHAT,
+            "chat",
+            VersionStatus.LIVE,
+            {**spec, "base_url": "http://127.0.0.1:9/v1"},  # an endpoint long gone
         )
+        await registry.apply(RegistrySnapshot(versions={"default": (stale,)}, revision=2))
+        served = registry.resolve(None)
+        assert served is configured
+        assert served.version == SEED_VERSION
         assert await registry.complete("default@1", [ChatMessage("user", "yes")]) == "yes "
 
         await registry.apply(snapshot(llm[1], llm[1], revision=2))
