@@ -315,6 +315,21 @@ async def serve_live(settings: Settings, **app_options: Any) -> AsyncIterator[Li
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, scaled(60))
+        await forget_registry(settings)
+
+
+async def forget_registry(settings: Settings) -> None:
+    """Empties the model registry a live server committed to. It is platform-wide (not per
+    tenant): what this server seeded (chat aliases on its own stub servers, its vision models)
+    would be served, and routed to, by the next test's server."""
+    if settings.database.url is None:
+        return
+    engine = create_async_engine(settings.database.url.get_secret_value())
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("DELETE FROM registry_models"))
+    finally:
+        await engine.dispose()
 
 
 @pytest.fixture

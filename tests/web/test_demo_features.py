@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.config import Settings
 from backend.lifecycle.policy import RegistrySnapshot, VersionStatus
-from tests.agents.test_model_versions import record
+from tests.agents.test_model_versions import TEST_REVISIONS, record
 from tests.agents.test_runs import gql, sign_in
 from tests.conftest import LiveServer, serve_live
 from tests.llm_stub import LLMStub
@@ -120,8 +120,8 @@ async def test_answers_are_markdown_and_html_in_them_is_text(
         # the alias's version 2 (from the model registry) is live: the answer says so
         url = chat_settings.chat.llm_base_url
         live_version = record("2", url or "", VersionStatus.LIVE, model="verbatim")
-        await live.services.runs.models.apply(
-            RegistrySnapshot(versions={"default": (live_version,)}, revision=1)
+        await live.services.runs.models.apply(  # newer than what the server's watcher holds
+            RegistrySnapshot(versions={"default": (live_version,)}, revision=TEST_REVISIONS)
         )
         await signed_in(page, live, account)
         await page.get_by_role("button", name="New conversation").click()
