@@ -1391,28 +1391,18 @@ def models_compare(
     """Live and the other versions side by side over the last --window seconds, on every
     replica: requests, errors, latency, compute or tokens, cost, and the shadow's agreement."""
     settings = _settings()
-    configure_logging(settings.telemetry.model_copy(update={"log_level": "WARNING"}))
 
-    async def main() -> None:
-        async with _backends(settings) as (db, redis, auth):
-            service = ModelRegistryService(
-                db=db,
-                redis=redis,
-                keys=KeySpace(settings.redis.key_prefix),
-                settings=settings.lifecycle,
-                auth=auth,
-                operator_tenant=settings.privacy.operator_tenant,
-            )
-            await _compare(service, redis, settings, model, window)
+    async def work(service: ModelRegistryService, _: AuthService) -> None:
+        await _compare(service, settings, model, window)
 
-    _run_reported(main)
+    _run_registry(work)
 
 
 async def _compare(
-    service: ModelRegistryService, redis: Redis, settings: Settings, model: str, window: float
+    service: ModelRegistryService, settings: Settings, model: str, window: float
 ) -> None:
     snapshot = await service.snapshot()
-    series = Series(redis, KeySpace(settings.redis.key_prefix), settings.lifecycle)
+    series = Series(service.redis, KeySpace(settings.redis.key_prefix), settings.lifecycle)
     comparisons = ModelComparisons(
         ServingStats(series),
         ShadowLedger(series),

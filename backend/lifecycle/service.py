@@ -144,6 +144,11 @@ class ModelRegistryService:
 
     # -- reading -------------------------------------------------------------------------
 
+    @property
+    def redis(self) -> Redis:
+        """Where changes are published (and where the serving figures are kept)."""
+        return self._redis
+
     async def snapshot(self) -> RegistrySnapshot:
         """The whole registry as every replica routes by (all tenants' pins included)."""
         async with self._db.session() as session:

@@ -16,7 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from typer.testing import CliRunner
 
 from backend.cli import app
+from backend.config import LifecycleSettings
 from backend.core.migrations import upgrade_to_head
+from backend.core.redis import KeySpace
+from backend.lifecycle._series import Series
+from backend.lifecycle.stats import ServingStats
 from tests.conftest import REDIS_URL, empty_database
 from tests.lifecycle.conftest import weights_file
 
@@ -43,7 +47,9 @@ async def invoke(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-async def test_register_split_promote_rollback_pin_retire(env: None, tmp_path: Path) -> None:
+async def test_register_split_promote_rollback_pin_retire(
+    env: None, tmp_path: Path, redis: Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     chat = tmp_path / "chat.json"
     chat.write_text(json.dumps({"provider": "openai", "base_url": "http://llm.example/v1"}))
     for version in ("1", "2"):
@@ -77,6 +83,29 @@ async def test_register_split_promote_rollback_pin_retire(env: None, tmp_path: P
     code, out = await invoke("models", "list")
     assert code == 0, out
     assert "writer" in out
+
+    # what the servers counted (here: recorded as a replica would, flushed to the same Redis)
+    series = Series(redis, KeySpace(key_prefix), LifecycleSettings())
+    stats = ServingStats(series)
+    for i in range(10):
+        stats.record("writer", "1", ok=i != 0, latency_s=0.1, tokens=5, cost=0.01)
+    stats.record("writer", "2", ok=True, latency_s=0.3, tokens=7, cost=0.02)
+    await series.flush()
+    monkeypatch.setenv("COLUMNS", "200")  # the whole table
+    code, out = await invoke("models", "compare", "writer", "--window", "600")
+    assert code == 0, out
+    rows = [
+        [cell.strip() for cell in line.split("│")[1:-1]]
+        for line in out.splitlines()
+        if line.startswith(("│ 1 ", "│ 2 "))
+    ]
+    assert [row[:5] for row in rows] == [  # version, role, weight, requests, errors
+        ["1", "live", "90%", "10", "1 (10.0%)"],
+        ["2", "candidate", "10%", "1", "0 (0.0%)"],
+    ]
+    code, out = await invoke("models", "compare", "nobody")
+    assert code == 1
+    assert "NOT_FOUND" in out
 
     tenant = f"cli-{uuid.uuid4().hex[:8]}"
     password = tmp_path / "pw"
