@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import threading
 import time
 from collections import OrderedDict
@@ -72,6 +73,35 @@ def bounded_rules(merge_budget: int) -> tuple[type[ASTValidationRule], ...]:
     )
 
 
+# CPU time each validation thread spent in the garbage collector. A full collection walks every
+# object of the process and runs in whichever thread allocated last: its cost is the process's,
+# not the document's, and must not count against a document's budget.
+_gc_cpu: dict[int, float] = {}  # thread ident -> seconds in collections that ended
+_gc_began: dict[int, float] = {}  # thread ident -> its CPU clock when a collection began
+_gc_watched: set[int] = set()  # the validation threads
+
+
+def _gc_timer(phase: str, _info: dict[str, Any]) -> None:
+    ident = threading.get_ident()
+    if ident not in _gc_watched:
+        return
+    if phase == "start":
+        _gc_began[ident] = time.thread_time()
+        return
+    began = _gc_began.pop(ident, None)
+    if began is not None:
+        _gc_cpu[ident] = _gc_cpu.get(ident, 0.0) + time.thread_time() - began
+
+
+gc.callbacks.append(_gc_timer)
+
+
+def _gc_seconds(ident: int, now: float) -> float:
+    """A validation thread's CPU time in collections so far (`now`: its CPU clock)."""
+    began = _gc_began.get(ident)
+    return _gc_cpu.get(ident, 0.0) + (now - began if began is not None else 0.0)
+
+
 class _Interruptible:
     """Runs a job in a pool thread and can raise `ValidationTimeout` inside it, once, while it
     is still running that job and never after (the job's end and the interruption share a
@@ -86,6 +116,7 @@ class _Interruptible:
         self.finished = False  # ran to its end (its result may still be on its way to the loop)
         self._cpu_clock: int | None = None
         self._cpu_start = 0.0
+        self._gc_start = 0.0
         self._wall_start = 0.0
 
     def cpu_seconds(self) -> float:
@@ -95,9 +126,11 @@ class _Interruptible:
         if self._cpu_clock is None:
             return time.monotonic() - self._wall_start
         try:
-            return time.clock_gettime(self._cpu_clock) - self._cpu_start
+            now = time.clock_gettime(self._cpu_clock)
         except OSError:  # the thread is gone: the job has ended
             return 0.0
+        collecting = _gc_seconds(self._thread, now) - self._gc_start
+        return max(0.0, now - self._cpu_start - collecting)
 
     def run(self) -> Any:
         with self._lock:
@@ -108,6 +141,8 @@ class _Interruptible:
             with contextlib.suppress(AttributeError, OSError):  # Linux and most Unixes have it
                 self._cpu_clock = time.pthread_getcpuclockid(ident)
                 self._cpu_start = time.clock_gettime(self._cpu_clock)
+                _gc_watched.add(ident)
+                self._gc_start = _gc_seconds(ident, self._cpu_start)
             self._thread = ident
         try:
             return self._job()
