@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -165,7 +164,7 @@ async def test_the_event_loop_runs_while_a_worker_does_not_read(
     try:
         big = images(8, shape=(3, 256, 256))  # 6 MiB: far more than a pipe's buffer
         answer = asyncio.ensure_future(batch(pool, big))
-        ticks, started = 0, time.monotonic()
+        ticks = 0
         while ticks < 20:
             await asyncio.sleep(0.01)
             ticks += 1
@@ -176,4 +175,3 @@ async def test_the_event_loop_runs_while_a_worker_does_not_read(
         resume()
     answers = await asyncio.wait_for(answer, 60 * TIME_SCALE)
     assert [a["sum"] for a in answers] == [float(x.astype(np.float64).sum()) for x in big]
-    assert time.monotonic() - started < 60 * TIME_SCALE
