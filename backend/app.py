@@ -193,10 +193,19 @@ async def build_services(
     await auth.start()
     purges = PurgeScheduler(privacy, state.redis, state.keys, settings.privacy)
     purges.start()
-    lifecycle = ModelOperations(state.redis, state.keys, settings.lifecycle, state.metrics)
+    lifecycle = ModelOperations(
+        state.redis,
+        state.keys,
+        settings.lifecycle,
+        state.metrics,
+        drift=settings.drift,
+        db=state.db,
+    )
     lifecycle.start()
     runs.served = lifecycle.stats.record  # every run's version, outcome, latency and cost
     vision.operations = lifecycle  # every task's version figures; shadows of sampled requests
+    runs.drift = lifecycle.drift  # each turn's drift samples (None: drift off)
+    knowledge.drift = lifecycle.drift  # each search's
     lifecycle.use_registry(
         models_watcher,
         rollback=functools.partial(_canary_rollback, registry),

@@ -246,6 +246,28 @@ class Metrics:
             ["model", "version", "reason"],
             registry=r,
         )
+        # Drift (backend.lifecycle.drift): set by the replica that compares the windows.
+        self.model_drift = Gauge(
+            "sightline_model_drift",
+            "How far a model version's current window of a signal has moved from its reference "
+            "(statistic: psi, ks, js, centroid).",
+            ["model", "version", "signal", "statistic"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.model_drift_threshold = Gauge(
+            "sightline_model_drift_threshold",
+            "The threshold of a signal's thresholded statistic (psi, or centroid for embeddings).",
+            ["model", "version", "signal"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.model_drift_exceeded = Counter(
+            "sightline_model_drift_exceeded",
+            "Times a model version's signal crossed its drift threshold.",
+            ["model", "version", "signal"],
+            registry=r,
+        )
         self._names: set[str] = set()
         self._max_names = max_operation_names
         self._codes: set[str] = set()
@@ -317,6 +339,22 @@ class Metrics:
 
     def model_rolled_back(self, model: str, version: str, reason: str) -> None:
         self.model_rollbacks.labels(model, version, reason).inc()
+
+    def drift(self, model: str, version: str, signal: str, figures: dict[str, float]) -> None:
+        for statistic, value in figures.items():
+            self.model_drift.labels(model, version, signal, statistic).set(value)
+
+    def drift_threshold(self, model: str, version: str, signal: str, threshold: float) -> None:
+        self.model_drift_threshold.labels(model, version, signal).set(threshold)
+        self.model_drift_exceeded.labels(model, version, signal)  # exported at 0 from the start
+
+    def drift_exceeded(self, model: str, version: str, signal: str) -> None:
+        self.model_drift_exceeded.labels(model, version, signal).inc()
+
+    def drift_cleared(self) -> None:
+        """Another replica compares the windows now: its gauges tell the figures."""
+        self.model_drift.clear()
+        self.model_drift_threshold.clear()
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format for /metrics (summed over workers in multiprocess mode)."""

@@ -6,6 +6,7 @@ import strawberry
 
 from backend.graphql.auth import AuthMutation, AuthQuery
 from backend.graphql.chat import ChatMutation, ChatQuery
+from backend.graphql.drift import DriftMutation, DriftQuery
 from backend.graphql.guardrails import GuardrailMutation, GuardrailQuery
 from backend.graphql.knowledge import KnowledgeMutation, KnowledgeQuery
 from backend.graphql.model_comparison import ModelComparisonQuery
@@ -35,6 +36,7 @@ class Query(
     PrivacyQuery,
     ModelComparisonQuery,
     RegistryQuery,
+    DriftQuery,
 ):
     pass
 
@@ -49,5 +51,6 @@ class Mutation(
     VisionMutation,
     PrivacyMutation,
     RegistryMutation,
+    DriftMutation,
 ):
     pass

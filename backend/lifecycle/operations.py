@@ -8,11 +8,14 @@ from typing import Protocol, TypeVar
 
 from redis.asyncio import Redis
 
-from backend.config import LifecycleSettings
+from backend.config import DriftSettings, LifecycleSettings
+from backend.core.db import Database
 from backend.core.redis import KeySpace
 from backend.lifecycle._series import Series
 from backend.lifecycle.canary import CanaryWatch, PolicySource, Ramp, Rollback, RollbackMetrics
 from backend.lifecycle.comparison import ModelComparisons, PolicyProvider
+from backend.lifecycle.drift import DriftRecorder, DriftSamples
+from backend.lifecycle.drift_watch import DriftMetrics, DriftWatch
 from backend.lifecycle.policy import Route
 from backend.lifecycle.shadow import Mirror, ShadowLedger, ShadowRunner
 from backend.lifecycle.stats import ServingStats
@@ -25,12 +28,24 @@ class Policies(PolicySource, PolicyProvider, Protocol):
     """The registry snapshot a replica holds: every policy, and one model's."""
 
 
+class OperationsMetrics(RollbackMetrics, DriftMetrics, Protocol):
+    """The metrics the canary guard and the drift watch export."""
+
+
 class ModelOperations:
-    """Serving figures and shadow runs from the start; the canary guard and comparisons once
-    the registry's policies are given (`use_registry`)."""
+    """Serving figures and shadow runs from the start; drift when given its settings and the
+    database (`drift`: None when off); the canary guard and comparisons once the registry's
+    policies are given (`use_registry`)."""
 
     def __init__(
-        self, redis: Redis, keys: KeySpace, settings: LifecycleSettings, metrics: RollbackMetrics
+        self,
+        redis: Redis,
+        keys: KeySpace,
+        settings: LifecycleSettings,
+        metrics: OperationsMetrics,
+        *,
+        drift: DriftSettings | None = None,
+        db: Database | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -42,6 +57,15 @@ class ModelOperations:
         self.shadows = ShadowRunner(self.agreements, settings, self.stats)
         self.comparisons: ModelComparisons | None = None
         self._canaries: CanaryWatch | None = None
+        # what the request paths record drift samples into (None: drift off, nothing recorded)
+        self.drift: DriftRecorder | None = None
+        self.drift_watch: DriftWatch | None = None
+        if drift is not None and drift.enabled and db is not None:
+            self.drift = DriftRecorder(drift)
+            samples = DriftSamples(redis, keys, drift, self.drift)
+            self.drift_watch = DriftWatch(
+                samples, db=db, redis=redis, keys=keys, settings=drift, metrics=metrics
+            )
 
     def use_registry(
         self, policies: Policies, rollback: Rollback, ramp: Ramp | None = None
@@ -51,6 +75,8 @@ class ModelOperations:
         self.comparisons = ModelComparisons(
             self.stats, self.agreements, policies, max_window_s=self._settings.stats_retention_s
         )
+        if self.drift_watch is not None:
+            self.drift_watch.policies = policies  # `modelDrift` of a model's live version
         if self._canaries is None:
             self._canaries = CanaryWatch(
                 self.stats,
@@ -84,10 +110,14 @@ class ModelOperations:
 
     def start(self) -> None:
         self._series.start()
+        if self.drift_watch is not None:
+            self.drift_watch.start()
 
     async def close(self) -> None:
-        """Stops the guard and the shadows, then sends the last figures."""
+        """Stops the guard, the drift watch and the shadows, then sends the last figures."""
         if self._canaries is not None:
             await self._canaries.close()
+        if self.drift_watch is not None:
+            await self.drift_watch.close()
         await self.shadows.close()
         await self._series.close()

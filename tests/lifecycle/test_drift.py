@@ -1,0 +1,267 @@
+"""Drift on a live server: chat turns through the LLM stub fill a version's reference with short
+prompts, then long prompts move its current window past the threshold; `modelDrift` shows it to
+admins only, the crossing is audited and counted, and an operator's pinned window becomes the
+reference. Also: drift off records nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend.config import DriftSettings, LifecycleSettings, LimitsSettings, Settings
+from backend.core.db import Database
+from backend.core.metrics import Metrics
+from backend.core.models import UserRole
+from backend.core.redis import KeySpace
+from backend.lifecycle.drift import DriftRecorder, DriftSamples
+from backend.lifecycle.drift_watch import compare
+from backend.lifecycle.operations import ModelOperations
+from backend.services import Services
+from tests.accounts import committed_tenant
+from tests.agents.test_agent import events_of
+from tests.agents.test_runs import PASSWORD, chat_settings, llm  # noqa: F401
+from tests.conftest import LiveServer, scaled, serve_live
+
+DRIFT = """
+query ($model: String!, $version: String) {
+  modelDrift(model: $model, version: $version, last: 10) {
+    model version
+    reference { pinned requests since until }
+    current { at requests exceeded signals { name direction statistic value threshold exceeded } }
+    history { at exceeded }
+  }
+}"""
+PIN = """
+mutation ($model: String!, $version: String!, $since: DateTime!, $until: DateTime!) {
+  pinDriftReference(model: $model, version: $version, since: $since, until: $until) {
+    pinned requests since until
+  }
+}"""
+UNPIN = """
+mutation ($model: String!, $version: String!) {
+  unpinDriftReference(model: $model, version: $version) { pinned requests }
+}"""
+
+
+@pytest.fixture
+async def people(chat_settings: Settings, engine: AsyncEngine) -> dict[str, str]:  # noqa: F811
+    """A committed tenant (the platform's operators) with an owner and a member."""
+    tenant = await committed_tenant(
+        chat_settings,
+        engine,
+        "Drift",
+        [("o@drift.example", UserRole.OWNER), ("m@drift.example", UserRole.MEMBER)],
+        PASSWORD,
+    )
+    return {"tenant": tenant.slug}
+
+
+@pytest.fixture
+def drift_settings(chat_settings: Settings, people: dict[str, str]) -> Settings:  # noqa: F811
+    # compared when the test says (check()), not in the background
+    chat_settings.drift = DriftSettings(
+        reference_size=8, window_size=8, min_samples=4, interval_s=3600.0
+    )
+    chat_settings.limits = LimitsSettings(enabled=False)  # 16 turns in a few seconds
+    chat_settings.privacy = chat_settings.privacy.model_copy(
+        update={"operator_tenant": people["tenant"]}
+    )
+    return chat_settings
+
+
+async def _token(server: LiveServer, tenant: str, email: str) -> str:
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=scaled(30)) as http:
+        response = await http.post(
+            "/oauth/token",
+            data={
+                "grant_type": "password",
+                "tenant": tenant,
+                "username": email,
+                "password": PASSWORD,
+            },
+        )
+    return response.json()["access_token"]
+
+
+async def _gql(server: LiveServer, token: str, query: str, **variables: Any) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=scaled(60)) as http:
+        response = await http.post(
+            "/graphql",
+            json={"query": query, "variables": variables},
+            headers={"authorization": f"Bearer {token}"},
+        )
+    return response.json()
+
+
+async def _turn(server: LiveServer, token: str, content: str) -> None:
+    created = await _gql(server, token, 'mutation { createConversation(title: "t") { id } }')
+    sent = await _gql(
+        server,
+        token,
+        "mutation($c: ID!, $m: String!) { sendMessage(conversationId: $c, content: $m) "
+        "{ run { id } } }",
+        c=created["data"]["createConversation"]["id"],
+        m=content,
+    )
+    assert "errors" not in sent, sent
+    events = await events_of(server, token, sent["data"]["sendMessage"]["run"]["id"])
+    assert events[-1]["__typename"] == "RunCompleted"
+
+
+def _signal(body: dict[str, Any], name: str) -> dict[str, Any]:
+    [found] = [s for s in body["current"]["signals"] if s["name"] == name]
+    return found
+
+
+@pytest.mark.timeout(scaled(600))
+async def test_long_prompts_after_short_ones_drift_past_the_threshold(
+    drift_settings: Settings, engine: AsyncEngine, people: dict[str, str]
+) -> None:
+    async with serve_live(drift_settings) as server:
+        services: Services = server.state["services"]
+        assert services.lifecycle is not None
+        watch = services.lifecycle.drift_watch
+        assert watch is not None
+        owner = await _token(server, people["tenant"], "o@drift.example")
+        member = await _token(server, people["tenant"], "m@drift.example")
+
+        for i in range(8):  # the reference: short questions
+            await _turn(server, owner, f"hi {i}")
+        await watch.samples.flush()
+        [(model, version)] = await watch.samples.versions()
+        found = await watch.check()
+        assert not any(s.exceeded for s in found[(model, version)])  # the same sample twice
+
+        middle = datetime.now(UTC)
+        for i in range(8):  # the current window: long ones
+            await _turn(server, owner, f"question {i}: " + "tell me about refunds " * 20)
+        await watch.samples.flush()
+        await watch.check()
+
+        body = await _gql(server, owner, DRIFT, model=model)
+        assert "errors" not in body, body
+        drift = body["data"]["modelDrift"]
+        assert (drift["model"], drift["version"]) == (model, version)  # the live version
+        assert drift["reference"]["pinned"] is False
+        assert drift["reference"]["requests"] == 8
+        assert drift["reference"]["until"] is not None  # full
+        prompt = _signal(drift, "prompt_length")
+        assert prompt["direction"] == "input"
+        assert prompt["statistic"] == "psi"
+        assert prompt["threshold"] == 0.2
+        assert prompt["exceeded"]
+        assert prompt["value"] > 0.2
+        assert _signal(drift, "refusal")["exceeded"] is False  # the stub never refuses
+        assert drift["current"]["exceeded"] is True
+        assert [h["exceeded"] for h in drift["history"]] == [False, True]
+
+        # a member may not read it; an admin who is not an operator may not pin (below)
+        refused = await _gql(server, member, DRIFT, model=model)
+        assert refused["data"] is None
+        assert refused["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            exposition = (await http.get("/metrics")).text
+        labels = f'model="{model}",signal="prompt_length",version="{version}"'
+        assert f"sightline_model_drift_exceeded_total{{{labels}}} 1.0" in exposition
+        assert f"sightline_model_drift_threshold{{{labels}}} 0.2" in exposition
+        assert 'signal="prompt_length",statistic="ks"' in exposition
+
+        # the operator pins the long prompts' window: the current window matches it again
+        pinned = await _gql(
+            server,
+            owner,
+            PIN,
+            model=model,
+            version=version,
+            since=middle.isoformat(),
+            until=datetime.now(UTC).isoformat(),
+        )
+        assert "errors" not in pinned, pinned
+        assert pinned["data"]["pinDriftReference"]["pinned"] is True
+        assert pinned["data"]["pinDriftReference"]["requests"] == 8
+        await watch.check()
+        again = (await _gql(server, owner, DRIFT, model=model))["data"]["modelDrift"]
+        assert again["reference"]["pinned"] is True
+        assert _signal(again, "prompt_length")["exceeded"] is False
+
+        empty = await _gql(
+            server,
+            owner,
+            PIN,
+            model=model,
+            version=version,
+            since="2001-01-01T00:00:00Z",
+            until="2001-01-02T00:00:00Z",
+        )
+        assert empty["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+        unpinned = await _gql(server, owner, UNPIN, model=model, version=version)
+        assert unpinned["data"]["unpinDriftReference"] == {"pinned": False, "requests": 8}
+        member_pin = await _gql(server, member, UNPIN, model=model, version=version)
+        assert member_pin["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT event, outcome, details FROM audit_events "
+                    "WHERE event LIKE 'model.drift%' AND details->>'model' = :m "
+                    "ORDER BY created_at"
+                ),
+                {"m": model},
+            )
+        ).all()
+    events = [(r.event, r.outcome, r.details.get("signal")) for r in rows]
+    assert ("model.drift_exceeded", "failure", "prompt_length") in events
+    assert [e[0] for e in events][-2:] == [
+        "model.drift_reference_pinned",
+        "model.drift_reference_unpinned",
+    ]
+
+
+async def test_drift_off_records_nothing(redis: Redis, key_prefix: str, db: Database) -> None:
+    off = ModelOperations(
+        redis,
+        KeySpace(key_prefix),
+        LifecycleSettings(),
+        Metrics(),
+        drift=DriftSettings(enabled=False),
+        db=db,
+    )
+    assert off.drift is None
+    assert off.drift_watch is None
+
+
+async def test_dark_images_after_bright_ones_drift_and_the_recorder_is_bounded(
+    redis: Redis, key_prefix: str
+) -> None:
+    settings = DriftSettings(reference_size=20, window_size=20, min_samples=10, max_pending=100)
+    recorder = DriftRecorder(settings)
+    samples = DriftSamples(redis, KeySpace(key_prefix), settings, recorder)
+    rng = np.random.default_rng(1)
+    for brightness in [200] * 20 + [40] * 20:
+        image = rng.normal(brightness, 10, (48, 64, 3)).clip(0, 255).astype("uint8")
+        recorder.image("effnet", "1", image)
+        recorder.vision_result("effnet", "1", {"classes": [{"label": "cat", "score": 0.9}]})
+        if recorder.dropped == 0:
+            await samples.flush()
+    windows = await samples.windows("effnet", "1")
+    assert len(windows["image_brightness"].reference) == 20
+    assert [round(s.value) for s in windows["image_aspect"].current[:1]] == [1]  # 64 / 48
+    signals = {s.name: s for s in compare(settings, windows)}
+    assert signals["image_brightness"].exceeded
+    assert signals["image_brightness"].figures["ks"] == 1.0  # no overlap at all
+    assert not signals["image_pixels"].exceeded  # the same size throughout
+    assert not signals["class"].exceeded
+
+    for _ in range(30):  # 120 samples without a flush: the 20 past max_pending are dropped
+        recorder.image("effnet", "1", image)
+    assert recorder.dropped == 20
+    assert sum(len(v) for v in recorder.take().values()) == 100
