@@ -1,16 +1,21 @@
 """Drift on a live server: chat turns through the LLM stub fill a version's reference with short
 prompts, then long prompts move its current window past the threshold; `modelDrift` shows it to
 admins only, the crossing is audited and counted, and an operator's pinned window becomes the
-reference. Also: drift off records nothing."""
+reference. Dark images through the vision service drift from bright ones. Drift off records
+nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import io
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -20,14 +25,22 @@ from backend.core.db import Database
 from backend.core.metrics import Metrics
 from backend.core.models import UserRole
 from backend.core.redis import KeySpace
+from backend.inference.pool import InferencePool
 from backend.lifecycle.drift import DriftRecorder, DriftSamples
 from backend.lifecycle.drift_watch import compare
 from backend.lifecycle.operations import ModelOperations
+from backend.lifecycle.router import ModelRouter
 from backend.services import Services
+from backend.vision.service import VisionTask
 from tests.accounts import committed_tenant
 from tests.agents.test_agent import events_of
 from tests.agents.test_runs import PASSWORD, chat_settings, llm  # noqa: F401
 from tests.conftest import LiveServer, scaled, serve_live
+from tests.knowledge.test_service import database, new_principal
+from tests.vision.test_recovery import stop, vision
+from tests.vision.test_versions import MODEL, classifier
+
+__all__ = ["database"]  # fixture
 
 DRIFT = """
 query ($model: String!, $version: String) {
@@ -265,3 +278,46 @@ async def test_dark_images_after_bright_ones_drift_and_the_recorder_is_bounded(
         recorder.image("effnet", "1", image)
     assert recorder.dropped == 20
     assert sum(len(v) for v in recorder.take().values()) == 100
+
+
+def _png(brightness: int) -> bytes:
+    pixels = np.random.default_rng(brightness).normal(brightness, 8, (40, 60, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype("uint8")).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def test_dark_images_through_the_vision_service_drift_from_bright_ones(
+    database: Database, redis: Redis, key_prefix: str
+) -> None:
+    pool = InferencePool([classifier("1", top=0)])
+    await pool.start()
+    service = vision(database, redis, key_prefix, pool, ModelRouter.over(pool), classifier=MODEL)
+    settings = DriftSettings(reference_size=6, window_size=6, min_samples=4)
+    operations = ModelOperations(
+        redis, KeySpace(key_prefix), LifecycleSettings(), Metrics(), drift=settings, db=database
+    )
+    service.operations = operations
+    service.start()
+    try:
+        await pool.wait_ready()
+        principal = await new_principal(database)
+        for brightness in [220] * 6 + [30] * 6:
+            job = await service.analyze(principal, _png(brightness), [VisionTask.CLASSIFY])
+            events = await service.job_events(principal, job.id, None)
+            async with asyncio.timeout(scaled(60)), aclosing(events):  # type: ignore[type-var]
+                async for event in events:
+                    if event.terminal:
+                        break
+        assert operations.drift_watch is not None
+        await operations.drift_watch.samples.flush()
+        windows = await operations.drift_watch.samples.windows(MODEL, "1")
+    finally:
+        await stop(service)
+        await pool.close()
+    signals = {s.name: s for s in compare(settings, windows)}
+    assert signals["image_brightness"].exceeded
+    assert signals["image_brightness"].figures["ks"] == 1.0  # every dark one below every bright one
+    assert not signals["image_pixels"].exceeded  # 60 x 40 throughout
+    assert not signals["image_aspect"].exceeded
+    assert not signals["class"].exceeded  # the toy always answers "one"
