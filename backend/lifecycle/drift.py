@@ -268,6 +268,7 @@ class DriftSamples:
                 pipe.expire(history, ttl)
                 pipe.expire(first, ttl)
             pipe.sadd(self._keys("versions"), *versions)
+            pipe.expire(self._keys("versions"), ttl)
             async with asyncio.timeout(s.flush_timeout_s):
                 await pipe.execute()
 
@@ -275,6 +276,10 @@ class DriftSamples:
         """Every (model, version) with samples."""
         members = await self._redis.smembers(self._keys("versions"))
         return sorted(tuple(json.loads(m)) for m in members)  # type: ignore[misc]
+
+    async def forget(self, model: str, version: str) -> None:
+        """A version whose samples have all expired is no longer compared."""
+        await self._redis.srem(self._keys("versions"), json.dumps([model, version]))
 
     async def windows(self, model: str, version: str) -> dict[str, Windows]:
         """Every signal's reference (pinned, else the first samples) and current window."""

@@ -22,6 +22,7 @@ from backend.auth.principal import Principal
 from backend.config import DriftSettings
 from backend.core.db import Database
 from backend.core.models import DriftSnapshot
+from backend.core.models.lifecycle import NAME_LENGTH, VERSION_LENGTH
 from backend.core.redis import KeySpace
 from backend.core.tasks import Periodic
 from backend.errors import ValidationFailed
@@ -207,6 +208,9 @@ class DriftWatch:
     async def compare_version(self, model: str, version: str) -> list[SignalDrift]:
         """Compares one version's windows now: gauges, a snapshot, and an event per crossing."""
         windows = await self.samples.windows(model, version)
+        if not windows:
+            await self.samples.forget(model, version)
+            return []
         signals = await asyncio.to_thread(compare, self._settings, windows)
         if not signals:
             return signals
@@ -267,7 +271,13 @@ class DriftWatch:
     # -- reading and pinning ---------------------------------------------------------------
 
     def _version(self, model: str, version: str | None) -> str:
+        if len(model) > NAME_LENGTH:
+            raise ValidationFailed(f"model is longer than {NAME_LENGTH} characters", field="model")
         if version is not None:
+            if len(version) > VERSION_LENGTH:
+                raise ValidationFailed(
+                    f"version is longer than {VERSION_LENGTH} characters", field="version"
+                )
             return version
         policy = self.policies.policy(model) if self.policies is not None else None
         if policy is None:
@@ -326,6 +336,7 @@ class DriftWatch:
         self, principal: Principal, model: str, version: str, since: datetime, until: datetime
     ) -> Reference:
         """Makes the samples taken between `since` and `until` the version's reference."""
+        version = self._version(model, version)
         if since >= until:
             raise ValidationFailed("since must be before until", field="since")
         count = await self.samples.pin(model, version, since.timestamp(), until.timestamp())
@@ -348,6 +359,7 @@ class DriftWatch:
 
     async def unpin(self, principal: Principal, model: str, version: str) -> Reference | None:
         """Back to the first samples the version served as its reference."""
+        version = self._version(model, version)
         await self.samples.unpin(model, version)
         await self._audit(principal, "model.drift_reference_unpinned", model=model, version=version)
         return await self._reference(model, version)

@@ -27,7 +27,7 @@ from backend.core.models import UserRole
 from backend.core.redis import KeySpace
 from backend.inference.pool import InferencePool
 from backend.lifecycle.drift import DriftRecorder, DriftSamples
-from backend.lifecycle.drift_watch import compare
+from backend.lifecycle.drift_watch import DriftWatch, compare
 from backend.lifecycle.operations import ModelOperations
 from backend.lifecycle.router import ModelRouter
 from backend.services import Services
@@ -180,6 +180,21 @@ async def test_long_prompts_after_short_ones_drift_past_the_threshold(
         assert refused["data"] is None
         assert refused["errors"][0]["extensions"]["code"] == "FORBIDDEN"
 
+        # bad input is a typed error
+        for variables, expected in (
+            ({"model": "no-such-model"}, "MODEL_NOT_FOUND"),
+            ({"model": "m" * 200, "version": "1"}, "BAD_USER_INPUT"),
+        ):
+            bad = await _gql(server, owner, DRIFT, **variables)
+            assert bad["errors"][0]["extensions"]["code"] == expected, bad
+        too_many = await _gql(
+            server,
+            owner,
+            "query ($m: String!) { modelDrift(model: $m, last: 0) { model } }",
+            m=model,
+        )
+        assert too_many["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+
         async with httpx.AsyncClient(base_url=server.http_url) as http:
             exposition = (await http.get("/metrics")).text
         labels = f'model="{model}",signal="prompt_length",version="{version}"'
@@ -215,6 +230,16 @@ async def test_long_prompts_after_short_ones_drift_past_the_threshold(
             until="2001-01-02T00:00:00Z",
         )
         assert empty["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
+        backwards = await _gql(
+            server,
+            owner,
+            PIN,
+            model=model,
+            version=version,
+            since=datetime.now(UTC).isoformat(),
+            until=middle.isoformat(),
+        )
+        assert backwards["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
         unpinned = await _gql(server, owner, UNPIN, model=model, version=version)
         assert unpinned["data"]["unpinDriftReference"] == {"pinned": False, "requests": 8}
         member_pin = await _gql(server, member, UNPIN, model=model, version=version)
@@ -321,3 +346,29 @@ async def test_dark_images_through_the_vision_service_drift_from_bright_ones(
     assert not signals["image_pixels"].exceeded  # 60 x 40 throughout
     assert not signals["image_aspect"].exceeded
     assert not signals["class"].exceeded  # the toy always answers "one"
+
+
+async def test_one_replica_compares_and_a_version_whose_samples_expired_is_forgotten(
+    redis: Redis, key_prefix: str, db: Database
+) -> None:
+    settings = DriftSettings(reference_size=4, window_size=4, min_samples=2)
+    keys = KeySpace(key_prefix)
+
+    def replica() -> DriftWatch:
+        samples = DriftSamples(redis, keys, settings, DriftRecorder(settings))
+        return DriftWatch(
+            samples, db=db, redis=redis, keys=keys, settings=settings, metrics=Metrics()
+        )
+
+    first, second = replica(), replica()
+    for length in [10.0, 20.0, 30.0, 40.0] * 2:
+        first.samples.recorder.add("assistant", "1", "answer_length", length)
+    await first.samples.flush()
+    [answer] = (await first.check())[("assistant", "1")]
+    assert (answer.name, answer.value, answer.exceeded) == ("answer_length", 0.0, False)
+    assert await second.check() == {}  # the first holds the turn while it lives
+
+    async for key in redis.scan_iter(match=f"{key_prefix}drift:assistant:1:*"):
+        await redis.delete(key)  # what their expiry does
+    assert await first.check() == {("assistant", "1"): []}
+    assert await first.samples.versions() == []
