@@ -8,6 +8,7 @@ from datetime import datetime
 import strawberry
 from strawberry.types import Info
 
+from backend.auth.principal import Principal
 from backend.errors import ServiceUnavailable
 from backend.graphql.context import Context
 from backend.graphql.model_comparison import ADMIN
@@ -20,6 +21,18 @@ def _watch(info: Info[Context, None]) -> drift_watch.DriftWatch:
     if watch is None:
         raise ServiceUnavailable("drift is off on this server (SIGHTLINE_DRIFT_ENABLED)")
     return watch
+
+
+async def _operator(
+    info: Info[Context, None], what: str
+) -> tuple[Principal, drift_watch.DriftWatch]:
+    """The caller, a platform operator (else NOT_OPERATOR, audited), and the drift watch."""
+    principal = info.context.require_principal()
+    watch = _watch(info)
+    registry = info.context.services.registry
+    assert registry is not None  # every app with services has one
+    await registry.require_operator(principal, what)
+    return principal, watch
 
 
 @strawberry.type(description="The samples the current window is compared with.")
@@ -132,11 +145,7 @@ class DriftMutation:
         since: datetime,
         until: datetime,
     ) -> DriftReference:
-        principal = info.context.require_principal()
-        watch = _watch(info)
-        registry = info.context.services.registry
-        assert registry is not None  # every app with services has one
-        await registry.require_operator(principal, "Mutation.pinDriftReference")
+        principal, watch = await _operator(info, "Mutation.pinDriftReference")
         return DriftReference.of(await watch.pin(principal, model, version, since, until))
 
     @strawberry.mutation(
@@ -147,10 +156,6 @@ class DriftMutation:
     async def unpin_drift_reference(
         self, info: Info[Context, None], model: str, version: str
     ) -> DriftReference | None:
-        principal = info.context.require_principal()
-        watch = _watch(info)
-        registry = info.context.services.registry
-        assert registry is not None
-        await registry.require_operator(principal, "Mutation.unpinDriftReference")
+        principal, watch = await _operator(info, "Mutation.unpinDriftReference")
         found = await watch.unpin(principal, model, version)
         return DriftReference.of(found) if found else None

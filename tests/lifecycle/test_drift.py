@@ -34,7 +34,13 @@ from backend.services import Services
 from backend.vision.service import VisionTask
 from tests.accounts import committed_tenant
 from tests.agents.test_agent import events_of
-from tests.agents.test_runs import PASSWORD, chat_settings, llm  # noqa: F401
+from tests.agents.test_runs import (  # noqa: F401
+    PASSWORD,
+    chat_settings,
+    gql,
+    llm,
+    start_run,
+)
 from tests.conftest import LiveServer, scaled, serve_live
 from tests.knowledge.test_service import database, new_principal
 from tests.vision.test_recovery import stop, vision
@@ -103,28 +109,9 @@ async def _token(server: LiveServer, tenant: str, email: str) -> str:
     return response.json()["access_token"]
 
 
-async def _gql(server: LiveServer, token: str, query: str, **variables: Any) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=server.http_url, timeout=scaled(60)) as http:
-        response = await http.post(
-            "/graphql",
-            json={"query": query, "variables": variables},
-            headers={"authorization": f"Bearer {token}"},
-        )
-    return response.json()
-
-
 async def _turn(server: LiveServer, token: str, content: str) -> None:
-    created = await _gql(server, token, 'mutation { createConversation(title: "t") { id } }')
-    sent = await _gql(
-        server,
-        token,
-        "mutation($c: ID!, $m: String!) { sendMessage(conversationId: $c, content: $m) "
-        "{ run { id } } }",
-        c=created["data"]["createConversation"]["id"],
-        m=content,
-    )
-    assert "errors" not in sent, sent
-    events = await events_of(server, token, sent["data"]["sendMessage"]["run"]["id"])
+    _, run = await start_run(server, token, content)
+    events = await events_of(server, token, run)
     assert events[-1]["__typename"] == "RunCompleted"
 
 
@@ -158,7 +145,7 @@ async def test_long_prompts_after_short_ones_drift_past_the_threshold(
         await watch.samples.flush()
         await watch.check()
 
-        body = await _gql(server, owner, DRIFT, model=model)
+        body = await gql(server, owner, DRIFT, model=model)
         assert "errors" not in body, body
         drift = body["data"]["modelDrift"]
         assert (drift["model"], drift["version"]) == (model, version)  # the live version
@@ -176,7 +163,7 @@ async def test_long_prompts_after_short_ones_drift_past_the_threshold(
         assert [h["exceeded"] for h in drift["history"]] == [False, True]
 
         # a member may not read it; an admin who is not an operator may not pin (below)
-        refused = await _gql(server, member, DRIFT, model=model)
+        refused = await gql(server, member, DRIFT, model=model)
         assert refused["data"] is None
         assert refused["errors"][0]["extensions"]["code"] == "FORBIDDEN"
 
@@ -185,9 +172,9 @@ async def test_long_prompts_after_short_ones_drift_past_the_threshold(
             ({"model": "no-such-model"}, "MODEL_NOT_FOUND"),
             ({"model": "m" * 200, "version": "1"}, "BAD_USER_INPUT"),
         ):
-            bad = await _gql(server, owner, DRIFT, **variables)
+            bad = await gql(server, owner, DRIFT, **variables)
             assert bad["errors"][0]["extensions"]["code"] == expected, bad
-        too_many = await _gql(
+        too_many = await gql(
             server,
             owner,
             "query ($m: String!) { modelDrift(model: $m, last: 0) { model } }",
@@ -203,7 +190,7 @@ async def test_long_prompts_after_short_ones_drift_past_the_threshold(
         assert 'signal="prompt_length",statistic="ks"' in exposition
 
         # the operator pins the long prompts' window: the current window matches it again
-        pinned = await _gql(
+        pinned = await gql(
             server,
             owner,
             PIN,
@@ -216,11 +203,11 @@ async def test_long_prompts_after_short_ones_drift_past_the_threshold(
         assert pinned["data"]["pinDriftReference"]["pinned"] is True
         assert pinned["data"]["pinDriftReference"]["requests"] == 8
         await watch.check()
-        again = (await _gql(server, owner, DRIFT, model=model))["data"]["modelDrift"]
+        again = (await gql(server, owner, DRIFT, model=model))["data"]["modelDrift"]
         assert again["reference"]["pinned"] is True
         assert _signal(again, "prompt_length")["exceeded"] is False
 
-        empty = await _gql(
+        empty = await gql(
             server,
             owner,
             PIN,
@@ -230,7 +217,7 @@ async def test_long_prompts_after_short_ones_drift_past_the_threshold(
             until="2001-01-02T00:00:00Z",
         )
         assert empty["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
-        backwards = await _gql(
+        backwards = await gql(
             server,
             owner,
             PIN,
@@ -240,9 +227,9 @@ async def test_long_prompts_after_short_ones_drift_past_the_threshold(
             until=middle.isoformat(),
         )
         assert backwards["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
-        unpinned = await _gql(server, owner, UNPIN, model=model, version=version)
+        unpinned = await gql(server, owner, UNPIN, model=model, version=version)
         assert unpinned["data"]["unpinDriftReference"] == {"pinned": False, "requests": 8}
-        member_pin = await _gql(server, member, UNPIN, model=model, version=version)
+        member_pin = await gql(server, member, UNPIN, model=model, version=version)
         assert member_pin["errors"][0]["extensions"]["code"] == "FORBIDDEN"
 
     async with engine.connect() as conn:
