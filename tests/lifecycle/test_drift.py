@@ -27,7 +27,7 @@ from backend.core.models import UserRole
 from backend.core.redis import KeySpace
 from backend.inference.pool import InferencePool
 from backend.lifecycle.drift import DriftRecorder, DriftSamples
-from backend.lifecycle.drift_watch import DriftWatch, compare
+from backend.lifecycle.drift_watch import DriftWatch, compare, threshold_of
 from backend.lifecycle.operations import ModelOperations
 from backend.lifecycle.router import ModelRouter
 from backend.services import Services
@@ -359,3 +359,15 @@ async def test_one_replica_compares_and_a_version_whose_samples_expired_is_forgo
         await redis.delete(key)  # what their expiry does
     assert await first.check() == {("assistant", "1"): []}
     assert await first.samples.versions() == []
+
+
+def test_a_signal_may_have_its_own_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGHTLINE_DRIFT_THRESHOLDS", '{"answer_length": 0.3}')
+    monkeypatch.setenv("SIGHTLINE_DRIFT_ENABLED", "0")
+    settings = DriftSettings()
+    assert settings.enabled is False
+    assert threshold_of(settings, "answer_length") == 0.3
+    assert threshold_of(settings, "class") == 0.2  # SIGHTLINE_DRIFT_PSI_THRESHOLD
+    assert threshold_of(settings, "query_embedding") == 0.1  # ..._CENTROID_THRESHOLD
+    with pytest.raises(ValueError, match="above 0: refusal"):
+        DriftSettings(thresholds={"refusal": 0})
