@@ -75,9 +75,9 @@ SIGNALS: dict[str, Signal] = {
 
 # Scores of at most this many objects per image: a crowded image must not fill the window alone.
 _MAX_SCORES_PER_IMAGE = 10
-# Image statistics read a grid of about this many pixels a side (a strided view: no copy of
-# the image, microseconds whatever its size).
-_GRID = 64
+# Image statistics read a grid of about this many pixels a side (a strided view of ~3,000
+# values whatever the image's size: tens of microseconds).
+_GRID = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +143,12 @@ class DriftRecorder:
         if not height or not width:
             return
         step = max(1, max(height, width) // _GRID)
-        grid = rgb[::step, ::step]
-        self.add(model, version, "image_brightness", float(grid.mean()))
-        self.add(model, version, "image_contrast", float(grid.std()))
+        grid = rgb[::step, ::step].reshape(-1).astype(np.float32)
+        mean = float(grid.mean())
+        # one pass over the values (numpy's std takes three)
+        spread = max(float(np.dot(grid, grid)) / grid.size - mean * mean, 0.0)
+        self.add(model, version, "image_brightness", mean)
+        self.add(model, version, "image_contrast", spread**0.5)
         self.add(model, version, "image_pixels", float(height * width))
         self.add(model, version, "image_aspect", width / height)
 
