@@ -21,7 +21,7 @@ type Span = { start: number; end: number; events: VersionEvent[] };
 const SVG = "http://www.w3.org/2000/svg";
 const COLORS = ["#0b5fff", "#e36209", "#1a7f37", "#8250df", "#bf3989", "#0598bc", "#9a6700", "#57606a"];
 const WIDTH = 520, HEIGHT = 200, LEFT = 52, RIGHT = 10, TOP = 10, BOTTOM = 26;
-const WINDOWS: [string, number, number][] = [["15 minutes", 900, 10], ["1 hour", 3600, 60]];
+const WINDOWS: [string, number, number][] = [["5 minutes", 300, 10], ["15 minutes", 900, 10], ["1 hour", 3600, 60]];
 
 const TIMELINE = `query($window: Int!, $step: Int!) { operationsTimeline(window: $window, step: $step) {
   window step
@@ -53,8 +53,9 @@ function clock(ms: number): string {
 /** A line chart over the span, with the version events as dashed marks on the time axis. */
 function chart(title: string, unit: string, lines: Line[], span: Span, empty = "No data in this window."): HTMLElement {
   const figure = h("figure", { class: "chart" });
-  const caption = h("figcaption", {}, title);
-  const shown = lines.filter((l) => l.values.some(([, v]) => v !== null));
+  const caption = h("figcaption", {}, title, h("span", { class: "unit" }, ` (${unit})`));
+  // a line that stays at zero says nothing (a version that served nothing in the window)
+  const shown = lines.filter((l) => l.values.some(([, v]) => v !== null && v !== 0));
   if (!shown.length) {
     figure.append(caption, h("p", { class: "muted empty" }, empty));
     return figure;
@@ -69,14 +70,13 @@ function chart(title: string, unit: string, lines: Line[], span: Span, empty = "
     label.textContent = short(top * tick);
     picture.append(label);
   }
-  for (const [t, anchor] of [[span.start, "start"], [span.end, "end"]] as const) {
+  for (const tick of [0, 0.25, 0.5, 0.75, 1]) {
+    const t = span.start + tick * (span.end - span.start);
+    const anchor = tick === 0 ? "start" : tick === 1 ? "end" : "middle";
     const label = svg("text", { x: x(t), y: HEIGHT - 6, "text-anchor": anchor, class: "axis" });
     label.textContent = clock(t);
     picture.append(label);
   }
-  const unitLabel = svg("text", { x: 4, y: TOP + 4, class: "axis" });
-  unitLabel.textContent = unit;
-  picture.append(unitLabel);
   for (const event of span.events) {
     const at = Date.parse(event.at);
     if (at < span.start || at > span.end) continue;
@@ -119,25 +119,38 @@ function versionLines(timeline: Timeline, value: (p: Point) => number | null, su
   }));
 }
 
+// Whether this server's schema has no `modelDrift` (learnt from the first refusal): not asked again.
+let noDriftField = false;
+
+async function driftOf(model: string): Promise<Drift | null> {
+  if (noDriftField) return null;
+  try {
+    return (await call<{ modelDrift: Drift }>(DRIFT, { model })).modelDrift;
+  } catch (e) {
+    if (String((e as Error).message).startsWith("GRAPHQL_VALIDATION_FAILED")) noDriftField = true;
+    return null; // not on this server (yet), or nothing recorded for this version
+  }
+}
+
 async function driftCharts(timeline: Timeline, span: Span): Promise<HTMLElement[]> {
   const live = timeline.models.filter((m) => m.status === "live");
+  const first = live.length ? await driftOf(live[0].model) : null;
+  const rest = await Promise.all(live.slice(1).map((m) => driftOf(m.model)));
   const charts: HTMLElement[] = [];
-  for (const version of live) {
-    let drift: Drift | null = null;
-    try {
-      drift = (await call<{ modelDrift: Drift }>(DRIFT, { model: version.model })).modelDrift;
-    } catch {
-      drift = null; // not on this server (yet), or nothing recorded
-    }
+  [first, ...rest].forEach((drift, index) => {
     const names = [...new Set(drift?.history.flatMap((s) => s.signals.map((g) => g.name)) ?? [])];
     const lines: Line[] = names.flatMap((name, i) => {
       const color = COLORS[i % COLORS.length];
-      const of = (pick: (g: DriftSignal) => number) => drift!.history.map((s) =>
-        [Date.parse(s.at), s.signals.find((g) => g.name === name) ? pick(s.signals.find((g) => g.name === name)!) : null] as [number, number | null]);
+      const of = (pick: (g: DriftSignal) => number) => drift!.history.map((s) => {
+        const signal = s.signals.find((g) => g.name === name);
+        return [Date.parse(s.at), signal ? pick(signal) : null] as [number, number | null];
+      });
       return [{ name, color, values: of((g) => g.value) }, { name: `${name} threshold`, color, dash: true, values: of((g) => g.threshold) }];
     });
-    charts.push(chart(`Drift: ${version.model}@${version.version}`, "statistic", lines, span, "No drift data."));
-  }
+    const version = live[index];
+    if (lines.length) charts.push(chart(`Drift: ${version.model}@${version.version}`, "statistic", lines, span));
+  });
+  // one figure says so when no live version has drift figures (or the server has no modelDrift)
   if (!charts.length) charts.push(chart("Drift", "statistic", [], span, "No drift data."));
   return charts;
 }
@@ -146,7 +159,9 @@ async function draw(grid: HTMLElement, events: HTMLElement, note: HTMLElement, w
   status(note, "Loading…", "busy");
   const timeline = (await call<{ operationsTimeline: Timeline }>(TIMELINE, { window, step })).operationsTimeline;
   const end = Date.now();
-  const span: Span = { start: end - window * 1000, end, events: timeline.versionEvents };
+  // a seed is the server registering what it serves at start: listed, not marked on the charts
+  const marked = timeline.versionEvents.filter((e) => e.event !== "seed");
+  const span: Span = { start: end - window * 1000, end, events: marked };
   const errorsAll: Line = {
     name: "errors (all versions)", color: "#b00020", dash: true,
     values: (timeline.models[0]?.points ?? []).map((p, i) =>
