@@ -77,7 +77,9 @@ function chart(title: string, unit: string, lines: Line[], span: Span, empty = "
     label.textContent = clock(t);
     picture.append(label);
   }
-  for (const event of span.events) {
+  // rollbacks last: on top of another change at the same moment (a rollback restores a shadow)
+  const rollback = (e: VersionEvent) => Number(e.event.endsWith("rollback"));
+  for (const event of [...span.events].sort((a, b) => rollback(a) - rollback(b))) {
     const at = Date.parse(event.at);
     if (at < span.start || at > span.end) continue;
     const mark = svg("g", { class: `event ${event.event}` });
