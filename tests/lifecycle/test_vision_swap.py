@@ -69,7 +69,7 @@ async def operators(settings: Settings, engine: AsyncEngine) -> AsyncIterator[st
         await db.dispose()
 
 
-async def token_of(server: LiveServer, tenant: str) -> str:
+async def token_of(server: LiveServer, tenant: str, email: str = EMAIL) -> str:
     import httpx
 
     async with httpx.AsyncClient(base_url=server.http_url) as http:
@@ -78,7 +78,7 @@ async def token_of(server: LiveServer, tenant: str) -> str:
             data={
                 "grant_type": "password",
                 "tenant": tenant,
-                "username": EMAIL,
+                "username": email,
                 "password": PASSWORD,
             },
         )

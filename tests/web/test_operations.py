@@ -21,8 +21,9 @@ from backend.config import Settings
 from backend.core.db import Database
 from backend.core.models import Tenant, User, UserRole
 from tests.accounts import PASSWORD
-from tests.conftest import LiveServer, scaled, serve_live
+from tests.conftest import scaled, serve_live
 from tests.lifecycle.rollout import rollout
+from tests.lifecycle.test_vision_swap import token_of
 from tests.vision.test_graphql import vision_on
 from tests.web.test_demo import CHROMIUM, page, screenshots_module, signed_in  # noqa: F401
 
@@ -55,29 +56,6 @@ async def admin(settings: Settings, engine: AsyncEngine) -> dict[str, Any]:
     return {"tenant": slug}
 
 
-async def _token(server: LiveServer, tenant: str) -> str:
-    async with httpx.AsyncClient(base_url=server.http_url) as http:
-        response = await http.post(
-            "/oauth/token",
-            data={
-                "grant_type": "password",
-                "tenant": tenant,
-                "username": ADMIN,
-                "password": PASSWORD,
-            },
-        )
-    return str(response.json()["access_token"])
-
-
-async def _admin_signs_in(page: Page, server: LiveServer, tenant: str) -> None:  # noqa: F811
-    await page.goto(server.http_url + "/")
-    await page.get_by_label("Tenant").fill(tenant)
-    await page.get_by_label("E-mail").fill(ADMIN)
-    await page.get_by_label("Password").fill(PASSWORD)
-    await page.get_by_role("button", name="Sign in").click()
-    await expect(page.get_by_role("heading", name="Chat")).to_be_visible()
-
-
 def _figure(page: Page, caption: str) -> Any:  # noqa: F811
     return page.locator("figure.chart").filter(has=page.locator("figcaption", has_text=caption))
 
@@ -93,7 +71,7 @@ async def test_an_admin_sees_the_operations_charts_after_a_workload(
 ) -> None:
     async with serve_live(vision_on(settings)) as server:
         model = await rollout(server.services, admin["tenant"], ADMIN)
-        token = await _token(server, admin["tenant"])
+        token = await token_of(server, admin["tenant"], ADMIN)
         async with httpx.AsyncClient(base_url=server.http_url) as http:  # typed errors
             for _ in range(2):
                 await http.post(
@@ -102,7 +80,7 @@ async def test_an_admin_sees_the_operations_charts_after_a_workload(
                     headers={"authorization": f"Bearer {token}"},
                 )
 
-        await _admin_signs_in(page, server, admin["tenant"])
+        await signed_in(page, server, admin, ADMIN, PASSWORD)
         await page.get_by_role("link", name="Operations").click()
         await expect(page.get_by_role("heading", name="Operations")).to_be_visible()
         await expect(page.get_by_role("status")).to_contain_text("model versions", timeout=30_000)
