@@ -10,13 +10,9 @@ from strawberry.types import Info
 
 from backend.errors import ServiceUnavailable
 from backend.graphql.context import Context
-from backend.graphql.model_comparison import ADMIN
+from backend.graphql.model_comparison import ADMIN, milliseconds
 from backend.lifecycle import timeline
 from backend.lifecycle.stats import VersionWindow
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
 
 
 @strawberry.type(description="What one version served in one step (`at`: the step's start).")
@@ -36,8 +32,8 @@ class TimelinePoint:
             at=at,
             requests=window.requests,
             errors=window.errors,
-            p50_ms=_ms(window.p50_s),
-            p95_ms=_ms(window.p95_s),
+            p50_ms=milliseconds(window.p50_s),
+            p95_ms=milliseconds(window.p95_s),
             tokens=window.tokens,
             compute_seconds=window.compute_s,
             cost=window.cost,
