@@ -211,6 +211,9 @@ async def build_services(
         rollback=functools.partial(_canary_rollback, registry),
         ramp=functools.partial(_canary_ramp, registry),
     )
+    lifecycle.use_history(lambda: models_watcher.snapshot, registry.version_events)
+    models_watcher.add_listener(lifecycle.routed)  # traffic weights and canaries as gauges
+    state.metrics.on_error = lifecycle.errors.record  # errors by code over time, too
     knowledge.start()  # renews job leases, takes over the jobs of replicas that died
     vision.start()  # the same for vision jobs (taken over only where vision is on)
     warm_up = _warm_up(settings, shared_embedder, guardrails, vision, inference)

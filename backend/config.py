@@ -1208,6 +1208,18 @@ class LifecycleSettings(_Section):
         description="Most distinct (model, version, bucket) series a replica holds between "
         "flushes; figures past it are dropped (and logged).",
     )
+    timeline_max_points: int = Field(
+        360,
+        ge=1,
+        le=10_000,
+        description="Most points (window / step) one `operationsTimeline` reads per version.",
+    )
+    timeline_max_events: int = Field(
+        500,
+        ge=1,
+        description="Most version events (promotions, canaries, rollbacks) one "
+        "`operationsTimeline` returns: the newest.",
+    )
     shadow_max_in_flight: int = Field(
         4,
         ge=0,

@@ -23,6 +23,7 @@ from backend.knowledge.embeddings import LocalEmbedder
 from tests.agents.test_agent import events_of
 from tests.agents.test_runs import PASSWORD, account, chat_settings, llm  # noqa: F401
 from tests.conftest import LiveServer, scaled, serve_live
+from tests.lifecycle.rollout import rollout
 from tests.vision.test_graphql import analyse, jpeg, vision_on
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -159,6 +160,7 @@ def test_dashboards_are_provisionable_grafana_json() -> None:
         "Sightline guardrails",
         "Sightline errors",
         "Sightline drift",
+        "Sightline models",
     }
     assert len({b["uid"] for b in boards}) == len(boards)
     for board in boards:
@@ -220,6 +222,8 @@ async def test_every_panel_and_rule_names_an_exported_metric(
         assert "errors" not in found, found
         seen = await analyse(server, token, jpeg(data.chelsea()), ["CLASSIFY"])
         assert seen[-1]["__typename"] == "VisionJobCompleted"
+        # a version rolled out: shadow comparisons, a guarded canary, a promotion (Models)
+        await rollout(server.services, account["tenant"], "u@chat.example")
         refused = await _gql(server, token, "query Nope($id: ID!) { run(id: $id) { id } }", id="x")
         assert refused["errors"]
         rest = await _post(
@@ -234,6 +238,7 @@ async def test_every_panel_and_rule_names_an_exported_metric(
 
     assert 'surface="openai"' in exposition
     assert 'sightline_errors_total{code="UNAUTHENTICATED"' in exposition
+    assert 'metric="top1_agreement"' in exposition  # the shadow's comparisons
     queries = {**dashboard_queries(), **rule_queries()}
     assert len(queries) > 50
     assert missing_metrics(queries, exported_names(exposition)) == {}

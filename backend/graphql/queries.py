@@ -10,6 +10,7 @@ from backend.graphql.drift import DriftMutation, DriftQuery
 from backend.graphql.guardrails import GuardrailMutation, GuardrailQuery
 from backend.graphql.knowledge import KnowledgeMutation, KnowledgeQuery
 from backend.graphql.model_comparison import ModelComparisonQuery
+from backend.graphql.operations_timeline import OperationsTimelineQuery
 from backend.graphql.privacy import PrivacyMutation, PrivacyQuery
 from backend.graphql.registry import RegistryMutation, RegistryQuery
 from backend.graphql.runs import RunMutation, RunQuery
@@ -35,6 +36,7 @@ class Query(
     VisionQuery,
     PrivacyQuery,
     ModelComparisonQuery,
+    OperationsTimelineQuery,
     RegistryQuery,
     DriftQuery,
 ):

@@ -82,6 +82,7 @@ from backend.lifecycle.schemas import (
     canary_json,
     policy_of,
 )
+from backend.lifecycle.timeline import VersionEvent, events_of
 
 log = logging.getLogger(__name__)
 
@@ -556,6 +557,15 @@ class ModelRegistryService:
             reason=reason,
         )
         return policy, revision
+
+    async def version_events(self, since: datetime, limit: int) -> list[VersionEvent]:
+        """What the policy changes since `since` did to versions (promotions, canaries,
+        rollbacks, the canary guard's among them), oldest first; at most `limit`, the newest.
+        From the policy revisions, the registry's own record: the guard's changes are audited
+        with no tenant, which the app's role cannot read back."""
+        async with self._db.session() as session:
+            changes = await repo.policy_changes(session, since, limit)
+        return events_of(changes)
 
     # -- pins ----------------------------------------------------------------------------
 
