@@ -443,10 +443,12 @@ def _default_budgets() -> dict[str, dict[str, BudgetSpec]]:
             "compute_seconds": BudgetSpec(
                 tenant_day=600, tenant_month=6_000, user_day=120, user_month=1_200
             ),
+            "cost": BudgetSpec(tenant_day=5, tenant_month=50, user_day=1, user_month=10),
         },
         "pro": {
             "llm_tokens": BudgetSpec(tenant_day=5_000_000, tenant_month=100_000_000),
             "compute_seconds": BudgetSpec(tenant_day=36_000, tenant_month=720_000),
+            "cost": BudgetSpec(tenant_day=500, tenant_month=10_000),
         },
     }
 
@@ -463,9 +465,36 @@ class LimitsSettings(_Section):
     )
     budgets: dict[str, dict[str, BudgetSpec]] = Field(
         default_factory=_default_budgets,
-        description="Per plan and resource (llm_tokens, compute_seconds): day/month limits "
-        "per tenant and per user, 0 = unlimited (JSON).",
+        description="Per plan and resource (llm_tokens, compute_seconds, cost: money, charged "
+        "by chat, vision and embeddings): day/month limits per tenant and per user, "
+        "0 = unlimited (JSON).",
     )
+
+
+def _default_compute_prices() -> dict[str, float]:
+    return {"cpu": 0.00005, "cuda": 0.0005, "remote": 0.0005}
+
+
+class CostSettings(_Section):
+    """Prices of compute: what a vision or embedding model costs per second it computes, by the
+    kind of device it ran on (chat aliases price tokens in their ModelSpec). A version's
+    manifest or spec may set its own (`compute_second_prices`), which wins."""
+
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_COST_", extra="ignore")
+
+    compute_second_prices: dict[str, float] = Field(
+        default_factory=_default_compute_prices,
+        description="Money per compute-second of a vision or embedding model, by device kind "
+        "(cpu, cuda, remote: an endpoint or inference server), unless its version names its "
+        "own (JSON).",
+    )
+
+    @field_validator("compute_second_prices")
+    @classmethod
+    def _no_negative_price(cls, prices: dict[str, float]) -> dict[str, float]:
+        if any(price < 0 for price in prices.values()):
+            raise ValueError("a compute-second price cannot be negative")
+        return prices
 
 
 class ModelSpec(BaseModel):
@@ -1278,6 +1307,7 @@ class Settings(_Section):
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     openai: OpenAIAPISettings = Field(default_factory=OpenAIAPISettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+    cost: CostSettings = Field(default_factory=CostSettings)
 
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
@@ -1341,6 +1371,7 @@ SECTIONS: tuple[type[_Section], ...] = (
     PrivacySettings,
     OpenAIAPISettings,
     LifecycleSettings,
+    CostSettings,
 )
 
 
