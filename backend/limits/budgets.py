@@ -49,10 +49,12 @@ for i = 1, 4 do
     end
   end
 end
-for i = 1, 4 do
-  local ttl = (i % 2 == 1) and ARGV[6] or ARGV[7]
-  redis.call('INCRBYFLOAT', KEYS[i + 4], amount)
-  redis.call('EXPIRE', KEYS[i + 4], ttl)
+if amount > 0 then
+  for i = 1, 4 do
+    local ttl = (i % 2 == 1) and ARGV[6] or ARGV[7]
+    redis.call('INCRBYFLOAT', KEYS[i + 4], amount)
+    redis.call('EXPIRE', KEYS[i + 4], ttl)
+  end
 end
 if #KEYS >= 9 then
   redis.call('HSET', KEYS[9], 'held', ARGV[5], 'charged', '0', 'spec', ARGV[8])

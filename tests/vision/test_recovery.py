@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from redis.asyncio import Redis
 from skimage import data as photos
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from backend.auth.principal import Principal
 from backend.config import LimitsSettings, VisionSettings
@@ -171,11 +171,16 @@ async def held(redis: Redis, key_prefix: str) -> list[float]:
 
 
 async def compute_used(database: Database, tenant_id: uuid.UUID) -> list[float]:
+    """The compute-seconds recorded, per settlement: a job's records (one per model version
+    its tasks ran on) are written in one transaction, so they share their `created_at`."""
     async with database.session(tenant_id) as session:
         rows = await session.scalars(
-            select(UsageRecord).where(UsageRecord.resource == Resource.COMPUTE_SECONDS.value)
+            select(func.sum(UsageRecord.amount))
+            .where(UsageRecord.resource == Resource.COMPUTE_SECONDS.value)
+            .group_by(UsageRecord.created_at)
+            .order_by(UsageRecord.created_at)
         )
-        return [float(r.amount) for r in rows]
+        return [float(amount) for amount in rows]
 
 
 def seconds(results: dict[str, Any]) -> float:
