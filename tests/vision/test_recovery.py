@@ -32,6 +32,7 @@ from backend.inference.client import InferenceClient, ModelUnavailable, Priority
 from backend.inference.manifest import ModelManifest, load_manifests
 from backend.lifecycle.router import ModelRouter
 from backend.limits.budgets import Budgets, Resource
+from backend.limits.pricing import ComputePricing
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import EventsExpired, RunEvent, RunEventLog
 from backend.vision.ocr import OcrEngine
@@ -94,6 +95,7 @@ def vision(
     key_prefix: str,
     models: InferenceClient,
     router: ModelRouter | None = None,
+    pricing: ComputePricing | None = None,
     **settings: object,
 ) -> VisionService:
     keys = KeySpace(key_prefix)
@@ -107,6 +109,7 @@ def vision(
         settings=VisionSettings(**{**QUICK, **settings}),  # type: ignore[arg-type]
         budgets=Budgets(redis, keys, LimitsSettings()),
         router=router,
+        pricing=pricing,
     )
 
 
