@@ -396,11 +396,11 @@ def _embedding_spent(
         )
         if principal is not None and cost > 0:
             await budgets.charge(
-                principal.tenant_id,
-                principal.user_id,
-                principal.plan,
-                Resource.COST,
-                float(cost),
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                plan=principal.plan,
+                resource=Resource.COST,
+                amount=float(cost),
                 subject="embedding",
             )
 

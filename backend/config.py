@@ -6,7 +6,7 @@ import json
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, SecretStr, TypeAdapter, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -471,6 +471,10 @@ class LimitsSettings(_Section):
     )
 
 
+# Money per compute-second by device kind (cpu, cuda, remote); a price is never negative.
+ComputePrices = dict[str, Annotated[float, Field(ge=0)]]
+
+
 def _default_compute_prices() -> dict[str, float]:
     return {"cpu": 0.00005, "cuda": 0.0005, "remote": 0.0005}
 
@@ -482,19 +486,12 @@ class CostSettings(_Section):
 
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_COST_", extra="ignore")
 
-    compute_second_prices: dict[str, float] = Field(
+    compute_second_prices: ComputePrices = Field(
         default_factory=_default_compute_prices,
         description="Money per compute-second of a vision or embedding model, by device kind "
         "(cpu, cuda, remote: an endpoint or inference server), unless its version names its "
         "own (JSON).",
     )
-
-    @field_validator("compute_second_prices")
-    @classmethod
-    def _no_negative_price(cls, prices: dict[str, float]) -> dict[str, float]:
-        if any(price < 0 for price in prices.values()):
-            raise ValueError("a compute-second price cannot be negative")
-        return prices
 
 
 class ModelSpec(BaseModel):

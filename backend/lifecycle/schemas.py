@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from backend.config import ComputePrices
 from backend.lifecycle.policy import Arm, CanaryGuard, ModelKind, StickyKey, TrafficPolicy
 
 # Names clients write (`name@version`): no `@`, no spaces; `/` and `:` for endpoint model names.
@@ -35,14 +36,7 @@ class EmbeddingSpec(BaseModel):
     api_key_env: str | None = None  # the variable holding its key (never the key)
     dimensions: int = Field(384, ge=1, le=16_384)
     # money per compute-second by device kind (cpu, cuda, remote); unset kinds: the settings'
-    compute_second_prices: dict[str, float] = Field(default_factory=dict)
-
-    @field_validator("compute_second_prices")
-    @classmethod
-    def _no_negative_price(cls, prices: dict[str, float]) -> dict[str, float]:
-        if any(price < 0 for price in prices.values()):
-            raise ValueError("a compute-second price cannot be negative")
-        return prices
+    compute_second_prices: ComputePrices = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)

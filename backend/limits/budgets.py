@@ -304,8 +304,9 @@ class Budgets:
         if exceeded is not None:
             raise exceeded
 
-    async def charge(  # noqa: PLR0917
+    async def charge(
         self,
+        *,
         tenant_id: uuid.UUID,
         user_id: uuid.UUID | None,
         plan: str,

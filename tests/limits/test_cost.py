@@ -44,9 +44,9 @@ def test_prices_in_manifests_and_specs_are_checked() -> None:
     with pytest.raises(ManifestError, match="price"):
         ModelManifest.from_dict({**manifest, "compute_second_prices": {"cpu": -1}})
     assert EmbeddingSpec(compute_second_prices={"remote": 0.1}).compute_second_prices
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
         EmbeddingSpec(compute_second_prices={"cpu": -0.1})
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
         CostSettings(compute_second_prices={"cpu": -0.1})
 
 
@@ -110,9 +110,10 @@ async def test_money_is_a_budget_charged_with_tokens_in_one_round_trip(
     other = {**ask, "user_id": uuid.uuid4()}
     await budgets.reserve(**other, resource=Resource.COST, amount=0, subject="r3")
     # a charge without a reservation (a search's query embedding) refuses once used up
-    assert await budgets.charge(tenant, other["user_id"], "free", Resource.COST, 0.5, "e") == 0.5
+    search = {**other, "resource": Resource.COST, "amount": 0.5, "subject": "embedding"}
+    assert await budgets.charge(**search) == 0.5
     with pytest.raises(BudgetExceeded):
-        await budgets.charge(tenant, other["user_id"], "free", Resource.COST, 0.5, "e")
+        await budgets.charge(**search)
 
 
 async def test_usage_rows_by_model_version_and_kind(
