@@ -266,12 +266,10 @@ class RunService:
                 subject=f"run:{run_id}",
                 hold_id=str(run_id),
             )
-            money = await self._budgets.reserve(  # refused when the money is spent already
+            money = await self._budgets.admit(
                 tenant_id=principal.tenant_id,
                 user_id=principal.user_id,
                 plan=principal.plan,
-                resource=Resource.COST,
-                amount=0,
                 subject=f"run:{run_id}",
             )
             async with self._db.session(principal.tenant_id) as session:
@@ -550,11 +548,8 @@ class RunService:
     async def _charge(self, turn: _Turn, tokens: int, money: Decimal | None = None) -> None:
         """Charges tokens, and their money (by default: as completion tokens) in the same round
         trip; a free model charges tokens alone."""
-        amount = float(turn.model.cost(0, tokens) if money is None else money)
-        if amount <= 0:
-            await turn.reservation.charge(tokens)
-            return
-        await self._budgets.charge_together([(turn.reservation, tokens), (turn.money, amount)])
+        cost = turn.model.cost(0, tokens) if money is None else money
+        await self._budgets.charge_with_money(turn.reservation, turn.money, tokens, float(cost))
 
     async def _last_charge(self, turn: _Turn, tokens: int, cost: Decimal) -> None:
         """Charges the tokens and money of the run not charged yet (the run is over: a budget

@@ -304,6 +304,30 @@ class Budgets:
         if exceeded is not None:
             raise exceeded
 
+    async def charge_with_money(
+        self, tokens: Reservation, money: Reservation | None, amount: float, cost: float
+    ) -> None:
+        """Charges `amount` tokens and their `cost` to the money budget in one round trip (the
+        tokens alone when they cost nothing); raises BudgetExceeded as `charge_together`."""
+        if cost <= 0 or money is None:
+            await tokens.charge(amount)
+            return
+        await self.charge_together([(tokens, amount), (money, cost)])
+
+    async def admit(
+        self, *, tenant_id: uuid.UUID, user_id: uuid.UUID | None, plan: str, subject: str
+    ) -> Reservation:
+        """The money budget's reservation of a run or job: it holds nothing (what a run will
+        cost is not known), and is refused (BudgetExceeded) once the money is spent."""
+        return await self.reserve(
+            tenant_id=tenant_id,
+            user_id=user_id,
+            plan=plan,
+            resource=Resource.COST,
+            amount=0,
+            subject=subject,
+        )
+
     async def charge(
         self,
         *,

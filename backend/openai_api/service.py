@@ -265,12 +265,10 @@ class OpenAIService:
             completion.model = self._models.checkout(completion.request.model, completion.key)
         try:
             await self._limiter.enforce(principal.subject, principal.plan, "chat_run")
-            completion.money = await self._budgets.reserve(  # first: it holds nothing to give back
+            completion.money = await self._budgets.admit(  # first: it holds nothing to give back
                 tenant_id=principal.tenant_id,
                 user_id=principal.user_id,
                 plan=principal.plan,
-                resource=Resource.COST,
-                amount=0,
                 subject=f"openai:{completion.id}",
             )
             reservation = await self._budgets.reserve(
@@ -521,11 +519,8 @@ class OpenAIService:
     ) -> None:
         """Charges tokens, and their money (by default: as completion tokens) in the same round
         trip (as chat runs do: backend.agents.runs); a free model charges tokens alone."""
-        amount = float(completion.model.cost(0, tokens) if money is None else money)
-        if amount <= 0 or completion.money is None:
-            await reservation.charge(tokens)
-            return
-        await self._budgets.charge_together([(reservation, tokens), (completion.money, amount)])
+        cost = completion.model.cost(0, tokens) if money is None else money
+        await self._budgets.charge_with_money(reservation, completion.money, tokens, float(cost))
 
     # -- embeddings ---------------------------------------------------------------------------
 

@@ -373,12 +373,10 @@ class VisionService:
                     subject="vision",
                     hold_id=job.key,
                 )
-                job.money = await self._budgets.reserve(  # refused once the money is spent
+                job.money = await self._budgets.admit(
                     tenant_id=principal.tenant_id,
                     user_id=principal.user_id,
                     plan=principal.plan,
-                    resource=Resource.COST,
-                    amount=0,
                     subject="vision",
                 )
             row = await self._create(job, image, digest)

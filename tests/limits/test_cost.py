@@ -88,9 +88,9 @@ async def test_money_is_a_budget_charged_with_tokens_in_one_round_trip(
     tenant, user = uuid.uuid4(), uuid.uuid4()
     ask = {"tenant_id": tenant, "user_id": user, "plan": "free"}
     tokens = await budgets.reserve(**ask, resource=Resource.LLM_TOKENS, amount=100, subject="r")
-    money = await budgets.reserve(**ask, resource=Resource.COST, amount=0, subject="r")
+    money = await budgets.admit(**ask, subject="r")
     assert money.held == 0
-    await budgets.charge_together([(tokens, 16), (money, 0.4)])
+    await budgets.charge_with_money(tokens, money, 16, 0.4)
     assert (tokens.charged, money.charged) == (16, 0.4)
     text = generate_latest(metrics.registry).decode()
     assert (
@@ -103,12 +103,12 @@ async def test_money_is_a_budget_charged_with_tokens_in_one_round_trip(
     assert tokens.charged == 32
     # spent: the next run is refused before it starts, though it holds nothing
     with pytest.raises(BudgetExceeded) as refused:
-        await budgets.reserve(**ask, resource=Resource.COST, amount=0, subject="r2")
+        await budgets.admit(**ask, subject="r2")
     assert refused.value.code == "BUDGET_EXCEEDED"
     assert refused.value.extensions["scope"] == "user per day"
     # another user of the tenant still has theirs
     other = {**ask, "user_id": uuid.uuid4()}
-    await budgets.reserve(**other, resource=Resource.COST, amount=0, subject="r3")
+    await budgets.admit(**other, subject="r3")
     # a charge without a reservation (a search's query embedding) refuses once used up
     search = {**other, "resource": Resource.COST, "amount": 0.5, "subject": "embedding"}
     assert await budgets.charge(**search) == 0.5
