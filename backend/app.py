@@ -54,15 +54,16 @@ from backend.guardrails.service import GuardrailService
 from backend.inference.manifest import load_manifests
 from backend.inference.pool import InferencePool
 from backend.knowledge.embeddings import Embedder, build_embedder
-from backend.knowledge.service import KnowledgeService
+from backend.knowledge.service import EmbeddingSpent, KnowledgeService
 from backend.lifecycle.operations import ModelOperations
-from backend.lifecycle.policy import Arm
+from backend.lifecycle.policy import Arm, split_pin
 from backend.lifecycle.reconcile import PoolReconciler
 from backend.lifecycle.router import ModelRouter
-from backend.lifecycle.seeding import served_models
+from backend.lifecycle.seeding import FIRST_VERSION, served_models
 from backend.lifecycle.service import ModelRegistryService
 from backend.lifecycle.watcher import RegistryWatcher
-from backend.limits.budgets import Budgets
+from backend.limits.budgets import Budgets, Resource
+from backend.limits.pricing import REMOTE, ComputePricing
 from backend.limits.ratelimit import RateLimiter
 from backend.openai_api.router import openai_router
 from backend.openai_api.service import OpenAIService
@@ -133,7 +134,7 @@ async def build_services(
             metrics=state.metrics,
         )
         guards = guardrails
-    budgets = Budgets(state.redis, state.keys, settings.limits)
+    budgets = Budgets(state.redis, state.keys, settings.limits, state.metrics)
     inference, vision = await _build_vision(state, limiter, budgets, guardrails)
     if inference is not None:  # vision on: images and scanned PDFs can be ingested
         knowledge.read_image = vision.read_text
@@ -206,6 +207,14 @@ async def build_services(
     vision.operations = lifecycle  # every task's version figures; shadows of sampled requests
     runs.drift = lifecycle.drift  # each turn's drift samples (None: drift off)
     knowledge.drift = lifecycle.drift  # each search's
+    knowledge.embedded = _embedding_spent(
+        settings=settings,
+        metrics=state.metrics,
+        embedder=shared_embedder,
+        lifecycle=lifecycle,
+        budgets=budgets,
+        registry=models_watcher,
+    )
     lifecycle.use_registry(
         models_watcher,
         rollback=functools.partial(_canary_rollback, registry),
@@ -243,6 +252,7 @@ async def build_services(
             search=tools.search_knowledge,
             runs=runs,
             served=lifecycle.stats.record,
+            metrics=state.metrics,
         ),
         grace_s=settings.server.graceful_shutdown_s,
         warm_up=warm_up,
@@ -365,6 +375,50 @@ def _image_tool(vision: VisionService, guardrails: GuardrailService | None) -> I
     return analyze_image
 
 
+def _embedding_spent(
+    *,
+    settings: Settings,
+    metrics: Metrics,
+    embedder: Embedder,
+    lifecycle: ModelOperations,
+    budgets: Budgets,
+    registry: RegistryWatcher,
+) -> EmbeddingSpent:
+    """Prices the compute-seconds of an embedding call made for a tenant (the price its
+    registry spec names for the embedder's device, else the settings': the CPU for the packaged
+    model, `remote` for an endpoint) and records them: the cost metrics, the version's serving
+    figures and, when a principal asked (a search), their money budget (one round trip; used
+    up: BUDGET_EXCEEDED)."""
+    pricing = ComputePricing(settings.cost.compute_second_prices, metrics)
+    model, version = split_pin(embedder.name)
+    version = version or FIRST_VERSION
+    device = REMOTE if settings.knowledge.embedding_base_url else "cpu"
+
+    def own_prices() -> dict[str, float] | None:  # the replica's registry view: no I/O
+        for record in registry.snapshot.versions.get(model, ()):
+            if record.version == version:
+                prices = record.spec.get("compute_second_prices")
+                return prices if isinstance(prices, dict) else None
+        return None
+
+    async def spent(tenant_id: uuid.UUID, seconds: float, principal: Principal | None) -> None:
+        cost = pricing.spent(tenant_id, model, version, "embedding", seconds, device, own_prices())
+        lifecycle.stats.record(
+            model, version, ok=True, latency_s=seconds, compute_s=seconds, cost=float(cost)
+        )
+        if principal is not None and cost > 0:
+            await budgets.charge(
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                plan=principal.plan,
+                resource=Resource.COST,
+                amount=float(cost),
+                subject="embedding",
+            )
+
+    return spent
+
+
 async def _build_vision(
     state: AppState, limiter: RateLimiter, budgets: Budgets, guardrails: GuardrailService | None
 ) -> tuple[InferencePool | None, VisionService]:
@@ -400,6 +454,7 @@ async def _build_vision(
         settings=settings,
         image_rail=image_rail if guardrails is not None else None,
         budgets=budgets,
+        pricing=ComputePricing(state.settings.cost.compute_second_prices, state.metrics),
     )
     return pool, vision
 

@@ -6,7 +6,7 @@ import json
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, SecretStr, TypeAdapter, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -443,10 +443,12 @@ def _default_budgets() -> dict[str, dict[str, BudgetSpec]]:
             "compute_seconds": BudgetSpec(
                 tenant_day=600, tenant_month=6_000, user_day=120, user_month=1_200
             ),
+            "cost": BudgetSpec(tenant_day=5, tenant_month=50, user_day=1, user_month=10),
         },
         "pro": {
             "llm_tokens": BudgetSpec(tenant_day=5_000_000, tenant_month=100_000_000),
             "compute_seconds": BudgetSpec(tenant_day=36_000, tenant_month=720_000),
+            "cost": BudgetSpec(tenant_day=500, tenant_month=10_000),
         },
     }
 
@@ -463,8 +465,32 @@ class LimitsSettings(_Section):
     )
     budgets: dict[str, dict[str, BudgetSpec]] = Field(
         default_factory=_default_budgets,
-        description="Per plan and resource (llm_tokens, compute_seconds): day/month limits "
-        "per tenant and per user, 0 = unlimited (JSON).",
+        description="Per plan and resource (llm_tokens, compute_seconds, cost: money, charged "
+        "by chat, vision and embeddings): day/month limits per tenant and per user, "
+        "0 = unlimited (JSON).",
+    )
+
+
+# Money per compute-second by device kind (cpu, cuda, remote); a price is never negative.
+ComputePrices = dict[str, Annotated[float, Field(ge=0)]]
+
+
+def _default_compute_prices() -> dict[str, float]:
+    return {"cpu": 0.00005, "cuda": 0.0005, "remote": 0.0005}
+
+
+class CostSettings(_Section):
+    """Prices of compute: what a vision or embedding model costs per second it computes, by the
+    kind of device it ran on (chat aliases price tokens in their ModelSpec). A version's
+    manifest or spec may set its own (`compute_second_prices`), which wins."""
+
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_COST_", extra="ignore")
+
+    compute_second_prices: ComputePrices = Field(
+        default_factory=_default_compute_prices,
+        description="Money per compute-second of a vision or embedding model, by device kind "
+        "(cpu, cuda, remote: an endpoint or inference server), unless its version names its "
+        "own (JSON).",
     )
 
 
@@ -1375,6 +1401,7 @@ class Settings(_Section):
     openai: OpenAIAPISettings = Field(default_factory=OpenAIAPISettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
+    cost: CostSettings = Field(default_factory=CostSettings)
 
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:
@@ -1438,6 +1465,7 @@ SECTIONS: tuple[type[_Section], ...] = (
     PrivacySettings,
     OpenAIAPISettings,
     LifecycleSettings,
+    CostSettings,
 )
 
 

@@ -91,6 +91,7 @@ class _Turn:
     model: ChatModel
     message: Message  # the user's
     reservation: Reservation
+    money: Reservation  # the run's cost on the money budget (holds nothing; charged as tokens are)
     active_key: str
     text: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -252,6 +253,7 @@ class RunService:
         # what there is of the run (its reservation, its row) and cleans up.
         await self._leases.acquire(member)
         reservation: Reservation | None = None
+        money: Reservation | None = None
         chat_model: ChatModel | None = None
         try:
             # held until the run ends: a version retired meanwhile closes after it
@@ -265,6 +267,12 @@ class RunService:
                 amount=self._settings.max_tokens,
                 subject=f"run:{run_id}",
                 hold_id=str(run_id),
+            )
+            money = await self._budgets.admit(
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                plan=principal.plan,
+                subject=f"run:{run_id}",
             )
             async with self._db.session(principal.tenant_id) as session:
                 conversation = await self._conversations.owned_for_update(
@@ -329,6 +337,7 @@ class RunService:
                     chat_model,
                     message,
                     reservation,
+                    money,
                     active_key,
                     behind=busy is not None,
                 )
@@ -536,7 +545,25 @@ class RunService:
                 await self._send_tokens(turn)
         if turn.uncharged >= CHARGE_EVERY:
             turn.uncharged = 0
-            await self._retrying(lambda: turn.reservation.charge(CHARGE_EVERY), "a budget charge")
+            await self._retrying(lambda: self._charge(turn, CHARGE_EVERY), "a budget charge")
+
+    async def _charge(self, turn: _Turn, tokens: int, money: Decimal | None = None) -> None:
+        """Charges tokens, and their money (by default: as completion tokens) in the same round
+        trip; a free model charges tokens alone."""
+        cost = turn.model.cost(0, tokens) if money is None else money
+        await self._budgets.charge_with_money(turn.reservation, turn.money, tokens, float(cost))
+
+    async def _last_charge(self, turn: _Turn, tokens: int, cost: Decimal) -> None:
+        """Charges the tokens and money of the run not charged yet (the run is over: a budget
+        used up by it refuses the next one)."""
+        owed = tokens - int(turn.reservation.charged)
+        money_owed = cost - Decimal(str(turn.money.charged))
+        if owed > 0 or money_owed > 0:
+            with contextlib.suppress(BudgetExceeded):
+                await self._retrying(
+                    lambda: self._charge(turn, max(0, owed), max(Decimal(0), money_owed)),
+                    "the last charge",
+                )
 
     def _batch_wait(self, turn: _Turn) -> float:
         """How long the run's next TokenDelta waits for more pieces (0: it goes now)."""
@@ -623,7 +650,7 @@ class RunService:
         the run leaves the user's active runs and its lease goes. When the end cannot be
         recorded (an outage longer than `outage_retry_s`), the lease is left to expire and
         recovery records it (as WORKER_LOST, with the partial answer)."""
-        run, reservation = turn.run, turn.reservation
+        run = turn.run
         run_key = str(run.id)
         member = self._member(run)
         answer = "".join(turn.text)
@@ -636,10 +663,7 @@ class RunService:
         recorded = False
         try:
             await self._settle_tokens(turn)  # the pieces still batched, before the end
-            owed = prompt_tokens + completion_tokens - int(reservation.charged)
-            if owed > 0:
-                with contextlib.suppress(BudgetExceeded):
-                    await self._retrying(lambda: reservation.charge(owed), "the last charge")
+            await self._last_charge(turn, prompt_tokens + completion_tokens, cost)
             message_id = await self._retrying(
                 lambda: self._record_end(
                     turn,
@@ -686,6 +710,9 @@ class RunService:
             self._metrics.chat_tokens.labels(run.model, version).inc(len(turn.text))
             self._metrics.chat_cost.labels(str(turn.principal.tenant_id), run.model, version).inc(
                 float(cost)
+            )
+            self._metrics.model_spent(
+                turn.principal.tenant_id, turn.model.alias, version, "chat", float(cost)
             )
             if code is not None:
                 self._metrics.error("chat_run", code, CHAT_RUN_OPERATION, run.model)
@@ -744,7 +771,9 @@ class RunService:
             row.prompt_tokens = turn.prompt_tokens
             row.completion_tokens = completion_tokens
             row.updated_at = datetime.now(UTC)
-            await turn.reservation.settle(session, cost=cost)
+            await turn.reservation.settle(
+                session, cost=cost, served_by=(turn.model.alias, turn.model.version, "chat")
+            )
         return message_id
 
     async def _leave(self, member: str, active_key: str, run_key: str, recorded: bool) -> None:
@@ -941,7 +970,8 @@ class RunService:
                 row.completion_tokens = max(row.completion_tokens, tokens)
                 row.updated_at = datetime.now(UTC)
             if reservation is not None:
-                await reservation.settle(session, cost=cost)
+                served_by = (row.model_alias or row.model, row.model_version or "", "chat")
+                await reservation.settle(session, cost=cost, served_by=served_by)
         return _terminal_event(row, cost)
 
     def _cost(self, row: Run, completion_tokens: int) -> Decimal:

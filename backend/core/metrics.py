@@ -210,6 +210,27 @@ class Metrics:
             ["tenant", "model", "version"],
             registry=r,
         )
+        self.model_cost = Counter(
+            "sightline_model_cost",
+            "Money models cost, by tenant, model, version and kind (chat: the alias's prices "
+            "per 1,000 tokens; vision and embedding: the version's price per compute-second).",
+            ["tenant", "model", "version", "kind"],
+            registry=r,
+        )
+        self.model_compute_seconds = Counter(
+            "sightline_model_compute_seconds",
+            "Compute-seconds vision and embedding models took, by the device kind they ran on.",
+            ["model", "version", "kind", "device"],
+            registry=r,
+        )
+        self.budget_remaining = Gauge(
+            "sightline_budget_remaining_ratio",
+            "Fraction of a budget left on its tightest counter (day or month, tenant or user) "
+            "after the tenant's last charge of that resource (llm_tokens, compute_seconds, cost).",
+            ["tenant", "resource", "scope"],
+            registry=r,
+            multiprocess_mode="min",
+        )
         self.inference_queue_capacity = Gauge(
             "sightline_inference_queue_capacity",
             "Items a model's queue holds before it refuses more (its max_queue).",
@@ -247,6 +268,18 @@ class Metrics:
             ["model", "version", "reason"],
             registry=r,
         )
+        self._model_metrics(r)
+        self._routed: set[tuple[str, str, str]] = set()
+        self._arms: set[tuple[str, str]] = set()
+        self.on_error: Callable[[str], None] | None = None  # also counted over time (timeline)
+        self._names: set[str] = set()
+        self._max_names = max_operation_names
+        self._codes: set[str] = set()
+        self._max_codes = max_error_codes
+        self._lock = threading.Lock()
+
+    def _model_metrics(self, r: CollectorRegistry) -> None:
+        """Per model version: drift, and the A/B arms of the Models dashboard."""
         # Drift (backend.lifecycle.drift): set by the replica that compares the windows.
         self.model_drift = Gauge(
             "sightline_model_drift",
@@ -308,14 +341,24 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0),
             registry=r,
         )
-        self._routed: set[tuple[str, str, str]] = set()
-        self._arms: set[tuple[str, str]] = set()
-        self.on_error: Callable[[str], None] | None = None  # also counted over time (timeline)
-        self._names: set[str] = set()
-        self._max_names = max_operation_names
-        self._codes: set[str] = set()
-        self._max_codes = max_error_codes
-        self._lock = threading.Lock()
+
+    def model_spent(  # noqa: PLR0917 (the labels of both counters)
+        self,
+        tenant: object,
+        model: str,
+        version: str,
+        kind: str,
+        cost: float,
+        compute_s: float = 0.0,
+        device: str = "",
+    ) -> None:
+        """What a model version cost a tenant (and, for compute-priced kinds, the seconds)."""
+        self.model_cost.labels(str(tenant), model, version, kind).inc(cost)
+        if compute_s:
+            self.model_compute_seconds.labels(model, version, kind, device).inc(compute_s)
+
+    def budget_left(self, tenant: object, resource: str, scope: str, fraction: float) -> None:
+        self.budget_remaining.labels(str(tenant), resource, scope).set(fraction)
 
     def operation_label(self, name: str | None) -> str:
         """A bounded label value for a client-chosen operation name."""

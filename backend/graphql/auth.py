@@ -116,6 +116,13 @@ class UsageDay:
     resource: str
     amount: float
     cost: float
+    model: str | None = strawberry.field(
+        default=None, description="With byModel: the model that consumed it (null: before 0014)."
+    )
+    version: str | None = strawberry.field(default=None, description="With byModel: its version.")
+    kind: str | None = strawberry.field(
+        default=None, description="With byModel: chat, vision or embedding."
+    )
 
 
 @strawberry.enum
@@ -190,20 +197,36 @@ class AuthQuery:
 
     @strawberry.field(
         permission_classes=[HasScope(Scope.USAGE)],
-        description="Settled LLM tokens and compute seconds per day.",
+        description="Settled LLM tokens and compute seconds per day, with their cost; "
+        "byModel: per model, version and kind (chat, vision, embedding) too.",
     )
     async def usage(
-        self, info: Info[Context, None], days: int = 30, scope: UsageScope = UsageScope.TENANT
+        self,
+        info: Info[Context, None],
+        days: int = 30,
+        scope: UsageScope = UsageScope.TENANT,
+        by_model: bool = False,
     ) -> list[UsageDay]:
         if not 1 <= days <= 366:
             raise ValidationFailed("days must be 1 to 366", field="days")
         principal = info.context.require_principal()
         async with info.context.unit_of_work() as session:
             rows = await usage_by_day(
-                session, days, principal.user_id if scope is UsageScope.ME else None
+                session,
+                days,
+                principal.user_id if scope is UsageScope.ME else None,
+                by_model=by_model,
             )
         return [
-            UsageDay(day=r.day, resource=r.resource, amount=float(r.amount), cost=float(r.cost))
+            UsageDay(
+                day=r.day,
+                resource=r.resource,
+                amount=float(r.amount),
+                cost=float(r.cost),
+                model=r.model,
+                version=r.version,
+                kind=r.kind,
+            )
             for r in rows
         ]
 

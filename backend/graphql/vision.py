@@ -48,7 +48,8 @@ class VisionJobType:
     size_bytes: int
     sha256: str
     results: JSON = strawberry.field(
-        description="Per task: `model`, `version`, `ms` and `result`, or `error` {code, message}."
+        description="Per task: `model`, `version`, `ms`, `cost` (money: the compute-seconds at "
+        "the version's price) and `result`, or `error` {code, message}."
     )
     error_code: str | None
     error: str | None

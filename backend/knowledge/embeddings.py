@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import random
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -91,6 +92,7 @@ def _encode(texts: list[str]) -> list[list[float]]:
 @dataclass
 class _Pending:
     texts: list[str]
+    seconds: float = 0.0  # its share of the forward pass it was in (by texts)
     future: asyncio.Future[list[list[float]]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -139,8 +141,13 @@ class LocalEmbedder:
         await self.embed(["warm up"])
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        return (await self.embed_timed(texts))[0]
+
+    async def embed_timed(self, texts: Sequence[str]) -> tuple[list[list[float]], float]:
+        """The vectors and the compute-seconds they took: their share (by texts) of each
+        forward pass they were in, the worker's time, not the time they waited for it."""
         if not texts:
-            return []
+            return [], 0.0
         if self._batcher is None or self._batcher.done():
             self._batcher = asyncio.create_task(self._batch_forever(), name="embedding-batcher")
         pending = [
@@ -150,7 +157,7 @@ class LocalEmbedder:
         for item in pending:
             self._queue.put_nowait(item)
         results = await asyncio.gather(*(p.future for p in pending))
-        return [vector for batch in results for vector in batch]
+        return [vector for batch in results for vector in batch], sum(p.seconds for p in pending)
 
     async def _batch_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -159,9 +166,11 @@ class LocalEmbedder:
             texts = [t for item in group for t in item.texts]
             try:
                 pool = await self._ready(loop)
+                started = time.perf_counter()
                 vectors = await asyncio.wait_for(
                     loop.run_in_executor(pool, _encode, texts), self._timeout_s
                 )
+                took = time.perf_counter() - started
             except asyncio.CancelledError:
                 for item in group:
                     item.future.cancel()
@@ -177,6 +186,7 @@ class LocalEmbedder:
                 continue
             position = 0
             for item in group:
+                item.seconds = took * len(item.texts) / max(1, len(texts))
                 if not item.future.done():
                     item.future.set_result(vectors[position : position + len(item.texts)])
                 position += len(item.texts)
@@ -251,10 +261,16 @@ class OpenAIEmbedder:
         self._max_batch = max_batch
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        return (await self.embed_timed(texts))[0]
+
+    async def embed_timed(self, texts: Sequence[str]) -> tuple[list[list[float]], float]:
+        """The vectors and the seconds the endpoint took (the requests' time: its compute is
+        not ours to see)."""
         out: list[list[float]] = []
+        started = time.perf_counter()
         for start in range(0, len(texts), self._max_batch):
             out += await self._call(list(texts[start : start + self._max_batch]))
-        return out
+        return out, time.perf_counter() - started
 
     async def _call(self, texts: list[str]) -> list[list[float]]:
         for attempt in range(self._retries + 1):
@@ -288,6 +304,16 @@ class OpenAIEmbedder:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+async def embed_timed(embedder: Embedder, texts: Sequence[str]) -> tuple[list[list[float]], float]:
+    """`embedder.embed(texts)` and the compute-seconds it took (for an embedder that does not
+    measure them: the call's time)."""
+    if isinstance(embedder, (LocalEmbedder, OpenAIEmbedder)):
+        return await embedder.embed_timed(texts)
+    started = time.perf_counter()
+    vectors = await embedder.embed(texts)
+    return vectors, time.perf_counter() - started
 
 
 def build_embedder(settings: KnowledgeSettings) -> Embedder:

@@ -42,7 +42,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hash
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from redis.asyncio import Redis
@@ -62,7 +62,7 @@ from backend.core.tasks import drain
 from backend.errors import AppError, NotFound, PayloadTooLarge, ServiceUnavailable, ValidationFailed
 from backend.knowledge.batching import ChunkBudget, MicroBatcher
 from backend.knowledge.chunking import ChunkText, chunk
-from backend.knowledge.embeddings import Embedder, EmbeddingUnavailable
+from backend.knowledge.embeddings import Embedder, EmbeddingUnavailable, embed_timed
 from backend.knowledge.extract import Extracted, Section, UnreadableDocument, extract, sniff
 from backend.knowledge.fusion import fuse
 from backend.lifecycle.drift import DriftRecorder
@@ -147,6 +147,14 @@ class _Ready:
     vectors: list[list[float]]
 
 
+class EmbeddingSpent(Protocol):
+    """Told what an embedding call made for a tenant took (see KnowledgeService.embedded)."""
+
+    async def __call__(
+        self, tenant_id: uuid.UUID, seconds: float, principal: Principal | None
+    ) -> None: ...
+
+
 class KnowledgeService:
     def __init__(
         self,
@@ -191,6 +199,10 @@ class KnowledgeService:
             name="ingestion",
         )
         self._closing = False
+        # told of the compute-seconds of every embedding call made for a tenant, with the
+        # principal who asked when there is one (the app prices them: metrics, the version's
+        # serving figures, and the asker's money budget, which may refuse: BUDGET_EXCEEDED)
+        self.embedded: EmbeddingSpent | None = None
 
     def start(self, *, take_over: bool = True) -> None:
         """Starts renewing this replica's job leases and (with `take_over`) taking over the
@@ -608,7 +620,10 @@ class KnowledgeService:
         """The job pauses (status RETRYING, with events) while the embedder is down."""
         for attempt in range(self._settings.embedding_retries + 1):
             try:
-                return await self.embedder.embed(texts)
+                vectors, seconds = await embed_timed(self.embedder, texts)
+                if job is not None:
+                    await self._embedded(job.tenant_id, seconds)
+                return vectors
             except EmbeddingUnavailable as exc:
                 if attempt == self._settings.embedding_retries:
                     raise
@@ -813,8 +828,15 @@ class KnowledgeService:
 
     # -- search --------------------------------------------------------------------------------
 
-    async def query_vector(self, query: str) -> list[float]:
-        """The query's embedding, cached in Redis by model and text."""
+    async def _embedded(
+        self, tenant_id: uuid.UUID, seconds: float, principal: Principal | None = None
+    ) -> None:
+        if self.embedded is not None:
+            await self.embedded(tenant_id, seconds, principal)
+
+    async def query_vector(self, query: str, principal: Principal | None = None) -> list[float]:
+        """The query's embedding, cached in Redis by model and text; computing it is counted
+        for `principal` (a cached one cost nothing)."""
         digest = hashlib.sha256(f"{self.embedder.name}\x00{query}".encode()).hexdigest()
         key = self._keys("qemb", digest)
         ttl = self._settings.query_cache_ttl_s
@@ -822,7 +844,10 @@ class KnowledgeService:
             cached = await self._redis.get(key)
             if cached is not None and len(cached) == 4 * self.embedder.dimensions:
                 return np.frombuffer(cached, dtype=np.float32).tolist()
-        vector = (await self.embedder.embed([query]))[0]
+        vectors, seconds = await embed_timed(self.embedder, [query])
+        vector = vectors[0]
+        if principal is not None:
+            await self._embedded(principal.tenant_id, seconds, principal)
         if ttl:
             await self._redis.set(key, np.asarray(vector, dtype=np.float32).tobytes(), ex=ttl)
         return vector
@@ -855,7 +880,7 @@ class KnowledgeService:
         if metadata is not None and not isinstance(metadata, dict):
             raise ValidationFailed("filter must be a JSON object", field="filter")
         candidates = max(settings.candidates, k)
-        vector = None if mode is SearchMode.TEXT else await self.query_vector(query)
+        vector = None if mode is SearchMode.TEXT else await self.query_vector(query, principal)
         params: dict[str, Any] = {
             "model": self.embedder.name,
             "n": candidates,
@@ -966,7 +991,7 @@ class KnowledgeService:
         query = " ".join(query.split())[: self._settings.max_query_chars]
         if not query:
             return 0.0
-        vector = _vector_literal(await self.query_vector(query))
+        vector = _vector_literal(await self.query_vector(query, principal))
         ef = self._settings.ef_search
         async with self._db.session(principal.tenant_id, settings=_search_settings(ef)) as session:
             distance = await session.scalar(
@@ -992,7 +1017,9 @@ class KnowledgeService:
                 continue
         if not texts or not ids:
             return [{} for _ in texts]
-        vectors = await self.embedder.embed(texts)  # off the event loop (worker or endpoint)
+        # off the event loop (worker or endpoint)
+        vectors, seconds = await embed_timed(self.embedder, texts)
+        await self._embedded(principal.tenant_id, seconds, principal)
         async with self._db.session(principal.tenant_id) as session:
             rows = await session.execute(
                 text(

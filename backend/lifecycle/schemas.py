@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from backend.config import ComputePrices
 from backend.lifecycle.policy import Arm, CanaryGuard, ModelKind, StickyKey, TrafficPolicy
 
 # Names clients write (`name@version`): no `@`, no spaces; `/` and `:` for endpoint model names.
@@ -34,6 +35,8 @@ class EmbeddingSpec(BaseModel):
     model: str | None = None  # the name the endpoint knows; default: the registry model's
     api_key_env: str | None = None  # the variable holding its key (never the key)
     dimensions: int = Field(384, ge=1, le=16_384)
+    # money per compute-second by device kind (cpu, cuda, remote); unset kinds: the settings'
+    compute_second_prices: ComputePrices = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)

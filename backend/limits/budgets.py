@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
+from typing import Protocol
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,8 +34,9 @@ _MONTH_TTL_S = 32 * 86_400
 _SCOPES = ("tenant per day", "tenant per month", "user per day", "user per month")
 
 # KEYS: used[1..4], held[1..4], [the reservation's record]. ARGV: limit[1..4] (0 = none),
-# amount, ttl day, ttl month, [the record's spec]. Reserves `amount` on all four or none;
-# returns {1} or {0, failing index, available}.
+# amount, ttl day, ttl month, [the record's spec]. Reserves `amount` on all four or none
+# (an amount of 0 holds nothing: it is refused once a counter is used up); returns {1} or
+# {0, failing index, available}.
 _RESERVE = """
 local amount = tonumber(ARGV[5])
 for i = 1, 4 do
@@ -42,15 +44,17 @@ for i = 1, 4 do
   if limit > 0 then
     local used = tonumber(redis.call('GET', KEYS[i]) or 0)
     local held = tonumber(redis.call('GET', KEYS[i + 4]) or 0)
-    if used + held + amount > limit then
+    if used + held + amount > limit or (amount == 0 and used + held >= limit) then
       return {0, i, tostring(math.max(0, limit - used - held))}
     end
   end
 end
-for i = 1, 4 do
-  local ttl = (i % 2 == 1) and ARGV[6] or ARGV[7]
-  redis.call('INCRBYFLOAT', KEYS[i + 4], amount)
-  redis.call('EXPIRE', KEYS[i + 4], ttl)
+if amount > 0 then
+  for i = 1, 4 do
+    local ttl = (i % 2 == 1) and ARGV[6] or ARGV[7]
+    redis.call('INCRBYFLOAT', KEYS[i + 4], amount)
+    redis.call('EXPIRE', KEYS[i + 4], ttl)
+  end
 end
 if #KEYS >= 9 then
   redis.call('HSET', KEYS[9], 'held', ARGV[5], 'charged', '0', 'spec', ARGV[8])
@@ -130,6 +134,19 @@ return 1
 class Resource(StrEnum):
     LLM_TOKENS = "llm_tokens"
     COMPUTE_SECONDS = "compute_seconds"
+    COST = "cost"  # money, charged by every kind of model (chat, vision, embedding)
+
+
+@dataclass(frozen=True)
+class UsagePart:
+    """What one model version consumed of a settled reservation, recorded apart (a vision job's
+    tasks run on different models)."""
+
+    model: str
+    version: str
+    kind: str
+    amount: Decimal
+    cost: Decimal
 
 
 class BudgetExceeded(AppError):
@@ -159,15 +176,28 @@ class Reservation:
 
         Raises BudgetExceeded once a counter is used up: the caller stops its run there.
         """
+        keys, args = self._charge_call(amount)
+        return self._charged(amount, await self.budgets._charge(keys=keys, args=args))
+
+    def _charge_call(self, amount: float) -> tuple[list[str], list[float]]:
         release = min(amount, max(0.0, self.held - self.charged))
-        total = self.charged + amount
         keys: list[str] = self.keys
         args: list[float] = [*self.limits, amount, release, _DAY_TTL_S, _MONTH_TTL_S]
         if self.record is not None:  # the same call again (its reply was lost) adds nothing
-            keys, args = [*keys, self.record], [*args, total]
-        exhausted, index, least = await self.budgets._charge(keys=keys, args=args)
-        self.charged = total
+            keys, args = [*keys, self.record], [*args, self.charged + amount]
+        return keys, args
+
+    def _charged(self, amount: float, result: list) -> float:
+        exhausted, index, least = result
+        self.charged += amount
         left = float(least)
+        if int(index) and self.limits[int(index) - 1] > 0 and self.budgets.metrics is not None:
+            self.budgets.metrics.budget_left(
+                self.tenant_id,
+                self.resource.value,
+                _SCOPES[int(index) - 1].replace(" per ", "_"),
+                max(0.0, left) / self.limits[int(index) - 1],
+            )
         if int(exhausted):
             raise BudgetExceeded(
                 f"{self.resource.value} budget ({_SCOPES[int(index) - 1]}) is used up",
@@ -200,9 +230,14 @@ class Reservation:
         session: AsyncSession,
         cost_per_unit: Decimal = Decimal(0),
         cost: Decimal | None = None,
+        *,
+        served_by: tuple[str, str, str] | None = None,
+        parts: list[UsagePart] | None = None,
     ) -> None:
         """Releases the unused hold and records the usage (in the caller's unit of work);
-        `cost` is the total when the price is not per unit (prompt and completion tokens).
+        `cost` is the total when the price is not per unit (prompt and completion tokens);
+        `served_by` names the model, version and kind that consumed it all; `parts`, when
+        given, are recorded one by one instead (what each model version took).
 
         Call it again only when that unit of work failed (the usage is then recorded in the
         next one); the hold is released once."""
@@ -210,28 +245,114 @@ class Reservation:
             self._usage_due = True
         if not self._usage_due:
             return
-        amount = Decimal(str(self.charged))
-        session.add(
-            UsageRecord(
-                tenant_id=self.tenant_id,
-                user_id=self.user_id,
-                resource=self.resource.value,
-                subject=self.subject,
-                amount=amount,
-                cost=amount * cost_per_unit if cost is None else cost,
+        if not parts:  # no part (a job whose every task failed): what was charged, unnamed
+            amount = Decimal(str(self.charged))
+            model, version, kind = served_by or ("", "", "")
+            total = amount * cost_per_unit if cost is None else cost
+            parts = [UsagePart(model, version, kind, amount, total)]
+        for part in parts:
+            session.add(
+                UsageRecord(
+                    tenant_id=self.tenant_id,
+                    user_id=self.user_id,
+                    resource=self.resource.value,
+                    subject=self.subject,
+                    amount=part.amount,
+                    cost=part.cost,
+                    model=part.model or None,
+                    version=part.version or None,
+                    kind=part.kind or None,
+                )
             )
-        )
         await session.flush()
 
 
+class BudgetMetrics(Protocol):
+    def budget_left(self, tenant: object, resource: str, scope: str, fraction: float) -> None: ...
+
+
 class Budgets:
-    def __init__(self, redis: Redis, keys: KeySpace, settings: LimitsSettings) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: KeySpace,
+        settings: LimitsSettings,
+        metrics: BudgetMetrics | None = None,
+    ) -> None:
+        self.metrics = metrics  # told what is left after each charge (no extra round trip)
         self._keys = keys.child("budget")
         self._settings = settings
         self._redis = redis
         self._reserve = redis.register_script(_RESERVE)
         self._charge = redis.register_script(_CHARGE)
         self._release = redis.register_script(_RELEASE)
+
+    async def charge_together(self, charges: list[tuple[Reservation, float]]) -> None:
+        """Charges several reservations in one round trip (a run's tokens and their money);
+        raises BudgetExceeded for the first one used up (all are charged first)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for reservation, amount in charges:
+                keys, args = reservation._charge_call(amount)
+                await self._charge(keys=keys, args=args, client=pipe)
+            results = await pipe.execute()
+        exceeded: BudgetExceeded | None = None
+        for (reservation, amount), result in zip(charges, results, strict=True):
+            try:
+                reservation._charged(amount, result)
+            except BudgetExceeded as exc:
+                exceeded = exceeded or exc
+        if exceeded is not None:
+            raise exceeded
+
+    async def charge_with_money(
+        self, tokens: Reservation, money: Reservation | None, amount: float, cost: float
+    ) -> None:
+        """Charges `amount` tokens and their `cost` to the money budget in one round trip (the
+        tokens alone when they cost nothing); raises BudgetExceeded as `charge_together`."""
+        if cost <= 0 or money is None:
+            await tokens.charge(amount)
+            return
+        await self.charge_together([(tokens, amount), (money, cost)])
+
+    async def admit(
+        self, *, tenant_id: uuid.UUID, user_id: uuid.UUID | None, plan: str, subject: str
+    ) -> Reservation:
+        """The money budget's reservation of a run or job: it holds nothing (what a run will
+        cost is not known), and is refused (BudgetExceeded) once the money is spent."""
+        return await self.reserve(
+            tenant_id=tenant_id,
+            user_id=user_id,
+            plan=plan,
+            resource=Resource.COST,
+            amount=0,
+            subject=subject,
+        )
+
+    async def charge(
+        self,
+        *,
+        tenant_id: uuid.UUID,
+        user_id: uuid.UUID | None,
+        plan: str,
+        resource: Resource,
+        amount: float,
+        subject: str,
+    ) -> float:
+        """Charges what was consumed without a reservation before it (one round trip: a search's
+        query embedding); raises BudgetExceeded once a counter is used up."""
+        limits = self._limits(plan, resource, user_id)
+        keys = self._counter_keys(tenant_id, user_id, resource)
+        once = Reservation(self, tenant_id, user_id, resource, subject, 0.0, limits, keys)
+        return await once.charge(amount)
+
+    def _limits(self, plan: str, resource: Resource, user_id: uuid.UUID | None) -> list[float]:
+        spec = self.spec(plan, resource)
+        limits = [spec.tenant_day, spec.tenant_month, spec.user_day, spec.user_month]
+        if not self._settings.enabled:
+            limits = [0.0, 0.0, 0.0, 0.0]
+        if user_id is None:
+            limits[2] = limits[3] = 0.0
+        return limits
 
     def spec(self, plan: str, resource: Resource) -> BudgetSpec:
         budgets = self._settings.budgets
@@ -293,18 +414,13 @@ class Budgets:
     ) -> Reservation:
         """Holds `amount` against all four counters, or raises BudgetExceeded. With `hold_id`,
         the reservation is recorded (see `recover`)."""
-        spec = self.spec(plan, resource)
-        limits = [spec.tenant_day, spec.tenant_month, spec.user_day, spec.user_month]
-        if not self._settings.enabled:
-            limits = [0.0, 0.0, 0.0, 0.0]
-        if user_id is None:
-            limits[2] = limits[3] = 0.0
+        limits = self._limits(plan, resource, user_id)
         keys = self._counter_keys(tenant_id, user_id, resource)
         record = self._record_key(tenant_id, resource, hold_id) if hold_id else None
-        spec = json.dumps({"subject": subject, "limits": limits, "keys": keys})
+        recorded = json.dumps({"subject": subject, "limits": limits, "keys": keys})
         result = await self._reserve(
             keys=[*keys, record] if record else keys,
-            args=[*limits, amount, _DAY_TTL_S, _MONTH_TTL_S, spec],
+            args=[*limits, amount, _DAY_TTL_S, _MONTH_TTL_S, recorded],
         )
         if not int(result[0]):
             scope = _SCOPES[int(result[1]) - 1]

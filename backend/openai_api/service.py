@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import Any
 
 from backend.agents.graph import CITATION, SOURCES_PREAMBLE
@@ -49,6 +50,7 @@ from backend.inference.llm.base import (
 from backend.knowledge.embeddings import Embedder
 from backend.lifecycle.policy import RequestKey, split_pin
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
+from backend.limits.pricing import SpendMetrics
 from backend.limits.ratelimit import RateLimiter
 from backend.openai_api.schemas import ChatCompletionRequest, EmbeddingRequest
 from backend.realtime.eventlog import TOKEN_DELTA
@@ -100,6 +102,7 @@ class Completion:
     pieces: int = 0  # pieces of text delivered
     model_called: bool = False  # (a message the input rails blocked never reaches it)
     left: bool = False  # the client went away before the answer ended
+    money: Reservation | None = None  # the cost budget (holds nothing; charged with the tokens)
     rails: list[dict[str, str]] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)  # numbered from 1, as the prompt has them
     answer: list[str] = field(default_factory=list)
@@ -183,8 +186,10 @@ class OpenAIService:
         search: KnowledgeSearch | None = None,
         runs: RunService | None = None,
         served: ServedHook | None = None,
+        metrics: SpendMetrics | None = None,
     ) -> None:
         self.served = served  # the lifecycle's statistics, when wired
+        self.metrics = metrics  # what completions cost (sightline_model_cost)
         self._search = search
         self._runs = runs
         self._models = models
@@ -260,6 +265,12 @@ class OpenAIService:
             completion.model = self._models.checkout(completion.request.model, completion.key)
         try:
             await self._limiter.enforce(principal.subject, principal.plan, "chat_run")
+            completion.money = await self._budgets.admit(  # first: it holds nothing to give back
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                plan=principal.plan,
+                subject=f"openai:{completion.id}",
+            )
             reservation = await self._budgets.reserve(
                 tenant_id=principal.tenant_id,
                 user_id=principal.user_id,
@@ -377,7 +388,8 @@ class OpenAIService:
                     yield Piece(text=piece.text, rail=rail)
                 if uncharged >= CHARGE_EVERY:
                     uncharged = 0
-                    await reservation.charge(CHARGE_EVERY)  # BudgetExceeded ends the answer
+                    # BudgetExceeded ends the answer
+                    await self._charge(completion, reservation, CHARGE_EVERY)
                 if piece.decision is not None and piece.decision.action is GuardAction.BLOCK:
                     completion.finish_reason = "content_filter"
                     break
@@ -467,6 +479,12 @@ class OpenAIService:
         """Charges what the model read and wrote (never less than charged while streaming),
         gives back the rest of the hold and records the usage with its cost."""
         prompt_tokens, completion_tokens = completion.prompt_tokens, completion.completion_tokens
+        model = completion.model
+        cost = model.cost(prompt_tokens, completion_tokens)
+        if self.metrics is not None:
+            self.metrics.model_spent(
+                principal.tenant_id, model.alias, model.version, "chat", float(cost)
+            )
         if self.served is not None and completion.model_called and not completion.left:
             self.served(
                 completion.model.alias,
@@ -478,15 +496,31 @@ class OpenAIService:
             )
         try:
             owed = prompt_tokens + completion_tokens - int(reservation.charged)
-            if owed > 0:
+            money = completion.money
+            money_owed = cost - Decimal(str(money.charged)) if money is not None else Decimal(0)
+            if owed > 0 or money_owed > 0:
                 with contextlib.suppress(BudgetExceeded):
-                    await reservation.charge(owed)
+                    await self._charge(
+                        completion, reservation, max(0, owed), max(Decimal(0), money_owed)
+                    )
             async with self._db.session(principal.tenant_id) as session:
                 await reservation.settle(
-                    session, cost=completion.model.cost(prompt_tokens, completion_tokens)
+                    session, cost=cost, served_by=(model.alias, model.version, "chat")
                 )
         except Exception as exc:  # the answer was delivered; the hold expires with its counter
             log.warning("completion %s: usage not recorded: %r", completion.id, exc)
+
+    async def _charge(
+        self,
+        completion: Completion,
+        reservation: Reservation,
+        tokens: int,
+        money: Decimal | None = None,
+    ) -> None:
+        """Charges tokens, and their money (by default: as completion tokens) in the same round
+        trip (as chat runs do: backend.agents.runs); a free model charges tokens alone."""
+        cost = completion.model.cost(0, tokens) if money is None else money
+        await self._budgets.charge_with_money(reservation, completion.money, tokens, float(cost))
 
     # -- embeddings ---------------------------------------------------------------------------
 

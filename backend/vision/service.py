@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -47,7 +48,8 @@ from backend.lifecycle.operations import ModelOperations
 from backend.lifecycle.policy import RequestKey, split_pin
 from backend.lifecycle.router import ModelRouter, run_routed
 from backend.lifecycle.shadow import compare_vision
-from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
+from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource, UsagePart
+from backend.limits.pricing import ComputePricing, device_of
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
 from backend.vision import repository as jobs
@@ -124,6 +126,7 @@ class _Job:
     options: _Options
     data: bytes
     reservation: Reservation | None
+    money: Reservation | None = None  # the cost budget (holds nothing; charged at the end)
     image: DecodedImage | None = None  # decoded when accepted; from `data` when taken over
     results: dict[str, Any] = field(default_factory=dict)  # stored, per task
 
@@ -199,6 +202,7 @@ class VisionService:
         image_rail: ImageRail | None = None,
         budgets: Budgets | None = None,
         router: ModelRouter | None = None,
+        pricing: ComputePricing | None = None,
     ) -> None:
         self._db = db
         self._keys = keys.child("vision")
@@ -213,6 +217,8 @@ class VisionService:
         self._settings = settings
         self._image_rail = image_rail
         self._budgets = budgets
+        self._pricing = pricing or ComputePricing({})
+        self._device = device_of(settings.device)  # what a compute-second is priced as
         self._slots = asyncio.Semaphore(settings.max_concurrent_jobs)
         self._jobs: dict[uuid.UUID, asyncio.Task[None]] = {}
         # A few threads decode every image: costly images queue here rather than taking every
@@ -367,6 +373,12 @@ class VisionService:
                     subject="vision",
                     hold_id=job.key,
                 )
+                job.money = await self._budgets.admit(
+                    tenant_id=principal.tenant_id,
+                    user_id=principal.user_id,
+                    plan=principal.plan,
+                    subject="vision",
+                )
             row = await self._create(job, image, digest)
         except BaseException:
             await self._give_up(job)
@@ -450,10 +462,11 @@ class VisionService:
         run: Callable[[str, str], Awaitable[T]],
         task: VisionTask | None = None,
         image: np.ndarray | None = None,
-    ) -> tuple[str, str, T]:
+    ) -> tuple[str, str, T, Decimal]:
         """Runs `run(model, version)` on the version the router picks for this request
-        (`name` may pin one: `name@version`); returns the model, the version that served and
-        the result. The version's serving figures are recorded, and its drift samples of the
+        (`name` may pin one: `name@version`); returns the model, the version that served, the
+        result and what it cost (its compute-seconds at the version's price, counted for the
+        asking tenant). The version's serving figures are recorded, and its drift samples of the
         `image` and the result; where the policy mirrors this request to a shadow version, the
         shadow runs after this returns (its result compared with this one for the `task`,
         never returned nor charged)."""
@@ -470,9 +483,10 @@ class VisionService:
                 self.operations.stats.record(model, failed, ok=False, latency_s=took)
             raise
         took = time.perf_counter() - started
+        cost = self._spent(key.tenant_id, model, route.version, took)
         if self.operations is not None:
             self.operations.stats.record(
-                model, route.version, ok=True, latency_s=took, compute_s=took
+                model, route.version, ok=True, latency_s=took, compute_s=took, cost=float(cost)
             )
             self._drifted(model, route.version, image, result)
             if route.shadow is not None and task is not None:
@@ -484,7 +498,17 @@ class VisionService:
                     run=lambda: run(model, shadow),
                     compare=functools.partial(compare_vision, task.value),
                 )
-        return model, route.version, result
+        return model, route.version, result, cost
+
+    def _spent(self, tenant: str, model: str, version: str, seconds: float) -> Decimal:
+        """What `seconds` of a vision model version cost (its manifest's price, else the
+        settings'), counted in the metrics."""
+        own = None
+        if model != TESSERACT:
+            with contextlib.suppress(InferenceError):
+                own = self.models.manifest(model, version).compute_second_prices
+        device = "cpu" if model == TESSERACT else self._device  # Tesseract runs in-process
+        return self._pricing.spent(tenant or "none", model, version, "vision", seconds, device, own)
 
     def _drifted(self, model: str, version: str, image: np.ndarray | None, result: object) -> None:
         """The drift samples of one served image (drift off: nothing)."""
@@ -580,7 +604,7 @@ class VisionService:
         goes, its hold is settled), then the terminal event, then the lease goes."""
         try:
             if job.reservation is not None:
-                await self._charge(job.reservation, job.results)
+                await self._charge(job.reservation, job.results, job.money)
             ended = await self._retrying(
                 lambda: self._close(job, ending), f"ending vision job {job.id}"
             )
@@ -607,18 +631,30 @@ class VisionService:
             _ended(row, ending)
             await jobs.drop_upload(session, job.id)
             if job.reservation is not None:
-                await job.reservation.settle(session)
+                await job.reservation.settle(session, parts=_usage_parts(job.results))
         return True
 
-    async def _charge(self, reservation: Reservation, results: dict[str, Any]) -> None:
-        """Charges what the stored tasks took (seconds, summed over tasks) and not charged yet;
-        idempotent (the reservation is recorded: a charge names its total)."""
+    async def _charge(
+        self,
+        reservation: Reservation,
+        results: dict[str, Any],
+        money: Reservation | None = None,
+    ) -> None:
+        """Charges what the stored tasks took (seconds, summed over tasks) and not charged yet,
+        idempotent (the reservation is recorded: a charge names its total); and their cost to
+        `money`, in the same round trip."""
         seconds = sum(float(r.get("ms", 0)) for r in results.values()) / 1000
         owed = seconds - reservation.charged
-        if owed <= 1e-9:
+        cost = sum(float(r.get("cost", 0)) for r in results.values())
+        charges = [(reservation, owed)] if owed > 1e-9 else []
+        if money is not None and cost - money.charged > 1e-9:
+            charges.append((money, cost - money.charged))
+        if not charges:
             return
+        assert self._budgets is not None
+        budgets = self._budgets
         with contextlib.suppress(BudgetExceeded):  # the job is done; the next one is refused
-            await self._retrying(lambda: reservation.charge(owed), "charging a vision job")
+            await self._retrying(lambda: budgets.charge_together(charges), "charging a vision job")
 
     async def _task(self, job: _Job, task: VisionTask) -> None:
         """Runs one task; its result (or its failure) is stored, then streamed."""
@@ -632,9 +668,10 @@ class VisionService:
             if task is VisionTask.OCR and split_pin(name)[0] == TESSERACT:
                 model, version = TESSERACT, self._ocr.version
                 result = await self.read(rgb, TESSERACT, options.language)
+                cost = self._spent(key.tenant_id, model, version, time.perf_counter() - started)
                 self._drifted(model, version, rgb, result)
             elif task is VisionTask.OCR:
-                model, version, result = await self._routed(
+                model, version, result, cost = await self._routed(
                     name,
                     key,
                     lambda m, v: self.read(rgb, m, options.language, version=v),
@@ -642,7 +679,7 @@ class VisionService:
                     rgb,
                 )
             elif task is VisionTask.CLASSIFY:
-                model, version, result = await self._routed(
+                model, version, result, cost = await self._routed(
                     name,
                     key,
                     lambda m, v: self.classify(rgb, m, options.top_k, version=v),
@@ -650,7 +687,7 @@ class VisionService:
                     rgb,
                 )
             else:
-                model, version, result = await self._routed(
+                model, version, result, cost = await self._routed(
                     name,
                     key,
                     lambda m, v: self.detect(
@@ -682,7 +719,13 @@ class VisionService:
             )
             return
         ms = round((time.perf_counter() - started) * 1000, 1)
-        entry = {"model": model, "version": version, "ms": ms, "result": result}
+        entry = {
+            "model": model,
+            "version": version,
+            "ms": ms,
+            "cost": float(cost),
+            "result": result,
+        }
         await self._store(job, task, entry)
         await self._event(job.key, "VisionTaskCompleted", {"task": task.value, **entry})
 
@@ -792,7 +835,7 @@ class VisionService:
                 await jobs.drop_upload(session, work.id)
             if reservation is not None:
                 await self._charge(reservation, results)
-                await reservation.settle(session)
+                await reservation.settle(session, parts=_usage_parts(results))
         tasks = [VisionTask(t) for t in row.tasks]
         if row.status == VisionStatus.FAILED.value:
             failed = ("VisionJobFailed", {"code": row.error_code, "message": row.error or ""})
@@ -856,7 +899,7 @@ class VisionService:
         )
         out: dict[str, Any] = {"width": image.width, "height": image.height}
         key = key or RequestKey(tenant_id="", request_id=uuid.uuid4().hex)
-        calls: dict[str, Awaitable[tuple[str, str, dict[str, Any]]]] = {}
+        calls: dict[str, Awaitable[tuple[str, str, dict[str, Any], Decimal]]] = {}
         if VisionTask.DETECT in tasks:
             calls["detections"] = self._routed(
                 detector or settings.detector,
@@ -871,7 +914,9 @@ class VisionService:
                 lambda m, v: self.classify(image.rgb, m, top_k, Priority.LIVE, version=v),
                 image=image.rgb,
             )
-        for name, (_, _, result) in zip(calls, await asyncio.gather(*calls.values()), strict=True):
+        for name, (_, _, result, _) in zip(
+            calls, await asyncio.gather(*calls.values()), strict=True
+        ):
             out[name] = result
         return out
 
@@ -1017,6 +1062,24 @@ class VisionService:
     ) -> AsyncIterator[RunEvent]:
         await self.job(principal, job_id)  # authorisation: the caller's own job
         return self.events.read(str(job_id), after)
+
+
+def _usage_parts(results: dict[str, Any]) -> list[UsagePart]:
+    """A job's usage per model version: the seconds and the cost of its stored tasks."""
+    parts: dict[tuple[str, str], tuple[Decimal, Decimal]] = {}
+    for entry in results.values():
+        if "ms" not in entry:  # failed: nothing computed is charged
+            continue
+        key = (str(entry["model"]), str(entry["version"]))
+        seconds, cost = parts.get(key, (Decimal(0), Decimal(0)))
+        parts[key] = (
+            seconds + Decimal(str(entry["ms"])) / 1000,
+            cost + Decimal(str(entry.get("cost", 0))),
+        )
+    return [
+        UsagePart(model, version, "vision", seconds, cost)
+        for (model, version), (seconds, cost) in sorted(parts.items())
+    ]
 
 
 def job_key(tenant_id: uuid.UUID, user_id: uuid.UUID | None, request_id: str) -> RequestKey:

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import select
@@ -26,7 +27,7 @@ from backend.agents.guards import (
 )
 from backend.agents.tools import AgentTools, Source
 from backend.auth.principal import Principal
-from backend.config import ChatSettings, ModelSpec, Settings
+from backend.config import BudgetSpec, ChatSettings, ModelSpec, Settings
 from backend.core.db import Database
 from backend.core.models import Message, UsageRecord
 from backend.core.redis import KeySpace
@@ -445,3 +446,49 @@ async def test_model_aliases_prices_and_usage_records(
     async with tenant_session(engine, settings, account) as session:
         costs = sorted(r.cost for r in await session.scalars(select(UsageRecord)))
     assert costs == [Decimal("0.013"), Decimal("0.02")]
+
+
+async def test_chat_cost_by_model_version_and_a_spent_money_budget_refuses_runs(
+    settings: Settings, engine: AsyncEngine, account: dict, llm: tuple[LLMStub, str]
+) -> None:
+    """A run's money is charged to the money budget as it streams (with its tokens) and at its
+    end; it shows in `usage(byModel: true)` by alias, version and kind and in the cost metric;
+    once the money is spent the next run is refused."""
+    _, url = llm
+    with_chat(settings, url, llm_model="echo", prompt_price_per_1k=1.0, completion_price_per_1k=2.0)
+    plan = settings.limits.default_plan
+    settings.limits = settings.limits.model_copy(
+        update={"budgets": {plan: {"cost": BudgetSpec(user_day=0.01)}}}
+    )
+    async with serve_live(settings) as server:
+        token = await sign_in(server, account)
+        conversation, run_id = await start_run(server, token, "one two three")
+        done = (await events_of(server, token, run_id))[-1]
+        assert done["usage"]["cost"] == 0.013  # 7 prompt tokens at 1, 3 completion at 2
+        refused = await send(server, token, conversation, "four")
+        usage = await gql(
+            server,
+            token,
+            "{ usage(days: 1, byModel: true) { resource model version kind amount cost } }",
+        )
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            metrics = (await http.get("/metrics")).text
+    assert refused["errors"][0]["extensions"]["code"] == "BUDGET_EXCEEDED"
+    assert refused["errors"][0]["extensions"]["resource"] == "cost"
+    assert usage["data"]["usage"] == [
+        {
+            "resource": "llm_tokens",
+            "model": "default",
+            "version": "1",
+            "kind": "chat",
+            "amount": 10.0,
+            "cost": 0.013,
+        }
+    ]
+    tenant = account["tenant_id"]
+    assert (
+        f'sightline_model_cost_total{{kind="chat",model="default",tenant="{tenant}",version="1"}}'
+        " 0.013" in metrics
+    )
+    left = f'sightline_budget_remaining_ratio{{resource="cost",scope="user_day",tenant="{tenant}"}}'
+    assert f"{left} 0.0" in metrics

@@ -219,3 +219,37 @@ async def current_revisions_of(conn: AsyncConnection) -> frozenset[str]:
     return await conn.run_sync(
         lambda sync: frozenset(MigrationContext.configure(sync).get_current_heads())
     )
+
+
+async def test_usage_by_model_migration_goes_up_and_down(engine: AsyncEngine) -> None:
+    """0014 adds the model, version and kind of usage records (null on older rows) and
+    0013 is what downgrading leaves."""
+    columns = (
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_name = 'usage_records' AND column_name IN ('model', 'version', 'kind')"
+    )
+    async with empty_database(engine) as fresh:
+        async with fresh.begin() as conn:
+            await conn.run_sync(_migrate, "upgrade", "0013")
+            tenant = await conn.scalar(
+                text("INSERT INTO tenants (slug, name) VALUES ('usage-0014', 'T') RETURNING id")
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO usage_records (id, tenant_id, resource, subject, amount) "
+                    "VALUES (gen_random_uuid(), :t, 'llm_tokens', 'run', 10)"
+                ),
+                {"t": tenant},
+            )
+        async with fresh.begin() as conn:
+            await conn.run_sync(_migrate, "upgrade", "0014")
+            assert set(await conn.scalars(text(columns))) == {"model", "version", "kind"}
+            old = (await conn.execute(text("SELECT model, version, kind FROM usage_records"))).one()
+            assert tuple(old) == (None, None, None)
+        async with fresh.begin() as conn:
+            await conn.run_sync(_migrate, "downgrade", "0013")
+            assert await current_revisions_of(conn) == frozenset({"0013"})
+            assert list(await conn.scalars(text(columns))) == []
+            assert await conn.scalar(text("SELECT count(*) FROM usage_records")) == 1
+        await upgrade_to_head(fresh)
+        assert await current_revisions(fresh) == head_revisions()

@@ -7,9 +7,10 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from backend.config import ChatSettings, ModelSpec, Settings
+from backend.config import BudgetSpec, ChatSettings, CostSettings, ModelSpec, Settings
 from backend.knowledge.embeddings import LocalEmbedder
 from tests.agents.test_agent import events_of, kinds, text
 from tests.agents.test_runs import gql, sign_in, start_run
@@ -215,3 +216,55 @@ async def test_an_answer_without_markers_gets_citations_that_come_back_on_reload
         "explicit": False,
     }
     assert ChatSettings().citation_threshold <= citation["confidence"] < 1
+
+
+async def test_embeddings_cost_money_and_a_spent_money_budget_refuses_searches(
+    settings: Settings,
+    engine: AsyncEngine,
+    account: dict,
+    llm: tuple[LLMStub, str],
+    embedder: LocalEmbedder,
+) -> None:
+    """Ingestion's and a search's embeddings cost their compute-seconds at the settings' price
+    (here 1 per CPU-second), counted per tenant in the cost metrics; a search's query
+    embedding is charged to the asker's money budget, which refuses once it is used up."""
+    _, url = llm
+    settings.chat = ChatSettings(llm_base_url=url, llm_model="tools", run_lease_s=1)
+    settings.cost = CostSettings(compute_second_prices={"cpu": 1.0})
+    plan = settings.limits.default_plan
+    settings.limits = settings.limits.model_copy(
+        update={"budgets": {plan: {"cost": BudgetSpec(user_day=0.000001)}}}
+    )
+    search = "query($q: String!) { search(query: $q, k: 2) { chunkId } }"
+    async with serve_live(settings, embedder=embedder) as server:
+        token = await sign_in(server, account)
+        sent = await upload(server, token, "handbook.md", HANDBOOK)
+        events = await job_events(server, token, sent["data"]["ingestDocument"]["id"])
+        assert events[-1]["__typename"] == "IngestionCompleted", events
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            ingested = (await http.get("/metrics")).text
+        refused = await gql(server, token, search, q="how are refunds paid")
+        again = await gql(server, token, search, q="when does support answer")
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            searched = (await http.get("/metrics")).text
+    name, version = embedder.name.split("@")
+    cost = (
+        f'sightline_model_cost_total{{kind="embedding",model="{name}",'
+        f'tenant="{account["tenant_id"]}",version="{version}"}}'
+    )
+    seconds = (
+        f'sightline_model_compute_seconds_total{{device="cpu",kind="embedding",model="{name}",'
+        f'version="{version}"}}'
+    )
+
+    def value(exposition: str, series: str) -> float:
+        [line] = [x for x in exposition.splitlines() if x.startswith(series + " ")]
+        return float(line.split()[-1])
+
+    assert value(ingested, cost) > 0  # the document's chunks
+    assert value(ingested, seconds) == pytest.approx(value(ingested, cost), rel=1e-3)  # 1 per s
+    assert value(searched, cost) > value(ingested, cost)  # and the query
+    for answer in (refused, again):
+        [error] = answer["errors"]
+        assert error["extensions"]["code"] == "BUDGET_EXCEEDED"
+        assert error["extensions"]["resource"] == "cost"

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from backend.config import BudgetSpec, GuardrailSettings, Settings, VisionSettings
+from backend.config import BudgetSpec, CostSettings, GuardrailSettings, Settings, VisionSettings
 from tests.agents.test_runs import gql, sign_in
 from tests.conftest import VISION_TIMEOUTS, LiveServer, serve_live
 from tests.graphql.ws import results
@@ -369,3 +369,53 @@ async def test_a_spent_compute_budget_refuses_new_jobs(
         token = await sign_in(server, account)
         refused = await upload(server, token, jpeg(data.coffee()), ["CLASSIFY"])
         assert refused["errors"][0]["extensions"]["code"] == "BUDGET_EXCEEDED"
+
+
+async def test_a_job_costs_money_by_model_version_and_a_spent_money_budget_refuses(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any]
+) -> None:
+    """A vision task costs its compute-seconds at the settings' price (here 1 per second on
+    any device): in the job's results, in `usage(byModel: true)` and in the cost metrics;
+    once the money budget is used up, the next job is refused."""
+    plan = chat_settings.limits.default_plan
+    chat_settings.limits = chat_settings.limits.model_copy(
+        update={"budgets": {plan: {"cost": BudgetSpec(user_day=0.000001)}}}
+    )
+    chat_settings.cost = CostSettings(compute_second_prices={"cpu": 1.0, "cuda": 1.0})
+    async with serve_live(vision_on(chat_settings)) as server:
+        token = await sign_in(server, account)
+        seen = await analyse(server, token, jpeg(data.chelsea()), ["CLASSIFY"])
+        assert seen[-1]["__typename"] == "VisionJobCompleted"
+        [done] = [e for e in seen if e["__typename"] == "VisionTaskCompleted"]
+
+        by_model = await gql(
+            server,
+            token,
+            "{ usage(days: 1, byModel: true) { resource model version kind amount cost } }",
+        )
+        [row] = by_model["data"]["usage"]
+        assert (row["resource"], row["model"], row["version"], row["kind"]) == (
+            "compute_seconds",
+            "efficientnet-lite0",
+            done["version"],
+            "vision",
+        )
+        assert row["amount"] == pytest.approx(done["ms"] / 1000, abs=1e-3)
+        # the model's run, priced at 1 per second: within the task's whole time
+        assert 0 < row["cost"] <= row["amount"] + 1e-6
+        plain = await gql(server, token, "{ usage(days: 1) { resource model kind cost } }")
+        assert plain["data"]["usage"] == [
+            {"resource": "compute_seconds", "model": None, "kind": None, "cost": row["cost"]}
+        ]
+
+        async with httpx.AsyncClient(base_url=server.http_url) as http:
+            metrics = (await http.get("/metrics")).text
+        labels = f'kind="vision",model="efficientnet-lite0",tenant="{account["tenant_id"]}"'
+        assert f"sightline_model_cost_total{{{labels},version=" in metrics
+        assert 'sightline_model_compute_seconds_total{device="' in metrics
+        assert 'sightline_budget_remaining_ratio{resource="cost",scope="user_day"' in metrics
+
+        refused = await upload(server, token, jpeg(data.coffee()), ["CLASSIFY"])
+        [error] = refused["errors"]
+        assert error["extensions"]["code"] == "BUDGET_EXCEEDED"
+        assert error["extensions"]["resource"] == "cost"

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from redis.asyncio import Redis
 from skimage import data as photos
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from backend.auth.principal import Principal
 from backend.config import LimitsSettings, VisionSettings
@@ -32,6 +32,7 @@ from backend.inference.client import InferenceClient, ModelUnavailable, Priority
 from backend.inference.manifest import ModelManifest, load_manifests
 from backend.lifecycle.router import ModelRouter
 from backend.limits.budgets import Budgets, Resource
+from backend.limits.pricing import ComputePricing
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import EventsExpired, RunEvent, RunEventLog
 from backend.vision.ocr import OcrEngine
@@ -94,6 +95,7 @@ def vision(
     key_prefix: str,
     models: InferenceClient,
     router: ModelRouter | None = None,
+    pricing: ComputePricing | None = None,
     **settings: object,
 ) -> VisionService:
     keys = KeySpace(key_prefix)
@@ -107,6 +109,7 @@ def vision(
         settings=VisionSettings(**{**QUICK, **settings}),  # type: ignore[arg-type]
         budgets=Budgets(redis, keys, LimitsSettings()),
         router=router,
+        pricing=pricing,
     )
 
 
@@ -171,11 +174,16 @@ async def held(redis: Redis, key_prefix: str) -> list[float]:
 
 
 async def compute_used(database: Database, tenant_id: uuid.UUID) -> list[float]:
+    """The compute-seconds recorded, per settlement: a job's records (one per model version
+    its tasks ran on) are written in one transaction, so they share their `created_at`."""
     async with database.session(tenant_id) as session:
         rows = await session.scalars(
-            select(UsageRecord).where(UsageRecord.resource == Resource.COMPUTE_SECONDS.value)
+            select(func.sum(UsageRecord.amount))
+            .where(UsageRecord.resource == Resource.COMPUTE_SECONDS.value)
+            .group_by(UsageRecord.created_at)
+            .order_by(UsageRecord.created_at)
         )
-        return [float(r.amount) for r in rows]
+        return [float(amount) for amount in rows]
 
 
 def seconds(results: dict[str, Any]) -> float:

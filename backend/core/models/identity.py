@@ -111,7 +111,8 @@ class AuditEvent(Base, table=True):
 
 
 class UsageRecord(UUIDKey, table=True):
-    """What one run or job consumed, settled: LLM tokens and compute seconds, with cost."""
+    """What one run or job consumed, settled: LLM tokens and compute seconds, with cost, and the
+    model version that consumed it (null on records from before migration 0014)."""
 
     __tablename__ = "usage_records"
     __table_args__ = (
@@ -127,4 +128,7 @@ class UsageRecord(UUIDKey, table=True):
     cost: Decimal = Field(
         default=Decimal(0), sa_type=Numeric(20, 6), sa_column_kwargs={"server_default": "0"}
     )
+    model: str | None = Field(default=None, sa_type=String(100))
+    version: str | None = Field(default=None, sa_type=String(64))
+    kind: str | None = Field(default=None, sa_type=String(16))  # chat, vision, embedding
     created_at: datetime = written_at(index=True)
