@@ -155,6 +155,7 @@ async def build_services(
         settings=chat,
         tools=tools,
         guards=guards,
+        tracer=state.tracer_provider.get_tracer("sightline.chat"),
     )
     conversations = ConversationService(state.db)
     run_events = RunEventLog(
@@ -187,6 +188,7 @@ async def build_services(
         settings=chat,
         metrics=state.metrics,
         stored_text=privacy.stored_message,
+        tracer=state.tracer_provider.get_tracer("sightline.chat"),
     )
     privacy.stop_run = runs.stop
     await runs.start()
@@ -388,6 +390,7 @@ async def _build_vision(
         settings=settings,
         image_rail=image_rail if guardrails is not None else None,
         budgets=budgets,
+        tracer=state.tracer_provider.get_tracer("sightline.vision"),
     )
     return pool, vision
 
