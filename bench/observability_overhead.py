@@ -9,7 +9,8 @@ its own server (bench/chat_stream.py's stack: the clock stub LLM, a Sightline se
 on); the modes alternate `--rounds` times and their figures are summed. Workloads: `--clients`
 chat runs at once (sendMessage, then runEvents over a WebSocket: bench/chat_stream.py's client),
 then `--images` vision jobs (classification of one photo, as in bench/vision.py) `--image-clients`
-at a time, each read to its end over `visionJobEvents`. Server CPU counts its inference workers.
+at a time, each read to its end over `visionJobEvents`. Server CPU counts its inference workers
+(and is shown again for the API process alone, where spans are made and exported).
 
 Usage: python bench/observability_overhead.py [--clients 20] [--tokens 50] [--images 40]
 """
@@ -51,8 +52,10 @@ class Figures:
     """One mode's sums over its rounds."""
 
     chat_cpu_s: float = 0.0
+    chat_api_cpu_s: float = 0.0  # the API process alone (where spans are made and exported)
     tokens: int = 0
     vision_cpu_s: float = 0.0
+    vision_api_cpu_s: float = 0.0
     images: int = 0
 
 
@@ -61,11 +64,20 @@ class Sink(BaseHTTPRequestHandler):
 
     received = 0
     bytes = 0
+    spans = 0
 
     def do_POST(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         Sink.received += 1
         Sink.bytes += len(body)
+        export = ExportTraceServiceRequest.FromString(body)
+        Sink.spans += sum(
+            len(scope.spans) for resource in export.resource_spans for scope in resource.scope_spans
+        )
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", "0")
@@ -73,6 +85,12 @@ class Sink(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+def own_cpu_seconds(pid: int) -> float:
+    """CPU time of one process, without the processes under it (its inference workers)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def photo_jpeg() -> bytes:
@@ -147,7 +165,7 @@ async def one_mode(on: bool, args: argparse.Namespace, sink_url: str, into: Figu
         await asyncio.gather(*(through_sightline(base, token, 0) for _ in range(3)))  # warm-up
         await vision_load(base, token, 4, 2)
 
-        before = cpu_seconds(server.pid)
+        before, api_before = cpu_seconds(server.pid), own_cpu_seconds(server.pid)
         streams = await asyncio.gather(
             *(
                 through_sightline(base, token, args.ramp * i / args.clients)
@@ -155,11 +173,13 @@ async def one_mode(on: bool, args: argparse.Namespace, sink_url: str, into: Figu
             )
         )
         into.chat_cpu_s += cpu_seconds(server.pid) - before
+        into.chat_api_cpu_s += own_cpu_seconds(server.pid) - api_before
         into.tokens += sum(s.tokens for s in streams)
 
-        before = cpu_seconds(server.pid)
+        before, api_before = cpu_seconds(server.pid), own_cpu_seconds(server.pid)
         await vision_load(base, token, args.images, args.image_clients)
         into.vision_cpu_s += cpu_seconds(server.pid) - before
+        into.vision_api_cpu_s += own_cpu_seconds(server.pid) - api_before
         into.images += args.images
         await asyncio.sleep(args.settle)  # the exporter's last batch, in its window
 
@@ -191,10 +211,13 @@ async def main() -> None:
     load = os.getloadavg()
     started = time.monotonic()
     off, on = Figures(), Figures()
+    per_round: list[tuple[float, bool]] = []  # CPU-ms per image of each round, its mode
     try:
         for _ in range(args.rounds):
-            await one_mode(False, args, sink_url, off)
-            await one_mode(True, args, sink_url, on)
+            for mode, into in ((False, off), (True, on)):
+                was = into.vision_cpu_s
+                await one_mode(mode, args, sink_url, into)
+                per_round.append(((into.vision_cpu_s - was) / args.images * 1000, mode))
     finally:
         sink.shutdown()
     print(
@@ -217,16 +240,29 @@ async def main() -> None:
                     on.chat_cpu_s / max(on.tokens, 1) * 1000,
                 ),
                 (
+                    "  of which the API process",
+                    off.chat_api_cpu_s / max(off.tokens, 1) * 1000,
+                    on.chat_api_cpu_s / max(on.tokens, 1) * 1000,
+                ),
+                (
                     "server CPU-ms per image",
                     off.vision_cpu_s / max(off.images, 1) * 1000,
                     on.vision_cpu_s / max(on.images, 1) * 1000,
                 ),
+                (
+                    "  of which the API process",
+                    off.vision_api_cpu_s / max(off.images, 1) * 1000,
+                    on.vision_api_cpu_s / max(on.images, 1) * 1000,
+                ),
             ]
         )
     )
+    for mode in (False, True):
+        rounds = ", ".join(f"{ms:.1f}" for ms, m in per_round if m is mode)
+        print(f"server CPU-ms per image, each round, {'on' if mode else 'off'}: {rounds}")
     print(
-        f"tokens: off {off.tokens}, on {on.tokens}; sink received {Sink.received} exports "
-        f"({Sink.bytes:,} bytes); goal: at most {GOAL_PCT:g}% added"
+        f"tokens: off {off.tokens}, on {on.tokens}; the sink received {Sink.spans:,} spans in "
+        f"{Sink.received} exports ({Sink.bytes:,} bytes); goal: at most {GOAL_PCT:g}% added"
     )
 
 
