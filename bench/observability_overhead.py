@@ -65,6 +65,7 @@ class Sink(BaseHTTPRequestHandler):
     received = 0
     bytes = 0
     spans = 0
+    counting = True  # off while span_cost runs: decoding would count as the spans' cost
 
     def do_POST(self) -> None:
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -72,6 +73,10 @@ class Sink(BaseHTTPRequestHandler):
         )
 
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if not Sink.counting:
+            self.send_response(200)
+            self.end_headers()
+            return
         Sink.received += 1
         Sink.bytes += len(body)
         export = ExportTraceServiceRequest.FromString(body)
@@ -184,6 +189,40 @@ async def one_mode(on: bool, args: argparse.Namespace, sink_url: str, into: Figu
         await asyncio.sleep(args.settle)  # the exporter's last batch, in its window
 
 
+def span_cost_us(sink_url: str, spans: int) -> float:
+    """CPU-µs one span adds, exported as the server exports it (a DB statement's span with
+    its attributes), against the same span with tracing off; this process, every thread."""
+    sys.path.insert(0, str(ROOT))
+    from backend.config import TelemetrySettings
+    from backend.core.telemetry import build_tracer_provider
+
+    attributes = {"db.system": "postgresql", "db.name": "postgres", "server.address": ""}
+    statement = "SELECT runs.id, runs.status FROM runs WHERE runs.id = $1::UUID"
+
+    def spend(settings: TelemetrySettings) -> float:
+        provider = build_tracer_provider(settings)
+        tracer = provider.get_tracer("bench")
+        started = time.process_time()
+        for i in range(spans):
+            with tracer.start_as_current_span("db SELECT", attributes=attributes) as span:
+                if span.is_recording():
+                    span.set_attribute("db.statement", statement)
+            if i % 500 == 499:
+                provider.force_flush()  # a server's pace: none dropped for a full queue
+        provider.force_flush()
+        provider.shutdown()
+        return time.process_time() - started
+
+    Sink.counting = False
+    try:
+        spend(TelemetrySettings(otlp_endpoint=sink_url))  # warm-up
+        on = spend(TelemetrySettings(otlp_endpoint=sink_url))
+        off = spend(TelemetrySettings())
+    finally:
+        Sink.counting = True
+    return (on - off) / spans * 1e6
+
+
 def format_table(rows: list[tuple[str, float, float]]) -> str:
     """Each figure beside the same run's baseline, and the percent it adds."""
     lines = [f"{'measure':<34}{'off (baseline)':>16}{'on':>12}{'added':>10}"]
@@ -203,6 +242,7 @@ async def main() -> None:
     parser.add_argument("--image-clients", type=int, default=4, help="vision jobs at once")
     parser.add_argument("--rounds", type=int, default=1, help="off/on pairs, alternating")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds before a stop")
+    parser.add_argument("--spans", type=int, default=20_000, help="spans timed alone")
     args = parser.parse_args()
 
     sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
@@ -210,6 +250,7 @@ async def main() -> None:
     sink_url = f"http://127.0.0.1:{sink.server_address[1]}"
     load = os.getloadavg()
     started = time.monotonic()
+    per_span_us = span_cost_us(sink_url, args.spans)
     off, on = Figures(), Figures()
     per_round: list[tuple[float, bool]] = []  # CPU-ms per image of each round, its mode
     try:
@@ -260,6 +301,17 @@ async def main() -> None:
     for mode in (False, True):
         rounds = ", ".join(f"{ms:.1f}" for ms, m in per_round if m is mode)
         print(f"server CPU-ms per image, each round, {'on' if mode else 'off'}: {rounds}")
+    units = 2 * args.rounds * (args.clients + 3 + args.images + 4)  # with the warm-ups
+    per_unit = Sink.spans / units
+    unit_ms = per_unit * per_span_us / 1000  # what a chat run's or an image's spans cost
+    image_ms = off.vision_cpu_s / max(off.images, 1) * 1000
+    run_ms = off.chat_cpu_s / max(off.tokens, 1) * 1000 * args.tokens
+    print(
+        f"one span exported costs {per_span_us:.1f} CPU-us ({args.spans:,} timed alone); "
+        f"{per_unit:.0f} spans per chat run or image on average: about {unit_ms:.2f} CPU-ms "
+        f"each, {unit_ms / image_ms * 100:.1f}% of an image's, "
+        f"{unit_ms / run_ms * 100:.1f}% of a chat run's"
+    )
     print(
         f"tokens: off {off.tokens}, on {on.tokens}; the sink received {Sink.spans:,} spans in "
         f"{Sink.received} exports ({Sink.bytes:,} bytes); goal: at most {GOAL_PCT:g}% added"

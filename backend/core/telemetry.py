@@ -13,7 +13,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 from pythonjsonlogger.json import JsonFormatter
 
 from backend import __version__
@@ -97,7 +97,9 @@ def build_tracer_provider(
         resource=Resource.create(
             {"service.name": settings.service_name, "service.version": __version__}
         ),
-        sampler=ALWAYS_ON if tracing else ALWAYS_OFF,
+        sampler=ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
+        if tracing
+        else ALWAYS_OFF,
     )
     if settings.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
