@@ -301,7 +301,7 @@ async def main() -> None:
     for mode in (False, True):
         rounds = ", ".join(f"{ms:.1f}" for ms, m in per_round if m is mode)
         print(f"server CPU-ms per image, each round, {'on' if mode else 'off'}: {rounds}")
-    units = 2 * args.rounds * (args.clients + 3 + args.images + 4)  # with the warm-ups
+    units = args.rounds * (args.clients + 3 + args.images + 4)  # the on servers', warm-ups too
     per_unit = Sink.spans / units
     unit_ms = per_unit * per_span_us / 1000  # what a chat run's or an image's spans cost
     image_ms = off.vision_cpu_s / max(off.images, 1) * 1000
