@@ -156,6 +156,7 @@ async def build_services(
         settings=chat,
         tools=tools,
         guards=guards,
+        tracer=state.tracer_provider.get_tracer("sightline.chat"),
     )
     conversations = ConversationService(state.db)
     run_events = RunEventLog(
@@ -188,6 +189,7 @@ async def build_services(
         settings=chat,
         metrics=state.metrics,
         stored_text=privacy.stored_message,
+        tracer=state.tracer_provider.get_tracer("sightline.chat"),
     )
     privacy.stop_run = runs.stop
     await runs.start()
@@ -455,6 +457,7 @@ async def _build_vision(
         image_rail=image_rail if guardrails is not None else None,
         budgets=budgets,
         pricing=ComputePricing(state.settings.cost.compute_second_prices, state.metrics),
+        tracer=state.tracer_provider.get_tracer("sightline.vision"),
     )
     return pool, vision
 

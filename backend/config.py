@@ -270,6 +270,13 @@ class TelemetrySettings(_Section):
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP traces endpoint (`http://collector:4318`). Unset: no export."
     )
+    trace_sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of traces recorded when exporting (by trace id; a caller's sampled "
+        "`traceparent` is always followed). Lower it to cut what tracing costs.",
+    )
     log_level: str = Field("INFO", description="Root log level.")
     log_format: LogFormat = Field(LogFormat.JSON, description="`json` or `text` logs.")
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics on /metrics.")

@@ -215,10 +215,16 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def sightline_stack(
-    *, rate: float, tokens: int, streams: int, workers: int = 1
+    *,
+    rate: float,
+    tokens: int,
+    streams: int,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[Stack]:
     """Starts the clock stub (`rate` tokens/s, `tokens` per answer) and a Sightline server (own
-    data dir, limits off, room for `streams` runs at once) that chats with it; stops both."""
+    data dir, limits off, room for `streams` runs at once) that chats with it; stops both.
+    `env`: more settings for the server (they win over these)."""
     data = Path(tempfile.mkdtemp(prefix="sightline-bench-chat-"))
     stub_port, port = free_port(), free_port()
     stub_url, base = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{port}"
@@ -234,6 +240,7 @@ async def sightline_stack(
         "SIGHTLINE_LIMITS_ENABLED": "false",
         "SIGHTLINE_TELEMETRY_LOG_LEVEL": "WARNING",
         "SIGHTLINE_REDIS_KEY_PREFIX": f"bench-chat-{port}:",
+        **(env or {}),
     }
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT, "env": env}
     stub = subprocess.Popen(

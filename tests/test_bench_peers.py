@@ -10,10 +10,10 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_peers_litellm", ROOT / "bench" / "peers" / "litellm.py"
-    )
+def load_bench(path: str = "peers/litellm.py") -> ModuleType:
+    """A bench script as a module (bench/ is no package), by its path under bench/."""
+    name = "bench_" + path.removesuffix(".py").replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)

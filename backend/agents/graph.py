@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.runtime import Runtime
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode, Tracer
 
 from backend.agents.attribution import attribute, citation
 from backend.agents.guards import GuardAction, GuardDecision, Guards, PassThroughGuards
@@ -48,8 +52,9 @@ from backend.agents.models import ChatModel
 from backend.agents.tools import AgentTools, Source
 from backend.auth.principal import Principal
 from backend.config import ChatSettings
+from backend.core.telemetry import MODEL, MODEL_VERSION
 from backend.errors import AppError
-from backend.inference.llm.base import ChatMessage, ToolCall, estimate_tokens
+from backend.inference.llm.base import ChatMessage, ToolCall, ToolSpec, estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,8 @@ SUMMARY_PROMPT = (
 # What the model sees in place of a message the input rails refused (in memory, and when the
 # memory is rebuilt): it knows a request was refused, never what it said.
 WITHHELD = "[a message the guardrails did not let through]"
+# The `llm.call` span's time to the model's first piece of text.
+TTFT_MS = "sightline.llm.time_to_first_token_ms"
 
 
 @dataclass(frozen=True)
@@ -145,8 +152,11 @@ class Agent:
         settings: ChatSettings,
         tools: AgentTools | None = None,
         guards: Guards | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.checkpointer = checkpointer
+        # the steps of a turn, as children of the caller's current span (its `chat.turn`)
+        self._tracer = tracer or trace.NoOpTracer()
         self._settings = settings
         self._tools = tools or AgentTools()
         self._guards = guards or PassThroughGuards()
@@ -244,7 +254,10 @@ class Agent:
             for m in state.get("messages", [])[-8:-1]
             if isinstance(m, HumanMessage) and m.content != WITHHELD
         ]
-        verdict = await self._guards.check_input(ctx.hooks.principal, ctx.content, earlier)
+        with self._tracer.start_as_current_span("guardrails.input") as span:
+            verdict = await self._guards.check_input(ctx.hooks.principal, ctx.content, earlier)
+            if span.is_recording():
+                span.set_attributes(_verdict_attributes(verdict.blocked, len(verdict.decisions)))
         rails = [await self._record(ctx, "input", d) for d in verdict.decisions]
         if verdict.blocked:
             await ctx.hooks.token(verdict.safe_reply)
@@ -315,27 +328,14 @@ class Agent:
         sources = state.get("sources", [])
         result = _Stream(cited={c["index"] for c in state.get("citations", [])})
         answer_so_far = state.get("answer", "")
+        # The model's call and the output rails screening it run side by side: both spans
+        # are children of the turn's (not made current: a generator's context is its reader's).
+        turn = otel_context.get_current()
 
-        async def text_only() -> AsyncIterator[str]:
-            stream = model.provider.stream(
-                prompt,
-                max_tokens=settings.max_tokens,
-                sampling=model.sampling,
-                tools=tools or None,
-            )
-            try:
-                async for chunk in stream:
-                    if chunk.text:
-                        yield chunk.text
-                    if chunk.tool_calls:
-                        result.tool_calls = chunk.tool_calls
-                    if chunk.completion_tokens is not None:
-                        ctx.hooks.usage(chunk.prompt_tokens or 0, chunk.completion_tokens)
-            finally:
-                await stream.aclose()  # stops the model (closes its HTTP stream)
-
-        guarded = self._guards.check_output_stream(ctx.hooks.principal, text_only())
+        text_only = self._model_text(ctx, prompt, tools, result, turn)
+        guarded = self._guards.check_output_stream(ctx.hooks.principal, text_only)
         rails: list[dict[str, str]] = []
+        screening = self._tracer.start_span("guardrails.output", turn)
         try:
             async for piece in guarded:
                 if piece.decision is not None:
@@ -351,6 +351,11 @@ class Agent:
                     break
         finally:
             await guarded.aclose()  # type: ignore[attr-defined]
+            if screening.is_recording():
+                screening.set_attributes(
+                    _verdict_attributes(result.blocked is not None, len(rails))
+                )
+            screening.end()
         text = "".join(result.text)
         message = AIMessage(
             text,
@@ -369,6 +374,62 @@ class Agent:
             "rails": state.get("rails", []) + rails,
             "citations": state.get("citations", []) + result.citations,
         }
+
+    async def _model_text(
+        self,
+        ctx: TurnContext,
+        prompt: list[ChatMessage],
+        tools: list[ToolSpec] | None,
+        result: _Stream,
+        turn: otel_context.Context,
+    ) -> AsyncIterator[str]:
+        """The model's text as it streams (its tool calls go into `result`), in an `llm.call`
+        span under `turn` with the time to its first text."""
+        model = ctx.model
+        span = self._tracer.start_span("llm.call", turn)
+        recording = span.is_recording()
+        if recording:
+            span.set_attributes(
+                {
+                    MODEL: model.name,
+                    MODEL_VERSION: model.version,
+                    "sightline.model_alias": model.alias,
+                }
+            )
+        started, waiting = time.perf_counter(), True
+        stream = model.provider.stream(
+            prompt,
+            max_tokens=self._settings.max_tokens,
+            sampling=model.sampling,
+            tools=tools or None,
+        )
+        try:
+            async for chunk in stream:
+                if chunk.text:
+                    if waiting and recording:
+                        waiting = False
+                        ttft_ms = round((time.perf_counter() - started) * 1000, 3)
+                        span.set_attribute(TTFT_MS, ttft_ms)
+                        span.add_event("first_token")
+                    yield chunk.text
+                if chunk.tool_calls:
+                    result.tool_calls = chunk.tool_calls
+                if chunk.completion_tokens is not None:
+                    ctx.hooks.usage(chunk.prompt_tokens or 0, chunk.completion_tokens)
+                    if recording:
+                        span.set_attributes(
+                            {
+                                "gen_ai.usage.input_tokens": chunk.prompt_tokens or 0,
+                                "gen_ai.usage.output_tokens": chunk.completion_tokens,
+                            }
+                        )
+        except BaseException as exc:
+            if recording and not isinstance(exc, GeneratorExit):
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise
+        finally:
+            await stream.aclose()  # stops the model (closes its HTTP stream)
+            span.end()
 
     def _after_generate(self, state: AgentState) -> str:
         last = state["messages"][-1]
@@ -539,9 +600,12 @@ class Agent:
                     query = str(args.get("query") or "").strip()
                     if not query:
                         raise ValueError("query is empty")
-                    found = await self._tools.search_knowledge(
-                        ctx.hooks.principal, query, self._settings.knowledge_results
-                    )
+                    with self._tracer.start_as_current_span("knowledge.retrieve") as span:
+                        found = await self._tools.search_knowledge(
+                            ctx.hooks.principal, query, self._settings.knowledge_results
+                        )
+                        if span.is_recording():
+                            span.set_attribute("sightline.knowledge.results", len(found))
                     verdict = await self._guards.check_retrieved(ctx.hooks.principal, found)
                     rails += [await self._record(ctx, "retrieval", d) for d in verdict.decisions]
                     numbered = _number(verdict.sources, start=len(sources) + 1)
@@ -591,6 +655,11 @@ class Agent:
         }
         await ctx.hooks.event("GuardrailTriggered", body)
         return body
+
+
+def _verdict_attributes(blocked: bool, decisions: int) -> dict[str, Any]:
+    """A rails span's attributes: what the rails decided, in short."""
+    return {"sightline.guardrails.blocked": blocked, "sightline.guardrails.decisions": decisions}
 
 
 def _number(sources: list[Source], start: int) -> list[dict[str, Any]]:

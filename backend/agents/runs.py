@@ -27,6 +27,8 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Protocol, TypeVar
 
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode, Tracer
 from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -43,6 +45,7 @@ from backend.core.models import Conversation, Message, MessageRole, Run, RunStat
 from backend.core.redis import KeySpace, listen
 from backend.core.retry import retrying
 from backend.core.tasks import drain
+from backend.core.telemetry import MODEL, MODEL_VERSION, TENANT
 from backend.errors import (
     AppError,
     Conflict,
@@ -161,8 +164,10 @@ class RunService:
         metrics: Metrics | None = None,
         stored_text: Callable[[Principal, str], Awaitable[str]] | None = None,
         served: ServedHook | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._metrics = metrics or Metrics()
+        self._tracer = tracer or trace.NoOpTracer()
         self.served = served  # the lifecycle's statistics, when wired
         self.drift: DriftRecorder | None = None  # each answer's drift samples, when wired
         # What a user's message becomes when stored (the tenant's data protection policy may
@@ -471,6 +476,21 @@ class RunService:
     # -- execution ----------------------------------------------------------------------------
 
     async def _execute(self, turn: _Turn) -> None:
+        """Runs a turn in its `chat.turn` span: a child of the request that started it (the
+        task carries that request's trace context), parent of the turn's steps."""
+        with self._tracer.start_as_current_span("chat.turn") as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        MODEL: turn.run.model,
+                        MODEL_VERSION: turn.model.version,
+                        TENANT: str(turn.principal.tenant_id),
+                        "sightline.run_id": str(turn.run.id),
+                    }
+                )
+            await self._run_turn(turn)
+
+    async def _run_turn(self, turn: _Turn) -> None:
         run = turn.run
         self._metrics.chat_active_runs.inc()
         outcome, code, detail = RunStatus.COMPLETED, None, ""
@@ -620,7 +640,10 @@ class RunService:
                 answer_chars=len(answer),
                 rails=notes.get("guardrails"),
             )
+        with self._tracer.start_as_current_span("chat.persist"):
+            await self._store_answer_once(turn, answer, notes)
 
+    async def _store_answer_once(self, turn: _Turn, answer: str, notes: dict) -> None:
         async def store() -> uuid.UUID:
             async with self._db.session(turn.principal.tenant_id) as session:
                 conversation = await self._conversations.owned_for_update(
@@ -660,6 +683,7 @@ class RunService:
         # The prompts count too: a knowledge-base prompt is ~1,000 tokens the model read.
         completion_tokens = max(turn.completion_tokens, len(turn.text))
         cost = turn.model.cost(prompt_tokens, completion_tokens)
+        _traced_end(outcome, code, prompt_tokens, completion_tokens)
         recorded = False
         try:
             await self._settle_tokens(turn)  # the pieces still batched, before the end
@@ -979,6 +1003,24 @@ class RunService:
         known here, or a run recorded before versions were)."""
         model = self.models.find(row.model_alias, row.model_version) if row.model_alias else None
         return model.cost(row.prompt_tokens, completion_tokens) if model else Decimal(0)
+
+
+def _traced_end(
+    outcome: RunStatus, code: str | None, prompt_tokens: int, completion_tokens: int
+) -> None:
+    """How the turn ended, on its `chat.turn` span (the current one)."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attributes(
+        {
+            "sightline.chat.outcome": outcome.value,
+            "sightline.chat.prompt_tokens": prompt_tokens,
+            "sightline.chat.completion_tokens": completion_tokens,
+        }
+    )
+    if code is not None:
+        span.set_status(Status(StatusCode.ERROR, code))
 
 
 def _served(row: Run) -> dict[str, str | None]:

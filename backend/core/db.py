@@ -228,7 +228,8 @@ def instrument_engine(engine: AsyncEngine, tracer_provider: trace.TracerProvider
     def before(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
         verb = statement.lstrip().split(" ", 1)[0].upper() or "SQL"
         span = tracer.start_span(f"db {verb}", kind=SpanKind.CLIENT, attributes=base_attributes)
-        span.set_attribute("db.statement", statement[:_MAX_STATEMENT_CHARS])
+        if span.is_recording():  # tracing off: nothing to build
+            span.set_attribute("db.statement", statement[:_MAX_STATEMENT_CHARS])
         conn.info.setdefault(_SPAN_KEY, []).append(span)
 
     def after(conn: Any, *_: Any) -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 from pythonjsonlogger.json import JsonFormatter
 
 from backend import __version__
@@ -18,6 +21,10 @@ from backend.config import LogFormat, TelemetrySettings
 from backend.inference.worker_output import WORKER_LOG_VARIABLE, quiet_progress_bars
 
 _HANDLER_NAME = "sightline"
+# Span attributes every trace of a model's work carries, where known.
+MODEL = "sightline.model"
+MODEL_VERSION = "sightline.model_version"
+TENANT = "sightline.tenant"
 # Loggers whose DEBUG records carry what users send and the credentials they send it with:
 # WebSocket frames (uvicorn hands its `uvicorn.error` logger to the websockets protocol: every
 # `connection_init` with its token, every streamed token), LLM request bodies, HTTP headers.
@@ -79,11 +86,20 @@ def configure_logging(settings: TelemetrySettings) -> None:
 def build_tracer_provider(
     settings: TelemetrySettings, extra_processors: Sequence[SpanProcessor] = ()
 ) -> TracerProvider:
-    """A provider for this app instance; exports over OTLP/HTTP only when an endpoint is set."""
+    """A provider for this app instance; exports over OTLP/HTTP only when an endpoint is set.
+
+    Tracing is on when spans go somewhere (an endpoint, or a processor passed in). Off, every
+    span is a non-recording one: it still carries the trace id into logs and onward, but
+    records nothing, and code that builds attributes skips that work (`span.is_recording()`).
+    """
+    tracing = bool(settings.otlp_endpoint) or bool(extra_processors)
     provider = TracerProvider(
         resource=Resource.create(
             {"service.name": settings.service_name, "service.version": __version__}
-        )
+        ),
+        sampler=ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
+        if tracing
+        else ALWAYS_OFF,
     )
     if settings.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -95,3 +111,17 @@ def build_tracer_provider(
     for processor in extra_processors:
         provider.add_span_processor(processor)
     return provider
+
+
+def record_span(
+    tracer: trace.Tracer,
+    name: str,
+    started: float,
+    ended: float,
+    attributes: dict[str, Any] | None = None,
+) -> None:
+    """A span for work timed elsewhere (`time.monotonic()` readings, as the inference pool
+    takes them in another process's stead), a child of the current span."""
+    offset = time.time_ns() - time.monotonic_ns()
+    span = tracer.start_span(name, start_time=int(started * 1e9) + offset, attributes=attributes)
+    span.end(end_time=int(ended * 1e9) + offset)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, Protocol
@@ -56,6 +57,24 @@ class ModelState:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     batches: int = 0
     items: int = 0
+
+
+@dataclass(frozen=True)
+class ItemTiming:
+    """Where one input's time went (`time.monotonic()` readings of the serving process)."""
+
+    model: str
+    version: str
+    enqueued: float
+    dispatched: float  # its batch left for a worker
+    done: float  # its batch's results came back
+    batch_size: int
+    compute_s: float  # the batch's run inside the worker
+
+
+# A caller that wants its inputs' timings (a trace) sets a list here; a client that measures
+# them appends one ItemTiming per input it answers. Unset (the default), nothing is kept.
+ITEM_TIMINGS: ContextVar[list[ItemTiming] | None] = ContextVar("item_timings", default=None)
 
 
 class InferenceClient(Protocol):

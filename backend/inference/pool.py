@@ -47,8 +47,10 @@ from typing import Any
 from backend.inference._transport import Sender, Slab, SlabReader
 from backend.inference.client import (
     ERRORS,
+    ITEM_TIMINGS,
     InferenceError,
     InferenceMetrics,
+    ItemTiming,
     ModelState,
     ModelStatus,
     ModelUnavailable,
@@ -223,6 +225,10 @@ class _Item:
     value: Any
     future: asyncio.Future[Any]
     enqueued: float
+    dispatched: float = 0.0
+    done: float = 0.0
+    batch_size: int = 0
+    compute_s: float = 0.0
 
 
 @dataclass
@@ -675,7 +681,17 @@ class InferencePool:
             self._metrics.inference_queue(model, state.manifest.version, len(queue))
         try:
             async with asyncio.timeout(timeout_s):
-                return list(await asyncio.gather(*(i.future for i in items)))
+                outputs = list(await asyncio.gather(*(i.future for i in items)))
+            timings = ITEM_TIMINGS.get()
+            if timings is not None:
+                version = state.manifest.version
+                timings.extend(
+                    ItemTiming(
+                        model, version, i.enqueued, i.dispatched, i.done, i.batch_size, i.compute_s
+                    )
+                    for i in items
+                )
+            return outputs
         finally:
             for item in items:  # cancelled or timed out: leave the queue
                 if not item.future.done():
@@ -718,12 +734,14 @@ class InferencePool:
                 self._idle.put_nowait(worker)
                 continue
             batch_id = next(self._ids)
+            now = time.monotonic()
+            for item in items:
+                item.dispatched, item.batch_size = now, len(items)
             worker.running[batch_id] = items
             self._running_keys[batch_id] = key
             state.batches += 1
             state.items += len(items)
             if self._metrics is not None:
-                now = time.monotonic()
                 self._waits[batch_id] = [now - i.enqueued for i in items]
                 self._batch_models[batch_id] = manifest
                 self._metrics.inference_queue(manifest.name, manifest.version, len(queue))
@@ -812,7 +830,9 @@ class InferencePool:
         manifest = self._batch_models.pop(batch_id, None)
         if self._metrics is not None and waits is not None and manifest is not None and items:
             self._metrics.inference_batch(manifest.name, manifest.version, len(items), waits, run_s)
+        now = time.monotonic()
         for item, result in zip(items, results, strict=False):
+            item.done, item.compute_s = now, run_s
             if item.future.done():
                 continue  # cancelled while it ran
             if result[0] == "ok":

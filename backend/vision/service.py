@@ -31,6 +31,9 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import numpy as np
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from redis.asyncio import Redis
 
 from backend.auth.principal import Principal
@@ -41,9 +44,16 @@ from backend.core.models import VisionJob, VisionStatus
 from backend.core.redis import KeySpace
 from backend.core.retry import is_transient, retrying
 from backend.core.tasks import drain
+from backend.core.telemetry import MODEL, MODEL_VERSION, TENANT, record_span
 from backend.errors import AppError, NotFound, ServiceUnavailable, ValidationFailed
 from backend.inference.catalog import Task
-from backend.inference.client import InferenceClient, InferenceError, Priority
+from backend.inference.client import (
+    ITEM_TIMINGS,
+    InferenceClient,
+    InferenceError,
+    ItemTiming,
+    Priority,
+)
 from backend.lifecycle.operations import ModelOperations
 from backend.lifecycle.policy import RequestKey, split_pin
 from backend.lifecycle.router import ModelRouter, run_routed
@@ -129,6 +139,7 @@ class _Job:
     money: Reservation | None = None  # the cost budget (holds nothing; charged at the end)
     image: DecodedImage | None = None  # decoded when accepted; from `data` when taken over
     results: dict[str, Any] = field(default_factory=dict)  # stored, per task
+    span: Span | None = None  # its `vision.job` span, from acceptance (none: taken over)
 
     @property
     def key(self) -> str:
@@ -203,8 +214,10 @@ class VisionService:
         budgets: Budgets | None = None,
         router: ModelRouter | None = None,
         pricing: ComputePricing | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._db = db
+        self._tracer = tracer or trace.NoOpTracer()
         self._keys = keys.child("vision")
         self.events = RunEventLog(redis, self._keys, ttl_after_end_s=settings.jobs_ttl_s)
         self._inference = inference
@@ -324,7 +337,53 @@ class VisionService:
         """Validates the image and starts its job; bad input is refused before anything runs.
 
         The image is stored with the job (in the transaction that accepts it), so whichever
-        replica runs the job to its end, an accepted image is never lost."""
+        replica runs the job to its end, an accepted image is never lost. Its `vision.job`
+        span starts here (a child of the request's) and ends with the job."""
+        span = self._tracer.start_span("vision.job")
+        if span.is_recording():
+            span.set_attribute(TENANT, str(principal.tenant_id))
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                with self._tracer.start_as_current_span("vision.validate"):
+                    image, wanted, options = await self._validate(
+                        principal,
+                        data,
+                        tasks,
+                        classifier=classifier,
+                        detector=detector,
+                        ocr_engine=ocr_engine,
+                        language=language,
+                        top_k=top_k,
+                        min_score=min_score,
+                        max_detections=max_detections,
+                    )
+                job, row = await self._admit(principal, data, image, wanted, options)
+        except BaseException as exc:
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            span.end()
+            raise
+        job.span = span  # the job's from here: its runner ends it
+        try:
+            await self._event(job.key, "VisionJobQueued", {"tasks": row.tasks})
+        finally:  # accepted: it runs (and ends, releasing its lease) whatever became of that
+            self._start(job)
+        return row
+
+    async def _validate(
+        self,
+        principal: Principal,
+        data: bytes,
+        tasks: Sequence[VisionTask],
+        *,
+        classifier: str | None,
+        detector: str | None,
+        ocr_engine: str | None,
+        language: str,
+        top_k: int,
+        min_score: float | None,
+        max_detections: int | None,
+    ) -> tuple[DecodedImage, list[VisionTask], _Options]:
+        """A job's input checked and decoded, its image screened, the caller's rate spent."""
         self.models  # noqa: B018 (vision off: ServiceUnavailable before anything else)
         wanted = list(dict.fromkeys(tasks))
         if not wanted:
@@ -346,6 +405,17 @@ class VisionService:
             if reason is not None:
                 raise ImageBlocked(f"the image was refused: {reason}")
         await self._limiter.enforce(principal.subject, principal.plan, "vision_job")
+        return image, wanted, _Options(models, language, top_k, min_score, max_detections)
+
+    async def _admit(
+        self,
+        principal: Principal,
+        data: bytes,
+        image: DecodedImage,
+        wanted: list[VisionTask],
+        options: _Options,
+    ) -> tuple[_Job, VisionJob]:
+        """A validated job, stored with its lease and its compute hold (not started)."""
         if self._closing:
             raise ServiceUnavailable("the server is shutting down")
         digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
@@ -354,7 +424,7 @@ class VisionService:
             tenant_id=principal.tenant_id,
             created_by=principal.user_id,
             tasks=wanted,
-            options=_Options(models, language, top_k, min_score, max_detections),
+            options=options,
             data=data,
             reservation=None,
             image=image,
@@ -384,11 +454,7 @@ class VisionService:
             await self._give_up(job)
             raise
         job.data = b""  # stored; this replica runs the job from the decoded image
-        try:
-            await self._event(job.key, "VisionJobQueued", {"tasks": row.tasks})
-        finally:  # accepted: it runs (and ends, releasing its lease) whatever became of that
-            self._start(job)
-        return row
+        return job, row
 
     def _detection_limits(
         self, min_score: float | None, max_detections: int | None
@@ -564,6 +630,16 @@ class VisionService:
         first, then as the stream's last event. An outage longer than `outage_retry_s`, or a
         shutdown, leaves the job to recovery: its lease expires and a replica (this one,
         restarted, or another) takes it over."""
+        span = job.span
+        if span is None:  # taken over from a replica that stopped: a trace of its own
+            span = job.span = self._tracer.start_span("vision.job", context=otel_context.Context())
+            if span.is_recording():
+                span.set_attribute(TENANT, str(job.tenant_id))
+                span.set_attribute("sightline.vision.resumed", True)
+        with trace.use_span(span, end_on_exit=True):
+            await self._run_tasks(job)
+
+    async def _run_tasks(self, job: _Job) -> None:
         try:
             async with self._slots, asyncio.timeout(self._settings.job_timeout_s):
                 if job.image is None:  # taken over: decoded again from the stored image
@@ -602,6 +678,8 @@ class VisionService:
     async def _end(self, job: _Job, ending: _Ending) -> None:
         """Records a job's end: the compute its tasks took is charged, the row ends (its image
         goes, its hold is settled), then the terminal event, then the lease goes."""
+        if job.span is not None and ending.status is VisionStatus.FAILED:
+            job.span.set_status(Status(StatusCode.ERROR, ending.code or "FAILED"))
         try:
             if job.reservation is not None:
                 await self._charge(job.reservation, job.results, job.money)
@@ -664,6 +742,12 @@ class VisionService:
         options = job.options
         key = job_key(job.tenant_id, job.created_by, job.key)
         name = options.models[task]
+        # each input's queue wait and batch, for the trace (kept only while it records)
+        timings: list[ItemTiming] | None = (
+            [] if job.span is not None and job.span.is_recording() else None
+        )
+        if timings is not None:
+            ITEM_TIMINGS.set(timings)  # in this task's own context (see _all)
         try:
             if task is VisionTask.OCR and split_pin(name)[0] == TESSERACT:
                 model, version = TESSERACT, self._ocr.version
@@ -719,6 +803,8 @@ class VisionService:
             )
             return
         ms = round((time.perf_counter() - started) * 1000, 1)
+        if timings is not None:
+            self._trace_inference(job, task, model, version, timings)
         entry = {
             "model": model,
             "version": version,
@@ -728,6 +814,33 @@ class VisionService:
         }
         await self._store(job, task, entry)
         await self._event(job.key, "VisionTaskCompleted", {"task": task.value, **entry})
+
+    def _trace_inference(
+        self, job: _Job, task: VisionTask, model: str, version: str, timings: list[ItemTiming]
+    ) -> None:
+        """The queue wait and batch run of a task's inputs, as spans of its job (timed by the
+        pool: the batch ran in a worker process). A shadow's inputs are not the job's."""
+        assert job.span is not None
+        attributes = {MODEL: model, MODEL_VERSION: version, "sightline.vision.task": task.value}
+        if len(job.tasks) == 1:
+            job.span.set_attributes({MODEL: model, MODEL_VERSION: version})
+        for timing in timings:
+            if (timing.model, timing.version) != (model, version):
+                continue
+            record_span(
+                self._tracer, "inference.queue_wait", timing.enqueued, timing.dispatched, attributes
+            )
+            record_span(
+                self._tracer,
+                "inference.batch",
+                timing.dispatched,
+                timing.done,
+                {
+                    **attributes,
+                    "sightline.inference.batch_size": timing.batch_size,
+                    "sightline.inference.compute_ms": round(timing.compute_s * 1000, 3),
+                },
+            )
 
     async def _store(self, job: _Job, task: VisionTask, entry: dict[str, Any]) -> None:
         """A task's result goes into the job's row (a replica that takes the job over runs
