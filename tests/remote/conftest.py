@@ -1,6 +1,6 @@
 """`sightline inference serve` as a child process of the test session, on loopback ports of its
 own: owned by a fixture (killed at teardown, with its Triton server, in its own process group),
-and dying with the test process (PR_SET_PDEATHSIG). Tests skip where PyTriton is not installed
+and dying with the test process (`--parent-pid`). Its tests skip where PyTriton is not installed
 (requirements-serve.txt)."""
 
 from __future__ import annotations
@@ -25,11 +25,6 @@ from tests.conftest import free_port, scaled
 ROOT = Path(__file__).resolve().parents[2]
 # Fast to load: the classifier, the face cascade and the SSD detector (the bench's models)
 MODELS = ("efficientnet-lite0", "haar-frontalface", "ssd-mobilenet-v2-coco")
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("pytriton") is None,
-    reason="PyTriton is not installed (requirements-serve.txt)",
-)
 
 
 @dataclass
@@ -114,6 +109,8 @@ class InferenceService:
 
 @pytest.fixture(scope="session")
 def inference_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceService]:
+    if importlib.util.find_spec("pytriton") is None:
+        pytest.skip("PyTriton is not installed (requirements-serve.txt)")
     service = InferenceService(
         free_port(), free_port(), free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -23,7 +24,7 @@ from backend.inference.manifest import load_manifests
 from backend.inference.remote import RemoteInference
 from backend.vision.preprocess import classification_input, detector_input
 from tests.conftest import scaled
-from tests.remote.conftest import MODELS, InferenceService
+from tests.remote.conftest import MODELS, ROOT, InferenceService
 
 MANIFESTS = {m.name: m for m in load_manifests(None) if m.name in MODELS}
 
@@ -144,3 +145,42 @@ async def test_a_service_killed_mid_request_gives_a_typed_error_then_serves_agai
             await asyncio.sleep(0.2)
     assert manifest.labels[int(np.argmax(logits))] in {"tabby", "Egyptian cat", "tiger cat"}
     assert not remote.breaker.open
+
+
+NO_TORCH = """
+import asyncio, sys
+from skimage import data
+import backend.app  # the API, as a replica with SIGHTLINE_VISION_BACKEND=remote imports it
+from backend.inference.manifest import load_manifests
+from backend.inference.remote import RemoteInference
+from backend.vision.preprocess import classification_input
+
+async def main():
+    [manifest] = [m for m in load_manifests(None) if m.name == "efficientnet-lite0"]
+    remote = RemoteInference([manifest], sys.argv[1])
+    await remote.start()
+    await asyncio.wait_for(remote.warmed(manifest.name), 120)
+    x = classification_input(data.chelsea(), manifest.input)
+    [logits] = await remote.infer(manifest.name, [x], timeout_s=120)
+    await remote.close()
+    print(manifest.labels[int(logits.argmax())], "torch" in sys.modules, sep="|")
+
+asyncio.run(main())
+"""
+
+
+async def test_the_remote_path_loads_no_torch(inference_service: InferenceService) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        NO_TORCH,
+        inference_service.url,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=scaled(180))
+    assert process.returncode == 0, err.decode()[-3000:]
+    label, torch_loaded = out.decode().strip().splitlines()[-1].split("|")
+    assert label in {"tabby", "Egyptian cat", "tiger cat"}
+    assert torch_loaded == "False"
