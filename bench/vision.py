@@ -142,7 +142,8 @@ def _start_service(threads: int, device: str) -> tuple[subprocess.Popen[bytes], 
     command = [sys.executable, "-m", "backend", "inference", "serve", "--model",
                "efficientnet-lite0", "--host", "127.0.0.1", "--http-port", str(ports[0]),
                "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]  # fmt: skip
-    env = {**os.environ, "SIGHTLINE_VISION_THREADS": str(threads),
+    env = {"SIGHTLINE_VISION_SERVE_STUB_ENV": str(Path(".venv-triton-stub").resolve()),
+           **os.environ, "SIGHTLINE_VISION_THREADS": str(threads),
            "SIGHTLINE_VISION_DEVICE": device}  # fmt: skip
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
