@@ -137,11 +137,24 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_service(threads: int, device: str) -> tuple[subprocess.Popen[bytes], str]:
+def _triton_batches(metrics_url: str) -> tuple[float, float]:
+    """Inferences and model executions so far, from Triton's Prometheus metrics."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as answer:
+        text = answer.read().decode()
+    totals = {"nv_inference_count": 0.0, "nv_inference_exec_count": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["nv_inference_count"], totals["nv_inference_exec_count"]
+
+
+def _start_service(threads: int, device: str) -> tuple[subprocess.Popen[bytes], str, str]:
     ports = [_free_port() for _ in range(3)]
     command = [sys.executable, "-m", "backend", "inference", "serve", "--model",
                "efficientnet-lite0", "--host", "127.0.0.1", "--http-port", str(ports[0]),
-               "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]  # fmt: skip
+               "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+               "--parent-pid", str(os.getpid())]  # fmt: skip
     env = {"SIGHTLINE_VISION_SERVE_STUB_ENV": str(Path(".venv-triton-stub").resolve()),
            **os.environ, "SIGHTLINE_VISION_THREADS": str(threads),
            "SIGHTLINE_VISION_DEVICE": device}  # fmt: skip
@@ -156,7 +169,7 @@ def _start_service(threads: int, device: str) -> tuple[subprocess.Popen[bytes], 
             with urllib.request.urlopen(
                 f"http://{url}/v2/models/efficientnet-lite0/ready", timeout=2
             ):
-                return process, url
+                return process, url, f"http://127.0.0.1:{ports[2]}/metrics"
         except OSError:
             time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
@@ -187,13 +200,15 @@ async def remote_vs_local(args: argparse.Namespace) -> None:
     await pool.wait_ready()
     await measure("local pool", pool)
     await pool.close()
-    process, url = _start_service(threads, args.device)
+    process, url, metrics = _start_service(threads, args.device)
     try:
         remote = RemoteInference([manifest], url, call_timeout_s=60)
         await remote.start()
         await remote.warmed(manifest.name)
         await measure("remote", remote)
         await remote.close()
+        items, runs = _triton_batches(metrics)
+        print(f"  Triton ran {items:.0f} images in {runs:.0f} batches: {items / runs:.2f} a batch")
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
