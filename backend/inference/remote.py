@@ -13,6 +13,7 @@ manifest (oip.check); a mismatch keeps it from serving (MODEL_SIGNATURE_MISMATCH
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -131,8 +132,9 @@ class RemoteInference:
         await asyncio.gather(*self._watches, return_exceptions=True)
         self._watches.clear()
         if self._client is not None:
-            async with asyncio.timeout(grace_s):
-                await self._client.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await self._client.close()
             self._client = None
 
     async def _watch(self, key: Key) -> None:
@@ -149,9 +151,9 @@ class RemoteInference:
                     break
             except (OSError, TimeoutError, InferenceServerException) as exc:
                 log.debug("inference service at %s: %s not ready: %s", self._url, name, exc)
-            except Exception as exc:  # aiohttp's errors (connection refused, dropped)
+            except Exception as exc:  # aiohttp's (connection refused, dropped), or a bug
                 if not _transport_error(exc):
-                    raise
+                    log.exception("inference service at %s: checking %s failed", self._url, name)
             await asyncio.sleep(self._ready_poll_s)
         try:
             oip.check(state.manifest, metadata)
