@@ -25,6 +25,7 @@ from backend.inference.client import (
     ModelState,
     ModelStatus,
     ModelUnavailable,
+    Overloaded,
     Priority,
     ServiceUnavailable,
 )
@@ -207,10 +208,11 @@ class RemoteInference:
         timeout_s: float | None = None,
     ) -> list[Any]:
         """One output per input. Raises ModelUnavailable (not ready, or SignatureMismatch),
-        ServiceUnavailable (the service did not answer after the retries, or the circuit is
-        open), InferenceError (the server refused the call), or TimeoutError after
-        `timeout_s`. The priority is not sent: a Triton model has no priority levels unless
-        its configuration sets them."""
+        Overloaded (beyond the model's queue on the server: not retried), ServiceUnavailable
+        (the service did not answer after the retries, or the circuit is open),
+        InferenceError (the server refused the call), or TimeoutError after `timeout_s`. The
+        priority is not sent: a Triton model has no priority levels unless its configuration
+        sets them."""
         manifest = self.manifest(model, version)
         key = (manifest.name, manifest.version)
         state = self._states[key]
@@ -250,7 +252,7 @@ class RemoteInference:
             try:
                 result = await self._client.infer(manifest.name, inputs, outputs=outputs)
             except InferenceServerException as exc:
-                if str(exc.status()) not in _RETRY_STATUSES:
+                if _overloaded(exc) or str(exc.status()) not in _RETRY_STATUSES:
                     self._breaker.succeeded()  # the server answered: the call is at fault
                     raise _refused(manifest, exc) from None
                 failure: BaseException = exc
@@ -284,8 +286,15 @@ def _transport_error(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ClientError)
 
 
+def _overloaded(exc: Any) -> bool:
+    """Triton's answer to a request beyond the model's queue (`max_queue_size`)."""
+    return "exceeds maximum queue size" in str(exc.message()).lower()
+
+
 def _refused(manifest: ModelManifest, exc: Any) -> InferenceError:
     message = f"the inference service refused {manifest.name}: {exc.message()}"
+    if _overloaded(exc):
+        return Overloaded(message)
     if "unknown model" in message or "not ready" in message or "unavailable" in message:
         return ModelUnavailable(message)
     return InferenceError(message)

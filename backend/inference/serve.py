@@ -2,7 +2,7 @@
 over the Open Inference Protocol (HTTP and gRPC), for GPU nodes and for API replicas that run
 SIGHTLINE_VISION_BACKEND=remote. Each model runs the local pool's runtime (runtimes.load) inside
 this process; Triton's dynamic batcher batches the requests, configured from the manifest (its
-max batch, preferred sizes and queue delay). The tensors are oip.py's.
+max batch, preferred sizes, queue delay and queue size). The tensors are oip.py's.
 
 PyTriton (`nvidia-pytriton` 0.7.0, requirements-serve.txt) declares numpy<2 while the project
 pins numpy 2, so it installs with --no-deps. Measured here: PyTriton itself runs on numpy 2, but
@@ -120,7 +120,7 @@ def serve(
     """Loads each model (its weights checked against the manifest), binds it to Triton and
     serves until SIGINT or SIGTERM."""
     os.environ["LD_LIBRARY_PATH"] = library_path()
-    from pytriton.model_config import DynamicBatcher, ModelConfig
+    from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy
     from pytriton.model_config import Tensor as TritonTensor
     from pytriton.server import triton_server
     from pytriton.triton import Triton, TritonConfig
@@ -156,6 +156,8 @@ def serve(
                     batcher=DynamicBatcher(
                         max_queue_delay_microseconds=round(manifest.max_delay_ms * 1000),
                         preferred_batch_size=list(manifest.preferred_batch) or None,
+                        # beyond the manifest's queue, Triton refuses (the client: OVERLOADED)
+                        default_queue_policy=QueuePolicy(max_queue_size=manifest.max_queue),
                     ),
                 ),
                 strict=True,

@@ -6,7 +6,9 @@ and dying with the test process (`--parent-pid`). Its tests skip where PyTriton 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -19,12 +21,19 @@ from pathlib import Path
 
 import pytest
 
+from backend.inference.manifest import ModelManifest, builtin_manifests
 from tests.agents.test_runs import account, chat_settings, llm  # noqa: F401
 from tests.conftest import free_port, scaled
 
 ROOT = Path(__file__).resolve().parents[2]
-# Fast to load: the classifier, the face cascade and the SSD detector (the bench's models)
-MODELS = ("efficientnet-lite0", "haar-frontalface", "ssd-mobilenet-v2-coco")
+# Fast to load: the classifier, the face cascade and the SSD detector (the bench's models), and
+# the cascade again as an operator's manifest with a queue of one (Triton refuses beyond it)
+MODELS = ("efficientnet-lite0", "haar-frontalface", "ssd-mobilenet-v2-coco", "haar-one-queued")
+
+
+def one_queued() -> ModelManifest:
+    [face] = [m for m in builtin_manifests() if m.name == "haar-frontalface"]
+    return dataclasses.replace(face, name="haar-one-queued", max_batch=1, max_queue=1)
 
 
 @dataclass
@@ -36,6 +45,7 @@ class InferenceService:
     grpc_port: int
     metrics_port: int
     log: Path
+    models_dir: Path  # operators' manifests
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,6 +73,7 @@ class InferenceService:
             "SIGHTLINE_VISION_THREADS": "1",
             # Triton's stub's numpy-1 environment, made by the first run and kept (gitignored)
             "SIGHTLINE_VISION_SERVE_STUB_ENV": str(ROOT / ".venv-triton-stub"),
+            "SIGHTLINE_VISION_MODELS_DIR": str(self.models_dir),
         }
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
@@ -111,8 +122,10 @@ class InferenceService:
 def inference_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceService]:
     if importlib.util.find_spec("pytriton") is None:
         pytest.skip("PyTriton is not installed (requirements-serve.txt)")
+    folder = tmp_path_factory.mktemp("serve")
+    (folder / "one-queued.json").write_text(json.dumps(one_queued().to_dict()), "utf-8")
     service = InferenceService(
-        free_port(), free_port(), free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
+        free_port(), free_port(), free_port(), log=folder / "serve.log", models_dir=folder
     )
     service.start()
     try:

@@ -17,6 +17,7 @@ from backend.inference import runtimes
 from backend.inference.client import (
     InferenceError,
     ModelStatus,
+    Overloaded,
     ServiceUnavailable,
     SignatureMismatch,
 )
@@ -24,9 +25,9 @@ from backend.inference.manifest import load_manifests
 from backend.inference.remote import RemoteInference
 from backend.vision.preprocess import classification_input, detector_input
 from tests.conftest import scaled
-from tests.remote.conftest import MODELS, ROOT, InferenceService
+from tests.remote.conftest import MODELS, ROOT, InferenceService, one_queued
 
-MANIFESTS = {m.name: m for m in load_manifests(None) if m.name in MODELS}
+MANIFESTS = {m.name: m for m in [*load_manifests(None), one_queued()] if m.name in MODELS}
 
 
 @pytest.fixture
@@ -107,6 +108,23 @@ async def test_a_model_whose_metadata_differs_never_serves(
         assert refused.value.code == "MODEL_SIGNATURE_MISMATCH"
     finally:
         await client.close()
+
+
+async def test_beyond_the_models_queue_on_the_server_is_overloaded_not_a_failure(
+    remote: RemoteInference,
+) -> None:
+    manifest = MANIFESTS["haar-one-queued"]
+    gray = detector_input(data.astronaut(), manifest.runtime, manifest.input)
+    outcomes = await asyncio.gather(
+        *(remote.infer(manifest.name, [gray], timeout_s=scaled(60)) for _ in range(32)),
+        return_exceptions=True,
+    )
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert refused, "Triton queued more than the manifest's max_queue"
+    assert all(isinstance(o, Overloaded) for o in refused), refused
+    assert refused[0].code == "OVERLOADED"
+    assert len(refused) < len(outcomes)  # the rest were served
+    assert not remote.breaker.open  # a full queue is the service answering, not failing
 
 
 async def test_a_service_killed_mid_request_gives_a_typed_error_then_serves_again(
