@@ -8,7 +8,7 @@ post-processing (backend/vision) runs around the model wherever it is served.
   FP32 [labels].
 - detection: `image` UINT8 [h, w] (a cascade) or [h, w, 3], `min_score` FP32 [1],
   `max_detections` INT32 [1] -> `detections` FP32 [n, 6] (rows [class id, score, x0, y0, x1,
-  y1], padded to the batch's longest), `count` INT32 [1] (the rows that are real).
+  y1], padded to the request's longest, at least one), `count` INT32 [1] (the real rows).
 - ocr: `image` UINT8 [h, w, 3] -> `result` BYTES [1] (the runtime's dict as JSON).
 """
 
@@ -196,7 +196,9 @@ def response_arrays(manifest: ModelManifest, outputs: Sequence[Any]) -> dict[str
         return {"logits": np.stack([np.asarray(o, dtype=np.float32) for o in outputs])}
     if manifest.task == Task.DETECTION:
         rows = [np.asarray(o, dtype=np.float32).reshape(-1, DETECTION_COLUMNS) for o in outputs]
-        longest = max((len(r) for r in rows), default=0)
+        # at least one row: PyTriton cannot move a tensor with no elements ("memoryview: cannot
+        # cast view with zeros in shape"), so an image without detections gets one padded row
+        longest = max(1, *(len(r) for r in rows))
         padded = np.zeros((len(rows), longest, DETECTION_COLUMNS), dtype=np.float32)
         for i, r in enumerate(rows):
             padded[i, : len(r)] = r

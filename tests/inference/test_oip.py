@@ -122,3 +122,11 @@ def test_detections_of_one_request_are_padded_to_its_longest() -> None:
     arrays = oip.response_arrays(DETECTOR, [rows, rows[:1]])
     assert arrays["detections"].shape == (2, 3, 6)
     assert arrays["count"].reshape(-1).tolist() == [3, 1]
+
+
+def test_no_detections_still_send_a_row() -> None:
+    """PyTriton cannot move a tensor with no elements: one padded row, a count of 0."""
+    arrays = oip.response_arrays(DETECTOR, [np.zeros((0, 6), np.float32)])
+    assert arrays["detections"].shape == (1, 1, 6)
+    assert arrays["count"].reshape(-1).tolist() == [0]
+    assert oip.response_output(DETECTOR, arrays).shape == (0, 6)

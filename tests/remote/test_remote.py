@@ -70,6 +70,9 @@ async def test_detects_with_the_requests_limits(remote: RemoteInference) -> None
     [expected] = runtimes.load(face, "cpu", 1)([gray])
     np.testing.assert_allclose(rows, expected, rtol=1e-5)
     assert len(rows) >= 1
+    blank = np.full((64, 64), 128, np.uint8)
+    [none] = await remote.infer("haar-frontalface", [blank], timeout_s=scaled(60))
+    assert none.shape == (0, 6)
 
     ssd = MANIFESTS["ssd-mobilenet-v2-coco"]
     coffee = detector_input(data.coffee(), ssd.runtime, ssd.input)
