@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from backend.inference.catalog import Task
-from backend.inference.client import SignatureMismatch
+from backend.inference.client import Priority, SignatureMismatch
 from backend.inference.manifest import ManifestError, ModelManifest
 
 DTYPES: dict[str, Any] = {
@@ -32,6 +32,9 @@ DTYPES: dict[str, Any] = {
     "BYTES": np.object_,
 }
 DETECTION_COLUMNS = 6
+# Triton's request priority (1 is served first) of ours; a server whose model has no priority
+# levels accepts and ignores it
+PRIORITY = {Priority.LIVE: 1, Priority.BATCH: 2}
 
 
 @dataclass(frozen=True)

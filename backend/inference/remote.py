@@ -211,8 +211,8 @@ class RemoteInference:
         Overloaded (beyond the model's queue on the server: not retried), ServiceUnavailable
         (the service did not answer after the retries, or the circuit is open),
         InferenceError (the server refused the call), or TimeoutError after `timeout_s`. The
-        priority is not sent: a Triton model has no priority levels unless its configuration
-        sets them."""
+        priority goes with each request (live frames first where the model has priority
+        levels, as `sightline inference serve` configures them)."""
         manifest = self.manifest(model, version)
         key = (manifest.name, manifest.version)
         state = self._states[key]
@@ -220,7 +220,10 @@ class RemoteInference:
             raise self._failures.get(key) or ModelUnavailable(state.error or model)
         if state.status is not ModelStatus.READY or self._client is None:
             raise ModelUnavailable(f"{model} is not ready on the inference service at {self._url}")
-        calls = [asyncio.ensure_future(self._call(manifest, item)) for item in inputs]
+        calls = [
+            asyncio.ensure_future(self._call(manifest, item, oip.PRIORITY[priority]))
+            for item in inputs
+        ]
         try:
             async with asyncio.timeout(timeout_s):
                 outputs = list(await asyncio.gather(*calls))
@@ -230,7 +233,7 @@ class RemoteInference:
         state.items += len(outputs)
         return outputs
 
-    async def _call(self, manifest: ModelManifest, item: Any) -> Any:
+    async def _call(self, manifest: ModelManifest, item: Any, priority: int) -> Any:
         from tritonclient.http import InferInput, InferRequestedOutput
         from tritonclient.utils import InferenceServerException
 
@@ -250,7 +253,9 @@ class RemoteInference:
                     "for a while (circuit open)"
                 )
             try:
-                result = await self._client.infer(manifest.name, inputs, outputs=outputs)
+                result = await self._client.infer(
+                    manifest.name, inputs, outputs=outputs, priority=priority
+                )
             except InferenceServerException as exc:
                 if _overloaded(exc) or str(exc.status()) not in _RETRY_STATUSES:
                     self._breaker.succeeded()  # the server answered: the call is at fault

@@ -158,6 +158,9 @@ def serve(
                         preferred_batch_size=list(manifest.preferred_batch) or None,
                         # beyond the manifest's queue, Triton refuses (the client: OVERLOADED)
                         default_queue_policy=QueuePolicy(max_queue_size=manifest.max_queue),
+                        # live frames first, as in the local pool (oip.PRIORITY)
+                        priority_levels=len(oip.PRIORITY),
+                        default_priority_level=max(oip.PRIORITY.values()),
                     ),
                 ),
                 strict=True,

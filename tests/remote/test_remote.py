@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -205,3 +207,19 @@ async def test_the_remote_path_loads_no_torch(inference_service: InferenceServic
     label, torch_loaded = out.decode().strip().splitlines()[-1].split("|")
     assert label in {"tabby", "Egyptian cat", "tiger cat"}
     assert torch_loaded == "False"
+
+
+def test_tritons_batcher_is_the_manifests(inference_service: InferenceService) -> None:
+    for name in ("efficientnet-lite0", "haar-one-queued"):
+        manifest = MANIFESTS[name]
+        with urllib.request.urlopen(
+            f"http://{inference_service.url}/v2/models/{name}/config", timeout=scaled(10)
+        ) as answer:
+            config = json.load(answer)
+        batcher = config["dynamic_batching"]
+        assert config["max_batch_size"] == manifest.max_batch
+        assert batcher["max_queue_delay_microseconds"] == round(manifest.max_delay_ms * 1000)
+        if manifest.preferred_batch:  # none: PyTriton's default
+            assert batcher["preferred_batch_size"] == list(manifest.preferred_batch)
+        assert int(batcher["default_queue_policy"]["max_queue_size"]) == manifest.max_queue
+        assert batcher["priority_levels"] == 2  # live frames first
