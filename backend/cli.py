@@ -321,6 +321,7 @@ def inference_serve(  # noqa: PLR0917 - typer's options are the parameters
             manifests,
             address,
             stub_env=stub_env,
+            workspaces=settings.data_dir / "triton-workspaces",
             device=vision.device,
             threads=vision.worker_threads(),
         )

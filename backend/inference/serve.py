@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -77,6 +78,27 @@ def stub_environment(path: Path) -> Path:
     return path
 
 
+def workspace(root: Path) -> Path:
+    """This process's PyTriton workspace under `root` (a copy of the Triton server, sockets,
+    the model store), named by its pid. PyTriton removes its own on a clean stop; one left by a
+    killed server (about 20 MB) is removed here when its process is gone."""
+    root.mkdir(parents=True, exist_ok=True)
+    for left in root.iterdir():
+        if left.name.isdigit() and not _alive(int(left.name)):
+            shutil.rmtree(left, ignore_errors=True)
+    return root / str(os.getpid())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def servable(manifests: Sequence[ModelManifest], names: Sequence[str] = ()) -> list[ModelManifest]:
     """The manifests to serve: `names` (each must exist and have a protocol form), else every
     one with a protocol form."""
@@ -114,6 +136,7 @@ def serve(
     address: ServeAddress,
     *,
     stub_env: Path,
+    workspaces: Path,
     device: str = "auto",
     threads: int = 1,
 ) -> None:
@@ -138,7 +161,7 @@ def serve(
         metrics_port=address.metrics_port,
         exit_timeout_secs=5,
     )
-    with Triton(config=config) as triton:
+    with Triton(config=config, workspace=workspace(workspaces)) as triton:
         for manifest in manifests:
             tensors = oip.signature(manifest)
             run = runtimes.load(manifest, device, threads)

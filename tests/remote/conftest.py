@@ -74,6 +74,7 @@ class InferenceService:
             # Triton's stub's numpy-1 environment, made by the first run and kept (gitignored)
             "SIGHTLINE_VISION_SERVE_STUB_ENV": str(ROOT / ".venv-triton-stub"),
             "SIGHTLINE_VISION_MODELS_DIR": str(self.models_dir),
+            "SIGHTLINE_DATA_DIR": str(self.models_dir),  # PyTriton's workspaces
         }
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
