@@ -194,15 +194,27 @@ async def build_services(
     await auth.start()
     purges = PurgeScheduler(privacy, state.redis, state.keys, settings.privacy)
     purges.start()
-    lifecycle = ModelOperations(state.redis, state.keys, settings.lifecycle, state.metrics)
+    lifecycle = ModelOperations(
+        state.redis,
+        state.keys,
+        settings.lifecycle,
+        state.metrics,
+        drift=settings.drift,
+        db=state.db,
+    )
     lifecycle.start()
     runs.served = lifecycle.stats.record  # every run's version, outcome, latency and cost
     vision.operations = lifecycle  # every task's version figures; shadows of sampled requests
+    runs.drift = lifecycle.drift  # each turn's drift samples (None: drift off)
+    knowledge.drift = lifecycle.drift  # each search's
     lifecycle.use_registry(
         models_watcher,
         rollback=functools.partial(_canary_rollback, registry),
         ramp=functools.partial(_canary_ramp, registry),
     )
+    lifecycle.use_history(lambda: models_watcher.snapshot, registry.version_events)
+    models_watcher.add_listener(lifecycle.routed)  # traffic weights and canaries as gauges
+    state.metrics.on_error = lifecycle.errors.record  # errors by code over time, too
     knowledge.start()  # renews job leases, takes over the jobs of replicas that died
     vision.start()  # the same for vision jobs (taken over only where vision is on)
     warm_up = _warm_up(settings, shared_embedder, guardrails, vision, inference)

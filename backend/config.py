@@ -1257,6 +1257,18 @@ class LifecycleSettings(_Section):
         description="Most distinct (model, version, bucket) series a replica holds between "
         "flushes; figures past it are dropped (and logged).",
     )
+    timeline_max_points: int = Field(
+        360,
+        ge=1,
+        le=10_000,
+        description="Most points (window / step) one `operationsTimeline` reads per version.",
+    )
+    timeline_max_events: int = Field(
+        500,
+        ge=1,
+        description="Most version events (promotions, canaries, rollbacks) one "
+        "`operationsTimeline` returns: the newest.",
+    )
     shadow_max_in_flight: int = Field(
         4,
         ge=0,
@@ -1279,6 +1291,90 @@ class LifecycleSettings(_Section):
         gt=0,
         description="Longest one pass of the canary guard may take (rollbacks included).",
     )
+
+
+class DriftSettings(_Section):
+    """Drift per model version: a reference window against a sliding current window of each
+    input and output signal, compared periodically (PSI, Kolmogorov-Smirnov, Jensen-Shannon,
+    the embeddings' centroid distance)."""
+
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_DRIFT_", extra="ignore")
+
+    enabled: bool = Field(
+        True,
+        description="Record drift samples and compare the windows; off, nothing is recorded on "
+        "a request's path.",
+    )
+    reference_size: int = Field(
+        500,
+        ge=2,
+        le=100_000,
+        description="Samples per signal in a version's reference window: the first ones it "
+        "serves, unless an operator pins a window (`pinDriftReference`).",
+    )
+    window_size: int = Field(
+        500, ge=2, le=100_000, description="Samples per signal in the sliding current window."
+    )
+    min_samples: int = Field(
+        100,
+        ge=2,
+        description="Fewest samples of a signal in each window before it is compared.",
+    )
+    history_size: int = Field(
+        5_000,
+        ge=2,
+        le=1_000_000,
+        description="Latest samples kept per version and signal (in Redis): the current window "
+        "is the newest of them; a pinned reference is chosen from them.",
+    )
+    bins: int = Field(
+        10, ge=2, le=100, description="Bins (the reference's quantiles) of PSI and Jensen-Shannon."
+    )
+    psi_threshold: float = Field(
+        0.2, gt=0, description="PSI above which a distribution signal has drifted."
+    )
+    centroid_threshold: float = Field(
+        0.1,
+        gt=0,
+        description="Cosine distance between the query embeddings' centroids above which "
+        "they have drifted.",
+    )
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description='Thresholds of single signals, by name (JSON: {"answer_length": 0.3}); the '
+        "others get the PSI or centroid threshold.",
+    )
+    interval_s: float = Field(
+        60.0, gt=0, description="How often the windows are compared (on one replica at a time)."
+    )
+    timeout_s: float = Field(
+        30.0, gt=0, description="Longest one comparison of every version may take."
+    )
+    flush_interval_s: float = Field(
+        2.0, gt=0, le=60, description="How often a replica sends its samples to Redis."
+    )
+    flush_timeout_s: float = Field(
+        5.0, gt=0, description="Longest wait for one flush; samples of a failed flush are lost."
+    )
+    max_pending: int = Field(
+        20_000,
+        ge=1,
+        description="Most samples a replica holds between flushes; samples past it are dropped.",
+    )
+    snapshot_retention_days: int = Field(
+        30, ge=1, description="Days the drift snapshots (modelDrift's history) are kept."
+    )
+    max_history: int = Field(
+        500, ge=1, description="Most snapshots one `modelDrift` query returns (`last`)."
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [name for name, threshold in value.items() if not threshold > 0]
+        if bad:
+            raise ValueError(f"drift thresholds must be above 0: {', '.join(sorted(bad))}")
+        return value
 
 
 class OpenAIAPISettings(_Section):
@@ -1327,6 +1423,7 @@ class Settings(_Section):
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     openai: OpenAIAPISettings = Field(default_factory=OpenAIAPISettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
 
     @model_validator(mode="after")
     def _production_is_explicit(self) -> Settings:

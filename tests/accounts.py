@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
 from fastapi import FastAPI
 from httpx import AsyncClient
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from backend.core.models import Tenant, UserRole
+from backend.auth.passwords import hash_password
+from backend.config import Settings
+from backend.core.db import Database
+from backend.core.models import Tenant, User, UserRole
 from backend.services import Services
 
 PASSWORD = "correct horse battery staple"
@@ -26,6 +32,35 @@ class Account:
     @property
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.access_token}"}
+
+
+async def committed_tenant(
+    settings: Settings,
+    engine: AsyncEngine,
+    name: str,
+    users: Sequence[tuple[str, UserRole]],
+    password: str = PASSWORD,
+) -> Tenant:
+    """A tenant (slug `name-<random>`) with `users` (email, role), committed: live servers
+    cannot see a test's rolled-back rows."""
+    db = Database.connect(engine.url.render_as_string(hide_password=False), settings.database)
+    try:
+        async with db.session() as session:
+            tenant = Tenant(slug=f"{name.lower()}-{secrets.token_hex(4)}", name=name)
+            session.add(tenant)
+        async with db.session(tenant.id) as session:
+            for email, role in users:
+                session.add(
+                    User(
+                        tenant_id=tenant.id,
+                        email=email,
+                        role=role,
+                        password_hash=await hash_password(password),
+                    )
+                )
+    finally:
+        await db.dispose()
+    return tenant
 
 
 async def token(client: AsyncClient, **form: str) -> dict:

@@ -32,6 +32,7 @@ from backend.config import (
     ChatSettings,
     ClassifierMode,
     DatabaseSettings,
+    DriftSettings,
     Environment,
     GuardrailSettings,
     LifecycleSettings,
@@ -210,6 +211,8 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         # The model registry's periodic re-read only where tested (tests/lifecycle): the app's
         # sessions share the test's one connection, and a background reader would interleave.
         lifecycle=LifecycleSettings(reconcile_s=3600.0),
+        # Drift comparisons (database writes) only when a test asks (tests/lifecycle/test_drift).
+        drift=DriftSettings(interval_s=3600.0),
     )
 
 

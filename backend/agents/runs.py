@@ -52,6 +52,7 @@ from backend.errors import (
     is_overload,
 )
 from backend.inference.llm.base import LLMError
+from backend.lifecycle.drift import DriftRecorder
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import TOKEN_DELTA, EventsExpired, RunEvent, RunEventLog
@@ -162,6 +163,7 @@ class RunService:
     ) -> None:
         self._metrics = metrics or Metrics()
         self.served = served  # the lifecycle's statistics, when wired
+        self.drift: DriftRecorder | None = None  # each answer's drift samples, when wired
         # What a user's message becomes when stored (the tenant's data protection policy may
         # redact it); None: stored as sent.
         self._stored_text = stored_text
@@ -583,6 +585,15 @@ class RunService:
             await self.events.append(str(turn.run.id), kind, body)
 
     async def _store_answer(self, turn: _Turn, answer: str, notes: dict) -> None:
+        if self.drift is not None:
+            self.drift.chat_turn(
+                turn.model.alias,
+                turn.model.version,
+                prompt_chars=len(turn.message.content),
+                answer_chars=len(answer),
+                rails=notes.get("guardrails"),
+            )
+
         async def store() -> uuid.UUID:
             async with self._db.session(turn.principal.tenant_id) as session:
                 conversation = await self._conversations.owned_for_update(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -246,6 +247,70 @@ class Metrics:
             ["model", "version", "reason"],
             registry=r,
         )
+        # Drift (backend.lifecycle.drift): set by the replica that compares the windows.
+        self.model_drift = Gauge(
+            "sightline_model_drift",
+            "How far a model version's current window of a signal has moved from its reference "
+            "(statistic: psi, ks, js, centroid).",
+            ["model", "version", "signal", "statistic"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.model_drift_threshold = Gauge(
+            "sightline_model_drift_threshold",
+            "The threshold of a signal's thresholded statistic (psi, or centroid for embeddings).",
+            ["model", "version", "signal"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.model_drift_exceeded = Counter(
+            "sightline_model_drift_exceeded",
+            "Times a model version's signal crossed its drift threshold.",
+            ["model", "version", "signal"],
+            registry=r,
+        )
+        # -- the Models dashboard and the operations view (issue 18 item 7) ---------------
+        self.model_requests = Counter(
+            "sightline_model_requests",
+            "Requests each model version served (every kind: chat, vision, embedding), by "
+            "outcome (ok, error): the A/B arms side by side.",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        self.model_request_latency = Histogram(
+            "sightline_model_request_duration_seconds",
+            "Latency of each request a model version served (what the canary guard compares).",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_traffic_weight = Gauge(
+            "sightline_model_traffic_weight",
+            "Percent of a model's requests each version gets, by role (live, candidate; "
+            "shadow: the percent mirrored to it), as this replica's registry holds it.",
+            ["model", "version", "role"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.model_canary_active = Gauge(
+            "sightline_model_canary_active",
+            "1 while the version is a canary under the canary guard, 0 for other versions with "
+            "traffic and once it is not (promoted, rolled back, or its guard removed).",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.model_shadow_agreement = Histogram(
+            "sightline_model_shadow_agreement",
+            "Each shadow comparison with live, by shadow version and metric (top1_agreement, "
+            "detection_f1, cer, similarity, top10_overlap); the mean is _sum over _count.",
+            ["model", "version", "metric"],
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0),
+            registry=r,
+        )
+        self._routed: set[tuple[str, str, str]] = set()
+        self._arms: set[tuple[str, str]] = set()
+        self.on_error: Callable[[str], None] | None = None  # also counted over time (timeline)
         self._names: set[str] = set()
         self._max_names = max_operation_names
         self._codes: set[str] = set()
@@ -280,7 +345,10 @@ class Metrics:
 
     def error(self, surface: str, code: object, operation: str, model: str = "") -> None:
         """One typed error; `operation` must already be a bounded label (operation_label)."""
-        self.errors.labels(surface, self.code_label(code), operation, model).inc()
+        label = self.code_label(code)
+        self.errors.labels(surface, label, operation, model).inc()
+        if self.on_error is not None:
+            self.on_error(label)
 
     def guardrail_decision(self, stage: str, rail: str, action: str, tenant: str) -> None:
         self.guardrail_decisions.labels(stage, rail, action, tenant).inc()
@@ -317,6 +385,57 @@ class Metrics:
 
     def model_rolled_back(self, model: str, version: str, reason: str) -> None:
         self.model_rollbacks.labels(model, version, reason).inc()
+
+    def drift(self, model: str, version: str, signal: str, figures: dict[str, float]) -> None:
+        for statistic, value in figures.items():
+            self.model_drift.labels(model, version, signal, statistic).set(value)
+
+    def drift_threshold(self, model: str, version: str, signal: str, threshold: float) -> None:
+        self.model_drift_threshold.labels(model, version, signal).set(threshold)
+        self.model_drift_exceeded.labels(model, version, signal)  # exported at 0 from the start
+
+    def drift_exceeded(self, model: str, version: str, signal: str) -> None:
+        self.model_drift_exceeded.labels(model, version, signal).inc()
+
+    def drift_cleared(self) -> None:
+        """Another replica compares the windows now: its gauges tell the figures."""
+        self.model_drift.clear()
+        self.model_drift_threshold.clear()
+
+    def models_routed(
+        self, weights: Iterable[tuple[str, str, str, float, bool]], reasons: Iterable[str]
+    ) -> None:
+        """The registry's traffic now: (model, version, role, percent, canary guarded) for
+        every version with a role; versions that lost theirs drop to 0. Each version with
+        traffic has its canary state and its rollbacks for each of `reasons` exported (at 0)
+        from the start."""
+        reasons = tuple(reasons)
+        routed: set[tuple[str, str, str]] = set()
+        arms: dict[tuple[str, str], bool] = {}
+        for model, version, role, percent, guarded in weights:
+            self.model_traffic_weight.labels(model, version, role).set(percent)
+            routed.add((model, version, role))
+            if role != "shadow":
+                arms[model, version] = guarded
+        with self._lock:
+            gone, self._routed = self._routed - routed, routed
+            ended, self._arms = self._arms - arms.keys(), set(arms)
+        for labels in gone:
+            self.model_traffic_weight.labels(*labels).set(0)
+        for (model, version), guarded in arms.items():
+            self.model_canary_active.labels(model, version).set(1 if guarded else 0)
+            for reason in reasons:
+                self.model_rollbacks.labels(model, version, reason)
+        for model, version in ended:
+            self.model_canary_active.labels(model, version).set(0)
+
+    def model_served(self, model: str, version: str, ok: bool, latency_s: float) -> None:
+        self.model_requests.labels(model, version, "ok" if ok else "error").inc()
+        self.model_request_latency.labels(model, version).observe(latency_s)
+
+    def shadow_compared(self, model: str, version: str, metrics: Mapping[str, float]) -> None:
+        for name, value in metrics.items():
+            self.model_shadow_agreement.labels(model, version, name).observe(value)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format for /metrics (summed over workers in multiprocess mode)."""

@@ -20,7 +20,7 @@ ADMIN = [HasScope(Scope.ADMIN)]
 ModelVersionRole = strawberry.enum(comparison.Role, name="ModelVersionRole")
 
 
-def _ms(seconds: float | None) -> float | None:
+def milliseconds(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
@@ -55,8 +55,8 @@ class ShadowAgreement:
             failed=found.failed,
             skipped=found.skipped,
             metrics=[AgreementMetric(name=n, mean=v) for n, v in sorted(found.metrics.items())],
-            live_latency_ms=_ms(found.live_latency_s),
-            shadow_latency_ms=_ms(found.shadow_latency_s),
+            live_latency_ms=milliseconds(found.live_latency_s),
+            shadow_latency_ms=milliseconds(found.shadow_latency_s),
         )
 
 
@@ -89,8 +89,8 @@ class ModelVersionFigures:
             requests=window.requests,
             errors=window.errors,
             error_rate=window.error_rate,
-            p50_ms=_ms(window.p50_s),
-            p95_ms=_ms(window.p95_s),
+            p50_ms=milliseconds(window.p50_s),
+            p95_ms=milliseconds(window.p95_s),
             tokens=window.tokens,
             compute_seconds=window.compute_s,
             cost=window.cost,

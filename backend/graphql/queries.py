@@ -6,9 +6,11 @@ import strawberry
 
 from backend.graphql.auth import AuthMutation, AuthQuery
 from backend.graphql.chat import ChatMutation, ChatQuery
+from backend.graphql.drift import DriftMutation, DriftQuery
 from backend.graphql.guardrails import GuardrailMutation, GuardrailQuery
 from backend.graphql.knowledge import KnowledgeMutation, KnowledgeQuery
 from backend.graphql.model_comparison import ModelComparisonQuery
+from backend.graphql.operations_timeline import OperationsTimelineQuery
 from backend.graphql.privacy import PrivacyMutation, PrivacyQuery
 from backend.graphql.registry import RegistryMutation, RegistryQuery
 from backend.graphql.runs import RunMutation, RunQuery
@@ -34,7 +36,9 @@ class Query(
     VisionQuery,
     PrivacyQuery,
     ModelComparisonQuery,
+    OperationsTimelineQuery,
     RegistryQuery,
+    DriftQuery,
 ):
     pass
 
@@ -49,5 +53,6 @@ class Mutation(
     VisionMutation,
     PrivacyMutation,
     RegistryMutation,
+    DriftMutation,
 ):
     pass

@@ -65,6 +65,8 @@ from backend.knowledge.chunking import ChunkText, chunk
 from backend.knowledge.embeddings import Embedder, EmbeddingUnavailable
 from backend.knowledge.extract import Extracted, Section, UnreadableDocument, extract, sniff
 from backend.knowledge.fusion import fuse
+from backend.lifecycle.drift import DriftRecorder
+from backend.lifecycle.seeding import FIRST_VERSION
 from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
 
@@ -166,6 +168,7 @@ class KnowledgeService:
         self._redis = redis
         self._keys = keys.child("kb")
         self.embedder = embedder
+        self.drift: DriftRecorder | None = None  # each search's drift samples, when wired
         self._limiter = limiter
         self._settings = settings
         self.events = RunEventLog(redis, self._keys, ttl_after_end_s=settings.jobs_ttl_s)
@@ -907,6 +910,15 @@ class KnowledgeService:
         ]
         if rescore and vector is not None and hits:
             hits = await self._rescore(principal, hits, vector, k)
+        if self.drift is not None:
+            model, _, version = self.embedder.name.partition("@")
+            self.drift.search(
+                model,
+                version or FIRST_VERSION,
+                query_chars=len(query),
+                vector=vector,
+                top_score=hits[0].score if hits else None,
+            )
         return hits[:k]
 
     async def _ranked(

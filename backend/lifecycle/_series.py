@@ -24,6 +24,7 @@ from backend.core.tasks import Periodic
 log = logging.getLogger(__name__)
 
 Fields = dict[str, float]
+Bucket = tuple[int, Fields]  # (start, epoch seconds; the fields added in it)
 
 
 class Series:
@@ -100,6 +101,16 @@ class Series:
     async def read(self, series: tuple[str, ...], seconds: float) -> Fields:
         """The sums of `series` over the buckets that overlap the last `seconds` (at most the
         retention), on every replica, plus what this replica has not flushed yet."""
+        total: Fields = defaultdict(float)
+        for _, fields in await self.read_buckets(series, seconds):
+            for name, value in fields.items():
+                total[name] += value
+        return dict(total)
+
+    async def read_buckets(self, series: tuple[str, ...], seconds: float) -> list[Bucket]:
+        """Each bucket that overlaps the last `seconds` (at most the retention), oldest first,
+        as (its start in epoch seconds, its fields): every replica's figures plus what this
+        replica has not flushed yet; a bucket with nothing has no fields."""
         now = self._clock()
         seconds = min(seconds, self.retention_s)
         last = int(now // self.bucket_s) * self.bucket_s
@@ -109,14 +120,30 @@ class Series:
             for bucket in buckets:
                 pipe.hgetall(self._key(series, bucket))
             stored = await pipe.execute()
-        total: Fields = defaultdict(float)
-        for found in stored:
-            for name, value in found.items():
-                total[name.decode()] += float(value)
-        for bucket in buckets:
+        found: list[Bucket] = []
+        for bucket, hashed in zip(buckets, stored, strict=True):
+            fields: Fields = {name.decode(): float(value) for name, value in hashed.items()}
             for name, value in self._pending.get((series, bucket), {}).items():
-                total[name] += value
-        return dict(total)
+                fields[name] = fields.get(name, 0.0) + value
+            found.append((bucket, fields))
+        return found
+
+    async def read_steps(
+        self, series: tuple[str, ...], seconds: float, step_s: int
+    ) -> list[Bucket]:
+        """The buckets of the last `seconds` summed per step of `step_s` (a multiple of the
+        bucket width), oldest first, every step present (an empty one has no fields)."""
+        now = self._clock()
+        first = int((now - min(seconds, self.retention_s)) // step_s) * step_s
+        last = int(now // step_s) * step_s
+        steps: dict[int, Fields] = {start: {} for start in range(first, last + 1, step_s)}
+        for bucket, fields in await self.read_buckets(series, now - first):
+            summed = steps.get(bucket // step_s * step_s)
+            if summed is None:
+                continue
+            for name, value in fields.items():
+                summed[name] = summed.get(name, 0.0) + value
+        return list(steps.items())
 
     @property
     def running(self) -> bool:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -173,6 +174,30 @@ async def policy_revision(
     session: AsyncSession, model: str, revision: int
 ) -> TrafficPolicyRevision | None:
     return await session.get(TrafficPolicyRevision, (model, revision))
+
+
+async def policy_changes(
+    session: AsyncSession, since: datetime, limit: int
+) -> list[tuple[TrafficPolicyRevision, TrafficPolicyRevision | None]]:
+    """The policy revisions written since `since` (at most `limit`, the newest), oldest
+    first, each with the revision it replaced (None: the model's first)."""
+    newest = (
+        select(TrafficPolicyRevision)
+        .where(TrafficPolicyRevision.created_at >= since)
+        .order_by(TrafficPolicyRevision.created_at.desc(), TrafficPolicyRevision.revision.desc())
+        .limit(limit)
+    )
+    changes = list(reversed(list(await session.scalars(newest))))
+    wanted = {(c.model, c.revision - 1) for c in changes if c.revision > 1}
+    before: dict[tuple[str, int], TrafficPolicyRevision] = {}
+    if wanted:
+        rows = await session.scalars(
+            select(TrafficPolicyRevision).where(
+                tuple_(TrafficPolicyRevision.model, TrafficPolicyRevision.revision).in_(wanted)
+            )
+        )
+        before = {(r.model, r.revision): r for r in rows}
+    return [(c, before.get((c.model, c.revision - 1))) for c in changes]
 
 
 # -- pins ------------------------------------------------------------------------------------

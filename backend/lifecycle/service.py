@@ -82,6 +82,7 @@ from backend.lifecycle.schemas import (
     canary_json,
     policy_of,
 )
+from backend.lifecycle.timeline import VersionEvent, events_of
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class ModelRegistryService:
 
     # -- who may -------------------------------------------------------------------------
 
-    async def _require_operator(self, principal: Principal | None, what: str) -> None:
+    async def require_operator(self, principal: Principal | None, what: str) -> None:
         if principal is None or await self._auth.is_operator(principal, self._operator_tenant):
             return
         await self._auth.record_denial(principal, what, None)
@@ -242,7 +243,7 @@ class ModelRegistryService:
         """Registers a version (and the model, given its kind, when it is new). A vision
         version's files are checked against their sha256 first; it then loads on every
         replica (LOADING until all report it ready). Chat and embedding versions are READY."""
-        await self._require_operator(principal, "Mutation.registerModelVersion")
+        await self.require_operator(principal, "Mutation.registerModelVersion")
         check_names(model, version)
         if sha256 is not None:
             sha256 = sha256.strip().lower()
@@ -346,7 +347,7 @@ class ModelRegistryService:
         self, principal: Principal | None, model: str, version: str
     ) -> VersionDetails:
         """Retires a version no traffic reaches (replicas unload it); kept for the record."""
-        await self._require_operator(principal, "Mutation.retireModelVersion")
+        await self.require_operator(principal, "Mutation.retireModelVersion")
         async with self._db.session(principal.tenant_id if principal else None) as session:
             await repo.lock_registry(session)
             row = await _existing_version(session, model, version)
@@ -392,7 +393,7 @@ class ModelRegistryService:
         """Replaces the model's arms (weights in percent, summing to 100); the fields left as
         KEEP stay as they are. `expected_revision`: refused (STALE_TRAFFIC_POLICY) when the
         policy has changed since."""
-        await self._require_operator(principal, "Mutation.setTrafficPolicy")
+        await self.require_operator(principal, "Mutation.setTrafficPolicy")
 
         def change(current: TrafficPolicy | None) -> TrafficPolicy:
             if expected_revision is not None:
@@ -419,7 +420,7 @@ class ModelRegistryService:
     ) -> TrafficPolicy:
         """Gives `version` all the traffic; the versions that had it stay READY (loaded) for a
         rollback. Promoting the shadow ends the shadowing."""
-        await self._require_operator(principal, "Mutation.promoteModelVersion")
+        await self.require_operator(principal, "Mutation.promoteModelVersion")
 
         def change(current: TrafficPolicy | None) -> TrafficPolicy:
             base = current or TrafficPolicy(model=model, arms=())
@@ -438,7 +439,7 @@ class ModelRegistryService:
     ) -> TrafficPolicy:
         """Goes back to the policy before the current one (arms, sticky key, shadow, canary
         guard). A rollback is itself a revision; rolling back again goes further back."""
-        await self._require_operator(principal, "Mutation.rollbackModel")
+        await self.require_operator(principal, "Mutation.rollbackModel")
         async with self._db.session(principal.tenant_id if principal else None) as session:
             await repo.lock_registry(session)
             if await repo.model(session, model) is None:
@@ -556,6 +557,15 @@ class ModelRegistryService:
             reason=reason,
         )
         return policy, revision
+
+    async def version_events(self, since: datetime, limit: int) -> list[VersionEvent]:
+        """What the policy changes since `since` did to versions (promotions, canaries,
+        rollbacks, the canary guard's among them), oldest first; at most `limit`, the newest.
+        From the policy revisions, the registry's own record: the guard's changes are audited
+        with no tenant, which the app's role cannot read back."""
+        async with self._db.session() as session:
+            changes = await repo.policy_changes(session, since, limit)
+        return events_of(changes)
 
     # -- pins ----------------------------------------------------------------------------
 

@@ -161,8 +161,13 @@ class ShadowAgreement:
 class ShadowLedger:
     """Adds up shadow comparisons per (model, live version, shadow version)."""
 
-    def __init__(self, series: Series) -> None:
+    def __init__(
+        self,
+        series: Series,
+        observed: Callable[[str, str, Mapping[str, float]], None] | None = None,
+    ) -> None:
         self._series = series
+        self._observed = observed  # (model, shadow version, metrics): the Prometheus side
 
     def _of(self, model: str, live: str, shadow: str) -> tuple[str, ...]:
         return ("shadow", model, live, shadow)
@@ -181,6 +186,8 @@ class ShadowLedger:
         fields |= {METRIC_COUNT + name: 1 for name in metrics}
         fields |= {"n": 1, "live_s": live_latency_s, "shadow_s": shadow_latency_s}
         self._series.add(self._of(model, live, shadow), fields)
+        if self._observed is not None:
+            self._observed(model, shadow, metrics)
 
     def failed(self, model: str, live: str, shadow: str) -> None:
         self._series.add(self._of(model, live, shadow), {"failed": 1})

@@ -8,7 +8,7 @@ over all replicas come from the summed counts, not from an average of percentile
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from backend.lifecycle._series import Series
@@ -60,8 +60,11 @@ def percentile(
 class ServingStats:
     """Records every served request of a model version; reads a window across replicas."""
 
-    def __init__(self, series: Series) -> None:
+    def __init__(
+        self, series: Series, observed: Callable[[str, str, bool, float], None] | None = None
+    ) -> None:
         self._series = series
+        self._observed = observed  # (model, version, ok, latency_s): the Prometheus side
 
     def record(
         self,
@@ -87,11 +90,42 @@ class ServingStats:
                 "cost": cost,
             },
         )
+        if self._observed is not None:
+            self._observed(model, version, ok, latency_s)
+
+    async def timeline(
+        self, model: str, version: str, seconds: float, step_s: int
+    ) -> list[tuple[int, VersionWindow]]:
+        """The figures of each step of `step_s` over the last `seconds`, oldest first, as
+        (the step's start in epoch seconds, its figures)."""
+        steps = await self._series.read_steps(("stats", model, version), seconds, step_s)
+        return [(start, window_of(model, version, step_s, fields)) for start, fields in steps]
 
     async def window(self, model: str, version: str, seconds: float) -> VersionWindow:
         """The figures of the last `seconds` (whole buckets; at most the retention)."""
         fields = await self._series.read(("stats", model, version), seconds)
         return window_of(model, version, min(seconds, self._series.retention_s), fields)
+
+
+class ErrorCounts:
+    """Typed errors by code over time, on every replica (the figures of sightline_errors)."""
+
+    SERIES = ("errors",)
+
+    def __init__(self, series: Series) -> None:
+        self._series = series
+
+    def record(self, code: str) -> None:
+        """One typed error (memory only); `code` must already be bounded (a metrics label)."""
+        self._series.add(self.SERIES, {code: 1})
+
+    async def timeline(self, seconds: float, step_s: int) -> dict[str, list[tuple[int, int]]]:
+        """Each code seen over the last `seconds`, with its count per step, oldest first."""
+        steps = await self._series.read_steps(self.SERIES, seconds, step_s)
+        codes = sorted({code for _, fields in steps for code in fields})
+        return {
+            code: [(start, int(fields.get(code, 0))) for start, fields in steps] for code in codes
+        }
 
 
 def window_of(

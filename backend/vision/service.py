@@ -449,12 +449,14 @@ class VisionService:
         key: RequestKey,
         run: Callable[[str, str], Awaitable[T]],
         task: VisionTask | None = None,
+        image: np.ndarray | None = None,
     ) -> tuple[str, str, T]:
         """Runs `run(model, version)` on the version the router picks for this request
         (`name` may pin one: `name@version`); returns the model, the version that served and
-        the result. The version's serving figures are recorded; where the policy mirrors this
-        request to a shadow version, the shadow runs after this returns (its result compared
-        with this one for the `task`, never returned nor charged)."""
+        the result. The version's serving figures are recorded, and its drift samples of the
+        `image` and the result; where the policy mirrors this request to a shadow version, the
+        shadow runs after this returns (its result compared with this one for the `task`,
+        never returned nor charged)."""
         model, pinned = split_pin(name)
         started = time.perf_counter()
         try:
@@ -472,6 +474,7 @@ class VisionService:
             self.operations.stats.record(
                 model, route.version, ok=True, latency_s=took, compute_s=took
             )
+            self._drifted(model, route.version, image, result)
             if route.shadow is not None and task is not None:
                 shadow = route.shadow  # after the answer, off its path, never charged
                 self.operations.mirror(
@@ -482,6 +485,16 @@ class VisionService:
                     compare=functools.partial(compare_vision, task.value),
                 )
         return model, route.version, result
+
+    def _drifted(self, model: str, version: str, image: np.ndarray | None, result: object) -> None:
+        """The drift samples of one served image (drift off: nothing)."""
+        drift = self.operations.drift if self.operations is not None else None
+        if drift is None:
+            return
+        if image is not None:
+            drift.image(model, version, image)
+        if isinstance(result, dict):
+            drift.vision_result(model, version, result)
 
     async def _give_up(self, job: _Job) -> None:
         """A job that could not be accepted: its hold goes back, then its lease. When either
@@ -619,16 +632,22 @@ class VisionService:
             if task is VisionTask.OCR and split_pin(name)[0] == TESSERACT:
                 model, version = TESSERACT, self._ocr.version
                 result = await self.read(rgb, TESSERACT, options.language)
+                self._drifted(model, version, rgb, result)
             elif task is VisionTask.OCR:
                 model, version, result = await self._routed(
                     name,
                     key,
                     lambda m, v: self.read(rgb, m, options.language, version=v),
                     task,
+                    rgb,
                 )
             elif task is VisionTask.CLASSIFY:
                 model, version, result = await self._routed(
-                    name, key, lambda m, v: self.classify(rgb, m, options.top_k, version=v), task
+                    name,
+                    key,
+                    lambda m, v: self.classify(rgb, m, options.top_k, version=v),
+                    task,
+                    rgb,
                 )
             else:
                 model, version, result = await self._routed(
@@ -642,6 +661,7 @@ class VisionService:
                         version=v,
                     ),
                     task,
+                    rgb,
                 )
         except (AppError, InferenceError) as exc:
             code = getattr(exc, "code", "INFERENCE_FAILED")
@@ -842,12 +862,14 @@ class VisionService:
                 detector or settings.detector,
                 key,
                 lambda m, v: self.detect(image.rgb, m, Priority.LIVE, version=v),
+                image=image.rgb,
             )
         if VisionTask.CLASSIFY in tasks:
             calls["classification"] = self._routed(
                 classifier or settings.classifier,
                 key,
                 lambda m, v: self.classify(image.rgb, m, top_k, Priority.LIVE, version=v),
+                image=image.rgb,
             )
         for name, (_, _, result) in zip(calls, await asyncio.gather(*calls.values()), strict=True):
             out[name] = result

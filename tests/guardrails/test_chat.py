@@ -3,7 +3,6 @@ for policies and the run stream for decisions."""
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 import httpx
@@ -13,12 +12,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.agents.checkpoint import RedisCheckpointSaver
-from backend.auth.passwords import hash_password
 from backend.config import Settings
 from backend.core.db import Database
-from backend.core.models import AuditEvent, Message, Tenant, User, UserRole
+from backend.core.models import AuditEvent, Message, UserRole
 from backend.core.redis import KeySpace
 from backend.knowledge.embeddings import LocalEmbedder
+from tests.accounts import committed_tenant
 from tests.agents.test_agent import events_of, kinds, text, turn
 from tests.agents.test_runs import PASSWORD, gql, sign_in, start_run
 from tests.conftest import serve_live
@@ -31,26 +30,13 @@ POLICY = "mutation($c: JSON!) { updateGuardrailPolicy(change: $c) { policy } }"
 @pytest.fixture
 async def team(chat_settings: Settings, engine: AsyncEngine) -> dict[str, Any]:
     """A committed tenant with an admin (u@chat.example, what sign_in uses) and a member."""
-    db = Database.connect(engine.url.render_as_string(hide_password=False), chat_settings.database)
-    try:
-        async with db.session() as session:
-            tenant = Tenant(slug=f"rails-{secrets.token_hex(4)}", name="Rails")
-            session.add(tenant)
-        async with db.session(tenant.id) as session:
-            for email, role in (
-                ("u@chat.example", UserRole.ADMIN),
-                ("m@chat.example", UserRole.MEMBER),
-            ):
-                session.add(
-                    User(
-                        tenant_id=tenant.id,
-                        email=email,
-                        role=role,
-                        password_hash=await hash_password(PASSWORD),
-                    )
-                )
-    finally:
-        await db.dispose()
+    tenant = await committed_tenant(
+        chat_settings,
+        engine,
+        "Rails",
+        [("u@chat.example", UserRole.ADMIN), ("m@chat.example", UserRole.MEMBER)],
+        PASSWORD,
+    )
     return {"tenant": tenant.slug, "tenant_id": tenant.id}
 
 

@@ -69,7 +69,7 @@ async def operators(settings: Settings, engine: AsyncEngine) -> AsyncIterator[st
         await db.dispose()
 
 
-async def token_of(server: LiveServer, tenant: str) -> str:
+async def token_of(server: LiveServer, tenant: str, email: str = EMAIL) -> str:
     import httpx
 
     async with httpx.AsyncClient(base_url=server.http_url) as http:
@@ -78,7 +78,7 @@ async def token_of(server: LiveServer, tenant: str) -> str:
             data={
                 "grant_type": "password",
                 "tenant": tenant,
-                "username": EMAIL,
+                "username": email,
                 "password": PASSWORD,
             },
         )
@@ -97,10 +97,12 @@ async def until_ready(server: LiveServer, token: str, model: str, version: str) 
             await asyncio.sleep(0.2)
 
 
-async def served(services: Services, tenant: str, model: str) -> tuple[str, str]:
-    """The version that served a classification job, and its top class."""
+async def served(
+    services: Services, tenant: str, model: str, email: str = EMAIL
+) -> tuple[str, str]:
+    """The version that served a classification job of `email`, and its top class."""
     assert services.vision is not None
-    principal = await services.auth.principal_for(tenant, EMAIL)
+    principal = await services.auth.principal_for(tenant, email)
     job = await services.vision.analyze(principal, photo(), [VisionTask.CLASSIFY], classifier=model)
     events = await services.vision.job_events(principal, job.id, None)
     async with asyncio.timeout(scaled(60)), aclosing(events):  # type: ignore[type-var]

@@ -65,11 +65,17 @@ async def page() -> AsyncIterator[Page]:
             await browser.close()
 
 
-async def signed_in(page: Page, server: LiveServer, account: dict[str, Any]) -> None:
+async def signed_in(
+    page: Page,
+    server: LiveServer,
+    account: dict[str, Any],
+    email: str = "u@chat.example",
+    password: str = PASSWORD,
+) -> None:
     await page.goto(server.http_url + "/")
     await page.get_by_label("Tenant").fill(account["tenant"])
-    await page.get_by_label("E-mail").fill("u@chat.example")
-    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_label("E-mail").fill(email)
+    await page.get_by_label("Password").fill(password)
     await page.get_by_role("button", name="Sign in").click()
     await expect(page.get_by_role("heading", name="Chat")).to_be_visible()
 

@@ -6,6 +6,7 @@ import { chatPage } from "./chat";
 import { documentsPage } from "./documents";
 import { h, status } from "./dom";
 import { imagesPage } from "./images";
+import { operationsPage } from "./operations";
 import { usagePage } from "./usage";
 
 const main = document.getElementById("main") as HTMLElement;
@@ -16,6 +17,7 @@ const pages: Record<string, (root: HTMLElement) => void> = {
   images: imagesPage,
   camera: cameraPage,
   usage: usagePage,
+  operations: operationsPage,
 };
 
 function signInPage() {
@@ -60,10 +62,19 @@ async function showWho() {
     const data = await call(`{ me { role plan } }`);
     who.replaceChildren(`Signed in · ${data.me.role.toLowerCase()} · ${data.me.plan} plan `,
       h("button", { type: "button", class: "link", onclick: signOut }, "Sign out"));
+    if (["OWNER", "ADMIN"].includes(data.me.role)) showOperations();
   } catch (e) {
     if (String((e as Error).message).startsWith("UNAUTHENTICATED")) signOut();
     else who.textContent = (e as Error).message;
   }
+}
+
+// Admins see the operations view (the server refuses its query to anyone else).
+function showOperations() {
+  const usage = document.querySelector('nav a[href="#/usage"]');
+  const link = h("a", { href: "#/operations" }, "Operations");
+  link.toggleAttribute("aria-current", location.hash === "#/operations");
+  usage?.after(link);
 }
 
 async function showDashboards() {

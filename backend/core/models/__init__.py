@@ -20,6 +20,7 @@ from backend.core.models.knowledge import (
     LexemeStat,
 )
 from backend.core.models.lifecycle import (
+    DriftSnapshot,
     ModelPin,
     ModelVersionRow,
     RegistryModel,
@@ -62,6 +63,7 @@ __all__ = [
     "Chunk",
     "Conversation",
     "Document",
+    "DriftSnapshot",
     "GuardrailPolicyRow",
     "IngestionJob",
     "IngestionUpload",

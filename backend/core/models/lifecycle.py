@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Float,
+    Index,
     SmallInteger,
     String,
     UniqueConstraint,
@@ -166,3 +167,22 @@ class RegistryRevision(Base, table=True):
         default=1, sa_type=SmallInteger, primary_key=True, sa_column_kwargs={"autoincrement": False}
     )
     revision: int = Field(default=0, sa_type=BigInteger, sa_column_kwargs={"server_default": "0"})
+
+
+class DriftSnapshot(UUIDKey, table=True):
+    """One comparison of a model version's current window with its reference: every signal's
+    statistic, threshold and verdict (`signals`, a list of objects), kept for history. Not tied
+    to the registry by a key: a version drifts whether or not the registry lists it (Tesseract)
+    and its history outlives it."""
+
+    __tablename__ = "drift_snapshots"
+    __table_args__ = (Index("ix_drift_snapshots_model_version_at", "model", "version", "at"),)
+
+    model: str = Field(sa_type=String(NAME_LENGTH))
+    version: str = Field(sa_type=String(VERSION_LENGTH))
+    at: datetime = written_at(index=True)  # retention purges
+    requests: int = Field(default=0, sa_type=BigInteger)
+    exceeded: bool = Field(default=False)
+    signals: list[dict[str, Any]] = Field(
+        default_factory=list, sa_type=JSONB, sa_column_kwargs={"server_default": "[]"}
+    )

@@ -1,0 +1,123 @@
+"""The demo page's operations view in a real browser (Debian's chromium through Playwright) on
+a live server after a workload: a toy classifier rolled out (shadow, canary, promotion) and
+refused requests. An admin sees charts drawn with data and the version events; a member sees
+no Operations link."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.async_api import Page, expect
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend.auth.passwords import hash_password
+from backend.config import Settings
+from backend.core.db import Database
+from backend.core.models import Tenant, User, UserRole
+from tests.accounts import PASSWORD
+from tests.conftest import scaled, serve_live
+from tests.lifecycle.rollout import rollout
+from tests.lifecycle.test_vision_swap import token_of
+from tests.vision.test_graphql import vision_on
+from tests.web.test_demo import CHROMIUM, page, screenshots_module, signed_in  # noqa: F401
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(CHROMIUM) is None, reason="Debian's chromium is not installed"
+)
+ADMIN = "admin@ops.example"
+
+
+@pytest.fixture
+async def admin(settings: Settings, engine: AsyncEngine) -> dict[str, Any]:
+    """A committed tenant with an admin (the live server cannot see rolled-back rows)."""
+    db = Database.connect(engine.url.render_as_string(hide_password=False), settings.database)
+    try:
+        slug = f"ops-{secrets.token_hex(4)}"
+        async with db.session() as session:
+            tenant = Tenant(slug=slug, name="Ops")
+            session.add(tenant)
+        async with db.session(tenant.id) as session:
+            session.add(
+                User(
+                    tenant_id=tenant.id,
+                    email=ADMIN,
+                    role=UserRole.ADMIN,
+                    password_hash=await hash_password(PASSWORD),
+                )
+            )
+    finally:
+        await db.dispose()
+    return {"tenant": slug}
+
+
+def _figure(page: Page, caption: str) -> Any:  # noqa: F811
+    return page.locator("figure.chart").filter(has=page.locator("figcaption", has_text=caption))
+
+
+@pytest.mark.timeout(scaled(600))
+async def test_an_admin_sees_the_operations_charts_after_a_workload(
+    page: Page,  # noqa: F811
+    settings: Settings,
+    engine: AsyncEngine,
+    admin: dict[str, Any],
+    account: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    async with serve_live(vision_on(settings)) as server:
+        model = await rollout(server.services, admin["tenant"], ADMIN)
+        token = await token_of(server, admin["tenant"], ADMIN)
+        async with httpx.AsyncClient(base_url=server.http_url) as http:  # typed errors
+            for _ in range(2):
+                await http.post(
+                    "/graphql",
+                    json={"query": '{ model(name: "nope") { name } }'},
+                    headers={"authorization": f"Bearer {token}"},
+                )
+
+        await signed_in(page, server, admin, ADMIN, PASSWORD)
+        await page.get_by_role("link", name="Operations").click()
+        await expect(page.get_by_role("heading", name="Operations")).to_be_visible()
+        await expect(page.get_by_role("status")).to_contain_text("model versions", timeout=30_000)
+
+        latency = _figure(page, "Latency")
+        await expect(latency.get_by_role("img")).to_be_visible()
+        legend = latency.get_by_role("list")
+        await expect(legend).to_contain_text(f"{model}@1 p95")
+        await expect(legend).to_contain_text(f"{model}@2 p95")
+        assert await latency.locator("path.series").count() >= 4  # p50 and p95 of both
+        # the rollout's version events, marked on the time axis and listed
+        marks = latency.locator("g.event")
+        await expect(marks.filter(has_text=f"promote: {model}@2")).to_have_count(1)
+        await expect(marks.filter(has_text=f"canary: {model}@2")).to_have_count(1)
+        events = page.get_by_role("list", name="Version events")
+        await expect(events).to_contain_text(f"promote {model}@2")
+        await expect(events).to_contain_text(f"shadow {model}@2")
+
+        requests = _figure(page, "Requests and errors")
+        await expect(requests.get_by_role("list")).to_contain_text(f"{model}@2")
+        # the toy classifier has no price: its cost chart says there is nothing to draw
+        await expect(_figure(page, "Cost")).to_be_visible()
+        errors = _figure(page, "Errors by code")
+        await expect(errors.get_by_role("list")).to_contain_text(re.compile(r"[A-Z_]{5,}"))
+        # drift: another helper's field; without it (or without data) the chart says so
+        drift = page.locator("figure.chart", has=page.locator("figcaption", has_text="Drift"))
+        assert await drift.count() >= 1
+        await expect(drift.first).to_be_visible()
+
+        written = await screenshots_module().capture(
+            server.http_url, token, tmp_path / "shots", pages=("operations",)
+        )
+        assert len(written) == 2
+        assert all(p.stat().st_size > 5_000 for p in written)
+
+        # a member has no Operations link
+        await page.evaluate("sessionStorage.clear()")
+        await signed_in(page, server, account)
+        await expect(page.get_by_role("link", name="Usage")).to_be_visible()
+        await expect(page.get_by_role("link", name="Operations")).to_have_count(0)
