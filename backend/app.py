@@ -53,6 +53,7 @@ from backend.guardrails.engines import build_guardrails
 from backend.guardrails.service import GuardrailService
 from backend.inference.manifest import load_manifests
 from backend.inference.pool import InferencePool
+from backend.inference.remote import RemoteInference
 from backend.knowledge.embeddings import Embedder, build_embedder
 from backend.knowledge.service import EmbeddingSpent, KnowledgeService
 from backend.lifecycle.operations import ModelOperations
@@ -293,7 +294,7 @@ async def _build_registry(
     state: AppState,
     auth: AuthService,
     *,
-    pool: InferencePool | None,
+    pool: InferencePool | RemoteInference | None,
     vision: VisionService,
     chat: ModelRegistry,
     embedder: Embedder,
@@ -325,6 +326,8 @@ async def _build_registry(
     reconciler = None
     if pool is not None and vision.router is not None:
         watcher.add_listener(vision.router)
+    if isinstance(pool, InferencePool) and vision.router is not None:
+        # a remote service loads its own versions: only a local pool follows the registry
         reconciler = PoolReconciler(
             pool,
             lambda _replica, model, version, ok, error: watcher.report(model, version, ok, error),
@@ -342,7 +345,7 @@ def _warm_up(
     embedder: Embedder,
     guardrails: GuardrailService | None,
     vision: VisionService,
-    pool: InferencePool | None,
+    pool: InferencePool | RemoteInference | None,
 ) -> WarmUp | None:
     """Every default model loads and runs once now, in the background: the server answers
     health checks meanwhile, and `/readyz` says what is still warming."""
@@ -423,13 +426,24 @@ def _embedding_spent(
 
 async def _build_vision(
     state: AppState, limiter: RateLimiter, budgets: Budgets, guardrails: GuardrailService | None
-) -> tuple[InferencePool | None, VisionService]:
-    """The inference pool (its models load in the workers, in the background) and the vision
-    service on it; the guardrails' image rail screens uploads. With vision off there is no pool,
-    and the service still reads stored jobs."""
+) -> tuple[InferencePool | RemoteInference | None, VisionService]:
+    """The inference pool (its models load in the workers, in the background), or with
+    SIGHTLINE_VISION_BACKEND=remote the inference service's client (its models serve once the
+    service says they are ready), and the vision service on it; the guardrails' image rail
+    screens uploads. With vision off there is no pool, and the service still reads stored jobs."""
     settings = state.settings.vision
-    pool = None
-    if settings.enabled:
+    pool: InferencePool | RemoteInference | None = None
+    if settings.enabled and settings.backend == "remote":
+        pool = RemoteInference(
+            load_manifests(settings.models_dir),
+            settings.remote_url,
+            call_timeout_s=settings.remote_call_timeout_s,
+            retries=settings.remote_retries,
+            breaker_failures=settings.remote_breaker_failures,
+            breaker_reset_s=settings.remote_breaker_reset_s,
+        )
+        await pool.start()
+    elif settings.enabled:
         pool = InferencePool(
             load_manifests(settings.models_dir),
             workers=settings.workers,

@@ -7,6 +7,7 @@ import asyncio
 import difflib
 import errno
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -263,6 +264,69 @@ async def _bootstrap(database_url: str, redis_url: str, settings: Settings) -> N
     finally:
         await redis.aclose()
         await db.dispose()
+
+
+inference_app = _Typer(
+    help="The inference service: vision models over the Open Inference Protocol (Triton).",
+    no_args_is_help=True,
+)
+app.add_typer(inference_app, name="inference")
+
+
+@inference_app.command("serve")
+def inference_serve(  # noqa: PLR0917 - typer's options are the parameters
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A model to serve (repeat it); none: every classifier, detector and OCR model."
+        ),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address of every endpoint.")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus metrics port.")] = None,
+    parent_pid: Annotated[
+        int | None, typer.Option(help="Die with this process (a supervisor's, a test's).")
+    ] = None,
+) -> None:
+    """Serve the manifests' models through NVIDIA Triton (PyTriton), each with Triton's dynamic
+    batcher set from its manifest (max batch, preferred sizes, queue delay). Needs
+    requirements-serve.txt."""
+    from backend.inference.manifest import ManifestError, load_manifests
+    from backend.inference.serve import ServeAddress, servable, serve
+
+    settings = _settings()
+    configure_logging(settings.telemetry)
+    vision = settings.vision
+    address = ServeAddress(
+        host=host or vision.serve_host,
+        http_port=http_port or vision.serve_http_port,
+        grpc_port=grpc_port or vision.serve_grpc_port,
+        metrics_port=metrics_port or vision.serve_metrics_port,
+    )
+    for port in (address.http_port, address.grpc_port, address.metrics_port):
+        _check_port_free(address.host, port)
+    try:
+        manifests = servable(load_manifests(vision.models_dir), model or ())
+    except ManifestError as exc:
+        raise _fail(str(exc)) from None
+    if importlib.util.find_spec("pytriton") is None:
+        raise _fail(
+            "the inference service needs PyTriton: pip install -r requirements-serve.txt "
+            "&& pip install --no-deps nvidia-pytriton==0.7.0"
+        )
+    stub_env = vision.serve_stub_env or settings.data_dir / "triton-stub"
+    try:
+        serve(
+            manifests,
+            address,
+            stub_env=stub_env,
+            workspaces=settings.data_dir / "triton-workspaces",
+            device=vision.device,
+            threads=vision.worker_threads(),
+        )
+    except ManifestError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command()

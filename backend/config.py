@@ -945,6 +945,55 @@ class VisionSettings(JobRecoverySettings):
         Path("/usr/share/tesseract-ocr/5/tessdata"), description="Tesseract language data."
     )
     infer_timeout_s: float = Field(30.0, gt=0, description="Longest wait for one model call.")
+    backend: str = Field(
+        "local",
+        pattern="^(local|remote)$",
+        description="Where vision models run: `local` (this process's inference pool) or "
+        "`remote` (the inference service at `remote_url`, over the Open Inference Protocol: "
+        "Triton, KServe or `sightline inference serve`; no torch loads in the API).",
+    )
+    remote_url: str = Field(
+        "127.0.0.1:8000",
+        description="The inference service's HTTP address (host:port) for `backend=remote`.",
+    )
+    remote_call_timeout_s: float = Field(
+        10.0, gt=0, description="Remote inference: longest wait for one HTTP call."
+    )
+    remote_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Remote inference: retries of a call that failed on the way (refused, "
+        "dropped, timed out, the server busy); model calls are idempotent.",
+    )
+    remote_breaker_failures: int = Field(
+        5,
+        ge=1,
+        description="Remote inference: failed calls in a row that open the circuit (calls then "
+        "fail at once with INFERENCE_UNAVAILABLE).",
+    )
+    remote_breaker_reset_s: float = Field(
+        5.0, gt=0, description="Remote inference: how long the circuit stays open before a trial."
+    )
+    serve_host: str = Field(
+        "127.0.0.1",
+        description="`sightline inference serve`: the address its HTTP, gRPC and metrics "
+        "endpoints bind (0.0.0.0 to be reached from other machines).",
+    )
+    serve_http_port: int = Field(
+        8000, ge=1, le=65535, description="`sightline inference serve`: HTTP port."
+    )
+    serve_grpc_port: int = Field(
+        8001, ge=1, le=65535, description="`sightline inference serve`: gRPC port."
+    )
+    serve_stub_env: Path | None = Field(
+        None,
+        description="`sightline inference serve`: the virtualenv of Triton's Python backend "
+        "stub (numpy 1; made there once when missing). None: `triton-stub` in the data dir.",
+    )
+    serve_metrics_port: int = Field(
+        8002, ge=1, le=65535, description="`sightline inference serve`: Prometheus metrics port."
+    )
     version_load_timeout_s: float = Field(
         300.0,
         gt=0,

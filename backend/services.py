@@ -18,6 +18,7 @@ from backend.conversations.service import ConversationService
 from backend.core.warmup import WarmUp
 from backend.guardrails.service import GuardrailService
 from backend.inference.pool import InferencePool
+from backend.inference.remote import RemoteInference
 from backend.knowledge.service import KnowledgeService
 from backend.lifecycle.operations import ModelOperations
 from backend.lifecycle.reconcile import PoolReconciler
@@ -48,7 +49,8 @@ class Services:
     oidc: OIDCLogin | None = None
     guardrails: GuardrailService | None = None  # None: rails off, or the caller's own `Guards`
     vision: VisionService | None = None  # None only in apps built without services
-    inference: InferencePool | None = None  # None: SIGHTLINE_VISION_ENABLED=false
+    # None: SIGHTLINE_VISION_ENABLED=false; remote: SIGHTLINE_VISION_BACKEND=remote
+    inference: InferencePool | RemoteInference | None = None
     privacy: PrivacyService | None = None  # None only in apps built without services
     purges: PurgeScheduler | None = None
     openai: OpenAIService | None = None  # None only in apps built without services

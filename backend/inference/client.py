@@ -37,8 +37,30 @@ class OutOfMemory(InferenceError):
     code = "OUT_OF_MEMORY"
 
 
+class ServiceUnavailable(InferenceError):
+    """The remote inference service did not answer (down, unreachable, or its circuit open)."""
+
+    code = "INFERENCE_UNAVAILABLE"
+
+
+class SignatureMismatch(ModelUnavailable):
+    """A served model's inputs or outputs (names, datatypes, shapes) are not its manifest's:
+    the version never serves."""
+
+    code = "MODEL_SIGNATURE_MISMATCH"
+
+
 ERRORS: dict[str, type[InferenceError]] = {
-    e.code: e for e in (InferenceError, Overloaded, ModelUnavailable, WorkerLost, OutOfMemory)
+    e.code: e
+    for e in (
+        InferenceError,
+        Overloaded,
+        ModelUnavailable,
+        WorkerLost,
+        OutOfMemory,
+        ServiceUnavailable,
+        SignatureMismatch,
+    )
 }
 
 
