@@ -178,7 +178,7 @@ async def ingest(http_url: str, token: str, text: str, source: str) -> str:
     return str(done["data"]["ingestDocument"]["id"])
 
 
-RUN_EVENTS = """subscription($r: ID!) { runEvents(runId: $r) {
+RUN_EVENTS = """subscription($r: ID!, $after: String) { runEvents(runId: $r, after: $after) {
   __typename cursor
   ... on TokenDelta { text index }
   ... on RunCompleted { messageId }
@@ -216,10 +216,10 @@ class Watcher:
 
 
 class RunWatcher(Watcher):
-    """A client reading a run's events."""
+    """A client reading a run's events (those after the cursor `after`, when given)."""
 
-    def __init__(self, ws_url: str, token: str, run_id: str) -> None:
-        super().__init__(ws_url, token, RUN_EVENTS, {"r": run_id}, "runEvents")
+    def __init__(self, ws_url: str, token: str, run_id: str, after: str | None = None) -> None:
+        super().__init__(ws_url, token, RUN_EVENTS, {"r": run_id, "after": after}, "runEvents")
 
     def tokens(self) -> int:
         return sum(1 for e in self.events if e["__typename"] == "TokenDelta")

@@ -213,6 +213,9 @@ class AppServer:
                     pass
                 await asyncio.sleep(0.2)
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def descendants(self) -> list[psutil.Process]:
         assert self.process is not None
         return psutil.Process(self.process.pid).children(recursive=True)

@@ -46,6 +46,7 @@ class InferenceService:
     metrics_port: int
     log: Path
     models_dir: Path  # operators' manifests
+    models: tuple[str, ...] = MODELS  # what it serves
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,7 +55,7 @@ class InferenceService:
 
     def start(self, timeout_s: float = scaled(240)) -> None:
         command = [sys.executable, "-m", "backend", "inference", "serve"]
-        for model in MODELS:
+        for model in self.models:
             command += ["--model", model]
         command += [
             "--host",
@@ -99,7 +100,7 @@ class InferenceService:
     def ready(self) -> bool:
         """Every model ready (the server says it is ready before they are bound)."""
         try:
-            for model in MODELS:
+            for model in self.models:
                 with urllib.request.urlopen(
                     f"http://{self.url}/v2/models/{model}/ready", timeout=2
                 ) as answer:
@@ -108,6 +109,19 @@ class InferenceService:
         except OSError:
             return False
         return True
+
+    def metric(self, name: str, model: str) -> float:
+        """One of Triton's Prometheus counters for a model (summed over its versions), e.g.
+        `nv_inference_request_success` (requests) and `nv_inference_exec_count` (batches run)."""
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=scaled(10)
+        ) as answer:
+            text = answer.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(f"{name}{{") and f'model="{model}"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
 
     def kill(self) -> None:
         """SIGKILL to the whole group (the server, Triton, its Python stubs)."""

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from backend.config import BudgetSpec, CostSettings, GuardrailSettings, Settings, VisionSettings
 from tests.agents.test_runs import gql, sign_in
-from tests.conftest import VISION_TIMEOUTS, LiveServer, serve_live
+from tests.conftest import VISION_TIMEOUTS, LiveServer, scaled, serve_live
 from tests.graphql.ws import results
 
 ANALYZE = """mutation($image: Upload!, $tasks: [VisionTask!]!, $classifier: String,
@@ -58,7 +58,7 @@ async def upload(
         "query": ANALYZE,
         "variables": {"image": None, "tasks": tasks, **variables},
     }
-    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=scaled(30)) as http:
         response = await http.post(
             "/graphql",
             data={
