@@ -12,9 +12,9 @@ import importlib.util
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from backend.inference.manifest import ModelManifest, builtin_manifests
 from tests.conftest import REDIS_URL, free_port, scaled
@@ -77,7 +77,7 @@ async def replicas(
     postgres: PrivatePostgres,  # noqa: F811
     stubs: tuple[Stubs, str],  # noqa: F811
     key_prefix: str,
-    redis: Any,  # the shared Redis: this test's keys are deleted afterwards
+    redis: Redis,  # the shared Redis: this test's keys are deleted afterwards
     inference: InferenceService,
 ) -> AsyncIterator[tuple[AppServer, AppServer]]:
     """Replicas A and B, ready, once both see the served models ready; stopped at the end (a
