@@ -74,7 +74,12 @@ def stub_environment(path: Path) -> Path:
                 f"failed: {done.stderr.strip()[-2000:]}"
             )
     ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-    (site / "sightline-serve.pth").write_text("\n".join(ours) + "\n", encoding="utf-8")
+    pth = site / "sightline-serve.pth"
+    wanted = "\n".join(ours) + "\n"
+    # Written only when it differs: an image builds the environment once, and its pods (another
+    # user, a read-only root filesystem) find it complete and write nothing.
+    if not pth.is_file() or pth.read_text(encoding="utf-8") != wanted:
+        pth.write_text(wanted, encoding="utf-8")
     return path
 
 
