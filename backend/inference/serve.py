@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -148,6 +149,10 @@ def serve(
     """Loads each model (its weights checked against the manifest), binds it to Triton and
     serves until SIGINT or SIGTERM."""
     os.environ["LD_LIBRARY_PATH"] = library_path()
+    # Kubernetes and Docker stop a container with SIGTERM, on which Python ends at once: the
+    # requests in flight dropped, the workspace left behind. As SIGINT, PyTriton stops Triton
+    # (which finishes what it runs, up to exit_timeout_secs) and removes its workspace.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy
     from pytriton.model_config import Tensor as TritonTensor
     from pytriton.server import triton_server

@@ -28,7 +28,6 @@ def test_a_workspace_left_by_a_killed_server_is_removed(tmp_path: Path) -> None:
     assert other.is_dir()
 
 
-
 def test_a_complete_stub_environment_is_used_as_it_is(tmp_path: Path) -> None:
     """The Dockerfile builds the stub's environment as root; the pods run as another user on a
     read-only root filesystem: a complete environment is used as it is, nothing written."""

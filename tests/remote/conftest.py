@@ -47,6 +47,7 @@ class InferenceService:
     log: Path
     models_dir: Path  # operators' manifests
     process: subprocess.Popen[bytes] | None = None
+    models: tuple[str, ...] = MODELS
 
     @property
     def url(self) -> str:
@@ -54,7 +55,7 @@ class InferenceService:
 
     def start(self, timeout_s: float = scaled(240)) -> None:
         command = [sys.executable, "-m", "backend", "inference", "serve"]
-        for model in MODELS:
+        for model in self.models:
             command += ["--model", model]
         command += [
             "--host",
@@ -99,7 +100,7 @@ class InferenceService:
     def ready(self) -> bool:
         """Every model ready (the server says it is ready before they are bound)."""
         try:
-            for model in MODELS:
+            for model in self.models:
                 with urllib.request.urlopen(
                     f"http://{self.url}/v2/models/{model}/ready", timeout=2
                 ) as answer:
