@@ -79,3 +79,14 @@ def test_a_profile_runs_the_inference_service_and_the_api_calls_it(
     assert host in names
     assert int(port) == VisionSettings().serve_http_port  # where the service listens
     assert api["depends_on"][service]["condition"] == "service_healthy"
+
+
+def test_every_sightline_variable_is_a_setting() -> None:
+    from tests.deploy.test_kubernetes import setting_variables
+
+    known = setting_variables()
+    services = resolved(COMPOSE_PROFILES="gpu,cpu-inference", SIGHTLINE_VISION_BACKEND="remote")
+    assert {"api", "inference", "inference-cpu"} <= set(services)
+    for name, service in services.items():
+        unknown = {v for v in service.get("environment", {}) if v.startswith("SIGHTLINE_")} - known
+        assert not unknown, (name, sorted(unknown))
