@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -74,7 +75,12 @@ def stub_environment(path: Path) -> Path:
                 f"failed: {done.stderr.strip()[-2000:]}"
             )
     ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-    (site / "sightline-serve.pth").write_text("\n".join(ours) + "\n", encoding="utf-8")
+    pth = site / "sightline-serve.pth"
+    wanted = "\n".join(ours) + "\n"
+    # Written only when it differs: an image builds the environment once, and its pods (another
+    # user, a read-only root filesystem) find it complete and write nothing.
+    if not pth.is_file() or pth.read_text(encoding="utf-8") != wanted:
+        pth.write_text(wanted, encoding="utf-8")
     return path
 
 
@@ -143,6 +149,10 @@ def serve(
     """Loads each model (its weights checked against the manifest), binds it to Triton and
     serves until SIGINT or SIGTERM."""
     os.environ["LD_LIBRARY_PATH"] = library_path()
+    # Kubernetes and Docker stop a container with SIGTERM, on which Python ends at once: the
+    # requests in flight dropped, the workspace left behind. As SIGINT, PyTriton stops Triton
+    # (which finishes what it runs, up to exit_timeout_secs) and removes its workspace.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy
     from pytriton.model_config import Tensor as TritonTensor
     from pytriton.server import triton_server

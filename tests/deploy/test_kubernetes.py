@@ -184,6 +184,8 @@ def test_settings_accept_the_manifest_values(
     for obj in render(overlay):
         for container in containers(obj):
             env = env_of(container)
+            if obj["metadata"]["name"] == "sightline-inference":
+                continue  # no database, no secret: test_inference_settings_load
             for name in list(os.environ):
                 if name.startswith("SIGHTLINE_"):
                     monkeypatch.delenv(name)
@@ -199,6 +201,44 @@ def test_settings_accept_the_manifest_values(
             assert not settings.should_migrate_on_start  # the migrations Job does it
 
 
+def test_the_settings_checks_cover_every_workload() -> None:
+    """Both Deployments (the API and the inference service) and the Job set settings, and the
+    checks above read each of them."""
+    names = {
+        obj["metadata"]["name"]
+        for overlay in OVERLAYS
+        for obj in render(overlay)
+        for container in containers(obj)
+        if any(n.startswith("SIGHTLINE_") for n in env_of(container))
+    }
+    assert names == {"sightline-api", "sightline-inference", "sightline-migrate"}
+
+
+def test_inference_settings_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inference container's environment loads as `Settings` (no database, no secret: it
+    is not a production API server) and says what the serve command binds."""
+    deployment = one(render("overlays/prod"), "Deployment", "sightline-inference")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    for name in list(os.environ):
+        if name.startswith("SIGHTLINE_"):
+            monkeypatch.delenv(name)
+    for name, value in env_of(container).items():
+        monkeypatch.setenv(name, value)
+    vision = Settings().vision
+    assert vision.serve_host == "0.0.0.0"
+    assert vision.device == "cuda"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {
+        "http": vision.serve_http_port,
+        "grpc": vision.serve_grpc_port,
+        "metrics": vision.serve_metrics_port,
+    }
+    # the stub's environment the Dockerfile builds into the image (nothing installs in a pod)
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert f"SIGHTLINE_VISION_SERVE_STUB_ENV={vision.serve_stub_env}" in dockerfile
+    assert f"stub_environment(Path('{vision.serve_stub_env}'))" in dockerfile
+
+
 def test_no_secret_values_in_the_manifests() -> None:
     """Secrets come by reference (files from an existing Secret): no Secret object is rendered
     and no variable holding a secret is set to a value."""
@@ -208,7 +248,11 @@ def test_no_secret_values_in_the_manifests() -> None:
         if not variable.endswith("_FILE")
         and any(word in variable for word in ("URL", "SECRET", "KEY", "PASSWORD"))
     }
-    secret_fields -= {"SIGHTLINE_CHAT_LLM_BASE_URL", "SIGHTLINE_AUTH_OIDC_REDIRECT_URL"}
+    secret_fields -= {  # addresses, not secrets
+        "SIGHTLINE_CHAT_LLM_BASE_URL",
+        "SIGHTLINE_AUTH_OIDC_REDIRECT_URL",
+        "SIGHTLINE_VISION_REMOTE_URL",
+    }
     for overlay in OVERLAYS:
         objects = render(overlay)
         assert not of_kind(objects, "Secret"), overlay
@@ -322,15 +366,18 @@ def test_every_dashboard_is_in_the_configmap_once() -> None:
     assert not copies  # one place only: deploy/grafana/dashboards
 
 
-def test_service_monitor_scrapes_the_api_service() -> None:
+@pytest.mark.parametrize(
+    ("name", "port"), [("sightline-api", "http"), ("sightline-inference", "metrics")]
+)
+def test_service_monitor_scrapes_the_service(name: str, port: str) -> None:
     objects = render("overlays/prod")
-    monitor = one(objects, "ServiceMonitor", "sightline-api")
-    service = one(objects, "Service", "sightline-api")
+    monitor = one(objects, "ServiceMonitor", name)
+    service = one(objects, "Service", name)
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     )
     ports = {p["name"] for p in service["spec"]["ports"]}
-    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {port} <= ports
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
 
 
@@ -351,3 +398,157 @@ def test_prometheus_rule_is_generated_from_the_alert_rules() -> None:
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text("utf-8"))
     rendered = one(render("overlays/prod"), "PrometheusRule", "sightline-api")
     assert rendered["spec"]["groups"] == rules["groups"]
+
+
+# -- The inference service -------------------------------------------------------------------
+
+
+def _served_models(container: dict[str, Any]) -> list[str]:
+    args = container["args"]
+    assert args[:3] == ["sightline", "inference", "serve"], args
+    return [a.removeprefix("--model=") for a in args if a.startswith("--model=")]
+
+
+def test_inference_serves_known_models_and_is_ready_when_they_are() -> None:
+    from backend.inference.manifest import load_manifests
+    from backend.inference.serve import servable
+
+    deployment = one(render("overlays/prod"), "Deployment", "sightline-inference")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    models = _served_models(container)
+    assert models
+    assert [m.name for m in servable(load_manifests(None), models)] == models
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # Triton's /v2/health/ready answers before PyTriton binds a model: the pod is ready once
+    # the last model bound (the command binds them in order) is
+    ready = container["readinessProbe"]["httpGet"]
+    assert ready["path"] == f"/v2/models/{models[-1]}/ready"
+    assert ready["port"] == "http"
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 5 + 10  # Triton's exit timeout
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"]
+    assert pod["securityContext"]["runAsNonRoot"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {env_of(container)["SIGHTLINE_DATA_DIR"], "/tmp", "/dev/shm"} <= mounts
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert not [v for v in volumes.values() if "secret" in v]  # it holds no secret
+    shm = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert "sightline.io/database-client" not in labels  # PostgreSQL and Redis stay shut
+
+
+def test_prod_inference_runs_on_gpu_nodes() -> None:
+    deployment = one(render("overlays/prod"), "Deployment", "sightline-inference")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    resources = container["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    assert env_of(container)["SIGHTLINE_VISION_DEVICE"] == "cuda"
+    assert "replicas" not in deployment["spec"]  # its HPA owns the count
+    api = one(render("overlays/prod"), "Deployment", "sightline-api")
+    release = next(containers(api))["image"].rsplit(":", 1)[1]
+    assert container["image"].rsplit(":", 1)[1] == release  # one release, two images
+
+
+def test_prod_api_calls_the_inference_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    from backend.config import VisionSettings
+
+    objects = render("overlays/prod")
+    env = env_of(next(containers(one(objects, "Deployment", "sightline-api"))))
+    for name in list(os.environ):
+        if name.startswith("SIGHTLINE_VISION_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("SIGHTLINE_VISION_"):
+            monkeypatch.setenv(name, value)
+    vision = VisionSettings()
+    assert vision.backend == "remote"
+    host, port = vision.remote_url.rsplit(":", 1)
+    service = one(objects, "Service", host)
+    http = {p["name"]: p for p in service["spec"]["ports"]}["http"]
+    assert http["port"] == int(port)
+    inference = one(objects, "Deployment", "sightline-inference")
+    assert service["spec"]["selector"].items() <= (
+        inference["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert {p["name"] for p in service["spec"]["ports"]} == {"http", "grpc", "metrics"}
+
+
+def test_dev_keeps_the_embedded_inference_pool() -> None:
+    objects = render("overlays/dev")
+    assert not [o for o in objects if "inference" in o["metadata"]["name"]]
+    env = env_of(next(containers(one(objects, "Deployment", "sightline-api"))))
+    assert env.get("SIGHTLINE_VISION_BACKEND", "local") == "local"
+
+
+def test_prod_inference_scales_on_its_queue() -> None:
+    objects = render("overlays/prod")
+    hpa = one(objects, "HorizontalPodAutoscaler", "sightline-inference")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "sightline-inference"
+    assert hpa["spec"]["minReplicas"] >= 2  # one pod drained still leaves one serving
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"  # per pod, from prometheus-adapter
+    # Triton's queue gauge (tests/remote/test_remote.py checks the served metrics export it)
+    assert metric["pods"]["metric"]["name"] == "nv_inference_pending_request_count"
+    pdb = one(objects, "PodDisruptionBudget", "sightline-inference")
+    assert pdb["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "sightline-inference"
+    }
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def test_only_the_api_reaches_the_inference_service() -> None:
+    """Every NetworkPolicy letting traffic into the inference pods admits the API's pods (its
+    HTTP and gRPC ports) or Prometheus (its metrics port), nothing else; the API may go out to
+    them; the inference pods may go nowhere but DNS."""
+    objects = render("overlays/prod")
+    deployment = one(objects, "Deployment", "sightline-inference")
+    inference = deployment["spec"]["template"]["metadata"]["labels"]
+    api = one(objects, "Deployment", "sightline-api")["spec"]["template"]["metadata"]["labels"]
+    container = next(containers(deployment))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    policies = of_kind(objects, "NetworkPolicy")
+    admitted: set[int] = set()
+    for policy in policies:
+        if not _selects(policy["spec"]["podSelector"], inference):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            opened = {p["port"] for p in rule["ports"]}
+            (peer,) = rule["from"]
+            if "namespaceSelector" in peer:
+                assert peer["namespaceSelector"]["matchLabels"] == {
+                    "kubernetes.io/metadata.name": "monitoring"
+                }
+                assert opened == {ports["metrics"]}
+            else:
+                assert peer["podSelector"]["matchLabels"] == {
+                    "app.kubernetes.io/name": "sightline-api"
+                }
+                assert _selects(peer["podSelector"], api)
+                assert opened == {ports["http"], ports["grpc"]}
+            admitted |= opened
+        for rule in policy["spec"].get("egress", []):
+            assert {p["port"] for p in rule["ports"]} == {53}, policy["metadata"]["name"]
+    assert admitted == set(ports.values())
+    out_to_inference = [
+        rule
+        for policy in policies
+        if _selects(policy["spec"]["podSelector"], api)
+        for rule in policy["spec"].get("egress", [])
+        for peer in rule.get("to", [])
+        if _selects(peer.get("podSelector", {"matchLabels": {"-": "-"}}), inference)
+    ]
+    assert [{p["port"] for p in r["ports"]} for r in out_to_inference] == [
+        {ports["http"], ports["grpc"]}
+    ]

@@ -48,6 +48,7 @@ class InferenceService:
     models_dir: Path  # operators' manifests
     models: tuple[str, ...] = MODELS  # what it serves
     process: subprocess.Popen[bytes] | None = None
+    models: tuple[str, ...] = MODELS
 
     @property
     def url(self) -> str:

@@ -223,3 +223,24 @@ def test_tritons_batcher_is_the_manifests(inference_service: InferenceService) -
             assert batcher["preferred_batch_size"] == list(manifest.preferred_batch)
         assert int(batcher["default_queue_policy"]["max_queue_size"]) == manifest.max_queue
         assert batcher["priority_levels"] == 2  # live frames first
+
+
+def test_the_inference_hpa_scales_on_a_metric_triton_exports(
+    inference_service: InferenceService,
+) -> None:
+    """deploy/kubernetes's HPA scales the inference service on a gauge of Triton's metrics port
+    (through prometheus-adapter): the served metrics have it, one series per model."""
+    import yaml
+
+    hpa = yaml.safe_load(
+        (ROOT / "deploy/kubernetes/overlays/prod/inference-hpa.yaml").read_text("utf-8")
+    )
+    (metric,) = hpa["spec"]["metrics"]
+    name = metric["pods"]["metric"]["name"]
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{inference_service.metrics_port}/metrics", timeout=scaled(10)
+    ) as answer:
+        exposition = answer.read().decode()
+    assert f"# TYPE {name} gauge" in exposition
+    for model in MODELS:
+        assert f'{name}{{model="{model}"' in exposition, model

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import signal
 import socket
+import time
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from backend.cli import app
-from tests.conftest import free_port
+from tests.conftest import free_port, scaled
+from tests.remote.conftest import InferenceService
 
 runner = CliRunner()
 
@@ -32,3 +39,40 @@ def test_a_port_in_use_is_refused_before_anything_starts() -> None:
         result = runner.invoke(app, _serve("--model", "haar-frontalface", "--metrics-port", port))
     assert result.exit_code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.output
+
+
+def test_sigterm_stops_triton_and_removes_its_workspace(tmp_path: Path) -> None:
+    """Kubernetes stops a pod with SIGTERM: the server stops Triton as on SIGINT (its process
+    group empties, its workspace is removed) instead of dying and leaving both behind."""
+    if importlib.util.find_spec("pytriton") is None:
+        pytest.skip("PyTriton is not installed (requirements-serve.txt)")
+    service = InferenceService(
+        free_port(),
+        free_port(),
+        free_port(),
+        log=tmp_path / "serve.log",
+        models_dir=tmp_path,
+        models=("haar-frontalface",),  # the fastest to load
+    )
+    service.start()
+    assert service.process is not None
+    pid = service.process.pid
+    assert (tmp_path / "triton-workspaces" / str(pid)).is_dir()
+    try:
+        service.process.send_signal(signal.SIGTERM)
+        service.process.wait(timeout=scaled(60))
+    finally:
+        service.kill()  # a server that ignored it: the group, at once
+    assert not (tmp_path / "triton-workspaces" / str(pid)).exists()
+    deadline = time.monotonic() + scaled(30)
+    while time.monotonic() < deadline and _group_alive(pid):
+        time.sleep(0.2)
+    assert not _group_alive(pid), "Triton outlived the server"
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
