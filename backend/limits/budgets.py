@@ -297,10 +297,18 @@ class Budgets:
         await self.charge_together([(tokens, amount), (money, cost)])
 
     async def admit(
-        self, *, tenant_id: uuid.UUID, user_id: uuid.UUID | None, plan: str, subject: str
+        self,
+        *,
+        tenant_id: uuid.UUID,
+        user_id: uuid.UUID | None,
+        plan: str,
+        subject: str,
+        hold_id: str | None = None,
     ) -> Reservation:
         """The money budget's reservation of a run or job: it holds nothing (what a run will
-        cost is not known), and is refused (BudgetExceeded) once the money is spent."""
+        cost is not known), and is refused (BudgetExceeded) once the money is spent. With
+        `hold_id` it is recorded, as `reserve` says: its charges count once however often they
+        are retried, and the replica that recovers the work charges what was not."""
         return await self.reserve(
             tenant_id=tenant_id,
             user_id=user_id,
@@ -308,6 +316,7 @@ class Budgets:
             resource=Resource.COST,
             amount=0,
             subject=subject,
+            hold_id=hold_id,
         )
 
     async def charge(

@@ -188,3 +188,32 @@ async def test_the_ledger_writes_sums_per_flush_and_keeps_what_it_could_not_writ
         (Decimal("0.25"), Decimal("0.5"), "embedding"),  # the last one, written by close
     ]
     assert await records(later) == [(Decimal("0.25"), Decimal("0.5"), "embedding")]
+
+
+async def test_a_recorded_money_charge_retried_after_a_lost_reply_counts_once(
+    redis: Redis, key_prefix: str
+) -> None:
+    """A vision job's money is admitted under its key: the charge at its end names its total,
+    so the same charge sent again (its first reply lost) adds nothing, and the replica that
+    recovers the reservation sees what was charged."""
+    budgets = _budgets(redis, key_prefix)
+    tenant_id = uuid.uuid4()
+    ask = {"tenant_id": tenant_id, "user_id": None, "plan": "free", "subject": "vision"}
+    money = await budgets.admit(**ask, hold_id="job-1")
+    keys, args = money._charge_call(0.25)
+    await budgets._charge(keys=keys, args=args)  # it counted; its reply never came back
+    await budgets.charge_together([(money, 0.25)])  # so the job sends it again
+    [tenant_day, *_] = budgets._counter_keys(tenant_id, None, Resource.COST)
+    assert float(await redis.get(tenant_day)) == pytest.approx(0.25)
+    recovered = await budgets.recover(
+        tenant_id=tenant_id, user_id=None, resource=Resource.COST, hold_id="job-1"
+    )
+    assert recovered is not None
+    assert recovered.charged == pytest.approx(0.25)
+    assert await recovered.release()
+    assert (
+        await budgets.recover(
+            tenant_id=tenant_id, user_id=None, resource=Resource.COST, hold_id="job-1"
+        )
+        is None
+    )
