@@ -285,6 +285,19 @@ async def test_embeddings_cost_money_and_a_spent_money_budget_refuses_ingestion_
         assert error["extensions"]["resource"] == "cost"
 
 
+async def embedding_cost(server: LiveServer, tenant_id: object, model: str) -> float:
+    """What the server's cost metric counts for the tenant's embeddings by `model@version`."""
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        exposition = (await http.get("/metrics")).text
+    name, version = model.split("@")
+    series = (
+        f'sightline_model_cost_total{{kind="embedding",model="{name}",'
+        f'tenant="{tenant_id}",version="{version}"}} '
+    )
+    [line] = [x for x in exposition.splitlines() if x.startswith(series)]
+    return float(line.split()[-1])
+
+
 async def embedding_usage(server: LiveServer, token: str) -> dict[str, Any] | None:
     """Today's embedding usage of the tenant (`usage(byModel: true)`), None when there is none."""
     answer = await gql(
@@ -318,15 +331,8 @@ async def test_an_ingestion_job_records_its_embeddings_with_its_end(
         events = await job_events(server, token, sent["data"]["ingestDocument"]["id"])
         assert events[-1]["__typename"] == "IngestionCompleted", events
         recorded = await embedding_usage(server, token)
-        async with httpx.AsyncClient(base_url=server.http_url) as http:
-            exposition = (await http.get("/metrics")).text
-    name, version = embedder.name.split("@")
-    series = (
-        f'sightline_model_cost_total{{kind="embedding",model="{name}",'
-        f'tenant="{account["tenant_id"]}",version="{version}"}} '
-    )
-    [line] = [x for x in exposition.splitlines() if x.startswith(series)]
+        counted = await embedding_cost(server, account["tenant_id"], embedder.name)
     assert recorded is not None
-    assert recorded["cost"] == pytest.approx(float(line.split()[-1]), abs=2e-6)
+    assert recorded["cost"] == pytest.approx(counted, abs=2e-6)
     assert recorded["cost"] > 0
-    assert (recorded["model"], recorded["version"]) == (name, version)
+    assert f"{recorded['model']}@{recorded['version']}" == embedder.name

@@ -28,6 +28,7 @@ from backend.knowledge.embeddings import LocalEmbedder
 from tests.agents.test_agent import Knowledge, Rails, tenant_session, with_chat
 from tests.agents.test_runs import gql, sign_in
 from tests.conftest import LiveServer, scaled, serve_live
+from tests.knowledge.test_graphql import embedding_cost
 from tests.llm_stub import LLMStub
 
 
@@ -521,15 +522,7 @@ async def test_embeddings_cost_money_are_recorded_and_a_spent_money_budget_refus
             with pytest.raises(openai.RateLimitError) as refused:
                 await client.embeddings.create(model=embedder.name, input=["refunds", "cats"])
             assert refused.value.body["code"] == "insufficient_quota"  # type: ignore[index]
-        async with httpx.AsyncClient(base_url=server.http_url) as http:
-            exposition = (await http.get("/metrics")).text
-        name, version = embedder.name.split("@")
-        series = (
-            f'sightline_model_cost_total{{kind="embedding",model="{name}",'
-            f'tenant="{account["tenant_id"]}",version="{version}"}} '
-        )
-        [line] = [x for x in exposition.splitlines() if x.startswith(series)]
-        counted = float(line.split()[-1])
+        counted = await embedding_cost(server, account["tenant_id"], embedder.name)
         async with asyncio.timeout(scaled(30)):  # the ledger writes within its flush interval
             while True:
                 async with tenant_session(engine, chat_settings, account) as session:
@@ -542,5 +535,6 @@ async def test_embeddings_cost_money_are_recorded_and_a_spent_money_budget_refus
     assert 1 <= len(records) <= 2  # one a flush: the two calls, summed when in the same one
     for record in records:
         assert (record.resource, record.subject) == ("compute_seconds", "openai")
-        assert (record.model, record.version, record.kind) == (name, version, "embedding")
+        assert f"{record.model}@{record.version}" == embedder.name
+        assert record.kind == "embedding"
         assert float(record.cost) == pytest.approx(float(record.amount), abs=2e-6)  # 1 a second
