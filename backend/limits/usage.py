@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.core.db import Database
 from backend.core.models import UsageRecord
+from backend.core.retry import is_transient
 from backend.core.tasks import Periodic
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,12 @@ class UsageLedger:
             async with asyncio.timeout(self._timeout_s):
                 await self.flush()
         except Exception as exc:
-            lost = len(self._due)
-            log.warning("usage ledger: the last flush failed, %d records lost: %r", lost, exc)
+            log.warning("usage ledger: the last flush failed, %d records lost: %r", len(self), exc)
 
     async def flush(self) -> None:
         """Writes what is due: one unit of work per tenant (row-level security scopes each).
-        What could not be written (an outage, a cancellation) is kept for the next flush."""
+        Through an outage (or a cancellation) what was not written is kept for the next flush;
+        a tenant whose records cannot be written otherwise (erased meanwhile) loses them."""
         due, self._due = self._due, {}
         tenants: dict[uuid.UUID, list[tuple[_Key, tuple[Decimal, Decimal]]]] = {}
         for key, sums in due.items():
@@ -127,23 +128,42 @@ class UsageLedger:
         try:
             while pending:
                 tenant_id, entries = pending[0]
-                async with self._db.session(tenant_id) as session:
-                    for (_, user_id, resource, subject, *served), (amount, cost) in entries:
-                        model, version, kind = served
-                        add_usage(
-                            session,
-                            tenant_id=tenant_id,
-                            user_id=user_id,
-                            resource=resource,
-                            subject=subject,
-                            parts=[UsagePart(model, version, kind, amount, cost)],
-                        )
+                try:
+                    await self._write(tenant_id, entries)
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    log.warning(
+                        "usage ledger: %d records of tenant %s dropped: %r",
+                        len(entries),
+                        tenant_id,
+                        exc,
+                    )
                 pending.pop(0)
         finally:
             for _, entries in pending:  # kept, added to what came in meanwhile
                 for key, (amount, cost) in entries:
                     was = self._due.get(key, (Decimal(0), Decimal(0)))
                     self._due[key] = (was[0] + amount, was[1] + cost)
+
+    def __len__(self) -> int:
+        """How many records are due (one per tenant, user, resource, subject, version)."""
+        return len(self._due)
+
+    async def _write(
+        self, tenant_id: uuid.UUID, entries: list[tuple[_Key, tuple[Decimal, Decimal]]]
+    ) -> None:
+        async with self._db.session(tenant_id) as session:
+            for (_, user_id, resource, subject, *served), (amount, cost) in entries:
+                model, version, kind = served
+                add_usage(
+                    session,
+                    tenant_id=tenant_id,
+                    user_id=user_id,
+                    resource=resource,
+                    subject=subject,
+                    parts=[UsagePart(model, version, kind, amount, cost)],
+                )
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ import pytest
 from prometheus_client import generate_latest
 from redis.asyncio import Redis
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
-from backend.config import BudgetSpec, CostSettings, LimitsSettings
+from backend.config import BudgetSpec, CostSettings, LimitsSettings, Settings
 from backend.core.db import Database
 from backend.core.metrics import Metrics
 from backend.core.models import Tenant, UsageRecord
 from backend.core.redis import KeySpace
+from backend.errors import ServiceUnavailable
 from backend.inference.manifest import ManifestError, ModelManifest
 from backend.lifecycle.schemas import EmbeddingSpec
 from backend.limits.budgets import BudgetExceeded, Budgets, Resource, UsagePart
@@ -154,40 +154,42 @@ async def test_usage_rows_by_model_version_and_kind(
     ]
 
 
-async def test_the_ledger_writes_sums_per_flush_and_keeps_what_it_could_not_write(
-    db: Database,
+async def test_the_ledger_writes_sums_per_flush_and_keeps_what_an_outage_did_not(
+    db: Database, settings: Settings
 ) -> None:
     """Calls of one tenant, user and model version between two flushes are one record; a
-    tenant whose records fail (here: it does not exist yet) keeps them for the next flush,
-    without holding up the others; closing writes what is left."""
+    tenant whose records cannot be written (here: it does not exist) loses them without
+    holding up the others; through an outage they are kept; closing writes what is left."""
     async with db.session() as session:
         first = Tenant(slug=f"l-{uuid.uuid4().hex[:8]}", name="L")
         session.add(first)
-    later = uuid.uuid4()
     ledger = UsageLedger(db, flush_s=3600, timeout_s=30)
     part = UsagePart("minilm", "1", "embedding", Decimal("0.25"), Decimal("0.5"))
-    for tenant_id in (later, first.id, first.id):
-        ledger.add(
-            tenant_id=tenant_id, user_id=None, resource="compute_seconds", subject="s", part=part
-        )
-    with pytest.raises(IntegrityError):
-        await ledger.flush()
-    async with db.session() as session:
-        session.add(Tenant(id=later, slug=f"l-{uuid.uuid4().hex[:8]}", name="M"))
+    usage = {"user_id": None, "resource": "compute_seconds", "subject": "s", "part": part}
+    for tenant_id in (uuid.uuid4(), first.id, first.id):
+        ledger.add(tenant_id=tenant_id, **usage)
     await ledger.flush()
-    ledger.add(tenant_id=first.id, user_id=None, resource="compute_seconds", subject="s", part=part)
+    assert len(ledger) == 0
+    ledger.add(tenant_id=first.id, **usage)
     await ledger.close()
 
-    async def records(tenant_id: uuid.UUID) -> list[tuple[Decimal, Decimal, str | None]]:
-        async with db.session(tenant_id) as session:
-            rows = await session.scalars(select(UsageRecord).order_by(UsageRecord.amount.desc()))
-            return [(r.amount, r.cost, r.kind) for r in rows]
+    down = Database.connect("postgresql+asyncpg://sightline@127.0.0.1:9/none", settings.database)
+    try:
+        outage = UsageLedger(down, flush_s=3600, timeout_s=30)
+        outage.add(tenant_id=first.id, **usage)
+        with pytest.raises(ServiceUnavailable):
+            await outage.flush()
+        assert len(outage) == 1  # kept for the next flush
+    finally:
+        await down.dispose()
 
-    assert await records(first.id) == [
+    async with db.session(first.id) as session:
+        rows = await session.scalars(select(UsageRecord).order_by(UsageRecord.amount.desc()))
+        records = [(r.amount, r.cost, r.kind) for r in rows]
+    assert records == [
         (Decimal("0.5"), Decimal("1.0"), "embedding"),  # the first flush: two calls summed
         (Decimal("0.25"), Decimal("0.5"), "embedding"),  # the last one, written by close
     ]
-    assert await records(later) == [(Decimal("0.25"), Decimal("0.5"), "embedding")]
 
 
 async def test_a_recorded_money_charge_retried_after_a_lost_reply_counts_once(
