@@ -10,6 +10,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,8 +65,9 @@ from backend.lifecycle.seeding import FIRST_VERSION, served_models
 from backend.lifecycle.service import ModelRegistryService
 from backend.lifecycle.watcher import RegistryWatcher
 from backend.limits.budgets import Budgets, Resource
-from backend.limits.pricing import REMOTE, ComputePricing
+from backend.limits.pricing import REMOTE, ComputePricing, compute_cost
 from backend.limits.ratelimit import RateLimiter
+from backend.limits.usage import UsageLedger, UsagePart
 from backend.openai_api.router import openai_router
 from backend.openai_api.service import OpenAIService
 from backend.privacy.endpoints import privacy_router
@@ -115,6 +117,7 @@ async def build_services(
     chat = settings.chat
     models = await ModelRegistry.from_settings(chat)
     limiter = RateLimiter(state.redis, state.keys, settings.limits)
+    budgets = Budgets(state.redis, state.keys, settings.limits, state.metrics)
     shared_embedder = embedder or build_embedder(settings.knowledge)
     knowledge = KnowledgeService(
         db=state.db,
@@ -124,6 +127,7 @@ async def build_services(
         limiter=limiter,
         settings=settings.knowledge,
         own_embedder=embedder is None,
+        budgets=budgets,
     )
     guardrails: GuardrailService | None = None
     if guards is None and settings.guardrails.enabled:
@@ -135,7 +139,6 @@ async def build_services(
             metrics=state.metrics,
         )
         guards = guardrails
-    budgets = Budgets(state.redis, state.keys, settings.limits, state.metrics)
     inference, vision = await _build_vision(state, limiter, budgets, guardrails)
     if inference is not None:  # vision on: images and scanned PDFs can be ingested
         knowledge.read_image = vision.read_text
@@ -210,13 +213,20 @@ async def build_services(
     vision.operations = lifecycle  # every task's version figures; shadows of sampled requests
     runs.drift = lifecycle.drift  # each turn's drift samples (None: drift off)
     knowledge.drift = lifecycle.drift  # each search's
-    knowledge.embedded = _embedding_spent(
+    ledger = UsageLedger(
+        state.db,
+        flush_s=settings.cost.usage_flush_s,
+        timeout_s=settings.cost.usage_flush_timeout_s,
+    )
+    ledger.start()
+    knowledge.embedded = embedded = _embedding_spent(
         settings=settings,
         metrics=state.metrics,
         embedder=shared_embedder,
         lifecycle=lifecycle,
         budgets=budgets,
         registry=models_watcher,
+        ledger=ledger,
     )
     lifecycle.use_registry(
         models_watcher,
@@ -256,7 +266,9 @@ async def build_services(
             runs=runs,
             served=lifecycle.stats.record,
             metrics=state.metrics,
+            embedded=embedded,
         ),
+        ledger=ledger,
         grace_s=settings.server.graceful_shutdown_s,
         warm_up=warm_up,
         registry=registry,
@@ -388,12 +400,15 @@ def _embedding_spent(
     lifecycle: ModelOperations,
     budgets: Budgets,
     registry: RegistryWatcher,
+    ledger: UsageLedger,
 ) -> EmbeddingSpent:
     """Prices the compute-seconds of an embedding call made for a tenant (the price its
     registry spec names for the embedder's device, else the settings': the CPU for the packaged
-    model, `remote` for an endpoint) and records them: the cost metrics, the version's serving
-    figures and, when a principal asked (a search), their money budget (one round trip; used
-    up: BUDGET_EXCEEDED)."""
+    model, `remote` for an endpoint) and counts them in the cost metrics and the version's
+    serving figures. A call a principal made on its own (a search, `/v1/embeddings`) is also
+    recorded: its usage in the ledger (written by its next flush, no database round trip here),
+    its money charged to their budget (one Redis round trip; used up: BUDGET_EXCEEDED). An
+    ingestion job records and charges its calls itself (KnowledgeService)."""
     pricing = ComputePricing(settings.cost.compute_second_prices, metrics)
     model, version = split_pin(embedder.name)
     version = version or FIRST_VERSION
@@ -406,20 +421,33 @@ def _embedding_spent(
                 return prices if isinstance(prices, dict) else None
         return None
 
-    async def spent(tenant_id: uuid.UUID, seconds: float, principal: Principal | None) -> None:
+    async def spent(
+        tenant_id: uuid.UUID, seconds: float, principal: Principal | None, subject: str
+    ) -> UsagePart:
         cost = pricing.spent(tenant_id, model, version, "embedding", seconds, device, own_prices())
         lifecycle.stats.record(
             model, version, ok=True, latency_s=seconds, compute_s=seconds, cost=float(cost)
         )
-        if principal is not None and cost > 0:
+        part = UsagePart(model, version, "embedding", compute_cost(seconds, Decimal(1)), cost)
+        if principal is None:
+            return part
+        ledger.add(
+            tenant_id=principal.tenant_id,
+            user_id=principal.user_id,
+            resource=Resource.COMPUTE_SECONDS.value,
+            subject=subject,
+            part=part,
+        )
+        if cost > 0:
             await budgets.charge(
                 tenant_id=principal.tenant_id,
                 user_id=principal.user_id,
                 plan=principal.plan,
                 resource=Resource.COST,
                 amount=float(cost),
-                subject="embedding",
+                subject=subject,
             )
+        return part
 
     return spent
 

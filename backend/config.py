@@ -499,6 +499,16 @@ class CostSettings(_Section):
         "(cpu, cuda, remote: an endpoint or inference server), unless its version names its "
         "own (JSON).",
     )
+    usage_flush_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often a replica writes the usage records of calls that have no unit "
+        "of work of their own (searches' query embeddings, /v1/embeddings), summed per tenant, "
+        "user and model version since the last time (their money is charged as they happen).",
+    )
+    usage_flush_timeout_s: float = Field(
+        10.0, gt=0, description="Longest one such write may take; what it missed is kept."
+    )
 
 
 class ModelSpec(BaseModel):

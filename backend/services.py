@@ -26,6 +26,7 @@ from backend.lifecycle.service import ModelRegistryService
 from backend.lifecycle.watcher import RegistryWatcher
 from backend.limits.budgets import Budgets
 from backend.limits.ratelimit import RateLimiter
+from backend.limits.usage import UsageLedger
 from backend.openai_api.service import OpenAIService
 from backend.privacy.service import PrivacyService
 from backend.privacy.tasks import PurgeScheduler
@@ -60,6 +61,7 @@ class Services:
     registry: ModelRegistryService | None = None  # None only in apps built without services
     models_watcher: RegistryWatcher | None = None  # this replica's view of the registry
     reconciler: PoolReconciler | None = None  # loads the registry's vision versions (vision on)
+    ledger: UsageLedger | None = None  # usage records of searches and /v1/embeddings
 
     async def aclose(self) -> None:
         """Stops every service; each step is timed in the log (a slow shutdown says where)."""
@@ -89,6 +91,8 @@ class Services:
             steps.append(("inference", lambda: inference.close(self.grace_s)))
         if (lifecycle := self.lifecycle) is not None:  # after serving: its last figures count
             steps.append(("model figures", lifecycle.close))
+        if (ledger := self.ledger) is not None:  # after serving: its last records count
+            steps.append(("usage records", ledger.close))
         for name, step in steps:
             started = time.perf_counter()
             await step()

@@ -278,6 +278,7 @@ class RunService:
                 user_id=principal.user_id,
                 plan=principal.plan,
                 subject=f"run:{run_id}",
+                hold_id=str(run_id),
             )
             async with self._db.session(principal.tenant_id) as session:
                 conversation = await self._conversations.owned_for_update(
@@ -325,8 +326,9 @@ class RunService:
             if chat_model is not None:
                 self.models.release(chat_model)
             try:  # in this order: should a step fail, the lease stays and recovery does the rest
-                if reservation is not None:
-                    await reservation.release()
+                for held in (reservation, money):
+                    if held is not None:
+                        await held.release()
                 await self._redis.srem(active_key, str(run_id))
                 await self._leases.release(member)
             except Exception as exc:
@@ -798,6 +800,7 @@ class RunService:
             await turn.reservation.settle(
                 session, cost=cost, served_by=(turn.model.alias, turn.model.version, "chat")
             )
+            await turn.money.release()  # its record goes (what it charged stays counted)
         return message_id
 
     async def _leave(self, member: str, active_key: str, run_key: str, recorded: bool) -> None:
@@ -900,18 +903,21 @@ class RunService:
         tenant_id, run_id, user_id = work.tenant_id, work.id, work.user_id
         run_key = str(run_id)
         text, tokens = await self._retrying(lambda: self._streamed(run_key), "reading a log")
-        reservation = await self._retrying(
-            lambda: self._budgets.recover(
-                tenant_id=tenant_id, user_id=user_id, resource=Resource.LLM_TOKENS, hold_id=run_key
-            ),
-            "reading a reservation",
-        )
+        reservation, money = [
+            await self._retrying(
+                lambda resource=resource: self._budgets.recover(  # type: ignore[misc]
+                    tenant_id=tenant_id, user_id=user_id, resource=resource, hold_id=run_key
+                ),
+                "reading a reservation",
+            )
+            for resource in (Resource.LLM_TOKENS, Resource.COST)
+        ]
         if reservation is not None and tokens > reservation.charged:  # delivered, not charged
             with contextlib.suppress(BudgetExceeded):
                 owed = tokens - reservation.charged
                 await self._retrying(lambda: reservation.charge(owed), "charging a lost run")
         ended = await self._retrying(
-            lambda: self._end_lost(tenant_id, run_id, text, tokens, reservation),
+            lambda: self._end_lost(tenant_id, run_id, text, tokens, reservation, money=money),
             f"ending lost run {run_key}",
         )
         if ended is not None:
@@ -953,17 +959,27 @@ class RunService:
         text: str,
         tokens: int,
         reservation: Reservation | None,
+        *,
+        money: Reservation | None = None,
     ) -> tuple[str, dict] | None:
-        """One unit of work: ends a lost run's row (when it is still going) and settles its
-        reservation. Returns the terminal event the row's state calls for (None: no row, the
-        run was never created or was deleted with its conversation)."""
+        """One unit of work: ends a lost run's row (when it is still going), charges the money
+        its replica had not (its record says what was) and settles its reservations. Returns
+        the terminal event the row's state calls for (None: no row, the run was never created
+        or was deleted with its conversation)."""
         async with self._db.session(tenant_id) as session:
             row = await session.get(Run, run_id, with_for_update=True)
             if row is None:
-                if reservation is not None:
-                    await reservation.release()
+                for held in (reservation, money):
+                    if held is not None:
+                        await held.release()
                 return None
             cost = self._cost(row, max(row.completion_tokens, tokens))
+            if money is not None:
+                owed = float(cost) - money.charged
+                if owed > 1e-9:  # counted once, however often this unit of work is retried
+                    with contextlib.suppress(BudgetExceeded):
+                        await money.charge(owed)
+                await money.release()
             if row.status in _GOING:
                 answer = await session.scalar(
                     select(Message).where(

@@ -41,6 +41,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import Enum, StrEnum
 from typing import Any, Protocol, TypeVar
 
@@ -51,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.agents.tools import Source
 from backend.auth.principal import Principal
+from backend.auth.repository import plan_of
 from backend.config import KnowledgeSettings
 from backend.core import pagination
 from backend.core.db import Database
@@ -66,8 +68,12 @@ from backend.knowledge.embeddings import Embedder, EmbeddingUnavailable, embed_t
 from backend.knowledge.extract import Extracted, Section, UnreadableDocument, extract, sniff
 from backend.knowledge.fusion import fuse
 from backend.lifecycle.drift import DriftRecorder
+from backend.lifecycle.policy import split_pin
 from backend.lifecycle.seeding import FIRST_VERSION
+from backend.limits.budgets import Budgets, Resource
+from backend.limits.pricing import compute_cost
 from backend.limits.ratelimit import RateLimiter
+from backend.limits.usage import UsagePart, add_usage, merged
 from backend.realtime.eventlog import RunEvent, RunEventLog
 
 log = logging.getLogger(__name__)
@@ -120,6 +126,8 @@ class _Job:
     tenant_id: uuid.UUID
     created_by: uuid.UUID | None
     upload: _Upload
+    plan: str  # the tenant's: its embeddings are charged to the money budget
+    usage: list[UsagePart] = field(default_factory=list)  # its embedding calls so far
 
     @property
     def member(self) -> str:
@@ -148,11 +156,11 @@ class _Ready:
 
 
 class EmbeddingSpent(Protocol):
-    """Told what an embedding call made for a tenant took (see KnowledgeService.embedded)."""
+    """Prices what an embedding call made for a tenant took (see KnowledgeService.embedded)."""
 
     async def __call__(
-        self, tenant_id: uuid.UUID, seconds: float, principal: Principal | None
-    ) -> None: ...
+        self, tenant_id: uuid.UUID, seconds: float, principal: Principal | None, subject: str
+    ) -> UsagePart: ...
 
 
 class KnowledgeService:
@@ -167,11 +175,13 @@ class KnowledgeService:
         settings: KnowledgeSettings,
         own_embedder: bool = True,
         read_image: Callable[[bytes], Awaitable[str]] | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         # OCR for images and scanned PDF pages (the vision service's, wired by the app when
         # vision is on); without it such documents are refused with a typed error.
         self.read_image = read_image
         self._own_embedder = own_embedder
+        self._budgets = budgets  # ingestion's embeddings: the money budget (None: not charged)
         self._db = db
         self._redis = redis
         self._keys = keys.child("kb")
@@ -199,9 +209,9 @@ class KnowledgeService:
             name="ingestion",
         )
         self._closing = False
-        # told of the compute-seconds of every embedding call made for a tenant, with the
-        # principal who asked when there is one (the app prices them: metrics, the version's
-        # serving figures, and the asker's money budget, which may refuse: BUDGET_EXCEEDED)
+        # prices the compute-seconds of every embedding call made for a tenant (metrics, the
+        # version's serving figures); a principal's own call (a search) is also recorded and
+        # charged to their money budget there, which may refuse: BUDGET_EXCEEDED. Unset: free.
         self.embedded: EmbeddingSpent | None = None
 
     def start(self, *, take_over: bool = True) -> None:
@@ -250,8 +260,15 @@ class KnowledgeService:
         await self._limiter.enforce(principal.subject, principal.plan, "ingestion")
         if self._closing:
             raise ServiceUnavailable("the server is shutting down")
+        if self._budgets is not None:  # money spent: refused before anything runs
+            await self._budgets.admit(
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                plan=principal.plan,
+                subject="ingestion",
+            )
         upload = _Upload(data, content_hash, media_type, key, title, meta or {})
-        job = _Job(uuid.uuid4(), principal.tenant_id, principal.user_id, upload)
+        job = _Job(uuid.uuid4(), principal.tenant_id, principal.user_id, upload, principal.plan)
         # The lease first: should this replica die from here on, whoever claims the lease
         # finds the job (or finds none) and takes it over.
         await self._leases.acquire(job.member)
@@ -374,11 +391,13 @@ class KnowledgeService:
             self._leases.abandon(job.member)
 
     async def _record_failure(self, job: _Job, failure: _Failure) -> bool:
-        """The row says FAILED and the upload goes, unless the job ended elsewhere (False)."""
+        """The row says FAILED, the upload goes and what its embeddings took so far is recorded,
+        unless the job ended elsewhere (False)."""
         async with self._db.session(job.tenant_id) as session:
             row = await session.get(IngestionJob, job.id, with_for_update=True)
             if row is None or row.status in _ENDED:
                 return False
+            _record_usage(session, job)
             row.status = JobStatus.FAILED.value
             row.error_code = failure.code
             row.error = failure.message
@@ -561,6 +580,7 @@ class KnowledgeService:
             for ready, result in zip(batch, results, strict=True):
                 if isinstance(result, dict):
                     _record_end(rows[ready.job.id], result)
+                    _record_usage(session, ready.job)
                     ended.append(ready.job.id)
             if ended:
                 await session.execute(
@@ -622,7 +642,7 @@ class KnowledgeService:
             try:
                 vectors, seconds = await embed_timed(self.embedder, texts)
                 if job is not None:
-                    await self._embedded(job.tenant_id, seconds)
+                    await self._job_spent(job, seconds)
                 return vectors
             except EmbeddingUnavailable as exc:
                 if attempt == self._settings.embedding_retries:
@@ -641,6 +661,27 @@ class KnowledgeService:
                 if job is not None:
                     await self._progress(job, status=JobStatus.RUNNING)
         raise AssertionError("unreachable")
+
+    async def _job_spent(self, job: _Job, seconds: float) -> None:
+        """A job's embedding call: counted for its usage record (written with its end) and its
+        cost charged to the money budget of its tenant and creator, which may stop the job
+        (BUDGET_EXCEEDED): a step of `progress_chunks` chunks is the most it overspends."""
+        part = await self._embedded(job.tenant_id, seconds, None, "ingestion")
+        job.usage.append(part)
+        if self._budgets is None or part.cost <= 0:
+            return
+        budgets = self._budgets
+        await self._retrying(
+            lambda: budgets.charge(
+                tenant_id=job.tenant_id,
+                user_id=job.created_by,
+                plan=job.plan,
+                resource=Resource.COST,
+                amount=float(part.cost),
+                subject="ingestion",
+            ),
+            f"charging job {job.id}",
+        )
 
     async def _progress(self, job: _Job, **values: Any) -> None:
         """Updates a going job's row (never one that ended: a replica that lost the job to
@@ -723,6 +764,7 @@ class KnowledgeService:
                             upload.title,
                             upload.meta,
                         ),
+                        await plan_of(session, tenant_id),
                     )
                 row.status = JobStatus.FAILED.value
                 row.error_code = WORKER_LOST
@@ -829,10 +871,17 @@ class KnowledgeService:
     # -- search --------------------------------------------------------------------------------
 
     async def _embedded(
-        self, tenant_id: uuid.UUID, seconds: float, principal: Principal | None = None
-    ) -> None:
+        self,
+        tenant_id: uuid.UUID,
+        seconds: float,
+        principal: Principal | None = None,
+        subject: str = "search",
+    ) -> UsagePart:
         if self.embedded is not None:
-            await self.embedded(tenant_id, seconds, principal)
+            return await self.embedded(tenant_id, seconds, principal, subject)
+        model, version = split_pin(self.embedder.name)
+        amount = compute_cost(seconds, Decimal(1))
+        return UsagePart(model, version or FIRST_VERSION, "embedding", amount, Decimal(0))
 
     async def query_vector(self, query: str, principal: Principal | None = None) -> list[float]:
         """The query's embedding, cached in Redis by model and text; computing it is counted
@@ -1279,6 +1328,19 @@ async def _close_job(session: AsyncSession, job_id: uuid.UUID, result: dict[str,
         raise _EndedElsewhere
     _record_end(row, result)
     await session.execute(delete(IngestionUpload).where(IngestionUpload.job_id == job_id))
+
+
+def _record_usage(session: AsyncSession, job: _Job) -> None:
+    """What a job's embeddings took, one record per model version (the unit of work that ends
+    it: written once, with its end)."""
+    add_usage(
+        session,
+        tenant_id=job.tenant_id,
+        user_id=job.created_by,
+        resource=Resource.COMPUTE_SECONDS.value,
+        subject="ingestion",
+        parts=merged(job.usage),
+    )
 
 
 def _record_end(row: IngestionJob, result: dict[str, Any]) -> None:

@@ -25,9 +25,9 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.config import BudgetSpec, LimitsSettings
-from backend.core.models import UsageRecord
 from backend.core.redis import KeySpace
 from backend.errors import AppError
+from backend.limits.usage import UsagePart, add_usage
 
 _DAY_TTL_S = 2 * 86_400
 _MONTH_TTL_S = 32 * 86_400
@@ -137,18 +137,6 @@ class Resource(StrEnum):
     COST = "cost"  # money, charged by every kind of model (chat, vision, embedding)
 
 
-@dataclass(frozen=True)
-class UsagePart:
-    """What one model version consumed of a settled reservation, recorded apart (a vision job's
-    tasks run on different models)."""
-
-    model: str
-    version: str
-    kind: str
-    amount: Decimal
-    cost: Decimal
-
-
 class BudgetExceeded(AppError):
     code = "BUDGET_EXCEEDED"
     status = 429
@@ -250,20 +238,14 @@ class Reservation:
             model, version, kind = served_by or ("", "", "")
             total = amount * cost_per_unit if cost is None else cost
             parts = [UsagePart(model, version, kind, amount, total)]
-        for part in parts:
-            session.add(
-                UsageRecord(
-                    tenant_id=self.tenant_id,
-                    user_id=self.user_id,
-                    resource=self.resource.value,
-                    subject=self.subject,
-                    amount=part.amount,
-                    cost=part.cost,
-                    model=part.model or None,
-                    version=part.version or None,
-                    kind=part.kind or None,
-                )
-            )
+        add_usage(
+            session,
+            tenant_id=self.tenant_id,
+            user_id=self.user_id,
+            resource=self.resource.value,
+            subject=self.subject,
+            parts=parts,
+        )
         await session.flush()
 
 
@@ -315,10 +297,18 @@ class Budgets:
         await self.charge_together([(tokens, amount), (money, cost)])
 
     async def admit(
-        self, *, tenant_id: uuid.UUID, user_id: uuid.UUID | None, plan: str, subject: str
+        self,
+        *,
+        tenant_id: uuid.UUID,
+        user_id: uuid.UUID | None,
+        plan: str,
+        subject: str,
+        hold_id: str | None = None,
     ) -> Reservation:
         """The money budget's reservation of a run or job: it holds nothing (what a run will
-        cost is not known), and is refused (BudgetExceeded) once the money is spent."""
+        cost is not known), and is refused (BudgetExceeded) once the money is spent. With
+        `hold_id` it is recorded, as `reserve` says: its charges count once however often they
+        are retried, and the replica that recovers the work charges what was not."""
         return await self.reserve(
             tenant_id=tenant_id,
             user_id=user_id,
@@ -326,6 +316,7 @@ class Budgets:
             resource=Resource.COST,
             amount=0,
             subject=subject,
+            hold_id=hold_id,
         )
 
     async def charge(

@@ -47,7 +47,8 @@ from backend.inference.llm.base import (
     LLMUnavailable,
     estimate_tokens,
 )
-from backend.knowledge.embeddings import Embedder
+from backend.knowledge.embeddings import Embedder, embed_timed
+from backend.knowledge.service import EmbeddingSpent
 from backend.lifecycle.policy import RequestKey, split_pin
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.pricing import SpendMetrics
@@ -187,7 +188,10 @@ class OpenAIService:
         runs: RunService | None = None,
         served: ServedHook | None = None,
         metrics: SpendMetrics | None = None,
+        embedded: EmbeddingSpent | None = None,
     ) -> None:
+        # prices, records and charges an embeddings request as a search's query embedding
+        self.embedded = embedded
         self.served = served  # the lifecycle's statistics, when wired
         self.metrics = metrics  # what completions cost (sightline_model_cost)
         self._search = search
@@ -551,7 +555,9 @@ class OpenAIService:
                 field="input",
             )
         await self._limiter.enforce(principal.subject, principal.plan, "query")
-        vectors = await self._embedder.embed(texts)
+        vectors, seconds = await embed_timed(self._embedder, texts)
+        if self.embedded is not None:  # recorded, and charged (used up: BUDGET_EXCEEDED)
+            await self.embedded(principal.tenant_id, seconds, principal, "openai")
         return vectors, sum(len(t) // 4 + 1 for t in texts)
 
 

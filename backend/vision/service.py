@@ -136,7 +136,9 @@ class _Job:
     options: _Options
     data: bytes
     reservation: Reservation | None
-    money: Reservation | None = None  # the cost budget (holds nothing; charged at the end)
+    # the cost budget: holds nothing, charged at the end; recorded under the job's key, like
+    # `reservation` (a retried charge counts once; a replica that recovers the job charges it)
+    money: Reservation | None = None
     image: DecodedImage | None = None  # decoded when accepted; from `data` when taken over
     results: dict[str, Any] = field(default_factory=dict)  # stored, per task
     span: Span | None = None  # its `vision.job` span, from acceptance (none: taken over)
@@ -448,6 +450,7 @@ class VisionService:
                     user_id=principal.user_id,
                     plan=principal.plan,
                     subject="vision",
+                    hold_id=job.key,
                 )
             row = await self._create(job, image, digest)
         except BaseException:
@@ -591,8 +594,9 @@ class VisionService:
         cannot be undone now, the lease is left to expire: recovery finds no job and gives the
         hold back."""
         try:
-            if job.reservation is not None:
-                await job.reservation.release()
+            for reservation in (job.reservation, job.money):
+                if reservation is not None:
+                    await reservation.release()
             await self._leases.release(job.member)
         except Exception as exc:
             log.warning(
@@ -710,6 +714,8 @@ class VisionService:
             await jobs.drop_upload(session, job.id)
             if job.reservation is not None:
                 await job.reservation.settle(session, parts=_usage_parts(job.results))
+            if job.money is not None:  # its record goes (what it charged stays counted)
+                await job.money.release()
         return True
 
     async def _charge(
@@ -876,20 +882,23 @@ class VisionService:
         if self._closing:
             self._leases.abandon(member)  # for another replica, or this one restarted
             return False
-        reservation = None
+        reservation = money = None
         if self._budgets is not None:
             budgets = self._budgets
-            reservation = await self._retrying(
-                lambda: budgets.recover(
-                    tenant_id=work.tenant_id,
-                    user_id=work.user_id,
-                    resource=Resource.COMPUTE_SECONDS,
-                    hold_id=key,
-                ),
-                "reading a reservation",
-            )
+            reservation, money = [
+                await self._retrying(
+                    lambda resource=resource: budgets.recover(  # type: ignore[misc]
+                        tenant_id=work.tenant_id,
+                        user_id=work.user_id,
+                        resource=resource,
+                        hold_id=key,
+                    ),
+                    "reading a reservation",
+                )
+                for resource in (Resource.COMPUTE_SECONDS, Resource.COST)
+            ]
         taken = await self._retrying(
-            lambda: self._take_over(work, reservation), f"taking over vision job {key}"
+            lambda: self._take_over(work, reservation, money), f"taking over vision job {key}"
         )
         if isinstance(taken, _Job):
             log.warning("vision job %s resumed after its replica was lost", key)
@@ -908,14 +917,18 @@ class VisionService:
                 )
         return True
 
-    async def _take_over(self, work: Work, reservation: Reservation | None) -> _Job | _Over | None:
-        """One unit of work: the job to resume, or the job as it ended (now, or before), or
-        None when there is no such job (the hold goes back)."""
+    async def _take_over(
+        self, work: Work, reservation: Reservation | None, money: Reservation | None
+    ) -> _Job | _Over | None:
+        """One unit of work: the job to resume (with its reservations), or the job as it ended
+        (now, or before: what its replica had not charged is charged here), or None when there
+        is no such job (the hold goes back)."""
         async with self._db.session(work.tenant_id) as session:
             row = await jobs.locked(session, work.id)
             if row is None:
-                if reservation is not None:
-                    await reservation.release()
+                for held in (reservation, money):
+                    if held is not None:
+                        await held.release()
                 return None
             results = dict(row.results or {})
             if row.status in jobs.GOING:
@@ -933,6 +946,7 @@ class VisionService:
                         options=_Options.of(upload.options, self._settings),
                         data=upload.data,
                         reservation=reservation,
+                        money=money,
                         results=results,
                     )
                 if pending:
@@ -947,8 +961,10 @@ class VisionService:
                 _ended(row, ending)
                 await jobs.drop_upload(session, work.id)
             if reservation is not None:
-                await self._charge(reservation, results)
+                await self._charge(reservation, results, money)
                 await reservation.settle(session, parts=_usage_parts(results))
+            if money is not None:
+                await money.release()
         tasks = [VisionTask(t) for t in row.tasks]
         if row.status == VisionStatus.FAILED.value:
             failed = ("VisionJobFailed", {"code": row.error_code, "message": row.error or ""})

@@ -28,7 +28,7 @@ from tests.agents.test_runs import (
     start_run,
     text_of,
 )
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, serve_live
 from tests.knowledge.test_service import database
 from tests.llm_stub import LLMStub
 
@@ -56,6 +56,7 @@ async def leave_a_dead_run(
     account: dict[str, Any],
     conversation: uuid.UUID,
     streamed: list[str],
+    **columns: Any,
 ) -> tuple[Run, uuid.UUID]:
     """What a replica killed mid-answer leaves: the row RUNNING, the user's message, the
     tokens in the run's log, the run in its user's active runs, a held reservation, and a
@@ -70,6 +71,7 @@ async def leave_a_dead_run(
             user_id=user,
             status=RunStatus.RUNNING,
             model="echo",
+            **columns,
         )
         session.add(run)
         await session.flush()
@@ -99,7 +101,14 @@ async def leave_a_dead_run(
         subject=f"run:{run.id}",
         hold_id=str(run.id),
     )
-    await reservation.charge(2)  # charged as it streamed, up to the crash
+    money = await budgets.admit(
+        tenant_id=account["tenant_id"],
+        user_id=user,
+        plan="free",
+        subject=f"run:{run.id}",
+        hold_id=str(run.id),
+    )
+    await budgets.charge_together([(reservation, 2), (money, 0.004)])  # as it streamed
     runs = keys.child("runs")
     await redis.sadd(runs("active", str(user)), str(run.id))
     await redis.zadd(runs("leases"), {f"{account['tenant_id']}:{run.id}:{user}": time.time() - 1})
@@ -173,3 +182,40 @@ async def test_active_runs_left_without_a_lease_lock_nobody_out(
     _, run_id = await start_run(server, token, "still welcome")
     events = await collect(server, token, run_id)
     assert events[-1]["__typename"] == "RunCompleted"
+
+
+async def test_a_lost_run_is_charged_the_money_its_replica_had_not(
+    account: dict[str, Any],
+    chat_settings: Settings,
+    database: Database,
+    redis: Redis,
+) -> None:
+    """The replica charged 2 tokens' money (0.004) before it died; the run's money record
+    says so, and the replica that ends the run charges the rest of its cost (its prompt and
+    the 4 pieces delivered) once, then drops the record."""
+    chat_settings.chat = chat_settings.chat.model_copy(
+        update={"prompt_price_per_1k": 1.0, "completion_price_per_1k": 2.0}
+    )
+    async with serve_live(chat_settings) as server:
+        token = await sign_in(server, account)
+        created = await gql(server, token, "mutation { createConversation { id } }")
+        conversation = uuid.UUID(created["data"]["createConversation"]["id"])
+        run, user = await leave_a_dead_run(
+            database,
+            redis,
+            chat_settings,
+            account,
+            conversation,
+            ["Once ", "upon ", "a ", "time"],
+            model_alias="default",
+            model_version="1",
+            prompt_tokens=10,
+        )
+        events = await collect(server, token, str(run.id))
+    assert events[-1]["code"] == "WORKER_LOST"
+    budgets = Budgets(redis, KeySpace(chat_settings.redis.key_prefix), chat_settings.limits)
+    counters = budgets._counter_keys(account["tenant_id"], user, Resource.COST)
+    cost = 10 / 1000 * 1.0 + 4 / 1000 * 2.0
+    assert [float(v) for v in await redis.mget(counters[:4])] == [pytest.approx(cost)] * 4
+    record = budgets._record_key(account["tenant_id"], Resource.COST, str(run.id))
+    assert not await redis.exists(record)

@@ -3,6 +3,7 @@ progress over a WebSocket subscription, search, and a chat answer citing the upl
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -14,7 +15,7 @@ from backend.config import BudgetSpec, ChatSettings, CostSettings, ModelSpec, Se
 from backend.knowledge.embeddings import LocalEmbedder
 from tests.agents.test_agent import events_of, kinds, text
 from tests.agents.test_runs import gql, sign_in, start_run
-from tests.conftest import LiveServer, serve_live
+from tests.conftest import LiveServer, scaled, serve_live
 from tests.graphql.ws import results
 from tests.llm_stub import LLMStub
 
@@ -218,7 +219,7 @@ async def test_an_answer_without_markers_gets_citations_that_come_back_on_reload
     assert ChatSettings().citation_threshold <= citation["confidence"] < 1
 
 
-async def test_embeddings_cost_money_and_a_spent_money_budget_refuses_searches(
+async def test_embeddings_cost_money_and_a_spent_money_budget_refuses_ingestion_and_searches(
     settings: Settings,
     engine: AsyncEngine,
     account: dict,
@@ -226,11 +227,13 @@ async def test_embeddings_cost_money_and_a_spent_money_budget_refuses_searches(
     embedder: LocalEmbedder,
 ) -> None:
     """Ingestion's and a search's embeddings cost their compute-seconds at the settings' price
-    (here 1 per CPU-second), counted per tenant in the cost metrics; a search's query
-    embedding is charged to the asker's money budget, which refuses once it is used up."""
+    (here 1 per CPU-second), counted per tenant in the cost metrics and recorded as usage by
+    model version; both are charged to the money budget of the asker (the job's creator),
+    which stops the job that spends it (BUDGET_EXCEEDED after its first step, whose usage is
+    recorded with its failure) and refuses the next upload and searches."""
     _, url = llm
     settings.chat = ChatSettings(llm_base_url=url, llm_model="tools", run_lease_s=1)
-    settings.cost = CostSettings(compute_second_prices={"cpu": 1.0})
+    settings.cost = CostSettings(compute_second_prices={"cpu": 1.0}, usage_flush_s=0.2)
     plan = settings.limits.default_plan
     settings.limits = settings.limits.model_copy(
         update={"budgets": {plan: {"cost": BudgetSpec(user_day=0.000001)}}}
@@ -240,13 +243,21 @@ async def test_embeddings_cost_money_and_a_spent_money_budget_refuses_searches(
         token = await sign_in(server, account)
         sent = await upload(server, token, "handbook.md", HANDBOOK)
         events = await job_events(server, token, sent["data"]["ingestDocument"]["id"])
-        assert events[-1]["__typename"] == "IngestionCompleted", events
+        assert events[-1]["__typename"] == "IngestionFailed", events
+        assert events[-1]["code"] == "BUDGET_EXCEEDED"
         async with httpx.AsyncClient(base_url=server.http_url) as http:
             ingested = (await http.get("/metrics")).text
+        recorded = await embedding_usage(server, token)
+        assert recorded is not None  # the failed job's, written with its end
+        next_upload = await upload(server, token, "faq.md", b"# FAQ\n\nShipping takes a week.")
         refused = await gql(server, token, search, q="how are refunds paid")
         again = await gql(server, token, search, q="when does support answer")
         async with httpx.AsyncClient(base_url=server.http_url) as http:
             searched = (await http.get("/metrics")).text
+        async with asyncio.timeout(scaled(30)):  # the searches' records: the ledger's next flush
+            while (await embedding_usage(server, token) or {"cost": 0})["cost"] <= recorded["cost"]:
+                await asyncio.sleep(0.1)
+        total = await embedding_usage(server, token)
     name, version = embedder.name.split("@")
     cost = (
         f'sightline_model_cost_total{{kind="embedding",model="{name}",'
@@ -261,10 +272,67 @@ async def test_embeddings_cost_money_and_a_spent_money_budget_refuses_searches(
         [line] = [x for x in exposition.splitlines() if x.startswith(series + " ")]
         return float(line.split()[-1])
 
-    assert value(ingested, cost) > 0  # the document's chunks
+    assert value(ingested, cost) > 0  # the document's first step of chunks
     assert value(ingested, seconds) == pytest.approx(value(ingested, cost), rel=1e-3)  # 1 per s
+    assert recorded["cost"] == pytest.approx(value(ingested, cost), abs=2e-6)
+    assert (recorded["model"], recorded["version"]) == (name, version)
     assert value(searched, cost) > value(ingested, cost)  # and the query
-    for answer in (refused, again):
+    assert total is not None
+    assert total["cost"] == pytest.approx(value(searched, cost), abs=4e-6)
+    for answer in (next_upload, refused, again):
         [error] = answer["errors"]
         assert error["extensions"]["code"] == "BUDGET_EXCEEDED"
         assert error["extensions"]["resource"] == "cost"
+
+
+async def embedding_cost(server: LiveServer, tenant_id: object, model: str) -> float:
+    """What the server's cost metric counts for the tenant's embeddings by `model@version`."""
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        exposition = (await http.get("/metrics")).text
+    name, version = model.split("@")
+    series = (
+        f'sightline_model_cost_total{{kind="embedding",model="{name}",'
+        f'tenant="{tenant_id}",version="{version}"}} '
+    )
+    [line] = [x for x in exposition.splitlines() if x.startswith(series)]
+    return float(line.split()[-1])
+
+
+async def embedding_usage(server: LiveServer, token: str) -> dict[str, Any] | None:
+    """Today's embedding usage of the tenant (`usage(byModel: true)`), None when there is none."""
+    answer = await gql(
+        server, token, "{ usage(days: 1, byModel: true) { resource model version kind cost } }"
+    )
+    assert "errors" not in answer, answer
+    rows = [r for r in answer["data"]["usage"] if r["kind"] == "embedding"]
+    assert len(rows) <= 1, rows
+    if not rows:
+        return None
+    assert rows[0]["resource"] == "compute_seconds"
+    return {**rows[0], "cost": float(rows[0]["cost"])}
+
+
+async def test_an_ingestion_job_records_its_embeddings_with_its_end(
+    settings: Settings,
+    engine: AsyncEngine,
+    account: dict,
+    llm: tuple[LLMStub, str],
+    embedder: LocalEmbedder,
+) -> None:
+    """A completed job's embeddings are one usage record, written in the transaction that
+    stores its document (so `usage` shows them as soon as the job ends), charged to the money
+    budget of its creator."""
+    _, url = llm
+    settings.chat = ChatSettings(llm_base_url=url, llm_model="tools", run_lease_s=1)
+    settings.cost = CostSettings(compute_second_prices={"cpu": 1.0}, usage_flush_s=3600)
+    async with serve_live(settings, embedder=embedder) as server:
+        token = await sign_in(server, account)
+        sent = await upload(server, token, "handbook.md", HANDBOOK)
+        events = await job_events(server, token, sent["data"]["ingestDocument"]["id"])
+        assert events[-1]["__typename"] == "IngestionCompleted", events
+        recorded = await embedding_usage(server, token)
+        counted = await embedding_cost(server, account["tenant_id"], embedder.name)
+    assert recorded is not None
+    assert recorded["cost"] == pytest.approx(counted, abs=2e-6)
+    assert recorded["cost"] > 0
+    assert f"{recorded['model']}@{recorded['version']}" == embedder.name

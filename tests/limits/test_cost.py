@@ -9,17 +9,19 @@ from decimal import Decimal
 import pytest
 from prometheus_client import generate_latest
 from redis.asyncio import Redis
+from sqlalchemy import select
 
-from backend.config import BudgetSpec, CostSettings, LimitsSettings
+from backend.config import BudgetSpec, CostSettings, LimitsSettings, Settings
 from backend.core.db import Database
 from backend.core.metrics import Metrics
-from backend.core.models import Tenant
+from backend.core.models import Tenant, UsageRecord
 from backend.core.redis import KeySpace
+from backend.errors import ServiceUnavailable
 from backend.inference.manifest import ManifestError, ModelManifest
 from backend.lifecycle.schemas import EmbeddingSpec
 from backend.limits.budgets import BudgetExceeded, Budgets, Resource, UsagePart
 from backend.limits.pricing import ComputePricing, compute_cost, compute_price, device_of
-from backend.limits.usage import usage_by_day
+from backend.limits.usage import UsageLedger, usage_by_day
 
 PRICES = {"cpu": 0.5, "cuda": 2.0}
 
@@ -150,3 +152,70 @@ async def test_usage_rows_by_model_version_and_kind(
         ("compute_seconds", 3.0, 1.5, None),
         ("llm_tokens", 40.0, 0.04, None),
     ]
+
+
+async def test_the_ledger_writes_sums_per_flush_and_keeps_what_an_outage_did_not(
+    db: Database, settings: Settings
+) -> None:
+    """Calls of one tenant, user and model version between two flushes are one record; a
+    tenant whose records cannot be written (here: it does not exist) loses them without
+    holding up the others; through an outage they are kept; closing writes what is left."""
+    async with db.session() as session:
+        first = Tenant(slug=f"l-{uuid.uuid4().hex[:8]}", name="L")
+        session.add(first)
+    ledger = UsageLedger(db, flush_s=3600, timeout_s=30)
+    part = UsagePart("minilm", "1", "embedding", Decimal("0.25"), Decimal("0.5"))
+    usage = {"user_id": None, "resource": "compute_seconds", "subject": "s", "part": part}
+    for tenant_id in (uuid.uuid4(), first.id, first.id):
+        ledger.add(tenant_id=tenant_id, **usage)
+    await ledger.flush()
+    assert len(ledger) == 0
+    ledger.add(tenant_id=first.id, **usage)
+    await ledger.close()
+
+    down = Database.connect("postgresql+asyncpg://sightline@127.0.0.1:9/none", settings.database)
+    try:
+        outage = UsageLedger(down, flush_s=3600, timeout_s=30)
+        outage.add(tenant_id=first.id, **usage)
+        with pytest.raises(ServiceUnavailable):
+            await outage.flush()
+        assert len(outage) == 1  # kept for the next flush
+    finally:
+        await down.dispose()
+
+    async with db.session(first.id) as session:
+        rows = await session.scalars(select(UsageRecord).order_by(UsageRecord.amount.desc()))
+        records = [(r.amount, r.cost, r.kind) for r in rows]
+    assert records == [
+        (Decimal("0.5"), Decimal("1.0"), "embedding"),  # the first flush: two calls summed
+        (Decimal("0.25"), Decimal("0.5"), "embedding"),  # the last one, written by close
+    ]
+
+
+async def test_a_recorded_money_charge_retried_after_a_lost_reply_counts_once(
+    redis: Redis, key_prefix: str
+) -> None:
+    """A vision job's money is admitted under its key: the charge at its end names its total,
+    so the same charge sent again (its first reply lost) adds nothing, and the replica that
+    recovers the reservation sees what was charged."""
+    budgets = _budgets(redis, key_prefix)
+    tenant_id = uuid.uuid4()
+    ask = {"tenant_id": tenant_id, "user_id": None, "plan": "free", "subject": "vision"}
+    money = await budgets.admit(**ask, hold_id="job-1")
+    keys, args = money._charge_call(0.25)
+    await budgets._charge(keys=keys, args=args)  # it counted; its reply never came back
+    await budgets.charge_together([(money, 0.25)])  # so the job sends it again
+    [tenant_day, *_] = budgets._counter_keys(tenant_id, None, Resource.COST)
+    assert float(await redis.get(tenant_day)) == pytest.approx(0.25)
+    recovered = await budgets.recover(
+        tenant_id=tenant_id, user_id=None, resource=Resource.COST, hold_id="job-1"
+    )
+    assert recovered is not None
+    assert recovered.charged == pytest.approx(0.25)
+    assert await recovered.release()
+    assert (
+        await budgets.recover(
+            tenant_id=tenant_id, user_id=None, resource=Resource.COST, hold_id="job-1"
+        )
+        is None
+    )

@@ -15,12 +15,20 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.agents.tools import AgentTools
-from backend.config import BudgetSpec, LimitsSettings, ModelSpec, RateSpec, Settings
+from backend.config import (
+    BudgetSpec,
+    CostSettings,
+    LimitsSettings,
+    ModelSpec,
+    RateSpec,
+    Settings,
+)
 from backend.core.models import AuditEvent, UsageRecord
 from backend.knowledge.embeddings import LocalEmbedder
 from tests.agents.test_agent import Knowledge, Rails, tenant_session, with_chat
 from tests.agents.test_runs import gql, sign_in
 from tests.conftest import LiveServer, scaled, serve_live
+from tests.knowledge.test_graphql import embedding_cost
 from tests.llm_stub import LLMStub
 
 
@@ -491,3 +499,42 @@ async def test_embeddings_come_from_the_knowledge_base_embedder(
     assert floats.data[0].embedding == pytest.approx(expected)
     assert packed.data[0].embedding == pytest.approx(expected, abs=1e-6)
     assert packed.usage.prompt_tokens > 0
+
+
+async def test_embeddings_cost_money_are_recorded_and_a_spent_money_budget_refuses_them(
+    chat_settings: Settings,
+    engine: AsyncEngine,
+    account: dict,
+    llm: tuple[LLMStub, str],
+    embedder: LocalEmbedder,
+) -> None:
+    """An embeddings request is priced like a search's query embedding (here 1 per
+    CPU-second): counted in the cost metric, recorded as usage by model version (written by
+    the ledger's next flush) and charged to the money budget, whose exhaustion is a 429."""
+    plan = chat_settings.limits.default_plan
+    chat_settings.cost = CostSettings(compute_second_prices={"cpu": 1.0}, usage_flush_s=0.2)
+    chat_settings.limits = chat_settings.limits.model_copy(
+        update={"budgets": {plan: {"cost": BudgetSpec(tenant_day=0.000001)}}}
+    )
+    async with serve_live(chat_settings, embedder=embedder) as server:
+        client = sdk(server, await api_key(server, account, "knowledge:read"))
+        for _ in range(2):  # the call that spends the budget, then one after it
+            with pytest.raises(openai.RateLimitError) as refused:
+                await client.embeddings.create(model=embedder.name, input=["refunds", "cats"])
+            assert refused.value.body["code"] == "insufficient_quota"  # type: ignore[index]
+        counted = await embedding_cost(server, account["tenant_id"], embedder.name)
+        async with asyncio.timeout(scaled(30)):  # the ledger writes within its flush interval
+            while True:
+                async with tenant_session(engine, chat_settings, account) as session:
+                    records = list(await session.scalars(select(UsageRecord)))
+                if sum(float(r.cost) for r in records) >= counted - 2e-6:
+                    break
+                await asyncio.sleep(0.1)
+    assert counted > 0
+    assert sum(float(r.cost) for r in records) == pytest.approx(counted, abs=2e-6)
+    assert 1 <= len(records) <= 2  # one a flush: the two calls, summed when in the same one
+    for record in records:
+        assert (record.resource, record.subject) == ("compute_seconds", "openai")
+        assert f"{record.model}@{record.version}" == embedder.name
+        assert record.kind == "embedding"
+        assert float(record.cost) == pytest.approx(float(record.amount), abs=2e-6)  # 1 a second

@@ -396,3 +396,34 @@ async def test_a_hold_whose_job_was_never_stored_goes_back(
         await stop(second)
     assert await held(redis, key_prefix) == [0.0] * 4
     assert await compute_used(database, principal.tenant_id) == []
+
+
+async def test_a_job_taken_over_charges_the_money_its_replica_had_not(
+    database: Database, redis: Redis, key_prefix: str
+) -> None:
+    """The replica that died had stored its classification (and its cost) but charged no
+    money (a job charges at its end); the replica that finishes the job charges the money
+    of both tasks, once, and drops the job's money record."""
+    pricing = ComputePricing({"cpu": 1.0})
+    principal = await new_principal(database)
+    first = vision(
+        database, redis, key_prefix, Models(stuck=["ssd-mobilenet-v2-coco"]), pricing=pricing
+    )
+    first.start()
+    job = await first.analyze(principal, photo(), CLASSIFY_AND_DETECT)
+    await until_streamed(first, principal, job.id, "VisionTaskCompleted", "classify")
+    await stop(first, 0)
+    budgets = Budgets(redis, KeySpace(key_prefix), LimitsSettings())
+    [tenant_day, *_] = budgets._counter_keys(principal.tenant_id, None, Resource.COST)
+    assert float(await redis.get(tenant_day) or 0) == 0  # nothing charged yet
+
+    events = await taken_over(
+        database, redis, key_prefix, principal, job.id, Models(), pricing=pricing
+    )
+    assert events[-1].type == "VisionJobCompleted"
+    row, _ = await stored(database, principal.tenant_id, job.id)
+    cost = sum(float(r["cost"]) for r in row.results.values())
+    assert cost > 0
+    assert float(await redis.get(tenant_day) or 0) == pytest.approx(cost, abs=1e-6)
+    record = budgets._record_key(principal.tenant_id, Resource.COST, str(job.id))
+    assert not await redis.exists(record)
