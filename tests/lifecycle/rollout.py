@@ -44,9 +44,19 @@ async def _mirrored(services: Services) -> None:
             await asyncio.sleep(0.05)
 
 
-async def rollout(services: Services, tenant: str, email: str, jobs: int = 3) -> str:
+async def rollout(
+    services: Services,
+    tenant: str,
+    email: str,
+    jobs: int = 3,
+    *,
+    pause: float = 0.0,
+    rolled_back: bool = False,
+) -> str:
     """Registers a toy classifier and rolls version 2 out (shadow, canary, promotion), serving
-    `jobs` classification jobs of `email` in `tenant` at each step; returns the model's name."""
+    `jobs` classification jobs of `email` in `tenant` at each step, `pause` seconds apart (a
+    picture over minutes); `rolled_back`: the first canary is rolled back as the guard would,
+    then tried again. Returns the model's name."""
     assert services.registry is not None
     registry = services.registry
     model = f"swap-{secrets.token_hex(3)}"  # the name the registry cleanup of tests knows
@@ -60,17 +70,24 @@ async def rollout(services: Services, tenant: str, email: str, jobs: int = 3) ->
     for _ in range(jobs):
         await served(services, tenant, model, email)
     await _mirrored(services)
-    await registry.set_traffic_policy(
-        None,
-        model,
-        [Arm("1", 50), Arm("2", 50)],
-        shadow=None,
-        shadow_rate=0.0,
-        canary=QUIET_GUARD,
-    )
-    await _taken_in(services)
-    for _ in range(jobs):
-        await served(services, tenant, model, email)
+    for attempt in range(2 if rolled_back else 1):
+        await asyncio.sleep(pause)
+        await registry.set_traffic_policy(
+            None,
+            model,
+            [Arm("1", 50), Arm("2", 50)],
+            shadow=None,
+            shadow_rate=0.0,
+            canary=QUIET_GUARD,
+        )
+        await _taken_in(services)
+        for _ in range(jobs):
+            await served(services, tenant, model, email)
+        if attempt == 0 and rolled_back:
+            await asyncio.sleep(pause)
+            await registry.rollback_model(None, model, reason="canary guard: error rate")
+            await _taken_in(services)
+    await asyncio.sleep(pause)
     await registry.promote_version(None, model, "2")
     await _taken_in(services)
     for _ in range(jobs):

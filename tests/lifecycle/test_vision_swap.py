@@ -98,12 +98,15 @@ async def until_ready(server: LiveServer, token: str, model: str, version: str) 
 
 
 async def served(
-    services: Services, tenant: str, model: str, email: str = EMAIL
+    services: Services, tenant: str, model: str, email: str = EMAIL, image: bytes | None = None
 ) -> tuple[str, str]:
-    """The version that served a classification job of `email`, and its top class."""
+    """The version that served a classification job of `email` (of `image`, else a photo), and
+    its top class."""
     assert services.vision is not None
     principal = await services.auth.principal_for(tenant, email)
-    job = await services.vision.analyze(principal, photo(), [VisionTask.CLASSIFY], classifier=model)
+    job = await services.vision.analyze(
+        principal, image or photo(), [VisionTask.CLASSIFY], classifier=model
+    )
     events = await services.vision.job_events(principal, job.id, None)
     async with asyncio.timeout(scaled(60)), aclosing(events):  # type: ignore[type-var]
         async for event in events:

@@ -1,10 +1,13 @@
 """The demo page's operations view in a real browser (Debian's chromium through Playwright) on
-a live server after a workload: a toy classifier rolled out (shadow, canary, promotion) and
-refused requests. An admin sees charts drawn with data and the version events; a member sees
-no Operations link."""
+a live server after a workload: a toy classifier rolled out (shadow, canary, promotion) at a
+price, then dark images after the photos it served (drift), and refused requests. An admin sees
+charts drawn with data (drift with its threshold) and the version events; a member sees no
+Operations link."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import secrets
 import shutil
@@ -17,13 +20,14 @@ from playwright.async_api import Page, expect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.auth.passwords import hash_password
-from backend.config import Settings
+from backend.config import CostSettings, DriftSettings, LimitsSettings, Settings
 from backend.core.db import Database
 from backend.core.models import Tenant, User, UserRole
 from tests.accounts import PASSWORD
 from tests.conftest import scaled, serve_live
 from tests.lifecycle.rollout import rollout
-from tests.lifecycle.test_vision_swap import token_of
+from tests.lifecycle.test_drift import _png
+from tests.lifecycle.test_vision_swap import served, token_of
 from tests.vision.test_graphql import vision_on
 from tests.web.test_demo import CHROMIUM, page, screenshots_module, signed_in  # noqa: F401
 
@@ -31,6 +35,16 @@ pytestmark = pytest.mark.skipif(
     shutil.which(CHROMIUM) is None, reason="Debian's chromium is not installed"
 )
 ADMIN = "admin@ops.example"
+# small windows, compared when the test says (check()), not in the background
+DRIFT = DriftSettings(reference_size=4, window_size=4, min_samples=2, interval_s=3600.0)
+# a price the cost chart can show (the toy computes for a few milliseconds)
+COST = CostSettings(compute_second_prices={"cpu": 0.5, "cuda": 0.5, "remote": 0.5})
+# SIGHTLINE_README_SHOTS=docs/screenshots: the README's picture, the same workload spread over
+# a few minutes (with a rolled-back canary and images darkening step by step) and written there
+README_SHOTS = os.environ.get("SIGHTLINE_README_SHOTS")
+README_PAUSE = 20.0 if README_SHOTS else 0.0
+README_ROLLOUT: dict[str, Any] = {"pause": README_PAUSE, "rolled_back": bool(README_SHOTS)}
+README_DRIFT = (160, 120, 80, 30, 30) if README_SHOTS else (30, 30)
 
 
 @pytest.fixture
@@ -69,8 +83,23 @@ async def test_an_admin_sees_the_operations_charts_after_a_workload(
     account: dict[str, Any],
     tmp_path: Path,
 ) -> None:
+    settings.drift, settings.cost = DRIFT, COST
+    settings.limits = LimitsSettings(enabled=False)  # more jobs in a few seconds than a free plan's
     async with serve_live(vision_on(settings)) as server:
-        model = await rollout(server.services, admin["tenant"], ADMIN)
+        model = await rollout(server.services, admin["tenant"], ADMIN, **README_ROLLOUT)
+        # version 2's reference is the photos it served; dark images then drift from them
+        assert server.services.lifecycle is not None
+        watch = server.services.lifecycle.drift_watch
+        assert watch is not None
+        await watch.samples.flush()
+        await watch.check()
+        for brightness in README_DRIFT:
+            await asyncio.sleep(README_PAUSE)
+            for _ in range(DRIFT.window_size // 2):
+                await served(server.services, admin["tenant"], model, ADMIN, _png(brightness))
+            await watch.samples.flush()
+            drifted = await watch.check()
+        assert any(s.name == "image_brightness" and s.exceeded for s in drifted[(model, "2")])
         token = await token_of(server, admin["tenant"], ADMIN)
         async with httpx.AsyncClient(base_url=server.http_url) as http:  # typed errors
             for _ in range(2):
@@ -94,24 +123,29 @@ async def test_an_admin_sees_the_operations_charts_after_a_workload(
         # the rollout's version events, marked on the time axis and listed
         marks = latency.locator("g.event")
         await expect(marks.filter(has_text=f"promote: {model}@2")).to_have_count(1)
-        await expect(marks.filter(has_text=f"canary: {model}@2")).to_have_count(1)
+        await expect(marks.filter(has_text=f"canary: {model}@2")).not_to_have_count(0)
         events = page.get_by_role("list", name="Version events")
         await expect(events).to_contain_text(f"promote {model}@2")
         await expect(events).to_contain_text(f"shadow {model}@2")
 
         requests = _figure(page, "Requests and errors")
         await expect(requests.get_by_role("list")).to_contain_text(f"{model}@2")
-        # the toy classifier has no price: its cost chart says there is nothing to draw
-        await expect(_figure(page, "Cost")).to_be_visible()
+        cost = _figure(page, "Cost")
+        await expect(cost.get_by_role("list")).to_contain_text(f"{model}@2")
         errors = _figure(page, "Errors by code")
         await expect(errors.get_by_role("list")).to_contain_text(re.compile(r"[A-Z_]{5,}"))
-        # drift: another helper's field; without it (or without data) the chart says so
-        drift = page.locator("figure.chart", has=page.locator("figcaption", has_text="Drift"))
-        assert await drift.count() >= 1
-        await expect(drift.first).to_be_visible()
+        # the live version's drift: each signal that moved, with its threshold (dashed)
+        drift = _figure(page, f"Drift: {model}@2")
+        await expect(drift.get_by_role("img")).to_be_visible()
+        series = drift.locator("path.series")
+        await expect(series.filter(has_text="image_brightness")).not_to_have_count(0)
+        await expect(series.filter(has_text="threshold")).not_to_have_count(0)
+        await expect(drift.get_by_role("list")).to_contain_text("image_brightness")
+        await expect(drift.get_by_role("list")).to_contain_text("threshold")
 
+        shots = Path(README_SHOTS) if README_SHOTS else tmp_path / "shots"
         written = await screenshots_module().capture(
-            server.http_url, token, tmp_path / "shots", pages=("operations",)
+            server.http_url, token, shots, pages=("operations",)
         )
         assert len(written) == 2
         assert all(p.stat().st_size > 5_000 for p in written)

@@ -51,7 +51,9 @@ function clock(ms: number): string {
 }
 
 /** A line chart over the span, with the version events as dashed marks on the time axis. */
-function chart(title: string, unit: string, lines: Line[], span: Span, empty = "No data in this window."): HTMLElement {
+/** `base` set: a log-like scale (log(1 + v / base)) with a tick at `base`, so a threshold stays
+ * readable under values many times over it (a PSI of 18 against 0.2). */
+function chart(title: string, unit: string, lines: Line[], span: Span, empty = "No data in this window.", base?: number): HTMLElement {
   const figure = h("figure", { class: "chart" });
   const caption = h("figcaption", {}, title, h("span", { class: "unit" }, ` (${unit})`));
   // a line that stays at zero says nothing (a version that served nothing in the window)
@@ -62,17 +64,20 @@ function chart(title: string, unit: string, lines: Line[], span: Span, empty = "
   }
   const top = Math.max(...shown.flatMap((l) => l.values.map(([, v]) => v ?? 0))) || 1;
   const x = (t: number) => LEFT + ((t - span.start) / Math.max(1, span.end - span.start)) * (WIDTH - LEFT - RIGHT);
-  const y = (v: number) => TOP + (1 - v / top) * (HEIGHT - TOP - BOTTOM);
+  const scale = (v: number) => (base ? Math.log1p(v / base) / Math.log1p(top / base) : v / top);
+  const y = (v: number) => TOP + (1 - scale(v)) * (HEIGHT - TOP - BOTTOM);
   const picture = svg("svg", { viewBox: `0 0 ${WIDTH} ${HEIGHT}`, role: "img", "aria-label": `${title} (${unit})` });
-  for (const tick of [0, 0.5, 1]) {
-    picture.append(svg("line", { x1: LEFT, x2: WIDTH - RIGHT, y1: y(top * tick), y2: y(top * tick), class: "grid" }));
-    const label = svg("text", { x: LEFT - 4, y: y(top * tick) + 4, "text-anchor": "end", class: "axis" });
-    label.textContent = short(top * tick);
+  const ticks = base && base < top / 4 ? [0, base, Math.sqrt(base * top), top] : [0, top / 2, top];
+  for (const tick of ticks) {
+    picture.append(svg("line", { x1: LEFT, x2: WIDTH - RIGHT, y1: y(tick), y2: y(tick), class: "grid" }));
+    const label = svg("text", { x: LEFT - 4, y: y(tick) + 4, "text-anchor": "end", class: "axis" });
+    label.textContent = short(tick);
     picture.append(label);
   }
-  for (const tick of [0, 0.25, 0.5, 0.75, 1]) {
-    const t = span.start + tick * (span.end - span.start);
-    const anchor = tick === 0 ? "start" : tick === 1 ? "end" : "middle";
+  // time ticks on whole minutes (at most 6), so no label repeats or skips a minute
+  const every = [1, 2, 5, 10, 15, 30, 60].map((m) => m * 60_000).find((ms) => (span.end - span.start) / ms <= 6) ?? 3_600_000;
+  for (let t = Math.ceil(span.start / every) * every; t <= span.end; t += every) {
+    const anchor = x(t) > WIDTH - RIGHT - 30 ? "end" : x(t) < LEFT + 30 ? "start" : "middle";
     const label = svg("text", { x: x(t), y: HEIGHT - 6, "text-anchor": anchor, class: "axis" });
     label.textContent = clock(t);
     picture.append(label);
@@ -91,20 +96,21 @@ function chart(title: string, unit: string, lines: Line[], span: Span, empty = "
   }
   for (const line of shown) {
     let d = "";
-    let pen = false;
+    // a point between gaps (a step with requests between idle ones) is a dot: a path of one
+    // point draws nothing
     const dots: [number, number][] = [];
-    for (const [t, v] of line.values) {
-      if (v === null) { pen = false; continue; }
-      d += `${pen ? "L" : "M"}${x(t).toFixed(1)} ${y(v).toFixed(1)}`;
-      pen = true;
-      dots.push([x(t), y(v)]);
-    }
+    line.values.forEach(([t, v], i) => {
+      if (v === null) return;
+      const joined = i > 0 && line.values[i - 1][1] !== null;
+      d += `${joined ? "L" : "M"}${x(t).toFixed(1)} ${y(v).toFixed(1)}`;
+      if (!joined && (line.values[i + 1]?.[1] ?? null) === null) dots.push([x(t), y(v)]);
+    });
     const path = svg("path", { d, stroke: line.color, class: "series", "stroke-dasharray": line.dash ? "5 3" : "none" });
     const title = svg("title", {});
     title.textContent = line.name;
     path.append(title);
     picture.append(path);
-    if (dots.length === 1) picture.append(svg("circle", { cx: dots[0][0], cy: dots[0][1], r: 3, fill: line.color }));
+    for (const [cx, cy] of dots) picture.append(svg("circle", { cx, cy, r: 2.5, fill: line.color }));
   }
   const legend = h("ul", { class: "legend", "aria-label": `${title}: series` },
     ...shown.map((l) => h("li", { style: `--c: ${l.color}`, class: l.dash ? "dash" : "" }, l.name)));
@@ -140,17 +146,30 @@ async function driftCharts(timeline: Timeline, span: Span): Promise<HTMLElement[
   const rest = await Promise.all(live.slice(1).map((m) => driftOf(m.model)));
   const charts: HTMLElement[] = [];
   [first, ...rest].forEach((drift, index) => {
-    const names = [...new Set(drift?.history.flatMap((s) => s.signals.map((g) => g.name)) ?? [])];
-    const lines: Line[] = names.flatMap((name, i) => {
-      const color = COLORS[i % COLORS.length];
-      const of = (pick: (g: DriftSignal) => number) => drift!.history.map((s) => {
-        const signal = s.signals.find((g) => g.name === name);
-        return [Date.parse(s.at), signal ? pick(signal) : null] as [number, number | null];
-      });
-      return [{ name, color, values: of((g) => g.value) }, { name: `${name} threshold`, color, dash: true, values: of((g) => g.threshold) }];
+    // the comparisons inside the window (history holds the last ones, however old)
+    const history = (drift?.history ?? []).filter((s) => Date.parse(s.at) >= span.start);
+    const of = (name: string, pick: (g: DriftSignal) => number) => history.map((s) => {
+      const signal = s.signals.find((g) => g.name === name);
+      return [Date.parse(s.at), signal ? pick(signal) : null] as [number, number | null];
     });
+    // the signals that moved (a statistic that stays at zero says nothing), each with its
+    // threshold, dashed; one threshold line for the signals that share it
+    const names = [...new Set(history.flatMap((s) => s.signals.filter((g) => g.value > 0).map((g) => g.name)))];
+    const values: Line[] = names.map((name, i) => ({ name, color: COLORS[i % COLORS.length], values: of(name, (g) => g.value) }));
+    const thresholds = new Map<string, Line>();
+    values.forEach((line) => {
+      const points = of(line.name, (g) => g.threshold);
+      const key = JSON.stringify(points.map(([, v]) => v));
+      const shared = thresholds.get(key);
+      if (shared) shared.name = "threshold";
+      // drawn on to the window's end: the line a value is read against until the next comparison
+      else thresholds.set(key, { name: `${line.name} threshold`, color: line.color, dash: true, values: [...points, [span.end, points[points.length - 1][1]]] });
+    });
+    if (thresholds.size === 1) [...thresholds.values()].forEach((l) => { l.name = "threshold"; l.color = "#b00020"; });
+    const lines = [...values, ...thresholds.values()];
+    const base = Math.min(...[...thresholds.values()].flatMap((l) => l.values.map(([, v]) => v ?? Infinity)));
     const version = live[index];
-    if (lines.length) charts.push(chart(`Drift: ${version.model}@${version.version}`, "statistic", lines, span));
+    if (values.length) charts.push(chart(`Drift: ${version.model}@${version.version}`, "statistic", lines, span, undefined, Number.isFinite(base) ? base : undefined));
   });
   // one figure says so when no live version has drift figures (or the server has no modelDrift)
   if (!charts.length) charts.push(chart("Drift", "statistic", [], span, "No drift data."));
