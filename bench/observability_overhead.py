@@ -25,9 +25,11 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -65,6 +67,7 @@ class Sink(BaseHTTPRequestHandler):
     received = 0
     bytes = 0
     spans = 0
+    names: ClassVar[Counter[str]] = Counter()  # spans received, by name (db statements by verb)
     counting = True  # off while span_cost runs: decoding would count as the spans' cost
 
     def do_POST(self) -> None:
@@ -80,9 +83,10 @@ class Sink(BaseHTTPRequestHandler):
         Sink.received += 1
         Sink.bytes += len(body)
         export = ExportTraceServiceRequest.FromString(body)
-        Sink.spans += sum(
-            len(scope.spans) for resource in export.resource_spans for scope in resource.scope_spans
-        )
+        for resource in export.resource_spans:
+            for scope in resource.scope_spans:
+                Sink.spans += len(scope.spans)
+                Sink.names.update(_short(span.name) for span in scope.spans)
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", "0")
@@ -90,6 +94,11 @@ class Sink(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+def _short(name: str) -> str:
+    """A span's name without its operation or route (a DB statement's keeps its verb)."""
+    return name if name.startswith("db ") else name.split(" ", 1)[0]
 
 
 def own_cpu_seconds(pid: int) -> float:
@@ -315,6 +324,10 @@ async def main() -> None:
     print(
         f"tokens: off {off.tokens}, on {on.tokens}; the sink received {Sink.spans:,} spans in "
         f"{Sink.received} exports ({Sink.bytes:,} bytes); goal: at most {GOAL_PCT:g}% added"
+    )
+    print(
+        "spans per chat run or image, by name: "
+        + ", ".join(f"{name} {n / units:.1f}" for name, n in Sink.names.most_common())
     )
 
 
