@@ -41,12 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from chat_stream import cpu_seconds, sightline_stack, through_sightline  # noqa: E402
 
-ANALYZE = "mutation($image: Upload!) { analyzeImage(image: $image, tasks: [CLASSIFY]) { id } }"
+# Named, so the sink tells an image's traces (the job and its event stream) from a chat run's.
+ANALYZE = (
+    "mutation Analyze($image: Upload!) { analyzeImage(image: $image, tasks: [CLASSIFY]) { id } }"
+)
 JOB_EVENTS = (
-    "subscription($id: ID!) { visionJobEvents(id: $id) { __typename "
+    "subscription JobEvents($id: ID!) { visionJobEvents(id: $id) { __typename "
     "... on VisionJobFailed { code message } } }"
 )
 GOAL_PCT = 3.0
+VISION_OPERATIONS = frozenset({"graphql.mutation Analyze", "graphql.subscription JobEvents"})
 
 
 @dataclass
@@ -68,6 +72,8 @@ class Sink(BaseHTTPRequestHandler):
     bytes = 0
     spans = 0
     names: ClassVar[Counter[str]] = Counter()  # spans received, by name (db statements by verb)
+    traces: ClassVar[Counter[bytes]] = Counter()  # spans received, by trace id
+    vision: ClassVar[set[bytes]] = set()  # the trace ids of images' work
     counting = True  # off while span_cost runs: decoding would count as the spans' cost
 
     def do_POST(self) -> None:
@@ -86,7 +92,11 @@ class Sink(BaseHTTPRequestHandler):
         for resource in export.resource_spans:
             for scope in resource.scope_spans:
                 Sink.spans += len(scope.spans)
-                Sink.names.update(_short(span.name) for span in scope.spans)
+                for span in scope.spans:
+                    Sink.names[_short(span.name)] += 1
+                    Sink.traces[span.trace_id] += 1
+                    if span.name in VISION_OPERATIONS:
+                        Sink.vision.add(span.trace_id)
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", "0")
@@ -232,6 +242,27 @@ def span_cost_us(sink_url: str, spans: int) -> float:
     return (on - off) / spans * 1e6
 
 
+def drift_cost_us(samples: int = 2_000) -> tuple[float, float]:
+    """CPU-µs the drift samples of one image (the bench's photo, classified) and of one chat
+    turn take on the request path, timed alone."""
+    sys.path.insert(0, str(ROOT))
+    from backend.config import DriftSettings
+    from backend.lifecycle.drift import DriftRecorder
+
+    recorder = DriftRecorder(DriftSettings(max_pending=samples * 16))
+    rgb = np.asarray(Image.open(io.BytesIO(photo_jpeg())).convert("RGB"))
+    result = {"classes": [{"label": "tabby", "score": 0.5}]}
+    started = time.process_time()
+    for _ in range(samples):
+        recorder.image("efficientnet-lite0", "1", rgb)
+        recorder.vision_result("efficientnet-lite0", "1", result)
+    image_us = (time.process_time() - started) / samples * 1e6
+    started = time.process_time()
+    for _ in range(samples):
+        recorder.chat_turn("clock", "1", prompt_chars=2, answer_chars=200, rails=[])
+    return image_us, (time.process_time() - started) / samples * 1e6
+
+
 def format_table(rows: list[tuple[str, float, float]]) -> str:
     """Each figure beside the same run's baseline, and the percent it adds."""
     lines = [f"{'measure':<34}{'off (baseline)':>16}{'on':>12}{'added':>10}"]
@@ -260,6 +291,7 @@ async def main() -> None:
     load = os.getloadavg()
     started = time.monotonic()
     per_span_us = span_cost_us(sink_url, args.spans)
+    drift_image_us, drift_turn_us = drift_cost_us()
     off, on = Figures(), Figures()
     per_round: list[tuple[float, bool]] = []  # CPU-ms per image of each round, its mode
     try:
@@ -310,24 +342,32 @@ async def main() -> None:
     for mode in (False, True):
         rounds = ", ".join(f"{ms:.1f}" for ms, m in per_round if m is mode)
         print(f"server CPU-ms per image, each round, {'on' if mode else 'off'}: {rounds}")
-    units = args.rounds * (args.clients + 3 + args.images + 4)  # the on servers', warm-ups too
-    per_unit = Sink.spans / units
-    unit_ms = per_unit * per_span_us / 1000  # what a chat run's or an image's spans cost
-    image_ms = off.vision_cpu_s / max(off.images, 1) * 1000
+    # what the on servers did, warm-ups included; anything not an image's is the chat runs'
+    # (their sign-in too)
+    runs, images = args.rounds * (args.clients + 3), args.rounds * (args.images + 4)
+    image_spans = sum(Sink.traces[t] for t in Sink.vision)
+    per_run, per_image = (Sink.spans - image_spans) / runs, image_spans / images
     run_ms = off.chat_cpu_s / max(off.tokens, 1) * 1000 * args.tokens
+    image_ms = off.vision_cpu_s / max(off.images, 1) * 1000
+    run_cost_ms = (per_run * per_span_us + drift_turn_us) / 1000
+    image_cost_ms = (per_image * per_span_us + drift_image_us) / 1000
     print(
-        f"one span exported costs {per_span_us:.1f} CPU-us ({args.spans:,} timed alone); "
-        f"{per_unit:.0f} spans per chat run or image on average: about {unit_ms:.2f} CPU-ms "
-        f"each, {unit_ms / image_ms * 100:.1f}% of an image's, "
-        f"{unit_ms / run_ms * 100:.1f}% of a chat run's"
+        f"one span exported costs {per_span_us:.1f} CPU-us ({args.spans:,} timed alone); drift "
+        f"samples {drift_image_us:.1f} CPU-us per image, {drift_turn_us:.1f} per chat turn"
+    )
+    print(
+        f"estimate: a chat run's {per_run:.1f} spans and its samples about {run_cost_ms:.2f} "
+        f"CPU-ms, {run_cost_ms / run_ms * 100:.1f}% of its {run_ms:.0f} ({args.tokens} tokens); "
+        f"an image's {per_image:.1f} spans and samples about {image_cost_ms:.2f} CPU-ms, "
+        f"{image_cost_ms / image_ms * 100:.1f}% of its {image_ms:.0f}"
     )
     print(
         f"tokens: off {off.tokens}, on {on.tokens}; the sink received {Sink.spans:,} spans in "
         f"{Sink.received} exports ({Sink.bytes:,} bytes); goal: at most {GOAL_PCT:g}% added"
     )
     print(
-        "spans per chat run or image, by name: "
-        + ", ".join(f"{name} {n / units:.1f}" for name, n in Sink.names.most_common())
+        "spans per chat run and image together, by name: "
+        + ", ".join(f"{name} {n / (runs + images):.2f}" for name, n in Sink.names.most_common())
     )
 
 
