@@ -232,19 +232,22 @@ def instrument_engine(engine: AsyncEngine, tracer_provider: trace.TracerProvider
     a trace of one span, and its cost would be paid for nothing. Nor does the tenant scope that
     opens every unit of work (`UNTRACED`).
     """
-    tracer = tracer_provider.get_tracer("sightline.db")
     url = engine.url
-    base_attributes: dict[str, Any] = {
-        "db.system": "postgresql",
-        "db.name": url.database or "",
-        "server.address": url.host or url.query.get("host", "") or "",
-    }
+    # Where every statement goes is the same for the whole engine: said once per export (the
+    # instrumentation scope's attributes), not on each statement's span.
+    tracer = tracer_provider.get_tracer(
+        "sightline.db",
+        attributes={
+            "db.name": url.database or "",
+            "server.address": url.host or url.query.get("host", "") or "",
+        },
+    )
 
     @lru_cache(maxsize=_STATEMENT_CACHE_SIZE)
     def described(statement: str) -> tuple[str, dict[str, Any]]:
         verb = statement.lstrip().split(" ", 1)[0].upper() or "SQL"
         return f"db {verb}", {
-            **base_attributes,
+            "db.system": "postgresql",
             "db.statement": statement[:_MAX_STATEMENT_CHARS],
         }
 

@@ -62,6 +62,11 @@ async def test_statements_are_client_spans(database_url: str) -> None:
     assert statement.attributes["db.statement"] == "SELECT 1"
     assert statement.parent is not None
     assert statement.parent.span_id == parent.get_span_context().span_id
+    # the database it went to: once for all statements, on their instrumentation scope
+    assert statement.instrumentation_scope is not None
+    assert statement.instrumentation_scope.name == "sightline.db"
+    assert statement.instrumentation_scope.attributes is not None
+    assert statement.instrumentation_scope.attributes["db.name"]
 
 
 async def test_statements_outside_traced_work_and_the_tenant_scope_get_no_span(
