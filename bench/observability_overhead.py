@@ -25,9 +25,11 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -39,12 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from chat_stream import cpu_seconds, sightline_stack, through_sightline  # noqa: E402
 
-ANALYZE = "mutation($image: Upload!) { analyzeImage(image: $image, tasks: [CLASSIFY]) { id } }"
+# Named, so the sink tells an image's traces (the job and its event stream) from a chat run's.
+ANALYZE = (
+    "mutation Analyze($image: Upload!) { analyzeImage(image: $image, tasks: [CLASSIFY]) { id } }"
+)
 JOB_EVENTS = (
-    "subscription($id: ID!) { visionJobEvents(id: $id) { __typename "
+    "subscription JobEvents($id: ID!) { visionJobEvents(id: $id) { __typename "
     "... on VisionJobFailed { code message } } }"
 )
 GOAL_PCT = 3.0
+VISION_OPERATIONS = frozenset({"graphql.mutation Analyze", "graphql.subscription JobEvents"})
 
 
 @dataclass
@@ -65,6 +71,9 @@ class Sink(BaseHTTPRequestHandler):
     received = 0
     bytes = 0
     spans = 0
+    names: ClassVar[Counter[str]] = Counter()  # spans received, by name (db statements by verb)
+    traces: ClassVar[Counter[bytes]] = Counter()  # spans received, by trace id
+    vision: ClassVar[set[bytes]] = set()  # the trace ids of images' work
     counting = True  # off while span_cost runs: decoding would count as the spans' cost
 
     def do_POST(self) -> None:
@@ -80,9 +89,14 @@ class Sink(BaseHTTPRequestHandler):
         Sink.received += 1
         Sink.bytes += len(body)
         export = ExportTraceServiceRequest.FromString(body)
-        Sink.spans += sum(
-            len(scope.spans) for resource in export.resource_spans for scope in resource.scope_spans
-        )
+        for resource in export.resource_spans:
+            for scope in resource.scope_spans:
+                Sink.spans += len(scope.spans)
+                for span in scope.spans:
+                    Sink.names[_short(span.name)] += 1
+                    Sink.traces[span.trace_id] += 1
+                    if span.name in VISION_OPERATIONS:
+                        Sink.vision.add(span.trace_id)
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", "0")
@@ -90,6 +104,11 @@ class Sink(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+def _short(name: str) -> str:
+    """A span's name without its operation or route (a DB statement's keeps its verb)."""
+    return name if name.startswith("db ") else name.split(" ", 1)[0]
 
 
 def own_cpu_seconds(pid: int) -> float:
@@ -169,6 +188,10 @@ async def one_mode(on: bool, args: argparse.Namespace, sink_url: str, into: Figu
         base, token, server = stack.base, stack.token, stack.server
         await asyncio.gather(*(through_sightline(base, token, 0) for _ in range(3)))  # warm-up
         await vision_load(base, token, 4, 2)
+        # The batch processor exports every 5 s: the warm-up's spans leave (with the exporter's
+        # first-use costs) before counting starts, and each phase's own are exported, and
+        # counted, inside its window. Both modes wait alike.
+        await asyncio.sleep(args.settle)
 
         before, api_before = cpu_seconds(server.pid), own_cpu_seconds(server.pid)
         streams = await asyncio.gather(
@@ -177,38 +200,52 @@ async def one_mode(on: bool, args: argparse.Namespace, sink_url: str, into: Figu
                 for i in range(args.clients)
             )
         )
+        await asyncio.sleep(args.settle)
         into.chat_cpu_s += cpu_seconds(server.pid) - before
         into.chat_api_cpu_s += own_cpu_seconds(server.pid) - api_before
         into.tokens += sum(s.tokens for s in streams)
 
         before, api_before = cpu_seconds(server.pid), own_cpu_seconds(server.pid)
         await vision_load(base, token, args.images, args.image_clients)
+        await asyncio.sleep(args.settle)
         into.vision_cpu_s += cpu_seconds(server.pid) - before
         into.vision_api_cpu_s += own_cpu_seconds(server.pid) - api_before
         into.images += args.images
-        await asyncio.sleep(args.settle)  # the exporter's last batch, in its window
 
 
 def span_cost_us(sink_url: str, spans: int) -> float:
     """CPU-µs one span adds, exported as the server exports it (a DB statement's span with
     its attributes), against the same span with tracing off; this process, every thread."""
     sys.path.insert(0, str(ROOT))
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+
     from backend.config import TelemetrySettings
     from backend.core.telemetry import build_tracer_provider
 
-    attributes = {"db.system": "postgresql", "db.name": "postgres", "server.address": ""}
-    statement = "SELECT runs.id, runs.status FROM runs WHERE runs.id = $1::UUID"
+    # as backend/core/db.py makes them: the database on the tracer's scope, the statement on
+    # the span, under the work that runs it (off: a non-recording parent, so no span at all)
+    scope = {"db.name": "postgres", "server.address": "/tmp/sightline/postgres"}
+    attributes = {
+        "db.system": "postgresql",
+        "db.statement": "SELECT conversations.created_at, conversations.updated_at, "
+        "conversations.id, conversations.tenant_id, conversations.owner_id, conversations.title, "
+        "conversations.archived_at FROM conversations WHERE conversations.id = $1::UUID FOR UPDATE",
+    }
 
     def spend(settings: TelemetrySettings) -> float:
         provider = build_tracer_provider(settings)
-        tracer = provider.get_tracer("bench")
+        tracer = provider.get_tracer("bench", attributes=scope)
         started = time.process_time()
-        for i in range(spans):
-            with tracer.start_as_current_span("db SELECT", attributes=attributes) as span:
-                if span.is_recording():
-                    span.set_attribute("db.statement", statement)
-            if i % 500 == 499:
-                provider.force_flush()  # a server's pace: none dropped for a full queue
+        with tracer.start_as_current_span("work"):
+            for i in range(spans):
+                if trace.get_current_span().is_recording():
+                    span = tracer.start_span(
+                        "db SELECT", kind=SpanKind.CLIENT, attributes=attributes
+                    )
+                    span.end()
+                if i % 500 == 499:
+                    provider.force_flush()  # a server's pace: none dropped for a full queue
         provider.force_flush()
         provider.shutdown()
         return time.process_time() - started
@@ -221,6 +258,27 @@ def span_cost_us(sink_url: str, spans: int) -> float:
     finally:
         Sink.counting = True
     return (on - off) / spans * 1e6
+
+
+def drift_cost_us(samples: int = 2_000) -> tuple[float, float]:
+    """CPU-µs the drift samples of one image (the bench's photo, classified) and of one chat
+    turn take on the request path, timed alone."""
+    sys.path.insert(0, str(ROOT))
+    from backend.config import DriftSettings
+    from backend.lifecycle.drift import DriftRecorder
+
+    recorder = DriftRecorder(DriftSettings(max_pending=samples * 16))
+    rgb = np.asarray(Image.open(io.BytesIO(photo_jpeg())).convert("RGB"))
+    result = {"classes": [{"label": "tabby", "score": 0.5}]}
+    started = time.process_time()
+    for _ in range(samples):
+        recorder.image("efficientnet-lite0", "1", rgb)
+        recorder.vision_result("efficientnet-lite0", "1", result)
+    image_us = (time.process_time() - started) / samples * 1e6
+    started = time.process_time()
+    for _ in range(samples):
+        recorder.chat_turn("clock", "1", prompt_chars=2, answer_chars=200, rails=[])
+    return image_us, (time.process_time() - started) / samples * 1e6
 
 
 def format_table(rows: list[tuple[str, float, float]]) -> str:
@@ -241,7 +299,9 @@ async def main() -> None:
     parser.add_argument("--images", type=int, default=40, help="vision jobs per round")
     parser.add_argument("--image-clients", type=int, default=4, help="vision jobs at once")
     parser.add_argument("--rounds", type=int, default=1, help="off/on pairs, alternating")
-    parser.add_argument("--settle", type=float, default=1.0, help="seconds before a stop")
+    parser.add_argument(
+        "--settle", type=float, default=6.0, help="seconds after each phase (exports: 5 s)"
+    )
     parser.add_argument("--spans", type=int, default=20_000, help="spans timed alone")
     args = parser.parse_args()
 
@@ -251,14 +311,22 @@ async def main() -> None:
     load = os.getloadavg()
     started = time.monotonic()
     per_span_us = span_cost_us(sink_url, args.spans)
+    drift_image_us, drift_turn_us = drift_cost_us()
     off, on = Figures(), Figures()
-    per_round: list[tuple[float, bool]] = []  # CPU-ms per image of each round, its mode
+    # each round's CPU-ms per chat token and per image, its mode: the noise
+    per_round: list[tuple[float, float, bool]] = []
     try:
         for _ in range(args.rounds):
             for mode, into in ((False, off), (True, on)):
-                was = into.vision_cpu_s
+                chat, tokens, vision = into.chat_cpu_s, into.tokens, into.vision_cpu_s
                 await one_mode(mode, args, sink_url, into)
-                per_round.append(((into.vision_cpu_s - was) / args.images * 1000, mode))
+                per_round.append(
+                    (
+                        (into.chat_cpu_s - chat) / max(into.tokens - tokens, 1) * 1000,
+                        (into.vision_cpu_s - vision) / args.images * 1000,
+                        mode,
+                    )
+                )
     finally:
         sink.shutdown()
     print(
@@ -299,22 +367,38 @@ async def main() -> None:
         )
     )
     for mode in (False, True):
-        rounds = ", ".join(f"{ms:.1f}" for ms, m in per_round if m is mode)
-        print(f"server CPU-ms per image, each round, {'on' if mode else 'off'}: {rounds}")
-    units = args.rounds * (args.clients + 3 + args.images + 4)  # the on servers', warm-ups too
-    per_unit = Sink.spans / units
-    unit_ms = per_unit * per_span_us / 1000  # what a chat run's or an image's spans cost
-    image_ms = off.vision_cpu_s / max(off.images, 1) * 1000
+        tokens = ", ".join(f"{ms:.2f}" for ms, _, m in per_round if m is mode)
+        images = ", ".join(f"{ms:.1f}" for _, ms, m in per_round if m is mode)
+        print(
+            f"each round, {'on' if mode else 'off'}: CPU-ms per chat token {tokens}; "
+            f"per image {images}"
+        )
+    # what the on servers did, warm-ups included; anything not an image's is the chat runs'
+    # (their sign-in too)
+    runs, images = args.rounds * (args.clients + 3), args.rounds * (args.images + 4)
+    image_spans = sum(Sink.traces[t] for t in Sink.vision)
+    per_run, per_image = (Sink.spans - image_spans) / runs, image_spans / images
     run_ms = off.chat_cpu_s / max(off.tokens, 1) * 1000 * args.tokens
+    image_ms = off.vision_cpu_s / max(off.images, 1) * 1000
+    run_cost_ms = (per_run * per_span_us + drift_turn_us) / 1000
+    image_cost_ms = (per_image * per_span_us + drift_image_us) / 1000
     print(
-        f"one span exported costs {per_span_us:.1f} CPU-us ({args.spans:,} timed alone); "
-        f"{per_unit:.0f} spans per chat run or image on average: about {unit_ms:.2f} CPU-ms "
-        f"each, {unit_ms / image_ms * 100:.1f}% of an image's, "
-        f"{unit_ms / run_ms * 100:.1f}% of a chat run's"
+        f"one span exported costs {per_span_us:.1f} CPU-us ({args.spans:,} timed alone); drift "
+        f"samples {drift_image_us:.1f} CPU-us per image, {drift_turn_us:.1f} per chat turn"
+    )
+    print(
+        f"estimate: a chat run's {per_run:.1f} spans and its samples about {run_cost_ms:.2f} "
+        f"CPU-ms, {run_cost_ms / run_ms * 100:.1f}% of its {run_ms:.0f} ({args.tokens} tokens); "
+        f"an image's {per_image:.1f} spans and samples about {image_cost_ms:.2f} CPU-ms, "
+        f"{image_cost_ms / image_ms * 100:.1f}% of its {image_ms:.0f}"
     )
     print(
         f"tokens: off {off.tokens}, on {on.tokens}; the sink received {Sink.spans:,} spans in "
         f"{Sink.received} exports ({Sink.bytes:,} bytes); goal: at most {GOAL_PCT:g}% added"
+    )
+    print(
+        "spans per chat run and image together, by name: "
+        + ", ".join(f"{name} {n / (runs + images):.2f}" for name, n in Sink.names.most_common())
     )
 
 

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -29,6 +30,13 @@ from backend.errors import NotFound, ServiceUnavailable
 
 _SPAN_KEY = "sightline.span"
 _MAX_STATEMENT_CHARS = 2000
+# An execution option: the statement gets no span (the tenant scope that opens every unit of
+# work: one round trip that tells a trace nothing the unit's own statements do not).
+UNTRACED = "sightline_untraced"
+_UNTRACED_OPTIONS = {UNTRACED: True}
+# Statements' span names and attributes, built once per statement text (SQLAlchemy hands the
+# same compiled strings over and over; the bound keeps ad-hoc SQL from growing it forever).
+_STATEMENT_CACHE_SIZE = 512
 
 
 T = TypeVar("T")
@@ -131,7 +139,7 @@ class Database:
                     extra.append(f", set_config(:s{i}, :v{i}, true)")
                 scope = text(str(self._scope) + "".join(extra))
             try:
-                await session.execute(scope, params)
+                await session.execute(scope, params, execution_options=_UNTRACED_OPTIONS)
             except PoolTimeout:
                 # Every pooled connection stayed busy for pool_timeout_s: overload, not a bug.
                 raise ServiceUnavailable(
@@ -216,20 +224,42 @@ class Database:
 
 
 def instrument_engine(engine: AsyncEngine, tracer_provider: trace.TracerProvider) -> None:
-    """A client span per statement, child of whatever span is current (HTTP, GraphQL)."""
-    tracer = tracer_provider.get_tracer("sightline.db")
-    url = engine.url
-    base_attributes: dict[str, Any] = {
-        "db.system": "postgresql",
-        "db.name": url.database or "",
-        "server.address": url.host or url.query.get("host", "") or "",
-    }
+    """A client span per statement, child of the traced work that runs it (an HTTP request,
+    a GraphQL operation, a chat turn, a vision job).
 
-    def before(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+    A statement outside any recording span (a readiness probe's, a periodic job's, a
+    migration's, or any when tracing is off or the trace is sampled out) gets none: it would be
+    a trace of one span, and its cost would be paid for nothing. Nor does the tenant scope that
+    opens every unit of work (`UNTRACED`).
+    """
+    url = engine.url
+    # Where every statement goes is the same for the whole engine: said once per export (the
+    # instrumentation scope's attributes), not on each statement's span.
+    tracer = tracer_provider.get_tracer(
+        "sightline.db",
+        attributes={
+            "db.name": url.database or "",
+            "server.address": url.host or url.query.get("host", "") or "",
+        },
+    )
+
+    @lru_cache(maxsize=_STATEMENT_CACHE_SIZE)
+    def described(statement: str) -> tuple[str, dict[str, Any]]:
         verb = statement.lstrip().split(" ", 1)[0].upper() or "SQL"
-        span = tracer.start_span(f"db {verb}", kind=SpanKind.CLIENT, attributes=base_attributes)
-        if span.is_recording():  # tracing off: nothing to build
-            span.set_attribute("db.statement", statement[:_MAX_STATEMENT_CHARS])
+        return f"db {verb}", {
+            "db.system": "postgresql",
+            "db.statement": statement[:_MAX_STATEMENT_CHARS],
+        }
+
+    def before(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, *_: Any
+    ) -> None:
+        if not trace.get_current_span().is_recording():
+            return
+        if context is not None and context.execution_options.get(UNTRACED):
+            return
+        name, attributes = described(statement)
+        span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
         conn.info.setdefault(_SPAN_KEY, []).append(span)
 
     def after(conn: Any, *_: Any) -> None:

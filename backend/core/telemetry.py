@@ -83,6 +83,22 @@ def configure_logging(settings: TelemetrySettings) -> None:
         logger.propagate = True
 
 
+class _Resource(Resource):
+    """A resource whose hash is computed once. The OTLP encoder groups every exported span by
+    its resource, and `Resource.__hash__` serialises the attributes to JSON each time: about a
+    third of a span's encoding cost, measured (the attributes never change)."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other)
+
+
 def build_tracer_provider(
     settings: TelemetrySettings, extra_processors: Sequence[SpanProcessor] = ()
 ) -> TracerProvider:
@@ -94,8 +110,8 @@ def build_tracer_provider(
     """
     tracing = bool(settings.otlp_endpoint) or bool(extra_processors)
     provider = TracerProvider(
-        resource=Resource.create(
-            {"service.name": settings.service_name, "service.version": __version__}
+        resource=_Resource(
+            Resource.create({"service.name": settings.service_name, "service.version": __version__})
         ),
         sampler=ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
         if tracing

@@ -55,13 +55,45 @@ async def test_statements_are_client_spans(database_url: str) -> None:
                 await session.execute(text("SELECT 1"))
     finally:
         await db.dispose()
-    statement = next(
-        s for s in exporter.get_finished_spans() if s.attributes["db.statement"] == "SELECT 1"
-    )
+    [statement] = [s for s in exporter.get_finished_spans() if s.name.startswith("db ")]
+    assert statement.name == "db SELECT"
+    assert statement.attributes is not None
     assert statement.attributes["db.system"] == "postgresql"
     assert statement.attributes["db.statement"] == "SELECT 1"
     assert statement.parent is not None
     assert statement.parent.span_id == parent.get_span_context().span_id
+    # the database it went to: once for all statements, on their instrumentation scope
+    assert statement.instrumentation_scope is not None
+    assert statement.instrumentation_scope.name == "sightline.db"
+    assert statement.instrumentation_scope.attributes is not None
+    assert statement.instrumentation_scope.attributes["db.name"]
+
+
+async def test_statements_outside_traced_work_and_the_tenant_scope_get_no_span(
+    database_url: str,
+) -> None:
+    """A statement with no recording span around it (a probe's, a periodic job's) would be a
+    trace of one span; the tenant scope opening every unit of work tells a trace nothing."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    db = Database.connect(database_url, DatabaseSettings(), provider)
+    try:
+        async with db.session() as session:
+            await session.execute(text("SELECT 1"))
+        assert not exporter.get_finished_spans()
+        with provider.get_tracer("test").start_as_current_span("request"):
+            async with db.session() as session:
+                await session.execute(text("SELECT 2"))
+                await session.execute(text("SELECT 3"))
+    finally:
+        await db.dispose()
+    statements = [
+        s.attributes["db.statement"]
+        for s in exporter.get_finished_spans()
+        if s.name.startswith("db ") and s.attributes is not None
+    ]
+    assert statements == ["SELECT 2", "SELECT 3"]
 
 
 def test_json_logs_carry_the_trace_id(capsys: pytest.CaptureFixture[str]) -> None:
