@@ -95,9 +95,6 @@ class _Resource(Resource):
     def __hash__(self) -> int:
         return self._hash
 
-    def __eq__(self, other: object) -> bool:
-        return super().__eq__(other)
-
 
 def build_tracer_provider(
     settings: TelemetrySettings, extra_processors: Sequence[SpanProcessor] = ()
