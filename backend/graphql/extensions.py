@@ -12,6 +12,9 @@ Errors leave the server in one of three shapes:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -116,9 +119,16 @@ class OperationObservability(SchemaExtension):
         tracer = state.tracer_provider.get_tracer("sightline.graphql")
         self._span = span = tracer.start_span("graphql.operation", kind=SpanKind.INTERNAL)
         token = otel_context.attach(trace.set_span_in_context(span))
+        abandoned = False
         try:
             yield
             self._finish_result(self.execution_context.result)
+        except GeneratorExit:
+            # Closed without finishing: a dropped subscription's hook, finalised by the garbage
+            # collector, which may run it inside any allocation, even inside a prometheus
+            # metric's (non-reentrant) lock held by this thread. Record later, from the loop.
+            abandoned = True
+            raise
         except Exception as exc:
             # Raised by a hook (a rate limit, say): Strawberry turns it into the result after
             # this operation ends, with the exception's message and extensions, unshaped; so a
@@ -133,28 +143,36 @@ class OperationObservability(SchemaExtension):
                 raise
             raise typed from exc
         finally:
-            otel_context.detach(token)
-            ctx = self.execution_context
-            kind = operation_type(ctx)
-            label = state.metrics.operation_label(ctx.operation_name)
-            span.update_name(f"graphql.{kind} {ctx.operation_name or 'anonymous'}")
-            span.set_attribute("graphql.operation.name", ctx.operation_name or "")
-            span.set_attribute("graphql.operation.type", kind)
-            outcome = _outcome(self._errors)
-            if outcome == "server_error":
-                span.set_status(Status(StatusCode.ERROR))
-            span.end()
-            state.metrics.graphql_operations.labels(label, kind, outcome).inc()
-            # Both result hooks may have seen the same (already shaped) error object: once each.
-            for error in {id(e): e for e in self._errors}.values():
-                code = (error.extensions or {}).get("code")
-                state.metrics.error("graphql", code, label)
-            if self._subscription_label is not None:
-                state.metrics.subscriptions_active.labels(self._subscription_label).dec()
+            with contextlib.suppress(Exception):  # detached elsewhere when finalised
+                otel_context.detach(token)
+            record = functools.partial(self._record_operation, state, span, started)
+            loop = _running_loop() if abandoned else None
+            if loop is None:
+                record()
             else:
-                state.metrics.graphql_latency.labels(label, kind).observe(
-                    time.perf_counter() - started
-                )
+                loop.call_soon(record)
+
+    def _record_operation(self, state: Any, span: trace.Span, started: float) -> None:
+        """The operation's span and metrics, once it has ended."""
+        ctx = self.execution_context
+        kind = operation_type(ctx)
+        label = state.metrics.operation_label(ctx.operation_name)
+        span.update_name(f"graphql.{kind} {ctx.operation_name or 'anonymous'}")
+        span.set_attribute("graphql.operation.name", ctx.operation_name or "")
+        span.set_attribute("graphql.operation.type", kind)
+        outcome = _outcome(self._errors)
+        if outcome == "server_error":
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+        state.metrics.graphql_operations.labels(label, kind, outcome).inc()
+        # Both result hooks may have seen the same (already shaped) error object: once each.
+        for error in {id(e): e for e in self._errors}.values():
+            code = (error.extensions or {}).get("code")
+            state.metrics.error("graphql", code, label)
+        if self._subscription_label is not None:
+            state.metrics.subscriptions_active.labels(self._subscription_label).dec()
+        else:
+            state.metrics.graphql_latency.labels(label, kind).observe(time.perf_counter() - started)
 
     def on_execute(self) -> Iterator[None]:
         ctx = self.execution_context
@@ -187,3 +205,10 @@ class OperationObservability(SchemaExtension):
         result.errors = shaped
         # Both hooks may see the final result; shaping is idempotent, so twice is harmless.
         self._errors.extend(shaped)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
