@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import venv
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,29 @@ def stub_environment(path: Path) -> Path:
     if not pth.is_file() or pth.read_text(encoding="utf-8") != wanted:
         pth.write_text(wanted, encoding="utf-8")
     return path
+
+
+# The longest path a Unix socket can bind (sun_path is 108 bytes on Linux, NUL included).
+SOCKET_PATH_MAX = 107
+PID_DIGITS = 7  # Linux's pid_max is at most 4194304
+
+
+def workspace_root(root: Path, models: Sequence[str]) -> Path:
+    """`root`, or a short directory under the system's temporary one when `root` is too deep
+    for the Unix sockets PyTriton makes in a workspace (per model: `<name>-data.sock`,
+    `<name>_0_0-server.sock`). Found in CI: a data directory 60 characters deep made a model's
+    data socket fail to bind ("AF_UNIX path too long"), which Triton reported only as the
+    model being UNAVAILABLE. Any process gets the same answer (a pid is at most 7 digits)."""
+    longest = max(
+        (len(f"/{PID_DIGITS * '0'}/{name}_0_0-server.sock") for name in models), default=0
+    )
+    if len(str(root.absolute())) + longest <= SOCKET_PATH_MAX:
+        return root
+    short = Path(tempfile.gettempdir()) / "sightline-triton"
+    if len(str(short)) + longest > SOCKET_PATH_MAX:
+        raise ManifestError(f"a model name too long for PyTriton's sockets: {', '.join(models)}")
+    log.info("PyTriton's workspaces go to %s: %s is too deep for its sockets", short, root)
+    return short
 
 
 def workspace(root: Path) -> Path:
@@ -171,7 +195,8 @@ def serve(
         metrics_port=address.metrics_port,
         exit_timeout_secs=5,
     )
-    with Triton(config=config, workspace=workspace(workspaces)) as triton:
+    root = workspace_root(workspaces, [m.name for m in manifests])
+    with Triton(config=config, workspace=workspace(root)) as triton:
         for manifest in manifests:
             tensors = oip.signature(manifest)
             run = runtimes.load(manifest, device, threads)

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from backend.cli import app
+from backend.inference.serve import workspace_root
 from tests.conftest import free_port, scaled
 from tests.remote.conftest import InferenceService
 
@@ -57,13 +58,15 @@ def test_sigterm_stops_triton_and_removes_its_workspace(tmp_path: Path) -> None:
     service.start()
     assert service.process is not None
     pid = service.process.pid
-    assert (tmp_path / "triton-workspaces" / str(pid)).is_dir()
+    # pytest's tmp_path is deep enough that the workspace goes to the short place instead
+    root = workspace_root(tmp_path / "triton-workspaces", service.models)
+    assert (root / str(pid)).is_dir()
     try:
         service.process.send_signal(signal.SIGTERM)
         service.process.wait(timeout=scaled(60))
     finally:
         service.kill()  # a server that ignored it: the group, at once
-    assert not (tmp_path / "triton-workspaces" / str(pid)).exists()
+    assert not (root / str(pid)).exists()
     deadline = time.monotonic() + scaled(30)
     while time.monotonic() < deadline and _group_alive(pid):
         time.sleep(0.2)
@@ -76,3 +79,16 @@ def _group_alive(group: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_workspace_too_deep_for_unix_sockets_goes_to_a_short_place(tmp_path: Path) -> None:
+    """PyTriton binds Unix sockets inside its workspace (108 bytes at most, the path included):
+    a deep data directory would leave every model UNAVAILABLE."""
+    models = ("ssd-mobilenet-v2-coco",)
+    assert workspace_root(Path("/var/lib/sightline/triton-workspaces"), models) == Path(
+        "/var/lib/sightline/triton-workspaces"
+    )
+    deep = tmp_path / ("d" * 60) / "triton-workspaces"
+    short = workspace_root(deep, models)
+    assert short != deep
+    assert len(str(short / "4194304" / "ssd-mobilenet-v2-coco_0_0-server.sock")) <= 107
