@@ -44,7 +44,7 @@ from backend.core.metrics import Metrics
 from backend.core.models import Conversation, Message, MessageRole, Run, RunStatus
 from backend.core.redis import KeySpace, listen
 from backend.core.retry import retrying
-from backend.core.tasks import drain
+from backend.core.tasks import cancel_and_wait, drain
 from backend.core.telemetry import MODEL, MODEL_VERSION, TENANT
 from backend.errors import (
     AppError,
@@ -216,9 +216,7 @@ class RunService:
         await drain(self._tasks.values(), grace_s)
         self._stopped = True
         await self._leases.close(grace_s)
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await cancel_and_wait(self._background)
         await self.events.close()
 
     # -- API --------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from backend.config import JobRecoverySettings
+from backend.core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -200,15 +201,11 @@ class Leases:
     async def close(self, grace_s: float = 5.0) -> None:
         """Stops renewing (what is still owned then expires and is recovered elsewhere)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
         recovering = list(self._recovering.values())
         if recovering:
             _, pending = await asyncio.wait(recovering, timeout=grace_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*recovering, return_exceptions=True)
+            await cancel_and_wait(pending)
 
     # -- the owner's side ----------------------------------------------------------------------
 

@@ -7,8 +7,34 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+async def cancel_and_wait(
+    tasks: Iterable[asyncio.Task[Any]], reason: str | None = None, *, again_after_s: float = 1.0
+) -> None:
+    """Cancels `tasks` and waits until every one has ended, cancelling again those still
+    running after `again_after_s`.
+
+    A cancellation can be lost inside a client library (redis-py on Python 3.11 was seen to
+    swallow one mid-command), and a loop that catches the error it becomes runs on: a single
+    cancel, then a wait, left a server's shutdown waiting until its lifespan's limit (60 s,
+    then TimeoutError in CI). `again_after_s` leaves a task's own cleanup (a turn recording
+    how it ended) time to finish before it is interrupted."""
+    owned = list(tasks)
+    pending = {task for task in owned if not task.done()}
+    for task in pending:
+        task.cancel(reason)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=again_after_s)
+        for task in pending:
+            log.warning("%s still runs after its cancellation; cancelling it again", task)
+            task.cancel(reason)
+    for task in owned:  # retrieved, so that none is reported as "never retrieved"
+        if not task.cancelled():
+            task.exception()
 
 
 async def drain(tasks: Iterable[asyncio.Task[None]], grace_s: float) -> None:
@@ -17,9 +43,7 @@ async def drain(tasks: Iterable[asyncio.Task[None]], grace_s: float) -> None:
     if not pending:
         return
     _, still = await asyncio.wait(pending, timeout=grace_s)
-    for task in still:
-        task.cancel("shutdown")
-    await asyncio.gather(*still, return_exceptions=True)
+    await cancel_and_wait(still, "shutdown", again_after_s=10.0)
 
 
 class Periodic:
@@ -63,9 +87,8 @@ class Periodic:
         again until it has ended."""
         task, self._task = self._task, None
         self._stopped = True
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        if task is not None:
+            await cancel_and_wait([task], again_after_s=0.1)
         if task is not None and not task.cancelled() and task.exception() is not None:
             log.warning("%s ended with %r", self.name, task.exception())
 

@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from backend.core.tasks import cancel_and_wait
 from backend.guardrails.errors import GuardrailUnavailable
 from backend.inference.lifeline import die_with_parent, worker_pool
 from backend.inference.worker_output import log_worker_output
@@ -153,9 +154,7 @@ class TransformerClassifier:
 
     async def close(self) -> None:
         if self._warming is not None:
-            self._warming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._warming
+            await cancel_and_wait([self._warming])
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequen
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from backend.core.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
@@ -174,10 +176,7 @@ class MicroBatcher(Generic[Item, Result]):
                 if not w.future.done():
                     w.future.set_exception(RuntimeError(f"{self._name} closed"))
         self._pending.clear()
-        writers = list(self._writers)
-        for task in writers:
-            task.cancel()
-        await asyncio.gather(*writers, return_exceptions=True)
+        await cancel_and_wait(list(self._writers))
 
 
 def _retrieved(future: asyncio.Future[object]) -> None:

@@ -8,7 +8,6 @@ Vectors are L2-normalised, so cosine distance in pgvector ranks them as the mode
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any, Protocol
 import openai
 
 from backend.config import KnowledgeSettings
+from backend.core.tasks import cancel_and_wait
 from backend.errors import ServiceUnavailable
 from backend.inference.lifeline import die_with_parent, worker_pool
 from backend.inference.worker_output import log_worker_output
@@ -226,9 +226,7 @@ class LocalEmbedder:
 
     async def aclose(self) -> None:
         if self._batcher is not None:
-            self._batcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._batcher
+            await cancel_and_wait([self._batcher])
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from backend.core.tasks import cancel_and_wait
 from backend.inference.client import InferenceError, ModelStatus
 from backend.inference.manifest import ManifestError, ModelManifest
 from backend.inference.pool import InferencePool
@@ -69,10 +70,7 @@ class PoolReconciler:
     async def close(self) -> None:
         """Stops every load and removal in progress (a half-loaded version is dropped)."""
         self._closed = True
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks.values()))
 
     async def settled(self) -> None:
         """Waits until no load or removal is in progress (tests, shutdown)."""

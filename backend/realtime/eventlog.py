@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 
 from backend.core.redis import KeySpace
 from backend.core.retry import is_transient, retrying
+from backend.core.tasks import cancel_and_wait
 from backend.errors import AppError, ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,7 @@ class LiveTail:
             try:
                 await asyncio.wait_for(asyncio.shield(task), self._block_ms / 1000 + 1)
             except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait([task])
         with contextlib.suppress(Exception):
             await self._redis.delete(self._wake)
 
@@ -257,9 +256,7 @@ class _Appender:
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout_s)
         except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
 
 
 class RunEventLog:
