@@ -9,18 +9,15 @@ import strawberry
 from strawberry.types import Info
 
 from backend.auth.principal import Principal
-from backend.errors import ServiceUnavailable
 from backend.graphql.context import Context
-from backend.graphql.model_comparison import ADMIN
+from backend.graphql.model_comparison import ADMIN, lifecycle_part
 from backend.lifecycle import drift_watch
 
 
 def _watch(info: Info[Context, None]) -> drift_watch.DriftWatch:
-    lifecycle = info.context.services.lifecycle
-    watch = lifecycle.drift_watch if lifecycle is not None else None
-    if watch is None:
-        raise ServiceUnavailable("drift is off on this server (SIGHTLINE_DRIFT_ENABLED)")
-    return watch
+    return lifecycle_part(
+        info, lambda ops: ops.drift_watch, "drift is off on this server (SIGHTLINE_DRIFT_ENABLED)"
+    )
 
 
 async def _operator(

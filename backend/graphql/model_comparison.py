@@ -3,6 +3,9 @@ latency, tokens or compute-seconds, cost) with the shadow's agreement with live.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import strawberry
 from strawberry.types import Info
 
@@ -11,7 +14,23 @@ from backend.errors import ServiceUnavailable
 from backend.graphql.context import Context
 from backend.graphql.permissions import HasScope
 from backend.lifecycle import comparison
+from backend.lifecycle.operations import ModelOperations
 from backend.lifecycle.shadow import ShadowAgreement as Agreement
+
+Part = TypeVar("Part")
+
+
+def lifecycle_part(
+    info: Info[Context, None], part: Callable[[ModelOperations], Part | None], unavailable: str
+) -> Part:
+    """One part of the model-operations service (comparisons, timelines, drift), or
+    SERVICE_UNAVAILABLE saying `unavailable` when this server runs without it."""
+    operations = info.context.services.lifecycle
+    found = part(operations) if operations is not None else None
+    if found is None:
+        raise ServiceUnavailable(unavailable)
+    return found
+
 
 # Tenant admins, and platform operators (owners of SIGHTLINE_PRIVACY_OPERATOR_TENANT: they
 # hold the admin scope of their tenant).
@@ -120,10 +139,9 @@ class ModelComparisonQuery:
     async def model_comparison(
         self, info: Info[Context, None], model: str, window: float = 300.0
     ) -> ModelComparison:
-        lifecycle = info.context.services.lifecycle
-        comparisons = lifecycle.comparisons if lifecycle is not None else None
-        if comparisons is None:
-            raise ServiceUnavailable("model comparison is not available on this server")
+        comparisons = lifecycle_part(
+            info, lambda ops: ops.comparisons, "model comparison is not available on this server"
+        )
         found = await comparisons.compare(model, window)
         return ModelComparison(
             model=found.model,

@@ -8,9 +8,8 @@ from datetime import datetime
 import strawberry
 from strawberry.types import Info
 
-from backend.errors import ServiceUnavailable
 from backend.graphql.context import Context
-from backend.graphql.model_comparison import ADMIN, milliseconds
+from backend.graphql.model_comparison import ADMIN, lifecycle_part, milliseconds
 from backend.lifecycle import timeline
 from backend.lifecycle.stats import VersionWindow
 
@@ -94,10 +93,11 @@ class OperationsTimelineQuery:
     async def operations_timeline(
         self, info: Info[Context, None], window: int = 3600, step: int = 60
     ) -> OperationsTimeline:
-        lifecycle = info.context.services.lifecycle
-        timelines = lifecycle.timelines if lifecycle is not None else None
-        if timelines is None:
-            raise ServiceUnavailable("the operations timeline is not available on this server")
+        timelines = lifecycle_part(
+            info,
+            lambda ops: ops.timelines,
+            "the operations timeline is not available on this server",
+        )
         found = await timelines.read(window, step)
         return OperationsTimeline(
             window=found.window_s,
