@@ -267,6 +267,7 @@ async def build_services(
             served=lifecycle.stats.record,
             metrics=state.metrics,
             embedded=embedded,
+            drift=lifecycle.drift,
         ),
         ledger=ledger,
         grace_s=settings.server.graceful_shutdown_s,

@@ -49,6 +49,7 @@ from backend.inference.llm.base import (
 )
 from backend.knowledge.embeddings import Embedder, embed_timed
 from backend.knowledge.service import EmbeddingSpent
+from backend.lifecycle.drift import DriftRecorder
 from backend.lifecycle.policy import RequestKey, split_pin
 from backend.limits.budgets import BudgetExceeded, Budgets, Reservation, Resource
 from backend.limits.pricing import SpendMetrics
@@ -189,7 +190,9 @@ class OpenAIService:
         served: ServedHook | None = None,
         metrics: SpendMetrics | None = None,
         embedded: EmbeddingSpent | None = None,
+        drift: DriftRecorder | None = None,
     ) -> None:
+        self.drift = drift  # each answer's drift samples, as a chat run's (None: drift off)
         # prices, records and charges an embeddings request as a search's query embedding
         self.embedded = embedded
         self.served = served  # the lifecycle's statistics, when wired
@@ -488,6 +491,14 @@ class OpenAIService:
         if self.metrics is not None:
             self.metrics.model_spent(
                 principal.tenant_id, model.alias, model.version, "chat", float(cost)
+            )
+        if self.drift is not None and not completion.left:  # a refusal counts: it is a signal
+            self.drift.chat_turn(
+                model.alias,
+                model.version,
+                prompt_chars=len(completion.prompt[-1].content) if completion.prompt else 0,
+                answer_chars=sum(map(len, completion.answer)),
+                rails=completion.rails,
             )
         if self.served is not None and completion.model_called and not completion.left:
             self.served(

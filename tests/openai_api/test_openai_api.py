@@ -18,6 +18,7 @@ from backend.agents.tools import AgentTools
 from backend.config import (
     BudgetSpec,
     CostSettings,
+    DriftSettings,
     LimitsSettings,
     ModelSpec,
     RateSpec,
@@ -25,6 +26,7 @@ from backend.config import (
 )
 from backend.core.models import AuditEvent, UsageRecord
 from backend.knowledge.embeddings import LocalEmbedder
+from backend.services import Services
 from tests.agents.test_agent import Knowledge, Rails, tenant_session, with_chat
 from tests.agents.test_runs import gql, sign_in
 from tests.conftest import LiveServer, scaled, serve_live
@@ -538,3 +540,28 @@ async def test_embeddings_cost_money_are_recorded_and_a_spent_money_budget_refus
         assert f"{record.model}@{record.version}" == embedder.name
         assert record.kind == "embedding"
         assert float(record.cost) == pytest.approx(float(record.amount), abs=2e-6)  # 1 a second
+
+
+async def test_completions_are_drift_samples_like_chat_runs(
+    chat_settings: Settings, engine: AsyncEngine, account: dict, llm: tuple[LLMStub, str]
+) -> None:
+    """A stateless completion feeds the alias's drift windows as a chat run does: its prompt
+    and answer lengths, and whether a rail refused it."""
+    chat_settings.drift = DriftSettings(reference_size=8, window_size=8, interval_s=3600.0)
+    async with serve_live(chat_settings) as server:
+        services: Services = server.state["services"]
+        assert services.lifecycle is not None
+        watch = services.lifecycle.drift_watch
+        assert watch is not None
+        client = sdk(server, await api_key(server, account, "chat"))
+        for question in ("hello there", "what is the time in Lisbon today"):
+            await client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": question}], max_tokens=20
+            )
+        await watch.samples.flush()
+        [(model, version)] = await watch.samples.versions()
+        assert model == "default"
+        windows = await watch.samples.windows(model, version)
+    assert [s.value for s in windows["prompt_length"].reference] == [11.0, 32.0]
+    assert [s.value > 0 for s in windows["answer_length"].reference] == [True, True]
+    assert [s.value for s in windows["refusal"].reference] == ["0", "0"]
