@@ -228,13 +228,7 @@ async def build_services(
         registry=models_watcher,
         ledger=ledger,
     )
-    lifecycle.use_registry(
-        models_watcher,
-        rollback=functools.partial(_canary_rollback, registry),
-        ramp=functools.partial(_canary_ramp, registry),
-    )
-    lifecycle.use_history(lambda: models_watcher.snapshot, registry.version_events)
-    models_watcher.add_listener(lifecycle.routed)  # traffic weights and canaries as gauges
+    _operate_models(lifecycle, registry, models_watcher)
     state.metrics.on_error = lifecycle.errors.record  # errors by code over time, too
     knowledge.start()  # renews job leases, takes over the jobs of replicas that died
     vision.start()  # the same for vision jobs (taken over only where vision is on)
@@ -276,6 +270,22 @@ async def build_services(
         models_watcher=models_watcher,
         reconciler=reconciler,
     )
+
+
+def _operate_models(
+    lifecycle: ModelOperations, registry: ModelRegistryService, watcher: RegistryWatcher
+) -> None:
+    """The model operations follow the registry: canary guards that roll back and ramp through
+    it, the timeline's version events, drift references that restart on promotion, and the
+    traffic gauges on every change."""
+    lifecycle.use_registry(
+        watcher,
+        rollback=functools.partial(_canary_rollback, registry),
+        ramp=functools.partial(_canary_ramp, registry),
+    )
+    lifecycle.use_history(lambda: watcher.snapshot, registry.version_events)
+    registry.on_promoted = lifecycle.promoted
+    watcher.add_listener(lifecycle.routed)
 
 
 async def _canary_rollback(registry: ModelRegistryService, model: str, reason: str) -> None:

@@ -36,7 +36,8 @@ async def _operator(
 class DriftReference:
     pinned: bool = strawberry.field(
         description="An operator's window (`pinDriftReference`); false: the first samples the "
-        "version served (SIGHTLINE_DRIFT_REFERENCE_SIZE of each signal)."
+        "version served since it was promoted, or since it first served when it never was "
+        "(SIGHTLINE_DRIFT_REFERENCE_SIZE of each signal)."
     )
     requests: int = strawberry.field(description="Samples of its largest signal.")
     since: datetime | None

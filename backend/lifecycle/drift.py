@@ -338,6 +338,18 @@ class DriftSamples:
             await pipe.execute()
         return max(len(kept) for kept in chosen.values())
 
+    async def restart_reference(self, model: str, version: str) -> None:
+        """The version was promoted: its reference becomes the first samples it serves from
+        now on, as live (those it served as a canary or a shadow saw other traffic). What this
+        replica gathered before goes first; another replica's next flush may still add a few
+        samples from before the promotion to the new reference. A pinned reference stays."""
+        await self.flush()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for name in SIGNALS:
+                pipe.delete(self._key(model, version, "first", name))
+            pipe.hdel(self._key(model, version, "meta"), "exceeded")
+            await pipe.execute()
+
     async def unpin(self, model: str, version: str) -> None:
         """Back to the first samples as the reference."""
         async with self._redis.pipeline(transaction=True) as pipe:

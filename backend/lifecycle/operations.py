@@ -103,6 +103,11 @@ class ModelOperations:
                 samples, db=db, redis=redis, keys=keys, settings=drift, metrics=metrics
             )
 
+    async def promoted(self, model: str, version: str) -> None:
+        """`version` became live by a promotion: its drift reference starts afresh."""
+        if self.drift_watch is not None:
+            await self.drift_watch.samples.restart_reference(model, version)
+
     def use_registry(
         self, policies: Policies, rollback: Rollback, ramp: Ramp | None = None
     ) -> None:

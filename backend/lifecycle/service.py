@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from enum import Enum
 from typing import Any, Final
@@ -128,6 +128,8 @@ class ModelRegistryService:
         self.channel = self._keys("changed")  # {"revision": n} after every committed change
         self.last_revision = 0  # the newest revision this service committed
         self.replicas = Replicas(redis, self._keys, settings)
+        # told of each version that became live by a promotion (the drift reference restarts)
+        self.on_promoted: Callable[[str, str], Awaitable[None]] | None = None
 
     # -- who may -------------------------------------------------------------------------
 
@@ -421,9 +423,12 @@ class ModelRegistryService:
         """Gives `version` all the traffic; the versions that had it stay READY (loaded) for a
         rollback. Promoting the shadow ends the shadowing."""
         await self.require_operator(principal, "Mutation.promoteModelVersion")
+        was_live = False
 
         def change(current: TrafficPolicy | None) -> TrafficPolicy:
+            nonlocal was_live
             base = current or TrafficPolicy(model=model, arms=())
+            was_live = bool(base.arms) and base.live == version
             shadow = None if base.shadow == version else base.shadow
             return dataclasses.replace(
                 base,
@@ -432,7 +437,13 @@ class ModelRegistryService:
                 shadow_rate=base.shadow_rate if shadow else 0.0,
             )
 
-        return await self._change_policy(principal, model, "promote", change, None)
+        policy = await self._change_policy(principal, model, "promote", change, None)
+        if not was_live and self.on_promoted is not None:
+            try:
+                await self.on_promoted(model, version)
+            except Exception as exc:  # the promotion is committed; its side effects follow it
+                log.warning("after promoting %s@%s: %r", model, version, exc)
+        return policy
 
     async def rollback_model(
         self, principal: Principal | None, model: str, *, reason: str | None = None

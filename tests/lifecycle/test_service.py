@@ -8,12 +8,17 @@ import uuid
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from backend.config import ModelSpec
+from backend.config import DriftSettings, LifecycleSettings, ModelSpec
+from backend.core.db import Database
+from backend.core.metrics import Metrics
+from backend.core.redis import KeySpace
 from backend.errors import AppError
 from backend.inference.catalog import Task
 from backend.inference.manifest import ModelManifest
+from backend.lifecycle.operations import ModelOperations
 from backend.lifecycle.policy import (
     Arm,
     CanaryGuard,
@@ -301,6 +306,42 @@ async def test_promote_and_rollback_walk_the_policy_history(
     assert [r["details"]["restored"] for r in rollbacks] == [2, 1]
     assert rollbacks[0]["details"]["reason"] == "drill"
     assert len(await audit(db_connection, "model.policy_promote")) == 1
+
+
+async def test_a_promoted_version_restarts_its_drift_reference(
+    registry: ModelRegistryService, people: People, db: Database, redis: Redis, key_prefix: str
+) -> None:
+    """The reference is the first requests after promotion: what the version served as a
+    canary (other traffic) is not kept as its reference once it is live."""
+    drift = DriftSettings(reference_size=4, window_size=4, min_samples=2)
+    operations = ModelOperations(
+        redis, KeySpace(key_prefix), LifecycleSettings(), Metrics(), drift=drift, db=db
+    )
+    assert operations.drift_watch is not None
+    samples = operations.drift_watch.samples
+    registry.on_promoted = operations.promoted
+    await chat_model(registry, "scribe", "1", "2")
+    await registry.set_traffic_policy(people.operator, "scribe", [Arm("1", 90), Arm("2", 10)])
+
+    async def reference() -> list[float]:
+        windows = await samples.windows("scribe", "2")
+        return [sample.value for sample in windows["answer_length"].reference]
+
+    for length in (10.0, 11.0, 12.0, 13.0):  # as a canary
+        samples.recorder.add("scribe", "2", "answer_length", length)
+    samples.recorder.add("scribe", "2", "answer_length", 14.0)  # not flushed yet
+    await samples.flush()
+    assert await reference() == [10.0, 11.0, 12.0, 13.0]
+
+    samples.recorder.add("scribe", "2", "answer_length", 15.0)  # before the promotion
+    await registry.promote_version(people.operator, "scribe", "2")
+    assert await reference() == []  # starts afresh; the history stays
+    samples.recorder.add("scribe", "2", "answer_length", 99.0)
+    await samples.flush()
+    assert await reference() == [99.0]
+
+    await registry.promote_version(people.operator, "scribe", "2")  # live already: kept
+    assert await reference() == [99.0]
 
 
 async def test_retire_is_refused_while_traffic_or_a_pin_reaches_the_version(
