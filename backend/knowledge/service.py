@@ -636,13 +636,18 @@ class KnowledgeService:
         await _count_lexemes(session, tenant_id, [d.id for d in documents], sign=1)
         return documents
 
-    async def _embed_with_retries(self, job: _Job | None, texts: list[str]) -> list[list[float]]:
-        """The job pauses (status RETRYING, with events) while the embedder is down."""
+    async def _embed_with_retries(
+        self, job: _Job | None, texts: list[str], principal: Principal | None = None
+    ) -> list[list[float]]:
+        """The job pauses (status RETRYING, with events) while the embedder is down. Without a
+        job, the call is `principal`'s own: recorded and charged as theirs (re-embedding)."""
         for attempt in range(self._settings.embedding_retries + 1):
             try:
                 vectors, seconds = await embed_timed(self.embedder, texts)
                 if job is not None:
                     await self._job_spent(job, seconds)
+                elif principal is not None:
+                    await self._embedded(principal.tenant_id, seconds, principal, "reembed")
                 return vectors
             except EmbeddingUnavailable as exc:
                 if attempt == self._settings.embedding_retries:
@@ -796,7 +801,9 @@ class KnowledgeService:
     async def reembed_stale(self, principal: Principal) -> int:
         """Re-embeds, from their stored text, the chunks of documents embedded by another model
         (until then search leaves them out: vector spaces never mix). One transaction per
-        document; returns how many documents were brought up to date."""
+        document; returns how many documents were brought up to date. The embedding calls are
+        the caller's usage and cost (BUDGET_EXCEEDED stops it between documents: those done
+        stay done, the rest stay stale until the next call)."""
         model = self.embedder.name
         async with self._db.session(principal.tenant_id) as session:
             stale = list(
@@ -815,7 +822,7 @@ class KnowledgeService:
             batch = self._settings.embed_batch
             for start in range(0, len(rows), batch):
                 texts = [r.text for r in rows[start : start + batch]]
-                vectors += await self._embed_with_retries(None, texts)
+                vectors += await self._embed_with_retries(None, texts, principal)
             async with self._db.session(principal.tenant_id) as session:
                 for row, vector in zip(rows, vectors, strict=True):
                     await session.execute(

