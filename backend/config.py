@@ -1057,6 +1057,13 @@ class VisionSettings(JobRecoverySettings):
     live_auth_timeout_s: float = Field(
         10.0, gt=0, description="Live camera: time to send the auth message after connecting."
     )
+    live_charge_every_s: float = Field(
+        5.0,
+        gt=0,
+        description="Live camera: how often a session's frames are charged to its caller's "
+        "compute-seconds and money budgets and recorded as usage (and when it ends); once a "
+        "budget is used up, its next frames are refused with BUDGET_EXCEEDED.",
+    )
 
     def worker_threads(self) -> int:
         """CPU threads of each inference worker: `threads`, or with 0 the cores this process

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,15 +20,20 @@ from backend.auth.principal import Principal
 from backend.auth.scopes import Scope
 from backend.core import untrusted
 from backend.errors import AppError, ServiceUnavailable, expected_error
+from backend.limits.budgets import BudgetExceeded
 from backend.realtime.frames import End, LiveFrames
 from backend.vision.images import DecodeBudget
+from backend.vision.metering import FrameMeter
 from backend.vision.service import VisionTask, job_key
 
 router = APIRouter()
 
+log = logging.getLogger(__name__)
+
 CLOSE_UNAUTHORISED = 4403
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAVAILABLE = 1013
+CLOSE_BUDGET_EXCEEDED = 4429  # the caller's compute or money budget is used up
 
 
 @contextlib.contextmanager
@@ -152,14 +158,42 @@ async def _serve(
     async def send(body: dict[str, Any]) -> None:
         await _send(websocket, body)
 
+    meter = FrameMeter(
+        principal, services.budgets, services.ledger, every_s=settings.live_charge_every_s
+    )
+    try:
+        await meter.admit()
+    except Exception as exc:  # money spent, or Redis down: typed, never the driver's message
+        typed = expected_error(exc)
+        if typed is None:
+            raise
+        await _send(websocket, {"type": "error", **typed.extensions, "message": typed.message})
+        spent = isinstance(typed, BudgetExceeded)
+        await _close(
+            websocket, CLOSE_BUDGET_EXCEEDED if spent else CLOSE_UNAVAILABLE, typed.message
+        )
+        return
     await send({"type": "ready", "tasks": [t.value for t in wanted]})
     budget = DecodeBudget(settings.live_decode_share, settings.live_decode_burst_s)
     # who asks, for version routing: a sticky policy keeps the user on one version
     key = job_key(principal.tenant_id, principal.user_id, uuid.uuid4().hex)
+
+    async def analyse(frame: bytes) -> dict[str, Any]:
+        meter.check()  # a budget used up: refused before any model runs
+        result = await vision.analyse_frame(
+            frame,
+            wanted,
+            classifier=classifier,
+            detector=detector,
+            budget=budget,
+            key=key,
+            spent=meter.add,
+        )
+        await meter.charge_if_due()
+        return result
+
     session = LiveFrames(
-        lambda frame: vision.analyse_frame(
-            frame, wanted, classifier=classifier, detector=detector, budget=budget, key=key
-        ),
+        analyse,
         max_fps=settings.live_max_fps,
         max_frame_bytes=settings.live_max_frame_bytes,
         frame_timeout_s=settings.live_frame_timeout_s,
@@ -171,5 +205,10 @@ async def _serve(
     except InvalidToken as exc:
         await _refuse(websocket, exc)
         return
+    finally:  # what the last frames took, however the session ended
+        try:
+            await asyncio.shield(meter.charge())
+        except Exception as exc:  # served already: the ledger or Redis failing loses the charge
+            log.warning("live session of %s: last charge failed: %r", principal.subject, exc)
     await send({"type": "closed", **stats.__dict__})
     await _close(websocket)

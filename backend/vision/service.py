@@ -1012,11 +1012,13 @@ class VisionService:
         top_k: int = 3,
         budget: DecodeBudget | None = None,
         key: RequestKey | None = None,
+        spent: Callable[[UsagePart], None] | None = None,
     ) -> dict[str, Any]:
         """One live camera frame: detection and classification at live priority. Its pixels
         are checked against the live limit from the header, before anything is decoded; the
         decode time is charged to the connection's `budget`. `key` (who asks) routes each
-        model to its version; `classifier` and `detector` may pin one (`name@version`)."""
+        model to its version; `classifier` and `detector` may pin one (`name@version`).
+        `spent` hears what each model version took (seconds and cost: the session's meter)."""
         self.models  # noqa: B018 (vision off: ServiceUnavailable)
         settings = self._settings
         image = await self._decode(
@@ -1043,10 +1045,12 @@ class VisionService:
                 lambda m, v: self.classify(image.rgb, m, top_k, Priority.LIVE, version=v),
                 image=image.rgb,
             )
-        for name, (_, _, result, _) in zip(
-            calls, await asyncio.gather(*calls.values()), strict=True
+        for name, ((model, version, result, cost), seconds) in zip(
+            calls, await asyncio.gather(*map(_timed, calls.values())), strict=True
         ):
             out[name] = result
+            if spent is not None:
+                spent(UsagePart(model, version, "vision", Decimal(str(round(seconds, 6))), cost))
         return out
 
     # -- pipelines -----------------------------------------------------------------------------
@@ -1191,6 +1195,13 @@ class VisionService:
     ) -> AsyncIterator[RunEvent]:
         await self.job(principal, job_id)  # authorisation: the caller's own job
         return self.events.read(str(job_id), after)
+
+
+async def _timed(call: Awaitable[T]) -> tuple[T, float]:
+    """What `call` returns, and the seconds it took."""
+    started = time.perf_counter()
+    found = await call
+    return found, time.perf_counter() - started
 
 
 def _usage_parts(results: dict[str, Any]) -> list[UsagePart]:

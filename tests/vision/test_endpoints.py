@@ -15,10 +15,11 @@ from PIL import Image
 from skimage import data
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
-from backend.config import Settings
-from tests.agents.test_runs import sign_in
-from tests.conftest import serve_live
+from backend.config import BudgetSpec, CostSettings, Settings
+from tests.agents.test_runs import gql, sign_in
+from tests.conftest import scaled, serve_live
 from tests.vision.test_graphql import jpeg, vision_on
 
 
@@ -104,3 +105,54 @@ async def test_bad_frames_get_errors_and_the_stream_goes_on(
             await asyncio.sleep(1.0)  # the server notices and closes its end
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+async def test_frames_are_charged_to_the_caller_and_refused_once_the_budget_is_spent(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any]
+) -> None:
+    """A live session's frames cost compute like a job's: charged to the caller's budgets
+    (here after every frame), recorded as usage by model version; once the money is spent the
+    next frame is refused before any model runs, and so is the next session."""
+    settings = vision_on(
+        chat_settings, live_max_fps=10_000, live_frame_timeout_s=120, live_charge_every_s=0.001
+    )
+    settings.cost = CostSettings(compute_second_prices={"cpu": 1.0}, usage_flush_s=0.2)
+    plan = settings.limits.default_plan
+    settings.limits = settings.limits.model_copy(
+        update={"budgets": {plan: {"cost": BudgetSpec(user_day=0.000001)}}}
+    )
+    photo = jpeg(data.astronaut()[::2, ::2].copy())
+    async with serve_live(settings) as server:
+        token = await sign_in(server, account)
+        url = server.ws_url.replace("/graphql", "/ws/vision/live?tasks=detect")
+        async with connect(url, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": token}))
+            assert (await next_message(ws))["type"] == "ready"
+            await ws.send(photo)
+            served = await next_message(ws)
+            assert (served["type"], served["frame"]) == ("result", 1), served
+            await ws.send(photo)
+            refused = await next_message(ws)
+            assert (refused["type"], refused["frame"]) == ("error", 2), refused
+            assert (refused["code"], refused["resource"]) == ("BUDGET_EXCEEDED", "cost")
+
+        async with connect(url, max_size=None) as ws:  # the next session: refused at once
+            await ws.send(json.dumps({"type": "auth", "token": token}))
+            first = await next_message(ws)
+            assert (first["type"], first["code"]) == ("error", "BUDGET_EXCEEDED")
+            with pytest.raises(ConnectionClosed) as closed:
+                await next_message(ws)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 4429
+
+        usage = "{ usage(days: 1, byModel: true) { resource model kind cost } }"
+        async with asyncio.timeout(scaled(30)):  # the ledger's next flush
+            while not (rows := (await gql(server, token, usage))["data"]["usage"]):
+                await asyncio.sleep(0.1)
+    [row] = rows
+    assert (row["resource"], row["kind"], row["model"]) == (
+        "compute_seconds",
+        "vision",
+        settings.vision.detector,
+    )
+    assert float(row["cost"]) > 0
