@@ -34,6 +34,7 @@ from backend.auth.errors import InvalidToken
 from backend.auth.principal import Principal
 from backend.config import AuthSettings
 from backend.core.redis import KeySpace, listen
+from backend.core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +242,7 @@ class Revocations:
     async def close(self) -> None:
         self._closed = True  # see `listen`: a cancellation alone may be lost
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel("shutdown")
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks, "shutdown")
 
     async def _listen(self) -> None:
         await listen(

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from backend.core.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +66,4 @@ class WarmUp:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel("shutdown")
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks, "shutdown")

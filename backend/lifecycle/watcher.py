@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 
 from backend.config import LifecycleSettings
 from backend.core.redis import listen
+from backend.core.tasks import cancel_and_wait
 from backend.lifecycle.policy import RegistrySnapshot, TrafficPolicy, VersionStatus
 from backend.lifecycle.service import ModelRegistryService
 
@@ -103,9 +104,7 @@ class RegistryWatcher:
     async def close(self) -> None:
         self._closed = True  # see `backend.core.redis.listen`: a cancellation alone may be lost
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel("shutdown")
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks, "shutdown")
         try:
             async with asyncio.timeout(_LEAVE_TIMEOUT_S):
                 await self._service.replicas.leave(self.replica_id)

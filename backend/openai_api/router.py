@@ -31,6 +31,7 @@ from backend.auth.scopes import Scope as AuthScope
 from backend.auth.service import AuthService
 from backend.config import ServerSettings
 from backend.core import untrusted
+from backend.core.tasks import cancel_and_wait
 from backend.errors import (
     AppError,
     InternalError,
@@ -151,9 +152,7 @@ class EventStream(StreamingResponse):
         try:
             await asyncio.wait([streaming, watching], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (streaming, watching):
-                task.cancel()
-            await asyncio.gather(streaming, watching, return_exceptions=True)
+            await cancel_and_wait([streaming, watching])
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
         if not streaming.cancelled() and (failure := streaming.exception()) is not None:
             raise failure  # a bug: not swallowed
@@ -175,10 +174,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(watcher, task, return_exceptions=True)
+        await cancel_and_wait([watcher, task])
     if task.cancelled():
         raise ClientGone
     return task.result()
