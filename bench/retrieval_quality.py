@@ -40,6 +40,7 @@ import os
 import pkgutil
 import random
 import re
+import sysconfig
 import time
 import uuid
 import warnings
@@ -112,9 +113,18 @@ def stdlib(limit: int, seed: int = 11) -> LabelledSet:
     warnings.filterwarnings("ignore")
     skip = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "ensurepip")
     pairs: dict[str, str] = {}
+    # the standard library's own folders only: not bench/ (sys.path[0] when run as a script),
+    # not PYTHONPATH's backend/ and tests/, not site-packages (the tuning set stays the same
+    # whatever files bench/ holds)
+    paths = sysconfig.get_paths()
+    stdlib = {str(Path(paths[name]).resolve()) for name in ("stdlib", "platstdlib")}
     for info in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
         path = str(getattr(info.module_finder, "path", ""))
-        if info.name.startswith(("_", *skip)) or not path or "site-packages" in path:
+        if info.name.startswith(("_", *skip)) or not path:
+            continue
+        if not any(str(Path(path).resolve()).startswith(root) for root in stdlib):
+            continue
+        if "site-packages" in path:
             continue
         try:
             module = __import__(info.name)
