@@ -480,6 +480,7 @@ async def _build_vision(
             retries=settings.remote_retries,
             breaker_failures=settings.remote_breaker_failures,
             breaker_reset_s=settings.remote_breaker_reset_s,
+            protocol=settings.remote_protocol,
         )
         await pool.start()
     elif settings.enabled:

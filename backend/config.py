@@ -964,10 +964,17 @@ class VisionSettings(JobRecoverySettings):
     )
     remote_url: str = Field(
         "127.0.0.1:8000",
-        description="The inference service's HTTP address (host:port) for `backend=remote`.",
+        description="The inference service's address (host:port) for `backend=remote`: its "
+        "HTTP port, or its gRPC port (Triton's 8001) with `remote_protocol=grpc`.",
+    )
+    remote_protocol: str = Field(
+        "http",
+        pattern="^(http|grpc)$",
+        description="Remote inference: `http` or `grpc` (needs tritonclient[grpc], from "
+        "requirements-serve.txt; one HTTP/2 connection, less per call).",
     )
     remote_call_timeout_s: float = Field(
-        10.0, gt=0, description="Remote inference: longest wait for one HTTP call."
+        10.0, gt=0, description="Remote inference: longest wait for one call."
     )
     remote_retries: int = Field(
         2,

@@ -11,8 +11,9 @@ its own reused engine), pages/s.
 
 Remote (`--backend remote`): the same closed-loop clients (1, 8, 32) against the local pool
 (batching on) and against `sightline inference serve` (Triton through PyTriton, the same
-manifest, batcher and threads) through the remote runtime, in the same run, one after the
-other on the same machine. Printed: images/s and p50/p95 per backend, remote/local throughput.
+manifest, batcher and threads) through the remote runtime over HTTP, then over gRPC, in the
+same run, one after the other on the same machine. Printed: images/s and p50/p95 per backend,
+remote/local throughput per protocol.
 
 Usage: python bench/vision.py [--requests 192] [--pages 24] [--device cpu] [--backend remote]
 """
@@ -149,7 +150,8 @@ def _triton_batches(metrics_url: str) -> tuple[float, float]:
     return totals["nv_inference_count"], totals["nv_inference_exec_count"]
 
 
-def _start_service(threads: int, device: str) -> tuple[subprocess.Popen[bytes], str, str]:
+def _start_service(threads: int, device: str) -> tuple[subprocess.Popen[bytes], str, str, str]:
+    """The service, its HTTP and gRPC addresses and its metrics URL, once its model is ready."""
     ports = [_free_port() for _ in range(3)]
     command = [sys.executable, "-m", "backend", "inference", "serve", "--model",
                "efficientnet-lite0", "--host", "127.0.0.1", "--http-port", str(ports[0]),
@@ -169,7 +171,8 @@ def _start_service(threads: int, device: str) -> tuple[subprocess.Popen[bytes], 
             with urllib.request.urlopen(
                 f"http://{url}/v2/models/efficientnet-lite0/ready", timeout=2
             ):
-                return process, url, f"http://127.0.0.1:{ports[2]}/metrics"
+                metrics = f"http://127.0.0.1:{ports[2]}/metrics"
+                return process, url, f"127.0.0.1:{ports[1]}", metrics
         except OSError:
             time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
@@ -200,21 +203,23 @@ async def remote_vs_local(args: argparse.Namespace) -> None:
     await pool.wait_ready()
     await measure("local pool", pool)
     await pool.close()
-    process, url, metrics = _start_service(threads, args.device)
+    process, url, grpc_url, metrics = _start_service(threads, args.device)
     try:
-        remote = RemoteInference([manifest], url, call_timeout_s=60)
-        await remote.start()
-        await remote.warmed(manifest.name)
-        await measure("remote", remote)
-        await remote.close()
+        for protocol, address in (("http", url), ("grpc", grpc_url)):
+            remote = RemoteInference([manifest], address, call_timeout_s=60, protocol=protocol)
+            await remote.start()
+            await remote.warmed(manifest.name)
+            await measure(f"remote {protocol}", remote)
+            await remote.close()
         items, runs = _triton_batches(metrics)
         print(f"  Triton ran {items:.0f} images in {runs:.0f} batches: {items / runs:.2f} a batch")
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     for clients in (1, 8, 32):
-        ratio = figures["remote", clients][0] / figures["local pool", clients][0]
-        print(f"  clients {clients:>2}: remote/local throughput {ratio:.2f}x")
+        local = figures["local pool", clients][0]
+        http, grpc = (figures[f"remote {p}", clients][0] / local for p in ("http", "grpc"))
+        print(f"  clients {clients:>2}: remote/local throughput http {http:.2f}x, grpc {grpc:.2f}x")
     print("  goal at 32 clients: remote >= 0.8x the local throughput")
 
 

@@ -2,7 +2,8 @@
 NVIDIA Triton, KServe, or our own `sightline inference serve`. The InferenceClient the API uses
 with SIGHTLINE_VISION_BACKEND=remote, in place of the local pool; no torch loads here.
 
-Calls go through tritonclient's asyncio HTTP client, one request per item (the server's dynamic
+Calls go through tritonclient's asyncio client, HTTP or gRPC (`protocol`; gRPC needs
+`tritonclient[grpc]`, from requirements-serve.txt), one request per item (the server's dynamic
 batcher batches them, also across API replicas). Each call has its own timeout; a call that
 fails on the way (connection refused or dropped, timed out, the server busy) is retried, model
 calls being idempotent; consecutive failures open a circuit breaker, and calls then fail at once
@@ -34,8 +35,18 @@ from backend.inference.manifest import ModelManifest
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
-# HTTP statuses of a server that cannot take the call now (busy, starting, stopping): retried
-_RETRY_STATUSES = {"429", "502", "503", "504"}
+# Statuses of a server that cannot take the call now (busy, starting, stopping, or not reached
+# over gRPC): retried. HTTP codes, and gRPC's as tritonclient names them.
+_RETRY_STATUSES = {
+    "429",
+    "502",
+    "503",
+    "504",
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.RESOURCE_EXHAUSTED",
+}
+PROTOCOLS = ("http", "grpc")
 
 
 class CircuitBreaker:
@@ -91,8 +102,12 @@ class RemoteInference:
         breaker_failures: int = 5,
         breaker_reset_s: float = 5.0,
         ready_poll_s: float = 1.0,
+        protocol: str = "http",
     ) -> None:
-        self._url = url.removeprefix("http://")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+        self._protocol = protocol
+        self._url = url.removeprefix("http://").removeprefix("grpc://")
         self._call_timeout_s = call_timeout_s
         self._retries = retries
         self._backoff_s = retry_backoff_s
@@ -120,9 +135,19 @@ class RemoteInference:
     async def start(self) -> None:
         """Opens the connection pool and starts watching each model's readiness (owned tasks,
         cancelled by close)."""
-        from tritonclient.http.aio import InferenceServerClient
+        if self._protocol == "grpc":
+            try:
+                from tritonclient.grpc.aio import InferenceServerClient as GrpcClient
+            except ImportError as exc:
+                raise ServiceUnavailable(
+                    "remote inference over gRPC needs tritonclient[grpc] "
+                    f"(pip install -r requirements-serve.txt): {exc}"
+                ) from None
+            self._client = GrpcClient(self._url)
+        else:
+            from tritonclient.http.aio import InferenceServerClient
 
-        self._client = InferenceServerClient(self._url, conn_timeout=self._call_timeout_s)
+            self._client = InferenceServerClient(self._url, conn_timeout=self._call_timeout_s)
         for key in self._states:
             task = asyncio.create_task(self._watch(key), name=f"remote-ready:{key[0]}")
             self._watches.append(task)
@@ -148,7 +173,7 @@ class RemoteInference:
         while True:
             try:
                 if await self._client.is_model_ready(name):
-                    metadata = await self._client.get_model_metadata(name)
+                    metadata = await self._metadata(name)
                     break
             except (OSError, TimeoutError, InferenceServerException) as exc:
                 log.debug("inference service at %s: %s not ready: %s", self._url, name, exc)
@@ -165,6 +190,13 @@ class RemoteInference:
         else:
             state.status = ModelStatus.READY
         state.ready.set()
+
+    async def _metadata(self, name: str) -> dict[str, Any]:
+        """The model's metadata as the HTTP endpoint gives it (gRPC's, as JSON: the same
+        fields; its shapes are strings, which oip.check reads as numbers)."""
+        if self._protocol == "grpc":
+            return dict(await self._client.get_model_metadata(name, as_json=True))
+        return dict(await self._client.get_model_metadata(name))
 
     async def warmed(self, model: str) -> None:
         """Waits until the service serves `model` (default version); raises if it never will."""
@@ -233,18 +265,35 @@ class RemoteInference:
         state.items += len(outputs)
         return outputs
 
+    def _request(self, manifest: ModelManifest, item: Any) -> tuple[list[Any], list[Any]]:
+        """The call's input tensors (binary) and requested outputs, in the protocol's types."""
+        tensors = oip.signature(manifest)
+        arrays = oip.request_arrays(manifest, item)
+        datatypes = {t.name: t.datatype for t in tensors.inputs}
+        inputs: list[Any] = []
+        if self._protocol == "grpc":
+            from tritonclient import grpc
+
+            for name, array in arrays.items():
+                tensor = grpc.InferInput(name, list(array.shape), datatypes[name])
+                inputs.append(tensor.set_data_from_numpy(array))
+            return inputs, [grpc.InferRequestedOutput(t.name) for t in tensors.outputs]
+        from tritonclient import http
+
+        for name, array in arrays.items():
+            tensor = http.InferInput(name, list(array.shape), datatypes[name])
+            inputs.append(tensor.set_data_from_numpy(array, binary_data=True))
+        return inputs, [
+            http.InferRequestedOutput(t.name, binary_data=True) for t in tensors.outputs
+        ]
+
     async def _call(self, manifest: ModelManifest, item: Any, priority: int) -> Any:
-        from tritonclient.http import InferInput, InferRequestedOutput
         from tritonclient.utils import InferenceServerException
 
         tensors = oip.signature(manifest)
-        inputs = []
-        for name, array in oip.request_arrays(manifest, item).items():
-            datatype = next(t.datatype for t in tensors.inputs if t.name == name)
-            tensor = InferInput(name, list(array.shape), datatype)
-            tensor.set_data_from_numpy(array, binary_data=True)
-            inputs.append(tensor)
-        outputs = [InferRequestedOutput(t.name, binary_data=True) for t in tensors.outputs]
+        inputs, outputs = self._request(manifest, item)
+        # gRPC: each call's own deadline (HTTP: the connection's timeout, set on the client)
+        deadline = {"client_timeout": self._call_timeout_s} if self._protocol == "grpc" else {}
         attempt = 0
         while True:
             if not self._breaker.allow():
@@ -254,7 +303,7 @@ class RemoteInference:
                 )
             try:
                 result = await self._client.infer(
-                    manifest.name, inputs, outputs=outputs, priority=priority
+                    manifest.name, inputs, outputs=outputs, priority=priority, **deadline
                 )
             except InferenceServerException as exc:
                 if _overloaded(exc) or str(exc.status()) not in _RETRY_STATUSES:

@@ -92,6 +92,45 @@ async def test_detects_with_the_requests_limits(remote: RemoteInference) -> None
     assert (both[0][:, 1] >= 0.3).all()
 
 
+async def test_grpc_answers_as_http_does(
+    inference_service: InferenceService, remote: RemoteInference
+) -> None:
+    """The same models through Triton's gRPC endpoint: checked against their manifests as over
+    HTTP, with the same outputs (a classifier's logits, a detector's limited boxes)."""
+    client = RemoteInference(
+        list(MANIFESTS.values()),
+        f"127.0.0.1:{inference_service.grpc_port}",
+        protocol="grpc",
+        call_timeout_s=scaled(30),
+        ready_poll_s=0.2,
+    )
+    await client.start()
+    try:
+        async with asyncio.timeout(scaled(60)):
+            for name in MANIFESTS:
+                await client.warmed(name)
+        manifest = MANIFESTS["efficientnet-lite0"]
+        x = classification_input(data.chelsea(), manifest.input)
+        [over_grpc] = await client.infer("efficientnet-lite0", [x], timeout_s=scaled(60))
+        [over_http] = await remote.infer("efficientnet-lite0", [x], timeout_s=scaled(60))
+        np.testing.assert_allclose(over_grpc, over_http, rtol=1e-5, atol=1e-5)
+
+        ssd = MANIFESTS["ssd-mobilenet-v2-coco"]
+        coffee = detector_input(data.coffee(), ssd.runtime, ssd.input)
+        item = {"image": coffee, "min_score": 0.6, "max_detections": 1}
+        [boxes] = await client.infer("ssd-mobilenet-v2-coco", [item], timeout_s=scaled(60))
+        [expected] = await remote.infer("ssd-mobilenet-v2-coco", [item], timeout_s=scaled(60))
+        np.testing.assert_allclose(boxes, expected, rtol=1e-5, atol=1e-5)
+        assert ssd.labels[int(boxes[0][0])] == "cup"
+    finally:
+        await client.close()
+
+
+def test_an_unknown_protocol_is_refused() -> None:
+    with pytest.raises(ValueError, match="protocol"):
+        RemoteInference(list(MANIFESTS.values()), "127.0.0.1:8001", protocol="thrift")
+
+
 async def test_a_model_whose_metadata_differs_never_serves(
     inference_service: InferenceService,
 ) -> None:
