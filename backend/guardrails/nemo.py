@@ -158,14 +158,9 @@ class NemoGuardrailService(GuardrailService):
 
     # -- output stream -------------------------------------------------------------------------
 
-    async def check_output_stream(
-        self, principal: Principal, tokens: AsyncIterator[str]
+    async def _output_pieces(
+        self, principal: Principal, policy: GuardrailPolicy, tokens: AsyncIterator[str]
     ) -> AsyncIterator[OutputPiece]:
-        policy = await self.policy(principal)
-        if not policy.output.enabled:
-            async for token in tokens:
-                yield OutputPiece(token)
-            return
         call = _Call(principal, policy)
         key, context = self._context(call)
         redacted = self._masked(principal, policy, tokens, call)

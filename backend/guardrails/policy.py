@@ -115,9 +115,24 @@ class RetrievalRail(_Rail):
 
 class OutputRail(_Rail):
     """Checks the answer as it streams; `injection` also stops an answer that starts to recite
-    jailbreak text (a model that fell for an attack the input rail missed)."""
+    jailbreak text (a model that fell for an attack the input rail missed). With `content` or
+    `self_check`, the answer is held back and released in chunks, each once those model rails
+    passed it (they see the chunk, the self-check also the end of the one before); a chunk they
+    block is never sent: the answer ends there with the safe reply."""
 
     injection: bool = True
+    content: bool = Field(
+        False, description="the content rail's categories and threshold on each chunk"
+    )
+    self_check: bool = Field(
+        False, description="the chat model judges each chunk (one short model call a chunk)"
+    )
+    chunk_chars: int = Field(
+        400, ge=50, le=8000, description="about this much text a chunk (ending a sentence)"
+    )
+    context_chars: int = Field(
+        200, ge=0, le=4000, description="of the chunk before, given to the self-check"
+    )
 
 
 class ImageRail(_Rail):

@@ -4,6 +4,7 @@ output stream and images, under each tenant's policy; every decision is counted 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -55,6 +56,8 @@ class GuardrailMetrics(Protocol):
 _AUDIT_BATCH = 200
 _MAX_UNAUDITED = 10_000
 _SENTENCE = re.compile(r"(?<=[.!?\n])\s+")
+# the end of a sentence at the end of a text (a closing quote or bracket may follow)
+_SENTENCE_END = re.compile(r"[.!?\n][\"')\]]?\s*$")
 # The end of a streamed answer that may still grow into personal data: a number being written
 # (card, phone, IBAN, id), or the word in progress (an e-mail address, a profane word).
 _NUMBERISH_TAIL = re.compile(r"[+(]?[0-9A-Z][0-9A-Z()\-. /]*$")
@@ -364,12 +367,13 @@ class GuardrailService:
         )
 
     async def content_match(
-        self, policy: GuardrailPolicy, text: str
+        self, policy: GuardrailPolicy, text: str, *, on_output: bool = False
     ) -> content.ContentMatch | None:
         """The sentence of `text` nearest a harmful example of the tenant's categories (and
-        nearer it than any harmless one by the rail's margin), whatever the threshold."""
+        nearer it than any harmless one by the rail's margin), whatever the threshold. The
+        input's rail is `content.enabled`; the answer's, `output.content` (same categories)."""
         rail = policy.content
-        if not rail.enabled or self._topics is None:
+        if not (policy.output.content if on_output else rail.enabled) or self._topics is None:
             return None
         labelled = content.examples(rail.categories, rail.custom)
         parts = content.pieces(text, self._content_pieces)
@@ -516,8 +520,85 @@ class GuardrailService:
             async for token in tokens:
                 yield OutputPiece(token)
             return
+        pieces = self._output_pieces(principal, policy, tokens)
+        if policy.output.content or policy.output.self_check:
+            pieces = self._checked_in_chunks(principal, policy, pieces)
+        async with contextlib.aclosing(pieces):  # the engine's stream closes with this one
+            async for piece in pieces:
+                yield piece
+
+    async def _output_pieces(
+        self, principal: Principal, policy: GuardrailPolicy, tokens: AsyncIterator[str]
+    ) -> AsyncIterator[OutputPiece]:
+        """The engine's output rails on the answer as it streams (the NeMo engine has its own)."""
         async for piece, decision in self._screened(principal, policy, tokens):
             yield OutputPiece(piece, decision)
+
+    async def _checked_in_chunks(
+        self, principal: Principal, policy: GuardrailPolicy, pieces: AsyncIterator[OutputPiece]
+    ) -> AsyncIterator[OutputPiece]:
+        """The output rails' pieces held back and released a chunk at a time (about
+        `chunk_chars`, ending a sentence), each once the model rails passed it; a chunk they
+        block is dropped and the answer ends with the safe reply."""
+        rail = policy.output
+        held: list[OutputPiece] = []
+        text = before = ""
+        async with contextlib.aclosing(pieces):
+            async for piece in pieces:
+                if piece.decision is not None and piece.decision.action is GuardAction.BLOCK:
+                    yield piece  # an earlier rail ended it: what is held is never sent
+                    return
+                held.append(piece)
+                text += piece.text
+                if len(text) < rail.chunk_chars:
+                    continue
+                if not _SENTENCE_END.search(text) and len(text) < 2 * rail.chunk_chars:
+                    continue
+                blocked = await self._chunk_verdict(principal, policy, before, text)
+                if blocked is not None:
+                    yield OutputPiece("\n\n" + policy.safe_reply, blocked)
+                    return
+                for released in held:
+                    yield released
+                before = (before + text)[-rail.context_chars :] if rail.context_chars else ""
+                held, text = [], ""
+        if held:
+            blocked = await self._chunk_verdict(principal, policy, before, text)
+            if blocked is not None:
+                yield OutputPiece("\n\n" + policy.safe_reply, blocked)
+                return
+            for released in held:
+                yield released
+
+    async def _chunk_verdict(
+        self, principal: Principal, policy: GuardrailPolicy, before: str, chunk: str
+    ) -> GuardDecision | None:
+        """A BLOCK when the content rail or the self-check finds the chunk harmful, or when they
+        cannot tell in time (fail closed, as the input rails do); None: it may go out."""
+        rail = policy.output
+        started = time.perf_counter()
+        decision: GuardDecision | None = None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if rail.content:
+                    match = await self.content_match(policy, chunk, on_output=True)
+                    if match is not None and match.similarity >= policy.content.threshold:
+                        reason = f"{match.category} (similarity {match.similarity:.2f})"
+                        decision = GuardDecision("content", GuardAction.BLOCK, reason)
+                if decision is None and rail.self_check:
+                    if self._judges is None:
+                        raise GuardrailUnavailable("the output self-check has no model")
+                    judge = self._judges(policy.self_check.model)
+                    if selfcheck.refused(await judge(selfcheck.answer_prompt(before, chunk))):
+                        reason = "the model judged the answer unsafe"
+                        decision = GuardDecision("self_check", GuardAction.BLOCK, reason)
+        except (TimeoutError, GuardrailUnavailable) as exc:
+            reason = f"the answer could not be checked: {exc or 'timed out'}"
+            decision = GuardDecision("output_check", GuardAction.BLOCK, reason)
+        self._decided(
+            principal, "output", [decision] if decision else [], time.perf_counter() - started
+        )
+        return decision
 
     async def _screened(
         self, principal: Principal, policy: GuardrailPolicy, tokens: AsyncIterator[str]

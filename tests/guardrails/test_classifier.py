@@ -7,13 +7,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from backend.agents.guards import GuardAction
+from backend.agents.guards import GuardAction, OutputPiece
 from backend.auth.principal import Principal
 from backend.config import ClassifierMode
 from backend.guardrails.classifier import TransformerClassifier
 from backend.guardrails.errors import GuardrailUnavailable
+from backend.guardrails.selfcheck import Judge
 from backend.guardrails.service import GuardrailService
 from backend.guardrails.topics import TopicMatcher
+from backend.inference.llm.base import ChatMessage
 from backend.knowledge.embeddings import LocalEmbedder
 from tests.guardrails.conftest import Make
 
@@ -155,3 +157,89 @@ async def test_a_worker_that_is_not_ready_starts_in_the_background(
     finally:
         await rails.close()
         await cold.close()
+
+
+async def _tokens(text: str) -> AsyncIterator[str]:
+    for word in text.split(" "):
+        yield word + " "
+
+
+async def _answer(rails: GuardrailService, who: Principal, text: str) -> list[OutputPiece]:
+    return [p async for p in rails.check_output_stream(who, _tokens(text))]
+
+
+SAFE_PART = (
+    "Keyloggers record what is typed on a keyboard. Antivirus programs look for them by their "
+    "behaviour and by known signatures. "
+)
+HARMFUL_PART = (
+    "Here is a keylogger in C that hides from antivirus and emails the captured keystrokes to you. "
+)
+
+
+async def test_the_answer_goes_out_in_checked_chunks_and_a_harmful_one_never_does(
+    make: Make, who: Principal, embedder: LocalEmbedder
+) -> None:
+    """With the content rail on the output, the answer is held back and released a chunk at a
+    time once the rail passed it: a harmless answer arrives whole; a chunk that helps with
+    malware is never sent, the answer ending there with the safe reply."""
+    rails = make(topics=TopicMatcher(embedder))
+    await rails.update_policy(who, {"output": {"content": True, "chunk_chars": 60}})
+    harmless = await _answer(rails, who, SAFE_PART * 2)
+    assert "".join(p.text for p in harmless).split() == (SAFE_PART * 2).split()  # whole
+    assert all(p.decision is None for p in harmless)
+
+    harmful = await _answer(rails, who, SAFE_PART + HARMFUL_PART + SAFE_PART)
+    await rails.close()
+    sent = "".join(p.text for p in harmful)
+    assert "keylogger in C" not in sent  # the chunk that holds it never went out
+    assert sent.split()[:5] == SAFE_PART.split()[:5]  # the chunks before it did
+    last = harmful[-1]
+    assert last.decision is not None
+    assert (last.decision.rail, last.decision.action) == ("content", GuardAction.BLOCK)
+    assert last.decision.reason.startswith("malware")
+
+
+async def test_the_output_self_check_judges_each_chunk_and_fails_closed(
+    make: Make, who: Principal
+) -> None:
+    """The chat model judges each chunk with the end of the one before; a chunk it refuses is
+    not sent; a judge that cannot answer blocks (fail closed)."""
+    asked: list[str] = []
+
+    def judges(model: str | None) -> Judge:
+        async def judge(messages: list[ChatMessage]) -> str:
+            asked.append(messages[-1].content)
+            part = messages[-1].content.split("(the part to check)")[1]
+            return "Yes" if "forbidden" in part else "No"
+
+        return judge
+
+    rails = make(judges=judges)
+    await rails.update_policy(who, {"output": {"self_check": True, "chunk_chars": 50}})
+    fine = await _answer(rails, who, "The sky is blue today. " * 6)
+    assert [p.decision for p in fine if p.decision] == []
+    assert len(asked) >= 2  # a call a chunk
+    assert "(earlier in the answer)" in asked[1]  # the chunk before, as context
+
+    stopped = await _answer(rails, who, "The sky is blue today. " * 3 + "This is forbidden. " * 3)
+    assert "forbidden" not in "".join(p.text for p in stopped)
+    assert stopped[-1].decision is not None
+    assert stopped[-1].decision.rail == "self_check"
+
+    def broken(model: str | None) -> Judge:
+        async def judge(messages: list[ChatMessage]) -> str:
+            raise GuardrailUnavailable("the model is down")
+
+        return judge
+
+    closed = make(judges=broken)
+    failed = await _answer(closed, who, "The sky is blue today. " * 3)
+    await closed.close()
+    await rails.close()
+    assert failed[-1].decision is not None
+    assert (failed[-1].decision.rail, failed[-1].decision.action) == (
+        "output_check",
+        GuardAction.BLOCK,
+    )
+    assert "sky" not in "".join(p.text for p in failed)
