@@ -544,16 +544,20 @@ class GuardrailService:
         held: list[OutputPiece] = []
         text = before = ""
         async with contextlib.aclosing(pieces):
-            async for piece in pieces:
-                if piece.decision is not None and piece.decision.action is GuardAction.BLOCK:
-                    yield piece  # an earlier rail ended it: what is held is never sent
+            async for piece in _then_end(pieces):
+                if piece is not None:  # None: the answer ended, what is held goes now
+                    if piece.decision is not None and piece.decision.action is GuardAction.BLOCK:
+                        yield piece  # an earlier rail ended it: what is held is never sent
+                        return
+                    held.append(piece)
+                    text += piece.text
+                    full = len(text) >= rail.chunk_chars and (
+                        _SENTENCE_END.search(text) is not None or len(text) >= 2 * rail.chunk_chars
+                    )
+                    if not full:
+                        continue
+                elif not held:
                     return
-                held.append(piece)
-                text += piece.text
-                if len(text) < rail.chunk_chars:
-                    continue
-                if not _SENTENCE_END.search(text) and len(text) < 2 * rail.chunk_chars:
-                    continue
                 blocked = await self._chunk_verdict(principal, policy, before, text)
                 if blocked is not None:
                     yield OutputPiece("\n\n" + policy.safe_reply, blocked)
@@ -562,13 +566,6 @@ class GuardrailService:
                     yield released
                 before = (before + text)[-rail.context_chars :] if rail.context_chars else ""
                 held, text = [], ""
-        if held:
-            blocked = await self._chunk_verdict(principal, policy, before, text)
-            if blocked is not None:
-                yield OutputPiece("\n\n" + policy.safe_reply, blocked)
-                return
-            for released in held:
-                yield released
 
     async def _chunk_verdict(
         self, principal: Principal, policy: GuardrailPolicy, before: str, chunk: str
@@ -765,3 +762,10 @@ def _rewritten(policy: GuardrailPolicy, texts: list[str]) -> list[str]:
         return text
 
     return [rewritten(text) for text in texts]
+
+
+async def _then_end(pieces: AsyncIterator[OutputPiece]) -> AsyncIterator[OutputPiece | None]:
+    """`pieces`, then None once they have ended."""
+    async for piece in pieces:
+        yield piece
+    yield None

@@ -5,9 +5,11 @@ a client that leaves mid-frame leaves no error behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,6 +27,15 @@ from tests.vision.test_graphql import jpeg, vision_on
 
 async def next_message(ws: ClientConnection) -> dict[str, Any]:
     return json.loads(await asyncio.wait_for(ws.recv(), 60))
+
+
+@contextlib.asynccontextmanager
+async def live_session(url: str, token: str) -> AsyncIterator[ClientConnection]:
+    """A live camera socket, signed in and ready."""
+    async with connect(url, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": token}))
+        assert (await next_message(ws))["type"] == "ready"
+        yield ws
 
 
 def truncated_bomb() -> bytes:
@@ -48,10 +59,7 @@ async def test_bad_frames_get_errors_and_the_stream_goes_on(
     async with serve_live(settings) as server:
         token = await sign_in(server, account)
         url = server.ws_url.replace("/graphql", "/ws/vision/live?tasks=detect")
-        async with connect(url, max_size=None) as ws:
-            await ws.send(json.dumps({"type": "auth", "token": token}))
-            assert (await next_message(ws))["type"] == "ready"
-
+        async with live_session(url, token) as ws:
             # 1.5 MB (over the old 1 MB socket limit, under the frame limit): not an image
             await ws.send(b"\xff\xd8" + b"\x00" * 1_500_000)
             first = await next_message(ws)
@@ -97,9 +105,7 @@ async def test_bad_frames_get_errors_and_the_stream_goes_on(
         # the client leaves while its frame is analysed: nothing is logged as a server error
         caplog.clear()
         with caplog.at_level(logging.ERROR):
-            async with connect(url) as ws:
-                await ws.send(json.dumps({"type": "auth", "token": token}))
-                assert (await next_message(ws))["type"] == "ready"
+            async with live_session(url, token) as ws:
                 await ws.send(photo)
                 await asyncio.sleep(0.01)
             await asyncio.sleep(1.0)  # the server notices and closes its end
@@ -125,9 +131,7 @@ async def test_frames_are_charged_to_the_caller_and_refused_once_the_budget_is_s
     async with serve_live(settings) as server:
         token = await sign_in(server, account)
         url = server.ws_url.replace("/graphql", "/ws/vision/live?tasks=detect")
-        async with connect(url, max_size=None) as ws:
-            await ws.send(json.dumps({"type": "auth", "token": token}))
-            assert (await next_message(ws))["type"] == "ready"
+        async with live_session(url, token) as ws:
             await ws.send(photo)
             served = await next_message(ws)
             assert (served["type"], served["frame"]) == ("result", 1), served
