@@ -30,7 +30,7 @@ from typing import Protocol, TypeVar
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode, Tracer
 from redis.asyncio import Redis
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.agents.graph import Agent, StoredMessage, TurnContext
@@ -842,13 +842,18 @@ class RunService:
         ]
 
     async def _set_status(self, principal: Principal, run_id: uuid.UUID, status: RunStatus) -> None:
-        async def update() -> None:
-            async with self._db.session(principal.tenant_id) as session:
-                row = await session.get(Run, run_id)
-                if row is not None:
-                    row.status = status
+        """One UPDATE of a run that is still going (one that ended meanwhile, recovered by
+        another replica, keeps its end); no read first, no ORM object."""
 
-        await self._retrying(update, "updating a run")
+        async def update_row() -> None:
+            async with self._db.session(principal.tenant_id) as session:
+                await session.execute(
+                    update(Run)
+                    .where(Run.id == run_id, Run.status.in_(_GOING))
+                    .values(status=status)
+                )
+
+        await self._retrying(update_row, "updating a run")
 
     def _retrying(self, step: Callable[[], Awaitable[T]], what: str) -> Awaitable[T]:
         return retrying(step, within_s=self._settings.outage_retry_s, what=what)
