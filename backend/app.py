@@ -10,7 +10,6 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from decimal import Decimal
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -65,7 +64,7 @@ from backend.lifecycle.seeding import FIRST_VERSION, served_models
 from backend.lifecycle.service import ModelRegistryService
 from backend.lifecycle.watcher import RegistryWatcher
 from backend.limits.budgets import Budgets, Resource
-from backend.limits.pricing import REMOTE, ComputePricing, compute_cost
+from backend.limits.pricing import REMOTE, ComputePricing
 from backend.limits.ratelimit import RateLimiter
 from backend.limits.usage import UsageLedger, UsagePart
 from backend.openai_api.router import openai_router
@@ -435,11 +434,11 @@ def _embedding_spent(
     async def spent(
         tenant_id: uuid.UUID, seconds: float, principal: Principal | None, subject: str
     ) -> UsagePart:
-        cost = pricing.spent(tenant_id, model, version, "embedding", seconds, device, own_prices())
+        part = pricing.embedding(tenant_id, model, version, seconds, device, own_prices())
+        cost = part.cost
         lifecycle.stats.record(
             model, version, ok=True, latency_s=seconds, compute_s=seconds, cost=float(cost)
         )
-        part = UsagePart(model, version, "embedding", compute_cost(seconds, Decimal(1)), cost)
         if principal is None:
             return part
         ledger.add(

@@ -49,7 +49,7 @@ from backend.core.redis import KeySpace, RedisUnreachable, connect_redis, ping_r
 from backend.core.telemetry import configure_logging
 from backend.errors import AppError
 from backend.inference.catalog import PACKAGED_MODELS
-from backend.knowledge.service import KnowledgeService
+from backend.knowledge.service import EmbeddingSpent, KnowledgeService
 from backend.lifecycle._series import Series
 from backend.lifecycle.comparison import ModelComparisons
 from backend.lifecycle.policy import Arm, RegistrySnapshot, TrafficPolicy
@@ -57,6 +57,7 @@ from backend.lifecycle.service import ModelRegistryService
 from backend.lifecycle.shadow import ShadowAgreement, ShadowLedger
 from backend.lifecycle.stats import ServingStats
 from backend.limits.ratelimit import RateLimiter
+from backend.limits.usage import UsagePart
 from backend.privacy.schemas import Erasure, ErasureStatus
 from backend.privacy.service import PrivacyService
 
@@ -951,6 +952,8 @@ def ingest(
                 settings=settings.knowledge,
                 read_image=vision.read_text if settings.vision.enabled else None,
             )
+            # the jobs' usage records carry their price (no budget is charged: limits are off)
+            service.embedded = _priced_embeddings(settings, service.embedder.name)
             service.start(take_over=False)  # renews its own jobs' leases; others' are not its
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
             try:
@@ -973,6 +976,25 @@ def ingest(
     out.print(f"{len(files) - failed} of {len(files)} documents ingested")
     if failed:
         raise typer.Exit(1)
+
+
+def _priced_embeddings(settings: Settings, name: str) -> EmbeddingSpent:
+    """Prices an embedding call of `sightline ingest` as the server does (the settings' price
+    for the embedder's device), with no budget charged and no serving figures."""
+    from backend.lifecycle.policy import split_pin
+    from backend.lifecycle.seeding import FIRST_VERSION
+    from backend.limits.pricing import REMOTE, ComputePricing
+
+    pricing = ComputePricing(settings.cost.compute_second_prices)
+    model, version = split_pin(name)
+    device = REMOTE if settings.knowledge.embedding_base_url else "cpu"
+
+    async def priced(
+        tenant_id: uuid.UUID, seconds: float, principal: Principal | None, subject: str
+    ) -> UsagePart:
+        return pricing.embedding(tenant_id, model, version or FIRST_VERSION, seconds, device)
+
+    return priced
 
 
 def _documents(paths: list[Path], *, images: bool) -> list[tuple[Path, str]]:

@@ -395,9 +395,12 @@ def test_users_disable_and_enable(env: dict[str, str], engine: object, tmp_path:
     assert (unknown.exit_code, "NOT_FOUND" in unknown.output) == (1, True)
 
 
-def test_ingest_reports_each_document(env: dict[str, str], engine: object, tmp_path: Path) -> None:
+def test_ingest_reports_each_document(
+    env: dict[str, str], engine: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import uuid
 
+    monkeypatch.setenv("SIGHTLINE_COST_COMPUTE_SECOND_PRICES", '{"cpu": 1.0, "remote": 1.0}')
     tenant = f"kb-{uuid.uuid4().hex[:8]}"
     secret = tmp_path / "pw"
     secret.write_text("a long enough password\n")
@@ -440,6 +443,8 @@ def test_ingest_reports_each_document(env: dict[str, str], engine: object, tmp_p
     # A document's key is its file name, as an upload's (it was the absolute path: one file
     # ingested both ways became two documents); in a folder tree, its path from the folder.
     assert _sources(engine, tenant) == ["guide/intro.md", "handbook.md"]
+    # each job's embeddings are recorded with their price (1 per second here), as the server's
+    assert _embedding_cost(engine, tenant) > 0
     again = runner.invoke(
         app, ["ingest", str(docs / "handbook.md"), "--tenant", tenant, "--email", "kb@cli.example"]
     )
@@ -463,6 +468,28 @@ def test_ingest_reports_each_document(env: dict[str, str], engine: object, tmp_p
     )
     assert clash.exit_code == 1
     assert "2 documents would have the source 'handbook.md'" in clash.output
+
+
+def _embedding_cost(engine: Any, tenant: str) -> float:
+    """What the tenant's embedding usage records cost, read by the test's superuser."""
+
+    async def read() -> float:
+        database = create_async_engine(engine.url)
+        try:
+            async with database.connect() as connection:
+                total = await connection.scalar(
+                    text(
+                        "SELECT coalesce(sum(u.cost), 0) FROM usage_records u "
+                        "JOIN tenants t ON t.id = u.tenant_id "
+                        "WHERE t.slug = :slug AND u.kind = 'embedding'"
+                    ),
+                    {"slug": tenant},
+                )
+                return float(total)
+        finally:
+            await database.dispose()
+
+    return asyncio.run(read())
 
 
 def _sources(engine: Any, tenant: str) -> list[str]:

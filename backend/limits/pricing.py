@@ -9,6 +9,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Protocol
 
+from backend.limits.usage import UsagePart
+
 REMOTE = "remote"  # an endpoint or inference server: the device is not ours to see
 
 
@@ -72,6 +74,19 @@ class ComputePricing:
                 tenant, model, version, kind, float(cost), seconds, device_kind(device)
             )
         return cost
+
+    def embedding(  # noqa: PLR0917
+        self,
+        tenant: object,
+        model: str,
+        version: str,
+        seconds: float,
+        device: str,
+        own: Mapping[str, float] | None = None,
+    ) -> UsagePart:
+        """An embedding call's usage: its compute-seconds and what they cost `tenant`."""
+        cost = self.spent(tenant, model, version, "embedding", seconds, device, own)
+        return UsagePart(model, version, "embedding", compute_cost(seconds, Decimal(1)), cost)
 
 
 def device_of(setting: str) -> str:
