@@ -254,23 +254,19 @@ async def test_embeddings_cost_money_and_a_spent_money_budget_refuses_ingestion_
         again = await gql(server, token, search, q="when does support answer")
         async with httpx.AsyncClient(base_url=server.http_url) as http:
             searched = (await http.get("/metrics")).text
-        async with asyncio.timeout(scaled(30)):  # the searches' records: the ledger's next flush
-            while (await embedding_usage(server, token) or {"cost": 0})["cost"] <= recorded["cost"]:
+        name, version = embedder.name.split("@")
+        counted = _value(searched, _cost_series(name, version, account["tenant_id"]))
+        # the searches' records: the ledger's next flushes (the two searches may fall in two)
+        async with asyncio.timeout(scaled(30)):
+            while (await embedding_usage(server, token) or {"cost": 0})["cost"] < counted - 4e-6:
                 await asyncio.sleep(0.1)
         total = await embedding_usage(server, token)
-    name, version = embedder.name.split("@")
-    cost = (
-        f'sightline_model_cost_total{{kind="embedding",model="{name}",'
-        f'tenant="{account["tenant_id"]}",version="{version}"}}'
-    )
+    cost = _cost_series(name, version, account["tenant_id"])
     seconds = (
         f'sightline_model_compute_seconds_total{{device="cpu",kind="embedding",model="{name}",'
         f'version="{version}"}}'
     )
-
-    def value(exposition: str, series: str) -> float:
-        [line] = [x for x in exposition.splitlines() if x.startswith(series + " ")]
-        return float(line.split()[-1])
+    value = _value
 
     assert value(ingested, cost) > 0  # the document's first step of chunks
     assert value(ingested, seconds) == pytest.approx(value(ingested, cost), rel=1e-3)  # 1 per s
@@ -285,17 +281,24 @@ async def test_embeddings_cost_money_and_a_spent_money_budget_refuses_ingestion_
         assert error["extensions"]["resource"] == "cost"
 
 
+def _cost_series(name: str, version: str, tenant_id: object) -> str:
+    return (
+        f'sightline_model_cost_total{{kind="embedding",model="{name}",'
+        f'tenant="{tenant_id}",version="{version}"}}'
+    )
+
+
+def _value(exposition: str, series: str) -> float:
+    [line] = [x for x in exposition.splitlines() if x.startswith(series + " ")]
+    return float(line.split()[-1])
+
+
 async def embedding_cost(server: LiveServer, tenant_id: object, model: str) -> float:
     """What the server's cost metric counts for the tenant's embeddings by `model@version`."""
     async with httpx.AsyncClient(base_url=server.http_url) as http:
         exposition = (await http.get("/metrics")).text
     name, version = model.split("@")
-    series = (
-        f'sightline_model_cost_total{{kind="embedding",model="{name}",'
-        f'tenant="{tenant_id}",version="{version}"}} '
-    )
-    [line] = [x for x in exposition.splitlines() if x.startswith(series)]
-    return float(line.split()[-1])
+    return _value(exposition, _cost_series(name, version, tenant_id))
 
 
 async def embedding_usage(server: LiveServer, token: str) -> dict[str, Any] | None:
