@@ -37,13 +37,17 @@ async def cancel_and_wait(
             task.exception()
 
 
-async def drain(tasks: Iterable[asyncio.Task[None]], grace_s: float) -> None:
-    """Lets `tasks` finish for `grace_s`, then cancels the rest and waits for them to end."""
+async def drain(
+    tasks: Iterable[asyncio.Task[None]], grace_s: float, *, again_after_s: float = 10.0
+) -> None:
+    """Lets `tasks` finish for `grace_s`, then cancels the rest and waits for them to end
+    (cancelling again those still running after `again_after_s`: a cancelled turn records how
+    it ended before it stops, which may take seconds on a busy machine)."""
     pending = list(tasks)
     if not pending:
         return
     _, still = await asyncio.wait(pending, timeout=grace_s)
-    await cancel_and_wait(still, "shutdown", again_after_s=10.0)
+    await cancel_and_wait(still, "shutdown", again_after_s=again_after_s)
 
 
 class Periodic:

@@ -50,7 +50,7 @@ async def test_drain_lets_work_finish_then_cancels_the_rest() -> None:
     stopped: list[str] = []
     stuck = asyncio.create_task(_swallows_one_cancel(stopped))
     async with asyncio.timeout(scaled(60)):
-        await drain([quick, stuck], grace_s=0.2)
+        await drain([quick, stuck], grace_s=0.2, again_after_s=0.05)
     assert quick.done()
     assert not quick.cancelled()
     assert stuck.cancelled()
