@@ -112,6 +112,7 @@ class _Turn:
     timers: set[asyncio.Task[None]] = field(default_factory=set)  # held until done
     send_error: Exception | None = None  # a batch the timer could not append
     appending: asyncio.Lock = field(default_factory=asyncio.Lock)
+    history: list[StoredMessage] | None = None  # read as the run started (RunService._start)
 
 
 @dataclass(frozen=True)
@@ -504,7 +505,7 @@ class RunService:
             self._metrics.chat_queue_wait.labels(run.model, turn.model.version).observe(
                 time.perf_counter() - turn.started
             )
-            await self._set_status(turn.principal, run.id, RunStatus.RUNNING)
+            await self._start(turn)
             context = TurnContext(
                 hooks=_Hooks(self, turn),
                 model=turn.model,
@@ -816,21 +817,46 @@ class RunService:
             log.warning("run %s: cleanup left to recovery: %r", run_key, exc)
 
     async def _history(self, turn: _Turn) -> list[StoredMessage]:
-        async def read() -> list[Message]:
-            async with self._db.session(turn.principal.tenant_id) as session:
-                return list(
-                    await session.scalars(
-                        select(Message)
-                        .where(
-                            Message.conversation_id == turn.run.conversation_id,
-                            Message.seq <= turn.message.seq,
-                        )
-                        .order_by(Message.seq.desc())
-                        .limit(self._settings.history_messages + 1)
-                    )
-                )
+        """The conversation up to the turn's message: as read when the run started, else now
+        (it cannot change: later messages come after it)."""
+        if turn.history is None:
 
-        rows = list(reversed(await self._retrying(read, "reading the history")))
+            async def read() -> list[StoredMessage]:
+                async with self._db.session(turn.principal.tenant_id) as session:
+                    return await self._read_history(session, turn)
+
+            turn.history = await self._retrying(read, "reading the history")
+        return turn.history
+
+    async def _start(self, turn: _Turn) -> None:
+        """The run is RUNNING (one UPDATE of a run still going: one that ended meanwhile,
+        recovered by another replica, keeps its end) and its history is read, in one unit of
+        work (they were two, each a transaction of its own on every turn)."""
+
+        async def start() -> list[StoredMessage]:
+            async with self._db.session(turn.principal.tenant_id) as session:
+                await session.execute(
+                    update(Run)
+                    .where(Run.id == turn.run.id, Run.status.in_(_GOING))
+                    .values(status=RunStatus.RUNNING)
+                )
+                return await self._read_history(session, turn)
+
+        turn.history = await self._retrying(start, "starting a run")
+
+    async def _read_history(self, session: AsyncSession, turn: _Turn) -> list[StoredMessage]:
+        rows = list(
+            await session.scalars(
+                select(Message)
+                .where(
+                    Message.conversation_id == turn.run.conversation_id,
+                    Message.seq <= turn.message.seq,
+                )
+                .order_by(Message.seq.desc())
+                .limit(self._settings.history_messages + 1)
+            )
+        )
+        rows.reverse()
         return [
             StoredMessage(
                 str(m.id),
@@ -840,20 +866,6 @@ class RunService:
             )
             for i, m in enumerate(rows)
         ]
-
-    async def _set_status(self, principal: Principal, run_id: uuid.UUID, status: RunStatus) -> None:
-        """One UPDATE of a run that is still going (one that ended meanwhile, recovered by
-        another replica, keeps its end); no read first, no ORM object."""
-
-        async def update_row() -> None:
-            async with self._db.session(principal.tenant_id) as session:
-                await session.execute(
-                    update(Run)
-                    .where(Run.id == run_id, Run.status.in_(_GOING))
-                    .values(status=status)
-                )
-
-        await self._retrying(update_row, "updating a run")
 
     def _retrying(self, step: Callable[[], Awaitable[T]], what: str) -> Awaitable[T]:
         return retrying(step, within_s=self._settings.outage_retry_s, what=what)
