@@ -470,47 +470,41 @@ def test_ingest_reports_each_document(
     assert "2 documents would have the source 'handbook.md'" in clash.output
 
 
-def _embedding_cost(engine: Any, tenant: str) -> float:
-    """What the tenant's embedding usage records cost, read by the test's superuser."""
+def _as_superuser(engine: Any, sql: str, tenant: str) -> list[Any]:
+    """The rows of `sql` (bound to the tenant's slug), read by the test's superuser (no
+    row-level security)."""
 
-    async def read() -> float:
+    async def read() -> list[Any]:
         database = create_async_engine(engine.url)
         try:
             async with database.connect() as connection:
-                total = await connection.scalar(
-                    text(
-                        "SELECT coalesce(sum(u.cost), 0) FROM usage_records u "
-                        "JOIN tenants t ON t.id = u.tenant_id "
-                        "WHERE t.slug = :slug AND u.kind = 'embedding'"
-                    ),
-                    {"slug": tenant},
-                )
-                return float(total)
+                return list(await connection.execute(text(sql), {"slug": tenant}))
         finally:
             await database.dispose()
 
     return asyncio.run(read())
+
+
+def _embedding_cost(engine: Any, tenant: str) -> float:
+    """What the tenant's embedding usage records cost."""
+    [(total,)] = _as_superuser(
+        engine,
+        "SELECT coalesce(sum(u.cost), 0) FROM usage_records u JOIN tenants t "
+        "ON t.id = u.tenant_id WHERE t.slug = :slug AND u.kind = 'embedding'",
+        tenant,
+    )
+    return float(total)
 
 
 def _sources(engine: Any, tenant: str) -> list[str]:
-    """The tenant's document keys, read by the test's superuser (no row-level security)."""
-
-    async def read() -> list[str]:
-        database = create_async_engine(engine.url)
-        try:
-            async with database.connect() as connection:
-                rows = await connection.execute(
-                    text(
-                        "SELECT d.source FROM documents d JOIN tenants t ON t.id = d.tenant_id "
-                        "WHERE t.slug = :slug ORDER BY d.source"
-                    ),
-                    {"slug": tenant},
-                )
-                return [row[0] for row in rows]
-        finally:
-            await database.dispose()
-
-    return asyncio.run(read())
+    """The tenant's document keys."""
+    rows = _as_superuser(
+        engine,
+        "SELECT d.source FROM documents d JOIN tenants t ON t.id = d.tenant_id "
+        "WHERE t.slug = :slug ORDER BY d.source",
+        tenant,
+    )
+    return [row[0] for row in rows]
 
 
 async def test_users_reset_password(env: dict[str, str], engine: object, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ killed mid-request, and back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -34,9 +35,17 @@ MANIFESTS = {m.name: m for m in [*load_manifests(None), one_queued()] if m.name 
 
 @pytest.fixture
 async def remote(inference_service: InferenceService) -> AsyncIterator[RemoteInference]:
+    async with warmed_client(inference_service.url) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def warmed_client(url: str, protocol: str = "http") -> AsyncIterator[RemoteInference]:
+    """A remote client of every model of MANIFESTS, once each is ready; closed at the end."""
     client = RemoteInference(
         list(MANIFESTS.values()),
-        inference_service.url,
+        url,
+        protocol=protocol,
         call_timeout_s=scaled(30),
         retries=2,
         retry_backoff_s=0.05,
@@ -97,18 +106,8 @@ async def test_grpc_answers_as_http_does(
 ) -> None:
     """The same models through Triton's gRPC endpoint: checked against their manifests as over
     HTTP, with the same outputs (a classifier's logits, a detector's limited boxes)."""
-    client = RemoteInference(
-        list(MANIFESTS.values()),
-        f"127.0.0.1:{inference_service.grpc_port}",
-        protocol="grpc",
-        call_timeout_s=scaled(30),
-        ready_poll_s=0.2,
-    )
-    await client.start()
-    try:
-        async with asyncio.timeout(scaled(60)):
-            for name in MANIFESTS:
-                await client.warmed(name)
+    grpc_url = f"127.0.0.1:{inference_service.grpc_port}"
+    async with warmed_client(grpc_url, protocol="grpc") as client:
         manifest = MANIFESTS["efficientnet-lite0"]
         x = classification_input(data.chelsea(), manifest.input)
         [over_grpc] = await client.infer("efficientnet-lite0", [x], timeout_s=scaled(60))
@@ -122,8 +121,6 @@ async def test_grpc_answers_as_http_does(
         [expected] = await remote.infer("ssd-mobilenet-v2-coco", [item], timeout_s=scaled(60))
         np.testing.assert_allclose(boxes, expected, rtol=1e-5, atol=1e-5)
         assert ssd.labels[int(boxes[0][0])] == "cup"
-    finally:
-        await client.close()
 
 
 def test_an_unknown_protocol_is_refused() -> None:
