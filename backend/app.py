@@ -8,7 +8,7 @@ import gc
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -54,8 +54,9 @@ from backend.guardrails.service import GuardrailService
 from backend.inference.manifest import load_manifests
 from backend.inference.pool import InferencePool
 from backend.inference.remote import RemoteInference
-from backend.knowledge.embeddings import Embedder, build_embedder
+from backend.knowledge.embeddings import Embedder, OpenAIEmbedder, build_embedder
 from backend.knowledge.service import EmbeddingSpent, KnowledgeService
+from backend.knowledge.versions import EmbeddingVersions
 from backend.lifecycle.operations import ModelOperations
 from backend.lifecycle.policy import Arm, split_pin
 from backend.lifecycle.reconcile import PoolReconciler
@@ -142,8 +143,16 @@ async def build_services(
     if inference is not None:  # vision on: images and scanned PDFs can be ingested
         knowledge.read_image = vision.read_text
     registry, models_watcher, reconciler = await _build_registry(
-        state, auth, pool=inference, vision=vision, chat=models, embedder=shared_embedder
+        state,
+        auth,
+        pool=inference,
+        vision=vision,
+        chat=models,
+        embedder=shared_embedder,
+        embeddings=knowledge.versions,
     )
+    # the knowledge base's embedding version: the registry's live one once its vectors are in
+    await knowledge.versions.start()
     if tools is None:
         tools = AgentTools(
             search_knowledge=knowledge.search_knowledge,
@@ -221,12 +230,13 @@ async def build_services(
     knowledge.embedded = embedded = _embedding_spent(
         settings=settings,
         metrics=state.metrics,
-        embedder=shared_embedder,
+        serving=lambda: knowledge.embedder,
         lifecycle=lifecycle,
         budgets=budgets,
         registry=models_watcher,
         ledger=ledger,
     )
+    knowledge.versions.spent = functools.partial(_reembedded, embedded)
     _operate_models(lifecycle, registry, models_watcher)
     state.metrics.on_error = lifecycle.errors.record  # errors by code over time, too
     knowledge.start()  # renews job leases, takes over the jobs of replicas that died
@@ -252,7 +262,7 @@ async def build_services(
             limiter=limiter,
             budgets=budgets,
             db=state.db,
-            embedder=shared_embedder,
+            embedder=lambda: knowledge.embedder,
             chat=chat,
             settings=settings.openai,
             search=tools.search_knowledge,
@@ -320,6 +330,7 @@ async def _build_registry(
     vision: VisionService,
     chat: ModelRegistry,
     embedder: Embedder,
+    embeddings: EmbeddingVersions,
 ) -> tuple[ModelRegistryService, RegistryWatcher, PoolReconciler | None]:
     """The model registry, seeded with what this server serves (unless the registry has it),
     and this replica's watcher on it, started: it has read the registry once. Its listeners
@@ -345,6 +356,7 @@ async def _build_registry(
     chat.router = ModelRouter(chat.is_ready, chat.local_versions)
     watcher.add_listener(chat.apply)
     watcher.add_listener(chat.router)
+    watcher.add_listener(embeddings.registry_changed)  # a promoted version is re-embedded
     reconciler = None
     if pool is not None and vision.router is not None:
         watcher.add_listener(vision.router)
@@ -402,11 +414,18 @@ def _image_tool(vision: VisionService, guardrails: GuardrailService | None) -> I
     return analyze_image
 
 
+async def _reembedded(
+    embedded: EmbeddingSpent, tenant_id: uuid.UUID, seconds: float, embedder: Embedder
+) -> None:
+    """The platform's re-embedding after a promotion: priced and counted, never charged."""
+    await embedded(tenant_id, seconds, None, "reembed", embedder)
+
+
 def _embedding_spent(
     *,
     settings: Settings,
     metrics: Metrics,
-    embedder: Embedder,
+    serving: Callable[[], Embedder],
     lifecycle: ModelOperations,
     budgets: Budgets,
     registry: RegistryWatcher,
@@ -420,11 +439,8 @@ def _embedding_spent(
     its money charged to their budget (one Redis round trip; used up: BUDGET_EXCEEDED). An
     ingestion job records and charges its calls itself (KnowledgeService)."""
     pricing = ComputePricing(settings.cost.compute_second_prices, metrics)
-    model, version = split_pin(embedder.name)
-    version = version or FIRST_VERSION
-    device = REMOTE if settings.knowledge.embedding_base_url else "cpu"
 
-    def own_prices() -> dict[str, float] | None:  # the replica's registry view: no I/O
+    def own_prices(model: str, version: str) -> dict[str, float] | None:  # no I/O
         for record in registry.snapshot.versions.get(model, ()):
             if record.version == version:
                 prices = record.spec.get("compute_second_prices")
@@ -432,9 +448,20 @@ def _embedding_spent(
         return None
 
     async def spent(
-        tenant_id: uuid.UUID, seconds: float, principal: Principal | None, subject: str
+        tenant_id: uuid.UUID,
+        seconds: float,
+        principal: Principal | None,
+        subject: str,
+        embedder: Embedder | None = None,
     ) -> UsagePart:
-        part = pricing.embedding(tenant_id, model, version, seconds, device, own_prices())
+        # default: the knowledge base's serving version (it follows promotions)
+        embedder = embedder or serving()
+        model, found = split_pin(embedder.name)
+        version = found or FIRST_VERSION
+        device = REMOTE if isinstance(embedder, OpenAIEmbedder) else "cpu"
+        part = pricing.embedding(
+            tenant_id, model, version, seconds, device, own_prices(model, version)
+        )
         cost = part.cost
         lifecycle.stats.record(
             model, version, ok=True, latency_s=seconds, compute_s=seconds, cost=float(cost)

@@ -952,6 +952,16 @@ def ingest(
                 settings=settings.knowledge,
                 read_image=vision.read_text if settings.vision.enabled else None,
             )
+            registry = ModelRegistryService(
+                db=db,
+                redis=redis,
+                keys=keys,
+                settings=settings.lifecycle,
+                auth=auth,
+                operator_tenant=settings.privacy.operator_tenant,
+            )
+            # the embedding version search uses now (a promoted one once re-embedded)
+            await service.versions.follow(await registry.snapshot())
             # the jobs' usage records carry their price (no budget is charged: limits are off)
             service.embedded = _priced_embeddings(settings, service.embedder.name)
             service.start(take_over=False)  # renews its own jobs' leases; others' are not its
@@ -990,7 +1000,11 @@ def _priced_embeddings(settings: Settings, name: str) -> EmbeddingSpent:
     device = REMOTE if settings.knowledge.embedding_base_url else "cpu"
 
     async def priced(
-        tenant_id: uuid.UUID, seconds: float, principal: Principal | None, subject: str
+        tenant_id: uuid.UUID,
+        seconds: float,
+        principal: Principal | None,
+        subject: str,
+        embedder: object = None,
     ) -> UsagePart:
         return pricing.embedding(tenant_id, model, version or FIRST_VERSION, seconds, device)
 

@@ -768,6 +768,22 @@ class KnowledgeSettings(JobRecoverySettings):
         30, ge=0, description="Tokens repeated between neighbouring chunks."
     )
     embed_batch: int = Field(64, ge=1, description="Chunks embedded per call.")
+    reembed_check_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often each replica reads which embedding version search uses (a switch "
+        "is also published at once), and one replica drives the re-embedding after an "
+        "embedding version is promoted.",
+    )
+    reembed_batch: int = Field(
+        128, ge=1, le=4096, description="Chunks re-embedded per step after a promotion."
+    )
+    reembed_lock_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long the replica that re-embeds holds the job without renewing it "
+        "(another takes over after that if it died).",
+    )
     max_concurrent_jobs: int = Field(
         2,
         ge=1,

@@ -350,9 +350,10 @@ async def explain(
     db: Database, principal: Principal, service: KnowledgeService, query: str
 ) -> None:
     """EXPLAIN ANALYZE of each mode's query (BENCH_EXPLAIN=1), to see where time goes."""
-    from backend.knowledge.service import _search_settings, _search_sql, _vector_literal
+    from backend.knowledge.service import _search_settings, _search_sql
+    from backend.knowledge.versions import vector_literal
 
-    vector = _vector_literal(await service.query_vector(query))
+    vector = vector_literal(await service.query_vector(query))
     params = {"model": LocalEmbedder.name, "n": 40, "k": 10, "rrf": 60, "m": 300, "q": query}
     params |= {"common": 0.1, "terms": 5, "v": vector, "meta": None, "docs": None}
     params |= {"k1": 1.2, "b": 0.75, "wv": 1.0, "wt": 1.0}
@@ -366,7 +367,9 @@ async def explain(
 async def exact_knn(
     db: Database, principal: Principal, vector: list[float], k: int
 ) -> set[uuid.UUID]:
-    literal = "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+    from backend.knowledge.versions import vector_literal
+
+    literal = vector_literal(vector)
     async with db.session(principal.tenant_id) as session:
         await session.execute(text("SET LOCAL enable_indexscan = off"))
         rows = await session.execute(

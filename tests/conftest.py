@@ -35,6 +35,7 @@ from backend.config import (
     DriftSettings,
     Environment,
     GuardrailSettings,
+    KnowledgeSettings,
     LifecycleSettings,
     LogFormat,
     PrivacySettings,
@@ -213,6 +214,8 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         lifecycle=LifecycleSettings(reconcile_s=3600.0),
         # Drift comparisons (database writes) only when a test asks (tests/lifecycle/test_drift).
         drift=DriftSettings(interval_s=3600.0),
+        # The embedding versions' periodic re-read, likewise (a registry change still acts).
+        knowledge=KnowledgeSettings(reembed_check_s=3600.0),
     )
 
 
@@ -331,6 +334,8 @@ async def forget_registry(settings: Settings) -> None:
     try:
         async with engine.begin() as connection:
             await connection.execute(text("DELETE FROM registry_models"))
+            # which embedding slot serves: the next server starts on its embedder's own
+            await connection.execute(text("DELETE FROM knowledge_embeddings"))
     finally:
         await engine.dispose()
 

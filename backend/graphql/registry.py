@@ -17,6 +17,7 @@ from backend.errors import ValidationFailed
 from backend.graphql.context import Context
 from backend.graphql.ids import parse_id
 from backend.graphql.permissions import HasScope, IsAuthenticated
+from backend.knowledge.versions import Reembedding
 from backend.lifecycle import policy as routing
 from backend.lifecycle import schemas
 from backend.lifecycle.service import KEEP, ModelRegistryService
@@ -150,6 +151,41 @@ class ModelPin:
 
 
 @strawberry.type(
+    description="The knowledge base's vectors of an embedding model: the version search uses, "
+    "and the re-embedding a promotion starts (search keeps the serving version's vectors until "
+    "every chunk has the new version's, then switches at once)."
+)
+class EmbeddingReembedding:
+    serving_version: str = strawberry.field(description="The version search embeds with.")
+    status: str | None = strawberry.field(
+        description="The last re-embedding: running, completed, failed or cancelled (the "
+        "promotion was undone first); null: there was none."
+    )
+    target_version: str | None
+    done: int = strawberry.field(description="Chunks re-embedded so far.")
+    total: int = strawberry.field(
+        description="Chunks to re-embed, counted at the start (chunks ingested meanwhile are "
+        "re-embedded too)."
+    )
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, state: Reembedding) -> EmbeddingReembedding:
+        return cls(
+            serving_version=state.serving_version,
+            status=state.status,
+            target_version=state.target_version,
+            done=state.done,
+            total=state.total,
+            error=state.error,
+            started_at=state.started_at,
+            finished_at=state.finished_at,
+        )
+
+
+@strawberry.type(
     description="A model the registry knows: a vision model, a chat alias or an embedding model."
 )
 class RegistryModel:
@@ -173,6 +209,16 @@ class RegistryModel:
             policy=TrafficPolicyType.of(model.policy) if model.policy is not None else None,
             pins=[ModelPin.of(p) for p in model.pins],
         )
+
+    @strawberry.field(
+        description="The knowledge base's embedding model only: its serving version and "
+        "re-embedding progress (null for other models)."
+    )
+    async def reembedding(self, info: Info[Context, None]) -> EmbeddingReembedding | None:
+        versions = info.context.services.knowledge.versions
+        if self.kind is not routing.ModelKind.EMBEDDING or versions.model != self.name:
+            return None
+        return EmbeddingReembedding.of(await versions.state())
 
 
 @strawberry.input(description="A version and its share of the traffic, in percent.")

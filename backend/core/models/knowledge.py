@@ -6,11 +6,23 @@ from enum import StrEnum
 from typing import Any
 
 from pgvector.sqlalchemy import Vector
-from sqlalchemy import BigInteger, Column, Computed, Index, Integer, String, Text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Computed,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    func,
+)
 from sqlalchemy.dialects.postgresql import TSVECTOR
 from sqlmodel import Field
 
 from backend.core.models.base import (
+    TIMESTAMP,
     Base,
     Timestamps,
     UUIDKey,
@@ -69,6 +81,15 @@ class Chunk(UUIDKey, table=True):
             postgresql_with={"m": 16, "ef_construction": 64},
             postgresql_ops={"embedding": "vector_cosine_ops"},
         ),
+        # the second slot: a new embedding version fills it while search reads the first
+        # (migration 0016)
+        Index(
+            "ix_chunks_embedding_b",
+            "embedding_b",
+            postgresql_using="hnsw",
+            postgresql_with={"m": 16, "ef_construction": 64},
+            postgresql_ops={"embedding_b": "vector_cosine_ops"},
+        ),
         # full text search; no pending list (migration 0007)
         Index(
             "ix_chunks_tsv", "tsv", postgresql_using="gin", postgresql_with={"fastupdate": "off"}
@@ -88,6 +109,8 @@ class Chunk(UUIDKey, table=True):
     text: str = Field(sa_type=Text)
     embedding: Any = Field(default=None, sa_column=Column(Vector(EMBEDDING_DIMENSIONS)))
     embedding_model: str = Field(sa_type=String(200))
+    embedding_b: Any = Field(default=None, sa_column=Column(Vector(EMBEDDING_DIMENSIONS)))
+    embedding_b_model: str | None = Field(default=None, sa_type=String(200), nullable=True)
     tsv: Any = Field(
         sa_column=Column(TSVECTOR, Computed("to_tsvector('english', text)", persisted=True)),
     )
@@ -151,3 +174,37 @@ class LexemeStat(Base, table=True):
     tenant_id: uuid.UUID = tenant_key(primary_key=True)
     lexeme: str = Field(sa_type=Text, primary_key=True)
     ndoc: int
+
+
+class KnowledgeEmbedding(Base, table=True):
+    """One embedding model's slots (migration 0016): which of the chunks' two vector columns
+    search reads, the tag (`model@version`) of the vectors each holds, and the re-embedding
+    that fills the other one after a promotion, with its progress. A platform table."""
+
+    __tablename__ = "knowledge_embeddings"
+    __table_args__ = (
+        CheckConstraint("serving_slot IN (0, 1)", name="slot_known"),
+        CheckConstraint(
+            "status IS NULL OR status IN ('running', 'completed', 'failed', 'cancelled')",
+            name="status_known",
+        ),
+    )
+
+    model: str = Field(sa_type=String(100), primary_key=True)
+    serving_slot: int = Field(
+        default=0, sa_type=SmallInteger, sa_column_kwargs={"server_default": "0"}
+    )
+    serving_version: str = Field(sa_type=String(64))
+    slot0: str | None = Field(default=None, sa_type=String(200))
+    slot1: str | None = Field(default=None, sa_type=String(200))
+    status: str | None = Field(default=None, sa_type=String(16))
+    target_version: str | None = Field(default=None, sa_type=String(64))
+    done: int = Field(default=0, sa_type=BigInteger, sa_column_kwargs={"server_default": "0"})
+    total: int = Field(default=0, sa_type=BigInteger, sa_column_kwargs={"server_default": "0"})
+    error: str | None = Field(default=None, sa_type=Text)
+    started_at: datetime | None = Field(default=None, sa_type=TIMESTAMP)
+    finished_at: datetime | None = Field(default=None, sa_type=TIMESTAMP)
+    updated_at: datetime = Field(
+        sa_type=TIMESTAMP,
+        sa_column_kwargs={"server_default": func.now(), "onupdate": func.now()},
+    )
