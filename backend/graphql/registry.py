@@ -5,6 +5,7 @@ tenant."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -21,6 +22,8 @@ from backend.knowledge.versions import Reembedding
 from backend.lifecycle import policy as routing
 from backend.lifecycle import schemas
 from backend.lifecycle.service import KEEP, ModelRegistryService
+
+log = logging.getLogger(__name__)
 
 ADMIN = [HasScope(Scope.ADMIN)]
 SIGNED_IN = [IsAuthenticated]
@@ -249,6 +252,20 @@ class CanaryGuardInput:
         )
 
 
+async def _taken_in(info: Info[Context, None]) -> None:
+    """Read-your-writes on the replica that made a routing change: its own registry view
+    (routers, pools, the knowledge base's embedder) has the change before the answer, so the
+    caller's next request here is routed by it. Other replicas follow over Redis within
+    moments. Bounded: a slow re-read is left to the watcher (the change is committed)."""
+    watcher = info.context.services.models_watcher
+    if watcher is None:
+        return
+    try:
+        await watcher.refresh()
+    except Exception as exc:  # the watcher's own reconciling takes it in later
+        log.warning("model registry: re-reading after a change failed: %r", exc)
+
+
 def _kept(value: Any) -> Any:
     return KEEP if value is strawberry.UNSET else value
 
@@ -337,6 +354,7 @@ class RegistryMutation:
             expected_revision=expected_revision,
             reason=reason,
         )
+        await _taken_in(info)
         return TrafficPolicyType.of(policy)
 
     @strawberry.mutation(
@@ -350,6 +368,7 @@ class RegistryMutation:
         policy = await _service(info).promote_version(
             info.context.require_principal(), model, version
         )
+        await _taken_in(info)
         return TrafficPolicyType.of(policy)
 
     @strawberry.mutation(
@@ -362,6 +381,7 @@ class RegistryMutation:
         policy = await _service(info).rollback_model(
             info.context.require_principal(), model, reason=reason
         )
+        await _taken_in(info)
         return TrafficPolicyType.of(policy)
 
     @strawberry.mutation(
@@ -395,6 +415,7 @@ class RegistryMutation:
             version,
             tenant_id=parse_id(tenant_id, "tenantId") if tenant_id is not None else None,
         )
+        await _taken_in(info)
         return ModelPin.of(pin)
 
     @strawberry.mutation(
@@ -404,8 +425,10 @@ class RegistryMutation:
     async def unpin_model_version(
         self, info: Info[Context, None], model: str, tenant_id: strawberry.ID | None = None
     ) -> bool:
-        return await _service(info).unpin_version(
+        removed = await _service(info).unpin_version(
             info.context.require_principal(),
             model,
             tenant_id=parse_id(tenant_id, "tenantId") if tenant_id is not None else None,
         )
+        await _taken_in(info)
+        return removed

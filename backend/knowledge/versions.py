@@ -371,8 +371,10 @@ class EmbeddingVersions:
         self._embedders.pop(embedder.name, None)
 
         async def later() -> None:
-            await asyncio.sleep(_CLOSE_OLD_AFTER_S)
-            await embedder.aclose()
+            try:
+                await asyncio.sleep(_CLOSE_OLD_AFTER_S)
+            finally:  # closed at shutdown too
+                await embedder.aclose()
 
         task = asyncio.create_task(later(), name=f"close-embedder-{embedder.name}")
         self._retiring.add(task)

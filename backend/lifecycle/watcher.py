@@ -61,6 +61,7 @@ class RegistryWatcher:
         self._delivered: RegistrySnapshot | None = None
         self._listeners: list[Listener] = []
         self._wake = asyncio.Event()
+        self._announced = 0  # the newest revision announced over Redis
         self._changed = asyncio.Condition()
         self._refreshing = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -111,9 +112,13 @@ class RegistryWatcher:
         except Exception as exc:  # its heartbeat expires anyway
             log.debug("model registry: leaving failed: %s", exc)
 
-    async def refresh(self) -> RegistrySnapshot:
-        """Reads the registry now and hands a changed state to the listeners."""
+    async def refresh(self, *, only_behind: bool = False) -> RegistrySnapshot:
+        """Reads the registry now and hands a changed state to the listeners. `only_behind`:
+        unless this replica already holds the newest revision announced (a refresh after its
+        own change read it)."""
         async with self._refreshing:
+            if only_behind and self._announced <= self._snapshot.revision:
+                return self._snapshot
             async with asyncio.timeout(self._settings.reload_timeout_s):
                 snapshot = await self._service.snapshot()
             if snapshot.revision < self._snapshot.revision:
@@ -174,16 +179,18 @@ class RegistryWatcher:
             log.warning("model registry: ignored a malformed message")
             return
         if revision > self._snapshot.revision:
+            self._announced = max(self._announced, revision)
             self._wake.set()
 
     async def _reconcile(self) -> None:
         while not self._closed:
+            woken = False
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._settings.reconcile_s):
-                    await self._wake.wait()
+                    woken = await self._wake.wait()
             self._wake.clear()
             try:
-                await self.refresh()
+                await self.refresh(only_behind=woken)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # PostgreSQL away: the next round tries again

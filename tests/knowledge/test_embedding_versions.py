@@ -1,0 +1,187 @@
+"""An embedding model's versions on a live server: promoting a new version re-embeds every chunk
+into the slot search does not read, search keeps the old version's vectors (and its query
+embedder) until the last chunk has the new ones, then switches at once; the progress is visible;
+a rollback switches back, re-embedding only what was ingested meanwhile. Embedding policies
+that would mix vector spaces are refused."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend.config import Settings
+from backend.core.db import Database
+from backend.knowledge.embeddings import LOCAL_NAME
+from backend.knowledge.service import SearchMode
+from backend.lifecycle.policy import split_pin
+from tests.agents.test_runs import gql
+from tests.conftest import LiveServer, scaled, serve_asgi, serve_live
+from tests.faults.servers import Stubs
+from tests.lifecycle import test_vision_swap as swap
+from tests.lifecycle.test_graphql import REGISTER
+from tests.lifecycle.test_vision_swap import EMAIL, token_of
+
+MODEL, FIRST = split_pin(LOCAL_NAME)
+operators = swap.operators  # a committed operator tenant (fixture)
+STATE = f"""query {{ model(name: "{MODEL}") {{ policy {{ live }} reembedding {{
+  servingVersion status targetVersion done total error }} }} }}"""
+DOCUMENTS = [
+    (
+        f"doc-{i}.md",
+        f"# Note {i}\n\n{body}\n".encode(),
+    )
+    for i, body in enumerate(
+        [
+            "Refunds are paid within fourteen days of the return reaching the warehouse.",
+            "Support answers every ticket within one working day, weekends excepted.",
+            "The office in Lyon opens at eight and closes at six on weekdays.",
+            "Invoices are sent on the first of each month by e-mail only.",
+            "Passwords must be changed every ninety days and never reused.",
+            "Parcels above thirty kilograms travel by freight, not by post.",
+        ]
+    )
+]
+
+
+async def ingest(server: LiveServer, tenant: str, name: str, data: bytes) -> None:
+    knowledge = server.services.knowledge
+    principal = await server.services.auth.principal_for(tenant, EMAIL)
+    job = await knowledge.ingest(principal, data, filename=name)
+    async with asyncio.timeout(scaled(60)):
+        while (await knowledge.job(principal, job.id)).status != "completed":
+            await asyncio.sleep(0.05)
+
+
+async def state(server: LiveServer, token: str) -> dict[str, Any]:
+    body = await gql(server, token, STATE)
+    assert "errors" not in body, body
+    return body["data"]["model"]  # type: ignore[no-any-return]
+
+
+async def until(server: LiveServer, token: str, done: Any) -> dict[str, Any]:
+    async with asyncio.timeout(scaled(90)):
+        while True:
+            found = await state(server, token)
+            if done(found["reembedding"]):
+                return found
+            await asyncio.sleep(0.05)
+
+
+async def slot_tags(settings: Settings, engine: AsyncEngine) -> list[tuple[str, str | None]]:
+    """(slot 0's tag, slot 1's tag) of every chunk, as the table owner sees them."""
+    db = Database.connect(engine.url.render_as_string(hide_password=False), settings.database)
+    try:
+        async with db.engine.connect() as conn:
+            rows = await conn.execute(text("SELECT embedding_model, embedding_b_model FROM chunks"))
+            return [(r[0], r[1]) for r in rows]
+    finally:
+        await db.dispose()
+
+
+async def test_a_promoted_embedding_version_is_searched_only_once_every_chunk_has_its_vectors(
+    settings: Settings, operators: str, engine: AsyncEngine
+) -> None:
+    settings.privacy = settings.privacy.model_copy(update={"operator_tenant": operators})
+    settings.limits = settings.limits.model_copy(update={"enabled": False})
+    settings.knowledge = settings.knowledge.model_copy(
+        update={"reembed_check_s": 0.5, "reembed_batch": 2}
+    )
+    stubs = Stubs()
+    async with serve_asgi(stubs.app) as port, serve_live(settings) as server:
+        token = await token_of(server, operators)
+        knowledge = server.services.knowledge
+        principal = await server.services.auth.principal_for(operators, EMAIL)
+        for name, data in DOCUMENTS:
+            await ingest(server, operators, name, data)
+        question = "How long do refunds take?"
+        hits = await knowledge.search(principal, question, 1, mode=SearchMode.VECTOR)
+        assert hits[0].source == "doc-0.md"
+        assert (await state(server, token))["reembedding"]["servingVersion"] == FIRST
+
+        endpoint = {
+            "provider": "openai",
+            "base_url": f"http://127.0.0.1:{port}/v1",
+            "model": "stub-embeddings",
+        }
+        wide = await gql(
+            server,
+            token,
+            REGISTER,
+            model=MODEL,
+            version="wide",
+            spec={**endpoint, "dimensions": 512},
+            kind="EMBEDDING",
+        )
+        assert wide["errors"][0]["extensions"]["code"] == "INVALID_MODEL_SPEC", wide
+        registered = await gql(
+            server, token, REGISTER, model=MODEL, version="2", spec=endpoint, kind="EMBEDDING"
+        )
+        assert registered["data"]["registerModelVersion"]["status"] == "READY", registered
+        split = await gql(
+            server,
+            token,
+            "mutation($m: String!) { setTrafficPolicy(model: $m, arms: ["
+            f'{{version: "{FIRST}", weight: 50}}, {{version: "2", weight: 50}}]) {{ live }} }}',
+            m=MODEL,
+        )
+        assert split["errors"][0]["extensions"]["code"] == "INVALID_TRAFFIC_POLICY", split
+
+        stubs.embedding_delay_s = 0.3  # the re-embedding takes a while: search meanwhile
+        promoted = await gql(
+            server,
+            token,
+            f'mutation {{ promoteModelVersion(model: "{MODEL}", version: "2") {{ live }} }}',
+        )
+        assert promoted["data"]["promoteModelVersion"]["live"] == "2", promoted
+        running = await until(server, token, lambda r: r["status"] == "running" and r["done"])
+        progress = running["reembedding"]
+        assert progress["targetVersion"] == "2"
+        assert progress["servingVersion"] == FIRST
+        # every tenant's chunks (other tests' too, in a shared database): at least these six
+        assert 0 < progress["done"] < progress["total"], progress
+        assert progress["total"] >= len(DOCUMENTS), progress
+        # still the first version's vectors and query embedder: MiniLM understands the question
+        hits = await knowledge.search(principal, question, 1, mode=SearchMode.VECTOR)
+        assert hits[0].source == "doc-0.md"
+        assert knowledge.embedder.name == LOCAL_NAME
+
+        stubs.embedding_delay_s = 0.0
+        done = await until(server, token, lambda r: r["servingVersion"] == "2")
+        assert done["reembedding"]["status"] == "completed", done
+        assert done["reembedding"]["done"] == done["reembedding"]["total"], done
+        async with asyncio.timeout(scaled(30)):  # the switch is published to the replica
+            while knowledge.embedder.name != f"{MODEL}@2":
+                await asyncio.sleep(0.05)
+        assert {b for _, b in await slot_tags(settings, engine)} == {f"{MODEL}@2"}
+        # texts are embedded by version 2 now (the stub), and meet its stored vectors
+        [chunk] = await knowledge.search(principal, "invoices", 1, mode=SearchMode.TEXT)
+        assert chunk.source == "doc-3.md"
+        calls = stubs.embedding_calls
+        [similar] = await knowledge.similarities(principal, [chunk.text], [str(chunk.chunk_id)])
+        assert stubs.embedding_calls > calls
+        assert similar[str(chunk.chunk_id)] > 0.999  # the stub's vector of the same text
+        documents = await knowledge.documents(principal, 20, None)
+        assert {d.embedding_model for d in documents.items} == {f"{MODEL}@2"}
+
+        # a document ingested now is embedded by version 2; rolling back re-embeds only it
+        await ingest(
+            server, operators, "late.md", b"# Late\n\nThe canteen serves soup on Fridays.\n"
+        )
+        back = await gql(
+            server, token, f'mutation {{ rollbackModel(model: "{MODEL}") {{ live }} }}'
+        )
+        assert back["data"]["rollbackModel"]["live"] == FIRST, back
+        rolled = await until(
+            server, token, lambda r: r["servingVersion"] == FIRST and r["status"] == "completed"
+        )
+        # the first version's vectors are still there: only what came since is re-embedded
+        assert 1 <= rolled["reembedding"]["total"] < progress["total"], rolled
+        async with asyncio.timeout(scaled(30)):
+            while knowledge.embedder.name != LOCAL_NAME:
+                await asyncio.sleep(0.05)
+        assert {a for a, _ in await slot_tags(settings, engine)} == {LOCAL_NAME}
+        hits = await knowledge.search(principal, "When is there soup?", 1, mode=SearchMode.VECTOR)
+        assert hits[0].source == "late.md"
