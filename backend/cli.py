@@ -50,9 +50,10 @@ from backend.core.telemetry import configure_logging
 from backend.errors import AppError
 from backend.inference.catalog import PACKAGED_MODELS
 from backend.knowledge.service import EmbeddingSpent, KnowledgeService
+from backend.knowledge.versions import Reembedding, read_state
 from backend.lifecycle._series import Series
 from backend.lifecycle.comparison import ModelComparisons
-from backend.lifecycle.policy import Arm, RegistrySnapshot, TrafficPolicy
+from backend.lifecycle.policy import Arm, ModelKind, RegistrySnapshot, TrafficPolicy
 from backend.lifecycle.service import ModelRegistryService
 from backend.lifecycle.shadow import ShadowAgreement, ShadowLedger
 from backend.lifecycle.stats import ServingStats
@@ -1355,8 +1356,27 @@ def models_versions(model: Annotated[str, typer.Argument(help="The model.")]) ->
         out.print(table)
         for pin in found.pins:
             out.print(f"pinned: tenant {pin.tenant_id} -> {pin.version}", highlight=False)
+        if found.kind is ModelKind.EMBEDDING:
+            _print_reembedding(await read_state(service.db, found.name))
 
     _run_registry(work)
+
+
+def _print_reembedding(state: Reembedding | None) -> None:
+    """The knowledge base's side of an embedding model: what search uses, and the last
+    re-embedding with its progress."""
+    if state is None:
+        out.print("knowledge base: not its embedder", highlight=False)
+        return
+    line = f"knowledge base: search uses {state.serving_version}"
+    if state.status is not None:
+        line += (
+            f"; re-embedding to {state.target_version}: {state.status}, "
+            f"{state.done} of {state.total} chunks"
+        )
+        if state.error:
+            line += f" ({state.error})"
+    out.print(line, markup=False, highlight=False)
 
 
 @models_app.command("register")
@@ -1377,7 +1397,6 @@ def models_register(  # noqa: PLR0917 (one argument per field of a version)
 ) -> None:
     """Register a model version (a vision version's files are checked, then it loads)."""
     from backend.inference.manifest import ManifestError, ModelManifest
-    from backend.lifecycle.policy import ModelKind
 
     try:
         data = json.loads(spec.read_text(encoding="utf-8"))

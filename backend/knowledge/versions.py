@@ -263,22 +263,9 @@ class EmbeddingVersions:
     # -- state -----------------------------------------------------------------------------
 
     async def state(self) -> Reembedding:
-        async with self._db.session() as session:
-            row = await session.get(KnowledgeEmbedding, self.model)
-        if row is None:
-            return Reembedding(
-                self.model, self._serving.version, None, None, 0, 0, None, None, None
-            )
-        return Reembedding(
-            model=row.model,
-            serving_version=row.serving_version,
-            status=row.status,
-            target_version=row.target_version,
-            done=row.done,
-            total=row.total,
-            error=row.error,
-            started_at=row.started_at,
-            finished_at=row.finished_at,
+        found = await read_state(self._db, self.model)
+        return found or Reembedding(
+            self.model, self._serving.version, None, None, 0, 0, None, None, None
         )
 
     def _live_version(self) -> tuple[str, dict[str, Any]] | None:
@@ -589,3 +576,23 @@ class EmbeddingVersions:
 def vector_literal(vector: list[float]) -> str:
     """pgvector's text form of a vector."""
     return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+
+
+async def read_state(db: Database, model: str) -> Reembedding | None:
+    """An embedding model's serving version and last re-embedding (None: the knowledge base
+    never used it)."""
+    async with db.session() as session:
+        row = await session.get(KnowledgeEmbedding, model)
+    if row is None:
+        return None
+    return Reembedding(
+        model=row.model,
+        serving_version=row.serving_version,
+        status=row.status,
+        target_version=row.target_version,
+        done=row.done,
+        total=row.total,
+        error=row.error,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )

@@ -153,6 +153,11 @@ class ModelRegistryService:
         """Where changes are published (and where the serving figures are kept)."""
         return self._redis
 
+    @property
+    def db(self) -> Database:
+        """Where the registry is kept."""
+        return self._db
+
     async def snapshot(self) -> RegistrySnapshot:
         """The whole registry as every replica routes by (all tenants' pins included)."""
         async with self._db.session() as session:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from typer.testing import CliRunner
 
 from backend.cli import app
@@ -152,3 +153,39 @@ async def test_a_manifest_is_checked_from_its_own_folder(env: None, tmp_path: Pa
     )
     assert code == 1
     assert "CHECKSUM_MISMATCH" in out
+
+
+async def test_an_embedding_models_versions_show_the_knowledge_bases_reembedding(
+    env: None, own_database: str, tmp_path: Path
+) -> None:
+    spec = tmp_path / "embedder.json"
+    spec.write_text(json.dumps({"provider": "openai", "base_url": "http://embed.example/v1"}))
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps({"provider": "local", "dimensions": 768}))
+    code, out = await invoke(
+        "models", "register", "vectors", "1", "--spec", str(spec), "--kind", "embedding"
+    )
+    assert code == 0, out
+    code, out = await invoke("models", "register", "vectors", "2", "--spec", str(wide))
+    assert code != 0
+    assert "384" in out  # the knowledge base's vectors have one size
+    code, out = await invoke("models", "versions", "vectors")
+    assert code == 0, out
+    assert "knowledge base: not its embedder" in out
+    engine = create_async_engine(own_database)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO knowledge_embeddings (model, serving_slot, serving_version, "
+                    "slot0, slot1, status, target_version, done, total) VALUES ('vectors', 0, "
+                    "'1', 'vectors@1', 'vectors@2', 'running', '2', 2, 5)"
+                )
+            )
+        code, out = await invoke("models", "versions", "vectors")
+        assert code == 0, out
+        assert "search uses 1; re-embedding to 2: running, 2 of 5 chunks" in out
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text("DELETE FROM knowledge_embeddings WHERE model = 'vectors'"))
+        await engine.dispose()
