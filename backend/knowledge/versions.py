@@ -432,9 +432,14 @@ class EmbeddingVersions:
                 return False
             if self._sweep_due(row):  # stragglers of the old version
                 other = _slot_tag(row, 1 - row.serving_slot)
-                await self._fill(
-                    row.serving_slot, self._serving_embedder(row), other, progress=False
-                )
+                embedder = self._serving_embedder(row)
+                await self._fill(row.serving_slot, embedder, other, progress=False)
+                if other is not None:  # their documents are the serving version's now
+                    async with self._db.session() as session:
+                        await session.execute(
+                            text("SELECT sightline_embedding_retag(:o, :n)"),
+                            {"o": other, "n": embedder.name},
+                        )
             return False
         target_slot, tag = 1 - row.serving_slot, self._tag(version)
         embedder = self._embedder(version, spec)
