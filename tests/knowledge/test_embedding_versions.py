@@ -18,7 +18,7 @@ from backend.knowledge.embeddings import LOCAL_NAME
 from backend.knowledge.service import SearchMode
 from backend.lifecycle.policy import split_pin
 from tests.agents.test_runs import gql
-from tests.conftest import LiveServer, scaled, serve_asgi, serve_live
+from tests.conftest import LiveServer, free_port, scaled, serve_asgi, serve_live
 from tests.faults.servers import Stubs
 from tests.lifecycle import test_vision_swap as swap
 from tests.lifecycle.test_graphql import REGISTER
@@ -185,3 +185,45 @@ async def test_a_promoted_embedding_version_is_searched_only_once_every_chunk_ha
         assert {a for a, _ in await slot_tags(settings, engine)} == {LOCAL_NAME}
         hits = await knowledge.search(principal, "When is there soup?", 1, mode=SearchMode.VECTOR)
         assert hits[0].source == "late.md"
+
+
+async def test_a_promoted_version_that_cannot_embed_leaves_search_on_the_live_vectors(
+    settings: Settings, operators: str
+) -> None:
+    """Its endpoint is down: the re-embedding fails (the reason is shown) and is tried again;
+    search never stops working on the first version; once the endpoint answers, it completes."""
+    settings.privacy = settings.privacy.model_copy(update={"operator_tenant": operators})
+    settings.limits = settings.limits.model_copy(update={"enabled": False})
+    settings.knowledge = settings.knowledge.model_copy(update={"reembed_check_s": 0.3})
+    port = free_port()  # nothing listens there yet
+    async with serve_live(settings) as server:
+        token = await token_of(server, operators)
+        knowledge = server.services.knowledge
+        principal = await server.services.auth.principal_for(operators, EMAIL)
+        name, data = DOCUMENTS[0]
+        await ingest(server, operators, name, data)
+        endpoint = {"provider": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}
+        registered = await gql(
+            server, token, REGISTER, model=MODEL, version="3", spec=endpoint, kind="EMBEDDING"
+        )
+        assert registered["data"]["registerModelVersion"]["status"] == "READY", registered
+        promoted = await gql(
+            server,
+            token,
+            f'mutation {{ promoteModelVersion(model: "{MODEL}", version: "3") {{ live }} }}',
+        )
+        assert promoted["data"]["promoteModelVersion"]["live"] == "3", promoted
+        failed = await until(server, token, lambda r: r["status"] == "failed")
+        assert failed["reembedding"]["servingVersion"] == FIRST, failed
+        assert failed["reembedding"]["error"], failed
+        hits = await knowledge.search(principal, "How long do refunds take?", 1)
+        assert hits[0].source == name
+        assert knowledge.embedder.name == LOCAL_NAME
+
+        async with serve_asgi(Stubs().app, port=port):  # the endpoint is back
+            done = await until(server, token, lambda r: r["servingVersion"] == "3")
+            assert done["reembedding"]["status"] == "completed", done
+            async with asyncio.timeout(scaled(30)):
+                while knowledge.embedder.name != f"{MODEL}@3":
+                    await asyncio.sleep(0.05)
+            assert await knowledge.search(principal, "refunds", 1, mode=SearchMode.TEXT)
