@@ -220,7 +220,8 @@ async def build_services(
     runs.served = lifecycle.stats.record  # every run's version, outcome, latency and cost
     vision.operations = lifecycle  # every task's version figures; shadows of sampled requests
     runs.drift = lifecycle.drift  # each turn's drift samples (None: drift off)
-    knowledge.drift = lifecycle.drift  # each search's
+    # each search's drift samples; sampled searches again on a shadow embedding version
+    knowledge.drift, knowledge.mirror = lifecycle.drift, lifecycle.mirror
     ledger = UsageLedger(
         state.db,
         flush_s=settings.cost.usage_flush_s,

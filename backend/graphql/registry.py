@@ -161,8 +161,9 @@ class ModelPin:
 class EmbeddingReembedding:
     serving_version: str = strawberry.field(description="The version search embeds with.")
     status: str | None = strawberry.field(
-        description="The last re-embedding: running, completed, failed or cancelled (the "
-        "promotion was undone first); null: there was none."
+        description="The last re-embedding: running, completed (search switched to it), "
+        "ready (a shadow version's vectors are complete: sampled searches are compared with "
+        "it), failed, or cancelled (the promotion was undone first); null: there was none."
     )
     target_version: str | None
     done: int = strawberry.field(description="Chunks re-embedded so far.")

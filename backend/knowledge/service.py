@@ -37,8 +37,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -67,10 +68,18 @@ from backend.knowledge.chunking import ChunkText, chunk
 from backend.knowledge.embeddings import Embedder, EmbeddingUnavailable, embed_timed
 from backend.knowledge.extract import Extracted, Section, UnreadableDocument, extract, sniff
 from backend.knowledge.fusion import fuse
-from backend.knowledge.versions import EmbeddingVersions, column_of, slot_map, vector_literal
+from backend.knowledge.versions import (
+    EmbeddingVersions,
+    Serving,
+    Shadow,
+    column_of,
+    slot_map,
+    vector_literal,
+)
 from backend.lifecycle.drift import DriftRecorder
-from backend.lifecycle.policy import split_pin
+from backend.lifecycle.policy import Route, RouteReason, split_pin
 from backend.lifecycle.seeding import FIRST_VERSION
+from backend.lifecycle.shadow import TOP_K, top_k_overlap
 from backend.limits.budgets import Budgets, Resource
 from backend.limits.pricing import compute_cost
 from backend.limits.ratelimit import RateLimiter
@@ -170,6 +179,13 @@ class EmbeddingSpent(Protocol):
     ) -> UsagePart: ...
 
 
+# (the route, the live result, its latency, the shadow's run, the comparison) -> mirrored
+Mirror = Callable[
+    [Route, Any, float, Callable[[], Awaitable[Any]], Callable[[Any, Any], Mapping[str, float]]],
+    bool,
+]
+
+
 class KnowledgeService:
     def __init__(
         self,
@@ -224,6 +240,9 @@ class KnowledgeService:
         # version's serving figures); a principal's own call (a search) is also recorded and
         # charged to their money budget there, which may refuse: BUDGET_EXCEEDED. Unset: free.
         self.embedded: EmbeddingSpent | None = None
+        # runs a sampled search again on the shadow embedding version, off its path (the
+        # model operations' `mirror`, when wired)
+        self.mirror: Mirror | None = None
 
     def start(self, *, take_over: bool = True) -> None:
         """Starts renewing this replica's job leases and (with `take_over`) taking over the
@@ -980,6 +999,7 @@ class KnowledgeService:
         if metadata is not None and not isinstance(metadata, dict):
             raise ValidationFailed("filter must be a JSON object", field="filter")
         candidates = max(settings.candidates, k)
+        started = time.perf_counter()
         serving = self.versions.serving  # one version for the query and the vectors it meets
         vector = (
             None
@@ -1022,8 +1042,10 @@ class KnowledgeService:
                 ),
             )
             rows = fuse(ranked[0] + ranked[1], params["k"], settings)
+            by_vector = ranked[0]
         else:
             rows = await self._ranked(principal, mode, filters, params, ef, column=serving.column)
+            by_vector = rows if mode is SearchMode.VECTOR else []
         hits = [
             SearchHit(
                 chunk_id=r["id"],
@@ -1045,6 +1067,8 @@ class KnowledgeService:
         ]
         if rescore and vector is not None and hits:
             hits = await self._rescore(principal, hits, vector, k, serving.column)
+        if by_vector and self.mirror is not None:
+            self._mirror(principal, query, serving, by_vector, started, metadata, document_ids, ef)
         if self.drift is not None:
             model, _, version = serving.tag.partition("@")
             self.drift.search(
@@ -1055,6 +1079,68 @@ class KnowledgeService:
                 top_score=hits[0].score if hits else None,
             )
         return hits[:k]
+
+    def _mirror(  # noqa: PLR0917 (what the search had, handed on)
+        self,
+        principal: Principal,
+        query: str,
+        serving: Serving,
+        by_vector: list[dict[str, Any]],
+        started: float,
+        metadata: dict[str, Any] | None,
+        document_ids: list[uuid.UUID] | None,
+        ef: int,
+    ) -> None:
+        """A sampled search also runs on the policy's shadow version (its query embedding and
+        its vectors), after this one and off its path, never charged; the two top-10 vector
+        rankings are compared (`top10_overlap` in `modelComparison`)."""
+        shadow = self.versions.sampled_shadow()
+        if shadow is None or self.mirror is None:
+            return
+        ranked = sorted((r for r in by_vector if r["vrank"] is not None), key=lambda r: r["vrank"])
+        live = [r["id"] for r in ranked[:TOP_K]]
+        route = Route(self.versions.model, serving.version, RouteReason.POLICY, shadow.version)
+
+        async def run() -> list[uuid.UUID]:
+            return await self._shadow_ids(principal, query, shadow, metadata, document_ids, ef)
+
+        self.mirror(
+            route,
+            live,
+            time.perf_counter() - started,
+            run,
+            lambda a, b: {"top10_overlap": top_k_overlap(a, b)},
+        )
+
+    async def _shadow_ids(  # noqa: PLR0917
+        self,
+        principal: Principal,
+        query: str,
+        shadow: Shadow,
+        metadata: dict[str, Any] | None,
+        document_ids: list[uuid.UUID] | None,
+        ef: int,
+    ) -> list[uuid.UUID]:
+        """The shadow version's top-10 chunks by vector for `query` (with the search's
+        filters), embedded by it, uncharged."""
+        [vector] = await shadow.embedder.embed([query])
+        filters = f"c.{shadow.tag_column} = :model"
+        params: dict[str, Any] = {"v": vector_literal(vector), "model": shadow.tag, "k": TOP_K}
+        if metadata:
+            filters += " AND c.meta @> CAST(:meta AS jsonb)"
+            params["meta"] = _json(metadata)
+        if document_ids:
+            filters += " AND c.document_id = ANY(:docs)"
+            params["docs"] = document_ids
+        async with self._db.session(principal.tenant_id, settings=_search_settings(ef)) as session:
+            rows = await session.execute(
+                text(
+                    f"SELECT c.id FROM chunks c WHERE {filters} "  # noqa: S608 (constant SQL)
+                    f"ORDER BY c.{shadow.column} <=> CAST(:v AS vector) LIMIT :k"
+                ),
+                params,
+            )
+            return [r.id for r in rows]
 
     async def _ranked(
         self,

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -80,12 +81,37 @@ class Serving:
 
 
 @dataclass(frozen=True, slots=True)
+class Shadow:
+    """A shadow version whose vectors fill the slot search does not read: sampled searches
+    run again on it, off their path, and the top results are compared."""
+
+    version: str
+    slot: int
+    embedder: Embedder
+    rate: float
+
+    @property
+    def tag(self) -> str:
+        return self.embedder.name
+
+    @property
+    def column(self) -> str:
+        return _COLUMNS[self.slot][0]
+
+    @property
+    def tag_column(self) -> str:
+        return _COLUMNS[self.slot][1]
+
+
+@dataclass(frozen=True, slots=True)
 class Reembedding:
     """An embedding model's state as the API shows it."""
 
     model: str
     serving_version: str
-    status: str | None  # running, completed, failed, cancelled; None: never re-embedded
+    # running, completed (switched), ready (a shadow's vectors complete), failed, cancelled;
+    # None: never re-embedded
+    status: str | None
     target_version: str | None
     done: int
     total: int
@@ -178,6 +204,7 @@ class EmbeddingVersions:
         )
         self._embedders: dict[str, Embedder] = {base.name: base}
         self._registry: RegistrySnapshot | None = None
+        self._shadow: Shadow | None = None  # set once the shadow's vectors are complete
         self._lock_key = keys("reembed-lock", self.model)
         self._channel = keys("embedding-switched", self.model)
         self._token = uuid.uuid4().hex
@@ -282,6 +309,25 @@ class EmbeddingVersions:
                 return record.version, dict(record.spec)
         return None
 
+    def _shadow_version(self) -> tuple[str, dict[str, Any], float] | None:
+        """The policy's shadow embedding version, its spec and sample rate (None: none)."""
+        snapshot = self._registry
+        policy = snapshot.policies.get(self.model) if snapshot is not None else None
+        if snapshot is None or policy is None or policy.shadow is None:
+            return None
+        for record in snapshot.versions.get(self.model, ()):
+            if record.version == policy.shadow and record.kind is ModelKind.EMBEDDING:
+                return record.version, dict(record.spec), policy.shadow_rate
+        return None
+
+    def sampled_shadow(self) -> Shadow | None:
+        """The shadow to compare this search with, when the policy has one whose vectors are
+        all in the other slot and this search is in its sample."""
+        shadow = self._shadow
+        if shadow is None or random.random() >= shadow.rate:  # noqa: S311 (sampling)
+            return None
+        return shadow
+
     def _tag(self, version: str) -> str:
         return self._base.name if version == self._base_version else f"{self.model}@{version}"
 
@@ -328,15 +374,42 @@ class EmbeddingVersions:
         if live is None or self._closed:
             return
         version, _spec = live
+        shadow = self._shadow_version()
+        self._follow_shadow(row, shadow)
+        shadowed = shadow is not None and shadow[0] != row.serving_version
         wanted = version != row.serving_version
-        running_elsewhere = row.status == "running" and row.target_version != version
-        if not wanted and not running_elsewhere and not self._sweep_due(row):
+        running_elsewhere = (
+            row.status == "running"
+            and row.target_version != version
+            and not (shadowed and shadow is not None and row.target_version == shadow[0])
+        )
+        if not (wanted or running_elsewhere or shadowed or self._sweep_due(row)):
             return
         if self._job is not None and not self._job.done():
             return
         if not await self._take_lock():
             return
         self._job = asyncio.create_task(self._reembed(), name="knowledge-reembedding")
+
+    def _follow_shadow(
+        self, row: KnowledgeEmbedding, shadow: tuple[str, dict[str, Any], float] | None
+    ) -> None:
+        """Compares with the shadow only once its vectors are complete (`ready`)."""
+        if (
+            shadow is None
+            or row.status != "ready"
+            or row.target_version != shadow[0]
+            or shadow[0] == row.serving_version
+        ):
+            self._shadow = None
+            return
+        try:
+            embedder = self._embedder(shadow[0], shadow[1])
+        except (LookupError, ValueError) as exc:
+            log.warning("knowledge embeddings: cannot shadow %s: %s", shadow[0], exc)
+            self._shadow = None
+            return
+        self._shadow = Shadow(shadow[0], 1 - row.serving_slot, embedder, shadow[2])
 
     def _follow(self, row: KnowledgeEmbedding) -> None:
         if row.serving_version == self._serving.version and row.serving_slot == self._serving.slot:
@@ -422,11 +495,16 @@ class EmbeddingVersions:
         if row is None or live is None:
             return False
         version, spec = live
+        shadow = self._shadow_version()
+        if version == row.serving_version and shadow is not None and shadow[0] != version:
+            await self._fill_shadow(row, shadow[0], shadow[1])
+            return False
         if version == row.serving_version:
             if row.status == "running":  # the promotion was undone before the switch
                 await self._set(
                     status="cancelled",
-                    error=f"{version} is live again; nothing was switched",
+                    error=f"{row.target_version} is no longer promoted (nor the shadow): "
+                    "nothing was switched",
                     finished_at=datetime.now(UTC),
                 )
                 return False
@@ -447,6 +525,23 @@ class EmbeddingVersions:
             await self._begin(row, version, target_slot, tag)
         await self._fill(target_slot, embedder, None, progress=True)
         return not await self._switch(row.serving_version, version, target_slot, tag)
+
+    async def _fill_shadow(
+        self, row: KnowledgeEmbedding, version: str, spec: dict[str, Any]
+    ) -> None:
+        """The shadow's vectors in the other slot (kept complete as chunks come); `ready`
+        once they are, and sampled searches compare with them from then on."""
+        slot, tag = 1 - row.serving_slot, self._tag(version)
+        embedder = self._embedder(version, spec)
+        if row.target_version != version or row.status not in ("running", "ready"):
+            await self._begin(row, version, slot, tag)
+        await self._fill(slot, embedder, None, progress=row.status != "ready")
+        if row.status != "ready" or row.target_version != version:
+            await self._set(status="ready", finished_at=datetime.now(UTC))
+            log.info("knowledge embeddings: shadow %s has every chunk's vectors", tag)
+            with contextlib.suppress(Exception):  # every replica compares from now on
+                await self._redis.publish(self._channel, version)
+        self._wake.set()
 
     def _serving_embedder(self, row: KnowledgeEmbedding) -> Embedder:
         return self._embedder(row.serving_version, self._spec(row.serving_version))

@@ -802,15 +802,13 @@ def _embedding_spec(spec: dict[str, Any]) -> dict[str, Any]:
 def _one_embedding_version(policy: TrafficPolicy) -> None:
     """Vectors of two embedding versions never mix: the knowledge base searches with one
     version at a time, re-embedded when it changes. An embedding model's policy gives all its
-    traffic to one version and has no shadow."""
+    traffic to one version (a shadow is compared on the side: backend.knowledge.versions)."""
     serving = [a for a in policy.arms if a.weight > 0]
     if len(serving) != 1:
         raise InvalidTrafficPolicy(
             "an embedding model serves one version at a time (its vectors are not comparable "
             "with another's): give one version 100 and promote to change it"
         )
-    if policy.shadow is not None:
-        raise InvalidTrafficPolicy("an embedding model has no shadow version")
 
 
 async def _existing_version(session: AsyncSession, model: str, version: str) -> ModelVersionRow:

@@ -70,7 +70,8 @@ def upgrade() -> None:
         sa.Column("serving_version", sa.String(64), nullable=False),
         sa.Column("slot0", sa.String(200), nullable=True),  # the tag chunks carry in slot 0
         sa.Column("slot1", sa.String(200), nullable=True),
-        # the re-embedding: running, completed, failed, cancelled (none: never)
+        # the re-embedding: running, completed (switched), ready (a shadow's vectors
+        # complete), failed, cancelled (none: never)
         sa.Column("status", sa.String(16), nullable=True),
         sa.Column("target_version", sa.String(64), nullable=True),
         sa.Column("done", sa.BigInteger(), nullable=False, server_default="0"),
@@ -83,7 +84,7 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("serving_slot IN (0, 1)", name=op.f("ck_knowledge_embeddings_slot_known")),
         sa.CheckConstraint(
-            "status IS NULL OR status IN ('running', 'completed', 'failed', 'cancelled')",
+            "status IS NULL OR status IN ('running', 'completed', 'failed', 'cancelled', 'ready')",
             name=op.f("ck_knowledge_embeddings_status_known"),
         ),
     )

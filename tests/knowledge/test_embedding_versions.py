@@ -227,3 +227,61 @@ async def test_a_promoted_version_that_cannot_embed_leaves_search_on_the_live_ve
                 while knowledge.embedder.name != f"{MODEL}@3":
                     await asyncio.sleep(0.05)
             assert await knowledge.search(principal, "refunds", 1, mode=SearchMode.TEXT)
+
+
+COMPARISON = f"""{{ modelComparison(model: "{MODEL}", window: 600) {{ versions {{
+  version role shadowAgreement {{ compared failed metrics {{ name mean }} }} }} }} }}"""
+
+
+async def test_a_shadow_embedding_version_is_compared_on_sampled_searches_never_served(
+    settings: Settings, operators: str
+) -> None:
+    """A shadow version's vectors fill the other slot (`ready` when complete); searches then
+    also run on it, after their answer: the top-10 overlap of the two rankings is in
+    `modelComparison`, and what the caller gets is still the live version's."""
+    settings.privacy = settings.privacy.model_copy(update={"operator_tenant": operators})
+    settings.limits = settings.limits.model_copy(update={"enabled": False})
+    settings.knowledge = settings.knowledge.model_copy(update={"reembed_check_s": 0.3})
+    stubs = Stubs()
+    async with serve_asgi(stubs.app) as port, serve_live(settings) as server:
+        token = await token_of(server, operators)
+        knowledge = server.services.knowledge
+        principal = await server.services.auth.principal_for(operators, EMAIL)
+        for name, data in DOCUMENTS:
+            await ingest(server, operators, name, data)
+        endpoint = {"provider": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}
+        registered = await gql(
+            server, token, REGISTER, model=MODEL, version="4", spec=endpoint, kind="EMBEDDING"
+        )
+        assert registered["data"]["registerModelVersion"]["status"] == "READY", registered
+        shadowed = await gql(
+            server,
+            token,
+            "mutation($m: String!) { setTrafficPolicy(model: $m, arms: ["
+            f'{{version: "{FIRST}", weight: 100}}], shadow: "4", shadowRate: 1.0) '
+            "{ live shadow } }",
+            m=MODEL,
+        )
+        assert shadowed["data"]["setTrafficPolicy"] == {"live": FIRST, "shadow": "4"}, shadowed
+        ready = await until(server, token, lambda r: r["status"] == "ready")
+        assert ready["reembedding"]["targetVersion"] == "4", ready
+        assert ready["reembedding"]["servingVersion"] == FIRST, ready
+
+        async def agreement() -> dict[str, Any] | None:
+            body = await gql(server, token, COMPARISON)
+            assert "errors" not in body, body
+            for figures in body["data"]["modelComparison"]["versions"]:
+                if figures["role"] == "SHADOW" and figures["shadowAgreement"]["compared"]:
+                    return figures["shadowAgreement"]  # type: ignore[no-any-return]
+            return None
+
+        async with asyncio.timeout(scaled(60)):
+            while (found := await agreement()) is None:
+                hits = await knowledge.search(principal, "How long do refunds take?", 3)
+                assert hits[0].source == "doc-0.md"  # the live version's answer
+                assert knowledge.embedder.name == LOCAL_NAME
+                await asyncio.sleep(0.2)
+        assert found["failed"] == 0, found
+        [overlap] = found["metrics"]
+        assert overlap["name"] == "top10_overlap"
+        assert 0.0 <= overlap["mean"] <= 1.0

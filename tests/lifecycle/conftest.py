@@ -115,13 +115,14 @@ def vision_spec(weights: Path, sha256: str | None) -> dict[str, Any]:
 
 
 async def audit(connection: AsyncConnection, event: str) -> list[dict[str, Any]]:
-    """Audit rows of `event`, as the database owner (past row-level security: rows of no
-    tenant are the CLI's and the server's)."""
+    """Audit rows of `event` written in the test's transaction, as the database owner (past
+    row-level security: rows of no tenant are the CLI's and the server's). Rows that live
+    servers of earlier tests committed are older than the transaction (`now()` is its start)."""
     await connection.execute(text("RESET ROLE"))
     rows = await connection.execute(
         text(
             "SELECT tenant_id, actor_id, outcome, details FROM audit_events "
-            "WHERE event = :e ORDER BY id"
+            "WHERE event = :e AND created_at >= now() ORDER BY id"
         ),
         {"e": event},
     )

@@ -185,7 +185,7 @@ class KnowledgeEmbedding(Base, table=True):
     __table_args__ = (
         CheckConstraint("serving_slot IN (0, 1)", name="slot_known"),
         CheckConstraint(
-            "status IS NULL OR status IN ('running', 'completed', 'failed', 'cancelled')",
+            "status IS NULL OR status IN ('running', 'completed', 'failed', 'cancelled', 'ready')",
             name="status_known",
         ),
     )
