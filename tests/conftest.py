@@ -193,7 +193,11 @@ def settings(database_url: str, key_prefix: str, tmp_path: os.PathLike[str]) -> 
         env=Environment.TEST,
         data_dir=tmp_path,
         database=DatabaseSettings(url=SecretStr(database_url), migrate_on_start=False),
-        redis=RedisSettings(url=SecretStr(REDIS_URL), key_prefix=key_prefix),
+        # the start-up PING: 2 s by default, which a busy machine exceeded once (ci-local
+        # beside other test runs on 2 cores)
+        redis=RedisSettings(
+            url=SecretStr(REDIS_URL), key_prefix=key_prefix, connect_timeout_s=scaled(10)
+        ),
         # Models load on first use, except in the tests of the warm-up (tests/test_warmup.py):
         # not a MiniLM worker per app in the background of every test.
         # No gc.freeze(): what one test's app froze could never be collected in later tests.
