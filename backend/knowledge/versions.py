@@ -81,26 +81,11 @@ class Serving:
 
 
 @dataclass(frozen=True, slots=True)
-class Shadow:
+class Shadow(Serving):
     """A shadow version whose vectors fill the slot search does not read: sampled searches
     run again on it, off their path, and the top results are compared."""
 
-    version: str
-    slot: int
-    embedder: Embedder
-    rate: float
-
-    @property
-    def tag(self) -> str:
-        return self.embedder.name
-
-    @property
-    def column(self) -> str:
-        return _COLUMNS[self.slot][0]
-
-    @property
-    def tag_column(self) -> str:
-        return _COLUMNS[self.slot][1]
+    rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,7 +394,7 @@ class EmbeddingVersions:
             log.warning("knowledge embeddings: cannot shadow %s: %s", shadow[0], exc)
             self._shadow = None
             return
-        self._shadow = Shadow(shadow[0], 1 - row.serving_slot, embedder, shadow[2])
+        self._shadow = Shadow(1 - row.serving_slot, shadow[0], embedder, shadow[2])
 
     def _follow(self, row: KnowledgeEmbedding) -> None:
         if row.serving_version == self._serving.version and row.serving_slot == self._serving.slot:

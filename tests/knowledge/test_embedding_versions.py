@@ -46,6 +46,13 @@ DOCUMENTS = [
 ]
 
 
+def operate(settings: Settings, operators: str, **knowledge: float) -> None:
+    """A live server the test's operators run (no limits), with these knowledge settings."""
+    settings.privacy = settings.privacy.model_copy(update={"operator_tenant": operators})
+    settings.limits = settings.limits.model_copy(update={"enabled": False})
+    settings.knowledge = settings.knowledge.model_copy(update=knowledge)
+
+
 async def ingest(server: LiveServer, tenant: str, name: str, data: bytes) -> None:
     knowledge = server.services.knowledge
     principal = await server.services.auth.principal_for(tenant, EMAIL)
@@ -84,11 +91,7 @@ async def slot_tags(settings: Settings, engine: AsyncEngine) -> list[tuple[str, 
 async def test_a_promoted_embedding_version_is_searched_only_once_every_chunk_has_its_vectors(
     settings: Settings, operators: str, engine: AsyncEngine
 ) -> None:
-    settings.privacy = settings.privacy.model_copy(update={"operator_tenant": operators})
-    settings.limits = settings.limits.model_copy(update={"enabled": False})
-    settings.knowledge = settings.knowledge.model_copy(
-        update={"reembed_check_s": 0.5, "reembed_batch": 2}
-    )
+    operate(settings, operators, reembed_check_s=0.5, reembed_batch=2)
     stubs = Stubs()
     async with serve_asgi(stubs.app) as port, serve_live(settings) as server:
         token = await token_of(server, operators)
@@ -192,9 +195,7 @@ async def test_a_promoted_version_that_cannot_embed_leaves_search_on_the_live_ve
 ) -> None:
     """Its endpoint is down: the re-embedding fails (the reason is shown) and is tried again;
     search never stops working on the first version; once the endpoint answers, it completes."""
-    settings.privacy = settings.privacy.model_copy(update={"operator_tenant": operators})
-    settings.limits = settings.limits.model_copy(update={"enabled": False})
-    settings.knowledge = settings.knowledge.model_copy(update={"reembed_check_s": 0.3})
+    operate(settings, operators, reembed_check_s=0.3)
     port = free_port()  # nothing listens there yet
     async with serve_live(settings) as server:
         token = await token_of(server, operators)
@@ -239,9 +240,7 @@ async def test_a_shadow_embedding_version_is_compared_on_sampled_searches_never_
     """A shadow version's vectors fill the other slot (`ready` when complete); searches then
     also run on it, after their answer: the top-10 overlap of the two rankings is in
     `modelComparison`, and what the caller gets is still the live version's."""
-    settings.privacy = settings.privacy.model_copy(update={"operator_tenant": operators})
-    settings.limits = settings.limits.model_copy(update={"enabled": False})
-    settings.knowledge = settings.knowledge.model_copy(update={"reembed_check_s": 0.3})
+    operate(settings, operators, reembed_check_s=0.3)
     stubs = Stubs()
     async with serve_asgi(stubs.app) as port, serve_live(settings) as server:
         token = await token_of(server, operators)
