@@ -954,6 +954,8 @@ class InferencePool:
             return
         if self._restarts >= self._max_restarts:
             log.error("inference worker restarts exhausted (%d)", self._restarts)
+            if not any(w.alive for w in self._workers):
+                self._none_left()
             self._workers_changed()
             return
         self._restarts += 1
@@ -961,6 +963,17 @@ class InferencePool:
         if self._metrics is not None:
             self._metrics.inference_worker_restarted()
         self._workers_changed()
+
+    def _none_left(self) -> None:
+        """Every worker died and none may start again: the versions still loading fail, so
+        that what waits for them (start-up, `wait_ready`, `warmed`) hears why at once instead
+        of waiting out its timeout (a worker that dies at every load was seen to)."""
+        for key, state in self._states.items():
+            if not state.ready.is_set():
+                state.status = ModelStatus.FAILED
+                state.error = "no inference worker is left (restarts exhausted)"
+                state.ready.set()
+                log.error("model %s failed to load: %s", wire_key(*key), state.error)
 
     def _workers_changed(self) -> None:
         if self._metrics is not None:

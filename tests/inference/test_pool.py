@@ -24,6 +24,7 @@ from backend.inference.client import (
 )
 from backend.inference.manifest import ModelManifest, builtin_manifests
 from backend.inference.pool import InferencePool
+from tests.conftest import scaled
 
 
 def toy(name: str, loader: str, **options: Any) -> ModelManifest:
@@ -171,6 +172,21 @@ async def test_models_that_fail_to_load_are_unavailable(pools: Callable[..., Any
         await pool.infer("broken", [1])
     with pytest.raises(ModelUnavailable):
         await pool.infer("nonexistent", [1])
+
+
+async def test_a_model_that_kills_every_worker_fails_once_restarts_are_spent() -> None:
+    """No worker is left to load it: waiting for it ends with the reason, not a timeout."""
+    pool = InferencePool([toy("fatal", "dies_loading")], workers=1, device=DEVICE, max_restarts=2)
+    await pool.start()
+    try:
+        await pool.wait_ready(scaled(120))  # returns: failed, not waiting out the timeout
+        state = pool.status()["fatal"]
+        assert state.status is ModelStatus.FAILED
+        assert "no inference worker is left" in (state.error or "")
+        with pytest.raises(ModelUnavailable, match="no inference worker is left"):
+            await pool.warmed("fatal")
+    finally:
+        await pool.close()
 
 
 async def test_the_packaged_classifier_and_face_detector(pools: Callable[..., Any]) -> None:

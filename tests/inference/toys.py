@@ -110,3 +110,8 @@ def checksum(manifest: ModelManifest) -> Batch:
         ]
 
     return run
+
+
+def dies_loading(manifest: ModelManifest) -> Batch:
+    """A model whose load kills the worker, every time."""
+    os._exit(3)
