@@ -44,7 +44,7 @@ from backend.knowledge.embeddings import (
     OpenAIEmbedder,
     embed_timed,
 )
-from backend.lifecycle.policy import ModelKind, RegistrySnapshot, split_pin
+from backend.lifecycle.policy import ModelKind, RegistrySnapshot, TrafficPolicy, split_pin
 from backend.lifecycle.seeding import FIRST_VERSION
 
 log = logging.getLogger(__name__)
@@ -280,30 +280,25 @@ class EmbeddingVersions:
             self.model, self._serving.version, None, None, 0, 0, None, None, None
         )
 
+    def _policy(self) -> TrafficPolicy | None:
+        return self._registry.policies.get(self.model) if self._registry is not None else None
+
     def _live_version(self) -> tuple[str, dict[str, Any]] | None:
         """The registry's live version of the embedding model and its spec (None: no registry,
         or it does not list the model)."""
-        snapshot = self._registry
-        if snapshot is None:
-            return None
-        policy = snapshot.policies.get(self.model)
+        policy = self._policy()
         if policy is None or not policy.arms:
             return None
-        for record in snapshot.versions.get(self.model, ()):
-            if record.version == policy.live and record.kind is ModelKind.EMBEDDING:
-                return record.version, dict(record.spec)
-        return None
+        spec = self._spec(policy.live)
+        return None if spec is None else (policy.live, spec)
 
     def _shadow_version(self) -> tuple[str, dict[str, Any], float] | None:
         """The policy's shadow embedding version, its spec and sample rate (None: none)."""
-        snapshot = self._registry
-        policy = snapshot.policies.get(self.model) if snapshot is not None else None
-        if snapshot is None or policy is None or policy.shadow is None:
+        policy = self._policy()
+        if policy is None or policy.shadow is None:
             return None
-        for record in snapshot.versions.get(self.model, ()):
-            if record.version == policy.shadow and record.kind is ModelKind.EMBEDDING:
-                return record.version, dict(record.spec), policy.shadow_rate
-        return None
+        spec = self._spec(policy.shadow)
+        return None if spec is None else (policy.shadow, spec, policy.shadow_rate)
 
     def sampled_shadow(self) -> Shadow | None:
         """The shadow to compare this search with, when the policy has one whose vectors are
@@ -317,8 +312,9 @@ class EmbeddingVersions:
         return self._base.name if version == self._base_version else f"{self.model}@{version}"
 
     def _spec(self, version: str) -> dict[str, Any] | None:
+        """An embedding version's spec as this replica's registry view has it."""
         for record in (self._registry.versions if self._registry else {}).get(self.model, ()):
-            if record.version == version:
+            if record.version == version and record.kind is ModelKind.EMBEDDING:
                 return dict(record.spec)
         return None
 
