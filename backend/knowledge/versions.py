@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _COLUMNS = (("embedding", "embedding_model"), ("embedding_b", "embedding_b_model"))
 _CLOSE_OLD_AFTER_S = 30.0  # a switched-out embedder serves the calls already in flight
+_RETRY_CHECKS = 6  # a failed re-embedding waits this many checks before it is tried again
 
 
 class Spent(Protocol):
@@ -366,6 +367,8 @@ class EmbeddingVersions:
         )
         if not (wanted or running_elsewhere or shadowed or self._sweep_due(row)):
             return
+        if self._failed_lately(row):
+            return
         if self._job is not None and not self._job.done():
             return
         if not await self._take_lock():
@@ -420,6 +423,14 @@ class EmbeddingVersions:
         task = asyncio.create_task(later(), name=f"close-embedder-{embedder.name}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+    def _failed_lately(self, row: KnowledgeEmbedding) -> bool:
+        """A failed re-embedding (its endpoint down, say) is tried again after a pause of
+        `_RETRY_CHECKS` checks, not at every one."""
+        if row.status != "failed" or row.finished_at is None:
+            return False
+        pause = _RETRY_CHECKS * self._settings.reembed_check_s
+        return (datetime.now(UTC) - row.finished_at).total_seconds() < pause
 
     def _sweep_due(self, row: KnowledgeEmbedding) -> bool:
         """Right after a switch, chunks stored by a replica that had not heard of it yet carry
