@@ -1020,14 +1020,7 @@ class KnowledgeService:
             "q": query,
             "v": vector_literal(vector) if vector is not None else None,
         }
-        filters = f"c.{serving.tag_column} = :model"
-        params["meta"], params["docs"] = None, None
-        if metadata:
-            filters += " AND c.meta @> CAST(:meta AS jsonb)"
-            params["meta"] = _json(metadata)
-        if document_ids:
-            filters += " AND c.document_id = ANY(:docs)"
-            params["docs"] = document_ids
+        filters = _filters(serving.tag_column, metadata, document_ids, params)
         if mode is SearchMode.HYBRID:
             # The two rankings run at once on two connections (PostgreSQL serves them on two
             # cores), each returning its candidates; they are fused here.
@@ -1124,14 +1117,8 @@ class KnowledgeService:
         """The shadow version's top-10 chunks by vector for `query` (with the search's
         filters), embedded by it, uncharged."""
         [vector] = await shadow.embedder.embed([query])
-        filters = f"c.{shadow.tag_column} = :model"
         params: dict[str, Any] = {"v": vector_literal(vector), "model": shadow.tag, "k": TOP_K}
-        if metadata:
-            filters += " AND c.meta @> CAST(:meta AS jsonb)"
-            params["meta"] = _json(metadata)
-        if document_ids:
-            filters += " AND c.document_id = ANY(:docs)"
-            params["docs"] = document_ids
+        filters = _filters(shadow.tag_column, metadata, document_ids, params)
         async with self._db.session(principal.tenant_id, settings=_search_settings(ef)) as session:
             rows = await session.execute(
                 text(
@@ -1305,6 +1292,26 @@ async def _insert_chunks(
     ]
     for start in range(0, len(rows), 1000):
         await session.execute(insert(Chunk), rows[start : start + 1000])
+
+
+def _filters(
+    tag_column: str,
+    metadata: dict[str, Any] | None,
+    document_ids: list[uuid.UUID] | None,
+    params: dict[str, Any],
+) -> str:
+    """A search's WHERE: chunks with vectors of the `:model` tag in `tag_column`, and the
+    caller's filters; their values go into `params` (`meta`, `docs`: None when unused). Built
+    from constant SQL only."""
+    filters = f"c.{tag_column} = :model"
+    params["meta"], params["docs"] = None, None
+    if metadata:
+        filters += " AND c.meta @> CAST(:meta AS jsonb)"
+        params["meta"] = _json(metadata)
+    if document_ids:
+        filters += " AND c.document_id = ANY(:docs)"
+        params["docs"] = document_ids
+    return filters
 
 
 def _search_settings(ef: int) -> dict[str, str]:

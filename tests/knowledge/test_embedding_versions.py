@@ -53,6 +53,24 @@ def operate(settings: Settings, operators: str, **knowledge: float) -> None:
     settings.knowledge = settings.knowledge.model_copy(update=knowledge)
 
 
+async def register(
+    server: LiveServer, token: str, version: str, port: int, **spec: Any
+) -> dict[str, Any]:
+    """An endpoint version of the knowledge base's embedding model (at `port`)."""
+    endpoint = {"provider": "openai", "base_url": f"http://127.0.0.1:{port}/v1", **spec}
+    return await gql(
+        server, token, REGISTER, model=MODEL, version=version, spec=endpoint, kind="EMBEDDING"
+    )
+
+
+async def promote(server: LiveServer, token: str, version: str) -> dict[str, Any]:
+    return await gql(
+        server,
+        token,
+        f'mutation {{ promoteModelVersion(model: "{MODEL}", version: "{version}") {{ live }} }}',
+    )
+
+
 async def ingest(server: LiveServer, tenant: str, name: str, data: bytes) -> None:
     knowledge = server.services.knowledge
     principal = await server.services.auth.principal_for(tenant, EMAIL)
@@ -104,24 +122,9 @@ async def test_a_promoted_embedding_version_is_searched_only_once_every_chunk_ha
         assert hits[0].source == "doc-0.md"
         assert (await state(server, token))["reembedding"]["servingVersion"] == FIRST
 
-        endpoint = {
-            "provider": "openai",
-            "base_url": f"http://127.0.0.1:{port}/v1",
-            "model": "stub-embeddings",
-        }
-        wide = await gql(
-            server,
-            token,
-            REGISTER,
-            model=MODEL,
-            version="wide",
-            spec={**endpoint, "dimensions": 512},
-            kind="EMBEDDING",
-        )
+        wide = await register(server, token, "wide", port, dimensions=512)
         assert wide["errors"][0]["extensions"]["code"] == "INVALID_MODEL_SPEC", wide
-        registered = await gql(
-            server, token, REGISTER, model=MODEL, version="2", spec=endpoint, kind="EMBEDDING"
-        )
+        registered = await register(server, token, "2", port, model="stub-embeddings")
         assert registered["data"]["registerModelVersion"]["status"] == "READY", registered
         split = await gql(
             server,
@@ -133,11 +136,7 @@ async def test_a_promoted_embedding_version_is_searched_only_once_every_chunk_ha
         assert split["errors"][0]["extensions"]["code"] == "INVALID_TRAFFIC_POLICY", split
 
         stubs.embedding_delay_s = 0.3  # the re-embedding takes a while: search meanwhile
-        promoted = await gql(
-            server,
-            token,
-            f'mutation {{ promoteModelVersion(model: "{MODEL}", version: "2") {{ live }} }}',
-        )
+        promoted = await promote(server, token, "2")
         assert promoted["data"]["promoteModelVersion"]["live"] == "2", promoted
         running = await until(server, token, lambda r: r["status"] == "running" and r["done"])
         progress = running["reembedding"]
@@ -203,16 +202,9 @@ async def test_a_promoted_version_that_cannot_embed_leaves_search_on_the_live_ve
         principal = await server.services.auth.principal_for(operators, EMAIL)
         name, data = DOCUMENTS[0]
         await ingest(server, operators, name, data)
-        endpoint = {"provider": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}
-        registered = await gql(
-            server, token, REGISTER, model=MODEL, version="3", spec=endpoint, kind="EMBEDDING"
-        )
+        registered = await register(server, token, "3", port)
         assert registered["data"]["registerModelVersion"]["status"] == "READY", registered
-        promoted = await gql(
-            server,
-            token,
-            f'mutation {{ promoteModelVersion(model: "{MODEL}", version: "3") {{ live }} }}',
-        )
+        promoted = await promote(server, token, "3")
         assert promoted["data"]["promoteModelVersion"]["live"] == "3", promoted
         failed = await until(server, token, lambda r: r["status"] == "failed")
         assert failed["reembedding"]["servingVersion"] == FIRST, failed
@@ -248,10 +240,7 @@ async def test_a_shadow_embedding_version_is_compared_on_sampled_searches_never_
         principal = await server.services.auth.principal_for(operators, EMAIL)
         for name, data in DOCUMENTS:
             await ingest(server, operators, name, data)
-        endpoint = {"provider": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}
-        registered = await gql(
-            server, token, REGISTER, model=MODEL, version="4", spec=endpoint, kind="EMBEDDING"
-        )
+        registered = await register(server, token, "4", port)
         assert registered["data"]["registerModelVersion"]["status"] == "READY", registered
         shadowed = await gql(
             server,
