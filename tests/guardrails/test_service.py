@@ -40,7 +40,9 @@ async def rails(make: Make) -> AsyncIterator[GuardrailService]:
 async def audited(db: Database, rails: GuardrailService, principal: Principal) -> list[AuditEvent]:
     await rails.flush()
     async with db.session(principal.tenant_id) as session:
-        rows = await session.scalars(select(AuditEvent).order_by(AuditEvent.created_at))
+        # one batch is one transaction: its rows share now(), and their ids keep their order
+        query = select(AuditEvent).order_by(AuditEvent.created_at, AuditEvent.id)
+        rows = await session.scalars(query)
         return list(rows)
 
 
