@@ -350,6 +350,7 @@ async def _build_registry(
         served = {m.alias for m in chat.aliases}
         specs = {a: s for a, s in alias_specs(settings.chat).items() if a in served}
         manifests = [s.manifest for s in pool.status().values()] if pool is not None else []
+        manifests += vision.in_process_models()  # Tesseract: its version here
         embedding = (embedder.name, embedder.dimensions, settings.knowledge.embedding_base_url)
         await registry.seed(served_models(manifests, specs, embedding))
     watcher = RegistryWatcher(registry, state.redis, settings.lifecycle)

@@ -53,6 +53,7 @@ from backend.knowledge.service import EmbeddingSpent, KnowledgeService
 from backend.knowledge.versions import Reembedding, read_state
 from backend.lifecycle._series import Series
 from backend.lifecycle.comparison import ModelComparisons
+from backend.lifecycle.errors import VersionNotFound
 from backend.lifecycle.policy import Arm, ModelKind, RegistrySnapshot, TrafficPolicy
 from backend.lifecycle.service import ModelRegistryService
 from backend.lifecycle.shadow import ShadowAgreement, ShadowLedger
@@ -1358,6 +1359,28 @@ def models_versions(model: Annotated[str, typer.Argument(help="The model.")]) ->
             out.print(f"pinned: tenant {pin.tenant_id} -> {pin.version}", highlight=False)
         if found.kind is ModelKind.EMBEDDING:
             _print_reembedding(await read_state(service.db, found.name))
+
+    _run_registry(work)
+
+
+@models_app.command("spec")
+def models_spec(
+    model: Annotated[str, typer.Argument(help="The model.")],
+    version: Annotated[str, typer.Argument(help="Its version.")],
+) -> None:
+    """Print a version's spec (its manifest or endpoint spec) as JSON, without its name and
+    version: a file to edit and register as another version, of this model or of another
+    (`sightline models spec rapidocr 3.10.0 > ocr.json`, then `models register tesseract
+    rapidocr-3.10.0 --spec ocr.json`)."""
+
+    async def work(service: ModelRegistryService, _: AuthService) -> None:
+        found = await service.model(None, model)
+        for candidate in found.versions:
+            if candidate.version == version:
+                spec = {k: v for k, v in candidate.spec.items() if k not in ("name", "version")}
+                typer.echo(json.dumps(spec, indent=2))
+                return
+        raise VersionNotFound(f"{model} has no version {version!r}")
 
     _run_registry(work)
 

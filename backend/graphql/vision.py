@@ -235,7 +235,8 @@ class VisionMutation:
             str | None,
             strawberry.argument(
                 description="OCR: `tesseract` or an OCR model the inference pool serves "
-                "(`rapidocr`); default: SIGHTLINE_VISION_OCR_ENGINE."
+                "(`rapidocr`), optionally pinned to a version (`name@version`; the registry's "
+                "versions of `tesseract` may run RapidOCR); default: SIGHTLINE_VISION_OCR_ENGINE."
             ),
         ] = None,
         language: str = "eng",

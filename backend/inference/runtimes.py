@@ -74,6 +74,8 @@ def load(manifest: ModelManifest, device: str, threads: int = 1) -> BatchFn:
     loader = loaders.get(manifest.runtime)
     if loader is not None:
         return loader()
+    if manifest.in_process:
+        raise ManifestError(f"{manifest.name}: runtime {manifest.runtime} runs in the server")
     raise ManifestError(f"{manifest.name}: no runtime {manifest.runtime}")
 
 

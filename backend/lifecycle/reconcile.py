@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from backend.core.tasks import cancel_and_wait
 from backend.inference.client import InferenceError, ModelStatus
-from backend.inference.manifest import ManifestError, ModelManifest
+from backend.inference.manifest import IN_PROCESS_RUNTIMES, ManifestError, ModelManifest
 from backend.inference.pool import InferencePool
 from backend.lifecycle.policy import (
     LOADED,
@@ -85,7 +85,9 @@ class PoolReconciler:
         here = self._pool.versions()
         for model, records in snapshot.versions.items():
             for record in records:
-                if record.kind is not ModelKind.VISION:
+                if record.kind is not ModelKind.VISION or record.spec.get("runtime") in (
+                    IN_PROCESS_RUNTIMES  # each server serves its own (Tesseract)
+                ):
                     continue
                 key = (model, record.version)
                 if key in self._tasks:

@@ -51,16 +51,21 @@ class ModelRouter:
         self._snapshot = RegistrySnapshot()
 
     @classmethod
-    def over(cls, client: InferenceClient) -> ModelRouter:
-        """A router over what an inference client serves (its `manifests()`)."""
+    def over(
+        cls, client: InferenceClient, in_process: Sequence[tuple[str, str]] = ()
+    ) -> ModelRouter:
+        """A router over what an inference client serves (its `manifests()`) and the
+        `in_process` versions (model, version) the server runs itself, which come first (the
+        model's default) when the client serves other versions of the same model."""
 
         def local_versions(model: str) -> list[str]:
+            own = [v for m, v in in_process if m == model]
             versions = [m.version for m in client.manifests() if m.name == model]
             try:
-                default = client.manifest(model).version
+                default = [] if own else [client.manifest(model).version]
             except ModelUnavailable:
-                return versions
-            return [default, *(v for v in versions if v != default)]
+                default = []
+            return list(dict.fromkeys([*own, *default, *versions]))
 
         return cls(lambda model, version: version in local_versions(model), local_versions)
 

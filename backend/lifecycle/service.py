@@ -331,6 +331,12 @@ class ModelRegistryService:
             raise InvalidModelSpec(str(exc), field="spec") from None
         if manifest.task.value != task:
             raise InvalidModelSpec(f"the manifest's task is {manifest.task.value}, not {task}")
+        if manifest.in_process:
+            raise InvalidModelSpec(
+                f"runtime {manifest.runtime} runs inside each server, which registers the version "
+                "it has at start; register a version on an inference pool runtime",
+                field="spec",
+            )
         if sha256 is not None and manifest.sha256 and manifest.sha256.lower() != sha256:
             raise ChecksumMismatch("sha256 differs from the manifest's", field="sha256")
         if sha256 is not None and manifest.weights:

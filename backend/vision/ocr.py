@@ -4,6 +4,7 @@ costs tens of milliseconds), language a parameter, words and lines with boxes an
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +14,11 @@ import numpy as np
 from PIL import Image
 
 from backend.errors import AppError, ValidationFailed
+from backend.inference.catalog import Task
+from backend.inference.manifest import ModelManifest
 from backend.vision.preprocess import for_ocr
+
+TESSERACT = "tesseract"  # the OCR model this process runs (the others are the pool's)
 
 
 class OcrUnavailable(AppError):
@@ -32,6 +37,25 @@ class OcrEngine:
         import tesserocr
 
         return str(tesserocr.tesseract_version().split()[1])
+
+    def manifest(self) -> ModelManifest | None:
+        """This process's Tesseract as a registry model's version (its version is Tesseract's),
+        or None without tesserocr. The registry's other versions of the model may run on the
+        inference pool (RapidOCR), so that an OCR policy can compare the two engines."""
+        try:
+            version = self.version
+            source = f"tesserocr=={importlib.metadata.version('tesserocr')}"
+        except (ImportError, importlib.metadata.PackageNotFoundError):
+            return None
+        return ModelManifest(
+            name=TESSERACT,
+            version=version,
+            task=Task.OCR,
+            runtime="tesseract",
+            input={"tessdata": str(self._tessdata)},
+            source=source,
+            licence="Apache-2.0",
+        )
 
     def languages(self) -> list[str]:
         if not self._tessdata.is_dir():

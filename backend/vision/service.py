@@ -54,6 +54,7 @@ from backend.inference.client import (
     ItemTiming,
     Priority,
 )
+from backend.inference.manifest import ModelManifest
 from backend.lifecycle.operations import ModelOperations
 from backend.lifecycle.policy import RequestKey, split_pin
 from backend.lifecycle.router import ModelRouter, run_routed
@@ -64,13 +65,12 @@ from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
 from backend.vision import repository as jobs
 from backend.vision.images import DecodeBudget, DecodedImage, decode
-from backend.vision.ocr import OcrEngine
+from backend.vision.ocr import TESSERACT, OcrEngine
 from backend.vision.preprocess import classification_input, detector_input, ocr_input
 
 log = logging.getLogger(__name__)
 
 WORKER_LOST = "WORKER_LOST"
-TESSERACT = "tesseract"  # the OCR engine of this process (the others are the pool's OCR models)
 T = TypeVar("T")
 
 
@@ -223,8 +223,14 @@ class VisionService:
         self._keys = keys.child("vision")
         self.events = RunEventLog(redis, self._keys, ttl_after_end_s=settings.jobs_ttl_s)
         self._inference = inference
+        # Tesseract: a version of the registry's `tesseract` model that this process serves
+        self._tesseract = ocr.manifest()
         # which version serves each request (without a registry: each model's default here)
-        self._router = router or (ModelRouter.over(inference) if inference is not None else None)
+        self._router = router or (
+            ModelRouter.over(inference, [(m.name, m.version) for m in self.in_process_models()])
+            if inference is not None
+            else None
+        )
         # per-version serving figures and shadow runs (the app sets it; None: not kept)
         self.operations: ModelOperations | None = None
         self._ocr = ocr
@@ -262,6 +268,18 @@ class VisionService:
     def enabled(self) -> bool:
         """Whether this replica runs vision jobs (it has an inference pool)."""
         return self._inference is not None
+
+    def in_process_models(self) -> list[ModelManifest]:
+        """The model versions this process serves itself, not the inference pool (Tesseract):
+        registry entries like the pool's (seeded at start), none with vision off."""
+        if self._inference is None or self._tesseract is None:
+            return []
+        return [self._tesseract]
+
+    def _in_process(self, model: str, version: str | None) -> bool:
+        """Whether this process serves `model` at `version` (None: its default) itself."""
+        own = self._tesseract
+        return own is not None and model == own.name and version in (None, own.version)
 
     def ocr_languages(self) -> list[str]:
         """The installed Tesseract languages (none: OCR tasks fail with OCR_UNAVAILABLE)."""
@@ -482,21 +500,16 @@ class VisionService:
         wanted, field = _MODEL_TASKS[task]
         model, version = split_pin(name)
         if task is VisionTask.OCR and model == TESSERACT:
-            if version is None or version == self._ocr.version:
-                return
-            raise ValidationFailed(
-                f"{TESSERACT} has no version {version!r}; available: {self._ocr.version}",
-                field=field,
-                available=[self._ocr.version],
-            )
-        try:
-            manifest = self.models.manifest(model)
-        except InferenceError:
-            manifest = None
+            manifest = self._tesseract  # its other versions may be the pool's
+        else:
+            try:
+                manifest = self.models.manifest(model)
+            except InferenceError:
+                manifest = None
         if manifest is None or manifest.task is not wanted:
             available = sorted({m.name for m in self.models.manifests() if m.task is wanted})
             if task is VisionTask.OCR:
-                available = [TESSERACT, *available]
+                available = list(dict.fromkeys([TESSERACT, *available]))
             raise ValidationFailed(
                 f"no {wanted.value} model named {model!r}; available: "
                 + (", ".join(available) or "none"),
@@ -573,10 +586,11 @@ class VisionService:
         """What `seconds` of a vision model version cost (its manifest's price, else the
         settings'), counted in the metrics."""
         own = None
-        if model != TESSERACT:
+        in_process = self._in_process(model, version)
+        if not in_process:
             with contextlib.suppress(InferenceError):
                 own = self.models.manifest(model, version).compute_second_prices
-        device = "cpu" if model == TESSERACT else self._device  # Tesseract runs in-process
+        device = "cpu" if in_process else self._device  # Tesseract runs on this CPU
         return self._pricing.spent(tenant or "none", model, version, "vision", seconds, device, own)
 
     def _drifted(self, model: str, version: str, image: np.ndarray | None, result: object) -> None:
@@ -755,12 +769,7 @@ class VisionService:
         if timings is not None:
             ITEM_TIMINGS.set(timings)  # in this task's own context (see _all)
         try:
-            if task is VisionTask.OCR and split_pin(name)[0] == TESSERACT:
-                model, version = TESSERACT, self._ocr.version
-                result = await self.read(rgb, TESSERACT, options.language)
-                cost = self._spent(key.tenant_id, model, version, time.perf_counter() - started)
-                self._drifted(model, version, rgb, result)
-            elif task is VisionTask.OCR:
+            if task is VisionTask.OCR:
                 model, version, result, cost = await self._routed(
                     name,
                     key,
@@ -1100,8 +1109,9 @@ class VisionService:
     ) -> dict[str, Any]:
         """The text of an image with its lines and words (boxes in the image's pixels): by
         Tesseract (threads of this process), or by an OCR model of the inference pool
-        (RapidOCR), which reads every language its model knows (`language` is Tesseract's)."""
-        if engine == TESSERACT:
+        (RapidOCR, or a version of `tesseract` that runs RapidOCR), which reads every language
+        its model knows (`language` is Tesseract's)."""
+        if self._in_process(engine, version) or (engine == TESSERACT and self._tesseract is None):
             return await self._ocr.read(rgb, language)
         manifest = self.models.manifest(engine, version)
         image, scale = await asyncio.to_thread(ocr_input, rgb, manifest.input)

@@ -154,6 +154,22 @@ async def test_a_manifest_is_checked_from_its_own_folder(env: None, tmp_path: Pa
     assert code == 1
     assert "CHECKSUM_MISMATCH" in out
 
+    # a registered version's spec, printed to be registered again (as another version)
+    code, out = await invoke("models", "spec", "tagger", "1")
+    assert code == 0, out
+    printed = json.loads(out)
+    assert not {"name", "version"} & set(printed)
+    assert printed["runtime"] == "onnx"
+    assert Path(printed["weights"]) == weights.resolve()  # from the manifest's folder
+    again = tmp_path / "again.json"
+    again.write_text(out)
+    code, out = await invoke("models", "register", "tagger", "3", "--spec", str(again))
+    assert code == 0, out
+    assert "registered tagger@3: loading" in out
+    code, out = await invoke("models", "spec", "tagger", "9")
+    assert code == 1
+    assert "NOT_FOUND" in out
+
 
 async def test_an_embedding_models_versions_show_the_knowledge_bases_reembedding(
     env: None, own_database: str, tmp_path: Path

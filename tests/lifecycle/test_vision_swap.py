@@ -19,12 +19,14 @@ from backend.auth.passwords import hash_password
 from backend.config import Settings, VisionSettings
 from backend.core.db import Database
 from backend.core.models import Tenant, User, UserRole
+from backend.inference.manifest import builtin_manifests
 from backend.services import Services
 from backend.vision.service import VisionTask
 from tests.accounts import PASSWORD
 from tests.agents.test_runs import gql
 from tests.conftest import VISION_TIMEOUTS, LiveServer, scaled, serve_live
-from tests.lifecycle.test_graphql import REGISTER
+from tests.lifecycle.test_graphql import MODEL, REGISTER, SET_POLICY
+from tests.vision.test_graphql import text_image
 from tests.vision.test_recovery import photo
 
 EMAIL = "ops@operators.example"
@@ -97,22 +99,34 @@ async def until_ready(server: LiveServer, token: str, model: str, version: str) 
             await asyncio.sleep(0.2)
 
 
-async def served(
-    services: Services, tenant: str, model: str, email: str = EMAIL, image: bytes | None = None
-) -> tuple[str, str]:
-    """The version that served a classification job of `email` (of `image`, else a photo), and
-    its top class."""
+async def job_result(
+    services: Services,
+    tenant: str,
+    task: VisionTask,
+    image: bytes,
+    email: str = EMAIL,
+    **options: Any,
+) -> dict[str, Any]:
+    """The stored result of one `task` of a job of `email` on `image`, once the job ended."""
     assert services.vision is not None
     principal = await services.auth.principal_for(tenant, email)
-    job = await services.vision.analyze(
-        principal, image or photo(), [VisionTask.CLASSIFY], classifier=model
-    )
+    job = await services.vision.analyze(principal, image, [task], **options)
     events = await services.vision.job_events(principal, job.id, None)
     async with asyncio.timeout(scaled(60)), aclosing(events):  # type: ignore[type-var]
         async for event in events:
             if event.terminal:
                 break
-    result = dict((await services.vision.job(principal, job.id)).results["classify"])
+    return dict((await services.vision.job(principal, job.id)).results[task.value])
+
+
+async def served(
+    services: Services, tenant: str, model: str, email: str = EMAIL, image: bytes | None = None
+) -> tuple[str, str]:
+    """The version that served a classification job of `email` (of `image`, else a photo), and
+    its top class."""
+    result = await job_result(
+        services, tenant, VisionTask.CLASSIFY, image or photo(), email, classifier=model
+    )
     assert result["model"] == model, result
     return str(result["version"]), str(result["result"]["classes"][0]["label"])
 
@@ -177,3 +191,99 @@ async def test_a_new_version_loads_takes_the_traffic_and_the_old_one_unloads(
                 await asyncio.sleep(0.2)
         assert all(f"{model}@2" in held for held in await pool.worker_models())
         assert (await served(server.services, operators, model)) == ("2", "two")
+
+
+# -- Tesseract and RapidOCR: two engines, one OCR model ----------------------------------------
+
+OCR_COMPARISON = """query { modelComparison(model: "tesseract", window: 600) { versions {
+  version role shadowAgreement { compared failed metrics { name mean } } } } }"""
+
+
+async def test_rapidocr_is_a_canary_of_tesseract_compared_by_cer_then_promoted_and_rolled_back(
+    settings: Settings, operators: str
+) -> None:
+    """Tesseract, which each server runs itself, is the registry's `tesseract` model (seeded
+    live at its own version); RapidOCR registered as a version of it loads in the inference
+    pool, runs as a shadow compared by character error rate (never returned), then takes the
+    OCR traffic when promoted, and gives it back on rollback. A version on Tesseract's own
+    runtime cannot be registered (each server has its own)."""
+    settings.privacy = settings.privacy.model_copy(update={"operator_tenant": operators})
+    settings.vision = VisionSettings(enabled=True, **VISION_TIMEOUTS)
+    rapidocr = {m.name: m for m in builtin_manifests()}["rapidocr"].to_dict()
+    del rapidocr["name"], rapidocr["version"]
+    image = text_image()
+    async with serve_live(settings) as server:
+        token = await token_of(server, operators)
+        described = await gql(server, token, MODEL, name="tesseract")
+        seeded = described["data"]["model"]
+        assert (seeded["kind"], seeded["task"]) == ("VISION", "ocr"), described
+        [(own, status)] = [(v["version"], v["status"]) for v in seeded["versions"]]
+        assert (status, seeded["policy"]["live"]) == ("LIVE", own), described
+
+        async def read(**options: Any) -> tuple[str, str]:
+            result = await job_result(server.services, operators, VisionTask.OCR, image, **options)
+            assert result["model"] == "tesseract", result
+            return str(result["version"]), str(result["result"]["text"])
+
+        version, text = await read()
+        assert version == own
+        assert "Invoice 4711" in text
+
+        refused = await gql(
+            server,
+            token,
+            REGISTER,
+            model="tesseract",
+            version="psm6",
+            spec={"task": "ocr", "runtime": "tesseract", "input": {"psm": 6}},
+        )
+        assert refused["errors"][0]["extensions"]["code"] == "INVALID_MODEL_SPEC", refused
+
+        registered = await gql(
+            server, token, REGISTER, model="tesseract", version="rapidocr-3.10.0", spec=rapidocr
+        )
+        assert registered["data"]["registerModelVersion"]["status"] == "LOADING", registered
+        await until_ready(server, token, "tesseract", "rapidocr-3.10.0")
+        shadowed = await gql(
+            server,
+            token,
+            SET_POLICY,
+            model="tesseract",
+            arms=[{"version": own, "weight": 100}],
+            shadow="rapidocr-3.10.0",
+            rate=1.0,
+        )
+        assert shadowed["data"]["setTrafficPolicy"]["shadow"] == "rapidocr-3.10.0", shadowed
+
+        async def cer() -> dict[str, Any] | None:
+            body = await gql(server, token, OCR_COMPARISON)
+            assert "errors" not in body, body
+            for figures in body["data"]["modelComparison"]["versions"]:
+                if figures["role"] == "SHADOW" and figures["shadowAgreement"]["compared"]:
+                    return figures["shadowAgreement"]  # type: ignore[no-any-return]
+            return None
+
+        async with asyncio.timeout(scaled(90)):
+            while (found := await cer()) is None:
+                assert (await read())[0] == own  # the shadow's text never reaches the caller
+                await asyncio.sleep(0.2)
+        assert found["failed"] == 0, found
+        [rate] = found["metrics"]
+        assert rate["name"] == "cer", found
+        assert 0.0 <= rate["mean"] < 0.5, found
+
+        promoted = await gql(
+            server,
+            token,
+            'mutation { promoteModelVersion(model: "tesseract", version: "rapidocr-3.10.0") '
+            "{ live } }",
+        )
+        assert promoted["data"]["promoteModelVersion"]["live"] == "rapidocr-3.10.0", promoted
+        version, text = await read()
+        assert version == "rapidocr-3.10.0"
+        assert "Invoice 4711" in text
+        assert (await read(ocr_engine=f"tesseract@{own}"))[0] == own  # a request's pin wins
+
+        rolled = await gql(server, token, 'mutation { rollbackModel(model: "tesseract") { live } }')
+        assert rolled["data"]["rollbackModel"]["live"] == own, rolled
+        assert (await read())[0] == own
