@@ -222,10 +222,6 @@ async def test_a_promoted_version_that_cannot_embed_leaves_search_on_the_live_ve
             assert await knowledge.search(principal, "refunds", 1, mode=SearchMode.TEXT)
 
 
-COMPARISON = f"""{{ modelComparison(model: "{MODEL}", window: 600) {{ versions {{
-  version role shadowAgreement {{ compared failed metrics {{ name mean }} }} }} }} }}"""
-
-
 async def test_a_shadow_embedding_version_is_compared_on_sampled_searches_never_served(
     settings: Settings, operators: str
 ) -> None:
@@ -255,16 +251,8 @@ async def test_a_shadow_embedding_version_is_compared_on_sampled_searches_never_
         assert ready["reembedding"]["targetVersion"] == "4", ready
         assert ready["reembedding"]["servingVersion"] == FIRST, ready
 
-        async def agreement() -> dict[str, Any] | None:
-            body = await gql(server, token, COMPARISON)
-            assert "errors" not in body, body
-            for figures in body["data"]["modelComparison"]["versions"]:
-                if figures["role"] == "SHADOW" and figures["shadowAgreement"]["compared"]:
-                    return figures["shadowAgreement"]  # type: ignore[no-any-return]
-            return None
-
         async with asyncio.timeout(scaled(60)):
-            while (found := await agreement()) is None:
+            while (found := await swap.shadow_agreement(server, token, MODEL)) is None:
                 hits = await knowledge.search(principal, "How long do refunds take?", 3)
                 assert hits[0].source == "doc-0.md"  # the live version's answer
                 assert knowledge.embedder.name == LOCAL_NAME

@@ -195,8 +195,18 @@ async def test_a_new_version_loads_takes_the_traffic_and_the_old_one_unloads(
 
 # -- Tesseract and RapidOCR: two engines, one OCR model ----------------------------------------
 
-OCR_COMPARISON = """query { modelComparison(model: "tesseract", window: 600) { versions {
+COMPARISON = """query($m: String!) { modelComparison(model: $m, window: 600) { versions {
   version role shadowAgreement { compared failed metrics { name mean } } } } }"""
+
+
+async def shadow_agreement(server: LiveServer, token: str, model: str) -> dict[str, Any] | None:
+    """How `model`'s shadow compared with live (`modelComparison`), once it has compared one."""
+    body = await gql(server, token, COMPARISON, m=model)
+    assert "errors" not in body, body
+    for figures in body["data"]["modelComparison"]["versions"]:
+        if figures["role"] == "SHADOW" and figures["shadowAgreement"]["compared"]:
+            return figures["shadowAgreement"]  # type: ignore[no-any-return]
+    return None
 
 
 async def test_rapidocr_is_a_canary_of_tesseract_compared_by_cer_then_promoted_and_rolled_back(
@@ -255,16 +265,8 @@ async def test_rapidocr_is_a_canary_of_tesseract_compared_by_cer_then_promoted_a
         )
         assert shadowed["data"]["setTrafficPolicy"]["shadow"] == "rapidocr-3.10.0", shadowed
 
-        async def cer() -> dict[str, Any] | None:
-            body = await gql(server, token, OCR_COMPARISON)
-            assert "errors" not in body, body
-            for figures in body["data"]["modelComparison"]["versions"]:
-                if figures["role"] == "SHADOW" and figures["shadowAgreement"]["compared"]:
-                    return figures["shadowAgreement"]  # type: ignore[no-any-return]
-            return None
-
         async with asyncio.timeout(scaled(90)):
-            while (found := await cer()) is None:
+            while (found := await shadow_agreement(server, token, "tesseract")) is None:
                 assert (await read())[0] == own  # the shadow's text never reaches the caller
                 await asyncio.sleep(0.2)
         assert found["failed"] == 0, found
