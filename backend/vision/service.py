@@ -65,7 +65,7 @@ from backend.limits.ratelimit import RateLimiter
 from backend.realtime.eventlog import RunEvent, RunEventLog
 from backend.vision import repository as jobs
 from backend.vision.images import DecodeBudget, DecodedImage, decode
-from backend.vision.ocr import TESSERACT, OcrEngine
+from backend.vision.ocr import TESSERACT, OcrEngine, OcrUnavailable
 from backend.vision.preprocess import classification_input, detector_input, ocr_input
 
 log = logging.getLogger(__name__)
@@ -558,7 +558,7 @@ class VisionService:
             route, result = await run_routed(
                 self._routes, model, key, pinned, lambda version: run(model, version)
             )
-        except (InferenceError, TimeoutError):
+        except (InferenceError, TimeoutError, OcrUnavailable):  # the version's failures
             if self.operations is not None:  # the version that failed, as the router chose it
                 failed = self._routes.route(model, key, pinned).version
                 took = time.perf_counter() - started

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -20,6 +21,8 @@ from backend.core.redis import KeySpace
 from backend.inference.manifest import ModelManifest
 from backend.lifecycle.operations import ModelOperations
 from backend.limits.pricing import ComputePricing
+from backend.vision.ocr import OcrEngine
+from backend.vision.service import VisionTask
 from tests.knowledge.test_service import database, new_principal
 from tests.vision.test_recovery import CLASSIFY_AND_DETECT, Models, photo, stop, vision
 
@@ -81,3 +84,27 @@ async def test_each_task_costs_its_versions_price_in_results_usage_stats_and_met
         f'sightline_model_compute_seconds_total{{device="cpu",kind="vision",model="{DETECTOR}"'
         in text
     )
+
+
+async def test_tesseract_is_a_routed_version_whose_failures_count_against_it(
+    database: Database, redis: Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    """OCR by Tesseract goes through the router like the pool's models: a server without its
+    language data fails the task with OCR_UNAVAILABLE, and the failure is counted against
+    Tesseract's version (what a canary guard between two OCR engines compares)."""
+    operations = ModelOperations(redis, KeySpace(key_prefix), LifecycleSettings(), Metrics())
+    operations.start()
+    engine = OcrEngine(tmp_path)  # no language data here
+    service = vision(database, redis, key_prefix, Models(), ocr=engine)
+    service.operations = operations
+    principal = await new_principal(database)
+    job = await service.analyze(principal, photo(), [VisionTask.OCR])
+    events = await service.job_events(principal, job.id, None)
+    failed = [e.data async for e in events if e.type == "VisionTaskFailed"]
+    await stop(service)
+    await operations.close()
+
+    assert [(f["task"], f["code"]) for f in failed] == [("ocr", "OCR_UNAVAILABLE")]
+    again = ModelOperations(redis, KeySpace(key_prefix), LifecycleSettings(), Metrics())
+    figures = await again.stats.window("tesseract", engine.version, 60)
+    assert (figures.requests, figures.errors) == (1, 1)

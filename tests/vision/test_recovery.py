@@ -96,6 +96,7 @@ def vision(
     models: InferenceClient,
     router: ModelRouter | None = None,
     pricing: ComputePricing | None = None,
+    ocr: OcrEngine | None = None,
     **settings: object,
 ) -> VisionService:
     keys = KeySpace(key_prefix)
@@ -104,7 +105,7 @@ def vision(
         redis=redis,
         keys=keys,
         inference=models,
-        ocr=OcrEngine(VisionSettings().tessdata),
+        ocr=ocr or OcrEngine(VisionSettings().tessdata),
         limiter=RateLimiter(redis, keys, LimitsSettings(enabled=False)),
         settings=VisionSettings(**{**QUICK, **settings}),  # type: ignore[arg-type]
         budgets=Budgets(redis, keys, LimitsSettings()),
