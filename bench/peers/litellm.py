@@ -211,6 +211,14 @@ async def measure(
     )
 
 
+async def idle_cpu(servers: dict[str, subprocess.Popen[bytes]], seconds: float) -> dict[str, float]:
+    """Each server's CPU over `seconds` with no request, as a share of one core: its background
+    work (timers, leases, heartbeats), which every CPU-per-token figure also carries."""
+    before = {name: cpu_seconds(p.pid) for name, p in servers.items()}
+    await asyncio.sleep(seconds)
+    return {name: (cpu_seconds(p.pid) - before[name]) / seconds for name, p in servers.items()}
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -219,6 +227,9 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="tokens/s per stream")
     parser.add_argument("--tokens", type=int, default=100, help="tokens per answer")
     parser.add_argument("--ramp", type=float, default=2.0, help="seconds over which streams start")
+    parser.add_argument(
+        "--idle-s", type=float, default=10.0, help="seconds of no requests to measure idle CPU"
+    )
     parser.add_argument(
         "--min-answers",
         type=int,
@@ -276,6 +287,7 @@ async def main() -> None:
         ]
         for _, read, _ in paths:  # warm-up: imports, pools, caches
             await asyncio.gather(*(read(0) for _ in range(3)))
+        idle = await idle_cpu({"LiteLLM": proxy, "Sightline": stack.server}, args.idle_s)
         for streams in counts:
             rounds = max(1, math.ceil(args.min_answers / streams))
             ramp = args.ramp if streams > 1 else 0.0
@@ -291,6 +303,11 @@ async def main() -> None:
         "one Sightline worker, one LiteLLM process"
     )
     print(format_table(rows))
+    print(
+        f"idle CPU, no request for {args.idle_s:g} s after the warm-up (in every CPU-s/1k figure "
+        "above, over each pass's duration): "
+        + ", ".join(f"{name} {share * 100:.1f}% of a core" for name, share in idle.items())
+    )
 
 
 if __name__ == "__main__":
