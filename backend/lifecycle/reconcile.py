@@ -85,9 +85,8 @@ class PoolReconciler:
         here = self._pool.versions()
         for model, records in snapshot.versions.items():
             for record in records:
-                if record.kind is not ModelKind.VISION or record.spec.get("runtime") in (
-                    IN_PROCESS_RUNTIMES  # each server serves its own (Tesseract)
-                ):
+                in_process = record.spec.get("runtime") in IN_PROCESS_RUNTIMES  # Tesseract
+                if record.kind is not ModelKind.VISION or in_process:  # each server has its own
                     continue
                 key = (model, record.version)
                 if key in self._tasks:

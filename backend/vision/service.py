@@ -1111,7 +1111,7 @@ class VisionService:
         Tesseract (threads of this process), or by an OCR model of the inference pool
         (RapidOCR, or a version of `tesseract` that runs RapidOCR), which reads every language
         its model knows (`language` is Tesseract's)."""
-        if self._in_process(engine, version) or (engine == TESSERACT and self._tesseract is None):
+        if self._in_process(engine, version):
             return await self._ocr.read(rgb, language)
         manifest = self.models.manifest(engine, version)
         image, scale = await asyncio.to_thread(ocr_input, rgb, manifest.input)
