@@ -410,15 +410,16 @@ class RunService:
             return CancelledRun(run, stopping=False)
         await self._request_cancel(run.id)
         wait_s = self._settings.cancel_wait_s if wait else 0.0
+        deadline = time.monotonic() + wait_s
         local = self._tasks.get(run.id)
-        if local is not None:  # executed here: its end is awaited, not polled
+        if local is not None:  # executed here: its end is awaited first
             await asyncio.wait([local], timeout=wait_s)
             run = await self.get(principal, run_id)
-        else:
-            deadline = time.monotonic() + wait_s
-            while run.status in _GOING and time.monotonic() < deadline:
-                await asyncio.sleep(min(CANCEL_POLL_S, max(0.0, deadline - time.monotonic())))
-                run = await self.get(principal, run_id)
+        # then polled: elsewhere, or here when the task ended before its end was recorded (a
+        # second cancellation, from the cancel sweep, cuts the wait for the shielded record)
+        while run.status in _GOING and time.monotonic() < deadline:
+            await asyncio.sleep(min(CANCEL_POLL_S, max(0.0, deadline - time.monotonic())))
+            run = await self.get(principal, run_id)
         return CancelledRun(run, stopping=run.status in _GOING)
 
     async def stop(self, run_id: uuid.UUID) -> None:

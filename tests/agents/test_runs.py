@@ -87,7 +87,8 @@ async def sign_in(server: LiveServer, account: dict[str, Any]) -> str:
 
 
 async def gql(server: LiveServer, token: str, query: str, **variables: Any) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=server.http_url) as http:
+    # scaled: a first guardrailCheck loads the rails' models (over 5 s on a busy machine)
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=scaled(30)) as http:
         response = await http.post(
             "/graphql",
             json={"query": query, "variables": variables},
