@@ -268,20 +268,48 @@ class LiveServer:
         return self.state["services"]
 
 
+def _listening_socket(port: int | None = None) -> socket.socket:
+    """A loopback socket bound here and handed to uvicorn: no window between choosing a free
+    port and binding it, in which another connection's ephemeral port could take it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port or 0))
+    return sock
+
+
+async def _start(server: uvicorn.Server, sock: socket.socket) -> asyncio.Task[None]:
+    """Start `server` on `sock` and wait until it serves. uvicorn calls sys.exit when its app's
+    start-up fails; a SystemExit out of a task escapes the session's event loop and breaks
+    every test after it, so here it is an ordinary error of this one test."""
+
+    async def serve() -> None:
+        try:
+            await server.serve([sock])
+        except SystemExit as exited:
+            raise RuntimeError(
+                f"uvicorn could not start (exit {exited.code}): see its log"
+            ) from None
+        finally:
+            sock.close()
+
+    task = asyncio.create_task(serve())
+    async with asyncio.timeout(scaled(120)):
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("uvicorn stopped before it started serving")
+            await asyncio.sleep(0.02)
+    return task
+
+
 @asynccontextmanager
 async def serve_asgi(app: Any, port: int | None = None) -> AsyncIterator[int]:
     """Any ASGI app (a stub LLM, an identity provider) on a loopback port (free by default)."""
-    port = port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.02)
+    sock = _listening_socket(port)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="off"))
+    task = await _start(server, sock)
     try:
-        yield port
+        yield int(sock.getsockname()[1])
     finally:
         server.should_exit = True
         await task
@@ -302,22 +330,13 @@ async def serve_live(settings: Settings, **app_options: Any) -> AsyncIterator[Li
             yield opened
 
     application.router.lifespan_context = kept
-    port = free_port()
+    sock = _listening_socket()
+    port = int(sock.getsockname()[1])
     config = uvicorn.Config(
-        application,
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        lifespan="on",
-        ws_max_size=settings.ws_max_message_bytes,
+        application, log_config=None, lifespan="on", ws_max_size=settings.ws_max_message_bytes
     )
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(scaled(120)):
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
+    task = await _start(server, sock)
     try:
         yield LiveServer(
             f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/graphql", application, state

@@ -16,7 +16,7 @@ from backend.core.db import DatabaseUnreachable
 from backend.core.metrics import Metrics
 from backend.core.redis import RedisUnreachable
 from backend.core.state import AppState
-from tests.conftest import free_port, scaled
+from tests.conftest import LiveServer, free_port, scaled, serve_live
 
 
 async def test_healthz(client: AsyncClient) -> None:
@@ -126,3 +126,18 @@ async def test_unreachable_redis_fails_fast(settings: Settings) -> None:
     )
     with pytest.raises(RedisUnreachable, match=r"cannot reach Redis at 127\.0\.0\.1"):
         await AppState.open(bad, metrics=Metrics(), tracer_provider=TracerProvider())
+
+
+async def test_a_live_server_that_cannot_start_fails_its_own_test_only(
+    settings: Settings, live_server: LiveServer
+) -> None:
+    """uvicorn exits the process when start-up fails; the harness makes that one test's error
+    (a SystemExit escaping a task once broke every test after it, then the session)."""
+    bad = settings.model_copy(
+        update={"redis": RedisSettings(url=SecretStr(f"redis://127.0.0.1:{free_port()}/0"))}
+    )
+    with pytest.raises(RuntimeError, match="uvicorn could not start"):
+        async with serve_live(bad):
+            pass
+    async with AsyncClient(base_url=live_server.http_url) as http:  # the loop still serves
+        assert (await http.get("/healthz")).status_code == 200
