@@ -16,6 +16,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -97,7 +98,6 @@ class Database:
             pool_size=settings.pool_size,
             max_overflow=settings.max_overflow,
             pool_timeout=settings.pool_timeout_s,
-            pool_pre_ping=True,
             echo=settings.echo,
             # An error's text (logged, put on traces) never shows the statement's values:
             # they are what users wrote, and credentials' hashes.
@@ -127,36 +127,53 @@ class Database:
 
         `settings` are more transaction-local settings (`hnsw.ef_search`, say), set in the
         same round trip as the tenant."""
-        async with self._sessions() as session:
-            params = {"tenant": str(tenant_id) if tenant_id else ""}
-            if self._role:
-                params["role"] = self._role
-            scope = self._scope
-            if settings:
-                extra = []
-                for i, (name, value) in enumerate(settings.items()):
-                    params[f"s{i}"], params[f"v{i}"] = name, value
-                    extra.append(f", set_config(:s{i}, :v{i}, true)")
-                scope = text(str(self._scope) + "".join(extra))
-            try:
-                await session.execute(scope, params, execution_options=_UNTRACED_OPTIONS)
-            except PoolTimeout:
-                # Every pooled connection stayed busy for pool_timeout_s: overload, not a bug.
-                raise ServiceUnavailable(
-                    "the database is busy; retry shortly", retryAfter=1
-                ) from None
-            except OSError as exc:
-                # The first statement opens the connection: the server is not there (a Unix
-                # socket that is gone raises FileNotFoundError, a closed port a refusal).
-                raise ServiceUnavailable(
-                    "the database is unavailable; retry shortly", retryAfter=1
-                ) from exc
+        params = {"tenant": str(tenant_id) if tenant_id else ""}
+        if self._role:
+            params["role"] = self._role
+        scope = self._scope
+        if settings:
+            extra = []
+            for i, (name, value) in enumerate(settings.items()):
+                params[f"s{i}"], params[f"v{i}"] = name, value
+                extra.append(f", set_config(:s{i}, :v{i}, true)")
+            scope = text(str(self._scope) + "".join(extra))
+        session = await self._scoped(scope, params)
+        async with session:
             try:
                 yield session
             except BaseException:
                 await session.rollback()
                 raise
             await session.commit()
+
+    async def _scoped(self, scope: Any, params: dict[str, str]) -> AsyncSession:
+        """A session whose transaction has begun with the tenant's scope. Pooled connections
+        are not pinged at checkout (a round trip per unit of work): one that died with the
+        server (a restart) fails this first statement, which is then run once more on a new
+        connection (SQLAlchemy has invalidated the pool's older ones); nothing ran before it."""
+        for attempt in (1, 2):
+            session = self._sessions()
+            try:
+                await session.execute(scope, params, execution_options=_UNTRACED_OPTIONS)
+            except BaseException as exc:
+                await session.close()
+                if attempt == 1 and isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                    continue
+                if isinstance(exc, PoolTimeout):
+                    # Every pooled connection stayed busy for pool_timeout_s: overload.
+                    raise ServiceUnavailable(
+                        "the database is busy; retry shortly", retryAfter=1
+                    ) from None
+                if isinstance(exc, OSError):
+                    # The first statement opens the connection: the server is not there (a
+                    # Unix socket that is gone raises FileNotFoundError, a closed port a
+                    # refusal).
+                    raise ServiceUnavailable(
+                        "the database is unavailable; retry shortly", retryAfter=1
+                    ) from exc
+                raise
+            return session
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def get_owned(self, tenant_id: uuid.UUID, model: type[T], ident: Any, what: str) -> T:
         """A row of the tenant, or NOT_FOUND (row-level security hides other tenants' rows)."""

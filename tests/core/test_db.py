@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from backend.config import DatabaseSettings
 from backend.core.db import Database
 from backend.core.migrations import (
     alembic_config,
@@ -253,3 +254,22 @@ async def test_usage_by_model_migration_goes_up_and_down(engine: AsyncEngine) ->
             assert await conn.scalar(text("SELECT count(*) FROM usage_records")) == 1
         await upgrade_to_head(fresh)
         assert await current_revisions(fresh) == head_revisions()
+
+
+async def test_a_pooled_connection_the_server_closed_is_replaced_without_an_error(
+    database_url: str, engine: AsyncEngine
+) -> None:
+    """Checkouts are not pinged: the unit of work whose first statement finds its connection
+    dead (the server restarted, or an operator ended it) runs it again on a new one."""
+    db = Database.connect(database_url, DatabaseSettings(pool_size=1, max_overflow=0))
+    try:
+        async with db.session() as session:
+            first = await session.scalar(text("SELECT pg_backend_pid()"))
+        async with engine.connect() as admin:
+            # waits (5 s at most) until the backend has gone
+            assert await admin.scalar(text(f"SELECT pg_terminate_backend({int(first)}, 5000)"))
+        async with db.session() as session:  # the only pooled connection is dead by now
+            second = await session.scalar(text("SELECT pg_backend_pid()"))
+        assert second != first
+    finally:
+        await db.engine.dispose()
