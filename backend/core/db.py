@@ -209,10 +209,18 @@ class Database:
             return [(r.tenant_id, r.id, r.user_id) for r in rows]
 
     async def ping(self, timeout_s: float) -> None:
-        """Raises DatabaseUnreachable unless `SELECT 1` answers within `timeout_s`."""
+        """Raises DatabaseUnreachable unless `SELECT 1` answers within `timeout_s` (on a new
+        connection when the pooled one died with a restarted server)."""
         try:
-            async with asyncio.timeout(timeout_s), self.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            async with asyncio.timeout(timeout_s):
+                for attempt in (1, 2):
+                    try:
+                        async with self.engine.connect() as conn:
+                            await conn.execute(text("SELECT 1"))
+                        break
+                    except DBAPIError as exc:
+                        if attempt == 2 or not exc.connection_invalidated:
+                            raise
         except Exception as exc:  # any failure to answer is 'unreachable' to an operator
             where = redacted(self.engine.url.render_as_string(hide_password=False))
             reason = " ".join(str(exc).split()) or type(exc).__name__

@@ -271,5 +271,8 @@ async def test_a_pooled_connection_the_server_closed_is_replaced_without_an_erro
         async with db.session() as session:  # the only pooled connection is dead by now
             second = await session.scalar(text("SELECT pg_backend_pid()"))
         assert second != first
+        async with engine.connect() as admin:  # and the readiness probe's ping
+            assert await admin.scalar(text(f"SELECT pg_terminate_backend({int(second)}, 5000)"))
+        await db.ping(timeout_s=10)
     finally:
         await db.engine.dispose()
