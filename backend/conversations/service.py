@@ -154,10 +154,8 @@ class ConversationService:
         complete: bool = True,
         meta: dict[str, Any] | None = None,
     ) -> Message:
-        """Adds a message at the end (the caller's unit of work; the conversation is locked)."""
-        locked = await repo.lock(session, conversation.id)
-        if locked is None:
-            raise NotFound("no such conversation", id=str(conversation.id))
+        """Adds a message at the end, in the caller's unit of work, which holds the
+        conversation's lock (`owned_for_update`): the sequence number is read under it."""
         message = Message(
             tenant_id=conversation.tenant_id,
             conversation_id=conversation.id,
@@ -170,7 +168,7 @@ class ConversationService:
             meta=meta or {},
         )
         session.add(message)
-        locked.updated_at = datetime.now(UTC)
+        conversation.updated_at = datetime.now(UTC)
         await session.flush()
         return message
 
