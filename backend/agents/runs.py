@@ -186,6 +186,9 @@ class RunService:
         self._settings = settings
         self.replica = uuid.uuid4().hex
         self._tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
+        # (tenant, user) of each run executing here: its events' subscription is authorised
+        # without a unit of work (the row says the same; it is checked for any other run)
+        self._owners: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID]] = {}
         self._leases = Leases(
             redis,
             self._keys("leases"),
@@ -335,22 +338,25 @@ class RunService:
                 log.warning("run %s not created; cleanup left to recovery: %r", run_id, exc)
             raise
         await self._announce(run)
-        self._tasks[run.id] = asyncio.create_task(
-            self._execute(
-                _Turn(
-                    principal,
-                    run,
-                    chat_model,
-                    message,
-                    reservation,
-                    money,
-                    active_key,
-                    behind=busy is not None,
-                )
-            ),
-            name=f"run-{run.id}",
+        self._launch(
+            _Turn(
+                principal,
+                run,
+                chat_model,
+                message,
+                reservation,
+                money,
+                active_key,
+                behind=busy is not None,
+            )
         )
         return StartedRun(run, message)
+
+    def _launch(self, turn: _Turn) -> None:
+        """Executes the turn in a task of its own, owned by this service until it ends."""
+        run_id = turn.run.id
+        self._owners[run_id] = (turn.principal.tenant_id, turn.principal.user_id)
+        self._tasks[run_id] = asyncio.create_task(self._execute(turn), name=f"run-{run_id}")
 
     async def _announce(self, run: Run) -> None:
         """The run's first event: which model version serves it."""
@@ -472,7 +478,8 @@ class RunService:
     async def stream(
         self, principal: Principal, run_id: uuid.UUID, after: str | None
     ) -> AsyncIterator[RunEvent]:
-        await self.get(principal, run_id)  # authorisation: the caller's own run
+        if self._owners.get(run_id) != (principal.tenant_id, principal.user_id):
+            await self.get(principal, run_id)  # authorisation: the caller's own run
         return self.events.read(str(run_id), after)
 
     # -- execution ----------------------------------------------------------------------------
@@ -756,6 +763,7 @@ class RunService:
                     cost=float(cost),
                 )
             self._tasks.pop(run.id, None)
+            self._owners.pop(run.id, None)
             await self._leave(member, turn.active_key, run_key, recorded)
 
     async def _record_end(
