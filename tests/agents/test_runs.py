@@ -664,3 +664,56 @@ async def test_a_cancelled_batching_run_logs_every_piece_before_its_end(
     )
     stored = history["data"]["conversation"]["messages"]["edges"][-1]["node"]["content"]
     assert text_of(events) == stored  # pieces still batched at the cancel were logged too
+
+
+async def test_only_the_runs_owner_reads_its_events_while_it_runs_here(
+    server: LiveServer,
+    account: dict[str, Any],
+    llm: tuple[LLMStub, str],
+    engine: AsyncEngine,
+    chat_settings: Settings,
+) -> None:
+    """A run executing on this replica is authorised from memory: another member of the
+    tenant gets NOT_FOUND for it, as for any run that is not theirs."""
+    llm[0].answer_tokens = 2_000  # 10 s at the stub's rate: still running when asked
+    url = engine.url.render_as_string(hide_password=False)
+    db = Database.connect(url, chat_settings.database)
+    try:
+        async with db.session(account["tenant_id"]) as session:
+            session.add(
+                User(
+                    tenant_id=account["tenant_id"],
+                    email="v@chat.example",
+                    role=UserRole.MEMBER,
+                    password_hash=await hash_password(PASSWORD),
+                )
+            )
+    finally:
+        await db.dispose()
+    owner = await sign_in(server, account)
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        other = (
+            await http.post(
+                "/oauth/token",
+                data={
+                    "grant_type": "password",
+                    "tenant": account["tenant"],
+                    "username": "v@chat.example",
+                    "password": PASSWORD,
+                },
+            )
+        ).json()["access_token"]
+    _, run_id = await start_run(server, owner, "a long answer")
+    assert uuid.UUID(run_id) in server.services.runs._owners  # executing here
+    async with await open_socket(server.ws_url) as ws:
+        await init(ws, {"authorization": f"Bearer {other}"})
+        await subscribe(ws, EVENTS, {"r": run_id, "a": None, "c": False})
+        message = await receive(ws, timeout=scaled(30))
+        errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
+        assert errors[0]["extensions"]["code"] == "NOT_FOUND"
+    first = await collect(server, owner, run_id, stop_after=3)
+    assert [e["__typename"] for e in first][-1] == "TokenDelta"
+    cancelled = await gql(
+        server, owner, "mutation($r: ID!) { cancelRun(runId: $r) { id } }", r=run_id
+    )
+    assert "errors" not in cancelled, cancelled
