@@ -61,9 +61,7 @@ class ConversationService:
                 created_at=now,
                 updated_at=now,
             )
-            session.add(conversation)
-            await session.flush()
-            await session.refresh(conversation)
+            session.add(conversation)  # every column is set here: nothing to read back
         return conversation
 
     async def get(self, principal: Principal, conversation_id: uuid.UUID) -> Conversation:
