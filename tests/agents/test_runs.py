@@ -72,14 +72,16 @@ async def account(chat_settings: Settings, engine: AsyncEngine) -> dict[str, Any
     return {"tenant": slug, "tenant_id": tenant.id}
 
 
-async def sign_in(server: LiveServer, account: dict[str, Any]) -> str:
+async def sign_in(
+    server: LiveServer, account: dict[str, Any], username: str = "u@chat.example"
+) -> str:
     async with httpx.AsyncClient(base_url=server.http_url) as http:
         response = await http.post(
             "/oauth/token",
             data={
                 "grant_type": "password",
                 "tenant": account["tenant"],
-                "username": "u@chat.example",
+                "username": username,
                 "password": PASSWORD,
             },
         )
@@ -691,18 +693,7 @@ async def test_only_the_runs_owner_reads_its_events_while_it_runs_here(
     finally:
         await db.dispose()
     owner = await sign_in(server, account)
-    async with httpx.AsyncClient(base_url=server.http_url) as http:
-        other = (
-            await http.post(
-                "/oauth/token",
-                data={
-                    "grant_type": "password",
-                    "tenant": account["tenant"],
-                    "username": "v@chat.example",
-                    "password": PASSWORD,
-                },
-            )
-        ).json()["access_token"]
+    other = await sign_in(server, account, "v@chat.example")
     _, run_id = await start_run(server, owner, "a long answer")
     assert uuid.UUID(run_id) in server.services.runs._owners  # executing here
     async with await open_socket(server.ws_url) as ws:
