@@ -88,6 +88,10 @@ from backend.realtime.eventlog import RunEvent, RunEventLog
 
 log = logging.getLogger(__name__)
 
+# has_documents: how long a tenant's "yes" is reused, for how many tenants at most
+_STOCKED_FOR_S = 60.0
+_STOCKED_TENANTS = 10_000
+
 RETRY_MAX_S = 30.0
 WORKER_LOST = "WORKER_LOST"
 _ENDED = (JobStatus.COMPLETED.value, JobStatus.UNCHANGED.value, JobStatus.FAILED.value)
@@ -226,6 +230,8 @@ class KnowledgeService:
             name="ingestion-store",
         )
         self._jobs: dict[uuid.UUID, asyncio.Task[None]] = {}
+        # tenants seen with documents, until when that answer is reused (see has_documents)
+        self._stocked: dict[uuid.UUID, float] = {}
         self._leases = job_leases(
             redis,
             self._keys("job-leases"),
@@ -1238,8 +1244,20 @@ class KnowledgeService:
         return await self.relevance(principal, query) >= self._settings.min_relevance
 
     async def has_documents(self, principal: Principal) -> bool:
+        """Whether the tenant's knowledge base holds any document (asked on every chat turn).
+        A yes is reused for `_STOCKED_FOR_S`: a base emptied meanwhile only costs a search
+        that finds nothing. A no is asked again each time, so a first document counts at once."""
+        now = time.monotonic()
+        if self._stocked.get(principal.tenant_id, 0.0) > now:
+            return True
         async with self._db.session(principal.tenant_id) as session:
-            return (await session.scalar(select(Document.id).limit(1))) is not None
+            stocked = (await session.scalar(select(Document.id).limit(1))) is not None
+        if stocked:
+            if len(self._stocked) >= _STOCKED_TENANTS:  # bounded: the oldest answers go first
+                for tenant in list(self._stocked)[: _STOCKED_TENANTS // 2]:
+                    del self._stocked[tenant]
+            self._stocked[principal.tenant_id] = now + _STOCKED_FOR_S
+        return stocked
 
     async def search_knowledge(self, principal: Principal, query: str, k: int) -> list[Source]:
         """The chat agent's `search_knowledge` tool."""

@@ -16,14 +16,14 @@ import numpy
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 from redis.asyncio import Redis
-from sqlalchemy import select, text
+from sqlalchemy import delete, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.auth.principal import CredentialKind, Principal
 from backend.auth.scopes import ALL_SCOPES
 from backend.config import KnowledgeSettings, LimitsSettings, Settings, VisionSettings
 from backend.core.db import Database
-from backend.core.models import Chunk, JobStatus, Tenant, UserRole
+from backend.core.models import Chunk, Document, JobStatus, Tenant, UserRole
 from backend.core.redis import KeySpace
 from backend.errors import NotFound, PayloadTooLarge, ValidationFailed
 from backend.knowledge.embeddings import Embedder, LocalEmbedder
@@ -598,3 +598,19 @@ async def test_progress_rises_per_batch_of_chunks_for_small_documents(
     steps = [d for d in done if 0 < d < total]
     assert steps == list(range(4, total, 4)), done  # one event per 4 chunks, not 0/N then N/N
     await service.close(5)
+
+
+async def test_has_documents_asks_again_until_yes_then_reuses_the_yes(
+    kb: KnowledgeService, database: Database
+) -> None:
+    """Asked on every chat turn: an empty base is asked each time (its first document counts
+    at once); a yes is reused a while (an emptied base only costs a search that finds nothing)."""
+    principal = await new_principal(database)
+    assert not await kb.has_documents(principal)
+    job = await kb.ingest(principal, b"Lighthouses keep ships off the rocks.", filename="a.txt")
+    await finished(kb, principal, job.id)
+    assert await kb.has_documents(principal)
+    async with database.session(principal.tenant_id) as session:
+        await session.execute(delete(Document))
+    assert await kb.has_documents(principal)  # the yes, reused
+    assert not await kb.has_documents(await new_principal(database))  # per tenant
