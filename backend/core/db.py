@@ -156,7 +156,9 @@ class Database:
             try:
                 await session.execute(scope, params, execution_options=_UNTRACED_OPTIONS)
             except BaseException as exc:
-                await session.close()
+                # shielded, as AsyncSession's own exit does: a second cancellation must not
+                # leave the connection checked out
+                await asyncio.shield(asyncio.create_task(session.close()))
                 if attempt == 1 and isinstance(exc, DBAPIError) and exc.connection_invalidated:
                     continue
                 if isinstance(exc, PoolTimeout):
