@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +45,19 @@ T = TypeVar("T")
 
 class DatabaseUnreachable(RuntimeError):
     """PostgreSQL did not answer; the message is one line an operator can act on."""
+
+
+async def _again_if_dead(step: Callable[[], Awaitable[T]]) -> T:
+    """`step()`, once more when its first statement found its pooled connection dead (the
+    server restarted, or an operator ended it). Checkouts are not pinged (a round trip per
+    unit of work); SQLAlchemy has invalidated the pool's older connections by then, and
+    nothing of the step ran before that statement."""
+    try:
+        return await step()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    return await step()
 
 
 def redacted(url: str) -> str:
@@ -147,35 +160,29 @@ class Database:
             await session.commit()
 
     async def _scoped(self, scope: Any, params: dict[str, str]) -> AsyncSession:
-        """A session whose transaction has begun with the tenant's scope. Pooled connections
-        are not pinged at checkout (a round trip per unit of work): one that died with the
-        server (a restart) fails this first statement, which is then run once more on a new
-        connection (SQLAlchemy has invalidated the pool's older ones); nothing ran before it."""
-        for attempt in (1, 2):
-            session = self._sessions()
-            try:
-                await session.execute(scope, params, execution_options=_UNTRACED_OPTIONS)
-            except BaseException as exc:
-                # shielded, as AsyncSession's own exit does: a second cancellation must not
-                # leave the connection checked out
-                await asyncio.shield(asyncio.create_task(session.close()))
-                if attempt == 1 and isinstance(exc, DBAPIError) and exc.connection_invalidated:
-                    continue
-                if isinstance(exc, PoolTimeout):
-                    # Every pooled connection stayed busy for pool_timeout_s: overload.
-                    raise ServiceUnavailable(
-                        "the database is busy; retry shortly", retryAfter=1
-                    ) from None
-                if isinstance(exc, OSError):
-                    # The first statement opens the connection: the server is not there (a
-                    # Unix socket that is gone raises FileNotFoundError, a closed port a
-                    # refusal).
-                    raise ServiceUnavailable(
-                        "the database is unavailable; retry shortly", retryAfter=1
-                    ) from exc
-                raise
-            return session
-        raise AssertionError("unreachable")  # pragma: no cover
+        """A session whose transaction has begun with the tenant's scope."""
+        try:
+            return await _again_if_dead(lambda: self._begin(scope, params))
+        except PoolTimeout:
+            # Every pooled connection stayed busy for pool_timeout_s: overload, not a bug.
+            raise ServiceUnavailable("the database is busy; retry shortly", retryAfter=1) from None
+        except OSError as exc:
+            # The first statement opens the connection: the server is not there (a Unix
+            # socket that is gone raises FileNotFoundError, a closed port a refusal).
+            raise ServiceUnavailable(
+                "the database is unavailable; retry shortly", retryAfter=1
+            ) from exc
+
+    async def _begin(self, scope: Any, params: dict[str, str]) -> AsyncSession:
+        session = self._sessions()
+        try:
+            await session.execute(scope, params, execution_options=_UNTRACED_OPTIONS)
+        except BaseException:
+            # shielded, as AsyncSession's own exit does: a second cancellation must not leave
+            # the connection checked out
+            await asyncio.shield(asyncio.create_task(session.close()))
+            raise
+        return session
 
     async def get_owned(self, tenant_id: uuid.UUID, model: type[T], ident: Any, what: str) -> T:
         """A row of the tenant, or NOT_FOUND (row-level security hides other tenants' rows)."""
@@ -215,18 +222,15 @@ class Database:
         connection when the pooled one died with a restarted server)."""
         try:
             async with asyncio.timeout(timeout_s):
-                for attempt in (1, 2):
-                    try:
-                        async with self.engine.connect() as conn:
-                            await conn.execute(text("SELECT 1"))
-                        break
-                    except DBAPIError as exc:
-                        if attempt == 2 or not exc.connection_invalidated:
-                            raise
+                await _again_if_dead(self._select_one)
         except Exception as exc:  # any failure to answer is 'unreachable' to an operator
             where = redacted(self.engine.url.render_as_string(hide_password=False))
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise DatabaseUnreachable(f"cannot reach PostgreSQL at {where}: {reason}") from exc
+
+    async def _select_one(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
 
     async def facts(self) -> ServerFacts:
         """Server version and the pgvector extension's installed and available versions."""
