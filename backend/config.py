@@ -747,6 +747,13 @@ class KnowledgeSettings(JobRecoverySettings):
     )
     embedding_api_key: SecretStr | None = Field(None, description="Key of the embedding endpoint.")
     embedding_threads: int = Field(2, ge=1, description="CPU threads of the local embedder.")
+    embedding_forward_texts: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Texts per forward pass of the local embedder, taken by length from its "
+        "batch (each pass pads to its longest text).",
+    )
     embedding_retries: int = Field(
         5, ge=0, description="Times a job retries the embedder (with backoff) before failing."
     )

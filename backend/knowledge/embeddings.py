@@ -78,10 +78,14 @@ def _loaded() -> None:
     """Returns once the worker's initializer has loaded the model."""
 
 
-def _encode(texts: list[str]) -> list[list[float]]:
+def _encode(texts: list[str], forward_texts: int) -> list[list[float]]:
+    """One batch's vectors, in the texts' order. sentence-transformers sorts the batch by
+    length and runs it `forward_texts` at a time: each forward pass pads to its own longest
+    text, not the batch's (on a CPU, one pass of 64 paragraphs of 40-380 tokens ran at 23
+    texts/s, passes of 8 at 39)."""
     vectors = _MODEL.encode(  # its progress bar ignores TQDM_DISABLE (it passes `disable`)
         texts,
-        batch_size=len(texts),
+        batch_size=min(len(texts), forward_texts),
         normalize_embeddings=True,
         convert_to_numpy=True,
         show_progress_bar=False,
@@ -100,7 +104,8 @@ class _Pending:
 
 class LocalEmbedder:
     """MiniLM in one worker process; requests that arrive within `max_delay_s` of each other
-    share a forward pass (up to `max_batch` texts)."""
+    share a batch (up to `max_batch` texts), run `forward_texts` of similar length at a
+    time."""
 
     name = LOCAL_NAME
     dimensions = DIMENSIONS
@@ -111,6 +116,7 @@ class LocalEmbedder:
         *,
         threads: int = 2,
         max_batch: int = 64,
+        forward_texts: int = 8,
         max_delay_s: float = 0.003,
         timeout_s: float = 60.0,
         load_timeout_s: float = 600.0,
@@ -123,6 +129,7 @@ class LocalEmbedder:
         self._path = resolved
         self._threads = threads
         self._max_batch = max_batch
+        self._forward_texts = forward_texts
         self._max_delay_s = max_delay_s
         self._timeout_s = timeout_s
         self._load_timeout_s = load_timeout_s
@@ -170,7 +177,8 @@ class LocalEmbedder:
                 pool = await self._ready(loop)
                 started = time.perf_counter()
                 vectors = await asyncio.wait_for(
-                    loop.run_in_executor(pool, _encode, texts), self._timeout_s
+                    loop.run_in_executor(pool, _encode, texts, self._forward_texts),
+                    self._timeout_s,
                 )
                 took = time.perf_counter() - started
             except asyncio.CancelledError:
@@ -327,4 +335,6 @@ def build_embedder(settings: KnowledgeSettings) -> Embedder:
             api_key=key.get_secret_value() if key else None,
             retries=1,  # jobs retry with their own backoff; queries should fail fast
         )
-    return LocalEmbedder(threads=settings.embedding_threads)
+    return LocalEmbedder(
+        threads=settings.embedding_threads, forward_texts=settings.embedding_forward_texts
+    )

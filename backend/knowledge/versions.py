@@ -148,7 +148,11 @@ def build_version_embedder(
             f"{EMBEDDING_DIMENSIONS}"
         )
     if spec.get("provider") == "local":
-        return LocalEmbedder(threads=settings.embedding_threads, name=tag)
+        return LocalEmbedder(
+            threads=settings.embedding_threads,
+            forward_texts=settings.embedding_forward_texts,
+            name=tag,
+        )
     base_url = spec.get("base_url")
     if not base_url:
         raise ValueError(f"{tag}: an endpoint embedding version needs its base_url")
