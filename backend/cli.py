@@ -46,6 +46,7 @@ from backend.core.migrations import (
 )
 from backend.core.models import UserRole
 from backend.core.redis import KeySpace, RedisUnreachable, connect_redis, ping_redis
+from backend.core.tasks import cancel_and_wait
 from backend.core.telemetry import configure_logging
 from backend.errors import AppError
 from backend.inference.catalog import PACKAGED_MODELS
@@ -907,12 +908,22 @@ def ingest(
     metadata: Annotated[
         str | None, typer.Option(help='JSON object stored with each document, e.g. {"team": "a"}.')
     ] = None,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=256,
+            help="Documents sent at a time (small documents share the embedder's batches "
+            "and the store's transactions).",
+        ),
+    ] = 16,
 ) -> None:
     """Ingest documents into a tenant's knowledge base, with a progress bar per document.
 
     A document's key (`source`) is its file name, as for an upload; inside a folder named here,
     its path from that folder (`guide/intro.md`). The same key again replaces the document (or
-    does nothing when it has not changed)."""
+    does nothing when it has not changed). Up to `--concurrency` documents are in flight at
+    once, each read from disk when its turn comes."""
     from backend.knowledge.embeddings import build_embedder
     from backend.vision.ocr import OcrEngine  # heavy imports (OpenCV): only for this command
     from backend.vision.service import VisionService
@@ -967,13 +978,8 @@ def ingest(
             # the jobs' usage records carry their price (no budget is charged: limits are off)
             service.embedded = _priced_embeddings(settings, service.embedder.name)
             service.start(take_over=False)  # renews its own jobs' leases; others' are not its
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
             try:
-                with Progress(*columns, console=err) as progress:
-                    for path, source in files:
-                        failed += not await _ingest_one(
-                            service, principal, path, source, meta, progress
-                        )
+                failed = await _ingest_all(service, principal, files, meta, concurrency)
             finally:
                 await service.close(5)
                 await vision.events.close()
@@ -1040,6 +1046,31 @@ def _refuse_shared_sources(files: list[tuple[Path, str]]) -> None:
                 f"{len(shared)} documents would have the source {source!r} and replace each "
                 f"other: {', '.join(map(str, shared))} (ingest a folder that holds them all)"
             )
+
+
+async def _ingest_all(
+    service: KnowledgeService,
+    principal: Principal,
+    files: list[tuple[Path, str]],
+    meta: dict,
+    concurrency: int,
+) -> int:
+    """Ingests `files` (path, source), `concurrency` at a time, a progress bar each; returns
+    how many failed."""
+    turns = asyncio.Semaphore(concurrency)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=err) as progress:
+
+        async def one(path: Path, source: str) -> bool:
+            async with turns:
+                return await _ingest_one(service, principal, path, source, meta, progress)
+
+        tasks = [asyncio.create_task(one(path, source)) for path, source in files]
+        try:
+            done = await asyncio.gather(*tasks)
+        finally:  # one raised (or Ctrl-C): the others stop before the service closes
+            await cancel_and_wait(tasks)
+    return done.count(False)
 
 
 async def _ingest_one(  # noqa: PLR0917 (one document and where it goes)

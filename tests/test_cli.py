@@ -445,12 +445,15 @@ def test_ingest_reports_each_document(
     assert _sources(engine, tenant) == ["guide/intro.md", "handbook.md"]
     # each job's embeddings are recorded with their price (1 per second here), as the server's
     assert _embedding_cost(engine, tenant) > 0
-    again = runner.invoke(
-        app, ["ingest", str(docs / "handbook.md"), "--tenant", tenant, "--email", "kb@cli.example"]
-    )
+    one_by_one = ["--tenant", tenant, "--email", "kb@cli.example", "--concurrency", "1"]
+    again = runner.invoke(app, ["ingest", str(docs / "handbook.md"), *one_by_one])
     assert again.exit_code == 0, again.output
     assert "handbook.md: unchanged" in again.output
     assert _sources(engine, tenant) == ["guide/intro.md", "handbook.md"]
+    none_at_a_time = runner.invoke(
+        app, ["ingest", str(docs), "--tenant", tenant, "--email", "x@y.z", "--concurrency", "0"]
+    )
+    assert none_at_a_time.exit_code == 2, none_at_a_time.output  # refused before anything runs
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "handbook.md").write_text("# Another handbook\n")
