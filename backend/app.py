@@ -267,6 +267,7 @@ async def build_services(
             chat=chat,
             settings=settings.openai,
             search=tools.search_knowledge,
+            similarity=tools.similarity,
             runs=runs,
             served=lifecycle.stats.record,
             metrics=state.metrics,

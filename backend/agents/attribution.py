@@ -5,12 +5,17 @@ sentences embedded by its embedder, compared with the chunks' stored embeddings)
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from backend.agents.tools import SourceSimilarity
+from backend.agents.tools import Source, SourceSimilarity
 from backend.auth.principal import Principal
+from backend.config import ChatSettings
+
+log = logging.getLogger(__name__)
 
 # A sentence ends at . ! or ? followed by white space (or the end), or at a line break; a
 # decimal point (3.5) or a dotted name (example.com) does not end one.
@@ -41,6 +46,22 @@ def citation(
         "confidence": confidence,
         "explicit": explicit,
     }
+
+
+def numbered(sources: list[Source], start: int = 1) -> list[dict[str, Any]]:
+    """Sources as a turn keeps them: numbered from `start`, as the prompt lists them."""
+    return [
+        {
+            "n": start + i,
+            "chunk_id": s.chunk_id,
+            "document_id": s.document_id,
+            "title": s.title,
+            "text": s.text,
+            "score": s.score,
+            "span": s.span,
+        }
+        for i, s in enumerate(sources)
+    ]
 
 
 def sentences(answer: str, limit: int) -> list[Sentence]:
@@ -101,3 +122,39 @@ async def attribute(
             )
         )
     return found
+
+
+async def attributed(
+    principal: Principal,
+    answer: str,
+    sources: list[dict[str, Any]],
+    similarity: SourceSimilarity,
+    settings: ChatSettings,
+    *,
+    what: str,
+) -> list[dict[str, Any]]:
+    """`attribute` with the chat settings' threshold and limits, for an answer that cites none
+    of its sources: nothing when attribution is off (a threshold above 1), when there is
+    nothing to attribute, or when it fails or outlives `citation_timeout_s` (logged under
+    `what`; an answer without citations, never a failed answer)."""
+    if settings.citation_threshold > 1 or not sources or not answer.strip():
+        return []
+    try:
+        async with asyncio.timeout(settings.citation_timeout_s):
+            return await attribute(
+                principal,
+                answer,
+                sources,
+                similarity,
+                threshold=settings.citation_threshold,
+                max_sentences=settings.citation_max_sentences,
+            )
+    except TimeoutError:
+        log.warning(
+            "%s: attribution took over %ss; the answer has no citations",
+            what,
+            settings.citation_timeout_s,
+        )
+    except Exception as exc:
+        log.warning("%s: attribution failed (%r); the answer has no citations", what, exc)
+    return []

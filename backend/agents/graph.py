@@ -46,10 +46,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode, Tracer
 
-from backend.agents.attribution import attribute, citation
+from backend.agents.attribution import attributed, citation, numbered
 from backend.agents.guards import GuardAction, GuardDecision, Guards, PassThroughGuards
 from backend.agents.models import ChatModel
-from backend.agents.tools import AgentTools, Source
+from backend.agents.tools import AgentTools
 from backend.auth.principal import Principal
 from backend.config import ChatSettings
 from backend.core.telemetry import MODEL, MODEL_VERSION
@@ -460,39 +460,22 @@ class Agent:
 
     async def _attribute(self, state: AgentState, runtime: Runtime[TurnContext]) -> dict:
         ctx = runtime.context
-        settings = self._settings
-        sources, answer = state.get("sources", []), state.get("answer", "")
         similarity = self._tools.similarity
         if (
             similarity is None
-            or not sources
-            or not answer.strip()
             or state.get("citations")  # the model cited its sources itself
             or state.get("blocked")
-            or settings.citation_threshold > 1
         ):
             return {}
-        try:
-            async with asyncio.timeout(settings.citation_timeout_s):
-                found = await attribute(
-                    ctx.hooks.principal,
-                    answer,
-                    sources,
-                    similarity,
-                    threshold=settings.citation_threshold,
-                    max_sentences=settings.citation_max_sentences,
-                )
-        except TimeoutError:
-            log.warning(
-                "run %s: attribution took over %ss; the answer has no citations",
-                ctx.run_id,
-                settings.citation_timeout_s,
-            )
-            return {}
-        except Exception as exc:  # an answer without citations, never a failed turn
-            log.warning(
-                "run %s: attribution failed (%r); the answer has no citations", ctx.run_id, exc
-            )
+        found = await attributed(
+            ctx.hooks.principal,
+            state.get("answer", ""),
+            state.get("sources", []),
+            similarity,
+            self._settings,
+            what=f"run {ctx.run_id}",
+        )
+        if not found:
             return {}
         for body in found:
             await ctx.hooks.event("CitationAdded", body)
@@ -608,9 +591,9 @@ class Agent:
                             span.set_attribute("sightline.knowledge.results", len(found))
                     verdict = await self._guards.check_retrieved(ctx.hooks.principal, found)
                     rails += [await self._record(ctx, "retrieval", d) for d in verdict.decisions]
-                    numbered = _number(verdict.sources, start=len(sources) + 1)
-                    sources += numbered
-                    content = "\n".join(f"[{s['n']}] {s['title']}: {s['text']}" for s in numbered)
+                    listed = numbered(verdict.sources, start=len(sources) + 1)
+                    sources += listed
+                    content = "\n".join(f"[{s['n']}] {s['title']}: {s['text']}" for s in listed)
                     content = content or "No matching sources."
                 elif call.name == "analyze_image" and self._tools.analyze_image:
                     result = await self._tools.analyze_image(
@@ -660,21 +643,6 @@ class Agent:
 def _verdict_attributes(blocked: bool, decisions: int) -> dict[str, Any]:
     """A rails span's attributes: what the rails decided, in short."""
     return {"sightline.guardrails.blocked": blocked, "sightline.guardrails.decisions": decisions}
-
-
-def _number(sources: list[Source], start: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "n": start + i,
-            "chunk_id": s.chunk_id,
-            "document_id": s.document_id,
-            "title": s.title,
-            "text": s.text,
-            "score": s.score,
-            "span": s.span,
-        }
-        for i, s in enumerate(sources)
-    ]
 
 
 def _arguments(raw: str) -> dict[str, Any]:

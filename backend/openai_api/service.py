@@ -24,11 +24,12 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
+from backend.agents.attribution import attributed, numbered
 from backend.agents.graph import CITATION, SOURCES_PREAMBLE
 from backend.agents.guards import GuardAction, GuardDecision, Guards
 from backend.agents.models import ChatModel, ModelRegistry, request_key
 from backend.agents.runs import CHARGE_EVERY, OnBusy, RunService, ServedHook
-from backend.agents.tools import KnowledgeSearch, Source
+from backend.agents.tools import KnowledgeSearch, Source, SourceSimilarity
 from backend.auth.principal import Principal
 from backend.config import ChatSettings, OpenAIAPISettings
 from backend.core.db import Database
@@ -112,6 +113,9 @@ class Completion:
     run_id: uuid.UUID | None = None
     message_id: str | None = None
     cited: list[dict[str, Any]] = field(default_factory=list)
+    # with the knowledge extra, an answer that cites no source as [n]: its sentences
+    # attributed to sources by similarity (as a chat run's CitationAdded, `explicit` false)
+    attributed: list[dict[str, Any]] = field(default_factory=list)
 
     def extension(self, *, rails: bool = True) -> dict[str, Any] | None:
         """The response's `sightline` field: the rails' decisions, and with the knowledge
@@ -134,7 +138,8 @@ class Completion:
         return body or None
 
     def citations(self) -> list[dict[str, Any]]:
-        """Each source the answer cites as [n], at its first citation (as CitationAdded)."""
+        """Each source the answer cites as [n], at its first citation (as CitationAdded); with
+        no [n] at all, the sentences attributed to sources."""
         answer, cited, found = "".join(self.answer), set(), []
         for match in CITATION.finditer(answer):
             n = int(match.group(1))
@@ -151,9 +156,11 @@ class Completion:
                     "answerStart": match.start(),
                     "answerEnd": match.end(),
                     "span": source.span,
+                    "confidence": 1.0,
+                    "explicit": True,
                 }
             )
-        return found
+        return found or self.attributed
 
     @property
     def prompt_tokens(self) -> int:
@@ -191,7 +198,9 @@ class OpenAIService:
         metrics: SpendMetrics | None = None,
         embedded: EmbeddingSpent | None = None,
         drift: DriftRecorder | None = None,
+        similarity: SourceSimilarity | None = None,
     ) -> None:
+        self._similarity = similarity  # sentences to sources, for answers that cite none
         self.drift = drift  # each answer's drift samples, as a chat run's (None: drift off)
         # prices, records and charges an embeddings request as a search's query embedding
         self.embedded = embedded
@@ -404,6 +413,26 @@ class OpenAIService:
             await guarded.aclose()  # type: ignore[attr-defined]
             await tokens.aclose()
         completion.finish_reason = completion.finish_reason or "stop"
+        await self._attribute(principal, completion)
+
+    async def _attribute(self, principal: Principal, completion: Completion) -> None:
+        """With the knowledge extra, an answer that cites none of its sources as [n] gets its
+        sentences attributed to them by similarity, as a chat run's answer does."""
+        if (
+            self._similarity is None
+            or not completion.sources
+            or completion.finish_reason == "content_filter"
+            or completion.citations()
+        ):
+            return
+        completion.attributed = await attributed(
+            principal,
+            "".join(completion.answer),
+            numbered(completion.sources),
+            self._similarity,
+            self._chat,
+            what=f"completion {completion.id}",
+        )
 
     @staticmethod
     async def _tokens(

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.agents.tools import AgentTools
+from backend.auth.principal import Principal
 from backend.config import (
     BudgetSpec,
     CostSettings,
@@ -284,6 +285,8 @@ async def test_the_knowledge_extra_searches_the_knowledge_base_and_reports_citat
                 "answerStart": answer.index("[1]"),
                 "answerEnd": answer.index("[1]") + 3,
                 "span": {"page": 3},
+                "confidence": 1.0,
+                "explicit": True,
             }
         ]
 
@@ -303,6 +306,79 @@ async def test_the_knowledge_extra_searches_the_knowledge_base_and_reports_citat
                 messages=[{"role": "user", "content": "x"}],
                 extra_body={"sightline": {"memory": True}},
             )
+
+
+async def test_an_answer_that_cites_nothing_gets_its_sentences_attributed_to_sources(
+    chat_settings: Settings, engine: AsyncEngine, account: dict, llm: tuple[LLMStub, str]
+) -> None:
+    """With the knowledge extra, an answer without [n] markers (small models rarely write
+    them) gets each sentence attributed to its most similar source above the threshold, as a
+    chat run's answer does; one with markers keeps its own; a failing attribution costs the
+    answer nothing."""
+    asked: list[tuple[list[str], list[str]]] = []
+
+    async def similar(
+        principal: Principal, texts: list[str], chunk_ids: list[str]
+    ) -> list[dict[str, float]]:
+        asked.append((texts, chunk_ids))
+        if "broken" in texts[0]:
+            raise RuntimeError("the embedder broke")
+        # the first sentence is about refunds (c1), the second near nothing
+        return [{"c1": 0.8, "c2": 0.3}, {"c1": 0.1, "c2": 0.2}][: len(texts)]
+
+    tools = AgentTools(search_knowledge=Knowledge(), similarity=similar)
+    async with serve_live(chat_settings, agent_tools=tools) as server:
+        client = sdk(server, await api_key(server, account, "chat"))
+        question = "refunds take fourteen days. The weather is fine"
+        whole = await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": question}],
+            extra_body={"sightline": {"knowledge": True}},
+        )
+        answer = whole.choices[0].message.content or ""
+        assert answer.startswith("refunds take fourteen days.")
+        assert asked[-1] == (["refunds take fourteen days.", "The weather is fine"], ["c1", "c2"])
+        [cited] = whole.model_extra["sightline"]["citations"]  # type: ignore[index]
+        assert cited == {
+            "index": 1,
+            "chunkId": "c1",
+            "documentId": "d1",
+            "title": "Handbook",
+            "answerStart": 0,
+            "answerEnd": len("refunds take fourteen days."),
+            "span": {"page": 3},
+            "confidence": 0.8,
+            "explicit": False,
+        }
+
+        stream = await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": question}],
+            extra_body={"sightline": {"knowledge": True}},
+            stream=True,
+        )
+        chunks = [chunk async for chunk in stream]
+        last = chunks[-1].model_extra["sightline"]  # type: ignore[index]
+        assert [(c["chunkId"], c["explicit"]) for c in last["citations"]] == [("c1", False)]
+
+        calls = len(asked)
+        marked = await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "refunds take long [2]"}],
+            extra_body={"sightline": {"knowledge": True}},
+        )
+        assert len(asked) == calls  # the model cited a source: nothing to attribute
+        [own] = marked.model_extra["sightline"]["citations"]  # type: ignore[index]
+        assert (own["chunkId"], own["explicit"], own["confidence"]) == ("c2", True, 1.0)
+
+        broken = await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "a broken attribution here"}],
+            extra_body={"sightline": {"knowledge": True}},
+        )
+        assert broken.choices[0].finish_reason == "stop"
+        assert (broken.choices[0].message.content or "").startswith("a broken attribution")
+        assert broken.model_extra["sightline"]["citations"] == []  # type: ignore[index]
 
 
 async def test_a_conversation_id_makes_the_completion_a_turn_with_memory(
