@@ -268,6 +268,7 @@ async def build_services(
             settings=settings.openai,
             search=tools.search_knowledge,
             similarity=tools.similarity,
+            retrieve_for=tools.retrieve_for,
             runs=runs,
             served=lifecycle.stats.record,
             metrics=state.metrics,

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -199,8 +199,12 @@ class OpenAIService:
         embedded: EmbeddingSpent | None = None,
         drift: DriftRecorder | None = None,
         similarity: SourceSimilarity | None = None,
+        retrieve_for: Callable[[Principal, str], Awaitable[bool]] | None = None,
     ) -> None:
         self._similarity = similarity  # sentences to sources, for answers that cite none
+        # whether a question is worth a sources block (the tenant has documents close enough
+        # to it), as for a chat run's model without tool calling; None: always
+        self._retrieve_for = retrieve_for
         self.drift = drift  # each answer's drift samples, as a chat run's (None: drift off)
         # prices, records and charges an embeddings request as a search's query embedding
         self.embedded = embedded
@@ -469,11 +473,16 @@ class OpenAIService:
         self, principal: Principal, completion: Completion, prompt: list[ChatMessage], query: str
     ) -> AsyncGenerator[Piece, None]:
         """The knowledge base's passages for the question, screened by the retrieval rails,
-        numbered into the system message as the agent puts them (data, not instructions)."""
+        numbered into the system message as the agent puts them (data, not instructions); none
+        for a question the knowledge base does not come close to."""
         if self._search is None or not query.strip():
             return
         try:
             async with asyncio.timeout(self._chat.tool_timeout_s):
+                if self._retrieve_for is not None and not await self._retrieve_for(
+                    principal, query
+                ):
+                    return  # small talk, or nothing near it: no sources block
                 found = await self._search(principal, query, self._chat.knowledge_results)
         except (TimeoutError, AppError) as exc:  # the agent answers without sources too
             log.warning("completion %s: knowledge search failed: %r", completion.id, exc)

@@ -308,6 +308,41 @@ async def test_the_knowledge_extra_searches_the_knowledge_base_and_reports_citat
             )
 
 
+async def test_the_knowledge_extra_leaves_small_talk_without_sources(
+    chat_settings: Settings, engine: AsyncEngine, account: dict, llm: tuple[LLMStub, str]
+) -> None:
+    """As for a chat run's model without tool calling: a question the knowledge base does
+    not come close to gets no search and no sources block; one it does gets both."""
+    stub, _ = llm
+    knowledge = Knowledge()
+    judged: list[str] = []
+
+    async def relevant(principal: Principal, message: str) -> bool:
+        judged.append(message)
+        return "refund" in message
+
+    tools = AgentTools(search_knowledge=knowledge, is_relevant=relevant)
+    async with serve_live(chat_settings, agent_tools=tools) as server:
+        client = sdk(server, await api_key(server, account, "chat"))
+        chat = await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "hi, how are you today"}],
+            extra_body={"sightline": {"knowledge": True}},
+        )
+        assert judged == ["hi, how are you today"]
+        assert knowledge.queries == []
+        assert all("<sources>" not in m["content"] for m in stub.requests[-1]["messages"])
+        assert chat.model_extra["sightline"] == {"sources": [], "citations": []}  # type: ignore[index]
+
+        await client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "how long do refunds take"}],
+            extra_body={"sightline": {"knowledge": True}},
+        )
+        assert [q for _, q in knowledge.queries] == ["how long do refunds take"]
+        assert "[1] Handbook" in stub.requests[-1]["messages"][0]["content"]
+
+
 async def test_an_answer_that_cites_nothing_gets_its_sentences_attributed_to_sources(
     chat_settings: Settings, engine: AsyncEngine, account: dict, llm: tuple[LLMStub, str]
 ) -> None:
