@@ -221,10 +221,12 @@ async def sightline_stack(
     streams: int,
     workers: int = 1,
     env: dict[str, str] | None = None,
+    packaged_llm: bool = False,
 ) -> AsyncIterator[Stack]:
     """Starts the clock stub (`rate` tokens/s, `tokens` per answer) and a Sightline server (own
     data dir, limits off, room for `streams` runs at once) that chats with it; stops both.
-    `env`: more settings for the server (they win over these)."""
+    `env`: more settings for the server (they win over these). `packaged_llm`: the server
+    chats with its embedded default model instead (the stub runs unused)."""
     data = Path(tempfile.mkdtemp(prefix="sightline-bench-chat-"))
     stub_port, port = free_port(), free_port()
     stub_url, base = f"http://127.0.0.1:{stub_port}", f"http://127.0.0.1:{port}"
@@ -242,6 +244,9 @@ async def sightline_stack(
         "SIGHTLINE_REDIS_KEY_PREFIX": f"bench-chat-{port}:",
         **(env or {}),
     }
+    if packaged_llm:
+        for name in ("SIGHTLINE_CHAT_LLM_BASE_URL", "SIGHTLINE_CHAT_LLM_MODEL"):
+            env.pop(name)
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": ROOT, "env": env}
     stub = subprocess.Popen(
         [
