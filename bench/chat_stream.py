@@ -90,6 +90,29 @@ async def call(http: httpx.AsyncClient, query: str, **variables: str) -> dict:
     raise SystemExit("server stayed unavailable")
 
 
+async def subscription(
+    ws_url: str, token: str, query: str, variables: dict[str, str]
+) -> AsyncIterator[dict]:
+    """One subscription over graphql-transport-ws on a connection of its own: each event's
+    `data` (a GraphQL error ends the bench), until the server completes it."""
+    async with connect(ws_url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+        await ws.send(
+            json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}})
+        )
+        await ws.recv()
+        subscribe = {"query": query, "variables": variables}
+        await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": subscribe}))
+        async for raw in ws:
+            message = json.loads(raw)
+            if message["type"] == "complete":
+                return
+            if message["type"] != "next":
+                continue
+            if message["payload"].get("errors"):
+                raise SystemExit(f"subscription error: {message['payload']['errors']}")
+            yield message["payload"]["data"]
+
+
 @dataclass
 class Stream:
     """One answer as a client saw it: each token's latency (stub emit to client receive, s) and

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -32,11 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chat_stream import call, sightline_stack
+from chat_stream import call, sightline_stack, subscription
 from retrieval_quality import stdlib
 
 SMALL_TALK = (
@@ -74,29 +72,15 @@ async def turn(http: httpx.AsyncClient, ws_url: str, token: str, message: str) -
     asked = time.perf_counter()
     run_id = (await call(http, SEND, c=conversation, m=message))["sendMessage"]["run"]["id"]
     first, searched = 0.0, False
-    async with connect(ws_url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
-        await ws.send(
-            json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}})
-        )
-        await ws.recv()
-        subscribe = {"query": EVENTS, "variables": {"r": run_id}}
-        await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": subscribe}))
-        async for raw in ws:
-            message_ = json.loads(raw)
-            if message_["type"] == "complete":
-                break
-            if message_["type"] != "next":
-                continue
-            if message_["payload"].get("errors"):
-                raise SystemExit(f"subscription error: {message_['payload']['errors']}")
-            event = message_["payload"]["data"]["runEvents"]
-            kind = event["__typename"]
-            if kind == "TokenDelta" and not first:
-                first = time.perf_counter() - asked
-            elif kind == "ToolCallStarted":
-                searched = True
-            elif kind == "RunFailed":
-                raise SystemExit(f"run failed: {event}")
+    async for data in subscription(ws_url, token, EVENTS, {"r": run_id}):
+        event = data["runEvents"]
+        kind = event["__typename"]
+        if kind == "TokenDelta" and not first:
+            first = time.perf_counter() - asked
+        elif kind == "ToolCallStarted":
+            searched = True
+        elif kind == "RunFailed":
+            raise SystemExit(f"run failed: {event}")
     return Turn(first, searched)
 
 
