@@ -243,7 +243,9 @@ async def held_out(prompt_rows: list[dict[str, Any]], args: argparse.Namespace) 
     try:
         await rails.warm()
         await embedder.load()
-        policy = GuardrailPolicy()
+        # the content rail ships off (a tenant's `content.enabled`): it is measured on, at the
+        # shipped threshold and categories
+        policy = GuardrailPolicy.model_validate({"content": {"enabled": True}})
         detector = InjectionDetector()
         cheap, ensemble, harm = [], [], []
         for r in rows:
@@ -296,9 +298,10 @@ def report(
         "No row here was fitted on (the ensemble's weights come from prompts.jsonl); the two "
         f"thresholds are chosen on half of the {len(benign)} ordinary messages (tune half, at "
         f"most {TUNING_FP:.0%} flagged): ensemble {t_ens:.3f}, content {t_harm:.3f}; figures "
-        "on the other half"
+        "on the other half; 'on, defaults': both rails turned on at their shipped thresholds "
+        f"(ensemble {policy.injection.classifier_threshold}, content {policy.content.threshold})"
     )
-    header = ("rows", "current rails", "+classifier", "+content", "default policy")
+    header = ("rows", "current rails", "+classifier", "+content", "on, defaults")
     print(f"  {'family':28} " + " ".join(f"{h:>14}" for h in header))
     families = sorted(
         {r["family"] for r in rows if r["label"] == 1}, key=lambda f: (rows_kind(rows, f), f)
@@ -355,7 +358,7 @@ async def latency_modes(
     from backend.config import ClassifierMode
 
     texts = [r["text"] for r in random.Random(5).sample(rows, min(len(rows), args.latency_rows))]
-    policy = GuardrailPolicy()
+    policy = GuardrailPolicy.model_validate({"content": {"enabled": True}})  # it ships off
     off = GuardrailPolicy.model_validate({"content": {"enabled": False}})
     rails._classifier_mode = ClassifierMode.UNCERTAIN
     settled = {i for i, t in enumerate(texts) if rails._input_rails(off, t, [])[2] is None}

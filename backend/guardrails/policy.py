@@ -59,7 +59,7 @@ class ContentRail(_Rail):
     message's sentences compared by embedding similarity with example requests of each
     category, and with look-alike harmless requests (a question about defending against
     malware is not a request for it). Off unless a tenant turns it on: on held-out prompts it
-    caught 37.6% of harmful requests at 3.2% false positives (README), short of the issue's goal."""
+    caught 46.4% of harmful requests at 6.9% false positives (README), short of the issue's goal."""
 
     enabled: bool = False
     categories: list[str] = Field(
