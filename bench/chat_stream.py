@@ -316,6 +316,21 @@ async def sightline_stack(
         for process in (server, stub):
             process.terminate()
             process.wait(30)
+        await forget_keys(env)
+
+
+async def forget_keys(env: dict[str, str]) -> None:
+    """Deletes the server's Redis keys (its own prefix) once it has stopped."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(env.get("SIGHTLINE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    try:
+        prefix = env["SIGHTLINE_REDIS_KEY_PREFIX"]
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start : start + 1000])
+    finally:
+        await client.aclose()
 
 
 async def main() -> None:

@@ -170,20 +170,27 @@ async def embedder() -> AsyncIterator[LocalEmbedder]:
 
 
 @pytest.fixture
-def key_prefix() -> str:
-    return f"test:{uuid.uuid4().hex[:12]}:"
+async def key_prefix() -> AsyncIterator[str]:
+    """The test's own Redis key prefix. Every key under it is deleted afterwards: what the test
+    wrote, and what the servers it started with `settings` wrote (torn down before this)."""
+    prefix = f"test:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture
 async def redis(key_prefix: str) -> AsyncIterator[Redis]:
-    """The real Redis; every key this test wrote under its prefix is deleted afterwards."""
+    """The real Redis (the test's keys go with its `key_prefix`)."""
     client = Redis.from_url(REDIS_URL)
     try:
         yield client
     finally:
-        keys = [key async for key in client.scan_iter(match=f"{key_prefix}*", count=500)]
-        if keys:
-            await client.delete(*keys)
         await client.aclose()
 
 
