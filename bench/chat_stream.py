@@ -92,10 +92,11 @@ async def call(http: httpx.AsyncClient, query: str, **variables: str) -> dict:
 
 async def subscription(
     ws_url: str, token: str, query: str, variables: dict[str, str]
-) -> AsyncIterator[dict]:
+) -> AsyncIterator[tuple[float, dict]]:
     """One subscription over graphql-transport-ws on a connection of its own: each event's
-    `data` (a GraphQL error ends the bench), until the server completes it."""
-    async with connect(ws_url, subprotocols=["graphql-transport-ws"]) as ws:  # type: ignore[list-item]
+    wall-clock time of arrival (before it is decoded) and `data` (a GraphQL error ends the
+    bench), until the server completes it."""
+    async with connect(ws_url, subprotocols=["graphql-transport-ws"], max_size=None) as ws:  # type: ignore[list-item]
         await ws.send(
             json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}})
         )
@@ -103,6 +104,7 @@ async def subscription(
         subscribe = {"query": query, "variables": variables}
         await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": subscribe}))
         async for raw in ws:
+            received = time.time()
             message = json.loads(raw)
             if message["type"] == "complete":
                 return
@@ -110,7 +112,7 @@ async def subscription(
                 continue
             if message["payload"].get("errors"):
                 raise SystemExit(f"subscription error: {message['payload']['errors']}")
-            yield message["payload"]["data"]
+            yield received, message["payload"]["data"]
 
 
 @dataclass
@@ -153,39 +155,14 @@ async def through_sightline(
     run_id = sent["data"]["sendMessage"]["run"]["id"]
     latencies: list[float] = []
     first = 0.0
-    async with connect(
-        base.replace("http", "ws") + "/graphql",
-        subprotocols=["graphql-transport-ws"],
-        max_size=None,
-    ) as ws:  # type: ignore[list-item]
-        await ws.send(
-            json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}})
-        )
-        await ws.recv()
-        await ws.send(
-            json.dumps(
-                {
-                    "id": "1",
-                    "type": "subscribe",
-                    "payload": {"query": EVENTS, "variables": {"r": run_id}},
-                }
-            )
-        )
-        async for raw in ws:
-            received = time.time()
-            message = json.loads(raw)
-            if message["type"] == "complete":
-                break
-            if message["type"] != "next":
-                continue
-            if message["payload"].get("errors"):
-                raise SystemExit(f"subscription error: {message['payload']['errors']}")
-            event = message["payload"]["data"]["runEvents"]
-            if event["__typename"] == "TokenDelta":
-                first = first or received - asked
-                latencies += stamps(event["text"], received)
-            elif event["__typename"] == "RunFailed":
-                raise SystemExit(f"run failed: {event}")
+    ws_url = base.replace("http", "ws") + "/graphql"
+    async for received, data in subscription(ws_url, token, EVENTS, {"r": run_id}):
+        event = data["runEvents"]
+        if event["__typename"] == "TokenDelta":
+            first = first or received - asked
+            latencies += stamps(event["text"], received)
+        elif event["__typename"] == "RunFailed":
+            raise SystemExit(f"run failed: {event}")
     return Stream(latencies, first)
 
 

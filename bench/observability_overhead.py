@@ -34,12 +34,11 @@ from typing import ClassVar
 import httpx
 import numpy as np
 from PIL import Image
-from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chat_stream import cpu_seconds, sightline_stack, through_sightline  # noqa: E402
+from chat_stream import cpu_seconds, sightline_stack, subscription, through_sightline  # noqa: E402
 
 # Named, so the sink tells an image's traces (the job and its event stream) from a chat run's.
 ANALYZE = (
@@ -141,23 +140,11 @@ async def vision_job(http: httpx.AsyncClient, base: str, token: str, image: byte
     if body.get("errors"):
         raise SystemExit(f"analyzeImage failed: {body['errors']}")
     job = body["data"]["analyzeImage"]["id"]
-    async with connect(
-        base.replace("http", "ws") + "/graphql", subprotocols=["graphql-transport-ws"]
-    ) as ws:  # type: ignore[list-item]
-        await ws.send(
-            json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}})
-        )
-        await ws.recv()
-        subscribe = {"query": JOB_EVENTS, "variables": {"id": job}}
-        await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": subscribe}))
-        async for raw in ws:
-            message = json.loads(raw)
-            if message["type"] == "complete":
-                return
-            if message["type"] == "next":
-                event = message["payload"]["data"]["visionJobEvents"]
-                if event["__typename"] == "VisionJobFailed":
-                    raise SystemExit(f"vision job failed: {event}")
+    ws_url = base.replace("http", "ws") + "/graphql"
+    async for _, data in subscription(ws_url, token, JOB_EVENTS, {"id": job}):
+        event = data["visionJobEvents"]
+        if event["__typename"] == "VisionJobFailed":
+            raise SystemExit(f"vision job failed: {event}")
 
 
 async def vision_load(base: str, token: str, images: int, at_once: int) -> None:

@@ -72,7 +72,7 @@ async def turn(http: httpx.AsyncClient, ws_url: str, token: str, message: str) -
     asked = time.perf_counter()
     run_id = (await call(http, SEND, c=conversation, m=message))["sendMessage"]["run"]["id"]
     first, searched = 0.0, False
-    async for data in subscription(ws_url, token, EVENTS, {"r": run_id}):
+    async for _, data in subscription(ws_url, token, EVENTS, {"r": run_id}):
         event = data["runEvents"]
         kind = event["__typename"]
         if kind == "TokenDelta" and not first:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -29,7 +29,7 @@ from backend.agents.graph import CITATION, SOURCES_PREAMBLE
 from backend.agents.guards import GuardAction, GuardDecision, Guards
 from backend.agents.models import ChatModel, ModelRegistry, request_key
 from backend.agents.runs import CHARGE_EVERY, OnBusy, RunService, ServedHook
-from backend.agents.tools import KnowledgeSearch, Source, SourceSimilarity
+from backend.agents.tools import AgentTools, Source
 from backend.auth.principal import Principal
 from backend.config import ChatSettings, OpenAIAPISettings
 from backend.core.db import Database
@@ -192,25 +192,20 @@ class OpenAIService:
         embedder: Callable[[], Embedder],
         chat: ChatSettings,
         settings: OpenAIAPISettings,
-        search: KnowledgeSearch | None = None,
+        tools: AgentTools | None = None,
         runs: RunService | None = None,
         served: ServedHook | None = None,
         metrics: SpendMetrics | None = None,
         embedded: EmbeddingSpent | None = None,
         drift: DriftRecorder | None = None,
-        similarity: SourceSimilarity | None = None,
-        retrieve_for: Callable[[Principal, str], Awaitable[bool]] | None = None,
     ) -> None:
-        self._similarity = similarity  # sentences to sources, for answers that cite none
-        # whether a question is worth a sources block (the tenant has documents close enough
-        # to it), as for a chat run's model without tool calling; None: always
-        self._retrieve_for = retrieve_for
         self.drift = drift  # each answer's drift samples, as a chat run's (None: drift off)
         # prices, records and charges an embeddings request as a search's query embedding
         self.embedded = embedded
         self.served = served  # the lifecycle's statistics, when wired
         self.metrics = metrics  # what completions cost (sightline_model_cost)
-        self._search = search
+        # the knowledge extra: the agent's search, relevance check and citation similarity
+        self._tools = tools or AgentTools()
         self._runs = runs
         self._models = models
         self._guards = guards
@@ -422,8 +417,9 @@ class OpenAIService:
     async def _attribute(self, principal: Principal, completion: Completion) -> None:
         """With the knowledge extra, an answer that cites none of its sources as [n] gets its
         sentences attributed to them by similarity, as a chat run's answer does."""
+        similarity = self._tools.similarity
         if (
-            self._similarity is None
+            similarity is None
             or not completion.sources
             or completion.finish_reason == "content_filter"
             or completion.citations()
@@ -433,7 +429,7 @@ class OpenAIService:
             principal,
             "".join(completion.answer),
             numbered(completion.sources),
-            self._similarity,
+            similarity,
             self._chat,
             what=f"completion {completion.id}",
         )
@@ -475,15 +471,14 @@ class OpenAIService:
         """The knowledge base's passages for the question, screened by the retrieval rails,
         numbered into the system message as the agent puts them (data, not instructions); none
         for a question the knowledge base does not come close to."""
-        if self._search is None or not query.strip():
+        search = self._tools.search_knowledge
+        if search is None or not query.strip():
             return
         try:
             async with asyncio.timeout(self._chat.tool_timeout_s):
-                if self._retrieve_for is not None and not await self._retrieve_for(
-                    principal, query
-                ):
-                    return  # small talk, or nothing near it: no sources block
-                found = await self._search(principal, query, self._chat.knowledge_results)
+                if not await self._tools.retrieve_for(principal, query):
+                    return  # no documents, or none near the question (small talk): no sources
+                found = await search(principal, query, self._chat.knowledge_results)
         except (TimeoutError, AppError) as exc:  # the agent answers without sources too
             log.warning("completion %s: knowledge search failed: %r", completion.id, exc)
             return
