@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from backend.auth.errors import MissingScope
@@ -129,7 +130,7 @@ class OpenAIRoute(APIRoute):
         async def handle(request: Request) -> Response:
             try:
                 return await handler(request)
-            except ClientGone:
+            except (ClientGone, ClientDisconnect):  # gone before its answer, or mid-body
                 return Response(status_code=499)  # nginx's "client closed request": for the log
             except Exception as exc:
                 if self.on_error is not None:
