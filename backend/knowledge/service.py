@@ -847,12 +847,36 @@ class KnowledgeService:
         }
 
     async def job(self, principal: Principal, job_id: uuid.UUID) -> IngestionJob:
-        return await self._get(principal, IngestionJob, job_id, "ingestion job")
+        """The job's row; while it embeds, with the progress its last event gives. The row's
+        count is written at most every `embed_batch` chunks (for a document of one
+        `progress_chunks` step, not until it is stored), its events at every step: from the row
+        alone, a small document read 0 of 0 until it was COMPLETED N of N. Nothing is written
+        here."""
+        row = await self._get(principal, IngestionJob, job_id, "ingestion job")
+        if row.status in _ENDED:
+            return row
+        try:
+            last = await self.events.last(str(job_id))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("job %s: its progress is not known (%r); its row's is given", job_id, exc)
+            return row
+        # counts of chunks (while a scan is read, its events count pages: left out)
+        if (
+            last is not None
+            and last.type == "IngestionProgress"
+            and last.data.get("status") == "running"
+        ):
+            row.total = max(row.total, int(last.data.get("total", 0)))
+            row.done = max(row.done, int(last.data.get("done", 0)))
+        return row
 
     async def job_events(
         self, principal: Principal, job_id: uuid.UUID, after: str | None
     ) -> AsyncIterator[RunEvent]:
-        await self.job(principal, job_id)  # authorisation: a job of the caller's tenant
+        # authorisation: a job of the caller's tenant
+        await self._get(principal, IngestionJob, job_id, "ingestion job")
         return self.events.read(str(job_id), after)
 
     async def reembed_stale(self, principal: Principal) -> int:

@@ -23,7 +23,7 @@ from backend.auth.principal import CredentialKind, Principal
 from backend.auth.scopes import ALL_SCOPES
 from backend.config import KnowledgeSettings, LimitsSettings, Settings, VisionSettings
 from backend.core.db import Database
-from backend.core.models import Chunk, Document, JobStatus, Tenant, UserRole
+from backend.core.models import Chunk, Document, IngestionJob, JobStatus, Tenant, UserRole
 from backend.core.redis import KeySpace
 from backend.errors import NotFound, PayloadTooLarge, ValidationFailed
 from backend.knowledge.embeddings import Embedder, LocalEmbedder
@@ -597,6 +597,65 @@ async def test_progress_rises_per_batch_of_chunks_for_small_documents(
     assert done[-1] == total
     steps = [d for d in done if 0 < d < total]
     assert steps == list(range(4, total, 4)), done  # one event per 4 chunks, not 0/N then N/N
+    await service.close(5)
+
+
+class GatedEmbedder(CountingEmbedder):
+    """The real embedder; its calls after the first `open_calls` wait until `release` is set."""
+
+    def __init__(self, inner: LocalEmbedder, open_calls: int) -> None:
+        super().__init__(inner)
+        self.open_calls = open_calls
+        self.release = asyncio.Event()
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if len(self.calls) >= self.open_calls:
+            await self.release.wait()
+        return await super().embed(texts)
+
+
+@pytest.mark.parametrize(
+    ("progress_chunks", "embedded_steps"),
+    [(64, 0), (4, 1)],  # one step (the row says nothing until stored); several (every 64)
+)
+async def test_a_small_documents_job_reads_as_far_as_its_events_while_it_embeds(
+    database: Database,
+    redis: Redis,
+    key_prefix: str,
+    embedder: LocalEmbedder,
+    progress_chunks: int,
+    embedded_steps: int,
+) -> None:
+    """The row of a document under `embed_batch` chunks is written when it is stored; asked
+    before that, the job says how far its events got, not 0 of 0 (or 0 of N)."""
+    gated = GatedEmbedder(embedder, open_calls=embedded_steps)
+    service = knowledge(database, redis, key_prefix, gated, progress_chunks=progress_chunks)  # type: ignore[arg-type]
+    principal = await new_principal(database)
+    sections = "\n\n".join(
+        f"# Part {i}\n\n" + " ".join(f"Line {j} of part {i} is about {WORDS[j]}." for j in range(9))
+        for i in range(12)
+    )
+    job = await service.ingest(principal, sections.encode(), source="parts.md")
+    reached = embedded_steps * progress_chunks
+    events = await service.job_events(principal, job.id, None)
+    async for event in events:  # until the open steps are embedded (the next one waits)
+        if event.type == "IngestionProgress" and event.data["done"] == reached:
+            total = event.data["total"]
+            break
+    await events.aclose()
+    assert 4 < total < 64
+    row = await service.job(principal, job.id)
+    assert (row.status, row.done, row.total) == (JobStatus.RUNNING.value, reached, total)
+    async with database.session(principal.tenant_id) as session:  # the row, as it is stored
+        stored = await session.get(IngestionJob, job.id)
+    assert stored is not None
+    known = total if total > progress_chunks else 0
+    assert (stored.status, stored.done, stored.total) == (JobStatus.RUNNING.value, 0, known)
+    gated.release.set()
+    result = await finished(service, principal, job.id)
+    assert result["types"][-1] == "IngestionCompleted", result
+    row = await service.job(principal, job.id)
+    assert (row.status, row.done, row.total) == (JobStatus.COMPLETED.value, total, total)
     await service.close(5)
 
 
