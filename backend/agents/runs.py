@@ -661,6 +661,10 @@ class RunService:
                 stored = await _answer_of(session, turn.run.id)  # a retry after a lost reply
                 if stored is not None:
                     return stored
+                # the title first: the append's flush writes it with `updated_at`, one UPDATE
+                await self._conversations.title_untitled(
+                    session, conversation, self._settings.auto_title_chars, first=turn.message
+                )
                 message = await self._conversations.append(
                     session,
                     conversation,
@@ -669,9 +673,6 @@ class RunService:
                     run_id=turn.run.id,
                     complete=True,
                     meta={**notes, "model": turn.model.served},
-                )
-                await self._conversations.title_untitled(
-                    session, conversation, self._settings.auto_title_chars
                 )
                 return message.id
 
@@ -854,6 +855,9 @@ class RunService:
         turn.history = await self._retrying(start, "starting a run")
 
     async def _read_history(self, session: AsyncSession, turn: _Turn) -> list[StoredMessage]:
+        message = turn.message
+        if message.seq == 1:  # the conversation's first message: the history is that message
+            return [StoredMessage(str(message.id), message.role.value, message.content)]
         rows = list(
             await session.scalars(
                 select(Message)

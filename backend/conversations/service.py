@@ -172,13 +172,22 @@ class ConversationService:
 
     @staticmethod
     async def title_untitled(
-        session: AsyncSession, conversation: Conversation, max_chars: int
+        session: AsyncSession,
+        conversation: Conversation,
+        max_chars: int,
+        *,
+        first: Message | None = None,
     ) -> None:
         """Gives a conversation without a title one made of its first question (the caller's
-        unit of work; the conversation is locked). A title already there is kept."""
+        unit of work; the conversation is locked). A title already there is kept. `first`: a
+        message the caller holds; when it is the conversation's first (seq 1) and the user's,
+        it is that question (no query)."""
         if conversation.title or max_chars <= 0:
             return
-        question = await repo.first_user_message(session, conversation.id)
+        if first is not None and first.seq == 1 and first.role is MessageRole.USER:
+            question: str | None = first.content
+        else:
+            question = await repo.first_user_message(session, conversation.id)
         if question:
             conversation.title = title_of(question, max_chars)
 

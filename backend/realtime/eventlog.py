@@ -45,6 +45,7 @@ TERMINAL_TYPES = frozenset(
     }
 )
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_WAKE_TTL_S = 3600  # a replica's wake-up stream outlives it by at most this
 
 
 class EventsExpired(AppError):
@@ -124,6 +125,7 @@ class LiveTail:
         self._task: asyncio.Task[None] | None = None
         self._waiting = asyncio.Event()
         self._closing = False
+        self._wake_expires_renew = 0.0  # when the wake-up stream's expiry is next set again
 
     async def register(self, key: str, last: str) -> _Subscriber:
         subscriber = _Subscriber(key, last)
@@ -135,7 +137,11 @@ class LiveTail:
         self._waiting.set()
         if behind:  # wakes the XREAD in progress so it reads this stream from `last` too
             await self._redis.xadd(self._wake, {"k": key}, maxlen=16, approximate=True)
-            await self._redis.expire(self._wake, 3600)
+            # its expiry (a dead replica's goes) is renewed every half hour, not per subscriber
+            now = time.monotonic()
+            if now >= self._wake_expires_renew:
+                await self._redis.expire(self._wake, _WAKE_TTL_S)
+                self._wake_expires_renew = now + _WAKE_TTL_S / 2
         return subscriber
 
     def unregister(self, subscriber: _Subscriber) -> None:

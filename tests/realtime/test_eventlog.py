@@ -169,6 +169,33 @@ async def test_many_live_readers_share_one_blocking_read(redis: Redis, key_prefi
     assert set(texts.values()) == {"01234"}
 
 
+async def test_the_tails_wake_up_stream_expires_and_goes_with_the_log(
+    redis: Redis, key_prefix: str
+) -> None:
+    """A replica's wake-up stream (written as each live reader starts) carries an expiry, so a
+    replica that dies leaves nothing behind for long; a closed log deletes it."""
+    log = RunEventLog(redis, KeySpace(key_prefix), block_ms=200)
+    runs = [uuid.uuid4().hex for _ in range(3)]
+    readers = []
+    for run in runs:
+        await log.append(run, "RunStarted", {})
+        readers.append(asyncio.create_task(_drain(log, run)))
+        await asyncio.sleep(0.05)  # each reader registers while the others wait
+    wake = [key async for key in redis.scan_iter(match=f"{key_prefix}*tail-wake*")]
+    assert len(wake) == 1
+    assert 0 < await redis.ttl(wake[0]) <= 3600
+    for run in runs:
+        await log.append(run, "RunCompleted", {})
+    await asyncio.wait_for(asyncio.gather(*readers), 10)
+    await log.close()
+    assert not await redis.exists(wake[0])
+
+
+async def _drain(log: RunEventLog, run: str) -> None:
+    async for _ in log.read(run):
+        pass
+
+
 async def test_concurrent_appends_are_batched_and_keep_each_streams_order(
     log: RunEventLog, redis: Redis, key_prefix: str
 ) -> None:
