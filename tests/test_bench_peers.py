@@ -39,3 +39,20 @@ def test_other_paths_read_as_added_to_the_baseline_of_their_concurrency() -> Non
     assert table[2].split()[-5:] == ["+48.0", "+1.5", "-1.0", "1.250", "100/100"]
     assert table[3].split()[-5:] == ["4.0", "2.0", "10.0", "-", "1900/2000"]
     assert table[4].split()[-5:] == ["+56.0", "+1.0", "+20.0", "0.500", "2000/2000"]
+
+
+def test_a_turns_cost_reads_per_call_beside_a_requests() -> None:
+    bench = load_bench("chat_turns.py")
+    turn, request = bench.TURN, bench.REQUEST
+    table = bench.format_table(
+        [
+            bench.Pass(request, 10, 0.05, 40, 1.0, 20),
+            bench.Pass(turn, 10, 0.6, 1000, 2.0, 20),
+            bench.Pass(request, 10, 0.07, 40, 1.0, 20),
+            bench.Pass(turn, 10, 0.6, 980, 2.0, 18),
+        ]
+    ).splitlines()
+
+    assert table[1].split()[-3:] == ["60.0", "6.0", "10.0"]  # server CPU ms per call
+    assert table[2].split()[-3:] == ["99.0", "4.0", "24.8"]  # Redis commands per call
+    assert table[3].split()[-2:] == ["1.9", "2.0"]  # tokens received per call
