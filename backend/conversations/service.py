@@ -154,10 +154,14 @@ class ConversationService:
     ) -> Message:
         """Adds a message at the end, in the caller's unit of work, which holds the
         conversation's lock (`owned_for_update`): the sequence number is read under it."""
+        # Not flushed before the read: the conversation's pending changes (a title) go with
+        # `updated_at` in the flush below, one UPDATE.
+        with session.no_autoflush:
+            seq = await repo.next_seq(session, conversation.id)
         message = Message(
             tenant_id=conversation.tenant_id,
             conversation_id=conversation.id,
-            seq=await repo.next_seq(session, conversation.id),
+            seq=seq,
             role=role,
             author_id=author_id,
             content=content,
