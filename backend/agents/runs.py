@@ -782,10 +782,24 @@ class RunService:
         lost: its lease was claimed) and recorded all that already."""
         run, principal = turn.run, turn.principal
         async with self._db.session(principal.tenant_id) as session:
-            row = await session.get(Run, run.id, with_for_update=True)
-            if row is None or row.status not in _GOING:
-                return _ENDED_ELSEWHERE
+            # The row's end, if the run is still going (the UPDATE locks it): one statement,
+            # not a locked read and a write.
             message_id = turn.answer_id
+            ended = await session.scalar(
+                update(Run)
+                .where(Run.id == run.id, Run.status.in_(_GOING))
+                .values(
+                    status=outcome,
+                    error_code=code,
+                    message_id=message_id,
+                    prompt_tokens=turn.prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    updated_at=datetime.now(UTC),
+                )
+                .returning(Run.id)
+            )
+            if ended is None:
+                return _ENDED_ELSEWHERE
             if message_id is None and answer:  # a partial answer (cancelled, failed)
                 conversation = await self._conversations.owned_for_update(
                     session, principal, run.conversation_id
@@ -800,12 +814,9 @@ class RunService:
                     meta={"model": turn.model.served},
                 )
                 message_id = partial.id
-            row.status = outcome
-            row.error_code = code
-            row.message_id = message_id
-            row.prompt_tokens = turn.prompt_tokens
-            row.completion_tokens = completion_tokens
-            row.updated_at = datetime.now(UTC)
+                await session.execute(
+                    update(Run).where(Run.id == run.id).values(message_id=message_id)
+                )
             await turn.reservation.settle(
                 session, cost=cost, served_by=(turn.model.alias, turn.model.version, "chat")
             )
