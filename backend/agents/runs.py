@@ -240,6 +240,7 @@ class RunService:
         (no run would answer the message; the client keeps it to send again), INTERRUPT cancels
         the running turn first, ENQUEUE runs this one after it."""
         content = self._checked(content, attachments)
+        await self._conversations.get(principal, conversation_id)  # NOT_FOUND before anything
         run_id = uuid.uuid4()
         key = request_key(principal, conversation_id=conversation_id, request_id=str(run_id))
         self.models.resolve(model, key)  # an unknown model or version: BAD_USER_INPUT first
@@ -282,8 +283,6 @@ class RunService:
                 hold_id=str(run_id),
             )
             async with self._db.session(principal.tenant_id) as session:
-                # NOT_FOUND (none, another user's) here, not in a unit of its own before the
-                # lease and the holds: they are given back below, as for any refusal
                 conversation = await self._conversations.owned_for_update(
                     session, principal, conversation_id
                 )
