@@ -16,11 +16,12 @@ messages of many kinds) and the attacks of prompts.jsonl by source. Each attack 
 out in turn: the ensemble's threshold and the content rail's threshold are chosen on the other
 families and half of the ordinary messages (at most 1% false positives there), and the held-out
 family's detection and the other half's false positives are printed, beside the current rails
-(signatures and TF-IDF, default policy) from the same run. The classifier's `uncertain` and
-`always` modes are timed: the added latency of messages the cheap rails settle, and of the
-classifier path.
+(signatures and TF-IDF, default policy) from the same run. The learned head is refitted for each
+held-out family without that family's rows (`--fit-head` refits the shipped one on all rows).
+The classifier's `uncertain` and `always` modes are timed: the added latency of messages the
+cheap rails settle, and of the classifier path.
 
-Usage: python bench/guardrails.py [--rounds 2] [--families/--no-families]
+Usage: python bench/guardrails.py [--rounds 2] [--families/--no-families] [--fit-head]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +226,8 @@ def ordinary_extra(limit: int) -> list[dict[str, Any]]:
 
 async def held_out(prompt_rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Detection on attack families the rails were not tuned on, and false positives, of the
-    new rails (the classifier's ensemble and the content rail) beside the current ones; and
+    new rails (the classifier's ensemble, the content rail, the learned head) beside the
+    current ones; and
     the classifier's latency in both modes."""
     from backend.config import ClassifierMode
     from backend.guardrails.classifier import TransformerClassifier, calibrated
@@ -256,11 +259,116 @@ async def held_out(prompt_rows: list[dict[str, Any]], args: argparse.Namespace) 
             ensemble.append(calibrated(score, p, len(normal.text)))
             match = await rails.content_match(policy, r["text"])
             harm.append(match.similarity if match is not None else 0.0)
-        report(rows, cheap, ensemble, harm, policy)
+        learned = await left_out_heads(embedder, rows)
+        report(rows, cheap, ensemble, harm, learned, policy)
         await latency_modes(rails, rows, args)
     finally:
         await classifier.close()
         await embedder.aclose()
+
+
+def halves(rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """The ordinary rows' tune half (thresholds are chosen there) and test half (figures)."""
+    benign = [i for i, r in enumerate(rows) if r["label"] == 0]
+    random.Random(23).shuffle(benign)
+    return sorted(benign[::2]), sorted(benign[1::2])
+
+
+def head_rows() -> list[dict[str, Any]]:
+    """What the learned head is fitted on besides bench/data/families.jsonl: the labelled
+    prompts of prompts.jsonl and the content rail's own examples and look-alikes."""
+    from backend.guardrails.content import CATEGORIES, HARMLESS
+
+    own = [{"text": t, "label": 1} for examples in CATEGORIES.values() for t in examples]
+    return read(DATA) + own + [{"text": t, "label": 0} for t in HARMLESS]
+
+
+async def window_vectors(embedder: Any, rows: list[dict[str, Any]]) -> list[list[list[float]]]:
+    """Each row's windows' vectors, as the learned rail reads them (normalised text)."""
+    from backend.guardrails import head
+
+    texts = [head.windows(normalise(r["text"]).text) for r in rows]
+    unique = list(dict.fromkeys(w for ws in texts for w in ws))
+    found: dict[str, list[float]] = {}
+    for start in range(0, len(unique), 64):
+        part = unique[start : start + 64]
+        found.update(zip(part, await embedder.embed(part), strict=True))
+    return [[found[w] for w in ws] for ws in texts]
+
+
+def fitted(rows: list[dict[str, Any]], vectors: list[list[list[float]]]) -> Any:
+    from backend.guardrails import head
+    from backend.knowledge.embeddings import LOCAL_NAME
+
+    xs = [v for vs in vectors for v in vs]
+    ys = [r["label"] for r, vs in zip(rows, vectors, strict=True) for _ in vs]
+    return head.fit(xs, ys, LOCAL_NAME.split("@")[0])
+
+
+async def left_out_heads(
+    embedder: Any, rows: list[dict[str, Any]]
+) -> dict[str, tuple[float, list[float]]]:
+    """For each attack family: a head fitted without its rows (on the other families, the
+    labelled prompts, the content rail's examples and one half of the tune half's ordinary
+    rows), its threshold (at most TUNING_FP of the tune half's other half flagged), and its
+    score of every row."""
+    own = head_rows()
+    own_vectors = await window_vectors(embedder, own)
+    vectors = await window_vectors(embedder, rows)
+    tune, _ = halves(rows)
+    fit_on, choose_on = set(tune[::2]), tune[1::2]
+    found: dict[str, tuple[float, list[float]]] = {}
+    for family in sorted({r["family"] for r in rows if r["label"] == 1}):
+        keep = [
+            i
+            for i, r in enumerate(rows)
+            if (r["label"] == 1 and r["family"] != family) or i in fit_on
+        ]
+        model = fitted(own + [rows[i] for i in keep], own_vectors + [vectors[i] for i in keep])
+        scores = [model.probability(v) for v in vectors]
+        found[family] = (threshold_for([scores[i] for i in choose_on], TUNING_FP), scores)
+    return found
+
+
+async def fit_head() -> None:
+    """Fits the shipped head on everything labelled (head_rows() and families.jsonl), and
+    chooses its threshold on out-of-fold scores (5 folds): at most 1% of the ordinary rows."""
+    from backend.guardrails import head
+    from backend.knowledge.embeddings import LocalEmbedder
+
+    rows = head_rows() + read(FAMILIES)
+    embedder = LocalEmbedder(timeout_s=300.0)
+    try:
+        vectors = await window_vectors(embedder, rows)
+    finally:
+        await embedder.aclose()
+    order = list(range(len(rows)))
+    random.Random(7).shuffle(order)
+    out_of_fold: dict[int, float] = {}
+    for k in range(5):
+        held = set(order[k::5])
+        keep = [i for i in range(len(rows)) if i not in held]
+        model = fitted([rows[i] for i in keep], [vectors[i] for i in keep])
+        out_of_fold |= {i: model.probability(vectors[i]) for i in held}
+    ordinary = [out_of_fold[i] for i, r in enumerate(rows) if r["label"] == 0]
+    attacks = [out_of_fold[i] for i, r in enumerate(rows) if r["label"] == 1]
+    threshold = threshold_for(ordinary, 0.01)
+    detected = sum(a >= threshold for a in attacks) / len(attacks)
+    shipped = fitted(rows, vectors)
+    head.PATH.write_text(
+        shipped.to_json(
+            fitted_on=f"{len(attacks)} attacks and {len(ordinary)} ordinary messages: "
+            "bench/data/prompts.jsonl, bench/data/families.jsonl and the content rail's "
+            "examples (python bench/guardrails.py --fit-head)",
+            threshold_at_1pct=round(threshold, 4),
+            out_of_fold_detection=round(detected, 4),
+        ),
+        "utf-8",
+    )
+    print(
+        f"fitted on {len(rows)} rows; out of fold: {detected:.1%} of attacks at threshold "
+        f"{threshold:.4f} (1% of ordinary rows); wrote {head.PATH}"
+    )
 
 
 def report(
@@ -268,11 +376,11 @@ def report(
     cheap: list[float],
     ensemble: list[float],
     harm: list[float],
+    learned: dict[str, tuple[float, list[float]]],
     policy: GuardrailPolicy,
 ) -> None:
-    benign = [i for i, r in enumerate(rows) if r["label"] == 0]
-    random.Random(23).shuffle(benign)
-    tune, test = sorted(benign[::2]), sorted(benign[1::2])
+    tune, test = halves(rows)
+    benign = tune + test
     base_t = policy.injection.threshold
     t_ens = max(threshold_for([ensemble[i] for i in tune], TUNING_FP), base_t)
     t_harm = threshold_for([harm[i] for i in tune], TUNING_FP)
@@ -293,42 +401,53 @@ def report(
             or harm[i] >= policy.content.threshold
         )
 
+    def learned_by(family: str) -> Callable[[int], bool]:
+        threshold, scores = learned[family]
+        return lambda i: current(i) or scores[i] >= threshold
+
     print(
         f"\nheld-out families: {len(rows)} rows of {FAMILIES.name} and extra ordinary text. "
         "No row here was fitted on (the ensemble's weights come from prompts.jsonl); the two "
         f"thresholds are chosen on half of the {len(benign)} ordinary messages (tune half, at "
         f"most {TUNING_FP:.0%} flagged): ensemble {t_ens:.3f}, content {t_harm:.3f}; figures "
-        "on the other half; 'on, defaults': both rails turned on at their shipped thresholds "
+        "on the other half. '+learned': the current rails or the learned head, fitted for each "
+        "family without its rows (and on half of the tune half; threshold on its other half); "
+        "its false positives are the mean over those heads. 'on, defaults': the classifier and "
+        "the content rail turned on at their shipped thresholds "
         f"(ensemble {policy.injection.classifier_threshold}, content {policy.content.threshold})"
     )
-    header = ("rows", "current rails", "+classifier", "+content", "on, defaults")
+    header = ("rows", "current rails", "+classifier", "+content", "+learned", "on, defaults")
     print(f"  {'family':28} " + " ".join(f"{h:>14}" for h in header))
     families = sorted(
         {r["family"] for r in rows if r["label"] == 1}, key=lambda f: (rows_kind(rows, f), f)
     )
+    columns = ("current", "injection", "new", "learned", "default")
     pooled: dict[str, list[bool]] = defaultdict(list)
     for family in families:
         held = [i for i, r in enumerate(rows) if r["family"] == family]
         kind = rows[held[0]]["kind"]
-        cells = [sum(f(i) for i in held) / len(held) for f in (current, injection, new, default)]
-        for name, f in (
-            ("current", current),
-            ("injection", injection),
-            ("new", new),
-            ("default", default),
-        ):
+        chosen = (current, injection, new, learned_by(family), default)
+        cells = [sum(f(i) for i in held) / len(held) for f in chosen]
+        for name, f in zip(columns, chosen, strict=True):
             pooled[f"{kind}:{name}"] += [f(i) for i in held]
         print(
             f"  {kind[:4]}:{family[:23]:23} {len(held):>14} "
             + " ".join(f"{c:>14.1%}" for c in cells)
         )
     for kind in ("injection", "harmful"):
-        cells = [pooled[f"{kind}:{n}"] for n in ("current", "injection", "new", "default")]
+        cells = [pooled[f"{kind}:{n}"] for n in columns]
         print(
             f"  {'all ' + kind + ' rows':28} {len(cells[0]):>14} "
             + " ".join(f"{sum(c) / len(c):>14.1%}" for c in cells)
         )
-    fps = [sum(f(i) for i in test) / len(test) for f in (current, injection, new, default)]
+
+    def flagged(items: list[int]) -> list[float]:
+        """How many of these rows each column flags (the learned heads' mean)."""
+        heads = [sum(map(learned_by(f), items)) for f in families]
+        fixed = [float(sum(map(f, items))) for f in (current, injection, new, default)]
+        return [*fixed[:3], sum(heads) / len(heads), fixed[3]]
+
+    fps = [n / len(test) for n in flagged(test)]
     print(
         f"  {'false positives (test half)':28} {len(test):>14} "
         + " ".join(f"{x:>14.1%}" for x in fps)
@@ -337,9 +456,9 @@ def report(
     for i in test:
         by_kind[rows[i]["family"]].append(i)
     for kind, items in sorted(by_kind.items()):
-        counts = [sum(f(i) for i in items) for f in (current, injection, new, default)]
         print(
-            f"    ordinary {kind[:19]:19} {len(items):>14} " + " ".join(f"{c:>14}" for c in counts)
+            f"    ordinary {kind[:19]:19} {len(items):>14} "
+            + " ".join(f"{c:>14.3g}" for c in flagged(items))
         )
     print("  goal: detection >= 90% at <= 2% false positives on families not used for tuning")
 
@@ -351,8 +470,9 @@ def rows_kind(rows: list[dict[str, Any]], family: str) -> str:
 async def latency_modes(
     rails: LocalRails, rows: list[dict[str, Any]], args: argparse.Namespace
 ) -> None:
-    """check_input's latency with the classifier `uncertain` and `always` (with and without the
-    content rail) beside the current rails (classifier and content rail off), on the same
+    """check_input's latency with the classifier `uncertain` and `always` (alone, with the
+    content rail, with the learned head) beside the current rails (classifier, content rail and
+    learned head off), on the same
     messages: those the cheap rails settle (no classifier call in `uncertain` mode) and those
     that go to the classifier. Added = the percentile minus the baseline's percentile."""
     from backend.config import ClassifierMode
@@ -360,6 +480,7 @@ async def latency_modes(
     texts = [r["text"] for r in random.Random(5).sample(rows, min(len(rows), args.latency_rows))]
     policy = GuardrailPolicy.model_validate({"content": {"enabled": True}})  # it ships off
     off = GuardrailPolicy.model_validate({"content": {"enabled": False}})
+    learned = GuardrailPolicy.model_validate({"injection": {"learned": True}})  # ships off
     rails._classifier_mode = ClassifierMode.UNCERTAIN
     settled = {i for i, t in enumerate(texts) if rails._input_rails(off, t, [])[2] is None}
 
@@ -398,7 +519,7 @@ async def latency_modes(
     line("current rails (baseline)", base, added=False)
     for mode in (ClassifierMode.UNCERTAIN, ClassifierMode.ALWAYS):
         rails._classifier_mode = mode
-        for label, chosen in (("", off), (" + content", policy)):
+        for label, chosen in (("", off), (" + content", policy), (" + learned", learned)):
             line(f"{mode.value}{label}: added", await timed(chosen), added=True)
     print("  goal: added p99 <= 15 ms for the messages the cheap rails settle")
 
@@ -424,4 +545,10 @@ if __name__ == "__main__":
     parser.add_argument(
         "--extra-ordinary", type=int, default=150, help="pasted docs and code added (each)"
     )
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument(
+        "--fit-head",
+        action="store_true",
+        help="refit the learned head (backend/guardrails/data/attack_head.json) and stop",
+    )
+    options = parser.parse_args()
+    asyncio.run(fit_head() if options.fit_head else main(options))

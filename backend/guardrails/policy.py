@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.agents.guards import GuardAction
 from backend.guardrails.content import CATEGORIES
+from backend.guardrails.head import LEARNED_THRESHOLD
 from backend.guardrails.pii import PiiKind
 
 
@@ -30,6 +31,17 @@ class InjectionRail(_Rail):
         le=1.0,
         description="the ensemble's score (signatures, TF-IDF and the transformer classifier, "
         "calibrated on bench/data) at which a message the cheap rails let through is an attack",
+    )
+    learned: bool = Field(
+        False,
+        description="also score each message with the learned attack head on its MiniLM vector "
+        "(one embedding per message; off by default: see the README's held-out figures)",
+    )
+    learned_threshold: float = Field(
+        LEARNED_THRESHOLD,
+        ge=0.0,
+        le=1.0,
+        description="the learned head's probability at which a message is an attack",
     )
 
 

@@ -32,7 +32,7 @@ from backend.core.db import Database
 from backend.core.models import GuardrailPolicyRow
 from backend.core.tasks import drain
 from backend.errors import ValidationFailed
-from backend.guardrails import content, selfcheck
+from backend.guardrails import content, head, selfcheck
 from backend.guardrails.classifier import TransformerClassifier, calibrated
 from backend.guardrails.errors import GuardrailUnavailable
 from backend.guardrails.images import ImageClassifier
@@ -123,6 +123,7 @@ class GuardrailService:
         self._uncertain_chars = classifier_uncertain_chars
         self._classifier_fail_open = classifier_fail_open
         self._content_pieces = content_pieces
+        self._head = head.AttackHead.load()
         # Decisions wait here for one writer task that records them in batches (one
         # transaction per tenant per batch), so a burst of redactions costs few round trips.
         self._unaudited: list[tuple[Principal, str, GuardDecision]] = []
@@ -328,6 +329,9 @@ class GuardrailService:
             if classified.action is GuardAction.BLOCK:
                 return [classified]
             found.append(classified)
+        learned = await self._learned_rail(policy, text)
+        if learned is not None:
+            return [*found, learned]
         harmful = await self._content_rail(policy, text)
         if harmful is not None:
             return [*found, harmful]
@@ -356,6 +360,24 @@ class GuardrailService:
         return GuardDecision(
             "injection", rail.action, f"classifier {score:.2f} (transformer {probability:.2f})"
         )
+
+    async def _learned_rail(self, policy: GuardrailPolicy, text: str) -> GuardDecision | None:
+        """The learned attack head on the (normalised) message's MiniLM vectors."""
+        rail = policy.injection
+        if not (rail.enabled and rail.learned):
+            return None
+        if self._topics is None:
+            raise GuardrailUnavailable("the learned injection score is on but no embedder is set")
+        if not self._head.reads(self._topics.model_name):
+            raise GuardrailUnavailable(
+                f"the learned injection score reads {self._head.embedding_model} vectors, "
+                f"not {self._topics.model_name}'s"
+            )
+        normal = await asyncio.to_thread(normalise, text)
+        score = self._head.probability(await self._topics.embed(head.windows(normal.text)))
+        if score < rail.learned_threshold:
+            return None
+        return GuardDecision("injection", rail.action, f"learned score {score:.2f}")
 
     async def _content_rail(self, policy: GuardrailPolicy, text: str) -> GuardDecision | None:
         rail = policy.content

@@ -30,6 +30,7 @@ def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
 class TopicMatcher:
     def __init__(self, embedder: TextEmbedder, cache_size: int = 512) -> None:
         self._embedder = embedder
+        self.model_name: str | None = getattr(embedder, "name", None)  # `model@version`
         self._cache: OrderedDict[str, list[float]] = OrderedDict()
         self._cache_size = cache_size
 
@@ -47,6 +48,10 @@ class TopicMatcher:
         that the first check pays neither."""
         await self._embedder.embed(["warm up"])
         await self._vectors(list(dict.fromkeys(topics)))
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """The vectors of these texts, embedded now (not cached)."""
+        return await self._embedder.embed(list(texts))
 
     async def similarities(
         self, texts: Sequence[str], candidates: Sequence[str]
