@@ -276,11 +276,16 @@ def halves(rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
 
 def head_rows() -> list[dict[str, Any]]:
     """What the learned head is fitted on besides bench/data/families.jsonl: the labelled
-    prompts of prompts.jsonl and the content rail's own examples and look-alikes."""
+    prompts of prompts.jsonl, the content rail's own examples and look-alikes, and the
+    hand-written ordinary messages kept for fitting only (never scored here)."""
     from backend.guardrails.content import CATEGORIES, HARMLESS
 
+    sys.path.insert(0, str(DATA.parent))
+    import handwritten
+
     own = [{"text": t, "label": 1} for examples in CATEGORIES.values() for t in examples]
-    return read(DATA) + own + [{"text": t, "label": 0} for t in HARMLESS]
+    ordinary = [*HARMLESS, *(t for ts in handwritten.FITTING_ORDINARY.values() for t in ts)]
+    return read(DATA) + own + [{"text": t, "label": 0} for t in ordinary]
 
 
 async def window_vectors(embedder: Any, rows: list[dict[str, Any]]) -> list[list[list[float]]]:

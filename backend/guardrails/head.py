@@ -27,7 +27,7 @@ from pathlib import Path
 WINDOW_CHARS = 1000  # about MiniLM's 256 word pieces
 # the policy's default `injection.learned_threshold`: the probability that flags 1% of the
 # ordinary messages the shipped head was fitted on, scored out of fold (attack_head.json)
-LEARNED_THRESHOLD = 0.91
+LEARNED_THRESHOLD = 0.93
 PATH = Path(__file__).with_name("data") / "attack_head.json"
 
 
