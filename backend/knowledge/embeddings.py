@@ -103,8 +103,9 @@ class _Pending:
 
 
 class LocalEmbedder:
-    """MiniLM in one worker process; requests that arrive within `max_delay_s` of each other
-    share a batch (up to `max_batch` texts), run `forward_texts` of similar length at a
+    """MiniLM in one worker process. A request the idle worker can take runs at once; those
+    that arrive while it is busy (and within `max_delay_s` of the first, when that is set)
+    share the next batch (up to `max_batch` texts), run `forward_texts` of similar length at a
     time."""
 
     name = LOCAL_NAME
@@ -117,7 +118,7 @@ class LocalEmbedder:
         threads: int = 2,
         max_batch: int = 64,
         forward_texts: int = 8,
-        max_delay_s: float = 0.003,
+        max_delay_s: float = 0.0,
         timeout_s: float = 60.0,
         load_timeout_s: float = 600.0,
         name: str = LOCAL_NAME,
@@ -212,9 +213,15 @@ class LocalEmbedder:
         return pool
 
     async def _gather_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
-        """The first waiting request, and those arriving within `max_delay_s` (up to a batch)."""
+        """The first waiting request and those queued behind it (they came while the last batch
+        ran), then those arriving within `max_delay_s`, up to a batch. With no delay a lone
+        request does not wait for company: a guardrail check or a query embeds at once."""
         first = await self._queue.get()
         group, size = [first], len(first.texts)
+        while size < self._max_batch and not self._queue.empty():
+            item = self._queue.get_nowait()
+            group.append(item)
+            size += len(item.texts)
         deadline = loop.time() + self._max_delay_s
         while size < self._max_batch:
             remaining = deadline - loop.time()
