@@ -175,6 +175,11 @@ class ModelOperations:
         if self.drift_watch is not None:
             self.drift_watch.start()
 
+    async def flush(self) -> None:
+        """Sends the serving figures and error counts gathered since the last periodic flush
+        now (a caller that reads them back at once, as the operations view's test does)."""
+        await self._series.flush()
+
     async def close(self) -> None:
         """Stops the guard, the drift watch and the shadows, then sends the last figures."""
         if self._canaries is not None:

@@ -108,6 +108,9 @@ async def test_an_admin_sees_the_operations_charts_after_a_workload(
                     json={"query": '{ model(name: "nope") { name } }'},
                     headers={"authorization": f"Bearer {token}"},
                 )
+        # the page reads the figures once, then every 30 s: they must be in Redis before it
+        # loads (the periodic flush can come late on a busy machine; CI once missed the errors)
+        await server.services.lifecycle.flush()
 
         await signed_in(page, server, admin, ADMIN, PASSWORD)
         await page.get_by_role("link", name="Operations").click()
