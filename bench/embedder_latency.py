@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import time
 
 from backend.knowledge.embeddings import LocalEmbedder, local_model_path
 
 TEXT = "How do antivirus programs detect keyloggers, and how can I check my laptop? ({})"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def timed(embedder: LocalEmbedder, start: int, count: int) -> list[float]:
@@ -66,7 +62,8 @@ async def main(args: argparse.Namespace) -> None:
     print(f"one short text at a time, {args.requests} each, 2 threads (ms)")
     print(f"  {'':30} {'p50':>8} {'p99':>8}")
     for name, took in results.items():
-        print(f"  {name:30} {percentile(took, 0.5):>8.2f} {percentile(took, 0.99):>8.2f}")
+        cuts = statistics.quantiles(took, n=100)  # cuts[49]: p50, cuts[98]: p99
+        print(f"  {name:30} {cuts[49]:>8.2f} {cuts[98]:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -146,10 +146,10 @@ class NemoGuardrailService(GuardrailService):
 
     async def _check_input_action(self, context: dict[str, Any] | None = None, **_: Any) -> dict:
         call = self._call_of(context)
-        text, decisions, unsure = await asyncio.to_thread(
+        text, decisions, unsure, normal = await asyncio.to_thread(
             self._input_rails, call.policy, call.text, call.history
         )
-        decisions += await self._model_rails(call.policy, text, decisions, unsure)
+        decisions += await self._model_rails(call.policy, text, decisions, unsure, normal)
         call.text = text
         call.decisions = decisions
         call.checked = True

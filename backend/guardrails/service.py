@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -69,6 +69,15 @@ class _Unsure:
 
     text: str  # normalised
     score: float  # the cheap rails' score
+
+
+class _Local(NamedTuple):
+    """What the local rails leave for the model rails."""
+
+    text: str  # the message as the model may read it (redacted)
+    decisions: list[GuardDecision]
+    unsure: _Unsure | None  # for the transformer classifier (None: the cheap rails settled it)
+    normal: str  # the message normalised, for the learned head ("" when a length cap blocked)
 
 
 @dataclass(frozen=True)
@@ -228,10 +237,10 @@ class GuardrailService:
         try:
             policy = await self.policy(principal)
             async with asyncio.timeout(self._timeout_s):
-                text, decisions, unsure = await asyncio.to_thread(
+                text, decisions, unsure, normal = await asyncio.to_thread(
                     self._input_rails, policy, text, history
                 )
-                decisions += await self._model_rails(policy, text, decisions, unsure)
+                decisions += await self._model_rails(policy, text, decisions, unsure, normal)
         except TimeoutError as exc:
             raise GuardrailUnavailable("the input rails took too long") from exc
         except GuardrailUnavailable:
@@ -242,11 +251,8 @@ class GuardrailService:
         self._decided(principal, "input", decisions, time.perf_counter() - started)
         return InputVerdict(text=text, decisions=tuple(decisions), safe_reply=policy.safe_reply)
 
-    def _input_rails(
-        self, policy: GuardrailPolicy, text: str, history: list[str]
-    ) -> tuple[str, list[GuardDecision], _Unsure | None]:
-        """The local rails (a thread's work). Also returns the message for the transformer
-        classifier when the cheap injection rails are unsure of it (None: they settled it)."""
+    def _input_rails(self, policy: GuardrailPolicy, text: str, history: list[str]) -> _Local:
+        """The local rails (a thread's work)."""
         decisions: list[GuardDecision] = []
         if policy.length.enabled and len(text) > policy.length.max_chars:
             decisions.append(
@@ -254,19 +260,19 @@ class GuardrailService:
                     "length", GuardAction.BLOCK, f"message over {policy.length.max_chars} chars"
                 )
             )
-            return text, decisions, None
+            return _Local(text, decisions, None, "")
         normal = normalise(text)
         injection, unsure = self._injection_rail(policy, normal, text, history)
         if injection is not None:
             decisions.append(injection)
             if injection.action is GuardAction.BLOCK:
-                return text, decisions, None
+                return _Local(text, decisions, None, normal.text)
         if policy.pii.enabled and (matches := find_pii(text, policy.pii.kinds)):
             action = policy.pii.input_action
             kinds = ", ".join(sorted({m.kind.value for m in matches}))
             decisions.append(GuardDecision("pii", action, kinds))
             if action is GuardAction.BLOCK:
-                return text, decisions, None
+                return _Local(text, decisions, None, normal.text)
             if action is GuardAction.REDACT:
                 text = redact(text, matches)
         if policy.profanity.enabled and (spans := find_profanity(normal.text)):
@@ -274,7 +280,7 @@ class GuardrailService:
             decisions.append(GuardDecision("profanity", action, f"{len(spans)} word(s)"))
             if action is GuardAction.REDACT:
                 text = mask(text, find_profanity(text))
-        return text, decisions, unsure
+        return _Local(text, decisions, unsure, normal.text)
 
     def _injection_rail(
         self, policy: GuardrailPolicy, normal: Normalised, text: str, history: list[str]
@@ -318,7 +324,8 @@ class GuardrailService:
         policy: GuardrailPolicy,
         text: str,
         so_far: list[GuardDecision],
-        unsure: _Unsure | None = None,
+        unsure: _Unsure | None,
+        normal: str,
     ) -> list[GuardDecision]:
         """The rails that need a model (the injection classifier, content, topics,
         self-check), in that order until one blocks, unless a local one blocked."""
@@ -329,7 +336,7 @@ class GuardrailService:
             if classified.action is GuardAction.BLOCK:
                 return [classified]
             found.append(classified)
-        learned = await self._learned_rail(policy, text)
+        learned = await self._learned_rail(policy, normal)
         if learned is not None:
             return [*found, learned]
         harmful = await self._content_rail(policy, text)
@@ -361,8 +368,8 @@ class GuardrailService:
             "injection", rail.action, f"classifier {score:.2f} (transformer {probability:.2f})"
         )
 
-    async def _learned_rail(self, policy: GuardrailPolicy, text: str) -> GuardDecision | None:
-        """The learned attack head on the (normalised) message's MiniLM vectors."""
+    async def _learned_rail(self, policy: GuardrailPolicy, normal: str) -> GuardDecision | None:
+        """The learned attack head on the normalised message's MiniLM vectors."""
         rail = policy.injection
         if not (rail.enabled and rail.learned):
             return None
@@ -373,8 +380,7 @@ class GuardrailService:
                 f"the learned injection score reads {self._head.embedding_model} vectors, "
                 f"not {self._topics.model_name}'s"
             )
-        normal = await asyncio.to_thread(normalise, text)
-        score = self._head.probability(await self._topics.embed(head.windows(normal.text)))
+        score = self._head.probability(await self._topics.embed(head.windows(normal)))
         if score < rail.learned_threshold:
             return None
         return GuardDecision("injection", rail.action, f"learned score {score:.2f}")
