@@ -150,6 +150,7 @@ async def build_services(
         chat=models,
         embedder=shared_embedder,
         embeddings=knowledge.versions,
+        guardrails=guardrails,
     )
     # the knowledge base's embedding version: the registry's live one once its vectors are in
     await knowledge.versions.start()
@@ -238,7 +239,7 @@ async def build_services(
         ledger=ledger,
     )
     knowledge.versions.spent = functools.partial(_reembedded, embedded)
-    _operate_models(lifecycle, registry, models_watcher)
+    _operate_models(lifecycle, registry, models_watcher, guardrails)
     state.metrics.on_error = lifecycle.errors.record  # errors by code over time, too
     knowledge.start()  # renews job leases, takes over the jobs of replicas that died
     vision.start()  # the same for vision jobs (taken over only where vision is on)
@@ -283,11 +284,17 @@ async def build_services(
 
 
 def _operate_models(
-    lifecycle: ModelOperations, registry: ModelRegistryService, watcher: RegistryWatcher
+    lifecycle: ModelOperations,
+    registry: ModelRegistryService,
+    watcher: RegistryWatcher,
+    guardrails: GuardrailService | None,
 ) -> None:
     """The model operations follow the registry: canary guards that roll back and ramp through
     it, the timeline's version events, drift references that restart on promotion, and the
-    traffic gauges on every change."""
+    traffic gauges on every change. The guardrails' learned head records its versions' figures
+    and runs their shadows there too."""
+    if guardrails is not None:
+        guardrails.operations = lifecycle
     lifecycle.use_registry(
         watcher,
         rollback=functools.partial(_canary_rollback, registry),
@@ -332,6 +339,7 @@ async def _build_registry(
     chat: ModelRegistry,
     embedder: Embedder,
     embeddings: EmbeddingVersions,
+    guardrails: GuardrailService | None,
 ) -> tuple[ModelRegistryService, RegistryWatcher, PoolReconciler | None]:
     """The model registry, seeded with what this server serves (unless the registry has it),
     and this replica's watcher on it, started: it has read the registry once. Its listeners
@@ -352,13 +360,18 @@ async def _build_registry(
         manifests = [s.manifest for s in pool.status().values()] if pool is not None else []
         manifests += vision.in_process_models()  # Tesseract: its version here
         embedding = (embedder.name, embedder.dimensions, settings.knowledge.embedding_base_url)
-        await registry.seed(served_models(manifests, specs, embedding))
+        heads = [guardrails.heads.packaged] if guardrails is not None else []
+        await registry.seed(served_models(manifests, specs, embedding, heads))
     watcher = RegistryWatcher(registry, state.redis, settings.lifecycle)
     # chat: versions built from each registry state (before routing may pick them), then routed
     chat.router = ModelRouter(chat.is_ready, chat.local_versions)
     watcher.add_listener(chat.apply)
     watcher.add_listener(chat.router)
     watcher.add_listener(embeddings.registry_changed)  # a promoted version is re-embedded
+    if guardrails is not None:  # the learned head's versions, built from each state, then routed
+        guardrails.router = ModelRouter(guardrails.heads.is_ready, guardrails.heads.local_versions)
+        watcher.add_listener(guardrails.heads)
+        watcher.add_listener(guardrails.router)
     reconciler = None
     if pool is not None and vision.router is not None:
         watcher.add_listener(vision.router)

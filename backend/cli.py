@@ -1440,11 +1440,12 @@ def models_register(  # noqa: PLR0917 (one argument per field of a version)
     spec: Annotated[
         Path,
         typer.Option(
-            help="JSON file: a model manifest (vision; relative paths are from its folder) or "
-            "an endpoint spec (chat, embedding)."
+            help="JSON file: a model manifest (vision; relative paths are from its folder), "
+            "an endpoint spec (chat, embedding) or a learned head (guardrail: the file "
+            "`bench/guardrails.py --fit-head` writes)."
         ),
     ],
-    kind: Annotated[str | None, typer.Option(help="vision, chat or embedding.")] = None,
+    kind: Annotated[str | None, typer.Option(help="vision, chat, embedding or guardrail.")] = None,
     task: Annotated[str | None, typer.Option(help="A new vision model's task.")] = None,
     sha256: Annotated[str | None, typer.Option(help="The weights' sha256, checked.")] = None,
     notes: Annotated[str, typer.Option(help="Why this version.")] = "",
@@ -1459,7 +1460,7 @@ def models_register(  # noqa: PLR0917 (one argument per field of a version)
     if not isinstance(data, dict):
         raise _fail(f"{spec} must hold a JSON object")
     if kind is not None and kind not in {k.value for k in ModelKind}:
-        raise _fail("--kind must be vision, chat or embedding")
+        raise _fail("--kind must be one of " + ", ".join(k.value for k in ModelKind))
     if "runtime" in data:  # a manifest: its paths are relative to its file
         data.setdefault("name", model)
         data.setdefault("version", version)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import sys
@@ -359,20 +360,27 @@ async def fit_head() -> None:
     attacks = [out_of_fold[i] for i, r in enumerate(rows) if r["label"] == 1]
     threshold = threshold_for(ordinary, 0.01)
     detected = sum(a >= threshold for a in attacks) / len(attacks)
-    shipped = fitted(rows, vectors)
-    head.PATH.write_text(
-        shipped.to_json(
-            fitted_on=f"{len(attacks)} attacks and {len(ordinary)} ordinary messages: "
-            "bench/data/prompts.jsonl, bench/data/families.jsonl and the content rail's "
-            "examples (python bench/guardrails.py --fit-head)",
-            threshold_at_1pct=round(threshold, 4),
-            out_of_fold_detection=round(detected, 4),
+    shipped = dataclasses.replace(
+        fitted(rows, vectors),
+        threshold=round(threshold, 2),
+        provenance=(
+            (
+                "fitted_on",
+                f"{len(attacks)} attacks and {len(ordinary)} ordinary messages: "
+                "bench/data/prompts.jsonl, bench/data/families.jsonl and the content rail's "
+                "examples (python bench/guardrails.py --fit-head)",
+            ),
+            ("threshold_at_1pct", round(threshold, 4)),
+            ("out_of_fold_detection", round(detected, 4)),
         ),
-        "utf-8",
     )
+    head.PATH.write_text(shipped.to_json(), "utf-8")
     print(
         f"fitted on {len(rows)} rows; out of fold: {detected:.1%} of attacks at threshold "
-        f"{threshold:.4f} (1% of ordinary rows); wrote {head.PATH}"
+        f"{threshold:.4f} (1% of ordinary rows); wrote {head.PATH}, which the next start seeds "
+        f"as {head.MODEL}@{shipped.packaged_version} (READY beside a registry's live version: "
+        "run it as a shadow, then promote it); or register it as a version of your naming: "
+        "sightline models register attack-head VERSION --spec FILE"
     )
 
 

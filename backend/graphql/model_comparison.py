@@ -49,7 +49,8 @@ class AgreementMetric:
         description="`top1_agreement` (classification), `detection_f1` (IoU-matched boxes), "
         "`cer` (OCR: character error rate of the shadow's text against live's, 0 is the "
         "same), `similarity` (chat: cosine of the answers' embeddings), `top10_overlap` "
-        "(embeddings)."
+        "(embeddings), `decision_agreement`, `live_flagged`, `shadow_flagged` (guardrails: "
+        "the share of messages both versions decide alike, and the share each flags)."
     )
     mean: float
 

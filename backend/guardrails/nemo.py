@@ -149,7 +149,9 @@ class NemoGuardrailService(GuardrailService):
         text, decisions, unsure, normal = await asyncio.to_thread(
             self._input_rails, call.policy, call.text, call.history
         )
-        decisions += await self._model_rails(call.policy, text, decisions, unsure, normal)
+        decisions += await self._model_rails(
+            call.principal, call.policy, text, decisions, unsure, normal
+        )
         call.text = text
         call.decisions = decisions
         call.checked = True

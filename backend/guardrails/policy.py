@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.agents.guards import GuardAction
 from backend.guardrails.content import CATEGORIES
-from backend.guardrails.head import LEARNED_THRESHOLD
 from backend.guardrails.pii import PiiKind
 
 
@@ -37,11 +36,13 @@ class InjectionRail(_Rail):
         description="also score each message with the learned attack head on its MiniLM vector "
         "(one embedding per message; off by default: see the README's held-out figures)",
     )
-    learned_threshold: float = Field(
-        LEARNED_THRESHOLD,
+    learned_threshold: float | None = Field(
+        None,
         ge=0.0,
         le=1.0,
-        description="the learned head's probability at which a message is an attack",
+        description="the learned head's probability at which a message is an attack; unset: "
+        "the serving head version's own (0.93 for the packaged head), so a refitted version "
+        "comes with the threshold calibrated for it",
     )
 
 

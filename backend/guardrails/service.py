@@ -43,6 +43,11 @@ from backend.guardrails.policy import GuardrailPolicy, effective, merge
 from backend.guardrails.profanity import find_profanity, mask
 from backend.guardrails.selfcheck import Judge
 from backend.guardrails.topics import TopicMatcher
+from backend.guardrails.versions import HeadVersions
+from backend.lifecycle.operations import ModelOperations
+from backend.lifecycle.policy import RequestKey, Route
+from backend.lifecycle.router import ModelRouter
+from backend.lifecycle.shadow import decision_agreement
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +137,11 @@ class GuardrailService:
         self._uncertain_chars = classifier_uncertain_chars
         self._classifier_fail_open = classifier_fail_open
         self._content_pieces = content_pieces
-        self._head = head.AttackHead.load()
+        # the learned head's versions, and (set by the app) the registry's router over them and
+        # the model operations that record their figures and run their shadows
+        self.heads = HeadVersions(head.AttackHead.load())
+        self.router: ModelRouter | None = None
+        self.operations: ModelOperations | None = None
         # Decisions wait here for one writer task that records them in batches (one
         # transaction per tenant per batch), so a burst of redactions costs few round trips.
         self._unaudited: list[tuple[Principal, str, GuardDecision]] = []
@@ -240,7 +249,9 @@ class GuardrailService:
                 text, decisions, unsure, normal = await asyncio.to_thread(
                     self._input_rails, policy, text, history
                 )
-                decisions += await self._model_rails(policy, text, decisions, unsure, normal)
+                decisions += await self._model_rails(
+                    principal, policy, text, decisions, unsure, normal
+                )
         except TimeoutError as exc:
             raise GuardrailUnavailable("the input rails took too long") from exc
         except GuardrailUnavailable:
@@ -319,8 +330,9 @@ class GuardrailService:
         reason = f"{found.source} {found.score:.2f}{how}"
         return GuardDecision("injection", rail.action, reason), own
 
-    async def _model_rails(
+    async def _model_rails(  # noqa: PLR0917 (the local rails' result, unpacked)
         self,
+        principal: Principal,
         policy: GuardrailPolicy,
         text: str,
         so_far: list[GuardDecision],
@@ -336,7 +348,7 @@ class GuardrailService:
             if classified.action is GuardAction.BLOCK:
                 return [classified]
             found.append(classified)
-        learned = await self._learned_rail(policy, normal)
+        learned = await self._learned_rail(principal, policy, normal)
         if learned is not None:
             return [*found, learned]
         harmful = await self._content_rail(policy, text)
@@ -368,22 +380,87 @@ class GuardrailService:
             "injection", rail.action, f"classifier {score:.2f} (transformer {probability:.2f})"
         )
 
-    async def _learned_rail(self, policy: GuardrailPolicy, normal: str) -> GuardDecision | None:
-        """The learned attack head on the normalised message's MiniLM vectors."""
+    async def _learned_rail(
+        self, principal: Principal, policy: GuardrailPolicy, normal: str
+    ) -> GuardDecision | None:
+        """The learned attack head on the normalised message's MiniLM vectors, with the version
+        the registry routes this caller to. Where the policy mirrors this message to a shadow
+        version, the shadow scores the same vectors after this returns; its decision is only
+        compared with this one's (modelComparison), never acted on."""
         rail = policy.injection
         if not (rail.enabled and rail.learned):
             return None
         if self._topics is None:
             raise GuardrailUnavailable("the learned injection score is on but no embedder is set")
-        if not self._head.reads(self._topics.model_name):
+        route = self._head_route(principal)
+        version, model = (route.version, self.heads.get(route.version)) if route else (None, None)
+        if model is None:
+            version, model = self.heads.default
+        if not model.reads(self._topics.model_name):
             raise GuardrailUnavailable(
-                f"the learned injection score reads {self._head.embedding_model} vectors, "
+                f"the learned injection score reads {model.embedding_model} vectors, "
                 f"not {self._topics.model_name}'s"
             )
-        score = self._head.probability(await self._topics.embed(head.windows(normal)))
-        if score < rail.learned_threshold:
+        started = time.perf_counter()
+        try:
+            vectors = await self._topics.embed(head.windows(normal))
+            score = model.probability(vectors)
+        except Exception:
+            self._served(version, ok=False, started=started)
+            raise
+        took = self._served(version, ok=True, started=started)
+        flagged = score >= _threshold(rail.learned_threshold, model)
+        if route is not None and route.shadow is not None and self.operations is not None:
+            self._shadow_head(route, rail.learned_threshold, vectors, flagged, took)
+        if not flagged:
             return None
-        return GuardDecision("injection", rail.action, f"learned score {score:.2f}")
+        return GuardDecision(
+            "injection", rail.action, f"learned score {score:.2f} ({self.heads.model}@{version})"
+        )
+
+    def _head_route(self, principal: Principal) -> Route | None:
+        """The head version for this caller (a tenant's pin, else the policy's split by user,
+        with a shadow for sampled messages); None without a router or when it cannot say."""
+        if self.router is None:
+            return None
+        key = RequestKey(
+            tenant_id=str(principal.tenant_id),
+            user_id=str(principal.user_id) if principal.user_id else None,
+            request_id=uuid.uuid4().hex,
+        )
+        try:
+            return self.router.route(self.heads.model, key)
+        except ValidationFailed as exc:  # no version here: the packaged head serves
+            log.warning("routing %s failed, the default serves: %s", self.heads.model, exc)
+            return None
+
+    def _served(self, version: str, *, ok: bool, started: float) -> float:
+        """Records a head version's scoring (the embedding and the dot product) in the serving
+        figures; returns how long it took."""
+        took = time.perf_counter() - started
+        if self.operations is not None:
+            self.operations.stats.record(self.heads.model, version, ok=ok, latency_s=took)
+        return took
+
+    def _shadow_head(
+        self,
+        route: Route,
+        tenant_threshold: float | None,
+        vectors: list[list[float]],
+        live_flagged: bool,
+        live_s: float,
+    ) -> None:
+        """Scores the same vectors with the shadow version, off this message's path."""
+        assert self.operations is not None
+        assert route.shadow is not None
+        shadow = self.heads.get(route.shadow)
+        if shadow is None or len(shadow.weights) != len(vectors[0]):
+            return  # not built here (the router checks), or for other vectors: nothing to compare
+
+        async def run() -> bool:
+            return shadow.probability(vectors) >= _threshold(tenant_threshold, shadow)
+
+        self.operations.mirror(route, live_flagged, live_s, run, decision_agreement)
 
     async def _content_rail(self, policy: GuardrailPolicy, text: str) -> GuardDecision | None:
         rail = policy.content
@@ -775,6 +852,11 @@ class GuardrailService:
                                 )
                 except Exception:  # the audit trail must not break the chat; metrics still count
                     log.exception("could not record %d guardrail decisions", len(entries))
+
+
+def _threshold(tenant: float | None, model: head.AttackHead) -> float:
+    """The tenant's threshold when it set one, else the head version's own."""
+    return model.threshold if tenant is None else tenant
 
 
 def _rewritten(policy: GuardrailPolicy, texts: list[str]) -> list[str]:

@@ -22,6 +22,7 @@ class ModelKind(StrEnum):
     VISION = "vision"
     CHAT = "chat"
     EMBEDDING = "embedding"
+    GUARDRAIL = "guardrail"  # a guardrail's learned model (its weights are its spec)
 
 
 class VersionStatus(StrEnum):
@@ -95,7 +96,7 @@ class ModelVersionRecord:
     model: str
     version: str
     kind: ModelKind
-    task: str  # classification, detection, ocr, chat, embedding
+    task: str  # classification, detection, ocr, chat, embedding, injection
     status: VersionStatus
     spec: dict[str, object] = field(default_factory=dict)  # a manifest, or an endpoint spec
     sha256: str | None = None

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 from backend.config import ComputePrices
 from backend.lifecycle.policy import Arm, CanaryGuard, ModelKind, StickyKey, TrafficPolicy
@@ -21,7 +21,11 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_NOTES_CHARS = 2000  # the column's length
 MAX_REASON_CHARS = 500
 
-TASK_OF_KIND = {ModelKind.CHAT: "chat", ModelKind.EMBEDDING: "embedding"}
+TASK_OF_KIND = {
+    ModelKind.CHAT: "chat",
+    ModelKind.EMBEDDING: "embedding",
+    ModelKind.GUARDRAIL: "injection",
+}
 VISION_TASKS = ("classification", "detection", "ocr")
 
 
@@ -37,6 +41,26 @@ class EmbeddingSpec(BaseModel):
     dimensions: int = Field(384, ge=1, le=16_384)
     # money per compute-second by device kind (cpu, cuda, remote); unset kinds: the settings'
     compute_second_prices: ComputePrices = Field(default_factory=dict)
+
+
+# the guardrails' learned head as a registry model (backend.guardrails.head)
+ATTACK_HEAD_MODEL = "attack-head"
+
+
+class AttackHeadSpec(BaseModel):
+    """A version of the injection rail's learned head (backend.guardrails.head): logistic
+    regression over an embedding model's vectors. The weights are the spec, so every replica
+    builds every version from the registry alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding_model: str = Field(pattern=MODEL_NAME.pattern)  # the vectors it reads (no version)
+    weights: list[FiniteFloat] = Field(min_length=1, max_length=16_384)
+    bias: FiniteFloat
+    # the probability at which it flags a message (a tenant's `injection.learned_threshold`
+    # overrides it); a refit head comes with its own, calibrated on ordinary messages
+    threshold: float = Field(gt=0.0, le=1.0)
+    provenance: dict[str, str | int | float] = Field(default_factory=dict)  # how it was fitted
 
 
 @dataclass(frozen=True)

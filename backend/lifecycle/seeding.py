@@ -1,15 +1,30 @@
 """What a server serves from its settings and packages, as registry entries to seed at start:
-the inference pool's vision manifests, the chat aliases, the knowledge base's embedder."""
+the inference pool's vision manifests, the chat aliases, the knowledge base's embedder, the
+guardrails' learned heads."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from backend.config import ModelSpec
 from backend.inference.manifest import ModelManifest
 from backend.lifecycle.policy import ModelKind, split_pin
-from backend.lifecycle.schemas import EmbeddingSpec
+from backend.lifecycle.schemas import ATTACK_HEAD_MODEL, EmbeddingSpec
 from backend.lifecycle.service import SeedEntry
+
+
+class PackagedHead(Protocol):
+    """A guardrail model the server ships (backend.guardrails.head.AttackHead)."""
+
+    @property
+    def packaged_version(self) -> str: ...
+
+    @property
+    def digest(self) -> str: ...
+
+    def spec(self) -> dict[str, Any]: ...
+
 
 FIRST_VERSION = "1"  # of a chat alias or an endpoint's embedding model, until one is registered
 
@@ -18,9 +33,13 @@ def served_models(
     manifests: Sequence[ModelManifest],
     chat: Mapping[str, ModelSpec],
     embedder: tuple[str, int, str | None] | None = None,
+    heads: Sequence[PackagedHead] = (),
 ) -> list[SeedEntry]:
-    """Seed entries for `manifests` (the pool's), `chat` (alias -> spec) and `embedder`
-    (its name, dimensions and endpoint; no endpoint: the packaged model, named `name@version`)."""
+    """Seed entries for `manifests` (the pool's), `chat` (alias -> spec), `embedder`
+    (its name, dimensions and endpoint; no endpoint: the packaged model, named `name@version`)
+    and the guardrails' packaged `heads` (model `attack-head`, each version named after its
+    weights' digest: a release with a refitted head seeds a new version, READY, that serves
+    once promoted)."""
     entries = [
         SeedEntry(
             model=m.name,
@@ -60,4 +79,15 @@ def served_models(
                 spec=spec.model_dump(mode="json"),
             )
         )
+    entries += [
+        SeedEntry(
+            model=ATTACK_HEAD_MODEL,
+            kind=ModelKind.GUARDRAIL,
+            task="injection",
+            version=head.packaged_version,
+            spec=head.spec(),
+            sha256=head.digest,
+        )
+        for head in heads
+    ]
     return entries

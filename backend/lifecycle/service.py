@@ -75,6 +75,7 @@ from backend.lifecycle.schemas import (
     MODEL_NAME,
     SHA256,
     VERSION_NAME,
+    AttackHeadSpec,
     EmbeddingSpec,
     ModelDetails,
     PinDetails,
@@ -250,7 +251,8 @@ class ModelRegistryService:
     ) -> VersionDetails:
         """Registers a version (and the model, given its kind, when it is new). A vision
         version's files are checked against their sha256 first; it then loads on every
-        replica (LOADING until all report it ready). Chat and embedding versions are READY."""
+        replica (LOADING until all report it ready). Chat, embedding and guardrail versions are
+        READY."""
         await self.require_operator(principal, "Mutation.registerModelVersion")
         check_names(model, version)
         if sha256 is not None:
@@ -312,13 +314,9 @@ class ModelRegistryService:
     ) -> tuple[dict[str, Any], str | None]:
         """The spec as stored and the version's artifact sha256; typed errors for specs that
         cannot be served and files that do not match."""
-        if kind is ModelKind.CHAT:
-            try:
-                return ModelSpec.model_validate(spec).model_dump(mode="json"), sha256
-            except ValidationError as exc:
-                raise InvalidModelSpec.listing("invalid chat model spec", exc) from exc
-        if kind is ModelKind.EMBEDDING:
-            return _embedding_spec(spec), sha256
+        checked = _SPEC_OF_KIND.get(kind)
+        if checked is not None:  # not a manifest: nothing to verify on disk
+            return checked(spec), sha256
         spec.setdefault("name", model)
         spec.setdefault("version", version)
         if spec["name"] != model or spec["version"] != version:
@@ -788,6 +786,13 @@ class ModelRegistryService:
             log.warning("model registry: publishing revision %d failed: %s", revision, exc)
 
 
+def _chat_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return ModelSpec.model_validate(spec).model_dump(mode="json")
+    except ValidationError as exc:
+        raise InvalidModelSpec.listing("invalid chat model spec", exc) from exc
+
+
 def _embedding_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """An embedding version's spec as stored: one the knowledge base can use."""
     try:
@@ -803,6 +808,30 @@ def _embedding_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if checked.provider == "openai" and not checked.base_url:
         raise InvalidModelSpec("an endpoint embedding model needs its base_url", field="spec")
     return checked.model_dump(mode="json")
+
+
+def _guardrail_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A guardrail version's spec as stored: a learned head for the knowledge base's vectors
+    (the guardrails' embedder is the knowledge base's)."""
+    try:
+        checked = AttackHeadSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise InvalidModelSpec.listing("invalid guardrail model spec", exc) from exc
+    if len(checked.weights) != EMBEDDING_DIMENSIONS:
+        raise InvalidModelSpec(
+            f"the guardrails read {EMBEDDING_DIMENSIONS}-dimensional vectors; this head has "
+            f"{len(checked.weights)} weights",
+            field="spec",
+        )
+    return checked.model_dump(mode="json")
+
+
+# the spec as stored of each kind that is not a manifest (vision)
+_SPEC_OF_KIND: dict[ModelKind, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    ModelKind.CHAT: _chat_spec,
+    ModelKind.EMBEDDING: _embedding_spec,
+    ModelKind.GUARDRAIL: _guardrail_spec,
+}
 
 
 def _one_embedding_version(policy: TrafficPolicy) -> None:

@@ -124,6 +124,17 @@ def top_k_overlap(live: Sequence[object], shadow: Sequence[object], k: int = TOP
     return len(set(a) & set(b)) / max(len(a), len(b))
 
 
+def decision_agreement(live_flagged: bool, shadow_flagged: bool) -> dict[str, float]:
+    """A guardrail: 1.0 when both versions decide alike; and each one's flag (their means are
+    the share of messages each flags: a shadow that would block more than live shows it here,
+    before it blocks anyone)."""
+    return {
+        "decision_agreement": 1.0 if live_flagged == shadow_flagged else 0.0,
+        "live_flagged": float(live_flagged),
+        "shadow_flagged": float(shadow_flagged),
+    }
+
+
 def compare_vision(
     task: str, live: Mapping[str, Any], shadow: Mapping[str, Any]
 ) -> dict[str, float]:

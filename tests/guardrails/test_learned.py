@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -12,7 +14,14 @@ from backend.auth.principal import Principal
 from backend.guardrails import head
 from backend.guardrails.errors import GuardrailUnavailable
 from backend.guardrails.topics import TopicMatcher
+from backend.guardrails.versions import HeadVersions
 from backend.knowledge.embeddings import LOCAL_NAME, LocalEmbedder
+from backend.lifecycle.policy import (
+    ModelKind,
+    ModelVersionRecord,
+    RegistrySnapshot,
+    VersionStatus,
+)
 from tests.guardrails.conftest import Make
 
 # Written for this test, in none of bench/data's sets: an argument that the model's rules do not
@@ -100,5 +109,69 @@ def test_the_shipped_head_reads_the_packaged_embedder_at_its_calibrated_threshol
     assert shipped.reads(LOCAL_NAME)
     assert not shipped.reads("bge-small@1")
     assert not shipped.reads(None)
-    # the policy's default is the threshold bench/guardrails.py --fit-head chose
-    assert round(document["threshold_at_1pct"], 2) == head.LEARNED_THRESHOLD
+    # its threshold is the one bench/guardrails.py --fit-head chose (rounded), and the file is
+    # the spec it is registered with, as it writes it
+    assert shipped.threshold == round(document["provenance"]["threshold_at_1pct"], 2) == 0.93
+    assert json.loads(shipped.to_json()) == document
+    assert shipped.packaged_version == f"packaged-{shipped.digest[:12]}"
+
+
+def record(version: str, status: VersionStatus, spec: dict[str, Any]) -> ModelVersionRecord:
+    return ModelVersionRecord(
+        model=head.MODEL,
+        version=version,
+        kind=ModelKind.GUARDRAIL,
+        task="injection",
+        status=status,
+        spec=spec,
+    )
+
+
+def test_the_head_versions_are_the_registrys_loaded_ones_live_first() -> None:
+    packaged = head.AttackHead.load()
+    versions = HeadVersions(packaged)
+    only = packaged.packaged_version
+    assert versions.default == (only, packaged)  # before any registry state
+    assert versions.local_versions(head.MODEL) == [only]
+    assert versions.is_ready(head.MODEL, only)
+    assert not versions.is_ready("other", only)
+
+    strict = replace(packaged, bias=20.0, threshold=0.5)
+    versions.apply(
+        RegistrySnapshot(
+            versions={
+                head.MODEL: (
+                    record("2", VersionStatus.SHADOW, strict.spec()),
+                    record(only, VersionStatus.LIVE, packaged.spec()),
+                    record("3", VersionStatus.RETIRED, strict.spec()),
+                    record("4", VersionStatus.READY, {"weights": [1.0]}),  # not a head: skipped
+                )
+            },
+            revision=5,
+        )
+    )
+    assert versions.local_versions(head.MODEL) == [only, "2"]
+    assert versions.get(only) is packaged  # built once
+    built = versions.get("2")
+    assert built is not None
+    assert (built.bias, built.threshold) == (20.0, 0.5)
+    assert versions.get("3") is None  # retired
+    assert versions.get("4") is None
+
+    versions.apply(RegistrySnapshot(revision=4))  # older: ignored
+    assert versions.local_versions(head.MODEL) == [only, "2"]
+    versions.apply(RegistrySnapshot(revision=6))  # every version gone: the packaged head
+    assert versions.default == (only, packaged)
+
+
+def test_a_head_spec_that_is_not_one_is_refused() -> None:
+    spec = head.AttackHead.load().spec()
+    for broken in (
+        {**spec, "threshold": 0.0},
+        {**spec, "bias": float("nan")},
+        {**spec, "weights": []},
+        {**spec, "extra": 1},
+        {k: v for k, v in spec.items() if k != "embedding_model"},
+    ):
+        with pytest.raises(ValueError, match="not an attack head spec"):
+            head.AttackHead.from_spec(broken)

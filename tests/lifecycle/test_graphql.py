@@ -4,6 +4,7 @@ a member reads nothing. The app's own replica follows every change."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -245,3 +246,109 @@ async def test_the_app_seeds_what_it_serves(
     models = {m["name"]: m for m in listed["data"]["models"]}
     name, version = split_pin(LOCAL_NAME)  # the knowledge base's embedder
     assert models[name] == {"name": name, "kind": "EMBEDDING", "policy": {"live": version}}
+
+
+# Written for this test: an ordinary message the packaged head lets through.
+ORDINARY = "Which museums in Lisbon are open on Mondays, and do they have family tickets?"
+# A head version that flags every message: no weight, a bias far above its threshold.
+STRICT_HEAD = {
+    "embedding_model": "all-minilm-l6-v2",
+    "weights": [0.0] * 384,
+    "bias": 20.0,
+    "threshold": 0.5,
+    "provenance": {"fitted_on": "nothing: the test's"},
+}
+CHECK = "query ($text: String!) { guardrailCheck(text: $text) { blocked decisions { reason } } }"
+COMPARE = """query { modelComparison(model: "attack-head", window: 300) {
+  versions { version role requests shadowAgreement { liveVersion compared failed
+             metrics { name mean } } } } }"""
+
+
+async def test_a_refitted_attack_head_runs_as_a_shadow_before_it_blocks_anyone(
+    app: FastAPI, client: AsyncClient, services: Services, operator: Account
+) -> None:
+    """The learned injection head is a registry model (kind GUARDRAIL): the packaged head is
+    seeded live; a new version runs as a shadow, its decisions compared with live's and acted
+    on by nobody, until it is promoted."""
+    shown = (await call(client, services, operator, MODEL, name="attack-head"))["data"]["model"]
+    assert (shown["kind"], shown["task"]) == ("GUARDRAIL", "injection")
+    packaged = shown["policy"]["live"]
+    assert packaged.startswith("packaged-")
+    turned_on = await call(
+        client,
+        services,
+        operator,
+        "mutation ($change: JSON!) { updateGuardrailPolicy(change: $change) { policy } }",
+        change={"injection": {"learned": True}},
+    )
+    assert turned_on["data"]["updateGuardrailPolicy"]["policy"]["injection"]["learned"]
+
+    for spec, expected in (
+        ({**STRICT_HEAD, "weights": [0.0] * 10}, "INVALID_MODEL_SPEC"),  # not MiniLM's 384-d
+        ({**STRICT_HEAD, "threshold": 0.0}, "INVALID_MODEL_SPEC"),
+        ({**STRICT_HEAD, "base_url": "http://x"}, "INVALID_MODEL_SPEC"),
+    ):
+        refused = await call(
+            client, services, operator, REGISTER, model="attack-head", version="bad", spec=spec
+        )
+        assert code(refused) == expected, refused
+    registered = await call(
+        client,
+        services,
+        operator,
+        REGISTER,
+        model="attack-head",
+        version="strict",
+        spec=STRICT_HEAD,
+    )
+    assert registered["data"]["registerModelVersion"]["status"] == "READY", registered
+    shadowed = await call(
+        client,
+        services,
+        operator,
+        """mutation ($live: String!) { setTrafficPolicy(model: "attack-head", shadow: "strict",
+             shadowRate: 1.0, arms: [{version: $live, weight: 100}]) { shadow } }""",
+        live=packaged,
+    )
+    assert shadowed["data"]["setTrafficPolicy"]["shadow"] == "strict", shadowed
+
+    for _ in range(2):  # the shadow flags the message; live lets it through, and live decides
+        checked = await call(client, services, operator, CHECK, text=ORDINARY)
+        assert checked["data"]["guardrailCheck"] == {"blocked": False, "decisions": []}
+    lifecycle = services.lifecycle
+    assert lifecycle is not None
+    for _ in range(200):
+        if lifecycle.shadows.in_flight == 0:
+            break
+        await asyncio.sleep(scaled(0.05))
+    await lifecycle.flush()
+    versions = {
+        v["version"]: v
+        for v in (await call(client, services, operator, COMPARE))["data"]["modelComparison"][
+            "versions"
+        ]
+    }
+    assert (versions[packaged]["role"], versions[packaged]["requests"]) == ("LIVE", 2)
+    agreement = versions["strict"]["shadowAgreement"]
+    assert (agreement["liveVersion"], agreement["compared"], agreement["failed"]) == (
+        packaged,
+        2,
+        0,
+    )
+    assert {m["name"]: m["mean"] for m in agreement["metrics"]} == {
+        "decision_agreement": 0.0,
+        "live_flagged": 0.0,
+        "shadow_flagged": 1.0,
+    }
+
+    promoted = await call(
+        client,
+        services,
+        operator,
+        'mutation { promoteModelVersion(model: "attack-head", version: "strict") { live } }',
+    )
+    assert promoted["data"]["promoteModelVersion"]["live"] == "strict", promoted
+    blocked = (await call(client, services, operator, CHECK, text=ORDINARY))["data"]
+    assert blocked["guardrailCheck"]["blocked"]
+    [decision] = blocked["guardrailCheck"]["decisions"]
+    assert decision["reason"] == "learned score 1.00 (attack-head@strict)"

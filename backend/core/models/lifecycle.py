@@ -34,7 +34,7 @@ from backend.core.models.base import (
     written_at,
 )
 
-MODEL_KINDS = ("vision", "chat", "embedding")
+MODEL_KINDS = ("vision", "chat", "embedding", "guardrail")
 VERSION_STATUSES = (
     "registered",
     "loading",
