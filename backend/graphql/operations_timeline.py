@@ -43,7 +43,7 @@ class TimelinePoint:
 class ModelTimeline:
     model: str
     version: str
-    kind: str = strawberry.field(description="vision, chat or embedding.")
+    kind: str = strawberry.field(description="vision, chat, embedding or guardrail.")
     status: str = strawberry.field(description="live, canary, shadow, ready...")
     points: list[TimelinePoint]
 

@@ -115,7 +115,8 @@ class ModelVersion:
     version: str
     status: ModelVersionStatus  # type: ignore[valid-type]
     spec: JSON = strawberry.field(
-        description="The manifest (vision) or the endpoint spec (chat, embedding)."
+        description="The manifest (vision), the endpoint spec (chat, embedding) or the learned "
+        "head (guardrail)."
     )
     sha256: str | None
     error: str | None

@@ -73,11 +73,12 @@ class RegistryModel(Timestamps, table=True):
 
     name: str = Field(sa_type=String(NAME_LENGTH), primary_key=True)
     kind: str = Field(sa_type=String(20))
-    task: str = Field(sa_type=String(32))  # classification, detection, ocr, chat, embedding
+    task: str = Field(sa_type=String(32))  # classification, detection, ocr, chat, embedding, injection
 
 
 class ModelVersionRow(UUIDKey, table=True):
-    """One version of a model: its manifest (vision) or endpoint spec (chat, embedding)."""
+    """One version of a model: its manifest (vision), endpoint spec (chat, embedding) or learned
+    head (guardrail)."""
 
     __tablename__ = "model_versions"
     __table_args__ = (
