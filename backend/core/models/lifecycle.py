@@ -73,7 +73,8 @@ class RegistryModel(Timestamps, table=True):
 
     name: str = Field(sa_type=String(NAME_LENGTH), primary_key=True)
     kind: str = Field(sa_type=String(20))
-    task: str = Field(sa_type=String(32))  # classification, detection, ocr, chat, embedding, injection
+    # classification, detection, ocr, chat, embedding, injection
+    task: str = Field(sa_type=String(32))
 
 
 class ModelVersionRow(UUIDKey, table=True):
