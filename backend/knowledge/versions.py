@@ -150,6 +150,8 @@ def build_version_embedder(
     if spec.get("provider") == "local":
         return LocalEmbedder(
             threads=settings.embedding_threads,
+            runtime=settings.embedding_runtime,
+            cache_dir=settings.embedding_cache_dir,
             forward_texts=settings.embedding_forward_texts,
             name=tag,
         )
