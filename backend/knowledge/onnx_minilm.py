@@ -173,6 +173,8 @@ def _export(model_dir: Path, target: Path) -> None:
             )
     except Exception as exc:  # no `onnx` package, an exporter that cannot trace it
         raise OnnxUnavailable(f"the ONNX export failed: {exc}") from exc
-    probes = model.encode(list(PROBES), normalize_embeddings=True, convert_to_numpy=True)
+    probes = model.encode(
+        list(PROBES), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
     (target / "probe.json").write_text(json.dumps(probes.tolist()), "utf-8")
     log.info("exported %s to ONNX in %s", model_dir.name, target)
