@@ -393,8 +393,11 @@ class GuardrailService:
         if self._topics is None:
             raise GuardrailUnavailable("the learned injection score is on but no embedder is set")
         route = self._head_route(principal)
-        version, model = (route.version, self.heads.get(route.version)) if route else (None, None)
-        if model is None:
+        routed = self.heads.get(route.version) if route is not None else None
+        if route is not None and routed is not None:
+            version, model = route.version, routed
+        else:  # no router, or it could not say: this replica's best version
+            route = None
             version, model = self.heads.default
         if not model.reads(self._topics.model_name):
             raise GuardrailUnavailable(
@@ -411,7 +414,9 @@ class GuardrailService:
         took = self._served(version, ok=True, started=started)
         flagged = score >= _threshold(rail.learned_threshold, model)
         if route is not None and route.shadow is not None and self.operations is not None:
-            self._shadow_head(route, rail.learned_threshold, vectors, flagged, took)
+            self._shadow_head(
+                route, rail.learned_threshold, self._topics.model_name, vectors, flagged, took
+            )
         if not flagged:
             return None
         return GuardDecision(
@@ -442,10 +447,11 @@ class GuardrailService:
             self.operations.stats.record(self.heads.model, version, ok=ok, latency_s=took)
         return took
 
-    def _shadow_head(
+    def _shadow_head(  # noqa: PLR0917 (the live decision's parts)
         self,
         route: Route,
         tenant_threshold: float | None,
+        embedder: str | None,
         vectors: list[list[float]],
         live_flagged: bool,
         live_s: float,
@@ -454,7 +460,7 @@ class GuardrailService:
         assert self.operations is not None
         assert route.shadow is not None
         shadow = self.heads.get(route.shadow)
-        if shadow is None or len(shadow.weights) != len(vectors[0]):
+        if shadow is None or not shadow.reads(embedder) or len(shadow.weights) != len(vectors[0]):
             return  # not built here (the router checks), or for other vectors: nothing to compare
 
         async def run() -> bool:
