@@ -57,6 +57,24 @@ class ProfanityRail(_Rail):
     output_action: GuardAction = GuardAction.REDACT
 
 
+class ToxicityRail(_Rail):
+    """Abuse the word list does not list (insults, harassment, threats, demeaning
+    generalisations), scored sentence by sentence by the packaged classifier; on the answer with
+    `output.toxicity`. Off by default (see the README's figures)."""
+
+    enabled: bool = False
+    threshold: float = Field(
+        0.75,
+        ge=0.0,
+        le=1.0,
+        description="the most offensive sentence's probability at which a text is abusive "
+        "(0.75 flags at most 1% of the ordinary text bench/toxicity.py chose it on)",
+    )
+    action: GuardAction = Field(
+        GuardAction.WARN, description="on a message (the answer's chunks are blocked)"
+    )
+
+
 class TopicRail(_Rail):
     """Allowed and denied topics, matched by embedding similarity (off until topics are set)."""
 
@@ -130,12 +148,16 @@ class OutputRail(_Rail):
     """Checks the answer as it streams; `injection` also stops an answer that starts to recite
     jailbreak text (a model that fell for an attack the input rail missed). With `content` or
     `self_check`, the answer is held back and released in chunks, each once those model rails
-    passed it (they see the chunk, the self-check also the end of the one before); a chunk they
+    passed it (they see the chunk, the self-check also the end of the one before; `toxicity`
+    holds it back likewise, for the toxicity classifier); a chunk they
     block is never sent: the answer ends there with the safe reply."""
 
     injection: bool = True
     content: bool = Field(
         False, description="the content rail's categories and threshold on each chunk"
+    )
+    toxicity: bool = Field(
+        False, description="the toxicity classifier and its threshold on each chunk"
     )
     self_check: bool = Field(
         False, description="the chat model judges each chunk (one short model call a chunk)"
@@ -159,6 +181,7 @@ class GuardrailPolicy(BaseModel):
     injection: InjectionRail = Field(default_factory=InjectionRail)
     pii: PiiRail = Field(default_factory=PiiRail)
     profanity: ProfanityRail = Field(default_factory=ProfanityRail)
+    toxicity: ToxicityRail = Field(default_factory=ToxicityRail)
     topics: TopicRail = Field(default_factory=TopicRail)
     content: ContentRail = Field(default_factory=ContentRail)
     length: LengthRail = Field(default_factory=LengthRail)

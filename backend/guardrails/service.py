@@ -32,7 +32,7 @@ from backend.core.db import Database
 from backend.core.models import GuardrailPolicyRow
 from backend.core.tasks import drain
 from backend.errors import ValidationFailed
-from backend.guardrails import content, head, selfcheck
+from backend.guardrails import content, head, selfcheck, toxicity
 from backend.guardrails.classifier import TransformerClassifier, calibrated
 from backend.guardrails.errors import GuardrailUnavailable
 from backend.guardrails.images import ImageClassifier
@@ -157,7 +157,8 @@ class GuardrailService:
         the injection classifier, the topic rail's embedder and the default policy's topic
         vectors, the image classifier."""
         steps: dict[str, Callable[[], Awaitable[None]]] = {
-            "injection classifier": lambda: asyncio.to_thread(self._detector.warm)
+            "injection classifier": lambda: asyncio.to_thread(self._detector.warm),
+            "toxicity classifier": lambda: asyncio.to_thread(toxicity.warm),
         }
         if (classifier := self._classifier) is not None:
             steps["injection transformer"] = classifier.warm
@@ -291,6 +292,9 @@ class GuardrailService:
             decisions.append(GuardDecision("profanity", action, f"{len(spans)} word(s)"))
             if action is GuardAction.REDACT:
                 text = mask(text, find_profanity(text))
+        rail = policy.toxicity
+        if rail.enabled and (score := toxicity.score(normal.text)) >= rail.threshold:
+            decisions.append(GuardDecision("toxicity", rail.action, f"score {score:.2f}"))
         return _Local(text, decisions, unsure, normal.text)
 
     def _injection_rail(
@@ -632,7 +636,7 @@ class GuardrailService:
                 yield OutputPiece(token)
             return
         pieces = self._output_pieces(principal, policy, tokens)
-        if policy.output.content or policy.output.self_check:
+        if policy.output.content or policy.output.self_check or policy.output.toxicity:
             pieces = self._checked_in_chunks(principal, policy, pieces)
         async with contextlib.aclosing(pieces):  # the engine's stream closes with this one
             async for piece in pieces:
@@ -681,7 +685,8 @@ class GuardrailService:
     async def _chunk_verdict(
         self, principal: Principal, policy: GuardrailPolicy, before: str, chunk: str
     ) -> GuardDecision | None:
-        """A BLOCK when the content rail or the self-check finds the chunk harmful, or when they
+        """A BLOCK when the content rail, the toxicity classifier or the self-check finds the chunk
+        harmful, or when they
         cannot tell in time (fail closed, as the input rails do); None: it may go out."""
         rail = policy.output
         started = time.perf_counter()
@@ -693,6 +698,11 @@ class GuardrailService:
                     if match is not None and match.similarity >= policy.content.threshold:
                         reason = f"{match.category} (similarity {match.similarity:.2f})"
                         decision = GuardDecision("content", GuardAction.BLOCK, reason)
+                if decision is None and rail.toxicity:
+                    score = await asyncio.to_thread(toxicity.score, chunk)
+                    if score >= policy.toxicity.threshold:
+                        reason = f"score {score:.2f}"
+                        decision = GuardDecision("toxicity", GuardAction.BLOCK, reason)
                 if decision is None and rail.self_check:
                     if self._judges is None:
                         raise GuardrailUnavailable("the output self-check has no model")
