@@ -118,6 +118,7 @@ async def test_models_warm_in_the_background_and_one_that_fails_says_why(
         assert set(models) >= {
             embedder.name,
             "injection classifier",
+            "toxicity classifier",
             "topic rail",
             "image rail",
             "tesseract",
@@ -155,6 +156,7 @@ async def test_the_first_topic_check_after_warm_up_loads_nothing(db: Database) -
         await warm_up.wait()
         assert {n: s.status for n, s in warm_up.states().items()} == {
             "injection classifier": Warmth.READY,
+            "toxicity classifier": Warmth.READY,
             "topic rail": Warmth.READY,
             "image rail": Warmth.READY,
         }
