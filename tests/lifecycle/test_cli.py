@@ -205,3 +205,34 @@ async def test_an_embedding_models_versions_show_the_knowledge_bases_reembedding
         async with engine.begin() as conn:
             await conn.execute(text("DELETE FROM knowledge_embeddings WHERE model = 'vectors'"))
         await engine.dispose()
+
+
+async def test_a_refitted_head_file_is_registered_and_shadowed_from_the_shell(
+    env: None, tmp_path: Path
+) -> None:
+    """The file `bench/guardrails.py --fit-head` writes is a guardrail version's spec as it
+    stands; a file that is not a head is refused with the fields at fault."""
+    from backend.guardrails import head
+
+    code, out = await invoke(
+        "models", "register", "attack-head", "refit-1", "--spec", str(head.PATH),
+        "--kind", "guardrail", "--notes", "refitted",
+    )  # fmt: skip
+    assert code == 0, out
+    assert "registered attack-head@refit-1: ready" in out
+    broken = tmp_path / "head.json"
+    broken.write_text(json.dumps({**head.AttackHead.load().spec(), "weights": [0.5] * 8}))
+    code, out = await invoke("models", "register", "attack-head", "bad", "--spec", str(broken))
+    assert code == 1
+    assert "INVALID_MODEL_SPEC" in out
+    code, out = await invoke("models", "register", "x", "1", "--spec", str(broken), "--kind", "y")
+    assert code != 0
+    assert "guardrail" in out  # the kinds are listed
+    code, out = await invoke(
+        "models", "policy", "attack-head", "--arm", "refit-1=100", "--shadow", "refit-1",
+    )  # fmt: skip
+    assert code == 1  # the live version cannot be its own shadow
+    assert "INVALID_TRAFFIC_POLICY" in out
+    code, out = await invoke("models", "versions", "attack-head")
+    assert code == 0, out
+    assert "attack-head (guardrail, injection)" in out
