@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,7 @@ def _cached(model_dir: Path, cache_dir: Path) -> Path:
         shutil.rmtree(scratch, ignore_errors=True)
     if not (folder / "model.onnx").exists():
         raise OnnxUnavailable(f"the export did not reach {folder}")
+    log.info("exported %s to ONNX in %s", model_dir.name, folder)
     return folder
 
 
@@ -160,7 +162,10 @@ def _export(model_dir: Path, target: Path) -> None:
     sample = model.tokenizer(["an example"], return_tensors="pt")
     axes = {name: {0: "texts", 1: "tokens"} for name in (*_INPUTS, "last_hidden_state")}
     try:
-        with torch.no_grad():
+        # the tracer's warnings (data-dependent branches it records as constants) concern
+        # shapes this export fixes as dynamic axes; the probes check the result
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             torch.onnx.export(
                 Hidden(),
                 tuple(sample[name] for name in _INPUTS),
@@ -177,4 +182,3 @@ def _export(model_dir: Path, target: Path) -> None:
         list(PROBES), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
     )
     (target / "probe.json").write_text(json.dumps(probes.tolist()), "utf-8")
-    log.info("exported %s to ONNX in %s", model_dir.name, target)
