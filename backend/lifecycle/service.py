@@ -274,6 +274,8 @@ class ModelRegistryService:
             task = spec["task"]  # a new vision model: its manifest says its task
         kind, task = kind_and_task(model, known, kind, task)
         spec, sha256 = await self._checked_spec(model, version, kind, task, dict(spec), sha256)
+        if kind is ModelKind.GUARDRAIL:
+            await self._reads_a_known_embedder(tenant, spec)
         status = VersionStatus.LOADING if kind is ModelKind.VISION else VersionStatus.READY
         async with self._db.session(tenant) as session:
             await repo.lock_registry(session)
@@ -302,6 +304,21 @@ class ModelRegistryService:
             assert row is not None
         await self._published(revision)
         return _version(row)
+
+    async def _reads_a_known_embedder(self, tenant: uuid.UUID | None, spec: dict[str, Any]) -> None:
+        """A guardrail head reads an embedding model's vectors: once the registry knows the
+        embedding models (a server seeds the knowledge base's at start), one of them. A head
+        for another model could only fail closed wherever it served."""
+        async with self._db.session(tenant) as session:
+            known = sorted(
+                m.name for m in await repo.models(session) if m.kind == ModelKind.EMBEDDING.value
+            )
+        if known and spec["embedding_model"] not in known:
+            raise InvalidModelSpec(
+                f"the head reads {spec['embedding_model']} vectors; the registry's embedding "
+                f"models are {', '.join(known)}",
+                field="spec",
+            )
 
     async def _checked_spec(  # noqa: PLR0917
         self,

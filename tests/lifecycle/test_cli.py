@@ -214,6 +214,15 @@ async def test_a_refitted_head_file_is_registered_and_shadowed_from_the_shell(
     stands; a file that is not a head is refused with the fields at fault."""
     from backend.guardrails import head
 
+    # the registry knows the knowledge base's embedding model (a server seeds it at start):
+    # the head reads its vectors
+    local = tmp_path / "local.json"
+    local.write_text(json.dumps({"provider": "local"}))
+    code, out = await invoke(
+        "models", "register", "all-minilm-l6-v2", "0.1.0", "--spec", str(local),
+        "--kind", "embedding",
+    )  # fmt: skip
+    assert code == 0 or "MODEL_VERSION_EXISTS" in out, out
     code, out = await invoke(
         "models", "register", "attack-head", "refit-1", "--spec", str(head.PATH),
         "--kind", "guardrail", "--notes", "refitted",

@@ -287,6 +287,8 @@ async def test_a_refitted_attack_head_runs_as_a_shadow_before_it_blocks_anyone(
         ({**STRICT_HEAD, "weights": [0.0] * 10}, "INVALID_MODEL_SPEC"),  # not MiniLM's 384-d
         ({**STRICT_HEAD, "threshold": 0.0}, "INVALID_MODEL_SPEC"),
         ({**STRICT_HEAD, "base_url": "http://x"}, "INVALID_MODEL_SPEC"),
+        # vectors of a model the registry has no embedding version of: it could never serve
+        ({**STRICT_HEAD, "embedding_model": "bge-small-en"}, "INVALID_MODEL_SPEC"),
     ):
         refused = await call(
             client, services, operator, REGISTER, model="attack-head", version="bad", spec=spec
