@@ -52,3 +52,18 @@ async def test_no_held_out_row_is_fitted_on(monkeypatch: pytest.MonkeyPatch) -> 
         threshold, scores = heads[family]
         assert len(scores) == len(rows)
         assert 0.0 <= threshold <= 1.0 + 1e-6
+
+
+def test_the_toxicity_threshold_flags_at_most_the_share_asked() -> None:
+    bench = load_bench("toxicity.py")
+    scores = [0.99, 0.9, 0.8, 0.8, 0.5] + [0.1] * 95
+    for fp in (0.0, 0.01, 0.02, 0.03, 0.05, 0.5):
+        threshold = bench.threshold_at(scores, fp)
+        assert sum(s >= threshold for s in scores) <= fp * len(scores)
+    assert bench.threshold_at(scores, 0.02) <= 0.9  # the two highest are flagged
+    assert bench.threshold_at(scores, 0.03) > 0.8  # a tie is never split to pass the share
+    # the hand-written rows are neither duplicated nor shared between abuse and near misses
+    rows = [t for texts in bench.TOXIC.values() for t in texts]
+    misses = [t for texts in bench.NEAR_MISS.values() for t in texts]
+    assert len(set(rows)) == len(rows)
+    assert not set(rows) & set(misses)
