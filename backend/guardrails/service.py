@@ -139,13 +139,18 @@ class GuardrailService:
         self._content_pieces = content_pieces
         # the learned head's versions, and (set by the app) the registry's router over them and
         # the model operations that record their figures and run their shadows
-        self.heads = HeadVersions(head.AttackHead.load())
+        self.heads = HeadVersions(head.AttackHead.load(), servable=self._reads_our_vectors)
         self.router: ModelRouter | None = None
         self.operations: ModelOperations | None = None
         # Decisions wait here for one writer task that records them in batches (one
         # transaction per tenant per batch), so a burst of redactions costs few round trips.
         self._unaudited: list[tuple[Principal, str, GuardDecision]] = []
         self._auditor: asyncio.Task[None] | None = None
+
+    def _reads_our_vectors(self, model: head.AttackHead) -> bool:
+        """Whether a head reads the vectors of the embedder the rails use (none set: it cannot
+        be told here, and the learned rail refuses to run at all)."""
+        return self._topics is None or model.reads(self._topics.model_name)
 
     async def warm(self) -> None:
         """Loads the rails' models before the first message needs them (off the event loop)."""

@@ -9,6 +9,7 @@ The lifecycle router (backend.lifecycle.router.ModelRouter) asks `is_ready` and
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from backend.guardrails.head import MODEL, AttackHead
 from backend.lifecycle.policy import LOADED, ModelKind, RegistrySnapshot, VersionStatus
@@ -22,9 +23,17 @@ _PREFERENCE = (VersionStatus.LIVE, VersionStatus.CANARY, VersionStatus.SHADOW, V
 class HeadVersions:
     """The versions of the learned head built here, by name."""
 
-    def __init__(self, packaged: AttackHead, model: str = MODEL) -> None:
+    def __init__(
+        self,
+        packaged: AttackHead,
+        model: str = MODEL,
+        servable: Callable[[AttackHead], bool] | None = None,
+    ) -> None:
         self.model = model
         self.packaged = packaged
+        # whether a head can score here (it reads this replica's embedder's vectors): one that
+        # cannot is not built, so the router never sends a message to it
+        self._servable = servable
         self._heads: dict[str, AttackHead] = {packaged.packaged_version: packaged}
         self._revision = -1
 
@@ -35,8 +44,9 @@ class HeadVersions:
     def apply(self, snapshot: RegistrySnapshot) -> None:
         """Builds the versions of `snapshot` that are kept loaded, best first (live, canary,
         shadow, ready). A spec that is not a head is skipped (logged): the registry checks
-        specs when they are registered, so that is a version of another code's format. With no
-        version at all (no registry record yet, or every one retired), the packaged head."""
+        specs when they are registered, so that is a version of another code's format; so is a
+        head for another embedding model's vectors. With no version at all (no registry record
+        yet, or every one retired or skipped), the packaged head."""
         if snapshot.revision < self._revision:
             return
         self._revision = snapshot.revision
@@ -53,9 +63,19 @@ class HeadVersions:
                 heads[record.version] = known
                 continue
             try:
-                heads[record.version] = AttackHead.from_spec(record.spec)
+                built = AttackHead.from_spec(record.spec)
             except ValueError as exc:
                 log.warning("%s@%s is not usable here: %s", self.model, record.version, exc)
+                continue
+            if self._servable is not None and not self._servable(built):
+                log.warning(
+                    "%s@%s reads %s vectors, not this replica's embedder's: not served here",
+                    self.model,
+                    record.version,
+                    built.embedding_model,
+                )
+                continue
+            heads[record.version] = built
         self._heads = heads or {self.packaged.packaged_version: self.packaged}
 
     def get(self, version: str) -> AttackHead | None:

@@ -164,6 +164,28 @@ def test_the_head_versions_are_the_registrys_loaded_ones_live_first() -> None:
     assert versions.default == (only, packaged)
 
 
+def test_a_head_for_another_embedders_vectors_is_not_served_here() -> None:
+    """Registered when the registry knew no embedding model, say: the replica does not build it,
+    so the router never sends a message to it (its live version serves instead)."""
+    packaged = head.AttackHead.load()
+    versions = HeadVersions(packaged, servable=lambda model: model.reads(LOCAL_NAME))
+    other = replace(packaged, embedding_model="bge-small-en")
+    live = packaged.packaged_version
+    versions.apply(
+        RegistrySnapshot(
+            versions={
+                head.MODEL: (
+                    record(live, VersionStatus.LIVE, packaged.spec()),
+                    record("bge", VersionStatus.CANARY, other.spec()),
+                )
+            },
+            revision=1,
+        )
+    )
+    assert versions.local_versions(head.MODEL) == [live]
+    assert not versions.is_ready(head.MODEL, "bge")
+
+
 def test_a_head_spec_that_is_not_one_is_refused() -> None:
     spec = head.AttackHead.load().spec()
     for broken in (
