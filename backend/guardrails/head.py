@@ -28,6 +28,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ class AttackHead:
             "weights": [round(w, 6) for w in self.weights],
         }
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """The sha256 of its spec: what the packaged head's version is named after."""
         canonical = json.dumps(self.spec(), sort_keys=True, separators=(",", ":"))

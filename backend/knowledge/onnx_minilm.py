@@ -77,14 +77,14 @@ class OnnxMiniLM:
     def encode(self, texts: Sequence[str], batch_size: int = 8, **_: Any) -> np.ndarray:
         """L2-normalised vectors of `texts`, in their order (sentence-transformers' `encode`
         arguments beyond the batch size are accepted and are what this always does)."""
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        step = max(1, batch_size)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        found = np.zeros((len(texts), 0), dtype=np.float32)
-        for start in range(0, len(order), max(1, batch_size)):
-            part = order[start : start + max(1, batch_size)]
-            vectors = self._forward([texts[i] for i in part])
-            if found.shape[1] == 0:
-                found = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
-            found[part] = vectors
+        passes = [order[start : start + step] for start in range(0, len(order), step)]
+        vectors = np.concatenate([self._forward([texts[i] for i in part]) for part in passes])
+        found = np.empty_like(vectors)
+        found[order] = vectors  # back in the texts' order
         return found
 
     def _forward(self, texts: list[str]) -> np.ndarray:
