@@ -112,7 +112,8 @@ class _Turn:
     timers: set[asyncio.Task[None]] = field(default_factory=set)  # held until done
     send_error: Exception | None = None  # a batch the timer could not append
     appending: asyncio.Lock = field(default_factory=asyncio.Lock)
-    history: list[StoredMessage] | None = None  # read as the run started (RunService._start)
+    # read as a queued run started (RunService._start), else when first needed (_history)
+    history: list[StoredMessage] | None = None
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ class RunService:
         (no run would answer the message; the client keeps it to send again), INTERRUPT cancels
         the running turn first, ENQUEUE runs this one after it."""
         content = self._checked(content, attachments)
-        await self._conversations.get(principal, conversation_id)  # NOT_FOUND before anything
+        await self._conversations.check_owned(principal, conversation_id)  # NOT_FOUND first
         run_id = uuid.uuid4()
         key = request_key(principal, conversation_id=conversation_id, request_id=str(run_id))
         self.models.resolve(model, key)  # an unknown model or version: BAD_USER_INPUT first
@@ -306,7 +307,9 @@ class RunService:
                     tenant_id=principal.tenant_id,
                     conversation_id=conversation.id,
                     user_id=principal.user_id,
-                    status=RunStatus.QUEUED,
+                    # With nothing ahead it starts at once: stored RUNNING here, it needs no
+                    # transaction of its own before its first token (see _run_turn).
+                    status=RunStatus.QUEUED if busy is not None else RunStatus.RUNNING,
                     model=chat_model.name,
                     model_alias=chat_model.alias,
                     model_version=chat_model.version,
@@ -510,10 +513,10 @@ class RunService:
                     await self._wait_for_turn(turn)
                 finally:
                     self._metrics.chat_queued_runs.dec()
+                await self._start(turn)
             self._metrics.chat_queue_wait.labels(run.model, turn.model.version).observe(
                 time.perf_counter() - turn.started
             )
-            await self._start(turn)
             context = TurnContext(
                 hooks=_Hooks(self, turn),
                 model=turn.model,
@@ -850,9 +853,10 @@ class RunService:
         return turn.history
 
     async def _start(self, turn: _Turn) -> None:
-        """The run is RUNNING (one UPDATE of a run still going: one that ended meanwhile,
-        recovered by another replica, keeps its end) and its history is read, in one unit of
-        work (they were two, each a transaction of its own on every turn)."""
+        """A queued run, its turn come, is RUNNING (one UPDATE of a run still going: one that
+        ended meanwhile, recovered by another replica, keeps its end) and its history is read,
+        in one unit of work. A run created with nothing ahead is stored RUNNING already, and
+        reads its history only when the agent's memory is gone (`_history`)."""
 
         async def start() -> list[StoredMessage]:
             async with self._db.session(turn.principal.tenant_id) as session:

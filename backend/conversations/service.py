@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,9 +48,32 @@ def title_of(question: str, max_chars: int) -> str:
     return cut.rstrip(" ,;:.-") + "…"
 
 
+# How many (tenant, user, conversation) this replica remembers as the user's (`check_owned`).
+_KNOWN_OWNED = 20_000
+
+
 class ConversationService:
     def __init__(self, db: Database) -> None:
         self._db = db
+        # Conversations created or found here as their owner's, most recent last: every chat
+        # turn's early NOT_FOUND check needs no transaction of its own for them.
+        self._known: OrderedDict[tuple[uuid.UUID, uuid.UUID, uuid.UUID], None] = OrderedDict()
+
+    def _remember(self, principal: Principal, conversation_id: uuid.UUID) -> None:
+        key = (principal.tenant_id, principal.user_id, conversation_id)
+        self._known[key] = None
+        self._known.move_to_end(key)
+        while len(self._known) > _KNOWN_OWNED:
+            self._known.popitem(last=False)
+
+    async def check_owned(self, principal: Principal, conversation_id: uuid.UUID) -> None:
+        """NOT_FOUND unless the conversation is the caller's, as an early check: one this
+        replica created or found as the caller's is taken as such without a query. It may have
+        been deleted since (on another replica), so a writer checks again under the lock
+        (`owned_for_update`), which is authoritative."""
+        if (principal.tenant_id, principal.user_id, conversation_id) in self._known:
+            return
+        await self.get(principal, conversation_id)
 
     async def create(self, principal: Principal, title: str = "") -> Conversation:
         async with self._db.session(principal.tenant_id) as session:
@@ -62,11 +86,14 @@ class ConversationService:
                 updated_at=now,
             )
             session.add(conversation)  # every column is set here: nothing to read back
+        self._remember(principal, conversation.id)
         return conversation
 
     async def get(self, principal: Principal, conversation_id: uuid.UUID) -> Conversation:
         async with self._db.session(principal.tenant_id) as session:
-            return await self._owned(session, principal, conversation_id)
+            conversation = await self._owned(session, principal, conversation_id)
+        self._remember(principal, conversation_id)
+        return conversation
 
     async def list(
         self, principal: Principal, first: int, after: str | None, archived: bool
@@ -111,6 +138,7 @@ class ConversationService:
         async with self._db.session(principal.tenant_id) as session:
             conversation = await self._owned(session, principal, conversation_id)
             await session.delete(conversation)
+        self._known.pop((principal.tenant_id, principal.user_id, conversation_id), None)
 
     async def messages(
         self, principal: Principal, conversation_id: uuid.UUID, first: int, after: str | None

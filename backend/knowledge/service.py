@@ -88,8 +88,10 @@ from backend.realtime.eventlog import RunEvent, RunEventLog
 
 log = logging.getLogger(__name__)
 
-# has_documents: how long a tenant's "yes" is reused, for how many tenants at most
+# has_documents: how long a tenant's "yes" is reused, how long its "no" (a document stored
+# on this replica ends the "no" at once), for how many tenants at most
 _STOCKED_FOR_S = 60.0
+_EMPTY_FOR_S = 5.0
 _STOCKED_TENANTS = 10_000
 
 RETRY_MAX_S = 30.0
@@ -232,6 +234,7 @@ class KnowledgeService:
         self._jobs: dict[uuid.UUID, asyncio.Task[None]] = {}
         # tenants seen with documents, until when that answer is reused (see has_documents)
         self._stocked: dict[uuid.UUID, float] = {}
+        self._empty: dict[uuid.UUID, float] = {}
         self._leases = job_leases(
             redis,
             self._keys("job-leases"),
@@ -636,6 +639,8 @@ class KnowledgeService:
                 await session.execute(
                     delete(IngestionUpload).where(IngestionUpload.job_id.in_(ended))
                 )
+        if any(isinstance(result, dict) for result in results):
+            self._empty.pop(tenant_id, None)  # the tenant's next chat turn asks again
         return results
 
     async def _write_documents(
@@ -1268,19 +1273,24 @@ class KnowledgeService:
         return await self.relevance(principal, query) >= self._settings.min_relevance
 
     async def has_documents(self, principal: Principal) -> bool:
-        """Whether the tenant's knowledge base holds any document (asked on every chat turn).
-        A yes is reused for `_STOCKED_FOR_S`: a base emptied meanwhile only costs a search
-        that finds nothing. A no is asked again each time, so a first document counts at once."""
+        """Whether the tenant's knowledge base holds any document (asked on every chat turn,
+        before the model's first token). A yes is reused for `_STOCKED_FOR_S`: a base emptied
+        meanwhile only costs a search that finds nothing. A no is reused for `_EMPTY_FOR_S`,
+        and forgotten when this replica stores a document of the tenant: a first document
+        counts at once here, and within seconds on other replicas (its chunks were embedded
+        before it was stored, which takes longer)."""
         now = time.monotonic()
         if self._stocked.get(principal.tenant_id, 0.0) > now:
             return True
+        if self._empty.get(principal.tenant_id, 0.0) > now:
+            return False
         async with self._db.session(principal.tenant_id) as session:
             stocked = (await session.scalar(select(Document.id).limit(1))) is not None
-        if stocked:
-            if len(self._stocked) >= _STOCKED_TENANTS:  # bounded: the oldest answers go first
-                for tenant in list(self._stocked)[: _STOCKED_TENANTS // 2]:
-                    del self._stocked[tenant]
-            self._stocked[principal.tenant_id] = now + _STOCKED_FOR_S
+        answers = self._stocked if stocked else self._empty
+        if len(answers) >= _STOCKED_TENANTS:  # bounded: the oldest answers go first
+            for tenant in list(answers)[: _STOCKED_TENANTS // 2]:
+                del answers[tenant]
+        answers[principal.tenant_id] = now + (_STOCKED_FOR_S if stocked else _EMPTY_FOR_S)
         return stocked
 
     async def search_knowledge(self, principal: Principal, query: str, k: int) -> list[Source]:

@@ -659,13 +659,29 @@ async def test_a_small_documents_job_reads_as_far_as_its_events_while_it_embeds(
     await service.close(5)
 
 
-async def test_has_documents_asks_again_until_yes_then_reuses_the_yes(
+async def test_has_documents_reuses_its_answers_and_a_stored_document_ends_the_no(
     kb: KnowledgeService, database: Database
 ) -> None:
-    """Asked on every chat turn: an empty base is asked each time (its first document counts
-    at once); a yes is reused a while (an emptied base only costs a search that finds nothing)."""
+    """Asked on every chat turn: a no is reused a few seconds, but a document stored here
+    counts at once; a yes is reused a while (an emptied base only costs a search that finds
+    nothing)."""
     principal = await new_principal(database)
     assert not await kb.has_documents(principal)
+    async with database.session(principal.tenant_id) as session:  # stored by another replica
+        session.add(
+            Document(
+                tenant_id=principal.tenant_id,
+                source="elsewhere",
+                title="x",
+                media_type="text/plain",
+                content_hash="0" * 64,
+                size_bytes=1,
+                embedding_model="m",
+            )
+        )
+    assert not await kb.has_documents(principal)  # the no, reused
+    async with database.session(principal.tenant_id) as session:
+        await session.execute(delete(Document))
     job = await kb.ingest(principal, b"Lighthouses keep ships off the rocks.", filename="a.txt")
     await finished(kb, principal, job.id)
     assert await kb.has_documents(principal)
