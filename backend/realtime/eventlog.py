@@ -95,12 +95,21 @@ def _position(entry_id: str) -> tuple[int, int]:
 
 
 class _Subscriber:
-    __slots__ = ("key", "last", "queue")
+    """One reader's queue of entries, filled by the live tail or, while the stream's producer
+    runs in this process, by its appends (`local`). An empty batch only wakes the reader."""
 
-    def __init__(self, key: str, last: str) -> None:
+    __slots__ = ("key", "last", "local", "queue")
+
+    def __init__(self, key: str, last: str, *, local: bool = False) -> None:
         self.key = key
         self.last = last
+        self.local = local
         self.queue: asyncio.Queue[list[Any]] = asyncio.Queue()
+
+    def offer(self, entry_id: str, fields: dict[str, str]) -> None:
+        if _position(entry_id) > _position(self.last):
+            self.last = entry_id
+            self.queue.put_nowait([(entry_id, fields)])
 
 
 class LiveTail:
@@ -127,8 +136,8 @@ class LiveTail:
         self._closing = False
         self._wake_expires_renew = 0.0  # when the wake-up stream's expiry is next set again
 
-    async def register(self, key: str, last: str) -> _Subscriber:
-        subscriber = _Subscriber(key, last)
+    async def register(self, subscriber: _Subscriber) -> None:
+        key, last = subscriber.key, subscriber.last
         reading = self._reading.get(key)
         behind = reading is None or _position(last) < _position(reading)
         self._subscribers.setdefault(key, set()).add(subscriber)
@@ -142,7 +151,6 @@ class LiveTail:
             if now >= self._wake_expires_renew:
                 await self._redis.expire(self._wake, _WAKE_TTL_S)
                 self._wake_expires_renew = now + _WAKE_TTL_S / 2
-        return subscriber
 
     def unregister(self, subscriber: _Subscriber) -> None:
         watchers = self._subscribers.get(subscriber.key)
@@ -284,6 +292,10 @@ class RunEventLog:
         self._block_ms = block_ms
         self._tail = LiveTail(redis, self._keys, block_ms)
         self._appender = _Appender(redis, max_events)
+        # Streams whose producer (a run) executes in this process, and their readers here:
+        # those get each entry from its append, without the live tail's XREAD round trip.
+        self._producing: set[str] = set()
+        self._local: dict[str, set[_Subscriber]] = {}
 
     async def close(self) -> None:
         await self._appender.close(self._block_ms / 1000 + 1)
@@ -291,6 +303,23 @@ class RunEventLog:
 
     def _key(self, run_id: str) -> str:
         return self._keys(f"{{{run_id}}}", "events")  # hash tag: one slot per run
+
+    def producing(self, run_id: str) -> None:
+        """The run's events are appended in this process from now on (it executes here):
+        readers here take them as they are appended. Every entry is still in Redis."""
+        self._producing.add(self._key(run_id))
+
+    def produced(self, run_id: str) -> None:
+        """The run no longer executes here. A reader here that has not had its last event
+        (its end could not be recorded here) reads the rest from Redis (`_follow`)."""
+        key = self._key(run_id)
+        self._producing.discard(key)
+        for subscriber in self._local.get(key, ()):
+            subscriber.queue.put_nowait([])  # wakes it to move over to the live tail
+
+    def _offer(self, key: str, entry_id: str, fields: dict[str, str]) -> None:
+        for subscriber in self._local.get(key, ()):
+            subscriber.offer(entry_id, fields)
 
     async def append(self, run_id: str, type_: str, data: dict[str, Any] | None = None) -> RunEvent:
         """Adds an event; a terminal event starts the log's expiry."""
@@ -304,6 +333,7 @@ class RunEventLog:
             entry_id = _text(result[0])
         else:  # the hot path (every token): batched with other streams' appends, no MULTI
             entry_id = _text(await self._appender.xadd(key, fields))
+        self._offer(key, entry_id, fields)
         return RunEvent(run_id, entry_id, type_, data or {})
 
     async def append_retrying(
@@ -320,6 +350,8 @@ class RunEventLog:
             if attempts > 1:
                 last = await self.last(run_id)
                 if last is not None and last.type == type_ and last.data == body:
+                    fields = {"t": type_, "d": json.dumps(body, separators=(",", ":"))}
+                    self._offer(self._key(run_id), last.entry_id, fields)
                     return last
             return await self.append(run_id, type_, body)
 
@@ -364,19 +396,38 @@ class RunEventLog:
         """
         key = self._key(run_id)
         last = decode_cursor(after, run_id) if after else "0-0"
-        if not await self._redis.exists(key):
+        local = follow and key in self._producing
+        if not local and not await self._redis.exists(key):
             raise EventsExpired("this run's events are no longer kept; read its message instead")
-        async for event in self._replay(run_id, key, last):
-            yield event
-            last = event.entry_id
-            if event.terminal:
+        # A reader of a run executing here takes its appends from before the replay on, so
+        # that none made during the replay is missed (`_follow` drops what the replay gave).
+        subscriber = _Subscriber(key, last, local=local)
+        if local:
+            self._local.setdefault(key, set()).add(subscriber)
+        try:
+            async for event in self._replay(run_id, key, last):
+                yield event
+                last = event.entry_id
+                if event.terminal:
+                    return
+            if not follow:
                 return
-        if not follow:
+            async for event in self._follow(run_id, subscriber, last):
+                yield event
+                if event.terminal:
+                    return
+        finally:
+            self._unregister(subscriber)
+
+    def _unregister(self, subscriber: _Subscriber) -> None:
+        if not subscriber.local:
+            self._tail.unregister(subscriber)
             return
-        async for event in self._follow(run_id, key, last):
-            yield event
-            if event.terminal:
-                return
+        watchers = self._local.get(subscriber.key)
+        if watchers is not None:
+            watchers.discard(subscriber)
+            if not watchers:
+                del self._local[subscriber.key]
 
     async def _replay(self, run_id: str, key: str, last: str) -> AsyncIterator[RunEvent]:
         while True:
@@ -387,33 +438,54 @@ class RunEventLog:
                 yield event
             last = _text(batch[-1][0])
 
-    async def _follow(self, run_id: str, key: str, last: str) -> AsyncIterator[RunEvent]:
-        subscriber = await self._tail.register(key, last)
-        try:
-            while True:
+    async def _follow(
+        self, run_id: str, subscriber: _Subscriber, last: str
+    ) -> AsyncIterator[RunEvent]:
+        key = subscriber.key
+        if not subscriber.local:
+            subscriber.last = last
+            await self._tail.register(subscriber)
+        while True:
+            if subscriber.local and key not in self._producing and subscriber.queue.empty():
+                # the run stopped executing here before its last event reached this reader
+                await self._to_tail(run_id, subscriber)
+            try:
+                # A timeout scope, not wait_for: on Python 3.11 wait_for makes a Task of
+                # every wait, and this waits once per event of every open stream.
+                async with asyncio.timeout(self._block_ms * 6 / 1000):
+                    batch = await subscriber.queue.get()
+            except TimeoutError:
                 try:
-                    # A timeout scope, not wait_for: on Python 3.11 wait_for makes a Task of
-                    # every wait, and this waits once per event of every open stream.
-                    async with asyncio.timeout(self._block_ms * 6 / 1000):
-                        batch = await subscriber.queue.get()
-                except TimeoutError:
-                    try:
-                        gone = not await self._redis.exists(key)  # expired while we waited?
-                    except (RedisError, OSError) as exc:  # Redis down: the tail waits it out
-                        log.warning("run events %s: %r; still waiting", run_id, exc)
-                        continue
-                    if gone:
-                        raise EventsExpired("this run's events are no longer kept") from None
+                    gone = not await self._redis.exists(key)  # expired while we waited?
+                except (RedisError, OSError) as exc:  # Redis down: the tail waits it out
+                    log.warning("run events %s: %r; still waiting", run_id, exc)
                     continue
-                while not subscriber.queue.empty():  # a slow reader takes all that waits
-                    batch += subscriber.queue.get_nowait()
-                if self._on_lag is not None:  # stream ids are the append time in milliseconds
-                    appended_ms = _position(_text(batch[-1][0]))[0]
-                    self._on_lag(max(0.0, time.time() - appended_ms / 1000))
-                for event in _coalesce(run_id, batch):
-                    yield event
-        finally:
-            self._tail.unregister(subscriber)
+                if gone:
+                    raise EventsExpired("this run's events are no longer kept") from None
+                continue
+            while not subscriber.queue.empty():  # a slow reader takes all that waits
+                batch += subscriber.queue.get_nowait()
+            if subscriber.local:  # appends made while the replay read: it gave those
+                after = _position(last)
+                batch = [e for e in batch if _position(_text(e[0])) > after]
+            if not batch:
+                continue
+            if self._on_lag is not None:  # stream ids are the append time in milliseconds
+                appended_ms = _position(_text(batch[-1][0]))[0]
+                self._on_lag(max(0.0, time.time() - appended_ms / 1000))
+            for event in _coalesce(run_id, batch):
+                yield event
+                last = event.entry_id
+
+    async def _to_tail(self, run_id: str, subscriber: _Subscriber) -> None:
+        """A local reader reads on from Redis, after the last entry it was given."""
+        try:
+            await self._tail.register(subscriber)
+        except (RedisError, OSError) as exc:  # tried again after the next wait
+            log.warning("run events %s: %r; still waiting", run_id, exc)
+            return
+        self._unregister(subscriber)  # from the local readers (`local` still says so)
+        subscriber.local = False
 
 
 def _text(value: bytes | str) -> str:

@@ -14,8 +14,8 @@ from redis.asyncio import Redis
 from backend.config import RedisSettings
 from backend.core.redis import KeySpace, connect_redis
 from backend.errors import ValidationFailed
-from backend.realtime.eventlog import EventsExpired, RunEventLog, encode_cursor
-from tests.conftest import REDIS_URL
+from backend.realtime.eventlog import EventsExpired, RunEventLog, _Subscriber, encode_cursor
+from tests.conftest import REDIS_URL, scaled
 
 
 @pytest.fixture
@@ -96,13 +96,17 @@ async def test_a_finished_log_expires(redis: Redis, key_prefix: str) -> None:
 @given(
     tokens=st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=40),
     cuts=st.lists(st.integers(min_value=1, max_value=6), min_size=0, max_size=8),
+    here=st.booleans(),
 )
 async def test_disconnect_anywhere_and_resume_with_no_gap_or_duplicate(
-    log: RunEventLog, tokens: list[str], cuts: list[int]
+    log: RunEventLog, tokens: list[str], cuts: list[int], here: bool
 ) -> None:
     """A client that drops after any number of events and resumes from its last cursor gets
-    exactly the rest, while the producer keeps going."""
+    exactly the rest, while the producer keeps going (`here`: in this process, whose readers
+    take its appends as they are made)."""
     run = uuid.uuid4().hex
+    if here:
+        log.producing(run)
     producer = asyncio.create_task(_produce(log, run, tokens, delay=0.001))
     await asyncio.sleep(0)
     while not await log.exists(run):
@@ -128,11 +132,50 @@ async def test_disconnect_anywhere_and_resume_with_no_gap_or_duplicate(
                 break  # the client disconnects here
         await stream.aclose()
     await producer
+    log.produced(run)
     assert text == "".join(tokens)
     assert indexes == sorted(set(indexes))  # increasing, no index twice
     assert indexes[-1] == len(tokens) - 1
     assert types.count("RunStarted") == 1
     assert types[-1] == "RunCompleted"
+
+
+async def test_readers_of_a_run_executing_here_take_its_appends_without_the_live_tail(
+    redis: Redis, key_prefix: str
+) -> None:
+    """Every event, each once and in order, the ones appended during the reader's replay
+    included; the live tail reads nothing for them. When the run stops executing here before
+    its end is appended (that end recorded by another replica), the reader gets the end from
+    Redis."""
+    log = RunEventLog(redis, KeySpace(key_prefix), block_ms=500)
+    elsewhere = RunEventLog(redis, KeySpace(key_prefix), block_ms=500)
+    run = uuid.uuid4().hex
+    log.producing(run)
+    await log.append(run, "RunStarted", {})
+    received: list[tuple[str, str]] = []
+
+    async def consume() -> None:
+        async for event in log.read(run):
+            received.append((event.type, event.data.get("text", "")))
+
+    consumer = asyncio.create_task(consume())
+    for i in range(30):
+        await log.append(run, "TokenDelta", {"text": f"t{i} ", "index": i})
+        if i % 3 == 0:
+            await asyncio.sleep(0)  # the reader replays, then follows, in between appends
+    async with asyncio.timeout(scaled(10)):
+        while not received or received[-1][1] != "t29 ":
+            await asyncio.sleep(0.01)
+    assert log._tail._subscribers == {}  # nothing read through the blocking XREAD
+    log.produced(run)  # it stopped here (say, its end could not be recorded here)
+    await elsewhere.append(run, "RunFailed", {"code": "WORKER_LOST"})  # recovery, elsewhere
+    await asyncio.wait_for(consumer, scaled(10))
+    assert received[0][0] == "RunStarted"
+    assert received[-1][0] == "RunFailed"
+    assert "".join(t for _, t in received) == "".join(f"t{i} " for i in range(30))
+    assert log._local == {}
+    await log.close()
+    await elsewhere.close()
 
 
 async def test_many_live_readers_share_one_blocking_read(redis: Redis, key_prefix: str) -> None:
@@ -268,7 +311,8 @@ async def test_a_reader_resuming_behind_an_earlier_one_gets_every_entry(
     started = await log.append(run, "RunStarted", {})
     key = log._key(run)
     tail = log._tail
-    earlier = await tail.register(key, started.entry_id)  # the dropped client's, not yet gone
+    earlier = _Subscriber(key, started.entry_id)  # the dropped client's, not yet gone
+    await tail.register(earlier)
     first = await log.append(run, "TokenDelta", {"text": "alpha", "index": 0})
     assert [e[0] for e in await asyncio.wait_for(earlier.queue.get(), 10)] == [
         first.entry_id.encode()
@@ -276,7 +320,8 @@ async def test_a_reader_resuming_behind_an_earlier_one_gets_every_entry(
     await asyncio.sleep(0.5)  # the tail now waits for what comes after `first`
     while getattr(tail, "_reading", {}).get(key, first.entry_id) != first.entry_id:
         await asyncio.sleep(0.01)
-    resumed = await tail.register(key, started.entry_id)  # replayed nothing: too early
+    resumed = _Subscriber(key, started.entry_id)  # replayed nothing: too early
+    await tail.register(resumed)
     await log.append(run, "TokenDelta", {"text": "beta", "index": 1})
     entries = await asyncio.wait_for(resumed.queue.get(), 10)
     assert entries[0][0] == first.entry_id.encode()
