@@ -287,13 +287,8 @@ class RunService:
                 conversation = await self._conversations.owned_for_update(
                     session, principal, conversation_id
                 )
-                busy = await session.scalar(
-                    select(Run.id)
-                    .where(
-                        Run.conversation_id == conversation.id,
-                        Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]),
-                    )
-                    .limit(1)
+                busy, last_seq = await self._conversations.going_run_and_last_seq(
+                    session, conversation
                 )
                 if busy is not None and on_busy is OnBusy.REJECT:
                     raise RunInProgress(
@@ -326,6 +321,7 @@ class RunService:
                     author_id=principal.user_id,
                     run_id=run.id,
                     meta={"attachments": list(attachments)} if attachments else None,
+                    seq=last_seq + 1,
                 )
         except BaseException:
             if chat_model is not None:
@@ -845,6 +841,8 @@ class RunService:
     async def _history(self, turn: _Turn) -> list[StoredMessage]:
         """The conversation up to the turn's message: as read when the run started, else now
         (it cannot change: later messages come after it)."""
+        if turn.history is None and turn.message.seq == 1:  # its first message: no query
+            turn.history = [_stored(turn.message)]
         if turn.history is None:
 
             async def read() -> list[StoredMessage]:
@@ -874,7 +872,7 @@ class RunService:
     async def _read_history(self, session: AsyncSession, turn: _Turn) -> list[StoredMessage]:
         message = turn.message
         if message.seq == 1:  # the conversation's first message: the history is that message
-            return [StoredMessage(str(message.id), message.role.value, message.content)]
+            return [_stored(message)]
         rows = list(
             await session.scalars(
                 select(Message)
@@ -1082,6 +1080,10 @@ def _traced_end(
     )
     if code is not None:
         span.set_status(Status(StatusCode.ERROR, code))
+
+
+def _stored(message: Message) -> StoredMessage:
+    return StoredMessage(str(message.id), message.role.value, message.content)
 
 
 def _served(row: Run) -> dict[str, str | None]:

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.core.models import Conversation, Message, MessageRole
+from backend.core.models import Conversation, Message, MessageRole, Run, RunStatus
 
 
 async def owned(
@@ -66,6 +66,30 @@ async def next_seq(session: AsyncSession, conversation_id: uuid.UUID) -> int:
         select(func.max(Message.seq)).where(Message.conversation_id == conversation_id)
     )
     return int(current or 0) + 1
+
+
+async def going_run_and_last_seq(
+    session: AsyncSession, conversation_id: uuid.UUID
+) -> tuple[uuid.UUID | None, int]:
+    """A run of the conversation still going (None: none), and its last message's seq, in one
+    round trip. The caller holds the conversation's lock: this statement, run after it, sees
+    every run and message committed before the lock was granted."""
+    going = (
+        select(Run.id)
+        .where(
+            Run.conversation_id == conversation_id,
+            Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]),
+        )
+        .limit(1)
+        .scalar_subquery()
+    )
+    last = (
+        select(func.max(Message.seq))
+        .where(Message.conversation_id == conversation_id)
+        .scalar_subquery()
+    )
+    row = (await session.execute(select(going, last))).one()
+    return row[0], int(row[1] or 0)
 
 
 async def lock(session: AsyncSession, conversation_id: uuid.UUID) -> Conversation | None:

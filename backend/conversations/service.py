@@ -159,6 +159,14 @@ class ConversationService:
             has_next=len(rows) > limit,
         )
 
+    @staticmethod
+    async def going_run_and_last_seq(
+        session: AsyncSession, conversation: Conversation
+    ) -> tuple[uuid.UUID | None, int]:
+        """Under the conversation's lock (`owned_for_update`): a run of it still going, and
+        its last message's seq, in one round trip."""
+        return await repo.going_run_and_last_seq(session, conversation.id)
+
     async def owned_for_update(
         self, session: AsyncSession, principal: Principal, conversation_id: uuid.UUID
     ) -> Conversation:
@@ -179,13 +187,16 @@ class ConversationService:
         run_id: uuid.UUID | None = None,
         complete: bool = True,
         meta: dict[str, Any] | None = None,
+        seq: int | None = None,
     ) -> Message:
         """Adds a message at the end, in the caller's unit of work, which holds the
-        conversation's lock (`owned_for_update`): the sequence number is read under it."""
-        # Not flushed before the read: the conversation's pending changes (a title) go with
-        # `updated_at` in the flush below, one UPDATE.
-        with session.no_autoflush:
-            seq = await repo.next_seq(session, conversation.id)
+        conversation's lock (`owned_for_update`): the sequence number is read under it (`seq`:
+        the caller read it under that lock already)."""
+        if seq is None:
+            # Not flushed before the read: the conversation's pending changes (a title) go
+            # with `updated_at` in the flush below, one UPDATE.
+            with session.no_autoflush:
+                seq = await repo.next_seq(session, conversation.id)
         message = Message(
             tenant_id=conversation.tenant_id,
             conversation_id=conversation.id,
