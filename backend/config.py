@@ -642,7 +642,7 @@ class ChatSettings(_Section):
         "a quiet spell always goes at once. 0: one event per token.",
     )
     stream_batch_min_runs: int = Field(
-        32,
+        64,
         ge=1,
         description="Runs executing on a replica from which it batches tokens "
         "(stream_batch_ms); below, every token is its own event, sent at once.",
