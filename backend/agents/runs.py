@@ -355,8 +355,12 @@ class RunService:
         """Executes the turn in a task of its own, owned by this service until it ends."""
         run_id = turn.run.id
         self._owners[run_id] = (turn.principal.tenant_id, turn.principal.user_id)
-        self.events.producing(str(run_id))  # readers here take its events as they are appended
-        self._tasks[run_id] = asyncio.create_task(self._execute(turn), name=f"run-{run_id}")
+        # Readers here take its events as they are appended, until the task is done (even one
+        # cancelled before it started, or before its end was recorded: they read on from Redis).
+        self.events.producing(str(run_id))
+        task = asyncio.create_task(self._execute(turn), name=f"run-{run_id}")
+        task.add_done_callback(lambda _: self.events.produced(str(run_id)))
+        self._tasks[run_id] = task
 
     async def _announce(self, run: Run) -> None:
         """The run's first event: which model version serves it."""
@@ -765,7 +769,6 @@ class RunService:
                 )
             self._tasks.pop(run.id, None)
             self._owners.pop(run.id, None)
-            self.events.produced(run_key)
             await self._leave(member, turn.active_key, run_key, recorded)
 
     async def _record_end(
