@@ -42,7 +42,7 @@ from backend.core.db import Database
 from backend.core.leases import Leases, Work, cancel_when_revoked
 from backend.core.metrics import Metrics
 from backend.core.models import Conversation, Message, MessageRole, Run, RunStatus
-from backend.core.redis import KeySpace, listen
+from backend.core.redis import KeySpace, ScriptedPipeline, listen
 from backend.core.retry import retrying
 from backend.core.tasks import cancel_and_wait, drain
 from backend.core.telemetry import MODEL, MODEL_VERSION, TENANT
@@ -249,40 +249,17 @@ class RunService:
             raise ServiceUnavailable("the server is shutting down")
         await self._limiter.enforce(principal.subject, principal.plan, "chat_run")
         active_key = self._keys("active", str(principal.user_id))
-        if (
-            await self._active_runs(principal, active_key)
-            >= self._settings.max_active_runs_per_user
-        ):
-            raise RunInProgress("too many runs going at once; wait for one to finish")
         if self._stored_text is not None:
             content = await self._stored_text(principal, content)
         member = Work(principal.tenant_id, run_id, principal.user_id).member
-        # The lease first: should this replica die from here on, whoever claims the lease finds
-        # what there is of the run (its reservation, its row) and cleans up.
-        await self._leases.acquire(member)
-        reservation: Reservation | None = None
-        money: Reservation | None = None
-        chat_model: ChatModel | None = None
+        # held until the run ends: a version retired meanwhile closes after it
+        chat_model = self.models.checkout(model, key)
         try:
-            # held until the run ends: a version retired meanwhile closes after it
-            chat_model = self.models.checkout(model, key)
-            await self._redis.sadd(active_key, str(run_id))
-            reservation = await self._budgets.reserve(
-                tenant_id=principal.tenant_id,
-                user_id=principal.user_id,
-                plan=principal.plan,
-                resource=Resource.LLM_TOKENS,
-                amount=self._settings.max_tokens,
-                subject=f"run:{run_id}",
-                hold_id=str(run_id),
-            )
-            money = await self._budgets.admit(
-                tenant_id=principal.tenant_id,
-                user_id=principal.user_id,
-                plan=principal.plan,
-                subject=f"run:{run_id}",
-                hold_id=str(run_id),
-            )
+            reservation, money = await self._admit(principal, run_id, member, active_key)
+        except BaseException:
+            self.models.release(chat_model)
+            raise
+        try:
             async with self._db.session(principal.tenant_id) as session:
                 conversation = await self._conversations.owned_for_update(
                     session, principal, conversation_id
@@ -324,17 +301,8 @@ class RunService:
                     seq=last_seq + 1,
                 )
         except BaseException:
-            if chat_model is not None:
-                self.models.release(chat_model)
-            try:  # in this order: should a step fail, the lease stays and recovery does the rest
-                for held in (reservation, money):
-                    if held is not None:
-                        await held.release()
-                await self._redis.srem(active_key, str(run_id))
-                await self._leases.release(member)
-            except Exception as exc:
-                self._leases.abandon(member)
-                log.warning("run %s not created; cleanup left to recovery: %r", run_id, exc)
+            self.models.release(chat_model)
+            await self._undo_admission(member, active_key, str(run_id), [reservation, money])
             raise
         await self._announce(run)
         self._launch(
@@ -395,10 +363,76 @@ class RunService:
             )
         return content
 
-    async def _active_runs(self, principal: Principal, active_key: str) -> int:
-        """How many runs the user has going. At the limit, entries whose lease is gone or lost
-        are dropped first (a replica died before cleaning up): nobody stays locked out."""
-        runs = [_text(r) for r in await self._redis.smembers(active_key)]
+    async def _admit(
+        self, principal: Principal, run_id: uuid.UUID, member: str, active_key: str
+    ) -> tuple[Reservation, Reservation]:
+        """The run's lease, its place among its user's active runs, its tokens held and its
+        money admitted, in one round trip. Refused (RunInProgress at the user's limit of runs
+        going at once, BudgetExceeded) with none of it left."""
+        run_key = str(run_id)
+        calls = ScriptedPipeline(self._redis)
+        # The lease first: should this replica die from here on, whoever claims it finds what
+        # there is of the run (its reservations, its row) and cleans up.
+        owned = self._leases.acquire_in(calls.pipe, member)
+        calls.pipe.smembers(active_key)
+        calls.pipe.sadd(active_key, run_key)
+        budget = {
+            "tenant_id": principal.tenant_id,
+            "user_id": principal.user_id,
+            "plan": principal.plan,
+            "subject": f"run:{run_id}",
+            "hold_id": run_key,
+        }
+        reserved = [
+            self._budgets.reserve_in(
+                calls, resource=Resource.LLM_TOKENS, amount=self._settings.max_tokens, **budget
+            ),
+            # the money budget's admission (Budgets.admit): holds nothing, refused when spent
+            self._budgets.reserve_in(calls, resource=Resource.COST, amount=0, **budget),
+        ]
+        try:
+            replies = await calls.execute()
+        except BaseException:
+            # What it did is not known: the lease, if made, expires unrenewed and recovery
+            # gives back whatever else was (it ends the run, which has no row, as never made).
+            self._leases.abandon(member)
+            raise
+        owned()
+        held: list[Reservation] = []
+        refused: AppError | None = None
+        for reservation in reserved:
+            try:
+                held.append(reservation(replies))
+            except BudgetExceeded as exc:
+                refused = refused or exc
+        going = [_text(r) for r in replies[1]]  # before this run joined them
+        if await self._active_runs(principal, active_key, going) >= (
+            self._settings.max_active_runs_per_user
+        ):
+            refused = RunInProgress("too many runs going at once; wait for one to finish")
+        if refused is not None:
+            await self._undo_admission(member, active_key, run_key, held)
+            raise refused
+        return held[0], held[1]
+
+    async def _undo_admission(
+        self, member: str, active_key: str, run_key: str, held: Sequence[Reservation | None]
+    ) -> None:
+        """Gives back what `_admit` took for a run that is not going to be made."""
+        try:  # in this order: should a step fail, the lease stays and recovery does the rest
+            for reservation in held:
+                if reservation is not None:
+                    await reservation.release()
+            await self._redis.srem(active_key, run_key)
+            await self._leases.release(member)
+        except Exception as exc:
+            self._leases.abandon(member)
+            log.warning("run %s not created; cleanup left to recovery: %r", run_key, exc)
+
+    async def _active_runs(self, principal: Principal, active_key: str, runs: list[str]) -> int:
+        """How many of `runs` (the user's active runs) are going. At the limit, entries whose
+        lease is gone or lost are dropped first (a replica died before cleaning up): nobody
+        stays locked out."""
         if len(runs) < self._settings.max_active_runs_per_user:
             return len(runs)
         live = await self._leases.live([_lease_of(principal, r) for r in runs])

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from backend.config import JobRecoverySettings
 from backend.core.tasks import cancel_and_wait
@@ -216,6 +217,14 @@ class Leases:
         deadline = self.deadline()
         await self._redis.zadd(self.key, {member: deadline})
         self._owned[member] = (deadline,)  # only once it is in Redis
+
+    def acquire_in(self, pipe: Pipeline, member: str) -> Callable[[], None]:
+        """`acquire` queued on a pipeline (put it first: whatever the commands after it did,
+        should the replica die, is then this lease's to recover). Call what it returns once
+        the pipeline has answered: the lease is renewed from then on."""
+        deadline = self.deadline()
+        pipe.zadd(self.key, {member: deadline})
+        return lambda: self._owned.__setitem__(member, (deadline,))
 
     async def release(self, member: str) -> None:
         """The work ended: the lease goes (renewals stop first)."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from backend.config import RedisSettings
 
@@ -78,6 +81,38 @@ async def listen(
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
+
+
+class ScriptedPipeline:
+    """A non-transactional pipeline whose scripts run by their SHA alone: one round trip.
+
+    redis-py's own way (`script(..., client=pipeline)`) asks Redis whether it knows the
+    scripts (SCRIPT EXISTS) before every execute, a round trip more. Here a script Redis does
+    not know (it restarted, or its scripts were flushed) fails alone with NOSCRIPT, having run
+    nothing, and is run again on its own, which loads it. Queue plain commands on `pipe`."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.pipe = redis.pipeline(transaction=False)
+        self._scripts: dict[int, tuple[AsyncScript, list[Any], list[Any]]] = {}
+
+    def script(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> int:
+        """Queues a script's call; returns its index in `execute`'s replies."""
+        index = len(self.pipe.command_stack)
+        self._scripts[index] = (script, list(keys), list(args))
+        self.pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return index
+
+    async def execute(self) -> list[Any]:
+        """Every reply, in the order queued; raises the first command's error, if any (the
+        commands after it ran all the same)."""
+        replies = await self.pipe.execute(raise_on_error=False)  # it resets the pipeline
+        for index, (script, keys, args) in self._scripts.items():
+            if isinstance(replies[index], NoScriptError):
+                replies[index] = await script(keys=keys, args=args)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
 
 class KeySpace:

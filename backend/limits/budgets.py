@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.config import BudgetSpec, LimitsSettings
-from backend.core.redis import KeySpace
+from backend.core.redis import KeySpace, ScriptedPipeline
 from backend.errors import AppError
 from backend.limits.usage import UsagePart, add_usage
 
@@ -272,11 +273,10 @@ class Budgets:
     async def charge_together(self, charges: list[tuple[Reservation, float]]) -> None:
         """Charges several reservations in one round trip (a run's tokens and their money);
         raises BudgetExceeded for the first one used up (all are charged first)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for reservation, amount in charges:
-                keys, args = reservation._charge_call(amount)
-                await self._charge(keys=keys, args=args, client=pipe)
-            results = await pipe.execute()
+        calls = ScriptedPipeline(self._redis)
+        for reservation, amount in charges:
+            calls.script(self._charge, *reservation._charge_call(amount))
+        results = await calls.execute()
         exceeded: BudgetExceeded | None = None
         for (reservation, amount), result in zip(charges, results, strict=True):
             try:
@@ -405,32 +405,87 @@ class Budgets:
     ) -> Reservation:
         """Holds `amount` against all four counters, or raises BudgetExceeded. With `hold_id`,
         the reservation is recorded (see `recover`)."""
+        keys, args, reserved = self._reserve_call(
+            tenant_id=tenant_id,
+            user_id=user_id,
+            plan=plan,
+            resource=resource,
+            amount=amount,
+            subject=subject,
+            hold_id=hold_id,
+        )
+        return reserved(await self._reserve(keys=keys, args=args))
+
+    def reserve_in(
+        self,
+        calls: ScriptedPipeline,
+        *,
+        tenant_id: uuid.UUID,
+        user_id: uuid.UUID | None,
+        plan: str,
+        resource: Resource,
+        amount: float,
+        subject: str,
+        hold_id: str | None = None,
+    ) -> Callable[[list[Any]], Reservation]:
+        """`reserve` queued on a pipeline, to go with other commands in one round trip.
+        Returns what makes the pipeline's replies the Reservation (or raises BudgetExceeded):
+        a refused reservation holds nothing, one made holds until released."""
+        keys, args, reserved = self._reserve_call(
+            tenant_id=tenant_id,
+            user_id=user_id,
+            plan=plan,
+            resource=resource,
+            amount=amount,
+            subject=subject,
+            hold_id=hold_id,
+        )
+        index = calls.script(self._reserve, keys, args)
+        return lambda replies: reserved(replies[index])
+
+    def _reserve_call(
+        self,
+        *,
+        tenant_id: uuid.UUID,
+        user_id: uuid.UUID | None,
+        plan: str,
+        resource: Resource,
+        amount: float,
+        subject: str,
+        hold_id: str | None,
+    ) -> tuple[list[str], list[Any], Callable[[list[Any]], Reservation]]:
+        """The reserve script's keys and arguments, and what turns its reply into the
+        Reservation (or BudgetExceeded)."""
         limits = self._limits(plan, resource, user_id)
         keys = self._counter_keys(tenant_id, user_id, resource)
         record = self._record_key(tenant_id, resource, hold_id) if hold_id else None
         recorded = json.dumps({"subject": subject, "limits": limits, "keys": keys})
-        result = await self._reserve(
-            keys=[*keys, record] if record else keys,
-            args=[*limits, amount, _DAY_TTL_S, _MONTH_TTL_S, recorded],
-        )
-        if not int(result[0]):
-            scope = _SCOPES[int(result[1]) - 1]
-            raise BudgetExceeded(
-                f"{resource.value} budget ({scope}) cannot cover {amount:g}",
-                resource=resource.value,
-                scope=scope,
-                available=float(result[2]),
+
+        def reserved(result: list[Any]) -> Reservation:
+            if not int(result[0]):
+                scope = _SCOPES[int(result[1]) - 1]
+                raise BudgetExceeded(
+                    f"{resource.value} budget ({scope}) cannot cover {amount:g}",
+                    resource=resource.value,
+                    scope=scope,
+                    available=float(result[2]),
+                )
+            return Reservation(
+                budgets=self,
+                tenant_id=tenant_id,
+                user_id=user_id,
+                resource=resource,
+                subject=subject,
+                held=amount,
+                limits=limits,
+                keys=keys,
+                record=record,
             )
-        return Reservation(
-            budgets=self,
-            tenant_id=tenant_id,
-            user_id=user_id,
-            resource=resource,
-            subject=subject,
-            held=amount,
-            limits=limits,
-            keys=keys,
-            record=record,
+
+        return (
+            [*keys, record] if record else keys,
+            [*limits, amount, _DAY_TTL_S, _MONTH_TTL_S, recorded],
+            reserved,
         )
 
 
