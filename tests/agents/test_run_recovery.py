@@ -219,3 +219,41 @@ async def test_a_lost_run_is_charged_the_money_its_replica_had_not(
     assert [float(v) for v in await redis.mget(counters[:4])] == [pytest.approx(cost)] * 4
     record = budgets._record_key(account["tenant_id"], Resource.COST, str(run.id))
     assert not await redis.exists(record)
+
+
+async def test_a_send_refused_at_the_users_limit_of_runs_leaves_nothing_held(
+    server: LiveServer,
+    account: dict[str, Any],
+    chat_settings: Settings,
+    redis: Redis,
+    llm: tuple[LLMStub, str],
+) -> None:
+    """A turn's admission (its lease, its place among the user's active runs, its tokens held,
+    its money admitted) is one pipeline: a send refused there gives all of it back."""
+    llm[0].answer_tokens = 10_000
+    token = await sign_in(server, account)
+    me = await gql(server, token, "{ me { userId } }")
+    user = me["data"]["me"]["userId"]
+    _, going = await start_run(server, token, "go on")
+    holding = await held(redis, chat_settings, account["tenant_id"], uuid.UUID(user))
+    assert holding == 4 * chat_settings.chat.max_tokens  # each of the four counters
+    created = await gql(server, token, 'mutation { createConversation(title: "t") { id } }')
+    refused = await gql(
+        server,
+        token,
+        'mutation($c: ID!) { sendMessage(conversationId: $c, content: "me too") { run { id } } }',
+        c=created["data"]["createConversation"]["id"],
+    )
+    assert refused["errors"][0]["extensions"]["code"] == "RUN_IN_PROGRESS"
+    assert await held(redis, chat_settings, account["tenant_id"], uuid.UUID(user)) == holding
+    runs = KeySpace(chat_settings.redis.key_prefix).child("runs")
+    assert {m.decode() for m in await redis.smembers(runs("active", user))} == {going}
+    leases = [m.decode() for m in await redis.zrange(runs("leases"), 0, -1)]
+    assert [lease.split(":")[1] for lease in leases] == [going]
+    records = [
+        k.decode()
+        async for k in redis.scan_iter(match=f"{chat_settings.redis.key_prefix}budget:*:hold:*")
+    ]
+    assert len(records) == 2
+    assert all(record.endswith(going) for record in records)
+    await gql(server, token, "mutation($r: ID!) { cancelRun(runId: $r) { id } }", r=going)
