@@ -264,8 +264,33 @@ class RunService:
                 conversation = await self._conversations.owned_for_update(
                     session, principal, conversation_id
                 )
-                busy, last_seq = await self._conversations.going_run_and_last_seq(
-                    session, conversation
+                now = datetime.now(UTC)  # precise: queued runs go in this order
+                run = Run(
+                    id=run_id,
+                    tenant_id=principal.tenant_id,
+                    conversation_id=conversation.id,
+                    user_id=principal.user_id,
+                    # With nothing ahead it starts at once: stored RUNNING, it needs no
+                    # transaction of its own before its first token (see _run_turn).
+                    status=RunStatus.RUNNING,
+                    model=chat_model.name,
+                    model_alias=chat_model.alias,
+                    model_version=chat_model.version,
+                    created_at=now,
+                    updated_at=now,
+                )
+                message = Message(
+                    tenant_id=principal.tenant_id,
+                    conversation_id=conversation.id,
+                    seq=0,  # the next one, given by the insert
+                    role=MessageRole.USER,
+                    author_id=principal.user_id,
+                    content=content,
+                    run_id=run_id,
+                    meta={"attachments": list(attachments)} if attachments else {},
+                )
+                busy = await self._conversations.insert_turn(
+                    session, run, message, reject_busy=on_busy is OnBusy.REJECT
                 )
                 if busy is not None and on_busy is OnBusy.REJECT:
                     raise RunInProgress(
@@ -273,33 +298,6 @@ class RunService:
                     )
                 if busy is not None and on_busy is OnBusy.INTERRUPT:
                     await self._request_cancel(busy)
-                now = datetime.now(UTC)  # precise: queued runs go in this order
-                run = Run(
-                    id=run_id,
-                    tenant_id=principal.tenant_id,
-                    conversation_id=conversation.id,
-                    user_id=principal.user_id,
-                    # With nothing ahead it starts at once: stored RUNNING here, it needs no
-                    # transaction of its own before its first token (see _run_turn).
-                    status=RunStatus.QUEUED if busy is not None else RunStatus.RUNNING,
-                    model=chat_model.name,
-                    model_alias=chat_model.alias,
-                    model_version=chat_model.version,
-                    created_at=now,
-                    updated_at=now,
-                )
-                session.add(run)
-                await session.flush()
-                message = await self._conversations.append(
-                    session,
-                    conversation,
-                    MessageRole.USER,
-                    content,
-                    author_id=principal.user_id,
-                    run_id=run.id,
-                    meta={"attachments": list(attachments)} if attachments else None,
-                    seq=last_seq + 1,
-                )
         except BaseException:
             self.models.release(chat_model)
             await self._undo_admission(member, active_key, str(run_id), [reservation, money])
@@ -621,16 +619,15 @@ class RunService:
         await self._budgets.charge_with_money(turn.reservation, turn.money, tokens, float(cost))
 
     async def _last_charge(self, turn: _Turn, tokens: int, cost: Decimal) -> None:
-        """Charges the tokens and money of the run not charged yet (the run is over: a budget
-        used up by it refuses the next one)."""
-        owed = tokens - int(turn.reservation.charged)
-        money_owed = cost - Decimal(str(turn.money.charged))
-        if owed > 0 or money_owed > 0:
-            with contextlib.suppress(BudgetExceeded):
-                await self._retrying(
-                    lambda: self._charge(turn, max(0, owed), max(Decimal(0), money_owed)),
-                    "the last charge",
-                )
+        """Charges the tokens and money of the run not charged yet and gives back the rest of
+        its holds, in one round trip (the run is over: a budget used up by it refuses the
+        next one; the usage is recorded with the run's end)."""
+        owed = max(0, tokens - int(turn.reservation.charged))
+        money_owed = max(0.0, float(cost) - turn.money.charged)
+        await self._retrying(
+            lambda: self._budgets.close([(turn.reservation, owed), (turn.money, money_owed)]),
+            "the last charge",
+        )
 
     def _batch_wait(self, turn: _Turn) -> float:
         """How long the run's next TokenDelta waits for more pieces (0: it goes now)."""
@@ -696,8 +693,10 @@ class RunService:
                 conversation = await self._conversations.owned_for_update(
                     session, turn.principal, turn.run.conversation_id
                 )
-                stored = await _answer_of(session, turn.run.id)  # a retry after a lost reply
-                if stored is not None:
+                stored, last_seq = await self._conversations.answer_and_last_seq(
+                    session, conversation, turn.run.id
+                )
+                if stored is not None:  # a retry after a lost reply
                     return stored
                 # the title first: the append's flush writes it with `updated_at`, one UPDATE
                 await self._conversations.title_untitled(
@@ -711,6 +710,7 @@ class RunService:
                     run_id=turn.run.id,
                     complete=True,
                     meta={**notes, "model": turn.model.served},
+                    seq=last_seq + 1,
                 )
                 return message.id
 
@@ -855,10 +855,10 @@ class RunService:
                 await session.execute(
                     update(Run).where(Run.id == run.id).values(message_id=message_id)
                 )
+            # The holds went with the last charge: the usage is recorded, no round trip.
             await turn.reservation.settle(
                 session, cost=cost, served_by=(turn.model.alias, turn.model.version, "chat")
             )
-            await turn.money.release()  # its record goes (what it charged stays counted)
         return message_id
 
     async def _leave(self, member: str, active_key: str, run_key: str, recorded: bool) -> None:
@@ -867,10 +867,17 @@ class RunService:
         if not recorded:
             self._leases.abandon(member)
             return
+        owned = self._leases.owns(member)
+
+        async def leave() -> None:  # one round trip, in this order
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.srem(active_key, run_key)
+                if owned:
+                    self._leases.release_in(pipe, member)
+                await pipe.execute()
+
         try:
-            await self._retrying(lambda: self._redis.srem(active_key, run_key), "leaving")
-            if self._leases.owns(member):
-                await self._retrying(lambda: self._leases.release(member), "releasing a lease")
+            await self._retrying(leave, "leaving")
         except Exception as exc:
             self._leases.abandon(member)
             log.warning("run %s: cleanup left to recovery: %r", run_key, exc)
@@ -1148,12 +1155,6 @@ def _refused(next_messages: list[Message]) -> bool:
     return isinstance(rails, list) and any(
         isinstance(r, dict) and r.get("stage") == "input" and r.get("action") == "block"
         for r in rails
-    )
-
-
-async def _answer_of(session: AsyncSession, run_id: uuid.UUID) -> uuid.UUID | None:
-    return await session.scalar(
-        select(Message.id).where(Message.run_id == run_id, Message.role == MessageRole.ASSISTANT)
     )
 
 

@@ -14,7 +14,7 @@ from backend.auth.principal import Principal
 from backend.conversations import repository as repo
 from backend.core import pagination
 from backend.core.db import Database
-from backend.core.models import Conversation, Message, MessageRole
+from backend.core.models import Conversation, Message, MessageRole, Run
 from backend.errors import NotFound, ValidationFailed
 
 MAX_TITLE = 200
@@ -160,12 +160,22 @@ class ConversationService:
         )
 
     @staticmethod
-    async def going_run_and_last_seq(
-        session: AsyncSession, conversation: Conversation
+    async def insert_turn(
+        session: AsyncSession, run: Run, message: Message, *, reject_busy: bool
+    ) -> uuid.UUID | None:
+        """Under the conversation's lock (`owned_for_update`): a turn's run and its user
+        message at the next seq, in one statement (see `repository.insert_turn`). Returns
+        the conversation's run still going, if any (with `reject_busy`, nothing is written
+        then)."""
+        return await repo.insert_turn(session, run, message, reject_busy=reject_busy)
+
+    @staticmethod
+    async def answer_and_last_seq(
+        session: AsyncSession, conversation: Conversation, run_id: uuid.UUID
     ) -> tuple[uuid.UUID | None, int]:
-        """Under the conversation's lock (`owned_for_update`): a run of it still going, and
-        its last message's seq, in one round trip."""
-        return await repo.going_run_and_last_seq(session, conversation.id)
+        """Under the conversation's lock: the run's stored answer (None: none yet) and the
+        conversation's last seq, in one round trip."""
+        return await repo.answer_and_last_seq(session, conversation.id, run_id)
 
     async def owned_for_update(
         self, session: AsyncSession, principal: Principal, conversation_id: uuid.UUID
