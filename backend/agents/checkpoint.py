@@ -39,6 +39,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from backend.core.redis import KeySpace
 
@@ -98,7 +99,6 @@ class RedisCheckpointSaver(BaseCheckpointSaver[str]):
         self._redis = redis
         self._keys = keys
         self._ttl_s = ttl_s
-        self._touch = redis.register_script(_TOUCH)
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -252,8 +252,8 @@ class RedisCheckpointSaver(BaseCheckpointSaver[str]):
                 run_key = self._keys("run", str(run_id))
                 pipe.sadd(run_key, json.dumps([thread_id, ns, checkpoint_id]))
                 pipe.expire(run_key, self._ttl_s)
+            self._refresh_in(pipe, thread_id)  # after the writes, in the same round trip
             await pipe.execute()
-        await self._refresh(thread_id)
         return {
             "configurable": {
                 "thread_id": thread_id,
@@ -292,8 +292,15 @@ class RedisCheckpointSaver(BaseCheckpointSaver[str]):
             await pipe.execute()
 
     async def _refresh(self, thread_id: str) -> None:
-        await self._touch(keys=[self._ns_key(thread_id)], args=[self._ttl_s, self._keys("")])
-        await self._redis.expire(self._keys("threads"), self._ttl_s * 2)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self._refresh_in(pipe, thread_id)
+            await pipe.execute()
+
+    def _refresh_in(self, pipe: Pipeline, thread_id: str) -> None:
+        """Queues the re-arming of the thread's keys' TTLs (the script's text, not its SHA:
+        inside MULTI a script Redis does not know could not be loaded and run again)."""
+        pipe.eval(_TOUCH, 1, self._ns_key(thread_id), self._ttl_s, self._keys(""))
+        pipe.expire(self._keys("threads"), self._ttl_s * 2)
 
     # -- deletion, copying, pruning ------------------------------------------------------------
 

@@ -231,6 +231,12 @@ class Leases:
         self._owned.pop(member, None)
         await self._redis.zrem(self.key, member)
 
+    def release_in(self, pipe: Pipeline, member: str) -> None:
+        """`release` queued on a pipeline (renewals stop at once; should the pipeline fail,
+        the lease expires unrenewed and is recovered)."""
+        self._owned.pop(member, None)
+        pipe.zrem(self.key, member)
+
     def abandon(self, member: str) -> None:
         """Stops renewing without releasing: the lease expires and the work is recovered
         (here or on another replica). For work whose end could not be recorded."""

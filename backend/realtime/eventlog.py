@@ -45,6 +45,7 @@ TERMINAL_TYPES = frozenset(
     }
 )
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+REPLAY_BATCH = 500  # log entries a replay reads at a time
 _WAKE_TTL_S = 3600  # a replica's wake-up stream outlives it by at most this
 
 
@@ -430,12 +431,15 @@ class RunEventLog:
                 del self._local[subscriber.key]
 
     async def _replay(self, run_id: str, key: str, last: str) -> AsyncIterator[RunEvent]:
+        """The log after `last` as it stands. A short batch is its end: what is appended
+        after it reaches a follower live (a local reader was registered before the replay,
+        the tail reads on from the last entry given), so no read is made to find it empty."""
         while True:
-            batch = await self._redis.xrange(key, min=f"({last}", count=500)
-            if not batch:
-                return
+            batch = await self._redis.xrange(key, min=f"({last}", count=REPLAY_BATCH)
             for event in _coalesce(run_id, batch):
                 yield event
+            if len(batch) < REPLAY_BATCH:
+                return
             last = _text(batch[-1][0])
 
     async def _follow(
