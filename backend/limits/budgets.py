@@ -13,6 +13,7 @@ counts once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.config import BudgetSpec, LimitsSettings
@@ -200,19 +202,25 @@ class Reservation:
         with a record, only for the first of every replica that releases it)."""
         if self.settled:
             return False
+        call = self._release_call()
+        return self._released(None if call is None else await call[0](keys=call[1], args=call[2]))
+
+    def _release_call(
+        self, pending: float = 0.0
+    ) -> tuple[AsyncScript, list[str], list[Any]] | None:
+        """The script, keys and arguments that release the hold (None: nothing to give back).
+        `pending`: charged in the same round trip, before (it uses that much of the hold)."""
         if self.record is not None:
-            first = await self.budgets._release(
-                keys=[*self.keys, self.record], args=[_DAY_TTL_S, _MONTH_TTL_S]
-            )
-            self.settled = True
-            return bool(int(first))
-        unused = max(0.0, self.held - self.charged)
-        if unused:
-            await self.budgets._charge(
-                keys=self.keys, args=[*self.limits, 0, unused, _DAY_TTL_S, _MONTH_TTL_S]
-            )
+            return self.budgets._release, [*self.keys, self.record], [_DAY_TTL_S, _MONTH_TTL_S]
+        unused = max(0.0, self.held - self.charged - pending)
+        if not unused:
+            return None
+        return self.budgets._charge, self.keys, [*self.limits, 0, unused, _DAY_TTL_S, _MONTH_TTL_S]
+
+    def _released(self, reply: Any) -> bool:
+        """The release's reply: whether this was the first (see `release`)."""
         self.settled = True
-        return True
+        return bool(int(reply)) if self.record is not None else True
 
     async def settle(
         self,
@@ -286,6 +294,30 @@ class Budgets:
         if exceeded is not None:
             raise exceeded
 
+    async def close(self, owed: list[tuple[Reservation, float]]) -> None:
+        """The end of the work the reservations were for, in one round trip: each is charged
+        what it still owes (nothing for 0) and its hold is released. A budget this uses up is
+        no error (the work is over; the next is refused). `settle` then records the usage with
+        no round trip of its own."""
+        calls = ScriptedPipeline(self._redis)
+        open_ = [(r, amount) for r, amount in owed if not r.settled]
+        charged = [
+            (r, amount, calls.script(self._charge, *r._charge_call(amount)))
+            for r, amount in open_
+            if amount > 0
+        ]
+        released = []
+        for r, amount in open_:
+            call = r._release_call(pending=max(0.0, amount))
+            released.append((r, None if call is None else calls.script(*call)))
+        replies = await calls.execute()
+        for r, amount, index in charged:
+            with contextlib.suppress(BudgetExceeded):
+                r._charged(amount, replies[index])
+        for r, index in released:
+            if r._released(None if index is None else replies[index]):
+                r._usage_due = True
+
     async def charge_with_money(
         self, tokens: Reservation, money: Reservation | None, amount: float, cost: float
     ) -> None:
@@ -318,6 +350,31 @@ class Budgets:
             subject=subject,
             hold_id=hold_id,
         )
+
+    async def admit_and_reserve(
+        self,
+        *,
+        tenant_id: uuid.UUID,
+        user_id: uuid.UUID | None,
+        plan: str,
+        resource: Resource,
+        amount: float,
+        subject: str,
+    ) -> tuple[Reservation, Reservation]:
+        """`admit` (money) and `reserve` (`amount` of `resource`) in one round trip: the money
+        admission and the hold. Refused (BudgetExceeded, the money's first) with nothing held."""
+        calls = ScriptedPipeline(self._redis)
+        asked = {"tenant_id": tenant_id, "user_id": user_id, "plan": plan, "subject": subject}
+        admitted = self.reserve_in(calls, resource=Resource.COST, amount=0, **asked)
+        reserved = self.reserve_in(calls, resource=resource, amount=amount, **asked)
+        replies = await calls.execute()
+        try:
+            money = admitted(replies)
+        except BudgetExceeded:
+            with contextlib.suppress(BudgetExceeded):
+                await reserved(replies).release()
+            raise
+        return money, reserved(replies)
 
     async def charge(
         self,

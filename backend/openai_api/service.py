@@ -15,7 +15,6 @@ RunService.send_message with its last message, relayed from the run's event log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -280,13 +279,7 @@ class OpenAIService:
             completion.model = self._models.checkout(completion.request.model, completion.key)
         try:
             await self._limiter.enforce(principal.subject, principal.plan, "chat_run")
-            completion.money = await self._budgets.admit(  # first: it holds nothing to give back
-                tenant_id=principal.tenant_id,
-                user_id=principal.user_id,
-                plan=principal.plan,
-                subject=f"openai:{completion.id}",
-            )
-            reservation = await self._budgets.reserve(
+            completion.money, reservation = await self._budgets.admit_and_reserve(
                 tenant_id=principal.tenant_id,
                 user_id=principal.user_id,
                 plan=principal.plan,
@@ -543,14 +536,11 @@ class OpenAIService:
                 cost=float(completion.model.cost(prompt_tokens, completion_tokens)),
             )
         try:
-            owed = prompt_tokens + completion_tokens - int(reservation.charged)
-            money = completion.money
-            money_owed = cost - Decimal(str(money.charged)) if money is not None else Decimal(0)
-            if owed > 0 or money_owed > 0:
-                with contextlib.suppress(BudgetExceeded):
-                    await self._charge(
-                        completion, reservation, max(0, owed), max(Decimal(0), money_owed)
-                    )
+            owed = max(0, prompt_tokens + completion_tokens - int(reservation.charged))
+            held: list[tuple[Reservation, float]] = [(reservation, owed)]
+            if completion.money is not None:
+                held.append((completion.money, max(0.0, float(cost) - completion.money.charged)))
+            await self._budgets.close(held)  # the charges and the hold's rest: one round trip
             async with self._db.session(principal.tenant_id) as session:
                 await reservation.settle(
                     session, cost=cost, served_by=(model.alias, model.version, "chat")
