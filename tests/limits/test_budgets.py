@@ -185,3 +185,77 @@ async def test_a_charge_repeated_after_a_lost_reply_counts_once(
     assert await run.release()
     assert not await run.release()
     assert await _held_and_used(redis, budgets, tenant) == (0, 16)
+
+
+@pytest.mark.parametrize("hold_id", [None, "closed"])
+async def test_close_charges_what_is_owed_gives_back_the_rest_and_settle_records_it(
+    redis: Redis, key_prefix: str, db: Database, hold_id: str | None
+) -> None:
+    """The end of a run in one round trip: the tokens owed charged, the hold's rest given
+    back (recorded reservation or not); `settle` then records the usage once."""
+    async with db.session() as session:
+        tenant = Tenant(slug=f"c-{uuid.uuid4().hex[:8]}", name="C")
+        session.add(tenant)
+    budgets = _budgets(redis, key_prefix, tenant_day=1000)
+    run = await budgets.reserve(
+        tenant_id=tenant.id,
+        user_id=None,
+        plan="free",
+        resource=Resource.LLM_TOKENS,
+        amount=100,
+        subject="closed",
+        hold_id=hold_id,
+    )
+    await run.charge(10)
+    await budgets.close([(run, 25)])
+    assert run.settled
+    assert run.charged == 35
+    assert await _held_and_used(redis, budgets, tenant.id) == (0, 35)
+    await budgets.close([(run, 5)])  # settled: nothing more is charged or given back
+    assert await _held_and_used(redis, budgets, tenant.id) == (0, 35)
+    async with db.session(tenant.id) as session:
+        await run.settle(session)
+    async with db.session(tenant.id) as session:
+        amounts = list(
+            await session.scalars(select(UsageRecord.amount).where(UsageRecord.subject == "closed"))
+        )
+    assert amounts == [35]
+
+
+async def test_close_past_the_budget_charges_all_and_raises_nothing(
+    redis: Redis, key_prefix: str
+) -> None:
+    budgets = _budgets(redis, key_prefix, tenant_day=50)
+    tenant = uuid.uuid4()
+    run = await budgets.reserve(
+        tenant_id=tenant,
+        user_id=None,
+        plan="free",
+        resource=Resource.LLM_TOKENS,
+        amount=40,
+        subject="r",
+    )
+    await budgets.close([(run, 60)])  # the work is over: what it used counts
+    assert await _held_and_used(redis, budgets, tenant) == (0, 60)
+    with pytest.raises(BudgetExceeded):
+        await budgets.reserve(
+            tenant_id=tenant,
+            user_id=None,
+            plan="free",
+            resource=Resource.LLM_TOKENS,
+            amount=1,
+            subject="next",
+        )
+
+
+async def test_admit_and_reserve_refused_holds_nothing(redis: Redis, key_prefix: str) -> None:
+    budgets = _budgets(redis, key_prefix, tenant_day=50)
+    tenant = uuid.uuid4()
+    asked = {"tenant_id": tenant, "user_id": None, "plan": "free", "subject": "r"}
+    money, tokens = await budgets.admit_and_reserve(
+        resource=Resource.LLM_TOKENS, amount=30, **asked
+    )
+    assert (money.resource, money.held, tokens.held) == (Resource.COST, 0, 30)
+    with pytest.raises(BudgetExceeded, match="cannot cover 30"):
+        await budgets.admit_and_reserve(resource=Resource.LLM_TOKENS, amount=30, **asked)
+    assert await _held_and_used(redis, budgets, tenant) == (30, 0)
