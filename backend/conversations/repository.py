@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Table, case, exists, func, insert, literal, or_, select, true, tuple_, update
+from sqlalchemy import func, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.core.models import Conversation, Message, MessageRole, Run, RunStatus
@@ -89,6 +89,45 @@ async def answer_and_last_seq(
     return row[0], int(row[1] or 0)
 
 
+# A turn's rows, in one statement (see insert_turn). Written out rather than built with the
+# expression language: building and keying a statement this size cost more client time per
+# turn (about 5 ms here) than the three statements it replaces; PostgreSQL runs it in 0.25.
+_INSERT_TURN = text(
+    """
+WITH state AS (
+  SELECT (SELECT id FROM runs
+          WHERE conversation_id = CAST(:conversation_id AS uuid)
+            AND status IN ('queued', 'running') LIMIT 1) AS busy,
+         (SELECT coalesce(max(seq), 0) FROM messages
+          WHERE conversation_id = CAST(:conversation_id AS uuid)) AS last
+), new_run AS (
+  INSERT INTO runs (id, tenant_id, conversation_id, user_id, status, model, model_alias,
+                    model_version, created_at, updated_at)
+  SELECT CAST(:run_id AS uuid), CAST(:tenant_id AS uuid), CAST(:conversation_id AS uuid),
+         CAST(:user_id AS uuid),
+         CAST(CASE WHEN busy IS NULL THEN 'running' ELSE 'queued' END AS run_status),
+         CAST(:model AS varchar), CAST(:model_alias AS varchar), CAST(:model_version AS varchar),
+         CAST(:now AS timestamptz), CAST(:now AS timestamptz)
+  FROM state WHERE busy IS NULL OR NOT CAST(:reject_busy AS boolean)
+  RETURNING id
+), touched AS (
+  UPDATE conversations SET updated_at = CAST(:now AS timestamptz)
+  WHERE id = CAST(:conversation_id AS uuid) AND EXISTS (SELECT FROM new_run)
+), new_message AS (
+  INSERT INTO messages (id, tenant_id, conversation_id, seq, role, author_id, content,
+                        complete, run_id, meta)
+  SELECT CAST(:message_id AS uuid), CAST(:tenant_id AS uuid), CAST(:conversation_id AS uuid),
+         state.last + 1, CAST(:role AS message_role), CAST(:author_id AS uuid),
+         CAST(:content AS text), true, new_run.id, CAST(:meta AS jsonb)
+  FROM state, new_run
+  RETURNING seq, created_at
+)
+SELECT state.busy, new_message.seq, new_message.created_at
+FROM state LEFT JOIN new_message ON true
+"""
+)
+
+
 async def insert_turn(
     session: AsyncSession, run: Run, message: Message, *, reject_busy: bool
 ) -> uuid.UUID | None:
@@ -101,60 +140,25 @@ async def insert_turn(
     conversation still going; with `reject_busy` and one going, nothing is written. Returns
     the run going (None: none). Fills in `run.status`, `message.seq` and `message.created_at`
     (the objects are not added to the session)."""
-    conversation_id = run.conversation_id
-    runs, messages = Run.__table__, Message.__table__
-    going = (
-        select(Run.id)
-        .where(
-            Run.conversation_id == conversation_id,
-            Run.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]),
-        )
-        .limit(1)
-        .scalar_subquery()
-    )
-    last = (
-        select(func.coalesce(func.max(Message.seq), 0))
-        .where(Message.conversation_id == conversation_id)
-        .scalar_subquery()
-    )
-    state = select(going.label("busy"), last.label("last")).cte("state")
-    status = case(
-        (state.c.busy.is_(None), literal(RunStatus.RUNNING, runs.c.status.type)),
-        else_=literal(RunStatus.QUEUED, runs.c.status.type),
-    )
-    run_values = _given(runs, run, skip={"status"})
-    new_run = (
-        insert(runs)
-        .from_select(
-            [*run_values, "status"],
-            select(*run_values.values(), status).where(
-                or_(state.c.busy.is_(None), literal(not reject_busy))
-            ),
-        )
-        .returning(runs.c.id)
-        .cte("new_run")
-    )
-    message_values = _given(messages, message, skip={"seq", "created_at"})
-    new_message = (
-        insert(messages)
-        .from_select(
-            [*message_values, "seq"],
-            select(*message_values.values(), state.c.last + 1).select_from(state, new_run),
-        )
-        .returning(messages.c.seq, messages.c.created_at)
-        .cte("new_message")
-    )
-    touched = (
-        update(Conversation.__table__)
-        .where(Conversation.__table__.c.id == conversation_id, exists(select(new_run.c.id)))
-        .values(updated_at=run.created_at)
-        .cte("touched")
-    )
     row = (
         await session.execute(
-            select(state.c.busy, new_message.c.seq, new_message.c.created_at)
-            .select_from(state.outerjoin(new_message, true()))
-            .add_cte(touched)
+            _INSERT_TURN,
+            {
+                "conversation_id": run.conversation_id,
+                "run_id": run.id,
+                "tenant_id": run.tenant_id,
+                "user_id": run.user_id,
+                "model": run.model,
+                "model_alias": run.model_alias,
+                "model_version": run.model_version,
+                "now": run.created_at,
+                "reject_busy": reject_busy,
+                "message_id": message.id,
+                "role": message.role.value,
+                "author_id": message.author_id,
+                "content": message.content,
+                "meta": json.dumps(message.meta or {}),
+            },
         )
     ).one()
     busy, seq, created_at = row
@@ -162,16 +166,6 @@ async def insert_turn(
         run.status = RunStatus.QUEUED if busy is not None else RunStatus.RUNNING
         message.seq, message.created_at = seq, created_at
     return busy
-
-
-def _given(table: Table, row: Any, *, skip: set[str]) -> dict[str, Any]:
-    """The values `row` holds for `table`'s columns, typed (None: the column's default)."""
-    values = {}
-    for column in table.columns:
-        value = getattr(row, column.key, None)
-        if column.name not in skip and value is not None:
-            values[column.name] = literal(value, column.type)
-    return values
 
 
 async def lock(session: AsyncSession, conversation_id: uuid.UUID) -> Conversation | None:
