@@ -385,8 +385,7 @@ class RunService:
             self._budgets.reserve_in(
                 calls, resource=Resource.LLM_TOKENS, amount=self._settings.max_tokens, **budget
             ),
-            # the money budget's admission (Budgets.admit): holds nothing, refused when spent
-            self._budgets.reserve_in(calls, resource=Resource.COST, amount=0, **budget),
+            self._budgets.admit_in(calls, **budget),  # holds nothing, refused when spent
         ]
         try:
             replies = await calls.execute()

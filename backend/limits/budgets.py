@@ -351,6 +351,28 @@ class Budgets:
             hold_id=hold_id,
         )
 
+    def admit_in(
+        self,
+        calls: ScriptedPipeline,
+        *,
+        tenant_id: uuid.UUID,
+        user_id: uuid.UUID | None,
+        plan: str,
+        subject: str,
+        hold_id: str | None = None,
+    ) -> Callable[[list[Any]], Reservation]:
+        """`admit` queued on a pipeline, as `reserve_in`."""
+        return self.reserve_in(
+            calls,
+            tenant_id=tenant_id,
+            user_id=user_id,
+            plan=plan,
+            resource=Resource.COST,
+            amount=0,
+            subject=subject,
+            hold_id=hold_id,
+        )
+
     async def admit_and_reserve(
         self,
         *,
@@ -365,7 +387,7 @@ class Budgets:
         admission and the hold. Refused (BudgetExceeded, the money's first) with nothing held."""
         calls = ScriptedPipeline(self._redis)
         asked = {"tenant_id": tenant_id, "user_id": user_id, "plan": plan, "subject": subject}
-        admitted = self.reserve_in(calls, resource=Resource.COST, amount=0, **asked)
+        admitted = self.admit_in(calls, **asked)
         reserved = self.reserve_in(calls, resource=resource, amount=amount, **asked)
         replies = await calls.execute()
         try:
