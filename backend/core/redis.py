@@ -9,8 +9,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from backend.config import RedisSettings
 
@@ -113,6 +114,55 @@ class ScriptedPipeline:
             if isinstance(reply, Exception):
                 raise reply
         return replies
+
+
+class HeldConnection:
+    """One pooled connection kept by a single task that sends batches of commands all the time
+    (the event log's appender: every token of every run).
+
+    Each redis-py pipeline takes a connection from the pool and gives it back: the pool's lock,
+    its timeout scope and its bookkeeping cost more client time than packing and reading the
+    commands (a quarter of a streamed token's cost here, measured). Here the connection stays
+    out of the pool between batches. Its health is checked as the pool would (a PING after
+    `health_check_interval` idle); a batch that fails on the wire drops the connection (its
+    replies are unknown) and the next batch takes a fresh one. Not for concurrent use: one
+    batch at a time."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._pool = redis.connection_pool
+        self._connection: AbstractConnection | None = None
+
+    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Every command's reply in order; an error reply is returned, not raised (the
+        commands after it ran all the same). Raises when the connection fails."""
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = await self._pool.get_connection()
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:  # failed or cancelled mid-batch: what is on the wire is unknown
+            await self._drop(connection)
+            raise
+        return replies
+
+    async def close(self) -> None:
+        """Gives the connection back to the pool."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await self._pool.release(connection)
+
+    async def _drop(self, connection: AbstractConnection) -> None:
+        self._connection = None
+        try:
+            await connection.disconnect(nowait=True)
+        finally:
+            await self._pool.release(connection)
 
 
 class KeySpace:

@@ -25,7 +25,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from backend.core.redis import KeySpace
+from backend.core.redis import HeldConnection, KeySpace
 from backend.core.retry import is_transient, retrying
 from backend.core.tasks import cancel_and_wait
 from backend.errors import AppError, ValidationFailed
@@ -225,7 +225,7 @@ class _Appender:
     MAX_BATCH = 512
 
     def __init__(self, redis: Redis, maxlen: int) -> None:
-        self._redis = redis
+        self._line = HeldConnection(redis)  # one batch at a time: this task's own connection
         self._maxlen = maxlen
         self._pending: list[tuple[str, dict[str, str], asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
@@ -243,11 +243,12 @@ class _Appender:
             while self._pending:
                 batch = self._pending[: self.MAX_BATCH]
                 del self._pending[: self.MAX_BATCH]
-                pipe = self._redis.pipeline(transaction=False)
-                for key, fields, _ in batch:
-                    pipe.xadd(key, fields, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
+                commands = [
+                    ("XADD", key, "MAXLEN", "~", self._maxlen, "*", *_flat(fields))
+                    for key, fields, _ in batch
+                ]
                 try:
-                    replies = await pipe.execute(raise_on_error=False)
+                    replies: list[Any] = await self._line.execute(commands)
                 except Exception as exc:  # the connection failed: every append in it did
                     replies = [exc] * len(batch)
                 for (_, _, future), reply in zip(batch, replies, strict=True):
@@ -266,12 +267,14 @@ class _Appender:
 
     async def close(self, timeout_s: float) -> None:
         task = self._task
-        if task is None:
-            return
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout_s)
-        except TimeoutError:
-            await cancel_and_wait([task])
+            if task is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), timeout_s)
+                except TimeoutError:
+                    await cancel_and_wait([task])
+        finally:
+            await self._line.close()
 
 
 class RunEventLog:
@@ -490,6 +493,10 @@ class RunEventLog:
             return
         self._unregister(subscriber)  # from the local readers (`local` still says so)
         subscriber.local = False
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    return [part for pair in fields.items() for part in pair]
 
 
 def _text(value: bytes | str) -> str:

@@ -1,10 +1,16 @@
-"""Scripts queued on a pipeline by their SHA alone (backend.core.redis.ScriptedPipeline)."""
+"""Scripts queued on a pipeline by their SHA alone (backend.core.redis.ScriptedPipeline), and
+batches sent on a connection held out of the pool (backend.core.redis.HeldConnection)."""
 
 from __future__ import annotations
 
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
-from backend.core.redis import ScriptedPipeline
+from backend.config import RedisSettings
+from backend.core.redis import HeldConnection, ScriptedPipeline, connect_redis
+from tests.conftest import REDIS_URL
 
 INCREMENT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
@@ -48,3 +54,43 @@ async def test_a_script_redis_does_not_know_runs_once_on_its_own(
     assert replies[0] is True
     assert int(await redis.get(key)) == 3
     assert await redis.script_exists(script.sha) == [True]
+
+
+async def test_a_held_connection_answers_each_command_and_returns_an_error_reply(
+    redis: Redis, key_prefix: str
+) -> None:
+    key = f"{key_prefix}held"
+    line = HeldConnection(redis)
+    try:
+        replies = await line.execute(
+            [("SET", key, "a"), ("INCR", key), ("APPEND", key, "b"), ("GET", key)]
+        )
+        assert replies[0] == b"OK"
+        assert isinstance(replies[1], ResponseError)  # not a number: the rest ran all the same
+        assert replies[2:] == [2, b"ab"]
+        assert await line.execute([("GET", key)]) == [b"ab"]  # the same connection, in step
+    finally:
+        await line.close()
+
+
+async def test_a_held_connection_that_drops_fails_its_batch_and_the_next_one_reconnects(
+    redis: Redis, key_prefix: str
+) -> None:
+    client = connect_redis(REDIS_URL, RedisSettings())  # the server's own kind of pool
+    key = f"{key_prefix}held"
+    line = HeldConnection(client)
+    try:
+        await line.execute([("CLIENT", "SETNAME", "held-line")])
+        clients = await redis.client_list()
+        held = [c for c in clients if c.get("name") == "held-line"]
+        assert len(held) == 1
+        await redis.client_kill_filter(_id=held[0]["id"])
+        with pytest.raises((RedisConnectionError, ConnectionError, OSError)):
+            await line.execute([("SET", key, "1")])
+        assert await line.execute([("SET", key, "2"), ("GET", key)]) == [b"OK", b"2"]
+        pool = client.connection_pool
+        await line.close()  # back in the pool: nothing left in use
+        assert not pool._in_use_connections  # type: ignore[attr-defined]
+    finally:
+        await line.close()
+        await client.aclose()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from backend.config import RedisSettings
-from backend.core.redis import KeySpace, connect_redis
+from backend.core.redis import HeldConnection, KeySpace, connect_redis
 from backend.errors import ValidationFailed
 from backend.realtime.eventlog import EventsExpired, RunEventLog, _Subscriber, encode_cursor
 from tests.conftest import REDIS_URL, scaled
@@ -244,14 +244,14 @@ async def test_concurrent_appends_are_batched_and_keep_each_streams_order(
 ) -> None:
     runs = [uuid.uuid4().hex for _ in range(30)]
     sent: list[int] = []
-    execute = redis.pipeline(transaction=False).__class__.execute
+    execute = HeldConnection.execute
 
-    async def counting(self: object, *args: object, **kwargs: object) -> object:
-        sent.append(len(self.command_stack))  # type: ignore[attr-defined]
-        return await execute(self, *args, **kwargs)  # type: ignore[arg-type]
+    async def counting(self: HeldConnection, commands: list[list[object]]) -> list[object]:
+        sent.append(len(commands))
+        return await execute(self, commands)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(redis.pipeline(transaction=False).__class__, "execute", counting)
+        patch.setattr(HeldConnection, "execute", counting)
         await asyncio.gather(*(_produce(log, run, [f"w{i}" for i in range(40)]) for run in runs))
     for run in runs:
         events = [e async for e in log.read(run, follow=False)]
