@@ -1,4 +1,6 @@
-"""The schema's executor: subscription events reuse the operation's collected subfields."""
+"""The schema's executor: subscription events reuse the operation's collected subfields, and
+events whose selected fields are plain scalar attributes are answered without execution, with
+the same results as graphql-core's executor."""
 
 from __future__ import annotations
 
@@ -17,8 +19,24 @@ class Event:
 
 
 @strawberry.type
+class Inner:
+    x: int
+
+
+@strawberry.type
 class Token(Event):
     text: str
+    number: int = 0
+    note: str | None = None
+    inner: Inner = strawberry.field(default_factory=lambda: Inner(x=1))
+
+    @strawberry.field
+    def upper(self) -> str:
+        return self.text.upper()
+
+    @strawberry.field
+    def shout(self, times: int) -> str:
+        return self.text * times
 
 
 @strawberry.type
@@ -79,3 +97,78 @@ def test_the_service_schema_uses_it() -> None:
 
     built = schema_module.build_schema(GraphQLSettings())
     assert built.execution_context_class is schema_module.Executor
+
+
+FLAT = [
+    (DOCUMENT, {}),
+    (
+        "subscription($n: Int!) { e: events(count: $n) { c: cursor ...T } } "
+        "fragment T on Token { t: text, n: number, kind: __typename }",
+        {},
+    ),
+    (
+        "subscription($n: Int!, $f: Boolean!) { events(count: $n) { "
+        "... on Token { text number @include(if: $f) cursor @skip(if: $f) } } }",
+        {"f": True},
+    ),
+    (
+        "subscription($n: Int!, $f: Boolean!) { events(count: $n) { "
+        "... on Token { text number @include(if: $f) cursor @skip(if: $f) } } }",
+        {"f": False},
+    ),
+]
+EXECUTED = [
+    "subscription($n: Int!) { events(count: $n) { ... on Token { text upper } } }",
+    "subscription($n: Int!) { events(count: $n) { ... on Token { text note } } }",
+    "subscription($n: Int!) { events(count: $n) { ... on Token { text inner { x } } } }",
+    "subscription($n: Int!) { events(count: $n) { ... on Token { shout(times: 2) } } }",
+]
+
+
+async def _events(
+    document: str, variables: dict[str, Any], executor: type | None
+) -> list[tuple[Any, Any]]:
+    extra = {"execution_context_class": executor} if executor else {}
+    built = strawberry.Schema(
+        query=Query, subscription=Subscription, types=[Token, Failed], **extra
+    )
+    stream = await built.subscribe(document, variable_values={"n": 30, **variables})
+    return [(r.data, r.errors) async for r in stream]  # type: ignore[union-attr]
+
+
+def _answers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The type of each event the plan answered."""
+    answered: list[str] = []
+    answer = schema_module._FlatPlan.answer
+
+    def counting(self: schema_module._FlatPlan, payload: Any) -> Any:
+        result = answer(self, payload)
+        if result is not None:
+            answered.append(type(payload).__name__)
+        return result
+
+    monkeypatch.setattr(schema_module._FlatPlan, "answer", counting)
+    return answered
+
+
+@pytest.mark.parametrize(("document", "variables"), FLAT)
+async def test_flat_events_are_answered_without_execution_and_alike(
+    document: str, variables: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = await _events(document, variables, None)
+    answered = _answers(monkeypatch)
+    got = await _events(document, variables, schema_module.Executor)
+    assert got == expected
+    assert all(errors is None for _, errors in got)
+    assert answered.count("Token") == 27  # every Token event (1 in 10 is a Failed)
+
+
+@pytest.mark.parametrize("document", EXECUTED)
+async def test_resolvers_arguments_objects_and_nulls_are_executed(
+    document: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = await _events(document, {}, None)
+    answered = _answers(monkeypatch)
+    got = await _events(document, {}, schema_module.Executor)
+    assert got == expected
+    assert "Token" not in answered
