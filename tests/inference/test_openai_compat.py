@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import httpx2
+import openai
 import pytest
 
 from backend.inference.llm.base import (
@@ -15,8 +16,13 @@ from backend.inference.llm.base import (
     LLMTimeout,
     LLMUnavailable,
 )
-from backend.inference.llm.openai_compat import OpenAICompatibleProvider, _events
-from tests.conftest import scaled, serve_asgi
+from backend.inference.llm.openai_compat import (
+    OpenAICompatibleProvider,
+    _AiohttpTransport,
+    _events,
+    _http_client,
+)
+from tests.conftest import free_port, scaled, serve_asgi
 from tests.llm_stub import LLMStub
 
 HELLO = [ChatMessage("user", "hello there general kenobi")]
@@ -65,6 +71,27 @@ async def test_failures_are_typed(
     _, url = stub
     with pytest.raises(error):
         [c async for c in provider(url, model).stream(HELLO, max_tokens=5, sampling=GREEDY)]
+
+
+async def test_an_endpoint_that_refuses_connections_is_retried_then_unavailable() -> None:
+    """Not a timeout: aiohttp's own error names made it one, and it was never retried."""
+    down = provider(f"http://127.0.0.1:{free_port()}/v1")
+    with pytest.raises(LLMUnavailable, match="APIConnectionError"):
+        [c async for c in down.stream(HELLO, max_tokens=5, sampling=GREEDY)]
+
+
+async def test_requests_go_over_aiohttp_unless_a_proxy_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    client = _http_client(openai.Timeout(5))
+    assert client is not None
+    assert isinstance(client._transport, _AiohttpTransport)
+    await client.aclose()
+    monkeypatch.setenv("https_proxy", "http://proxy.invalid:3128")
+    assert _http_client(openai.Timeout(5)) is None  # httpx, which reads the variable
 
 
 async def test_a_stalled_stream_times_out(stub: tuple[LLMStub, str]) -> None:
