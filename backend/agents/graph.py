@@ -1,6 +1,6 @@
 """The chat agent: one LangGraph graph per app, one thread per conversation.
 
-    prepare -> [look] -> [retrieve] -> generate <-> tools -> attribute -> persist -> [summarise]
+    prepare -> [look] -> [retrieve] -> generate <-> tools -> persist -> [summarise]
 
 - prepare: one step (each LangGraph step costs about 3 ms before the first token here):
   - load_memory: the thread's state from the Redis checkpointer; on a miss (new, expired or
@@ -13,10 +13,11 @@
   tokens never pass through LangGraph's own stream machinery: one hop less per token), emits
   `CitationAdded` for every `[n]` that cites a source, and collects tool calls.
 - tools: runs the calls (each bounded by a timeout) and feeds the results back to generate.
-- attribute: an answer with sources that cites none of them as [n] gets each sentence
-  attributed to its most similar source (`CitationAdded` with a confidence), bounded by a
-  timeout; a failure leaves the answer without citations, never fails the turn.
-- persist: stores the answer in PostgreSQL, with its sources and citations.
+- persist: one step:
+  - attribute: an answer with sources that cites none of them as [n] gets each sentence
+    attributed to its most similar source (`CitationAdded` with a confidence), bounded by a
+    timeout; a failure leaves the answer without citations, never fails the turn;
+  - then the answer is stored in PostgreSQL, with its sources and citations.
 - summarise: when the thread fills `summarize_at` of the model's window, older turns are
   replaced by a summary the model writes (after the answer was streamed, so no one waits).
 """
@@ -197,8 +198,7 @@ class Agent:
         graph.add_node("retrieve", self._retrieve)
         graph.add_node("generate", self._generate)
         graph.add_node("tools", self._run_tools)
-        graph.add_node("attribute", self._attribute)
-        graph.add_node("persist", self._persist)
+        graph.add_node("persist", self._attribute_and_persist)
         graph.add_node("summarise", self._summarise)
         graph.add_edge(START, "prepare")
         graph.add_conditional_edges(
@@ -206,9 +206,8 @@ class Agent:
         )
         graph.add_conditional_edges("look", self._next_for_input, ["retrieve", "generate"])
         graph.add_edge("retrieve", "generate")
-        graph.add_conditional_edges("generate", self._after_generate, ["tools", "attribute"])
+        graph.add_conditional_edges("generate", self._after_generate, ["tools", "persist"])
         graph.add_edge("tools", "generate")
-        graph.add_edge("attribute", "persist")
         graph.add_conditional_edges("persist", self._after_persist, ["summarise", END])
         graph.add_edge("summarise", END)
         return graph
@@ -451,7 +450,7 @@ class Agent:
         last = state["messages"][-1]
         if isinstance(last, AIMessage) and last.tool_calls and not state.get("blocked"):
             return "tools"
-        return "attribute"
+        return "persist"
 
     async def _run_tools(self, state: AgentState, runtime: Runtime[TurnContext]) -> dict:
         ctx = runtime.context
@@ -496,6 +495,14 @@ class Agent:
         for body in found:
             await ctx.hooks.event("CitationAdded", body)
         return {"citations": found}
+
+    async def _attribute_and_persist(
+        self, state: AgentState, runtime: Runtime[TurnContext]
+    ) -> dict:
+        """The answer's citations attributed, then the answer stored: one LangGraph step."""
+        attributed = await self._attribute(state, runtime)
+        stored = await self._persist({**state, **attributed}, runtime)  # type: ignore[typeddict-item]
+        return {**attributed, **stored}
 
     async def _persist(self, state: AgentState, runtime: Runtime[TurnContext]) -> dict:
         ctx = runtime.context
