@@ -44,6 +44,10 @@ class Series:
         self._clock = clock
         self._pending: dict[tuple[tuple[str, ...], int], defaultdict[str, float]] = {}
         self._dropped = 0
+        # A read and a flush never interleave: a read whose HGETALLs reached Redis before a
+        # flush's writes, and that looked at `_pending` after the flush had taken it, saw the
+        # figures nowhere (a busy machine's timeline lost its last seconds now and then).
+        self._consistent = asyncio.Lock()
         self._flushes = Periodic(
             "lifecycle stats flush",
             self.flush,
@@ -79,6 +83,10 @@ class Series:
 
     async def flush(self) -> None:
         """Sends what was gathered since the last flush (one round trip); on failure it is lost."""
+        async with self._consistent:
+            await self._flush()
+
+    async def _flush(self) -> None:
         pending, self._pending = self._pending, {}
         dropped, self._dropped = self._dropped, 0
         if dropped:
@@ -116,16 +124,17 @@ class Series:
         last = int(now // self.bucket_s) * self.bucket_s
         first = int((now - seconds) // self.bucket_s) * self.bucket_s
         buckets = range(first, last + 1, self.bucket_s)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for bucket in buckets:
-                pipe.hgetall(self._key(series, bucket))
-            stored = await pipe.execute()
-        found: list[Bucket] = []
-        for bucket, hashed in zip(buckets, stored, strict=True):
-            fields: Fields = {name.decode(): float(value) for name, value in hashed.items()}
-            for name, value in self._pending.get((series, bucket), {}).items():
-                fields[name] = fields.get(name, 0.0) + value
-            found.append((bucket, fields))
+        async with self._consistent:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for bucket in buckets:
+                    pipe.hgetall(self._key(series, bucket))
+                stored = await pipe.execute()
+            found: list[Bucket] = []
+            for bucket, hashed in zip(buckets, stored, strict=True):
+                fields: Fields = {name.decode(): float(value) for name, value in hashed.items()}
+                for name, value in self._pending.get((series, bucket), {}).items():
+                    fields[name] = fields.get(name, 0.0) + value
+                found.append((bucket, fields))
         return found
 
     async def read_steps(

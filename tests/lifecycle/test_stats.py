@@ -114,3 +114,32 @@ async def test_the_pending_figures_are_bounded(redis: Redis, key_prefix: str) ->
         stats.record("ocr", version, ok=True, latency_s=0.01)
     await series.flush()
     assert [(await stats.window("ocr", v, 30)).requests for v in ("1", "2", "3")] == [1, 1, 0]
+
+
+async def test_a_read_during_a_flush_counts_the_figures_once(
+    redis: Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush has taken the figures from memory and its write has not reached Redis yet:
+    a read then must find them once: not in neither place, not in both."""
+    series = Series(redis, KeySpace(key_prefix), LifecycleSettings())
+    series.add(("s",), {"n": 1})
+    gate = asyncio.Event()
+    pipeline = type(redis.pipeline())
+    execute = pipeline.execute
+
+    async def held(self: object, *args: object, **kwargs: object) -> object:
+        if self.is_transaction:  # type: ignore[attr-defined]  # the flush's write
+            await gate.wait()
+        return await execute(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "execute", held)
+    flushing = asyncio.create_task(series.flush())
+    for _ in range(5):
+        await asyncio.sleep(0)  # the flush has taken the figures and waits to write them
+    reading = asyncio.create_task(series.read(("s",), 60))
+    await asyncio.sleep(0.05)
+    gate.set()
+    async with asyncio.timeout(scaled(10)):
+        await flushing
+        assert (await reading).get("n") == 1
+    assert (await series.read(("s",), 60)).get("n") == 1
