@@ -567,7 +567,8 @@ class RunService:
         except LLMError as exc:
             outcome, code, detail = RunStatus.FAILED, exc.code, str(exc)
         except Exception as exc:
-            if is_overload(exc):
+            if is_overload(exc):  # the operator's log says which service and where
+                log.warning("run %s failed: %r", run.id, exc, exc_info=True)
                 outcome, code = RunStatus.FAILED, ServiceUnavailable.code
                 detail = "a backing service is busy or unreachable"
             else:
@@ -671,8 +672,10 @@ class RunService:
     async def _append_event(self, turn: _Turn, kind: str, body: dict) -> None:
         """A run's other events (tools, citations, rails): after the pieces before them."""
         await self._settle_tokens(turn)
-        async with turn.appending:
-            await self.events.append(str(turn.run.id), kind, body)
+        async with turn.appending:  # through an outage, as the tokens are
+            await self.events.append_retrying(
+                str(turn.run.id), kind, body, within_s=self._settings.outage_retry_s
+            )
 
     async def _store_answer(self, turn: _Turn, answer: str, notes: dict) -> None:
         if self.drift is not None:

@@ -11,6 +11,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from backend.config import RedisSettings
@@ -125,8 +126,14 @@ class HeldConnection:
     commands (a quarter of a streamed token's cost here, measured). Here the connection stays
     out of the pool between batches. Its health is checked as the pool would (a PING after
     `health_check_interval` idle); a batch that fails on the wire drops the connection (its
-    replies are unknown) and the next batch takes a fresh one. Not for concurrent use: one
-    batch at a time."""
+    replies are unknown) and the next batch takes a fresh one.
+
+    A connection the server closed while it was held (Redis restarted, or dropped the client)
+    is found dead only by the next batch. When that batch fails before any reply came back on
+    a connection that had served an earlier one, it is sent once more on a fresh connection,
+    as redis-py retries its own pooled commands: otherwise the first batch after every Redis
+    restart would fail (seen: a run failed SERVICE_UNAVAILABLE after an outage had ended).
+    Not for concurrent use: one batch at a time."""
 
     def __init__(self, redis: Redis) -> None:
         self._pool = redis.connection_pool
@@ -135,12 +142,22 @@ class HeldConnection:
     async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Every command's reply in order; an error reply is returned, not raised (the
         commands after it ran all the same). Raises when the connection fails."""
+        held = self._connection is not None
+        replies: list[Any] = []
+        try:
+            await self._exchange(commands, replies)
+        except (RedisConnectionError, OSError):
+            if not held or replies:  # a fresh connection failed, or the batch got part-way
+                raise
+            await self._exchange(commands, replies)  # the held one had died while idle
+        return replies
+
+    async def _exchange(self, commands: Sequence[Sequence[Any]], replies: list[Any]) -> None:
         connection = self._connection
         if connection is None:
             connection = self._connection = await self._pool.get_connection()
         try:
             await connection.send_packed_command(connection.pack_commands(commands))
-            replies: list[Any] = []
             for _ in commands:
                 try:
                     replies.append(await connection.read_response())
@@ -149,7 +166,6 @@ class HeldConnection:
         except BaseException:  # failed or cancelled mid-batch: what is on the wire is unknown
             await self._drop(connection)
             raise
-        return replies
 
     async def close(self) -> None:
         """Gives the connection back to the pool."""

@@ -73,24 +73,63 @@ async def test_a_held_connection_answers_each_command_and_returns_an_error_reply
         await line.close()
 
 
-async def test_a_held_connection_that_drops_fails_its_batch_and_the_next_one_reconnects(
+async def held_line_id(redis: Redis, line: HeldConnection, name: str) -> int:
+    await line.execute([("CLIENT", "SETNAME", name)])
+    held = [c for c in await redis.client_list() if c.get("name") == name]
+    assert len(held) == 1
+    return int(held[0]["id"])
+
+
+async def test_a_held_connection_the_server_closed_while_idle_is_replaced_for_the_next_batch(
     redis: Redis, key_prefix: str
 ) -> None:
+    """Redis restarted, or dropped the client, between two batches: the next batch goes out
+    once, on a fresh connection, instead of failing (the first append after every outage did)."""
     client = connect_redis(REDIS_URL, RedisSettings())  # the server's own kind of pool
     key = f"{key_prefix}held"
     line = HeldConnection(client)
     try:
-        await line.execute([("CLIENT", "SETNAME", "held-line")])
-        clients = await redis.client_list()
-        held = [c for c in clients if c.get("name") == "held-line"]
-        assert len(held) == 1
-        await redis.client_kill_filter(_id=held[0]["id"])
-        with pytest.raises((RedisConnectionError, ConnectionError, OSError)):
-            await line.execute([("SET", key, "1")])
-        assert await line.execute([("SET", key, "2"), ("GET", key)]) == [b"OK", b"2"]
+        await redis.client_kill_filter(_id=await held_line_id(redis, line, "held-idle"))
+        assert await line.execute([("INCR", key), ("GET", key)]) == [1, b"1"]
+        assert await redis.get(key) == b"1"  # counted once
+        assert await line.execute([("INCR", key)]) == [2]
         pool = client.connection_pool
         await line.close()  # back in the pool: nothing left in use
         assert not pool._in_use_connections  # type: ignore[attr-defined]
+    finally:
+        await line.close()
+        await client.aclose()
+
+
+async def test_a_batch_the_connection_dropped_part_way_fails_and_is_not_sent_again(
+    redis: Redis, key_prefix: str
+) -> None:
+    """Some replies came back: the batch reached Redis, so sending it again could apply it
+    twice. It fails; the next batch takes a fresh connection."""
+    client = connect_redis(REDIS_URL, RedisSettings())
+    key = f"{key_prefix}held"
+    line = HeldConnection(client)
+    try:
+        own = await held_line_id(redis, line, "held-part-way")
+        with pytest.raises((RedisConnectionError, OSError)):
+            await line.execute(
+                [("INCR", key), ("CLIENT", "KILL", "ID", own, "SKIPME", "no"), ("INCR", key)]
+            )
+        assert await redis.get(key) == b"1"  # the first INCR ran, and only once
+        assert await line.execute([("INCR", key)]) == [2]
+    finally:
+        await line.close()
+        await client.aclose()
+
+
+async def test_a_held_connection_fails_its_batch_when_redis_is_unreachable() -> None:
+    settings = RedisSettings(connect_timeout_s=1.0)
+    client = connect_redis("redis://127.0.0.1:1/0", settings)  # nothing listens there
+    line = HeldConnection(client)
+    try:
+        with pytest.raises((RedisConnectionError, OSError)):
+            await line.execute([("PING",)])
+        assert not client.connection_pool._in_use_connections  # type: ignore[attr-defined]
     finally:
         await line.close()
         await client.aclose()
