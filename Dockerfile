@@ -33,6 +33,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 tesser
     && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --create-home --home-dir /home/sightline sightline \
     && mkdir /data && chown sightline /data
+# ONNX Runtime's telemetry stays off in every process of both images (backend/__init__.py sets
+# it too, for installs without these images)
+ENV ORT_DISABLE_TELEMETRY=1
 
 # The inference service: `docker build --target inference -t sightline-inference .`
 # (deploy/kubernetes/inference, docker-compose's `gpu` profile). Triton's HTTP, gRPC and
