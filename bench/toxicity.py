@@ -45,6 +45,13 @@ def main(args: argparse.Namespace) -> None:
     tuning_scores = [toxicity.score(t) for t in tuning]
     per_message_ms = (time.perf_counter() - started) * 1000 / len(tuning)
     threshold = threshold_at(tuning_scores, args.fp)
+    # the baseline: the same texts through scikit-learn's predict_proba (the same scores)
+    vectorizer, model = toxicity._model()
+    started = time.perf_counter()
+    for text in tuning:
+        if parts := toxicity.sentences(text):
+            model.predict_proba(vectorizer.transform(parts))
+    sklearn_ms = (time.perf_counter() - started) * 1000 / len(tuning)
 
     held: dict[str, list[str]] = {f"toxic: {k}": v for k, v in TOXIC.items()}
     held |= {f"near miss: {k}": v for k, v in NEAR_MISS.items()}
@@ -54,7 +61,8 @@ def main(args: argparse.Namespace) -> None:
     print(
         f"toxicity rail: threshold {threshold:.4f}, chosen to flag at most {args.fp:.1%} of "
         f"{len(tuning)} ordinary texts (prompts.jsonl's benign rows and documentation "
-        f"paragraphs); {per_message_ms:.2f} ms a text (mean, one thread)"
+        f"paragraphs); {per_message_ms:.3f} ms a text (mean, one thread; through scikit-learn's "
+        f"predict_proba, the same scores: {sklearn_ms:.3f} ms)"
     )
     print(f"  {'rows':42} {'n':>5} {'classifier':>11} {'word list':>10}")
     totals: dict[str, list[int]] = {}

@@ -4,8 +4,10 @@ comments; MIT; the model ships inside the wheel), scored sentence by sentence, t
 score being its most offensive sentence's. It reads sentences, not words: "you are a
 worthless idiot" scores high with no listed word in it, "how do I kill a zombie process" low.
 
-About 0.3 ms a sentence on this CPU: it runs with the other local rails, in their thread, and on
-each held-back chunk of an answer (`output.toxicity`). `bench/toxicity.py` measures it against
+Scored with the model's own numbers (`backend.guardrails.linear`): a few microseconds a
+sentence here, against 1.45 ms through scikit-learn's `predict_proba` for one short sentence. It
+runs with the other local rails, in their thread, and on each held-back chunk of an answer
+(`output.toxicity`). `bench/toxicity.py` measures it against
 the word list on hand-written rows and ordinary text.
 """
 
@@ -16,6 +18,8 @@ import re
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from backend.guardrails.linear import LinearTextScorer
 
 # where a sentence ends: after . ! ? or a line break (a list item, a line of a message)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -36,6 +40,12 @@ def _model() -> tuple[Any, Any]:
     return joblib.load(folder / "vectorizer.joblib"), joblib.load(folder / "model.joblib")
 
 
+@cache
+def _scorer() -> LinearTextScorer | None:
+    """The classifier as plain arithmetic; None if a new package version changed its shape."""
+    return LinearTextScorer.of(*_model())
+
+
 def warm() -> None:
     score("warm up")
 
@@ -49,5 +59,8 @@ def score(text: str) -> float:
     parts = sentences(text)
     if not parts:
         return 0.0
+    scorer = _scorer()
+    if scorer is not None:
+        return max(scorer.probabilities(parts))
     vectorizer, model = _model()
     return float(model.predict_proba(vectorizer.transform(parts))[:, 1].max())
