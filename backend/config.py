@@ -849,18 +849,19 @@ class KnowledgeSettings(JobRecoverySettings):
         "reciprocal rank fusion: `rrf_*`).",
     )
     fusion_text_weight: float = Field(
-        0.3,
+        0.77,
         ge=0,
         description="Most a passage's BM25 score adds to its cosine similarity in the `score` "
-        "fusion (tuned by bench/retrieval_quality.py).",
+        "fusion (fitted by bench/retrieval_quality.py).",
     )
     fusion_text_floor: float = Field(
-        0.5,
+        0.0,
         ge=0,
         le=1,
         description="Share of `fusion_text_weight` BM25 keeps when its best match does not "
-        "stand out from the second (the rest grows with that margin; tuned by "
-        "bench/retrieval_quality.py).",
+        "stand out from the second (the rest grows with that margin). 0: BM25 counts only as "
+        "far as its best match stands out, which held on every labelled set of "
+        "bench/retrieval_quality.py; a floor tuned on one set lost to vector search on another.",
     )
     rrf_k: int = Field(
         5,

@@ -15,8 +15,10 @@ ranking's rows also carry their cosine similarity, computed for them in its own 
   only its ratios are used. When one passage stands out in the words that tell passages
   apart, BM25 lifts it over closer vector matches; when many match them about as well, the
   word matches gain little and a close vector match stays on top. Passages only the vector
-  ranking found gain nothing (they lack the question's rarer words). Weight and floor are
-  tuned on one labelled set by bench/retrieval_quality.py and checked on the other.
+  ranking found gain nothing (they lack the question's rarer words). The weight is fitted
+  by bench/retrieval_quality.py (a logistic fit, each labelled set scored with the weight
+  fitted on the others); the floor is 0 by default: BM25 counts only as far as its best
+  stands out. A floor tuned on one set lost to vector search on another.
 """
 
 from __future__ import annotations
