@@ -884,7 +884,10 @@ class KnowledgeSettings(JobRecoverySettings):
         5, ge=1, le=64, description="Rarest words of a query the text ranking matches on."
     )
     text_max_matches: int = Field(
-        1000, ge=10, description="Most matching passages the text ranking scores per query."
+        500,
+        ge=10,
+        description="Most matching passages the text ranking scores per query, taken word by "
+        "word, rarest first.",
     )
     common_word_share: float = Field(
         0.1,

@@ -17,15 +17,20 @@ One run, each figure next to its baseline:
 3. Search: held-out sentences as queries, through KnowledgeService.search (RLS, filters,
    fusion, the query-embedding cache warm): p50/p99 for vector, text and hybrid. Baseline: an
    exact k-NN scan (no index) of the same queries. Recall@10 of HNSW against that exact scan.
+4. With --labelled: the Perl FAQ (bench/retrieval_quality.py's labelled set) is ingested among
+   the filled chunks and its questions searched in each mode: nDCG@10 and recall@10 at scale,
+   where a question's words also match thousands of passages that do not answer it.
 
 Needs the Redis at 127.0.0.1:6379 and an embedded PostgreSQL (or SIGHTLINE_DATABASE_URL).
 Usage: python bench/retrieval.py [--chunks 100000] [--queries 200] [--small-docs 2000]
+    [--labelled]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import inspect
 import os
 import pkgutil
@@ -33,6 +38,7 @@ import random
 import re
 import shutil
 import statistics
+import sysconfig
 import tempfile
 import time
 import uuid
@@ -40,6 +46,7 @@ import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from pydantic import SecretStr
@@ -65,28 +72,42 @@ HNSW = (
 )
 
 
-def stdlib_docs() -> list[tuple[str, str]]:
-    """(module, Markdown) for the standard library's documented modules."""
+def stdlib_modules() -> list[ModuleType]:
+    """The standard library's own top-level modules, imported, in name order: from its own
+    folders only (not bench/, sys.path[0] when a bench runs as a script, not PYTHONPATH's
+    backend/ and tests/, not site-packages: what a bench reads stays the same whatever files
+    lie beside it, and nothing beside it is imported and run). Private modules, tests, GUIs and
+    modules that fail to import are left out."""
     warnings.filterwarnings("ignore")
-    docs = []
     skip = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "ensurepip")
+    paths = sysconfig.get_paths()
+    roots = {str(Path(paths[name]).resolve()) for name in ("stdlib", "platstdlib")}
+    modules = []
     for info in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
-        if info.name.startswith(("_", *skip)) or not getattr(info.module_finder, "path", ""):
+        path = str(getattr(info.module_finder, "path", ""))
+        if info.name.startswith(("_", *skip)) or not path or "site-packages" in path:
             continue
-        if "site-packages" in str(info.module_finder.path):
+        if not any(str(Path(path).resolve()).startswith(root) for root in roots):
             continue
         try:
-            module = __import__(info.name)
-        except Exception:
+            modules.append(importlib.import_module(info.name))
+        except Exception:  # a module this machine cannot import is not read
             continue
-        parts = [f"# {info.name}\n\n{inspect.getdoc(module) or ''}"]
+    return modules
+
+
+def stdlib_docs() -> list[tuple[str, str]]:
+    """(module, Markdown) for the standard library's documented modules."""
+    docs = []
+    for module in stdlib_modules():
+        parts = [f"# {module.__name__}\n\n{inspect.getdoc(module) or ''}"]
         for name, member in inspect.getmembers(module):
             doc = inspect.getdoc(member) if not name.startswith("_") else None
             if doc and (inspect.isfunction(member) or inspect.isclass(member)):
-                parts.append(f"## {info.name}.{name}\n\n{doc}")
+                parts.append(f"## {module.__name__}.{name}\n\n{doc}")
         body = "\n\n".join(parts)
         if len(body) > 2000:
-            docs.append((info.name, body))
+            docs.append((module.__name__, body))
     return docs
 
 
@@ -160,6 +181,8 @@ async def main(args: argparse.Namespace) -> None:
         if os.environ.get("BENCH_EXPLAIN"):
             await explain(db, principal, service, queries[0])
 
+        at_scale = await labelled_at_scale(db, service, principal) if args.labelled else {}
+
         # 3. search latency and recall
         for q in queries:  # warm the query-embedding cache: latency below is the search itself
             await service.query_vector(q)
@@ -208,6 +231,11 @@ async def main(args: argparse.Namespace) -> None:
                     f"{value:12.1f}{ref:12.1f}{value / ref:8.2f}"
                 )
         print(f"{'HNSW recall@10 vs exact scan':44}{statistics.mean(recall):12.3f}")
+        for mode, figures in at_scale.items():
+            print(
+                f"{'perlfaq among them, ' + mode + ' nDCG@10':44}{figures['nDCG@10']:12.3f}"
+                f"  (recall@10 {figures['recall@10']:.3f})"
+            )
         if small["docs"]:
             print(
                 f"({small['docs']} one-paragraph documents, {small['chunks']} chunks, "
@@ -219,6 +247,45 @@ async def main(args: argparse.Namespace) -> None:
             f"{len(pool):,} sentences embedded in {sentence_embed_s:.0f} s; bulk fill and HNSW "
             f"build {fill_s:.0f} s)"
         )
+
+
+async def labelled_at_scale(
+    db: Database, service: KnowledgeService, principal: Principal
+) -> dict[str, dict[str, float]]:
+    """The Perl FAQ (bench/retrieval_quality.py's labelled set, `apt-get install perl-doc`)
+    ingested into the filled tenant, its questions searched in each mode among all the other
+    chunks: nDCG@10 and recall@10 (a passage at its best chunk's place; other chunks count as
+    misses). What a ranking does at scale, where a question's words also match thousands of
+    passages that do not answer it."""
+    from retrieval_quality import markdown, metrics, passages_of, perlfaq  # it imports this module
+
+    labelled = perlfaq()
+    for start in range(0, len(labelled.passages), 100):
+        body = markdown(labelled.passages[start : start + 100], start)
+        job = await service.ingest(principal, body.encode(), filename=f"perlfaq-{start}.md")
+        events = [e async for e in await service.job_events(principal, job.id, None)]
+        if events[-1].type != "IngestionCompleted":
+            raise SystemExit(f"ingestion failed: {events[-1].data}")
+    async with db.session(principal.tenant_id) as session:
+        rows = await session.execute(
+            text(
+                "SELECT c.id, c.heading FROM chunks c JOIN documents d ON d.id = c.document_id "
+                "WHERE d.source LIKE 'perlfaq-%'"
+            )
+        )
+        passage = {r.id: int(r.heading.split(" > ")[0][1:]) for r in rows}
+    answers = [a for _, a in labelled.queries]
+    figures = {}
+    for mode in SearchMode:
+        ranked = []
+        for question, _ in labelled.queries:
+            hits = await service.search(principal, question, 10, mode=mode)
+            # a chunk of another document is a miss of its own (-1 - its place)
+            ids = [h.chunk_id for h in hits]
+            own = {c: passage.get(c, -1 - i) for i, c in enumerate(ids)}
+            ranked.append(passages_of(ids, own))
+        figures[mode.value] = metrics(ranked, answers)
+    return figures
 
 
 async def ingest_small(
@@ -389,4 +456,9 @@ if __name__ == "__main__":
         "--small-docs", type=int, default=2000, help="one-paragraph documents ingested at once"
     )
     parser.add_argument("--uploads", type=int, default=16, help="small documents sent at a time")
+    parser.add_argument(
+        "--labelled",
+        action="store_true",
+        help="also search the Perl FAQ's questions among the filled chunks (needs perl-doc)",
+    )
     asyncio.run(main(parser.parse_args()))

@@ -42,20 +42,17 @@ import asyncio
 import inspect
 import math
 import os
-import pkgutil
 import random
 import re
-import sysconfig
 import time
 import uuid
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from retrieval import knowledge_stack  # bench/ is sys.path[0] when run as a script
+from retrieval import knowledge_stack, stdlib_modules  # bench/ is sys.path[0] as a script
 from sklearn.linear_model import LogisticRegression
 from sqlalchemy import text
 
@@ -116,30 +113,12 @@ def perlfaq() -> LabelledSet:
 
 def stdlib(limit: int, seed: int = 11) -> LabelledSet:
     """Summary line -> rest of the docstring, for documented stdlib functions and classes."""
-    warnings.filterwarnings("ignore")
-    skip = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "ensurepip")
     pairs: dict[str, str] = {}
-    # the standard library's own folders only: not bench/ (sys.path[0] when run as a script),
-    # not PYTHONPATH's backend/ and tests/, not site-packages (the tuning set stays the same
-    # whatever files bench/ holds)
-    paths = sysconfig.get_paths()
-    stdlib = {str(Path(paths[name]).resolve()) for name in ("stdlib", "platstdlib")}
-    for info in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
-        path = str(getattr(info.module_finder, "path", ""))
-        if info.name.startswith(("_", *skip)) or not path:
-            continue
-        if not any(str(Path(path).resolve()).startswith(root) for root in stdlib):
-            continue
-        if "site-packages" in path:
-            continue
-        try:
-            module = __import__(info.name)
-        except Exception:
-            continue
+    for module in stdlib_modules():
         for name, member in inspect.getmembers(module):
             if name.startswith("_") or not (inspect.isfunction(member) or inspect.isclass(member)):
                 continue
-            if getattr(member, "__module__", None) != info.name:
+            if getattr(member, "__module__", None) != module.__name__:
                 continue  # documented where it is defined, once
             doc = inspect.getdoc(member) or ""
             summary, _, rest = doc.partition("\n")

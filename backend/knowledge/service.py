@@ -1378,10 +1378,11 @@ def _search_settings(ef: int) -> dict[str, str]:
 
 # The text query. Matching: the question's rarest lexemes (at most `terms`), leaving out those
 # in more than `common` of the tenant's chunks (all of them when every one is common); few, rare
-# terms keep the rows to score few. NULL when the question has only stop words (nothing
-# matches). Scoring (BM25): every lexeme of the question counts, weighted by its IDF from the
-# tenant's document frequencies (lexeme_stats), against the tenant's average chunk length (a sum
-# over documents, each keeping its chunks' total).
+# terms keep the rows to score few; they are matched one at a time, rarest first (`words`).
+# NULL when the question has only stop words (nothing matches). Scoring (BM25): every lexeme of
+# the question counts, weighted by its IDF from the tenant's document frequencies
+# (lexeme_stats), against the tenant's average chunk length (a sum over documents, each keeping
+# its chunks' total).
 _TEXT_QUERY = """
     terms AS (SELECT lexeme FROM unnest(to_tsvector('english', :q))),
     corpus AS (
@@ -1398,14 +1399,14 @@ _TEXT_QUERY = """
         SELECT lexeme, ln(1 + ((SELECT n FROM corpus) - ndoc + 0.5) / (ndoc + 0.5)) AS w FROM df
     ),
     rare AS (
-        SELECT lexeme FROM df
+        SELECT lexeme, ndoc FROM df
         WHERE ndoc <= greatest(3, CAST(:common AS float8) * (SELECT n FROM corpus))
-        ORDER BY ndoc LIMIT :terms
+        ORDER BY ndoc, lexeme LIMIT :terms
     ),
-    tsq AS (
-        SELECT to_tsquery('simple', coalesce(
-            (SELECT string_agg(quote_literal(lexeme), ' | ') FROM rare),
-            (SELECT string_agg(quote_literal(lexeme), ' | ') FROM terms))) AS q
+    words AS (
+        SELECT coalesce(
+            (SELECT array_agg(lexeme ORDER BY ndoc, lexeme) FROM rare),
+            (SELECT array_agg(lexeme ORDER BY ndoc, lexeme) FROM df)) AS a
     ),"""
 
 
@@ -1449,11 +1450,12 @@ def _search_sql(
             WHERE {filters} ORDER BY dist LIMIT :n
         ) c"""  # noqa: S608
     # The lexemes are stemmed already: the 'simple' configuration takes them as they are.
-    # At most `:m` matching rows are scored: words that match more than that many passages
-    # say little about which one is meant. The matching runs in sightline_match_chunks
-    # (migration 0011): under row-level security `@@` cannot use GIN.
-    matches = """sightline_match_chunks(
-                (SELECT q FROM tsq), :model, CAST(:meta AS jsonb), CAST(:docs AS uuid[]), :m
+    # At most `:m` matching rows are scored, taken word by word, rarest first: a passage with
+    # the question's rarest word is scored before one with only commoner words (migration
+    # 0018; the matching runs in a function because under row-level security `@@` cannot use
+    # GIN).
+    matches = """sightline_match_terms(
+                (SELECT a FROM words), :model, CAST(:meta AS jsonb), CAST(:docs AS uuid[]), :m
             )"""
     similarity = (
         f"(SELECT 1 - (c.{column} <=> CAST(:v AS vector)) FROM chunks c WHERE c.id = s.id)"  # noqa: S608

@@ -148,6 +148,33 @@ async def test_text_ranking_matches_on_words_that_tell_passages_apart(
     assert "fastupdate=off" in options  # no pending list for every search to read
 
 
+async def test_the_capped_match_takes_the_rarest_word_first(
+    database: Database, redis: Redis, key_prefix: str, embedder: LocalEmbedder
+) -> None:
+    """More passages match the question's words than the text ranking scores
+    (`text_max_matches`): the passage with its rarest word is among those scored, wherever it
+    lies in the table. Taking whichever matches came first left it out when it was stored
+    last, behind the passages with only the commoner word (seen at 100,000 chunks: a set of
+    documents added last was cut off from its own questions)."""
+    kb = knowledge(database, redis, key_prefix, embedder, text_max_matches=10)
+    principal = await new_principal(database)
+    sections = [f"Widget report number {i} of the plant." for i in range(110)]
+    for i in range(0, 110, 11):  # "gearbox" in 10 sections (8.3% of 120: a rare word)
+        sections[i] += " A gearbox was found."
+    sections += [f"Spare note {i}." for i in range(9)]
+    sections.append("The gearbox lubricant was changed.")  # stored last
+    body = "\n\n".join(f"# Part {i}\n\n{s}" for i, s in enumerate(sections))
+    try:
+        job = await kb.ingest(principal, body.encode(), source="parts.md")
+        assert (await finished(kb, principal, job.id))["last"]["status"] == "completed"
+        hits = await kb.search(principal, "gearbox lubricant", k=20, mode=SearchMode.TEXT)
+    finally:
+        await kb.close(5)
+    assert hits[0].heading == "Part 119"  # both words, the rarer among them
+    assert len(hits) == 10  # the cap: 10 of the 11 passages with either word were scored
+    assert {h.heading for h in hits[1:]} < {f"Part {i}" for i in range(0, 110, 11)}
+
+
 async def test_text_ranking_is_bm25_idf_and_length_normalised(
     kb: KnowledgeService,
     database: Database,
