@@ -849,7 +849,7 @@ class KnowledgeSettings(JobRecoverySettings):
         "reciprocal rank fusion: `rrf_*`).",
     )
     fusion_text_weight: float = Field(
-        0.77,
+        0.79,
         ge=0,
         description="Most a passage's BM25 score adds to its cosine similarity in the `score` "
         "fusion (fitted by bench/retrieval_quality.py).",

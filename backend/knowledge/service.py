@@ -1377,9 +1377,10 @@ def _search_settings(ef: int) -> dict[str, str]:
 
 
 # The text query. Matching: the question's rarest lexemes (at most `terms`), leaving out those
-# in more than `common` of the tenant's chunks (all of them when every one is common); few, rare
-# terms keep the rows to score few; they are matched one at a time, rarest first (`words`).
-# NULL when the question has only stop words (nothing matches). Scoring (BM25): every lexeme of
+# no chunk has and those in more than `common` of the tenant's chunks (all of them when every
+# one is common or absent); few, rare terms keep the rows to score few; they are matched one at
+# a time, rarest first (`words`). NULL when the question has only stop words (nothing
+# matches). Scoring (BM25): every lexeme of
 # the question counts, weighted by its IDF from the tenant's document frequencies
 # (lexeme_stats), against the tenant's average chunk length (a sum over documents, each keeping
 # its chunks' total).
@@ -1400,7 +1401,8 @@ _TEXT_QUERY = """
     ),
     rare AS (
         SELECT lexeme, ndoc FROM df
-        WHERE ndoc <= greatest(3, CAST(:common AS float8) * (SELECT n FROM corpus))
+        WHERE ndoc > 0  -- a word no chunk has matches nothing: it must not take a place
+          AND ndoc <= greatest(3, CAST(:common AS float8) * (SELECT n FROM corpus))
         ORDER BY ndoc, lexeme LIMIT :terms
     ),
     words AS (

@@ -175,6 +175,23 @@ async def test_the_capped_match_takes_the_rarest_word_first(
     assert {h.heading for h in hits[1:]} < {f"Part {i}" for i in range(0, 110, 11)}
 
 
+async def test_words_the_knowledge_base_lacks_do_not_take_the_matching_words_places(
+    kb: KnowledgeService, database: Database
+) -> None:
+    """The text ranking matches on a question's `text_terms` rarest words: words no passage
+    has (typos, names, another language) are the rarest of all and used to take those places,
+    so a question with five of them matched nothing."""
+    principal = await new_principal(database)
+    sections = [f"Widget report number {i} of the plant." for i in range(30)]
+    sections.append("The gearbox lubricant was changed.")
+    body = "\n\n".join(f"# Part {i}\n\n{s}" for i, s in enumerate(sections))
+    job = await kb.ingest(principal, body.encode(), source="parts.md")
+    assert (await finished(kb, principal, job.id))["last"]["status"] == "completed"
+    question = "qwzx vlorp frindle skaddow plimbus lubricant"
+    hits = await kb.search(principal, question, k=5, mode=SearchMode.TEXT)
+    assert [h.heading for h in hits] == ["Part 30"]
+
+
 async def test_text_ranking_is_bm25_idf_and_length_normalised(
     kb: KnowledgeService,
     database: Database,
