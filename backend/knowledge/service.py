@@ -1380,10 +1380,9 @@ def _search_settings(ef: int) -> dict[str, str]:
 # no chunk has and those in more than `common` of the tenant's chunks (all of them when every
 # one is common or absent); few, rare terms keep the rows to score few; they are matched one at
 # a time, rarest first (`words`). NULL when the question has only stop words (nothing
-# matches). Scoring (BM25): every lexeme of
-# the question counts, weighted by its IDF from the tenant's document frequencies
-# (lexeme_stats), against the tenant's average chunk length (a sum over documents, each keeping
-# its chunks' total).
+# matches). Scoring (BM25): every lexeme of the question counts, weighted by its IDF from the
+# tenant's document frequencies (lexeme_stats), against the tenant's average chunk length (a sum
+# over documents, each keeping its chunks' total).
 _TEXT_QUERY = """
     terms AS (SELECT lexeme FROM unnest(to_tsvector('english', :q))),
     corpus AS (

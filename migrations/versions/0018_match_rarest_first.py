@@ -9,7 +9,8 @@ The text ranking scores at most `text_max_matches` of the chunks that match the 
 words (one tsquery, their OR). sightline_match_chunks took whichever matches GIN gave first:
 in a large knowledge base a word in a few percent of the chunks fills the cap, and which
 passages are scored is the table's physical order, not the words they carry (the Perl FAQ among
-100,000 other chunks: its own passages were cut off and TEXT nDCG@10 fell from 0.659 to 0.062).
+100,000 other chunks: its own passages were cut off and TEXT nDCG@10 fell from 0.659 to about
+0.07). sightline_match_chunks stays, unused, for a downgrade.
 
 sightline_match_terms takes the words one at a time, rarest first (the caller orders them by
 document frequency), each adding its chunks not yet taken until the cap is reached: a chunk
