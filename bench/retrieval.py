@@ -257,15 +257,10 @@ async def labelled_at_scale(
     chunks: nDCG@10 and recall@10 (a passage at its best chunk's place; other chunks count as
     misses). What a ranking does at scale, where a question's words also match thousands of
     passages that do not answer it."""
-    from retrieval_quality import markdown, metrics, passages_of, perlfaq  # it imports this module
+    from retrieval_quality import ingest, metrics, passages_of, perlfaq  # it imports this module
 
     labelled = perlfaq()
-    for start in range(0, len(labelled.passages), 100):
-        body = markdown(labelled.passages[start : start + 100], start)
-        job = await service.ingest(principal, body.encode(), filename=f"perlfaq-{start}.md")
-        events = [e async for e in await service.job_events(principal, job.id, None)]
-        if events[-1].type != "IngestionCompleted":
-            raise SystemExit(f"ingestion failed: {events[-1].data}")
+    await ingest(service, principal, labelled)
     async with db.session(principal.tenant_id) as session:
         rows = await session.execute(
             text(

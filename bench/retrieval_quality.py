@@ -127,12 +127,7 @@ def stdlib(limit: int, seed: int = 11) -> LabelledSet:
                 continue  # a signature, not a sentence
             if len(summary.split()) >= 5 and len(rest.split()) >= 20 and summary not in pairs:
                 pairs[summary] = rest
-    chosen = sorted(pairs.items())
-    random.Random(seed).shuffle(chosen)
-    chosen = chosen[:limit]
-    return LabelledSet(
-        "stdlib", [rest for _, rest in chosen], [(q, i) for i, (q, _) in enumerate(chosen)]
-    )
+    return sampled("stdlib", pairs, limit, seed)
 
 
 def debian(limit: int, seed: int = 11) -> LabelledSet:
@@ -158,11 +153,16 @@ def debian(limit: int, seed: int = 11) -> LabelledSet:
             continue
         pairs[synopsis] = body
         descriptions.add(body)
+    return sampled("debian", pairs, limit, seed)
+
+
+def sampled(name: str, pairs: dict[str, str], limit: int, seed: int) -> LabelledSet:
+    """`limit` of the (question -> passage) pairs, drawn the same way on every run."""
     chosen = sorted(pairs.items())
     random.Random(seed).shuffle(chosen)
     chosen = chosen[:limit]
     return LabelledSet(
-        "debian", [body for _, body in chosen], [(q, i) for i, (q, _) in enumerate(chosen)]
+        name, [passage for _, passage in chosen], [(q, i) for i, (q, _) in enumerate(chosen)]
     )
 
 
@@ -264,6 +264,18 @@ def service_with(base: KnowledgeService, settings: KnowledgeSettings) -> Knowled
     return other
 
 
+async def ingest(service: KnowledgeService, principal: Principal, labelled: LabelledSet) -> None:
+    """The set's passages through the real pipeline, one Markdown document (`{name}-{start}.md`)
+    per 100, each job followed to its end."""
+    per_doc = 100
+    for start in range(0, len(labelled.passages), per_doc):
+        body = markdown(labelled.passages[start : start + per_doc], start)
+        job = await service.ingest(principal, body.encode(), filename=f"{labelled.name}-{start}.md")
+        events = [e async for e in await service.job_events(principal, job.id, None)]
+        if events[-1].type != "IngestionCompleted":
+            raise SystemExit(f"ingestion failed: {events[-1].data}")
+
+
 async def load(
     db: Database, service: KnowledgeService, embedder: LocalEmbedder, labelled: LabelledSet
 ) -> Loaded:
@@ -278,13 +290,7 @@ async def load(
         credential=CredentialKind.API_KEY,
     )
     started = time.perf_counter()
-    per_doc = 100
-    for start in range(0, len(labelled.passages), per_doc):
-        body = markdown(labelled.passages[start : start + per_doc], start)
-        job = await service.ingest(principal, body.encode(), filename=f"{labelled.name}-{start}.md")
-        events = [e async for e in await service.job_events(principal, job.id, None)]
-        if events[-1].type != "IngestionCompleted":
-            raise SystemExit(f"ingestion failed: {events[-1].data}")
+    await ingest(service, principal, labelled)
     ingest_s = time.perf_counter() - started
     async with db.session(tenant.id) as session:
         rows = (
