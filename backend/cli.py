@@ -181,8 +181,9 @@ def serve(
     if server.workers == 1:
         # One process: the app's lifespan starts, migrates and stops the embedded servers.
         from backend.app import create_app
+        from backend.core import server as quiet
 
-        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+        quiet.run(create_app(settings), **common)
         return
 
     # Several workers share one set of embedded servers, started (and migrated) here.

@@ -187,6 +187,7 @@ class RunService:
         self._settings = settings
         self.replica = uuid.uuid4().hex
         self._tasks: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._running = asyncio.Event()  # set while turns execute here: the sweep reads then
         # (tenant, user) of each run executing here: its events' subscription is authorised
         # without a unit of work (the row says the same; it is checked for any other run)
         self._owners: dict[uuid.UUID, tuple[uuid.UUID, uuid.UUID]] = {}
@@ -327,6 +328,7 @@ class RunService:
         task = asyncio.create_task(self._execute(turn), name=f"run-{run_id}")
         task.add_done_callback(lambda _: self.events.produced(str(run_id)))
         self._tasks[run_id] = task
+        self._running.set()
 
     async def _announce(self, run: Run) -> None:
         """The run's first event: which model version serves it."""
@@ -967,8 +969,12 @@ class RunService:
 
     async def _sweep_cancels(self) -> None:
         """Reads the cancel flags of every run executing here, in one command per interval: a
-        cancel whose pub/sub message was missed still stops its run within CANCEL_CHECK_S."""
+        cancel whose pub/sub message was missed still stops its run within CANCEL_CHECK_S. With
+        no run here it sleeps until one starts: an idle replica's timer wakeups are its CPU."""
         while True:
+            if not self._tasks:
+                self._running.clear()
+                await self._running.wait()
             await asyncio.sleep(CANCEL_CHECK_S)
             running = list(self._tasks.items())
             if not running:

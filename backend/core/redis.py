@@ -17,6 +17,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from backend.config import RedisSettings
 
 log = logging.getLogger(__name__)
+LISTEN_WAKE_S = 10.0  # longest a pub/sub listener reads before it looks whether it should stop
 
 
 class RedisUnreachable(RuntimeError):
@@ -65,14 +66,19 @@ async def listen(
     would miss every later message.
 
     Cancel it and make `stopped()` true to end it: a cancellation that lands as redis-py's
-    read timeout expires can be lost (seen on Python 3.11), and the loop would read on.
+    read timeout expires can be lost (seen on Python 3.11), and the loop would read on until
+    it is cancelled again (tasks.cancel_and_wait does, every second) or its read's
+    LISTEN_WAKE_S ends. That read is long: every listener waking each second was a fifth of
+    an idle replica's timer wakeups.
     """
     while not stopped():
         pubsub = client.pubsub()
         try:
             await pubsub.subscribe(channel)
             while not stopped():
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=LISTEN_WAKE_S
+                )
                 if message is not None and message.get("type") == "message":
                     deliver(message["data"])
         except asyncio.CancelledError:

@@ -505,6 +505,33 @@ async def test_a_cancel_flag_without_its_message_still_stops_the_run(
     assert events[-1]["__typename"] == "RunCancelled"
 
 
+async def test_the_sweep_that_sleeps_while_no_run_executes_wakes_for_the_next_one(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    """With no run here the cancel sweep waits for one instead of ticking: after an idle
+    spell, and again after a run has ended, a cancel flag alone still stops a run."""
+    from redis.asyncio import Redis
+
+    from backend.core.redis import KeySpace
+
+    cancels = KeySpace(chat_settings.redis.key_prefix).child("runs")
+    redis = Redis.from_url(str(chat_settings.redis.url.get_secret_value()))  # type: ignore[union-attr]
+    try:
+        async with serve_live(chat_settings) as server:
+            token = await sign_in(server, account)
+            ended = []
+            for _ in range(2):
+                await asyncio.sleep(0.6)  # idle: no run executes on this replica
+                llm[0].answer_tokens = 5_000
+                _, run_id = await start_run(server, token, "keep going")
+                await asyncio.sleep(0.3)
+                await redis.set(cancels("cancel", run_id), 1)
+                ended.append((await collect(server, token, run_id))[-1]["__typename"])
+    finally:
+        await redis.aclose()
+    assert ended == ["RunCancelled", "RunCancelled"]
+
+
 async def test_double_texting_interrupt_and_enqueue(
     server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
 ) -> None:
