@@ -33,6 +33,7 @@ def build_guardrails(
         "metrics": metrics,
         "policy_cache_s": settings.policy_cache_s,
         "check_timeout_s": settings.check_timeout_s,
+        "inline_max_chars": settings.inline_max_chars,
         "output_hold_chars": settings.output_hold_chars,
     }
     mode = settings.classifier

@@ -146,8 +146,8 @@ class NemoGuardrailService(GuardrailService):
 
     async def _check_input_action(self, context: dict[str, Any] | None = None, **_: Any) -> dict:
         call = self._call_of(context)
-        text, decisions, unsure, normal = await asyncio.to_thread(
-            self._input_rails, call.policy, call.text, call.history
+        text, decisions, unsure, normal = await self._local_rails(
+            call.policy, call.text, call.history
         )
         decisions += await self._model_rails(
             call.principal, call.policy, text, decisions, unsure, normal
