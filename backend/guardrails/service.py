@@ -271,8 +271,11 @@ class GuardrailService:
     async def _local_rails(self, policy: GuardrailPolicy, text: str, history: list[str]) -> _Local:
         """The local rails: on the event loop for a short message, where they take less time
         than a thread's handoff (which was most of the input rails' time on a busy machine),
-        in a thread for a longer one (their time grows with the text they read)."""
-        if len(text) + sum(len(turn) for turn in history) <= self._inline_chars:
+        in a thread for a longer one (their time grows with the text they read: the message
+        and the recent turns the injection rail reads with it)."""
+        rail = policy.injection
+        read = history[-rail.history_turns :] if rail.enabled and rail.history_turns else []
+        if len(text) + sum(len(turn) for turn in read) <= self._inline_chars:
             return self._input_rails(policy, text, history)
         return await asyncio.to_thread(self._input_rails, policy, text, history)
 

@@ -40,7 +40,6 @@ async def test_the_date_header_moves_on_and_an_exit_request_stops_the_server() -
         server.should_exit = True  # as handle_exit does on SIGTERM (tested by test_cli)
         server.wake()
         async with asyncio.timeout(scaled(20)):
-            await serving
+            await serving  # it ends by itself (how soon is not asserted here)
     finally:
         serving.cancel()
-    assert server.should_exit
