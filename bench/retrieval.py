@@ -257,7 +257,13 @@ async def labelled_at_scale(
     chunks: nDCG@10 and recall@10 (a passage at its best chunk's place; other chunks count as
     misses). What a ranking does at scale, where a question's words also match thousands of
     passages that do not answer it."""
-    from retrieval_quality import ingest, metrics, passages_of, perlfaq  # it imports this module
+    from retrieval_quality import (  # it imports this module
+        ingest,
+        metrics,
+        passage_of,
+        passages_of,
+        perlfaq,
+    )
 
     labelled = perlfaq()
     await ingest(service, principal, labelled)
@@ -268,7 +274,7 @@ async def labelled_at_scale(
                 "WHERE d.source LIKE 'perlfaq-%'"
             )
         )
-        passage = {r.id: int(r.heading.split(" > ")[0][1:]) for r in rows}
+        passage = {r.id: passage_of(r.heading) for r in rows}
     answers = [a for _, a in labelled.queries]
     figures = {}
     for mode in SearchMode:

@@ -192,6 +192,12 @@ def metrics(ranked: Sequence[Sequence[int]], answers: Sequence[int]) -> dict[str
     return {"recall@1": r1 / n, "recall@10": r10 / n, "nDCG@10": ndcg / n, "MRR": mrr / n}
 
 
+def passage_of(heading: str) -> int:
+    """The passage a chunk belongs to, from its heading path (`P{i}` is the passage's
+    section, see `markdown`)."""
+    return int(heading.partition(" > ")[0][1:])
+
+
 def passages_of(chunk_ids: Sequence[uuid.UUID], passage: dict[uuid.UUID, int]) -> list[int]:
     """A chunk ranking as a passage ranking (each passage at its best chunk's place)."""
     seen: dict[int, None] = {}
@@ -299,7 +305,7 @@ async def load(
             )
         ).all()
     ids = [r.id for r in rows]
-    chunk_passage = {r.id: int(r.heading.split(" > ")[0][1:]) for r in rows}
+    chunk_passage = {r.id: passage_of(r.heading) for r in rows}
     vectors = np.array([np.fromstring(r.v.strip("[]"), sep=",") for r in rows], dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = [q for q, _ in labelled.queries]
