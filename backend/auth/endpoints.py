@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Annotated
@@ -20,6 +21,8 @@ from backend.auth.oidc import (
 from backend.auth.service import AuthService, require_request_field
 from backend.core.untrusted import unstorable_text
 from backend.errors import NotFound, RateLimited, ServiceUnavailable, expected_error
+
+log = logging.getLogger(__name__)
 
 FormField = Annotated[str | None, Form()]
 
@@ -65,6 +68,7 @@ def _unavailable(exc: Exception) -> JSONResponse:
     typed = expected_error(exc)
     if not isinstance(typed, ServiceUnavailable):
         raise exc
+    log.warning("answered 503 temporarily_unavailable: %s: %s", type(exc).__name__, exc)
     return JSONResponse(
         {"error": "temporarily_unavailable", "error_description": typed.message},
         status_code=503,

@@ -13,6 +13,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from backend.config import RedisSettings
 
@@ -36,6 +37,11 @@ def connect_redis(url: str, settings: RedisSettings) -> Redis:
         timeout=settings.socket_timeout_s,
         health_check_interval=30,
         decode_responses=False,
+        # "auto" (redis-py 8's default) makes the pool skip its check that a connection taken
+        # from it is still open: after a Redis restart every connection idle since before it
+        # failed its next command (a 503 each, seen in CI). Sightline uses no maintenance
+        # notifications (a Redis Enterprise feature), so the check stays on.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
     return Redis(connection_pool=pool)
 

@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from backend.config import RedisSettings
 from backend.core.db import Database
 from backend.core.models import RunStatus
+from backend.core.redis import connect_redis
 from tests.faults.conftest import (
     ANSWER_TOKENS,
     RunWatcher,
@@ -89,3 +91,21 @@ async def test_postgres_stopped_and_restarted_loses_nothing(
             await asyncio.to_thread(postgres.start)
         await assert_all_done(database, redis, account, run_id, job_id, watcher)
         assert "retrying for up to" in server.log(tail=None)  # the outage did reach the writes
+
+
+async def test_connections_idle_through_a_redis_restart_serve_the_next_commands(
+    private_redis: PrivateRedis,
+) -> None:
+    """The pool the servers use hands out no connection Redis closed while it sat idle: each
+    is opened again when taken. (redis-py 8 skips that check by default; every idle connection
+    then failed its next command, a 503 to a sign-in seen in CI after an outage had ended.)"""
+    client = connect_redis(private_redis.url, RedisSettings())
+    try:
+        # five connections at once, all back in the pool afterwards
+        await asyncio.gather(*(client.blpop([f"nothing-{i}"], timeout=0.2) for i in range(5)))
+        assert len(client.connection_pool._available_connections) == 5  # type: ignore[attr-defined]
+        await asyncio.to_thread(private_redis.stop)
+        await asyncio.to_thread(private_redis.start)
+        assert [await client.incr("after-restart") for _ in range(5)] == [1, 2, 3, 4, 5]
+    finally:
+        await client.aclose()
