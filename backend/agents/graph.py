@@ -41,6 +41,7 @@ from langchain_core.messages import (
     RemoveMessage,
     ToolMessage,
 )
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
@@ -81,6 +82,8 @@ SUMMARY_PROMPT = (
 WITHHELD = "[a message the guardrails did not let through]"
 # The `llm.call` span's time to the model's first piece of text.
 TTFT_MS = "sightline.llm.time_to_first_token_ms"
+# longest a stopped turn spends keeping its message in memory (one checkpoint write)
+REMEMBER_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,8 @@ class Agent:
         self._tools = tools or AgentTools()
         self._guards = guards or PassThroughGuards()
         self._graph = self._build().compile(checkpointer=checkpointer)
+        # run id -> its message, while the model answers in the turn's first step (_prepare)
+        self._answering: dict[str, AnyMessage] = {}
 
     @property
     def guards(self) -> Guards:
@@ -173,15 +178,34 @@ class Agent:
 
     async def run(self, ctx: TurnContext, conversation_id: uuid.UUID) -> None:
         """Runs one turn. Cancelling the caller's task stops it (and the model) at once."""
-        await self._graph.ainvoke(
-            {"answer": ""},
-            {
-                "configurable": {"thread_id": str(conversation_id)},
-                "metadata": {"run_id": ctx.run_id},
-            },
-            context=ctx,
-            durability="exit",  # one checkpoint write per turn, not one per node
-        )
+        config: RunnableConfig = {
+            "configurable": {"thread_id": str(conversation_id)},
+            "metadata": {"run_id": ctx.run_id},
+        }
+        try:
+            await self._graph.ainvoke(
+                {"answer": ""},
+                config,
+                context=ctx,
+                durability="exit",  # one checkpoint write per turn, not one per node
+            )
+        except BaseException:
+            if (asked := self._answering.get(ctx.run_id)) is not None:
+                await asyncio.shield(self._remember(config, asked))
+            raise
+        finally:
+            self._answering.pop(ctx.run_id, None)
+
+    async def _remember(self, config: RunnableConfig, asked: AnyMessage) -> None:
+        """Keeps the message of a turn stopped while its model answered (cancelled, or the
+        model failed) in the thread's memory: LangGraph keeps only the steps that ended, and
+        that step began before the message. Later turns see what the user asked, as they did
+        when the model's call was a step of its own."""
+        try:
+            async with asyncio.timeout(REMEMBER_TIMEOUT_S):
+                await self._graph.aupdate_state(config, {"messages": [asked]}, as_node="prepare")
+        except Exception as exc:  # the memory misses one message; the turn's end goes on
+            log.warning("could not keep a stopped turn's message in memory: %r", exc)
 
     async def forget(self, conversation_id: uuid.UUID) -> None:
         await self.checkpointer.adelete_thread(str(conversation_id))
@@ -243,6 +267,10 @@ class Agent:
         update["route"] = await self._after_guard(prepared, runtime)
         if update["route"] != "generate":
             return update
+        ctx = runtime.context
+        self._answering[ctx.run_id] = next(
+            m for m in reversed(prepared["messages"]) if m.id == ctx.message_id
+        )
         answered = await self._generate(prepared, runtime)
         return {**update, **answered, "messages": update["messages"] + answered["messages"]}
 
