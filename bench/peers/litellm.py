@@ -65,6 +65,7 @@ Stream = chat_stream.Stream
 cpu_seconds, free_port, pct = chat_stream.cpu_seconds, chat_stream.free_port, chat_stream.pct
 openai_stream, through_sightline = chat_stream.openai_stream, chat_stream.through_sightline
 sightline_stack, wait_ready = chat_stream.sightline_stack, chat_stream.wait_ready
+WARM_UP = 3  # answers at once through each path before the passes (`--streams 1` too)
 
 REQUIREMENTS = Path(__file__).with_name("litellm-requirements.txt")
 VENV = ROOT / ".bench-venvs" / "litellm"
@@ -243,7 +244,7 @@ async def main() -> None:
     rows: list[Measured] = []
     unbounded = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with (
-        sightline_stack(rate=args.rate, tokens=args.tokens, streams=max(counts)) as stack,
+        sightline_stack(rate=args.rate, tokens=args.tokens, streams=max(*counts, WARM_UP)) as stack,
         litellm_proxy(stack.stub_url) as (litellm_url, litellm_key, proxy),
         # One client per path, shared by its streams, as a real client would: a client each
         # (its TLS context alone is milliseconds of CPU) would load this machine's clients.
@@ -286,7 +287,7 @@ async def main() -> None:
             ),
         ]
         for _, read, _ in paths:  # warm-up: imports, pools, caches
-            await asyncio.gather(*(read(0) for _ in range(3)))
+            await asyncio.gather(*(read(0) for _ in range(WARM_UP)))
         idle = await idle_cpu({"LiteLLM": proxy, "Sightline": stack.server}, args.idle_s)
         for streams in counts:
             rounds = max(1, math.ceil(args.min_answers / streams))
