@@ -168,8 +168,9 @@ class Agent:
         self._tools = tools or AgentTools()
         self._guards = guards or PassThroughGuards()
         self._graph = self._build().compile(checkpointer=checkpointer)
-        # run id -> its message, while the model answers in the turn's first step (_prepare)
-        self._answering: dict[str, AnyMessage] = {}
+        # run id -> the messages its first step adds to memory (this turn's, or the thread
+        # rebuilt from the stored history), while the model answers in that step (_prepare)
+        self._answering: dict[str, list[AnyMessage]] = {}
 
     @property
     def guards(self) -> Guards:
@@ -190,20 +191,21 @@ class Agent:
                 durability="exit",  # one checkpoint write per turn, not one per node
             )
         except BaseException:
-            if (asked := self._answering.get(ctx.run_id)) is not None:
-                await asyncio.shield(self._remember(config, asked))
+            if (prepared := self._answering.get(ctx.run_id)) is not None:
+                await asyncio.shield(self._remember(config, prepared))
             raise
         finally:
             self._answering.pop(ctx.run_id, None)
 
-    async def _remember(self, config: RunnableConfig, asked: AnyMessage) -> None:
-        """Keeps the message of a turn stopped while its model answered (cancelled, or the
-        model failed) in the thread's memory: LangGraph keeps only the steps that ended, and
-        that step began before the message. Later turns see what the user asked, as they did
+    async def _remember(self, config: RunnableConfig, messages: list[AnyMessage]) -> None:
+        """Keeps what the first step of a turn stopped while its model answered (cancelled, or
+        the model failed) had added to the thread's memory: this turn's message, or the whole
+        thread when it was rebuilt from the stored history. LangGraph keeps only the steps
+        that ended, and that step had not. Later turns see what the user asked, as they did
         when the model's call was a step of its own."""
         try:
             async with asyncio.timeout(REMEMBER_TIMEOUT_S):
-                await self._graph.aupdate_state(config, {"messages": [asked]}, as_node="prepare")
+                await self._graph.aupdate_state(config, {"messages": messages}, as_node="prepare")
         except Exception as exc:  # the memory misses one message; the turn's end goes on
             log.warning("could not keep a stopped turn's message in memory: %r", exc)
 
@@ -267,10 +269,7 @@ class Agent:
         update["route"] = await self._after_guard(prepared, runtime)
         if update["route"] != "generate":
             return update
-        ctx = runtime.context
-        self._answering[ctx.run_id] = next(
-            m for m in reversed(prepared["messages"]) if m.id == ctx.message_id
-        )
+        self._answering[runtime.context.run_id] = update["messages"]
         answered = await self._generate(prepared, runtime)
         return {**update, **answered, "messages": update["messages"] + answered["messages"]}
 

@@ -31,7 +31,7 @@ from backend.config import BudgetSpec, ChatSettings, ModelSpec, Settings
 from backend.core.db import Database
 from backend.core.models import Message, UsageRecord
 from backend.core.redis import KeySpace
-from tests.agents.test_runs import gql, sign_in, start_run
+from tests.agents.test_runs import collect, gql, sign_in, start_run
 from tests.conftest import LiveServer, serve_live
 from tests.graphql.ws import results
 from tests.llm_stub import LLMStub
@@ -167,6 +167,38 @@ async def test_memory_carries_turns_and_is_rebuilt_from_postgres_on_a_miss(
         )
         assert deleted["data"] == {"deleteConversation": True}
         assert await saver.aget_tuple(thread) is None
+
+
+async def test_a_turn_stopped_mid_answer_after_memory_expired_keeps_the_rebuilt_thread(
+    chat_settings: Settings,
+    account: dict,
+    llm: tuple[LLMStub, str],
+    redis: Redis,
+) -> None:
+    """Memory expired, the next turn rebuilds the thread from the stored history, and its
+    answer is stopped mid-stream: the rebuilt thread stays in memory with the stopped turn's
+    message, so the turn after it still sees the whole conversation."""
+    stub, _ = llm
+    saver = memory(chat_settings, redis)
+    async with serve_live(chat_settings) as server:
+        token = await sign_in(server, account)
+        stub.answer_tokens = 2
+        conversation, run_id = await start_run(server, token, "my name is Ada")
+        await events_of(server, token, run_id)
+        await saver.adelete_thread(conversation)  # as an expired TTL would
+        stub.answer_tokens = 10_000
+        sent = await send(server, token, conversation, "remember the word zebra")
+        run_id = sent["data"]["sendMessage"]["run"]["id"]
+        await collect(server, token, run_id, stop_after=3)  # it is streaming
+        cancelled = await gql(
+            server, token, "mutation($r: ID!) { cancelRun(runId: $r) { status } }", r=run_id
+        )
+        assert cancelled["data"]["cancelRun"]["status"] == "CANCELLED", cancelled
+        stub.answer_tokens = 2
+        events = await turn(server, token, conversation, "which word?")
+        assert events[-1]["__typename"] == "RunCompleted", events[-3:]
+    said = [m["content"] for m in stub.requests[-1]["messages"] if m["role"] == "user"]
+    assert said == ["my name is Ada", "remember the word zebra", "which word?"], said
 
 
 async def test_a_tool_calling_model_searches_the_knowledge_base_and_cites_it(
