@@ -169,15 +169,17 @@ async def test_memory_carries_turns_and_is_rebuilt_from_postgres_on_a_miss(
         assert await saver.aget_tuple(thread) is None
 
 
-async def test_a_turn_stopped_mid_answer_after_memory_expired_keeps_the_rebuilt_thread(
+@pytest.mark.parametrize("expired", [False, True])
+async def test_a_turn_stopped_mid_answer_keeps_its_message_in_memory(
     chat_settings: Settings,
     account: dict,
     llm: tuple[LLMStub, str],
     redis: Redis,
+    expired: bool,
 ) -> None:
-    """Memory expired, the next turn rebuilds the thread from the stored history, and its
-    answer is stopped mid-stream: the rebuilt thread stays in memory with the stopped turn's
-    message, so the turn after it still sees the whole conversation."""
+    """The user stops an answer mid-stream, then asks on: the model still sees what they had
+    asked, and the earlier conversation. When memory had expired before the stopped turn,
+    that turn rebuilt the thread from the stored history: the rebuilt thread is kept too."""
     stub, _ = llm
     saver = memory(chat_settings, redis)
     async with serve_live(chat_settings) as server:
@@ -185,7 +187,8 @@ async def test_a_turn_stopped_mid_answer_after_memory_expired_keeps_the_rebuilt_
         stub.answer_tokens = 2
         conversation, run_id = await start_run(server, token, "my name is Ada")
         await events_of(server, token, run_id)
-        await saver.adelete_thread(conversation)  # as an expired TTL would
+        if expired:
+            await saver.adelete_thread(conversation)  # as an expired TTL would
         stub.answer_tokens = 10_000
         sent = await send(server, token, conversation, "remember the word zebra")
         run_id = sent["data"]["sendMessage"]["run"]["id"]
