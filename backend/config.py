@@ -608,7 +608,8 @@ class ChatSettings(_Section):
     cancel_wait_s: float = Field(
         2.0,
         ge=0,
-        description="How long cancelRun waits for the run to end before it answers CANCELLING.",
+        description="How long cancelRun waits for the run to end before it answers CANCELLING "
+        "(and deleteConversation for the conversation's runs, before it deletes).",
     )
     run_lease_s: float = Field(
         15.0,

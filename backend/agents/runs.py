@@ -71,6 +71,7 @@ WORKER_LOST = "WORKER_LOST"
 T = TypeVar("T")
 _GOING = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 _ENDED_ELSEWHERE = object()  # _record_end: the run was ended by another replica (taken for lost)
+_DELETED = object()  # _record_end: the run's row went with its conversation while it ran
 
 
 class RunInProgress(Conflict):
@@ -465,6 +466,23 @@ class RunService:
             run = await self.get(principal, run_id)
         return CancelledRun(run, stopping=run.status in _GOING)
 
+    async def stop_conversation(self, principal: Principal, conversation_id: uuid.UUID) -> None:
+        """Stops the caller's runs of a conversation about to be deleted, waiting for them as
+        `cancel` does: one left going would stream on at the model's cost, and write the
+        thread's memory back after the deletion forgot it. A run that ends only after the
+        deletion (it outlasted the wait, or started meanwhile) finds its row gone and cleans
+        up then (see `_finish`)."""
+        async with self._db.session(principal.tenant_id) as session:
+            going = await session.scalars(
+                select(Run.id).where(
+                    Run.conversation_id == conversation_id,
+                    Run.user_id == principal.user_id,
+                    Run.status.in_(_GOING),
+                )
+            )
+            run_ids = list(going)
+        await asyncio.gather(*(self.cancel(principal, run_id) for run_id in run_ids))
+
     async def stop(self, run_id: uuid.UUID) -> None:
         """Asks whichever replica executes the run to stop it (administration: erasures)."""
         await self._request_cancel(run_id)
@@ -752,23 +770,18 @@ class RunService:
                 f"recording the end of run {run.id}",
             )
             ended_here = message_id is not _ENDED_ELSEWHERE
+            if message_id is _DELETED:  # what its steps wrote to memory goes with it too
+                await self.agent.forget(run.conversation_id)
+                outcome, message_id = RunStatus.CANCELLED, None
             if ended_here:
-                body = {
-                    "messageId": str(message_id) if message_id else None,
-                    "usage": {
-                        "promptTokens": prompt_tokens,
-                        "completionTokens": completion_tokens,
-                        "cost": float(cost),
-                    },
-                    "latencyMs": round((time.perf_counter() - turn.started) * 1000, 1),
-                }
-                if outcome is RunStatus.COMPLETED:
-                    kind = "RunCompleted"
-                elif outcome is RunStatus.CANCELLED:
-                    kind = "RunCancelled"
-                else:
-                    kind = "RunFailed"
-                    body = {**body, "code": code, "message": detail}
+                kind, body = _end_event(
+                    outcome,
+                    code,
+                    detail,
+                    message_id,
+                    usage=(prompt_tokens, completion_tokens, cost),
+                    latency_s=time.perf_counter() - turn.started,
+                )
                 await self.events.append_retrying(
                     run_key, kind, body, within_s=self._settings.outage_retry_s
                 )
@@ -841,7 +854,13 @@ class RunService:
                 .returning(Run.id)
             )
             if ended is None:
-                return _ENDED_ELSEWHERE
+                if await session.get(Run, run.id) is not None:
+                    return _ENDED_ELSEWHERE
+                # Deleted with its conversation while it ran: what it consumed still counts.
+                await turn.reservation.settle(
+                    session, cost=cost, served_by=(turn.model.alias, turn.model.version, "chat")
+                )
+                return _DELETED
             if message_id is None and answer:  # a partial answer (cancelled, failed)
                 conversation = await self._conversations.owned_for_update(
                     session, principal, run.conversation_id
@@ -1164,6 +1183,33 @@ def _refused(next_messages: list[Message]) -> bool:
         isinstance(r, dict) and r.get("stage") == "input" and r.get("action") == "block"
         for r in rails
     )
+
+
+def _end_event(
+    outcome: RunStatus,
+    code: str | None,
+    detail: str,
+    message_id: object,
+    *,
+    usage: tuple[int, int, Decimal],
+    latency_s: float,
+) -> tuple[str, dict]:
+    """The terminal event of a run that ended here."""
+    prompt_tokens, completion_tokens, cost = usage
+    body: dict = {
+        "messageId": str(message_id) if message_id else None,
+        "usage": {
+            "promptTokens": prompt_tokens,
+            "completionTokens": completion_tokens,
+            "cost": float(cost),
+        },
+        "latencyMs": round(latency_s * 1000, 1),
+    }
+    if outcome is RunStatus.COMPLETED:
+        return "RunCompleted", body
+    if outcome is RunStatus.CANCELLED:
+        return "RunCancelled", body
+    return "RunFailed", {**body, "code": code, "message": detail}
 
 
 def _terminal_event(row: Run, cost: Decimal) -> tuple[str, dict]:

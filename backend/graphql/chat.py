@@ -284,6 +284,8 @@ class ChatMutation:
     async def delete_conversation(self, info: Info[Context, None], id: strawberry.ID) -> bool:
         conversation_id = parse_id(id, "id")
         services = info.context.services
-        await services.conversations.delete(info.context.require_principal(), conversation_id)
+        principal = info.context.require_principal()
+        await services.runs.stop_conversation(principal, conversation_id)
+        await services.conversations.delete(principal, conversation_id)
         await services.runs.agent.forget(conversation_id)  # its memory goes with it
         return True

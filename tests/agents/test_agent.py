@@ -4,6 +4,7 @@ and prices. Real servers, PostgreSQL and Redis; the LLM is the OpenAI-compatible
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,8 +33,8 @@ from backend.core.db import Database
 from backend.core.models import Message, UsageRecord
 from backend.core.redis import KeySpace
 from tests.agents.test_runs import collect, gql, sign_in, start_run
-from tests.conftest import LiveServer, serve_live
-from tests.graphql.ws import results
+from tests.conftest import LiveServer, scaled, serve_live
+from tests.graphql.ws import init, open_socket, receive, results, subscribe
 from tests.llm_stub import LLMStub
 
 EVENTS = """subscription($r: ID!) {
@@ -202,6 +203,46 @@ async def test_a_turn_stopped_mid_answer_keeps_its_message_in_memory(
         assert events[-1]["__typename"] == "RunCompleted", events[-3:]
     said = [m["content"] for m in stub.requests[-1]["messages"] if m["role"] == "user"]
     assert said == ["my name is Ada", "remember the word zebra", "which word?"], said
+
+
+@pytest.mark.parametrize("wait", [True, False])
+async def test_deleting_a_conversation_stops_its_answer_and_its_memory_stays_gone(
+    chat_settings: Settings,
+    account: dict,
+    llm: tuple[LLMStub, str],
+    redis: Redis,
+    wait: bool,
+) -> None:
+    """Deleted while its answer streams: the model's call stops, a subscriber's stream ends
+    (RunCancelled, not a wait for an end that never comes), and the run does not write the
+    thread's memory back after it was forgotten. Without the wait for the run to stop, it
+    ends after the deletion, finds its row gone and cleans up then."""
+    stub, _ = llm
+    saver = memory(chat_settings, redis)
+    if not wait:
+        chat_settings.chat.cancel_wait_s = 0
+    stub.answer_tokens = 10_000  # 10 s at the stub's rate: only a stop ends it in time
+    async with serve_live(chat_settings) as server:
+        token = await sign_in(server, account)
+        conversation, run_id = await start_run(server, token, "remember the word zebra")
+        async with await open_socket(server.ws_url) as ws:
+            await init(ws, {"authorization": f"Bearer {token}"})
+            await subscribe(ws, EVENTS, {"r": run_id})
+            assert (await receive(ws))["type"] == "next"  # it is streaming
+            deleted = await gql(
+                server, token, "mutation($c: ID!) { deleteConversation(id: $c) }", c=conversation
+            )
+            assert deleted["data"] == {"deleteConversation": True}, deleted
+            last: dict[str, Any] = {}
+            while (message := await receive(ws, timeout=scaled(5)))["type"] == "next":
+                last = message["payload"]["data"]["runEvents"]
+            assert message["type"] == "complete", message
+            assert last["__typename"] == "RunCancelled", last
+        async with asyncio.timeout(scaled(10)):
+            while stub.open_streams or not stub.closed_early:
+                await asyncio.sleep(0.05)
+        assert stub.closed_early == 1
+        assert await saver.aget_tuple({"configurable": {"thread_id": conversation}}) is None
 
 
 async def test_a_tool_calling_model_searches_the_knowledge_base_and_cites_it(
