@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -255,6 +257,23 @@ async def client(app: FastAPI) -> AsyncIterator[AsyncClient]:
     transport = ASGITransport(app=app.state.asgi)
     async with AsyncClient(transport=transport, base_url="http://sightline.test") as http:
         yield http
+
+
+SETPRIV = shutil.which("setpriv")  # util-linux
+
+
+def dies_with_tests(command: list[str]) -> list[str]:
+    """The command line of a server a test starts as a process (a Redis, a replica, an
+    inference service), so that the kernel sends it SIGTERM when the test process dies: a
+    killed pytest leaves nothing behind on its ports and data dirs. `setpriv` sets the death
+    signal and executes the command in its place (same process).
+
+    The signal fires when the *thread* that started the process ends, so only a start from
+    the main thread (pytest's, and its event loops') gets it: one from `asyncio.to_thread`
+    would die with that worker thread. Unchanged then, and where `setpriv` is missing."""
+    if SETPRIV is None or threading.current_thread() is not threading.main_thread():
+        return command
+    return [SETPRIV, "--pdeathsig", "TERM", "--", *command]
 
 
 def free_port() -> int:

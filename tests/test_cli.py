@@ -27,7 +27,7 @@ from backend.app import SCHEMA_FILE, schema_evolution, schema_sdl
 from backend.cli import app
 from backend.core.migrations import head_revisions
 from backend.errors import AppError
-from tests.conftest import REDIS_URL, free_port, scaled
+from tests.conftest import REDIS_URL, dies_with_tests, free_port, scaled
 
 runner = CliRunner()
 
@@ -248,7 +248,18 @@ def test_serve_on_embedded_defaults(tmp_path: Path, workers: int) -> None:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SIGHTLINE_")}
     environment["SIGHTLINE_DATA_DIR"] = str(tmp_path / "data")
     process = subprocess.Popen(
-        [sys.executable, "-m", "backend", "serve", "--port", str(port), "--workers", str(workers)],
+        dies_with_tests(
+            [
+                sys.executable,
+                "-m",
+                "backend",
+                "serve",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ]
+        ),
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from backend.core.embedded import EmbeddedPostgres, local_redis_answers
-from tests.conftest import free_port
+from tests.conftest import dies_with_tests, free_port
 from tests.llm_stub import LLMStub
 
 # Test timeouts are generous, for a busy machine; nothing asserts how fast anything is.
@@ -95,7 +95,7 @@ class PrivateRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
         log = (self.directory / "redis.log").open("ab")
         self.process = subprocess.Popen(
-            [
+            dies_with_tests([
                 "redis-server",
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
@@ -104,7 +104,7 @@ class PrivateRedis:
                 "--appendfsync", "always",
                 "--save", "",
                 "--protected-mode", "no",
-            ],
+            ]),
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -195,7 +195,7 @@ class AppServer:
         log = (self.directory / "server.log").open("ab")
         command = [sys.executable, "-m", "backend", "serve", "--port", str(self.port)]
         self.process = subprocess.Popen(
-            [*command, "--workers", str(self.workers)],
+            dies_with_tests([*command, "--workers", str(self.workers)]),
             env=self.environment,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -23,7 +23,7 @@ import pytest
 
 from backend.inference.manifest import ModelManifest, builtin_manifests
 from tests.agents.test_runs import account, chat_settings, llm  # noqa: F401
-from tests.conftest import free_port, scaled
+from tests.conftest import dies_with_tests, free_port, scaled
 
 ROOT = Path(__file__).resolve().parents[2]
 # Fast to load: the classifier, the face cascade and the SSD detector (the bench's models), and
@@ -80,7 +80,7 @@ class InferenceService:
         }
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                command,
+                dies_with_tests(command),
                 cwd=ROOT,
                 env=env,
                 stdout=out,

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from backend.config import AuthSettings, DatabaseSettings, RedisSettings, Settings, VisionSettings
 from backend.core.embedded import EmbeddedPostgres
-from tests.conftest import LiveServer, free_port, scaled, serve_live
+from tests.conftest import LiveServer, dies_with_tests, free_port, scaled, serve_live
 from tests.graphql.ws import init, open_socket, receive, send, subscribe
 
 ADMIN_EMAIL = "admin@outage.example"
@@ -45,19 +45,21 @@ class PrivateRedis:
 
     async def start(self) -> None:
         self._process = subprocess.Popen(  # noqa: ASYNC220 (returns at once; waits below)
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
+            dies_with_tests(
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                ]
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
