@@ -95,6 +95,10 @@ class RunEvent:
 
 @strawberry.type
 class RunStarted(RunEvent):
+    run_id: strawberry.ID = strawberry.field(
+        description="The run: for cancelRun, or runEvents(after:) to resume on a new connection."
+    )
+    conversation_id: strawberry.ID
     model: str
     model_alias: str | None = strawberry.field(description="The alias serving the run.")
     model_version: str | None = strawberry.field(
@@ -205,12 +209,6 @@ def _message_id(data: dict) -> strawberry.ID | None:
 
 _BUILDERS: dict[str, Callable[[str, dict], RunEvent]] = {
     "TokenDelta": lambda c, d: TokenDelta(cursor=c, text=d["text"], index=int(d["index"])),
-    "RunStarted": lambda c, d: RunStarted(
-        cursor=c,
-        model=str(d.get("model", "")),
-        model_alias=d.get("modelAlias"),
-        model_version=d.get("modelVersion"),
-    ),
     "RunCompleted": lambda c, d: RunCompleted(
         cursor=c,
         message_id=_message_id(d),
@@ -242,7 +240,16 @@ _BUILDERS: dict[str, Callable[[str, dict], RunEvent]] = {
 }
 
 
-def _event(event: LoggedEvent) -> RunEvent:
+def _event(event: LoggedEvent, run_id: uuid.UUID) -> RunEvent:
+    if event.type == "RunStarted":
+        return RunStarted(
+            cursor=event.cursor,
+            run_id=strawberry.ID(str(run_id)),
+            conversation_id=strawberry.ID(str(event.data.get("conversationId", ""))),
+            model=str(event.data.get("model", "")),
+            model_alias=event.data.get("modelAlias"),
+            model_version=event.data.get("modelVersion"),
+        )
     build = _BUILDERS.get(event.type)
     if build is not None:
         return build(event.cursor, event.data)
@@ -285,20 +292,7 @@ class RunMutation:
             ),
         ] = None,
     ) -> SentMessage:
-        principal = info.context.require_principal()
-        images = [parse_id(a, "attachments") for a in attachments or []]
-        vision = info.context.services.vision
-        for image in images[: info.context.state.settings.chat.max_attachments]:
-            if vision is not None:
-                await vision.job(principal, image)  # NOT_FOUND for anyone else's image
-        started = await info.context.services.runs.send_message(
-            principal,
-            parse_id(conversation_id, "conversationId"),
-            content,
-            on_busy,
-            model=model,
-            attachments=[str(i) for i in images],
-        )
+        started = await _start_turn(info, conversation_id, content, on_busy, model, attachments)
         return SentMessage(
             run=ChatRun.of(started.run), message=MessageType.of(started.user_message)
         )
@@ -363,6 +357,61 @@ class RunSubscription:
         events = await info.context.services.runs.stream(principal, run_uuid, after)
         return _relay(info, principal, run_uuid, events, cancel_on_disconnect)
 
+    @strawberry.subscription(
+        permission_classes=CHAT,
+        description="sendMessage and runEvents in one operation: starts a turn (the same "
+        "arguments, checks and errors as sendMessage) and streams its events, from RunStarted "
+        "(which names the run, for cancelRun or runEvents(after:) on a new connection) to the "
+        "run's end. On a socket the client keeps, the answer starts a round trip sooner. A "
+        "disconnect does not stop the run unless `cancelOnDisconnect`.",
+    )
+    async def chat(
+        self,
+        info: Info[Context, None],
+        *,
+        conversation_id: strawberry.ID,
+        content: str,
+        on_busy: OnBusy = runs.OnBusy.REJECT,  # type: ignore[valid-type]
+        model: Annotated[
+            str | None,
+            strawberry.argument(description="As sendMessage's `model`."),
+        ] = None,
+        attachments: Annotated[
+            list[strawberry.ID] | None,
+            strawberry.argument(description="As sendMessage's `attachments`."),
+        ] = None,
+        cancel_on_disconnect: bool = False,
+    ) -> AsyncGenerator[RunEvent, None]:
+        started = await _start_turn(info, conversation_id, content, on_busy, model, attachments)
+        principal = info.context.require_principal()
+        events = await info.context.services.runs.stream(principal, started.run.id, None)
+        return _relay(info, principal, started.run.id, events, cancel_on_disconnect)
+
+
+async def _start_turn(  # noqa: PLR0917 (sendMessage's arguments)
+    info: Info[Context, None],
+    conversation_id: strawberry.ID,
+    content: str,
+    on_busy: runs.OnBusy,
+    model: str | None,
+    attachments: list[strawberry.ID] | None,
+) -> runs.StartedRun:
+    """A turn as sendMessage (and chat) start it."""
+    principal = info.context.require_principal()
+    images = [parse_id(a, "attachments") for a in attachments or []]
+    vision = info.context.services.vision
+    for image in images[: info.context.state.settings.chat.max_attachments]:
+        if vision is not None:
+            await vision.job(principal, image)  # NOT_FOUND for anyone else's image
+    return await info.context.services.runs.send_message(
+        principal,
+        parse_id(conversation_id, "conversationId"),
+        content,
+        on_busy,
+        model=model,
+        attachments=[str(i) for i in images],
+    )
+
 
 async def _relay(
     info: Info[Context, None],
@@ -375,7 +424,7 @@ async def _relay(
     try:
         async for event in until_credential_ends(info.context, events):
             finished = event.terminal
-            yield _event(event)
+            yield _event(event, run_id)
     finally:
         if cancel_on_disconnect and not finished:
             await info.context.services.runs.cancel(principal, run_id, wait=False)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.client import ClientConnection
 
 from backend.auth.passwords import hash_password
 from backend.config import ChatSettings, LimitsSettings, Settings
@@ -112,6 +113,17 @@ async def start_run(server: LiveServer, token: str, content: str) -> tuple[str, 
     )
     assert "errors" not in sent, sent
     return conversation, sent["data"]["sendMessage"]["run"]["id"]
+
+
+async def contents_of(server: LiveServer, token: str, conversation: str) -> list[str]:
+    """The stored messages' contents, in order."""
+    history = await gql(
+        server,
+        token,
+        "query($c: ID!) { conversation(id: $c) { messages { edges { node { content } } } } }",
+        c=conversation,
+    )
+    return [e["node"]["content"] for e in history["data"]["conversation"]["messages"]["edges"]]
 
 
 EVENTS = """subscription($r: ID!, $a: String, $c: Boolean) {
@@ -304,13 +316,7 @@ async def test_a_rejected_message_is_not_stored(
     )
     assert again["errors"][0]["extensions"]["code"] == "RUN_IN_PROGRESS"
     assert again["errors"][0]["extensions"]["runId"] == run_id
-    history = await gql(
-        server,
-        token,
-        "query($c: ID!) { conversation(id: $c) { messages { edges { node { content } } } } }",
-        c=conversation,
-    )
-    contents = [e["node"]["content"] for e in history["data"]["conversation"]["messages"]["edges"]]
+    contents = await contents_of(server, token, conversation)
     assert contents == ["long answer please"]
     # and the schema says so (it said "stored in every case")
     described = await gql(
@@ -407,6 +413,103 @@ async def test_llm_failure_ends_the_run_with_a_typed_event(
     assert 'code="LLM_UNAVAILABLE"' in failed
     assert 'operation="chatRun"' in failed
     assert failed.endswith(" 1.0")
+
+
+CHAT = """subscription($c: ID!, $m: String!, $d: Boolean! = false) {
+  chat(conversationId: $c, content: $m, cancelOnDisconnect: $d) {
+    __typename cursor
+    ... on RunStarted { runId conversationId model }
+    ... on TokenDelta { text index }
+    ... on RunCompleted { messageId }
+    ... on RunCancelled { messageId }
+  } }"""
+
+
+async def chat_events(
+    ws: ClientConnection, conversation: str, content: str, op_id: str = "1"
+) -> list[dict[str, Any]]:
+    """One `chat` operation on an open socket, read to its end (its errors raise)."""
+    await subscribe(ws, CHAT, {"c": conversation, "m": content}, op_id)
+    events = []
+    while (message := await receive(ws, timeout=scaled(60)))["type"] == "next":
+        assert "errors" not in message["payload"], message
+        events.append(message["payload"]["data"]["chat"])
+    assert message["type"] == "complete", message
+    return events
+
+
+async def test_chat_sends_a_message_and_streams_its_answer_in_one_operation(
+    server: LiveServer, account: dict[str, Any]
+) -> None:
+    """`chat` is sendMessage and runEvents in one operation: RunStarted names the run, the
+    answer streams and is persisted, and two turns run one after the other on one socket."""
+    token = await sign_in(server, account)
+    created = await gql(server, token, 'mutation { createConversation(title: "t") { id } }')
+    conversation = created["data"]["createConversation"]["id"]
+    async with await open_socket(server.ws_url) as ws:
+        await init(ws, {"authorization": f"Bearer {token}"})
+        first = await chat_events(ws, conversation, "the quick brown fox")
+        second = await chat_events(ws, conversation, "jumps over", op_id="2")
+    started = first[0]
+    assert started["__typename"] == "RunStarted"
+    assert started["conversationId"] == conversation
+    assert first[-1]["__typename"] == second[-1]["__typename"] == "RunCompleted"
+    assert text_of(first) == "the quick brown fox "
+    replayed = await collect(server, token, started["runId"])  # the same run's events
+    assert (replayed[0]["cursor"], replayed[-1]["cursor"]) == (
+        first[0]["cursor"],
+        first[-1]["cursor"],
+    )
+    assert text_of(replayed) == text_of(first)
+    run = await gql(server, token, "query($r: ID!) { run(id: $r) { status } }", r=started["runId"])
+    assert run["data"]["run"]["status"] == "COMPLETED"
+    history = await gql(
+        server,
+        token,
+        "query($c: ID!) { conversation(id: $c) { messages { edges { node { role content } } } } }",
+        c=conversation,
+    )
+    nodes = [e["node"] for e in history["data"]["conversation"]["messages"]["edges"]]
+    assert [n["role"] for n in nodes] == ["USER", "ASSISTANT", "USER", "ASSISTANT"]
+    assert nodes[2]["content"] == "jumps over"
+
+
+async def test_chat_refuses_as_send_message_does(
+    server: LiveServer, account: dict[str, Any], llm: tuple[LLMStub, str]
+) -> None:
+    """Another's (or no) conversation: NOT_FOUND; a second message while a turn is going:
+    RUN_IN_PROGRESS, and nothing stored for it; a disconnect with cancelOnDisconnect stops
+    the run."""
+    llm[0].answer_tokens = 2_000  # 10 s at the stub's rate: still running when asked
+    token = await sign_in(server, account)
+    created = await gql(server, token, 'mutation { createConversation(title: "t") { id } }')
+    conversation = created["data"]["createConversation"]["id"]
+
+    async def refused(conversation_id: str) -> str:
+        async with await open_socket(server.ws_url) as ws:
+            await init(ws, {"authorization": f"Bearer {token}"})
+            await subscribe(ws, CHAT, {"c": conversation_id, "m": "hello"})
+            message = await receive(ws, timeout=scaled(30))
+        errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
+        return errors[0]["extensions"]["code"]
+
+    assert await refused(str(uuid.uuid4())) == "NOT_FOUND"
+    async with await open_socket(server.ws_url) as ws:
+        await init(ws, {"authorization": f"Bearer {token}"})
+        await subscribe(ws, CHAT, {"c": conversation, "m": "a long answer", "d": True})
+        started = (await receive(ws, timeout=scaled(30)))["payload"]["data"]["chat"]
+        assert started["__typename"] == "RunStarted"
+        assert await refused(conversation) == "RUN_IN_PROGRESS"
+    async with asyncio.timeout(scaled(30)):  # the socket closed: the run is stopped
+        while True:
+            run = await gql(
+                server, token, "query($r: ID!) { run(id: $r) { status } }", r=started["runId"]
+            )
+            if run["data"]["run"]["status"] == "CANCELLED":
+                break
+            await asyncio.sleep(0.1)
+    contents = await contents_of(server, token, conversation)
+    assert "hello" not in contents
 
 
 async def test_a_run_is_streamed_from_another_replica(
