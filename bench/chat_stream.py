@@ -28,11 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = (
     "subscription($r: ID!) { runEvents(runId: $r) { __typename "
+    "... on TokenDelta { text } ... on RunFailed { code message } } }"
+)
+CHAT = (
+    'subscription($c: ID!) { chat(conversationId: $c, content: "go") { __typename '
     "... on TokenDelta { text } ... on RunFailed { code message } } }"
 )
 
@@ -90,17 +94,29 @@ async def call(http: httpx.AsyncClient, query: str, **variables: str) -> dict:
     raise SystemExit("server stayed unavailable")
 
 
+async def opened(ws_url: str, token: str) -> ClientConnection:
+    """A graphql-transport-ws connection, initialised with the caller's token."""
+    ws = await connect(ws_url, subprotocols=["graphql-transport-ws"], max_size=None)  # type: ignore[list-item]
+    await ws.send(
+        json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}})
+    )
+    await ws.recv()
+    return ws
+
+
 async def subscription(
-    ws_url: str, token: str, query: str, variables: dict[str, str]
+    ws_url: str,
+    token: str,
+    query: str,
+    variables: dict[str, str],
+    ws: ClientConnection | None = None,
 ) -> AsyncIterator[tuple[float, dict]]:
-    """One subscription over graphql-transport-ws on a connection of its own: each event's
-    wall-clock time of arrival (before it is decoded) and `data` (a GraphQL error ends the
-    bench), until the server completes it."""
-    async with connect(ws_url, subprotocols=["graphql-transport-ws"], max_size=None) as ws:  # type: ignore[list-item]
-        await ws.send(
-            json.dumps({"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}})
-        )
-        await ws.recv()
+    """One subscription over graphql-transport-ws, on a connection of its own or on `ws` (left
+    open): each event's wall-clock time of arrival (before it is decoded) and `data` (a GraphQL
+    error ends the bench), until the server completes it."""
+    async with contextlib.AsyncExitStack() as own:
+        if ws is None:
+            ws = await own.enter_async_context(await opened(ws_url, token))
         subscribe = {"query": query, "variables": variables}
         await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": subscribe}))
         async for raw in ws:
@@ -108,11 +124,40 @@ async def subscription(
             message = json.loads(raw)
             if message["type"] == "complete":
                 return
+            if message["type"] == "error":
+                raise SystemExit(f"subscription refused: {message.get('payload')}")
             if message["type"] != "next":
                 continue
             if message["payload"].get("errors"):
                 raise SystemExit(f"subscription error: {message['payload']['errors']}")
             yield received, message["payload"]["data"]
+
+
+class Sockets:
+    """WebSocket connections kept open across answers, as a graphql-ws client keeps its one
+    socket for all its subscriptions: each answer takes an idle one (opening one when none is
+    idle) and gives it back when its run completes."""
+
+    def __init__(self, ws_url: str, token: str) -> None:
+        self.ws_url, self.token = ws_url, token
+        self._idle: list[ClientConnection] = []
+
+    async def open(self, n: int) -> None:
+        """At least `n` idle connections, opened before any clock starts."""
+        missing = max(0, n - len(self._idle))
+        self._idle += await asyncio.gather(
+            *(opened(self.ws_url, self.token) for _ in range(missing))
+        )
+
+    @contextlib.asynccontextmanager
+    async def one(self) -> AsyncIterator[ClientConnection]:
+        ws = self._idle.pop() if self._idle else await opened(self.ws_url, self.token)
+        yield ws
+        self._idle.append(ws)  # not on an error: that connection's state is unknown
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(ws.close() for ws in idle))
 
 
 @dataclass
@@ -129,11 +174,20 @@ class Stream:
 
 
 async def through_sightline(
-    base: str, token: str, delay: float, http: httpx.AsyncClient | None = None
+    base: str,
+    token: str,
+    delay: float,
+    http: httpx.AsyncClient | None = None,
+    sockets: Sockets | None = None,
+    *,
+    one_operation: bool = False,
 ) -> Stream:
     """A chat run: createConversation, sendMessage (the clock for the first token starts here),
     then `runEvents` over a WebSocket until the run completes. `http`: a client to share (its
-    base URL `base`, `token` in its headers) rather than one of its own."""
+    base URL `base`, `token` in its headers) rather than one of its own. `sockets`: the
+    subscription runs on a connection kept open (a new connection for each answer without).
+    `one_operation`: the `chat` subscription instead, which sends the message and streams the
+    run's events (the clock starts as it is sent)."""
     await asyncio.sleep(delay)  # clients arrive over the ramp-up, not all in one instant
     headers = {"authorization": f"Bearer {token}"}
     async with contextlib.AsyncExitStack() as own:
@@ -144,25 +198,28 @@ async def through_sightline(
         created = await call(http, "mutation { createConversation { id } }")
         conversation = created["createConversation"]["id"]
         asked = time.time()
-        sent = {
-            "data": await call(
+        if one_operation:
+            query, field, variables = CHAT, "chat", {"c": conversation}
+        else:
+            sent = await call(
                 http,
                 'mutation($c: ID!) { sendMessage(conversationId: $c, content: "go") '
                 "{ run { id } } }",
                 c=conversation,
             )
-        }
-    run_id = sent["data"]["sendMessage"]["run"]["id"]
+            query, field, variables = EVENTS, "runEvents", {"r": sent["sendMessage"]["run"]["id"]}
     latencies: list[float] = []
     first = 0.0
     ws_url = base.replace("http", "ws") + "/graphql"
-    async for received, data in subscription(ws_url, token, EVENTS, {"r": run_id}):
-        event = data["runEvents"]
-        if event["__typename"] == "TokenDelta":
-            first = first or received - asked
-            latencies += stamps(event["text"], received)
-        elif event["__typename"] == "RunFailed":
-            raise SystemExit(f"run failed: {event}")
+    async with contextlib.AsyncExitStack() as own:
+        ws = await own.enter_async_context(sockets.one()) if sockets else None
+        async for received, data in subscription(ws_url, token, query, variables, ws):
+            event = data[field]
+            if event["__typename"] == "TokenDelta":
+                first = first or received - asked
+                latencies += stamps(event["text"], received)
+            elif event["__typename"] == "RunFailed":
+                raise SystemExit(f"run failed: {event}")
     return Stream(latencies, first)
 
 

@@ -1,13 +1,15 @@
 """Sightline next to LiteLLM's proxy, in one run, against the same streaming stub.
 
 The clock stub of bench/chat_stream.py (own process; every token is the time it was emitted)
-is read four ways at each concurrency: directly (the baseline), through LiteLLM's proxy
+is read six ways at each concurrency: directly (the baseline), through LiteLLM's proxy
 (`litellm --config`, one process, no database, offline), through Sightline's
-`/v1/chat/completions` and through a Sightline chat run (`sendMessage`, then `runEvents` over a
-WebSocket). Printed, per path and concurrency: time to first token (from the request that asks
-for the answer) and per-chunk latency (stub emit to client receive) p50/p99, both as added to
-the direct read of the same run, and the server's CPU-seconds per 1,000 tokens delivered (the
-proxy's or Sightline's process and its children). Sightline's two paths share one server.
+`/v1/chat/completions`, and through a Sightline chat run: `sendMessage`, then `runEvents` over
+a WebSocket, new for each answer or kept open across a client's answers (as graphql-ws clients
+keep theirs), and the `chat` subscription (both in one operation) on a kept socket. Printed,
+per path and concurrency: time to first token (from the request that asks for the answer) and
+per-chunk latency (stub emit to client receive) p50/p99, both as added to the direct read of
+the same run, and the server's CPU-seconds per 1,000 tokens delivered (the proxy's or
+Sightline's process and its children). Sightline's paths share one server.
 
 LiteLLM runs from a virtualenv of its own (.bench-venvs/litellm, created on first use, reused
 while bench/peers/litellm-requirements.txt is unchanged): every package pinned to the version
@@ -255,6 +257,9 @@ async def main() -> None:
             timeout=60,
             limits=unbounded,
         ) as graphql,
+        contextlib.aclosing(
+            chat_stream.Sockets(stack.base.replace("http", "ws") + "/graphql", stack.token)
+        ) as sockets,
     ):
         auth = {"authorization": f"Bearer {stack.token}"}
         models = (await graphql.get("/v1/models")).json()["data"]
@@ -285,9 +290,24 @@ async def main() -> None:
                 lambda d: through_sightline(stack.base, stack.token, d, http=graphql),
                 stack.server,
             ),
+            (
+                "Sightline GraphQL, kept socket",
+                lambda d: through_sightline(
+                    stack.base, stack.token, d, http=graphql, sockets=sockets
+                ),
+                stack.server,
+            ),
+            (
+                "Sightline GraphQL chat (1 op)",
+                lambda d: through_sightline(
+                    stack.base, stack.token, d, http=graphql, sockets=sockets, one_operation=True
+                ),
+                stack.server,
+            ),
         ]
         for _, read, _ in paths:  # warm-up: imports, pools, caches
             await asyncio.gather(*(read(0) for _ in range(WARM_UP)))
+        await sockets.open(max(counts))  # a client's socket is open before it asks
         idle = await idle_cpu({"LiteLLM": proxy, "Sightline": stack.server}, args.idle_s)
         for streams in counts:
             rounds = max(1, math.ceil(args.min_answers / streams))
