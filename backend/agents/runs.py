@@ -1194,7 +1194,7 @@ def _end_event(
     usage: tuple[int, int, Decimal],
     latency_s: float,
 ) -> tuple[str, dict]:
-    """The terminal event of a run that ended here."""
+    """A run's terminal event: kind and body."""
     prompt_tokens, completion_tokens, cost = usage
     body: dict = {
         "messageId": str(message_id) if message_id else None,
@@ -1213,24 +1213,19 @@ def _end_event(
 
 
 def _terminal_event(row: Run, cost: Decimal) -> tuple[str, dict]:
-    """The terminal event that matches a run's stored state."""
-    body: dict = {
-        "messageId": str(row.message_id) if row.message_id else None,
-        "usage": {
-            "promptTokens": row.prompt_tokens,
-            "completionTokens": row.completion_tokens,
-            "cost": float(cost),
-        },
-    }
-    if row.status is RunStatus.COMPLETED:
-        return "RunCompleted", {**body, "latencyMs": 0.0}
-    if row.status is RunStatus.CANCELLED:
-        return "RunCancelled", body
+    """The terminal event that matches a run's stored state (its latency is not known)."""
     if row.error_code == WORKER_LOST:
         message = "the server running this turn stopped"
     else:
         message = "the run failed"
-    return "RunFailed", {**body, "code": row.error_code or WORKER_LOST, "message": message}
+    return _end_event(
+        row.status,
+        row.error_code or WORKER_LOST,
+        message,
+        row.message_id,
+        usage=(row.prompt_tokens, row.completion_tokens, cost),
+        latency_s=0.0,
+    )
 
 
 class _Hooks:
