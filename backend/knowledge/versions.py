@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -613,11 +613,12 @@ class EmbeddingVersions:
                     )
                     or 0
                 )
-                if progress:
+                if progress:  # chunks ingested since the start join the backlog: the total
+                    done = KnowledgeEmbedding.done + stored  # grows with them, never below done
                     await session.execute(
                         update(KnowledgeEmbedding)
                         .where(KnowledgeEmbedding.model == self.model)
-                        .values(done=KnowledgeEmbedding.done + stored)
+                        .values(done=done, total=func.greatest(KnowledgeEmbedding.total, done))
                     )
             await self._charge(rows, seconds, embedder)
             after = rows[-1].id
@@ -649,7 +650,7 @@ class EmbeddingVersions:
             row.serving_slot = slot
             row.serving_version = version
             row.status = "completed"
-            row.done = max(row.done, row.total)
+            row.done = row.total = max(row.done, row.total)
             row.finished_at = datetime.now(UTC)
             row.error = None
             if old_tag is not None:

@@ -35,6 +35,13 @@ NOTES = [
     "Passwords must be changed every ninety days and never reused.",
     "Parcels above thirty kilograms travel by freight, not by post.",
 ]
+# About 25 chunks of words the searches below never use: at two chunks a batch and 0.3 s a call
+# the re-embedding lasts several seconds, longer than the checks made while it runs (with the
+# six notes alone it could finish between them, and the replicas had switched to version 2)
+ARCHIVE = " ".join(
+    f"Shelf {i} of the archive holds ledgers bound in green cloth, numbered and dated by hand."
+    for i in range(250)
+)
 
 
 @pytest.fixture
@@ -116,6 +123,7 @@ async def test_an_embedding_promotion_reembeds_once_and_switches_both_replicas(
     tokens = [await sign_in(a.http_url, account), await sign_in(b.http_url, account)]
     for i, note in enumerate(NOTES):
         await _ingested(a, tokens[0], note, f"note-{i}")
+    await _ingested(a, tokens[0], ARCHIVE, "archive")
     first = await _state(a, tokens[0])
     assert first["servingVersion"] == "1", first
 
