@@ -76,16 +76,19 @@ class CredentialWatch:
     def __init__(self, principal: Principal) -> None:
         self.principal = principal
         self.reason: str | None = None
-        self._waiting: set[asyncio.Timeout] = set()
+        self._waiting: set[asyncio.Timeout | _Relaying] = set()
 
     def end(self, reason: str) -> None:
         if self.reason is not None:
             return
         self.reason = reason
         now = asyncio.get_running_loop().time()
-        for timeout in list(self._waiting):
+        for waiting in list(self._waiting):
+            if isinstance(waiting, _Relaying):
+                waiting.stop()
+                continue
             with contextlib.suppress(RuntimeError):  # already leaving its block
-                timeout.reschedule(now)
+                waiting.reschedule(now)
 
     def check(self) -> None:
         """Raises InvalidToken when the credential was revoked or has expired."""
@@ -102,19 +105,74 @@ class CredentialWatch:
 
     async def relay(self, stream: AsyncIterator[T]) -> AsyncGenerator[T, None]:
         """Relays `stream` until the credential expires or is revoked, then raises
-        InvalidToken (UNAUTHENTICATED); closes `stream` either way."""
+        InvalidToken (UNAUTHENTICATED); closes `stream` either way. What `guard` does around
+        each item, with one timer for the whole stream rather than one per item (this wraps
+        every token of every stream)."""
+        relaying = _Relaying()
+        expires_at = self.principal.expires_at
+        expiry = None
+        if expires_at is not None:
+            expiry = asyncio.get_running_loop().call_later(
+                max(0.0, expires_at - time.time()), relaying.stop, True
+            )
+        self._waiting.add(relaying)
         try:
             while True:
+                if relaying.expired:
+                    raise InvalidToken(EXPIRED)
+                self.check()
                 try:
-                    async with self.guard():
-                        item = await anext(stream)
+                    item = await relaying.next(stream)
                 except StopAsyncIteration:
                     return
-                yield item
+                except asyncio.CancelledError:
+                    if not relaying.withdrawn:
+                        raise
+                    self.check()  # revoked: its reason
+                    raise InvalidToken(EXPIRED) from None
+                yield item  # after a stop the stream swallowed, the checks above end it
         finally:
+            if expiry is not None:
+                expiry.cancel()
+            self._waiting.discard(relaying)
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+class _Relaying:
+    """A relayed stream's wait for its next item, which `stop` (a revocation, or the expiry
+    with `expired`) cancels, as a deadline moved to now cancels a `guard`'s block. Between
+    items nothing is cancelled: the relay checks the credential before it waits again."""
+
+    __slots__ = ("_stopping", "_task", "expired", "withdrawn")
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[object] | None = None  # while waiting for an item
+        self._stopping = False
+        self.expired = False
+        # The last wait was cancelled by `stop` alone, and that cancellation withdrawn (as
+        # asyncio.timeout withdraws its own); not when the task's owner cancelled it too.
+        self.withdrawn = False
+
+    async def next(self, stream: AsyncIterator[T]) -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        self._task, self.withdrawn = task, False
+        try:
+            return await anext(stream)
+        finally:
+            self._task = None
+            if self._stopping:  # whatever the wait ended with (the stream may swallow it)
+                self._stopping = False
+                self.withdrawn = task.uncancel() <= cancelling
+
+    def stop(self, expired: bool = False) -> None:
+        self.expired = self.expired or expired
+        if self._task is not None and not self._stopping:
+            self._stopping = True
+            self._task.cancel()
 
 
 class _Guard:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from httpx import AsyncClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from backend.auth.errors import InvalidToken
 from backend.auth.principal import CredentialKind, Principal
 from backend.auth.revocation import CredentialWatch
 from backend.auth.scopes import Scope
@@ -26,7 +29,7 @@ from backend.core.models import (
     VisionJob,
 )
 from tests.accounts import Account
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, scaled
 from tests.graphql.ws import init, open_socket, receive, send, subscribe
 
 
@@ -385,6 +388,80 @@ async def test_stream_ends_when_the_credential_expires() -> None:
         async for item in CredentialWatch(principal).relay(forever()):
             seen.append(item)
     assert 3 <= len(seen) <= 8
+
+
+def _principal(expires_in_s: float | None = None) -> Principal:
+    return Principal(
+        user_id=uuid.uuid4(),
+        tenant_id=uuid.uuid4(),
+        role=UserRole.MEMBER,
+        scopes=frozenset({Scope.CHAT}),
+        credential=CredentialKind.ACCESS_TOKEN,
+        expires_at=None if expires_in_s is None else time.time() + expires_in_s,
+    )
+
+
+async def _waiting_stream(waiting: asyncio.Event, closed: list[bool]) -> AsyncIterator[int]:
+    """One item, then a wait for the next that never ends (a model thinking)."""
+    try:
+        yield 0
+        waiting.set()
+        await asyncio.Event().wait()
+        yield 1
+    finally:
+        closed.append(True)
+
+
+async def test_a_revocation_stops_a_relay_waiting_for_its_next_item() -> None:
+    watch = CredentialWatch(_principal(expires_in_s=3600))
+    waiting, closed, seen = asyncio.Event(), [], []
+
+    async def read() -> None:
+        async for item in watch.relay(_waiting_stream(waiting, closed)):
+            seen.append(item)
+
+    reader = asyncio.create_task(read())
+    await asyncio.wait_for(waiting.wait(), scaled(10))
+    watch.end("session revoked; sign in again")
+    with pytest.raises(InvalidToken, match="revoked"):
+        await asyncio.wait_for(reader, scaled(10))
+    assert seen == [0]
+    assert closed == [True]  # the stream was closed with the relay
+    assert reader.cancelling() == 0  # the relay's own cancellation was withdrawn
+
+
+async def test_a_relay_cancelled_by_its_reader_stays_cancelled() -> None:
+    """A revocation that comes with the reader's own cancellation does not turn it into
+    UNAUTHENTICATED: the reader's cancellation wins."""
+    watch = CredentialWatch(_principal())
+    waiting, closed = asyncio.Event(), []
+
+    async def read() -> None:
+        async for _ in watch.relay(_waiting_stream(waiting, closed)):
+            pass
+
+    reader = asyncio.create_task(read())
+    await asyncio.wait_for(waiting.wait(), scaled(10))
+    reader.cancel()
+    watch.end("session revoked; sign in again")
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert closed == [True]
+
+
+async def test_a_relay_that_expires_between_items_ends_before_the_next() -> None:
+    watch = CredentialWatch(_principal(expires_in_s=0.2))
+
+    async def slow_reader_items() -> AsyncIterator[int]:
+        for n in range(1000):
+            yield n
+
+    seen = []
+    with pytest.raises(InvalidToken, match="expired"):
+        async for item in watch.relay(slow_reader_items()):
+            seen.append(item)
+            await asyncio.sleep(0.05)  # the expiry fires while the reader is busy
+    assert 1 <= len(seen) <= 20
 
 
 async def test_subscription_ends_typed_when_the_token_expires(
