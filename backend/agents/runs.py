@@ -262,44 +262,39 @@ class RunService:
             self.models.release(chat_model)
             raise
         try:
-            async with self._db.session(principal.tenant_id) as session:
-                conversation = await self._conversations.owned_for_update(
-                    session, principal, conversation_id
-                )
-                now = datetime.now(UTC)  # precise: queued runs go in this order
-                run = Run(
-                    id=run_id,
-                    tenant_id=principal.tenant_id,
-                    conversation_id=conversation.id,
-                    user_id=principal.user_id,
-                    # With nothing ahead it starts at once: stored RUNNING, it needs no
-                    # transaction of its own before its first token (see _run_turn).
-                    status=RunStatus.RUNNING,
-                    model=chat_model.name,
-                    model_alias=chat_model.alias,
-                    model_version=chat_model.version,
-                    created_at=now,
-                    updated_at=now,
-                )
-                message = Message(
-                    tenant_id=principal.tenant_id,
-                    conversation_id=conversation.id,
-                    seq=0,  # the next one, given by the insert
-                    role=MessageRole.USER,
-                    author_id=principal.user_id,
-                    content=content,
-                    run_id=run_id,
-                    meta={"attachments": list(attachments)} if attachments else {},
-                )
-                busy = await self._conversations.insert_turn(
-                    session, run, message, reject_busy=on_busy is OnBusy.REJECT
-                )
-                if busy is not None and on_busy is OnBusy.REJECT:
-                    raise RunInProgress(
-                        "this conversation already has a run going", runId=str(busy)
-                    )
-                if busy is not None and on_busy is OnBusy.INTERRUPT:
-                    await self._request_cancel(busy)
+            now = datetime.now(UTC)  # precise: queued runs go in this order
+            run = Run(
+                id=run_id,
+                tenant_id=principal.tenant_id,
+                conversation_id=conversation_id,
+                user_id=principal.user_id,
+                # With nothing ahead it starts at once: stored RUNNING, it needs no
+                # transaction of its own before its first token (see _run_turn).
+                status=RunStatus.RUNNING,
+                model=chat_model.name,
+                model_alias=chat_model.alias,
+                model_version=chat_model.version,
+                created_at=now,
+                updated_at=now,
+            )
+            message = Message(
+                tenant_id=principal.tenant_id,
+                conversation_id=conversation_id,
+                seq=0,  # the next one, given by the insert
+                role=MessageRole.USER,
+                author_id=principal.user_id,
+                content=content,
+                run_id=run_id,
+                meta={"attachments": list(attachments)} if attachments else {},
+            )
+            # the conversation locked and the turn stored: one round trip, committed
+            busy = await self._conversations.start_turn(
+                principal, run, message, reject_busy=on_busy is OnBusy.REJECT
+            )
+            if busy is not None and on_busy is OnBusy.REJECT:
+                raise RunInProgress("this conversation already has a run going", runId=str(busy))
+            if busy is not None and on_busy is OnBusy.INTERRUPT:
+                await self._request_cancel(busy)
         except BaseException:
             self.models.release(chat_model)
             await self._undo_admission(member, active_key, str(run_id), [reservation, money])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy import func, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from backend.core.db import Database
 from backend.core.models import Conversation, Message, MessageRole, Run, RunStatus
 
 
@@ -89,83 +91,50 @@ async def answer_and_last_seq(
     return row[0], int(row[1] or 0)
 
 
-# A turn's rows, in one statement (see insert_turn). Written out rather than built with the
-# expression language: building and keying a statement this size cost more client time per
-# turn (about 5 ms here) than the three statements it replaces; PostgreSQL runs it in 0.25.
-_INSERT_TURN = text(
-    """
-WITH state AS (
-  SELECT (SELECT id FROM runs
-          WHERE conversation_id = CAST(:conversation_id AS uuid)
-            AND status IN ('queued', 'running') LIMIT 1) AS busy,
-         (SELECT coalesce(max(seq), 0) FROM messages
-          WHERE conversation_id = CAST(:conversation_id AS uuid)) AS last
-), new_run AS (
-  INSERT INTO runs (id, tenant_id, conversation_id, user_id, status, model, model_alias,
-                    model_version, created_at, updated_at)
-  SELECT CAST(:run_id AS uuid), CAST(:tenant_id AS uuid), CAST(:conversation_id AS uuid),
-         CAST(:user_id AS uuid),
-         CAST(CASE WHEN busy IS NULL THEN 'running' ELSE 'queued' END AS run_status),
-         CAST(:model AS varchar), CAST(:model_alias AS varchar), CAST(:model_version AS varchar),
-         CAST(:now AS timestamptz), CAST(:now AS timestamptz)
-  FROM state WHERE busy IS NULL OR NOT CAST(:reject_busy AS boolean)
-  RETURNING id
-), touched AS (
-  UPDATE conversations SET updated_at = CAST(:now AS timestamptz)
-  WHERE id = CAST(:conversation_id AS uuid) AND EXISTS (SELECT FROM new_run)
-), new_message AS (
-  INSERT INTO messages (id, tenant_id, conversation_id, seq, role, author_id, content,
-                        complete, run_id, meta)
-  SELECT CAST(:message_id AS uuid), CAST(:tenant_id AS uuid), CAST(:conversation_id AS uuid),
-         state.last + 1, CAST(:role AS message_role), CAST(:author_id AS uuid),
-         CAST(:content AS text), true, new_run.id, CAST(:meta AS jsonb)
-  FROM state, new_run
-  RETURNING seq, created_at
-)
-SELECT state.busy, new_message.seq, new_message.created_at
-FROM state LEFT JOIN new_message ON true
-"""
+# Written out rather than built with the expression language: building and keying a
+# statement costs more client time per turn than PostgreSQL takes to run it.
+_START_TURN = text(
+    "SELECT owned, busy, seq, created_at FROM sightline_start_turn(:role, :tenant, "
+    "CAST(:conversation_id AS uuid), CAST(:user_id AS uuid), CAST(:run_id AS uuid), "
+    "CAST(:model AS varchar), CAST(:model_alias AS varchar), CAST(:model_version AS varchar), "
+    "CAST(:now AS timestamptz), CAST(:reject_busy AS boolean), CAST(:message_id AS uuid), "
+    "CAST(:content AS text), CAST(:meta AS jsonb))"
 )
 
 
-async def insert_turn(
-    session: AsyncSession, run: Run, message: Message, *, reject_busy: bool
-) -> uuid.UUID | None:
-    """A turn's rows in one statement, under the conversation's lock (the caller's): the run,
-    its user message at the conversation's next seq, and the conversation's `updated_at`.
-
-    The statement runs after the lock was granted, so its snapshot holds every run and message
-    committed before (in one statement with the lock, a wait for it would leave the snapshot
-    taken before the wait). The run is stored RUNNING, or QUEUED behind a run of the
-    conversation still going; with `reject_busy` and one going, nothing is written. Returns
-    the run going (None: none). Fills in `run.status`, `message.seq` and `message.created_at`
-    (the objects are not added to the session)."""
-    row = (
-        await session.execute(
-            _INSERT_TURN,
-            {
-                "conversation_id": run.conversation_id,
-                "run_id": run.id,
-                "tenant_id": run.tenant_id,
-                "user_id": run.user_id,
-                "model": run.model,
-                "model_alias": run.model_alias,
-                "model_version": run.model_version,
-                "now": run.created_at,
-                "reject_busy": reject_busy,
-                "message_id": message.id,
-                "role": message.role.value,
-                "author_id": message.author_id,
-                "content": message.content,
-                "meta": json.dumps(message.meta or {}),
-            },
-        )
-    ).one()
-    busy, seq, created_at = row
+async def start_turn(db: Database, run: Run, message: Message, *, reject_busy: bool) -> _Turn:
+    """A turn's rows, as one statement in a transaction of its own (sightline_start_turn,
+    migration 0019): the caller's conversation locked, then the run, its user message at the
+    conversation's next seq, and the conversation's `updated_at`. The run is stored RUNNING,
+    or QUEUED behind a run of the conversation still going; with `reject_busy` and one going,
+    nothing is written. Fills in `run.status`, `message.seq` and `message.created_at`."""
+    row = await db.alone(
+        run.tenant_id,
+        _START_TURN,
+        {
+            "conversation_id": run.conversation_id,
+            "run_id": run.id,
+            "user_id": run.user_id,
+            "model": run.model,
+            "model_alias": run.model_alias,
+            "model_version": run.model_version,
+            "now": run.created_at,
+            "reject_busy": reject_busy,
+            "message_id": message.id,
+            "content": message.content,
+            "meta": json.dumps(message.meta or {}),
+        },
+    )
+    owned, busy, seq, created_at = row
     if seq is not None:
         run.status = RunStatus.QUEUED if busy is not None else RunStatus.RUNNING
         message.seq, message.created_at = seq, created_at
-    return busy
+    return _Turn(bool(owned), busy)
+
+
+class _Turn(NamedTuple):
+    owned: bool  # False: no such conversation of the caller's (nothing written)
+    busy: uuid.UUID | None  # the conversation's run still going
 
 
 async def lock(session: AsyncSession, conversation_id: uuid.UUID) -> Conversation | None:

@@ -70,7 +70,7 @@ class ConversationService:
         """NOT_FOUND unless the conversation is the caller's, as an early check: one this
         replica created or found as the caller's is taken as such without a query. It may have
         been deleted since (on another replica), so a writer checks again under the lock
-        (`owned_for_update`), which is authoritative."""
+        (`owned_for_update`, `start_turn`), which is authoritative."""
         if (principal.tenant_id, principal.user_id, conversation_id) in self._known:
             return
         await self.get(principal, conversation_id)
@@ -159,15 +159,18 @@ class ConversationService:
             has_next=len(rows) > limit,
         )
 
-    @staticmethod
-    async def insert_turn(
-        session: AsyncSession, run: Run, message: Message, *, reject_busy: bool
+    async def start_turn(
+        self, principal: Principal, run: Run, message: Message, *, reject_busy: bool
     ) -> uuid.UUID | None:
-        """Under the conversation's lock (`owned_for_update`): a turn's run and its user
-        message at the next seq, in one statement (see `repository.insert_turn`). Returns
-        the conversation's run still going, if any (with `reject_busy`, nothing is written
-        then)."""
-        return await repo.insert_turn(session, run, message, reject_busy=reject_busy)
+        """A turn's run and its user message at the caller's conversation's next seq, under
+        its lock, in one round trip (see `repository.start_turn`); NOT_FOUND unless the
+        conversation is the caller's. Returns the conversation's run still going, if any
+        (with `reject_busy`, nothing is written then)."""
+        turn = await repo.start_turn(self._db, run, message, reject_busy=reject_busy)
+        if not turn.owned:
+            self._known.pop((principal.tenant_id, principal.user_id, run.conversation_id), None)
+            raise NotFound("no such conversation", id=str(run.conversation_id))
+        return turn.busy
 
     @staticmethod
     async def answer_and_last_seq(

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection
 
@@ -522,6 +522,33 @@ async def test_a_run_is_streamed_from_another_replica(
         events = await collect(second, token, run_id)  # started on one, read from the other
     assert events[-1]["__typename"] == "RunCompleted"
     assert len(text_of(events).split()) == 40
+
+
+async def test_a_message_to_a_conversation_deleted_on_another_replica_is_not_found(
+    chat_settings: Settings, engine: AsyncEngine, account: dict[str, Any]
+) -> None:
+    """A replica takes a conversation it created as the caller's without a query; the turn's
+    statement, under the conversation's lock, is what finds it gone: NOT_FOUND, nothing
+    stored, nothing held (the caller's next run starts at once)."""
+    send = 'mutation($c: ID!) { sendMessage(conversationId: $c, content: "hi") { run { id } } }'
+    async with serve_live(chat_settings) as first, serve_live(chat_settings) as second:
+        token = await sign_in(first, account)
+        created = await gql(first, token, 'mutation { createConversation(title: "t") { id } }')
+        conversation = created["data"]["createConversation"]["id"]
+        deleted = await gql(
+            second, token, "mutation($c: ID!) { deleteConversation(id: $c) }", c=conversation
+        )
+        assert deleted["data"]["deleteConversation"] is True, deleted
+        for _ in range(2):  # the second one is refused by the replica's check alone
+            body = await gql(first, token, send, c=conversation)
+            assert body["errors"][0]["extensions"]["code"] == "NOT_FOUND", body
+        async with engine.connect() as conn:
+            stored = await conn.scalar(
+                text("SELECT count(*) FROM runs WHERE conversation_id = :c"), {"c": conversation}
+            )
+        assert stored == 0
+        _, run_id = await start_run(first, token, "hello")  # the refused ones held nothing
+        await collect(first, token, run_id)
 
 
 async def test_a_run_whose_replica_died_fails_with_worker_lost(
