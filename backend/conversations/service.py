@@ -66,6 +66,9 @@ class ConversationService:
         while len(self._known) > _KNOWN_OWNED:
             self._known.popitem(last=False)
 
+    def _forget(self, principal: Principal, conversation_id: uuid.UUID) -> None:
+        self._known.pop((principal.tenant_id, principal.user_id, conversation_id), None)
+
     async def check_owned(self, principal: Principal, conversation_id: uuid.UUID) -> None:
         """NOT_FOUND unless the conversation is the caller's, as an early check: one this
         replica created or found as the caller's is taken as such without a query. It may have
@@ -138,7 +141,7 @@ class ConversationService:
         async with self._db.session(principal.tenant_id) as session:
             conversation = await self._owned(session, principal, conversation_id)
             await session.delete(conversation)
-        self._known.pop((principal.tenant_id, principal.user_id, conversation_id), None)
+        self._forget(principal, conversation_id)
 
     async def messages(
         self, principal: Principal, conversation_id: uuid.UUID, first: int, after: str | None
@@ -168,7 +171,7 @@ class ConversationService:
         (with `reject_busy`, nothing is written then)."""
         turn = await repo.start_turn(self._db, run, message, reject_busy=reject_busy)
         if not turn.owned:
-            self._known.pop((principal.tenant_id, principal.user_id, run.conversation_id), None)
+            self._forget(principal, run.conversation_id)
             raise NotFound("no such conversation", id=str(run.conversation_id))
         return turn.busy
 
